@@ -1,0 +1,34 @@
+//! Loader throughput on the CPU: images/s with crop + flip + normalise, prefetch on.
+use std::sync::Arc;
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use kd_data::{Loader, LoaderConfig, Normalize, Split};
+
+fn synthetic(n: usize) -> Split {
+    let mut s = Split::empty(3, 32, 32);
+    s.images = (0..n * 3072).map(|i| (i * 31 % 251) as u8).collect();
+    s.labels = (0..n).map(|i| (i % 10) as u32).collect();
+    s
+}
+
+fn bench(c: &mut Criterion) {
+    let n = 10_000;
+    let split = Arc::new(synthetic(n));
+    let mut g = c.benchmark_group("loader");
+    g.throughput(Throughput::Elements(n as u64));
+    g.sample_size(10);
+    let train = Loader::new(split.clone(), LoaderConfig::train(128, Normalize::CIFAR10, 0), candle_core::Device::Cpu).unwrap();
+    g.bench_function("epoch_crop_flip_normalise_b128", |b| {
+        let mut e = 0;
+        b.iter(|| {
+            e += 1;
+            train.epoch(e, 0).map(|b| b.unwrap().labels.dims()[0]).sum::<usize>()
+        })
+    });
+    let eval = Loader::new(split, LoaderConfig::eval(128, Normalize::CIFAR10), candle_core::Device::Cpu).unwrap();
+    g.bench_function("epoch_normalise_only_b128", |b| b.iter(|| eval.epoch(0, 0).map(|b| b.unwrap().labels.dims()[0]).sum::<usize>()));
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

@@ -1,0 +1,232 @@
+//! The batch loader: a seeded per-epoch shuffle, optional drop-last, and a background thread
+//! that augments the next batches (in parallel with rayon) while the model trains on this one.
+//! Batches arrive as candle tensors on the chosen device.
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use candle_core::{Device, Tensor};
+use crossbeam_channel::{bounded, Receiver};
+use rand::seq::SliceRandom;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::augment::{sample_rng, Augment, Mix, MixInfo, Normalize, Stream};
+use crate::{DataError, Result, Split};
+
+/// How batches are drawn and prepared.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LoaderConfig {
+    /// Images per batch.
+    pub batch_size: usize,
+    /// Shuffle the order every epoch (training) or keep it (evaluation).
+    pub shuffle: bool,
+    /// Drop the last, incomplete batch.
+    pub drop_last: bool,
+    /// Per-image augmentation.
+    pub augment: Augment,
+    /// Normalisation applied after augmentation.
+    pub normalize: Normalize,
+    /// Batch mixing (mixup / CutMix), if any.
+    pub mix: Option<Mix>,
+    /// Seed of the order, augmentation and mixing streams.
+    pub seed: u64,
+    /// Batches prepared ahead in the background; 0 prepares each batch on demand.
+    pub prefetch: usize,
+}
+
+impl LoaderConfig {
+    /// Training defaults: shuffled, standard augmentation, 2 batches ahead.
+    pub fn train(batch_size: usize, normalize: Normalize, seed: u64) -> Self {
+        LoaderConfig { batch_size, shuffle: true, drop_last: false, augment: Augment::STANDARD, normalize, mix: None, seed, prefetch: 2 }
+    }
+
+    /// Evaluation defaults: in order, no augmentation.
+    pub fn eval(batch_size: usize, normalize: Normalize) -> Self {
+        LoaderConfig { batch_size, shuffle: false, drop_last: false, augment: Augment::NONE, normalize, mix: None, seed: 0, prefetch: 2 }
+    }
+}
+
+/// A prepared batch in host memory.
+#[derive(Clone, Debug)]
+pub struct HostBatch {
+    /// Normalised images, B×C×H×W.
+    pub images: Vec<f32>,
+    /// Labels.
+    pub labels: Vec<u32>,
+    /// Mixing partners and λ, when mixing is on.
+    pub mix: Option<MixInfo>,
+    /// Positions of the images in the split.
+    pub indices: Vec<usize>,
+}
+
+/// A batch on the device.
+#[derive(Clone, Debug)]
+pub struct Batch {
+    /// Normalised images, `(B, C, H, W)` f32.
+    pub images: Tensor,
+    /// Labels, `(B,)` u32.
+    pub labels: Tensor,
+    /// Mixed-in labels `(B,)` u32 and λ, when mixing is on.
+    pub mix: Option<(Tensor, f32)>,
+    /// Positions of the images in the split.
+    pub indices: Vec<usize>,
+}
+
+/// Serves batches of one split.
+#[derive(Clone, Debug)]
+pub struct Loader {
+    split: Arc<Split>,
+    cfg: LoaderConfig,
+    device: Device,
+}
+
+impl Loader {
+    /// A loader over `split`; checks the configuration.
+    pub fn new(split: Arc<Split>, cfg: LoaderConfig, device: Device) -> Result<Self> {
+        if cfg.batch_size == 0 {
+            return Err(DataError::Invalid { field: "batch_size", message: "must be at least 1".into() });
+        }
+        if split.is_empty() {
+            return Err(DataError::Invalid { field: "split", message: "the split holds no images".into() });
+        }
+        if split.channels != 3 {
+            return Err(DataError::Invalid { field: "split", message: format!("{} channels, the loader normalises 3", split.channels) });
+        }
+        cfg.normalize.validate()?;
+        Ok(Loader { split, cfg, device })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &LoaderConfig {
+        &self.cfg
+    }
+
+    /// The split served.
+    pub fn split(&self) -> &Split {
+        &self.split
+    }
+
+    /// Batches per epoch.
+    pub fn num_batches(&self) -> usize {
+        let n = self.split.len();
+        if self.cfg.drop_last {
+            n / self.cfg.batch_size
+        } else {
+            n.div_ceil(self.cfg.batch_size)
+        }
+    }
+
+    /// The order in which epoch `epoch` visits the split.
+    pub fn epoch_order(&self, epoch: u64) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..self.split.len()).collect();
+        if self.cfg.shuffle {
+            order.shuffle(&mut sample_rng(self.cfg.seed, Stream::Order, epoch, 0));
+        }
+        order
+    }
+
+    /// Prepares batch `batch` of `epoch` from that epoch's `order`, on this thread.
+    pub fn host_batch(&self, epoch: u64, batch: usize, order: &[usize]) -> Result<HostBatch> {
+        let bs = self.cfg.batch_size;
+        let indices = order[batch * bs..((batch + 1) * bs).min(order.len())].to_vec();
+        let (h, w) = (self.split.height, self.split.width);
+        let n = 3 * h * w;
+        let mut images = vec![0f32; indices.len() * n];
+        let seed = self.cfg.seed;
+        let aug = self.cfg.augment;
+        let norm = self.cfg.normalize;
+        let first = (batch * bs) as u64;
+        images.par_chunks_mut(n).zip(indices.par_iter()).enumerate().for_each(|(k, (out, &i))| {
+            let t = aug.sample(&mut sample_rng(seed, Stream::Augment, epoch, first + k as u64));
+            t.apply_normalized(self.split.image(i), h, w, &norm, out);
+        });
+        let labels: Vec<u32> = indices.iter().map(|&i| self.split.labels[i]).collect();
+        let mix = match &self.cfg.mix {
+            Some(m) => Some(m.apply(&mut images, &labels, 3, h, w, &mut sample_rng(seed, Stream::Mix, epoch, batch as u64))?),
+            None => None,
+        };
+        Ok(HostBatch { images, labels, mix, indices })
+    }
+
+    /// Moves a host batch to the device.
+    pub fn to_device(&self, hb: HostBatch) -> Result<Batch> {
+        let b = hb.labels.len();
+        let (h, w) = (self.split.height, self.split.width);
+        let images = Tensor::from_vec(hb.images, (b, 3, h, w), &self.device)?;
+        let labels = Tensor::from_vec(hb.labels, b, &self.device)?;
+        let mix = match hb.mix {
+            Some(m) => Some((Tensor::from_vec(m.labels_b, b, &self.device)?, m.lambda)),
+            None => None,
+        };
+        Ok(Batch { images, labels, mix, indices: hb.indices })
+    }
+
+    /// Iterates over the batches of `epoch`, starting at batch `start` (for resuming mid-epoch).
+    pub fn epoch(&self, epoch: u64, start: usize) -> EpochIter {
+        let order = Arc::new(self.epoch_order(epoch));
+        let total = self.num_batches();
+        if self.cfg.prefetch == 0 {
+            return EpochIter { loader: self.clone(), rx: None, handle: None, order, epoch, next: start, total };
+        }
+        let (tx, rx) = bounded(self.cfg.prefetch);
+        let me = self.clone();
+        let ord = order.clone();
+        let handle = std::thread::spawn(move || {
+            for b in start..total {
+                // A closed channel means the consumer stopped early: stop preparing.
+                if tx.send(me.host_batch(epoch, b, &ord)).is_err() {
+                    break;
+                }
+            }
+        });
+        EpochIter { loader: self.clone(), rx: Some(rx), handle: Some(handle), order, epoch, next: start, total }
+    }
+}
+
+/// The batches of one epoch; dropping it stops the background thread.
+pub struct EpochIter {
+    loader: Loader,
+    rx: Option<Receiver<Result<HostBatch>>>,
+    handle: Option<JoinHandle<()>>,
+    order: Arc<Vec<usize>>,
+    epoch: u64,
+    next: usize,
+    total: usize,
+}
+
+impl EpochIter {
+    /// Index of the batch the next call returns.
+    pub fn position(&self) -> usize {
+        self.next
+    }
+}
+
+impl Iterator for EpochIter {
+    type Item = Result<Batch>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.next >= self.total {
+            return None;
+        }
+        let hb = match &self.rx {
+            Some(rx) => rx.recv().ok()?,
+            None => self.loader.host_batch(self.epoch, self.next, &self.order),
+        };
+        self.next += 1;
+        Some(hb.and_then(|hb| self.loader.to_device(hb)))
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let left = self.total - self.next;
+        (left, Some(left))
+    }
+}
+
+impl Drop for EpochIter {
+    fn drop(&mut self) {
+        self.rx.take();
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
