@@ -25,6 +25,7 @@ mod dataset;
 mod error;
 pub mod folder;
 pub mod loader;
+mod spec;
 pub mod subset;
 
 pub use augment::{Augment, CropFlip, Mix, MixInfo, Normalize};
@@ -33,4 +34,5 @@ pub use dataset::{Dataset, Split};
 pub use error::{DataError, Result};
 pub use folder::load_image_folder;
 pub use loader::{Batch, EpochIter, HostBatch, Loader, LoaderConfig};
+pub use spec::DatasetSpec;
 pub use subset::{balanced_subset, SubsetSpec};

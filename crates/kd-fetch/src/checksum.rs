@@ -58,6 +58,12 @@ pub enum Verify {
     Skip,
 }
 
+impl std::fmt::Display for Expected {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.algo(), self.value())
+    }
+}
+
 impl Expected {
     fn algo(&self) -> &'static str {
         match self {

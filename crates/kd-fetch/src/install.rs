@@ -157,21 +157,22 @@ fn verify(d: &Digests, src_desc: &str, file: &str, official: &Option<crate::chec
         Verify::Skip => Ok("unverified (--no-verify)".into()),
         Verify::Pinned(e) => {
             e.check(d, src_desc, file, false)?;
-            Ok(format!("pinned {e:?}"))
+            Ok(format!("pinned {e}"))
         }
         Verify::Official => match official {
             Some(e) => {
-                if let Some(s) = size {
-                    if d.size != s {
-                        let hint = format!(
-                            " This is not the official file. To install this copy deliberately, pin it with --md5 {} (or --sha256 {}), or pass --no-verify.",
-                            d.md5, d.sha256
-                        );
-                        return Err(FetchError::Checksum { source_desc: src_desc.into(), file: file.into(), algo: "size", expected: s.to_string(), actual: d.size.to_string(), hint });
-                    }
-                }
                 e.check(d, src_desc, file, true)?;
-                Ok(format!("official {e:?}"))
+                if let Some(s) = size.filter(|s| *s != d.size) {
+                    return Err(FetchError::Checksum {
+                        source_desc: src_desc.into(),
+                        file: file.into(),
+                        algo: "size",
+                        expected: s.to_string(),
+                        actual: d.size.to_string(),
+                        hint: String::new(),
+                    });
+                }
+                Ok(format!("official {e}"))
             }
             None => {
                 tracing::warn!("{file}: no official checksum is published; recorded sha256 {} (pin it with --sha256)", d.sha256);
@@ -280,7 +281,7 @@ fn install_hub(src: &HubSource, opts: &FetchOptions, content: &Path) -> Result<I
     let verified = match &opts.verify {
         Verify::Pinned(e) => {
             e.check(&d, &path.display().to_string(), src.file, false)?;
-            format!("pinned {e:?}")
+            format!("pinned {e}")
         }
         Verify::Skip => "unverified (--no-verify)".into(),
         Verify::Official => "sha256 matches the Hub's blob name".into(),
@@ -316,6 +317,12 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(FetchError::io(dir))?;
     std::io::Write::write_all(&mut tmp, bytes).map_err(FetchError::io(path))?;
     tmp.as_file().sync_all().map_err(FetchError::io(path))?;
+    // NamedTempFile is created 0600; an install marker is ordinary data.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        tmp.as_file().set_permissions(std::fs::Permissions::from_mode(0o644)).map_err(FetchError::io(path))?;
+    }
     tmp.persist(path).map_err(|e| FetchError::Io { path: path.into(), source: e.error })?;
     Ok(())
 }

@@ -29,3 +29,6 @@ pub use error::{FetchError, Result};
 pub use install::{default_data_dir, fetch, install_path, installed, FetchOptions, InstallMarker, Installed};
 pub use progress::Progress;
 pub use sources::{Artifact, Source};
+
+#[cfg(feature = "cli")]
+pub mod cli;

@@ -1,1 +1,44 @@
-fn main() {}
+//! `kd-runner`: the kd command line.
+//!
+//! With no arguments it runs the main job; subcommands fetch data, inspect data sets and more.
+mod commands;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "kd-runner", version, about = "Knowledge-distillation workbench on candle")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Download (or install from disk) CIFAR-10, CIFAR-100 and the pretrained teachers.
+    Fetch(kd_fetch::cli::FetchArgs),
+    /// Load a data set and print its images per split and class and its channel statistics.
+    Data(commands::data::DataArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .init();
+    match Cli::parse().cmd {
+        Some(Cmd::Fetch(args)) => args.run()?,
+        Some(Cmd::Data(args)) => commands::data::run(&args)?,
+        None => commands::main_job::run()?,
+    }
+    Ok(())
+}
