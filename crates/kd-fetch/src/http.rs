@@ -68,7 +68,8 @@ impl Http {
             have = 0;
         }
         let body_len = resp.header("Content-Length").and_then(|v| v.parse::<u64>().ok());
-        let total = expected_size.or(body_len.map(|l| l + have));
+        // The server's length decides when the transfer is complete; the checksum decides if it is right.
+        let total = body_len.map(|l| l + have).or(expected_size);
         let mut file = OpenOptions::new()
             .create(true)
             .write(true)
