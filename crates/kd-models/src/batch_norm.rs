@@ -1,0 +1,83 @@
+//! BatchNorm2d that trains like PyTorch's: batch statistics in training mode, running mean and
+//! *unbiased* running variance updated with momentum 0.1; running statistics in eval mode.
+//! The running statistics never enter the autograd graph.
+use candle_core::{DType, Result, Tensor, Var, D};
+use candle_nn::VarBuilder;
+
+/// Batch normalisation over (N, H, W) per channel.
+#[derive(Clone, Debug)]
+pub struct BatchNorm2d {
+    weight: Tensor,
+    bias: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: f64,
+    momentum: f64,
+}
+
+/// Builds a BatchNorm2d over `channels` from `vb` (`weight`, `bias`, `running_mean`, `running_var`).
+pub fn batch_norm2d(channels: usize, vb: VarBuilder) -> Result<BatchNorm2d> {
+    let ones = candle_nn::Init::Const(1.0);
+    let zeros = candle_nn::Init::Const(0.0);
+    Ok(BatchNorm2d {
+        weight: vb.get_with_hints(channels, "weight", ones)?,
+        bias: vb.get_with_hints(channels, "bias", zeros)?,
+        running_mean: vb.get_with_hints(channels, "running_mean", zeros)?,
+        running_var: vb.get_with_hints(channels, "running_var", ones)?,
+        eps: 1e-5,
+        momentum: 0.1,
+    })
+}
+
+impl BatchNorm2d {
+    fn affine(&self, xhat: &Tensor) -> Result<Tensor> {
+        let c = self.weight.dim(0)?;
+        xhat.broadcast_mul(&self.weight.reshape((1, c, 1, 1))?)?.broadcast_add(&self.bias.reshape((1, c, 1, 1))?)
+    }
+
+    /// Normalises `x` (N, C, H, W). In training mode also updates the running statistics,
+    /// which requires them to be variables (a frozen, loaded model refuses to train).
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let c = self.weight.dim(0)?;
+        if !train {
+            let rm = self.running_mean.detach().reshape((1, c, 1, 1))?;
+            let rv = self.running_var.detach().reshape((1, c, 1, 1))?;
+            let xhat = x.broadcast_sub(&rm)?.broadcast_div(&(rv + self.eps)?.sqrt()?)?;
+            return self.affine(&xhat);
+        }
+        let (n, _, h, w) = x.dims4()?;
+        let count = n * h * w;
+        if count < 2 {
+            candle_core::bail!("BatchNorm2d in training mode needs more than one value per channel, got input {:?}", x.dims());
+        }
+        // Statistics in f32 even for reduced-precision activations.
+        let xf = x.to_dtype(DType::F32)?;
+        let flat = xf.transpose(0, 1)?.reshape((c, count))?;
+        let mean = flat.mean(D::Minus1)?;
+        let centred = flat.broadcast_sub(&mean.unsqueeze(1)?)?;
+        let var = centred.sqr()?.mean(D::Minus1)?;
+        self.update_running(&mean.detach(), &var.detach(), count)?;
+        let xhat = xf
+            .broadcast_sub(&mean.reshape((1, c, 1, 1))?)?
+            .broadcast_div(&(var + self.eps)?.sqrt()?.reshape((1, c, 1, 1))?)?;
+        self.affine(&xhat)?.to_dtype(x.dtype())
+    }
+
+    fn update_running(&self, mean: &Tensor, var: &Tensor, count: usize) -> Result<()> {
+        if !self.running_mean.is_variable() || !self.running_var.is_variable() {
+            candle_core::bail!("BatchNorm2d: running statistics are constants (a frozen model); it cannot run in training mode");
+        }
+        let m = self.momentum;
+        let unbiased = (var * (count as f64 / (count as f64 - 1.0)))?;
+        let rm = ((self.running_mean.detach() * (1.0 - m))? + (mean * m)?)?;
+        let rv = ((self.running_var.detach() * (1.0 - m))? + (unbiased * m)?)?;
+        Var::from_tensor(&self.running_mean)?.set(&rm.to_dtype(self.running_mean.dtype())?)?;
+        Var::from_tensor(&self.running_var)?.set(&rv.to_dtype(self.running_var.dtype())?)?;
+        Ok(())
+    }
+
+    /// The learnable scale (γ) and shift (β).
+    pub fn params(&self) -> [&Tensor; 2] {
+        [&self.weight, &self.bias]
+    }
+}

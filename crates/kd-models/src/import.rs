@@ -1,0 +1,139 @@
+//! PyTorch checkpoint import: a zip-format `.pt` (or a `.safetensors`) → our safetensors plus a
+//! JSON sidecar. Accepts a bare state dict or one under `state_dict` / `model`, strips
+//! `module.` (DataParallel) and `_orig_mod.` (torch.compile), drops `num_batches_tracked`, and
+//! checks every key against the architecture before writing anything.
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+use sha2::Digest;
+
+use crate::checkpoint::{check_keys, expected_keys, save_tensors};
+use crate::registry::{Arch, ResNetConfig, Stem};
+use crate::{ModelError, Result};
+
+/// What a converted teacher carries beside its weights.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TeacherMeta {
+    /// Architecture.
+    pub arch: Arch,
+    /// Stem.
+    pub stem: Stem,
+    /// Output classes.
+    pub num_classes: usize,
+    /// Channels of the first stage (64 for the published teachers).
+    pub base_width: usize,
+    /// Input normalisation the weights were trained with (mean, [0, 1] units).
+    pub mean: [f32; 3],
+    /// Input normalisation the weights were trained with (std).
+    pub std: [f32; 3],
+    /// The file converted.
+    pub source: String,
+    /// SHA-256 of that file.
+    pub source_sha256: String,
+}
+
+impl TeacherMeta {
+    /// The model configuration these weights fit.
+    pub fn config(&self) -> ResNetConfig {
+        ResNetConfig { base_width: self.base_width, ..ResNetConfig::new(self.arch, self.stem, self.num_classes) }
+    }
+
+    /// The sidecar path of a weights file (`X.safetensors` → `X.json`).
+    pub fn sidecar(weights: &Path) -> PathBuf {
+        weights.with_extension("json")
+    }
+
+    /// Reads the sidecar of `weights`.
+    pub fn load(weights: &Path) -> Result<Self> {
+        let p = Self::sidecar(weights);
+        let text = std::fs::read_to_string(&p).map_err(ModelError::io(&p))?;
+        serde_json::from_str(&text).map_err(|e| ModelError::BadFile { path: p, message: format!("bad teacher metadata: {e}") })
+    }
+}
+
+/// Strips wrapper prefixes and drops bookkeeping keys.
+pub fn clean_state_dict(raw: Vec<(String, Tensor)>) -> HashMap<String, Tensor> {
+    raw.into_iter()
+        .filter(|(k, _)| !k.ends_with("num_batches_tracked"))
+        .map(|(mut k, t)| {
+            loop {
+                if let Some(s) = k.strip_prefix("module.") {
+                    k = s.to_string();
+                } else if let Some(s) = k.strip_prefix("_orig_mod.") {
+                    k = s.to_string();
+                } else {
+                    break;
+                }
+            }
+            (k, t)
+        })
+        .collect()
+}
+
+fn bad(path: &Path, message: impl Into<String>) -> ModelError {
+    ModelError::BadFile { path: path.into(), message: message.into() }
+}
+
+/// Reads a PyTorch checkpoint's tensors: a bare state dict, or one under `state_dict` or `model`.
+pub fn read_pt(path: &Path) -> Result<Vec<(String, Tensor)>> {
+    let mut head = [0u8; 4];
+    let n = std::fs::File::open(path).and_then(|mut f| f.read(&mut head)).map_err(ModelError::io(path))?;
+    if n < 4 || head != *b"PK\x03\x04" {
+        let legacy = n >= 2 && head[0] == 0x80 && head[1] <= 5;
+        return Err(bad(
+            path,
+            if legacy {
+                "a legacy (pre-1.6) PyTorch pickle, which kd cannot read; re-save it with torch>=1.6: \
+                 torch.save(torch.load(f, map_location='cpu'), 'new.pt')"
+            } else {
+                "not a PyTorch zip checkpoint (expected a file written by torch.save, torch>=1.6)"
+            },
+        ));
+    }
+    let mut last_err = String::new();
+    for key in [None, Some("state_dict"), Some("model")] {
+        match candle_core::pickle::read_all_with_key(path, key) {
+            Ok(v) if !v.is_empty() => return Ok(v),
+            Ok(_) => {}
+            Err(e) => last_err = e.to_string(),
+        }
+    }
+    Err(bad(path, format!("no tensors found at the top level or under `state_dict` / `model` {last_err}")))
+}
+
+/// Converts `src` (`.pt` or `.safetensors`) for the model `cfg` into `dst` (`.safetensors`) and
+/// its JSON sidecar, after checking every key and shape.
+pub fn import_checkpoint(src: &Path, dst: &Path, cfg: &ResNetConfig, mean: [f32; 3], std: [f32; 3]) -> Result<TeacherMeta> {
+    let raw: Vec<(String, Tensor)> = if src.extension().is_some_and(|e| e == "safetensors") {
+        crate::checkpoint::read_safetensors(src, &Device::Cpu)?.into_iter().collect()
+    } else {
+        read_pt(src)?
+    };
+    let cleaned = clean_state_dict(raw);
+    check_keys(&expected_keys(cfg)?, &cleaned, src)?;
+    let tensors = cleaned.into_iter().map(|(k, t)| Ok((k, t.to_dtype(DType::F32)?.contiguous()?))).collect::<Result<HashMap<_, _>>>()?;
+    let bytes = std::fs::read(src).map_err(ModelError::io(src))?;
+    let meta = TeacherMeta {
+        arch: cfg.arch,
+        stem: cfg.stem,
+        num_classes: cfg.num_classes,
+        base_width: cfg.base_width,
+        mean,
+        std,
+        source: src.display().to_string(),
+        source_sha256: hex::encode(sha2::Sha256::digest(&bytes)),
+    };
+    if let Some(parent) = dst.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(ModelError::io(parent))?;
+    }
+    save_tensors(&tensors, dst)?;
+    let side = TeacherMeta::sidecar(dst);
+    let tmp = side.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_string_pretty(&meta).expect("meta serialises")).map_err(ModelError::io(&tmp))?;
+    std::fs::rename(&tmp, &side).map_err(ModelError::io(&side))?;
+    Ok(meta)
+}

@@ -1,0 +1,147 @@
+//! 2-D max-pooling with padding and a backward pass, as a candle custom op.
+//!
+//! candle 0.11's `max_pool2d` has no padding and its backward fails when kernel ≠ stride, yet
+//! the huyvnphan CIFAR stem uses a 3×3/stride-2/padding-1 pool and online KD trains it. The
+//! gradient goes to the first maximum of each window in row-major order, as PyTorch's CPU
+//! kernel does (it matters: pooled ReLU outputs are often tied at 0). Padding is −∞.
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
+
+/// Max-pool geometry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MaxPool2d {
+    /// Square kernel size.
+    pub kernel: usize,
+    /// Stride.
+    pub stride: usize,
+    /// Implicit −∞ padding on each side.
+    pub padding: usize,
+}
+
+impl MaxPool2d {
+    /// The ResNet stem pool: 3×3, stride 2, padding 1.
+    pub const RESNET_STEM: MaxPool2d = MaxPool2d { kernel: 3, stride: 2, padding: 1 };
+
+    fn out_size(&self, n: usize) -> usize {
+        (n + 2 * self.padding - self.kernel) / self.stride + 1
+    }
+
+    /// Pools `x` (N, C, H, W).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if self.padding * 2 > self.kernel {
+            bail!("max-pool padding {} exceeds half the kernel {}", self.padding, self.kernel);
+        }
+        let (_, _, h, w) = x.dims4()?;
+        if h + 2 * self.padding < self.kernel || w + 2 * self.padding < self.kernel {
+            bail!("max-pool kernel {} larger than the padded input {:?}", self.kernel, x.dims());
+        }
+        x.contiguous()?.apply_op1(*self)
+    }
+
+    /// Index (within one plane) of the first maximum of output window (oy, ox); `None` if the
+    /// window lies entirely in the padding (impossible for valid geometry).
+    #[inline]
+    fn argmax<T: Copy + PartialOrd>(&self, plane: &[T], h: usize, w: usize, oy: usize, ox: usize, is_nan: impl Fn(T) -> bool) -> Option<usize> {
+        let mut best: Option<(usize, T)> = None;
+        let y0 = (oy * self.stride) as isize - self.padding as isize;
+        let x0 = (ox * self.stride) as isize - self.padding as isize;
+        for ky in 0..self.kernel as isize {
+            let y = y0 + ky;
+            if y < 0 || y >= h as isize {
+                continue;
+            }
+            for kx in 0..self.kernel as isize {
+                let x = x0 + kx;
+                if x < 0 || x >= w as isize {
+                    continue;
+                }
+                let i = y as usize * w + x as usize;
+                let v = plane[i];
+                match best {
+                    None => best = Some((i, v)),
+                    Some((_, b)) if v > b || is_nan(v) && !is_nan(b) => best = Some((i, v)),
+                    _ => {}
+                }
+            }
+        }
+        best.map(|(i, _)| i)
+    }
+
+    fn fwd_slice<T: Copy + PartialOrd>(&self, x: &[T], dims: &[usize], is_nan: impl Fn(T) -> bool + Copy) -> Vec<T> {
+        let (nc, h, w) = (dims[0] * dims[1], dims[2], dims[3]);
+        let (oh, ow) = (self.out_size(h), self.out_size(w));
+        let mut out = Vec::with_capacity(nc * oh * ow);
+        for p in 0..nc {
+            let plane = &x[p * h * w..(p + 1) * h * w];
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let i = self.argmax(plane, h, w, oy, ox, is_nan).expect("window overlaps the input");
+                    out.push(plane[i]);
+                }
+            }
+        }
+        out
+    }
+
+    fn bwd_slice<T: Copy + PartialOrd + std::ops::AddAssign + Default>(&self, x: &[T], g: &[T], dims: &[usize], is_nan: impl Fn(T) -> bool + Copy) -> Vec<T> {
+        let (nc, h, w) = (dims[0] * dims[1], dims[2], dims[3]);
+        let (oh, ow) = (self.out_size(h), self.out_size(w));
+        let mut out = vec![T::default(); nc * h * w];
+        for p in 0..nc {
+            let plane = &x[p * h * w..(p + 1) * h * w];
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let i = self.argmax(plane, h, w, oy, ox, is_nan).expect("window overlaps the input");
+                    out[p * h * w + i] += g[(p * oh + oy) * ow + ox];
+                }
+            }
+        }
+        out
+    }
+}
+
+fn slice<'a, T>(v: &'a [T], l: &Layout) -> Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => bail!("max-pool expects a contiguous tensor"),
+    }
+}
+
+impl CustomOp1 for MaxPool2d {
+    fn name(&self) -> &'static str {
+        "max-pool2d-padded"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let dims = l.dims();
+        let out_shape = Shape::from((dims[0], dims[1], self.out_size(dims[2]), self.out_size(dims[3])));
+        let out = match s {
+            CpuStorage::F32(v) => CpuStorage::F32(self.fwd_slice(slice(v, l)?, dims, f32::is_nan)),
+            CpuStorage::F64(v) => CpuStorage::F64(self.fwd_slice(slice(v, l)?, dims, f64::is_nan)),
+            _ => bail!("max-pool supports f32 and f64 on the CPU"),
+        };
+        Ok((out, out_shape))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(arg.contiguous()?.apply_op2_no_bwd(&grad_res.contiguous()?, &MaxPoolBackward(*self))?))
+    }
+}
+
+/// The gradient of [`MaxPool2d`] with respect to its input: (input, output gradient) → input gradient.
+struct MaxPoolBackward(MaxPool2d);
+
+impl CustomOp2 for MaxPoolBackward {
+    fn name(&self) -> &'static str {
+        "max-pool2d-padded-backward"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let dims = l1.dims();
+        let out = match (s1, s2) {
+            (CpuStorage::F32(x), CpuStorage::F32(g)) => CpuStorage::F32(self.0.bwd_slice(slice(x, l1)?, slice(g, l2)?, dims, f32::is_nan)),
+            (CpuStorage::F64(x), CpuStorage::F64(g)) => CpuStorage::F64(self.0.bwd_slice(slice(x, l1)?, slice(g, l2)?, dims, f64::is_nan)),
+            _ => bail!("max-pool backward supports f32 and f64 on the CPU"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+}

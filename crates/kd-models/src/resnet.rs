@@ -1,0 +1,322 @@
+//! ResNet (He et al. 2016) for 32×32 inputs, torchvision layout and parameter names, returning
+//! the stem's and every stage's features so feature and relation distillation need no hooks.
+use candle_core::{Module, Result, Tensor, D};
+use candle_nn::{Conv2d, Conv2dConfig, Linear, VarBuilder};
+
+use crate::batch_norm::{batch_norm2d, BatchNorm2d};
+use crate::max_pool::MaxPool2d;
+use crate::registry::{BlockKind, ResNetConfig, Stem};
+
+/// Channels and total stride of one feature map in [`ModelOutput::feats`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FeatureInfo {
+    /// Channels.
+    pub channels: usize,
+    /// Input size divided by this map's size.
+    pub reduction: usize,
+}
+
+/// An auxiliary head's output (self-distillation).
+#[derive(Clone, Debug)]
+pub struct AuxOutput {
+    /// Logits of the head.
+    pub logits: Tensor,
+    /// The head's pooled feature, same width as the backbone's `pooled`.
+    pub pooled: Tensor,
+}
+
+/// Everything a forward pass yields.
+#[derive(Clone, Debug)]
+pub struct ModelOutput {
+    /// Class logits `(N, classes)`.
+    pub logits: Tensor,
+    /// Stem output, then the output of each of the four stages.
+    pub feats: Vec<Tensor>,
+    /// Globally average-pooled last stage `(N, C)`, the input of `fc`.
+    pub pooled: Tensor,
+    /// Auxiliary heads after stages 1–3, when the model has them.
+    pub aux: Vec<AuxOutput>,
+}
+
+fn conv(c_in: usize, c_out: usize, k: usize, stride: usize, vb: VarBuilder) -> Result<Conv2d> {
+    let cfg = Conv2dConfig { padding: k / 2, stride, ..Default::default() };
+    candle_nn::conv2d_no_bias(c_in, c_out, k, cfg, vb)
+}
+
+#[derive(Clone, Debug)]
+struct Downsample {
+    conv: Conv2d,
+    bn: BatchNorm2d,
+}
+
+impl Downsample {
+    fn params<'a>(ds: &'a Option<Self>, out: &mut Vec<&'a Tensor>) {
+        if let Some(d) = ds {
+            out.push(d.conv.weight());
+            out.extend(d.bn.params());
+        }
+    }
+
+    fn new(c_in: usize, c_out: usize, stride: usize, vb: VarBuilder) -> Result<Option<Self>> {
+        if stride == 1 && c_in == c_out {
+            return Ok(None);
+        }
+        Ok(Some(Downsample { conv: conv(c_in, c_out, 1, stride, vb.pp("0"))?, bn: batch_norm2d(c_out, vb.pp("1"))? }))
+    }
+
+    fn forward_t(ds: &Option<Self>, x: &Tensor, train: bool) -> Result<Tensor> {
+        match ds {
+            Some(d) => d.bn.forward_t(&d.conv.forward(x)?, train),
+            None => Ok(x.clone()),
+        }
+    }
+}
+
+/// Two 3×3 convolutions with a residual connection.
+#[derive(Clone, Debug)]
+struct BasicBlock {
+    conv1: Conv2d,
+    bn1: BatchNorm2d,
+    conv2: Conv2d,
+    bn2: BatchNorm2d,
+    downsample: Option<Downsample>,
+}
+
+impl BasicBlock {
+    fn params<'a>(&'a self, out: &mut Vec<&'a Tensor>) {
+        out.extend([self.conv1.weight(), self.conv2.weight()]);
+        out.extend(self.bn1.params());
+        out.extend(self.bn2.params());
+        Downsample::params(&self.downsample, out);
+    }
+
+    fn new(c_in: usize, planes: usize, stride: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(BasicBlock {
+            conv1: conv(c_in, planes, 3, stride, vb.pp("conv1"))?,
+            bn1: batch_norm2d(planes, vb.pp("bn1"))?,
+            conv2: conv(planes, planes, 3, 1, vb.pp("conv2"))?,
+            bn2: batch_norm2d(planes, vb.pp("bn2"))?,
+            downsample: Downsample::new(c_in, planes, stride, vb.pp("downsample"))?,
+        })
+    }
+
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let y = self.bn1.forward_t(&self.conv1.forward(x)?, train)?.relu()?;
+        let y = self.bn2.forward_t(&self.conv2.forward(&y)?, train)?;
+        (y + Downsample::forward_t(&self.downsample, x, train)?)?.relu()
+    }
+}
+
+/// 1×1 → 3×3 (strided) → 1×1 with expansion 4.
+#[derive(Clone, Debug)]
+struct Bottleneck {
+    conv1: Conv2d,
+    bn1: BatchNorm2d,
+    conv2: Conv2d,
+    bn2: BatchNorm2d,
+    conv3: Conv2d,
+    bn3: BatchNorm2d,
+    downsample: Option<Downsample>,
+}
+
+impl Bottleneck {
+    fn params<'a>(&'a self, out: &mut Vec<&'a Tensor>) {
+        out.extend([self.conv1.weight(), self.conv2.weight(), self.conv3.weight()]);
+        for bn in [&self.bn1, &self.bn2, &self.bn3] {
+            out.extend(bn.params());
+        }
+        Downsample::params(&self.downsample, out);
+    }
+
+    fn new(c_in: usize, planes: usize, stride: usize, vb: VarBuilder) -> Result<Self> {
+        let out = planes * 4;
+        Ok(Bottleneck {
+            conv1: conv(c_in, planes, 1, 1, vb.pp("conv1"))?,
+            bn1: batch_norm2d(planes, vb.pp("bn1"))?,
+            conv2: conv(planes, planes, 3, stride, vb.pp("conv2"))?,
+            bn2: batch_norm2d(planes, vb.pp("bn2"))?,
+            conv3: conv(planes, out, 1, 1, vb.pp("conv3"))?,
+            bn3: batch_norm2d(out, vb.pp("bn3"))?,
+            downsample: Downsample::new(c_in, out, stride, vb.pp("downsample"))?,
+        })
+    }
+
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let y = self.bn1.forward_t(&self.conv1.forward(x)?, train)?.relu()?;
+        let y = self.bn2.forward_t(&self.conv2.forward(&y)?, train)?.relu()?;
+        let y = self.bn3.forward_t(&self.conv3.forward(&y)?, train)?;
+        (y + Downsample::forward_t(&self.downsample, x, train)?)?.relu()
+    }
+}
+
+#[derive(Clone, Debug)]
+enum Block {
+    Basic(BasicBlock),
+    Bottleneck(Bottleneck),
+}
+
+impl Block {
+    fn params<'a>(&'a self, out: &mut Vec<&'a Tensor>) {
+        match self {
+            Block::Basic(b) => b.params(out),
+            Block::Bottleneck(b) => b.params(out),
+        }
+    }
+
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        match self {
+            Block::Basic(b) => b.forward_t(x, train),
+            Block::Bottleneck(b) => b.forward_t(x, train),
+        }
+    }
+}
+
+/// An auxiliary classifier (Be Your Own Teacher): 1×1 conv to the last stage's width, BN, ReLU,
+/// global average pool, linear. Named `aux_heads.{i}.*`, never colliding with backbone keys.
+#[derive(Clone, Debug)]
+struct AuxHead {
+    conv: Conv2d,
+    bn: BatchNorm2d,
+    fc: Linear,
+}
+
+impl AuxHead {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<AuxOutput> {
+        let y = self.bn.forward_t(&self.conv.forward(x)?, train)?.relu()?;
+        let pooled = y.mean(D::Minus1)?.mean(D::Minus1)?;
+        Ok(AuxOutput { logits: self.fc.forward(&pooled)?, pooled })
+    }
+}
+
+/// A CIFAR ResNet.
+#[derive(Clone, Debug)]
+pub struct ResNet {
+    cfg: ResNetConfig,
+    conv1: Conv2d,
+    bn1: BatchNorm2d,
+    maxpool: Option<MaxPool2d>,
+    stages: Vec<Vec<Block>>,
+    fc: Linear,
+    aux: Vec<AuxHead>,
+    info: Vec<FeatureInfo>,
+}
+
+impl ResNet {
+    /// Builds the network from `vb` (a `VarMap` for training, loaded tensors for a teacher).
+    pub fn new(cfg: &ResNetConfig, vb: VarBuilder) -> Result<Self> {
+        let (kind, depths) = cfg.arch.blocks();
+        let expansion = if kind == BlockKind::Bottleneck { 4 } else { 1 };
+        let w = cfg.base_width;
+        if w == 0 || cfg.num_classes == 0 {
+            candle_core::bail!("ResNet needs base_width > 0 and num_classes > 0, got {} and {}", w, cfg.num_classes);
+        }
+        let conv1 = conv(3, w, 3, 1, vb.pp("conv1"))?;
+        let bn1 = batch_norm2d(w, vb.pp("bn1"))?;
+        let maxpool = (cfg.stem == Stem::CifarMaxpool).then_some(MaxPool2d::RESNET_STEM);
+        let mut reduction = if maxpool.is_some() { 2 } else { 1 };
+        let mut info = vec![FeatureInfo { channels: w, reduction }];
+        let mut c_in = w;
+        let mut stages = Vec::new();
+        for (s, &n) in depths.iter().enumerate() {
+            let planes = w << s;
+            let stride = if s == 0 { 1 } else { 2 };
+            reduction *= stride;
+            let vbs = vb.pp(format!("layer{}", s + 1));
+            let mut blocks = Vec::new();
+            for b in 0..n {
+                let st = if b == 0 { stride } else { 1 };
+                blocks.push(match kind {
+                    BlockKind::Basic => Block::Basic(BasicBlock::new(c_in, planes, st, vbs.pp(b.to_string()))?),
+                    BlockKind::Bottleneck => Block::Bottleneck(Bottleneck::new(c_in, planes, st, vbs.pp(b.to_string()))?),
+                });
+                c_in = planes * expansion;
+            }
+            stages.push(blocks);
+            info.push(FeatureInfo { channels: c_in, reduction });
+        }
+        let fc = candle_nn::linear(c_in, cfg.num_classes, vb.pp("fc"))?;
+        let mut aux = Vec::new();
+        if cfg.aux_heads {
+            for i in 0..3 {
+                let vba = vb.pp("aux_heads").pp(i.to_string());
+                aux.push(AuxHead {
+                    conv: conv(info[i + 1].channels, c_in, 1, 1, vba.pp("conv"))?,
+                    bn: batch_norm2d(c_in, vba.pp("bn"))?,
+                    fc: candle_nn::linear(c_in, cfg.num_classes, vba.pp("fc"))?,
+                });
+            }
+        }
+        Ok(ResNet { cfg: cfg.clone(), conv1, bn1, maxpool, stages, fc, aux, info })
+    }
+
+    /// The configuration it was built from.
+    pub fn config(&self) -> &ResNetConfig {
+        &self.cfg
+    }
+
+    /// Channels and reduction of each entry of [`ModelOutput::feats`] (stem, stages 1–4).
+    pub fn feature_info(&self) -> &[FeatureInfo] {
+        &self.info
+    }
+
+    /// The learnable tensors of the backbone (stem, stages, fc) — what a deployed model holds
+    /// besides BN running statistics.
+    pub fn backbone_params(&self) -> Vec<&Tensor> {
+        let mut out = vec![self.conv1.weight()];
+        out.extend(self.bn1.params());
+        for b in self.stages.iter().flatten() {
+            b.params(&mut out);
+        }
+        out.push(self.fc.weight());
+        out.extend(self.fc.bias());
+        out
+    }
+
+    /// The learnable tensors of the auxiliary heads (training-only).
+    pub fn aux_params(&self) -> Vec<&Tensor> {
+        let mut out = Vec::new();
+        for h in &self.aux {
+            out.push(h.conv.weight());
+            out.extend(h.bn.params());
+            out.push(h.fc.weight());
+            out.extend(h.fc.bias());
+        }
+        out
+    }
+
+    /// Learnable parameters including auxiliary heads (what trains).
+    pub fn num_params(&self) -> usize {
+        self.backbone_params().iter().chain(self.aux_params().iter()).map(|t| t.elem_count()).sum()
+    }
+
+    /// Learnable parameters of the backbone alone (what is deployed).
+    pub fn num_backbone_params(&self) -> usize {
+        self.backbone_params().iter().map(|t| t.elem_count()).sum()
+    }
+
+    /// The stem: conv, BN, ReLU and, for `cifar-maxpool`, the 3×3/s2/p1 max-pool.
+    pub fn forward_stem(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let y = self.bn1.forward_t(&self.conv1.forward(x)?, train)?.relu()?;
+        match &self.maxpool {
+            Some(p) => p.forward(&y),
+            None => Ok(y),
+        }
+    }
+
+    /// Full forward pass; `train` selects batch statistics (and updates the running ones).
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<ModelOutput> {
+        let mut feats = Vec::with_capacity(5);
+        let mut y = self.forward_stem(x, train)?;
+        feats.push(y.clone());
+        for stage in &self.stages {
+            for block in stage {
+                y = block.forward_t(&y, train)?;
+            }
+            feats.push(y.clone());
+        }
+        let pooled = y.mean(D::Minus1)?.mean(D::Minus1)?;
+        let logits = self.fc.forward(&pooled)?;
+        let aux = self.aux.iter().enumerate().map(|(i, h)| h.forward_t(&feats[i + 1], train)).collect::<Result<Vec<_>>>()?;
+        Ok(ModelOutput { logits, feats, pooled, aux })
+    }
+}

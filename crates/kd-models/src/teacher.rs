@@ -1,0 +1,47 @@
+//! A frozen teacher: constant weights, always evaluated in eval mode, outputs detached, and its
+//! own input normalisation. The type, not discipline, keeps gradients out of it.
+use std::path::Path;
+
+use candle_core::{Device, Result as CResult, Tensor};
+
+use crate::checkpoint::load_frozen;
+use crate::import::TeacherMeta;
+use crate::resnet::{ModelOutput, ResNet};
+use crate::Result;
+
+/// A pretrained network used only for inference.
+#[derive(Clone, Debug)]
+pub struct Teacher {
+    model: ResNet,
+    meta: TeacherMeta,
+}
+
+impl Teacher {
+    /// Loads `weights` (safetensors) with its JSON sidecar.
+    pub fn load(weights: &Path, device: &Device) -> Result<Self> {
+        let meta = TeacherMeta::load(weights)?;
+        let model = load_frozen(&meta.config(), weights, device)?;
+        Ok(Teacher { model, meta })
+    }
+
+    /// Its metadata (architecture, classes, normalisation).
+    pub fn meta(&self) -> &TeacherMeta {
+        &self.meta
+    }
+
+    /// The underlying network.
+    pub fn model(&self) -> &ResNet {
+        &self.model
+    }
+
+    /// Eval-mode forward; every output is detached from any graph.
+    pub fn forward(&self, x: &Tensor) -> CResult<ModelOutput> {
+        let out = self.model.forward_t(&x.detach(), false)?;
+        Ok(ModelOutput {
+            logits: out.logits.detach(),
+            feats: out.feats.iter().map(Tensor::detach).collect(),
+            pooled: out.pooled.detach(),
+            aux: vec![],
+        })
+    }
+}
