@@ -103,6 +103,9 @@ pub enum FetchError {
     /// The installed data does not read back.
     #[error("installed files do not load: {0}")]
     Data(#[from] kd_data::DataError),
+    /// The teacher checkpoint does not convert.
+    #[error("teacher conversion failed: {0}")]
+    Model(#[from] kd_models::ModelError),
     /// A bad argument.
     #[error("invalid {field}: {message}")]
     Invalid {

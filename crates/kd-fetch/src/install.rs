@@ -138,8 +138,12 @@ pub fn fetch(artifact: Artifact, opts: &FetchOptions) -> Result<Installed> {
     Ok(Installed { path: dest, already: false, marker })
 }
 
-/// Checks the unpacked files before they replace anything: the data sets must load.
+/// Checks the unpacked files before they replace anything: data sets must load, teachers are
+/// converted to safetensors (with their JSON sidecar) and must fit their architecture.
 fn validate(artifact: Artifact, content: &Path) -> Result<()> {
+    use kd_models::{import_teacher, Arch, Stem};
+    let n10 = kd_data::Normalize::CIFAR10;
+    let n100 = kd_data::Normalize::CIFAR100;
     match artifact {
         Artifact::Cifar10 => {
             kd_data::load_cifar10(content)?;
@@ -147,9 +151,24 @@ fn validate(artifact: Artifact, content: &Path) -> Result<()> {
         Artifact::Cifar100 => {
             kd_data::load_cifar100(content)?;
         }
-        Artifact::TeacherCifar10 | Artifact::TeacherCifar100 => {}
+        Artifact::TeacherCifar10 => {
+            let dst = content.join(TEACHER_WEIGHTS);
+            import_teacher(&content.join("resnet50.pt"), &dst, Arch::Resnet50, Stem::CifarMaxpool, 10, n10.mean, n10.std)?;
+        }
+        Artifact::TeacherCifar100 => {
+            let dst = content.join(TEACHER_WEIGHTS);
+            import_teacher(&content.join("model.safetensors"), &dst, Arch::Resnet50, Stem::Cifar, 100, n100.mean, n100.std)?;
+        }
     }
     Ok(())
+}
+
+/// File name of a converted teacher inside its install folder (sidecar: `teacher.json`).
+pub const TEACHER_WEIGHTS: &str = "teacher.safetensors";
+
+/// The converted weights of an installed teacher.
+pub fn teacher_weights(artifact: Artifact, data_dir: &Path) -> PathBuf {
+    install_path(artifact, data_dir).join(TEACHER_WEIGHTS)
 }
 
 fn verify(d: &Digests, src_desc: &str, file: &str, official: &Option<crate::checksum::Expected>, size: Option<u64>, policy: &Verify) -> Result<String> {

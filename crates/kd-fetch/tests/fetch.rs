@@ -219,9 +219,14 @@ fn a_failed_reinstall_keeps_the_earlier_install() {
     assert!(kd_fetch::installed(Artifact::Cifar10, data.path()).is_some());
 }
 
+fn model_fixture(name: &str) -> Vec<u8> {
+    std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("../kd-models/tests/fixtures").join(name)).unwrap()
+}
+
 #[test]
-fn teacher_zip_member_is_extracted() {
-    let pt = noise(5000, 9);
+fn teacher_zip_member_is_extracted_and_converted() {
+    // A tiny-width ResNet50 with the max-pool stem saved by PyTorch; the width is read from conv1.weight.
+    let pt = model_fixture("resnet50_cifar-maxpool.pt");
     let zip = teacher_zip(&pt, &[]);
     let srv = Server::start(vec![("/state_dicts.zip", Route::Ok(zip.clone()))]);
     let data = tempfile::tempdir().unwrap();
@@ -229,11 +234,40 @@ fn teacher_zip_member_is_extracted() {
     assert_eq!(std::fs::read(done.path.join("resnet50.pt")).unwrap(), pt);
     assert!(!done.path.join("resnet18.pt").exists(), "only the ResNet50 is installed");
     assert!(done.marker.verified.contains("sha256 recorded"));
+    let weights = kd_fetch::teacher_weights(Artifact::TeacherCifar10, data.path());
+    assert_eq!(weights, done.path.join("teacher.safetensors"));
+    let teacher = kd_models::Teacher::load(&weights, &candle_core::Device::Cpu).unwrap();
+    assert_eq!(teacher.meta().stem, kd_models::Stem::CifarMaxpool);
+    assert_eq!(teacher.meta().base_width, 4);
+    assert_eq!(teacher.meta().mean, kd_data::Normalize::CIFAR10.mean);
+    let x = candle_core::Tensor::zeros((1, 3, 32, 32), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+    assert_eq!(teacher.forward(&x).unwrap().logits.dims(), &[1, 10]);
+
+    // The wrong architecture inside the zip is refused by key name, nothing installed.
+    let wrong = teacher_zip(&model_fixture("resnet18_cifar.pt"), &[]);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("state_dicts.zip"), &wrong).unwrap();
+    let other = tempfile::tempdir().unwrap();
+    let mut o = opts(other.path(), None, Verify::Skip);
+    o.from = Some(dir.path().to_path_buf());
+    let err = fetch(Artifact::TeacherCifar10, &o).unwrap_err().to_string();
+    assert!(err.contains("conv3.weight") && err.contains("missing"), "{err}");
+    assert!(!install_path(Artifact::TeacherCifar10, other.path()).exists());
+    assert_no_leftovers(other.path());
+}
+
+fn tiny_cifar100_teacher(classes: usize) -> Vec<u8> {
+    let cfg = kd_models::ResNetConfig { base_width: 4, ..kd_models::ResNetConfig::new(kd_models::Arch::Resnet50, kd_models::Stem::Cifar, classes) };
+    let (_, vm) = kd_models::trainable_resnet(&cfg, &candle_core::Device::Cpu, 0).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("m.safetensors");
+    kd_models::save_varmap(&vm, &p).unwrap();
+    std::fs::read(p).unwrap()
 }
 
 #[test]
 fn hub_download_offline_cache_and_errors() {
-    let weights = noise(4096, 3);
+    let weights = tiny_cifar100_teacher(100);
     let path = "/edadaltocg/resnet50_cifar100/resolve/main/model.safetensors";
     let srv = Server::start(vec![(path, Route::Ok(weights.clone()))]);
     let data = tempfile::tempdir().unwrap();
@@ -242,6 +276,8 @@ fn hub_download_offline_cache_and_errors() {
     let done = fetch(Artifact::TeacherCifar100, &o).unwrap();
     assert_eq!(std::fs::read(done.path.join("model.safetensors")).unwrap(), weights);
     assert!(srv.requests().iter().any(|r| r.path == path));
+    let meta = kd_models::TeacherMeta::load(&done.path.join("teacher.safetensors")).unwrap();
+    assert_eq!((meta.num_classes, meta.stem), (100, kd_models::Stem::Cifar));
 
     // Offline: served from the Hub cache, no request.
     let n = srv.requests().len();
@@ -256,4 +292,12 @@ fn hub_download_offline_cache_and_errors() {
     o2.hub_offline = true;
     let err = fetch(Artifact::TeacherCifar100, &o2).unwrap_err().to_string();
     assert!(err.contains("HF_HUB_OFFLINE") && err.contains("resnet50_cifar100"), "{err}");
+
+    // A 10-class checkpoint offered as the CIFAR-100 teacher is refused with the class count.
+    let ten = tempfile::tempdir().unwrap();
+    std::fs::write(ten.path().join("model.safetensors"), tiny_cifar100_teacher(10)).unwrap();
+    let mut o3 = opts(empty.path(), None, Verify::Skip);
+    o3.from = Some(ten.path().to_path_buf());
+    let err = fetch(Artifact::TeacherCifar100, &o3).unwrap_err().to_string();
+    assert!(err.contains("10 classes") && err.contains("expected 100"), "{err}");
 }

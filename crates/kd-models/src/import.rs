@@ -105,15 +105,36 @@ pub fn read_pt(path: &Path) -> Result<Vec<(String, Tensor)>> {
     Err(bad(path, format!("no tensors found at the top level or under `state_dict` / `model` {last_err}")))
 }
 
-/// Converts `src` (`.pt` or `.safetensors`) for the model `cfg` into `dst` (`.safetensors`) and
-/// its JSON sidecar, after checking every key and shape.
-pub fn import_checkpoint(src: &Path, dst: &Path, cfg: &ResNetConfig, mean: [f32; 3], std: [f32; 3]) -> Result<TeacherMeta> {
+fn read_any(src: &Path) -> Result<HashMap<String, Tensor>> {
     let raw: Vec<(String, Tensor)> = if src.extension().is_some_and(|e| e == "safetensors") {
         crate::checkpoint::read_safetensors(src, &Device::Cpu)?.into_iter().collect()
     } else {
         read_pt(src)?
     };
-    let cleaned = clean_state_dict(raw);
+    Ok(clean_state_dict(raw))
+}
+
+/// Converts `src` (`.pt` or `.safetensors`) for the model `cfg` into `dst` (`.safetensors`) and
+/// its JSON sidecar, after checking every key and shape.
+pub fn import_checkpoint(src: &Path, dst: &Path, cfg: &ResNetConfig, mean: [f32; 3], std: [f32; 3]) -> Result<TeacherMeta> {
+    convert(read_any(src)?, src, dst, cfg, mean, std)
+}
+
+/// Like [`import_checkpoint`] for a published teacher of known architecture and stem: the width
+/// is read from `conv1.weight`, and the class count must be `num_classes` (a CIFAR-100 teacher
+/// offered for CIFAR-10 is refused by name).
+pub fn import_teacher(src: &Path, dst: &Path, arch: Arch, stem: Stem, num_classes: usize, mean: [f32; 3], std: [f32; 3]) -> Result<TeacherMeta> {
+    let tensors = read_any(src)?;
+    let dim0 = |k: &str| tensors.get(k).map(|t| t.dims()[0]);
+    let base_width = dim0("conv1.weight").ok_or_else(|| bad(src, format!("no conv1.weight: not a {} checkpoint", arch.name())))?;
+    if let Some(c) = dim0("fc.weight").filter(|&c| c != num_classes) {
+        return Err(bad(src, format!("the checkpoint has {c} classes (fc.weight), expected {num_classes}")));
+    }
+    let cfg = ResNetConfig { base_width, ..ResNetConfig::new(arch, stem, num_classes) };
+    convert(tensors, src, dst, &cfg, mean, std)
+}
+
+fn convert(cleaned: HashMap<String, Tensor>, src: &Path, dst: &Path, cfg: &ResNetConfig, mean: [f32; 3], std: [f32; 3]) -> Result<TeacherMeta> {
     check_keys(&expected_keys(cfg)?, &cleaned, src)?;
     let tensors = cleaned.into_iter().map(|(k, t)| Ok((k, t.to_dtype(DType::F32)?.contiguous()?))).collect::<Result<HashMap<_, _>>>()?;
     let bytes = std::fs::read(src).map_err(ModelError::io(src))?;
@@ -124,7 +145,7 @@ pub fn import_checkpoint(src: &Path, dst: &Path, cfg: &ResNetConfig, mean: [f32;
         base_width: cfg.base_width,
         mean,
         std,
-        source: src.display().to_string(),
+        source: src.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
         source_sha256: hex::encode(sha2::Sha256::digest(&bytes)),
     };
     if let Some(parent) = dst.parent().filter(|p| !p.as_os_str().is_empty()) {
