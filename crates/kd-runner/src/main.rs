@@ -2,6 +2,7 @@
 //!
 //! With no arguments it runs the main job; subcommands fetch data, inspect data sets and more.
 mod commands;
+mod device;
 
 use clap::{Parser, Subcommand};
 
@@ -18,6 +19,8 @@ enum Cmd {
     Fetch(kd_fetch::cli::FetchArgs),
     /// Load a data set and print its images per split and class and its channel statistics.
     Data(commands::data::DataArgs),
+    /// Test accuracy (top-1, top-5, per class) and throughput of saved weights.
+    Eval(commands::eval::EvalArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -38,6 +41,7 @@ fn run() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Some(Cmd::Fetch(args)) => args.run()?,
         Some(Cmd::Data(args)) => commands::data::run(&args)?,
+        Some(Cmd::Eval(args)) => commands::eval::run(&args)?,
         None => commands::main_job::run()?,
     }
     Ok(())

@@ -1,0 +1,21 @@
+//! `--device cpu|cuda|cuda:N`, with the build hint a person needs when CUDA is not compiled in.
+use anyhow::{bail, Context};
+use candle_core::Device;
+
+/// Opens the device named on the command line.
+pub fn open(name: &str) -> anyhow::Result<Device> {
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        _ => {
+            let idx = match name.strip_prefix("cuda") {
+                Some("") => 0,
+                Some(rest) => rest.strip_prefix(':').and_then(|n| n.parse().ok()).with_context(|| format!("--device {name}: expected cpu, cuda or cuda:N"))?,
+                None => bail!("--device {name}: expected cpu, cuda or cuda:N"),
+            };
+            if !cfg!(feature = "cuda") {
+                bail!("--device {name}: this kd-runner was built without CUDA; rebuild with `cargo build --release -p kd-runner --features cuda,cudnn`");
+            }
+            Device::new_cuda(idx).with_context(|| format!("opening CUDA device {idx}"))
+        }
+    }
+}
