@@ -1,0 +1,20 @@
+//! Cross-entropy with label smoothing (Szegedy et al. 2016) and its mixup/CutMix form.
+use candle_core::{Result, Tensor, D};
+use candle_nn::ops::log_softmax;
+
+/// Mean cross-entropy of `logits` (B, K) against `labels` (B,) u32, with PyTorch's label
+/// smoothing ε: `(1−ε)·(−log p_y) + ε·mean_k(−log p_k)`.
+pub fn cross_entropy(logits: &Tensor, labels: &Tensor, smoothing: f64) -> Result<Tensor> {
+    let logp = log_softmax(logits, D::Minus1)?;
+    let nll = logp.gather(&labels.unsqueeze(1)?, D::Minus1)?.squeeze(1)?.neg()?;
+    if smoothing == 0.0 {
+        return nll.mean_all();
+    }
+    let uniform = logp.mean(D::Minus1)?.neg()?;
+    ((nll * (1.0 - smoothing))? + (uniform * smoothing)?)?.mean_all()
+}
+
+/// The mixed-label loss `λ·CE(y_a) + (1−λ)·CE(y_b)` for mixup and CutMix batches.
+pub fn mixed_cross_entropy(logits: &Tensor, labels_a: &Tensor, labels_b: &Tensor, lambda: f64, smoothing: f64) -> Result<Tensor> {
+    (cross_entropy(logits, labels_a, smoothing)? * lambda)? + (cross_entropy(logits, labels_b, smoothing)? * (1.0 - lambda))?
+}

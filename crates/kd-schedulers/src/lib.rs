@@ -1,0 +1,15 @@
+//! Learning-rate schedules and SGD for candle training loops.
+//!
+//! ```
+//! use kd_schedulers::Schedule;
+//! let s = Schedule::WarmupCosine { warmup_steps: 5, final_lr: 0.0 };
+//! assert!((s.lr(0.1, 4, 100) - 0.1).abs() < 1e-12);  // warm-up done
+//! assert!(s.lr(0.1, 99, 100) < 1e-3);                  // annealed
+//! ```
+#![warn(missing_docs)]
+
+pub mod schedule;
+pub mod sgd;
+
+pub use schedule::Schedule;
+pub use sgd::{Sgd, SgdConfig};
