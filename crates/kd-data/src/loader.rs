@@ -101,6 +101,11 @@ impl Loader {
         &self.cfg
     }
 
+    /// The device batches are placed on.
+    pub fn images_device(&self) -> Device {
+        self.device.clone()
+    }
+
     /// The split served.
     pub fn split(&self) -> &Split {
         &self.split

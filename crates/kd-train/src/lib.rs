@@ -1,11 +1,13 @@
-//! The kd training engine: metrics and evaluation (the trainer loop, run directories and exact
-//! resume build on these).
+//! The kd training engine: metrics, evaluation, and the trainer with its run directory
+//! (metrics, checkpoints, exact resume at epoch boundaries).
 #![warn(missing_docs)]
 
 mod error;
 pub mod evaluate;
 pub mod metrics;
+pub mod trainer;
 
 pub use error::{Result, TrainError};
 pub use evaluate::{evaluate, EvalReport};
 pub use metrics::Accuracy;
+pub use trainer::{export, latest_checkpoint, train, EpochMetrics, RunOptions, Summary, TrainConfig};

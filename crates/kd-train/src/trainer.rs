@@ -1,0 +1,273 @@
+//! The baseline trainer: epochs × steps of train-mode forward, cross-entropy (mixed when the
+//! loader mixes), backward and an SGD step at the schedule's rate; evaluation after each epoch;
+//! metrics, checkpoints and the exported model in a run directory.
+//!
+//! Resuming is exact at epoch boundaries: every random stream is keyed by (seed, epoch), the
+//! schedule is a pure function of the step, and the checkpoint holds weights, BN statistics and
+//! momentum buffers.
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{Tensor, Var};
+use candle_nn::VarMap;
+use kd_data::Loader;
+use kd_models::{save_varmap, ResNet, TeacherMeta};
+use kd_schedulers::{Schedule, Sgd, SgdConfig};
+use serde::{Deserialize, Serialize};
+
+use crate::evaluate::evaluate;
+use crate::metrics::Accuracy;
+use crate::{Result, TrainError};
+
+/// How to train.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Epochs.
+    pub epochs: usize,
+    /// Base learning rate.
+    pub lr: f64,
+    /// Schedule over all steps.
+    pub schedule: Schedule,
+    /// Optimizer.
+    pub sgd: SgdConfig,
+    /// Label smoothing ε of the cross-entropy.
+    pub label_smoothing: f64,
+}
+
+/// One row of `metrics.jsonl` / `metrics.csv`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EpochMetrics {
+    /// Epoch (1-based).
+    pub epoch: usize,
+    /// Learning rate at the epoch's last step.
+    pub lr: f64,
+    /// Mean training loss.
+    pub train_loss: f64,
+    /// Training top-1 (%) against the first label of each (possibly mixed) sample.
+    pub train_acc: f64,
+    /// Test loss.
+    pub test_loss: f64,
+    /// Test top-1 (%).
+    pub test_top1: f64,
+    /// Test top-5 (%).
+    pub test_top5: f64,
+    /// Training wall time of the epoch (s), evaluation excluded.
+    pub seconds: f64,
+    /// Training images per second.
+    pub images_per_sec: f64,
+}
+
+/// What a finished run reports in `summary.json`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Summary {
+    /// Trainable parameters during training.
+    pub trainable_params: usize,
+    /// Parameters of the deployed model.
+    pub deploy_params: usize,
+    /// Best test top-1 (%).
+    pub best_top1: f64,
+    /// Epoch of the best test top-1.
+    pub best_epoch: usize,
+    /// Last test top-1 (%).
+    pub last_top1: f64,
+    /// Training time summed over epochs (s).
+    pub train_seconds: f64,
+}
+
+/// Where a run is and what it needs to continue.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Progress {
+    epochs_done: usize,
+    step: usize,
+    best_top1: f64,
+    best_epoch: usize,
+    train_seconds: f64,
+}
+
+const CKPT_WEIGHTS: &str = "weights.safetensors";
+const CKPT_OPTIM: &str = "optimizer.safetensors";
+const CKPT_STATE: &str = "state.json";
+/// Names the complete checkpoint folder; replaced atomically after the folder is written.
+const LATEST: &str = "checkpoint.latest";
+
+/// Writes weights, momentum and progress into a fresh `checkpoint-<epoch>/` folder, then points
+/// `checkpoint.latest` at it with an atomic rename, then removes the previous folder. A crash at
+/// any moment leaves `checkpoint.latest` naming a complete checkpoint.
+fn save_checkpoint(run_dir: &Path, vars: &VarMap, opt: &Sgd, progress: &Progress) -> Result<()> {
+    let name = format!("checkpoint-{:04}", progress.epochs_done);
+    let dir = run_dir.join(&name);
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).map_err(io(&dir))?;
+    }
+    std::fs::create_dir(&dir).map_err(io(&dir))?;
+    save_varmap(vars, &dir.join(CKPT_WEIGHTS))?;
+    kd_models::checkpoint::save_tensors(opt.state(), &dir.join(CKPT_OPTIM))?;
+    write_atomic(&dir.join(CKPT_STATE), serde_json::to_string_pretty(progress).expect("state serialises").as_bytes())?;
+    let previous = std::fs::read_to_string(run_dir.join(LATEST)).ok();
+    write_atomic(&run_dir.join(LATEST), name.as_bytes())?;
+    if let Some(prev) = previous.map(|p| p.trim().to_string()).filter(|p| *p != name && p.starts_with("checkpoint-")) {
+        let _ = std::fs::remove_dir_all(run_dir.join(prev));
+    }
+    Ok(())
+}
+
+/// The folder of the latest complete checkpoint of a run.
+pub fn latest_checkpoint(run_dir: &Path) -> Result<PathBuf> {
+    let p = run_dir.join(LATEST);
+    let name = std::fs::read_to_string(&p).map_err(io(&p))?;
+    Ok(run_dir.join(name.trim()))
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
+    move |source| TrainError::Io { path: path.into(), source }
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).map_err(io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io(path))
+}
+
+/// How a call to [`train`] runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RunOptions {
+    /// Continue from the run directory's latest checkpoint.
+    pub resume: bool,
+    /// Stop (with a checkpoint) once this many epochs are done, before `epochs`.
+    pub stop_after: Option<usize>,
+}
+
+/// Trains `model` (its variables in `vars`) and writes the run into `run_dir`.
+/// Returns `None` when stopped early by [`RunOptions::stop_after`].
+#[allow(clippy::too_many_arguments)]
+pub fn train(model: &ResNet, vars: &VarMap, meta: &TeacherMeta, train: &Loader, test: &Loader, cfg: &TrainConfig, run_dir: &Path, run: RunOptions) -> Result<Option<Summary>> {
+    let resume = run.resume;
+    let num_classes = model.config().num_classes;
+    std::fs::create_dir_all(run_dir).map_err(io(run_dir))?;
+    let named: Vec<(String, Var)> = {
+        let data = vars.data().lock().expect("var map lock");
+        let mut v: Vec<(String, Var)> = data.iter().filter(|(k, _)| !k.contains("running_")).map(|(k, v)| (k.clone(), v.clone())).collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    };
+    let mut opt = Sgd::new(named, cfg.sgd.clone());
+    let mut progress = Progress { epochs_done: 0, step: 0, best_top1: f64::NEG_INFINITY, best_epoch: 0, train_seconds: 0.0 };
+    if resume {
+        let ckpt = latest_checkpoint(run_dir)?;
+        let state = ckpt.join(CKPT_STATE);
+        let text = std::fs::read_to_string(&state).map_err(io(&state))?;
+        progress = serde_json::from_str(&text).map_err(|e| TrainError::Invalid(format!("{}: {e}", state.display())))?;
+        kd_models::load_into(vars, &ckpt.join(CKPT_WEIGHTS))?;
+        let momentum = kd_models::checkpoint::read_safetensors(&ckpt.join(CKPT_OPTIM), &train.images_device())?;
+        opt.load_state(momentum);
+    }
+    let steps_per_epoch = train.num_batches();
+    let total = cfg.epochs * steps_per_epoch;
+    let jsonl = run_dir.join("metrics.jsonl");
+    let csv = run_dir.join("metrics.csv");
+    if !resume {
+        std::fs::write(&jsonl, "").map_err(io(&jsonl))?;
+        std::fs::write(&csv, "epoch,lr,train_loss,train_acc,test_loss,test_top1,test_top5,seconds,images_per_sec\n").map_err(io(&csv))?;
+    }
+    if resume {
+        // Rows written after the checkpoint (a crash between the two) are dropped.
+        truncate_lines(&jsonl, progress.epochs_done)?;
+        truncate_lines(&csv, progress.epochs_done + 1)?;
+    }
+    let mut last_top1 = 0.0;
+    for epoch in progress.epochs_done..cfg.epochs {
+        if run.stop_after.is_some_and(|k| epoch >= k) {
+            return Ok(None);
+        }
+        let t = Instant::now();
+        let mut acc = Accuracy::new(num_classes);
+        let mut lr = cfg.lr;
+        for (i, batch) in train.epoch(epoch as u64, 0).enumerate() {
+            let batch = batch?;
+            lr = cfg.schedule.lr(cfg.lr, progress.step, total);
+            let out = model.forward_t(&batch.images, true)?;
+            let loss = match &batch.mix {
+                Some((labels_b, lambda)) => kd_losses::mixed_cross_entropy(&out.logits, &batch.labels, labels_b, *lambda as f64, cfg.label_smoothing)?,
+                None => kd_losses::cross_entropy(&out.logits, &batch.labels, cfg.label_smoothing)?,
+            };
+            let value = loss.to_scalar::<f32>()?;
+            if !value.is_finite() {
+                return Err(TrainError::NonFinite { epoch, step: i, value });
+            }
+            opt.step(&loss.backward()?, lr)?;
+            acc.update(&out.logits.detach(), &batch.labels, Some(value as f64))?;
+            progress.step += 1;
+        }
+        let seconds = t.elapsed().as_secs_f64();
+        progress.train_seconds += seconds;
+        let report = evaluate(test, num_classes, |x| model.forward_t(x, false))?;
+        let row = EpochMetrics {
+            epoch: epoch + 1,
+            lr,
+            train_loss: acc.mean_loss(),
+            train_acc: acc.top1_pct(),
+            test_loss: report.acc.mean_loss(),
+            test_top1: report.acc.top1_pct(),
+            test_top5: report.acc.top5_pct(),
+            seconds,
+            images_per_sec: acc.total as f64 / seconds.max(1e-9),
+        };
+        last_top1 = row.test_top1;
+        append(&jsonl, &format!("{}\n", serde_json::to_string(&row).expect("row serialises")))?;
+        append(
+            &csv,
+            &format!(
+                "{},{:.6},{:.6},{:.4},{:.6},{:.4},{:.4},{:.3},{:.1}\n",
+                row.epoch, row.lr, row.train_loss, row.train_acc, row.test_loss, row.test_top1, row.test_top5, row.seconds, row.images_per_sec
+            ),
+        )?;
+        eprintln!(
+            "epoch {}/{}: lr {:.4} train loss {:.4} acc {:.2}% | test loss {:.4} top-1 {:.2}% top-5 {:.2}% | {:.1} s, {:.0} img/s",
+            row.epoch, cfg.epochs, row.lr, row.train_loss, row.train_acc, row.test_loss, row.test_top1, row.test_top5, row.seconds, row.images_per_sec
+        );
+        progress.epochs_done = epoch + 1;
+        if row.test_top1 > progress.best_top1 {
+            progress.best_top1 = row.test_top1;
+            progress.best_epoch = epoch + 1;
+            export(vars, meta, &run_dir.join("best.safetensors"))?;
+        }
+        save_checkpoint(run_dir, vars, &opt, &progress)?;
+    }
+    export(vars, meta, &run_dir.join("model.safetensors"))?;
+    let summary = Summary {
+        trainable_params: model.num_params(),
+        deploy_params: model.num_backbone_params(),
+        best_top1: progress.best_top1,
+        best_epoch: progress.best_epoch,
+        last_top1,
+        train_seconds: progress.train_seconds,
+    };
+    write_atomic(&run_dir.join("summary.json"), serde_json::to_string_pretty(&summary).expect("summary serialises").as_bytes())?;
+    Ok(Some(summary))
+}
+
+fn truncate_lines(path: &Path, keep: usize) -> Result<()> {
+    let text = std::fs::read_to_string(path).map_err(io(path))?;
+    let kept: String = text.lines().take(keep).map(|l| format!("{l}\n")).collect();
+    write_atomic(path, kept.as_bytes())
+}
+
+fn append(path: &Path, line: &str) -> Result<()> {
+    let mut f = std::fs::OpenOptions::new().append(true).create(true).open(path).map_err(io(path))?;
+    f.write_all(line.as_bytes()).map_err(io(path))
+}
+
+/// Writes the deployable weights (backbone and BN statistics, no auxiliary heads) with a sidecar
+/// so `kd-runner eval` and the teacher loader read them.
+pub fn export(vars: &VarMap, meta: &TeacherMeta, path: &Path) -> Result<PathBuf> {
+    let data = vars.data().lock().expect("var map lock");
+    let tensors: HashMap<String, Tensor> =
+        data.iter().filter(|(k, _)| !k.starts_with("aux_heads.")).map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
+    drop(data);
+    kd_models::checkpoint::save_tensors(&tensors, path)?;
+    write_atomic(&TeacherMeta::sidecar(path), serde_json::to_string_pretty(meta).expect("meta serialises").as_bytes())?;
+    Ok(path.into())
+}
