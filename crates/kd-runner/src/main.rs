@@ -21,6 +21,8 @@ enum Cmd {
     Data(commands::data::DataArgs),
     /// Test accuracy (top-1, top-5, per class) and throughput of saved weights.
     Eval(commands::eval::EvalArgs),
+    /// Train a model without distillation (the baseline), with metrics, checkpoints and resume.
+    Train(commands::train::TrainArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -42,6 +44,7 @@ fn run() -> anyhow::Result<()> {
         Some(Cmd::Fetch(args)) => args.run()?,
         Some(Cmd::Data(args)) => commands::data::run(&args)?,
         Some(Cmd::Eval(args)) => commands::eval::run(&args)?,
+        Some(Cmd::Train(args)) => commands::train::run(&args)?,
         None => commands::main_job::run()?,
     }
     Ok(())

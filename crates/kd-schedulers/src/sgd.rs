@@ -49,9 +49,12 @@ impl Sgd {
         let c = &self.cfg;
         for (name, var) in &self.vars {
             let Some(g) = grads.get(var.as_tensor()) else { continue };
-            let p = var.as_tensor();
+            // Detached: a gradient tensor still links to the step's graph, and a momentum buffer
+            // built from it would keep every past step's graph alive.
+            let g = g.detach();
+            let p = var.as_tensor().detach();
             let decay = c.weight_decay != 0.0 && !(c.no_decay_1d && p.rank() <= 1);
-            let mut g = if decay { (g + (p * c.weight_decay)?)? } else { g.clone() };
+            let mut g = if decay { (&g + (&p * c.weight_decay)?)? } else { g };
             if c.momentum != 0.0 {
                 let buf = match self.momentum.get(name) {
                     Some(b) => ((b * c.momentum)? + (&g * (1.0 - c.dampening))?)?,

@@ -2,3 +2,4 @@
 pub mod data;
 pub mod eval;
 pub mod main_job;
+pub mod train;

@@ -1,0 +1,146 @@
+//! `kd-runner train`: the baseline (no distillation) run.
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use kd_data::{balanced_subset, Augment, DatasetSpec, Loader, LoaderConfig, Mix, SubsetSpec};
+use kd_models::{trainable_resnet, Arch, ResNetConfig, Stem, TeacherMeta};
+use kd_schedulers::{Schedule, SgdConfig};
+use kd_train::{RunOptions, TrainConfig};
+
+/// Arguments of `train`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct TrainArgs {
+    /// cifar10, cifar100 or folder:PATH.
+    #[arg(long, default_value = "cifar10")]
+    pub dataset: DatasetSpec,
+    /// Data root (default: $KD_DATA_DIR or ./data).
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Student architecture.
+    #[arg(long, value_enum, default_value = "resnet18")]
+    pub model: Arch,
+    /// Stem.
+    #[arg(long, value_enum, default_value = "cifar")]
+    pub stem: Stem,
+    /// Channels of the first stage (64 = the standard network).
+    #[arg(long, default_value_t = 64)]
+    pub width: usize,
+    /// Epochs.
+    #[arg(long, default_value_t = 200)]
+    pub epochs: usize,
+    /// Images per batch.
+    #[arg(long, default_value_t = 128)]
+    pub batch_size: usize,
+    /// Base learning rate.
+    #[arg(long, default_value_t = 0.1)]
+    pub lr: f64,
+    /// Warm-up epochs of the warm-up + cosine schedule.
+    #[arg(long, default_value_t = 1)]
+    pub warmup_epochs: usize,
+    /// Weight decay.
+    #[arg(long, default_value_t = 5e-4)]
+    pub weight_decay: f64,
+    /// Label smoothing.
+    #[arg(long, default_value_t = 0.0)]
+    pub label_smoothing: f64,
+    /// Seed of initialisation, data order and augmentation.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Train on a class-balanced fraction of the training split (0, 1].
+    #[arg(long)]
+    pub subset: Option<f64>,
+    /// Crop + flip augmentation (false: normalisation only).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub augment: bool,
+    /// Mixup with this Beta concentration α.
+    #[arg(long)]
+    pub mixup: Option<f32>,
+    /// Run directory (default: runs/<dataset>-<model>-<stem>-s<seed>).
+    #[arg(long, value_name = "DIR")]
+    pub run_dir: Option<PathBuf>,
+    /// Continue the run in --run-dir from its last checkpoint.
+    #[arg(long)]
+    pub resume: bool,
+}
+
+/// Runs the baseline training.
+pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
+    if args.epochs == 0 || args.batch_size == 0 {
+        bail!("--epochs and --batch-size must be at least 1");
+    }
+    let device = crate::device::open(&args.device)?;
+    let data_dir = args.data_dir.clone().unwrap_or_else(kd_fetch::default_data_dir);
+    let ds = super::data::load(&args.dataset, &data_dir)?;
+    let num_classes = ds.num_classes();
+    let mut train_split = ds.train;
+    if let Some(f) = args.subset {
+        let idx = balanced_subset(&train_split, num_classes, SubsetSpec::Fraction(f), args.seed)?;
+        train_split = train_split.select(&idx);
+    }
+    let norm = args.dataset.default_normalize();
+    let loader_cfg = LoaderConfig {
+        augment: if args.augment { Augment::STANDARD } else { Augment::NONE },
+        mix: args.mixup.map(|alpha| Mix::Mixup { alpha }),
+        ..LoaderConfig::train(args.batch_size, norm, args.seed)
+    };
+    let n_train = train_split.len();
+    let train = Loader::new(Arc::new(train_split), loader_cfg, device.clone())?;
+    let test = Loader::new(Arc::new(ds.test), LoaderConfig::eval(256, norm), device.clone())?;
+    let mcfg = ResNetConfig { base_width: args.width, ..ResNetConfig::new(args.model, args.stem, num_classes) };
+    let (model, vars) = trainable_resnet(&mcfg, &device, args.seed)?;
+    let run_dir = args.run_dir.clone().unwrap_or_else(|| {
+        PathBuf::from("runs").join(format!("{}-{}-{}-s{}", ds.name, args.model.name(), args.stem.name(), args.seed))
+    });
+    if !args.resume && run_dir.join("metrics.jsonl").exists() {
+        bail!("{} already holds a run; pass --resume to continue it or choose another --run-dir", run_dir.display());
+    }
+    let meta = TeacherMeta {
+        arch: args.model,
+        stem: args.stem,
+        num_classes,
+        base_width: args.width,
+        mean: norm.mean,
+        std: norm.std,
+        source: format!("kd-runner train ({})", run_dir.display()),
+        source_sha256: String::new(),
+    };
+    let cfg = TrainConfig {
+        epochs: args.epochs,
+        lr: args.lr,
+        schedule: Schedule::WarmupCosine { warmup_steps: args.warmup_epochs * train.num_batches(), final_lr: 0.0 },
+        sgd: SgdConfig { weight_decay: args.weight_decay, ..SgdConfig::default() },
+        label_smoothing: args.label_smoothing,
+    };
+    std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+    let resolved = format!("{args:#?}\n");
+    std::fs::write(run_dir.join("args.txt"), resolved).with_context(|| format!("writing into {}", run_dir.display()))?;
+    eprintln!(
+        "training {} ({} stem, width {}, {} params) on {} ({} train images, {} steps/epoch) for {} epochs on {:?} → {}",
+        args.model.name(),
+        args.stem.name(),
+        args.width,
+        model.num_params(),
+        ds.name,
+        n_train,
+        train.num_batches(),
+        args.epochs,
+        device,
+        run_dir.display()
+    );
+    let summary = kd_train::train(&model, &vars, &meta, &train, &test, &cfg, &run_dir, RunOptions { resume: args.resume, stop_after: None })?
+        .expect("runs to the end without stop_after");
+    println!(
+        "best test top-1 {:.2}% (epoch {}), last {:.2}%, {} trainable params, {:.1} s of training; results in {}",
+        summary.best_top1,
+        summary.best_epoch,
+        summary.last_top1,
+        summary.trainable_params,
+        summary.train_seconds,
+        run_dir.display()
+    );
+    Ok(())
+}
