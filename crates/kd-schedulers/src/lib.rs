@@ -1,4 +1,4 @@
-//! Learning-rate schedules and SGD for candle training loops.
+//! Learning-rate schedules, SGD and AdamW for candle training loops.
 //!
 //! ```
 //! use kd_schedulers::Schedule;
@@ -8,8 +8,12 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod adamw;
+pub mod optimizer;
 pub mod schedule;
 pub mod sgd;
 
+pub use adamw::{AdamW, AdamWConfig};
+pub use optimizer::{Optimizer, OptimizerConfig};
 pub use schedule::Schedule;
 pub use sgd::{Sgd, SgdConfig};

@@ -14,7 +14,7 @@ use candle_core::{Tensor, Var};
 use candle_nn::VarMap;
 use kd_data::Loader;
 use kd_models::{save_varmap, ResNet, TeacherMeta};
-use kd_schedulers::{Schedule, Sgd, SgdConfig};
+use kd_schedulers::{Optimizer, OptimizerConfig, Schedule};
 use serde::{Deserialize, Serialize};
 
 use crate::evaluate::evaluate;
@@ -32,9 +32,16 @@ pub struct TrainConfig {
     /// Schedule over all steps.
     pub schedule: Schedule,
     /// Optimizer.
-    pub sgd: SgdConfig,
+    pub optimizer: OptimizerConfig,
     /// Label smoothing ε of the cross-entropy.
     pub label_smoothing: f64,
+    /// Checkpoint folders kept (the newest; at least 1).
+    #[serde(default = "one")]
+    pub keep_last: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// One row of `metrics.jsonl` / `metrics.csv`.
@@ -94,9 +101,10 @@ const CKPT_STATE: &str = "state.json";
 const LATEST: &str = "checkpoint.latest";
 
 /// Writes weights, momentum and progress into a fresh `checkpoint-<epoch>/` folder, then points
-/// `checkpoint.latest` at it with an atomic rename, then removes the previous folder. A crash at
+/// `checkpoint.latest` at it with an atomic rename, then removes folders beyond the newest
+/// `keep_last`. A crash at
 /// any moment leaves `checkpoint.latest` naming a complete checkpoint.
-fn save_checkpoint(run_dir: &Path, vars: &VarMap, opt: &Sgd, progress: &Progress) -> Result<()> {
+fn save_checkpoint(run_dir: &Path, vars: &VarMap, opt: &Optimizer, progress: &Progress, keep_last: usize) -> Result<()> {
     let name = format!("checkpoint-{:04}", progress.epochs_done);
     let dir = run_dir.join(&name);
     if dir.exists() {
@@ -104,12 +112,19 @@ fn save_checkpoint(run_dir: &Path, vars: &VarMap, opt: &Sgd, progress: &Progress
     }
     std::fs::create_dir(&dir).map_err(io(&dir))?;
     save_varmap(vars, &dir.join(CKPT_WEIGHTS))?;
-    kd_models::checkpoint::save_tensors(opt.state(), &dir.join(CKPT_OPTIM))?;
+    kd_models::checkpoint::save_tensors(&opt.state()?, &dir.join(CKPT_OPTIM))?;
     write_atomic(&dir.join(CKPT_STATE), serde_json::to_string_pretty(progress).expect("state serialises").as_bytes())?;
-    let previous = std::fs::read_to_string(run_dir.join(LATEST)).ok();
     write_atomic(&run_dir.join(LATEST), name.as_bytes())?;
-    if let Some(prev) = previous.map(|p| p.trim().to_string()).filter(|p| *p != name && p.starts_with("checkpoint-")) {
-        let _ = std::fs::remove_dir_all(run_dir.join(prev));
+    // Older folders beyond the newest `keep_last` go; the one just written always stays.
+    let mut folders: Vec<String> = std::fs::read_dir(run_dir)
+        .map_err(io(run_dir))?
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .filter(|n| n.starts_with("checkpoint-") && *n <= name)
+        .collect();
+    folders.sort();
+    let excess = folders.len().saturating_sub(keep_last.max(1));
+    for old in &folders[..excess] {
+        let _ = std::fs::remove_dir_all(run_dir.join(old));
     }
     Ok(())
 }
@@ -153,7 +168,7 @@ pub fn train(model: &ResNet, vars: &VarMap, meta: &TeacherMeta, train: &Loader, 
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
     };
-    let mut opt = Sgd::new(named, cfg.sgd.clone());
+    let mut opt = Optimizer::new(&cfg.optimizer, named);
     let mut progress = Progress { epochs_done: 0, step: 0, best_top1: f64::NEG_INFINITY, best_epoch: 0, train_seconds: 0.0 };
     if resume {
         let ckpt = latest_checkpoint(run_dir)?;
@@ -162,7 +177,7 @@ pub fn train(model: &ResNet, vars: &VarMap, meta: &TeacherMeta, train: &Loader, 
         progress = serde_json::from_str(&text).map_err(|e| TrainError::Invalid(format!("{}: {e}", state.display())))?;
         kd_models::load_into(vars, &ckpt.join(CKPT_WEIGHTS))?;
         let momentum = kd_models::checkpoint::read_safetensors(&ckpt.join(CKPT_OPTIM), &train.images_device())?;
-        opt.load_state(momentum);
+        opt.load_state(momentum)?;
     }
     let steps_per_epoch = train.num_batches();
     let total = cfg.epochs * steps_per_epoch;
@@ -185,6 +200,7 @@ pub fn train(model: &ResNet, vars: &VarMap, meta: &TeacherMeta, train: &Loader, 
         let t = Instant::now();
         let mut acc = Accuracy::new(num_classes);
         let mut lr = cfg.lr;
+        let bar = epoch_bar(epoch, cfg.epochs, steps_per_epoch);
         for (i, batch) in train.epoch(epoch as u64, 0).enumerate() {
             let batch = batch?;
             lr = cfg.schedule.lr(cfg.lr, progress.step, total);
@@ -200,7 +216,10 @@ pub fn train(model: &ResNet, vars: &VarMap, meta: &TeacherMeta, train: &Loader, 
             opt.step(&loss.backward()?, lr)?;
             acc.update(&out.logits.detach(), &batch.labels, Some(value as f64))?;
             progress.step += 1;
+            bar.set_message(format!("loss {:.4} lr {lr:.4}", acc.mean_loss()));
+            bar.inc(1);
         }
+        bar.finish_and_clear();
         let seconds = t.elapsed().as_secs_f64();
         progress.train_seconds += seconds;
         let report = evaluate(test, num_classes, |x| model.forward_t(x, false))?;
@@ -224,7 +243,7 @@ pub fn train(model: &ResNet, vars: &VarMap, meta: &TeacherMeta, train: &Loader, 
                 row.epoch, row.lr, row.train_loss, row.train_acc, row.test_loss, row.test_top1, row.test_top5, row.seconds, row.images_per_sec
             ),
         )?;
-        eprintln!(
+        tracing::info!(
             "epoch {}/{}: lr {:.4} train loss {:.4} acc {:.2}% | test loss {:.4} top-1 {:.2}% top-5 {:.2}% | {:.1} s, {:.0} img/s",
             row.epoch, cfg.epochs, row.lr, row.train_loss, row.train_acc, row.test_loss, row.test_top1, row.test_top5, row.seconds, row.images_per_sec
         );
@@ -234,7 +253,7 @@ pub fn train(model: &ResNet, vars: &VarMap, meta: &TeacherMeta, train: &Loader, 
             progress.best_epoch = epoch + 1;
             export(vars, meta, &run_dir.join("best.safetensors"))?;
         }
-        save_checkpoint(run_dir, vars, &opt, &progress)?;
+        save_checkpoint(run_dir, vars, &opt, &progress, cfg.keep_last)?;
     }
     export(vars, meta, &run_dir.join("model.safetensors"))?;
     let summary = Summary {
@@ -253,6 +272,16 @@ fn truncate_lines(path: &Path, keep: usize) -> Result<()> {
     let text = std::fs::read_to_string(path).map_err(io(path))?;
     let kept: String = text.lines().take(keep).map(|l| format!("{l}\n")).collect();
     write_atomic(path, kept.as_bytes())
+}
+
+/// A per-epoch bar; drawn only when stderr is a terminal.
+fn epoch_bar(epoch: usize, epochs: usize, steps: usize) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::with_draw_target(Some(steps as u64), indicatif::ProgressDrawTarget::stderr());
+    if let Ok(style) = indicatif::ProgressStyle::with_template("epoch {prefix} [{bar:30}] {pos}/{len} {msg} {per_sec} ETA {eta}") {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_prefix(format!("{}/{}", epoch + 1, epochs));
+    bar
 }
 
 fn append(path: &Path, line: &str) -> Result<()> {

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use candle_core::Device;
 use kd_data::{Augment, Loader, LoaderConfig, Normalize, Split};
 use kd_models::{trainable_resnet, Arch, ResNetConfig, Stem, TeacherMeta};
-use kd_schedulers::{Schedule, SgdConfig};
+use kd_schedulers::{OptimizerConfig, Schedule, SgdConfig};
 use kd_train::{train, RunOptions, TrainConfig, TrainError};
 
 /// Four classes: the image is bright in one quadrant, plus noise.
@@ -57,7 +57,7 @@ fn setup_with(init_seed: u64, data_seed: u64) -> (kd_models::ResNet, candle_nn::
 }
 
 fn config(epochs: usize, lr: f64) -> TrainConfig {
-    TrainConfig { epochs, lr, schedule: Schedule::WarmupCosine { warmup_steps: 2, final_lr: 0.0 }, sgd: SgdConfig::default(), label_smoothing: 0.0 }
+    TrainConfig { epochs, lr, schedule: Schedule::WarmupCosine { warmup_steps: 2, final_lr: 0.0 }, optimizer: OptimizerConfig::Sgd(SgdConfig::default()), label_smoothing: 0.0, keep_last: 2 }
 }
 
 fn weights(vm: &candle_nn::VarMap) -> Vec<(String, Vec<f32>)> {
@@ -81,6 +81,11 @@ fn learns_the_synthetic_task() {
     for f in ["summary.json", "model.safetensors", "model.json", "best.safetensors", "checkpoint.latest"] {
         assert!(dir.path().join(f).is_file(), "{f}");
     }
+    // keep_last = 2: the two newest checkpoint folders remain, the pointer names the newest.
+    let mut kept: Vec<String> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with("checkpoint-")).collect();
+    kept.sort();
+    assert_eq!(kept, vec!["checkpoint-0005", "checkpoint-0006"]);
+    assert_eq!(std::fs::read_to_string(dir.path().join("checkpoint.latest")).unwrap(), "checkpoint-0006");
     // The exported model evaluates through the teacher loader.
     let t = kd_models::Teacher::load(&dir.path().join("model.safetensors"), &Device::Cpu).unwrap();
     assert_eq!(t.model().num_backbone_params(), s.deploy_params);

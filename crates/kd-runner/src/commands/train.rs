@@ -5,7 +5,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use kd_data::{balanced_subset, Augment, DatasetSpec, Loader, LoaderConfig, Mix, SubsetSpec};
 use kd_models::{trainable_resnet, Arch, ResNetConfig, Stem, TeacherMeta};
-use kd_schedulers::{Schedule, SgdConfig};
+use kd_schedulers::{OptimizerConfig, Schedule, SgdConfig};
 use kd_train::{RunOptions, TrainConfig};
 
 /// Arguments of `train`.
@@ -112,12 +112,22 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
         epochs: args.epochs,
         lr: args.lr,
         schedule: Schedule::WarmupCosine { warmup_steps: args.warmup_epochs * train.num_batches(), final_lr: 0.0 },
-        sgd: SgdConfig { weight_decay: args.weight_decay, ..SgdConfig::default() },
+        optimizer: OptimizerConfig::Sgd(SgdConfig { weight_decay: args.weight_decay, ..SgdConfig::default() }),
         label_smoothing: args.label_smoothing,
+        keep_last: 2,
     };
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
-    let resolved = format!("{args:#?}\n");
-    std::fs::write(run_dir.join("args.txt"), resolved).with_context(|| format!("writing into {}", run_dir.display()))?;
+    // The resolved run, every default filled in, beside the results.
+    let resolved = serde_json::json!({
+        "dataset": args.dataset.to_string(),
+        "subset": args.subset,
+        "seed": args.seed,
+        "device": args.device,
+        "model": &mcfg,
+        "loader": train.config(),
+        "train": &cfg,
+    });
+    std::fs::write(run_dir.join("run.json"), serde_json::to_string_pretty(&resolved)?).with_context(|| format!("writing into {}", run_dir.display()))?;
     eprintln!(
         "training {} ({} stem, width {}, {} params) on {} ({} train images, {} steps/epoch) for {} epochs on {:?} → {}",
         args.model.name(),
