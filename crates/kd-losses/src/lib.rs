@@ -1,4 +1,5 @@
-//! Losses for classification and knowledge distillation on candle.
+//! Losses for classification and knowledge distillation on candle: cross-entropy (label
+//! smoothing, mixup), Hinton KD, FitNets hints, attention transfer, RKD and similarity-preserving KD.
 //!
 //! ```
 //! use candle_core::{Device, Tensor};
@@ -11,7 +12,11 @@
 #![warn(missing_docs)]
 
 pub mod classification;
+pub mod feature;
 pub mod hinton;
+pub mod relation;
 
 pub use classification::{cross_entropy, mixed_cross_entropy};
+pub use feature::{align_spatial, attention_loss, attention_map, hint_loss};
 pub use hinton::kd_loss;
+pub use relation::{rkd_angle_loss, rkd_distance_loss, similarity_matrix, smooth_l1, sp_loss};

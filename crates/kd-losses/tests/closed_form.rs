@@ -52,3 +52,58 @@ fn kd_loss_direction_temperature_and_identity() {
     assert!(g.get(teacher.as_tensor()).is_none());
     assert!(g.get(student.as_tensor()).is_some());
 }
+
+fn close(a: f64, b: f64, tol: f64) {
+    assert!((a - b).abs() < tol, "{a} vs {b}");
+}
+
+fn scalar(t: Tensor) -> f64 {
+    t.to_scalar::<f32>().unwrap() as f64
+}
+
+#[test]
+fn attention_map_is_normalised_and_loss_by_hand() {
+    // One sample, 2 channels, 1×2 map: f² mean over channels = [(1+9)/2, (4+16)/2] = [5, 10];
+    // normalised: [5, 10]/√125 = [0.4472136, 0.8944272].
+    let f = Tensor::new(&[[[[1.0f32, 2.0]], [[3.0, 4.0]]]], &Device::Cpu).unwrap();
+    let a: Vec<f32> = kd_losses::attention_map(&f).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    close(a[0] as f64, 0.4472136, 1e-6);
+    close(a[1] as f64, 0.8944272, 1e-6);
+    // Against a uniform map [1/√2, 1/√2]: mean of squared differences.
+    let g = Tensor::new(&[[[[1.0f32, 1.0]]]], &Device::Cpu).unwrap();
+    let u = 1.0 / 2f64.sqrt();
+    let expect = ((0.4472136 - u).powi(2) + (0.8944272 - u).powi(2)) / 2.0;
+    close(scalar(kd_losses::attention_loss(&f, &g).unwrap()), expect, 1e-6);
+    // Maps of different resolution are average-pooled to the smaller one: a 2×4 map vs 1×2.
+    let big = Tensor::new(&[[[[1.0f32, 1.0, 2.0, 2.0], [1.0, 1.0, 2.0, 2.0]]]], &Device::Cpu).unwrap();
+    let small = Tensor::new(&[[[[1.0f32, 2.0]]]], &Device::Cpu).unwrap();
+    close(scalar(kd_losses::attention_loss(&big, &small).unwrap()), 0.0, 1e-7);
+}
+
+#[test]
+fn rkd_terms_by_hand() {
+    // Equilateral triangle vs the same triangle scaled ×3: distance term is scale-invariant → 0;
+    // angles are identical → 0.
+    let s = Tensor::new(&[[0.0f32, 0.0], [1.0, 0.0], [0.5, 0.8660254]], &Device::Cpu).unwrap();
+    let t = (&s * 3.0).unwrap();
+    close(scalar(kd_losses::rkd_distance_loss(&s, &t).unwrap()), 0.0, 1e-6);
+    close(scalar(kd_losses::rkd_angle_loss(&s, &t).unwrap()), 0.0, 1e-6);
+    // Student: points 0, 1, 2 on a line (distances 1, 2, 1 → mean 4/3); teacher: equilateral, side 1.
+    // Normalised student distances: d01 = d12 = 0.75, d02 = 1.5; teacher all 1.
+    // Off-diagonal differences: four of 0.25 and two of 0.5 → smooth-L1 = ½·d² each:
+    // (4·0.03125 + 2·0.125) / 9 elements (diagonal zeros included) = 0.375 / 9.
+    let line = Tensor::new(&[[0.0f32, 0.0], [1.0, 0.0], [2.0, 0.0]], &Device::Cpu).unwrap();
+    close(scalar(kd_losses::rkd_distance_loss(&line, &s).unwrap()), 0.375 / 9.0, 1e-6);
+}
+
+#[test]
+fn sp_loss_by_hand() {
+    // Orthogonal features: G = I after row normalisation. Identical features: G = all-ones/√2 rows.
+    let orth = Tensor::new(&[[1.0f32, 0.0], [0.0, 1.0]], &Device::Cpu).unwrap();
+    let same = Tensor::new(&[[1.0f32, 0.0], [1.0, 0.0]], &Device::Cpu).unwrap();
+    let r = 1.0 / 2f64.sqrt();
+    // ‖I − [[r, r], [r, r]]‖² / 4 = (2(1−r)² + 2r²) / 4
+    let expect = (2.0 * (1.0 - r).powi(2) + 2.0 * r * r) / 4.0;
+    close(scalar(kd_losses::sp_loss(&orth, &same).unwrap()), expect, 1e-6);
+    close(scalar(kd_losses::sp_loss(&orth, &orth).unwrap()), 0.0, 1e-7);
+}

@@ -1,0 +1,64 @@
+//! Relation-based distillation: RKD distance and angle terms (Park et al. 2019) on embeddings and
+//! similarity-preserving KD (Tung & Mori 2019) on batch Gram matrices.
+use candle_core::{Result, Tensor, D};
+
+/// Huber loss with δ = 1 (PyTorch's `smooth_l1_loss`), mean over elements.
+pub fn smooth_l1(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let d = (a - b)?.abs()?;
+    let quad = (d.sqr()? * 0.5)?;
+    let lin = (&d - 0.5)?;
+    d.lt(1.0)?.where_cond(&quad, &lin)?.mean_all()
+}
+
+/// Pairwise Euclidean distances (B, B) of embeddings (B, D).
+fn pairwise_distances(e: &Tensor) -> Result<Tensor> {
+    let sq = e.sqr()?.sum_keepdim(D::Minus1)?; // (B,1)
+    let prod = e.matmul(&e.t()?)?;
+    let d2 = (sq.broadcast_add(&sq.t()?)? - (prod * 2.0)?)?.clamp(1e-12, f64::MAX)?;
+    let b = e.dim(0)?;
+    // Zero the diagonal exactly (no √ of the clamp floor there).
+    let eye = Tensor::eye(b, e.dtype(), e.device())?;
+    d2.sqrt()? * (1.0 - eye)?
+}
+
+/// RKD distance term: distances normalised by their mean over distinct pairs, compared with
+/// smooth-L1; the teacher side is detached.
+pub fn rkd_distance_loss(student: &Tensor, teacher: &Tensor) -> Result<Tensor> {
+    let b = student.dim(0)?;
+    let pairs = (b * (b - 1)) as f64;
+    let norm = |d: Tensor| -> Result<Tensor> {
+        let mean = (d.sum_all()? / pairs)?;
+        d.broadcast_div(&mean)
+    };
+    let ds = norm(pairwise_distances(&student.flatten_from(1)?)?)?;
+    let dt = norm(pairwise_distances(&teacher.detach().flatten_from(1)?)?)?;
+    smooth_l1(&ds, &dt)
+}
+
+/// Cosines of the angles ∠(i, j, k) for every triplet: (B, B, B) of `e_ij · e_kj` with unit
+/// difference vectors.
+fn angles(e: &Tensor) -> Result<Tensor> {
+    let diff = e.unsqueeze(0)?.broadcast_sub(&e.unsqueeze(1)?)?; // [j, i] = e_i − e_j
+    let norm = diff.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
+    let unit = diff.broadcast_div(&norm)?; // (B, B, D)
+    unit.matmul(&unit.transpose(1, 2)?) // [j, i, k] = e_ij · e_kj
+}
+
+/// RKD angle term: smooth-L1 between the triplet angle cosines of student and teacher.
+pub fn rkd_angle_loss(student: &Tensor, teacher: &Tensor) -> Result<Tensor> {
+    smooth_l1(&angles(&student.flatten_from(1)?)?, &angles(&teacher.detach().flatten_from(1)?)?)
+}
+
+/// Row-normalised batch similarity `G = normalize(F Fᵀ)` of features flattened to (B, ·).
+pub fn similarity_matrix(f: &Tensor) -> Result<Tensor> {
+    let f = f.flatten_from(1)?;
+    let g = f.matmul(&f.t()?)?;
+    let norm = g.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
+    g.broadcast_div(&norm)
+}
+
+/// Similarity-preserving loss `‖G_s − G_t‖²_F / B²`.
+pub fn sp_loss(student: &Tensor, teacher: &Tensor) -> Result<Tensor> {
+    let b = student.dim(0)? as f64;
+    (similarity_matrix(student)? - similarity_matrix(&teacher.detach())?)?.sqr()?.sum_all()? / (b * b)
+}
