@@ -30,7 +30,7 @@ pub fn hint_loss(student: &Tensor, teacher: &Tensor) -> Result<Tensor> {
 /// L2-normalised per sample → (N, H·W).
 pub fn attention_map(f: &Tensor) -> Result<Tensor> {
     let a = f.sqr()?.mean(1)?.flatten_from(1)?;
-    let norm = a.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
+    let norm = a.sqr()?.sum_keepdim(D::Minus1)?.clamp(1e-24, f64::MAX)?.sqrt()?;
     a.broadcast_div(&norm)
 }
 

@@ -1,5 +1,7 @@
 //! Relation-based distillation: RKD distance and angle terms (Park et al. 2019) on embeddings and
 //! similarity-preserving KD (Tung & Mori 2019) on batch Gram matrices.
+//! Norms clamp the squared value before the square root: `√` of an exact 0 has an infinite
+//! derivative, and candle turns 0·∞ into NaN gradients.
 use candle_core::{Result, Tensor, D};
 
 /// Huber loss with δ = 1 (PyTorch's `smooth_l1_loss`), mean over elements.
@@ -39,7 +41,7 @@ pub fn rkd_distance_loss(student: &Tensor, teacher: &Tensor) -> Result<Tensor> {
 /// difference vectors.
 fn angles(e: &Tensor) -> Result<Tensor> {
     let diff = e.unsqueeze(0)?.broadcast_sub(&e.unsqueeze(1)?)?; // [j, i] = e_i − e_j
-    let norm = diff.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
+    let norm = diff.sqr()?.sum_keepdim(D::Minus1)?.clamp(1e-24, f64::MAX)?.sqrt()?;
     let unit = diff.broadcast_div(&norm)?; // (B, B, D)
     unit.matmul(&unit.transpose(1, 2)?) // [j, i, k] = e_ij · e_kj
 }
@@ -53,7 +55,7 @@ pub fn rkd_angle_loss(student: &Tensor, teacher: &Tensor) -> Result<Tensor> {
 pub fn similarity_matrix(f: &Tensor) -> Result<Tensor> {
     let f = f.flatten_from(1)?;
     let g = f.matmul(&f.t()?)?;
-    let norm = g.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
+    let norm = g.sqr()?.sum_keepdim(D::Minus1)?.clamp(1e-24, f64::MAX)?.sqrt()?;
     g.broadcast_div(&norm)
 }
 

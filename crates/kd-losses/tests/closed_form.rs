@@ -107,3 +107,28 @@ fn sp_loss_by_hand() {
     close(scalar(kd_losses::sp_loss(&orth, &same).unwrap()), expect, 1e-6);
     close(scalar(kd_losses::sp_loss(&orth, &orth).unwrap()), 0.0, 1e-7);
 }
+
+#[test]
+fn gradients_stay_finite_on_degenerate_batches() {
+    // Duplicate embeddings (zero distances, zero difference vectors) and all-zero feature maps:
+    // every relation and attention loss must give finite gradients, not NaN.
+    let e = Var::new(&[[1.0f32, 2.0], [1.0, 2.0], [0.0, 0.0]], &Device::Cpu).unwrap();
+    let t = Tensor::new(&[[0.5f32, 0.1], [0.2, 0.9], [0.3, 0.3]], &Device::Cpu).unwrap();
+    let f = Var::zeros((2, 3, 4, 4), candle_core::DType::F32, &Device::Cpu).unwrap();
+    let ft = Tensor::ones((2, 3, 4, 4), candle_core::DType::F32, &Device::Cpu).unwrap();
+    let losses = [
+        kd_losses::rkd_distance_loss(e.as_tensor(), &t).unwrap(),
+        kd_losses::rkd_angle_loss(e.as_tensor(), &t).unwrap(),
+        kd_losses::sp_loss(f.as_tensor(), &ft).unwrap(),
+        kd_losses::attention_loss(f.as_tensor(), &ft).unwrap(),
+    ];
+    for (i, l) in losses.iter().enumerate() {
+        let g = l.backward().unwrap();
+        for v in [e.as_tensor(), f.as_tensor()] {
+            if let Some(g) = g.get(v) {
+                let s = g.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+                assert!(s.is_finite(), "loss {i}: gradient {s}");
+            }
+        }
+    }
+}

@@ -9,11 +9,13 @@
 #![warn(missing_docs)]
 
 pub mod adamw;
+pub mod clip;
 pub mod optimizer;
 pub mod schedule;
 pub mod sgd;
 
 pub use adamw::{AdamW, AdamWConfig};
+pub use clip::clip_grad_norm;
 pub use optimizer::{Optimizer, OptimizerConfig};
 pub use schedule::Schedule;
 pub use sgd::{Sgd, SgdConfig};

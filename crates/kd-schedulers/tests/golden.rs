@@ -103,3 +103,18 @@ fn adamw_by_hand() {
     }
     assert_eq!(p.as_tensor().to_vec1::<f32>().unwrap(), q.as_tensor().to_vec1::<f32>().unwrap());
 }
+
+#[test]
+fn clipping_scales_to_the_max_norm() {
+    let a = Var::new(&[3.0f32], &Device::Cpu).unwrap();
+    let b = Var::new(&[4.0f32], &Device::Cpu).unwrap();
+    let vars = vec![("a".to_string(), a.clone()), ("b".to_string(), b.clone())];
+    // loss = 3a + 4b → gradients (3, 4), norm 5.
+    let loss = ((a.as_tensor() * 3.0).unwrap() + (b.as_tensor() * 4.0).unwrap()).unwrap().sum_all().unwrap();
+    let mut g = loss.backward().unwrap();
+    let norm = kd_schedulers::clip_grad_norm(&mut g, &vars, 1.0).unwrap();
+    assert!((norm - 5.0).abs() < 1e-6);
+    let ga = g.get(a.as_tensor()).unwrap().to_vec1::<f32>().unwrap()[0];
+    let gb = g.get(b.as_tensor()).unwrap().to_vec1::<f32>().unwrap()[0];
+    assert!((ga - 0.6).abs() < 1e-5 && (gb - 0.8).abs() < 1e-5, "{ga} {gb}");
+}

@@ -2,12 +2,14 @@
 //! (metrics, checkpoints, exact resume at epoch boundaries).
 #![warn(missing_docs)]
 
+pub mod distill;
 mod error;
 pub mod evaluate;
 pub mod metrics;
 pub mod trainer;
 
+pub use distill::{build_student, CrossEntropy, Distiller, LossTerms, MethodConfig, StepContext};
 pub use error::{Result, TrainError};
 pub use evaluate::{evaluate, EvalReport};
 pub use metrics::Accuracy;
-pub use trainer::{export, latest_checkpoint, train, EpochMetrics, RunOptions, Summary, TrainConfig};
+pub use trainer::{export, latest_checkpoint, train, EpochMetrics, RunOptions, Student, Summary, TrainConfig};

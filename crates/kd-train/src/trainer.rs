@@ -5,7 +5,7 @@
 //! Resuming is exact at epoch boundaries: every random stream is keyed by (seed, epoch), the
 //! schedule is a pure function of the step, and the checkpoint holds weights, BN statistics and
 //! momentum buffers.
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -13,7 +13,10 @@ use std::time::Instant;
 use candle_core::{Tensor, Var};
 use candle_nn::VarMap;
 use kd_data::Loader;
-use kd_models::{save_varmap, ResNet, TeacherMeta};
+use kd_data::Normalize;
+use kd_models::{save_varmap, ResNet, Teacher, TeacherMeta};
+
+use crate::distill::{Distiller, StepContext};
 use kd_schedulers::{Optimizer, OptimizerConfig, Schedule};
 use serde::{Deserialize, Serialize};
 
@@ -35,6 +38,9 @@ pub struct TrainConfig {
     pub optimizer: OptimizerConfig,
     /// Label smoothing ε of the cross-entropy.
     pub label_smoothing: f64,
+    /// Clip the global gradient norm to this value (none by default).
+    #[serde(default)]
+    pub clip_grad: Option<f64>,
     /// Checkpoint folders kept (the newest; at least 1).
     #[serde(default = "one")]
     pub keep_last: usize,
@@ -65,6 +71,10 @@ pub struct EpochMetrics {
     pub seconds: f64,
     /// Training images per second.
     pub images_per_sec: f64,
+    /// Seconds of the epoch spent in the teacher's forward pass (0 without a teacher).
+    pub teacher_seconds: f64,
+    /// Mean of each named loss term over the epoch (`loss_ce`, `loss_kd`, …).
+    pub losses: BTreeMap<String, f64>,
 }
 
 /// What a finished run reports in `summary.json`.
@@ -82,6 +92,12 @@ pub struct Summary {
     pub last_top1: f64,
     /// Training time summed over epochs (s).
     pub train_seconds: f64,
+    /// Of which in the teacher's forward pass (s).
+    pub teacher_seconds: f64,
+    /// Parameters of the frozen teacher (0 without one).
+    pub teacher_params: usize,
+    /// The method's name.
+    pub method: String,
 }
 
 /// Where a run is and what it needs to continue.
@@ -92,6 +108,8 @@ struct Progress {
     best_top1: f64,
     best_epoch: usize,
     train_seconds: f64,
+    #[serde(default)]
+    teacher_seconds: f64,
 }
 
 const CKPT_WEIGHTS: &str = "weights.safetensors";
@@ -155,10 +173,34 @@ pub struct RunOptions {
     pub stop_after: Option<usize>,
 }
 
-/// Trains `model` (its variables in `vars`) and writes the run into `run_dir`.
-/// Returns `None` when stopped early by [`RunOptions::stop_after`].
+/// The student, its variables (including a method's trainable parts) and its export metadata.
+pub struct Student<'a> {
+    /// The network.
+    pub model: &'a ResNet,
+    /// Its variables (backbone, auxiliary heads, `distill.*` parts of the method).
+    pub vars: &'a VarMap,
+    /// What the exported weights' sidecar says (architecture, normalisation).
+    pub meta: &'a TeacherMeta,
+}
+
+/// The teacher's input from the student's: undo the student's normalisation, apply the teacher's.
+fn renormalize(x: &Tensor, from: &Normalize, to: &Normalize) -> candle_core::Result<Tensor> {
+    if from == to {
+        return Ok(x.clone());
+    }
+    let dev = x.device();
+    let c = |v: [f32; 3]| Tensor::new(&v, dev).and_then(|t| t.reshape((1, 3, 1, 1)));
+    let scale: Vec<f32> = (0..3).map(|i| from.std[i] / to.std[i]).collect();
+    let shift: Vec<f32> = (0..3).map(|i| (from.mean[i] - to.mean[i]) / to.std[i]).collect();
+    x.broadcast_mul(&c([scale[0], scale[1], scale[2]])?)?.broadcast_add(&c([shift[0], shift[1], shift[2]])?)
+}
+
+/// Trains the student with `method` (and the frozen `teacher`, if any) and writes the run into
+/// `run_dir`. Returns `None` when stopped early by [`RunOptions::stop_after`].
 #[allow(clippy::too_many_arguments)]
-pub fn train(model: &ResNet, vars: &VarMap, meta: &TeacherMeta, train: &Loader, test: &Loader, cfg: &TrainConfig, run_dir: &Path, run: RunOptions) -> Result<Option<Summary>> {
+pub fn train(student: Student, method: &dyn Distiller, teacher: Option<&Teacher>, train: &Loader, test: &Loader, cfg: &TrainConfig, run_dir: &Path, run: RunOptions) -> Result<Option<Summary>> {
+    let Student { model, vars, meta } = student;
+    let student_norm = train.config().normalize;
     let resume = run.resume;
     let num_classes = model.config().num_classes;
     std::fs::create_dir_all(run_dir).map_err(io(run_dir))?;
@@ -168,8 +210,8 @@ pub fn train(model: &ResNet, vars: &VarMap, meta: &TeacherMeta, train: &Loader, 
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
     };
-    let mut opt = Optimizer::new(&cfg.optimizer, named);
-    let mut progress = Progress { epochs_done: 0, step: 0, best_top1: f64::NEG_INFINITY, best_epoch: 0, train_seconds: 0.0 };
+    let mut opt = Optimizer::new(&cfg.optimizer, named.clone());
+    let mut progress = Progress { epochs_done: 0, step: 0, best_top1: f64::NEG_INFINITY, best_epoch: 0, train_seconds: 0.0, teacher_seconds: 0.0 };
     if resume {
         let ckpt = latest_checkpoint(run_dir)?;
         let state = ckpt.join(CKPT_STATE);
@@ -185,7 +227,7 @@ pub fn train(model: &ResNet, vars: &VarMap, meta: &TeacherMeta, train: &Loader, 
     let csv = run_dir.join("metrics.csv");
     if !resume {
         std::fs::write(&jsonl, "").map_err(io(&jsonl))?;
-        std::fs::write(&csv, "epoch,lr,train_loss,train_acc,test_loss,test_top1,test_top5,seconds,images_per_sec\n").map_err(io(&csv))?;
+        std::fs::write(&csv, "").map_err(io(&csv))?;
     }
     if resume {
         // Rows written after the checkpoint (a crash between the two) are dropped.
@@ -200,20 +242,45 @@ pub fn train(model: &ResNet, vars: &VarMap, meta: &TeacherMeta, train: &Loader, 
         let t = Instant::now();
         let mut acc = Accuracy::new(num_classes);
         let mut lr = cfg.lr;
+        let mut teacher_seconds = 0.0;
+        let mut term_sums: BTreeMap<String, f64> = BTreeMap::new();
+        let mut steps = 0usize;
         let bar = epoch_bar(epoch, cfg.epochs, steps_per_epoch);
         for (i, batch) in train.epoch(epoch as u64, 0).enumerate() {
             let batch = batch?;
             lr = cfg.schedule.lr(cfg.lr, progress.step, total);
-            let out = model.forward_t(&batch.images, true)?;
-            let loss = match &batch.mix {
-                Some((labels_b, lambda)) => kd_losses::mixed_cross_entropy(&out.logits, &batch.labels, labels_b, *lambda as f64, cfg.label_smoothing)?,
-                None => kd_losses::cross_entropy(&out.logits, &batch.labels, cfg.label_smoothing)?,
+            let teacher_out = match teacher {
+                Some(t) => {
+                    let tt = Instant::now();
+                    let x = renormalize(&batch.images, &student_norm, &Normalize { mean: t.meta().mean, std: t.meta().std })?;
+                    let o = t.forward(&x)?;
+                    // Synchronise so the time is the teacher's, not queued work (a no-op on the CPU).
+                    o.logits.device().synchronize()?;
+                    teacher_seconds += tt.elapsed().as_secs_f64();
+                    Some(o)
+                }
+                None => None,
             };
+            let out = model.forward_t(&batch.images, true)?;
+            let ctx = StepContext { epoch, step: progress.step, total_steps: total };
+            let terms = method.loss(&ctx, &batch, &out, teacher_out.as_ref())?;
+            let loss = terms.total()?;
             let value = loss.to_scalar::<f32>()?;
             if !value.is_finite() {
                 return Err(TrainError::NonFinite { epoch, step: i, value });
             }
-            opt.step(&loss.backward()?, lr)?;
+            for (name, t) in &terms.terms {
+                *term_sums.entry(name.clone()).or_default() += t.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+            }
+            steps += 1;
+            let mut grads = loss.backward()?;
+            if let Some(max) = cfg.clip_grad {
+                let norm = kd_schedulers::clip_grad_norm(&mut grads, &named, max)?;
+                if !norm.is_finite() {
+                    return Err(TrainError::NonFinite { epoch, step: i, value: norm as f32 });
+                }
+            }
+            opt.step(&grads, lr)?;
             acc.update(&out.logits.detach(), &batch.labels, Some(value as f64))?;
             progress.step += 1;
             bar.set_message(format!("loss {:.4} lr {lr:.4}", acc.mean_loss()));
@@ -222,6 +289,7 @@ pub fn train(model: &ResNet, vars: &VarMap, meta: &TeacherMeta, train: &Loader, 
         bar.finish_and_clear();
         let seconds = t.elapsed().as_secs_f64();
         progress.train_seconds += seconds;
+        progress.teacher_seconds += teacher_seconds;
         let report = evaluate(test, num_classes, |x| model.forward_t(x, false))?;
         let row = EpochMetrics {
             epoch: epoch + 1,
@@ -233,14 +301,21 @@ pub fn train(model: &ResNet, vars: &VarMap, meta: &TeacherMeta, train: &Loader, 
             test_top5: report.acc.top5_pct(),
             seconds,
             images_per_sec: acc.total as f64 / seconds.max(1e-9),
+            teacher_seconds,
+            losses: term_sums.into_iter().map(|(k, v)| (k, v / steps.max(1) as f64)).collect(),
         };
         last_top1 = row.test_top1;
         append(&jsonl, &format!("{}\n", serde_json::to_string(&row).expect("row serialises")))?;
+        if std::fs::metadata(&csv).map(|m| m.len()).unwrap_or(0) == 0 {
+            let names: Vec<&str> = row.losses.keys().map(String::as_str).collect();
+            append(&csv, &format!("epoch,lr,train_loss,train_acc,test_loss,test_top1,test_top5,seconds,images_per_sec,teacher_seconds,{}\n", names.join(",")))?;
+        }
+        let terms: Vec<String> = row.losses.values().map(|v| format!("{v:.6}")).collect();
         append(
             &csv,
             &format!(
-                "{},{:.6},{:.6},{:.4},{:.6},{:.4},{:.4},{:.3},{:.1}\n",
-                row.epoch, row.lr, row.train_loss, row.train_acc, row.test_loss, row.test_top1, row.test_top5, row.seconds, row.images_per_sec
+                "{},{:.6},{:.6},{:.4},{:.6},{:.4},{:.4},{:.3},{:.1},{:.3},{}\n",
+                row.epoch, row.lr, row.train_loss, row.train_acc, row.test_loss, row.test_top1, row.test_top5, row.seconds, row.images_per_sec, row.teacher_seconds, terms.join(",")
             ),
         )?;
         tracing::info!(
@@ -256,13 +331,17 @@ pub fn train(model: &ResNet, vars: &VarMap, meta: &TeacherMeta, train: &Loader, 
         save_checkpoint(run_dir, vars, &opt, &progress, cfg.keep_last)?;
     }
     export(vars, meta, &run_dir.join("model.safetensors"))?;
+    let trainable_params: usize = vars.data().lock().expect("var map lock").iter().filter(|(k, _)| !k.contains("running_")).map(|(_, v)| v.elem_count()).sum();
     let summary = Summary {
-        trainable_params: model.num_params(),
+        trainable_params,
         deploy_params: model.num_backbone_params(),
         best_top1: progress.best_top1,
         best_epoch: progress.best_epoch,
         last_top1,
         train_seconds: progress.train_seconds,
+        teacher_seconds: progress.teacher_seconds,
+        teacher_params: teacher.map_or(0, |t| t.model().num_backbone_params()),
+        method: method.name().to_string(),
     };
     write_atomic(&run_dir.join("summary.json"), serde_json::to_string_pretty(&summary).expect("summary serialises").as_bytes())?;
     Ok(Some(summary))
@@ -289,12 +368,15 @@ fn append(path: &Path, line: &str) -> Result<()> {
     f.write_all(line.as_bytes()).map_err(io(path))
 }
 
-/// Writes the deployable weights (backbone and BN statistics, no auxiliary heads) with a sidecar
+/// Writes the deployable weights (backbone and BN statistics; no auxiliary heads, no method parts) with a sidecar
 /// so `kd-runner eval` and the teacher loader read them.
 pub fn export(vars: &VarMap, meta: &TeacherMeta, path: &Path) -> Result<PathBuf> {
     let data = vars.data().lock().expect("var map lock");
-    let tensors: HashMap<String, Tensor> =
-        data.iter().filter(|(k, _)| !k.starts_with("aux_heads.")).map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
+    let tensors: HashMap<String, Tensor> = data
+        .iter()
+        .filter(|(k, _)| !k.starts_with("aux_heads.") && !k.starts_with("distill."))
+        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+        .collect();
     drop(data);
     kd_models::checkpoint::save_tensors(&tensors, path)?;
     write_atomic(&TeacherMeta::sidecar(path), serde_json::to_string_pretty(meta).expect("meta serialises").as_bytes())?;

@@ -6,7 +6,7 @@ use candle_core::Device;
 use kd_data::{Augment, Loader, LoaderConfig, Normalize, Split};
 use kd_models::{trainable_resnet, Arch, ResNetConfig, Stem, TeacherMeta};
 use kd_schedulers::{OptimizerConfig, Schedule, SgdConfig};
-use kd_train::{train, RunOptions, TrainConfig, TrainError};
+use kd_train::{train, MethodConfig, RunOptions, Student, TrainConfig, TrainError};
 
 /// Four classes: the image is bright in one quadrant, plus noise.
 fn quadrants(n: usize, seed: u64) -> Split {
@@ -56,8 +56,12 @@ fn setup_with(init_seed: u64, data_seed: u64) -> (kd_models::ResNet, candle_nn::
     (model, vm, meta, train_l, test_l)
 }
 
+fn baseline() -> Box<dyn kd_train::Distiller> {
+    Box::new(kd_train::CrossEntropy { smoothing: 0.0 })
+}
+
 fn config(epochs: usize, lr: f64) -> TrainConfig {
-    TrainConfig { epochs, lr, schedule: Schedule::WarmupCosine { warmup_steps: 2, final_lr: 0.0 }, optimizer: OptimizerConfig::Sgd(SgdConfig::default()), label_smoothing: 0.0, keep_last: 2 }
+    TrainConfig { epochs, lr, schedule: Schedule::WarmupCosine { warmup_steps: 2, final_lr: 0.0 }, optimizer: OptimizerConfig::Sgd(SgdConfig::default()), label_smoothing: 0.0, clip_grad: None, keep_last: 2 }
 }
 
 fn weights(vm: &candle_nn::VarMap) -> Vec<(String, Vec<f32>)> {
@@ -71,7 +75,7 @@ fn weights(vm: &candle_nn::VarMap) -> Vec<(String, Vec<f32>)> {
 fn learns_the_synthetic_task() {
     let (model, vm, meta, tr, te) = setup(0);
     let dir = tempfile::tempdir().unwrap();
-    let s = train(&model, &vm, &meta, &tr, &te, &config(6, 0.05), dir.path(), RunOptions::default()).unwrap().unwrap();
+    let s = train(Student { model: &model, vars: &vm, meta: &meta }, &*baseline(), None, &tr, &te, &config(6, 0.05), dir.path(), RunOptions::default()).unwrap().unwrap();
     let rows: Vec<kd_train::EpochMetrics> =
         std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(rows.len(), 6);
@@ -95,16 +99,16 @@ fn learns_the_synthetic_task() {
 fn resume_is_bit_identical() {
     let (model, vm, meta, tr, te) = setup(3);
     let full = tempfile::tempdir().unwrap();
-    train(&model, &vm, &meta, &tr, &te, &config(3, 0.05), full.path(), RunOptions::default()).unwrap();
+    train(Student { model: &model, vars: &vm, meta: &meta }, &*baseline(), None, &tr, &te, &config(3, 0.05), full.path(), RunOptions::default()).unwrap();
     let uninterrupted = weights(&vm);
 
     let (model, vm, meta, tr, te) = setup(3);
     let dir = tempfile::tempdir().unwrap();
-    let stopped = train(&model, &vm, &meta, &tr, &te, &config(3, 0.05), dir.path(), RunOptions { resume: false, stop_after: Some(2) }).unwrap();
+    let stopped = train(Student { model: &model, vars: &vm, meta: &meta }, &*baseline(), None, &tr, &te, &config(3, 0.05), dir.path(), RunOptions { resume: false, stop_after: Some(2) }).unwrap();
     assert!(stopped.is_none());
     // A fresh process: a differently initialised model, everything restored from the checkpoint.
     let (model, vm, meta, tr, te) = setup_with(99, 3);
-    train(&model, &vm, &meta, &tr, &te, &config(3, 0.05), dir.path(), RunOptions { resume: true, stop_after: None }).unwrap();
+    train(Student { model: &model, vars: &vm, meta: &meta }, &*baseline(), None, &tr, &te, &config(3, 0.05), dir.path(), RunOptions { resume: true, stop_after: None }).unwrap();
     let resumed = weights(&vm);
     let differing: Vec<&String> = resumed.iter().zip(&uninterrupted).filter(|(a, b)| a != b).map(|(a, _)| &a.0).collect();
     assert!(differing.is_empty(), "weights differ after resume: {differing:?}");
@@ -118,7 +122,7 @@ fn resume_is_bit_identical() {
 fn non_finite_loss_stops_with_epoch_and_step() {
     let (model, vm, meta, tr, te) = setup(1);
     let dir = tempfile::tempdir().unwrap();
-    let err = train(&model, &vm, &meta, &tr, &te, &config(3, 1e30), dir.path(), RunOptions::default()).unwrap_err();
+    let err = train(Student { model: &model, vars: &vm, meta: &meta }, &*baseline(), None, &tr, &te, &config(3, 1e30), dir.path(), RunOptions::default()).unwrap_err();
     assert!(matches!(err, TrainError::NonFinite { .. }), "{err}");
     assert!(err.to_string().contains("epoch") && err.to_string().contains("step"));
 }

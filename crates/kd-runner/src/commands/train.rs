@@ -41,6 +41,9 @@ pub struct TrainArgs {
     /// Weight decay.
     #[arg(long, default_value_t = 5e-4)]
     pub weight_decay: f64,
+    /// Clip the global gradient norm to this value.
+    #[arg(long)]
+    pub clip_grad: Option<f64>,
     /// Label smoothing.
     #[arg(long, default_value_t = 0.0)]
     pub label_smoothing: f64,
@@ -114,6 +117,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
         schedule: Schedule::WarmupCosine { warmup_steps: args.warmup_epochs * train.num_batches(), final_lr: 0.0 },
         optimizer: OptimizerConfig::Sgd(SgdConfig { weight_decay: args.weight_decay, ..SgdConfig::default() }),
         label_smoothing: args.label_smoothing,
+        clip_grad: args.clip_grad,
         keep_last: 2,
     };
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;

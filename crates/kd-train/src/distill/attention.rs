@@ -1,0 +1,39 @@
+//! Attention transfer (Zagoruyko & Komodakis 2017, "Paying More Attention to Attention"):
+//! CE + β/2 · Σ over stages 1–4 of the attention-map loss (p = 2), maps aligned spatially.
+use candle_core::Result;
+use kd_data::Batch;
+use kd_models::ModelOutput;
+
+use super::none::CrossEntropy;
+use super::{Distiller, LossTerms, StepContext};
+
+/// Attention transfer.
+#[derive(Clone, Copy, Debug)]
+pub struct Attention {
+    /// The supervised term.
+    pub ce: CrossEntropy,
+    /// β.
+    pub weight: f64,
+}
+
+impl Distiller for Attention {
+    fn name(&self) -> &'static str {
+        "at"
+    }
+
+    fn loss(&self, _: &StepContext, batch: &Batch, student: &ModelOutput, teacher: Option<&ModelOutput>) -> Result<LossTerms> {
+        let teacher = teacher.ok_or_else(|| candle_core::Error::Msg("at needs teacher outputs".into()))?;
+        let mut at = None;
+        for i in 1..student.feats.len() {
+            let l = kd_losses::attention_loss(&student.feats[i], &teacher.feats[i])?;
+            at = Some(match at {
+                None => l,
+                Some(a) => (a + l)?,
+            });
+        }
+        let mut t = LossTerms::default();
+        t.push("loss_ce", self.ce.of(&student.logits, batch)?);
+        t.push("loss_at", (at.expect("four stages") * (self.weight / 2.0))?);
+        Ok(t)
+    }
+}

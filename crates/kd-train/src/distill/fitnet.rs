@@ -1,0 +1,48 @@
+//! FitNets (Romero et al. 2015, "FitNets: Hints for Thin Deep Nets"): a learnable 1×1 conv + BN
+//! regressor maps a student stage onto the matching teacher stage; MSE after average-pooling the
+//! larger map to the smaller one's resolution (stems differ: 32/16/8/4 px vs 16/8/4/2 px).
+use candle_core::{Module, Result};
+use candle_nn::{Conv2d, VarBuilder};
+use kd_data::Batch;
+use kd_models::{batch_norm2d, BatchNorm2d, ModelOutput, ResNet};
+
+use super::none::CrossEntropy;
+use super::{Distiller, LossTerms, StepContext};
+
+/// FitNets hint on one stage.
+pub struct FitNet {
+    ce: CrossEntropy,
+    stage: usize,
+    weight: f64,
+    conv: Conv2d,
+    bn: BatchNorm2d,
+}
+
+impl FitNet {
+    /// A regressor from the student's `stage` channels to the teacher's.
+    pub fn new(ce: CrossEntropy, student: &ResNet, teacher: &ResNet, stage: usize, weight: f64, vb: VarBuilder) -> Result<Self> {
+        let (s, t) = (student.feature_info(), teacher.feature_info());
+        if stage >= s.len() {
+            candle_core::bail!("fitnet stage {stage}: the models have features 0..{}", s.len() - 1);
+        }
+        let conv = candle_nn::conv2d_no_bias(s[stage].channels, t[stage].channels, 1, Default::default(), vb.pp("conv"))?;
+        let bn = batch_norm2d(t[stage].channels, vb.pp("bn"))?;
+        Ok(FitNet { ce, stage, weight, conv, bn })
+    }
+}
+
+impl Distiller for FitNet {
+    fn name(&self) -> &'static str {
+        "fitnet"
+    }
+
+    fn loss(&self, _: &StepContext, batch: &Batch, student: &ModelOutput, teacher: Option<&ModelOutput>) -> Result<LossTerms> {
+        let teacher = teacher.ok_or_else(|| candle_core::Error::Msg("fitnet needs teacher outputs".into()))?;
+        let mapped = self.bn.forward_t(&self.conv.forward(&student.feats[self.stage])?, true)?;
+        let (s, t) = kd_losses::align_spatial(&mapped, &teacher.feats[self.stage])?;
+        let mut terms = LossTerms::default();
+        terms.push("loss_ce", self.ce.of(&student.logits, batch)?);
+        terms.push("loss_hint", (kd_losses::hint_loss(&s, &t)? * self.weight)?);
+        Ok(terms)
+    }
+}

@@ -1,0 +1,221 @@
+//! Distillation methods behind one trait. A method receives the step context, the batch, the
+//! student's outputs and (for offline methods) the frozen teacher's, and returns named loss
+//! terms; extra trainable parts (a FitNets regressor) belong to the method and live in the
+//! student's variable map under `distill.`. Adding a method = one file + one enum arm.
+use candle_core::{Result, Tensor};
+use candle_nn::VarBuilder;
+use kd_data::Batch;
+use kd_models::{ModelOutput, ResNet, Teacher};
+use serde::{Deserialize, Serialize};
+
+mod attention;
+mod byot;
+mod fitnet;
+mod hinton;
+mod none;
+mod offline_self;
+mod rkd;
+mod sp;
+
+pub use none::CrossEntropy;
+
+/// Where in training a step is.
+#[derive(Clone, Copy, Debug)]
+pub struct StepContext {
+    /// Epoch (0-based).
+    pub epoch: usize,
+    /// Global step (0-based).
+    pub step: usize,
+    /// Steps in the whole run.
+    pub total_steps: usize,
+}
+
+/// Named, already weighted loss terms; the total is their sum.
+#[derive(Clone, Debug, Default)]
+pub struct LossTerms {
+    /// (name, weighted scalar loss).
+    pub terms: Vec<(String, Tensor)>,
+}
+
+impl LossTerms {
+    /// Adds a term.
+    pub fn push(&mut self, name: impl Into<String>, value: Tensor) {
+        self.terms.push((name.into(), value));
+    }
+
+    /// Appends another method's terms.
+    pub fn extend(&mut self, other: LossTerms) {
+        self.terms.extend(other.terms);
+    }
+
+    /// The sum of all terms.
+    pub fn total(&self) -> Result<Tensor> {
+        let mut it = self.terms.iter();
+        let first = it.next().map(|(_, t)| t.clone()).ok_or_else(|| candle_core::Error::Msg("a method returned no loss term".into()))?;
+        it.try_fold(first, |acc, (_, t)| acc + t)
+    }
+}
+
+/// One distillation method.
+pub trait Distiller {
+    /// Short name, as in configs.
+    fn name(&self) -> &'static str;
+
+    /// The loss of one step.
+    fn loss(&self, ctx: &StepContext, batch: &Batch, student: &ModelOutput, teacher: Option<&ModelOutput>) -> Result<LossTerms>;
+}
+
+/// The methods kd offers, with their hyper-parameters.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "method", deny_unknown_fields)]
+pub enum MethodConfig {
+    /// No distillation: cross-entropy only (the baseline).
+    None,
+    /// Hinton et al. 2015: `(1−α)·CE + α·T²·KL(teacher ‖ student)`.
+    Kd {
+        /// Weight of the KD term.
+        alpha: f64,
+        /// Temperature.
+        temperature: f64,
+    },
+    /// FitNets (Romero et al. 2015): CE + weight·MSE(regressor(student stage), teacher stage).
+    Fitnet {
+        /// Feature index (0 = stem, 1–4 = stages) hinted.
+        stage: usize,
+        /// Weight of the hint.
+        weight: f64,
+    },
+    /// Attention transfer (Zagoruyko & Komodakis 2017) on stages 1–4: CE + weight/2·Σ AT.
+    At {
+        /// Weight β (1000 in the paper).
+        weight: f64,
+    },
+    /// Relational KD (Park et al. 2019) on the pooled embeddings.
+    Rkd {
+        /// Weight of the distance term (25 in the paper).
+        distance_weight: f64,
+        /// Weight of the angle term (50 in the paper).
+        angle_weight: f64,
+    },
+    /// Similarity-preserving KD (Tung & Mori 2019) on the last stage.
+    Sp {
+        /// Weight γ (3000 in the paper).
+        weight: f64,
+    },
+    /// Be Your Own Teacher (Zhang et al. 2019): the deepest head teaches the auxiliary heads.
+    Byot {
+        /// Weight of KL(deepest ‖ head) against the head's CE.
+        alpha: f64,
+        /// Temperature.
+        temperature: f64,
+        /// Weight of the L2 hint from head features to the deepest features.
+        hint_weight: f64,
+    },
+    /// Offline + self: Hinton KD on the final head plus the BYOT terms.
+    KdByot {
+        /// KD weight on the final head.
+        alpha: f64,
+        /// KD temperature.
+        temperature: f64,
+        /// BYOT KL weight.
+        self_alpha: f64,
+        /// BYOT temperature.
+        self_temperature: f64,
+        /// BYOT hint weight.
+        hint_weight: f64,
+    },
+}
+
+impl MethodConfig {
+    /// Whether the method needs a frozen teacher.
+    pub fn needs_teacher(&self) -> bool {
+        matches!(self, MethodConfig::Kd { .. } | MethodConfig::Fitnet { .. } | MethodConfig::At { .. } | MethodConfig::Rkd { .. } | MethodConfig::Sp { .. } | MethodConfig::KdByot { .. })
+    }
+
+    /// Whether the student needs its auxiliary heads.
+    pub fn needs_aux_heads(&self) -> bool {
+        matches!(self, MethodConfig::Byot { .. } | MethodConfig::KdByot { .. })
+    }
+
+    /// The short name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            MethodConfig::None => "none",
+            MethodConfig::Kd { .. } => "kd",
+            MethodConfig::Fitnet { .. } => "fitnet",
+            MethodConfig::At { .. } => "at",
+            MethodConfig::Rkd { .. } => "rkd",
+            MethodConfig::Sp { .. } => "sp",
+            MethodConfig::Byot { .. } => "byot",
+            MethodConfig::KdByot { .. } => "kd_byot",
+        }
+    }
+
+    /// The defaults of a method named on the command line (papers' settings, the seed's KD).
+    pub fn preset(name: &str) -> Option<Self> {
+        Some(match name {
+            "none" => MethodConfig::None,
+            "kd" => MethodConfig::Kd { alpha: 0.9, temperature: 4.0 },
+            "fitnet" => MethodConfig::Fitnet { stage: 2, weight: 1.0 },
+            "at" => MethodConfig::At { weight: 1000.0 },
+            "rkd" => MethodConfig::Rkd { distance_weight: 25.0, angle_weight: 50.0 },
+            "sp" => MethodConfig::Sp { weight: 3000.0 },
+            "byot" => MethodConfig::Byot { alpha: 0.3, temperature: 3.0, hint_weight: 0.03 },
+            "kd_byot" => MethodConfig::KdByot { alpha: 0.9, temperature: 4.0, self_alpha: 0.3, self_temperature: 3.0, hint_weight: 0.03 },
+            _ => return None,
+        })
+    }
+
+    /// Every method name, for `--help` and `kd-runner list`.
+    pub const NAMES: [&'static str; 8] = ["none", "kd", "fitnet", "at", "rkd", "sp", "byot", "kd_byot"];
+
+    /// Builds the method for `student` (and `teacher`), creating its trainable parts under
+    /// `vb` (the student's variable builder, prefix `distill.`).
+    pub fn build(&self, student: &ResNet, teacher: Option<&Teacher>, vb: VarBuilder, label_smoothing: f64) -> Result<Box<dyn Distiller>> {
+        if self.needs_teacher() && teacher.is_none() {
+            candle_core::bail!("method {} needs a teacher (--teacher FILE)", self.name());
+        }
+        if self.needs_aux_heads() && !student.config().aux_heads {
+            candle_core::bail!("method {} needs a student built with auxiliary heads", self.name());
+        }
+        let ce = none::CrossEntropy { smoothing: label_smoothing };
+        Ok(match *self {
+            MethodConfig::None => Box::new(ce),
+            MethodConfig::Kd { alpha, temperature } => Box::new(hinton::Hinton { ce, alpha, temperature }),
+            MethodConfig::Fitnet { stage, weight } => {
+                let t = teacher.expect("checked above");
+                Box::new(fitnet::FitNet::new(ce, student, t.model(), stage, weight, vb.pp("distill").pp("fitnet"))?)
+            }
+            MethodConfig::At { weight } => Box::new(attention::Attention { ce, weight }),
+            MethodConfig::Rkd { distance_weight, angle_weight } => Box::new(rkd::Rkd { ce, distance_weight, angle_weight }),
+            MethodConfig::Sp { weight } => Box::new(sp::Sp { ce, weight }),
+            MethodConfig::Byot { alpha, temperature, hint_weight } => Box::new(byot::Byot { ce, alpha, temperature, hint_weight }),
+            MethodConfig::KdByot { alpha, temperature, self_alpha, self_temperature, hint_weight } => Box::new(offline_self::OfflineSelf {
+                kd: hinton::Hinton { ce, alpha, temperature },
+                byot: byot::Byot { ce, alpha: self_alpha, temperature: self_temperature, hint_weight },
+            }),
+        })
+    }
+}
+
+/// Builds the student for `method` (with auxiliary heads when the method needs them), the
+/// method's trainable parts in the same variable map, and initialises all of it from `seed`.
+pub fn build_student(
+    cfg: &kd_models::ResNetConfig,
+    method: &MethodConfig,
+    teacher: Option<&Teacher>,
+    device: &candle_core::Device,
+    seed: u64,
+    label_smoothing: f64,
+) -> Result<(ResNet, candle_nn::VarMap, Box<dyn Distiller>)> {
+    let mut cfg = cfg.clone();
+    cfg.aux_heads |= method.needs_aux_heads();
+    let vars = candle_nn::VarMap::new();
+    let vb = VarBuilder::from_varmap(&vars, candle_core::DType::F32, device);
+    let model = ResNet::new(&cfg, vb.clone())?;
+    let distiller = method.build(&model, teacher, vb, label_smoothing)?;
+    // One seeded pass over every variable, method parts included (candle's own initialisers
+    // draw from an unseeded generator).
+    kd_models::init::init_resnet(&vars, seed, cfg.zero_init_residual)?;
+    Ok((model, vars, distiller))
+}

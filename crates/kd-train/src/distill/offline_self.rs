@@ -1,0 +1,29 @@
+//! Offline + self distillation (the seed's "self teacher"): Hinton KD from a frozen teacher on
+//! the final head, plus the BYOT terms on the auxiliary heads.
+use candle_core::Result;
+use kd_data::Batch;
+use kd_models::ModelOutput;
+
+use super::byot::Byot;
+use super::hinton::Hinton;
+use super::{Distiller, LossTerms, StepContext};
+
+/// KD + BYOT.
+pub struct OfflineSelf {
+    /// The teacher's term on the final head (with its CE).
+    pub kd: Hinton,
+    /// The self-distillation terms.
+    pub byot: Byot,
+}
+
+impl Distiller for OfflineSelf {
+    fn name(&self) -> &'static str {
+        "kd_byot"
+    }
+
+    fn loss(&self, ctx: &StepContext, batch: &Batch, student: &ModelOutput, teacher: Option<&ModelOutput>) -> Result<LossTerms> {
+        let mut t = self.kd.loss(ctx, batch, student, teacher)?;
+        t.extend(self.byot.head_terms(batch, student)?);
+        Ok(t)
+    }
+}
