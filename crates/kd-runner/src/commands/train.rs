@@ -1,12 +1,13 @@
-//! `kd-runner train`: the baseline (no distillation) run.
+//! `kd-runner train`: train a student, without distillation (`--method none`, the baseline) or
+//! with one of the methods and a frozen teacher.
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use kd_data::{balanced_subset, Augment, DatasetSpec, Loader, LoaderConfig, Mix, SubsetSpec};
-use kd_models::{trainable_resnet, Arch, ResNetConfig, Stem, TeacherMeta};
+use kd_models::{Arch, ResNetConfig, Stem, Teacher, TeacherMeta};
 use kd_schedulers::{OptimizerConfig, Schedule, SgdConfig};
-use kd_train::{RunOptions, TrainConfig};
+use kd_train::{build_student, MethodConfig, RunOptions, Student, TrainConfig};
 
 /// Arguments of `train`.
 #[derive(Clone, Debug, clap::Args)]
@@ -17,6 +18,18 @@ pub struct TrainArgs {
     /// Data root (default: $KD_DATA_DIR or ./data).
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Distillation method: none, kd, fitnet, at, rkd, sp, byot, kd_byot (papers' default weights).
+    #[arg(long, default_value = "none", value_parser = clap::builder::PossibleValuesParser::new(MethodConfig::NAMES))]
+    pub method: String,
+    /// Frozen teacher: safetensors with its JSON sidecar (`cargo xtask fetch teacher-cifar10`, or a run's model.safetensors).
+    #[arg(long, value_name = "FILE")]
+    pub teacher: Option<PathBuf>,
+    /// KD weight α (kd, kd_byot).
+    #[arg(long)]
+    pub alpha: Option<f64>,
+    /// KD temperature T (kd, kd_byot).
+    #[arg(long)]
+    pub temperature: Option<f64>,
     /// Student architecture.
     #[arg(long, value_enum, default_value = "resnet18")]
     pub model: Arch,
@@ -94,9 +107,31 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
     let train = Loader::new(Arc::new(train_split), loader_cfg, device.clone())?;
     let test = Loader::new(Arc::new(ds.test), LoaderConfig::eval(256, norm), device.clone())?;
     let mcfg = ResNetConfig { base_width: args.width, ..ResNetConfig::new(args.model, args.stem, num_classes) };
-    let (model, vars) = trainable_resnet(&mcfg, &device, args.seed)?;
+    let mut method = MethodConfig::preset(&args.method).expect("clap checked the name");
+    if let MethodConfig::Kd { alpha, temperature } | MethodConfig::KdByot { alpha, temperature, .. } = &mut method {
+        *alpha = args.alpha.unwrap_or(*alpha);
+        *temperature = args.temperature.unwrap_or(*temperature);
+    } else if args.alpha.is_some() || args.temperature.is_some() {
+        bail!("--alpha and --temperature apply to kd and kd_byot, not {}", args.method);
+    }
+    let teacher = match (&args.teacher, method.needs_teacher()) {
+        (Some(p), true) => {
+            let t = Teacher::load(p, &device).with_context(|| format!("loading the teacher {}", p.display()))?;
+            if t.meta().num_classes != num_classes {
+                bail!("the teacher {} has {} classes, {} has {}", p.display(), t.meta().num_classes, ds.name, num_classes);
+            }
+            Some(t)
+        }
+        (None, true) => bail!(
+            "--method {} needs --teacher FILE: fetch one with `cargo xtask fetch teacher-cifar10` (data/teachers/cifar10-resnet50/teacher.safetensors) or train one with `kd-runner train`",
+            args.method
+        ),
+        (Some(_), false) => bail!("--method {} uses no teacher; drop --teacher", args.method),
+        (None, false) => None,
+    };
+    let (model, vars, distiller) = build_student(&mcfg, &method, teacher.as_ref(), &device, args.seed, args.label_smoothing)?;
     let run_dir = args.run_dir.clone().unwrap_or_else(|| {
-        PathBuf::from("runs").join(format!("{}-{}-{}-s{}", ds.name, args.model.name(), args.stem.name(), args.seed))
+        PathBuf::from("runs").join(format!("{}-{}-{}-{}-s{}", ds.name, args.method, args.model.name(), args.stem.name(), args.seed))
     });
     if !args.resume && run_dir.join("metrics.jsonl").exists() {
         bail!("{} already holds a run; pass --resume to continue it or choose another --run-dir", run_dir.display());
@@ -127,14 +162,17 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
         "subset": args.subset,
         "seed": args.seed,
         "device": args.device,
-        "model": &mcfg,
+        "model": model.config(),
+        "method": &method,
+        "teacher": args.teacher.as_ref().map(|p| p.display().to_string()),
         "loader": train.config(),
         "train": &cfg,
     });
     std::fs::write(run_dir.join("run.json"), serde_json::to_string_pretty(&resolved)?).with_context(|| format!("writing into {}", run_dir.display()))?;
     eprintln!(
-        "training {} ({} stem, width {}, {} params) on {} ({} train images, {} steps/epoch) for {} epochs on {:?} → {}",
+        "training {} with method {} ({} stem, width {}, {} model params) on {} ({} train images, {} steps/epoch) for {} epochs on {:?} → {}",
         args.model.name(),
+        args.method,
         args.stem.name(),
         args.width,
         model.num_params(),
@@ -145,15 +183,19 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
         device,
         run_dir.display()
     );
-    let summary = kd_train::train(&model, &vars, &meta, &train, &test, &cfg, &run_dir, RunOptions { resume: args.resume, stop_after: None })?
+    let student = Student { model: &model, vars: &vars, meta: &meta };
+    let summary = kd_train::train(student, &*distiller, teacher.as_ref(), &train, &test, &cfg, &run_dir, RunOptions { resume: args.resume, stop_after: None })?
         .expect("runs to the end without stop_after");
     println!(
-        "best test top-1 {:.2}% (epoch {}), last {:.2}%, {} trainable params, {:.1} s of training; results in {}",
+        "{}: best test top-1 {:.2}% (epoch {}), last {:.2}%, {} trainable / {} deployed params, {:.1} s of training ({:.1} s teacher); results in {}",
+        summary.method,
         summary.best_top1,
         summary.best_epoch,
         summary.last_top1,
         summary.trainable_params,
+        summary.deploy_params,
         summary.train_seconds,
+        summary.teacher_seconds,
         run_dir.display()
     );
     Ok(())
