@@ -84,3 +84,31 @@ fn cuda_in_a_cpu_build_says_how_to_build() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--features cuda"), "{err}");
 }
+
+#[test]
+fn train_refuses_to_overwrite_and_resumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_cifar10(tmp.path());
+    let run = tmp.path().join("run");
+    let base = |epochs: &str| {
+        let mut c = kd();
+        c.args(["train", "--dataset", "cifar10", "--width", "4", "--stem", "cifar-maxpool", "--batch-size", "25", "--lr", "0.01", "--epochs", epochs, "--data-dir"])
+            .arg(tmp.path());
+        c
+    };
+    let out = base("1").arg("--run-dir").arg(&run).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("best test top-1"));
+    for f in ["run.json", "metrics.jsonl", "metrics.csv", "summary.json", "model.safetensors", "model.json"] {
+        assert!(run.join(f).is_file(), "{f}");
+    }
+    let again = base("1").arg("--run-dir").arg(&run).output().unwrap();
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--resume"), "{}", String::from_utf8_lossy(&again.stderr));
+    let resumed = base("2").arg("--resume").arg(&run).output().unwrap();
+    assert!(resumed.status.success(), "{}", String::from_utf8_lossy(&resumed.stderr));
+    assert_eq!(std::fs::read_to_string(run.join("metrics.jsonl")).unwrap().lines().count(), 2);
+    // A method that needs a teacher says how to get one.
+    let no_teacher = base("1").args(["--method", "kd"]).arg("--run-dir").arg(tmp.path().join("kd")).output().unwrap();
+    assert!(String::from_utf8_lossy(&no_teacher.stderr).contains("--teacher FILE"));
+}

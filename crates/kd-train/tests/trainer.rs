@@ -6,7 +6,7 @@ use candle_core::Device;
 use kd_data::{Augment, Loader, LoaderConfig, Normalize, Split};
 use kd_models::{trainable_resnet, Arch, ResNetConfig, Stem, TeacherMeta};
 use kd_schedulers::{OptimizerConfig, Schedule, SgdConfig};
-use kd_train::{train, MethodConfig, RunOptions, Student, TrainConfig, TrainError};
+use kd_train::{train, RunOptions, Student, TrainConfig, TrainError};
 
 /// Four classes: the image is bright in one quadrant, plus noise.
 fn quadrants(n: usize, seed: u64) -> Split {

@@ -78,9 +78,9 @@ pub struct TrainArgs {
     /// Run directory (default: runs/<dataset>-<model>-<stem>-s<seed>).
     #[arg(long, value_name = "DIR")]
     pub run_dir: Option<PathBuf>,
-    /// Continue the run in --run-dir from its last checkpoint.
-    #[arg(long)]
-    pub resume: bool,
+    /// Continue the run in RUN_DIR from its last checkpoint (same settings as when it started).
+    #[arg(long, value_name = "RUN_DIR", conflicts_with = "run_dir")]
+    pub resume: Option<PathBuf>,
 }
 
 /// Runs the baseline training.
@@ -130,11 +130,15 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
         (None, false) => None,
     };
     let (model, vars, distiller) = build_student(&mcfg, &method, teacher.as_ref(), &device, args.seed, args.label_smoothing)?;
-    let run_dir = args.run_dir.clone().unwrap_or_else(|| {
+    let resume = args.resume.is_some();
+    let run_dir = args.resume.clone().or_else(|| args.run_dir.clone()).unwrap_or_else(|| {
         PathBuf::from("runs").join(format!("{}-{}-{}-{}-s{}", ds.name, args.method, args.model.name(), args.stem.name(), args.seed))
     });
-    if !args.resume && run_dir.join("metrics.jsonl").exists() {
-        bail!("{} already holds a run; pass --resume to continue it or choose another --run-dir", run_dir.display());
+    if !resume && run_dir.join("metrics.jsonl").exists() {
+        bail!("{} already holds a run; continue it with --resume {} or choose another --run-dir", run_dir.display(), run_dir.display());
+    }
+    if resume && !run_dir.join("checkpoint.latest").exists() {
+        bail!("{} holds no checkpoint to resume from", run_dir.display());
     }
     let meta = TeacherMeta {
         arch: args.model,
@@ -184,7 +188,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
         run_dir.display()
     );
     let student = Student { model: &model, vars: &vars, meta: &meta };
-    let summary = kd_train::train(student, &*distiller, teacher.as_ref(), &train, &test, &cfg, &run_dir, RunOptions { resume: args.resume, stop_after: None })?
+    let summary = kd_train::train(student, &*distiller, teacher.as_ref(), &train, &test, &cfg, &run_dir, RunOptions { resume, stop_after: None })?
         .expect("runs to the end without stop_after");
     println!(
         "{}: best test top-1 {:.2}% (epoch {}), last {:.2}%, {} trainable / {} deployed params, {:.1} s of training ({:.1} s teacher); results in {}",
