@@ -7,7 +7,12 @@ mod device;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "kd-runner", version, about = "Knowledge-distillation workbench on candle")]
+#[command(
+    name = "kd-runner",
+    version,
+    about = "Knowledge-distillation workbench on candle",
+    long_about = "Knowledge-distillation workbench on candle. With no command it runs the main job: install CIFAR-10 if missing and print its summary."
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Option<Cmd>,
@@ -21,7 +26,7 @@ enum Cmd {
     Data(commands::data::DataArgs),
     /// Test accuracy (top-1, top-5, per class) and throughput of saved weights.
     Eval(commands::eval::EvalArgs),
-    /// Train a model without distillation (the baseline), with metrics, checkpoints and resume.
+    /// Train a student, without distillation (the baseline) or with a method and a teacher; metrics, checkpoints, resume.
     Train(commands::train::TrainArgs),
 }
 
