@@ -102,7 +102,7 @@ impl Loader {
     }
 
     /// The device batches are placed on.
-    pub fn images_device(&self) -> Device {
+    pub fn device(&self) -> Device {
         self.device.clone()
     }
 

@@ -330,20 +330,12 @@ fn list_files(root: &Path) -> Result<Vec<(String, u64)>> {
     Ok(out)
 }
 
-/// Writes `bytes` to `path` through a temporary name in the same folder and a rename.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(FetchError::io(dir))?;
-    std::io::Write::write_all(&mut tmp, bytes).map_err(FetchError::io(path))?;
-    tmp.as_file().sync_all().map_err(FetchError::io(path))?;
-    // NamedTempFile is created 0600; an install marker is ordinary data.
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        tmp.as_file().set_permissions(std::fs::Permissions::from_mode(0o644)).map_err(FetchError::io(path))?;
-    }
-    tmp.persist(path).map_err(|e| FetchError::Io { path: path.into(), source: e.error })?;
-    Ok(())
+/// Writes `bytes` to `path` atomically ([`kd_models::write_atomic`]), as a fetch error.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    kd_models::write_atomic(path, bytes).map_err(|e| match e {
+        kd_models::ModelError::Io { path, source } => FetchError::Io { path, source },
+        other => FetchError::Model(other),
+    })
 }
 
 /// Moves `new` to `dest`; an existing `dest` is moved aside first and deleted only afterwards.

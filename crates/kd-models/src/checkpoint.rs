@@ -77,6 +77,23 @@ pub fn save_tensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()
     Ok(())
 }
 
+/// Writes `bytes` to `path` through a temporary file in the same folder, synced, then renamed:
+/// readers see the old file or the new one, never a partial one. Mode 0644 (a temporary file
+/// is created 0600; these are ordinary data files).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(ModelError::io(dir))?;
+    std::io::Write::write_all(&mut tmp, bytes).map_err(ModelError::io(path))?;
+    tmp.as_file().sync_all().map_err(ModelError::io(path))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        tmp.as_file().set_permissions(std::fs::Permissions::from_mode(0o644)).map_err(ModelError::io(path))?;
+    }
+    tmp.persist(path).map_err(|e| ModelError::Io { path: path.into(), source: e.error })?;
+    Ok(())
+}
+
 /// Loads `path` into the variables of `vm`, all or nothing.
 pub fn load_into(vm: &VarMap, path: &Path) -> Result<()> {
     let data = vm.data().lock().expect("var map lock");

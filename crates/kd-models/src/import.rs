@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
 
-use crate::checkpoint::{check_keys, expected_keys, save_tensors};
+use crate::checkpoint::{check_keys, expected_keys, save_tensors, write_atomic};
 use crate::registry::{Arch, ResNetConfig, Stem};
 use crate::{ModelError, Result};
 
@@ -152,9 +152,6 @@ fn convert(cleaned: HashMap<String, Tensor>, src: &Path, dst: &Path, cfg: &ResNe
         std::fs::create_dir_all(parent).map_err(ModelError::io(parent))?;
     }
     save_tensors(&tensors, dst)?;
-    let side = TeacherMeta::sidecar(dst);
-    let tmp = side.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_string_pretty(&meta).expect("meta serialises")).map_err(ModelError::io(&tmp))?;
-    std::fs::rename(&tmp, &side).map_err(ModelError::io(&side))?;
+    write_atomic(&TeacherMeta::sidecar(dst), serde_json::to_string_pretty(&meta).expect("meta serialises").as_bytes())?;
     Ok(meta)
 }

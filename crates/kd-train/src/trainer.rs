@@ -159,9 +159,7 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes).map_err(io(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io(path))
+    Ok(kd_models::write_atomic(path, bytes)?)
 }
 
 /// How a call to [`train`] runs.
@@ -218,7 +216,7 @@ pub fn train(student: Student, method: &dyn Distiller, teacher: Option<&Teacher>
         let text = std::fs::read_to_string(&state).map_err(io(&state))?;
         progress = serde_json::from_str(&text).map_err(|e| TrainError::Invalid(format!("{}: {e}", state.display())))?;
         kd_models::load_into(vars, &ckpt.join(CKPT_WEIGHTS))?;
-        let momentum = kd_models::checkpoint::read_safetensors(&ckpt.join(CKPT_OPTIM), &train.images_device())?;
+        let momentum = kd_models::checkpoint::read_safetensors(&ckpt.join(CKPT_OPTIM), &train.device())?;
         opt.load_state(momentum)?;
     }
     let steps_per_epoch = train.num_batches();
@@ -331,7 +329,7 @@ pub fn train(student: Student, method: &dyn Distiller, teacher: Option<&Teacher>
         save_checkpoint(run_dir, vars, &opt, &progress, cfg.keep_last)?;
     }
     export(vars, meta, &run_dir.join("model.safetensors"))?;
-    let trainable_params: usize = vars.data().lock().expect("var map lock").iter().filter(|(k, _)| !k.contains("running_")).map(|(_, v)| v.elem_count()).sum();
+    let trainable_params: usize = named.iter().map(|(_, v)| v.elem_count()).sum();
     let summary = Summary {
         trainable_params,
         deploy_params: model.num_backbone_params(),

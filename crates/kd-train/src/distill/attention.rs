@@ -22,7 +22,7 @@ impl Distiller for Attention {
     }
 
     fn loss(&self, _: &StepContext, batch: &Batch, student: &ModelOutput, teacher: Option<&ModelOutput>) -> Result<LossTerms> {
-        let teacher = teacher.ok_or_else(|| candle_core::Error::Msg("at needs teacher outputs".into()))?;
+        let teacher = super::teacher_outputs(self.name(), teacher)?;
         let mut at = None;
         for i in 1..student.feats.len() {
             let l = kd_losses::attention_loss(&student.feats[i], &teacher.feats[i])?;

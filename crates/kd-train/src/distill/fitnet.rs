@@ -37,7 +37,7 @@ impl Distiller for FitNet {
     }
 
     fn loss(&self, _: &StepContext, batch: &Batch, student: &ModelOutput, teacher: Option<&ModelOutput>) -> Result<LossTerms> {
-        let teacher = teacher.ok_or_else(|| candle_core::Error::Msg("fitnet needs teacher outputs".into()))?;
+        let teacher = super::teacher_outputs(self.name(), teacher)?;
         let mapped = self.bn.forward_t(&self.conv.forward(&student.feats[self.stage])?, true)?;
         let (s, t) = kd_losses::align_spatial(&mapped, &teacher.feats[self.stage])?;
         let mut terms = LossTerms::default();

@@ -24,7 +24,7 @@ impl Distiller for Hinton {
     }
 
     fn loss(&self, _: &StepContext, batch: &Batch, student: &ModelOutput, teacher: Option<&ModelOutput>) -> Result<LossTerms> {
-        let teacher = teacher.ok_or_else(|| candle_core::Error::Msg("kd needs teacher outputs".into()))?;
+        let teacher = super::teacher_outputs(self.name(), teacher)?;
         let mut t = LossTerms::default();
         t.push("loss_ce", (self.ce.of(&student.logits, batch)? * (1.0 - self.alpha))?);
         t.push("loss_kd", (kd_losses::kd_loss(&student.logits, &teacher.logits, self.temperature)? * self.alpha)?);

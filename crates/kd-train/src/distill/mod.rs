@@ -56,6 +56,11 @@ impl LossTerms {
     }
 }
 
+/// The teacher's outputs, or an error naming the method that needed them.
+fn teacher_outputs<'a>(method: &str, teacher: Option<&'a ModelOutput>) -> Result<&'a ModelOutput> {
+    teacher.ok_or_else(|| candle_core::Error::Msg(format!("{method} needs teacher outputs")))
+}
+
 /// One distillation method.
 pub trait Distiller {
     /// Short name, as in configs.

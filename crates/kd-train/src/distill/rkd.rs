@@ -24,7 +24,7 @@ impl Distiller for Rkd {
     }
 
     fn loss(&self, _: &StepContext, batch: &Batch, student: &ModelOutput, teacher: Option<&ModelOutput>) -> Result<LossTerms> {
-        let teacher = teacher.ok_or_else(|| candle_core::Error::Msg("rkd needs teacher outputs".into()))?;
+        let teacher = super::teacher_outputs(self.name(), teacher)?;
         let mut t = LossTerms::default();
         t.push("loss_ce", self.ce.of(&student.logits, batch)?);
         t.push("loss_rkd_distance", (kd_losses::rkd_distance_loss(&student.pooled, &teacher.pooled)? * self.distance_weight)?);

@@ -22,7 +22,7 @@ impl Distiller for Sp {
     }
 
     fn loss(&self, _: &StepContext, batch: &Batch, student: &ModelOutput, teacher: Option<&ModelOutput>) -> Result<LossTerms> {
-        let teacher = teacher.ok_or_else(|| candle_core::Error::Msg("sp needs teacher outputs".into()))?;
+        let teacher = super::teacher_outputs(self.name(), teacher)?;
         let last = student.feats.len() - 1;
         let mut t = LossTerms::default();
         t.push("loss_ce", self.ce.of(&student.logits, batch)?);
