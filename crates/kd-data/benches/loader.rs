@@ -17,16 +17,35 @@ fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("loader");
     g.throughput(Throughput::Elements(n as u64));
     g.sample_size(10);
-    let train = Loader::new(split.clone(), LoaderConfig::train(128, Normalize::CIFAR10, 0), candle_core::Device::Cpu).unwrap();
+    let train = Loader::new(
+        split.clone(),
+        LoaderConfig::train(128, Normalize::CIFAR10, 0),
+        candle_core::Device::Cpu,
+    )
+    .unwrap();
     g.bench_function("epoch_crop_flip_normalise_b128", |b| {
         let mut e = 0;
         b.iter(|| {
             e += 1;
-            train.epoch(e, 0).map(|b| b.unwrap().labels.dims()[0]).sum::<usize>()
+            train
+                .epoch(e, 0)
+                .map(|b| b.unwrap().labels.dims()[0])
+                .sum::<usize>()
         })
     });
-    let eval = Loader::new(split, LoaderConfig::eval(128, Normalize::CIFAR10), candle_core::Device::Cpu).unwrap();
-    g.bench_function("epoch_normalise_only_b128", |b| b.iter(|| eval.epoch(0, 0).map(|b| b.unwrap().labels.dims()[0]).sum::<usize>()));
+    let eval = Loader::new(
+        split,
+        LoaderConfig::eval(128, Normalize::CIFAR10),
+        candle_core::Device::Cpu,
+    )
+    .unwrap();
+    g.bench_function("epoch_normalise_only_b128", |b| {
+        b.iter(|| {
+            eval.epoch(0, 0)
+                .map(|b| b.unwrap().labels.dims()[0])
+                .sum::<usize>()
+        })
+    });
     g.finish();
 }
 

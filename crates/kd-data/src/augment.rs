@@ -22,18 +22,35 @@ pub struct Normalize {
 
 impl Normalize {
     /// CIFAR-10 constants used by the huyvnphan v3 teachers.
-    pub const CIFAR10: Normalize = Normalize { mean: [0.4914, 0.4822, 0.4465], std: [0.2471, 0.2435, 0.2616] };
+    pub const CIFAR10: Normalize = Normalize {
+        mean: [0.4914, 0.4822, 0.4465],
+        std: [0.2471, 0.2435, 0.2616],
+    };
     /// CIFAR-100 constants.
-    pub const CIFAR100: Normalize = Normalize { mean: [0.5071, 0.4865, 0.4409], std: [0.2673, 0.2564, 0.2762] };
+    pub const CIFAR100: Normalize = Normalize {
+        mean: [0.5071, 0.4865, 0.4409],
+        std: [0.2673, 0.2564, 0.2762],
+    };
     /// Scale to [0, 1] only.
-    pub const IDENTITY: Normalize = Normalize { mean: [0.0; 3], std: [1.0; 3] };
+    pub const IDENTITY: Normalize = Normalize {
+        mean: [0.0; 3],
+        std: [1.0; 3],
+    };
 
     /// Validates that every std is positive and finite.
     pub fn validate(&self) -> Result<()> {
-        if self.std.iter().all(|s| s.is_finite() && *s > 0.0) && self.mean.iter().all(|m| m.is_finite()) {
+        if self.std.iter().all(|s| s.is_finite() && *s > 0.0)
+            && self.mean.iter().all(|m| m.is_finite())
+        {
             Ok(())
         } else {
-            Err(DataError::Invalid { field: "normalize", message: format!("mean {:?} / std {:?}: std must be positive and finite", self.mean, self.std) })
+            Err(DataError::Invalid {
+                field: "normalize",
+                message: format!(
+                    "mean {:?} / std {:?}: std must be positive and finite",
+                    self.mean, self.std
+                ),
+            })
         }
     }
 }
@@ -49,17 +66,36 @@ pub struct Augment {
 
 impl Augment {
     /// The standard CIFAR recipe: pad 4, random 32×32 crop, random flip.
-    pub const STANDARD: Augment = Augment { crop_padding: 4, hflip: true };
+    pub const STANDARD: Augment = Augment {
+        crop_padding: 4,
+        hflip: true,
+    };
     /// No augmentation (normalisation only).
-    pub const NONE: Augment = Augment { crop_padding: 0, hflip: false };
+    pub const NONE: Augment = Augment {
+        crop_padding: 0,
+        hflip: false,
+    };
 
     /// Draws the crop offset and flip for one image.
     pub fn sample(&self, rng: &mut impl Rng) -> CropFlip {
         let span = 2 * self.crop_padding + 1;
-        let oy = if self.crop_padding > 0 { rng.gen_range(0..span) } else { 0 };
-        let ox = if self.crop_padding > 0 { rng.gen_range(0..span) } else { 0 };
+        let oy = if self.crop_padding > 0 {
+            rng.gen_range(0..span)
+        } else {
+            0
+        };
+        let ox = if self.crop_padding > 0 {
+            rng.gen_range(0..span)
+        } else {
+            0
+        };
         let flip = self.hflip && rng.gen_bool(0.5);
-        CropFlip { pad: self.crop_padding, oy, ox, flip }
+        CropFlip {
+            pad: self.crop_padding,
+            oy,
+            ox,
+            flip,
+        }
     }
 }
 
@@ -78,7 +114,12 @@ pub struct CropFlip {
 
 impl CropFlip {
     /// The identity transform.
-    pub const IDENTITY: CropFlip = CropFlip { pad: 0, oy: 0, ox: 0, flip: false };
+    pub const IDENTITY: CropFlip = CropFlip {
+        pad: 0,
+        oy: 0,
+        ox: 0,
+        flip: false,
+    };
 
     /// Source (row, column) for output (y, x), or `None` where the window sees padding.
     #[inline]
@@ -106,7 +147,14 @@ impl CropFlip {
 
     /// Applies the transform and normalisation in one pass, writing C×H×W `f32` into `out`.
     /// Padding is black (pixel value 0) before normalisation, as torchvision pads.
-    pub fn apply_normalized(&self, img: &[u8], h: usize, w: usize, norm: &Normalize, out: &mut [f32]) {
+    pub fn apply_normalized(
+        &self,
+        img: &[u8],
+        h: usize,
+        w: usize,
+        norm: &Normalize,
+        out: &mut [f32],
+    ) {
         for ch in 0..3 {
             let scale = 1.0 / (255.0 * norm.std[ch]);
             let shift = -norm.mean[ch] / norm.std[ch];
@@ -120,7 +168,9 @@ impl CropFlip {
             }
             for y in 0..h {
                 for x in 0..w {
-                    let v = self.source(y, x, h, w).map_or(0.0, |(sy, sx)| src[sy * w + sx] as f32);
+                    let v = self
+                        .source(y, x, h, w)
+                        .map_or(0.0, |(sy, sx)| src[sy * w + sx] as f32);
                     dst[y * w + x] = v * scale + shift;
                 }
             }
@@ -156,13 +206,23 @@ pub struct MixInfo {
 impl Mix {
     /// Mixes a batch of normalised images (B×C×H×W in `images`) in place, one λ per batch
     /// and a random pairing, as the reference implementations do.
-    pub fn apply(&self, images: &mut [f32], labels: &[u32], c: usize, h: usize, w: usize, rng: &mut impl Rng) -> Result<MixInfo> {
+    pub fn apply(
+        &self,
+        images: &mut [f32],
+        labels: &[u32],
+        c: usize,
+        h: usize,
+        w: usize,
+        rng: &mut impl Rng,
+    ) -> Result<MixInfo> {
         let b = labels.len();
         let alpha = match *self {
             Mix::Mixup { alpha } | Mix::Cutmix { alpha } => alpha,
         };
-        let beta = Beta::new(alpha, alpha)
-            .map_err(|e| DataError::Invalid { field: "mix.alpha", message: format!("{alpha}: {e}") })?;
+        let beta = Beta::new(alpha, alpha).map_err(|e| DataError::Invalid {
+            field: "mix.alpha",
+            message: format!("{alpha}: {e}"),
+        })?;
         let mut lambda: f32 = beta.sample(rng);
         let mut perm: Vec<usize> = (0..b).collect();
         rand::seq::SliceRandom::shuffle(perm.as_mut_slice(), rng);
@@ -173,7 +233,8 @@ impl Mix {
                 for i in 0..b {
                     let j = perm[i];
                     for k in 0..n {
-                        images[i * n + k] = lambda * src[i * n + k] + (1.0 - lambda) * src[j * n + k];
+                        images[i * n + k] =
+                            lambda * src[i * n + k] + (1.0 - lambda) * src[j * n + k];
                     }
                 }
             }
@@ -192,14 +253,18 @@ impl Mix {
                     for ch in 0..c {
                         for y in y0..y1 {
                             let row = (ch * h + y) * w;
-                            images[i * n + row + x0..i * n + row + x1].copy_from_slice(&src[j * n + row + x0..j * n + row + x1]);
+                            images[i * n + row + x0..i * n + row + x1]
+                                .copy_from_slice(&src[j * n + row + x0..j * n + row + x1]);
                         }
                     }
                 }
                 lambda = 1.0 - ((y1 - y0) * (x1 - x0)) as f32 / (h * w) as f32;
             }
         }
-        Ok(MixInfo { labels_b: perm.iter().map(|&j| labels[j]).collect(), lambda })
+        Ok(MixInfo {
+            labels_b: perm.iter().map(|&j| labels[j]).collect(),
+            lambda,
+        })
     }
 }
 
@@ -214,6 +279,10 @@ pub enum Stream {
     Mix = 3,
     /// Subset selection.
     Subset = 4,
+    /// The second view's crop and flip (two-view and class-wise self-distillation).
+    SecondView = 5,
+    /// The choice of a same-class partner (class-wise self-distillation).
+    Partner = 6,
 }
 
 fn splitmix(mut z: u64) -> u64 {

@@ -22,7 +22,14 @@ pub struct Split {
 impl Split {
     /// An empty split of the given geometry.
     pub fn empty(channels: usize, height: usize, width: usize) -> Self {
-        Split { images: Vec::new(), labels: Vec::new(), coarse_labels: None, channels, height, width }
+        Split {
+            images: Vec::new(),
+            labels: Vec::new(),
+            coarse_labels: None,
+            channels,
+            height,
+            width,
+        }
     }
 
     /// Number of images.
@@ -66,7 +73,10 @@ impl Split {
         Split {
             images,
             labels: indices.iter().map(|&i| self.labels[i]).collect(),
-            coarse_labels: self.coarse_labels.as_ref().map(|c| indices.iter().map(|&i| c[i]).collect()),
+            coarse_labels: self
+                .coarse_labels
+                .as_ref()
+                .map(|c| indices.iter().map(|&i| c[i]).collect()),
             channels: self.channels,
             height: self.height,
             width: self.width,

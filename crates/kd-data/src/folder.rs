@@ -5,16 +5,23 @@ use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
 
-use crate::{Dataset, DataError, Result, Split};
+use crate::{DataError, Dataset, Result, Split};
 
 const IMAGE_EXTENSIONS: [&str; 3] = ["png", "jpg", "jpeg"];
 
 fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>> {
     let rd = std::fs::read_dir(dir).map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
-            DataError::Missing { what: "split folder", path: dir.into(), expected: "a folder with one sub-folder per class".into() }
+            DataError::Missing {
+                what: "split folder",
+                path: dir.into(),
+                expected: "a folder with one sub-folder per class".into(),
+            }
         } else {
-            DataError::Io { path: dir.into(), source: e }
+            DataError::Io {
+                path: dir.into(),
+                source: e,
+            }
         }
     })?;
     let mut out = Vec::new();
@@ -34,21 +41,38 @@ fn class_dirs(split_dir: &Path) -> Result<Vec<(String, PathBuf)>> {
     let dirs: Vec<(String, PathBuf)> = sorted_entries(split_dir)?
         .into_iter()
         .filter(|p| p.is_dir())
-        .map(|p| (p.file_name().unwrap_or_default().to_string_lossy().into_owned(), p))
+        .map(|p| {
+            (
+                p.file_name()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .into_owned(),
+                p,
+            )
+        })
         .collect();
     if dirs.is_empty() {
-        return Err(DataError::Missing { what: "class folders", path: split_dir.into(), expected: "one sub-folder per class".into() });
+        return Err(DataError::Missing {
+            what: "class folders",
+            path: split_dir.into(),
+            expected: "one sub-folder per class".into(),
+        });
     }
     Ok(dirs)
 }
 
 fn is_image(p: &Path) -> bool {
-    p.extension().and_then(|e| e.to_str()).is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+    p.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
 }
 
 /// Decodes one image into C×H×W `u8` planes, checking its size.
 fn decode(path: &Path, height: usize, width: usize) -> Result<Vec<u8>> {
-    let img = image::open(path).map_err(|e| DataError::BadImage { path: path.into(), reason: e.to_string() })?;
+    let img = image::open(path).map_err(|e| DataError::BadImage {
+        path: path.into(),
+        reason: e.to_string(),
+    })?;
     if img.width() as usize != width || img.height() as usize != height {
         return Err(DataError::WrongImageSize {
             path: path.into(),
@@ -90,7 +114,10 @@ fn load_split(classes: &[(String, PathBuf)], height: usize, width: usize) -> Res
             return Err(DataError::EmptyClass { path: dir.clone() });
         }
     }
-    let decoded: Vec<Vec<u8>> = files.par_iter().map(|(p, _)| decode(p, height, width)).collect::<Result<_>>()?;
+    let decoded: Vec<Vec<u8>> = files
+        .par_iter()
+        .map(|(p, _)| decode(p, height, width))
+        .collect::<Result<_>>()?;
     let mut split = Split::empty(3, height, width);
     split.images = decoded.concat();
     split.labels = files.iter().map(|(_, l)| *l).collect();
@@ -106,10 +133,22 @@ pub fn load_image_folder(root: &Path, height: usize, width: usize) -> Result<Dat
     let names: Vec<String> = classes.iter().map(|(n, _)| n.clone()).collect();
     let test_names: Vec<String> = test_classes.iter().map(|(n, _)| n.clone()).collect();
     if names != test_names {
-        return Err(DataError::ClassMismatch { path: test_dir, found: test_names, expected: names });
+        return Err(DataError::ClassMismatch {
+            path: test_dir,
+            found: test_names,
+            expected: names,
+        });
     }
     let train = load_split(&classes, height, width)?;
     let test = load_split(&test_classes, height, width)?;
-    let name = root.file_name().map_or_else(|| "folder".into(), |n| n.to_string_lossy().into_owned());
-    Ok(Dataset { name, classes: names, coarse_classes: None, train, test })
+    let name = root
+        .file_name()
+        .map_or_else(|| "folder".into(), |n| n.to_string_lossy().into_owned());
+    Ok(Dataset {
+        name,
+        classes: names,
+        coarse_classes: None,
+        train,
+        test,
+    })
 }

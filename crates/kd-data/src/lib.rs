@@ -33,6 +33,6 @@ pub use cifar::{load_cifar10, load_cifar100};
 pub use dataset::{Dataset, Split};
 pub use error::{DataError, Result};
 pub use folder::load_image_folder;
-pub use loader::{Batch, EpochIter, HostBatch, Loader, LoaderConfig};
+pub use loader::{Batch, EpochIter, HostBatch, Loader, LoaderConfig, Pairing};
 pub use spec::DatasetSpec;
 pub use subset::{balanced_subset, SubsetSpec};

@@ -32,17 +32,51 @@ pub struct LoaderConfig {
     pub seed: u64,
     /// Batches prepared ahead in the background; 0 prepares each batch on demand.
     pub prefetch: usize,
+    /// A second image per sample, for methods that compare two inputs (none by default).
+    #[serde(default)]
+    pub pair: Option<Pairing>,
+}
+
+/// Which second image a sample brings along ([`Batch::paired`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Pairing {
+    /// The same image under an independently drawn augmentation (two-view self-distillation).
+    SecondView,
+    /// Another image of the same class, drawn at random each epoch (CS-KD); itself alone
+    /// when its class has no other image.
+    SameClass,
 }
 
 impl LoaderConfig {
     /// Training defaults: shuffled, standard augmentation, 2 batches ahead.
     pub fn train(batch_size: usize, normalize: Normalize, seed: u64) -> Self {
-        LoaderConfig { batch_size, shuffle: true, drop_last: false, augment: Augment::STANDARD, normalize, mix: None, seed, prefetch: 2 }
+        LoaderConfig {
+            batch_size,
+            shuffle: true,
+            drop_last: false,
+            augment: Augment::STANDARD,
+            normalize,
+            mix: None,
+            seed,
+            prefetch: 2,
+            pair: None,
+        }
     }
 
     /// Evaluation defaults: in order, no augmentation.
     pub fn eval(batch_size: usize, normalize: Normalize) -> Self {
-        LoaderConfig { batch_size, shuffle: false, drop_last: false, augment: Augment::NONE, normalize, mix: None, seed: 0, prefetch: 2 }
+        LoaderConfig {
+            batch_size,
+            shuffle: false,
+            drop_last: false,
+            augment: Augment::NONE,
+            normalize,
+            mix: None,
+            seed: 0,
+            prefetch: 2,
+            pair: None,
+        }
     }
 }
 
@@ -57,6 +91,8 @@ pub struct HostBatch {
     pub mix: Option<MixInfo>,
     /// Positions of the images in the split.
     pub indices: Vec<usize>,
+    /// The paired images, B×C×H×W, when pairing is on.
+    pub paired: Option<Vec<f32>>,
 }
 
 /// A batch on the device.
@@ -70,6 +106,9 @@ pub struct Batch {
     pub mix: Option<(Tensor, f32)>,
     /// Positions of the images in the split.
     pub indices: Vec<usize>,
+    /// The paired images `(B, C, H, W)` ([`LoaderConfig::pair`]): a second view of each image,
+    /// or a same-class partner, normalised like `images`.
+    pub paired: Option<Tensor>,
 }
 
 /// Serves batches of one split.
@@ -78,22 +117,50 @@ pub struct Loader {
     split: Arc<Split>,
     cfg: LoaderConfig,
     device: Device,
+    /// Positions of each class's images (for same-class pairing).
+    by_class: Arc<Vec<Vec<usize>>>,
 }
 
 impl Loader {
     /// A loader over `split`; checks the configuration.
     pub fn new(split: Arc<Split>, cfg: LoaderConfig, device: Device) -> Result<Self> {
         if cfg.batch_size == 0 {
-            return Err(DataError::Invalid { field: "batch_size", message: "must be at least 1".into() });
+            return Err(DataError::Invalid {
+                field: "batch_size",
+                message: "must be at least 1".into(),
+            });
         }
         if split.is_empty() {
-            return Err(DataError::Invalid { field: "split", message: "the split holds no images".into() });
+            return Err(DataError::Invalid {
+                field: "split",
+                message: "the split holds no images".into(),
+            });
         }
         if split.channels != 3 {
-            return Err(DataError::Invalid { field: "split", message: format!("{} channels, the loader normalises 3", split.channels) });
+            return Err(DataError::Invalid {
+                field: "split",
+                message: format!("{} channels, the loader normalises 3", split.channels),
+            });
         }
         cfg.normalize.validate()?;
-        Ok(Loader { split, cfg, device })
+        if cfg.pair.is_some() && cfg.mix.is_some() {
+            return Err(DataError::Invalid { field: "pair", message: "pairing and mixup/cutmix cannot be combined: the pair would need its own mixing".into() });
+        }
+        let mut by_class: Vec<Vec<usize>> = Vec::new();
+        if cfg.pair == Some(Pairing::SameClass) {
+            for (i, &l) in split.labels.iter().enumerate() {
+                if by_class.len() <= l as usize {
+                    by_class.resize(l as usize + 1, Vec::new());
+                }
+                by_class[l as usize].push(i);
+            }
+        }
+        Ok(Loader {
+            split,
+            cfg,
+            device,
+            by_class: Arc::new(by_class),
+        })
     }
 
     /// The configuration.
@@ -141,16 +208,54 @@ impl Loader {
         let aug = self.cfg.augment;
         let norm = self.cfg.normalize;
         let first = (batch * bs) as u64;
-        images.par_chunks_mut(n).zip(indices.par_iter()).enumerate().for_each(|(k, (out, &i))| {
-            let t = aug.sample(&mut sample_rng(seed, Stream::Augment, epoch, first + k as u64));
-            t.apply_normalized(self.split.image(i), h, w, &norm, out);
-        });
+        images
+            .par_chunks_mut(n)
+            .zip(indices.par_iter())
+            .enumerate()
+            .for_each(|(k, (out, &i))| {
+                let t = aug.sample(&mut sample_rng(
+                    seed,
+                    Stream::Augment,
+                    epoch,
+                    first + k as u64,
+                ));
+                t.apply_normalized(self.split.image(i), h, w, &norm, out);
+            });
         let labels: Vec<u32> = indices.iter().map(|&i| self.split.labels[i]).collect();
+        let paired = self.cfg.pair.map(|pairing| {
+            let mut out = vec![0f32; indices.len() * n];
+            out.par_chunks_mut(n)
+                .zip(indices.par_iter())
+                .enumerate()
+                .for_each(|(k, (out, &i))| {
+                    let pos = first + k as u64;
+                    let j = match pairing {
+                        Pairing::SecondView => i,
+                        Pairing::SameClass => self.partner(i, epoch, pos),
+                    };
+                    let t = aug.sample(&mut sample_rng(seed, Stream::SecondView, epoch, pos));
+                    t.apply_normalized(self.split.image(j), h, w, &norm, out);
+                });
+            out
+        });
         let mix = match &self.cfg.mix {
-            Some(m) => Some(m.apply(&mut images, &labels, 3, h, w, &mut sample_rng(seed, Stream::Mix, epoch, batch as u64))?),
+            Some(m) => Some(m.apply(
+                &mut images,
+                &labels,
+                3,
+                h,
+                w,
+                &mut sample_rng(seed, Stream::Mix, epoch, batch as u64),
+            )?),
             None => None,
         };
-        Ok(HostBatch { images, labels, mix, indices })
+        Ok(HostBatch {
+            images,
+            labels,
+            mix,
+            indices,
+            paired,
+        })
     }
 
     /// Moves a host batch to the device.
@@ -163,7 +268,34 @@ impl Loader {
             Some(m) => Some((Tensor::from_vec(m.labels_b, b, &self.device)?, m.lambda)),
             None => None,
         };
-        Ok(Batch { images, labels, mix, indices: hb.indices })
+        let paired = match hb.paired {
+            Some(p) => Some(Tensor::from_vec(p, (b, 3, h, w), &self.device)?),
+            None => None,
+        };
+        Ok(Batch {
+            images,
+            labels,
+            mix,
+            indices: hb.indices,
+            paired,
+        })
+    }
+
+    /// A random other image of `i`'s class for the sample at position `pos` of `epoch`.
+    fn partner(&self, i: usize, epoch: u64, pos: u64) -> usize {
+        let same = &self.by_class[self.split.labels[i] as usize];
+        if same.len() < 2 {
+            return i;
+        }
+        let mut rng = sample_rng(self.cfg.seed, Stream::Partner, epoch, pos);
+        // Uniform over the class without `i`: draw among len − 1 and skip over `i`.
+        let k = rand::Rng::gen_range(&mut rng, 0..same.len() - 1);
+        let j = same[k];
+        if j == i {
+            same[same.len() - 1]
+        } else {
+            j
+        }
     }
 
     /// Iterates over the batches of `epoch`, starting at batch `start` (for resuming mid-epoch).
@@ -171,7 +303,15 @@ impl Loader {
         let order = Arc::new(self.epoch_order(epoch));
         let total = self.num_batches();
         if self.cfg.prefetch == 0 {
-            return EpochIter { loader: self.clone(), rx: None, handle: None, order, epoch, next: start, total };
+            return EpochIter {
+                loader: self.clone(),
+                rx: None,
+                handle: None,
+                order,
+                epoch,
+                next: start,
+                total,
+            };
         }
         let (tx, rx) = bounded(self.cfg.prefetch);
         let me = self.clone();
@@ -184,7 +324,15 @@ impl Loader {
                 }
             }
         });
-        EpochIter { loader: self.clone(), rx: Some(rx), handle: Some(handle), order, epoch, next: start, total }
+        EpochIter {
+            loader: self.clone(),
+            rx: Some(rx),
+            handle: Some(handle),
+            order,
+            epoch,
+            next: start,
+            total,
+        }
     }
 }
 

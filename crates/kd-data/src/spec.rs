@@ -67,7 +67,10 @@ impl FromStr for DatasetSpec {
             "cifar100" => Ok(DatasetSpec::Cifar100),
             _ => match s.strip_prefix("folder:") {
                 Some(p) if !p.is_empty() => Ok(DatasetSpec::Folder(PathBuf::from(p))),
-                _ => Err(DataError::Invalid { field: "dataset", message: format!("{s:?}; expected cifar10, cifar100 or folder:PATH") }),
+                _ => Err(DataError::Invalid {
+                    field: "dataset",
+                    message: format!("{s:?}; expected cifar10, cifar100 or folder:PATH"),
+                }),
             },
         }
     }

@@ -20,7 +20,12 @@ pub enum SubsetSpec {
 /// Indices (sorted) of a class-balanced subset of `split`, chosen with `seed`.
 ///
 /// Every class contributes the same count; asking for more than the smallest class holds is an error.
-pub fn balanced_subset(split: &Split, num_classes: usize, spec: SubsetSpec, seed: u64) -> Result<Vec<usize>> {
+pub fn balanced_subset(
+    split: &Split,
+    num_classes: usize,
+    spec: SubsetSpec,
+    seed: u64,
+) -> Result<Vec<usize>> {
     let mut by_class: Vec<Vec<usize>> = vec![Vec::new(); num_classes];
     for (i, &l) in split.labels.iter().enumerate() {
         by_class[l as usize].push(i);
@@ -29,7 +34,10 @@ pub fn balanced_subset(split: &Split, num_classes: usize, spec: SubsetSpec, seed
     let per_class = match spec {
         SubsetSpec::Fraction(f) => {
             if !(f > 0.0 && f <= 1.0) {
-                return Err(DataError::Invalid { field: "subset.fraction", message: format!("{f} is not in (0, 1]") });
+                return Err(DataError::Invalid {
+                    field: "subset.fraction",
+                    message: format!("{f} is not in (0, 1]"),
+                });
             }
             ((smallest as f64 * f).floor() as usize).max(1)
         }
@@ -38,7 +46,9 @@ pub fn balanced_subset(split: &Split, num_classes: usize, spec: SubsetSpec, seed
     if per_class == 0 || per_class > smallest {
         return Err(DataError::Invalid {
             field: "subset.per_class",
-            message: format!("{per_class} images per class requested, the smallest class has {smallest}"),
+            message: format!(
+                "{per_class} images per class requested, the smallest class has {smallest}"
+            ),
         });
     }
     let mut rng = ChaCha8Rng::seed_from_u64(seed);

@@ -3,7 +3,9 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use kd_data::augment::{sample_rng, Stream};
-use kd_data::{balanced_subset, Augment, CropFlip, Loader, LoaderConfig, Mix, Normalize, Split, SubsetSpec};
+use kd_data::{
+    balanced_subset, Augment, CropFlip, Loader, LoaderConfig, Mix, Normalize, Split, SubsetSpec,
+};
 
 fn ramp(n: usize, classes: u32) -> Split {
     let mut s = Split::empty(3, 32, 32);
@@ -20,7 +22,12 @@ fn one_image() -> Vec<u8> {
 fn crop_shifts_and_pads_with_zero() {
     let img = one_image();
     // Window at offset (0, 8) in the 4-padded image: rows shift down by 4, columns left by 4.
-    let t = CropFlip { pad: 4, oy: 0, ox: 8, flip: false };
+    let t = CropFlip {
+        pad: 4,
+        oy: 0,
+        ox: 8,
+        flip: false,
+    };
     let out = t.apply_u8(&img, 3, 32, 32);
     for c in 0..3 {
         for y in 0..32 {
@@ -35,7 +42,16 @@ fn crop_shifts_and_pads_with_zero() {
         }
     }
     // The centred window is the identity.
-    assert_eq!(CropFlip { pad: 4, oy: 4, ox: 4, flip: false }.apply_u8(&img, 3, 32, 32), img);
+    assert_eq!(
+        CropFlip {
+            pad: 4,
+            oy: 4,
+            ox: 4,
+            flip: false
+        }
+        .apply_u8(&img, 3, 32, 32),
+        img
+    );
 }
 
 #[test]
@@ -57,7 +73,12 @@ fn sampled_crops_stay_in_bounds() {
 #[test]
 fn flip_twice_is_identity_and_mirrors() {
     let img = one_image();
-    let f = CropFlip { pad: 0, oy: 0, ox: 0, flip: true };
+    let f = CropFlip {
+        pad: 0,
+        oy: 0,
+        ox: 0,
+        flip: true,
+    };
     let once = f.apply_u8(&img, 3, 32, 32);
     assert_eq!(once[5 * 32], img[5 * 32 + 31]);
     assert_eq!(f.apply_u8(&once, 3, 32, 32), img);
@@ -74,7 +95,13 @@ fn normalisation_matches_formula() {
         assert!((out[c * 1024 + i] - expect).abs() < 1e-5);
     }
     // A padded pixel is black before normalisation.
-    CropFlip { pad: 4, oy: 0, ox: 0, flip: false }.apply_normalized(&img, 32, 32, &n, &mut out);
+    CropFlip {
+        pad: 4,
+        oy: 0,
+        ox: 0,
+        flip: false,
+    }
+    .apply_normalized(&img, 32, 32, &n, &mut out);
     assert!((out[0] - (-n.mean[0] / n.std[0])).abs() < 1e-6);
 }
 
@@ -87,14 +114,25 @@ fn mixup_mixes_images_and_labels() {
     let labels: Vec<u32> = (0..b as u32).collect();
     for seed in 0..20 {
         let mut x = images.clone();
-        let info = Mix::Mixup { alpha: 1.0 }.apply(&mut x, &labels, c, h, w, &mut sample_rng(seed, Stream::Mix, 0, 0)).unwrap();
+        let info = Mix::Mixup { alpha: 1.0 }
+            .apply(
+                &mut x,
+                &labels,
+                c,
+                h,
+                w,
+                &mut sample_rng(seed, Stream::Mix, 0, 0),
+            )
+            .unwrap();
         assert!((0.0..=1.0).contains(&info.lambda));
         let mut partners: Vec<u32> = info.labels_b.clone();
         partners.sort();
         assert_eq!(partners, labels, "partners are a permutation");
         for i in 0..b {
             let expect = info.lambda * i as f32 + (1.0 - info.lambda) * info.labels_b[i] as f32;
-            assert!(x[i * n..(i + 1) * n].iter().all(|v| (v - expect).abs() < 1e-5));
+            assert!(x[i * n..(i + 1) * n]
+                .iter()
+                .all(|v| (v - expect).abs() < 1e-5));
         }
     }
 }
@@ -108,16 +146,35 @@ fn cutmix_lambda_is_the_kept_area() {
     let labels: Vec<u32> = (0..b as u32).collect();
     for seed in 0..20 {
         let mut x = images.clone();
-        let info = Mix::Cutmix { alpha: 1.0 }.apply(&mut x, &labels, c, h, w, &mut sample_rng(seed, Stream::Mix, 0, 0)).unwrap();
+        let info = Mix::Cutmix { alpha: 1.0 }
+            .apply(
+                &mut x,
+                &labels,
+                c,
+                h,
+                w,
+                &mut sample_rng(seed, Stream::Mix, 0, 0),
+            )
+            .unwrap();
         for i in 0..b {
             if info.labels_b[i] as usize == i {
                 continue;
             }
-            let kept = x[i * n..(i + 1) * n].iter().filter(|&&v| v == i as f32).count();
+            let kept = x[i * n..(i + 1) * n]
+                .iter()
+                .filter(|&&v| v == i as f32)
+                .count();
             assert!((kept as f32 / n as f32 - info.lambda).abs() < 1e-6);
         }
     }
-    let err = Mix::Mixup { alpha: 0.0 }.apply(&mut images.clone(), &labels, c, h, w, &mut sample_rng(0, Stream::Mix, 0, 0));
+    let err = Mix::Mixup { alpha: 0.0 }.apply(
+        &mut images.clone(),
+        &labels,
+        c,
+        h,
+        w,
+        &mut sample_rng(0, Stream::Mix, 0, 0),
+    );
     assert!(err.unwrap_err().to_string().contains("mix.alpha"));
 }
 
@@ -127,11 +184,20 @@ fn balanced_subset_is_balanced_and_seeded() {
     s.labels[0] = 1; // class 0 now has 99 images, class 1 has 101
     let a = balanced_subset(&s, 10, SubsetSpec::PerClass(50), 3).unwrap();
     assert_eq!(s.select(&a).class_counts(10), vec![50; 10]);
-    assert_eq!(a, balanced_subset(&s, 10, SubsetSpec::PerClass(50), 3).unwrap());
-    assert_ne!(a, balanced_subset(&s, 10, SubsetSpec::PerClass(50), 4).unwrap());
+    assert_eq!(
+        a,
+        balanced_subset(&s, 10, SubsetSpec::PerClass(50), 3).unwrap()
+    );
+    assert_ne!(
+        a,
+        balanced_subset(&s, 10, SubsetSpec::PerClass(50), 4).unwrap()
+    );
     let f = balanced_subset(&s, 10, SubsetSpec::Fraction(0.1), 0).unwrap();
     assert_eq!(s.select(&f).class_counts(10), vec![9; 10]); // 10% of the smallest class (99)
-    assert!(balanced_subset(&s, 10, SubsetSpec::PerClass(100), 0).unwrap_err().to_string().contains("smallest class has 99"));
+    assert!(balanced_subset(&s, 10, SubsetSpec::PerClass(100), 0)
+        .unwrap_err()
+        .to_string()
+        .contains("smallest class has 99"));
     assert!(balanced_subset(&s, 10, SubsetSpec::Fraction(1.5), 0).is_err());
 }
 
@@ -140,7 +206,11 @@ fn collect(loader: &Loader, epoch: u64) -> Vec<(Vec<f32>, Vec<u32>, Vec<usize>)>
         .epoch(epoch, 0)
         .map(|b| {
             let b = b.unwrap();
-            (b.images.flatten_all().unwrap().to_vec1().unwrap(), b.labels.to_vec1().unwrap(), b.indices)
+            (
+                b.images.flatten_all().unwrap().to_vec1().unwrap(),
+                b.labels.to_vec1().unwrap(),
+                b.indices,
+            )
         })
         .collect()
 }
@@ -162,15 +232,34 @@ fn loader_visits_every_image_once_and_is_deterministic() {
     }
     // Same seed and epoch → same batches, with or without the background thread.
     assert_eq!(e0, collect(&loader, 0));
-    let sync = Loader::new(split.clone(), LoaderConfig { prefetch: 0, ..cfg.clone() }, candle_core::Device::Cpu).unwrap();
+    let sync = Loader::new(
+        split.clone(),
+        LoaderConfig {
+            prefetch: 0,
+            ..cfg.clone()
+        },
+        candle_core::Device::Cpu,
+    )
+    .unwrap();
     assert_eq!(e0, collect(&sync, 0));
     // Another epoch reorders and re-augments.
     assert_ne!(e0[0].2, collect(&loader, 1)[0].2);
     // Resuming mid-epoch yields the remaining batches unchanged.
     let rest: Vec<Vec<usize>> = loader.epoch(0, 3).map(|b| b.unwrap().indices).collect();
-    assert_eq!(rest, e0[3..].iter().map(|b| b.2.clone()).collect::<Vec<_>>());
+    assert_eq!(
+        rest,
+        e0[3..].iter().map(|b| b.2.clone()).collect::<Vec<_>>()
+    );
     // drop_last drops the 7-image tail.
-    let dl = Loader::new(split, LoaderConfig { drop_last: true, ..cfg }, candle_core::Device::Cpu).unwrap();
+    let dl = Loader::new(
+        split,
+        LoaderConfig {
+            drop_last: true,
+            ..cfg
+        },
+        candle_core::Device::Cpu,
+    )
+    .unwrap();
     assert_eq!(dl.num_batches(), 6);
     assert!(collect(&dl, 0).iter().all(|b| b.1.len() == 16));
 }
@@ -178,17 +267,28 @@ fn loader_visits_every_image_once_and_is_deterministic() {
 #[test]
 fn eval_loader_is_in_order_and_unaugmented() {
     let split = Arc::new(ramp(40, 10));
-    let loader = Loader::new(split.clone(), LoaderConfig::eval(32, Normalize::IDENTITY), candle_core::Device::Cpu).unwrap();
+    let loader = Loader::new(
+        split.clone(),
+        LoaderConfig::eval(32, Normalize::IDENTITY),
+        candle_core::Device::Cpu,
+    )
+    .unwrap();
     let batches = collect(&loader, 5);
     assert_eq!(batches[0].2, (0..32).collect::<Vec<_>>());
     let expect: Vec<f32> = split.image(0).iter().map(|&p| p as f32 / 255.0).collect();
-    assert!(batches[0].0[..3072].iter().zip(&expect).all(|(a, b)| (a - b).abs() < 1e-6));
+    assert!(batches[0].0[..3072]
+        .iter()
+        .zip(&expect)
+        .all(|(a, b)| (a - b).abs() < 1e-6));
 }
 
 #[test]
 fn loader_with_mixup_returns_partner_labels() {
     let split = Arc::new(ramp(64, 10));
-    let cfg = LoaderConfig { mix: Some(Mix::Mixup { alpha: 0.4 }), ..LoaderConfig::train(32, Normalize::CIFAR10, 0) };
+    let cfg = LoaderConfig {
+        mix: Some(Mix::Mixup { alpha: 0.4 }),
+        ..LoaderConfig::train(32, Normalize::CIFAR10, 0)
+    };
     let loader = Loader::new(split, cfg, candle_core::Device::Cpu).unwrap();
     for b in loader.epoch(0, 0) {
         let b = b.unwrap();
@@ -202,7 +302,123 @@ fn loader_with_mixup_returns_partner_labels() {
 fn loader_rejects_bad_config() {
     let split = Arc::new(ramp(4, 2));
     let cfg = LoaderConfig::train(0, Normalize::CIFAR10, 0);
-    assert!(Loader::new(split.clone(), cfg, candle_core::Device::Cpu).unwrap_err().to_string().contains("batch_size"));
-    let bad = LoaderConfig::train(2, Normalize { mean: [0.0; 3], std: [0.0, 1.0, 1.0] }, 0);
-    assert!(Loader::new(split, bad, candle_core::Device::Cpu).unwrap_err().to_string().contains("normalize"));
+    assert!(Loader::new(split.clone(), cfg, candle_core::Device::Cpu)
+        .unwrap_err()
+        .to_string()
+        .contains("batch_size"));
+    let bad = LoaderConfig::train(
+        2,
+        Normalize {
+            mean: [0.0; 3],
+            std: [0.0, 1.0, 1.0],
+        },
+        0,
+    );
+    assert!(Loader::new(split, bad, candle_core::Device::Cpu)
+        .unwrap_err()
+        .to_string()
+        .contains("normalize"));
+}
+
+fn paired_batches(cfg: LoaderConfig, split: &Split) -> Vec<(Vec<f32>, Vec<f32>, Vec<usize>)> {
+    let loader = Loader::new(Arc::new(split.clone()), cfg, candle_core::Device::Cpu).unwrap();
+    loader
+        .epoch(0, 0)
+        .map(|b| {
+            let b = b.unwrap();
+            let p = b
+                .paired
+                .expect("pairing on")
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            (
+                b.images.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                p,
+                b.indices,
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn second_view_is_the_same_image_augmented_independently() {
+    let split = ramp(24, 3);
+    let norm = Normalize {
+        mean: [0.5; 3],
+        std: [0.25; 3],
+    };
+    // Without augmentation both views are the image itself.
+    let plain = LoaderConfig {
+        augment: Augment::NONE,
+        pair: Some(kd_data::Pairing::SecondView),
+        ..LoaderConfig::train(8, norm, 3)
+    };
+    for (a, b, _) in paired_batches(plain, &split) {
+        assert_eq!(a, b);
+    }
+    // With crop + flip the views differ (independent draws) and repeat with the seed.
+    let aug = LoaderConfig {
+        pair: Some(kd_data::Pairing::SecondView),
+        ..LoaderConfig::train(8, norm, 3)
+    };
+    let first = paired_batches(aug.clone(), &split);
+    assert!(
+        first.iter().any(|(a, b, _)| a != b),
+        "the two views were drawn identically"
+    );
+    assert_eq!(first, paired_batches(aug, &split));
+}
+
+#[test]
+fn same_class_partner_is_another_image_of_that_class() {
+    let split = ramp(30, 3);
+    let norm = Normalize {
+        mean: [0.5; 3],
+        std: [0.25; 3],
+    };
+    let cfg = LoaderConfig {
+        augment: Augment::NONE,
+        pair: Some(kd_data::Pairing::SameClass),
+        ..LoaderConfig::train(10, norm, 5)
+    };
+    let n = 3 * 32 * 32;
+    let normalised = |i: usize| -> Vec<f32> {
+        split
+            .image(i)
+            .iter()
+            .map(|&v| (v as f32 / 255.0 - 0.5) / 0.25)
+            .collect()
+    };
+    let mut partners = HashSet::new();
+    for (_, paired, indices) in paired_batches(cfg, &split) {
+        for (k, &i) in indices.iter().enumerate() {
+            let p = &paired[k * n..(k + 1) * n];
+            let j = (0..split.len())
+                .find(|&j| {
+                    normalised(j)
+                        .iter()
+                        .zip(p)
+                        .all(|(a, b)| (a - b).abs() < 1e-4)
+                })
+                .expect("the partner is an image of the split");
+            assert_ne!(j, i, "partner of {i} is itself");
+            assert_eq!(
+                split.labels[j], split.labels[i],
+                "partner of {i} has another class"
+            );
+            partners.insert((i, j));
+        }
+    }
+    assert_eq!(partners.len(), 30, "every image got one partner");
+    let mixed = LoaderConfig {
+        pair: Some(kd_data::Pairing::SameClass),
+        mix: Some(Mix::Mixup { alpha: 1.0 }),
+        ..LoaderConfig::train(10, norm, 5)
+    };
+    let err = Loader::new(Arc::new(split), mixed, candle_core::Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("pair"), "{err}");
 }

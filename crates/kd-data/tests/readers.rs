@@ -1,7 +1,10 @@
 //! CIFAR binary and image-folder readers against fixtures written here in the official layouts.
 use std::path::Path;
 
-use kd_data::cifar::{encode_cifar10, encode_cifar100, CIFAR10_DIR, CIFAR100_DIR, CIFAR10_TEST_FILE, CIFAR10_TRAIN_FILES};
+use kd_data::cifar::{
+    encode_cifar10, encode_cifar100, CIFAR100_DIR, CIFAR10_DIR, CIFAR10_TEST_FILE,
+    CIFAR10_TRAIN_FILES,
+};
 use kd_data::{load_cifar10, load_cifar100, load_image_folder, DataError, Split};
 
 /// A split whose pixel (c, y, x) of image i is a known function of all four.
@@ -32,7 +35,11 @@ fn write_cifar10(root: &Path, per_file: usize) {
         s.labels.iter_mut().for_each(|l| *l = (*l + k as u32) % 10);
         std::fs::write(dir.join(f), encode_cifar10(&s)).unwrap();
     }
-    std::fs::write(dir.join(CIFAR10_TEST_FILE), encode_cifar10(&patterned(per_file, 10))).unwrap();
+    std::fs::write(
+        dir.join(CIFAR10_TEST_FILE),
+        encode_cifar10(&patterned(per_file, 10)),
+    )
+    .unwrap();
 }
 
 #[test]
@@ -68,7 +75,10 @@ fn cifar10_wrong_size_names_the_file() {
     bytes.pop();
     std::fs::write(&f, &bytes).unwrap();
     let err = load_cifar10(tmp.path()).unwrap_err();
-    assert!(matches!(err, DataError::BadFileSize { actual, .. } if actual == 4 * 3073 - 1), "{err}");
+    assert!(
+        matches!(err, DataError::BadFileSize { actual, .. } if actual == 4 * 3073 - 1),
+        "{err}"
+    );
     assert!(err.to_string().contains("data_batch_3.bin"), "{err}");
 }
 
@@ -81,11 +91,24 @@ fn cifar10_label_out_of_range_and_missing_file() {
     bytes[2 * 3073] = 10;
     std::fs::write(&f, &bytes).unwrap();
     let err = load_cifar10(tmp.path()).unwrap_err();
-    assert!(matches!(err, DataError::LabelOutOfRange { record: 2, label: 10, .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            DataError::LabelOutOfRange {
+                record: 2,
+                label: 10,
+                ..
+            }
+        ),
+        "{err}"
+    );
     assert!(err.to_string().contains("test_batch.bin"));
     std::fs::remove_file(tmp.path().join(CIFAR10_DIR).join("data_batch_5.bin")).unwrap();
     let err = load_cifar10(tmp.path()).unwrap_err();
-    assert!(matches!(err, DataError::Missing { .. }) && err.to_string().contains("data_batch_5.bin"), "{err}");
+    assert!(
+        matches!(err, DataError::Missing { .. }) && err.to_string().contains("data_batch_5.bin"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -96,7 +119,11 @@ fn cifar100_fine_and_coarse() {
     let mut s = patterned(200, 100);
     s.coarse_labels = Some(s.labels.iter().map(|l| l / 5).collect());
     std::fs::write(dir.join("train.bin"), encode_cifar100(&s)).unwrap();
-    std::fs::write(dir.join("test.bin"), encode_cifar100(&s.select(&[0, 1, 2, 99]))).unwrap();
+    std::fs::write(
+        dir.join("test.bin"),
+        encode_cifar100(&s.select(&[0, 1, 2, 99])),
+    )
+    .unwrap();
     let names: Vec<String> = (0..100).map(|i| format!("fine{i}")).collect();
     std::fs::write(dir.join("fine_label_names.txt"), names.join("\n")).unwrap();
     let raw = std::fs::read(dir.join("test.bin")).unwrap();
@@ -115,7 +142,17 @@ fn cifar100_fine_and_coarse() {
     bad[3074] = 20;
     std::fs::write(dir.join("test.bin"), bad).unwrap();
     let err = load_cifar100(tmp.path()).unwrap_err();
-    assert!(matches!(err, DataError::LabelOutOfRange { kind: "coarse", record: 1, .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            DataError::LabelOutOfRange {
+                kind: "coarse",
+                record: 1,
+                ..
+            }
+        ),
+        "{err}"
+    );
 }
 
 fn write_png(path: &Path, w: u32, h: u32, f: impl Fn(u32, u32) -> [u8; 3]) {
@@ -129,7 +166,9 @@ fn image_folder(root: &Path) {
             let d = root.join(split).join(class);
             std::fs::create_dir_all(&d).unwrap();
             for i in 0..3 {
-                write_png(&d.join(format!("{i}.png")), 32, 32, |x, y| [x as u8, y as u8, (k * 10 + i) as u8]);
+                write_png(&d.join(format!("{i}.png")), 32, 32, |x, y| {
+                    [x as u8, y as u8, (k * 10 + i) as u8]
+                });
             }
         }
     }
@@ -156,27 +195,44 @@ fn image_folder_sorted_classes_and_pixels() {
 fn image_folder_errors_name_the_file() {
     let tmp = tempfile::tempdir().unwrap();
     image_folder(tmp.path());
-    write_png(&tmp.path().join("train/moth/big.png"), 33, 32, |_, _| [0, 0, 0]);
+    write_png(&tmp.path().join("train/moth/big.png"), 33, 32, |_, _| {
+        [0, 0, 0]
+    });
     let err = load_image_folder(tmp.path(), 32, 32).unwrap_err();
-    assert!(matches!(err, DataError::WrongImageSize { width: 33, .. }) && err.to_string().contains("big.png"), "{err}");
+    assert!(
+        matches!(err, DataError::WrongImageSize { width: 33, .. })
+            && err.to_string().contains("big.png"),
+        "{err}"
+    );
     std::fs::remove_file(tmp.path().join("train/moth/big.png")).unwrap();
 
     std::fs::write(tmp.path().join("train/moth/notes.txt"), b"hello").unwrap();
     let err = load_image_folder(tmp.path(), 32, 32).unwrap_err();
-    assert!(matches!(err, DataError::BadImage { .. }) && err.to_string().contains("notes.txt"), "{err}");
+    assert!(
+        matches!(err, DataError::BadImage { .. }) && err.to_string().contains("notes.txt"),
+        "{err}"
+    );
     std::fs::remove_file(tmp.path().join("train/moth/notes.txt")).unwrap();
 
     std::fs::write(tmp.path().join("train/moth/broken.jpg"), b"not a jpeg").unwrap();
     let err = load_image_folder(tmp.path(), 32, 32).unwrap_err();
-    assert!(matches!(err, DataError::BadImage { .. }) && err.to_string().contains("broken.jpg"), "{err}");
+    assert!(
+        matches!(err, DataError::BadImage { .. }) && err.to_string().contains("broken.jpg"),
+        "{err}"
+    );
     std::fs::remove_file(tmp.path().join("train/moth/broken.jpg")).unwrap();
 
     std::fs::create_dir(tmp.path().join("train/wasp")).unwrap();
     std::fs::create_dir(tmp.path().join("test/wasp")).unwrap();
     let err = load_image_folder(tmp.path(), 32, 32).unwrap_err();
-    assert!(matches!(err, DataError::EmptyClass { .. }) && err.to_string().contains("wasp"), "{err}");
+    assert!(
+        matches!(err, DataError::EmptyClass { .. }) && err.to_string().contains("wasp"),
+        "{err}"
+    );
     std::fs::remove_dir(tmp.path().join("test/wasp")).unwrap();
-    write_png(&tmp.path().join("train/wasp/0.png"), 32, 32, |_, _| [1, 2, 3]);
+    write_png(&tmp.path().join("train/wasp/0.png"), 32, 32, |_, _| {
+        [1, 2, 3]
+    });
     let err = load_image_folder(tmp.path(), 32, 32).unwrap_err();
     assert!(matches!(err, DataError::ClassMismatch { .. }), "{err}");
 }

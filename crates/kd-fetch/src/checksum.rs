@@ -34,7 +34,11 @@ pub fn digest_file(path: &Path) -> Result<Digests> {
         sha.update(&buf[..n]);
         size += n as u64;
     }
-    Ok(Digests { md5: hex::encode(md5.finalize()), sha256: hex::encode(sha.finalize()), size })
+    Ok(Digests {
+        md5: hex::encode(md5.finalize()),
+        sha256: hex::encode(sha.finalize()),
+        size,
+    })
 }
 
 /// The value a file must hash to.
@@ -110,7 +114,10 @@ impl Expected {
 pub fn parse_hex(field: &'static str, value: &str, len: usize) -> Result<String> {
     let v = value.trim().to_ascii_lowercase();
     if v.len() != len || !v.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(FetchError::Invalid { field, message: format!("{value:?} is not {len} hex digits") });
+        return Err(FetchError::Invalid {
+            field,
+            message: format!("{value:?} is not {len} hex digits"),
+        });
     }
     Ok(v)
 }

@@ -81,16 +81,31 @@ impl FetchArgs {
     pub fn run(&self) -> Result<()> {
         let arts = self.artifacts()?;
         if arts.len() > 1 && (self.md5.is_some() || self.sha256.is_some()) {
-            return Err(FetchError::Invalid { field: "--md5/--sha256", message: "pins one file: name exactly one artifact".into() });
+            return Err(FetchError::Invalid {
+                field: "--md5/--sha256",
+                message: "pins one file: name exactly one artifact".into(),
+            });
         }
         let opts = self.options()?;
         for a in arts {
             let done = fetch(a, &opts)?;
             let m = &done.marker;
             if done.already {
-                println!("{a}: already installed in {} ({}; sha256 {})", done.path.display(), m.verified, m.sha256);
+                println!(
+                    "{a}: already installed in {} ({}; sha256 {})",
+                    done.path.display(),
+                    m.verified,
+                    m.sha256
+                );
             } else {
-                println!("{a}: installed in {} from {} ({}; md5 {}, sha256 {})", done.path.display(), m.source, m.verified, m.md5, m.sha256);
+                println!(
+                    "{a}: installed in {} from {} ({}; md5 {}, sha256 {})",
+                    done.path.display(),
+                    m.source,
+                    m.verified,
+                    m.md5,
+                    m.sha256
+                );
             }
         }
         Ok(())

@@ -65,7 +65,9 @@ pub enum FetchError {
         entry: String,
     },
     /// `--from DIR` did not hold the file.
-    #[error("{dir}: none of {expected:?} found (the --from folder must hold the archive as downloaded)")]
+    #[error(
+        "{dir}: none of {expected:?} found (the --from folder must hold the archive as downloaded)"
+    )]
     NotInFolder {
         /// The folder searched.
         dir: PathBuf,

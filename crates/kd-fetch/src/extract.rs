@@ -13,14 +13,22 @@ pub fn safe_relative(archive: &Path, name: &str) -> Result<PathBuf> {
         match c {
             Component::Normal(s) => out.push(s),
             Component::CurDir => {}
-            _ => return Err(FetchError::UnsafePath { archive: archive.into(), entry: name.into() }),
+            _ => {
+                return Err(FetchError::UnsafePath {
+                    archive: archive.into(),
+                    entry: name.into(),
+                })
+            }
         }
     }
     Ok(out)
 }
 
 fn archive_err(path: &Path, e: impl std::fmt::Display) -> FetchError {
-    FetchError::Archive { path: path.into(), message: e.to_string() }
+    FetchError::Archive {
+        path: path.into(),
+        message: e.to_string(),
+    }
 }
 
 /// Extracts a `.tar.gz` into `dest` (which must exist). Only files and folders are allowed.
@@ -30,7 +38,11 @@ pub fn extract_tar_gz(archive: &Path, dest: &Path) -> Result<u64> {
     let mut files = 0;
     for entry in tar.entries().map_err(|e| archive_err(archive, e))? {
         let mut entry = entry.map_err(|e| archive_err(archive, e))?;
-        let name = entry.path().map_err(|e| archive_err(archive, e))?.to_string_lossy().into_owned();
+        let name = entry
+            .path()
+            .map_err(|e| archive_err(archive, e))?
+            .to_string_lossy()
+            .into_owned();
         let rel = safe_relative(archive, &name)?;
         let kind = entry.header().entry_type();
         let target = dest.join(&rel);
@@ -41,12 +53,19 @@ pub fn extract_tar_gz(archive: &Path, dest: &Path) -> Result<u64> {
                 std::fs::create_dir_all(parent).map_err(FetchError::io(parent))?;
             }
             let mut out = std::fs::File::create(&target).map_err(FetchError::io(&target))?;
-            std::io::copy(&mut entry, &mut out).map_err(|e| archive_err(archive, format!("{name}: {e}")))?;
+            std::io::copy(&mut entry, &mut out)
+                .map_err(|e| archive_err(archive, format!("{name}: {e}")))?;
             files += 1;
-        } else if kind.is_pax_global_extensions() || kind.is_pax_local_extensions() || kind.is_gnu_longname() {
+        } else if kind.is_pax_global_extensions()
+            || kind.is_pax_local_extensions()
+            || kind.is_gnu_longname()
+        {
             continue;
         } else {
-            return Err(FetchError::UnsafePath { archive: archive.into(), entry: format!("{name} (a {kind:?} entry)") });
+            return Err(FetchError::UnsafePath {
+                archive: archive.into(),
+                entry: format!("{name} (a {kind:?} entry)"),
+            });
         }
     }
     if files == 0 {
@@ -59,14 +78,18 @@ pub fn extract_tar_gz(archive: &Path, dest: &Path) -> Result<u64> {
 /// Every entry name is checked first, so a zip with an escaping path is refused as a whole.
 pub fn extract_zip_member(archive: &Path, suffix: &str, dest: &Path) -> Result<String> {
     let f = std::fs::File::open(archive).map_err(FetchError::io(archive))?;
-    let mut zip = zip::ZipArchive::new(std::io::BufReader::new(f)).map_err(|e| archive_err(archive, e))?;
+    let mut zip =
+        zip::ZipArchive::new(std::io::BufReader::new(f)).map_err(|e| archive_err(archive, e))?;
     let mut found = None;
     for i in 0..zip.len() {
         let entry = zip.by_index_raw(i).map_err(|e| archive_err(archive, e))?;
         let name = entry.name().to_string();
         safe_relative(archive, &name)?;
         if entry.enclosed_name().is_none() {
-            return Err(FetchError::UnsafePath { archive: archive.into(), entry: name });
+            return Err(FetchError::UnsafePath {
+                archive: archive.into(),
+                entry: name,
+            });
         }
         if name == suffix || name.ends_with(&format!("/{suffix}")) {
             found = Some(i);
@@ -77,7 +100,9 @@ pub fn extract_zip_member(archive: &Path, suffix: &str, dest: &Path) -> Result<S
     let name = entry.name().to_string();
     let mut out = std::fs::File::create(dest).map_err(FetchError::io(dest))?;
     let mut buf = Vec::new();
-    entry.read_to_end(&mut buf).map_err(|e| archive_err(archive, format!("{name}: {e}")))?;
+    entry
+        .read_to_end(&mut buf)
+        .map_err(|e| archive_err(archive, format!("{name}: {e}")))?;
     std::io::Write::write_all(&mut out, &buf).map_err(FetchError::io(dest))?;
     out.sync_all().map_err(FetchError::io(dest))?;
     Ok(name)

@@ -28,7 +28,13 @@ impl Http {
 
     /// Downloads `url` into `part`, resuming from what `part` already holds.
     /// Returns the final size of `part`. The caller verifies and renames it.
-    pub fn download(&self, url: &str, part: &Path, expected_size: Option<u64>, progress: &Progress) -> Result<u64> {
+    pub fn download(
+        &self,
+        url: &str,
+        part: &Path,
+        expected_size: Option<u64>,
+        progress: &Progress,
+    ) -> Result<u64> {
         let mut have = std::fs::metadata(part).map(|m| m.len()).unwrap_or(0);
         if let Some(n) = expected_size {
             if have == n {
@@ -47,8 +53,18 @@ impl Http {
             Ok(r) => r,
             // Everything was already there.
             Err(ureq::Error::Status(416, _)) if have > 0 => return Ok(have),
-            Err(ureq::Error::Status(status, _)) => return Err(FetchError::HttpStatus { url: url.into(), status }),
-            Err(e) => return Err(FetchError::Transport { url: url.into(), message: e.to_string() }),
+            Err(ureq::Error::Status(status, _)) => {
+                return Err(FetchError::HttpStatus {
+                    url: url.into(),
+                    status,
+                })
+            }
+            Err(e) => {
+                return Err(FetchError::Transport {
+                    url: url.into(),
+                    message: e.to_string(),
+                })
+            }
         };
         let append = have > 0 && resp.status() == 206;
         if append {
@@ -60,14 +76,19 @@ impl Http {
             if start != Some(have) {
                 return Err(FetchError::Transport {
                     url: url.into(),
-                    message: format!("asked to resume at byte {have}, server answered Content-Range {:?}", resp.header("Content-Range")),
+                    message: format!(
+                        "asked to resume at byte {have}, server answered Content-Range {:?}",
+                        resp.header("Content-Range")
+                    ),
                 });
             }
         } else {
             // 200 to a Range request: the server ignores Range; start over.
             have = 0;
         }
-        let body_len = resp.header("Content-Length").and_then(|v| v.parse::<u64>().ok());
+        let body_len = resp
+            .header("Content-Length")
+            .and_then(|v| v.parse::<u64>().ok());
         // The server's length decides when the transfer is complete; the checksum decides if it is right.
         let total = body_len.map(|l| l + have).or(expected_size);
         let mut file = OpenOptions::new()
@@ -89,7 +110,12 @@ impl Http {
                     file.flush().map_err(FetchError::io(part))?;
                     let expected = total.unwrap_or(0);
                     tracing::warn!("{url}: {e} after {got} bytes");
-                    return Err(FetchError::Truncated { url: url.into(), got, expected, part: part.into() });
+                    return Err(FetchError::Truncated {
+                        url: url.into(),
+                        got,
+                        expected,
+                        part: part.into(),
+                    });
                 }
             };
             file.write_all(&buf[..n]).map_err(FetchError::io(part))?;
@@ -100,7 +126,12 @@ impl Http {
         progress.finish();
         if let Some(t) = total {
             if got < t {
-                return Err(FetchError::Truncated { url: url.into(), got, expected: t, part: part.into() });
+                return Err(FetchError::Truncated {
+                    url: url.into(),
+                    got,
+                    expected: t,
+                    part: part.into(),
+                });
             }
         }
         Ok(got)

@@ -25,15 +25,27 @@ pub struct HubOptions {
 /// checked against the blob's SHA-256 name when it has one.
 pub fn hub_get(repo: &str, file: &str, opts: &HubOptions) -> Result<(PathBuf, Digests)> {
     let path = if opts.offline {
-        Cache::new(opts.cache_dir.clone()).repo(Repo::model(repo.to_string())).get(file).ok_or_else(|| {
-            FetchError::HubOffline { repo: repo.into(), file: file.into(), cache: opts.cache_dir.clone() }
-        })?
+        Cache::new(opts.cache_dir.clone())
+            .repo(Repo::model(repo.to_string()))
+            .get(file)
+            .ok_or_else(|| FetchError::HubOffline {
+                repo: repo.into(),
+                file: file.into(),
+                cache: opts.cache_dir.clone(),
+            })?
     } else {
-        let mut b = ApiBuilder::new().with_cache_dir(opts.cache_dir.clone()).with_progress(opts.progress).with_retries(2);
+        let mut b = ApiBuilder::new()
+            .with_cache_dir(opts.cache_dir.clone())
+            .with_progress(opts.progress)
+            .with_retries(2);
         if let Some(e) = &opts.endpoint {
             b = b.with_endpoint(e.trim_end_matches('/').to_string());
         }
-        let hub_err = |e: hf_hub::api::sync::ApiError| FetchError::Hub { repo: repo.into(), file: file.into(), message: e.to_string() };
+        let hub_err = |e: hf_hub::api::sync::ApiError| FetchError::Hub {
+            repo: repo.into(),
+            file: file.into(),
+            message: e.to_string(),
+        };
         let api = b.build().map_err(hub_err)?;
         api.model(repo.to_string()).get(file).map_err(hub_err)?
     };
@@ -44,15 +56,24 @@ pub fn hub_get(repo: &str, file: &str, opts: &HubOptions) -> Result<(PathBuf, Di
 
 fn check_blob_name(path: &Path, d: &Digests, repo: &str, file: &str) -> Result<()> {
     let blob = std::fs::canonicalize(path).map_err(FetchError::io(path))?;
-    let name = blob.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    if name.len() == 64 && name.bytes().all(|b| b.is_ascii_hexdigit()) && !name.eq_ignore_ascii_case(&d.sha256) {
+    let name = blob
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if name.len() == 64
+        && name.bytes().all(|b| b.is_ascii_hexdigit())
+        && !name.eq_ignore_ascii_case(&d.sha256)
+    {
         return Err(FetchError::Checksum {
             source_desc: format!("Hugging Face Hub {repo}"),
             file: file.into(),
             algo: "sha256",
             expected: name,
             actual: d.sha256.clone(),
-            hint: format!(" The cached blob {} is corrupt; delete it and fetch again.", blob.display()),
+            hint: format!(
+                " The cached blob {} is corrupt; delete it and fetch again.",
+                blob.display()
+            ),
         });
     }
     Ok(())

@@ -51,7 +51,8 @@ impl FetchOptions {
             from: None,
             verify: Verify::Official,
             hub_endpoint: var("HF_ENDPOINT"),
-            hub_offline: var("HF_HUB_OFFLINE").is_some_and(|v| v != "0" && v.to_ascii_lowercase() != "false"),
+            hub_offline: var("HF_HUB_OFFLINE")
+                .is_some_and(|v| v != "0" && v.to_ascii_lowercase() != "false"),
             read_timeout: Duration::from_secs(60),
             force: false,
             quiet: false,
@@ -61,7 +62,10 @@ impl FetchOptions {
 
 /// `KD_DATA_DIR`, or `data` in the working directory.
 pub fn default_data_dir() -> PathBuf {
-    std::env::var_os("KD_DATA_DIR").filter(|v| !v.is_empty()).map(PathBuf::from).unwrap_or_else(|| PathBuf::from("data"))
+    std::env::var_os("KD_DATA_DIR")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("data"))
 }
 
 /// What a completed install records about itself.
@@ -104,7 +108,10 @@ pub fn installed(artifact: Artifact, data_dir: &Path) -> Option<InstallMarker> {
     let dir = install_path(artifact, data_dir);
     let text = std::fs::read_to_string(dir.join(MARKER)).ok()?;
     let m: InstallMarker = serde_json::from_str(&text).ok()?;
-    let complete = m.files.iter().all(|(f, size)| std::fs::metadata(dir.join(f)).is_ok_and(|md| md.len() == *size));
+    let complete = m
+        .files
+        .iter()
+        .all(|(f, size)| std::fs::metadata(dir.join(f)).is_ok_and(|md| md.len() == *size));
     complete.then_some(m)
 }
 
@@ -113,11 +120,18 @@ pub fn fetch(artifact: Artifact, opts: &FetchOptions) -> Result<Installed> {
     let dest = install_path(artifact, &opts.data_dir);
     if !opts.force {
         if let Some(marker) = installed(artifact, &opts.data_dir) {
-            return Ok(Installed { path: dest, already: true, marker });
+            return Ok(Installed {
+                path: dest,
+                already: true,
+                marker,
+            });
         }
     }
     std::fs::create_dir_all(&opts.data_dir).map_err(FetchError::io(&opts.data_dir))?;
-    let parent = dest.parent().expect("install dirs have a parent").to_path_buf();
+    let parent = dest
+        .parent()
+        .expect("install dirs have a parent")
+        .to_path_buf();
     std::fs::create_dir_all(&parent).map_err(FetchError::io(&parent))?;
     // Staging beside the destination, so the final step is a same-filesystem rename.
     let staging = tempfile::Builder::new()
@@ -133,9 +147,18 @@ pub fn fetch(artifact: Artifact, opts: &FetchOptions) -> Result<Installed> {
     marker.artifact = artifact.name().into();
     validate(artifact, &content)?;
     marker.files = list_files(&content)?;
-    write_atomic(&content.join(MARKER), serde_json::to_string_pretty(&marker).expect("marker serialises").as_bytes())?;
+    write_atomic(
+        &content.join(MARKER),
+        serde_json::to_string_pretty(&marker)
+            .expect("marker serialises")
+            .as_bytes(),
+    )?;
     swap_into_place(&content, &dest)?;
-    Ok(Installed { path: dest, already: false, marker })
+    Ok(Installed {
+        path: dest,
+        already: false,
+        marker,
+    })
 }
 
 /// Checks the unpacked files before they replace anything: data sets must load, teachers are
@@ -153,11 +176,27 @@ fn validate(artifact: Artifact, content: &Path) -> Result<()> {
         }
         Artifact::TeacherCifar10 => {
             let dst = content.join(TEACHER_WEIGHTS);
-            import_teacher(&content.join("resnet50.pt"), &dst, Arch::Resnet50, Stem::CifarMaxpool, 10, n10.mean, n10.std)?;
+            import_teacher(
+                &content.join("resnet50.pt"),
+                &dst,
+                Arch::Resnet50,
+                Stem::CifarMaxpool,
+                10,
+                n10.mean,
+                n10.std,
+            )?;
         }
         Artifact::TeacherCifar100 => {
             let dst = content.join(TEACHER_WEIGHTS);
-            import_teacher(&content.join("model.safetensors"), &dst, Arch::Resnet50, Stem::Cifar, 100, n100.mean, n100.std)?;
+            import_teacher(
+                &content.join("model.safetensors"),
+                &dst,
+                Arch::Resnet50,
+                Stem::Cifar,
+                100,
+                n100.mean,
+                n100.std,
+            )?;
         }
     }
     Ok(())
@@ -171,7 +210,14 @@ pub fn teacher_weights(artifact: Artifact, data_dir: &Path) -> PathBuf {
     install_path(artifact, data_dir).join(TEACHER_WEIGHTS)
 }
 
-fn verify(d: &Digests, src_desc: &str, file: &str, official: &Option<crate::checksum::Expected>, size: Option<u64>, policy: &Verify) -> Result<String> {
+fn verify(
+    d: &Digests,
+    src_desc: &str,
+    file: &str,
+    official: &Option<crate::checksum::Expected>,
+    size: Option<u64>,
+    policy: &Verify,
+) -> Result<String> {
     match policy {
         Verify::Skip => Ok("unverified (--no-verify)".into()),
         Verify::Pinned(e) => {
@@ -201,7 +247,12 @@ fn verify(d: &Digests, src_desc: &str, file: &str, official: &Option<crate::chec
     }
 }
 
-fn install_archive(artifact: Artifact, src: &ArchiveSource, opts: &FetchOptions, content: &Path) -> Result<InstallMarker> {
+fn install_archive(
+    artifact: Artifact,
+    src: &ArchiveSource,
+    opts: &FetchOptions,
+    content: &Path,
+) -> Result<InstallMarker> {
     let (archive, desc, digests, verified) = obtain_archive(artifact, src, opts)?;
     match src.kind {
         ArchiveKind::TarGz => {
@@ -211,15 +262,30 @@ fn install_archive(artifact: Artifact, src: &ArchiveSource, opts: &FetchOptions,
             extract_zip_member(&archive, member, &content.join(out))?;
         }
     }
-    Ok(InstallMarker { artifact: String::new(), source: desc, verified, md5: digests.md5, sha256: digests.sha256, size: digests.size, files: vec![] })
+    Ok(InstallMarker {
+        artifact: String::new(),
+        source: desc,
+        verified,
+        md5: digests.md5,
+        sha256: digests.sha256,
+        size: digests.size,
+        files: vec![],
+    })
 }
 
 /// Finds or downloads the archive and verifies it. Returns (path, source, digests, how verified).
-fn obtain_archive(artifact: Artifact, src: &ArchiveSource, opts: &FetchOptions) -> Result<(PathBuf, String, Digests, String)> {
+fn obtain_archive(
+    artifact: Artifact,
+    src: &ArchiveSource,
+    opts: &FetchOptions,
+) -> Result<(PathBuf, String, Digests, String)> {
     if let Some(dir) = &opts.from {
         let p = dir.join(src.file);
         if !p.is_file() {
-            return Err(FetchError::NotInFolder { dir: dir.clone(), expected: vec![src.file.into()] });
+            return Err(FetchError::NotInFolder {
+                dir: dir.clone(),
+                expected: vec![src.file.into()],
+            });
         }
         let d = digest_file(&p)?;
         let desc = p.display().to_string();
@@ -236,7 +302,14 @@ fn obtain_archive(artifact: Artifact, src: &ArchiveSource, opts: &FetchOptions) 
     };
     if cached.is_file() {
         let d = digest_file(&cached)?;
-        match verify(&d, &cached.display().to_string(), src.file, &src.checksum, src.size, &opts.verify) {
+        match verify(
+            &d,
+            &cached.display().to_string(),
+            src.file,
+            &src.checksum,
+            src.size,
+            &opts.verify,
+        ) {
             Ok(v) => return Ok((cached.clone(), cached.display().to_string(), d, v)),
             Err(e) => {
                 tracing::warn!("cached download rejected, fetching again: {e}");
@@ -274,17 +347,26 @@ fn obtain_archive(artifact: Artifact, src: &ArchiveSource, opts: &FetchOptions) 
     }
     if urls.len() == 1 {
         if let Some(e) = errors.pop() {
-            return Err(FetchError::AllSourcesFailed { artifact: artifact.name().into(), errors: vec![e] });
+            return Err(FetchError::AllSourcesFailed {
+                artifact: artifact.name().into(),
+                errors: vec![e],
+            });
         }
     }
-    Err(FetchError::AllSourcesFailed { artifact: artifact.name().into(), errors })
+    Err(FetchError::AllSourcesFailed {
+        artifact: artifact.name().into(),
+        errors,
+    })
 }
 
 fn install_hub(src: &HubSource, opts: &FetchOptions, content: &Path) -> Result<InstallMarker> {
     let (path, d) = if let Some(dir) = &opts.from {
         let p = dir.join(src.file);
         if !p.is_file() {
-            return Err(FetchError::NotInFolder { dir: dir.clone(), expected: vec![src.file.into()] });
+            return Err(FetchError::NotInFolder {
+                dir: dir.clone(),
+                expected: vec![src.file.into()],
+            });
         }
         let d = digest_file(&p)?;
         (p, d)
@@ -307,7 +389,15 @@ fn install_hub(src: &HubSource, opts: &FetchOptions, content: &Path) -> Result<I
     };
     let out = content.join(src.file);
     std::fs::copy(&path, &out).map_err(FetchError::io(&out))?;
-    Ok(InstallMarker { artifact: String::new(), source: format!("hf://{}/{}", src.repo, src.file), verified, md5: d.md5, sha256: d.sha256, size: d.size, files: vec![] })
+    Ok(InstallMarker {
+        artifact: String::new(),
+        source: format!("hf://{}/{}", src.repo, src.file),
+        verified,
+        md5: d.md5,
+        sha256: d.sha256,
+        size: d.size,
+        files: vec![],
+    })
 }
 
 fn list_files(root: &Path) -> Result<Vec<(String, u64)>> {
@@ -319,7 +409,13 @@ fn list_files(root: &Path) -> Result<Vec<(String, u64)>> {
                 walk(root, &p, out)?;
             } else {
                 let len = e.metadata().map_err(FetchError::io(&p))?.len();
-                out.push((p.strip_prefix(root).expect("walk stays under root").to_string_lossy().into_owned(), len));
+                out.push((
+                    p.strip_prefix(root)
+                        .expect("walk stays under root")
+                        .to_string_lossy()
+                        .into_owned(),
+                    len,
+                ));
             }
         }
         Ok(())
@@ -343,13 +439,18 @@ fn swap_into_place(new: &Path, dest: &Path) -> Result<()> {
     if dest.exists() {
         let old = dest.with_file_name(format!(
             ".old-{}-{}",
-            dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+            dest.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
             std::process::id()
         ));
         std::fs::rename(dest, &old).map_err(FetchError::io(dest))?;
         if let Err(e) = std::fs::rename(new, dest) {
             let _ = std::fs::rename(&old, dest);
-            return Err(FetchError::Io { path: dest.into(), source: e });
+            return Err(FetchError::Io {
+                path: dest.into(),
+                source: e,
+            });
         }
         std::fs::remove_dir_all(&old).map_err(FetchError::io(&old))?;
     } else {

@@ -26,7 +26,10 @@ pub mod sources;
 
 pub use checksum::{digest_file, Digests, Expected, Verify};
 pub use error::{FetchError, Result};
-pub use install::{default_data_dir, fetch, install_path, installed, teacher_weights, FetchOptions, InstallMarker, Installed, TEACHER_WEIGHTS};
+pub use install::{
+    default_data_dir, fetch, install_path, installed, teacher_weights, FetchOptions, InstallMarker,
+    Installed, TEACHER_WEIGHTS,
+};
 pub use progress::Progress;
 pub use sources::{Artifact, Source};
 

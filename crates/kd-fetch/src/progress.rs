@@ -9,7 +9,11 @@ pub struct Progress {
 impl Progress {
     /// A bar labelled `label`; hidden when `quiet`.
     pub fn new(label: &str, quiet: bool) -> Self {
-        let target = if quiet { ProgressDrawTarget::hidden() } else { ProgressDrawTarget::stderr() };
+        let target = if quiet {
+            ProgressDrawTarget::hidden()
+        } else {
+            ProgressDrawTarget::stderr()
+        };
         let bar = ProgressBar::with_draw_target(None, target);
         bar.set_message(label.to_string());
         Progress { bar }
@@ -20,7 +24,9 @@ impl Progress {
         let style = match total {
             Some(t) => {
                 self.bar.set_length(t);
-                ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}")
+                ProgressStyle::with_template(
+                    "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+                )
             }
             None => ProgressStyle::with_template("{msg} {bytes} {bytes_per_sec}"),
         };

@@ -22,7 +22,12 @@ pub enum Artifact {
 
 impl Artifact {
     /// Every artifact, in install order.
-    pub const ALL: [Artifact; 4] = [Artifact::Cifar10, Artifact::Cifar100, Artifact::TeacherCifar10, Artifact::TeacherCifar100];
+    pub const ALL: [Artifact; 4] = [
+        Artifact::Cifar10,
+        Artifact::Cifar100,
+        Artifact::TeacherCifar10,
+        Artifact::TeacherCifar100,
+    ];
 
     /// The command-line name.
     pub fn name(self) -> &'static str {
@@ -89,10 +94,16 @@ impl fmt::Display for Artifact {
 impl FromStr for Artifact {
     type Err = FetchError;
     fn from_str(s: &str) -> Result<Self, FetchError> {
-        Artifact::ALL.into_iter().find(|a| a.name() == s).ok_or_else(|| FetchError::Invalid {
-            field: "artifact",
-            message: format!("{s:?}; expected one of {}", Artifact::ALL.map(|a| a.name()).join(", ")),
-        })
+        Artifact::ALL
+            .into_iter()
+            .find(|a| a.name() == s)
+            .ok_or_else(|| FetchError::Invalid {
+                field: "artifact",
+                message: format!(
+                    "{s:?}; expected one of {}",
+                    Artifact::ALL.map(|a| a.name()).join(", ")
+                ),
+            })
     }
 }
 

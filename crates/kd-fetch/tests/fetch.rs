@@ -30,7 +30,11 @@ fn pinned(bytes: &[u8]) -> Verify {
 fn assert_no_leftovers(data: &Path) {
     for e in walk(data) {
         let name = e.file_name().unwrap().to_string_lossy().into_owned();
-        assert!(!name.starts_with(".staging") && !name.starts_with(".old") && !name.starts_with(".tmp"), "left behind: {}", e.display());
+        assert!(
+            !name.starts_with(".staging") && !name.starts_with(".old") && !name.starts_with(".tmp"),
+            "left behind: {}",
+            e.display()
+        );
     }
 }
 
@@ -50,17 +54,29 @@ fn walk(p: &Path) -> Vec<std::path::PathBuf> {
 #[test]
 fn fresh_download_installs_and_rerun_is_idempotent() {
     let archive = cifar10_archive(10);
-    let srv = Server::start(vec![("/cifar-10-binary.tar.gz", Route::Ok(archive.clone()))]);
+    let srv = Server::start(vec![(
+        "/cifar-10-binary.tar.gz",
+        Route::Ok(archive.clone()),
+    )]);
     let data = tempfile::tempdir().unwrap();
     let o = opts(data.path(), Some(&srv.url), pinned(&archive));
     let done = fetch(Artifact::Cifar10, &o).unwrap();
     assert!(!done.already);
     assert_eq!(done.marker.md5, md5_hex(&archive));
-    assert_eq!(done.marker.source, format!("{}/cifar-10-binary.tar.gz", srv.url));
+    assert_eq!(
+        done.marker.source,
+        format!("{}/cifar-10-binary.tar.gz", srv.url)
+    );
     let ds = kd_data::load_cifar10(&install_path(Artifact::Cifar10, data.path())).unwrap();
     assert_eq!((ds.train.len(), ds.test.len()), (50, 10));
-    assert!(data.path().join("downloads/cifar-10-binary.tar.gz").is_file());
-    assert!(!data.path().join("downloads/cifar-10-binary.tar.gz.part").exists());
+    assert!(data
+        .path()
+        .join("downloads/cifar-10-binary.tar.gz")
+        .is_file());
+    assert!(!data
+        .path()
+        .join("downloads/cifar-10-binary.tar.gz.part")
+        .exists());
     assert_no_leftovers(data.path());
 
     let before = srv.requests().len();
@@ -68,18 +84,33 @@ fn fresh_download_installs_and_rerun_is_idempotent() {
     let again = fetch(Artifact::Cifar10, &o).unwrap();
     assert!(again.already);
     assert!(t.elapsed() < Duration::from_secs(1));
-    assert_eq!(srv.requests().len(), before, "a verified install makes no request");
+    assert_eq!(
+        srv.requests().len(),
+        before,
+        "a verified install makes no request"
+    );
 }
 
 #[test]
 fn interrupted_download_resumes_with_range() {
     let archive = cifar100_archive(120);
     let cut = archive.len() / 3;
-    let srv = Server::start(vec![("/cifar-100-binary.tar.gz", Route::CutOnce { body: archive.clone(), after: cut, times: 1 })]);
+    let srv = Server::start(vec![(
+        "/cifar-100-binary.tar.gz",
+        Route::CutOnce {
+            body: archive.clone(),
+            after: cut,
+            times: 1,
+        },
+    )]);
     let data = tempfile::tempdir().unwrap();
     let o = opts(data.path(), Some(&srv.url), pinned(&archive));
     let err = fetch(Artifact::Cifar100, &o).unwrap_err();
-    assert!(err.to_string().contains(&format!("after {cut} of {} bytes", archive.len())), "{err}");
+    assert!(
+        err.to_string()
+            .contains(&format!("after {cut} of {} bytes", archive.len())),
+        "{err}"
+    );
     let part = data.path().join("downloads/cifar-100-binary.tar.gz.part");
     assert_eq!(std::fs::metadata(&part).unwrap().len(), cut as u64);
     assert!(!install_path(Artifact::Cifar100, data.path()).exists());
@@ -87,7 +118,10 @@ fn interrupted_download_resumes_with_range() {
     let done = fetch(Artifact::Cifar100, &o).unwrap();
     assert_eq!(done.marker.size, archive.len() as u64);
     let reqs = srv.requests();
-    assert_eq!(reqs.last().unwrap().range.as_deref(), Some(format!("bytes={cut}-").as_str()));
+    assert_eq!(
+        reqs.last().unwrap().range.as_deref(),
+        Some(format!("bytes={cut}-").as_str())
+    );
     let ds = kd_data::load_cifar100(&install_path(Artifact::Cifar100, data.path())).unwrap();
     assert_eq!(ds.train.len(), 120);
     assert_no_leftovers(data.path());
@@ -96,32 +130,72 @@ fn interrupted_download_resumes_with_range() {
 #[test]
 fn server_ignoring_range_restarts_the_file() {
     let archive = cifar10_archive(4);
-    let srv = Server::start(vec![("/cifar-10-binary.tar.gz", Route::IgnoreRange(archive.clone()))]);
+    let srv = Server::start(vec![(
+        "/cifar-10-binary.tar.gz",
+        Route::IgnoreRange(archive.clone()),
+    )]);
     let data = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(data.path().join("downloads")).unwrap();
     // A stale partial file with wrong bytes: the 200 answer must overwrite it, not append.
-    std::fs::write(data.path().join("downloads/cifar-10-binary.tar.gz.part"), vec![0xAB; 100]).unwrap();
-    fetch(Artifact::Cifar10, &opts(data.path(), Some(&srv.url), pinned(&archive))).unwrap();
+    std::fs::write(
+        data.path().join("downloads/cifar-10-binary.tar.gz.part"),
+        vec![0xAB; 100],
+    )
+    .unwrap();
+    fetch(
+        Artifact::Cifar10,
+        &opts(data.path(), Some(&srv.url), pinned(&archive)),
+    )
+    .unwrap();
     assert_eq!(srv.requests()[0].range.as_deref(), Some("bytes=100-"));
 }
 
 #[test]
 fn wrong_bytes_are_rejected_and_removed() {
     let archive = cifar10_archive(4);
-    let srv = Server::start(vec![("/cifar-10-binary.tar.gz", Route::Ok(archive.clone()))]);
+    let srv = Server::start(vec![(
+        "/cifar-10-binary.tar.gz",
+        Route::Ok(archive.clone()),
+    )]);
     let data = tempfile::tempdir().unwrap();
     let wrong = "00000000000000000000000000000000";
-    let o = opts(data.path(), Some(&srv.url), Verify::Pinned(Expected::Md5(wrong.into())));
+    let o = opts(
+        data.path(),
+        Some(&srv.url),
+        Verify::Pinned(Expected::Md5(wrong.into())),
+    );
     let err = fetch(Artifact::Cifar10, &o).unwrap_err();
     let msg = err.to_string();
-    assert!(matches!(err, FetchError::Checksum { algo: "md5", .. }), "{msg}");
-    assert!(msg.contains(wrong) && msg.contains(&md5_hex(&archive)) && msg.contains(&srv.url), "{msg}");
-    assert!(!data.path().join("downloads/cifar-10-binary.tar.gz.part").exists());
-    assert!(!data.path().join("downloads/cifar-10-binary.tar.gz").exists());
+    assert!(
+        matches!(err, FetchError::Checksum { algo: "md5", .. }),
+        "{msg}"
+    );
+    assert!(
+        msg.contains(wrong) && msg.contains(&md5_hex(&archive)) && msg.contains(&srv.url),
+        "{msg}"
+    );
+    assert!(!data
+        .path()
+        .join("downloads/cifar-10-binary.tar.gz.part")
+        .exists());
+    assert!(!data
+        .path()
+        .join("downloads/cifar-10-binary.tar.gz")
+        .exists());
     assert!(!install_path(Artifact::Cifar10, data.path()).exists());
     // Against the official checksum the error says how to accept a copy deliberately.
-    let err = fetch(Artifact::Cifar10, &opts(data.path(), Some(&srv.url), Verify::Official)).unwrap_err().to_string();
-    assert!(err.contains("c32a1d4ab5d03f1284b67883e8d87530") && err.contains("--md5") && err.contains("--no-verify"), "{err}");
+    let err = fetch(
+        Artifact::Cifar10,
+        &opts(data.path(), Some(&srv.url), Verify::Official),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("c32a1d4ab5d03f1284b67883e8d87530")
+            && err.contains("--md5")
+            && err.contains("--no-verify"),
+        "{err}"
+    );
     assert_no_leftovers(data.path());
 }
 
@@ -129,16 +203,30 @@ fn wrong_bytes_are_rejected_and_removed() {
 fn http_errors_and_stalls_are_clear() {
     let srv = Server::start(vec![
         ("/cifar-10-binary.tar.gz", Route::Status(404)),
-        ("/cifar-100-binary.tar.gz", Route::Stall(Duration::from_secs(4))),
+        (
+            "/cifar-100-binary.tar.gz",
+            Route::Stall(Duration::from_secs(4)),
+        ),
     ]);
     let data = tempfile::tempdir().unwrap();
-    let err = fetch(Artifact::Cifar10, &opts(data.path(), Some(&srv.url), Verify::Skip)).unwrap_err().to_string();
-    assert!(err.contains("HTTP 404") && err.contains("cifar-10-binary.tar.gz"), "{err}");
+    let err = fetch(
+        Artifact::Cifar10,
+        &opts(data.path(), Some(&srv.url), Verify::Skip),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("HTTP 404") && err.contains("cifar-10-binary.tar.gz"),
+        "{err}"
+    );
     let mut o = opts(data.path(), Some(&srv.url), Verify::Skip);
     o.read_timeout = Duration::from_secs(1);
     let t = Instant::now();
     let err = fetch(Artifact::Cifar100, &o).unwrap_err().to_string();
-    assert!(t.elapsed() < Duration::from_secs(4), "the read timeout ends a stalled transfer");
+    assert!(
+        t.elapsed() < Duration::from_secs(4),
+        "the read timeout ends a stalled transfer"
+    );
     assert!(err.contains("cifar-100-binary.tar.gz"), "{err}");
     assert!(!install_path(Artifact::Cifar10, data.path()).exists());
 }
@@ -152,7 +240,11 @@ fn from_folder_installs_with_the_same_checks() {
     let mut o = opts(data.path(), None, Verify::Official);
     o.from = Some(dir.path().to_path_buf());
     let err = fetch(Artifact::Cifar10, &o).unwrap_err().to_string();
-    assert!(err.contains("not the official file") && err.contains(&format!("--md5 {}", md5_hex(&archive))), "{err}");
+    assert!(
+        err.contains("not the official file")
+            && err.contains(&format!("--md5 {}", md5_hex(&archive))),
+        "{err}"
+    );
     o.verify = pinned(&archive);
     let done = fetch(Artifact::Cifar10, &o).unwrap();
     assert!(done.marker.verified.starts_with("pinned md5"));
@@ -166,7 +258,11 @@ fn from_folder_installs_with_the_same_checks() {
     let empty = tempfile::tempdir().unwrap();
     o.from = Some(empty.path().to_path_buf());
     let err = fetch(Artifact::Cifar100, &o).unwrap_err().to_string();
-    assert!(err.contains("cifar-100-binary.tar.gz") && err.contains(&empty.path().display().to_string()), "{err}");
+    assert!(
+        err.contains("cifar-100-binary.tar.gz")
+            && err.contains(&empty.path().display().to_string()),
+        "{err}"
+    );
 }
 
 #[test]
@@ -181,7 +277,12 @@ fn traversal_paths_are_refused() {
     let err = fetch(Artifact::Cifar10, &o).unwrap_err();
     assert!(matches!(err, FetchError::UnsafePath { .. }), "{err}");
     assert!(err.to_string().contains("escaped.bin"));
-    assert!(walk(root.path()).iter().all(|p| !p.ends_with("escaped.bin")), "nothing written outside");
+    assert!(
+        walk(root.path())
+            .iter()
+            .all(|p| !p.ends_with("escaped.bin")),
+        "nothing written outside"
+    );
     assert!(!install_path(Artifact::Cifar10, &data).exists());
     assert_no_leftovers(&data);
 
@@ -189,7 +290,10 @@ fn traversal_paths_are_refused() {
     let zip = teacher_zip(b"weights", &["../../evil.pt"]);
     std::fs::write(dir.path().join("state_dicts.zip"), &zip).unwrap();
     let err = fetch(Artifact::TeacherCifar10, &o).unwrap_err();
-    assert!(matches!(err, FetchError::UnsafePath { .. }) && err.to_string().contains("evil.pt"), "{err}");
+    assert!(
+        matches!(err, FetchError::UnsafePath { .. }) && err.to_string().contains("evil.pt"),
+        "{err}"
+    );
     assert!(!install_path(Artifact::TeacherCifar10, &data).exists());
 }
 
@@ -203,24 +307,38 @@ fn a_failed_reinstall_keeps_the_earlier_install() {
     o.from = Some(dir.path().to_path_buf());
     let first = fetch(Artifact::Cifar10, &o).unwrap();
     // A truncated archive (cut mid-stream) must fail without touching the installed copy.
-    std::fs::write(dir.path().join("cifar-10-binary.tar.gz"), &good[..good.len() / 2]).unwrap();
+    std::fs::write(
+        dir.path().join("cifar-10-binary.tar.gz"),
+        &good[..good.len() / 2],
+    )
+    .unwrap();
     o.force = true;
     let err = fetch(Artifact::Cifar10, &o).unwrap_err();
     assert!(matches!(err, FetchError::Archive { .. }), "{err}");
-    let after = kd_fetch::installed(Artifact::Cifar10, data.path()).expect("earlier install intact");
+    let after =
+        kd_fetch::installed(Artifact::Cifar10, data.path()).expect("earlier install intact");
     assert_eq!(after, first.marker);
     assert_eq!(kd_data::load_cifar10(&first.path).unwrap().train.len(), 25);
     assert_no_leftovers(data.path());
     // An archive that unpacks but does not load (bad label byte) is refused the same way.
     let mut bad = cifar10_archive(5);
     bad.truncate(0);
-    std::fs::write(dir.path().join("cifar-10-binary.tar.gz"), b"not gzip at all").unwrap();
+    std::fs::write(
+        dir.path().join("cifar-10-binary.tar.gz"),
+        b"not gzip at all",
+    )
+    .unwrap();
     assert!(fetch(Artifact::Cifar10, &o).is_err());
     assert!(kd_fetch::installed(Artifact::Cifar10, data.path()).is_some());
 }
 
 fn model_fixture(name: &str) -> Vec<u8> {
-    std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("../kd-models/tests/fixtures").join(name)).unwrap()
+    std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../kd-models/tests/fixtures")
+            .join(name),
+    )
+    .unwrap()
 }
 
 #[test]
@@ -230,9 +348,16 @@ fn teacher_zip_member_is_extracted_and_converted() {
     let zip = teacher_zip(&pt, &[]);
     let srv = Server::start(vec![("/state_dicts.zip", Route::Ok(zip.clone()))]);
     let data = tempfile::tempdir().unwrap();
-    let done = fetch(Artifact::TeacherCifar10, &opts(data.path(), Some(&srv.url), Verify::Official)).unwrap();
+    let done = fetch(
+        Artifact::TeacherCifar10,
+        &opts(data.path(), Some(&srv.url), Verify::Official),
+    )
+    .unwrap();
     assert_eq!(std::fs::read(done.path.join("resnet50.pt")).unwrap(), pt);
-    assert!(!done.path.join("resnet18.pt").exists(), "only the ResNet50 is installed");
+    assert!(
+        !done.path.join("resnet18.pt").exists(),
+        "only the ResNet50 is installed"
+    );
     assert!(done.marker.verified.contains("sha256 recorded"));
     let weights = kd_fetch::teacher_weights(Artifact::TeacherCifar10, data.path());
     assert_eq!(weights, done.path.join("teacher.safetensors"));
@@ -240,7 +365,12 @@ fn teacher_zip_member_is_extracted_and_converted() {
     assert_eq!(teacher.meta().stem, kd_models::Stem::CifarMaxpool);
     assert_eq!(teacher.meta().base_width, 4);
     assert_eq!(teacher.meta().mean, kd_data::Normalize::CIFAR10.mean);
-    let x = candle_core::Tensor::zeros((1, 3, 32, 32), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+    let x = candle_core::Tensor::zeros(
+        (1, 3, 32, 32),
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
     assert_eq!(teacher.forward(&x).unwrap().logits.dims(), &[1, 10]);
 
     // The wrong architecture inside the zip is refused by key name, nothing installed.
@@ -251,13 +381,19 @@ fn teacher_zip_member_is_extracted_and_converted() {
     let mut o = opts(other.path(), None, Verify::Skip);
     o.from = Some(dir.path().to_path_buf());
     let err = fetch(Artifact::TeacherCifar10, &o).unwrap_err().to_string();
-    assert!(err.contains("conv3.weight") && err.contains("missing"), "{err}");
+    assert!(
+        err.contains("conv3.weight") && err.contains("missing"),
+        "{err}"
+    );
     assert!(!install_path(Artifact::TeacherCifar10, other.path()).exists());
     assert_no_leftovers(other.path());
 }
 
 fn tiny_cifar100_teacher(classes: usize) -> Vec<u8> {
-    let cfg = kd_models::ResNetConfig { base_width: 4, ..kd_models::ResNetConfig::new(kd_models::Arch::Resnet50, kd_models::Stem::Cifar, classes) };
+    let cfg = kd_models::ResNetConfig {
+        base_width: 4,
+        ..kd_models::ResNetConfig::new(kd_models::Arch::Resnet50, kd_models::Stem::Cifar, classes)
+    };
     let (_, vm) = kd_models::trainable_resnet(&cfg, &candle_core::Device::Cpu, 0).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let p = tmp.path().join("m.safetensors");
@@ -274,7 +410,10 @@ fn hub_download_offline_cache_and_errors() {
     let mut o = opts(data.path(), None, Verify::Official);
     o.hub_endpoint = Some(srv.url.clone());
     let done = fetch(Artifact::TeacherCifar100, &o).unwrap();
-    assert_eq!(std::fs::read(done.path.join("model.safetensors")).unwrap(), weights);
+    assert_eq!(
+        std::fs::read(done.path.join("model.safetensors")).unwrap(),
+        weights
+    );
     assert!(srv.requests().iter().any(|r| r.path == path));
     let meta = kd_models::TeacherMeta::load(&done.path.join("teacher.safetensors")).unwrap();
     assert_eq!((meta.num_classes, meta.stem), (100, kd_models::Stem::Cifar));
@@ -290,14 +429,28 @@ fn hub_download_offline_cache_and_errors() {
     let empty = tempfile::tempdir().unwrap();
     let mut o2 = opts(empty.path(), None, Verify::Official);
     o2.hub_offline = true;
-    let err = fetch(Artifact::TeacherCifar100, &o2).unwrap_err().to_string();
-    assert!(err.contains("HF_HUB_OFFLINE") && err.contains("resnet50_cifar100"), "{err}");
+    let err = fetch(Artifact::TeacherCifar100, &o2)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("HF_HUB_OFFLINE") && err.contains("resnet50_cifar100"),
+        "{err}"
+    );
 
     // A 10-class checkpoint offered as the CIFAR-100 teacher is refused with the class count.
     let ten = tempfile::tempdir().unwrap();
-    std::fs::write(ten.path().join("model.safetensors"), tiny_cifar100_teacher(10)).unwrap();
+    std::fs::write(
+        ten.path().join("model.safetensors"),
+        tiny_cifar100_teacher(10),
+    )
+    .unwrap();
     let mut o3 = opts(empty.path(), None, Verify::Skip);
     o3.from = Some(ten.path().to_path_buf());
-    let err = fetch(Artifact::TeacherCifar100, &o3).unwrap_err().to_string();
-    assert!(err.contains("10 classes") && err.contains("expected 100"), "{err}");
+    let err = fetch(Artifact::TeacherCifar100, &o3)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("10 classes") && err.contains("expected 100"),
+        "{err}"
+    );
 }

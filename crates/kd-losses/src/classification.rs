@@ -6,7 +6,10 @@ use candle_nn::ops::log_softmax;
 /// smoothing ε: `(1−ε)·(−log p_y) + ε·mean_k(−log p_k)`.
 pub fn cross_entropy(logits: &Tensor, labels: &Tensor, smoothing: f64) -> Result<Tensor> {
     let logp = log_softmax(logits, D::Minus1)?;
-    let nll = logp.gather(&labels.unsqueeze(1)?, D::Minus1)?.squeeze(1)?.neg()?;
+    let nll = logp
+        .gather(&labels.unsqueeze(1)?, D::Minus1)?
+        .squeeze(1)?
+        .neg()?;
     if smoothing == 0.0 {
         return nll.mean_all();
     }
@@ -15,6 +18,13 @@ pub fn cross_entropy(logits: &Tensor, labels: &Tensor, smoothing: f64) -> Result
 }
 
 /// The mixed-label loss `λ·CE(y_a) + (1−λ)·CE(y_b)` for mixup and CutMix batches.
-pub fn mixed_cross_entropy(logits: &Tensor, labels_a: &Tensor, labels_b: &Tensor, lambda: f64, smoothing: f64) -> Result<Tensor> {
-    (cross_entropy(logits, labels_a, smoothing)? * lambda)? + (cross_entropy(logits, labels_b, smoothing)? * (1.0 - lambda))?
+pub fn mixed_cross_entropy(
+    logits: &Tensor,
+    labels_a: &Tensor,
+    labels_b: &Tensor,
+    lambda: f64,
+    smoothing: f64,
+) -> Result<Tensor> {
+    (cross_entropy(logits, labels_a, smoothing)? * lambda)?
+        + (cross_entropy(logits, labels_b, smoothing)? * (1.0 - lambda))?
 }

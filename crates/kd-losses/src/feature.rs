@@ -11,7 +11,11 @@ pub fn align_spatial(a: &Tensor, b: &Tensor) -> Result<(Tensor, Tensor)> {
     }
     let (big, small) = if ha > hb { (ha, hb) } else { (hb, ha) };
     if big % small != 0 || a.dim(3)? * hb != b.dim(3)? * ha {
-        bail!("cannot align feature maps {:?} and {:?}: sizes are not integer multiples", a.dims(), b.dims());
+        bail!(
+            "cannot align feature maps {:?} and {:?}: sizes are not integer multiples",
+            a.dims(),
+            b.dims()
+        );
     }
     let k = big / small;
     if ha > hb {
@@ -30,7 +34,11 @@ pub fn hint_loss(student: &Tensor, teacher: &Tensor) -> Result<Tensor> {
 /// L2-normalised per sample → (N, H·W).
 pub fn attention_map(f: &Tensor) -> Result<Tensor> {
     let a = f.sqr()?.mean(1)?.flatten_from(1)?;
-    let norm = a.sqr()?.sum_keepdim(D::Minus1)?.clamp(1e-24, f64::MAX)?.sqrt()?;
+    let norm = a
+        .sqr()?
+        .sum_keepdim(D::Minus1)?
+        .clamp(1e-24, f64::MAX)?
+        .sqrt()?;
     a.broadcast_div(&norm)
 }
 

@@ -41,26 +41,40 @@ pub fn rkd_distance_loss(student: &Tensor, teacher: &Tensor) -> Result<Tensor> {
 /// difference vectors.
 fn angles(e: &Tensor) -> Result<Tensor> {
     let diff = e.unsqueeze(0)?.broadcast_sub(&e.unsqueeze(1)?)?; // [j, i] = e_i − e_j
-    let norm = diff.sqr()?.sum_keepdim(D::Minus1)?.clamp(1e-24, f64::MAX)?.sqrt()?;
+    let norm = diff
+        .sqr()?
+        .sum_keepdim(D::Minus1)?
+        .clamp(1e-24, f64::MAX)?
+        .sqrt()?;
     let unit = diff.broadcast_div(&norm)?; // (B, B, D)
     unit.matmul(&unit.transpose(1, 2)?) // [j, i, k] = e_ij · e_kj
 }
 
 /// RKD angle term: smooth-L1 between the triplet angle cosines of student and teacher.
 pub fn rkd_angle_loss(student: &Tensor, teacher: &Tensor) -> Result<Tensor> {
-    smooth_l1(&angles(&student.flatten_from(1)?)?, &angles(&teacher.detach().flatten_from(1)?)?)
+    smooth_l1(
+        &angles(&student.flatten_from(1)?)?,
+        &angles(&teacher.detach().flatten_from(1)?)?,
+    )
 }
 
 /// Row-normalised batch similarity `G = normalize(F Fᵀ)` of features flattened to (B, ·).
 pub fn similarity_matrix(f: &Tensor) -> Result<Tensor> {
     let f = f.flatten_from(1)?;
     let g = f.matmul(&f.t()?)?;
-    let norm = g.sqr()?.sum_keepdim(D::Minus1)?.clamp(1e-24, f64::MAX)?.sqrt()?;
+    let norm = g
+        .sqr()?
+        .sum_keepdim(D::Minus1)?
+        .clamp(1e-24, f64::MAX)?
+        .sqrt()?;
     g.broadcast_div(&norm)
 }
 
 /// Similarity-preserving loss `‖G_s − G_t‖²_F / B²`.
 pub fn sp_loss(student: &Tensor, teacher: &Tensor) -> Result<Tensor> {
     let b = student.dim(0)? as f64;
-    (similarity_matrix(student)? - similarity_matrix(&teacher.detach())?)?.sqr()?.sum_all()? / (b * b)
+    (similarity_matrix(student)? - similarity_matrix(&teacher.detach())?)?
+        .sqr()?
+        .sum_all()?
+        / (b * b)
 }

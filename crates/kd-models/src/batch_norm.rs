@@ -32,7 +32,8 @@ pub fn batch_norm2d(channels: usize, vb: VarBuilder) -> Result<BatchNorm2d> {
 impl BatchNorm2d {
     fn affine(&self, xhat: &Tensor) -> Result<Tensor> {
         let c = self.weight.dim(0)?;
-        xhat.broadcast_mul(&self.weight.reshape((1, c, 1, 1))?)?.broadcast_add(&self.bias.reshape((1, c, 1, 1))?)
+        xhat.broadcast_mul(&self.weight.reshape((1, c, 1, 1))?)?
+            .broadcast_add(&self.bias.reshape((1, c, 1, 1))?)
     }
 
     /// Normalises `x` (N, C, H, W). In training mode also updates the running statistics,
@@ -42,7 +43,9 @@ impl BatchNorm2d {
         if !train {
             let rm = self.running_mean.detach().reshape((1, c, 1, 1))?;
             let rv = self.running_var.detach().reshape((1, c, 1, 1))?;
-            let xhat = x.broadcast_sub(&rm)?.broadcast_div(&(rv + self.eps)?.sqrt()?)?;
+            let xhat = x
+                .broadcast_sub(&rm)?
+                .broadcast_div(&(rv + self.eps)?.sqrt()?)?;
             return self.affine(&xhat);
         }
         let (n, _, h, w) = x.dims4()?;

@@ -45,22 +45,46 @@ pub enum ModelError {
     },
 }
 
-fn describe(missing: &[String], unexpected: &[String], mismatched: &[(String, Vec<usize>, Vec<usize>)]) -> String {
+fn describe(
+    missing: &[String],
+    unexpected: &[String],
+    mismatched: &[(String, Vec<usize>, Vec<usize>)],
+) -> String {
     let mut parts = Vec::new();
     let list = |v: &[String]| {
         let head: Vec<&str> = v.iter().take(12).map(String::as_str).collect();
-        let more = if v.len() > 12 { format!(", … {} more", v.len() - 12) } else { String::new() };
+        let more = if v.len() > 12 {
+            format!(", … {} more", v.len() - 12)
+        } else {
+            String::new()
+        };
         format!("{}{}", head.join(", "), more)
     };
     if !missing.is_empty() {
-        parts.push(format!("{} missing key(s): {}", missing.len(), list(missing)));
+        parts.push(format!(
+            "{} missing key(s): {}",
+            missing.len(),
+            list(missing)
+        ));
     }
     if !unexpected.is_empty() {
-        parts.push(format!("{} unexpected key(s): {}", unexpected.len(), list(unexpected)));
+        parts.push(format!(
+            "{} unexpected key(s): {}",
+            unexpected.len(),
+            list(unexpected)
+        ));
     }
     if !mismatched.is_empty() {
-        let m: Vec<String> = mismatched.iter().take(12).map(|(k, a, b)| format!("{k} model {a:?} vs file {b:?}")).collect();
-        parts.push(format!("{} mis-shaped key(s): {}", mismatched.len(), m.join(", ")));
+        let m: Vec<String> = mismatched
+            .iter()
+            .take(12)
+            .map(|(k, a, b)| format!("{k} model {a:?} vs file {b:?}"))
+            .collect();
+        parts.push(format!(
+            "{} mis-shaped key(s): {}",
+            mismatched.len(),
+            m.join(", ")
+        ));
     }
     parts.join("; ")
 }

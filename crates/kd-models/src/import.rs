@@ -39,7 +39,10 @@ pub struct TeacherMeta {
 impl TeacherMeta {
     /// The model configuration these weights fit.
     pub fn config(&self) -> ResNetConfig {
-        ResNetConfig { base_width: self.base_width, ..ResNetConfig::new(self.arch, self.stem, self.num_classes) }
+        ResNetConfig {
+            base_width: self.base_width,
+            ..ResNetConfig::new(self.arch, self.stem, self.num_classes)
+        }
     }
 
     /// The sidecar path of a weights file (`X.safetensors` → `X.json`).
@@ -51,7 +54,10 @@ impl TeacherMeta {
     pub fn load(weights: &Path) -> Result<Self> {
         let p = Self::sidecar(weights);
         let text = std::fs::read_to_string(&p).map_err(ModelError::io(&p))?;
-        serde_json::from_str(&text).map_err(|e| ModelError::BadFile { path: p, message: format!("bad teacher metadata: {e}") })
+        serde_json::from_str(&text).map_err(|e| ModelError::BadFile {
+            path: p,
+            message: format!("bad teacher metadata: {e}"),
+        })
     }
 }
 
@@ -75,13 +81,18 @@ pub fn clean_state_dict(raw: Vec<(String, Tensor)>) -> HashMap<String, Tensor> {
 }
 
 fn bad(path: &Path, message: impl Into<String>) -> ModelError {
-    ModelError::BadFile { path: path.into(), message: message.into() }
+    ModelError::BadFile {
+        path: path.into(),
+        message: message.into(),
+    }
 }
 
 /// Reads a PyTorch checkpoint's tensors: a bare state dict, or one under `state_dict` or `model`.
 pub fn read_pt(path: &Path) -> Result<Vec<(String, Tensor)>> {
     let mut head = [0u8; 4];
-    let n = std::fs::File::open(path).and_then(|mut f| f.read(&mut head)).map_err(ModelError::io(path))?;
+    let n = std::fs::File::open(path)
+        .and_then(|mut f| f.read(&mut head))
+        .map_err(ModelError::io(path))?;
     if n < 4 || head != *b"PK\x03\x04" {
         let legacy = n >= 2 && head[0] == 0x80 && head[1] <= 5;
         return Err(bad(
@@ -102,12 +113,17 @@ pub fn read_pt(path: &Path) -> Result<Vec<(String, Tensor)>> {
             Err(e) => last_err = e.to_string(),
         }
     }
-    Err(bad(path, format!("no tensors found at the top level or under `state_dict` / `model` {last_err}")))
+    Err(bad(
+        path,
+        format!("no tensors found at the top level or under `state_dict` / `model` {last_err}"),
+    ))
 }
 
 fn read_any(src: &Path) -> Result<HashMap<String, Tensor>> {
     let raw: Vec<(String, Tensor)> = if src.extension().is_some_and(|e| e == "safetensors") {
-        crate::checkpoint::read_safetensors(src, &Device::Cpu)?.into_iter().collect()
+        crate::checkpoint::read_safetensors(src, &Device::Cpu)?
+            .into_iter()
+            .collect()
     } else {
         read_pt(src)?
     };
@@ -116,27 +132,62 @@ fn read_any(src: &Path) -> Result<HashMap<String, Tensor>> {
 
 /// Converts `src` (`.pt` or `.safetensors`) for the model `cfg` into `dst` (`.safetensors`) and
 /// its JSON sidecar, after checking every key and shape.
-pub fn import_checkpoint(src: &Path, dst: &Path, cfg: &ResNetConfig, mean: [f32; 3], std: [f32; 3]) -> Result<TeacherMeta> {
+pub fn import_checkpoint(
+    src: &Path,
+    dst: &Path,
+    cfg: &ResNetConfig,
+    mean: [f32; 3],
+    std: [f32; 3],
+) -> Result<TeacherMeta> {
     convert(read_any(src)?, src, dst, cfg, mean, std)
 }
 
 /// Like [`import_checkpoint`] for a published teacher of known architecture and stem: the width
 /// is read from `conv1.weight`, and the class count must be `num_classes` (a CIFAR-100 teacher
 /// offered for CIFAR-10 is refused by name).
-pub fn import_teacher(src: &Path, dst: &Path, arch: Arch, stem: Stem, num_classes: usize, mean: [f32; 3], std: [f32; 3]) -> Result<TeacherMeta> {
+pub fn import_teacher(
+    src: &Path,
+    dst: &Path,
+    arch: Arch,
+    stem: Stem,
+    num_classes: usize,
+    mean: [f32; 3],
+    std: [f32; 3],
+) -> Result<TeacherMeta> {
     let tensors = read_any(src)?;
     let dim0 = |k: &str| tensors.get(k).map(|t| t.dims()[0]);
-    let base_width = dim0("conv1.weight").ok_or_else(|| bad(src, format!("no conv1.weight: not a {} checkpoint", arch.name())))?;
+    let base_width = dim0("conv1.weight").ok_or_else(|| {
+        bad(
+            src,
+            format!("no conv1.weight: not a {} checkpoint", arch.name()),
+        )
+    })?;
     if let Some(c) = dim0("fc.weight").filter(|&c| c != num_classes) {
-        return Err(bad(src, format!("the checkpoint has {c} classes (fc.weight), expected {num_classes}")));
+        return Err(bad(
+            src,
+            format!("the checkpoint has {c} classes (fc.weight), expected {num_classes}"),
+        ));
     }
-    let cfg = ResNetConfig { base_width, ..ResNetConfig::new(arch, stem, num_classes) };
+    let cfg = ResNetConfig {
+        base_width,
+        ..ResNetConfig::new(arch, stem, num_classes)
+    };
     convert(tensors, src, dst, &cfg, mean, std)
 }
 
-fn convert(cleaned: HashMap<String, Tensor>, src: &Path, dst: &Path, cfg: &ResNetConfig, mean: [f32; 3], std: [f32; 3]) -> Result<TeacherMeta> {
+fn convert(
+    cleaned: HashMap<String, Tensor>,
+    src: &Path,
+    dst: &Path,
+    cfg: &ResNetConfig,
+    mean: [f32; 3],
+    std: [f32; 3],
+) -> Result<TeacherMeta> {
     check_keys(&expected_keys(cfg)?, &cleaned, src)?;
-    let tensors = cleaned.into_iter().map(|(k, t)| Ok((k, t.to_dtype(DType::F32)?.contiguous()?))).collect::<Result<HashMap<_, _>>>()?;
+    let tensors = cleaned
+        .into_iter()
+        .map(|(k, t)| Ok((k, t.to_dtype(DType::F32)?.contiguous()?)))
+        .collect::<Result<HashMap<_, _>>>()?;
     let bytes = std::fs::read(src).map_err(ModelError::io(src))?;
     let meta = TeacherMeta {
         arch: cfg.arch,
@@ -145,13 +196,20 @@ fn convert(cleaned: HashMap<String, Tensor>, src: &Path, dst: &Path, cfg: &ResNe
         base_width: cfg.base_width,
         mean,
         std,
-        source: src.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
+        source: src
+            .file_name()
+            .map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
         source_sha256: hex::encode(sha2::Sha256::digest(&bytes)),
     };
     if let Some(parent) = dst.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).map_err(ModelError::io(parent))?;
     }
     save_tensors(&tensors, dst)?;
-    write_atomic(&TeacherMeta::sidecar(dst), serde_json::to_string_pretty(&meta).expect("meta serialises").as_bytes())?;
+    write_atomic(
+        &TeacherMeta::sidecar(dst),
+        serde_json::to_string_pretty(&meta)
+            .expect("meta serialises")
+            .as_bytes(),
+    )?;
     Ok(meta)
 }

@@ -9,12 +9,19 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
 
 fn fnv1a(s: &str) -> u64 {
-    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// True for the BN that closes a residual branch (`bn2` of a BasicBlock, `bn3` of a Bottleneck).
 fn is_last_block_bn(name: &str, bottleneck: bool) -> bool {
-    name.starts_with("layer") && name.ends_with(if bottleneck { ".bn3.weight" } else { ".bn2.weight" })
+    name.starts_with("layer")
+        && name.ends_with(if bottleneck {
+            ".bn3.weight"
+        } else {
+            ".bn2.weight"
+        })
 }
 
 /// Initialises every variable of `vm` (a ResNet's) from `seed`.
@@ -24,7 +31,11 @@ pub fn init_resnet(vm: &VarMap, seed: u64, zero_init_residual: bool) -> Result<(
     let mut names: Vec<&String> = data.keys().collect();
     names.sort();
     // fc fan-in comes from the weight; look it up for the bias.
-    let fan_in_of = |module: &str| data.get(&format!("{module}.weight")).and_then(|w| w.dims().get(1).copied()).unwrap_or(1);
+    let fan_in_of = |module: &str| {
+        data.get(&format!("{module}.weight"))
+            .and_then(|w| w.dims().get(1).copied())
+            .unwrap_or(1)
+    };
     for name in names {
         let var = &data[name];
         let dims = var.dims().to_vec();

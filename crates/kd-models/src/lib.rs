@@ -31,7 +31,9 @@ pub mod resnet;
 mod teacher;
 
 pub use batch_norm::{batch_norm2d, BatchNorm2d};
-pub use checkpoint::{check_keys, expected_keys, load_frozen, load_into, save_varmap, trainable_resnet, write_atomic};
+pub use checkpoint::{
+    check_keys, expected_keys, load_frozen, load_into, save_varmap, trainable_resnet, write_atomic,
+};
 pub use error::{ModelError, Result};
 pub use import::{import_checkpoint, import_teacher, TeacherMeta};
 pub use max_pool::MaxPool2d;

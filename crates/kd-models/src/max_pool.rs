@@ -19,7 +19,11 @@ pub struct MaxPool2d {
 
 impl MaxPool2d {
     /// The ResNet stem pool: 3×3, stride 2, padding 1.
-    pub const RESNET_STEM: MaxPool2d = MaxPool2d { kernel: 3, stride: 2, padding: 1 };
+    pub const RESNET_STEM: MaxPool2d = MaxPool2d {
+        kernel: 3,
+        stride: 2,
+        padding: 1,
+    };
 
     fn out_size(&self, n: usize) -> usize {
         (n + 2 * self.padding - self.kernel) / self.stride + 1
@@ -28,11 +32,19 @@ impl MaxPool2d {
     /// Pools `x` (N, C, H, W).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if self.padding * 2 > self.kernel {
-            bail!("max-pool padding {} exceeds half the kernel {}", self.padding, self.kernel);
+            bail!(
+                "max-pool padding {} exceeds half the kernel {}",
+                self.padding,
+                self.kernel
+            );
         }
         let (_, _, h, w) = x.dims4()?;
         if h + 2 * self.padding < self.kernel || w + 2 * self.padding < self.kernel {
-            bail!("max-pool kernel {} larger than the padded input {:?}", self.kernel, x.dims());
+            bail!(
+                "max-pool kernel {} larger than the padded input {:?}",
+                self.kernel,
+                x.dims()
+            );
         }
         x.contiguous()?.apply_op1(*self)
     }
@@ -40,7 +52,15 @@ impl MaxPool2d {
     /// Index (within one plane) of the first maximum of output window (oy, ox); `None` if the
     /// window lies entirely in the padding (impossible for valid geometry).
     #[inline]
-    fn argmax<T: Copy + PartialOrd>(&self, plane: &[T], h: usize, w: usize, oy: usize, ox: usize, is_nan: impl Fn(T) -> bool) -> Option<usize> {
+    fn argmax<T: Copy + PartialOrd>(
+        &self,
+        plane: &[T],
+        h: usize,
+        w: usize,
+        oy: usize,
+        ox: usize,
+        is_nan: impl Fn(T) -> bool,
+    ) -> Option<usize> {
         let mut best: Option<(usize, T)> = None;
         let y0 = (oy * self.stride) as isize - self.padding as isize;
         let x0 = (ox * self.stride) as isize - self.padding as isize;
@@ -66,7 +86,12 @@ impl MaxPool2d {
         best.map(|(i, _)| i)
     }
 
-    fn fwd_slice<T: Copy + PartialOrd>(&self, x: &[T], dims: &[usize], is_nan: impl Fn(T) -> bool + Copy) -> Vec<T> {
+    fn fwd_slice<T: Copy + PartialOrd>(
+        &self,
+        x: &[T],
+        dims: &[usize],
+        is_nan: impl Fn(T) -> bool + Copy,
+    ) -> Vec<T> {
         let (nc, h, w) = (dims[0] * dims[1], dims[2], dims[3]);
         let (oh, ow) = (self.out_size(h), self.out_size(w));
         let mut out = Vec::with_capacity(nc * oh * ow);
@@ -74,7 +99,9 @@ impl MaxPool2d {
             let plane = &x[p * h * w..(p + 1) * h * w];
             for oy in 0..oh {
                 for ox in 0..ow {
-                    let i = self.argmax(plane, h, w, oy, ox, is_nan).expect("window overlaps the input");
+                    let i = self
+                        .argmax(plane, h, w, oy, ox, is_nan)
+                        .expect("window overlaps the input");
                     out.push(plane[i]);
                 }
             }
@@ -82,7 +109,13 @@ impl MaxPool2d {
         out
     }
 
-    fn bwd_slice<T: Copy + PartialOrd + std::ops::AddAssign + Default>(&self, x: &[T], g: &[T], dims: &[usize], is_nan: impl Fn(T) -> bool + Copy) -> Vec<T> {
+    fn bwd_slice<T: Copy + PartialOrd + std::ops::AddAssign + Default>(
+        &self,
+        x: &[T],
+        g: &[T],
+        dims: &[usize],
+        is_nan: impl Fn(T) -> bool + Copy,
+    ) -> Vec<T> {
         let (nc, h, w) = (dims[0] * dims[1], dims[2], dims[3]);
         let (oh, ow) = (self.out_size(h), self.out_size(w));
         let mut out = vec![T::default(); nc * h * w];
@@ -90,7 +123,9 @@ impl MaxPool2d {
             let plane = &x[p * h * w..(p + 1) * h * w];
             for oy in 0..oh {
                 for ox in 0..ow {
-                    let i = self.argmax(plane, h, w, oy, ox, is_nan).expect("window overlaps the input");
+                    let i = self
+                        .argmax(plane, h, w, oy, ox, is_nan)
+                        .expect("window overlaps the input");
                     out[p * h * w + i] += g[(p * oh + oy) * ow + ox];
                 }
             }
@@ -113,7 +148,12 @@ impl CustomOp1 for MaxPool2d {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let dims = l.dims();
-        let out_shape = Shape::from((dims[0], dims[1], self.out_size(dims[2]), self.out_size(dims[3])));
+        let out_shape = Shape::from((
+            dims[0],
+            dims[1],
+            self.out_size(dims[2]),
+            self.out_size(dims[3]),
+        ));
         let out = match s {
             CpuStorage::F32(v) => CpuStorage::F32(self.fwd_slice(slice(v, l)?, dims, f32::is_nan)),
             CpuStorage::F64(v) => CpuStorage::F64(self.fwd_slice(slice(v, l)?, dims, f64::is_nan)),
@@ -123,7 +163,10 @@ impl CustomOp1 for MaxPool2d {
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(arg.contiguous()?.apply_op2_no_bwd(&grad_res.contiguous()?, &MaxPoolBackward(*self))?))
+        Ok(Some(arg.contiguous()?.apply_op2_no_bwd(
+            &grad_res.contiguous()?,
+            &MaxPoolBackward(*self),
+        )?))
     }
 }
 
@@ -135,11 +178,27 @@ impl CustomOp2 for MaxPoolBackward {
         "max-pool2d-padded-backward"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let dims = l1.dims();
         let out = match (s1, s2) {
-            (CpuStorage::F32(x), CpuStorage::F32(g)) => CpuStorage::F32(self.0.bwd_slice(slice(x, l1)?, slice(g, l2)?, dims, f32::is_nan)),
-            (CpuStorage::F64(x), CpuStorage::F64(g)) => CpuStorage::F64(self.0.bwd_slice(slice(x, l1)?, slice(g, l2)?, dims, f64::is_nan)),
+            (CpuStorage::F32(x), CpuStorage::F32(g)) => {
+                CpuStorage::F32(
+                    self.0
+                        .bwd_slice(slice(x, l1)?, slice(g, l2)?, dims, f32::is_nan),
+                )
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(g)) => {
+                CpuStorage::F64(
+                    self.0
+                        .bwd_slice(slice(x, l1)?, slice(g, l2)?, dims, f64::is_nan),
+                )
+            }
             _ => bail!("max-pool backward supports f32 and f64 on the CPU"),
         };
         Ok((out, l1.shape().clone()))

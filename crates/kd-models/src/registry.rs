@@ -96,6 +96,13 @@ fn default_width() -> usize {
 impl ResNetConfig {
     /// A standard-width network with no auxiliary heads.
     pub fn new(arch: Arch, stem: Stem, num_classes: usize) -> Self {
-        ResNetConfig { arch, stem, num_classes, base_width: 64, aux_heads: false, zero_init_residual: false }
+        ResNetConfig {
+            arch,
+            stem,
+            num_classes,
+            base_width: 64,
+            aux_heads: false,
+            zero_init_residual: false,
+        }
     }
 }

@@ -39,7 +39,11 @@ pub struct ModelOutput {
 }
 
 fn conv(c_in: usize, c_out: usize, k: usize, stride: usize, vb: VarBuilder) -> Result<Conv2d> {
-    let cfg = Conv2dConfig { padding: k / 2, stride, ..Default::default() };
+    let cfg = Conv2dConfig {
+        padding: k / 2,
+        stride,
+        ..Default::default()
+    };
     candle_nn::conv2d_no_bias(c_in, c_out, k, cfg, vb)
 }
 
@@ -61,7 +65,10 @@ impl Downsample {
         if stride == 1 && c_in == c_out {
             return Ok(None);
         }
-        Ok(Some(Downsample { conv: conv(c_in, c_out, 1, stride, vb.pp("0"))?, bn: batch_norm2d(c_out, vb.pp("1"))? }))
+        Ok(Some(Downsample {
+            conv: conv(c_in, c_out, 1, stride, vb.pp("0"))?,
+            bn: batch_norm2d(c_out, vb.pp("1"))?,
+        }))
     }
 
     fn forward_t(ds: &Option<Self>, x: &Tensor, train: bool) -> Result<Tensor> {
@@ -121,7 +128,11 @@ struct Bottleneck {
 
 impl Bottleneck {
     fn params<'a>(&'a self, out: &mut Vec<&'a Tensor>) {
-        out.extend([self.conv1.weight(), self.conv2.weight(), self.conv3.weight()]);
+        out.extend([
+            self.conv1.weight(),
+            self.conv2.weight(),
+            self.conv3.weight(),
+        ]);
         for bn in [&self.bn1, &self.bn2, &self.bn3] {
             out.extend(bn.params());
         }
@@ -143,7 +154,10 @@ impl Bottleneck {
 
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let y = self.bn1.forward_t(&self.conv1.forward(x)?, train)?.relu()?;
-        let y = self.bn2.forward_t(&self.conv2.forward(&y)?, train)?.relu()?;
+        let y = self
+            .bn2
+            .forward_t(&self.conv2.forward(&y)?, train)?
+            .relu()?;
         let y = self.bn3.forward_t(&self.conv3.forward(&y)?, train)?;
         (y + Downsample::forward_t(&self.downsample, x, train)?)?.relu()
     }
@@ -184,7 +198,10 @@ impl AuxHead {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<AuxOutput> {
         let y = self.bn.forward_t(&self.conv.forward(x)?, train)?.relu()?;
         let pooled = y.mean(D::Minus1)?.mean(D::Minus1)?;
-        Ok(AuxOutput { logits: self.fc.forward(&pooled)?, pooled })
+        Ok(AuxOutput {
+            logits: self.fc.forward(&pooled)?,
+            pooled,
+        })
     }
 }
 
@@ -208,13 +225,20 @@ impl ResNet {
         let expansion = if kind == BlockKind::Bottleneck { 4 } else { 1 };
         let w = cfg.base_width;
         if w == 0 || cfg.num_classes == 0 {
-            candle_core::bail!("ResNet needs base_width > 0 and num_classes > 0, got {} and {}", w, cfg.num_classes);
+            candle_core::bail!(
+                "ResNet needs base_width > 0 and num_classes > 0, got {} and {}",
+                w,
+                cfg.num_classes
+            );
         }
         let conv1 = conv(3, w, 3, 1, vb.pp("conv1"))?;
         let bn1 = batch_norm2d(w, vb.pp("bn1"))?;
         let maxpool = (cfg.stem == Stem::CifarMaxpool).then_some(MaxPool2d::RESNET_STEM);
         let mut reduction = if maxpool.is_some() { 2 } else { 1 };
-        let mut info = vec![FeatureInfo { channels: w, reduction }];
+        let mut info = vec![FeatureInfo {
+            channels: w,
+            reduction,
+        }];
         let mut c_in = w;
         let mut stages = Vec::new();
         for (s, &n) in depths.iter().enumerate() {
@@ -226,13 +250,20 @@ impl ResNet {
             for b in 0..n {
                 let st = if b == 0 { stride } else { 1 };
                 blocks.push(match kind {
-                    BlockKind::Basic => Block::Basic(BasicBlock::new(c_in, planes, st, vbs.pp(b.to_string()))?),
-                    BlockKind::Bottleneck => Block::Bottleneck(Bottleneck::new(c_in, planes, st, vbs.pp(b.to_string()))?),
+                    BlockKind::Basic => {
+                        Block::Basic(BasicBlock::new(c_in, planes, st, vbs.pp(b.to_string()))?)
+                    }
+                    BlockKind::Bottleneck => {
+                        Block::Bottleneck(Bottleneck::new(c_in, planes, st, vbs.pp(b.to_string()))?)
+                    }
                 });
                 c_in = planes * expansion;
             }
             stages.push(blocks);
-            info.push(FeatureInfo { channels: c_in, reduction });
+            info.push(FeatureInfo {
+                channels: c_in,
+                reduction,
+            });
         }
         let fc = candle_nn::linear(c_in, cfg.num_classes, vb.pp("fc"))?;
         let mut aux = Vec::new();
@@ -246,7 +277,16 @@ impl ResNet {
                 });
             }
         }
-        Ok(ResNet { cfg: cfg.clone(), conv1, bn1, maxpool, stages, fc, aux, info })
+        Ok(ResNet {
+            cfg: cfg.clone(),
+            conv1,
+            bn1,
+            maxpool,
+            stages,
+            fc,
+            aux,
+            info,
+        })
     }
 
     /// The configuration it was built from.
@@ -286,7 +326,11 @@ impl ResNet {
 
     /// Learnable parameters including auxiliary heads (what trains).
     pub fn num_params(&self) -> usize {
-        self.backbone_params().iter().chain(self.aux_params().iter()).map(|t| t.elem_count()).sum()
+        self.backbone_params()
+            .iter()
+            .chain(self.aux_params().iter())
+            .map(|t| t.elem_count())
+            .sum()
     }
 
     /// Learnable parameters of the backbone alone (what is deployed).
@@ -316,7 +360,17 @@ impl ResNet {
         }
         let pooled = y.mean(D::Minus1)?.mean(D::Minus1)?;
         let logits = self.fc.forward(&pooled)?;
-        let aux = self.aux.iter().enumerate().map(|(i, h)| h.forward_t(&feats[i + 1], train)).collect::<Result<Vec<_>>>()?;
-        Ok(ModelOutput { logits, feats, pooled, aux })
+        let aux = self
+            .aux
+            .iter()
+            .enumerate()
+            .map(|(i, h)| h.forward_t(&feats[i + 1], train))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(ModelOutput {
+            logits,
+            feats,
+            pooled,
+            aux,
+        })
     }
 }

@@ -5,20 +5,37 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor, Var};
-use kd_models::{import_checkpoint, load_frozen, load_into, trainable_resnet, Arch, MaxPool2d, ModelError, ResNetConfig, Stem};
+use kd_models::{
+    import_checkpoint, load_frozen, load_into, trainable_resnet, Arch, MaxPool2d, ModelError,
+    ResNetConfig, Stem,
+};
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
 }
 
 fn tiny(arch: Arch, stem: Stem) -> ResNetConfig {
     let base_width = if arch == Arch::Resnet18 { 8 } else { 4 };
-    ResNetConfig { base_width, ..ResNetConfig::new(arch, stem, 10) }
+    ResNetConfig {
+        base_width,
+        ..ResNetConfig::new(arch, stem, 10)
+    }
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims());
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 fn reference(arch: Arch, stem: Stem) -> HashMap<String, Tensor> {
@@ -35,7 +52,14 @@ fn every_architecture_matches_pytorch() {
             let tag = format!("{}_{}", arch.name(), stem.name());
             let refs = reference(arch, stem);
             let st = tmp.path().join(format!("{tag}.safetensors"));
-            let meta = import_checkpoint(&fixture(&format!("{tag}.pt")), &st, &cfg, [0.5; 3], [0.25; 3]).unwrap();
+            let meta = import_checkpoint(
+                &fixture(&format!("{tag}.pt")),
+                &st,
+                &cfg,
+                [0.5; 3],
+                [0.25; 3],
+            )
+            .unwrap();
             assert_eq!(meta.config(), cfg);
             let x = &refs["x"];
 
@@ -62,17 +86,39 @@ fn every_architecture_matches_pytorch() {
                 // Train-mode features of the deep nets reach |x| ≈ 14 after 16 batch-normalised
                 // blocks; f32 rounding then scales with the magnitude, so the bound does too.
                 let r = &refs[&format!("train.feat{i}")];
-                let scale = r.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap().max(1.0);
+                let scale = r
+                    .abs()
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .max(0)
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+                    .max(1.0);
                 let d = max_abs_diff(f, r);
-                assert!(d <= 1e-4 * scale, "{tag} train feat{i} differs by {d} (scale {scale})");
+                assert!(
+                    d <= 1e-4 * scale,
+                    "{tag} train feat{i} differs by {d} (scale {scale})"
+                );
             }
             let data = vm.data().lock().unwrap();
             let mut checked = 0;
             for (k, v) in data.iter().filter(|(k, _)| k.contains("running_")) {
                 let r = &refs[&format!("after.{k}")];
-                let scale = r.abs().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap().max(1.0);
+                let scale = r
+                    .abs()
+                    .unwrap()
+                    .max(0)
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+                    .max(1.0);
                 let d = max_abs_diff(v.as_tensor(), r);
-                assert!(d <= 1e-6 * scale, "{tag} {k} differs by {d} (scale {scale}) after one train step");
+                assert!(
+                    d <= 1e-6 * scale,
+                    "{tag} {k} differs by {d} (scale {scale}) after one train step"
+                );
                 checked += 1;
             }
             assert!(checked > 10);
@@ -87,26 +133,55 @@ fn missing_and_unexpected_keys_are_named() {
     let tmp = tempfile::tempdir().unwrap();
     let cfg = tiny(Arch::Resnet18, Stem::Cifar);
     let st = tmp.path().join("ok.safetensors");
-    import_checkpoint(&fixture("resnet18_cifar.pt"), &st, &cfg, [0.5; 3], [0.25; 3]).unwrap();
+    import_checkpoint(
+        &fixture("resnet18_cifar.pt"),
+        &st,
+        &cfg,
+        [0.5; 3],
+        [0.25; 3],
+    )
+    .unwrap();
     let mut t = candle_core::safetensors::load(&st, &Device::Cpu).unwrap();
     let w = t.remove("layer4.1.conv2.weight").unwrap();
     t.insert("head.weight".into(), w);
-    t.insert("fc.bias".into(), Tensor::zeros(7, DType::F32, &Device::Cpu).unwrap());
+    t.insert(
+        "fc.bias".into(),
+        Tensor::zeros(7, DType::F32, &Device::Cpu).unwrap(),
+    );
     let bad = tmp.path().join("bad.safetensors");
     candle_core::safetensors::save(&t, &bad).unwrap();
     let err = load_frozen(&cfg, &bad, &Device::Cpu).unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, ModelError::KeyMismatch { .. }), "{msg}");
-    assert!(msg.contains("missing key(s): layer4.1.conv2.weight"), "{msg}");
+    assert!(
+        msg.contains("missing key(s): layer4.1.conv2.weight"),
+        "{msg}"
+    );
     assert!(msg.contains("unexpected key(s): head.weight"), "{msg}");
     assert!(msg.contains("fc.bias model [10] vs file [7]"), "{msg}");
     // A trainable model is left untouched by a failed load.
     let (_, vm) = trainable_resnet(&cfg, &Device::Cpu, 0).unwrap();
-    let before = vm.data().lock().unwrap()["conv1.weight"].as_tensor().copy().unwrap();
+    let before = vm.data().lock().unwrap()["conv1.weight"]
+        .as_tensor()
+        .copy()
+        .unwrap();
     assert!(load_into(&vm, &bad).is_err());
-    assert_eq!(max_abs_diff(&before, vm.data().lock().unwrap()["conv1.weight"].as_tensor()), 0.0);
+    assert_eq!(
+        max_abs_diff(
+            &before,
+            vm.data().lock().unwrap()["conv1.weight"].as_tensor()
+        ),
+        0.0
+    );
     // Wrong architecture: a ResNet50 checkpoint for a ResNet18.
-    let err = import_checkpoint(&fixture("resnet50_cifar.pt"), &tmp.path().join("x.safetensors"), &cfg, [0.5; 3], [0.25; 3]).unwrap_err();
+    let err = import_checkpoint(
+        &fixture("resnet50_cifar.pt"),
+        &tmp.path().join("x.safetensors"),
+        &cfg,
+        [0.5; 3],
+        [0.25; 3],
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("layer1.0.conv3.weight"), "{err}");
     assert!(!tmp.path().join("x.safetensors").exists());
 }
@@ -117,21 +192,50 @@ fn non_checkpoints_are_refused_clearly() {
     let cfg = tiny(Arch::Resnet18, Stem::Cifar);
     let legacy = tmp.path().join("legacy.pt");
     std::fs::write(&legacy, [0x80, 0x02, 0x8a, 0x0a, 0x6c, 0xfc]).unwrap();
-    let err = import_checkpoint(&legacy, &tmp.path().join("o.safetensors"), &cfg, [0.5; 3], [0.25; 3]).unwrap_err().to_string();
+    let err = import_checkpoint(
+        &legacy,
+        &tmp.path().join("o.safetensors"),
+        &cfg,
+        [0.5; 3],
+        [0.25; 3],
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("legacy") && err.contains("legacy.pt"), "{err}");
     let text = tmp.path().join("notes.pt");
     std::fs::write(&text, "hello").unwrap();
-    let err = import_checkpoint(&text, &tmp.path().join("o.safetensors"), &cfg, [0.5; 3], [0.25; 3]).unwrap_err().to_string();
+    let err = import_checkpoint(
+        &text,
+        &tmp.path().join("o.safetensors"),
+        &cfg,
+        [0.5; 3],
+        [0.25; 3],
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("not a PyTorch zip checkpoint"), "{err}");
     let bytes = std::fs::read(fixture("resnet18_cifar.pt")).unwrap();
     let cut = tmp.path().join("cut.pt");
     std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
-    let err = import_checkpoint(&cut, &tmp.path().join("o.safetensors"), &cfg, [0.5; 3], [0.25; 3]).unwrap_err().to_string();
+    let err = import_checkpoint(
+        &cut,
+        &tmp.path().join("o.safetensors"),
+        &cfg,
+        [0.5; 3],
+        [0.25; 3],
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("cut.pt"), "{err}");
     let st = tmp.path().join("trunc.safetensors");
     std::fs::write(&st, b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":").unwrap();
-    let err = load_frozen(&cfg, &st, &Device::Cpu).unwrap_err().to_string();
-    assert!(err.contains("trunc.safetensors") && err.contains("safetensors"), "{err}");
+    let err = load_frozen(&cfg, &st, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("trunc.safetensors") && err.contains("safetensors"),
+        "{err}"
+    );
     assert!(!tmp.path().join("o.safetensors").exists());
 }
 
@@ -144,19 +248,47 @@ fn max_pool_matches_pytorch_forward_and_backward() {
     let loss = (y * &r["gy"]).unwrap().sum_all().unwrap();
     let grads = loss.backward().unwrap();
     let gx = grads.get(x.as_tensor()).unwrap();
-    assert!(max_abs_diff(gx, &r["gx"]) < 1e-6, "ties must send the gradient to the first maximum");
+    assert!(
+        max_abs_diff(gx, &r["gx"]) < 1e-6,
+        "ties must send the gradient to the first maximum"
+    );
 }
 
 #[test]
 fn max_pool_gradient_matches_finite_differences() {
     // Distinct values (no ties), f64, central differences.
     let (n, c, h, w) = (2, 2, 7, 8);
-    let vals: Vec<f64> = (0..n * c * h * w).map(|i| ((i * 7919) % 1009) as f64 / 97.0).collect();
+    let vals: Vec<f64> = (0..n * c * h * w)
+        .map(|i| ((i * 7919) % 1009) as f64 / 97.0)
+        .collect();
     let x = Var::from_vec(vals.clone(), (n, c, h, w), &Device::Cpu).unwrap();
-    let wts = Tensor::arange(0f64, 2.0 * 2.0 * 4.0 * 4.0, &Device::Cpu).unwrap().reshape((2, 2, 4, 4)).unwrap().sin().unwrap();
-    let f = |t: &Tensor| (MaxPool2d::RESNET_STEM.forward(t).unwrap() * &wts).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
-    let grads = (MaxPool2d::RESNET_STEM.forward(x.as_tensor()).unwrap() * &wts).unwrap().sum_all().unwrap().backward().unwrap();
-    let g: Vec<f64> = grads.get(x.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let wts = Tensor::arange(0f64, 2.0 * 2.0 * 4.0 * 4.0, &Device::Cpu)
+        .unwrap()
+        .reshape((2, 2, 4, 4))
+        .unwrap()
+        .sin()
+        .unwrap();
+    let f = |t: &Tensor| {
+        (MaxPool2d::RESNET_STEM.forward(t).unwrap() * &wts)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    };
+    let grads = (MaxPool2d::RESNET_STEM.forward(x.as_tensor()).unwrap() * &wts)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let g: Vec<f64> = grads
+        .get(x.as_tensor())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     let eps = 1e-4;
     for i in 0..vals.len() {
         let mut p = vals.clone();
@@ -166,20 +298,32 @@ fn max_pool_gradient_matches_finite_differences() {
         let tp = Tensor::from_vec(p, (n, c, h, w), &Device::Cpu).unwrap();
         let tm = Tensor::from_vec(m, (n, c, h, w), &Device::Cpu).unwrap();
         let fd = (f(&tp) - f(&tm)) / (2.0 * eps);
-        assert!((fd - g[i]).abs() < 1e-6, "element {i}: analytic {} vs numeric {fd}", g[i]);
+        assert!(
+            (fd - g[i]).abs() < 1e-6,
+            "element {i}: analytic {} vs numeric {fd}",
+            g[i]
+        );
     }
 }
 
 #[test]
 fn full_size_parameter_counts_equal_torchvision() {
-    let counts: HashMap<String, usize> = serde_json::from_str(&std::fs::read_to_string(fixture("param_counts.json")).unwrap()).unwrap();
+    let counts: HashMap<String, usize> =
+        serde_json::from_str(&std::fs::read_to_string(fixture("param_counts.json")).unwrap())
+            .unwrap();
     for arch in Arch::ALL {
         for classes in [10, 100] {
             for stem in Stem::ALL {
                 let cfg = ResNetConfig::new(arch, stem, classes);
                 let vb = candle_nn::VarBuilder::zeros(DType::F32, &Device::Cpu);
                 let model = kd_models::ResNet::new(&cfg, vb).unwrap();
-                assert_eq!(model.num_params(), counts[&format!("{}_{classes}", arch.name())], "{} {} {classes}", arch.name(), stem.name());
+                assert_eq!(
+                    model.num_params(),
+                    counts[&format!("{}_{classes}", arch.name())],
+                    "{} {} {classes}",
+                    arch.name(),
+                    stem.name()
+                );
             }
         }
     }

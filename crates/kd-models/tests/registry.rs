@@ -9,7 +9,11 @@ fn shapes_feature_info_and_gradients() {
     let x = Tensor::randn(0f32, 1.0, (2, 3, 32, 32), &Device::Cpu).unwrap();
     for arch in Arch::ALL {
         for stem in Stem::ALL {
-            let cfg = ResNetConfig { base_width: 4, aux_heads: true, ..ResNetConfig::new(arch, stem, 7) };
+            let cfg = ResNetConfig {
+                base_width: 4,
+                aux_heads: true,
+                ..ResNetConfig::new(arch, stem, 7)
+            };
             let (model, vm) = trainable_resnet(&cfg, &Device::Cpu, 1).unwrap();
             let out = model.forward_t(&x, true).unwrap();
             let tag = format!("{} {}", arch.name(), stem.name());
@@ -17,7 +21,11 @@ fn shapes_feature_info_and_gradients() {
             let info = model.feature_info();
             assert_eq!(info.len(), out.feats.len());
             for (f, i) in out.feats.iter().zip(info) {
-                assert_eq!(f.dims(), &[2, i.channels, 32 / i.reduction, 32 / i.reduction], "{tag}");
+                assert_eq!(
+                    f.dims(),
+                    &[2, i.channels, 32 / i.reduction, 32 / i.reduction],
+                    "{tag}"
+                );
             }
             assert_eq!(out.pooled.dims(), &[2, info[4].channels]);
             assert_eq!(out.aux.len(), 3);
@@ -42,7 +50,11 @@ fn shapes_feature_info_and_gradients() {
                     trainable += var.elem_count();
                 }
             }
-            assert_eq!(trainable, model.num_params(), "{tag}: num_params counts every trainable variable");
+            assert_eq!(
+                trainable,
+                model.num_params(),
+                "{tag}: num_params counts every trainable variable"
+            );
             assert!(model.num_backbone_params() < model.num_params());
             assert!(data.keys().filter(|k| k.starts_with("aux_heads.")).count() > 0);
         }
@@ -51,22 +63,48 @@ fn shapes_feature_info_and_gradients() {
 
 #[test]
 fn init_is_seeded_and_torchvision_like() {
-    let cfg = ResNetConfig { base_width: 8, zero_init_residual: true, ..ResNetConfig::new(Arch::Resnet18, Stem::Cifar, 10) };
+    let cfg = ResNetConfig {
+        base_width: 8,
+        zero_init_residual: true,
+        ..ResNetConfig::new(Arch::Resnet18, Stem::Cifar, 10)
+    };
     let (_, a) = trainable_resnet(&cfg, &Device::Cpu, 5).unwrap();
     let (_, b) = trainable_resnet(&cfg, &Device::Cpu, 5).unwrap();
     let (_, c) = trainable_resnet(&cfg, &Device::Cpu, 6).unwrap();
-    let get = |vm: &candle_nn::VarMap, k: &str| vm.data().lock().unwrap()[k].as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    assert_eq!(get(&a, "layer2.0.conv1.weight"), get(&b, "layer2.0.conv1.weight"));
-    assert_ne!(get(&a, "layer2.0.conv1.weight"), get(&c, "layer2.0.conv1.weight"));
+    let get = |vm: &candle_nn::VarMap, k: &str| {
+        vm.data().lock().unwrap()[k]
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
+    assert_eq!(
+        get(&a, "layer2.0.conv1.weight"),
+        get(&b, "layer2.0.conv1.weight")
+    );
+    assert_ne!(
+        get(&a, "layer2.0.conv1.weight"),
+        get(&c, "layer2.0.conv1.weight")
+    );
     // Kaiming normal, fan-out: std = sqrt(2 / (out·k·k)).
     let w = get(&a, "layer4.0.conv2.weight"); // 64 out, 3×3 → std 0.0589
     let n = w.len() as f32;
     let std = (w.iter().map(|v| v * v).sum::<f32>() / n).sqrt();
-    assert!((std - (2.0f32 / (64.0 * 9.0)).sqrt()).abs() < 0.004, "std {std}");
-    assert!(get(&a, "layer1.0.bn2.weight").iter().all(|&v| v == 0.0), "zero-init residual");
+    assert!(
+        (std - (2.0f32 / (64.0 * 9.0)).sqrt()).abs() < 0.004,
+        "std {std}"
+    );
+    assert!(
+        get(&a, "layer1.0.bn2.weight").iter().all(|&v| v == 0.0),
+        "zero-init residual"
+    );
     assert!(get(&a, "layer1.0.bn1.weight").iter().all(|&v| v == 1.0));
     assert!(get(&a, "bn1.running_var").iter().all(|&v| v == 1.0));
     let bound = 1.0 / 64f32.sqrt();
-    assert!(get(&a, "fc.weight").iter().chain(get(&a, "fc.bias").iter()).all(|v| v.abs() <= bound));
+    assert!(get(&a, "fc.weight")
+        .iter()
+        .chain(get(&a, "fc.bias").iter())
+        .all(|v| v.abs() <= bound));
     let _ = DType::F32;
 }

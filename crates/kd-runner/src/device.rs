@@ -9,7 +9,10 @@ pub fn open(name: &str) -> anyhow::Result<Device> {
         _ => {
             let idx = match name.strip_prefix("cuda") {
                 Some("") => 0,
-                Some(rest) => rest.strip_prefix(':').and_then(|n| n.parse().ok()).with_context(|| format!("--device {name}: expected cpu, cuda or cuda:N"))?,
+                Some(rest) => rest
+                    .strip_prefix(':')
+                    .and_then(|n| n.parse().ok())
+                    .with_context(|| format!("--device {name}: expected cpu, cuda or cuda:N"))?,
                 None => bail!("--device {name}: expected cpu, cuda or cuda:N"),
             };
             if !cfg!(feature = "cuda") {

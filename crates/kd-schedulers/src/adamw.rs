@@ -22,7 +22,12 @@ pub struct AdamWConfig {
 
 impl Default for AdamWConfig {
     fn default() -> Self {
-        AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 }
+        AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+        }
     }
 }
 
@@ -38,14 +43,22 @@ pub struct AdamW {
 impl AdamW {
     /// Optimises `vars` (name, variable).
     pub fn new(vars: Vec<(String, Var)>, cfg: AdamWConfig) -> Self {
-        AdamW { cfg, vars, m: HashMap::new(), v: HashMap::new(), t: HashMap::new() }
+        AdamW {
+            cfg,
+            vars,
+            m: HashMap::new(),
+            v: HashMap::new(),
+            t: HashMap::new(),
+        }
     }
 
     /// One update at learning rate `lr`; variables without a gradient are skipped (and keep their step count).
     pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
         let c = &self.cfg;
         for (name, var) in &self.vars {
-            let Some(g) = grads.get(var.as_tensor()) else { continue };
+            let Some(g) = grads.get(var.as_tensor()) else {
+                continue;
+            };
             let g = g.detach();
             let t = self.t.entry(name.clone()).or_insert(0);
             *t += 1;
@@ -75,7 +88,10 @@ impl AdamW {
         for (k, m) in &self.m {
             out.insert(format!("m.{k}"), m.clone());
             out.insert(format!("v.{k}"), self.v[k].clone());
-            out.insert(format!("t.{k}"), Tensor::new(&[self.t[k] as f64], &Device::Cpu)?);
+            out.insert(
+                format!("t.{k}"),
+                Tensor::new(&[self.t[k] as f64], &Device::Cpu)?,
+            );
         }
         Ok(out)
     }
@@ -88,7 +104,10 @@ impl AdamW {
             } else if let Some(n) = k.strip_prefix("v.") {
                 self.v.insert(n.to_string(), t);
             } else if let Some(n) = k.strip_prefix("t.") {
-                self.t.insert(n.to_string(), t.to_dtype(candle_core::DType::F64)?.to_vec1::<f64>()?[0] as u64);
+                self.t.insert(
+                    n.to_string(),
+                    t.to_dtype(candle_core::DType::F64)?.to_vec1::<f64>()?[0] as u64,
+                );
             }
         }
         Ok(())

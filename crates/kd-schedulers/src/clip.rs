@@ -9,7 +9,11 @@ pub fn clip_grad_norm(grads: &mut GradStore, vars: &[(String, Var)], max_norm: f
     let mut sq = 0.0f64;
     for (_, v) in vars {
         if let Some(g) = grads.get(v.as_tensor()) {
-            sq += g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+            sq += g
+                .sqr()?
+                .sum_all()?
+                .to_dtype(candle_core::DType::F64)?
+                .to_scalar::<f64>()?;
         }
     }
     let norm = sq.sqrt();

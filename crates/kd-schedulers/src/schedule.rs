@@ -29,7 +29,10 @@ impl Schedule {
     pub fn lr(&self, base: f64, step: usize, total: usize) -> f64 {
         match self {
             Schedule::Constant => base,
-            Schedule::WarmupCosine { warmup_steps, final_lr } => {
+            Schedule::WarmupCosine {
+                warmup_steps,
+                final_lr,
+            } => {
                 if step < *warmup_steps {
                     return base * (step + 1) as f64 / *warmup_steps as f64;
                 }
@@ -37,7 +40,9 @@ impl Schedule {
                 let t = ((step - warmup_steps) as f64 / span as f64).min(1.0);
                 final_lr + (base - final_lr) * 0.5 * (1.0 + (std::f64::consts::PI * t).cos())
             }
-            Schedule::MultiStep { milestones, gamma } => base * gamma.powi(milestones.iter().filter(|&&m| step >= m).count() as i32),
+            Schedule::MultiStep { milestones, gamma } => {
+                base * gamma.powi(milestones.iter().filter(|&&m| step >= m).count() as i32)
+            }
         }
     }
 }

@@ -27,7 +27,13 @@ pub struct SgdConfig {
 
 impl Default for SgdConfig {
     fn default() -> Self {
-        SgdConfig { momentum: 0.9, dampening: 0.0, nesterov: true, weight_decay: 5e-4, no_decay_1d: false }
+        SgdConfig {
+            momentum: 0.9,
+            dampening: 0.0,
+            nesterov: true,
+            weight_decay: 5e-4,
+            no_decay_1d: false,
+        }
     }
 }
 
@@ -41,26 +47,40 @@ pub struct Sgd {
 impl Sgd {
     /// Optimises `vars` (name, variable); names key the saved state.
     pub fn new(vars: Vec<(String, Var)>, cfg: SgdConfig) -> Self {
-        Sgd { cfg, vars, momentum: HashMap::new() }
+        Sgd {
+            cfg,
+            vars,
+            momentum: HashMap::new(),
+        }
     }
 
     /// One update at learning rate `lr`.
     pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
         let c = &self.cfg;
         for (name, var) in &self.vars {
-            let Some(g) = grads.get(var.as_tensor()) else { continue };
+            let Some(g) = grads.get(var.as_tensor()) else {
+                continue;
+            };
             // Detached: a gradient tensor still links to the step's graph, and a momentum buffer
             // built from it would keep every past step's graph alive.
             let g = g.detach();
             let p = var.as_tensor().detach();
             let decay = c.weight_decay != 0.0 && !(c.no_decay_1d && p.rank() <= 1);
-            let mut g = if decay { (&g + (&p * c.weight_decay)?)? } else { g };
+            let mut g = if decay {
+                (&g + (&p * c.weight_decay)?)?
+            } else {
+                g
+            };
             if c.momentum != 0.0 {
                 let buf = match self.momentum.get(name) {
                     Some(b) => ((b * c.momentum)? + (&g * (1.0 - c.dampening))?)?,
                     None => g.clone(),
                 };
-                g = if c.nesterov { (g + (&buf * c.momentum)?)? } else { buf.clone() };
+                g = if c.nesterov {
+                    (g + (&buf * c.momentum)?)?
+                } else {
+                    buf.clone()
+                };
                 self.momentum.insert(name.clone(), buf);
             }
             var.set(&(p - (g * lr)?)?)?;

@@ -4,14 +4,20 @@ use kd_schedulers::{Schedule, Sgd, SgdConfig};
 
 #[test]
 fn warmup_cosine_closed_form() {
-    let s = Schedule::WarmupCosine { warmup_steps: 4, final_lr: 0.001 };
+    let s = Schedule::WarmupCosine {
+        warmup_steps: 4,
+        final_lr: 0.001,
+    };
     assert!((s.lr(0.1, 0, 20) - 0.025).abs() < 1e-12);
     assert!((s.lr(0.1, 3, 20) - 0.1).abs() < 1e-12);
     // Halfway through the cosine part (step 4 + 8 of 16): (base + final) / 2.
     assert!((s.lr(0.1, 12, 20) - 0.0505).abs() < 1e-12);
     assert!((s.lr(0.1, 20, 20) - 0.001).abs() < 1e-12);
     // No warm-up equals torch's CosineAnnealingLR(T_max=total, eta_min=final).
-    let c = Schedule::WarmupCosine { warmup_steps: 0, final_lr: 0.0 };
+    let c = Schedule::WarmupCosine {
+        warmup_steps: 0,
+        final_lr: 0.0,
+    };
     for step in [0, 7, 33, 50] {
         let expect = 0.05 * 0.5 * (1.0 + (std::f64::consts::PI * step as f64 / 50.0).cos());
         assert!((c.lr(0.05, step, 50) - expect).abs() < 1e-12);
@@ -21,9 +27,15 @@ fn warmup_cosine_closed_form() {
 #[test]
 fn multistep_matches_torch() {
     // torch MultiStepLR(milestones=[3, 6], gamma=0.1): 0.1 ×3, 0.01 ×3, 0.001 after.
-    let s = Schedule::MultiStep { milestones: vec![3, 6], gamma: 0.1 };
+    let s = Schedule::MultiStep {
+        milestones: vec![3, 6],
+        gamma: 0.1,
+    };
     let lrs: Vec<f64> = (0..8).map(|i| s.lr(0.1, i, 8)).collect();
-    for (got, want) in lrs.iter().zip([0.1, 0.1, 0.1, 0.01, 0.01, 0.01, 0.001, 0.001]) {
+    for (got, want) in lrs
+        .iter()
+        .zip([0.1, 0.1, 0.1, 0.01, 0.01, 0.01, 0.001, 0.001])
+    {
         assert!((got - want).abs() < 1e-12);
     }
 }
@@ -34,7 +46,12 @@ fn run_sgd(cfg: SgdConfig, steps: usize) -> Vec<f32> {
     let w = Tensor::new(&[1.0f32, 2.0], &Device::Cpu).unwrap();
     let mut opt = Sgd::new(vec![("p".into(), p.clone())], cfg);
     for _ in 0..steps {
-        let loss = ((p.as_tensor().sqr().unwrap() * &w).unwrap().sum_all().unwrap() * 0.5).unwrap();
+        let loss = ((p.as_tensor().sqr().unwrap() * &w)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            * 0.5)
+            .unwrap();
         opt.step(&loss.backward().unwrap(), 0.1).unwrap();
     }
     p.as_tensor().to_vec1().unwrap()
@@ -42,7 +59,13 @@ fn run_sgd(cfg: SgdConfig, steps: usize) -> Vec<f32> {
 
 #[test]
 fn sgd_nesterov_weight_decay_by_hand() {
-    let cfg = SgdConfig { momentum: 0.9, dampening: 0.0, nesterov: true, weight_decay: 0.1, no_decay_1d: false };
+    let cfg = SgdConfig {
+        momentum: 0.9,
+        dampening: 0.0,
+        nesterov: true,
+        weight_decay: 0.1,
+        no_decay_1d: false,
+    };
     // Hand computation of torch.optim.SGD(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.1)
     // for p0 = 1, grad = p (weight 1):
     // step 1: g = 1 + 0.1 = 1.1; b = 1.1; g' = 1.1 + 0.99 = 2.09; p = 1 − 0.209 = 0.791
@@ -53,7 +76,14 @@ fn sgd_nesterov_weight_decay_by_hand() {
     // Plain momentum (no Nesterov), no decay, p0 = −2, grad = 2p:
     // step 1: g = −4; b = −4; p = −2 + 0.4 = −1.6
     // step 2: g = −3.2; b = −3.6 − 3.2 = −6.8; p = −1.6 + 0.68 = −0.92
-    let p = run_sgd(SgdConfig { nesterov: false, weight_decay: 0.0, ..cfg }, 2);
+    let p = run_sgd(
+        SgdConfig {
+            nesterov: false,
+            weight_decay: 0.0,
+            ..cfg
+        },
+        2,
+    );
     assert!((p[1] + 0.92).abs() < 1e-6, "{p:?}");
 }
 
@@ -61,8 +91,18 @@ fn sgd_nesterov_weight_decay_by_hand() {
 fn sgd_skips_variables_without_gradient_and_restores_state() {
     let used = Var::new(&[1.0f32], &Device::Cpu).unwrap();
     let unused = Var::new(&[5.0f32], &Device::Cpu).unwrap();
-    let mut opt = Sgd::new(vec![("a".into(), used.clone()), ("b".into(), unused.clone())], SgdConfig::default());
-    let grads = used.as_tensor().sqr().unwrap().sum_all().unwrap().backward().unwrap();
+    let mut opt = Sgd::new(
+        vec![("a".into(), used.clone()), ("b".into(), unused.clone())],
+        SgdConfig::default(),
+    );
+    let grads = used
+        .as_tensor()
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
     opt.step(&grads, 0.1).unwrap();
     assert_eq!(unused.as_tensor().to_vec1::<f32>().unwrap(), vec![5.0]);
     assert!(opt.state().contains_key("a") && !opt.state().contains_key("b"));
@@ -70,11 +110,28 @@ fn sgd_skips_variables_without_gradient_and_restores_state() {
     let other = Var::from_tensor(&used.as_tensor().copy().unwrap()).unwrap();
     let mut opt2 = Sgd::new(vec![("a".into(), other.clone())], SgdConfig::default());
     opt2.load_state(opt.state().clone());
-    let g1 = used.as_tensor().sqr().unwrap().sum_all().unwrap().backward().unwrap();
-    let g2 = other.as_tensor().sqr().unwrap().sum_all().unwrap().backward().unwrap();
+    let g1 = used
+        .as_tensor()
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let g2 = other
+        .as_tensor()
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
     opt.step(&g1, 0.1).unwrap();
     opt2.step(&g2, 0.1).unwrap();
-    assert_eq!(used.as_tensor().to_vec1::<f32>().unwrap(), other.as_tensor().to_vec1::<f32>().unwrap());
+    assert_eq!(
+        used.as_tensor().to_vec1::<f32>().unwrap(),
+        other.as_tensor().to_vec1::<f32>().unwrap()
+    );
 }
 
 #[test]
@@ -86,7 +143,13 @@ fn adamw_by_hand() {
     //         m̂ = 0.179/0.19 = 0.942105; v̂ = 0.0017911/0.001999 = 0.895998; √v̂ = 0.946572;
     //         p ← 0.8811 − 0.1·0.995289 = 0.781571
     let p = Var::new(&[1.0f32], &Device::Cpu).unwrap();
-    let mut opt = AdamW::new(vec![("p".into(), p.clone())], AdamWConfig { weight_decay: 0.1, ..AdamWConfig::default() });
+    let mut opt = AdamW::new(
+        vec![("p".into(), p.clone())],
+        AdamWConfig {
+            weight_decay: 0.1,
+            ..AdamWConfig::default()
+        },
+    );
     for _ in 0..2 {
         let loss = (p.as_tensor().sqr().unwrap().sum_all().unwrap() * 0.5).unwrap();
         opt.step(&loss.backward().unwrap(), 0.1).unwrap();
@@ -95,13 +158,22 @@ fn adamw_by_hand() {
     assert!((v - 0.781571).abs() < 1e-5, "{v}");
     // State round trip: a restored optimizer takes the same next step.
     let q = Var::from_tensor(&p.as_tensor().copy().unwrap()).unwrap();
-    let mut opt2 = AdamW::new(vec![("p".into(), q.clone())], AdamWConfig { weight_decay: 0.1, ..AdamWConfig::default() });
+    let mut opt2 = AdamW::new(
+        vec![("p".into(), q.clone())],
+        AdamWConfig {
+            weight_decay: 0.1,
+            ..AdamWConfig::default()
+        },
+    );
     opt2.load_state(opt.state().unwrap()).unwrap();
     for (o, var) in [(&mut opt, &p), (&mut opt2, &q)] {
         let loss = (var.as_tensor().sqr().unwrap().sum_all().unwrap() * 0.5).unwrap();
         o.step(&loss.backward().unwrap(), 0.1).unwrap();
     }
-    assert_eq!(p.as_tensor().to_vec1::<f32>().unwrap(), q.as_tensor().to_vec1::<f32>().unwrap());
+    assert_eq!(
+        p.as_tensor().to_vec1::<f32>().unwrap(),
+        q.as_tensor().to_vec1::<f32>().unwrap()
+    );
 }
 
 #[test]
@@ -110,11 +182,17 @@ fn clipping_scales_to_the_max_norm() {
     let b = Var::new(&[4.0f32], &Device::Cpu).unwrap();
     let vars = vec![("a".to_string(), a.clone()), ("b".to_string(), b.clone())];
     // loss = 3a + 4b → gradients (3, 4), norm 5.
-    let loss = ((a.as_tensor() * 3.0).unwrap() + (b.as_tensor() * 4.0).unwrap()).unwrap().sum_all().unwrap();
+    let loss = ((a.as_tensor() * 3.0).unwrap() + (b.as_tensor() * 4.0).unwrap())
+        .unwrap()
+        .sum_all()
+        .unwrap();
     let mut g = loss.backward().unwrap();
     let norm = kd_schedulers::clip_grad_norm(&mut g, &vars, 1.0).unwrap();
     assert!((norm - 5.0).abs() < 1e-6);
     let ga = g.get(a.as_tensor()).unwrap().to_vec1::<f32>().unwrap()[0];
     let gb = g.get(b.as_tensor()).unwrap().to_vec1::<f32>().unwrap()[0];
-    assert!((ga - 0.6).abs() < 1e-5 && (gb - 0.8).abs() < 1e-5, "{ga} {gb}");
+    assert!(
+        (ga - 0.6).abs() < 1e-5 && (gb - 0.8).abs() < 1e-5,
+        "{ga} {gb}"
+    );
 }

@@ -14,7 +14,9 @@ pub enum TrainError {
     #[error(transparent)]
     Model(#[from] kd_models::ModelError),
     /// The loss became NaN or infinite.
-    #[error("non-finite loss {value} at epoch {epoch}, step {step}; the last good checkpoint is kept")]
+    #[error(
+        "non-finite loss {value} at epoch {epoch}, step {step}; the last good checkpoint is kept"
+    )]
     NonFinite {
         /// Epoch (0-based).
         epoch: usize,

@@ -26,14 +26,22 @@ impl EvalReport {
 
 /// Runs `forward` over every batch of `loader` (epoch 0, in order) and accumulates accuracy and
 /// cross-entropy.
-pub fn evaluate(loader: &Loader, num_classes: usize, forward: impl Fn(&Tensor) -> candle_core::Result<ModelOutput>) -> Result<EvalReport> {
+pub fn evaluate(
+    loader: &Loader,
+    num_classes: usize,
+    forward: impl Fn(&Tensor) -> candle_core::Result<ModelOutput>,
+) -> Result<EvalReport> {
     let t = Instant::now();
     let mut acc = Accuracy::new(num_classes);
     for batch in loader.epoch(0, 0) {
         let batch = batch?;
         let out = forward(&batch.images)?;
-        let loss = candle_nn::loss::cross_entropy(&out.logits, &batch.labels)?.to_scalar::<f32>()? as f64;
+        let loss =
+            candle_nn::loss::cross_entropy(&out.logits, &batch.labels)?.to_scalar::<f32>()? as f64;
         acc.update(&out.logits, &batch.labels, Some(loss))?;
     }
-    Ok(EvalReport { acc, seconds: t.elapsed().as_secs_f64() })
+    Ok(EvalReport {
+        acc,
+        seconds: t.elapsed().as_secs_f64(),
+    })
 }

@@ -8,8 +8,14 @@ pub mod evaluate;
 pub mod metrics;
 pub mod trainer;
 
-pub use distill::{build_student, CrossEntropy, Distiller, LossTerms, MethodConfig, StepContext};
+pub use distill::{
+    build_student, BuiltStudent, CrossEntropy, Distiller, LossTerms, MethodConfig, Outputs, Peer,
+    PeerSpec, StepContext,
+};
 pub use error::{Result, TrainError};
 pub use evaluate::{evaluate, EvalReport};
 pub use metrics::Accuracy;
-pub use trainer::{export, latest_checkpoint, train, EpochMetrics, RunOptions, Student, Summary, TrainConfig};
+pub use trainer::{
+    export, latest_checkpoint, train, EpochMetrics, PeerEpoch, PeerSummary, RunOptions, Student,
+    Summary, TrainConfig,
+};

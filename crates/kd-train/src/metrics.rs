@@ -20,18 +20,33 @@ pub struct Accuracy {
 impl Accuracy {
     /// An empty accumulator for `num_classes` classes.
     pub fn new(num_classes: usize) -> Self {
-        Accuracy { per_class: vec![(0, 0); num_classes], ..Default::default() }
+        Accuracy {
+            per_class: vec![(0, 0); num_classes],
+            ..Default::default()
+        }
     }
 
     /// Adds a batch: `logits` (B, K), `labels` (B,) u32, and the batch's mean loss if known.
-    pub fn update(&mut self, logits: &Tensor, labels: &Tensor, mean_loss: Option<f64>) -> Result<()> {
+    pub fn update(
+        &mut self,
+        logits: &Tensor,
+        labels: &Tensor,
+        mean_loss: Option<f64>,
+    ) -> Result<()> {
         let (b, k) = logits.dims2()?;
         let labels: Vec<u32> = labels.to_vec1()?;
         // Rank of the true class = number of classes scoring strictly higher (ties favour it,
         // matching torch.topk on distinct scores).
         let logits = logits.to_dtype(candle_core::DType::F32)?;
-        let true_score = logits.gather(&Tensor::from_vec(labels.clone(), (b, 1), logits.device())?, D::Minus1)?;
-        let higher: Vec<f32> = logits.broadcast_gt(&true_score)?.to_dtype(candle_core::DType::F32)?.sum(D::Minus1)?.to_vec1()?;
+        let true_score = logits.gather(
+            &Tensor::from_vec(labels.clone(), (b, 1), logits.device())?,
+            D::Minus1,
+        )?;
+        let higher: Vec<f32> = logits
+            .broadcast_gt(&true_score)?
+            .to_dtype(candle_core::DType::F32)?
+            .sum(D::Minus1)?
+            .to_vec1()?;
         for (i, &l) in labels.iter().enumerate() {
             let rank = higher[i] as usize;
             let c = &mut self.per_class[l as usize];

@@ -14,9 +14,9 @@ use candle_core::{Tensor, Var};
 use candle_nn::VarMap;
 use kd_data::Loader;
 use kd_data::Normalize;
-use kd_models::{save_varmap, ResNet, Teacher, TeacherMeta};
+use kd_models::{save_varmap, ModelOutput, ResNet, Teacher, TeacherMeta};
 
-use crate::distill::{Distiller, StepContext};
+use crate::distill::{Distiller, Outputs, Peer, StepContext};
 use kd_schedulers::{Optimizer, OptimizerConfig, Schedule};
 use serde::{Deserialize, Serialize};
 
@@ -75,12 +75,32 @@ pub struct EpochMetrics {
     pub teacher_seconds: f64,
     /// Mean of each named loss term over the epoch (`loss_ce`, `loss_kd`, …).
     pub losses: BTreeMap<String, f64>,
+    /// The same figures for each peer trained beside the student (online methods).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub peers: BTreeMap<String, PeerEpoch>,
+}
+
+/// A peer's figures for one epoch.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PeerEpoch {
+    /// Mean training loss.
+    pub train_loss: f64,
+    /// Training top-1 (%).
+    pub train_acc: f64,
+    /// Test loss.
+    pub test_loss: f64,
+    /// Test top-1 (%).
+    pub test_top1: f64,
+    /// Test top-5 (%).
+    pub test_top5: f64,
+    /// Mean of each named loss term.
+    pub losses: BTreeMap<String, f64>,
 }
 
 /// What a finished run reports in `summary.json`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Summary {
-    /// Trainable parameters during training.
+    /// Trainable parameters during training (every peer, auxiliary heads and method parts included).
     pub trainable_params: usize,
     /// Parameters of the deployed model.
     pub deploy_params: usize,
@@ -98,6 +118,24 @@ pub struct Summary {
     pub teacher_params: usize,
     /// The method's name.
     pub method: String,
+    /// The peers trained beside the student (online methods).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub peers: Vec<PeerSummary>,
+}
+
+/// A peer's result.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PeerSummary {
+    /// `peer1`, …
+    pub name: String,
+    /// Its architecture.
+    pub model: String,
+    /// Its parameters.
+    pub params: usize,
+    /// Best test top-1 (%).
+    pub best_top1: f64,
+    /// Last test top-1 (%).
+    pub last_top1: f64,
 }
 
 /// Where a run is and what it needs to continue.
@@ -110,6 +148,9 @@ struct Progress {
     train_seconds: f64,
     #[serde(default)]
     teacher_seconds: f64,
+    /// Best test top-1 and its epoch of each peer.
+    #[serde(default)]
+    peer_best: Vec<(f64, usize)>,
 }
 
 const CKPT_WEIGHTS: &str = "weights.safetensors";
@@ -122,16 +163,28 @@ const LATEST: &str = "checkpoint.latest";
 /// `checkpoint.latest` at it with an atomic rename, then removes folders beyond the newest
 /// `keep_last`. A crash at
 /// any moment leaves `checkpoint.latest` naming a complete checkpoint.
-fn save_checkpoint(run_dir: &Path, vars: &VarMap, opt: &Optimizer, progress: &Progress, keep_last: usize) -> Result<()> {
+fn save_checkpoint(
+    run_dir: &Path,
+    members: &[Member],
+    progress: &Progress,
+    keep_last: usize,
+) -> Result<()> {
     let name = format!("checkpoint-{:04}", progress.epochs_done);
     let dir = run_dir.join(&name);
     if dir.exists() {
         std::fs::remove_dir_all(&dir).map_err(io(&dir))?;
     }
     std::fs::create_dir(&dir).map_err(io(&dir))?;
-    save_varmap(vars, &dir.join(CKPT_WEIGHTS))?;
-    kd_models::checkpoint::save_tensors(&opt.state()?, &dir.join(CKPT_OPTIM))?;
-    write_atomic(&dir.join(CKPT_STATE), serde_json::to_string_pretty(progress).expect("state serialises").as_bytes())?;
+    for m in members {
+        save_varmap(m.vars, &dir.join(m.file(CKPT_WEIGHTS)))?;
+        kd_models::checkpoint::save_tensors(&m.opt.state()?, &dir.join(m.file(CKPT_OPTIM)))?;
+    }
+    write_atomic(
+        &dir.join(CKPT_STATE),
+        serde_json::to_string_pretty(progress)
+            .expect("state serialises")
+            .as_bytes(),
+    )?;
     write_atomic(&run_dir.join(LATEST), name.as_bytes())?;
     // Older folders beyond the newest `keep_last` go; the one just written always stays.
     let mut folders: Vec<String> = std::fs::read_dir(run_dir)
@@ -155,7 +208,10 @@ pub fn latest_checkpoint(run_dir: &Path) -> Result<PathBuf> {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
-    move |source| TrainError::Io { path: path.into(), source }
+    move |source| TrainError::Io {
+        path: path.into(),
+        source,
+    }
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -179,6 +235,65 @@ pub struct Student<'a> {
     pub vars: &'a VarMap,
     /// What the exported weights' sidecar says (architecture, normalisation).
     pub meta: &'a TeacherMeta,
+    /// Networks trained beside it, each with its own optimizer (online methods; else empty).
+    pub peers: &'a [Peer],
+}
+
+/// One network being trained: the student (index 0) or a peer.
+struct Member<'a> {
+    /// Empty for the student, `peer1`, … for peers (prefixes their files).
+    name: String,
+    model: &'a ResNet,
+    vars: &'a VarMap,
+    meta: TeacherMeta,
+    named: Vec<(String, Var)>,
+    opt: Optimizer,
+}
+
+impl Member<'_> {
+    /// A checkpoint file of this member.
+    fn file(&self, base: &str) -> String {
+        if self.name.is_empty() {
+            base.to_string()
+        } else {
+            format!("{}.{base}", self.name)
+        }
+    }
+}
+
+/// The trainable variables of a map (BN running statistics excluded), sorted by name.
+fn trainable(vars: &VarMap) -> Vec<(String, Var)> {
+    let data = vars.data().lock().expect("var map lock");
+    let mut v: Vec<(String, Var)> = data
+        .iter()
+        .filter(|(k, _)| !k.contains("running_"))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+/// A copy of `o` cut from the graph.
+fn detached(o: &ModelOutput) -> ModelOutput {
+    ModelOutput {
+        logits: o.logits.detach(),
+        feats: o.feats.iter().map(Tensor::detach).collect(),
+        pooled: o.pooled.detach(),
+        aux: o
+            .aux
+            .iter()
+            .map(|a| kd_models::AuxOutput {
+                logits: a.logits.detach(),
+                pooled: a.pooled.detach(),
+            })
+            .collect(),
+    }
+}
+
+/// Per-epoch running sums of one member.
+struct EpochSums {
+    acc: Accuracy,
+    terms: BTreeMap<String, f64>,
 }
 
 /// The teacher's input from the student's: undo the student's normalisation, apply the teacher's.
@@ -189,35 +304,83 @@ fn renormalize(x: &Tensor, from: &Normalize, to: &Normalize) -> candle_core::Res
     let dev = x.device();
     let c = |v: [f32; 3]| Tensor::new(&v, dev).and_then(|t| t.reshape((1, 3, 1, 1)));
     let scale: Vec<f32> = (0..3).map(|i| from.std[i] / to.std[i]).collect();
-    let shift: Vec<f32> = (0..3).map(|i| (from.mean[i] - to.mean[i]) / to.std[i]).collect();
-    x.broadcast_mul(&c([scale[0], scale[1], scale[2]])?)?.broadcast_add(&c([shift[0], shift[1], shift[2]])?)
+    let shift: Vec<f32> = (0..3)
+        .map(|i| (from.mean[i] - to.mean[i]) / to.std[i])
+        .collect();
+    x.broadcast_mul(&c([scale[0], scale[1], scale[2]])?)?
+        .broadcast_add(&c([shift[0], shift[1], shift[2]])?)
 }
 
-/// Trains the student with `method` (and the frozen `teacher`, if any) and writes the run into
-/// `run_dir`. Returns `None` when stopped early by [`RunOptions::stop_after`].
+/// Trains the student with `method` (and the frozen `teacher`, if any; and the student's peers,
+/// if any) and writes the run into `run_dir`. Returns `None` when stopped early by
+/// [`RunOptions::stop_after`].
 #[allow(clippy::too_many_arguments)]
-pub fn train(student: Student, method: &dyn Distiller, teacher: Option<&Teacher>, train: &Loader, test: &Loader, cfg: &TrainConfig, run_dir: &Path, run: RunOptions) -> Result<Option<Summary>> {
-    let Student { model, vars, meta } = student;
+pub fn train(
+    student: Student,
+    method: &dyn Distiller,
+    teacher: Option<&Teacher>,
+    train: &Loader,
+    test: &Loader,
+    cfg: &TrainConfig,
+    run_dir: &Path,
+    run: RunOptions,
+) -> Result<Option<Summary>> {
     let student_norm = train.config().normalize;
     let resume = run.resume;
-    let num_classes = model.config().num_classes;
+    let num_classes = student.model.config().num_classes;
     std::fs::create_dir_all(run_dir).map_err(io(run_dir))?;
-    let named: Vec<(String, Var)> = {
-        let data = vars.data().lock().expect("var map lock");
-        let mut v: Vec<(String, Var)> = data.iter().filter(|(k, _)| !k.contains("running_")).map(|(k, v)| (k.clone(), v.clone())).collect();
-        v.sort_by(|a, b| a.0.cmp(&b.0));
-        v
+    let mut members: Vec<Member> = Vec::with_capacity(1 + student.peers.len());
+    members.push(Member {
+        name: String::new(),
+        model: student.model,
+        vars: student.vars,
+        meta: student.meta.clone(),
+        named: trainable(student.vars),
+        opt: Optimizer::new(&cfg.optimizer, trainable(student.vars)),
+    });
+    for p in student.peers {
+        let meta = TeacherMeta {
+            arch: p.config.arch,
+            stem: p.config.stem,
+            base_width: p.config.base_width,
+            source: format!("{} ({})", p.name, student.meta.source),
+            ..student.meta.clone()
+        };
+        members.push(Member {
+            name: p.name.clone(),
+            model: &p.model,
+            vars: &p.vars,
+            meta,
+            named: trainable(&p.vars),
+            opt: Optimizer::new(&cfg.optimizer, trainable(&p.vars)),
+        });
+    }
+    let mut progress = Progress {
+        epochs_done: 0,
+        step: 0,
+        best_top1: f64::NEG_INFINITY,
+        best_epoch: 0,
+        train_seconds: 0.0,
+        teacher_seconds: 0.0,
+        peer_best: vec![(f64::NEG_INFINITY, 0); student.peers.len()],
     };
-    let mut opt = Optimizer::new(&cfg.optimizer, named.clone());
-    let mut progress = Progress { epochs_done: 0, step: 0, best_top1: f64::NEG_INFINITY, best_epoch: 0, train_seconds: 0.0, teacher_seconds: 0.0 };
     if resume {
         let ckpt = latest_checkpoint(run_dir)?;
         let state = ckpt.join(CKPT_STATE);
         let text = std::fs::read_to_string(&state).map_err(io(&state))?;
-        progress = serde_json::from_str(&text).map_err(|e| TrainError::Invalid(format!("{}: {e}", state.display())))?;
-        kd_models::load_into(vars, &ckpt.join(CKPT_WEIGHTS))?;
-        let momentum = kd_models::checkpoint::read_safetensors(&ckpt.join(CKPT_OPTIM), &train.device())?;
-        opt.load_state(momentum)?;
+        progress = serde_json::from_str(&text)
+            .map_err(|e| TrainError::Invalid(format!("{}: {e}", state.display())))?;
+        progress
+            .peer_best
+            .resize(student.peers.len(), (f64::NEG_INFINITY, 0));
+        for m in &mut members {
+            kd_models::load_into(m.vars, &ckpt.join(m.file(CKPT_WEIGHTS)))?;
+            let momentum = kd_models::checkpoint::read_safetensors(
+                &ckpt.join(m.file(CKPT_OPTIM)),
+                &train.device(),
+            )?;
+            m.opt.load_state(momentum)?;
+        }
     }
     let steps_per_epoch = train.num_batches();
     let total = cfg.epochs * steps_per_epoch;
@@ -232,16 +395,21 @@ pub fn train(student: Student, method: &dyn Distiller, teacher: Option<&Teacher>
         truncate_lines(&jsonl, progress.epochs_done)?;
         truncate_lines(&csv, progress.epochs_done + 1)?;
     }
-    let mut last_top1 = 0.0;
+    let mut last_top1 = vec![0.0; members.len()];
     for epoch in progress.epochs_done..cfg.epochs {
         if run.stop_after.is_some_and(|k| epoch >= k) {
             return Ok(None);
         }
         let t = Instant::now();
-        let mut acc = Accuracy::new(num_classes);
+        let mut sums: Vec<EpochSums> = members
+            .iter()
+            .map(|_| EpochSums {
+                acc: Accuracy::new(num_classes),
+                terms: BTreeMap::new(),
+            })
+            .collect();
         let mut lr = cfg.lr;
         let mut teacher_seconds = 0.0;
-        let mut term_sums: BTreeMap<String, f64> = BTreeMap::new();
         let mut steps = 0usize;
         let bar = epoch_bar(epoch, cfg.epochs, steps_per_epoch);
         for (i, batch) in train.epoch(epoch as u64, 0).enumerate() {
@@ -250,7 +418,14 @@ pub fn train(student: Student, method: &dyn Distiller, teacher: Option<&Teacher>
             let teacher_out = match teacher {
                 Some(t) => {
                     let tt = Instant::now();
-                    let x = renormalize(&batch.images, &student_norm, &Normalize { mean: t.meta().mean, std: t.meta().std })?;
+                    let x = renormalize(
+                        &batch.images,
+                        &student_norm,
+                        &Normalize {
+                            mean: t.meta().mean,
+                            std: t.meta().std,
+                        },
+                    )?;
                     let o = t.forward(&x)?;
                     // Synchronise so the time is the teacher's, not queued work (a no-op on the CPU).
                     o.logits.device().synchronize()?;
@@ -259,90 +434,222 @@ pub fn train(student: Student, method: &dyn Distiller, teacher: Option<&Teacher>
                 }
                 None => None,
             };
-            let out = model.forward_t(&batch.images, true)?;
-            let ctx = StepContext { epoch, step: progress.step, total_steps: total };
-            let terms = method.loss(&ctx, &batch, &out, teacher_out.as_ref())?;
-            let loss = terms.total()?;
-            let value = loss.to_scalar::<f32>()?;
-            if !value.is_finite() {
-                return Err(TrainError::NonFinite { epoch, step: i, value });
-            }
-            for (name, t) in &terms.terms {
-                *term_sums.entry(name.clone()).or_default() += t.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+            let outs: Vec<ModelOutput> = members
+                .iter()
+                .map(|m| m.model.forward_t(&batch.images, true))
+                .collect::<candle_core::Result<_>>()?;
+            // The paired images (second view, same-class partner) go through the student only.
+            let paired = match &batch.paired {
+                Some(x) => Some(members[0].model.forward_t(x, true)?),
+                None => None,
+            };
+            let ctx = StepContext {
+                epoch,
+                step: progress.step,
+                total_steps: total,
+            };
+            for (k, m) in members.iter_mut().enumerate() {
+                let others: Vec<ModelOutput> = outs
+                    .iter()
+                    .enumerate()
+                    .filter(|(j, _)| *j != k)
+                    .map(|(_, o)| detached(o))
+                    .collect();
+                let out = Outputs {
+                    student: &outs[k],
+                    teacher: if k == 0 { teacher_out.as_ref() } else { None },
+                    peers: &others,
+                    paired: if k == 0 { paired.as_ref() } else { None },
+                };
+                let terms = method.loss(&ctx, &batch, &out)?;
+                let loss = terms.total()?;
+                let value = loss.to_scalar::<f32>()?;
+                if !value.is_finite() {
+                    return Err(TrainError::NonFinite {
+                        epoch,
+                        step: i,
+                        value,
+                    });
+                }
+                for (name, t) in &terms.terms {
+                    *sums[k].terms.entry(name.clone()).or_default() +=
+                        t.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+                }
+                let mut grads = loss.backward()?;
+                if let Some(max) = cfg.clip_grad {
+                    let norm = kd_schedulers::clip_grad_norm(&mut grads, &m.named, max)?;
+                    if !norm.is_finite() {
+                        return Err(TrainError::NonFinite {
+                            epoch,
+                            step: i,
+                            value: norm as f32,
+                        });
+                    }
+                }
+                m.opt.step(&grads, lr)?;
+                sums[k]
+                    .acc
+                    .update(&outs[k].logits.detach(), &batch.labels, Some(value as f64))?;
             }
             steps += 1;
-            let mut grads = loss.backward()?;
-            if let Some(max) = cfg.clip_grad {
-                let norm = kd_schedulers::clip_grad_norm(&mut grads, &named, max)?;
-                if !norm.is_finite() {
-                    return Err(TrainError::NonFinite { epoch, step: i, value: norm as f32 });
-                }
-            }
-            opt.step(&grads, lr)?;
-            acc.update(&out.logits.detach(), &batch.labels, Some(value as f64))?;
             progress.step += 1;
-            bar.set_message(format!("loss {:.4} lr {lr:.4}", acc.mean_loss()));
+            bar.set_message(format!("loss {:.4} lr {lr:.4}", sums[0].acc.mean_loss()));
             bar.inc(1);
         }
         bar.finish_and_clear();
         let seconds = t.elapsed().as_secs_f64();
         progress.train_seconds += seconds;
         progress.teacher_seconds += teacher_seconds;
-        let report = evaluate(test, num_classes, |x| model.forward_t(x, false))?;
+        let mut evals = Vec::with_capacity(members.len());
+        for m in &members {
+            evals.push(evaluate(test, num_classes, |x| {
+                m.model.forward_t(x, false)
+            })?);
+        }
+        let mean_terms = |s: &EpochSums| -> BTreeMap<String, f64> {
+            s.terms
+                .iter()
+                .map(|(k, v)| (k.clone(), v / steps.max(1) as f64))
+                .collect()
+        };
+        let peers: BTreeMap<String, PeerEpoch> = members
+            .iter()
+            .enumerate()
+            .skip(1)
+            .map(|(k, m)| {
+                let peer = PeerEpoch {
+                    train_loss: sums[k].acc.mean_loss(),
+                    train_acc: sums[k].acc.top1_pct(),
+                    test_loss: evals[k].acc.mean_loss(),
+                    test_top1: evals[k].acc.top1_pct(),
+                    test_top5: evals[k].acc.top5_pct(),
+                    losses: mean_terms(&sums[k]),
+                };
+                (m.name.clone(), peer)
+            })
+            .collect();
         let row = EpochMetrics {
             epoch: epoch + 1,
             lr,
-            train_loss: acc.mean_loss(),
-            train_acc: acc.top1_pct(),
-            test_loss: report.acc.mean_loss(),
-            test_top1: report.acc.top1_pct(),
-            test_top5: report.acc.top5_pct(),
+            train_loss: sums[0].acc.mean_loss(),
+            train_acc: sums[0].acc.top1_pct(),
+            test_loss: evals[0].acc.mean_loss(),
+            test_top1: evals[0].acc.top1_pct(),
+            test_top5: evals[0].acc.top5_pct(),
             seconds,
-            images_per_sec: acc.total as f64 / seconds.max(1e-9),
+            images_per_sec: sums[0].acc.total as f64 / seconds.max(1e-9),
             teacher_seconds,
-            losses: term_sums.into_iter().map(|(k, v)| (k, v / steps.max(1) as f64)).collect(),
+            losses: mean_terms(&sums[0]),
+            peers,
         };
-        last_top1 = row.test_top1;
-        append(&jsonl, &format!("{}\n", serde_json::to_string(&row).expect("row serialises")))?;
-        if std::fs::metadata(&csv).map(|m| m.len()).unwrap_or(0) == 0 {
-            let names: Vec<&str> = row.losses.keys().map(String::as_str).collect();
-            append(&csv, &format!("epoch,lr,train_loss,train_acc,test_loss,test_top1,test_top5,seconds,images_per_sec,teacher_seconds,{}\n", names.join(",")))?;
+        for (k, e) in evals.iter().enumerate() {
+            last_top1[k] = e.acc.top1_pct();
         }
-        let terms: Vec<String> = row.losses.values().map(|v| format!("{v:.6}")).collect();
         append(
-            &csv,
-            &format!(
-                "{},{:.6},{:.6},{:.4},{:.6},{:.4},{:.4},{:.3},{:.1},{:.3},{}\n",
-                row.epoch, row.lr, row.train_loss, row.train_acc, row.test_loss, row.test_top1, row.test_top5, row.seconds, row.images_per_sec, row.teacher_seconds, terms.join(",")
-            ),
+            &jsonl,
+            &format!("{}\n", serde_json::to_string(&row).expect("row serialises")),
         )?;
+        write_csv_row(&csv, &row)?;
         tracing::info!(
             "epoch {}/{}: lr {:.4} train loss {:.4} acc {:.2}% | test loss {:.4} top-1 {:.2}% top-5 {:.2}% | {:.1} s, {:.0} img/s",
             row.epoch, cfg.epochs, row.lr, row.train_loss, row.train_acc, row.test_loss, row.test_top1, row.test_top5, row.seconds, row.images_per_sec
         );
+        for (name, p) in &row.peers {
+            tracing::info!(
+                "  {name}: train loss {:.4} acc {:.2}% | test top-1 {:.2}% top-5 {:.2}%",
+                p.train_loss,
+                p.train_acc,
+                p.test_top1,
+                p.test_top5
+            );
+        }
         progress.epochs_done = epoch + 1;
         if row.test_top1 > progress.best_top1 {
             progress.best_top1 = row.test_top1;
             progress.best_epoch = epoch + 1;
-            export(vars, meta, &run_dir.join("best.safetensors"))?;
+            export(
+                members[0].vars,
+                &members[0].meta,
+                &run_dir.join("best.safetensors"),
+            )?;
         }
-        save_checkpoint(run_dir, vars, &opt, &progress, cfg.keep_last)?;
+        for (k, best) in progress.peer_best.iter_mut().enumerate() {
+            if last_top1[k + 1] > best.0 {
+                *best = (last_top1[k + 1], epoch + 1);
+            }
+        }
+        save_checkpoint(run_dir, &members, &progress, cfg.keep_last)?;
     }
-    export(vars, meta, &run_dir.join("model.safetensors"))?;
-    let trainable_params: usize = named.iter().map(|(_, v)| v.elem_count()).sum();
+    export(
+        members[0].vars,
+        &members[0].meta,
+        &run_dir.join("model.safetensors"),
+    )?;
+    let mut peer_summaries = Vec::new();
+    for (k, m) in members.iter().enumerate().skip(1) {
+        let dir = run_dir.join(&m.name);
+        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        export(m.vars, &m.meta, &dir.join("model.safetensors"))?;
+        peer_summaries.push(PeerSummary {
+            name: m.name.clone(),
+            model: m.meta.arch.name().to_string(),
+            params: m.model.num_backbone_params(),
+            best_top1: progress.peer_best[k - 1].0,
+            last_top1: last_top1[k],
+        });
+    }
     let summary = Summary {
-        trainable_params,
-        deploy_params: model.num_backbone_params(),
+        trainable_params: members
+            .iter()
+            .flat_map(|m| m.named.iter())
+            .map(|(_, v)| v.elem_count())
+            .sum(),
+        deploy_params: members[0].model.num_backbone_params(),
         best_top1: progress.best_top1,
         best_epoch: progress.best_epoch,
-        last_top1,
+        last_top1: last_top1[0],
         train_seconds: progress.train_seconds,
         teacher_seconds: progress.teacher_seconds,
         teacher_params: teacher.map_or(0, |t| t.model().num_backbone_params()),
         method: method.name().to_string(),
+        peers: peer_summaries,
     };
-    write_atomic(&run_dir.join("summary.json"), serde_json::to_string_pretty(&summary).expect("summary serialises").as_bytes())?;
+    write_atomic(
+        &run_dir.join("summary.json"),
+        serde_json::to_string_pretty(&summary)
+            .expect("summary serialises")
+            .as_bytes(),
+    )?;
     Ok(Some(summary))
+}
+
+/// Appends the row to `metrics.csv` (with the header first): the student's figures, its loss
+/// terms, then each peer's test top-1.
+fn write_csv_row(csv: &Path, row: &EpochMetrics) -> Result<()> {
+    if std::fs::metadata(csv).map(|m| m.len()).unwrap_or(0) == 0 {
+        let mut names: Vec<String> = row.losses.keys().cloned().collect();
+        names.extend(row.peers.keys().map(|p| format!("{p}_test_top1")));
+        append(csv, &format!("epoch,lr,train_loss,train_acc,test_loss,test_top1,test_top5,seconds,images_per_sec,teacher_seconds,{}\n", names.join(",")))?;
+    }
+    let mut cells: Vec<String> = row.losses.values().map(|v| format!("{v:.6}")).collect();
+    cells.extend(row.peers.values().map(|p| format!("{:.4}", p.test_top1)));
+    append(
+        csv,
+        &format!(
+            "{},{:.6},{:.6},{:.4},{:.6},{:.4},{:.4},{:.3},{:.1},{:.3},{}\n",
+            row.epoch,
+            row.lr,
+            row.train_loss,
+            row.train_acc,
+            row.test_loss,
+            row.test_top1,
+            row.test_top5,
+            row.seconds,
+            row.images_per_sec,
+            row.teacher_seconds,
+            cells.join(",")
+        ),
+    )
 }
 
 fn truncate_lines(path: &Path, keep: usize) -> Result<()> {
@@ -353,8 +660,13 @@ fn truncate_lines(path: &Path, keep: usize) -> Result<()> {
 
 /// A per-epoch bar; drawn only when stderr is a terminal.
 fn epoch_bar(epoch: usize, epochs: usize, steps: usize) -> indicatif::ProgressBar {
-    let bar = indicatif::ProgressBar::with_draw_target(Some(steps as u64), indicatif::ProgressDrawTarget::stderr());
-    if let Ok(style) = indicatif::ProgressStyle::with_template("epoch {prefix} [{bar:30}] {pos}/{len} {msg} {per_sec} ETA {eta}") {
+    let bar = indicatif::ProgressBar::with_draw_target(
+        Some(steps as u64),
+        indicatif::ProgressDrawTarget::stderr(),
+    );
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "epoch {prefix} [{bar:30}] {pos}/{len} {msg} {per_sec} ETA {eta}",
+    ) {
         bar.set_style(style.progress_chars("=> "));
     }
     bar.set_prefix(format!("{}/{}", epoch + 1, epochs));
@@ -362,7 +674,11 @@ fn epoch_bar(epoch: usize, epochs: usize, steps: usize) -> indicatif::ProgressBa
 }
 
 fn append(path: &Path, line: &str) -> Result<()> {
-    let mut f = std::fs::OpenOptions::new().append(true).create(true).open(path).map_err(io(path))?;
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(path)
+        .map_err(io(path))?;
     f.write_all(line.as_bytes()).map_err(io(path))
 }
 
@@ -377,6 +693,11 @@ pub fn export(vars: &VarMap, meta: &TeacherMeta, path: &Path) -> Result<PathBuf>
         .collect();
     drop(data);
     kd_models::checkpoint::save_tensors(&tensors, path)?;
-    write_atomic(&TeacherMeta::sidecar(path), serde_json::to_string_pretty(meta).expect("meta serialises").as_bytes())?;
+    write_atomic(
+        &TeacherMeta::sidecar(path),
+        serde_json::to_string_pretty(meta)
+            .expect("meta serialises")
+            .as_bytes(),
+    )?;
     Ok(path.into())
 }

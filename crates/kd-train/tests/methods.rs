@@ -3,11 +3,12 @@
 //! parts (FitNets regressor, auxiliary heads) receive gradients.
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Var};
+use candle_core::{Device, Var};
 use kd_data::{Loader, LoaderConfig, Normalize, Split};
+use kd_models::ModelOutput;
 use kd_models::{Arch, ResNetConfig, Stem, Teacher, TeacherMeta};
 use kd_schedulers::{Sgd, SgdConfig};
-use kd_train::{build_student, MethodConfig, StepContext};
+use kd_train::{build_student, MethodConfig, Outputs, PeerSpec, StepContext};
 
 fn synthetic(n: usize) -> Split {
     let mut s = Split::empty(3, 32, 32);
@@ -17,7 +18,9 @@ fn synthetic(n: usize) -> Split {
             for y in 0..32 {
                 for x in 0..32 {
                     let q = (y / 16) * 2 + x / 16;
-                    s.images.push(if q == class { 220 } else { 30 } + ((i * 7 + c * 3 + x + y) % 20) as u8);
+                    s.images.push(
+                        if q == class { 220 } else { 30 } + ((i * 7 + c * 3 + x + y) % 20) as u8,
+                    );
                 }
             }
         }
@@ -28,72 +31,307 @@ fn synthetic(n: usize) -> Split {
 
 /// A frozen tiny ResNet50 with the max-pool stem (stages at half the student's resolution).
 fn teacher(dir: &std::path::Path) -> Teacher {
-    let cfg = ResNetConfig { base_width: 4, ..ResNetConfig::new(Arch::Resnet50, Stem::CifarMaxpool, 4) };
+    let cfg = ResNetConfig {
+        base_width: 4,
+        ..ResNetConfig::new(Arch::Resnet50, Stem::CifarMaxpool, 4)
+    };
     let (_, vm) = kd_models::trainable_resnet(&cfg, &Device::Cpu, 7).unwrap();
-    let meta = TeacherMeta { arch: cfg.arch, stem: cfg.stem, num_classes: 4, base_width: 4, mean: [0.5; 3], std: [0.25; 3], source: "test".into(), source_sha256: String::new() };
+    let meta = TeacherMeta {
+        arch: cfg.arch,
+        stem: cfg.stem,
+        num_classes: 4,
+        base_width: 4,
+        mean: [0.5; 3],
+        std: [0.25; 3],
+        source: "test".into(),
+        source_sha256: String::new(),
+    };
     let path = dir.join("teacher.safetensors");
     kd_train::export(&vm, &meta, &path).unwrap();
     Teacher::load(&path, &Device::Cpu).unwrap()
+}
+
+fn trainable(vars: &candle_nn::VarMap) -> Vec<(String, Var)> {
+    vars.data()
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| !k.contains("running_"))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+/// A small DML pairing for the test: the student and one tiny ResNet50 peer.
+fn preset(name: &str) -> MethodConfig {
+    match MethodConfig::preset(name).unwrap() {
+        MethodConfig::Dml {
+            weight,
+            temperature,
+            ..
+        } => MethodConfig::Dml {
+            weight,
+            temperature,
+            peers: vec![PeerSpec {
+                model: Arch::Resnet50,
+                stem: Stem::CifarMaxpool,
+                width: 4,
+            }],
+        },
+        m => m,
+    }
 }
 
 #[test]
 fn every_method_trains_and_keeps_the_teacher_frozen() {
     let tmp = tempfile::tempdir().unwrap();
     let t = teacher(tmp.path());
-    let norm = Normalize { mean: [0.4; 3], std: [0.3; 3] };
-    let loader = Loader::new(Arc::new(synthetic(16)), LoaderConfig { prefetch: 0, ..LoaderConfig::eval(16, norm) }, Device::Cpu).unwrap();
-    let batch = loader.epoch(0, 0).next().unwrap().unwrap();
-    let cfg = ResNetConfig { base_width: 4, ..ResNetConfig::new(Arch::Resnet18, Stem::Cifar, 4) };
+    let norm = Normalize {
+        mean: [0.4; 3],
+        std: [0.3; 3],
+    };
+    let cfg = ResNetConfig {
+        base_width: 4,
+        ..ResNetConfig::new(Arch::Resnet18, Stem::Cifar, 4)
+    };
     for name in MethodConfig::NAMES {
-        let method = MethodConfig::preset(name).unwrap();
+        let method = preset(name);
+        // The loader brings the second image the method asks for (two views, a same-class partner).
+        let lcfg = LoaderConfig {
+            prefetch: 0,
+            pair: method.pairing(),
+            augment: kd_data::Augment::STANDARD,
+            ..LoaderConfig::eval(16, norm)
+        };
+        let loader = Loader::new(Arc::new(synthetic(16)), lcfg, Device::Cpu).unwrap();
+        let batch = loader.epoch(0, 0).next().unwrap().unwrap();
+        assert_eq!(batch.paired.is_some(), method.pairing().is_some());
         let teacher = method.needs_teacher().then_some(&t);
-        let (model, vars, distiller) = build_student(&cfg, &method, teacher, &Device::Cpu, 0, 0.0).unwrap();
-        assert_eq!(distiller.name(), name);
-        let named: Vec<(String, Var)> = vars.data().lock().unwrap().iter().filter(|(k, _)| !k.contains("running_")).map(|(k, v)| (k.clone(), v.clone())).collect();
-        let mut opt = Sgd::new(named.clone(), SgdConfig { weight_decay: 0.0, ..SgdConfig::default() });
+        let built = build_student(&cfg, &method, teacher, &Device::Cpu, 0, 0.0).unwrap();
+        assert_eq!(built.distiller.name(), name);
+        assert_eq!(built.peers.len(), method.peers().len());
+        // The student first, then its peers (online methods), each with its own optimizer.
+        let mut members: Vec<(&kd_models::ResNet, Vec<(String, Var)>)> =
+            vec![(&built.model, trainable(&built.vars))];
+        members.extend(built.peers.iter().map(|p| (&p.model, trainable(&p.vars))));
+        let mut opts: Vec<Sgd> = members
+            .iter()
+            .map(|(_, named)| {
+                Sgd::new(
+                    named.clone(),
+                    SgdConfig {
+                        weight_decay: 0.0,
+                        ..SgdConfig::default()
+                    },
+                )
+            })
+            .collect();
         let t_out = teacher.map(|t| t.forward(&batch.images).unwrap());
-        let mut first = None;
-        let mut last = 0.0;
+        let mut first = vec![None; members.len()];
+        let mut last = vec![0.0; members.len()];
         for step in 0..20 {
-            let out = model.forward_t(&batch.images, true).unwrap();
-            let terms = distiller.loss(&StepContext { epoch: 0, step, total_steps: 20 }, &batch, &out, t_out.as_ref()).unwrap();
-            assert!(terms.terms.iter().any(|(n, _)| n == "loss_ce"), "{name}: {:?}", terms.terms.iter().map(|t| &t.0).collect::<Vec<_>>());
-            let loss = terms.total().unwrap();
-            let v = loss.to_scalar::<f32>().unwrap();
-            assert!(v.is_finite(), "{name} step {step}: {v}");
-            let mut grads = loss.backward().unwrap();
-            if step == 0 {
-                // Every trainable variable the method uses gets a gradient; the teacher has none to get.
-                for (k, var) in &named {
-                    let used = !k.starts_with("aux_heads.") || method.needs_aux_heads();
-                    if used {
-                        assert!(grads.get(var.as_tensor()).is_some(), "{name}: no gradient for {k}");
+            let outs: Vec<ModelOutput> = members
+                .iter()
+                .map(|(m, _)| m.forward_t(&batch.images, true).unwrap())
+                .collect();
+            let paired = batch
+                .paired
+                .as_ref()
+                .map(|x| built.model.forward_t(x, true).unwrap());
+            for k in 0..members.len() {
+                let others: Vec<ModelOutput> = outs
+                    .iter()
+                    .enumerate()
+                    .filter(|(j, _)| *j != k)
+                    .map(|(_, o)| o.clone())
+                    .collect();
+                let out = Outputs {
+                    student: &outs[k],
+                    teacher: if k == 0 { t_out.as_ref() } else { None },
+                    peers: &others,
+                    paired: if k == 0 { paired.as_ref() } else { None },
+                };
+                let terms = built
+                    .distiller
+                    .loss(
+                        &StepContext {
+                            epoch: 0,
+                            step,
+                            total_steps: 20,
+                        },
+                        &batch,
+                        &out,
+                    )
+                    .unwrap();
+                assert!(
+                    terms.terms.iter().any(|(n, _)| n == "loss_ce"),
+                    "{name}: {:?}",
+                    terms.terms.iter().map(|t| &t.0).collect::<Vec<_>>()
+                );
+                assert!(
+                    terms.terms.len() >= 2 || name == "none",
+                    "{name}: no distillation term"
+                );
+                let loss = terms.total().unwrap();
+                let v = loss.to_scalar::<f32>().unwrap();
+                assert!(v.is_finite(), "{name} step {step}: {v}");
+                let mut grads = loss.backward().unwrap();
+                if step == 0 {
+                    // Every trainable variable the method uses gets a gradient; the teacher has none to get.
+                    for (key, var) in &members[k].1 {
+                        let used = !key.starts_with("aux_heads.") || method.needs_aux_heads();
+                        if used {
+                            assert!(
+                                grads.get(var.as_tensor()).is_some(),
+                                "{name} member {k}: no gradient for {key}"
+                            );
+                        }
+                    }
+                    // A peer's loss reaches no other peer: the others' outputs enter as constants.
+                    for (j, (_, named)) in members.iter().enumerate().filter(|(j, _)| *j != k) {
+                        assert!(
+                            named
+                                .iter()
+                                .all(|(_, var)| grads.get(var.as_tensor()).is_none()),
+                            "{name}: member {k}'s loss reached member {j}"
+                        );
+                    }
+                    if let Some(t) = teacher {
+                        // The teacher's weights are constants behind detached outputs: backward never visits them.
+                        assert!(
+                            t.model()
+                                .backbone_params()
+                                .iter()
+                                .all(|p| !p.is_variable() && grads.get(p).is_none()),
+                            "{name}: gradient reached the teacher"
+                        );
                     }
                 }
-                if let Some(t) = teacher {
-                    // The teacher's weights are constants behind detached outputs: backward never visits them.
-                    assert!(t.model().backbone_params().iter().all(|p| !p.is_variable() && grads.get(p).is_none()), "{name}: gradient reached the teacher");
-                }
+                // Clipped as the trainer's --clip-grad does: RKD's scale-invariant terms give huge
+                // gradients when a random tiny net maps the batch to nearly one point.
+                let gn = kd_schedulers::clip_grad_norm(&mut grads, &members[k].1, 2.0).unwrap();
+                assert!(gn.is_finite(), "{name} step {step}: gradient norm {gn}");
+                opts[k].step(&grads, 0.02).unwrap();
+                first[k].get_or_insert(v);
+                last[k] = v;
             }
-            // Clipped as the trainer's --clip-grad does: RKD's scale-invariant terms give huge
-            // gradients when a random tiny net maps the batch to nearly one point.
-            let gn = kd_schedulers::clip_grad_norm(&mut grads, &named, 2.0).unwrap();
-            assert!(gn.is_finite(), "{name} step {step}: gradient norm {gn}");
-            opt.step(&grads, 0.02).unwrap();
-            first.get_or_insert(v);
-            last = v;
         }
-        assert!(last < first.unwrap(), "{name}: loss {} → {last} did not fall", first.unwrap());
+        for k in 0..members.len() {
+            assert!(
+                last[k] < first[k].unwrap(),
+                "{name} member {k}: loss {} → {} did not fall",
+                first[k].unwrap(),
+                last[k]
+            );
+        }
         if name == "fitnet" {
-            assert!(vars.data().lock().unwrap().keys().any(|k| k.starts_with("distill.fitnet.conv")));
+            assert!(built
+                .vars
+                .data()
+                .lock()
+                .unwrap()
+                .keys()
+                .any(|k| k.starts_with("distill.fitnet.conv")));
         }
     }
-    let _ = DType::F32;
 }
 
 #[test]
 fn methods_that_need_a_teacher_say_so() {
-    let cfg = ResNetConfig { base_width: 4, ..ResNetConfig::new(Arch::Resnet18, Stem::Cifar, 4) };
-    let err = build_student(&cfg, &MethodConfig::preset("kd").unwrap(), None, &Device::Cpu, 0, 0.0).err().unwrap().to_string();
+    let cfg = ResNetConfig {
+        base_width: 4,
+        ..ResNetConfig::new(Arch::Resnet18, Stem::Cifar, 4)
+    };
+    let err = build_student(
+        &cfg,
+        &MethodConfig::preset("kd").unwrap(),
+        None,
+        &Device::Cpu,
+        0,
+        0.0,
+    )
+    .err()
+    .unwrap()
+    .to_string();
     assert!(err.contains("needs a teacher"), "{err}");
+}
+
+#[test]
+fn peer_specs_parse_and_refuse_clearly() {
+    let p: PeerSpec = "resnet50:cifar-maxpool:32".parse().unwrap();
+    assert_eq!(
+        p,
+        PeerSpec {
+            model: Arch::Resnet50,
+            stem: Stem::CifarMaxpool,
+            width: 32
+        }
+    );
+    assert_eq!(
+        "resnet34".parse::<PeerSpec>().unwrap(),
+        PeerSpec {
+            model: Arch::Resnet34,
+            stem: Stem::Cifar,
+            width: 64
+        }
+    );
+    assert!("resnet51"
+        .parse::<PeerSpec>()
+        .unwrap_err()
+        .contains("architecture"));
+    assert!("resnet18:big"
+        .parse::<PeerSpec>()
+        .unwrap_err()
+        .contains("stem"));
+    assert!("resnet18:cifar:0"
+        .parse::<PeerSpec>()
+        .unwrap_err()
+        .contains("WIDTH"));
+}
+
+#[test]
+fn peers_start_from_their_own_weights() {
+    // A ResNet18 peer of a ResNet18 student must not be a copy of it: DML would then be a no-op.
+    let cfg = ResNetConfig {
+        base_width: 4,
+        ..ResNetConfig::new(Arch::Resnet18, Stem::Cifar, 4)
+    };
+    let method = MethodConfig::Dml {
+        weight: 1.0,
+        temperature: 1.0,
+        peers: vec![PeerSpec {
+            model: Arch::Resnet18,
+            stem: Stem::Cifar,
+            width: 4,
+        }],
+    };
+    let built = build_student(&cfg, &method, None, &Device::Cpu, 0, 0.0).unwrap();
+    let a = built
+        .vars
+        .get(
+            (4, 3, 3, 3),
+            "conv1.weight",
+            candle_nn::Init::Const(0.0),
+            candle_core::DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap();
+    let b = built.peers[0]
+        .vars
+        .get(
+            (4, 3, 3, 3),
+            "conv1.weight",
+            candle_nn::Init::Const(0.0),
+            candle_core::DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap();
+    let diff = (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(diff > 0.1, "peer and student start equal");
 }

@@ -7,7 +7,11 @@ fn top1_top5_and_per_class_by_hand() {
     // 3 samples, 6 classes. Sample 0: label 2 is the max → top-1. Sample 1: label 0 ranks 3rd →
     // top-5 only. Sample 2: label 5 ranks 6th → neither.
     let logits = Tensor::new(
-        &[[0.1f32, 0.2, 0.9, 0.3, 0.0, 0.0], [0.5, 0.9, 0.8, 0.1, 0.0, 0.2], [0.6, 0.5, 0.4, 0.3, 0.2, 0.1]],
+        &[
+            [0.1f32, 0.2, 0.9, 0.3, 0.0, 0.0],
+            [0.5, 0.9, 0.8, 0.1, 0.0, 0.2],
+            [0.6, 0.5, 0.4, 0.3, 0.2, 0.1],
+        ],
         &Device::Cpu,
     )
     .unwrap();

@@ -11,7 +11,9 @@ use kd_train::{train, RunOptions, Student, TrainConfig, TrainError};
 /// Four classes: the image is bright in one quadrant, plus noise.
 fn quadrants(n: usize, seed: u64) -> Split {
     let mut s = Split::empty(3, 32, 32);
-    let mut x = seed.wrapping_mul(2862933555777941757).wrapping_add(3037000493);
+    let mut x = seed
+        .wrapping_mul(2862933555777941757)
+        .wrapping_add(3037000493);
     for i in 0..n {
         let class = i % 4;
         for c in 0..3 {
@@ -22,7 +24,8 @@ fn quadrants(n: usize, seed: u64) -> Split {
                     x ^= x << 17;
                     let q = (y / 16) * 2 + xx / 16;
                     let base = if q == class { 200 } else { 40 };
-                    s.images.push((base + (x % 40) as i32 - 20).clamp(0, 255) as u8 + (c as u8));
+                    s.images
+                        .push((base + (x % 40) as i32 - 20).clamp(0, 255) as u8 + (c as u8));
                 }
             }
         }
@@ -31,18 +34,52 @@ fn quadrants(n: usize, seed: u64) -> Split {
     s
 }
 
-fn setup(seed: u64) -> (kd_models::ResNet, candle_nn::VarMap, TeacherMeta, Loader, Loader) {
+fn setup(
+    seed: u64,
+) -> (
+    kd_models::ResNet,
+    candle_nn::VarMap,
+    TeacherMeta,
+    Loader,
+    Loader,
+) {
     setup_with(seed, seed)
 }
 
 /// `init_seed` initialises the model, `data_seed` drives order and augmentation.
-fn setup_with(init_seed: u64, data_seed: u64) -> (kd_models::ResNet, candle_nn::VarMap, TeacherMeta, Loader, Loader) {
-    let cfg = ResNetConfig { base_width: 4, ..ResNetConfig::new(Arch::Resnet18, Stem::CifarMaxpool, 4) };
+fn setup_with(
+    init_seed: u64,
+    data_seed: u64,
+) -> (
+    kd_models::ResNet,
+    candle_nn::VarMap,
+    TeacherMeta,
+    Loader,
+    Loader,
+) {
+    let cfg = ResNetConfig {
+        base_width: 4,
+        ..ResNetConfig::new(Arch::Resnet18, Stem::CifarMaxpool, 4)
+    };
     let (model, vm) = trainable_resnet(&cfg, &Device::Cpu, init_seed).unwrap();
-    let norm = Normalize { mean: [0.4; 3], std: [0.3; 3] };
-    let tcfg = LoaderConfig { augment: Augment { crop_padding: 2, hflip: false }, ..LoaderConfig::train(16, norm, data_seed) };
+    let norm = Normalize {
+        mean: [0.4; 3],
+        std: [0.3; 3],
+    };
+    let tcfg = LoaderConfig {
+        augment: Augment {
+            crop_padding: 2,
+            hflip: false,
+        },
+        ..LoaderConfig::train(16, norm, data_seed)
+    };
     let train_l = Loader::new(Arc::new(quadrants(64, 1)), tcfg, Device::Cpu).unwrap();
-    let test_l = Loader::new(Arc::new(quadrants(32, 2)), LoaderConfig::eval(32, norm), Device::Cpu).unwrap();
+    let test_l = Loader::new(
+        Arc::new(quadrants(32, 2)),
+        LoaderConfig::eval(32, norm),
+        Device::Cpu,
+    )
+    .unwrap();
     let meta = TeacherMeta {
         arch: cfg.arch,
         stem: cfg.stem,
@@ -61,12 +98,31 @@ fn baseline() -> Box<dyn kd_train::Distiller> {
 }
 
 fn config(epochs: usize, lr: f64) -> TrainConfig {
-    TrainConfig { epochs, lr, schedule: Schedule::WarmupCosine { warmup_steps: 2, final_lr: 0.0 }, optimizer: OptimizerConfig::Sgd(SgdConfig::default()), label_smoothing: 0.0, clip_grad: None, keep_last: 2 }
+    TrainConfig {
+        epochs,
+        lr,
+        schedule: Schedule::WarmupCosine {
+            warmup_steps: 2,
+            final_lr: 0.0,
+        },
+        optimizer: OptimizerConfig::Sgd(SgdConfig::default()),
+        label_smoothing: 0.0,
+        clip_grad: None,
+        keep_last: 2,
+    }
 }
 
 fn weights(vm: &candle_nn::VarMap) -> Vec<(String, Vec<f32>)> {
     let data = vm.data().lock().unwrap();
-    let mut v: Vec<(String, Vec<f32>)> = data.iter().map(|(k, t)| (k.clone(), t.as_tensor().flatten_all().unwrap().to_vec1().unwrap())).collect();
+    let mut v: Vec<(String, Vec<f32>)> = data
+        .iter()
+        .map(|(k, t)| {
+            (
+                k.clone(),
+                t.as_tensor().flatten_all().unwrap().to_vec1().unwrap(),
+            )
+        })
+        .collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));
     v
 }
@@ -75,21 +131,67 @@ fn weights(vm: &candle_nn::VarMap) -> Vec<(String, Vec<f32>)> {
 fn learns_the_synthetic_task() {
     let (model, vm, meta, tr, te) = setup(0);
     let dir = tempfile::tempdir().unwrap();
-    let s = train(Student { model: &model, vars: &vm, meta: &meta }, &*baseline(), None, &tr, &te, &config(6, 0.05), dir.path(), RunOptions::default()).unwrap().unwrap();
+    let s = train(
+        Student {
+            model: &model,
+            vars: &vm,
+            meta: &meta,
+            peers: &[],
+        },
+        &*baseline(),
+        None,
+        &tr,
+        &te,
+        &config(6, 0.05),
+        dir.path(),
+        RunOptions::default(),
+    )
+    .unwrap()
+    .unwrap();
     let rows: Vec<kd_train::EpochMetrics> =
-        std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        std::fs::read_to_string(dir.path().join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
     assert_eq!(rows.len(), 6);
-    assert!(rows.last().unwrap().train_loss < rows[0].train_loss, "{rows:?}");
-    assert!(s.best_top1 >= 75.0, "test top-1 {} on a 4-class task", s.best_top1);
-    assert_eq!(std::fs::read_to_string(dir.path().join("metrics.csv")).unwrap().lines().count(), 7);
-    for f in ["summary.json", "model.safetensors", "model.json", "best.safetensors", "checkpoint.latest"] {
+    assert!(
+        rows.last().unwrap().train_loss < rows[0].train_loss,
+        "{rows:?}"
+    );
+    assert!(
+        s.best_top1 >= 75.0,
+        "test top-1 {} on a 4-class task",
+        s.best_top1
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("metrics.csv"))
+            .unwrap()
+            .lines()
+            .count(),
+        7
+    );
+    for f in [
+        "summary.json",
+        "model.safetensors",
+        "model.json",
+        "best.safetensors",
+        "checkpoint.latest",
+    ] {
         assert!(dir.path().join(f).is_file(), "{f}");
     }
     // keep_last = 2: the two newest checkpoint folders remain, the pointer names the newest.
-    let mut kept: Vec<String> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with("checkpoint-")).collect();
+    let mut kept: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("checkpoint-"))
+        .collect();
     kept.sort();
     assert_eq!(kept, vec!["checkpoint-0005", "checkpoint-0006"]);
-    assert_eq!(std::fs::read_to_string(dir.path().join("checkpoint.latest")).unwrap(), "checkpoint-0006");
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("checkpoint.latest")).unwrap(),
+        "checkpoint-0006"
+    );
     // The exported model evaluates through the teacher loader.
     let t = kd_models::Teacher::load(&dir.path().join("model.safetensors"), &Device::Cpu).unwrap();
     assert_eq!(t.model().num_backbone_params(), s.deploy_params);
@@ -99,30 +201,241 @@ fn learns_the_synthetic_task() {
 fn resume_is_bit_identical() {
     let (model, vm, meta, tr, te) = setup(3);
     let full = tempfile::tempdir().unwrap();
-    train(Student { model: &model, vars: &vm, meta: &meta }, &*baseline(), None, &tr, &te, &config(3, 0.05), full.path(), RunOptions::default()).unwrap();
+    train(
+        Student {
+            model: &model,
+            vars: &vm,
+            meta: &meta,
+            peers: &[],
+        },
+        &*baseline(),
+        None,
+        &tr,
+        &te,
+        &config(3, 0.05),
+        full.path(),
+        RunOptions::default(),
+    )
+    .unwrap();
     let uninterrupted = weights(&vm);
 
     let (model, vm, meta, tr, te) = setup(3);
     let dir = tempfile::tempdir().unwrap();
-    let stopped = train(Student { model: &model, vars: &vm, meta: &meta }, &*baseline(), None, &tr, &te, &config(3, 0.05), dir.path(), RunOptions { resume: false, stop_after: Some(2) }).unwrap();
+    let stopped = train(
+        Student {
+            model: &model,
+            vars: &vm,
+            meta: &meta,
+            peers: &[],
+        },
+        &*baseline(),
+        None,
+        &tr,
+        &te,
+        &config(3, 0.05),
+        dir.path(),
+        RunOptions {
+            resume: false,
+            stop_after: Some(2),
+        },
+    )
+    .unwrap();
     assert!(stopped.is_none());
     // A fresh process: a differently initialised model, everything restored from the checkpoint.
     let (model, vm, meta, tr, te) = setup_with(99, 3);
-    train(Student { model: &model, vars: &vm, meta: &meta }, &*baseline(), None, &tr, &te, &config(3, 0.05), dir.path(), RunOptions { resume: true, stop_after: None }).unwrap();
+    train(
+        Student {
+            model: &model,
+            vars: &vm,
+            meta: &meta,
+            peers: &[],
+        },
+        &*baseline(),
+        None,
+        &tr,
+        &te,
+        &config(3, 0.05),
+        dir.path(),
+        RunOptions {
+            resume: true,
+            stop_after: None,
+        },
+    )
+    .unwrap();
     let resumed = weights(&vm);
-    let differing: Vec<&String> = resumed.iter().zip(&uninterrupted).filter(|(a, b)| a != b).map(|(a, _)| &a.0).collect();
-    assert!(differing.is_empty(), "weights differ after resume: {differing:?}");
+    let differing: Vec<&String> = resumed
+        .iter()
+        .zip(&uninterrupted)
+        .filter(|(a, b)| a != b)
+        .map(|(a, _)| &a.0)
+        .collect();
+    assert!(
+        differing.is_empty(),
+        "weights differ after resume: {differing:?}"
+    );
     let a = std::fs::read_to_string(full.path().join("metrics.jsonl")).unwrap();
     let b = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
-    let strip = |s: &str| s.lines().map(|l| { let mut v: serde_json::Value = serde_json::from_str(l).unwrap(); v["seconds"] = 0.into(); v["images_per_sec"] = 0.into(); v }).collect::<Vec<_>>();
-    assert_eq!(strip(&a), strip(&b), "metrics other than timings are identical");
+    let strip = |s: &str| {
+        s.lines()
+            .map(|l| {
+                let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+                v["seconds"] = 0.into();
+                v["images_per_sec"] = 0.into();
+                v
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        strip(&a),
+        strip(&b),
+        "metrics other than timings are identical"
+    );
 }
 
 #[test]
 fn non_finite_loss_stops_with_epoch_and_step() {
     let (model, vm, meta, tr, te) = setup(1);
     let dir = tempfile::tempdir().unwrap();
-    let err = train(Student { model: &model, vars: &vm, meta: &meta }, &*baseline(), None, &tr, &te, &config(3, 1e30), dir.path(), RunOptions::default()).unwrap_err();
+    let err = train(
+        Student {
+            model: &model,
+            vars: &vm,
+            meta: &meta,
+            peers: &[],
+        },
+        &*baseline(),
+        None,
+        &tr,
+        &te,
+        &config(3, 1e30),
+        dir.path(),
+        RunOptions::default(),
+    )
+    .unwrap_err();
     assert!(matches!(err, TrainError::NonFinite { .. }), "{err}");
     assert!(err.to_string().contains("epoch") && err.to_string().contains("step"));
+}
+
+/// DML with a ResNet18 student and a tiny ResNet50 peer, built from `init_seed`.
+fn dml(init_seed: u64) -> kd_train::BuiltStudent {
+    let cfg = ResNetConfig {
+        base_width: 4,
+        ..ResNetConfig::new(Arch::Resnet18, Stem::CifarMaxpool, 4)
+    };
+    let method = kd_train::MethodConfig::Dml {
+        weight: 1.0,
+        temperature: 1.0,
+        peers: vec![kd_train::PeerSpec {
+            model: Arch::Resnet50,
+            stem: Stem::Cifar,
+            width: 4,
+        }],
+    };
+    kd_train::build_student(&cfg, &method, None, &Device::Cpu, init_seed, 0.0).unwrap()
+}
+
+#[test]
+fn online_peers_are_logged_checkpointed_and_resumed_exactly() {
+    let (_, _, meta, tr, te) = setup(5);
+    let full = tempfile::tempdir().unwrap();
+    let a = dml(5);
+    let s = train(
+        Student {
+            model: &a.model,
+            vars: &a.vars,
+            meta: &meta,
+            peers: &a.peers,
+        },
+        &*a.distiller,
+        None,
+        &tr,
+        &te,
+        &config(2, 0.05),
+        full.path(),
+        RunOptions::default(),
+    )
+    .unwrap()
+    .unwrap();
+    // Every peer is evaluated, logged and exported; trainable parameters count both networks.
+    assert_eq!(s.peers.len(), 1);
+    assert_eq!(s.peers[0].model, "resnet50");
+    assert_eq!(
+        s.trainable_params,
+        a.model.num_params() + a.peers[0].model.num_params()
+    );
+    assert_eq!(s.deploy_params, a.model.num_backbone_params());
+    let rows: Vec<kd_train::EpochMetrics> =
+        std::fs::read_to_string(full.path().join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+    assert!(rows.iter().all(|r| r.peers.contains_key("peer1")
+        && r.losses.contains_key("loss_dml")
+        && r.peers["peer1"].losses.contains_key("loss_dml")));
+    assert!(
+        std::fs::read_to_string(full.path().join("metrics.csv"))
+            .unwrap()
+            .starts_with("epoch,")
+            && std::fs::read_to_string(full.path().join("metrics.csv"))
+                .unwrap()
+                .contains("peer1_test_top1")
+    );
+    let peer_model = full.path().join("peer1/model.safetensors");
+    assert_eq!(
+        kd_models::Teacher::load(&peer_model, &Device::Cpu)
+            .unwrap()
+            .meta()
+            .arch,
+        Arch::Resnet50
+    );
+    let uninterrupted = (weights(&a.vars), weights(&a.peers[0].vars));
+
+    // Stop after one epoch, resume in a "new process" built from another seed.
+    let dir = tempfile::tempdir().unwrap();
+    let b = dml(5);
+    assert!(train(
+        Student {
+            model: &b.model,
+            vars: &b.vars,
+            meta: &meta,
+            peers: &b.peers
+        },
+        &*b.distiller,
+        None,
+        &tr,
+        &te,
+        &config(2, 0.05),
+        dir.path(),
+        RunOptions {
+            resume: false,
+            stop_after: Some(1)
+        }
+    )
+    .unwrap()
+    .is_none());
+    let c = dml(77);
+    train(
+        Student {
+            model: &c.model,
+            vars: &c.vars,
+            meta: &meta,
+            peers: &c.peers,
+        },
+        &*c.distiller,
+        None,
+        &tr,
+        &te,
+        &config(2, 0.05),
+        dir.path(),
+        RunOptions {
+            resume: true,
+            stop_after: None,
+        },
+    )
+    .unwrap();
+    assert!(
+        uninterrupted == (weights(&c.vars), weights(&c.peers[0].vars)),
+        "student or peer differs after resume"
+    );
 }

@@ -17,7 +17,11 @@ pub enum Route {
     /// Serve the bytes, honouring Range.
     Ok(Vec<u8>),
     /// Honour Range, but the first `times` full transfers stop after `after` bytes.
-    CutOnce { body: Vec<u8>, after: usize, times: usize },
+    CutOnce {
+        body: Vec<u8>,
+        after: usize,
+        times: usize,
+    },
     /// Always answer 200 with the whole body, ignoring Range.
     IgnoreRange(Vec<u8>),
     /// Answer with this status code.
@@ -45,8 +49,12 @@ impl Server {
     pub fn start(routes: Vec<(&str, Route)>) -> Server {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
-        let routes: Arc<Mutex<HashMap<String, Route>>> =
-            Arc::new(Mutex::new(routes.into_iter().map(|(p, r)| (p.to_string(), r)).collect()));
+        let routes: Arc<Mutex<HashMap<String, Route>>> = Arc::new(Mutex::new(
+            routes
+                .into_iter()
+                .map(|(p, r)| (p.to_string(), r))
+                .collect(),
+        ));
         let log = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let (l2, s2) = (log.clone(), stop.clone());
@@ -62,7 +70,13 @@ impl Server {
                 });
             }
         });
-        Server { url: format!("http://{addr}"), log, stop, handle: Some(handle), addr }
+        Server {
+            url: format!("http://{addr}"),
+            log,
+            stop,
+            handle: Some(handle),
+            addr,
+        }
     }
 
     pub fn requests(&self) -> Vec<Seen> {
@@ -80,7 +94,11 @@ impl Drop for Server {
     }
 }
 
-fn serve(mut conn: TcpStream, routes: &Mutex<HashMap<String, Route>>, log: &Mutex<Vec<Seen>>) -> std::io::Result<()> {
+fn serve(
+    mut conn: TcpStream,
+    routes: &Mutex<HashMap<String, Route>>,
+    log: &Mutex<Vec<Seen>>,
+) -> std::io::Result<()> {
     conn.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut reader = BufReader::new(conn.try_clone()?);
     let mut line = String::new();
@@ -98,14 +116,20 @@ fn serve(mut conn: TcpStream, routes: &Mutex<HashMap<String, Route>>, log: &Mute
             }
         }
     }
-    log.lock().unwrap().push(Seen { path: path.clone(), range: range.clone() });
+    log.lock().unwrap().push(Seen {
+        path: path.clone(),
+        range: range.clone(),
+    });
     let route = routes.lock().unwrap().get(&path).cloned();
     let start = range
         .as_deref()
         .and_then(|r| r.strip_prefix("bytes="))
         .and_then(|r| r.split('-').next())
         .and_then(|s| s.parse::<usize>().ok());
-    let end_incl = range.as_deref().and_then(|r| r.split('-').nth(1)).and_then(|s| s.parse::<usize>().ok());
+    let end_incl = range
+        .as_deref()
+        .and_then(|r| r.split('-').nth(1))
+        .and_then(|s| s.parse::<usize>().ok());
     let (body, cut, honour) = match route {
         None => return status(&mut conn, 404),
         Some(Route::Status(s)) => return status(&mut conn, s),
@@ -114,13 +138,23 @@ fn serve(mut conn: TcpStream, routes: &Mutex<HashMap<String, Route>>, log: &Mute
         Some(Route::CutOnce { body, after, times }) => {
             let mut cut = None;
             if times > 0 && start.is_none() {
-                routes.lock().unwrap().insert(path.clone(), Route::CutOnce { body: body.clone(), after, times: times - 1 });
+                routes.lock().unwrap().insert(
+                    path.clone(),
+                    Route::CutOnce {
+                        body: body.clone(),
+                        after,
+                        times: times - 1,
+                    },
+                );
                 cut = Some(after);
             }
             (body, cut, true)
         }
         Some(Route::Stall(d)) => {
-            write!(conn, "HTTP/1.1 200 OK\r\nContent-Length: 1000\r\nConnection: close\r\n\r\n")?;
+            write!(
+                conn,
+                "HTTP/1.1 200 OK\r\nContent-Length: 1000\r\nConnection: close\r\n\r\n"
+            )?;
             conn.write_all(&[0u8; 10])?;
             conn.flush()?;
             std::thread::sleep(d);
@@ -128,7 +162,8 @@ fn serve(mut conn: TcpStream, routes: &Mutex<HashMap<String, Route>>, log: &Mute
         }
     };
     let sha = hex::encode(sha2::Sha256::digest(&body));
-    let hub = format!("ETag: \"{sha}\"\r\nX-Repo-Commit: 0123456789abcdef0123456789abcdef01234567\r\n");
+    let hub =
+        format!("ETag: \"{sha}\"\r\nX-Repo-Commit: 0123456789abcdef0123456789abcdef01234567\r\n");
     match start.filter(|_| honour) {
         Some(s) if s >= body.len() => {
             write!(conn, "HTTP/1.1 416 Range Not Satisfiable\r\nContent-Range: bytes */{}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n", body.len())?;
@@ -144,7 +179,11 @@ fn serve(mut conn: TcpStream, routes: &Mutex<HashMap<String, Route>>, log: &Mute
             conn.write_all(&body[s..=e])?;
         }
         None => {
-            write!(conn, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n{hub}Connection: close\r\n\r\n", body.len())?;
+            write!(
+                conn,
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n{hub}Connection: close\r\n\r\n",
+                body.len()
+            )?;
             let n = cut.unwrap_or(body.len()).min(body.len());
             conn.write_all(&body[..n])?;
         }
@@ -157,12 +196,17 @@ fn serve(mut conn: TcpStream, routes: &Mutex<HashMap<String, Route>>, log: &Mute
 }
 
 fn status(conn: &mut TcpStream, code: u16) -> std::io::Result<()> {
-    write!(conn, "HTTP/1.1 {code} Error\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+    write!(
+        conn,
+        "HTTP/1.1 {code} Error\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
 }
 
 /// Deterministic pseudo-random bytes (incompressible enough that cut-offs land mid-archive).
 pub fn noise(n: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     (0..n)
         .map(|_| {
             x ^= x << 13;
@@ -198,13 +242,20 @@ pub fn cifar10_archive(per_file: usize) -> Vec<u8> {
         r.extend(noise(3072, i as u64));
         r
     };
-    let batch = |k: usize| (0..per_file).flat_map(|i| record(k * per_file + i)).collect::<Vec<u8>>();
+    let batch = |k: usize| {
+        (0..per_file)
+            .flat_map(|i| record(k * per_file + i))
+            .collect::<Vec<u8>>()
+    };
     for k in 1..=5 {
         files.push((format!("cifar-10-batches-bin/data_batch_{k}.bin"), batch(k)));
     }
     files.push(("cifar-10-batches-bin/test_batch.bin".into(), batch(0)));
     let names = "airplane\nautomobile\nbird\ncat\ndeer\ndog\nfrog\nhorse\nship\ntruck\n";
-    files.push(("cifar-10-batches-bin/batches.meta.txt".into(), names.as_bytes().to_vec()));
+    files.push((
+        "cifar-10-batches-bin/batches.meta.txt".into(),
+        names.as_bytes().to_vec(),
+    ));
     tar_gz(&files)
 }
 
@@ -220,12 +271,18 @@ pub fn cifar100_archive(n: usize) -> Vec<u8> {
             })
             .collect::<Vec<u8>>()
     };
-    tar_gz(&[("cifar-100-binary/train.bin".into(), split(0)), ("cifar-100-binary/test.bin".into(), split(7))])
+    tar_gz(&[
+        ("cifar-100-binary/train.bin".into(), split(0)),
+        ("cifar-100-binary/test.bin".into(), split(7)),
+    ])
 }
 
 /// A tar.gz with one entry whose path leaves the target.
 pub fn traversal_archive() -> Vec<u8> {
-    tar_gz(&[("cifar-10-batches-bin/../../escaped.bin".into(), vec![1, 2, 3])])
+    tar_gz(&[(
+        "cifar-10-batches-bin/../../escaped.bin".into(),
+        vec![1, 2, 3],
+    )])
 }
 
 /// A zip holding `state_dicts/resnet50.pt` (and a sibling), with the given extra entry names.

@@ -23,7 +23,9 @@ pub fn load(spec: &DatasetSpec, data_dir: &std::path::Path) -> anyhow::Result<Da
         let hint = match spec {
             DatasetSpec::Cifar10 => "cifar10",
             DatasetSpec::Cifar100 => "cifar100",
-            DatasetSpec::Folder(_) => anyhow::bail!("image folder {} does not exist", path.display()),
+            DatasetSpec::Folder(_) => {
+                anyhow::bail!("image folder {} does not exist", path.display())
+            }
         };
         anyhow::bail!(
             "{} not found. Fetch it with `cargo xtask fetch {hint}` (or `kd-runner fetch {hint}`); \
@@ -31,12 +33,16 @@ pub fn load(spec: &DatasetSpec, data_dir: &std::path::Path) -> anyhow::Result<Da
             path.display()
         );
     }
-    spec.load(data_dir).with_context(|| format!("loading {spec} from {}", path.display()))
+    spec.load(data_dir)
+        .with_context(|| format!("loading {spec} from {}", path.display()))
 }
 
 /// Prints the summary.
 pub fn run(args: &DataArgs) -> anyhow::Result<()> {
-    let data_dir = args.data_dir.clone().unwrap_or_else(kd_fetch::default_data_dir);
+    let data_dir = args
+        .data_dir
+        .clone()
+        .unwrap_or_else(kd_fetch::default_data_dir);
     let t = Instant::now();
     let ds = load(&args.dataset, &data_dir)?;
     let secs = t.elapsed().as_secs_f64();
@@ -48,18 +54,31 @@ pub fn run(args: &DataArgs) -> anyhow::Result<()> {
 /// Writes the per-split and per-class counts and the training split's channel statistics.
 pub fn print_summary(ds: &Dataset) {
     let k = ds.num_classes();
-    println!("dataset {}: {} classes, images {}x{}", ds.name, k, ds.train.width, ds.train.height);
-    println!("train: {} images, test: {} images", ds.train.len(), ds.test.len());
+    println!(
+        "dataset {}: {} classes, images {}x{}",
+        ds.name, k, ds.train.width, ds.train.height
+    );
+    println!(
+        "train: {} images, test: {} images",
+        ds.train.len(),
+        ds.test.len()
+    );
     let (tr, te) = (ds.train.class_counts(k), ds.test.class_counts(k));
     println!("{:>4}  {:<20} {:>7} {:>7}", "id", "class", "train", "test");
     for (i, name) in ds.classes.iter().enumerate() {
         println!("{:>4}  {:<20} {:>7} {:>7}", i, name, tr[i], te[i]);
     }
     if let Some(coarse) = &ds.coarse_classes {
-        let (ctr, cte) = (ds.train.coarse_counts(coarse.len()), ds.test.coarse_counts(coarse.len()));
+        let (ctr, cte) = (
+            ds.train.coarse_counts(coarse.len()),
+            ds.test.coarse_counts(coarse.len()),
+        );
         if let (Some(ctr), Some(cte)) = (ctr, cte) {
             println!("coarse labels:");
-            println!("{:>4}  {:<32} {:>7} {:>7}", "id", "superclass", "train", "test");
+            println!(
+                "{:>4}  {:<32} {:>7} {:>7}",
+                "id", "superclass", "train", "test"
+            );
             for (i, name) in coarse.iter().enumerate() {
                 println!("{:>4}  {:<32} {:>7} {:>7}", i, name, ctr[i], cte[i]);
             }

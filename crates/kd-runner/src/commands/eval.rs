@@ -30,15 +30,32 @@ pub struct EvalArgs {
 /// Runs the evaluation and prints the report.
 pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
     let device = crate::device::open(&args.device)?;
-    let teacher = Teacher::load(&args.weights, &device).with_context(|| format!("loading {}", args.weights.display()))?;
+    let teacher = Teacher::load(&args.weights, &device)
+        .with_context(|| format!("loading {}", args.weights.display()))?;
     let meta = teacher.meta().clone();
-    let data_dir = args.data_dir.clone().unwrap_or_else(kd_fetch::default_data_dir);
+    let data_dir = args
+        .data_dir
+        .clone()
+        .unwrap_or_else(kd_fetch::default_data_dir);
     let ds = super::data::load(&args.dataset, &data_dir)?;
     if ds.num_classes() != meta.num_classes {
-        bail!("{} has {} classes but {} has {}", args.weights.display(), meta.num_classes, ds.name, ds.num_classes());
+        bail!(
+            "{} has {} classes but {} has {}",
+            args.weights.display(),
+            meta.num_classes,
+            ds.name,
+            ds.num_classes()
+        );
     }
-    let norm = Normalize { mean: meta.mean, std: meta.std };
-    let loader = Loader::new(Arc::new(ds.test), LoaderConfig::eval(args.batch_size, norm), device)?;
+    let norm = Normalize {
+        mean: meta.mean,
+        std: meta.std,
+    };
+    let loader = Loader::new(
+        Arc::new(ds.test),
+        LoaderConfig::eval(args.batch_size, norm),
+        device,
+    )?;
     let report = kd_train::evaluate(&loader, meta.num_classes, |x| teacher.forward(x))?;
     let a = &report.acc;
     println!(

@@ -8,7 +8,15 @@ use kd_fetch::{fetch, Artifact, FetchOptions};
 pub fn run() -> anyhow::Result<()> {
     let opts = FetchOptions::from_env(None);
     let done = fetch(Artifact::Cifar10, &opts)?;
-    println!("{}: {}", Artifact::Cifar10, if done.already { "already installed" } else { "installed" });
+    println!(
+        "{}: {}",
+        Artifact::Cifar10,
+        if done.already {
+            "already installed"
+        } else {
+            "installed"
+        }
+    );
     let ds = super::data::load(&DatasetSpec::Cifar10, &opts.data_dir)?;
     super::data::print_summary(&ds);
     Ok(())

@@ -18,7 +18,7 @@ pub struct TrainArgs {
     /// Data root (default: $KD_DATA_DIR or ./data).
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
-    /// Distillation method: none, kd, fitnet, at, rkd, sp, byot, kd_byot (papers' default weights).
+    /// Distillation method (papers' default weights; `kd-runner list` describes each).
     #[arg(long, default_value = "none", value_parser = clap::builder::PossibleValuesParser::new(MethodConfig::NAMES))]
     pub method: String,
     /// Frozen teacher: safetensors with its JSON sidecar (`cargo xtask fetch teacher-cifar10`, or a run's model.safetensors).
@@ -27,9 +27,13 @@ pub struct TrainArgs {
     /// KD weight α (kd, kd_byot).
     #[arg(long)]
     pub alpha: Option<f64>,
-    /// KD temperature T (kd, kd_byot).
+    /// Temperature T (kd, kd_byot, dml, two_view, cs_kd).
     #[arg(long)]
     pub temperature: Option<f64>,
+    /// A peer trained beside the student (dml), ARCH[:STEM[:WIDTH]]; repeat for more peers
+    /// (default: one resnet50 with the cifar stem, width 64).
+    #[arg(long = "peer", value_name = "ARCH[:STEM[:WIDTH]]")]
+    pub peers: Vec<kd_train::PeerSpec>,
     /// Student architecture.
     #[arg(long, value_enum, default_value = "resnet18")]
     pub model: Arch,
@@ -89,30 +93,81 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
         bail!("--epochs and --batch-size must be at least 1");
     }
     let device = crate::device::open(&args.device)?;
-    let data_dir = args.data_dir.clone().unwrap_or_else(kd_fetch::default_data_dir);
+    let data_dir = args
+        .data_dir
+        .clone()
+        .unwrap_or_else(kd_fetch::default_data_dir);
     let ds = super::data::load(&args.dataset, &data_dir)?;
     let num_classes = ds.num_classes();
     let mut train_split = ds.train;
     if let Some(f) = args.subset {
-        let idx = balanced_subset(&train_split, num_classes, SubsetSpec::Fraction(f), args.seed)?;
+        let idx = balanced_subset(
+            &train_split,
+            num_classes,
+            SubsetSpec::Fraction(f),
+            args.seed,
+        )?;
         train_split = train_split.select(&idx);
     }
     let norm = args.dataset.default_normalize();
     let loader_cfg = LoaderConfig {
-        augment: if args.augment { Augment::STANDARD } else { Augment::NONE },
+        augment: if args.augment {
+            Augment::STANDARD
+        } else {
+            Augment::NONE
+        },
         mix: args.mixup.map(|alpha| Mix::Mixup { alpha }),
         ..LoaderConfig::train(args.batch_size, norm, args.seed)
     };
     let n_train = train_split.len();
+    let method_pairing = MethodConfig::preset(&args.method).and_then(|m| m.pairing());
+    if method_pairing.is_some() && args.mixup.is_some() {
+        bail!(
+            "--method {} compares two images per sample and cannot be combined with --mixup",
+            args.method
+        );
+    }
+    let loader_cfg = LoaderConfig {
+        pair: method_pairing,
+        ..loader_cfg
+    };
     let train = Loader::new(Arc::new(train_split), loader_cfg, device.clone())?;
-    let test = Loader::new(Arc::new(ds.test), LoaderConfig::eval(256, norm), device.clone())?;
-    let mcfg = ResNetConfig { base_width: args.width, ..ResNetConfig::new(args.model, args.stem, num_classes) };
+    let test = Loader::new(
+        Arc::new(ds.test),
+        LoaderConfig::eval(256, norm),
+        device.clone(),
+    )?;
+    let mcfg = ResNetConfig {
+        base_width: args.width,
+        ..ResNetConfig::new(args.model, args.stem, num_classes)
+    };
     let mut method = MethodConfig::preset(&args.method).expect("clap checked the name");
-    if let MethodConfig::Kd { alpha, temperature } | MethodConfig::KdByot { alpha, temperature, .. } = &mut method {
-        *alpha = args.alpha.unwrap_or(*alpha);
-        *temperature = args.temperature.unwrap_or(*temperature);
-    } else if args.alpha.is_some() || args.temperature.is_some() {
-        bail!("--alpha and --temperature apply to kd and kd_byot, not {}", args.method);
+    match &mut method {
+        MethodConfig::Kd { alpha, temperature }
+        | MethodConfig::KdByot {
+            alpha, temperature, ..
+        } => {
+            *alpha = args.alpha.unwrap_or(*alpha);
+            *temperature = args.temperature.unwrap_or(*temperature);
+        }
+        MethodConfig::Dml { temperature, .. }
+        | MethodConfig::TwoView { temperature, .. }
+        | MethodConfig::CsKd { temperature, .. }
+            if args.alpha.is_none() =>
+        {
+            *temperature = args.temperature.unwrap_or(*temperature);
+        }
+        _ if args.alpha.is_some() || args.temperature.is_some() => {
+            bail!("--alpha applies to kd and kd_byot, --temperature to kd, kd_byot, dml, two_view and cs_kd; not to {}", args.method)
+        }
+        _ => {}
+    }
+    if let MethodConfig::Dml { peers, .. } = &mut method {
+        if !args.peers.is_empty() {
+            *peers = args.peers.clone();
+        }
+    } else if !args.peers.is_empty() {
+        bail!("--peer applies to dml, not {}", args.method);
     }
     let teacher = match (&args.teacher, method.needs_teacher()) {
         (Some(p), true) => {
@@ -129,13 +184,36 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
         (Some(_), false) => bail!("--method {} uses no teacher; drop --teacher", args.method),
         (None, false) => None,
     };
-    let (model, vars, distiller) = build_student(&mcfg, &method, teacher.as_ref(), &device, args.seed, args.label_smoothing)?;
+    let built = build_student(
+        &mcfg,
+        &method,
+        teacher.as_ref(),
+        &device,
+        args.seed,
+        args.label_smoothing,
+    )?;
+    let (model, vars, distiller) = (&built.model, &built.vars, &built.distiller);
     let resume = args.resume.is_some();
-    let run_dir = args.resume.clone().or_else(|| args.run_dir.clone()).unwrap_or_else(|| {
-        PathBuf::from("runs").join(format!("{}-{}-{}-{}-s{}", ds.name, args.method, args.model.name(), args.stem.name(), args.seed))
-    });
+    let run_dir = args
+        .resume
+        .clone()
+        .or_else(|| args.run_dir.clone())
+        .unwrap_or_else(|| {
+            PathBuf::from("runs").join(format!(
+                "{}-{}-{}-{}-s{}",
+                ds.name,
+                args.method,
+                args.model.name(),
+                args.stem.name(),
+                args.seed
+            ))
+        });
     if !resume && run_dir.join("metrics.jsonl").exists() {
-        bail!("{} already holds a run; continue it with --resume {} or choose another --run-dir", run_dir.display(), run_dir.display());
+        bail!(
+            "{} already holds a run; continue it with --resume {} or choose another --run-dir",
+            run_dir.display(),
+            run_dir.display()
+        );
     }
     if resume && !run_dir.join("checkpoint.latest").exists() {
         bail!("{} holds no checkpoint to resume from", run_dir.display());
@@ -153,8 +231,14 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
     let cfg = TrainConfig {
         epochs: args.epochs,
         lr: args.lr,
-        schedule: Schedule::WarmupCosine { warmup_steps: args.warmup_epochs * train.num_batches(), final_lr: 0.0 },
-        optimizer: OptimizerConfig::Sgd(SgdConfig { weight_decay: args.weight_decay, ..SgdConfig::default() }),
+        schedule: Schedule::WarmupCosine {
+            warmup_steps: args.warmup_epochs * train.num_batches(),
+            final_lr: 0.0,
+        },
+        optimizer: OptimizerConfig::Sgd(SgdConfig {
+            weight_decay: args.weight_decay,
+            ..SgdConfig::default()
+        }),
         label_smoothing: args.label_smoothing,
         clip_grad: args.clip_grad,
         keep_last: 2,
@@ -172,7 +256,11 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
         "loader": train.config(),
         "train": &cfg,
     });
-    std::fs::write(run_dir.join("run.json"), serde_json::to_string_pretty(&resolved)?).with_context(|| format!("writing into {}", run_dir.display()))?;
+    std::fs::write(
+        run_dir.join("run.json"),
+        serde_json::to_string_pretty(&resolved)?,
+    )
+    .with_context(|| format!("writing into {}", run_dir.display()))?;
     eprintln!(
         "training {} with method {} ({} stem, width {}, {} model params) on {} ({} train images, {} steps/epoch) for {} epochs on {:?} → {}",
         args.model.name(),
@@ -187,9 +275,26 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
         device,
         run_dir.display()
     );
-    let student = Student { model: &model, vars: &vars, meta: &meta };
-    let summary = kd_train::train(student, &*distiller, teacher.as_ref(), &train, &test, &cfg, &run_dir, RunOptions { resume, stop_after: None })?
-        .expect("runs to the end without stop_after");
+    let student = Student {
+        model,
+        vars,
+        meta: &meta,
+        peers: &built.peers,
+    };
+    let summary = kd_train::train(
+        student,
+        &**distiller,
+        teacher.as_ref(),
+        &train,
+        &test,
+        &cfg,
+        &run_dir,
+        RunOptions {
+            resume,
+            stop_after: None,
+        },
+    )?
+    .expect("runs to the end without stop_after");
     println!(
         "{}: best test top-1 {:.2}% (epoch {}), last {:.2}%, {} trainable / {} deployed params, {:.1} s of training ({:.1} s teacher); results in {}",
         summary.method,
@@ -202,5 +307,11 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
         summary.teacher_seconds,
         run_dir.display()
     );
+    for p in &summary.peers {
+        println!(
+            "  {} ({}, {} params): best test top-1 {:.2}%, last {:.2}%",
+            p.name, p.model, p.params, p.best_top1, p.last_top1
+        );
+    }
     Ok(())
 }

@@ -2,10 +2,9 @@
 //! CE + β/2 · Σ over stages 1–4 of the attention-map loss (p = 2), maps aligned spatially.
 use candle_core::Result;
 use kd_data::Batch;
-use kd_models::ModelOutput;
 
 use super::none::CrossEntropy;
-use super::{Distiller, LossTerms, StepContext};
+use super::{Distiller, LossTerms, Outputs, StepContext};
 
 /// Attention transfer.
 #[derive(Clone, Copy, Debug)]
@@ -21,7 +20,9 @@ impl Distiller for Attention {
         "at"
     }
 
-    fn loss(&self, _: &StepContext, batch: &Batch, student: &ModelOutput, teacher: Option<&ModelOutput>) -> Result<LossTerms> {
+    fn loss(&self, _: &StepContext, batch: &Batch, out: &Outputs) -> Result<LossTerms> {
+        let student = out.student;
+        let teacher = out.teacher;
         let teacher = super::teacher_outputs(self.name(), teacher)?;
         let mut at = None;
         for i in 1..student.feats.len() {

@@ -6,7 +6,7 @@ use kd_data::Batch;
 use kd_models::ModelOutput;
 
 use super::none::CrossEntropy;
-use super::{Distiller, LossTerms, StepContext};
+use super::{Distiller, LossTerms, Outputs, StepContext};
 
 /// BYOT.
 #[derive(Clone, Copy, Debug)]
@@ -32,7 +32,9 @@ impl Byot {
         let mut ce = None;
         let mut kl = None;
         let mut hint = None;
-        let add = |acc: Option<candle_core::Tensor>, t: candle_core::Tensor| -> Result<Option<candle_core::Tensor>> {
+        let add = |acc: Option<candle_core::Tensor>,
+                   t: candle_core::Tensor|
+         -> Result<Option<candle_core::Tensor>> {
             Ok(Some(match acc {
                 None => t,
                 Some(a) => (a + t)?,
@@ -40,7 +42,10 @@ impl Byot {
         };
         for head in &student.aux {
             ce = add(ce, self.ce.of(&head.logits, batch)?)?;
-            kl = add(kl, kd_losses::kd_loss(&head.logits, &deep_logits, self.temperature)?)?;
+            kl = add(
+                kl,
+                kd_losses::kd_loss(&head.logits, &deep_logits, self.temperature)?,
+            )?;
             hint = add(hint, kd_losses::hint_loss(&head.pooled, &deep_feat)?)?;
         }
         let mut t = LossTerms::default();
@@ -56,7 +61,8 @@ impl Distiller for Byot {
         "byot"
     }
 
-    fn loss(&self, _: &StepContext, batch: &Batch, student: &ModelOutput, _: Option<&ModelOutput>) -> Result<LossTerms> {
+    fn loss(&self, _: &StepContext, batch: &Batch, out: &Outputs) -> Result<LossTerms> {
+        let student = out.student;
         let mut t = LossTerms::default();
         t.push("loss_ce", self.ce.of(&student.logits, batch)?);
         t.extend(self.head_terms(batch, student)?);

@@ -4,10 +4,10 @@
 use candle_core::{Module, Result};
 use candle_nn::{Conv2d, VarBuilder};
 use kd_data::Batch;
-use kd_models::{batch_norm2d, BatchNorm2d, ModelOutput, ResNet};
+use kd_models::{batch_norm2d, BatchNorm2d, ResNet};
 
 use super::none::CrossEntropy;
-use super::{Distiller, LossTerms, StepContext};
+use super::{Distiller, LossTerms, Outputs, StepContext};
 
 /// FitNets hint on one stage.
 pub struct FitNet {
@@ -20,14 +20,36 @@ pub struct FitNet {
 
 impl FitNet {
     /// A regressor from the student's `stage` channels to the teacher's.
-    pub fn new(ce: CrossEntropy, student: &ResNet, teacher: &ResNet, stage: usize, weight: f64, vb: VarBuilder) -> Result<Self> {
+    pub fn new(
+        ce: CrossEntropy,
+        student: &ResNet,
+        teacher: &ResNet,
+        stage: usize,
+        weight: f64,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         let (s, t) = (student.feature_info(), teacher.feature_info());
         if stage >= s.len() {
-            candle_core::bail!("fitnet stage {stage}: the models have features 0..{}", s.len() - 1);
+            candle_core::bail!(
+                "fitnet stage {stage}: the models have features 0..{}",
+                s.len() - 1
+            );
         }
-        let conv = candle_nn::conv2d_no_bias(s[stage].channels, t[stage].channels, 1, Default::default(), vb.pp("conv"))?;
+        let conv = candle_nn::conv2d_no_bias(
+            s[stage].channels,
+            t[stage].channels,
+            1,
+            Default::default(),
+            vb.pp("conv"),
+        )?;
         let bn = batch_norm2d(t[stage].channels, vb.pp("bn"))?;
-        Ok(FitNet { ce, stage, weight, conv, bn })
+        Ok(FitNet {
+            ce,
+            stage,
+            weight,
+            conv,
+            bn,
+        })
     }
 }
 
@@ -36,9 +58,13 @@ impl Distiller for FitNet {
         "fitnet"
     }
 
-    fn loss(&self, _: &StepContext, batch: &Batch, student: &ModelOutput, teacher: Option<&ModelOutput>) -> Result<LossTerms> {
+    fn loss(&self, _: &StepContext, batch: &Batch, out: &Outputs) -> Result<LossTerms> {
+        let student = out.student;
+        let teacher = out.teacher;
         let teacher = super::teacher_outputs(self.name(), teacher)?;
-        let mapped = self.bn.forward_t(&self.conv.forward(&student.feats[self.stage])?, true)?;
+        let mapped = self
+            .bn
+            .forward_t(&self.conv.forward(&student.feats[self.stage])?, true)?;
         let (s, t) = kd_losses::align_spatial(&mapped, &teacher.feats[self.stage])?;
         let mut terms = LossTerms::default();
         terms.push("loss_ce", self.ce.of(&student.logits, batch)?);

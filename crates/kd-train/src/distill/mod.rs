@@ -5,17 +5,21 @@
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 use kd_data::Batch;
-use kd_models::{ModelOutput, ResNet, Teacher};
+use kd_data::Pairing;
+use kd_models::{Arch, ModelOutput, ResNet, ResNetConfig, Stem, Teacher};
 use serde::{Deserialize, Serialize};
 
 mod attention;
 mod byot;
+mod cs_kd;
 mod fitnet;
 mod hinton;
+mod mutual;
 mod none;
 mod offline_self;
 mod rkd;
 mod sp;
+mod two_view;
 
 pub use none::CrossEntropy;
 
@@ -51,9 +55,43 @@ impl LossTerms {
     /// The sum of all terms.
     pub fn total(&self) -> Result<Tensor> {
         let mut it = self.terms.iter();
-        let first = it.next().map(|(_, t)| t.clone()).ok_or_else(|| candle_core::Error::Msg("a method returned no loss term".into()))?;
+        let first = it
+            .next()
+            .map(|(_, t)| t.clone())
+            .ok_or_else(|| candle_core::Error::Msg("a method returned no loss term".into()))?;
         it.try_fold(first, |acc, (_, t)| acc + t)
     }
+}
+
+/// What a method sees of one step's forward passes.
+#[derive(Clone, Copy, Debug)]
+pub struct Outputs<'a> {
+    /// The network this loss trains, on the batch's images (train mode, with its graph).
+    pub student: &'a ModelOutput,
+    /// The frozen teacher on the same images (detached), for offline methods.
+    pub teacher: Option<&'a ModelOutput>,
+    /// The other peers on the same images, detached (online methods; empty otherwise).
+    pub peers: &'a [ModelOutput],
+    /// The same network on the batch's paired images ([`kd_data::Batch::paired`]), with its
+    /// graph, for methods that compare two inputs.
+    pub paired: Option<&'a ModelOutput>,
+}
+
+impl<'a> Outputs<'a> {
+    /// The outputs of a step with a student alone.
+    pub fn student(student: &'a ModelOutput) -> Self {
+        Outputs {
+            student,
+            teacher: None,
+            peers: &[],
+            paired: None,
+        }
+    }
+}
+
+/// The paired outputs, or an error naming the method that needed them.
+fn paired_outputs<'a>(method: &str, paired: Option<&'a ModelOutput>) -> Result<&'a ModelOutput> {
+    paired.ok_or_else(|| candle_core::Error::Msg(format!("{method} needs paired images: build its loader with LoaderConfig::pair = MethodConfig::pairing()")))
 }
 
 /// The teacher's outputs, or an error naming the method that needed them.
@@ -66,8 +104,60 @@ pub trait Distiller {
     /// Short name, as in configs.
     fn name(&self) -> &'static str;
 
-    /// The loss of one step.
-    fn loss(&self, ctx: &StepContext, batch: &Batch, student: &ModelOutput, teacher: Option<&ModelOutput>) -> Result<LossTerms>;
+    /// The loss of one step for the network whose outputs are `out.student`.
+    fn loss(&self, ctx: &StepContext, batch: &Batch, out: &Outputs) -> Result<LossTerms>;
+}
+
+/// A network trained alongside the student in online distillation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerSpec {
+    /// Architecture.
+    pub model: Arch,
+    /// Stem.
+    pub stem: Stem,
+    /// Channels of the first stage.
+    pub width: usize,
+}
+
+impl std::str::FromStr for PeerSpec {
+    type Err = String;
+
+    /// `ARCH[:STEM[:WIDTH]]`, e.g. `resnet50`, `resnet50:cifar-maxpool:32`; stem and width
+    /// default to `cifar` and 64.
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let mut parts = s.split(':');
+        let arch = parts.next().unwrap_or("");
+        let model = Arch::ALL
+            .into_iter()
+            .find(|a| a.name() == arch)
+            .ok_or_else(|| {
+                format!(
+                    "unknown architecture in peer `{s}`: expected resnet18, resnet34 or resnet50"
+                )
+            })?;
+        let stem = match parts.next() {
+            Some(p) => Stem::ALL
+                .into_iter()
+                .find(|x| x.name() == p)
+                .ok_or_else(|| {
+                    format!("unknown stem in peer `{s}`: expected cifar or cifar-maxpool")
+                })?,
+            None => Stem::Cifar,
+        };
+        let width = match parts.next() {
+            Some(p) => p
+                .parse()
+                .map_err(|_| format!("width in peer `{s}` is not a positive integer"))?,
+            None => 64,
+        };
+        if width == 0 || parts.next().is_some() {
+            return Err(format!(
+                "peer `{s}`: expected ARCH[:STEM[:WIDTH]] with WIDTH ≥ 1"
+            ));
+        }
+        Ok(PeerSpec { model, stem, width })
+    }
 }
 
 /// The methods kd offers, with their hyper-parameters.
@@ -129,17 +219,68 @@ pub enum MethodConfig {
         /// BYOT hint weight.
         hint_weight: f64,
     },
+    /// Online, Deep Mutual Learning (Zhang et al. 2018): the student and its peers learn together.
+    Dml {
+        /// Weight of the mimicry term.
+        weight: f64,
+        /// Temperature.
+        temperature: f64,
+        /// The networks trained beside the student (the student is the run's model).
+        peers: Vec<PeerSpec>,
+    },
+    /// Two-view self-distillation: one image, two augmentations, each view teaching the other.
+    TwoView {
+        /// Weight of the consistency term.
+        weight: f64,
+        /// Temperature.
+        temperature: f64,
+    },
+    /// Class-wise self-distillation, CS-KD (Yun et al. 2020): a same-class image teaches.
+    CsKd {
+        /// Weight λ of the class-wise term.
+        weight: f64,
+        /// Temperature.
+        temperature: f64,
+    },
 }
 
 impl MethodConfig {
     /// Whether the method needs a frozen teacher.
     pub fn needs_teacher(&self) -> bool {
-        matches!(self, MethodConfig::Kd { .. } | MethodConfig::Fitnet { .. } | MethodConfig::At { .. } | MethodConfig::Rkd { .. } | MethodConfig::Sp { .. } | MethodConfig::KdByot { .. })
+        matches!(
+            self,
+            MethodConfig::Kd { .. }
+                | MethodConfig::Fitnet { .. }
+                | MethodConfig::At { .. }
+                | MethodConfig::Rkd { .. }
+                | MethodConfig::Sp { .. }
+                | MethodConfig::KdByot { .. }
+        )
     }
 
     /// Whether the student needs its auxiliary heads.
     pub fn needs_aux_heads(&self) -> bool {
-        matches!(self, MethodConfig::Byot { .. } | MethodConfig::KdByot { .. })
+        matches!(
+            self,
+            MethodConfig::Byot { .. } | MethodConfig::KdByot { .. }
+        )
+    }
+
+    /// The second image each sample needs, if any.
+    pub fn pairing(&self) -> Option<Pairing> {
+        match self {
+            MethodConfig::TwoView { .. } => Some(Pairing::SecondView),
+            MethodConfig::CsKd { .. } => Some(Pairing::SameClass),
+            _ => None,
+        }
+    }
+
+    /// The networks trained beside the student (online methods).
+    pub fn peers(&self) -> &[PeerSpec] {
+        match self {
+            MethodConfig::Dml { peers, .. } => peers,
+            _ => &[],
+        }
     }
 
     /// The short name.
@@ -153,6 +294,9 @@ impl MethodConfig {
             MethodConfig::Sp { .. } => "sp",
             MethodConfig::Byot { .. } => "byot",
             MethodConfig::KdByot { .. } => "kd_byot",
+            MethodConfig::Dml { .. } => "dml",
+            MethodConfig::TwoView { .. } => "two_view",
+            MethodConfig::CsKd { .. } => "cs_kd",
         }
     }
 
@@ -160,59 +304,205 @@ impl MethodConfig {
     pub fn preset(name: &str) -> Option<Self> {
         Some(match name {
             "none" => MethodConfig::None,
-            "kd" => MethodConfig::Kd { alpha: 0.9, temperature: 4.0 },
-            "fitnet" => MethodConfig::Fitnet { stage: 2, weight: 1.0 },
+            "kd" => MethodConfig::Kd {
+                alpha: 0.9,
+                temperature: 4.0,
+            },
+            "fitnet" => MethodConfig::Fitnet {
+                stage: 2,
+                weight: 1.0,
+            },
             "at" => MethodConfig::At { weight: 1000.0 },
-            "rkd" => MethodConfig::Rkd { distance_weight: 25.0, angle_weight: 50.0 },
+            "rkd" => MethodConfig::Rkd {
+                distance_weight: 25.0,
+                angle_weight: 50.0,
+            },
             "sp" => MethodConfig::Sp { weight: 3000.0 },
-            "byot" => MethodConfig::Byot { alpha: 0.3, temperature: 3.0, hint_weight: 0.03 },
-            "kd_byot" => MethodConfig::KdByot { alpha: 0.9, temperature: 4.0, self_alpha: 0.3, self_temperature: 3.0, hint_weight: 0.03 },
+            "byot" => MethodConfig::Byot {
+                alpha: 0.3,
+                temperature: 3.0,
+                hint_weight: 0.03,
+            },
+            "kd_byot" => MethodConfig::KdByot {
+                alpha: 0.9,
+                temperature: 4.0,
+                self_alpha: 0.3,
+                self_temperature: 3.0,
+                hint_weight: 0.03,
+            },
+            "dml" => MethodConfig::Dml {
+                weight: 1.0,
+                temperature: 1.0,
+                peers: vec![PeerSpec {
+                    model: Arch::Resnet50,
+                    stem: Stem::Cifar,
+                    width: 64,
+                }],
+            },
+            "two_view" => MethodConfig::TwoView {
+                weight: 1.0,
+                temperature: 4.0,
+            },
+            "cs_kd" => MethodConfig::CsKd {
+                weight: 1.0,
+                temperature: 4.0,
+            },
             _ => return None,
         })
     }
 
     /// Every method name, for `--help` and `kd-runner list`.
-    pub const NAMES: [&'static str; 8] = ["none", "kd", "fitnet", "at", "rkd", "sp", "byot", "kd_byot"];
+    pub const NAMES: [&'static str; 11] = [
+        "none", "kd", "fitnet", "at", "rkd", "sp", "byot", "kd_byot", "dml", "two_view", "cs_kd",
+    ];
 
     /// Builds the method for `student` (and `teacher`), creating its trainable parts under
     /// `vb` (the student's variable builder, prefix `distill.`).
-    pub fn build(&self, student: &ResNet, teacher: Option<&Teacher>, vb: VarBuilder, label_smoothing: f64) -> Result<Box<dyn Distiller>> {
+    pub fn build(
+        &self,
+        student: &ResNet,
+        teacher: Option<&Teacher>,
+        vb: VarBuilder,
+        label_smoothing: f64,
+    ) -> Result<Box<dyn Distiller>> {
         if self.needs_teacher() && teacher.is_none() {
             candle_core::bail!("method {} needs a teacher (--teacher FILE)", self.name());
         }
         if self.needs_aux_heads() && !student.config().aux_heads {
-            candle_core::bail!("method {} needs a student built with auxiliary heads", self.name());
+            candle_core::bail!(
+                "method {} needs a student built with auxiliary heads",
+                self.name()
+            );
         }
-        let ce = none::CrossEntropy { smoothing: label_smoothing };
+        let ce = none::CrossEntropy {
+            smoothing: label_smoothing,
+        };
         Ok(match *self {
             MethodConfig::None => Box::new(ce),
-            MethodConfig::Kd { alpha, temperature } => Box::new(hinton::Hinton { ce, alpha, temperature }),
+            MethodConfig::Kd { alpha, temperature } => Box::new(hinton::Hinton {
+                ce,
+                alpha,
+                temperature,
+            }),
             MethodConfig::Fitnet { stage, weight } => {
                 let t = teacher.expect("checked above");
-                Box::new(fitnet::FitNet::new(ce, student, t.model(), stage, weight, vb.pp("distill").pp("fitnet"))?)
+                Box::new(fitnet::FitNet::new(
+                    ce,
+                    student,
+                    t.model(),
+                    stage,
+                    weight,
+                    vb.pp("distill").pp("fitnet"),
+                )?)
             }
             MethodConfig::At { weight } => Box::new(attention::Attention { ce, weight }),
-            MethodConfig::Rkd { distance_weight, angle_weight } => Box::new(rkd::Rkd { ce, distance_weight, angle_weight }),
+            MethodConfig::Rkd {
+                distance_weight,
+                angle_weight,
+            } => Box::new(rkd::Rkd {
+                ce,
+                distance_weight,
+                angle_weight,
+            }),
             MethodConfig::Sp { weight } => Box::new(sp::Sp { ce, weight }),
-            MethodConfig::Byot { alpha, temperature, hint_weight } => Box::new(byot::Byot { ce, alpha, temperature, hint_weight }),
-            MethodConfig::KdByot { alpha, temperature, self_alpha, self_temperature, hint_weight } => Box::new(offline_self::OfflineSelf {
-                kd: hinton::Hinton { ce, alpha, temperature },
-                byot: byot::Byot { ce, alpha: self_alpha, temperature: self_temperature, hint_weight },
+            MethodConfig::Byot {
+                alpha,
+                temperature,
+                hint_weight,
+            } => Box::new(byot::Byot {
+                ce,
+                alpha,
+                temperature,
+                hint_weight,
+            }),
+            MethodConfig::KdByot {
+                alpha,
+                temperature,
+                self_alpha,
+                self_temperature,
+                hint_weight,
+            } => Box::new(offline_self::OfflineSelf {
+                kd: hinton::Hinton {
+                    ce,
+                    alpha,
+                    temperature,
+                },
+                byot: byot::Byot {
+                    ce,
+                    alpha: self_alpha,
+                    temperature: self_temperature,
+                    hint_weight,
+                },
+            }),
+            MethodConfig::Dml {
+                weight,
+                temperature,
+                ref peers,
+            } => {
+                if peers.is_empty() {
+                    candle_core::bail!("method dml needs at least one peer");
+                }
+                Box::new(mutual::Mutual {
+                    ce,
+                    weight,
+                    temperature,
+                })
+            }
+            MethodConfig::TwoView {
+                weight,
+                temperature,
+            } => Box::new(two_view::TwoView {
+                ce,
+                weight,
+                temperature,
+            }),
+            MethodConfig::CsKd {
+                weight,
+                temperature,
+            } => Box::new(cs_kd::CsKd {
+                ce,
+                weight,
+                temperature,
             }),
         })
     }
 }
 
+/// A network trained beside the student (online distillation), with its own variables.
+pub struct Peer {
+    /// `peer1`, `peer2`, …: names its metrics and files.
+    pub name: String,
+    /// Its configuration.
+    pub config: ResNetConfig,
+    /// The network.
+    pub model: ResNet,
+    /// Its variables.
+    pub vars: candle_nn::VarMap,
+}
+
+/// What [`build_student`] builds.
+pub struct BuiltStudent {
+    /// The student.
+    pub model: ResNet,
+    /// Its variables, the method's trainable parts included.
+    pub vars: candle_nn::VarMap,
+    /// The method.
+    pub distiller: Box<dyn Distiller>,
+    /// Peers trained with it (online methods; empty otherwise).
+    pub peers: Vec<Peer>,
+}
+
 /// Builds the student for `method` (with auxiliary heads when the method needs them), the
-/// method's trainable parts in the same variable map, and initialises all of it from `seed`.
+/// method's trainable parts in the same variable map, and the peers of an online method, and
+/// initialises all of it from `seed` (each peer from its own seed derived from it).
 pub fn build_student(
-    cfg: &kd_models::ResNetConfig,
+    cfg: &ResNetConfig,
     method: &MethodConfig,
     teacher: Option<&Teacher>,
     device: &candle_core::Device,
     seed: u64,
     label_smoothing: f64,
-) -> Result<(ResNet, candle_nn::VarMap, Box<dyn Distiller>)> {
+) -> Result<BuiltStudent> {
     let mut cfg = cfg.clone();
     cfg.aux_heads |= method.needs_aux_heads();
     let vars = candle_nn::VarMap::new();
@@ -222,5 +512,35 @@ pub fn build_student(
     // One seeded pass over every variable, method parts included (candle's own initialisers
     // draw from an unseeded generator).
     kd_models::init::init_resnet(&vars, seed, cfg.zero_init_residual)?;
-    Ok((model, vars, distiller))
+    let mut peers = Vec::new();
+    for (k, spec) in method.peers().iter().enumerate() {
+        let pcfg = ResNetConfig {
+            base_width: spec.width,
+            zero_init_residual: cfg.zero_init_residual,
+            ..ResNetConfig::new(spec.model, spec.stem, cfg.num_classes)
+        };
+        let pvars = candle_nn::VarMap::new();
+        let pmodel = ResNet::new(
+            &pcfg,
+            VarBuilder::from_varmap(&pvars, candle_core::DType::F32, device),
+        )?;
+        // A peer of the student's own architecture must not start from the student's weights.
+        kd_models::init::init_resnet(
+            &pvars,
+            seed ^ (0x9E37_79B9_7F4A_7C15u64.wrapping_mul(k as u64 + 1)),
+            pcfg.zero_init_residual,
+        )?;
+        peers.push(Peer {
+            name: format!("peer{}", k + 1),
+            config: pcfg,
+            model: pmodel,
+            vars: pvars,
+        });
+    }
+    Ok(BuiltStudent {
+        model,
+        vars,
+        distiller,
+        peers,
+    })
 }

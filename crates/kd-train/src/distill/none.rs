@@ -1,9 +1,8 @@
 //! The baseline: cross-entropy on the final head (mixed when the batch is mixed).
 use candle_core::{Result, Tensor};
 use kd_data::Batch;
-use kd_models::ModelOutput;
 
-use super::{Distiller, LossTerms, StepContext};
+use super::{Distiller, LossTerms, Outputs, StepContext};
 
 /// Cross-entropy with label smoothing; also the supervised part of every other method.
 #[derive(Clone, Copy, Debug)]
@@ -16,7 +15,13 @@ impl CrossEntropy {
     /// CE of `logits` against the batch's labels (λ-mixed with the partner labels under mixup).
     pub fn of(&self, logits: &Tensor, batch: &Batch) -> Result<Tensor> {
         match &batch.mix {
-            Some((labels_b, lambda)) => kd_losses::mixed_cross_entropy(logits, &batch.labels, labels_b, *lambda as f64, self.smoothing),
+            Some((labels_b, lambda)) => kd_losses::mixed_cross_entropy(
+                logits,
+                &batch.labels,
+                labels_b,
+                *lambda as f64,
+                self.smoothing,
+            ),
             None => kd_losses::cross_entropy(logits, &batch.labels, self.smoothing),
         }
     }
@@ -27,7 +32,8 @@ impl Distiller for CrossEntropy {
         "none"
     }
 
-    fn loss(&self, _: &StepContext, batch: &Batch, student: &ModelOutput, _: Option<&ModelOutput>) -> Result<LossTerms> {
+    fn loss(&self, _: &StepContext, batch: &Batch, out: &Outputs) -> Result<LossTerms> {
+        let student = out.student;
         let mut t = LossTerms::default();
         t.push("loss_ce", self.of(&student.logits, batch)?);
         Ok(t)

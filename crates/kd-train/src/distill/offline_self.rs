@@ -2,11 +2,10 @@
 //! the final head, plus the BYOT terms on the auxiliary heads.
 use candle_core::Result;
 use kd_data::Batch;
-use kd_models::ModelOutput;
 
 use super::byot::Byot;
 use super::hinton::Hinton;
-use super::{Distiller, LossTerms, StepContext};
+use super::{Distiller, LossTerms, Outputs, StepContext};
 
 /// KD + BYOT.
 pub struct OfflineSelf {
@@ -21,8 +20,9 @@ impl Distiller for OfflineSelf {
         "kd_byot"
     }
 
-    fn loss(&self, ctx: &StepContext, batch: &Batch, student: &ModelOutput, teacher: Option<&ModelOutput>) -> Result<LossTerms> {
-        let mut t = self.kd.loss(ctx, batch, student, teacher)?;
+    fn loss(&self, ctx: &StepContext, batch: &Batch, out: &Outputs) -> Result<LossTerms> {
+        let student = out.student;
+        let mut t = self.kd.loss(ctx, batch, out)?;
         t.extend(self.byot.head_terms(batch, student)?);
         Ok(t)
     }

@@ -2,10 +2,9 @@
 //! distance and angle structure of the batch's pooled embeddings.
 use candle_core::Result;
 use kd_data::Batch;
-use kd_models::ModelOutput;
 
 use super::none::CrossEntropy;
-use super::{Distiller, LossTerms, StepContext};
+use super::{Distiller, LossTerms, Outputs, StepContext};
 
 /// RKD-DA.
 #[derive(Clone, Copy, Debug)]
@@ -23,12 +22,21 @@ impl Distiller for Rkd {
         "rkd"
     }
 
-    fn loss(&self, _: &StepContext, batch: &Batch, student: &ModelOutput, teacher: Option<&ModelOutput>) -> Result<LossTerms> {
+    fn loss(&self, _: &StepContext, batch: &Batch, out: &Outputs) -> Result<LossTerms> {
+        let student = out.student;
+        let teacher = out.teacher;
         let teacher = super::teacher_outputs(self.name(), teacher)?;
         let mut t = LossTerms::default();
         t.push("loss_ce", self.ce.of(&student.logits, batch)?);
-        t.push("loss_rkd_distance", (kd_losses::rkd_distance_loss(&student.pooled, &teacher.pooled)? * self.distance_weight)?);
-        t.push("loss_rkd_angle", (kd_losses::rkd_angle_loss(&student.pooled, &teacher.pooled)? * self.angle_weight)?);
+        t.push(
+            "loss_rkd_distance",
+            (kd_losses::rkd_distance_loss(&student.pooled, &teacher.pooled)?
+                * self.distance_weight)?,
+        );
+        t.push(
+            "loss_rkd_angle",
+            (kd_losses::rkd_angle_loss(&student.pooled, &teacher.pooled)? * self.angle_weight)?,
+        );
         Ok(t)
     }
 }
