@@ -2,7 +2,9 @@
 //!
 //! With no arguments it runs the main job; subcommands fetch data, inspect data sets and more.
 mod commands;
+mod config;
 mod device;
+mod experiment;
 
 use clap::{Parser, Subcommand};
 
@@ -11,7 +13,7 @@ use clap::{Parser, Subcommand};
     name = "kd-runner",
     version,
     about = "Knowledge-distillation workbench on candle",
-    long_about = "Knowledge-distillation workbench on candle. With no command it runs the main job: install CIFAR-10 if missing and print its summary."
+    long_about = "Knowledge-distillation workbench on candle. With no command it runs the main job: the headline comparison on CIFAR-10 (pretrained ResNet50 teacher → ResNet18: baseline, offline KD, self KD, offline + self), fetching data and teacher if missing, at a scale that fits the device it finds, then prints the report."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -26,8 +28,14 @@ enum Cmd {
     Data(commands::data::DataArgs),
     /// Test accuracy (top-1, top-5, per class) and throughput of saved weights.
     Eval(commands::eval::EvalArgs),
-    /// Train a student, without distillation (the baseline) or with a method and a teacher; metrics, checkpoints, resume.
+    /// Train one experiment (a TOML config, flags, --set overrides): baseline or any method; metrics, checkpoints, resume.
     Train(commands::train::TrainArgs),
+    /// Run a suite of experiments (configs × variants × seeds) one after another, resumable, then report.
+    Suite(commands::suite::SuiteArgs),
+    /// Compare finished runs: Markdown and CSV table, PNG and SVG plots.
+    Report(commands::report::ReportArgs),
+    /// List data sets, models, stems, methods, schedules and every config key.
+    List,
 }
 
 fn main() -> std::process::ExitCode {
@@ -52,6 +60,11 @@ fn run() -> anyhow::Result<()> {
         Some(Cmd::Data(args)) => commands::data::run(&args)?,
         Some(Cmd::Eval(args)) => commands::eval::run(&args)?,
         Some(Cmd::Train(args)) => commands::train::run(&args)?,
+        Some(Cmd::Suite(args)) => {
+            commands::suite::run(&args)?;
+        }
+        Some(Cmd::Report(args)) => commands::report::run(&args)?,
+        Some(Cmd::List) => commands::list::run()?,
         None => commands::main_job::run()?,
     }
     Ok(())

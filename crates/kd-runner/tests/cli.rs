@@ -176,6 +176,7 @@ fn train_refuses_to_overwrite_and_resumes() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("best test top-1"));
     for f in [
         "run.json",
+        "config.toml",
         "metrics.jsonl",
         "metrics.csv",
         "summary.json",
@@ -191,7 +192,18 @@ fn train_refuses_to_overwrite_and_resumes() {
         "{}",
         String::from_utf8_lossy(&again.stderr)
     );
-    let resumed = base("2").arg("--resume").arg(&run).output().unwrap();
+    // Flags other than --set and --device cannot change a run on resume.
+    let refused = base("2").arg("--resume").arg(&run).output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("--set"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    let resumed = kd()
+        .args(["train", "--set", "train.epochs=2", "--resume"])
+        .arg(&run)
+        .output()
+        .unwrap();
     assert!(
         resumed.status.success(),
         "{}",
@@ -212,4 +224,178 @@ fn train_refuses_to_overwrite_and_resumes() {
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&no_teacher.stderr).contains("--teacher FILE"));
+}
+
+/// A tiny suite (two methods × two seeds) → report: table, CSV and plots with the right rows;
+/// rerunning skips finished runs and resumes an unfinished one from its checkpoint.
+#[test]
+fn suite_then_report_end_to_end() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_cifar10(tmp.path());
+    let data = tmp.path().display().to_string();
+    let common = format!("[data]\ndataset = \"cifar10\"\ndata_dir = {data:?}\nbatch_size = 50\n\n[model]\nwidth = 4\nstem = \"cifar-maxpool\"\n\n[train]\nepochs = 2\nlr = 0.02\nwarmup_epochs = 0\n");
+    std::fs::write(
+        tmp.path().join("baseline.toml"),
+        format!("name = \"baseline\"\n{common}"),
+    )
+    .unwrap();
+    std::fs::write(tmp.path().join("byot.toml"), format!("name = \"self-byot\"\n{common}\n[method]\nname = \"byot\"\nalpha = 0.3\ntemperature = 3.0\nhint_weight = 0.03\n")).unwrap();
+    std::fs::write(
+        tmp.path().join("suite.toml"),
+        "name = \"tiny\"\nseeds = [0, 1]\nconfigs = [\"baseline.toml\", \"byot.toml\"]\n",
+    )
+    .unwrap();
+    let out_dir = tmp.path().join("out");
+    let suite = || {
+        kd().arg("suite")
+            .arg(tmp.path().join("suite.toml"))
+            .arg("--out")
+            .arg(&out_dir)
+            .output()
+            .unwrap()
+    };
+    let out = suite();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let md = std::fs::read_to_string(out_dir.join("report.md")).unwrap();
+    let rows: Vec<&str> = md
+        .lines()
+        .filter(|l| l.starts_with("| ") && !l.starts_with("| method"))
+        .collect();
+    assert_eq!(rows.len(), 2, "{md}");
+    assert!(
+        rows[0].starts_with("| baseline | 2 | 2 |") && rows[0].contains("(baseline)"),
+        "{md}"
+    );
+    assert!(
+        rows[1].starts_with("| self-byot | 2 | 2 |") && rows[1].contains(" ± "),
+        "{md}"
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("| self-byot |"));
+    let csv = std::fs::read_to_string(out_dir.join("report.csv")).unwrap();
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines.len(), 3, "{csv}");
+    assert!(lines[0].starts_with("label,method,variant,runs,epochs"));
+    assert!(
+        lines[1].starts_with("baseline,none,,2,2,") && lines[2].starts_with("self-byot,byot,,2,2,"),
+        "{csv}"
+    );
+    // The byot student trains heads it does not deploy: more trainable than deployed parameters.
+    let cells: Vec<&str> = lines[2].split(',').collect();
+    assert!(
+        cells[6].parse::<usize>().unwrap() > cells[7].parse::<usize>().unwrap(),
+        "{csv}"
+    );
+    for plot in [
+        "accuracy_per_epoch",
+        "accuracy_vs_time",
+        "accuracy_vs_params",
+    ] {
+        let png = std::fs::read(out_dir.join(format!("{plot}.png"))).unwrap();
+        assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n", "{plot}.png");
+        let image = image::load_from_memory(&png).unwrap();
+        assert_eq!((image.width(), image.height()), (960, 600));
+        let svg = std::fs::read_to_string(out_dir.join(format!("{plot}.svg"))).unwrap();
+        assert!(
+            svg.contains("<svg") && svg.contains("self-byot") && svg.contains("baseline"),
+            "{plot}.svg lacks the labels"
+        );
+    }
+    // Rerun: finished runs are skipped (their summaries untouched); an unfinished one resumes.
+    let finished = out_dir.join("baseline-s0/summary.json");
+    let stamp = std::fs::metadata(&finished).unwrap().modified().unwrap();
+    std::fs::remove_file(out_dir.join("self-byot-s1/summary.json")).unwrap();
+    let again = suite();
+    assert!(
+        again.status.success(),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    assert_eq!(
+        std::fs::metadata(&finished).unwrap().modified().unwrap(),
+        stamp
+    );
+    assert!(out_dir.join("self-byot-s1/summary.json").is_file());
+    assert_eq!(
+        std::fs::read_to_string(out_dir.join("self-byot-s1/metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .count(),
+        2
+    );
+    // `report` on its own reads the same runs.
+    let rep = kd()
+        .arg("report")
+        .arg(&out_dir)
+        .arg("--out")
+        .arg(tmp.path().join("rep"))
+        .output()
+        .unwrap();
+    assert!(
+        rep.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rep.stderr)
+    );
+    assert_eq!(
+        std::fs::read_to_string(tmp.path().join("rep/report.csv")).unwrap(),
+        csv
+    );
+}
+
+#[test]
+fn list_names_every_method_and_key() {
+    let out = kd().arg("list").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    for m in kd_train::MethodConfig::NAMES {
+        assert!(
+            text.contains(&format!("  {m} ")),
+            "{m} missing from:\n{text}"
+        );
+    }
+    for k in [
+        "train.lr = 0.1",
+        "data.subset = 1.0",
+        "model.arch = \"resnet18\"",
+        "method.name = \"none\"",
+    ] {
+        assert!(text.contains(k), "{k} missing from:\n{text}");
+    }
+}
+
+#[test]
+fn set_with_an_unknown_key_lists_the_valid_ones() {
+    let out = kd()
+        .args(["train", "--set", "train.learning_rate=0.1"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("learning_rate") && err.contains("train.lr"),
+        "{err}"
+    );
+}
+
+#[test]
+fn unwritable_run_directory_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_cifar10(tmp.path());
+    let blocker = tmp.path().join("file");
+    std::fs::write(&blocker, "not a folder").unwrap();
+    let out = kd()
+        .args(["train", "--width", "4", "--epochs", "1", "--data-dir"])
+        .arg(tmp.path())
+        .arg("--run-dir")
+        .arg(blocker.join("run"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&blocker.join("run").display().to_string()),
+        "{err}"
+    );
 }

@@ -151,6 +151,9 @@ struct Progress {
     /// Best test top-1 and its epoch of each peer.
     #[serde(default)]
     peer_best: Vec<(f64, usize)>,
+    /// The last epoch's test top-1 of the student, then of each peer.
+    #[serde(default)]
+    last_top1: Vec<f64>,
 }
 
 const CKPT_WEIGHTS: &str = "weights.safetensors";
@@ -219,12 +222,14 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 /// How a call to [`train`] runs.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default)]
 pub struct RunOptions {
     /// Continue from the run directory's latest checkpoint.
     pub resume: bool,
     /// Stop (with a checkpoint) once this many epochs are done, before `epochs`.
     pub stop_after: Option<usize>,
+    /// Draw the run's bars (epochs, steps) under these (a suite's); `None`: on stderr.
+    pub progress: Option<indicatif::MultiProgress>,
 }
 
 /// The student, its variables (including a method's trainable parts) and its export metadata.
@@ -363,6 +368,7 @@ pub fn train(
         train_seconds: 0.0,
         teacher_seconds: 0.0,
         peer_best: vec![(f64::NEG_INFINITY, 0); student.peers.len()],
+        last_top1: Vec::new(),
     };
     if resume {
         let ckpt = latest_checkpoint(run_dir)?;
@@ -395,7 +401,14 @@ pub fn train(
         truncate_lines(&jsonl, progress.epochs_done)?;
         truncate_lines(&csv, progress.epochs_done + 1)?;
     }
-    let mut last_top1 = vec![0.0; members.len()];
+    let mut last_top1 = progress.last_top1.clone();
+    last_top1.resize(members.len(), 0.0);
+    let run_bar = bar(
+        &run.progress,
+        cfg.epochs,
+        "run   [{bar:30}] {pos}/{len} epochs {msg} ETA {eta}",
+    );
+    run_bar.set_position(progress.epochs_done as u64);
     for epoch in progress.epochs_done..cfg.epochs {
         if run.stop_after.is_some_and(|k| epoch >= k) {
             return Ok(None);
@@ -411,7 +424,11 @@ pub fn train(
         let mut lr = cfg.lr;
         let mut teacher_seconds = 0.0;
         let mut steps = 0usize;
-        let bar = epoch_bar(epoch, cfg.epochs, steps_per_epoch);
+        let bar = bar(
+            &run.progress,
+            steps_per_epoch,
+            "epoch [{bar:30}] {pos}/{len} {msg} {per_sec} ETA {eta}",
+        );
         for (i, batch) in train.epoch(epoch as u64, 0).enumerate() {
             let batch = batch?;
             lr = cfg.schedule.lr(cfg.lr, progress.step, total);
@@ -564,6 +581,7 @@ pub fn train(
             );
         }
         progress.epochs_done = epoch + 1;
+        progress.last_top1 = last_top1.clone();
         if row.test_top1 > progress.best_top1 {
             progress.best_top1 = row.test_top1;
             progress.best_epoch = epoch + 1;
@@ -579,7 +597,10 @@ pub fn train(
             }
         }
         save_checkpoint(run_dir, &members, &progress, cfg.keep_last)?;
+        run_bar.set_message(format!("top-1 {:.2}%", row.test_top1));
+        run_bar.inc(1);
     }
+    run_bar.finish_and_clear();
     export(
         members[0].vars,
         &members[0].meta,
@@ -658,19 +679,23 @@ fn truncate_lines(path: &Path, keep: usize) -> Result<()> {
     write_atomic(path, kept.as_bytes())
 }
 
-/// A per-epoch bar; drawn only when stderr is a terminal.
-fn epoch_bar(epoch: usize, epochs: usize, steps: usize) -> indicatif::ProgressBar {
+/// A progress bar under `multi`, or on stderr (drawn only when it is a terminal).
+fn bar(
+    multi: &Option<indicatif::MultiProgress>,
+    len: usize,
+    template: &str,
+) -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::with_draw_target(
-        Some(steps as u64),
+        Some(len as u64),
         indicatif::ProgressDrawTarget::stderr(),
     );
-    if let Ok(style) = indicatif::ProgressStyle::with_template(
-        "epoch {prefix} [{bar:30}] {pos}/{len} {msg} {per_sec} ETA {eta}",
-    ) {
+    if let Ok(style) = indicatif::ProgressStyle::with_template(template) {
         bar.set_style(style.progress_chars("=> "));
     }
-    bar.set_prefix(format!("{}/{}", epoch + 1, epochs));
-    bar
+    match multi {
+        Some(m) => m.add(bar),
+        None => bar,
+    }
 }
 
 fn append(path: &Path, line: &str) -> Result<()> {

@@ -237,6 +237,7 @@ fn resume_is_bit_identical() {
         RunOptions {
             resume: false,
             stop_after: Some(2),
+            ..Default::default()
         },
     )
     .unwrap();
@@ -259,6 +260,7 @@ fn resume_is_bit_identical() {
         RunOptions {
             resume: true,
             stop_after: None,
+            ..Default::default()
         },
     )
     .unwrap();
@@ -409,7 +411,8 @@ fn online_peers_are_logged_checkpointed_and_resumed_exactly() {
         dir.path(),
         RunOptions {
             resume: false,
-            stop_after: Some(1)
+            stop_after: Some(1),
+            ..Default::default()
         }
     )
     .unwrap()
@@ -431,6 +434,7 @@ fn online_peers_are_logged_checkpointed_and_resumed_exactly() {
         RunOptions {
             resume: true,
             stop_after: None,
+            ..Default::default()
         },
     )
     .unwrap();

@@ -1,23 +1,177 @@
-//! The main job (`kd-runner` with no arguments): make sure CIFAR-10 is installed, fetching it if
-//! missing, and show what was loaded. Training and the comparison report join it as the engine
-//! and the distillation methods land.
-use kd_data::DatasetSpec;
+//! The main job (`kd-runner` with no arguments): the headline comparison on CIFAR-10 —
+//! pretrained ResNet50 teacher → ResNet18 student; baseline, offline KD, self KD (BYOT) and
+//! offline + self — from `configs/cifar10/suite-headline.toml`, fetching data and teacher when
+//! missing, then the report.
+//!
+//! Scale follows the device found: on a GPU the configs' full schedule; on a CPU a short,
+//! clearly labelled one (2% of the training images, 10% of the test images, 1 epoch) whose
+//! duration is estimated from a timed step before it starts. Resumable like any suite.
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
+use candle_core::{DType, Device, Tensor};
 use kd_fetch::{fetch, Artifact, FetchOptions};
+use kd_models::Teacher;
+
+use super::suite::{run_planned, SuiteFile};
+use crate::config::ExperimentConfig;
+
+const SUITE: &str = include_str!("../../../../configs/cifar10/suite-headline.toml");
+const CONFIGS: [(&str, &str); 4] = [
+    (
+        "baseline.toml",
+        include_str!("../../../../configs/cifar10/baseline.toml"),
+    ),
+    (
+        "kd.toml",
+        include_str!("../../../../configs/cifar10/kd.toml"),
+    ),
+    (
+        "byot.toml",
+        include_str!("../../../../configs/cifar10/byot.toml"),
+    ),
+    (
+        "kd_byot.toml",
+        include_str!("../../../../configs/cifar10/kd_byot.toml"),
+    ),
+];
+
+/// The short CPU scale, applied to every run.
+const CPU_SHORT: [&str; 5] = [
+    "data.subset=0.02",
+    "data.test_subset=0.1",
+    "train.epochs=1",
+    "train.warmup_epochs=0",
+    "data.batch_size=64",
+];
+
+/// The device the main job trains on: the first CUDA GPU when built with CUDA and one is present.
+fn pick_device() -> String {
+    if cfg!(feature = "cuda") && Device::new_cuda(0).is_ok() {
+        return "cuda".into();
+    }
+    "cpu".into()
+}
 
 /// Runs the main job.
 pub fn run() -> anyhow::Result<()> {
     let opts = FetchOptions::from_env(None);
-    let done = fetch(Artifact::Cifar10, &opts)?;
-    println!(
-        "{}: {}",
-        Artifact::Cifar10,
-        if done.already {
-            "already installed"
-        } else {
-            "installed"
+    for a in [Artifact::Cifar10, Artifact::TeacherCifar10] {
+        let done = fetch(a, &opts).with_context(|| {
+            format!(
+                "the main job needs {a}. Offline, install it from a downloaded copy with `kd-runner fetch {} --from DIR`, or point KD_MIRROR at a mirror",
+                a.name()
+            )
+        })?;
+        println!(
+            "{a}: {}",
+            if done.already {
+                "already installed"
+            } else {
+                "installed"
+            }
+        );
+    }
+    let device_name = pick_device();
+    let gpu = device_name != "cpu";
+    let suite: SuiteFile = toml::from_str(SUITE).expect("the bundled suite parses");
+    let data_dir = opts.data_dir.display().to_string();
+    let teacher_path = opts
+        .data_dir
+        .join(Artifact::TeacherCifar10.install_dir())
+        .join(kd_fetch::TEACHER_WEIGHTS);
+    let mut sets: Vec<String> = vec![
+        format!("train.device={device_name}"),
+        format!("data.data_dir={data_dir}"),
+    ];
+    if !gpu {
+        sets.extend(CPU_SHORT.iter().map(|s| s.to_string()));
+    }
+    let out = PathBuf::from("runs").join(if gpu { "main-gpu" } else { "main-cpu-short" });
+    let mut runs = Vec::new();
+    for (name, text) in CONFIGS {
+        let mut cfg = ExperimentConfig::from_toml(&text.replace(
+            "data/teachers/cifar10-resnet50/teacher.safetensors",
+            &teacher_path.display().to_string(),
+        ))
+        .with_context(|| format!("bundled config {name}"))?;
+        for s in &sets {
+            cfg.set(s)?;
         }
-    );
-    let ds = super::data::load(&DatasetSpec::Cifar10, &opts.data_dir)?;
-    super::data::print_summary(&ds);
+        let label = cfg.label();
+        runs.push(super::suite::PlannedRun {
+            info: crate::experiment::RunInfo {
+                label: label.clone(),
+                seed: cfg.train.seed,
+                ..Default::default()
+            },
+            dir: out.join(format!("{label}-s{}", cfg.train.seed)),
+            config: cfg,
+        });
+    }
+    if gpu {
+        println!(
+            "GPU found: the full schedule ({} epochs per run, {} runs) → {}",
+            runs[0].config.train.epochs,
+            runs.len(),
+            out.display()
+        );
+    } else {
+        let est = estimate_cpu_seconds(&runs, &teacher_path)?;
+        println!(
+            "No GPU: running a SHORT CPU comparison — 2% of the CIFAR-10 training images (1,000), 1 epoch, test top-1 on 1,000 test images. \
+             Its accuracies show the pipeline works, not what the methods achieve; run it on a GPU build (`--features cuda,cudnn`) for the full schedule. \
+             Expected time: about {:.0} min → {}",
+            est / 60.0,
+            out.display()
+        );
+    }
+    run_planned(&suite.name, &runs, &out, false)?;
+    let report = super::report::build(&[out.clone()])?;
+    super::report::write(&report, &out)?;
+    println!("{}", report.markdown());
+    println!("Results: {0}/report.md, {0}/report.csv and plots {0}/accuracy_*.png|svg; each run's metrics, checkpoints and model in {0}/<run>/", out.display());
     Ok(())
+}
+
+/// Seconds the short CPU suite should take: one timed training step of the student and one
+/// teacher forward, scaled to the images of every run, plus evaluation.
+fn estimate_cpu_seconds(
+    runs: &[super::suite::PlannedRun],
+    teacher_path: &std::path::Path,
+) -> anyhow::Result<f64> {
+    let cfg = &runs[0].config;
+    let bs = cfg.data.batch_size;
+    let x = Tensor::randn(0f32, 1.0, (bs, 3, 32, 32), &Device::Cpu)?;
+    let labels = Tensor::zeros(bs, DType::U32, &Device::Cpu)?;
+    let (model, _vars) = kd_models::trainable_resnet(&cfg.resnet(10), &Device::Cpu, 0)?;
+    let t = Instant::now();
+    let out = model.forward_t(&x, true)?;
+    candle_nn::loss::cross_entropy(&out.logits, &labels)?.backward()?;
+    let step = t.elapsed().as_secs_f64() / bs as f64;
+    let t = Instant::now();
+    let _ = model.forward_t(&x, false)?;
+    let eval = t.elapsed().as_secs_f64() / bs as f64;
+    let teacher = Teacher::load(teacher_path, &Device::Cpu)?;
+    let t = Instant::now();
+    let _ = teacher.forward(&x)?;
+    let tfwd = t.elapsed().as_secs_f64() / bs as f64;
+    let (train_images, test_images) = (50_000.0 * cfg.data.subset, 10_000.0 * cfg.data.test_subset);
+    Ok(runs
+        .iter()
+        .map(|r| {
+            let per =
+                step * if r.config.method.needs_aux_heads() {
+                    1.2
+                } else {
+                    1.0
+                } + if r.config.method.needs_teacher() {
+                    tfwd
+                } else {
+                    0.0
+                };
+            r.config.train.epochs as f64 * (train_images * per + test_images * eval)
+        })
+        .sum())
 }

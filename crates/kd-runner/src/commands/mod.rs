@@ -1,5 +1,8 @@
 //! One module per subcommand.
 pub mod data;
 pub mod eval;
+pub mod list;
 pub mod main_job;
+pub mod report;
+pub mod suite;
 pub mod train;

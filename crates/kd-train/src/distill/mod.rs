@@ -162,7 +162,7 @@ impl std::str::FromStr for PeerSpec {
 
 /// The methods kd offers, with their hyper-parameters.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", tag = "method", deny_unknown_fields)]
+#[serde(rename_all = "snake_case", tag = "name", deny_unknown_fields)]
 pub enum MethodConfig {
     /// No distillation: cross-entropy only (the baseline).
     None,

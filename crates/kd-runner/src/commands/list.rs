@@ -1,0 +1,61 @@
+//! `kd-runner list`: what can be chosen, one line each, and every config key with its default.
+use kd_models::{Arch, Stem};
+use kd_train::MethodConfig;
+
+use crate::config::ExperimentConfig;
+
+/// One line per method: what it is and the knowledge it transfers.
+pub fn describe(method: &str) -> &'static str {
+    match method {
+        "none" => "baseline: cross-entropy only, no distillation",
+        "kd" => "offline, response: Hinton et al. 2015, (1−α)·CE + α·T²·KL(teacher ‖ student)",
+        "fitnet" => "offline, feature: FitNets hints (Romero et al. 2015), 1×1 conv + BN regressor, MSE",
+        "at" => "offline, feature: attention transfer (Zagoruyko & Komodakis 2017), stages 1–4",
+        "rkd" => "offline, relation: relational KD (Park et al. 2019), distance and angle terms",
+        "sp" => "offline, relation: similarity-preserving KD (Tung & Mori 2019), batch Gram matrices",
+        "byot" => "self, response + feature: Be Your Own Teacher (Zhang et al. 2019), deepest head teaches stage 1–3 heads",
+        "kd_byot" => "offline + self: Hinton KD on the final head plus the BYOT terms",
+        "dml" => "online, response: Deep Mutual Learning (Zhang et al. 2018), peers learn from each other",
+        "two_view" => "self, response: one image under two augmentations, each view teaching the other",
+        "cs_kd" => "self, response: class-wise self-KD (Yun et al. 2020), a same-class image teaches",
+        _ => "",
+    }
+}
+
+/// Prints the lists.
+pub fn run() -> anyhow::Result<()> {
+    println!("datasets:");
+    println!("  cifar10        CIFAR-10, 50,000 / 10,000 images of 10 classes (`cargo xtask fetch cifar10`)");
+    println!("  cifar100       CIFAR-100, 50,000 / 10,000 images of 100 classes (`cargo xtask fetch cifar100`)");
+    println!("  folder:PATH    PATH/{{train,test}}/<class>/*.png|jpg");
+    println!("models:");
+    for a in Arch::ALL {
+        let (kind, depths) = a.blocks();
+        println!("  {:<14} {:?} blocks {:?}", a.name(), kind, depths);
+    }
+    println!("stems:");
+    for s in Stem::ALL {
+        println!(
+            "  {:<14} {}",
+            s.name(),
+            match s {
+                Stem::Cifar => "3×3 conv stride 1, BN, ReLU (stages at 32/16/8/4 px)",
+                Stem::CifarMaxpool =>
+                    "the same + 3×3 stride-2 max-pool (the pretrained teachers'; 16/8/4/2 px)",
+            }
+        );
+    }
+    println!("methods (method.name):");
+    for m in MethodConfig::NAMES {
+        println!("  {m:<14} {}", describe(m));
+    }
+    println!("schedules:");
+    println!("  warmup-cosine  linear warm-up for train.warmup_epochs, then cosine to train.final_lr (what train and suite use)");
+    println!("  multistep      ×γ at given steps (library: kd_schedulers::Schedule::MultiStep)");
+    println!("  constant       (library: kd_schedulers::Schedule::Constant)");
+    println!("config keys (defaults; `--set key=value`):");
+    for (k, v) in ExperimentConfig::default().keys() {
+        println!("  {k} = {v}");
+    }
+    Ok(())
+}

@@ -1,0 +1,551 @@
+//! `kd-runner report RUNS…`: the comparison table of finished runs — per method (label): runs,
+//! trainable parameters during training, deployable student parameters, teacher parameters,
+//! training time, best and last test top-1 as mean ± std over seeds, Δ against the baseline — as
+//! Markdown and CSV, and three plots as PNG and SVG: test top-1 per epoch, accuracy against
+//! training time, accuracy against trainable parameters.
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use kd_train::{EpochMetrics, Summary};
+use plotters::prelude::*;
+
+use crate::experiment::RunInfo;
+
+/// Arguments of `report`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct ReportArgs {
+    /// Run folders, or folders of run folders (a suite's output).
+    #[arg(value_name = "RUNS", required = true)]
+    pub runs: Vec<PathBuf>,
+    /// Where report.md, report.csv and the plots go (default: the first RUNS folder if it is a suite's, else ./report).
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+}
+
+/// One finished run.
+#[derive(Clone, Debug)]
+pub struct RunRecord {
+    /// Row label.
+    pub label: String,
+    /// Variant (empty if none).
+    pub variant: String,
+    /// `summary.json`.
+    pub summary: Summary,
+    /// `metrics.jsonl`.
+    pub epochs: Vec<EpochMetrics>,
+    /// Test images evaluated (0 if not recorded).
+    pub test_images: usize,
+}
+
+/// One row of the table: the runs of one label.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Row {
+    /// Label.
+    pub label: String,
+    /// Method.
+    pub method: String,
+    /// Variant.
+    pub variant: String,
+    /// Runs (seeds).
+    pub runs: usize,
+    /// Trainable parameters during training.
+    pub trainable_params: usize,
+    /// Deployable student parameters.
+    pub deploy_params: usize,
+    /// Frozen teacher parameters.
+    pub teacher_params: usize,
+    /// Mean training time (s).
+    pub train_seconds: f64,
+    /// Of which teacher forward (s).
+    pub teacher_seconds: f64,
+    /// Epochs of each run.
+    pub epochs: usize,
+    /// Test images each epoch was evaluated on (0 if not recorded).
+    pub test_images: usize,
+    /// Best top-1 mean and std (%).
+    pub best: (f64, f64),
+    /// Last top-1 mean and std (%).
+    pub last: (f64, f64),
+    /// Best-top-1 difference to the baseline's mean, in points.
+    pub delta_best: Option<f64>,
+    /// Mean test top-1 per epoch.
+    pub curve: Vec<f64>,
+}
+
+/// The report.
+#[derive(Clone, Debug)]
+pub struct Report {
+    /// Rows in order: baselines first, then by label.
+    pub rows: Vec<Row>,
+}
+
+/// Mean and sample standard deviation (0 for one value).
+fn mean_std(v: &[f64]) -> (f64, f64) {
+    let n = v.len() as f64;
+    let mean = v.iter().sum::<f64>() / n;
+    let std = if v.len() > 1 {
+        (v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt()
+    } else {
+        0.0
+    };
+    (mean, std)
+}
+
+fn read_run(dir: &Path) -> anyhow::Result<RunRecord> {
+    let sp = dir.join("summary.json");
+    let summary: Summary = serde_json::from_str(
+        &std::fs::read_to_string(&sp).with_context(|| format!("reading {}", sp.display()))?,
+    )
+    .with_context(|| format!("{} is not a kd summary", sp.display()))?;
+    let mp = dir.join("metrics.jsonl");
+    let text = std::fs::read_to_string(&mp).with_context(|| format!("reading {}", mp.display()))?;
+    let epochs = text
+        .lines()
+        .enumerate()
+        .map(|(i, l)| {
+            serde_json::from_str(l).with_context(|| format!("{} line {}", mp.display(), i + 1))
+        })
+        .collect::<anyhow::Result<Vec<EpochMetrics>>>()?;
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let info: RunInfo = match std::fs::read_to_string(dir.join("run.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+    {
+        Some(i) => i,
+        None => {
+            // Runs made without a run.json label: the folder name without its -s<seed>.
+            let label = name
+                .rsplit_once("-s")
+                .filter(|(_, s)| s.parse::<u64>().is_ok())
+                .map_or(name.clone(), |(l, _)| l.to_string());
+            RunInfo {
+                label,
+                ..Default::default()
+            }
+        }
+    };
+    Ok(RunRecord {
+        label: info.label,
+        variant: info.variant,
+        summary,
+        epochs,
+        test_images: info.test_images,
+    })
+}
+
+/// Finds the finished runs under `paths` and builds the table.
+pub fn build(paths: &[PathBuf]) -> anyhow::Result<Report> {
+    let mut runs = Vec::new();
+    for p in paths {
+        if !p.is_dir() {
+            bail!("{} is not a folder", p.display());
+        }
+        if p.join("summary.json").exists() {
+            runs.push(read_run(p)?);
+            continue;
+        }
+        let mut subs: Vec<PathBuf> = std::fs::read_dir(p)
+            .with_context(|| format!("listing {}", p.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|d| d.is_dir())
+            .collect();
+        subs.sort();
+        for d in subs {
+            if d.join("summary.json").exists() {
+                runs.push(read_run(&d)?);
+            } else if d.join("metrics.jsonl").exists() {
+                tracing::warn!("{}: not finished, left out of the report", d.display());
+            }
+        }
+    }
+    if runs.is_empty() {
+        bail!(
+            "no finished run (a folder with summary.json) under {}",
+            paths
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    Ok(table(&runs))
+}
+
+/// Groups runs by label into rows.
+pub fn table(runs: &[RunRecord]) -> Report {
+    let mut groups: BTreeMap<&str, Vec<&RunRecord>> = BTreeMap::new();
+    for r in runs {
+        groups.entry(&r.label).or_default().push(r);
+    }
+    let mut rows: Vec<Row> = groups
+        .into_values()
+        .map(|g| {
+            let first = g[0];
+            let best: Vec<f64> = g.iter().map(|r| r.summary.best_top1).collect();
+            let last: Vec<f64> = g.iter().map(|r| r.summary.last_top1).collect();
+            let n_epochs = g.iter().map(|r| r.epochs.len()).min().unwrap_or(0);
+            let curve = (0..n_epochs)
+                .map(|e| mean_std(&g.iter().map(|r| r.epochs[e].test_top1).collect::<Vec<_>>()).0)
+                .collect();
+            Row {
+                label: first.label.clone(),
+                method: first.summary.method.clone(),
+                variant: first.variant.clone(),
+                runs: g.len(),
+                trainable_params: first.summary.trainable_params,
+                deploy_params: first.summary.deploy_params,
+                teacher_params: first.summary.teacher_params,
+                train_seconds: mean_std(
+                    &g.iter()
+                        .map(|r| r.summary.train_seconds)
+                        .collect::<Vec<_>>(),
+                )
+                .0,
+                teacher_seconds: mean_std(
+                    &g.iter()
+                        .map(|r| r.summary.teacher_seconds)
+                        .collect::<Vec<_>>(),
+                )
+                .0,
+                epochs: n_epochs,
+                test_images: g.iter().map(|r| r.test_images).min().unwrap_or(0),
+                best: mean_std(&best),
+                last: mean_std(&last),
+                delta_best: None,
+                curve,
+            }
+        })
+        .collect();
+    // Δ against the baseline (method none) of the same variant, else any baseline.
+    let baselines: Vec<(String, f64)> = rows
+        .iter()
+        .filter(|r| r.method == "none")
+        .map(|r| (r.variant.clone(), r.best.0))
+        .collect();
+    for r in &mut rows {
+        let base = baselines
+            .iter()
+            .find(|(v, _)| *v == r.variant)
+            .or(baselines.first());
+        r.delta_best = base.map(|(_, b)| r.best.0 - b);
+    }
+    rows.sort_by(|a, b| {
+        (a.variant.as_str(), a.method != "none", a.label.as_str()).cmp(&(
+            b.variant.as_str(),
+            b.method != "none",
+            b.label.as_str(),
+        ))
+    });
+    Report { rows }
+}
+
+fn pm(v: (f64, f64), runs: usize) -> String {
+    if runs > 1 {
+        format!("{:.2} ± {:.2}", v.0, v.1)
+    } else {
+        format!("{:.2}", v.0)
+    }
+}
+
+/// Thousands separated by commas.
+fn count(n: usize) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+impl Report {
+    /// The Markdown table.
+    pub fn markdown(&self) -> String {
+        let mut s = String::from("| method | runs | epochs | test images | trainable params | deployed params | teacher params | train time (s) | of which teacher (s) | best top-1 (%) | last top-1 (%) | Δ best vs baseline |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+        for r in &self.rows {
+            s += &format!(
+                "| {} | {} | {} | {} | {} | {} | {} | {:.0} | {:.0} | {} | {} | {} |\n",
+                r.label,
+                r.runs,
+                r.epochs,
+                if r.test_images == 0 {
+                    "–".into()
+                } else {
+                    count(r.test_images)
+                },
+                count(r.trainable_params),
+                count(r.deploy_params),
+                if r.teacher_params == 0 {
+                    "–".into()
+                } else {
+                    count(r.teacher_params)
+                },
+                r.train_seconds,
+                r.teacher_seconds,
+                pm(r.best, r.runs),
+                pm(r.last, r.runs),
+                match r.delta_best {
+                    Some(d) if r.method == "none" => format!("{d:+.2} (baseline)"),
+                    Some(d) => format!("{d:+.2}"),
+                    None => "–".into(),
+                }
+            );
+        }
+        s
+    }
+
+    /// The CSV table.
+    pub fn csv(&self) -> String {
+        let mut s = String::from("label,method,variant,runs,epochs,test_images,trainable_params,deploy_params,teacher_params,train_seconds,teacher_seconds,best_top1_mean,best_top1_std,last_top1_mean,last_top1_std,delta_best\n");
+        for r in &self.rows {
+            s += &format!(
+                "{},{},{},{},{},{},{},{},{},{:.3},{:.3},{:.4},{:.4},{:.4},{:.4},{}\n",
+                r.label,
+                r.method,
+                r.variant,
+                r.runs,
+                r.epochs,
+                r.test_images,
+                r.trainable_params,
+                r.deploy_params,
+                r.teacher_params,
+                r.train_seconds,
+                r.teacher_seconds,
+                r.best.0,
+                r.best.1,
+                r.last.0,
+                r.last.1,
+                r.delta_best.map(|d| format!("{d:.4}")).unwrap_or_default()
+            );
+        }
+        s
+    }
+}
+
+/// Writes report.md, report.csv and the plots (PNG and SVG) into `out`; each file under a
+/// temporary name first, then renamed.
+pub fn write(report: &Report, out: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let mut written = Vec::new();
+    for (name, text) in [
+        ("report.md", report.markdown()),
+        ("report.csv", report.csv()),
+    ] {
+        let p = out.join(name);
+        kd_models::write_atomic(&p, text.as_bytes())?;
+        written.push(p);
+    }
+    register_font();
+    for plot in [Plot::PerEpoch, Plot::VsTime, Plot::VsParams] {
+        for ext in ["png", "svg"] {
+            let p = out.join(format!("{}.{ext}", plot.file()));
+            let tmp = out.join(format!(".{}.part.{ext}", plot.file()));
+            let res = if ext == "png" {
+                draw(
+                    report,
+                    plot,
+                    BitMapBackend::new(&tmp, (960, 600)).into_drawing_area(),
+                )
+            } else {
+                draw(
+                    report,
+                    plot,
+                    SVGBackend::new(&tmp, (960, 600)).into_drawing_area(),
+                )
+            };
+            res.with_context(|| format!("drawing {}", p.display()))?;
+            std::fs::rename(&tmp, &p)
+                .with_context(|| format!("renaming {} to {}", tmp.display(), p.display()))?;
+            written.push(p);
+        }
+    }
+    Ok(written)
+}
+
+/// The charts.
+#[derive(Clone, Copy, Debug)]
+enum Plot {
+    PerEpoch,
+    VsTime,
+    VsParams,
+}
+
+impl Plot {
+    fn file(self) -> &'static str {
+        match self {
+            Plot::PerEpoch => "accuracy_per_epoch",
+            Plot::VsTime => "accuracy_vs_time",
+            Plot::VsParams => "accuracy_vs_params",
+        }
+    }
+}
+
+/// The bundled DejaVu Sans, so charts need no system font library.
+fn register_font() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = plotters::style::register_font(
+            "sans-serif",
+            FontStyle::Normal,
+            include_bytes!("../../assets/DejaVuSans.ttf"),
+        );
+    });
+}
+
+type DrawResult<DB> = Result<(), DrawingAreaErrorKind<<DB as DrawingBackend>::ErrorType>>;
+
+fn draw<DB: DrawingBackend>(
+    report: &Report,
+    plot: Plot,
+    root: DrawingArea<DB, plotters::coord::Shift>,
+) -> anyhow::Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    draw_inner(report, plot, &root).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    root.present().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    Ok(())
+}
+
+fn span(v: impl Iterator<Item = f64> + Clone) -> (f64, f64) {
+    let lo = v.clone().fold(f64::INFINITY, f64::min);
+    let hi = v.fold(f64::NEG_INFINITY, f64::max);
+    let pad = ((hi - lo) * 0.1).max(0.5);
+    (lo - pad, hi + pad)
+}
+
+fn draw_inner<DB: DrawingBackend>(
+    report: &Report,
+    plot: Plot,
+    root: &DrawingArea<DB, plotters::coord::Shift>,
+) -> DrawResult<DB> {
+    root.fill(&WHITE)?;
+    let rows = &report.rows;
+    let color = |i: usize| Palette99::pick(i).to_rgba();
+    match plot {
+        Plot::PerEpoch => {
+            let max_epoch = rows.iter().map(|r| r.curve.len()).max().unwrap_or(1).max(1);
+            let (lo, hi) = span(rows.iter().flat_map(|r| r.curve.iter().copied()));
+            let mut chart = ChartBuilder::on(root)
+                .caption("Test top-1 per epoch (mean over seeds)", ("sans-serif", 24))
+                .margin(16)
+                .x_label_area_size(40)
+                .y_label_area_size(56)
+                .build_cartesian_2d(
+                    1f64..(max_epoch as f64).max(1.5),
+                    lo.max(0.0)..hi.min(100.0),
+                )?;
+            chart
+                .configure_mesh()
+                .x_desc("epoch")
+                .y_desc("test top-1 (%)")
+                .x_labels(max_epoch.min(12))
+                .x_label_formatter(&|x| format!("{x:.0}"))
+                .label_style(("sans-serif", 14))
+                .draw()?;
+            for (i, r) in rows.iter().enumerate() {
+                let c = color(i);
+                let pts: Vec<(f64, f64)> = r
+                    .curve
+                    .iter()
+                    .enumerate()
+                    .map(|(e, &a)| (e as f64 + 1.0, a))
+                    .collect();
+                chart
+                    .draw_series(LineSeries::new(pts.clone(), c.stroke_width(2)))?
+                    .label(r.label.clone())
+                    .legend(move |(x, y)| {
+                        PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2))
+                    });
+                chart.draw_series(pts.into_iter().map(|p| Circle::new(p, 3, c.filled())))?;
+            }
+            chart
+                .configure_series_labels()
+                .background_style(WHITE.mix(0.85))
+                .border_style(BLACK)
+                .label_font(("sans-serif", 14))
+                .position(SeriesLabelPosition::LowerRight)
+                .draw()?;
+        }
+        Plot::VsTime | Plot::VsParams => {
+            let (title, xdesc) = match plot {
+                Plot::VsTime => ("Best test top-1 against training time", "training time (s)"),
+                _ => (
+                    "Best test top-1 against trainable parameters",
+                    "trainable parameters during training (millions)",
+                ),
+            };
+            let x_of = |r: &Row| match plot {
+                Plot::VsTime => r.train_seconds,
+                _ => r.trainable_params as f64 / 1e6,
+            };
+            let (xlo, xhi) = {
+                let lo = rows.iter().map(x_of).fold(f64::INFINITY, f64::min);
+                let hi = rows.iter().map(x_of).fold(f64::NEG_INFINITY, f64::max);
+                let pad = ((hi - lo) * 0.15).max(hi.abs() * 0.05).max(1e-3);
+                ((lo - pad).max(0.0), hi + pad)
+            };
+            let (lo, hi) = span(
+                rows.iter()
+                    .flat_map(|r| [r.best.0 - r.best.1, r.best.0 + r.best.1]),
+            );
+            let mut chart = ChartBuilder::on(root)
+                .caption(title, ("sans-serif", 24))
+                .margin(16)
+                .x_label_area_size(40)
+                .y_label_area_size(56)
+                .build_cartesian_2d(xlo..xhi, lo.max(0.0)..hi.min(100.0))?;
+            chart
+                .configure_mesh()
+                .x_desc(xdesc)
+                .y_desc("best test top-1 (%)")
+                .label_style(("sans-serif", 14))
+                .draw()?;
+            for (i, r) in rows.iter().enumerate() {
+                let c = color(i);
+                let p = (x_of(r), r.best.0);
+                if r.runs > 1 {
+                    // ± one standard deviation over seeds.
+                    chart.draw_series(std::iter::once(PathElement::new(
+                        vec![(p.0, r.best.0 - r.best.1), (p.0, r.best.0 + r.best.1)],
+                        c.stroke_width(2),
+                    )))?;
+                }
+                let marker = EmptyElement::at(p)
+                    + Circle::new((0, 0), 6, c.filled())
+                    + Text::new(
+                        r.label.clone(),
+                        (9, -18),
+                        ("sans-serif", 15).into_font().color(&BLACK),
+                    );
+                chart.draw_series(std::iter::once(marker))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs `report`.
+pub fn run(args: &ReportArgs) -> anyhow::Result<()> {
+    let report = build(&args.runs)?;
+    let out = args.out.clone().unwrap_or_else(|| {
+        let first = &args.runs[0];
+        if args.runs.len() == 1 && !first.join("summary.json").exists() {
+            first.clone()
+        } else {
+            PathBuf::from("report")
+        }
+    });
+    let files = write(&report, &out)?;
+    println!("{}", report.markdown());
+    for f in files {
+        println!("wrote {}", f.display());
+    }
+    Ok(())
+}

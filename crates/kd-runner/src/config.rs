@@ -1,0 +1,614 @@
+//! Experiment configuration: one TOML file per experiment (`configs/cifar10/kd.toml`, …), read
+//! with `deny_unknown_fields`, every field defaulted, and changed one field at a time with
+//! `--set key.path=value`, which must name an existing field and keep its type. The resolved
+//! configuration is written into the run directory as `config.toml`, and a resumed run reads it
+//! back from there.
+//!
+//! Optional settings have an explicit "off" value (`subset = 1.0`, `mixup = 0.0`,
+//! `clip_grad = 0.0`, `teacher.path = ""`) so that every key exists and can be overridden.
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use kd_data::{Augment, DatasetSpec, LoaderConfig, Mix};
+use kd_models::{Arch, ResNetConfig, Stem};
+use kd_schedulers::{OptimizerConfig, Schedule, SgdConfig};
+use kd_train::{MethodConfig, TrainConfig};
+use serde::{Deserialize, Serialize};
+
+/// One experiment: data, student, method, teacher and schedule.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExperimentConfig {
+    /// Label in reports (default: the method's name).
+    #[serde(default)]
+    pub name: String,
+    /// The data and how it is served.
+    #[serde(default)]
+    pub data: DataSection,
+    /// The student.
+    #[serde(default)]
+    pub model: ModelSection,
+    /// The distillation method and its weights (`name = "kd"`, `alpha`, `temperature`, …).
+    #[serde(default = "baseline")]
+    pub method: MethodConfig,
+    /// The frozen teacher of offline methods.
+    #[serde(default)]
+    pub teacher: TeacherSection,
+    /// Optimisation and run settings.
+    #[serde(default)]
+    pub train: TrainSection,
+}
+
+fn baseline() -> MethodConfig {
+    MethodConfig::None
+}
+
+/// `[data]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataSection {
+    /// `cifar10`, `cifar100` or `folder:PATH`.
+    pub dataset: String,
+    /// Data root; empty: `$KD_DATA_DIR` or `./data`.
+    pub data_dir: String,
+    /// Class-balanced fraction of the training split, in (0, 1]; 1 = all of it.
+    pub subset: f64,
+    /// Random crop (4 px padding) and horizontal flip; false: normalisation only.
+    pub augment: bool,
+    /// Mixup Beta concentration α; 0 = off.
+    pub mixup: f64,
+    /// Training batch size.
+    pub batch_size: usize,
+    /// Evaluation batch size.
+    pub eval_batch_size: usize,
+    /// Class-balanced fraction of the test split evaluated each epoch, in (0, 1]; below 1 only
+    /// for short CPU runs, and reports say so.
+    pub test_subset: f64,
+}
+
+impl Default for DataSection {
+    fn default() -> Self {
+        DataSection {
+            dataset: "cifar10".into(),
+            data_dir: String::new(),
+            subset: 1.0,
+            augment: true,
+            mixup: 0.0,
+            batch_size: 128,
+            eval_batch_size: 256,
+            test_subset: 1.0,
+        }
+    }
+}
+
+/// `[model]`: the student.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelSection {
+    /// `resnet18`, `resnet34` or `resnet50`.
+    pub arch: Arch,
+    /// `cifar` or `cifar-maxpool`.
+    pub stem: Stem,
+    /// Channels of the first stage (64 = the standard network).
+    pub width: usize,
+    /// Start each residual branch's last BN at γ = 0.
+    pub zero_init_residual: bool,
+}
+
+impl Default for ModelSection {
+    fn default() -> Self {
+        ModelSection {
+            arch: Arch::Resnet18,
+            stem: Stem::Cifar,
+            width: 64,
+            zero_init_residual: false,
+        }
+    }
+}
+
+/// `[teacher]`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TeacherSection {
+    /// safetensors with its JSON sidecar; empty = no teacher.
+    pub path: String,
+}
+
+/// `[train]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainSection {
+    /// Epochs.
+    pub epochs: usize,
+    /// Base learning rate.
+    pub lr: f64,
+    /// Linear warm-up epochs before the cosine decay.
+    pub warmup_epochs: usize,
+    /// Learning rate at the end of the cosine.
+    pub final_lr: f64,
+    /// SGD momentum.
+    pub momentum: f64,
+    /// Nesterov momentum.
+    pub nesterov: bool,
+    /// Weight decay.
+    pub weight_decay: f64,
+    /// Label smoothing ε.
+    pub label_smoothing: f64,
+    /// Clip the global gradient norm to this value; 0 = off.
+    pub clip_grad: f64,
+    /// Seed of initialisation, data order and augmentation.
+    pub seed: u64,
+    /// `cpu`, `cuda` or `cuda:N`.
+    pub device: String,
+    /// Checkpoint folders kept.
+    pub keep_last: usize,
+}
+
+impl Default for TrainSection {
+    fn default() -> Self {
+        TrainSection {
+            epochs: 200,
+            lr: 0.1,
+            warmup_epochs: 1,
+            final_lr: 0.0,
+            momentum: 0.9,
+            nesterov: true,
+            weight_decay: 5e-4,
+            label_smoothing: 0.0,
+            clip_grad: 0.0,
+            seed: 0,
+            device: "cpu".into(),
+            keep_last: 2,
+        }
+    }
+}
+
+impl Default for ExperimentConfig {
+    fn default() -> Self {
+        ExperimentConfig {
+            name: String::new(),
+            data: DataSection::default(),
+            model: ModelSection::default(),
+            method: baseline(),
+            teacher: TeacherSection::default(),
+            train: TrainSection::default(),
+        }
+    }
+}
+
+impl ExperimentConfig {
+    /// Reads a TOML file; an unknown key, a wrong type or a bad value is an error naming the file.
+    pub fn from_file(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the config {}", path.display()))?;
+        Self::from_toml(&text).with_context(|| format!("in the config {}", path.display()))
+    }
+
+    /// Parses TOML text.
+    pub fn from_toml(text: &str) -> anyhow::Result<Self> {
+        let cfg: ExperimentConfig =
+            toml::from_str(text).map_err(|e| anyhow::anyhow!("{}", e.to_string().trim_end()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// The TOML form (what goes into the run directory).
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("the config serialises")
+    }
+
+    /// The label in reports.
+    pub fn label(&self) -> String {
+        if self.name.is_empty() {
+            self.method.name().to_string()
+        } else {
+            self.name.clone()
+        }
+    }
+
+    /// Applies `key.path=value`. The key must exist and the value keep its type; `method.name=X`
+    /// switches to method X with its paper defaults (set its weights after it).
+    pub fn set(&mut self, assignment: &str) -> anyhow::Result<()> {
+        let Some((key, raw)) = assignment.split_once('=') else {
+            bail!("--set {assignment}: expected key.path=value, e.g. train.lr=0.05");
+        };
+        let (key, raw) = (key.trim(), raw.trim());
+        if key == "method.name" {
+            let name = raw.trim_matches('"');
+            let mut cfg = self.clone();
+            cfg.method = MethodConfig::preset(name).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "--set method.name={name}: unknown method; valid: {}",
+                    MethodConfig::NAMES.join(", ")
+                )
+            })?;
+            cfg.validate()
+                .with_context(|| format!("after --set method.name={name}"))?;
+            *self = cfg;
+            return Ok(());
+        }
+        let mut doc = toml::Value::try_from(&*self).expect("the config serialises");
+        let mut cur = &mut doc;
+        let mut walked = String::new();
+        for part in key.split('.') {
+            let here = if walked.is_empty() {
+                "the top level".to_string()
+            } else {
+                format!("[{walked}]")
+            };
+            let Some(table) = cur.as_table_mut() else {
+                bail!("--set {key}: `{walked}` is a value, not a section");
+            };
+            if !table.contains_key(part) {
+                let valid: Vec<String> = table
+                    .keys()
+                    .map(|k| {
+                        if walked.is_empty() {
+                            k.clone()
+                        } else {
+                            format!("{walked}.{k}")
+                        }
+                    })
+                    .collect();
+                bail!(
+                    "--set {key}: unknown key `{part}` in {here}; valid keys: {}",
+                    valid.join(", ")
+                );
+            }
+            cur = table.get_mut(part).expect("checked");
+            walked = if walked.is_empty() {
+                part.to_string()
+            } else {
+                format!("{walked}.{part}")
+            };
+        }
+        *cur = typed_value(key, raw, cur)?;
+        let cfg: ExperimentConfig = doc
+            .try_into()
+            .map_err(|e: toml::de::Error| anyhow::anyhow!("--set {key}={raw}: {}", e.message()))?;
+        cfg.validate()
+            .with_context(|| format!("after --set {key}={raw}"))?;
+        *self = cfg;
+        Ok(())
+    }
+
+    /// Every settable key with its current value, `key = value` per line (for `kd-runner list`).
+    pub fn keys(&self) -> Vec<(String, String)> {
+        fn walk(prefix: &str, v: &toml::Value, out: &mut Vec<(String, String)>) {
+            match v {
+                toml::Value::Table(t) => {
+                    for (k, v) in t {
+                        let key = if prefix.is_empty() {
+                            k.clone()
+                        } else {
+                            format!("{prefix}.{k}")
+                        };
+                        walk(&key, v, out);
+                    }
+                }
+                other => out.push((prefix.to_string(), other.to_string())),
+            }
+        }
+        let mut out = Vec::new();
+        walk(
+            "",
+            &toml::Value::try_from(self).expect("the config serialises"),
+            &mut out,
+        );
+        out
+    }
+
+    /// Checks values the types alone do not.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        self.dataset()?;
+        let d = &self.data;
+        if !(d.subset > 0.0 && d.subset <= 1.0) {
+            bail!("data.subset = {}: expected a fraction in (0, 1]", d.subset);
+        }
+        if !(d.test_subset > 0.0 && d.test_subset <= 1.0) {
+            bail!(
+                "data.test_subset = {}: expected a fraction in (0, 1]",
+                d.test_subset
+            );
+        }
+        if d.mixup < 0.0 || !d.mixup.is_finite() {
+            bail!("data.mixup = {}: expected α ≥ 0 (0 = off)", d.mixup);
+        }
+        if d.batch_size == 0 || d.eval_batch_size == 0 {
+            bail!("data.batch_size and data.eval_batch_size must be at least 1");
+        }
+        if self.model.width == 0 {
+            bail!("model.width must be at least 1");
+        }
+        let t = &self.train;
+        if t.epochs == 0 {
+            bail!("train.epochs must be at least 1");
+        }
+        if !(t.lr > 0.0 && t.lr.is_finite()) {
+            bail!("train.lr = {}: expected a positive learning rate", t.lr);
+        }
+        if t.clip_grad < 0.0 || t.label_smoothing < 0.0 || t.label_smoothing >= 1.0 {
+            bail!("train.clip_grad must be ≥ 0 and train.label_smoothing in [0, 1)");
+        }
+        if self.method.pairing().is_some() && d.mixup > 0.0 {
+            bail!(
+                "method {} compares two images per sample; set data.mixup = 0",
+                self.method.name()
+            );
+        }
+        // A teacher.path on a method without a teacher is left unused (a suite may set one for
+        // all its runs); `kd-runner train --teacher` with such a method is refused by the CLI.
+        if self.method.needs_teacher() && self.teacher.path.is_empty() {
+            bail!(
+                "method {} needs a teacher (--teacher FILE, or teacher.path in the config): fetch one with `cargo xtask fetch teacher-cifar10` (then data/teachers/cifar10-resnet50/teacher.safetensors), or train one with `kd-runner train`",
+                self.method.name()
+            );
+        }
+        Ok(())
+    }
+
+    /// The data set named by `data.dataset`.
+    pub fn dataset(&self) -> anyhow::Result<DatasetSpec> {
+        self.data
+            .dataset
+            .parse::<DatasetSpec>()
+            .map_err(|e| anyhow::anyhow!("data.dataset = {:?}: {e}", self.data.dataset))
+    }
+
+    /// The data root.
+    pub fn data_dir(&self) -> PathBuf {
+        if self.data.data_dir.is_empty() {
+            kd_fetch::default_data_dir()
+        } else {
+            PathBuf::from(&self.data.data_dir)
+        }
+    }
+
+    /// The student's network for `num_classes` classes.
+    pub fn resnet(&self, num_classes: usize) -> ResNetConfig {
+        ResNetConfig {
+            base_width: self.model.width,
+            zero_init_residual: self.model.zero_init_residual,
+            ..ResNetConfig::new(self.model.arch, self.model.stem, num_classes)
+        }
+    }
+
+    /// The training loader's settings.
+    pub fn loader(&self, normalize: kd_data::Normalize) -> LoaderConfig {
+        LoaderConfig {
+            augment: if self.data.augment {
+                Augment::STANDARD
+            } else {
+                Augment::NONE
+            },
+            mix: (self.data.mixup > 0.0).then_some(Mix::Mixup {
+                alpha: self.data.mixup as f32,
+            }),
+            pair: self.method.pairing(),
+            ..LoaderConfig::train(self.data.batch_size, normalize, self.train.seed)
+        }
+    }
+
+    /// The trainer's settings, for `steps_per_epoch` steps per epoch.
+    pub fn trainer(&self, steps_per_epoch: usize) -> TrainConfig {
+        let t = &self.train;
+        TrainConfig {
+            epochs: t.epochs,
+            lr: t.lr,
+            schedule: Schedule::WarmupCosine {
+                warmup_steps: t.warmup_epochs * steps_per_epoch,
+                final_lr: t.final_lr,
+            },
+            optimizer: OptimizerConfig::Sgd(SgdConfig {
+                momentum: t.momentum,
+                nesterov: t.nesterov,
+                weight_decay: t.weight_decay,
+                ..SgdConfig::default()
+            }),
+            label_smoothing: t.label_smoothing,
+            clip_grad: (t.clip_grad > 0.0).then_some(t.clip_grad),
+            keep_last: t.keep_last.max(1),
+        }
+    }
+}
+
+/// `raw` read as a value of the same TOML type as `old` (an integer is accepted for a float).
+fn typed_value(key: &str, raw: &str, old: &toml::Value) -> anyhow::Result<toml::Value> {
+    use toml::Value as V;
+    let wrong = |what: &str| {
+        anyhow::anyhow!("--set {key}={raw}: expected {what} (the current value is {old})")
+    };
+    Ok(match old {
+        V::String(_) => V::String(
+            raw.strip_prefix('"')
+                .and_then(|r| r.strip_suffix('"'))
+                .unwrap_or(raw)
+                .to_string(),
+        ),
+        V::Integer(_) => V::Integer(raw.parse().map_err(|_| wrong("an integer"))?),
+        V::Float(_) => V::Float(raw.parse().map_err(|_| wrong("a number"))?),
+        V::Boolean(_) => V::Boolean(raw.parse().map_err(|_| wrong("true or false"))?),
+        V::Array(_) => {
+            let parsed: toml::Table =
+                toml::from_str(&format!("v = {raw}")).map_err(|_| wrong("a TOML array"))?;
+            match parsed.get("v") {
+                Some(v @ V::Array(_)) => v.clone(),
+                _ => return Err(wrong("a TOML array")),
+            }
+        }
+        V::Table(t) => bail!(
+            "--set {key}: `{key}` is a section; set one of its keys: {}",
+            t.keys()
+                .map(|k| format!("{key}.{k}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        V::Datetime(_) => return Err(wrong("a date")),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn set_changes_one_field_and_keeps_its_type() {
+        let mut c = ExperimentConfig::default();
+        c.set("train.lr=0.05").unwrap();
+        c.set("train.epochs=3").unwrap();
+        c.set("data.augment=false").unwrap();
+        c.set("model.stem=cifar-maxpool").unwrap();
+        c.set("train.weight_decay=0").unwrap(); // an integer is a valid float
+        assert_eq!(
+            (
+                c.train.lr,
+                c.train.epochs,
+                c.data.augment,
+                c.model.stem,
+                c.train.weight_decay
+            ),
+            (0.05, 3, false, Stem::CifarMaxpool, 0.0)
+        );
+        let err = c
+            .set("train.epochs=2.5")
+            .map_err(|e| format!("{e:#}"))
+            .unwrap_err();
+        assert!(
+            err.contains("expected an integer") && err.contains("train.epochs"),
+            "{err}"
+        );
+        let err = c
+            .set("data.augment=maybe")
+            .map_err(|e| format!("{e:#}"))
+            .unwrap_err();
+        assert!(err.contains("true or false"), "{err}");
+        let err = c
+            .set("model.arch=resnet99")
+            .map_err(|e| format!("{e:#}"))
+            .unwrap_err();
+        assert!(
+            err.contains("resnet99") && err.contains("resnet50"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn unknown_keys_list_the_valid_ones() {
+        let mut c = ExperimentConfig::default();
+        let err = c
+            .set("train.learning_rate=0.1")
+            .map_err(|e| format!("{e:#}"))
+            .unwrap_err();
+        assert!(
+            err.contains("unknown key `learning_rate`")
+                && err.contains("train.lr")
+                && err.contains("train.epochs"),
+            "{err}"
+        );
+        let err = c
+            .set("trian.lr=0.1")
+            .map_err(|e| format!("{e:#}"))
+            .unwrap_err();
+        assert!(
+            err.contains("data") && err.contains("method") && err.contains("train"),
+            "{err}"
+        );
+        let err = c.set("train=1").map_err(|e| format!("{e:#}")).unwrap_err();
+        assert!(err.contains("is a section"), "{err}");
+        assert!(c
+            .set("train.lr")
+            .map_err(|e| format!("{e:#}"))
+            .unwrap_err()
+            .contains("key.path=value"));
+        // Read from a file: an unknown key names it and the expected ones.
+        let err = ExperimentConfig::from_toml("[train]\nlearning_rate = 0.1\n")
+            .map_err(|e| format!("{e:#}"))
+            .unwrap_err();
+        assert!(err.contains("learning_rate") && err.contains("lr"), "{err}");
+    }
+
+    #[test]
+    fn method_switch_takes_the_paper_defaults_then_its_fields() {
+        let mut c = ExperimentConfig::default();
+        c.set("method.name=kd").unwrap_err(); // kd needs a teacher …
+        c.set("teacher.path=t.safetensors").unwrap();
+        c.set("method.name=kd").unwrap();
+        c.set("method.temperature=2").unwrap();
+        assert_eq!(
+            c.method,
+            MethodConfig::Kd {
+                alpha: 0.9,
+                temperature: 2.0
+            }
+        );
+        let err = c
+            .set("method.weight=1")
+            .map_err(|e| format!("{e:#}"))
+            .unwrap_err();
+        assert!(
+            err.contains("method.alpha") && err.contains("method.temperature"),
+            "{err}"
+        );
+        assert!(c
+            .set("method.name=magic")
+            .map_err(|e| format!("{e:#}"))
+            .unwrap_err()
+            .contains("cs_kd"));
+    }
+
+    #[test]
+    fn values_are_checked_beyond_their_types() {
+        let mut c = ExperimentConfig::default();
+        assert!(c
+            .set("data.subset=1.5")
+            .map_err(|e| format!("{e:#}"))
+            .unwrap_err()
+            .contains("(0, 1]"));
+        assert!(c.set("data.dataset=imagenet").is_err());
+        c.set("method.name=cs_kd").unwrap();
+        assert!(c
+            .set("data.mixup=1.0")
+            .map_err(|e| format!("{e:#}"))
+            .unwrap_err()
+            .contains("mixup"));
+    }
+
+    #[test]
+    fn the_resolved_config_round_trips() {
+        let mut c = ExperimentConfig::default();
+        c.set("method.name=dml").unwrap();
+        assert_eq!(ExperimentConfig::from_toml(&c.to_toml()).unwrap(), c);
+    }
+
+    /// Every shipped experiment config and suite parses, and each suite's runs resolve.
+    #[test]
+    fn shipped_configs_parse() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+        let mut n = 0;
+        for ds in ["cifar10", "cifar100"] {
+            let mut methods = std::collections::BTreeSet::new();
+            for e in std::fs::read_dir(root.join(ds)).unwrap() {
+                let p = e.unwrap().path();
+                let name = p.file_name().unwrap().to_string_lossy().into_owned();
+                if name.starts_with("suite-") {
+                    let s = crate::commands::suite::SuiteFile::from_file(&p).unwrap();
+                    let runs = s
+                        .plan(&p, &[], Path::new("/nonexistent"))
+                        .unwrap_or_else(|e| panic!("{}: {e:#}", p.display()));
+                    assert!(!runs.is_empty());
+                } else {
+                    let c = ExperimentConfig::from_file(&p).unwrap_or_else(|e| panic!("{e:#}"));
+                    assert_eq!(c.data.dataset, ds, "{}", p.display());
+                    methods.insert(c.method.name());
+                    n += 1;
+                }
+            }
+            assert_eq!(
+                methods.len(),
+                MethodConfig::NAMES.len(),
+                "{ds}: every method has a config: {methods:?}"
+            );
+        }
+        assert!(n >= 26);
+    }
+}

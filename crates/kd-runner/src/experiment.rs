@@ -1,0 +1,203 @@
+//! One experiment from its resolved configuration to a finished run directory: the shared path
+//! of `train`, `suite` and the main job.
+//!
+//! A run directory holds `config.toml` (the resolved configuration, read back on resume),
+//! `run.json` (label, seed, variant, data sizes), and what the trainer writes (metrics,
+//! checkpoints, `summary.json`, the exported model).
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use kd_data::{balanced_subset, Loader, LoaderConfig, SubsetSpec};
+use kd_models::{Teacher, TeacherMeta};
+use kd_train::{build_student, RunOptions, Student, Summary};
+use serde::{Deserialize, Serialize};
+
+use crate::config::ExperimentConfig;
+
+/// What identifies a run in reports, beside its configuration.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct RunInfo {
+    /// The row label in reports (`kd`, `kd-subset10-noaug`, …).
+    pub label: String,
+    /// The variant of a suite, if any.
+    #[serde(default)]
+    pub variant: String,
+    /// Seed.
+    pub seed: u64,
+    /// The method's short name.
+    pub method: String,
+    /// Training images.
+    #[serde(default)]
+    pub train_images: usize,
+    /// Test images evaluated (fewer than the split with `data.test_subset`).
+    #[serde(default)]
+    pub test_images: usize,
+    /// The device it ran on.
+    #[serde(default)]
+    pub device: String,
+}
+
+/// The configuration file inside a run directory.
+pub const CONFIG_FILE: &str = "config.toml";
+
+/// Whether `dir` holds a finished run.
+pub fn is_finished(dir: &Path) -> bool {
+    dir.join("summary.json").is_file()
+}
+
+/// Whether `dir` holds a run that can be resumed from a checkpoint.
+pub fn is_resumable(dir: &Path) -> bool {
+    dir.join("checkpoint.latest").is_file() && dir.join(CONFIG_FILE).is_file()
+}
+
+/// Runs (or, with `resume`, continues) one experiment in `run_dir`.
+pub fn run(
+    cfg: &ExperimentConfig,
+    info: &RunInfo,
+    run_dir: &Path,
+    resume: bool,
+    progress: Option<indicatif::MultiProgress>,
+) -> anyhow::Result<Summary> {
+    cfg.validate()?;
+    if !resume && run_dir.join("metrics.jsonl").exists() {
+        bail!(
+            "{} already holds a run; continue it with --resume {} or choose another --run-dir",
+            run_dir.display(),
+            run_dir.display()
+        );
+    }
+    if resume && !run_dir.join("checkpoint.latest").exists() {
+        bail!("{} holds no checkpoint to resume from", run_dir.display());
+    }
+    let device = crate::device::open(&cfg.train.device)?;
+    let spec = cfg.dataset()?;
+    let ds = crate::commands::data::load(&spec, &cfg.data_dir())?;
+    let num_classes = ds.num_classes();
+    let mut train_split = ds.train;
+    if cfg.data.subset < 1.0 {
+        let idx = balanced_subset(
+            &train_split,
+            num_classes,
+            SubsetSpec::Fraction(cfg.data.subset),
+            cfg.train.seed,
+        )?;
+        train_split = train_split.select(&idx);
+    }
+    let norm = spec.default_normalize();
+    let n_train = train_split.len();
+    let train = Loader::new(Arc::new(train_split), cfg.loader(norm), device.clone())?;
+    let mut test_split = ds.test;
+    if cfg.data.test_subset < 1.0 {
+        let idx = balanced_subset(
+            &test_split,
+            num_classes,
+            SubsetSpec::Fraction(cfg.data.test_subset),
+            0,
+        )?;
+        test_split = test_split.select(&idx);
+    }
+    let n_test = test_split.len();
+    let test = Loader::new(
+        Arc::new(test_split),
+        LoaderConfig::eval(cfg.data.eval_batch_size, norm),
+        device.clone(),
+    )?;
+    let teacher = if cfg.teacher.path.is_empty() || !cfg.method.needs_teacher() {
+        None
+    } else {
+        let p = Path::new(&cfg.teacher.path);
+        if !p.exists() {
+            bail!(
+                "teacher {} not found: fetch the pretrained one with `cargo xtask fetch teacher-{}` (offline: `kd-runner fetch teacher-{} --from DIR`), or train one with `kd-runner train` and point teacher.path at its model.safetensors",
+                p.display(),
+                ds.name,
+                ds.name
+            );
+        }
+        let t = Teacher::load(p, &device)
+            .with_context(|| format!("loading the teacher {}", p.display()))?;
+        if t.meta().num_classes != num_classes {
+            bail!(
+                "the teacher {} has {} classes, {} has {}",
+                p.display(),
+                t.meta().num_classes,
+                ds.name,
+                num_classes
+            );
+        }
+        Some(t)
+    };
+    let mcfg = cfg.resnet(num_classes);
+    let built = build_student(
+        &mcfg,
+        &cfg.method,
+        teacher.as_ref(),
+        &device,
+        cfg.train.seed,
+        cfg.train.label_smoothing,
+    )?;
+    std::fs::create_dir_all(run_dir)
+        .with_context(|| format!("creating the run directory {}", run_dir.display()))?;
+    let info = RunInfo {
+        method: cfg.method.name().into(),
+        train_images: n_train,
+        test_images: n_test,
+        device: format!("{device:?}"),
+        ..info.clone()
+    };
+    kd_models::write_atomic(&run_dir.join(CONFIG_FILE), cfg.to_toml().as_bytes())
+        .with_context(|| format!("writing into {}", run_dir.display()))?;
+    kd_models::write_atomic(
+        &run_dir.join("run.json"),
+        serde_json::to_string_pretty(&info)?.as_bytes(),
+    )?;
+    let meta = TeacherMeta {
+        arch: cfg.model.arch,
+        stem: cfg.model.stem,
+        num_classes,
+        base_width: cfg.model.width,
+        mean: norm.mean,
+        std: norm.std,
+        source: format!("kd-runner ({})", run_dir.display()),
+        source_sha256: String::new(),
+    };
+    let tcfg = cfg.trainer(train.num_batches());
+    tracing::info!(
+        "{}: {} {} (stem {}, width {}, {} params{}) on {} ({} train images, {} steps/epoch), {} epochs on {:?} → {}",
+        info.label,
+        cfg.method.name(),
+        cfg.model.arch.name(),
+        cfg.model.stem.name(),
+        cfg.model.width,
+        built.model.num_params(),
+        if built.peers.is_empty() { String::new() } else { format!(", {} peer(s)", built.peers.len()) },
+        ds.name,
+        n_train,
+        train.num_batches(),
+        cfg.train.epochs,
+        device,
+        run_dir.display()
+    );
+    let student = Student {
+        model: &built.model,
+        vars: &built.vars,
+        meta: &meta,
+        peers: &built.peers,
+    };
+    let summary = kd_train::train(
+        student,
+        &*built.distiller,
+        teacher.as_ref(),
+        &train,
+        &test,
+        &tcfg,
+        run_dir,
+        RunOptions {
+            resume,
+            stop_after: None,
+            progress,
+        },
+    )?;
+    summary.ok_or_else(|| anyhow::anyhow!("the run stopped before its last epoch"))
+}
