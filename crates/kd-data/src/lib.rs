@@ -36,3 +36,8 @@ pub use folder::load_image_folder;
 pub use loader::{Batch, EpochIter, HostBatch, Loader, LoaderConfig, Pairing};
 pub use spec::DatasetSpec;
 pub use subset::{balanced_subset, SubsetSpec};
+
+/// The README's examples, compiled and run as doc tests.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

@@ -35,3 +35,8 @@ pub use sources::{Artifact, Source};
 
 #[cfg(feature = "cli")]
 pub mod cli;
+
+/// The README's examples, compiled and run as doc tests.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

@@ -20,3 +20,8 @@ pub use classification::{cross_entropy, mixed_cross_entropy};
 pub use feature::{align_spatial, attention_loss, attention_map, hint_loss};
 pub use hinton::kd_loss;
 pub use relation::{rkd_angle_loss, rkd_distance_loss, similarity_matrix, smooth_l1, sp_loss};
+
+/// The README's examples, compiled and run as doc tests.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

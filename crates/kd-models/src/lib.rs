@@ -40,3 +40,8 @@ pub use max_pool::MaxPool2d;
 pub use registry::{Arch, BlockKind, ResNetConfig, Stem};
 pub use resnet::{AuxOutput, FeatureInfo, ModelOutput, ResNet};
 pub use teacher::Teacher;
+
+/// The README's examples, compiled and run as doc tests.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

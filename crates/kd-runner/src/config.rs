@@ -611,4 +611,86 @@ mod tests {
         }
         assert!(n >= 26);
     }
+
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Keys that exist and keys that nearly do.
+        const KEYS: [&str; 16] = [
+            "name",
+            "dataset",
+            "subset",
+            "mixup",
+            "batch_size",
+            "arch",
+            "stem",
+            "width",
+            "epochs",
+            "lr",
+            "seed",
+            "device",
+            "path",
+            "alpha",
+            "temperature",
+            "peers",
+        ];
+        const SECTIONS: [&str; 8] = [
+            "[data]",
+            "[model]",
+            "[method]",
+            "[teacher]",
+            "[train]",
+            "[[method.peers]]",
+            "[bogus]",
+            "[train.lr]",
+        ];
+
+        fn value() -> impl Strategy<Value = String> {
+            prop_oneof![
+                any::<i64>().prop_map(|v| v.to_string()),
+                any::<f64>().prop_map(|v| format!("{v:?}")),
+                any::<bool>().prop_map(|v| v.to_string()),
+                "[a-z0-9:_/.-]{0,12}".prop_map(|v| format!("{v:?}")),
+                Just("[1, 2]".to_string()),
+                Just("{ model = \"resnet50\" }".to_string()),
+                Just("\"kd\"".to_string()),
+                Just("nan".to_string()),
+                Just("-1".to_string()),
+                Just("0".to_string()),
+            ]
+        }
+
+        fn line() -> impl Strategy<Value = String> {
+            prop_oneof![
+                prop::sample::select(SECTIONS.to_vec()).prop_map(String::from),
+                (prop::sample::select(KEYS.to_vec()), value())
+                    .prop_map(|(k, v)| format!("{k} = {v}")),
+                "[ -~]{0,20}",
+            ]
+        }
+
+        proptest! {
+            /// Arbitrary TOML-like documents parse into a checked config or an error; no panic.
+            #[test]
+            fn config_parser_never_panics(lines in prop::collection::vec(line(), 0..12)) {
+                if let Ok(c) = ExperimentConfig::from_toml(&lines.join("\n")) {
+                    prop_assert!(c.validate().is_ok());
+                    prop_assert_eq!(ExperimentConfig::from_toml(&c.to_toml()).unwrap(), c);
+                }
+            }
+
+            /// Arbitrary `--set` assignments change one field or fail; no panic, and a failed
+            /// one leaves the config as it was.
+            #[test]
+            fn set_never_panics(key in "(data|model|method|train|teacher|bogus)(\\.[a-z_]{1,12}){0,2}", v in value()) {
+                let mut c = ExperimentConfig::default();
+                let before = c.clone();
+                match c.set(&format!("{key}={v}")) {
+                    Ok(()) => prop_assert!(c.validate().is_ok()),
+                    Err(_) => prop_assert_eq!(c, before),
+                }
+            }
+        }
+    }
 }

@@ -1,6 +1,9 @@
 //! `kd-runner`: the kd command line.
 //!
 //! With no arguments it runs the main job; subcommands fetch data, inspect data sets and more.
+// Doc comments here double as `--help` text, where `<name>` and `[:WIDTH]` are meant literally.
+#![allow(rustdoc::broken_intra_doc_links, rustdoc::invalid_html_tags)]
+
 mod commands;
 mod config;
 mod device;

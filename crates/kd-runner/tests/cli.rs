@@ -1,22 +1,7 @@
 //! The binary as a person meets it: data summary, eval errors that name keys, fetch hints.
-use std::process::Command;
 
-use kd_data::cifar::{encode_cifar10, CIFAR10_DIR, CIFAR10_TEST_FILE, CIFAR10_TRAIN_FILES};
-
-fn kd() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_kd-runner"))
-}
-
-fn write_cifar10(root: &std::path::Path) {
-    let dir = root.join("cifar10").join(CIFAR10_DIR);
-    std::fs::create_dir_all(&dir).unwrap();
-    let mut s = kd_data::Split::empty(3, 32, 32);
-    s.images = (0..20 * 3072).map(|i| (i % 256) as u8).collect();
-    s.labels = (0..20).map(|i| i % 10).collect();
-    for f in CIFAR10_TRAIN_FILES.iter().chain([&CIFAR10_TEST_FILE]) {
-        std::fs::write(dir.join(f), encode_cifar10(&s)).unwrap();
-    }
-}
+mod common;
+use common::{kd, write_cifar10};
 
 #[test]
 fn data_prints_counts_and_stats() {

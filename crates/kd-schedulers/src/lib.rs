@@ -19,3 +19,8 @@ pub use clip::clip_grad_norm;
 pub use optimizer::{Optimizer, OptimizerConfig};
 pub use schedule::Schedule;
 pub use sgd::{Sgd, SgdConfig};
+
+/// The README's examples, compiled and run as doc tests.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

@@ -1,5 +1,4 @@
-//! The kd training engine: metrics, evaluation, and the trainer with its run directory
-//! (metrics, checkpoints, exact resume at epoch boundaries).
+#![doc = include_str!("../README.md")]
 #![warn(missing_docs)]
 
 pub mod distill;

@@ -180,8 +180,10 @@ fn save_checkpoint(
     std::fs::create_dir(&dir).map_err(io(&dir))?;
     for m in members {
         save_varmap(m.vars, &dir.join(m.file(CKPT_WEIGHTS)))?;
+        fault_delay();
         kd_models::checkpoint::save_tensors(&m.opt.state()?, &dir.join(m.file(CKPT_OPTIM)))?;
     }
+    fault_delay();
     write_atomic(
         &dir.join(CKPT_STATE),
         serde_json::to_string_pretty(progress)
@@ -201,6 +203,22 @@ fn save_checkpoint(
         let _ = std::fs::remove_dir_all(run_dir.join(old));
     }
     Ok(())
+}
+
+/// Fault injection for the kill-anywhere test: `KD_FAULT_CHECKPOINT_DELAY_MS` sleeps inside
+/// each checkpoint write (between its files and before the pointer is renamed) so that a
+/// randomly timed SIGKILL often lands mid-write. Unset, it costs one environment lookup per run.
+fn fault_delay() {
+    static DELAY: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let ms = *DELAY.get_or_init(|| {
+        std::env::var("KD_FAULT_CHECKPOINT_DELAY_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    });
+    if ms > 0 {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
 }
 
 /// The folder of the latest complete checkpoint of a run.

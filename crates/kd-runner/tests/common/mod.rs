@@ -1,0 +1,23 @@
+//! Helpers shared by the binary's tests.
+#![allow(dead_code)]
+use std::process::Command;
+
+use kd_data::cifar::{encode_cifar10, CIFAR10_DIR, CIFAR10_TEST_FILE, CIFAR10_TRAIN_FILES};
+
+/// The kd-runner binary under test.
+pub fn kd() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_kd-runner"))
+}
+
+/// A tiny CIFAR-10 in the official binary layout under `root/cifar10`: 20 images per file
+/// (100 training, 20 test), two of each class.
+pub fn write_cifar10(root: &std::path::Path) {
+    let dir = root.join("cifar10").join(CIFAR10_DIR);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut s = kd_data::Split::empty(3, 32, 32);
+    s.images = (0..20 * 3072).map(|i| (i % 256) as u8).collect();
+    s.labels = (0..20).map(|i| i % 10).collect();
+    for f in CIFAR10_TRAIN_FILES.iter().chain([&CIFAR10_TEST_FILE]) {
+        std::fs::write(dir.join(f), encode_cifar10(&s)).unwrap();
+    }
+}
