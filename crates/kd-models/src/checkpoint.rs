@@ -108,7 +108,11 @@ pub fn save_tensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()
         .suffix(".safetensors")
         .tempfile_in(dir)
         .map_err(ModelError::io(dir))?;
-    candle_core::safetensors::save(tensors, tmp.path())?;
+    // A full disk or a file-size limit surfaces here: name the file being written.
+    candle_core::safetensors::save(tensors, tmp.path()).map_err(|e| ModelError::BadFile {
+        path: path.into(),
+        message: format!("could not be written: {e}"),
+    })?;
     tmp.as_file().sync_all().map_err(ModelError::io(path))?;
     tmp.persist(path).map_err(|e| ModelError::Io {
         path: path.into(),
