@@ -231,8 +231,16 @@ fn http_errors_and_stalls_are_clear() {
     assert!(!install_path(Artifact::Cifar10, data.path()).exists());
     // A server error is named with its status and the file, and leaves nothing behind.
     let srv500 = Server::start(vec![("/cifar-10-binary.tar.gz", Route::Status(500))]);
-    let err = fetch(Artifact::Cifar10, &opts(data.path(), Some(&srv500.url), Verify::Skip)).unwrap_err().to_string();
-    assert!(err.contains("HTTP 500") && err.contains("cifar-10-binary.tar.gz"), "{err}");
+    let err = fetch(
+        Artifact::Cifar10,
+        &opts(data.path(), Some(&srv500.url), Verify::Skip),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("HTTP 500") && err.contains("cifar-10-binary.tar.gz"),
+        "{err}"
+    );
     assert!(!install_path(Artifact::Cifar10, data.path()).exists());
 }
 

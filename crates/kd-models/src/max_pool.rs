@@ -49,6 +49,47 @@ impl MaxPool2d {
         x.contiguous()?.apply_op1(*self)
     }
 
+    /// Pools a non-negative `x` (a ReLU's output) with candle's own tensor ops, on any device:
+    /// zero padding equals −∞ padding for such input, and each output is the element-wise
+    /// maximum of the kernel² strided views. This is the path for devices without a kernel of
+    /// the custom op (CUDA, until the GPU issue adds one). Its gradient reaches every tied
+    /// maximum; for a ReLU's output the ties that matter are at 0, where the ReLU's own gradient
+    /// is 0, so the network's gradients equal the custom op's.
+    pub fn forward_nonneg_composed(&self, x: &Tensor) -> Result<Tensor> {
+        let (n, c, h, w) = x.dims4()?;
+        let (oh, ow) = (self.out_size(h), self.out_size(w));
+        let p = self.padding;
+        let s = self.stride;
+        // Pad so that every strided view has exactly oh × ow elements after reshaping by s.
+        let (ph, pw) = (
+            (oh - 1) * s + self.kernel + s,
+            (ow - 1) * s + self.kernel + s,
+        );
+        let xp = x
+            .pad_with_zeros(2, p, ph - h - p)?
+            .pad_with_zeros(3, p, pw - w - p)?;
+        let mut out: Option<Tensor> = None;
+        for dy in 0..self.kernel {
+            let rows = xp
+                .narrow(2, dy, oh * s)?
+                .reshape((n, c, oh, s, pw))?
+                .narrow(3, 0, 1)?
+                .squeeze(3)?;
+            for dx in 0..self.kernel {
+                let v = rows
+                    .narrow(3, dx, ow * s)?
+                    .reshape((n, c, oh, ow, s))?
+                    .narrow(4, 0, 1)?
+                    .squeeze(4)?;
+                out = Some(match out {
+                    None => v,
+                    Some(o) => o.maximum(&v)?,
+                });
+            }
+        }
+        Ok(out.expect("kernel ≥ 1"))
+    }
+
     /// Index (within one plane) of the first maximum of output window (oy, ox); `None` if the
     /// window lies entirely in the padding (impossible for valid geometry).
     #[inline]

@@ -342,7 +342,9 @@ impl ResNet {
     pub fn forward_stem(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let y = self.bn1.forward_t(&self.conv1.forward(x)?, train)?.relu()?;
         match &self.maxpool {
-            Some(p) => p.forward(&y),
+            // The custom op runs on the CPU; elsewhere the composed form (valid after a ReLU).
+            Some(p) if y.device().is_cpu() => p.forward(&y),
+            Some(p) => p.forward_nonneg_composed(&y),
             None => Ok(y),
         }
     }

@@ -328,3 +328,38 @@ fn full_size_parameter_counts_equal_torchvision() {
         }
     }
 }
+
+/// The device-agnostic composed max-pool (used off the CPU) equals the custom op on a ReLU's
+/// output, forward and through a ReLU backward, for even and odd sizes.
+#[test]
+fn composed_max_pool_equals_the_custom_op_after_relu() {
+    for (h, w) in [(32, 32), (7, 9), (3, 3)] {
+        let x = candle_core::Var::from_tensor(
+            &Tensor::randn(0f32, 1.0, (2, 3, h, w), &Device::Cpu).unwrap(),
+        )
+        .unwrap();
+        let y = x.as_tensor().relu().unwrap();
+        let a = MaxPool2d::RESNET_STEM.forward(&y).unwrap();
+        let b = MaxPool2d::RESNET_STEM.forward_nonneg_composed(&y).unwrap();
+        assert_eq!(a.dims(), b.dims());
+        assert_eq!(max_abs_diff(&a, &b), 0.0, "forward {h}x{w}");
+        let weights = Tensor::randn(0f32, 1.0, a.dims(), &Device::Cpu).unwrap();
+        let ga = (a * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gb = (b * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let d = max_abs_diff(
+            ga.get(x.as_tensor()).unwrap(),
+            gb.get(x.as_tensor()).unwrap(),
+        );
+        assert!(d < 1e-6, "gradient {h}x{w}: {d}");
+    }
+}

@@ -575,14 +575,29 @@ mod tests {
 
     #[test]
     fn negative_epochs_and_zero_batch_size_are_refused() {
-        let err = format!("{:#}", ExperimentConfig::from_toml("[train]\nepochs = -1\n").unwrap_err());
+        let err = format!(
+            "{:#}",
+            ExperimentConfig::from_toml("[train]\nepochs = -1\n").unwrap_err()
+        );
         assert!(err.contains("epochs") || err.contains("-1"), "{err}");
-        let err = format!("{:#}", ExperimentConfig::from_toml("[train]\nepochs = 0\n").unwrap_err());
+        let err = format!(
+            "{:#}",
+            ExperimentConfig::from_toml("[train]\nepochs = 0\n").unwrap_err()
+        );
         assert!(err.contains("train.epochs must be at least 1"), "{err}");
-        let err = format!("{:#}", ExperimentConfig::from_toml("[data]\nbatch_size = 0\n").unwrap_err());
+        let err = format!(
+            "{:#}",
+            ExperimentConfig::from_toml("[data]\nbatch_size = 0\n").unwrap_err()
+        );
         assert!(err.contains("batch_size"), "{err}");
-        let err = format!("{:#}", ExperimentConfig::from_toml("[train]\nlr = \"fast\"\n").unwrap_err());
-        assert!(err.contains("lr = \"fast\"") && err.contains("expected f64"), "{err}");
+        let err = format!(
+            "{:#}",
+            ExperimentConfig::from_toml("[train]\nlr = \"fast\"\n").unwrap_err()
+        );
+        assert!(
+            err.contains("lr = \"fast\"") && err.contains("expected f64"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -39,6 +39,8 @@ enum Cmd {
     Report(commands::report::ReportArgs),
     /// List data sets, models, stems, methods, schedules and every config key.
     List,
+    /// Images per second of a training step, inference and a KD step on synthetic batches.
+    Bench(commands::bench::BenchArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -68,6 +70,7 @@ fn run() -> anyhow::Result<()> {
         }
         Some(Cmd::Report(args)) => commands::report::run(&args)?,
         Some(Cmd::List) => commands::list::run()?,
+        Some(Cmd::Bench(args)) => commands::bench::run(&args)?,
         None => commands::main_job::run()?,
     }
     Ok(())

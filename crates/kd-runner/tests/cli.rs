@@ -392,23 +392,73 @@ fn full_disk_keeps_the_previous_checkpoint() {
     let tmp = tempfile::tempdir().unwrap();
     write_cifar10(tmp.path());
     let run = tmp.path().join("run");
-    let first = kd().args(["train", "--width", "4", "--epochs", "1", "--batch-size", "50", "--data-dir"]).arg(tmp.path()).arg("--run-dir").arg(&run).output().unwrap();
-    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    let first = kd()
+        .args([
+            "train",
+            "--width",
+            "4",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "50",
+            "--data-dir",
+        ])
+        .arg(tmp.path())
+        .arg("--run-dir")
+        .arg(&run)
+        .output()
+        .unwrap();
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
     let metrics_before = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
     // 64 KiB per file: smaller than the weights (~180 KB), so epoch 2's checkpoint cannot be written.
     // SIGXFSZ is ignored so that the write fails with EFBIG instead of killing the process.
-    let script = format!("trap '' XFSZ; ulimit -f 64; exec {} train --set train.epochs=2 --resume {}", env!("CARGO_BIN_EXE_kd-runner"), run.display());
-    let full = std::process::Command::new("bash").arg("-c").arg(&script).output().unwrap();
+    let script = format!(
+        "trap '' XFSZ; ulimit -f 64; exec {} train --set train.epochs=2 --resume {}",
+        env!("CARGO_BIN_EXE_kd-runner"),
+        run.display()
+    );
+    let full = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(&script)
+        .output()
+        .unwrap();
     assert!(!full.status.success(), "the write should have failed");
     let err = String::from_utf8_lossy(&full.stderr);
-    assert!(err.contains(&run.display().to_string()) && err.contains(".safetensors"), "{err}");
+    assert!(
+        err.contains(&run.display().to_string()) && err.contains(".safetensors"),
+        "{err}"
+    );
     let latest = kd_train::latest_checkpoint(&run).unwrap();
     assert!(latest.ends_with("checkpoint-0001"), "{}", latest.display());
-    kd_models::checkpoint::read_safetensors(&latest.join("weights.safetensors"), &candle_core::Device::Cpu).unwrap();
-    assert!(std::fs::read_to_string(run.join("metrics.jsonl")).unwrap().starts_with(&metrics_before));
-    let again = kd().args(["train", "--set", "train.epochs=2", "--resume"]).arg(&run).output().unwrap();
-    assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
-    assert_eq!(std::fs::read_to_string(run.join("metrics.jsonl")).unwrap().lines().count(), 2);
+    kd_models::checkpoint::read_safetensors(
+        &latest.join("weights.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    assert!(std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .starts_with(&metrics_before));
+    let again = kd()
+        .args(["train", "--set", "train.epochs=2", "--resume"])
+        .arg(&run)
+        .output()
+        .unwrap();
+    assert!(
+        again.status.success(),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    assert_eq!(
+        std::fs::read_to_string(run.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .count(),
+        2
+    );
 }
 
 /// A teacher for another class count is refused before training starts, naming the file.
@@ -416,14 +466,49 @@ fn full_disk_keeps_the_previous_checkpoint() {
 fn teacher_with_the_wrong_class_count_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     write_cifar10(tmp.path());
-    let cfg = kd_models::ResNetConfig { base_width: 4, ..kd_models::ResNetConfig::new(kd_models::Arch::Resnet18, kd_models::Stem::Cifar, 100) };
+    let cfg = kd_models::ResNetConfig {
+        base_width: 4,
+        ..kd_models::ResNetConfig::new(kd_models::Arch::Resnet18, kd_models::Stem::Cifar, 100)
+    };
     let (_, vm) = kd_models::trainable_resnet(&cfg, &candle_core::Device::Cpu, 0).unwrap();
-    let meta = kd_models::TeacherMeta { arch: cfg.arch, stem: cfg.stem, num_classes: 100, base_width: 4, mean: [0.5; 3], std: [0.25; 3], source: "test".into(), source_sha256: String::new() };
+    let meta = kd_models::TeacherMeta {
+        arch: cfg.arch,
+        stem: cfg.stem,
+        num_classes: 100,
+        base_width: 4,
+        mean: [0.5; 3],
+        std: [0.25; 3],
+        source: "test".into(),
+        source_sha256: String::new(),
+    };
     let path = tmp.path().join("t100.safetensors");
     kd_train::export(&vm, &meta, &path).unwrap();
-    let out = kd().args(["train", "--method", "kd", "--width", "4", "--epochs", "1", "--data-dir"]).arg(tmp.path()).arg("--teacher").arg(&path).arg("--run-dir").arg(tmp.path().join("run")).output().unwrap();
+    let out = kd()
+        .args([
+            "train",
+            "--method",
+            "kd",
+            "--width",
+            "4",
+            "--epochs",
+            "1",
+            "--data-dir",
+        ])
+        .arg(tmp.path())
+        .arg("--teacher")
+        .arg(&path)
+        .arg("--run-dir")
+        .arg(tmp.path().join("run"))
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("t100.safetensors") && err.contains("100 classes"), "{err}");
-    assert!(!tmp.path().join("run").exists(), "nothing written for a refused run");
+    assert!(
+        err.contains("t100.safetensors") && err.contains("100 classes"),
+        "{err}"
+    );
+    assert!(
+        !tmp.path().join("run").exists(),
+        "nothing written for a refused run"
+    );
 }

@@ -1,0 +1,134 @@
+//! `kd-runner bench`: images per second of the three workloads of the study — a training step
+//! (forward, cross-entropy, backward, SGD), inference, and a KD step (frozen teacher forward +
+//! student training step with the Hinton loss) — on synthetic batches, warm-up excluded, the
+//! device synchronised before each clock reading. Prints one table.
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use kd_models::{trainable_resnet, Arch, ResNetConfig, Stem};
+use kd_schedulers::{Sgd, SgdConfig};
+
+/// Arguments of `bench`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct BenchArgs {
+    /// Student architecture.
+    #[arg(long, value_enum, default_value = "resnet18")]
+    pub model: Arch,
+    /// Teacher architecture of the KD step (and the inference row's model).
+    #[arg(long, value_enum, default_value = "resnet50")]
+    pub teacher: Arch,
+    /// Stem of both networks.
+    #[arg(long, value_enum, default_value = "cifar")]
+    pub stem: Stem,
+    /// Channels of the first stage.
+    #[arg(long, default_value_t = 64)]
+    pub width: usize,
+    /// Images per batch.
+    #[arg(long, default_value_t = 256)]
+    pub batch: usize,
+    /// Timed steps per workload.
+    #[arg(long, default_value_t = 10)]
+    pub steps: usize,
+    /// Untimed warm-up steps per workload.
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Workloads: train, infer, kd (comma-separated).
+    #[arg(long, default_value = "train,infer,kd", value_delimiter = ',')]
+    pub workloads: Vec<String>,
+}
+
+/// Times `steps` calls of `f` after `warmup` untimed ones; images per second.
+fn time(
+    device: &Device,
+    batch: usize,
+    warmup: usize,
+    steps: usize,
+    mut f: impl FnMut() -> anyhow::Result<()>,
+) -> anyhow::Result<f64> {
+    for _ in 0..warmup {
+        f()?;
+    }
+    device.synchronize()?;
+    let t = Instant::now();
+    for _ in 0..steps {
+        f()?;
+    }
+    device.synchronize()?;
+    Ok((batch * steps) as f64 / t.elapsed().as_secs_f64())
+}
+
+/// Runs `bench`.
+pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
+    let device = crate::device::open(&args.device)?;
+    let cfg = |arch| ResNetConfig {
+        base_width: args.width,
+        ..ResNetConfig::new(arch, args.stem, 10)
+    };
+    let x = Tensor::randn(0f32, 1.0, (args.batch, 3, 32, 32), &device)?;
+    let y = Tensor::from_vec(
+        (0..args.batch as u32).map(|i| i % 10).collect::<Vec<_>>(),
+        args.batch,
+        &device,
+    )?;
+    let (student, svars) = trainable_resnet(&cfg(args.model), &device, 0)?;
+    let (teacher, _tvars) = trainable_resnet(&cfg(args.teacher), &device, 1)?;
+    let named = |vm: &candle_nn::VarMap| -> Vec<(String, candle_core::Var)> {
+        vm.data()
+            .lock()
+            .expect("var map lock")
+            .iter()
+            .filter(|(k, _)| !k.contains("running_"))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    };
+    let mut opt = Sgd::new(named(&svars), SgdConfig::default());
+    println!(
+        "device {:?}, batch {}, stem {}, width {}, f32; {} timed steps after {} warm-up",
+        device,
+        args.batch,
+        args.stem.name(),
+        args.width,
+        args.steps,
+        args.warmup
+    );
+    println!("| workload | images/s |\n|---|---|");
+    for w in &args.workloads {
+        let (label, ips) = match w.as_str() {
+            "train" => (
+                format!("{} train step", args.model.name()),
+                time(&device, args.batch, args.warmup, args.steps, || {
+                    let out = student.forward_t(&x, true)?;
+                    let loss = candle_nn::loss::cross_entropy(&out.logits, &y)?;
+                    opt.step(&loss.backward()?, 0.01)?;
+                    Ok(())
+                })?,
+            ),
+            "infer" => (
+                format!("{} inference", args.teacher.name()),
+                time(&device, args.batch, args.warmup, args.steps, || {
+                    let _ = teacher.forward_t(&x, false)?.logits.to_dtype(DType::F32)?;
+                    Ok(())
+                })?,
+            ),
+            "kd" => (
+                format!("KD step ({} → {})", args.teacher.name(), args.model.name()),
+                time(&device, args.batch, args.warmup, args.steps, || {
+                    let t = teacher.forward_t(&x, false)?.logits.detach();
+                    let out = student.forward_t(&x, true)?;
+                    let loss = ((candle_nn::loss::cross_entropy(&out.logits, &y)? * 0.1)?
+                        + (kd_losses::kd_loss(&out.logits, &t, 4.0)? * 0.9)?)?;
+                    opt.step(&loss.backward()?, 0.01)?;
+                    Ok(())
+                })?,
+            ),
+            other => anyhow::bail!(
+                "--workloads: unknown workload {other:?}; expected train, infer or kd"
+            ),
+        };
+        println!("| {label} | {ips:.1} |");
+    }
+    Ok(())
+}
