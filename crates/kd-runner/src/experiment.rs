@@ -51,6 +51,15 @@ pub fn is_resumable(dir: &Path) -> bool {
     dir.join("checkpoint.latest").is_file() && dir.join(CONFIG_FILE).is_file()
 }
 
+/// A class-balanced `frac` of `split` (all of it at 1).
+fn fraction(split: kd_data::Split, num_classes: usize, frac: f64, seed: u64) -> anyhow::Result<kd_data::Split> {
+    if frac >= 1.0 {
+        return Ok(split);
+    }
+    let idx = balanced_subset(&split, num_classes, SubsetSpec::Fraction(frac), seed)?;
+    Ok(split.select(&idx))
+}
+
 /// Runs (or, with `resume`, continues) one experiment in `run_dir`.
 pub fn run(
     cfg: &ExperimentConfig,
@@ -74,29 +83,12 @@ pub fn run(
     let spec = cfg.dataset()?;
     let ds = crate::commands::data::load(&spec, &cfg.data_dir())?;
     let num_classes = ds.num_classes();
-    let mut train_split = ds.train;
-    if cfg.data.subset < 1.0 {
-        let idx = balanced_subset(
-            &train_split,
-            num_classes,
-            SubsetSpec::Fraction(cfg.data.subset),
-            cfg.train.seed,
-        )?;
-        train_split = train_split.select(&idx);
-    }
+    let train_split = fraction(ds.train, num_classes, cfg.data.subset, cfg.train.seed)?;
     let norm = spec.default_normalize();
     let n_train = train_split.len();
     let train = Loader::new(Arc::new(train_split), cfg.loader(norm), device.clone())?;
-    let mut test_split = ds.test;
-    if cfg.data.test_subset < 1.0 {
-        let idx = balanced_subset(
-            &test_split,
-            num_classes,
-            SubsetSpec::Fraction(cfg.data.test_subset),
-            0,
-        )?;
-        test_split = test_split.select(&idx);
-    }
+    // The test subset does not depend on the run's seed: every run is scored on the same images.
+    let test_split = fraction(ds.test, num_classes, cfg.data.test_subset, 0)?;
     let n_test = test_split.len();
     let test = Loader::new(
         Arc::new(test_split),
