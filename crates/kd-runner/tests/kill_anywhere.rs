@@ -3,14 +3,17 @@
 //! then resumed; the final weights and metrics must equal an uninterrupted run's.
 //!
 //! CI tries `KD_KILL_POINTS` (default 4) points; `tools/kill_anywhere.sh` runs more, e.g.
-//! `KD_KILL_POINTS=25 KD_KILL_SEED=7`.
+//! `KD_KILL_POINTS=25 KD_KILL_SEED=7 KD_KILL_DELAY_MS=500`.
 use std::path::Path;
 use std::time::Instant;
 
 mod common;
 use common::{kd, write_cifar10};
 
-const DELAY_MS: &str = "120";
+/// Milliseconds slept inside each checkpoint write (`KD_KILL_DELAY_MS`, default 120).
+fn delay_ms() -> String {
+    std::env::var("KD_KILL_DELAY_MS").unwrap_or_else(|_| "120".into())
+}
 
 fn train(data: &Path, run: &Path) -> std::process::Command {
     let mut c = kd();
@@ -35,7 +38,7 @@ fn train(data: &Path, run: &Path) -> std::process::Command {
     .arg(data)
     .arg("--run-dir")
     .arg(run)
-    .env("KD_FAULT_CHECKPOINT_DELAY_MS", DELAY_MS)
+    .env("KD_FAULT_CHECKPOINT_DELAY_MS", delay_ms())
     .env("RUST_LOG", "error")
     .stdout(std::process::Stdio::null())
     .stderr(std::process::Stdio::null());
@@ -46,7 +49,7 @@ fn resume(run: &Path) -> std::process::Output {
     kd().arg("train")
         .arg("--resume")
         .arg(run)
-        .env("KD_FAULT_CHECKPOINT_DELAY_MS", DELAY_MS)
+        .env("KD_FAULT_CHECKPOINT_DELAY_MS", delay_ms())
         .env("RUST_LOG", "error")
         .output()
         .unwrap()
