@@ -4,7 +4,7 @@
 //! missing, then the report.
 //!
 //! Scale follows the device found: on a GPU the configs' full schedule; on a CPU a short,
-//! clearly labelled one (2% of the training images, 10% of the test images, 1 epoch) whose
+//! clearly labelled one (5% of the training images, 10% of the test images, 1 epoch) whose
 //! duration is estimated from a timed step before it starts. Resumable like any suite.
 use std::path::PathBuf;
 use std::time::Instant;
@@ -120,7 +120,7 @@ pub fn run() -> anyhow::Result<()> {
     } else {
         let est = estimate_cpu_seconds(&runs, &teacher_path)?;
         println!(
-            "No GPU: running a SHORT CPU comparison — 2% of the CIFAR-10 training images (1,000), 1 epoch, test top-1 on 1,000 test images. \
+            "No GPU: running a SHORT CPU comparison — 5% of the CIFAR-10 training images (2,500), 1 epoch, test top-1 on 1,000 test images. \
              Its accuracies show the pipeline works, not what the methods achieve; run it on a GPU build (`--features cuda,cudnn`) for the full schedule. \
              Expected time: about {:.0} min → {}",
             est / 60.0,
