@@ -52,7 +52,12 @@ pub fn is_resumable(dir: &Path) -> bool {
 }
 
 /// A class-balanced `frac` of `split` (all of it at 1).
-fn fraction(split: kd_data::Split, num_classes: usize, frac: f64, seed: u64) -> anyhow::Result<kd_data::Split> {
+fn fraction(
+    split: kd_data::Split,
+    num_classes: usize,
+    frac: f64,
+    seed: u64,
+) -> anyhow::Result<kd_data::Split> {
     if frac >= 1.0 {
         return Ok(split);
     }

@@ -15,6 +15,6 @@ pub use error::{Result, TrainError};
 pub use evaluate::{evaluate, EvalReport};
 pub use metrics::Accuracy;
 pub use trainer::{
-    export, latest_checkpoint, train, EpochMetrics, PeerEpoch, PeerSummary, RunOptions, Student,
-    Summary, TrainConfig,
+    export, latest_checkpoint, train, trainable_vars, EpochMetrics, PeerEpoch, PeerSummary,
+    RunOptions, Student, Summary, TrainConfig,
 };

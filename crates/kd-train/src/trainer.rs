@@ -273,7 +273,27 @@ struct Member<'a> {
     opt: Optimizer,
 }
 
-impl Member<'_> {
+impl<'a> Member<'a> {
+    /// A member with its own optimizer over its trainable variables.
+    fn new(
+        name: String,
+        model: &'a ResNet,
+        vars: &'a VarMap,
+        meta: TeacherMeta,
+        cfg: &TrainConfig,
+    ) -> Self {
+        let named = trainable_vars(vars);
+        let opt = Optimizer::new(&cfg.optimizer, named.clone());
+        Member {
+            name,
+            model,
+            vars,
+            meta,
+            named,
+            opt,
+        }
+    }
+
     /// A checkpoint file of this member.
     fn file(&self, base: &str) -> String {
         if self.name.is_empty() {
@@ -284,8 +304,9 @@ impl Member<'_> {
     }
 }
 
-/// The trainable variables of a map (BN running statistics excluded), sorted by name.
-fn trainable(vars: &VarMap) -> Vec<(String, Var)> {
+/// The trainable variables of a map (BN running statistics excluded), sorted by name: what an
+/// optimizer steps and what counts as trainable parameters.
+pub fn trainable_vars(vars: &VarMap) -> Vec<(String, Var)> {
     let data = vars.data().lock().expect("var map lock");
     let mut v: Vec<(String, Var)> = data
         .iter()
@@ -353,14 +374,13 @@ pub fn train(
     let num_classes = student.model.config().num_classes;
     std::fs::create_dir_all(run_dir).map_err(io(run_dir))?;
     let mut members: Vec<Member> = Vec::with_capacity(1 + student.peers.len());
-    members.push(Member {
-        name: String::new(),
-        model: student.model,
-        vars: student.vars,
-        meta: student.meta.clone(),
-        named: trainable(student.vars),
-        opt: Optimizer::new(&cfg.optimizer, trainable(student.vars)),
-    });
+    members.push(Member::new(
+        String::new(),
+        student.model,
+        student.vars,
+        student.meta.clone(),
+        cfg,
+    ));
     for p in student.peers {
         let meta = TeacherMeta {
             arch: p.config.arch,
@@ -369,14 +389,7 @@ pub fn train(
             source: format!("{} ({})", p.name, student.meta.source),
             ..student.meta.clone()
         };
-        members.push(Member {
-            name: p.name.clone(),
-            model: &p.model,
-            vars: &p.vars,
-            meta,
-            named: trainable(&p.vars),
-            opt: Optimizer::new(&cfg.optimizer, trainable(&p.vars)),
-        });
+        members.push(Member::new(p.name.clone(), &p.model, &p.vars, meta, cfg));
     }
     let mut progress = Progress {
         epochs_done: 0,

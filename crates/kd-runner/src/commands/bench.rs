@@ -75,16 +75,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     )?;
     let (student, svars) = trainable_resnet(&cfg(args.model), &device, 0)?;
     let (teacher, _tvars) = trainable_resnet(&cfg(args.teacher), &device, 1)?;
-    let named = |vm: &candle_nn::VarMap| -> Vec<(String, candle_core::Var)> {
-        vm.data()
-            .lock()
-            .expect("var map lock")
-            .iter()
-            .filter(|(k, _)| !k.contains("running_"))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect()
-    };
-    let mut opt = Sgd::new(named(&svars), SgdConfig::default());
+    let mut opt = Sgd::new(kd_train::trainable_vars(&svars), SgdConfig::default());
     println!(
         "device {:?}, batch {}, stem {}, width {}, f32; {} timed steps after {} warm-up",
         device,
