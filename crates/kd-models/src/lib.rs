@@ -25,7 +25,8 @@ pub mod checkpoint;
 mod error;
 pub mod import;
 pub mod init;
-pub mod max_pool;
+/// The padded max-pool lives in kd-kernels (it has CUDA kernels); re-exported here.
+pub use kd_kernels::max_pool;
 mod registry;
 pub mod resnet;
 mod teacher;

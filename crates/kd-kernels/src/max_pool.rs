@@ -4,6 +4,9 @@
 //! the huyvnphan CIFAR stem uses a 3×3/stride-2/padding-1 pool and online KD trains it. The
 //! gradient goes to the first maximum of each window in row-major order, as PyTorch's CPU
 //! kernel does (it matters: pooled ReLU outputs are often tied at 0). Padding is −∞.
+//! On CUDA (feature `cuda`) both directions run our kernels (`kernels/max_pool.cu`); the
+//! backward gathers, per input element, the windows whose maximum it is: no atomics, so it is
+//! deterministic.
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 
 /// Max-pool geometry.
@@ -25,7 +28,8 @@ impl MaxPool2d {
         padding: 1,
     };
 
-    fn out_size(&self, n: usize) -> usize {
+    /// Output size along an axis of size `n`.
+    pub fn out_size(&self, n: usize) -> usize {
         (n + 2 * self.padding - self.kernel) / self.stride + 1
     }
 
@@ -52,7 +56,7 @@ impl MaxPool2d {
     /// Pools a non-negative `x` (a ReLU's output) with candle's own tensor ops, on any device:
     /// zero padding equals −∞ padding for such input, and each output is the element-wise
     /// maximum of the kernel² strided views. This is the path for devices without a kernel of
-    /// the custom op (CUDA, until the GPU issue adds one). Its gradient reaches every tied
+    /// the custom op (builds without the `cuda` feature). Its gradient reaches every tied
     /// maximum; for a ReLU's output the ties that matter are at 0, where the ReLU's own gradient
     /// is 0, so the network's gradients equal the custom op's.
     pub fn forward_nonneg_composed(&self, x: &Tensor) -> Result<Tensor> {
@@ -88,6 +92,20 @@ impl MaxPool2d {
             }
         }
         Ok(out.expect("kernel ≥ 1"))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn launch_dims(&self, d: &[usize]) -> crate::cuda_ops::PoolDims {
+        (
+            d[0] * d[1],
+            d[2],
+            d[3],
+            self.out_size(d[2]),
+            self.out_size(d[3]),
+            self.kernel,
+            self.stride,
+            self.padding,
+        )
     }
 
     /// Index (within one plane) of the first maximum of output window (oy, ox); `None` if the
@@ -203,6 +221,18 @@ impl CustomOp1 for MaxPool2d {
         Ok((out, out_shape))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let d = l.dims();
+        let (oh, ow) = (self.out_size(d[2]), self.out_size(d[3]));
+        let out = crate::cuda_ops::max_pool_fwd(s, l, self.launch_dims(d))?;
+        Ok((out, Shape::from((d[0], d[1], oh, ow))))
+    }
+
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(arg.contiguous()?.apply_op2_no_bwd(
             &grad_res.contiguous()?,
@@ -242,6 +272,18 @@ impl CustomOp2 for MaxPoolBackward {
             }
             _ => bail!("max-pool backward supports f32 and f64 on the CPU"),
         };
+        Ok((out, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let out = crate::cuda_ops::max_pool_bwd(s1, l1, s2, l2, self.0.launch_dims(l1.dims()))?;
         Ok((out, l1.shape().clone()))
     }
 }

@@ -1,0 +1,374 @@
+//! BatchNorm2d in training mode, optionally fused with the ReLU after it: two kernels forward
+//! (per-channel statistics, then normalise-scale-shift-ReLU) and two backward (per-channel sums,
+//! then the input gradient), where candle's composed ops launch about fifteen.
+//!
+//! The statistics come out of a no-gradient op, and the input gradient of the apply op is the
+//! full BatchNorm formula (it accounts for the statistics' dependence on the input):
+//! `dx = γ·σ⁻¹·(dy' − Σdy'/M − x̂·Σ(dy'·x̂)/M)`, `dγ = Σ(dy'·x̂)`, `dβ = Σdy'`, where
+//! `dy'` is `dy` masked by the ReLU and M = N·H·W. Statistics and sums are f32 for bf16 input.
+use candle_core::{
+    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
+};
+
+use crate::cpu;
+use candle_core::backend::BackendStorage;
+
+/// What [`batch_norm_train`] returns.
+#[derive(Clone, Debug)]
+pub struct BatchNormOutput {
+    /// The normalised (and rectified) output, same dtype as the input.
+    pub y: Tensor,
+    /// Per-channel batch mean (f32, no gradient).
+    pub mean: Tensor,
+    /// Per-channel biased batch variance (f32, no gradient); the running variance wants the
+    /// unbiased one, `var · M / (M − 1)`.
+    pub var: Tensor,
+}
+
+/// Normalises `x` (N, C, H, W) with its batch statistics, scales by `weight` and shifts by
+/// `bias` (both (C,), f32), then applies ReLU if `relu`. Runs the fused kernels on CUDA (feature
+/// `cuda`) and their reference implementation on the CPU.
+pub fn batch_norm_train(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    relu: bool,
+) -> Result<BatchNormOutput> {
+    let (n, c, h, w) = x.dims4()?;
+    if weight.dims() != [c] || bias.dims() != [c] {
+        bail!(
+            "batch_norm_train: input {:?} has {c} channels but weight is {:?} and bias {:?}",
+            x.dims(),
+            weight.dims(),
+            bias.dims()
+        );
+    }
+    if n * h * w < 2 {
+        bail!(
+            "BatchNorm2d in training mode needs more than one value per channel, got input {:?}",
+            x.dims()
+        );
+    }
+    if !matches!(x.dtype(), DType::F32 | DType::BF16) {
+        bail!(
+            "batch_norm_train supports f32 and bf16 input, got {:?}",
+            x.dtype()
+        );
+    }
+    let x = x.contiguous()?;
+    let stats = x.apply_op1_no_bwd(&Stats)?;
+    let params = Tensor::cat(
+        &[
+            &stats,
+            &weight.to_dtype(DType::F32)?.unsqueeze(0)?,
+            &bias.to_dtype(DType::F32)?.unsqueeze(0)?,
+        ],
+        0,
+    )?;
+    let y = x.apply_op2(
+        &params,
+        Apply {
+            eps: eps as f32,
+            relu,
+        },
+    )?;
+    Ok(BatchNormOutput {
+        y,
+        mean: stats.get(0)?,
+        var: stats.get(1)?,
+    })
+}
+
+/// (N, C, H, W) → (2, C) f32: mean and biased variance per channel.
+struct Stats;
+
+/// (x, params (4, C)) → y.
+struct Apply {
+    eps: f32,
+    relu: bool,
+}
+
+/// (x, y, dy) → (2, C) f32: Σdy', Σdy'·x̂ per channel.
+struct BackwardReduce {
+    eps: f32,
+    relu: bool,
+    params: Tensor,
+}
+
+/// (x, y, dy) → dx.
+struct BackwardData {
+    eps: f32,
+    relu: bool,
+    params: Tensor,
+    red: Tensor,
+}
+
+fn nchw(l: &Layout) -> Result<(usize, usize, usize)> {
+    match l.dims() {
+        [n, c, h, w] => Ok((*n, *c, h * w)),
+        d => bail!("batch norm expects (N, C, H, W), got {d:?}"),
+    }
+}
+
+/// The channel of flat index `k`.
+#[inline]
+fn channel(k: usize, c: usize, hw: usize) -> usize {
+    (k / hw) % c
+}
+
+fn params_f32(p: &Tensor) -> Result<Vec<f32>> {
+    p.flatten_all()?.to_vec1::<f32>()
+}
+
+impl CustomOp1 for Stats {
+    fn name(&self) -> &'static str {
+        "kd-batch-norm-stats"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, c, hw) = nchw(l)?;
+        let x = cpu::f32s(s, l)?;
+        let m = (n * hw) as f64;
+        let mut out = vec![0f32; 2 * c];
+        for ch in 0..c {
+            let values = (0..n).flat_map(|b| x[(b * c + ch) * hw..(b * c + ch + 1) * hw].iter());
+            let mean = values.clone().map(|&v| v as f64).sum::<f64>() / m;
+            let var = values.map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / m;
+            out[ch] = mean as f32;
+            out[c + ch] = var as f32;
+        }
+        Ok((CpuStorage::F32(out), Shape::from((2, c))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (n, c, hw) = nchw(l)?;
+        let out = crate::cuda_ops::bn_stats(s, l, n, c, hw)?;
+        Ok((out, Shape::from((2, c))))
+    }
+}
+
+impl CustomOp2 for Apply {
+    fn name(&self) -> &'static str {
+        "kd-batch-norm-apply"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (_, c, hw) = nchw(l1)?;
+        let x = cpu::f32s(s1, l1)?;
+        let p = cpu::f32s(s2, l2)?;
+        let y = x
+            .iter()
+            .enumerate()
+            .map(|(k, &v)| {
+                let ch = channel(k, c, hw);
+                let invstd = 1.0 / (p[c + ch] + self.eps).sqrt();
+                let y = (v - p[ch]) * invstd * p[2 * c + ch] + p[3 * c + ch];
+                if self.relu && !(y > 0.0) {
+                    0.0
+                } else {
+                    y
+                }
+            })
+            .collect();
+        Ok((cpu::from_f32s(y, s1.dtype())?, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (_, c, hw) = nchw(l1)?;
+        let out = crate::cuda_ops::bn_apply(s1, l1, s2, l2, c, hw, self.eps, self.relu)?;
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        params: &Tensor,
+        y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dy = dy.contiguous()?;
+        let params = params.contiguous()?;
+        let red = x.apply_op3_no_bwd(
+            y,
+            &dy,
+            &BackwardReduce {
+                eps: self.eps,
+                relu: self.relu,
+                params: params.clone(),
+            },
+        )?;
+        let dx = x.apply_op3_no_bwd(
+            y,
+            &dy,
+            &BackwardData {
+                eps: self.eps,
+                relu: self.relu,
+                params,
+                red: red.clone(),
+            },
+        )?;
+        let c = red.dim(1)?;
+        let dparams = Tensor::cat(
+            &[
+                &Tensor::zeros((2, c), DType::F32, red.device())?,
+                &red.get(1)?.unsqueeze(0)?,
+                &red.get(0)?.unsqueeze(0)?,
+            ],
+            0,
+        )?;
+        Ok((Some(dx), Some(dparams)))
+    }
+}
+
+/// Σdy' and Σdy'·x̂ per channel, in f64 (the CPU reference).
+fn reduce_cpu(
+    x: &[f32],
+    y: &[f32],
+    dy: &[f32],
+    p: &[f32],
+    (n, c, hw): (usize, usize, usize),
+    eps: f32,
+    relu: bool,
+) -> Vec<f32> {
+    let mut out = vec![0f32; 2 * c];
+    for ch in 0..c {
+        let invstd = 1.0 / (p[c + ch] + eps).sqrt();
+        let (mut s, mut sx) = (0f64, 0f64);
+        for b in 0..n {
+            for k in (b * c + ch) * hw..(b * c + ch + 1) * hw {
+                let g = if relu && !(y[k] > 0.0) { 0.0 } else { dy[k] };
+                s += g as f64;
+                sx += (g * (x[k] - p[ch]) * invstd) as f64;
+            }
+        }
+        out[ch] = s as f32;
+        out[c + ch] = sx as f32;
+    }
+    out
+}
+
+impl CustomOp3 for BackwardReduce {
+    fn name(&self) -> &'static str {
+        "kd-batch-norm-backward-reduce"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let dims = nchw(l1)?;
+        let out = reduce_cpu(
+            &cpu::f32s(s1, l1)?,
+            &cpu::f32s(s2, l2)?,
+            &cpu::f32s(s3, l3)?,
+            &params_f32(&self.params)?,
+            dims,
+            self.eps,
+            self.relu,
+        );
+        Ok((CpuStorage::F32(out), Shape::from((2, dims.1))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let dims = nchw(l1)?;
+        let out = crate::cuda_ops::bn_backward_reduce(
+            [(s1, l1), (s2, l2), (s3, l3)],
+            &self.params,
+            dims,
+            self.eps,
+            self.relu,
+        )?;
+        Ok((out, Shape::from((2, dims.1))))
+    }
+}
+
+impl CustomOp3 for BackwardData {
+    fn name(&self) -> &'static str {
+        "kd-batch-norm-backward-data"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, c, hw) = nchw(l1)?;
+        let (x, y, dy) = (cpu::f32s(s1, l1)?, cpu::f32s(s2, l2)?, cpu::f32s(s3, l3)?);
+        let p = params_f32(&self.params)?;
+        let red = params_f32(&self.red)?;
+        let inv_m = 1.0 / (n * hw) as f32;
+        let dx = (0..x.len())
+            .map(|k| {
+                let ch = channel(k, c, hw);
+                let invstd = 1.0 / (p[c + ch] + self.eps).sqrt();
+                let g = if self.relu && !(y[k] > 0.0) {
+                    0.0
+                } else {
+                    dy[k]
+                };
+                let xhat = (x[k] - p[ch]) * invstd;
+                p[2 * c + ch] * invstd * (g - red[ch] * inv_m - xhat * red[c + ch] * inv_m)
+            })
+            .collect();
+        Ok((cpu::from_f32s(dx, s1.dtype())?, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let dims = nchw(l1)?;
+        let out = crate::cuda_ops::bn_backward_data(
+            [(s1, l1), (s2, l2), (s3, l3)],
+            &self.params,
+            &self.red,
+            dims,
+            self.eps,
+            self.relu,
+        )?;
+        Ok((out, l1.shape().clone()))
+    }
+}

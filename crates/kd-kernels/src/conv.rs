@@ -1,0 +1,273 @@
+//! 2-D convolution (square kernel, no bias, one group, no dilation) as a custom op whose forward,
+//! backward-data and backward-filter run on cuDNN on CUDA devices (feature `cudnn`).
+//!
+//! On the CPU each of the three ops runs candle's own convolution with the formulas of candle's
+//! autograd, so [`conv2d_custom`] on the CPU checks the op's wiring (shapes, argument order, which
+//! gradient goes where) against [`Tensor::conv2d`] with autograd; the GPU check compares the
+//! cuDNN path with the CPU one.
+use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+
+use crate::cpu;
+
+/// Stride and zero padding of a convolution.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Conv2dGeometry {
+    /// Stride along both axes.
+    pub stride: usize,
+    /// Zero padding on each side.
+    pub padding: usize,
+}
+
+impl Conv2dGeometry {
+    /// Output size of an input of size `n` and a kernel of size `k`.
+    pub fn out_size(&self, n: usize, k: usize) -> usize {
+        (n + 2 * self.padding - k) / self.stride + 1
+    }
+
+    fn check(&self, x: &[usize], w: &[usize]) -> Result<()> {
+        if x.len() != 4 || w.len() != 4 {
+            bail!("conv2d expects a 4-D input and a 4-D kernel, got {x:?} and {w:?}");
+        }
+        if x[1] != w[1] {
+            bail!(
+                "conv2d: input has {} channels, the kernel {:?} expects {}",
+                x[1],
+                w,
+                w[1]
+            );
+        }
+        if x[2] + 2 * self.padding < w[2] || x[3] + 2 * self.padding < w[3] {
+            bail!("conv2d: kernel {w:?} larger than the padded input {x:?}");
+        }
+        if self.stride == 0 {
+            bail!("conv2d: stride must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+/// Convolves `x` (N, C, H, W) with `w` (O, C, K, K): through cuDNN (forward and backward) when `x`
+/// is on a CUDA device and the crate was built with `cudnn`, otherwise with candle's own conv.
+pub fn conv2d(x: &Tensor, w: &Tensor, g: Conv2dGeometry) -> Result<Tensor> {
+    if cfg!(feature = "cudnn") && x.device().is_cuda() {
+        conv2d_custom(x, w, g)
+    } else {
+        x.conv2d(w, g.padding, g.stride, 1, 1)
+    }
+}
+
+/// Convolves through the custom op on any device (on the CPU it runs candle's convolution inside
+/// the op); tests use it to check the op against [`Tensor::conv2d`].
+pub fn conv2d_custom(x: &Tensor, w: &Tensor, g: Conv2dGeometry) -> Result<Tensor> {
+    g.check(x.dims(), w.dims())?;
+    if x.dtype() != w.dtype() {
+        bail!(
+            "conv2d: input is {:?} but the kernel is {:?}",
+            x.dtype(),
+            w.dtype()
+        );
+    }
+    x.contiguous()?
+        .apply_op2(&w.contiguous()?, Conv2dForward(g))
+}
+
+/// y = conv(x, w).
+struct Conv2dForward(Conv2dGeometry);
+
+/// dx = conv_transpose(dy, w), sized like the input: args (dy, w).
+struct Conv2dBackwardData {
+    g: Conv2dGeometry,
+    input_dims: [usize; 4],
+}
+
+/// dw = correlation of x with dy: args (x, dy).
+struct Conv2dBackwardFilter {
+    g: Conv2dGeometry,
+    kernel_dims: [usize; 4],
+}
+
+fn dims4(d: &[usize]) -> [usize; 4] {
+    [d[0], d[1], d[2], d[3]]
+}
+
+impl CustomOp2 for Conv2dForward {
+    fn name(&self) -> &'static str {
+        "kd-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let y = cpu::tensor(s1, l1)?.conv2d(
+            &cpu::tensor(s2, l2)?,
+            self.0.padding,
+            self.0.stride,
+            1,
+            1,
+        )?;
+        Ok((cpu::storage(&y)?, y.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        #[cfg(feature = "cudnn")]
+        {
+            crate::cudnn_conv::forward(self.0, s1, l1, s2, l2)
+        }
+        #[cfg(not(feature = "cudnn"))]
+        {
+            let _ = (s1, l1, s2, l2);
+            bail!("kd-conv2d on CUDA needs the `cudnn` feature")
+        }
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dy = dy.contiguous()?;
+        let dx = dy.apply_op2_no_bwd(
+            w,
+            &Conv2dBackwardData {
+                g: self.0,
+                input_dims: dims4(x.dims()),
+            },
+        )?;
+        let dw = x.apply_op2_no_bwd(
+            &dy,
+            &Conv2dBackwardFilter {
+                g: self.0,
+                kernel_dims: dims4(w.dims()),
+            },
+        )?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+/// candle's autograd formula for the input gradient (a transposed convolution).
+pub(crate) fn backward_data_reference(
+    dy: &Tensor,
+    w: &Tensor,
+    g: Conv2dGeometry,
+    input_dims: [usize; 4],
+) -> Result<Tensor> {
+    let k = w.dim(2)?;
+    let out = (dy.dim(2)? - 1) * g.stride + k - 2 * g.padding;
+    let out_padding = input_dims[2] - out;
+    dy.conv_transpose2d(w, g.padding, out_padding, g.stride, 1)
+}
+
+/// candle's autograd formula for the kernel gradient.
+pub(crate) fn backward_filter_reference(
+    x: &Tensor,
+    dy: &Tensor,
+    g: Conv2dGeometry,
+    kernel_dims: [usize; 4],
+) -> Result<Tensor> {
+    let gk = x
+        .transpose(0, 1)?
+        .conv2d(&dy.transpose(0, 1)?, g.padding, 1, g.stride, 1)?
+        .transpose(0, 1)?;
+    let (kh, kw) = (kernel_dims[2], kernel_dims[3]);
+    let gk = if gk.dim(2)? != kh || gk.dim(3)? != kw {
+        gk.narrow(2, 0, kh)?.narrow(3, 0, kw)?
+    } else {
+        gk
+    };
+    gk.contiguous()
+}
+
+impl CustomOp2 for Conv2dBackwardData {
+    fn name(&self) -> &'static str {
+        "kd-conv2d-backward-data"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let dx = backward_data_reference(
+            &cpu::tensor(s1, l1)?,
+            &cpu::tensor(s2, l2)?,
+            self.g,
+            self.input_dims,
+        )?;
+        Ok((cpu::storage(&dx)?, dx.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        #[cfg(feature = "cudnn")]
+        {
+            crate::cudnn_conv::backward_data(self.g, self.input_dims, s1, l1, s2, l2)
+        }
+        #[cfg(not(feature = "cudnn"))]
+        {
+            let _ = (s1, l1, s2, l2);
+            bail!("kd-conv2d on CUDA needs the `cudnn` feature")
+        }
+    }
+}
+
+impl CustomOp2 for Conv2dBackwardFilter {
+    fn name(&self) -> &'static str {
+        "kd-conv2d-backward-filter"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let dw = backward_filter_reference(
+            &cpu::tensor(s1, l1)?,
+            &cpu::tensor(s2, l2)?,
+            self.g,
+            self.kernel_dims,
+        )?;
+        Ok((cpu::storage(&dw)?, dw.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        #[cfg(feature = "cudnn")]
+        {
+            crate::cudnn_conv::backward_filter(self.g, self.kernel_dims, s1, l1, s2, l2)
+        }
+        #[cfg(not(feature = "cudnn"))]
+        {
+            let _ = (s1, l1, s2, l2);
+            bail!("kd-conv2d on CUDA needs the `cudnn` feature")
+        }
+    }
+}

@@ -1,0 +1,48 @@
+//! Moving between a custom op's `CpuStorage` and tensors, so CPU paths can reuse candle's ops.
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, DType, Device, Layout, Result, Tensor};
+
+/// A tensor holding the elements of a contiguous `(storage, layout)` pair.
+pub(crate) fn tensor(s: &CpuStorage, l: &Layout) -> Result<Tensor> {
+    let Some((a, b)) = l.contiguous_offsets() else {
+        bail!("expected a contiguous tensor, got strides {:?}", l.stride())
+    };
+    let dev = &Device::Cpu;
+    match s {
+        CpuStorage::F32(v) => Tensor::from_slice(&v[a..b], l.dims(), dev),
+        CpuStorage::F64(v) => Tensor::from_slice(&v[a..b], l.dims(), dev),
+        CpuStorage::BF16(v) => Tensor::from_slice(&v[a..b], l.dims(), dev),
+        CpuStorage::F16(v) => Tensor::from_slice(&v[a..b], l.dims(), dev),
+        CpuStorage::U8(v) => Tensor::from_slice(&v[a..b], l.dims(), dev),
+        CpuStorage::U32(v) => Tensor::from_slice(&v[a..b], l.dims(), dev),
+        _ => bail!("unsupported dtype {:?}", s.dtype()),
+    }
+}
+
+/// The elements of `t`, in row-major order, as a `CpuStorage`.
+pub(crate) fn storage(t: &Tensor) -> Result<CpuStorage> {
+    let t = t.flatten_all()?;
+    Ok(match t.dtype() {
+        DType::F32 => CpuStorage::F32(t.to_vec1()?),
+        DType::F64 => CpuStorage::F64(t.to_vec1()?),
+        DType::BF16 => CpuStorage::BF16(t.to_vec1()?),
+        DType::F16 => CpuStorage::F16(t.to_vec1()?),
+        DType::U8 => CpuStorage::U8(t.to_vec1()?),
+        DType::U32 => CpuStorage::U32(t.to_vec1()?),
+        d => bail!("unsupported dtype {d:?}"),
+    })
+}
+
+/// The contiguous elements of `s` as f32 (converting bf16, f16 and f64).
+pub(crate) fn f32s(s: &CpuStorage, l: &Layout) -> Result<Vec<f32>> {
+    tensor(s, l)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()
+}
+
+/// `v` as a CpuStorage of `dtype`.
+pub(crate) fn from_f32s(v: Vec<f32>, dtype: DType) -> Result<CpuStorage> {
+    if dtype == DType::F32 {
+        return Ok(CpuStorage::F32(v));
+    }
+    let n = v.len();
+    storage(&Tensor::from_vec(v, n, &Device::Cpu)?.to_dtype(dtype)?)
+}

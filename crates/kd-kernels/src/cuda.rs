@@ -1,0 +1,96 @@
+//! Our CUDA kernels: sources compiled once per process with NVRTC, modules loaded once per
+//! device through candle's custom-module cache, and launch helpers.
+#![allow(unsafe_code)]
+
+use std::sync::OnceLock;
+
+use candle_core::cuda_backend::cudarc::driver::{CudaFunction, LaunchConfig};
+use candle_core::cuda_backend::cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
+use candle_core::cuda_backend::CudaDevice;
+use candle_core::{bail, Result};
+
+/// One kernel source file.
+pub(crate) struct Module {
+    name: &'static str,
+    source: &'static str,
+    ptx: OnceLock<std::result::Result<String, String>>,
+}
+
+const PRELUDE: &str = include_str!("kernels/common.cuh");
+
+pub(crate) static BATCH_NORM: Module =
+    Module::new("kd_batch_norm", include_str!("kernels/batch_norm.cu"));
+pub(crate) static MAX_POOL: Module =
+    Module::new("kd_max_pool", include_str!("kernels/max_pool.cu"));
+pub(crate) static AUGMENT: Module = Module::new("kd_augment", include_str!("kernels/augment.cu"));
+
+const ALL: [&Module; 3] = [&BATCH_NORM, &MAX_POOL, &AUGMENT];
+
+impl Module {
+    const fn new(name: &'static str, source: &'static str) -> Self {
+        Module {
+            name,
+            source,
+            ptx: OnceLock::new(),
+        }
+    }
+
+    fn ptx(&self) -> Result<&str> {
+        let ptx = self.ptx.get_or_init(|| {
+            let opts = CompileOptions {
+                name: Some(format!("{}.cu", self.name)),
+                // fmad on (the default) as nvcc; precise division and sqrt as PyTorch's kernels.
+                prec_div: Some(true),
+                prec_sqrt: Some(true),
+                ..Default::default()
+            };
+            compile_ptx_with_opts(format!("{PRELUDE}\n{}", self.source), opts)
+                .map(|p| p.to_src())
+                .map_err(|e| format!("{e:?}"))
+        });
+        match ptx {
+            Ok(p) => Ok(p),
+            Err(e) => bail!("NVRTC could not compile {}: {e}", self.name),
+        }
+    }
+
+    /// The kernel `function` of this module on `dev`.
+    pub(crate) fn func(&self, dev: &CudaDevice, function: &str) -> Result<CudaFunction> {
+        Ok(dev
+            .get_or_load_custom_func(function, self.name, self.ptx()?)?
+            .into_cuda_function())
+    }
+}
+
+/// Compiles every module; returns each one's PTX size.
+pub(crate) fn compile_all() -> Result<Vec<(&'static str, usize)>> {
+    ALL.iter().map(|m| Ok((m.name, m.ptx()?.len()))).collect()
+}
+
+/// A grid-stride launch over `total` elements: 256 threads, at most 65,535 × 8 blocks.
+pub(crate) fn flat(total: usize) -> LaunchConfig {
+    let blocks = total.div_ceil(256).clamp(1, 65_535 * 8) as u32;
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// One block of 512 threads per channel.
+pub(crate) fn per_channel(channels: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (channels as u32, 1, 1),
+        block_dim: (512, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// The kernel-name suffix of a dtype.
+pub(crate) fn suffix(dtype: candle_core::DType) -> Result<&'static str> {
+    match dtype {
+        candle_core::DType::F32 => Ok("f32"),
+        candle_core::DType::BF16 => Ok("bf16"),
+        d => bail!("kd CUDA kernels support f32 and bf16, got {d:?}"),
+    }
+}

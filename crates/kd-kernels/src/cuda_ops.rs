@@ -1,0 +1,361 @@
+//! Launches of our CUDA kernels on candle's CUDA storage (see `kernels/*.cu`).
+#![allow(unsafe_code)]
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, CudaView, DeviceRepr, PushKernelArg, ValidAsZeroBits,
+};
+use candle_core::cuda_backend::{CudaDType, WrapErr};
+use candle_core::{bail, CudaStorage, DType, Layout, Result, Storage, Tensor};
+
+use crate::cuda::{flat, per_channel, suffix, AUGMENT, BATCH_NORM, MAX_POOL};
+
+/// Element types our kernels are instantiated for.
+trait Elem: DeviceRepr + CudaDType + ValidAsZeroBits {}
+impl Elem for f32 {}
+impl Elem for half::bf16 {}
+
+fn view<'a, T: Elem>(s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, T>> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(s.as_cuda_slice::<T>()?.slice(a..b)),
+        None => bail!("kd CUDA kernels expect contiguous tensors"),
+    }
+}
+
+/// Runs `f` with the f32 device view of `t` (a small per-channel tensor held by an op).
+fn with_f32_view<R>(t: &Tensor, f: impl FnOnce(&CudaView<'_, f32>) -> Result<R>) -> Result<R> {
+    let (guard, layout) = t.storage_and_layout();
+    let Storage::Cuda(s) = &*guard else {
+        bail!(
+            "expected a CUDA tensor, got one on {:?}",
+            t.device().location()
+        )
+    };
+    f(&view::<f32>(s, layout)?)
+}
+
+fn i32_of(v: usize, what: &str) -> Result<i32> {
+    i32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("{what} = {v} exceeds i32")))
+}
+
+macro_rules! by_dtype {
+    ($dtype:expr, $f:ident::<T>($($arg:expr),*)) => {
+        match $dtype {
+            DType::F32 => $f::<f32>($($arg),*),
+            DType::BF16 => $f::<half::bf16>($($arg),*),
+            d => bail!("kd CUDA kernels support f32 and bf16, got {d:?}"),
+        }
+    };
+}
+
+pub(crate) fn bn_stats(
+    s: &CudaStorage,
+    l: &Layout,
+    n: usize,
+    c: usize,
+    hw: usize,
+) -> Result<CudaStorage> {
+    by_dtype!(s.dtype(), bn_stats_t::<T>(s, l, n, c, hw))
+}
+
+fn bn_stats_t<T: Elem>(
+    s: &CudaStorage,
+    l: &Layout,
+    n: usize,
+    c: usize,
+    hw: usize,
+) -> Result<CudaStorage> {
+    let dev = &s.device;
+    let x = view::<T>(s, l)?;
+    let mut out: CudaSlice<f32> = dev.alloc_zeros(2 * c)?;
+    let f = BATCH_NORM.func(dev, &format!("bn_stats_{}", suffix(s.dtype())?))?;
+    let (n, c_, hw) = (i32_of(n, "N")?, i32_of(c, "C")?, i32_of(hw, "H·W")?);
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(&f);
+    b.arg(&x).arg(&mut out).arg(&n).arg(&c_).arg(&hw);
+    // SAFETY: argument types and sizes match bn_stats in batch_norm.cu.
+    unsafe { b.launch(per_channel(c)) }.w()?;
+    Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn bn_apply(
+    s: &CudaStorage,
+    l: &Layout,
+    p: &CudaStorage,
+    lp: &Layout,
+    c: usize,
+    hw: usize,
+    eps: f32,
+    relu: bool,
+) -> Result<CudaStorage> {
+    by_dtype!(s.dtype(), bn_apply_t::<T>(s, l, p, lp, c, hw, eps, relu))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn bn_apply_t<T: Elem>(
+    s: &CudaStorage,
+    l: &Layout,
+    p: &CudaStorage,
+    lp: &Layout,
+    c: usize,
+    hw: usize,
+    eps: f32,
+    relu: bool,
+) -> Result<CudaStorage> {
+    let dev = &s.device;
+    let total = l.shape().elem_count();
+    let x = view::<T>(s, l)?;
+    let params = view::<f32>(p, lp)?;
+    // SAFETY: every element is written by the kernel.
+    let mut y = unsafe { dev.alloc::<T>(total)? };
+    let f = BATCH_NORM.func(dev, &format!("bn_apply_{}", suffix(s.dtype())?))?;
+    let (c_, hw_, total_, relu_) = (
+        i32_of(c, "C")?,
+        i32_of(hw, "H·W")?,
+        total as i64,
+        relu as i32,
+    );
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(&f);
+    b.arg(&x)
+        .arg(&params)
+        .arg(&mut y)
+        .arg(&c_)
+        .arg(&hw_)
+        .arg(&total_)
+        .arg(&eps)
+        .arg(&relu_);
+    // SAFETY: argument types and sizes match bn_apply in batch_norm.cu.
+    unsafe { b.launch(flat(total)) }.w()?;
+    Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
+}
+
+type Arg<'a> = (&'a CudaStorage, &'a Layout);
+
+pub(crate) fn bn_backward_reduce(
+    args: [Arg<'_>; 3],
+    params: &Tensor,
+    dims: (usize, usize, usize),
+    eps: f32,
+    relu: bool,
+) -> Result<CudaStorage> {
+    by_dtype!(
+        args[0].0.dtype(),
+        bn_backward_reduce_t::<T>(args, params, dims, eps, relu)
+    )
+}
+
+fn bn_backward_reduce_t<T: Elem>(
+    [(sx, lx), (sy, ly), (sd, ld)]: [Arg<'_>; 3],
+    params: &Tensor,
+    (n, c, hw): (usize, usize, usize),
+    eps: f32,
+    relu: bool,
+) -> Result<CudaStorage> {
+    let dev = &sx.device;
+    let (x, y, dy) = (view::<T>(sx, lx)?, view::<T>(sy, ly)?, view::<T>(sd, ld)?);
+    let mut red: CudaSlice<f32> = dev.alloc_zeros(2 * c)?;
+    let f = BATCH_NORM.func(dev, &format!("bn_backward_reduce_{}", suffix(sx.dtype())?))?;
+    let (n_, c_, hw_, relu_) = (
+        i32_of(n, "N")?,
+        i32_of(c, "C")?,
+        i32_of(hw, "H·W")?,
+        relu as i32,
+    );
+    with_f32_view(params, |p| {
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&f);
+        b.arg(&x).arg(&y).arg(&dy).arg(p).arg(&mut red);
+        b.arg(&n_).arg(&c_).arg(&hw_).arg(&eps).arg(&relu_);
+        // SAFETY: argument types and sizes match bn_backward_reduce in batch_norm.cu.
+        unsafe { b.launch(per_channel(c)) }.w()?;
+        Ok(())
+    })?;
+    Ok(CudaStorage::wrap_cuda_slice(red, dev.clone()))
+}
+
+pub(crate) fn bn_backward_data(
+    args: [Arg<'_>; 3],
+    params: &Tensor,
+    red: &Tensor,
+    dims: (usize, usize, usize),
+    eps: f32,
+    relu: bool,
+) -> Result<CudaStorage> {
+    by_dtype!(
+        args[0].0.dtype(),
+        bn_backward_data_t::<T>(args, params, red, dims, eps, relu)
+    )
+}
+
+fn bn_backward_data_t<T: Elem>(
+    [(sx, lx), (sy, ly), (sd, ld)]: [Arg<'_>; 3],
+    params: &Tensor,
+    red: &Tensor,
+    (n, c, hw): (usize, usize, usize),
+    eps: f32,
+    relu: bool,
+) -> Result<CudaStorage> {
+    let dev = &sx.device;
+    let total = lx.shape().elem_count();
+    let (x, y, dy) = (view::<T>(sx, lx)?, view::<T>(sy, ly)?, view::<T>(sd, ld)?);
+    // SAFETY: every element is written by the kernel.
+    let mut dx = unsafe { dev.alloc::<T>(total)? };
+    let f = BATCH_NORM.func(dev, &format!("bn_backward_data_{}", suffix(sx.dtype())?))?;
+    let (n_, c_, hw_) = (i32_of(n, "N")?, i32_of(c, "C")?, i32_of(hw, "H·W")?);
+    let (total_, relu_) = (total as i64, relu as i32);
+    with_f32_view(params, |p| {
+        with_f32_view(red, |r| {
+            let stream = dev.cuda_stream();
+            let mut b = stream.launch_builder(&f);
+            b.arg(&x).arg(&y).arg(&dy).arg(p).arg(r).arg(&mut dx);
+            b.arg(&n_)
+                .arg(&c_)
+                .arg(&hw_)
+                .arg(&total_)
+                .arg(&eps)
+                .arg(&relu_);
+            // SAFETY: argument types and sizes match bn_backward_data in batch_norm.cu.
+            unsafe { b.launch(flat(total)) }.w()?;
+            Ok(())
+        })
+    })?;
+    Ok(CudaStorage::wrap_cuda_slice(dx, dev.clone()))
+}
+
+/// Geometry of a max-pool launch: planes (N·C), H, W, OH, OW, kernel, stride, padding.
+pub(crate) type PoolDims = (usize, usize, usize, usize, usize, usize, usize, usize);
+
+pub(crate) fn max_pool_fwd(s: &CudaStorage, l: &Layout, d: PoolDims) -> Result<CudaStorage> {
+    by_dtype!(s.dtype(), max_pool_fwd_t::<T>(s, l, d))
+}
+
+fn pool_args(d: PoolDims) -> Result<(i64, [i32; 7])> {
+    let (planes, h, w, oh, ow, k, s, p) = d;
+    Ok((
+        planes as i64,
+        [
+            i32_of(h, "H")?,
+            i32_of(w, "W")?,
+            i32_of(oh, "OH")?,
+            i32_of(ow, "OW")?,
+            i32_of(k, "kernel")?,
+            i32_of(s, "stride")?,
+            i32_of(p, "padding")?,
+        ],
+    ))
+}
+
+fn max_pool_fwd_t<T: Elem>(s: &CudaStorage, l: &Layout, d: PoolDims) -> Result<CudaStorage> {
+    let dev = &s.device;
+    let x = view::<T>(s, l)?;
+    let total = d.0 * d.3 * d.4;
+    // SAFETY: every element is written by the kernel.
+    let mut y = unsafe { dev.alloc::<T>(total)? };
+    let f = MAX_POOL.func(dev, &format!("max_pool_fwd_{}", suffix(s.dtype())?))?;
+    let (planes, g) = pool_args(d)?;
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(&f);
+    b.arg(&x).arg(&mut y).arg(&planes);
+    for v in &g {
+        b.arg(v);
+    }
+    // SAFETY: argument types and sizes match max_pool_fwd in max_pool.cu.
+    unsafe { b.launch(flat(total)) }.w()?;
+    Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
+}
+
+pub(crate) fn max_pool_bwd(
+    sx: &CudaStorage,
+    lx: &Layout,
+    sg: &CudaStorage,
+    lg: &Layout,
+    d: PoolDims,
+) -> Result<CudaStorage> {
+    by_dtype!(sx.dtype(), max_pool_bwd_t::<T>(sx, lx, sg, lg, d))
+}
+
+fn max_pool_bwd_t<T: Elem>(
+    sx: &CudaStorage,
+    lx: &Layout,
+    sg: &CudaStorage,
+    lg: &Layout,
+    d: PoolDims,
+) -> Result<CudaStorage> {
+    let dev = &sx.device;
+    let (x, dy) = (view::<T>(sx, lx)?, view::<T>(sg, lg)?);
+    let total = d.0 * d.1 * d.2;
+    // SAFETY: every element is written by the kernel.
+    let mut dx = unsafe { dev.alloc::<T>(total)? };
+    let f = MAX_POOL.func(dev, &format!("max_pool_bwd_{}", suffix(sx.dtype())?))?;
+    let (planes, g) = pool_args(d)?;
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(&f);
+    b.arg(&x).arg(&dy).arg(&mut dx).arg(&planes);
+    for v in &g {
+        b.arg(v);
+    }
+    // SAFETY: argument types and sizes match max_pool_bwd in max_pool.cu.
+    unsafe { b.launch(flat(total)) }.w()?;
+    Ok(CudaStorage::wrap_cuda_slice(dx, dev.clone()))
+}
+
+/// Augments a batch: images (N, C, H, W) u8, plan (B, 4) u32, norm (2·C) f32 (scale, shift).
+pub(crate) fn augment(
+    images: (&CudaStorage, &Layout),
+    plan: (&CudaStorage, &Layout),
+    norm: &Tensor,
+    out_dtype: DType,
+    pad: usize,
+) -> Result<CudaStorage> {
+    by_dtype!(
+        out_dtype,
+        augment_t::<T>(images, plan, norm, out_dtype, pad)
+    )
+}
+
+fn augment_t<T: Elem>(
+    (si, li): (&CudaStorage, &Layout),
+    (sp, lp): (&CudaStorage, &Layout),
+    norm: &Tensor,
+    out_dtype: DType,
+    pad: usize,
+) -> Result<CudaStorage> {
+    let dev = &si.device;
+    let [_, c, h, w] = match li.dims() {
+        [n, c, h, w] => [*n, *c, *h, *w],
+        d => bail!("augment expects images (N, C, H, W), got {d:?}"),
+    };
+    let bsz = lp.dims()[0];
+    let images = view::<u8>(si, li)?;
+    let plan = match lp.contiguous_offsets() {
+        Some((a, b)) => sp.as_cuda_slice::<u32>()?.slice(a..b),
+        None => bail!("augment expects a contiguous plan"),
+    };
+    let total = bsz * c * h * w;
+    // SAFETY: every element is written by the kernel.
+    let mut out = unsafe { dev.alloc::<T>(total)? };
+    let f = AUGMENT.func(dev, &format!("augment_{}", suffix(out_dtype)?))?;
+    let a = [
+        i32_of(bsz, "batch")?,
+        i32_of(c, "C")?,
+        i32_of(h, "H")?,
+        i32_of(w, "W")?,
+        i32_of(pad, "padding")?,
+    ];
+    with_f32_view(norm, |nv| {
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&f);
+        b.arg(&images).arg(&plan).arg(nv).arg(&mut out);
+        for v in &a {
+            b.arg(v);
+        }
+        // SAFETY: argument types and sizes match augment in augment.cu.
+        unsafe { b.launch(flat(total)) }.w()?;
+        Ok(())
+    })?;
+    Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+}
+
+impl Elem for u8 {}

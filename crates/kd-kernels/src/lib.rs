@@ -1,0 +1,47 @@
+//! Custom candle ops for training CNNs fast on CUDA, each with a CPU path that defines what it
+//! computes and that the tests compare against.
+//!
+//! candle 0.11 trains a CIFAR ResNet about twenty times slower than PyTorch on the same card: its
+//! convolution backward runs on im2col + matmul kernels (its `cudnn` feature covers only the
+//! forward, choosing an algorithm and allocating a workspace on every call), BatchNorm is a chain
+//! of a dozen element-wise and reduction kernels, and it has no padded max-pool. This crate adds:
+//!
+//! - [`conv2d`]: convolution through cuDNN forward, backward-data and backward-filter, the
+//!   algorithm chosen once per shape and cached, one workspace reused (feature `cudnn`);
+//! - [`batch_norm_train`]: BatchNorm in training mode, optionally fused with the ReLU that follows,
+//!   as two kernels forward and two backward (feature `cuda`, NVRTC);
+//! - [`MaxPool2d`]: padded max-pool with a backward pass, on the CPU and on CUDA;
+//! - [`augment_batch`]: crop, flip and normalise a batch from a uint8 data set that stays on the
+//!   device;
+//! - [`Precision`]: f32, TF32 or bf16 convolutions and matmuls.
+//!
+//! Without the features every op runs its CPU path, so code written against this crate runs
+//! (and is tested) on machines without a GPU.
+pub mod augment;
+pub mod batch_norm;
+pub mod conv;
+mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda;
+#[cfg(feature = "cuda")]
+mod cuda_ops;
+#[cfg(feature = "cudnn")]
+mod cudnn_conv;
+pub mod max_pool;
+pub mod precision;
+
+pub use augment::{augment_batch, AugmentPlan, Normalisation};
+pub use batch_norm::{batch_norm_train, BatchNormOutput};
+pub use conv::{conv2d, conv2d_custom, Conv2dGeometry};
+pub use max_pool::MaxPool2d;
+pub use precision::Precision;
+
+/// Whether this build can run the CUDA kernels (feature `cuda`).
+pub const HAS_CUDA_KERNELS: bool = cfg!(feature = "cuda");
+
+/// Compiles every CUDA kernel source of this crate with NVRTC and returns the PTX sizes, by
+/// module name. Needs only the NVRTC library, not a GPU: builds check their kernels with it.
+#[cfg(feature = "cuda")]
+pub fn compile_all_kernels() -> candle_core::Result<Vec<(&'static str, usize)>> {
+    cuda::compile_all()
+}

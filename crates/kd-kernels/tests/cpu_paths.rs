@@ -1,0 +1,292 @@
+//! Each op's CPU path against an independent computation: candle's own conv and autograd,
+//! BatchNorm composed from candle ops, hand-computed augmentations.
+use candle_core::{DType, Device, Tensor, Var};
+use kd_kernels::{
+    augment_batch, batch_norm_train, conv2d_custom, AugmentPlan, Conv2dGeometry, Normalisation,
+};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+fn randn(rng: &mut ChaCha8Rng, shape: &[usize], dtype: DType) -> Tensor {
+    let n: usize = shape.iter().product();
+    let v: Vec<f64> = (0..n).map(|_| rng.gen_range(-1.0..1.0)).collect();
+    Tensor::from_vec(v, shape, &Device::Cpu)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap()
+}
+
+fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
+    let a = a.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
+    let b = b.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
+    let scale = b
+        .abs()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+        .max(1e-12);
+    let d = (a - b).unwrap().abs().unwrap().max(0).unwrap();
+    d.to_scalar::<f64>().unwrap() / scale
+}
+
+#[test]
+fn conv_custom_op_matches_candle_conv_and_its_gradients() {
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    // (N, C, H, W, O, K, stride, padding): ResNet shapes, odd sizes, 1×1 strided shortcuts.
+    let cases = [
+        (2, 3, 8, 8, 4, 3, 1, 1),
+        (3, 4, 9, 7, 5, 3, 2, 1),
+        (2, 6, 8, 8, 8, 1, 2, 0),
+        (1, 2, 5, 5, 3, 3, 1, 0),
+        (2, 3, 10, 10, 2, 7, 2, 3),
+    ];
+    for dtype in [DType::F32, DType::F64] {
+        for &(n, c, h, w, o, k, stride, padding) in &cases {
+            let g = Conv2dGeometry { stride, padding };
+            let x = Var::from_tensor(&randn(&mut rng, &[n, c, h, w], dtype)).unwrap();
+            let wt = Var::from_tensor(&randn(&mut rng, &[o, c, k, k], dtype)).unwrap();
+            let y_ref = x.conv2d(&wt, padding, stride, 1, 1).unwrap();
+            let y = conv2d_custom(&x, &wt, g).unwrap();
+            assert_eq!(
+                y.dims(),
+                y_ref.dims(),
+                "case {:?}",
+                (n, c, h, w, o, k, stride, padding)
+            );
+            assert!(max_rel(&y, &y_ref) < 1e-6);
+            // A random linear functional of the output, so every output gradient differs.
+            let r = randn(&mut rng, y.dims(), dtype);
+            let gr = (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let gr_ref = (y_ref * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            for v in [&x, &wt] {
+                let (a, b) = (gr.get(v).unwrap(), gr_ref.get(v).unwrap());
+                assert_eq!(a.dims(), b.dims());
+                let e = max_rel(a, b);
+                assert!(
+                    e < 1e-5,
+                    "gradient error {e} for {:?} in case {:?}",
+                    v.dims(),
+                    (n, c, h, w, o, k, stride, padding)
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn conv_custom_op_rejects_mismatched_operands() {
+    let x = Tensor::zeros((1, 3, 8, 8), DType::F32, &Device::Cpu).unwrap();
+    let w = Tensor::zeros((4, 2, 3, 3), DType::F32, &Device::Cpu).unwrap();
+    let g = Conv2dGeometry {
+        stride: 1,
+        padding: 1,
+    };
+    let e = conv2d_custom(&x, &w, g).unwrap_err().to_string();
+    assert!(e.contains("3 channels"), "{e}");
+    let w = Tensor::zeros((4, 3, 3, 3), DType::F64, &Device::Cpu).unwrap();
+    let e = conv2d_custom(&x, &w, g).unwrap_err().to_string();
+    assert!(e.contains("F64"), "{e}");
+}
+
+/// BatchNorm in training mode composed from candle ops (autograd differentiates through the
+/// batch statistics), then ReLU.
+fn bn_reference(x: &Tensor, wt: &Tensor, b: &Tensor, eps: f64, relu: bool) -> Tensor {
+    let c = wt.dim(0).unwrap();
+    let mean = x
+        .mean_keepdim(0)
+        .unwrap()
+        .mean_keepdim(2)
+        .unwrap()
+        .mean_keepdim(3)
+        .unwrap();
+    let xc = x.broadcast_sub(&mean).unwrap();
+    let var = xc
+        .sqr()
+        .unwrap()
+        .mean_keepdim(0)
+        .unwrap()
+        .mean_keepdim(2)
+        .unwrap()
+        .mean_keepdim(3)
+        .unwrap();
+    let y = xc
+        .broadcast_div(&(var + eps).unwrap().sqrt().unwrap())
+        .unwrap()
+        .broadcast_mul(&wt.reshape((1, c, 1, 1)).unwrap())
+        .unwrap()
+        .broadcast_add(&b.reshape((1, c, 1, 1)).unwrap())
+        .unwrap();
+    if relu {
+        y.relu().unwrap()
+    } else {
+        y
+    }
+}
+
+#[test]
+fn fused_batch_norm_matches_composed_ops_forward_and_backward() {
+    let mut rng = ChaCha8Rng::seed_from_u64(2);
+    for &(n, c, h, w) in &[(4, 3, 5, 5), (2, 8, 4, 4), (8, 2, 1, 1), (3, 5, 7, 3)] {
+        for relu in [false, true] {
+            // Shifted and scaled input: the statistics must not be near 0 / 1 by accident.
+            let x = ((randn(&mut rng, &[n, c, h, w], DType::F32) * 3.0).unwrap() + 1.5).unwrap();
+            let x = Var::from_tensor(&x).unwrap();
+            let wt = Var::from_tensor(&randn(&mut rng, &[c], DType::F32)).unwrap();
+            let b = Var::from_tensor(&randn(&mut rng, &[c], DType::F32)).unwrap();
+            let out = batch_norm_train(&x, &wt, &b, 1e-5, relu).unwrap();
+            let y_ref = bn_reference(&x, &wt, &b, 1e-5, relu);
+            assert!(max_rel(&out.y, &y_ref) < 1e-5, "forward, relu {relu}");
+            // Statistics: closed form per channel.
+            let xv = x
+                .as_tensor()
+                .transpose(0, 1)
+                .unwrap()
+                .flatten_from(1)
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap();
+            let mean = xv.mean(1).unwrap();
+            let var = xv
+                .broadcast_sub(&mean.unsqueeze(1).unwrap())
+                .unwrap()
+                .sqr()
+                .unwrap()
+                .mean(1)
+                .unwrap();
+            assert!(max_rel(&out.mean, &mean) < 1e-6);
+            assert!(max_rel(&out.var, &var) < 1e-6);
+            let r = randn(&mut rng, &[n, c, h, w], DType::F32);
+            let g = (out.y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let g_ref = (y_ref * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            for (name, v) in [("x", &x), ("weight", &wt), ("bias", &b)] {
+                let e = max_rel(g.get(v).unwrap(), g_ref.get(v).unwrap());
+                assert!(
+                    e < 1e-4,
+                    "gradient of {name}: error {e}, relu {relu}, shape {:?}",
+                    (n, c, h, w)
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn fused_batch_norm_in_bf16_keeps_f32_statistics() {
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let x = ((randn(&mut rng, &[4, 3, 6, 6], DType::F32) * 2.0).unwrap() + 4.0).unwrap();
+    let wt = randn(&mut rng, &[3], DType::F32);
+    let b = randn(&mut rng, &[3], DType::F32);
+    let xb = x.to_dtype(DType::BF16).unwrap();
+    let out = batch_norm_train(&xb, &wt, &b, 1e-5, true).unwrap();
+    assert_eq!(out.y.dtype(), DType::BF16);
+    assert_eq!(out.mean.dtype(), DType::F32);
+    // Statistics of the bf16 values, exact in f32; the output within bf16 rounding.
+    let reference = bn_reference(&xb.to_dtype(DType::F32).unwrap(), &wt, &b, 1e-5, true);
+    assert!(max_rel(&out.y, &reference) < 1e-2);
+}
+
+#[test]
+fn batch_norm_rejects_bad_shapes() {
+    let x = Tensor::zeros((1, 3, 1, 1), DType::F32, &Device::Cpu).unwrap();
+    let w = Tensor::ones(3, DType::F32, &Device::Cpu).unwrap();
+    let e = batch_norm_train(&x, &w, &w, 1e-5, false)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("more than one value"), "{e}");
+    let x = Tensor::zeros((2, 4, 2, 2), DType::F32, &Device::Cpu).unwrap();
+    let e = batch_norm_train(&x, &w, &w, 1e-5, false)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("4 channels"), "{e}");
+}
+
+#[test]
+fn augment_crops_flips_and_normalises_like_the_definition() {
+    // Two 1-channel 3×3 images with pixels 0..=8 and 9..=17.
+    let px: Vec<u8> = (0..18).collect();
+    let images = Tensor::from_vec(px, (2, 1, 3, 3), &Device::Cpu).unwrap();
+    let norm = Normalisation::from_mean_std(&[0.0], &[1.0 / 255.0]);
+    // scale = 1, shift = 0: outputs are raw pixels.
+    let plans = [
+        AugmentPlan {
+            index: 1,
+            oy: 1,
+            ox: 1,
+            flip: false,
+        }, // centre crop = identity
+        AugmentPlan {
+            index: 0,
+            oy: 0,
+            ox: 2,
+            flip: false,
+        }, // shift down 1, left 1
+        AugmentPlan {
+            index: 0,
+            oy: 1,
+            ox: 1,
+            flip: true,
+        }, // mirror
+    ];
+    let out = augment_batch(&images, &plans, 1, &norm, DType::F32).unwrap();
+    let v = out.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let expect: Vec<f32> = [
+        [9, 10, 11, 12, 13, 14, 15, 16, 17],
+        [0, 0, 0, 1, 2, 0, 4, 5, 0],
+        [2, 1, 0, 5, 4, 3, 8, 7, 6],
+    ]
+    .concat()
+    .into_iter()
+    .map(|p| p as f32)
+    .collect();
+    assert_eq!(v, expect);
+    // CIFAR normalisation and bf16 output.
+    let norm = Normalisation::from_mean_std(&[0.5], &[0.25]);
+    let out = augment_batch(&images, &plans[..1], 1, &norm, DType::BF16).unwrap();
+    let v = out
+        .to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    for (i, x) in v.iter().enumerate() {
+        let want = ((9 + i) as f32 / 255.0 - 0.5) / 0.25;
+        assert!((x - want).abs() < 0.02, "{x} vs {want}");
+    }
+}
+
+#[test]
+fn augment_rejects_plans_outside_the_data() {
+    let images = Tensor::zeros((2, 3, 4, 4), DType::U8, &Device::Cpu).unwrap();
+    let norm = Normalisation::from_mean_std(&[0.0; 3], &[1.0; 3]);
+    let bad = [AugmentPlan {
+        index: 2,
+        oy: 0,
+        ox: 0,
+        flip: false,
+    }];
+    let e = augment_batch(&images, &bad, 1, &norm, DType::F32)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("outside 2 images"), "{e}");
+    let bad = [AugmentPlan {
+        index: 0,
+        oy: 3,
+        ox: 0,
+        flip: false,
+    }];
+    assert!(augment_batch(&images, &bad, 1, &norm, DType::F32).is_err());
+}
+
+#[test]
+fn precision_parses_and_names_itself() {
+    use kd_kernels::Precision;
+    for p in Precision::ALL {
+        assert_eq!(p.as_str().parse::<Precision>().unwrap(), p);
+    }
+    assert_eq!(Precision::Bf16.activation_dtype(), DType::BF16);
+    let e = "fp16".parse::<Precision>().unwrap_err();
+    assert!(e.contains("f32, tf32, bf16"), "{e}");
+}
