@@ -5,7 +5,7 @@
 //! autograd, so [`conv2d_custom`] on the CPU checks the op's wiring (shapes, argument order, which
 //! gradient goes where) against [`Tensor::conv2d`] with autograd; the GPU check compares the
 //! cuDNN path with the CPU one.
-use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
 use crate::cpu;
 
@@ -51,9 +51,37 @@ impl Conv2dGeometry {
 pub fn conv2d(x: &Tensor, w: &Tensor, g: Conv2dGeometry) -> Result<Tensor> {
     if cfg!(feature = "cudnn") && x.device().is_cuda() {
         conv2d_custom(x, w, g)
+    } else if x.device().is_cpu() && is_half(x.dtype()) {
+        // candle's CPU matmul has no bf16/f16: accumulate in f32 and round the result, which is
+        // what cuDNN does for bf16 (and so the CPU reference of the mixed-precision path).
+        let y =
+            x.to_dtype(DType::F32)?
+                .conv2d(&w.to_dtype(DType::F32)?, g.padding, g.stride, 1, 1)?;
+        y.to_dtype(x.dtype())
     } else {
         x.conv2d(w, g.padding, g.stride, 1, 1)
     }
+}
+
+fn is_half(d: DType) -> bool {
+    matches!(d, DType::BF16 | DType::F16)
+}
+
+/// Runs `f` on f32 copies of `args` when they are bf16/f16 (the CPU has no reduced-precision
+/// matmul) and rounds its result back; otherwise on `args` as they are.
+fn in_f32_on_cpu(
+    args: [&Tensor; 2],
+    f: impl FnOnce(&Tensor, &Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let dtype = args[0].dtype();
+    if !is_half(dtype) {
+        return f(args[0], args[1]);
+    }
+    f(
+        &args[0].to_dtype(DType::F32)?,
+        &args[1].to_dtype(DType::F32)?,
+    )?
+    .to_dtype(dtype)
 }
 
 /// Convolves through the custom op on any device (on the CPU it runs candle's convolution inside
@@ -202,12 +230,9 @@ impl CustomOp2 for Conv2dBackwardData {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let dx = backward_data_reference(
-            &cpu::tensor(s1, l1)?,
-            &cpu::tensor(s2, l2)?,
-            self.g,
-            self.input_dims,
-        )?;
+        let dx = in_f32_on_cpu([&cpu::tensor(s1, l1)?, &cpu::tensor(s2, l2)?], |dy, w| {
+            backward_data_reference(dy, w, self.g, self.input_dims)
+        })?;
         Ok((cpu::storage(&dx)?, dx.shape().clone()))
     }
 
@@ -243,12 +268,9 @@ impl CustomOp2 for Conv2dBackwardFilter {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let dw = backward_filter_reference(
-            &cpu::tensor(s1, l1)?,
-            &cpu::tensor(s2, l2)?,
-            self.g,
-            self.kernel_dims,
-        )?;
+        let dw = in_f32_on_cpu([&cpu::tensor(s1, l1)?, &cpu::tensor(s2, l2)?], |x, dy| {
+            backward_filter_reference(x, dy, self.g, self.kernel_dims)
+        })?;
         Ok((cpu::storage(&dw)?, dw.shape().clone()))
     }
 

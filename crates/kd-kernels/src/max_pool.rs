@@ -216,7 +216,10 @@ impl CustomOp1 for MaxPool2d {
         let out = match s {
             CpuStorage::F32(v) => CpuStorage::F32(self.fwd_slice(slice(v, l)?, dims, f32::is_nan)),
             CpuStorage::F64(v) => CpuStorage::F64(self.fwd_slice(slice(v, l)?, dims, f64::is_nan)),
-            _ => bail!("max-pool supports f32 and f64 on the CPU"),
+            CpuStorage::BF16(v) => {
+                CpuStorage::BF16(self.fwd_slice(slice(v, l)?, dims, half::bf16::is_nan))
+            }
+            _ => bail!("max-pool supports f32, f64 and bf16 on the CPU"),
         };
         Ok((out, out_shape))
     }
@@ -270,7 +273,13 @@ impl CustomOp2 for MaxPoolBackward {
                         .bwd_slice(slice(x, l1)?, slice(g, l2)?, dims, f64::is_nan),
                 )
             }
-            _ => bail!("max-pool backward supports f32 and f64 on the CPU"),
+            (CpuStorage::BF16(x), CpuStorage::BF16(g)) => CpuStorage::BF16(self.0.bwd_slice(
+                slice(x, l1)?,
+                slice(g, l2)?,
+                dims,
+                half::bf16::is_nan,
+            )),
+            _ => bail!("max-pool backward supports f32, f64 and bf16 on the CPU"),
         };
         Ok((out, l1.shape().clone()))
     }

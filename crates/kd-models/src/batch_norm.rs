@@ -1,6 +1,9 @@
 //! BatchNorm2d that trains like PyTorch's: batch statistics in training mode, running mean and
 //! *unbiased* running variance updated with momentum 0.1; running statistics in eval mode.
 //! The running statistics never enter the autograd graph.
+//!
+//! Training mode on CUDA runs kd-kernels' fused BatchNorm (two kernels forward, two backward,
+//! the ReLU after it folded in); elsewhere it is composed from candle ops.
 use candle_core::{DType, Result, Tensor, Var, D};
 use candle_nn::VarBuilder;
 
@@ -39,15 +42,56 @@ impl BatchNorm2d {
     /// Normalises `x` (N, C, H, W). In training mode also updates the running statistics,
     /// which requires them to be variables (a frozen, loaded model refuses to train).
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let c = self.weight.dim(0)?;
-        if !train {
-            let rm = self.running_mean.detach().reshape((1, c, 1, 1))?;
-            let rv = self.running_var.detach().reshape((1, c, 1, 1))?;
-            let xhat = x
-                .broadcast_sub(&rm)?
-                .broadcast_div(&(rv + self.eps)?.sqrt()?)?;
-            return self.affine(&xhat);
+        self.forward_impl(x, train, false)
+    }
+
+    /// `relu(self.forward_t(x, train))`, fused into the normalisation where a kernel exists.
+    pub fn forward_relu_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_impl(x, train, true)
+    }
+
+    fn forward_impl(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
+        if train && kd_kernels::HAS_CUDA_KERNELS && x.device().is_cuda() {
+            return self.forward_train_fused(x, relu);
         }
+        let y = if train {
+            self.forward_train_composed(x)?
+        } else {
+            self.forward_eval(x)?
+        };
+        if relu {
+            y.relu()
+        } else {
+            Ok(y)
+        }
+    }
+
+    /// Eval mode: one per-channel scale and shift, computed in f32 and applied in `x`'s dtype.
+    fn forward_eval(&self, x: &Tensor) -> Result<Tensor> {
+        let c = self.weight.dim(0)?;
+        let rm = self.running_mean.detach().to_dtype(DType::F32)?;
+        let rv = self.running_var.detach().to_dtype(DType::F32)?;
+        let scale = (self.weight.to_dtype(DType::F32)? / (rv + self.eps)?.sqrt()?)?;
+        let shift = (self.bias.to_dtype(DType::F32)? - (rm * &scale)?)?;
+        let (scale, shift) = (
+            scale.to_dtype(x.dtype())?.reshape((1, c, 1, 1))?,
+            shift.to_dtype(x.dtype())?.reshape((1, c, 1, 1))?,
+        );
+        x.broadcast_mul(&scale)?.broadcast_add(&shift)
+    }
+
+    /// Training mode through kd-kernels' fused op (the CUDA path; on the CPU it runs the op's
+    /// reference implementation, which the tests compare with the composed path).
+    pub fn forward_train_fused(&self, x: &Tensor, relu: bool) -> Result<Tensor> {
+        let out = kd_kernels::batch_norm_train(x, &self.weight, &self.bias, self.eps, relu)?;
+        let (n, _, h, w) = x.dims4()?;
+        self.update_running(&out.mean, &out.var, n * h * w)?;
+        Ok(out.y)
+    }
+
+    /// Training mode composed from candle ops (f32 statistics).
+    fn forward_train_composed(&self, x: &Tensor) -> Result<Tensor> {
+        let c = self.weight.dim(0)?;
         let (n, _, h, w) = x.dims4()?;
         let count = n * h * w;
         if count < 2 {

@@ -1,7 +1,8 @@
 //! ResNet (He et al. 2016) for 32×32 inputs, torchvision layout and parameter names, returning
 //! the stem's and every stage's features so feature and relation distillation need no hooks.
-use candle_core::{Module, Result, Tensor, D};
-use candle_nn::{Conv2d, Conv2dConfig, Linear, VarBuilder};
+use candle_core::{DType, Module, Result, Tensor, D};
+use candle_nn::{Linear, VarBuilder};
+use kd_kernels::Conv2dGeometry;
 
 use crate::batch_norm::{batch_norm2d, BatchNorm2d};
 use crate::max_pool::MaxPool2d;
@@ -38,13 +39,39 @@ pub struct ModelOutput {
     pub aux: Vec<AuxOutput>,
 }
 
+/// A bias-free convolution with "same" padding. Runs through kd-kernels (cuDNN forward and
+/// backward on CUDA, candle's conv on the CPU); the f32 master weight is cast to the input's
+/// dtype, so bf16 activations train f32 weights.
+#[derive(Clone, Debug)]
+struct Conv2d {
+    weight: Tensor,
+    geometry: Conv2dGeometry,
+}
+
+impl Conv2d {
+    fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        kd_kernels::conv2d(x, &self.weight.to_dtype(x.dtype())?, self.geometry)
+    }
+}
+
 fn conv(c_in: usize, c_out: usize, k: usize, stride: usize, vb: VarBuilder) -> Result<Conv2d> {
-    let cfg = Conv2dConfig {
-        padding: k / 2,
-        stride,
-        ..Default::default()
-    };
-    candle_nn::conv2d_no_bias(c_in, c_out, k, cfg, vb)
+    // The same variable and initialisation hint as candle_nn::conv2d_no_bias.
+    let weight = vb.get_with_hints(
+        (c_out, c_in, k, k),
+        "weight",
+        candle_nn::init::DEFAULT_KAIMING_NORMAL,
+    )?;
+    Ok(Conv2d {
+        weight,
+        geometry: Conv2dGeometry {
+            stride,
+            padding: k / 2,
+        },
+    })
 }
 
 #[derive(Clone, Debug)]
@@ -108,7 +135,7 @@ impl BasicBlock {
     }
 
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let y = self.bn1.forward_t(&self.conv1.forward(x)?, train)?.relu()?;
+        let y = self.bn1.forward_relu_t(&self.conv1.forward(x)?, train)?;
         let y = self.bn2.forward_t(&self.conv2.forward(&y)?, train)?;
         (y + Downsample::forward_t(&self.downsample, x, train)?)?.relu()
     }
@@ -153,11 +180,8 @@ impl Bottleneck {
     }
 
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let y = self.bn1.forward_t(&self.conv1.forward(x)?, train)?.relu()?;
-        let y = self
-            .bn2
-            .forward_t(&self.conv2.forward(&y)?, train)?
-            .relu()?;
+        let y = self.bn1.forward_relu_t(&self.conv1.forward(x)?, train)?;
+        let y = self.bn2.forward_relu_t(&self.conv2.forward(&y)?, train)?;
         let y = self.bn3.forward_t(&self.conv3.forward(&y)?, train)?;
         (y + Downsample::forward_t(&self.downsample, x, train)?)?.relu()
     }
@@ -196,8 +220,8 @@ struct AuxHead {
 
 impl AuxHead {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<AuxOutput> {
-        let y = self.bn.forward_t(&self.conv.forward(x)?, train)?.relu()?;
-        let pooled = y.mean(D::Minus1)?.mean(D::Minus1)?;
+        let y = self.bn.forward_relu_t(&self.conv.forward(x)?, train)?;
+        let pooled = y.mean(D::Minus1)?.mean(D::Minus1)?.to_dtype(DType::F32)?;
         Ok(AuxOutput {
             logits: self.fc.forward(&pooled)?,
             pooled,
@@ -216,6 +240,7 @@ pub struct ResNet {
     fc: Linear,
     aux: Vec<AuxHead>,
     info: Vec<FeatureInfo>,
+    compute_dtype: DType,
 }
 
 impl ResNet {
@@ -286,7 +311,24 @@ impl ResNet {
             fc,
             aux,
             info,
+            compute_dtype: DType::F32,
         })
+    }
+
+    /// Runs convolutions, BatchNorm outputs and activations in `dtype` (f32, or bf16 for mixed
+    /// precision); weights stay f32 and are cast per op, BN statistics stay f32, and every
+    /// tensor in [`ModelOutput`] is f32. The input may have any float dtype.
+    pub fn set_compute_dtype(&mut self, dtype: DType) -> Result<()> {
+        if !matches!(dtype, DType::F32 | DType::BF16) {
+            candle_core::bail!("ResNet computes in f32 or bf16, not {dtype:?}");
+        }
+        self.compute_dtype = dtype;
+        Ok(())
+    }
+
+    /// The dtype activations have inside the network.
+    pub fn compute_dtype(&self) -> DType {
+        self.compute_dtype
     }
 
     /// The configuration it was built from.
@@ -340,10 +382,13 @@ impl ResNet {
 
     /// The stem: conv, BN, ReLU and, for `cifar-maxpool`, the 3×3/s2/p1 max-pool.
     pub fn forward_stem(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let y = self.bn1.forward_t(&self.conv1.forward(x)?, train)?.relu()?;
+        let x = x.to_dtype(self.compute_dtype)?;
+        let y = self.bn1.forward_relu_t(&self.conv1.forward(&x)?, train)?;
+        let kernel_here =
+            y.device().is_cpu() || (kd_kernels::HAS_CUDA_KERNELS && y.device().is_cuda());
         match &self.maxpool {
-            // The custom op runs on the CPU; elsewhere the composed form (valid after a ReLU).
-            Some(p) if y.device().is_cpu() => p.forward(&y),
+            // The custom op where it has a kernel; elsewhere the composed form (valid after a ReLU).
+            Some(p) if kernel_here => p.forward(&y),
             Some(p) => p.forward_nonneg_composed(&y),
             None => Ok(y),
         }
@@ -360,13 +405,19 @@ impl ResNet {
             }
             feats.push(y.clone());
         }
-        let pooled = y.mean(D::Minus1)?.mean(D::Minus1)?;
+        // The classifier, the pooled embedding and the features leave the network in f32: the
+        // losses and the distillers' own layers are f32.
+        let pooled = y.mean(D::Minus1)?.mean(D::Minus1)?.to_dtype(DType::F32)?;
         let logits = self.fc.forward(&pooled)?;
         let aux = self
             .aux
             .iter()
             .enumerate()
             .map(|(i, h)| h.forward_t(&feats[i + 1], train))
+            .collect::<Result<Vec<_>>>()?;
+        let feats = feats
+            .into_iter()
+            .map(|f| f.to_dtype(DType::F32))
             .collect::<Result<Vec<_>>>()?;
         Ok(ModelOutput {
             logits,

@@ -1,0 +1,136 @@
+//! The GPU training paths of the models, run on the CPU: the fused BatchNorm against the
+//! composed one (outputs, gradients, running statistics), and bf16 mixed precision against f32.
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+use kd_models::{batch_norm2d, trainable_resnet, Arch, ResNetConfig, Stem};
+
+fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
+    let a = a.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+    let b = b.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+    let scale = b
+        .abs()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+        .max(1e-12);
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+        / scale
+}
+
+#[test]
+fn fused_batch_norm_trains_like_the_composed_one() {
+    let dev = Device::Cpu;
+    let x = Var::from_tensor(
+        &((Tensor::randn(0f32, 1.0, (4, 6, 5, 5), &dev).unwrap() * 2.0).unwrap() + 0.7).unwrap(),
+    )
+    .unwrap();
+    let r = Tensor::randn(0f32, 1.0, (4, 6, 5, 5), &dev).unwrap();
+    for relu in [false, true] {
+        // Two layers with identical, non-trivial parameters.
+        let make = || {
+            let vm = VarMap::new();
+            let bn = batch_norm2d(6, VarBuilder::from_varmap(&vm, DType::F32, &dev)).unwrap();
+            for (name, var) in vm.data().lock().unwrap().iter() {
+                let v = match name.as_str() {
+                    "weight" => Tensor::new(&[0.5f32, 1.5, -1.0, 2.0, 0.1, 1.0], &dev),
+                    "bias" => Tensor::new(&[0.1f32, -0.2, 0.3, 0.0, 1.0, -1.0], &dev),
+                    "running_mean" => Tensor::new(&[0.2f32; 6], &dev),
+                    _ => Tensor::new(&[0.9f32; 6], &dev),
+                };
+                var.set(&v.unwrap()).unwrap();
+            }
+            (vm, bn)
+        };
+        let (vm_a, bn_a) = make();
+        let (vm_b, bn_b) = make();
+        let ya = bn_a.forward_train_fused(&x, relu).unwrap();
+        let yb = if relu {
+            bn_b.forward_relu_t(&x, true).unwrap()
+        } else {
+            bn_b.forward_t(&x, true).unwrap()
+        };
+        assert!(max_rel(&ya, &yb) < 1e-5, "relu {relu}");
+        let ga = (ya * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let gb = (yb * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(max_rel(ga.get(&x).unwrap(), gb.get(&x).unwrap()) < 1e-4);
+        let (da, db) = (vm_a.data().lock().unwrap(), vm_b.data().lock().unwrap());
+        for name in ["weight", "bias"] {
+            let e = max_rel(
+                ga.get(da[name].as_tensor()).unwrap(),
+                gb.get(db[name].as_tensor()).unwrap(),
+            );
+            assert!(e < 1e-4, "gradient of {name}: {e}");
+        }
+        for name in ["running_mean", "running_var"] {
+            let e = max_rel(da[name].as_tensor(), db[name].as_tensor());
+            assert!(e < 1e-6, "{name}: {e}");
+        }
+    }
+}
+
+#[test]
+fn bf16_compute_follows_f32_and_trains_f32_weights() {
+    let dev = Device::Cpu;
+    let x = Tensor::randn(0f32, 1.0, (4, 3, 16, 16), &dev).unwrap();
+    for stem in Stem::ALL {
+        let cfg = ResNetConfig {
+            base_width: 8,
+            ..ResNetConfig::new(Arch::Resnet18, stem, 10)
+        };
+        let (model, _) = trainable_resnet(&cfg, &dev, 3).unwrap();
+        let (mut half, vm) = trainable_resnet(&cfg, &dev, 3).unwrap();
+        half.set_compute_dtype(DType::BF16).unwrap();
+        for train in [true, false] {
+            let full = model.forward_t(&x, train).unwrap();
+            let mixed = half.forward_t(&x, train).unwrap();
+            assert_eq!(mixed.logits.dtype(), DType::F32);
+            assert!(mixed.feats.iter().all(|f| f.dtype() == DType::F32));
+            // bf16 keeps 8 bits of mantissa: a few per cent through 18 layers.
+            let e = max_rel(&mixed.logits, &full.logits);
+            assert!(
+                e < 0.1,
+                "{}: logits differ by {e} (train {train})",
+                stem.name()
+            );
+        }
+        let out = half.forward_t(&x, true).unwrap();
+        let grads = out
+            .logits
+            .sqr()
+            .unwrap()
+            .mean_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for (name, var) in vm.data().lock().unwrap().iter() {
+            if name.contains("running_") {
+                assert_eq!(var.dtype(), DType::F32);
+                continue;
+            }
+            let g = grads
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("no gradient for {name}"));
+            assert_eq!(g.dtype(), DType::F32, "{name}");
+            assert!(g
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                .is_finite());
+        }
+    }
+    let (mut m, _) =
+        trainable_resnet(&ResNetConfig::new(Arch::Resnet18, Stem::Cifar, 10), &dev, 0).unwrap();
+    assert!(m.set_compute_dtype(DType::F16).is_err());
+}
