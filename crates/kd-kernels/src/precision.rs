@@ -9,7 +9,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use candle_core::DType;
 
 /// f32, f32 storage with TF32 tensor-core math, or bf16 activations with f32 master weights.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum Precision {
     /// IEEE f32 everywhere (cuDNN restricted to FMA math).
     #[default]

@@ -29,6 +29,11 @@ impl Teacher {
         &self.meta
     }
 
+    /// Runs the network in `dtype` (f32, or bf16 for mixed precision); outputs stay f32.
+    pub fn set_compute_dtype(&mut self, dtype: candle_core::DType) -> CResult<()> {
+        self.model.set_compute_dtype(dtype)
+    }
+
     /// The underlying network.
     pub fn model(&self) -> &ResNet {
         &self.model

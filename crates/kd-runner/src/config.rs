@@ -142,6 +142,9 @@ pub struct TrainSection {
     pub device: String,
     /// Checkpoint folders kept.
     pub keep_last: usize,
+    /// `f32`, `tf32` (f32 tensors, TF32 tensor-core convolutions and matmuls on CUDA) or `bf16`
+    /// (bf16 activations, f32 master weights, BN statistics and loss).
+    pub precision: kd_kernels::Precision,
 }
 
 impl Default for TrainSection {
@@ -159,6 +162,7 @@ impl Default for TrainSection {
             seed: 0,
             device: "cpu".into(),
             keep_last: 2,
+            precision: kd_kernels::Precision::F32,
         }
     }
 }

@@ -112,8 +112,9 @@ pub fn run(
                 ds.name
             );
         }
-        let t = Teacher::load(p, &device)
+        let mut t = Teacher::load(p, &device)
             .with_context(|| format!("loading the teacher {}", p.display()))?;
+        t.set_compute_dtype(cfg.train.precision.activation_dtype())?;
         if t.meta().num_classes != num_classes {
             bail!(
                 "the teacher {} has {} classes, {} has {}",
@@ -125,8 +126,9 @@ pub fn run(
         }
         Some(t)
     };
+    cfg.train.precision.apply();
     let mcfg = cfg.resnet(num_classes);
-    let built = build_student(
+    let mut built = build_student(
         &mcfg,
         &cfg.method,
         teacher.as_ref(),
@@ -134,6 +136,11 @@ pub fn run(
         cfg.train.seed,
         cfg.train.label_smoothing,
     )?;
+    let dtype = cfg.train.precision.activation_dtype();
+    built.model.set_compute_dtype(dtype)?;
+    for p in &mut built.peers {
+        p.model.set_compute_dtype(dtype)?;
+    }
     std::fs::create_dir_all(run_dir)
         .with_context(|| format!("creating the run directory {}", run_dir.display()))?;
     let info = RunInfo {

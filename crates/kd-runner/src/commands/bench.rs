@@ -1,7 +1,9 @@
 //! `kd-runner bench`: images per second of the three workloads of the study — a training step
 //! (forward, cross-entropy, backward, SGD), inference, and a KD step (frozen teacher forward +
 //! student training step with the Hinton loss) — on synthetic batches, warm-up excluded, the
-//! device synchronised before each clock reading. Prints one table.
+//! device synchronised before each clock reading, at each `--precision`. Prints one table, and
+//! one `BENCH workload=… precision=… images_per_s=…` line per row for scripts
+//! (`tools/gpu/ratio.py` divides them by PyTorch's figures measured on the same card).
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
@@ -38,6 +40,9 @@ pub struct BenchArgs {
     /// Workloads: train, infer, kd (comma-separated).
     #[arg(long, default_value = "train,infer,kd", value_delimiter = ',')]
     pub workloads: Vec<String>,
+    /// Precisions to time: f32, tf32, bf16 (comma-separated).
+    #[arg(long, default_value = "f32", value_delimiter = ',')]
+    pub precision: Vec<kd_kernels::Precision>,
 }
 
 /// Times `steps` calls of `f` after `warmup` untimed ones; images per second.
@@ -73,11 +78,8 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         args.batch,
         &device,
     )?;
-    let (student, svars) = trainable_resnet(&cfg(args.model), &device, 0)?;
-    let (teacher, _tvars) = trainable_resnet(&cfg(args.teacher), &device, 1)?;
-    let mut opt = Sgd::new(kd_train::trainable_vars(&svars), SgdConfig::default());
     println!(
-        "device {:?}, batch {}, stem {}, width {}, f32; {} timed steps after {} warm-up",
+        "device {:?}, batch {}, stem {}, width {}; {} timed steps after {} warm-up",
         device,
         args.batch,
         args.stem.name(),
@@ -85,41 +87,61 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         args.steps,
         args.warmup
     );
-    println!("| workload | images/s |\n|---|---|");
-    for w in &args.workloads {
-        let (label, ips) = match w.as_str() {
-            "train" => (
-                format!("{} train step", args.model.name()),
-                time(&device, args.batch, args.warmup, args.steps, || {
-                    let out = student.forward_t(&x, true)?;
-                    let loss = candle_nn::loss::cross_entropy(&out.logits, &y)?;
-                    opt.step(&loss.backward()?, 0.01)?;
-                    Ok(())
-                })?,
-            ),
-            "infer" => (
-                format!("{} inference", args.teacher.name()),
-                time(&device, args.batch, args.warmup, args.steps, || {
-                    let _ = teacher.forward_t(&x, false)?.logits.to_dtype(DType::F32)?;
-                    Ok(())
-                })?,
-            ),
-            "kd" => (
-                format!("KD step ({} → {})", args.teacher.name(), args.model.name()),
-                time(&device, args.batch, args.warmup, args.steps, || {
-                    let t = teacher.forward_t(&x, false)?.logits.detach();
-                    let out = student.forward_t(&x, true)?;
-                    let loss = ((candle_nn::loss::cross_entropy(&out.logits, &y)? * 0.1)?
-                        + (kd_losses::kd_loss(&out.logits, &t, 4.0)? * 0.9)?)?;
-                    opt.step(&loss.backward()?, 0.01)?;
-                    Ok(())
-                })?,
-            ),
-            other => anyhow::bail!(
-                "--workloads: unknown workload {other:?}; expected train, infer or kd"
-            ),
-        };
-        println!("| {label} | {ips:.1} |");
+    let mut rows = Vec::new();
+    for &precision in &args.precision {
+        precision.apply();
+        let dtype = precision.activation_dtype();
+        let (mut student, svars) = trainable_resnet(&cfg(args.model), &device, 0)?;
+        let (mut teacher, _tvars) = trainable_resnet(&cfg(args.teacher), &device, 1)?;
+        student.set_compute_dtype(dtype)?;
+        teacher.set_compute_dtype(dtype)?;
+        let mut opt = Sgd::new(kd_train::trainable_vars(&svars), SgdConfig::default());
+        for w in &args.workloads {
+            let (key, label, ips) = match w.as_str() {
+                "train" => (
+                    format!("{}-train", args.model.name()),
+                    format!("{} train step", args.model.name()),
+                    time(&device, args.batch, args.warmup, args.steps, || {
+                        let out = student.forward_t(&x, true)?;
+                        let loss = candle_nn::loss::cross_entropy(&out.logits, &y)?;
+                        opt.step(&loss.backward()?, 0.01)?;
+                        Ok(())
+                    })?,
+                ),
+                "infer" => (
+                    format!("{}-infer", args.teacher.name()),
+                    format!("{} inference", args.teacher.name()),
+                    time(&device, args.batch, args.warmup, args.steps, || {
+                        let _ = teacher.forward_t(&x, false)?.logits.to_dtype(DType::F32)?;
+                        Ok(())
+                    })?,
+                ),
+                "kd" => (
+                    "kd-step".to_string(),
+                    format!("KD step ({} → {})", args.teacher.name(), args.model.name()),
+                    time(&device, args.batch, args.warmup, args.steps, || {
+                        let t = teacher.forward_t(&x, false)?.logits.detach();
+                        let out = student.forward_t(&x, true)?;
+                        let loss = ((candle_nn::loss::cross_entropy(&out.logits, &y)? * 0.1)?
+                            + (kd_losses::kd_loss(&out.logits, &t, 4.0)? * 0.9)?)?;
+                        opt.step(&loss.backward()?, 0.01)?;
+                        Ok(())
+                    })?,
+                ),
+                other => anyhow::bail!(
+                    "--workloads: unknown workload {other:?}; expected train, infer or kd"
+                ),
+            };
+            println!("BENCH workload={key} precision={precision} images_per_s={ips:.1}");
+            rows.push((label, precision, ips));
+        }
+    }
+    println!("| workload | precision | images/s | ms/step |\n|---|---|---|---|");
+    for (label, precision, ips) in rows {
+        println!(
+            "| {label} | {precision} | {ips:.1} | {:.2} |",
+            1000.0 * args.batch as f64 / ips
+        );
     }
     Ok(())
 }

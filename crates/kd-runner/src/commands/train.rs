@@ -75,6 +75,10 @@ pub struct TrainArgs {
     /// train.device: cpu, cuda or cuda:N.
     #[arg(long)]
     pub device: Option<String>,
+    /// train.precision: f32, tf32 (TF32 tensor cores for f32 convolutions and matmuls) or bf16
+    /// (bf16 activations, f32 master weights).
+    #[arg(long)]
+    pub precision: Option<kd_kernels::Precision>,
     /// data.subset: train on a class-balanced fraction of the training split, in (0, 1].
     #[arg(long)]
     pub subset: Option<f64>,
@@ -122,6 +126,7 @@ impl TrainArgs {
         set(&mut t.label_smoothing, self.label_smoothing);
         set(&mut t.seed, self.seed);
         set(&mut t.device, self.device.clone());
+        set(&mut t.precision, self.precision);
         set(
             &mut cfg.teacher.path,
             self.teacher.as_ref().map(|p| p.display().to_string()),
