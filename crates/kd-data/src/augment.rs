@@ -203,19 +203,63 @@ pub struct MixInfo {
     pub lambda: f32,
 }
 
+/// One batch's mixing, drawn before any pixel is touched, so the host and the device (a
+/// resident data set) mix identically: λ, the partner of each sample, and CutMix's box.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MixPlan {
+    /// Weight of the original image and label (for CutMix, recomputed from the clipped box).
+    pub lambda: f32,
+    /// Sample `i` is mixed with sample `perm[i]` of the same batch.
+    pub perm: Vec<usize>,
+    /// CutMix's pasted box, rows `y0..y1` and columns `x0..x1`; `None` for mixup.
+    pub cut: Option<[usize; 4]>,
+}
+
+impl MixPlan {
+    /// Mixes normalised images (B×C×H×W in `images`) in place.
+    pub fn apply_host(&self, images: &mut [f32], c: usize, h: usize, w: usize) {
+        let b = self.perm.len();
+        let n = c * h * w;
+        let src = images.to_vec();
+        match self.cut {
+            None => {
+                let lambda = self.lambda;
+                for i in 0..b {
+                    let j = self.perm[i];
+                    for k in 0..n {
+                        images[i * n + k] =
+                            lambda * src[i * n + k] + (1.0 - lambda) * src[j * n + k];
+                    }
+                }
+            }
+            Some([y0, y1, x0, x1]) => {
+                for i in 0..b {
+                    let j = self.perm[i];
+                    for ch in 0..c {
+                        for y in y0..y1 {
+                            let row = (ch * h + y) * w;
+                            images[i * n + row + x0..i * n + row + x1]
+                                .copy_from_slice(&src[j * n + row + x0..j * n + row + x1]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The labels mixed in, per sample.
+    pub fn info(&self, labels: &[u32]) -> MixInfo {
+        MixInfo {
+            labels_b: self.perm.iter().map(|&j| labels[j]).collect(),
+            lambda: self.lambda,
+        }
+    }
+}
+
 impl Mix {
-    /// Mixes a batch of normalised images (B×C×H×W in `images`) in place, one λ per batch
-    /// and a random pairing, as the reference implementations do.
-    pub fn apply(
-        &self,
-        images: &mut [f32],
-        labels: &[u32],
-        c: usize,
-        h: usize,
-        w: usize,
-        rng: &mut impl Rng,
-    ) -> Result<MixInfo> {
-        let b = labels.len();
+    /// Draws the mixing of a batch of `b` images of `h`×`w`: one λ per batch and a random
+    /// pairing, as the reference implementations do.
+    pub fn draw(&self, b: usize, h: usize, w: usize, rng: &mut impl Rng) -> Result<MixPlan> {
         let alpha = match *self {
             Mix::Mixup { alpha } | Mix::Cutmix { alpha } => alpha,
         };
@@ -223,21 +267,15 @@ impl Mix {
             field: "mix.alpha",
             message: format!("{alpha}: {e}"),
         })?;
-        let mut lambda: f32 = beta.sample(rng);
+        let lambda: f32 = beta.sample(rng);
         let mut perm: Vec<usize> = (0..b).collect();
         rand::seq::SliceRandom::shuffle(perm.as_mut_slice(), rng);
-        let n = c * h * w;
-        let src = images.to_vec();
-        match *self {
-            Mix::Mixup { .. } => {
-                for i in 0..b {
-                    let j = perm[i];
-                    for k in 0..n {
-                        images[i * n + k] =
-                            lambda * src[i * n + k] + (1.0 - lambda) * src[j * n + k];
-                    }
-                }
-            }
+        Ok(match *self {
+            Mix::Mixup { .. } => MixPlan {
+                lambda,
+                perm,
+                cut: None,
+            },
             Mix::Cutmix { .. } => {
                 let ratio = (1.0 - lambda).sqrt();
                 let cut_h = (h as f32 * ratio) as usize;
@@ -248,23 +286,29 @@ impl Mix {
                 let y1 = (cy + cut_h / 2).min(h);
                 let x0 = cx.saturating_sub(cut_w / 2);
                 let x1 = (cx + cut_w / 2).min(w);
-                for i in 0..b {
-                    let j = perm[i];
-                    for ch in 0..c {
-                        for y in y0..y1 {
-                            let row = (ch * h + y) * w;
-                            images[i * n + row + x0..i * n + row + x1]
-                                .copy_from_slice(&src[j * n + row + x0..j * n + row + x1]);
-                        }
-                    }
+                MixPlan {
+                    lambda: 1.0 - ((y1 - y0) * (x1 - x0)) as f32 / (h * w) as f32,
+                    perm,
+                    cut: Some([y0, y1, x0, x1]),
                 }
-                lambda = 1.0 - ((y1 - y0) * (x1 - x0)) as f32 / (h * w) as f32;
             }
-        }
-        Ok(MixInfo {
-            labels_b: perm.iter().map(|&j| labels[j]).collect(),
-            lambda,
         })
+    }
+
+    /// Mixes a batch of normalised images (B×C×H×W in `images`) in place: [`Mix::draw`] then
+    /// [`MixPlan::apply_host`].
+    pub fn apply(
+        &self,
+        images: &mut [f32],
+        labels: &[u32],
+        c: usize,
+        h: usize,
+        w: usize,
+        rng: &mut impl Rng,
+    ) -> Result<MixInfo> {
+        let plan = self.draw(labels.len(), h, w, rng)?;
+        plan.apply_host(images, c, h, w);
+        Ok(plan.info(labels))
     }
 }
 

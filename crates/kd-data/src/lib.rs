@@ -28,7 +28,7 @@ pub mod loader;
 mod spec;
 pub mod subset;
 
-pub use augment::{Augment, CropFlip, Mix, MixInfo, Normalize};
+pub use augment::{Augment, CropFlip, Mix, MixInfo, MixPlan, Normalize};
 pub use cifar::{load_cifar10, load_cifar100};
 pub use dataset::{Dataset, Split};
 pub use error::{DataError, Result};

@@ -1,16 +1,18 @@
 //! The batch loader: a seeded per-epoch shuffle, optional drop-last, and a background thread
 //! that augments the next batches (in parallel with rayon) while the model trains on this one.
-//! Batches arrive as candle tensors on the chosen device.
+//! Batches arrive as candle tensors on the chosen device. With [`LoaderConfig::resident`] the
+//! pixels live on the device and only per-image plans are prepared on the host.
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use crossbeam_channel::{bounded, Receiver};
+use kd_kernels::{augment_batch, AugmentPlan, Normalisation};
 use rand::seq::SliceRandom;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::augment::{sample_rng, Augment, Mix, MixInfo, Normalize, Stream};
+use crate::augment::{sample_rng, Augment, Mix, MixInfo, MixPlan, Normalize, Stream};
 use crate::{DataError, Result, Split};
 
 /// How batches are drawn and prepared.
@@ -35,6 +37,11 @@ pub struct LoaderConfig {
     /// A second image per sample, for methods that compare two inputs (none by default).
     #[serde(default)]
     pub pair: Option<Pairing>,
+    /// Keep the split's uint8 pixels on the loader's device and augment there (kd-kernels'
+    /// augmentation kernel on CUDA): per batch only the crop/flip plan (16 bytes an image)
+    /// crosses from the host. Same plans, same streams, so the same batches as on the host.
+    #[serde(default)]
+    pub resident: bool,
 }
 
 /// Which second image a sample brings along ([`Batch::paired`]).
@@ -61,6 +68,7 @@ impl LoaderConfig {
             seed,
             prefetch: 2,
             pair: None,
+            resident: false,
         }
     }
 
@@ -76,6 +84,7 @@ impl LoaderConfig {
             seed: 0,
             prefetch: 2,
             pair: None,
+            resident: false,
         }
     }
 }
@@ -93,6 +102,12 @@ pub struct HostBatch {
     pub indices: Vec<usize>,
     /// The paired images, B×C×H×W, when pairing is on.
     pub paired: Option<Vec<f32>>,
+    /// For a resident data set: how to make each image on the device (`images` is then empty).
+    pub plans: Option<Vec<AugmentPlan>>,
+    /// For a resident data set: how to make each paired image (`paired` is then `None`).
+    pub paired_plans: Option<Vec<AugmentPlan>>,
+    /// For a resident data set: the batch's mixing, applied on the device.
+    pub mix_plan: Option<MixPlan>,
 }
 
 /// A batch on the device.
@@ -119,6 +134,15 @@ pub struct Loader {
     device: Device,
     /// Positions of each class's images (for same-class pairing).
     by_class: Arc<Vec<Vec<usize>>>,
+    /// The split's pixels on the device, when [`LoaderConfig::resident`].
+    resident: Option<Arc<Resident>>,
+}
+
+/// A split's pixels kept on the device, and the normalisation the kernel applies.
+#[derive(Debug)]
+struct Resident {
+    images: Tensor,
+    norm: Normalisation,
 }
 
 impl Loader {
@@ -155,11 +179,20 @@ impl Loader {
                 by_class[l as usize].push(i);
             }
         }
+        let resident = if cfg.resident {
+            let (n, h, w) = (split.len(), split.height, split.width);
+            let images = Tensor::from_slice(&split.images, (n, 3, h, w), &device)?;
+            let norm = Normalisation::from_mean_std(&cfg.normalize.mean, &cfg.normalize.std);
+            Some(Arc::new(Resident { images, norm }))
+        } else {
+            None
+        };
         Ok(Loader {
             split,
             cfg,
             device,
             by_class: Arc::new(by_class),
+            resident,
         })
     }
 
@@ -201,6 +234,9 @@ impl Loader {
     pub fn host_batch(&self, epoch: u64, batch: usize, order: &[usize]) -> Result<HostBatch> {
         let bs = self.cfg.batch_size;
         let indices = order[batch * bs..((batch + 1) * bs).min(order.len())].to_vec();
+        if self.resident.is_some() {
+            return self.plan_batch(epoch, batch, indices);
+        }
         let (h, w) = (self.split.height, self.split.width);
         let n = 3 * h * w;
         let mut images = vec![0f32; indices.len() * n];
@@ -255,13 +291,125 @@ impl Loader {
             mix,
             indices,
             paired,
+            plans: None,
+            paired_plans: None,
+            mix_plan: None,
         })
+    }
+
+    /// [`Loader::host_batch`] for a resident data set: the same draws from the same streams,
+    /// kept as plans for the device.
+    fn plan_batch(&self, epoch: u64, batch: usize, indices: Vec<usize>) -> Result<HostBatch> {
+        let (seed, aug) = (self.cfg.seed, self.cfg.augment);
+        let first = (batch * self.cfg.batch_size) as u64;
+        let plan = |j: usize, stream: Stream, pos: u64| {
+            let t = aug.sample(&mut sample_rng(seed, stream, epoch, pos));
+            AugmentPlan {
+                index: j as u32,
+                oy: t.oy as u32,
+                ox: t.ox as u32,
+                flip: t.flip,
+            }
+        };
+        let plans = indices
+            .iter()
+            .enumerate()
+            .map(|(k, &i)| plan(i, Stream::Augment, first + k as u64))
+            .collect();
+        let paired_plans = self.cfg.pair.map(|pairing| {
+            indices
+                .iter()
+                .enumerate()
+                .map(|(k, &i)| {
+                    let pos = first + k as u64;
+                    let j = match pairing {
+                        Pairing::SecondView => i,
+                        Pairing::SameClass => self.partner(i, epoch, pos),
+                    };
+                    plan(j, Stream::SecondView, pos)
+                })
+                .collect()
+        });
+        let labels: Vec<u32> = indices.iter().map(|&i| self.split.labels[i]).collect();
+        let (h, w) = (self.split.height, self.split.width);
+        let mix_plan = match &self.cfg.mix {
+            Some(m) => Some(m.draw(
+                indices.len(),
+                h,
+                w,
+                &mut sample_rng(seed, Stream::Mix, epoch, batch as u64),
+            )?),
+            None => None,
+        };
+        Ok(HostBatch {
+            images: Vec::new(),
+            mix: mix_plan.as_ref().map(|p| p.info(&labels)),
+            labels,
+            indices,
+            paired: None,
+            plans: Some(plans),
+            paired_plans,
+            mix_plan,
+        })
+    }
+
+    /// Makes a resident batch's images on the device from its plans, then mixes them.
+    fn resident_images(&self, res: &Resident, hb: &HostBatch) -> Result<(Tensor, Option<Tensor>)> {
+        let pad = self.cfg.augment.crop_padding;
+        let make =
+            |plans: &[AugmentPlan]| augment_batch(&res.images, plans, pad, &res.norm, DType::F32);
+        let Some(plans) = &hb.plans else {
+            return Err(DataError::Invalid {
+                field: "batch",
+                message: "a resident loader got a batch without plans".into(),
+            });
+        };
+        let mut images = make(plans)?;
+        if let Some(mp) = &hb.mix_plan {
+            let perm: Vec<u32> = mp.perm.iter().map(|&j| j as u32).collect();
+            let perm = Tensor::from_vec(perm, mp.perm.len(), &self.device)?;
+            let partner = images.index_select(&perm, 0)?;
+            images = match mp.cut {
+                None => ((&images * mp.lambda as f64)? + (partner * (1.0 - mp.lambda as f64))?)?,
+                Some([y0, y1, x0, x1]) => {
+                    let (h, w) = (self.split.height, self.split.width);
+                    let mask: Vec<f32> = (0..h * w)
+                        .map(|k| {
+                            ((y0..y1).contains(&(k / w)) && (x0..x1).contains(&(k % w))) as u8
+                                as f32
+                        })
+                        .collect();
+                    let mask = Tensor::from_vec(mask, (1, 1, h, w), &self.device)?;
+                    let keep = (1.0 - &mask)?;
+                    (images.broadcast_mul(&keep)? + partner.broadcast_mul(&mask)?)?
+                }
+            };
+        }
+        let paired = match &hb.paired_plans {
+            Some(p) => Some(make(p)?),
+            None => None,
+        };
+        Ok((images, paired))
     }
 
     /// Moves a host batch to the device.
     pub fn to_device(&self, hb: HostBatch) -> Result<Batch> {
         let b = hb.labels.len();
         let (h, w) = (self.split.height, self.split.width);
+        if let Some(res) = &self.resident {
+            let (images, paired) = self.resident_images(res, &hb)?;
+            let mix = match hb.mix {
+                Some(m) => Some((Tensor::from_vec(m.labels_b, b, &self.device)?, m.lambda)),
+                None => None,
+            };
+            return Ok(Batch {
+                images,
+                labels: Tensor::from_vec(hb.labels, b, &self.device)?,
+                mix,
+                indices: hb.indices,
+                paired,
+            });
+        }
         let images = Tensor::from_vec(hb.images, (b, 3, h, w), &self.device)?;
         let labels = Tensor::from_vec(hb.labels, b, &self.device)?;
         let mix = match hb.mix {

@@ -97,7 +97,10 @@ pub fn run(
     let n_test = test_split.len();
     let test = Loader::new(
         Arc::new(test_split),
-        LoaderConfig::eval(cfg.data.eval_batch_size, norm),
+        LoaderConfig {
+            resident: cfg.data.resident,
+            ..LoaderConfig::eval(cfg.data.eval_batch_size, norm)
+        },
         device.clone(),
     )?;
     let teacher = if cfg.teacher.path.is_empty() || !cfg.method.needs_teacher() {
