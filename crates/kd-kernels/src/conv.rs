@@ -130,13 +130,10 @@ impl CustomOp2 for Conv2dForward {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let y = cpu::tensor(s1, l1)?.conv2d(
-            &cpu::tensor(s2, l2)?,
-            self.0.padding,
-            self.0.stride,
-            1,
-            1,
-        )?;
+        let g = self.0;
+        let y = in_f32_on_cpu([&cpu::tensor(s1, l1)?, &cpu::tensor(s2, l2)?], |x, w| {
+            x.conv2d(w, g.padding, g.stride, 1, 1)
+        })?;
         Ok((cpu::storage(&y)?, y.shape().clone()))
     }
 

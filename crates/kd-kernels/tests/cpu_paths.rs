@@ -290,3 +290,34 @@ fn precision_parses_and_names_itself() {
     let e = "fp16".parse::<Precision>().unwrap_err();
     assert!(e.contains("f32, tf32, bf16"), "{e}");
 }
+
+#[test]
+fn bf16_conv_accumulates_in_f32_forward_and_backward() {
+    let mut rng = ChaCha8Rng::seed_from_u64(4);
+    let g = Conv2dGeometry {
+        stride: 2,
+        padding: 1,
+    };
+    let x = randn(&mut rng, &[2, 4, 8, 8], DType::BF16);
+    let w = randn(&mut rng, &[3, 4, 3, 3], DType::BF16);
+    let (xv, wv) = (Var::from_tensor(&x).unwrap(), Var::from_tensor(&w).unwrap());
+    let y = conv2d_custom(&xv, &wv, g).unwrap();
+    assert_eq!(y.dtype(), DType::BF16);
+    // Reference: the same bf16 operands in f32, the result rounded once.
+    let (xf, wf) = (
+        Var::from_tensor(&x.to_dtype(DType::F32).unwrap()).unwrap(),
+        Var::from_tensor(&w.to_dtype(DType::F32).unwrap()).unwrap(),
+    );
+    let yf = xf.conv2d(&wf, 1, 2, 1, 1).unwrap();
+    assert!(max_rel(&y, &yf) < 1e-2);
+    let r = randn(&mut rng, y.dims(), DType::F32);
+    let gb = (y.to_dtype(DType::F32).unwrap() * &r)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let gf = (yf * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    assert!(max_rel(gb.get(&xv).unwrap(), gf.get(&xf).unwrap()) < 2e-2);
+    assert!(max_rel(gb.get(&wv).unwrap(), gf.get(&wf).unwrap()) < 2e-2);
+}

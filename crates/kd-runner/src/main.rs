@@ -41,6 +41,8 @@ enum Cmd {
     List,
     /// Images per second of a training step, inference and a KD step on synthetic batches.
     Bench(commands::bench::BenchArgs),
+    /// Check every custom op and CUDA kernel on a device against the CPU path (forward, backward, each precision).
+    Selfcheck(commands::selfcheck::SelfcheckArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -71,6 +73,7 @@ fn run() -> anyhow::Result<()> {
         Some(Cmd::Report(args)) => commands::report::run(&args)?,
         Some(Cmd::List) => commands::list::run()?,
         Some(Cmd::Bench(args)) => commands::bench::run(&args)?,
+        Some(Cmd::Selfcheck(args)) => commands::selfcheck::run(&args)?,
         None => commands::main_job::run()?,
     }
     Ok(())

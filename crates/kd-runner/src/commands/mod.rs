@@ -5,5 +5,6 @@ pub mod eval;
 pub mod list;
 pub mod main_job;
 pub mod report;
+pub mod selfcheck;
 pub mod suite;
 pub mod train;

@@ -1,0 +1,322 @@
+//! `kd-runner selfcheck --device cuda`: every custom op and kernel on the device against the
+//! CPU path, forward and backward, at each precision, then one whole ResNet training step.
+//! Prints one row per check (max relative error and its bound) and fails if any is out of
+//! bounds. The device script runs it before any timing; on the CPU it compares the CPU with
+//! itself (a smoke run of the command, nothing more).
+use std::sync::Arc;
+
+use anyhow::bail;
+use candle_core::{DType, Device, Tensor, Var};
+use kd_data::{Loader, LoaderConfig, Mix, Normalize, Split};
+use kd_kernels::{
+    augment_batch, batch_norm_train, conv2d_custom, AugmentPlan, Conv2dGeometry, MaxPool2d,
+    Normalisation, Precision,
+};
+use kd_models::{trainable_resnet, Arch, ResNetConfig, Stem};
+
+/// Arguments of `selfcheck`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct SelfcheckArgs {
+    /// The device to check against the CPU: cuda or cuda:N.
+    #[arg(long, default_value = "cuda")]
+    pub device: String,
+}
+
+/// max |a − b| / max |b|, both compared in f32 on the CPU.
+fn rel(a: &Tensor, b: &Tensor) -> anyhow::Result<f32> {
+    let a = a
+        .to_device(&Device::Cpu)?
+        .to_dtype(DType::F32)?
+        .flatten_all()?;
+    let b = b
+        .to_device(&Device::Cpu)?
+        .to_dtype(DType::F32)?
+        .flatten_all()?;
+    let scale = b.abs()?.max(0)?.to_scalar::<f32>()?.max(1e-12);
+    Ok((a - b)?.abs()?.max(0)?.to_scalar::<f32>()? / scale)
+}
+
+struct Checks {
+    rows: Vec<(String, f32, f32)>,
+}
+
+impl Checks {
+    fn add(&mut self, name: String, err: f32, bound: f32) {
+        let ok = if err <= bound { "ok" } else { "FAIL" };
+        println!("| {name} | {err:.2e} | {bound:.0e} | {ok} |");
+        self.rows.push((name, err, bound));
+    }
+}
+
+fn bound(p: Precision) -> f32 {
+    match p {
+        Precision::F32 => 1e-4,
+        Precision::Tf32 => 1e-2,
+        Precision::Bf16 => 5e-2,
+    }
+}
+
+/// Random values in [-1, 1) from a seeded CPU generator, copied to `dev`.
+fn rand(shape: &[usize], seed: u64, dev: &Device) -> anyhow::Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let mut z = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let v: Vec<f32> = (0..n)
+        .map(|_| {
+            z ^= z << 13;
+            z ^= z >> 7;
+            z ^= z << 17;
+            (z >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect();
+    Ok(Tensor::from_vec(v, shape, dev)?)
+}
+
+fn check_conv(c: &mut Checks, dev: &Device) -> anyhow::Result<()> {
+    // ResNet18/50 shapes at CIFAR sizes: 3×3 stride 1 and 2, 1×1 shortcuts and bottlenecks.
+    let cases = [
+        (64, 3, 32, 64, 3, 1),
+        (64, 64, 32, 128, 3, 2),
+        (64, 64, 32, 128, 1, 2),
+        (64, 256, 8, 64, 1, 1),
+        (64, 512, 4, 512, 3, 1),
+    ];
+    for p in Precision::ALL {
+        p.apply();
+        for (i, &(n, ci, hw, co, k, s)) in cases.iter().enumerate() {
+            let g = Conv2dGeometry {
+                stride: s,
+                padding: k / 2,
+            };
+            let x = rand(&[n, ci, hw, hw], 10 + i as u64, &Device::Cpu)?;
+            let w = (rand(&[co, ci, k, k], 20 + i as u64, &Device::Cpu)? * 0.1)?;
+            let r = rand(
+                &[
+                    n,
+                    co,
+                    (hw + 2 * (k / 2) - k) / s + 1,
+                    (hw + 2 * (k / 2) - k) / s + 1,
+                ],
+                30,
+                &Device::Cpu,
+            )?;
+            // CPU reference in f32 on the same (bf16-rounded, for bf16) operands.
+            let dt = p.activation_dtype();
+            let (xr, wr) = (
+                x.to_dtype(dt)?.to_dtype(DType::F32)?,
+                w.to_dtype(dt)?.to_dtype(DType::F32)?,
+            );
+            let (xv, wv) = (Var::from_tensor(&xr)?, Var::from_tensor(&wr)?);
+            let y_ref = xv.conv2d(&wv, g.padding, g.stride, 1, 1)?;
+            let gr = (&y_ref * &r)?.sum_all()?.backward()?;
+            let (xd, wd) = (
+                Var::from_tensor(&x.to_dtype(dt)?.to_device(dev)?)?,
+                Var::from_tensor(&w.to_dtype(dt)?.to_device(dev)?)?,
+            );
+            let y = conv2d_custom(&xd, &wd, g)?;
+            let gd = (y.to_dtype(DType::F32)? * r.to_device(dev)?)?
+                .sum_all()?
+                .backward()?;
+            let tag = format!("conv {n}×{ci}×{hw}² → {co}, {k}×{k}/s{s}, {p}");
+            c.add(format!("{tag}: forward"), rel(&y, &y_ref)?, bound(p));
+            let gx = gd
+                .get(&xd)
+                .ok_or_else(|| anyhow::anyhow!("no input gradient"))?;
+            let gw = gd
+                .get(&wd)
+                .ok_or_else(|| anyhow::anyhow!("no kernel gradient"))?;
+            c.add(
+                format!("{tag}: backward data"),
+                rel(gx, gr.get(&xv).unwrap())?,
+                bound(p),
+            );
+            c.add(
+                format!("{tag}: backward filter"),
+                rel(gw, gr.get(&wv).unwrap())?,
+                bound(p),
+            );
+        }
+    }
+    Precision::F32.apply();
+    Ok(())
+}
+
+fn check_batch_norm(c: &mut Checks, dev: &Device) -> anyhow::Result<()> {
+    for dt in [DType::F32, DType::BF16] {
+        for relu in [false, true] {
+            let (n, ch, hw) = (64, 128, 16);
+            let x = ((rand(&[n, ch, hw, hw], 40, &Device::Cpu)? * 3.0)? + 0.5)?.to_dtype(dt)?;
+            let w = rand(&[ch], 41, &Device::Cpu)?;
+            let b = rand(&[ch], 42, &Device::Cpu)?;
+            let r = rand(&[n, ch, hw, hw], 43, &Device::Cpu)?;
+            let run = |d: &Device| -> anyhow::Result<Vec<Tensor>> {
+                let (xv, wv, bv) = (
+                    Var::from_tensor(&x.to_device(d)?)?,
+                    Var::from_tensor(&w.to_device(d)?)?,
+                    Var::from_tensor(&b.to_device(d)?)?,
+                );
+                let out = batch_norm_train(&xv, &wv, &bv, 1e-5, relu)?;
+                let g = (out.y.to_dtype(DType::F32)? * r.to_device(d)?)?
+                    .sum_all()?
+                    .backward()?;
+                Ok(vec![
+                    out.y,
+                    out.mean,
+                    out.var,
+                    g.get(&xv).unwrap().clone(),
+                    g.get(&wv).unwrap().clone(),
+                    g.get(&bv).unwrap().clone(),
+                ])
+            };
+            let (a, e) = (run(dev)?, run(&Device::Cpu)?);
+            let tol = if dt == DType::BF16 { 2e-2 } else { 1e-4 };
+            for (k, name) in ["y", "mean", "var", "dx", "dγ", "dβ"].iter().enumerate() {
+                c.add(
+                    format!("batch norm {dt:?} relu={relu}: {name}"),
+                    rel(&a[k], &e[k])?,
+                    tol,
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn check_max_pool(c: &mut Checks, dev: &Device) -> anyhow::Result<()> {
+    for dt in [DType::F32, DType::BF16] {
+        // Ties at 0 after a ReLU, as in the stem.
+        let x = rand(&[32, 64, 32, 32], 50, &Device::Cpu)?
+            .relu()?
+            .to_dtype(dt)?;
+        let r = rand(&[32, 64, 16, 16], 51, &Device::Cpu)?.to_dtype(dt)?;
+        let run = |d: &Device| -> anyhow::Result<(Tensor, Tensor)> {
+            let xv = Var::from_tensor(&x.to_device(d)?)?;
+            let y = MaxPool2d::RESNET_STEM.forward(&xv)?;
+            let g = (&y * r.to_device(d)?)?
+                .to_dtype(DType::F32)?
+                .sum_all()?
+                .backward()?;
+            Ok((y, g.get(&xv).unwrap().clone()))
+        };
+        let ((y, g), (ye, ge)) = (run(dev)?, run(&Device::Cpu)?);
+        c.add(format!("max-pool {dt:?}: forward"), rel(&y, &ye)?, 0.0);
+        c.add(
+            format!("max-pool {dt:?}: backward"),
+            rel(&g, &ge)?,
+            if dt == DType::BF16 { 1e-2 } else { 1e-6 },
+        );
+    }
+    Ok(())
+}
+
+fn check_augment(c: &mut Checks, dev: &Device) -> anyhow::Result<()> {
+    let n = 64;
+    let px: Vec<u8> = (0..n * 3072)
+        .map(|i| ((i * 7919) % 251 + 1) as u8)
+        .collect();
+    let images = Tensor::from_vec(px.clone(), (n, 3, 32, 32), &Device::Cpu)?;
+    let plans: Vec<AugmentPlan> = (0..128u32)
+        .map(|i| AugmentPlan {
+            index: (i * 37) % n as u32,
+            oy: i % 9,
+            ox: (i / 9) % 9,
+            flip: i % 2 == 1,
+        })
+        .collect();
+    let norm = Normalisation::from_mean_std(&Normalize::CIFAR10.mean, &Normalize::CIFAR10.std);
+    for dt in [DType::F32, DType::BF16] {
+        let a = augment_batch(&images.to_device(dev)?, &plans, 4, &norm, dt)?;
+        let e = augment_batch(&images, &plans, 4, &norm, dt)?;
+        c.add(format!("augment {dt:?}"), rel(&a, &e)?, 1e-5);
+    }
+    // The resident loader on the device against the host loader, with mixup.
+    let mut split = Split::empty(3, 32, 32);
+    split.images = px;
+    split.labels = (0..n as u32).map(|i| i % 10).collect();
+    let split = Arc::new(split);
+    let cfg = LoaderConfig {
+        mix: Some(Mix::Mixup { alpha: 1.0 }),
+        ..LoaderConfig::train(16, Normalize::CIFAR10, 3)
+    };
+    let host = Loader::new(split.clone(), cfg.clone(), dev.clone())?;
+    let resident = Loader::new(
+        split,
+        LoaderConfig {
+            resident: true,
+            ..cfg
+        },
+        dev.clone(),
+    )?;
+    let mut worst = 0f32;
+    for (a, b) in host.epoch(1, 0).zip(resident.epoch(1, 0)) {
+        worst = worst.max(rel(&b?.images, &a?.images)?);
+    }
+    c.add("resident loader vs host loader (mixup)".into(), worst, 1e-5);
+    Ok(())
+}
+
+fn check_model(c: &mut Checks, dev: &Device) -> anyhow::Result<()> {
+    let cfg = ResNetConfig {
+        base_width: 16,
+        ..ResNetConfig::new(Arch::Resnet18, Stem::CifarMaxpool, 10)
+    };
+    let x = rand(&[32, 3, 32, 32], 60, &Device::Cpu)?;
+    let y = Tensor::from_vec(
+        (0..32u32).map(|i| i % 10).collect::<Vec<_>>(),
+        32,
+        &Device::Cpu,
+    )?;
+    for p in [Precision::F32, Precision::Bf16] {
+        p.apply();
+        let run = |d: &Device, dtype: DType| -> anyhow::Result<(Tensor, Tensor)> {
+            let (mut m, vars) = trainable_resnet(&cfg, d, 0)?;
+            m.set_compute_dtype(dtype)?;
+            let out = m.forward_t(&x.to_device(d)?, true)?;
+            let loss = candle_nn::loss::cross_entropy(&out.logits, &y.to_device(d)?)?;
+            let g = loss.backward()?;
+            let w = vars.data().lock().unwrap()["conv1.weight"]
+                .as_tensor()
+                .clone();
+            Ok((out.logits, g.get(&w).unwrap().clone()))
+        };
+        let (l, g) = run(dev, p.activation_dtype())?;
+        let (le, ge) = run(&Device::Cpu, DType::F32)?;
+        let b = if p == Precision::F32 { 1e-3 } else { 0.1 };
+        c.add(
+            format!("ResNet18 w16 (max-pool stem) train step {p}: logits"),
+            rel(&l, &le)?,
+            b,
+        );
+        c.add(
+            format!("ResNet18 w16 (max-pool stem) train step {p}: stem gradient"),
+            rel(&g, &ge)?,
+            b * 5.0,
+        );
+    }
+    Precision::F32.apply();
+    Ok(())
+}
+
+/// Runs `selfcheck`.
+pub fn run(args: &SelfcheckArgs) -> anyhow::Result<()> {
+    let dev = crate::device::open(&args.device)?;
+    println!("selfcheck: {dev:?} against the CPU");
+    if dev.is_cuda() {
+        #[cfg(feature = "cuda")]
+        for (m, bytes) in kd_kernels::compile_all_kernels()? {
+            println!("NVRTC {m}: {bytes} bytes of PTX");
+        }
+    }
+    println!("| check | max rel. error | bound | |\n|---|---|---|---|");
+    let mut c = Checks { rows: Vec::new() };
+    check_conv(&mut c, &dev)?;
+    check_batch_norm(&mut c, &dev)?;
+    check_max_pool(&mut c, &dev)?;
+    check_augment(&mut c, &dev)?;
+    check_model(&mut c, &dev)?;
+    let failed: Vec<_> = c.rows.iter().filter(|r| !(r.1 <= r.2)).collect();
+    println!("{} checks, {} failed", c.rows.len(), failed.len());
+    if !failed.is_empty() {
+        bail!("{} of {} checks out of bounds", failed.len(), c.rows.len());
+    }
+    Ok(())
+}
