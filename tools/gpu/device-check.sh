@@ -1,16 +1,44 @@
 #!/usr/bin/env bash
-# On the GPU machine (run from the checkout with .gpu/ carried): kd's bench and PyTorch's
-# reference throughput on the same card in one call, then a short training run on the CIFAR-10
-# copy. Logs go to $OUT. Usage: bash .gpu/device-check.sh [EPOCHS=2]
+# On the GPU machine, from the checkout with .gpu/ carried (tools/gpu/prepare.sh builds it).
+# Logs go to $OUT, written as each step ends, so a cut-off call still returns what finished.
+#   bash .gpu/device-check.sh perf    # selfcheck, kd bench, PyTorch throughput, ratios (~5 min)
+#   bash .gpu/device-check.sh train   # 15-epoch ResNet18 on the CIFAR-10 copy, kd and PyTorch (~5 min)
+# Each step has its own time limit, so one slow step cannot eat the call.
 set -uo pipefail
+MODE="${1:-perf}"
 OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
-xz -dc .gpu/kd-runner.xz > /tmp/kd-runner && chmod +x /tmp/kd-runner
+[ -x /tmp/kd-runner ] || { xz -dc .gpu/kd-runner.xz > /tmp/kd-runner && chmod +x /tmp/kd-runner; }
 # shellcheck disable=SC1091
 source .gpu/device-env.sh
-nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
-python3 .gpu/make-cifar10-bin.py /tmp/c10 --src .gpu/cifar10-jpeg.tar.gz > "$OUT/data.txt" 2>&1
-/tmp/kd-runner bench --device cuda --batch 256 --stem cifar --steps 20 --warmup 3 2>&1 | tee "$OUT/kd-bench.txt"
-python3 .gpu/torch_ref.py throughput --no-maxpool --batch 256 2>&1 | tee "$OUT/torch-bench.txt"
-mkdir -p /tmp/kdd && ln -sfn /tmp/c10 /tmp/kdd/cifar10
-/tmp/kd-runner train --device cuda --data-dir /tmp/kdd --dataset cifar10 --stem cifar --batch-size 512 \
-  --epochs "${1:-2}" --lr 0.4 --warmup-epochs 1 --run-dir "$OUT/r18" 2>&1 | tail -5 | tee "$OUT/train.txt"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+step() { # name limit command...
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  timeout "$limit" "$@" > "$OUT/$name.txt" 2>&1
+  local rc=$?
+  echo "$name: rc $rc, $((SECONDS - t0)) s" | tee -a "$OUT/steps.txt"
+  tail -40 "$OUT/$name.txt"
+}
+case "$MODE" in
+perf)
+  step selfcheck 150 /tmp/kd-runner selfcheck --device cuda
+  step kd-bench 200 /tmp/kd-runner bench --device cuda --batch 256 --stem cifar --steps 20 --warmup 5 \
+    --precision f32,tf32,bf16
+  step torch-bench 200 python3 .gpu/torch_ref.py throughput --no-maxpool --batch 256 --warmup 10 --steps 30
+  python3 .gpu/ratio.py "$OUT/kd-bench.txt" "$OUT/torch-bench.txt" | tee "$OUT/ratio.md"
+  ;;
+train)
+  [ -d /tmp/c10 ] || python3 .gpu/make-cifar10-bin.py /tmp/c10 --src .gpu/cifar10-jpeg.tar.gz > "$OUT/data.txt" 2>&1
+  mkdir -p /tmp/kdd && ln -sfn /tmp/c10 /tmp/kdd/cifar10
+  # PyTorch's recipe (torch_ref.py train): batch 512, peak lr 0.4, 1 warm-up epoch then cosine,
+  # Nesterov SGD, weight decay 5e-4 on every parameter, bf16, crop + flip, no max-pool stem.
+  step kd-train 330 /tmp/kd-runner train --device cuda --data-dir /tmp/kdd --dataset cifar10 \
+    --model resnet18 --stem cifar --batch-size 512 --epochs "${EPOCHS:-15}" --lr 0.4 --warmup-epochs 1 \
+    --weight-decay 5e-4 --precision bf16 --set data.resident=true --set data.eval_batch_size=1000 \
+    --run-dir "$OUT/kd-r18"
+  step torch-train 120 python3 .gpu/torch_ref.py train --data /tmp/c10 --model r18 --no-maxpool \
+    --epochs "${EPOCHS:-15}"
+  grep -h "FINAL\|best test" "$OUT/kd-train.txt" "$OUT/torch-train.txt" | tee "$OUT/train-summary.txt"
+  ;;
+*) echo "usage: device-check.sh perf|train" >&2; exit 2 ;;
+esac
