@@ -512,3 +512,43 @@ fn teacher_with_the_wrong_class_count_is_refused() {
         "nothing written for a refused run"
     );
 }
+
+#[test]
+fn selfcheck_runs_every_check_on_the_cpu() {
+    // On the CPU it compares the CPU with itself: this keeps the GPU check runnable, nothing more.
+    let out = kd()
+        .args(["selfcheck", "--device", "cpu"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for row in [
+        "conv 64×3×32² → 64, 3×3/s1, bf16: backward filter",
+        "batch norm BF16 relu=true: dx",
+        "max-pool F32: backward",
+        "resident loader",
+        "train step bf16: stem gradient",
+    ] {
+        assert!(text.contains(row), "{row} missing from:\n{text}");
+    }
+    assert!(text.contains(" checks, 0 failed"), "{text}");
+}
+
+#[test]
+fn precision_flag_and_key_are_typed() {
+    let out = kd()
+        .args(["train", "--precision", "fp16", "--epochs", "1"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("f32, tf32, bf16"), "{err}");
+    let out = kd().arg("list").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("train.precision = \"f32\""), "{text}");
+    assert!(text.contains("data.resident = false"), "{text}");
+}

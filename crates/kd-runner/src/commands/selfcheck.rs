@@ -36,6 +36,15 @@ fn rel(a: &Tensor, b: &Tensor) -> anyhow::Result<f32> {
     Ok((a - b)?.abs()?.max(0)?.to_scalar::<f32>()? / scale)
 }
 
+/// ‖a − b‖₂ / ‖b‖₂: for whole-network outputs, where single elements may legitimately move
+/// (a bf16 tie in a max-pool routes a gradient elsewhere).
+fn rel_l2(a: &Tensor, b: &Tensor) -> anyhow::Result<f32> {
+    let a = a.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+    let b = b.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+    let d = (a - &b)?.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt();
+    Ok(d / b.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt().max(1e-12))
+}
+
 struct Checks {
     rows: Vec<(String, f32, f32)>,
 }
@@ -265,32 +274,41 @@ fn check_model(c: &mut Checks, dev: &Device) -> anyhow::Result<()> {
         32,
         &Device::Cpu,
     )?;
+    let run = |d: &Device, dtype: DType, x: &Tensor| -> anyhow::Result<(Tensor, Tensor)> {
+        let (mut m, vars) = trainable_resnet(&cfg, d, 0)?;
+        m.set_compute_dtype(dtype)?;
+        let out = m.forward_t(&x.to_device(d)?, true)?;
+        let loss = candle_nn::loss::cross_entropy(&out.logits, &y.to_device(d)?)?;
+        let g = loss.backward()?;
+        let w = vars.data().lock().unwrap()["conv1.weight"]
+            .as_tensor()
+            .clone();
+        Ok((out.logits, g.get(&w).unwrap().clone()))
+    };
+    // How much the f32 network's own stem gradient moves when the input moves by 0.4% (one
+    // bf16 rounding): at initialisation it is ill-conditioned, so this is the scale against
+    // which a bf16 gradient can be judged.
+    let noisy = (&x + (&x * (rand(&[32, 3, 32, 32], 61, &Device::Cpu)? * 0.004)?)?)?;
+    let (_, g_ref) = run(&Device::Cpu, DType::F32, &x)?;
+    let (_, g_noisy) = run(&Device::Cpu, DType::F32, &noisy)?;
+    let sensitivity = rel_l2(&g_noisy, &g_ref)?;
+    println!(
+        "| (reference) f32 stem gradient under 0.4% input noise, CPU | {sensitivity:.2e} | – | |"
+    );
     for p in [Precision::F32, Precision::Bf16] {
         p.apply();
-        let run = |d: &Device, dtype: DType| -> anyhow::Result<(Tensor, Tensor)> {
-            let (mut m, vars) = trainable_resnet(&cfg, d, 0)?;
-            m.set_compute_dtype(dtype)?;
-            let out = m.forward_t(&x.to_device(d)?, true)?;
-            let loss = candle_nn::loss::cross_entropy(&out.logits, &y.to_device(d)?)?;
-            let g = loss.backward()?;
-            let w = vars.data().lock().unwrap()["conv1.weight"]
-                .as_tensor()
-                .clone();
-            Ok((out.logits, g.get(&w).unwrap().clone()))
+        let dtype = p.activation_dtype();
+        // The CPU runs the same precision: bf16 storage, f32 accumulation.
+        let (l, g) = run(dev, dtype, &x)?;
+        let (le, ge) = run(&Device::Cpu, dtype, &x)?;
+        let (bl, bg) = if p == Precision::F32 {
+            (1e-3, 2e-3)
+        } else {
+            (2e-2, (2.0 * sensitivity).max(0.05))
         };
-        let (l, g) = run(dev, p.activation_dtype())?;
-        let (le, ge) = run(&Device::Cpu, DType::F32)?;
-        let b = if p == Precision::F32 { 1e-3 } else { 0.1 };
-        c.add(
-            format!("ResNet18 w16 (max-pool stem) train step {p}: logits"),
-            rel(&l, &le)?,
-            b,
-        );
-        c.add(
-            format!("ResNet18 w16 (max-pool stem) train step {p}: stem gradient"),
-            rel(&g, &ge)?,
-            b * 5.0,
-        );
+        let tag = format!("ResNet18 w16 (max-pool stem) train step {p}");
+        c.add(format!("{tag}: logits (L2)"), rel_l2(&l, &le)?, bl);
+        c.add(format!("{tag}: stem gradient (L2)"), rel_l2(&g, &ge)?, bg);
     }
     Precision::F32.apply();
     Ok(())
