@@ -45,3 +45,8 @@ pub const HAS_CUDA_KERNELS: bool = cfg!(feature = "cuda");
 pub fn compile_all_kernels() -> candle_core::Result<Vec<(&'static str, usize)>> {
     cuda::compile_all()
 }
+
+/// The README's examples, compiled and run as doc tests.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
