@@ -24,7 +24,9 @@ pub(crate) static MAX_POOL: Module =
     Module::new("kd_max_pool", include_str!("kernels/max_pool.cu"));
 pub(crate) static AUGMENT: Module = Module::new("kd_augment", include_str!("kernels/augment.cu"));
 
-const ALL: [&Module; 3] = [&BATCH_NORM, &MAX_POOL, &AUGMENT];
+pub(crate) static SGD: Module = Module::new("kd_sgd", include_str!("kernels/sgd.cu"));
+
+const ALL: [&Module; 4] = [&BATCH_NORM, &MAX_POOL, &AUGMENT, &SGD];
 
 impl Module {
     const fn new(name: &'static str, source: &'static str) -> Self {

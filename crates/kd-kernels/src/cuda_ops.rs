@@ -359,3 +359,83 @@ fn augment_t<T: Elem>(
 }
 
 impl Elem for u8 {}
+
+fn view_mut<'a>(
+    s: &'a mut CudaStorage,
+    l: &Layout,
+) -> Result<candle_core::cuda_backend::cudarc::driver::CudaViewMut<'a, f32>> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(s.as_cuda_slice_mut::<f32>()?.slice_mut(a..b)),
+        None => bail!("fused SGD expects contiguous tensors"),
+    }
+}
+
+pub(crate) fn sgd_momentum(
+    buf: &mut CudaStorage,
+    lb: &Layout,
+    g: &CudaStorage,
+    lg: &Layout,
+    p: &CudaStorage,
+    lp: &Layout,
+    s: &crate::sgd::SgdStep,
+) -> Result<()> {
+    let dev = buf.device.clone();
+    let n = lb.shape().elem_count();
+    let (gv, pv) = (view::<f32>(g, lg)?, view::<f32>(p, lp)?);
+    let mut bv = view_mut(buf, lb)?;
+    let f = crate::cuda::SGD.func(&dev, "sgd_momentum_f32")?;
+    let (n_, wd, mu, damp) = (
+        n as i64,
+        s.weight_decay as f32,
+        s.momentum as f32,
+        (1.0 - s.dampening) as f32,
+    );
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(&f);
+    b.arg(&mut bv)
+        .arg(&gv)
+        .arg(&pv)
+        .arg(&n_)
+        .arg(&wd)
+        .arg(&mu)
+        .arg(&damp);
+    // SAFETY: argument types and sizes match sgd_momentum_f32 in sgd.cu.
+    unsafe { b.launch(flat(n)) }.w()?;
+    Ok(())
+}
+
+pub(crate) fn sgd_param(
+    p: &mut CudaStorage,
+    lp: &Layout,
+    g: &CudaStorage,
+    lg: &Layout,
+    buf: &CudaStorage,
+    lb: &Layout,
+    s: &crate::sgd::SgdStep,
+) -> Result<()> {
+    let dev = p.device.clone();
+    let n = lp.shape().elem_count();
+    let (gv, bv) = (view::<f32>(g, lg)?, view::<f32>(buf, lb)?);
+    let mut pv = view_mut(p, lp)?;
+    let f = crate::cuda::SGD.func(&dev, "sgd_param_f32")?;
+    let (n_, lr, wd, mu, nesterov) = (
+        n as i64,
+        s.lr as f32,
+        s.weight_decay as f32,
+        s.momentum as f32,
+        s.nesterov as i32,
+    );
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(&f);
+    b.arg(&mut pv)
+        .arg(&gv)
+        .arg(&bv)
+        .arg(&n_)
+        .arg(&lr)
+        .arg(&wd)
+        .arg(&mu)
+        .arg(&nesterov);
+    // SAFETY: argument types and sizes match sgd_param_f32 in sgd.cu.
+    unsafe { b.launch(flat(n)) }.w()?;
+    Ok(())
+}

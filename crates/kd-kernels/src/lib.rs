@@ -13,6 +13,7 @@
 //! - [`MaxPool2d`]: padded max-pool with a backward pass, on the CPU and on CUDA;
 //! - [`augment_batch`]: crop, flip and normalise a batch from a uint8 data set that stays on the
 //!   device;
+//! - [`sgd_momentum_step`]: SGD with (Nesterov) momentum in two in-place kernels per parameter;
 //! - [`Precision`]: f32, TF32 or bf16 convolutions and matmuls.
 //!
 //! Without the features every op runs its CPU path, so code written against this crate runs
@@ -29,12 +30,14 @@ mod cuda_ops;
 mod cudnn_conv;
 pub mod max_pool;
 pub mod precision;
+pub mod sgd;
 
 pub use augment::{augment_batch, AugmentPlan, Normalisation};
 pub use batch_norm::{batch_norm_train, BatchNormOutput};
 pub use conv::{conv2d, conv2d_custom, Conv2dGeometry};
 pub use max_pool::MaxPool2d;
 pub use precision::Precision;
+pub use sgd::{sgd_momentum_step, SgdStep};
 
 /// Whether this build can run the CUDA kernels (feature `cuda`).
 pub const HAS_CUDA_KERNELS: bool = cfg!(feature = "cuda");

@@ -60,10 +60,7 @@ impl Optimizer {
     /// Restores a state saved with [`Optimizer::state`].
     pub fn load_state(&mut self, state: HashMap<String, Tensor>) -> Result<()> {
         match self {
-            Optimizer::Sgd(o) => {
-                o.load_state(state);
-                Ok(())
-            }
+            Optimizer::Sgd(o) => o.load_state(state),
             Optimizer::Adamw(o) => o.load_state(state),
         }
     }

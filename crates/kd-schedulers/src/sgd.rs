@@ -1,6 +1,10 @@
 //! SGD with momentum, Nesterov and weight decay, step for step as `torch.optim.SGD`:
 //! `g ← ∇ + wd·p; b ← μ·b + (1−τ)·g (b ← g on the first step); g ← g + μ·b (Nesterov) or b;
 //! p ← p − lr·g`. Variables without a gradient (BN running statistics, frozen parts) are skipped.
+//!
+//! On CUDA (feature `cuda`), once a parameter has a momentum buffer, its update runs as
+//! kd-kernels' two in-place kernels instead of about nine allocating element-wise ops; the
+//! arithmetic and its order are the same (bit-identical on the CPU, where tests force it).
 use std::collections::HashMap;
 
 use candle_core::backprop::GradStore;
@@ -42,6 +46,8 @@ pub struct Sgd {
     cfg: SgdConfig,
     vars: Vec<(String, Var)>,
     momentum: HashMap<String, Tensor>,
+    /// Force the fused update on or off; `None`: on for CUDA tensors in builds with kernels.
+    fused: Option<bool>,
 }
 
 impl Sgd {
@@ -51,7 +57,22 @@ impl Sgd {
             cfg,
             vars,
             momentum: HashMap::new(),
+            fused: None,
         }
+    }
+
+    /// Forces the fused in-place update on (also on the CPU, for tests) or off.
+    pub fn with_fused(mut self, fused: bool) -> Self {
+        self.fused = Some(fused);
+        self
+    }
+
+    fn fused_for(&self, p: &Tensor) -> bool {
+        self.cfg.momentum != 0.0
+            && p.dtype() == candle_core::DType::F32
+            && self
+                .fused
+                .unwrap_or(kd_kernels::HAS_CUDA_KERNELS && p.device().is_cuda())
     }
 
     /// One update at learning rate `lr`.
@@ -66,6 +87,20 @@ impl Sgd {
             let g = g.detach();
             let p = var.as_tensor().detach();
             let decay = c.weight_decay != 0.0 && !(c.no_decay_1d && p.rank() <= 1);
+            let fused = self.fused_for(&p);
+            if fused {
+                if let Some(buf) = self.momentum.get(name) {
+                    let step = kd_kernels::SgdStep {
+                        lr,
+                        momentum: c.momentum,
+                        dampening: c.dampening,
+                        weight_decay: if decay { c.weight_decay } else { 0.0 },
+                        nesterov: c.nesterov,
+                    };
+                    kd_kernels::sgd_momentum_step(var.as_tensor(), &g, buf, &step)?;
+                    continue;
+                }
+            }
             let mut g = if decay {
                 (&g + (&p * c.weight_decay)?)?
             } else {
@@ -74,6 +109,9 @@ impl Sgd {
             if c.momentum != 0.0 {
                 let buf = match self.momentum.get(name) {
                     Some(b) => ((b * c.momentum)? + (&g * (1.0 - c.dampening))?)?,
+                    // The fused update writes the buffer in place: it must own its storage (a
+                    // gradient may share one with another variable's gradient).
+                    None if fused => g.copy()?,
                     None => g.clone(),
                 };
                 g = if c.nesterov {
@@ -93,8 +131,13 @@ impl Sgd {
         &self.momentum
     }
 
-    /// Restores momentum buffers saved with [`Sgd::state`].
-    pub fn load_state(&mut self, state: HashMap<String, Tensor>) {
-        self.momentum = state;
+    /// Restores momentum buffers saved with [`Sgd::state`]. Each is copied: the fused update
+    /// writes buffers in place, and the given tensors may be shared (another optimizer's).
+    pub fn load_state(&mut self, state: HashMap<String, Tensor>) -> Result<()> {
+        self.momentum = state
+            .into_iter()
+            .map(|(k, v)| Ok((k, v.copy()?)))
+            .collect::<Result<_>>()?;
+        Ok(())
     }
 }

@@ -109,7 +109,7 @@ fn sgd_skips_variables_without_gradient_and_restores_state() {
     // Two optimizers, one restored from the other's state, take identical next steps.
     let other = Var::from_tensor(&used.as_tensor().copy().unwrap()).unwrap();
     let mut opt2 = Sgd::new(vec![("a".into(), other.clone())], SgdConfig::default());
-    opt2.load_state(opt.state().clone());
+    opt2.load_state(opt.state().clone()).unwrap();
     let g1 = used
         .as_tensor()
         .sqr()
@@ -194,5 +194,96 @@ fn clipping_scales_to_the_max_norm() {
     assert!(
         (ga - 0.6).abs() < 1e-5 && (gb - 0.8).abs() < 1e-5,
         "{ga} {gb}"
+    );
+}
+
+/// Several steps of a small network-like problem, fused (in-place kernels, forced on the CPU)
+/// against the composed update: the same arithmetic in the same order, so bit-identical.
+#[test]
+fn fused_sgd_equals_the_composed_update() {
+    for (nesterov, weight_decay, no_decay_1d, dampening) in [
+        (true, 5e-4, false, 0.0),
+        (false, 1e-2, true, 0.0),
+        (true, 0.0, false, 0.1),
+    ] {
+        let cfg = SgdConfig {
+            momentum: 0.9,
+            dampening,
+            nesterov,
+            weight_decay,
+            no_decay_1d,
+        };
+        let run = |fused: bool| -> Vec<Vec<f32>> {
+            let w = Var::new(&[[0.5f32, -1.0, 2.0], [1.5, 0.25, -0.75]], &Device::Cpu).unwrap();
+            let a = Var::new(&[0.3f32, -0.2], &Device::Cpu).unwrap();
+            let b = Var::new(&[1.0f32, 2.0], &Device::Cpu).unwrap();
+            let x = Tensor::new(&[1.0f32, -2.0, 0.5], &Device::Cpu).unwrap();
+            let vars = vec![
+                ("w".into(), w.clone()),
+                ("a".into(), a.clone()),
+                ("b".into(), b.clone()),
+            ];
+            let mut opt = Sgd::new(vars, cfg.clone()).with_fused(fused);
+            for step in 0..5 {
+                // y = W x + a + b: a and b receive the same gradient tensor.
+                let y = ((w
+                    .as_tensor()
+                    .matmul(&x.unsqueeze(1).unwrap())
+                    .unwrap()
+                    .squeeze(1)
+                    .unwrap()
+                    + a.as_tensor())
+                .unwrap()
+                    + b.as_tensor())
+                .unwrap();
+                let loss = y.sqr().unwrap().sum_all().unwrap();
+                opt.step(&loss.backward().unwrap(), 0.1 / (step + 1) as f64)
+                    .unwrap();
+            }
+            [&w, &a, &b]
+                .iter()
+                .map(|v| v.as_tensor().flatten_all().unwrap().to_vec1().unwrap())
+                .collect()
+        };
+        assert_eq!(
+            run(true),
+            run(false),
+            "nesterov {nesterov}, wd {weight_decay}, τ {dampening}"
+        );
+    }
+}
+
+#[test]
+fn fused_sgd_after_a_shared_state_load_keeps_optimizers_apart() {
+    let p1 = Var::new(&[1.0f32, 2.0], &Device::Cpu).unwrap();
+    let p2 = Var::new(&[1.0f32, 2.0], &Device::Cpu).unwrap();
+    let mut o1 = Sgd::new(vec![("p".into(), p1.clone())], SgdConfig::default()).with_fused(true);
+    let g = p1
+        .as_tensor()
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    o1.step(&g, 0.1).unwrap();
+    p2.set(p1.as_tensor()).unwrap();
+    let mut o2 = Sgd::new(vec![("p".into(), p2.clone())], SgdConfig::default()).with_fused(true);
+    o2.load_state(o1.state().clone()).unwrap();
+    for (o, p) in [(&mut o1, &p1), (&mut o2, &p2)] {
+        let g = p
+            .as_tensor()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        o.step(&g, 0.1).unwrap();
+    }
+    // Had the two shared a buffer, the second step would have used the first's update.
+    assert_eq!(
+        p1.as_tensor().to_vec1::<f32>().unwrap(),
+        p2.as_tensor().to_vec1::<f32>().unwrap()
     );
 }

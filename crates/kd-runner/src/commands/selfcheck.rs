@@ -263,6 +263,30 @@ fn check_augment(c: &mut Checks, dev: &Device) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn check_sgd(c: &mut Checks, dev: &Device) -> anyhow::Result<()> {
+    let step = kd_kernels::SgdStep {
+        lr: 0.1,
+        momentum: 0.9,
+        dampening: 0.0,
+        weight_decay: 5e-4,
+        nesterov: true,
+    };
+    let (p, g, b) = (
+        rand(&[512, 256, 3, 3], 70, &Device::Cpu)?,
+        rand(&[512, 256, 3, 3], 71, &Device::Cpu)?,
+        rand(&[512, 256, 3, 3], 72, &Device::Cpu)?,
+    );
+    let run = |d: &Device| -> anyhow::Result<(Tensor, Tensor)> {
+        let (p, g, b) = (p.to_device(d)?, g.to_device(d)?, b.to_device(d)?);
+        kd_kernels::sgd_momentum_step(&p, &g, &b, &step)?;
+        Ok((p, b))
+    };
+    let ((p1, b1), (p2, b2)) = (run(dev)?, run(&Device::Cpu)?);
+    c.add("fused SGD: momentum buffer".into(), rel(&b1, &b2)?, 1e-6);
+    c.add("fused SGD: parameter".into(), rel(&p1, &p2)?, 1e-6);
+    Ok(())
+}
+
 fn check_model(c: &mut Checks, dev: &Device) -> anyhow::Result<()> {
     let cfg = ResNetConfig {
         base_width: 16,
@@ -330,6 +354,7 @@ pub fn run(args: &SelfcheckArgs) -> anyhow::Result<()> {
     check_batch_norm(&mut c, &dev)?;
     check_max_pool(&mut c, &dev)?;
     check_augment(&mut c, &dev)?;
+    check_sgd(&mut c, &dev)?;
     check_model(&mut c, &dev)?;
     let failed: Vec<_> = c.rows.iter().filter(|r| !(r.1 <= r.2)).collect();
     println!("{} checks, {} failed", c.rows.len(), failed.len());

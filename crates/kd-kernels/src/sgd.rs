@@ -1,0 +1,155 @@
+//! SGD with momentum as two in-place passes per parameter (momentum buffer, then parameter),
+//! where the composed update allocates and launches about nine element-wise ops. The
+//! arithmetic is `torch.optim.SGD`'s, in the same order as kd-schedulers' composed update, so
+//! on the CPU the two agree bit for bit.
+use candle_core::{bail, CpuStorage, DType, InplaceOp3, Layout, Result, Tensor};
+
+/// The hyper-parameters of one step.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SgdStep {
+    /// Learning rate.
+    pub lr: f64,
+    /// Momentum μ (non-zero).
+    pub momentum: f64,
+    /// Dampening τ.
+    pub dampening: f64,
+    /// L2 weight decay for this parameter (0 for an exempt one).
+    pub weight_decay: f64,
+    /// Nesterov momentum.
+    pub nesterov: bool,
+}
+
+/// Updates `buf` (the momentum buffer) and then `param` in place from the gradient `grad`; all
+/// three f32, same shape, distinct storage (the buffer must not alias a gradient).
+pub fn sgd_momentum_step(param: &Tensor, grad: &Tensor, buf: &Tensor, s: &SgdStep) -> Result<()> {
+    for (name, t) in [
+        ("parameter", param),
+        ("gradient", grad),
+        ("momentum buffer", buf),
+    ] {
+        if t.dtype() != DType::F32 {
+            bail!("fused SGD: the {name} is {:?}, expected f32", t.dtype());
+        }
+        if t.dims() != param.dims() {
+            bail!(
+                "fused SGD: the {name} has shape {:?}, the parameter {:?}",
+                t.dims(),
+                param.dims()
+            );
+        }
+        if name != "gradient" && !t.is_contiguous() {
+            bail!("fused SGD: the {name} is not contiguous");
+        }
+    }
+    let grad = grad.contiguous()?;
+    buf.inplace_op3(&grad, param, &Momentum(*s))?;
+    param.inplace_op3(&grad, buf, &Param(*s))
+}
+
+/// buf ← μ·buf + (1−τ)·(g + wd·p); sources (g, p).
+struct Momentum(SgdStep);
+
+/// p ← p − lr·(Nesterov ? (g + wd·p) + μ·buf : buf); sources (g, buf).
+struct Param(SgdStep);
+
+fn f32s<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        _ => bail!("fused SGD expects contiguous f32 tensors"),
+    }
+}
+
+fn f32s_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> Result<&'a mut [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&mut v[a..b]),
+        _ => bail!("fused SGD expects contiguous f32 tensors"),
+    }
+}
+
+impl InplaceOp3 for Momentum {
+    fn name(&self) -> &'static str {
+        "kd-sgd-momentum"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<()> {
+        let (g, p) = (f32s(s2, l2)?, f32s(s3, l3)?);
+        let buf = f32s_mut(s1, l1)?;
+        let (wd, mu, damp) = (
+            self.0.weight_decay as f32,
+            self.0.momentum as f32,
+            (1.0 - self.0.dampening) as f32,
+        );
+        for ((b, &g), &p) in buf.iter_mut().zip(g).zip(p) {
+            let gd = g + p * wd;
+            *b = *b * mu + gd * damp;
+        }
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &mut candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<()> {
+        crate::cuda_ops::sgd_momentum(s1, l1, s2, l2, s3, l3, &self.0)
+    }
+}
+
+impl InplaceOp3 for Param {
+    fn name(&self) -> &'static str {
+        "kd-sgd-param"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<()> {
+        let (g, buf) = (f32s(s2, l2)?, f32s(s3, l3)?);
+        let p = f32s_mut(s1, l1)?;
+        let (lr, wd, mu) = (
+            self.0.lr as f32,
+            self.0.weight_decay as f32,
+            self.0.momentum as f32,
+        );
+        for ((p, &g), &b) in p.iter_mut().zip(g).zip(buf) {
+            let d = if self.0.nesterov {
+                (g + *p * wd) + b * mu
+            } else {
+                b
+            };
+            *p -= d * lr;
+        }
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &mut candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<()> {
+        crate::cuda_ops::sgd_param(s1, l1, s2, l2, s3, l3, &self.0)
+    }
+}
