@@ -6,6 +6,8 @@
 //! full BatchNorm formula (it accounts for the statistics' dependence on the input):
 //! `dx = γ·σ⁻¹·(dy' − Σdy'/M − x̂·Σ(dy'·x̂)/M)`, `dγ = Σ(dy'·x̂)`, `dβ = Σdy'`, where
 //! `dy'` is `dy` masked by the ReLU and M = N·H·W. Statistics and sums are f32 for bf16 input.
+// `!(y > 0)` on purpose: a NaN output counts as not positive, as in the CUDA kernels.
+#![allow(clippy::neg_cmp_op_on_partial_ord)]
 use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
 };
