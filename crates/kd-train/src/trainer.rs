@@ -340,6 +340,90 @@ struct EpochSums {
     terms: BTreeMap<String, f64>,
 }
 
+/// Steps between reads of the on-device sums on an accelerator (every step on the CPU, where a
+/// read costs nothing): each read waits for the device, and a wait per step would leave the GPU
+/// idle while the next step's work is queued.
+const DEVICE_READ_EVERY: usize = 25;
+
+/// One member's training sums since the last read, kept on the device as tensors.
+#[derive(Default)]
+struct PendingSums {
+    /// Σ batch loss × batch size.
+    loss: Option<Tensor>,
+    /// Σ top-1 hits.
+    top1: Option<Tensor>,
+    /// Σ each loss term.
+    terms: BTreeMap<String, Tensor>,
+    /// Images since the last read.
+    images: usize,
+}
+
+fn add_to(acc: &mut Option<Tensor>, t: Tensor) -> candle_core::Result<()> {
+    *acc = Some(match acc.take() {
+        Some(a) => (a + t)?,
+        None => t,
+    });
+    Ok(())
+}
+
+impl PendingSums {
+    /// Adds one step: its loss terms, total loss, logits and labels (all detached).
+    fn add(
+        &mut self,
+        terms: &crate::distill::LossTerms,
+        loss: &Tensor,
+        logits: &Tensor,
+        labels: &Tensor,
+    ) -> candle_core::Result<()> {
+        let b = labels.dim(0)?;
+        let f32 = candle_core::DType::F32;
+        add_to(&mut self.loss, (loss.detach().to_dtype(f32)? * b as f64)?)?;
+        for (name, t) in &terms.terms {
+            let t = t.detach().to_dtype(f32)?;
+            match self.terms.remove(name) {
+                Some(a) => self.terms.insert(name.clone(), (a + t)?),
+                None => self.terms.insert(name.clone(), t),
+            };
+        }
+        // A hit: no class scores strictly higher than the true one (as Accuracy counts it).
+        let logits = logits.detach().to_dtype(f32)?;
+        let true_score = logits.gather(&labels.unsqueeze(1)?, candle_core::D::Minus1)?;
+        let higher = logits
+            .broadcast_gt(&true_score)?
+            .to_dtype(f32)?
+            .sum(candle_core::D::Minus1)?;
+        add_to(&mut self.top1, higher.eq(0f64)?.to_dtype(f32)?.sum_all()?)?;
+        self.images += b;
+        Ok(())
+    }
+
+    /// Reads the sums into `sums` (one wait for the device) and starts again; a non-finite loss
+    /// is an error naming the epoch and the step.
+    fn read_into(&mut self, sums: &mut EpochSums, epoch: usize, step: usize) -> Result<()> {
+        let Some(loss) = self.loss.take() else {
+            return Ok(());
+        };
+        let loss_sum = loss.to_scalar::<f32>()? as f64;
+        if !loss_sum.is_finite() {
+            return Err(TrainError::NonFinite {
+                epoch,
+                step,
+                value: loss_sum as f32,
+            });
+        }
+        sums.acc.loss_sum += loss_sum;
+        sums.acc.total += self.images;
+        if let Some(t) = self.top1.take() {
+            sums.acc.top1 += t.to_scalar::<f32>()? as usize;
+        }
+        for (name, t) in std::mem::take(&mut self.terms) {
+            *sums.terms.entry(name).or_default() += t.to_scalar::<f32>()? as f64;
+        }
+        self.images = 0;
+        Ok(())
+    }
+}
+
 /// The teacher's input from the student's: undo the student's normalisation, apply the teacher's.
 fn renormalize(x: &Tensor, from: &Normalize, to: &Normalize) -> candle_core::Result<Tensor> {
     if from == to {
@@ -452,6 +536,9 @@ pub fn train(
                 terms: BTreeMap::new(),
             })
             .collect();
+        let mut pending: Vec<PendingSums> =
+            members.iter().map(|_| PendingSums::default()).collect();
+        let on_cpu = train.device().is_cpu();
         let mut lr = cfg.lr;
         let mut teacher_seconds = 0.0;
         let mut steps = 0usize;
@@ -511,17 +598,16 @@ pub fn train(
                 };
                 let terms = method.loss(&ctx, &batch, &out)?;
                 let loss = terms.total()?;
-                let value = loss.to_scalar::<f32>()?;
-                if !value.is_finite() {
-                    return Err(TrainError::NonFinite {
-                        epoch,
-                        step: i,
-                        value,
-                    });
-                }
-                for (name, t) in &terms.terms {
-                    *sums[k].terms.entry(name.clone()).or_default() +=
-                        t.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+                if on_cpu {
+                    // Free on the CPU: stop before a non-finite loss reaches the weights.
+                    let value = loss.to_scalar::<f32>()?;
+                    if !value.is_finite() {
+                        return Err(TrainError::NonFinite {
+                            epoch,
+                            step: i,
+                            value,
+                        });
+                    }
                 }
                 let mut grads = loss.backward()?;
                 if let Some(max) = cfg.clip_grad {
@@ -535,14 +621,21 @@ pub fn train(
                     }
                 }
                 m.opt.step(&grads, lr)?;
-                sums[k]
-                    .acc
-                    .update(&outs[k].logits.detach(), &batch.labels, Some(value as f64))?;
+                pending[k].add(&terms, &loss, &outs[k].logits, &batch.labels)?;
+            }
+            if on_cpu || (i + 1) % DEVICE_READ_EVERY == 0 {
+                for (p, s) in pending.iter_mut().zip(sums.iter_mut()) {
+                    p.read_into(s, epoch, i)?;
+                }
+                bar.set_message(format!("loss {:.4} lr {lr:.4}", sums[0].acc.mean_loss()));
             }
             steps += 1;
             progress.step += 1;
             bar.set_message(format!("loss {:.4} lr {lr:.4}", sums[0].acc.mean_loss()));
             bar.inc(1);
+        }
+        for (p, s) in pending.iter_mut().zip(sums.iter_mut()) {
+            p.read_into(s, epoch, steps.saturating_sub(1))?;
         }
         bar.finish_and_clear();
         let seconds = t.elapsed().as_secs_f64();
