@@ -24,6 +24,9 @@ perf)
   step selfcheck 150 /tmp/kd-runner selfcheck --device cuda
   step kd-bench 200 /tmp/kd-runner bench --device cuda --batch 256 --stem cifar --steps 20 --warmup 5 \
     --precision f32,tf32,bf16
+  # candle's own ops on the same card (every kd kernel switched off): what the kernels buy.
+  step kd-bench-candle 120 env KD_DISABLE=all /tmp/kd-runner bench --device cuda --batch 256 --stem cifar \
+    --steps 10 --warmup 3 --precision f32,bf16
   step torch-bench 200 python3 .gpu/torch_ref.py throughput --no-maxpool --batch 256 --warmup 10 --steps 30
   python3 .gpu/ratio.py "$OUT/kd-bench.txt" "$OUT/torch-bench.txt" | tee "$OUT/ratio.md"
   ;;

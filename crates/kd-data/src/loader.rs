@@ -179,7 +179,8 @@ impl Loader {
                 by_class[l as usize].push(i);
             }
         }
-        let resident = if cfg.resident {
+        // KD_DISABLE=augment falls back to host batches (the same batches).
+        let resident = if cfg.resident && kd_kernels::enabled(kd_kernels::Kernel::Augment) {
             let (n, h, w) = (split.len(), split.height, split.width);
             let images = Tensor::from_slice(&split.images, (n, 3, h, w), &device)?;
             let norm = Normalisation::from_mean_std(&cfg.normalize.mean, &cfg.normalize.std);

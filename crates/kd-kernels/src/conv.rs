@@ -49,7 +49,7 @@ impl Conv2dGeometry {
 /// Convolves `x` (N, C, H, W) with `w` (O, C, K, K): through cuDNN (forward and backward) when `x`
 /// is on a CUDA device and the crate was built with `cudnn`, otherwise with candle's own conv.
 pub fn conv2d(x: &Tensor, w: &Tensor, g: Conv2dGeometry) -> Result<Tensor> {
-    if cfg!(feature = "cudnn") && x.device().is_cuda() {
+    if cfg!(feature = "cudnn") && x.device().is_cuda() && crate::enabled(crate::Kernel::Conv) {
         conv2d_custom(x, w, g)
     } else if x.device().is_cpu() && is_half(x.dtype()) {
         // candle's CPU matmul has no bf16/f16: accumulate in f32 and round the result, which is

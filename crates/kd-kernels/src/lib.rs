@@ -31,6 +31,7 @@ mod cudnn_conv;
 pub mod max_pool;
 pub mod precision;
 pub mod sgd;
+pub mod switches;
 
 pub use augment::{augment_batch, AugmentPlan, Normalisation};
 pub use batch_norm::{batch_norm_train, BatchNormOutput};
@@ -38,6 +39,7 @@ pub use conv::{conv2d, conv2d_custom, Conv2dGeometry};
 pub use max_pool::MaxPool2d;
 pub use precision::Precision;
 pub use sgd::{sgd_momentum_step, SgdStep};
+pub use switches::{enabled, Kernel};
 
 /// Whether this build can run the CUDA kernels (feature `cuda`).
 pub const HAS_CUDA_KERNELS: bool = cfg!(feature = "cuda");

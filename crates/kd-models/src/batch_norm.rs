@@ -51,7 +51,11 @@ impl BatchNorm2d {
     }
 
     fn forward_impl(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
-        if train && kd_kernels::HAS_CUDA_KERNELS && x.device().is_cuda() {
+        if train
+            && kd_kernels::HAS_CUDA_KERNELS
+            && x.device().is_cuda()
+            && kd_kernels::enabled(kd_kernels::Kernel::BatchNorm)
+        {
             return self.forward_train_fused(x, relu);
         }
         let y = if train {

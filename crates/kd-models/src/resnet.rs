@@ -384,8 +384,10 @@ impl ResNet {
     pub fn forward_stem(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let x = x.to_dtype(self.compute_dtype)?;
         let y = self.bn1.forward_relu_t(&self.conv1.forward(&x)?, train)?;
-        let kernel_here =
-            y.device().is_cpu() || (kd_kernels::HAS_CUDA_KERNELS && y.device().is_cuda());
+        let kernel_here = y.device().is_cpu()
+            || (kd_kernels::HAS_CUDA_KERNELS
+                && y.device().is_cuda()
+                && kd_kernels::enabled(kd_kernels::Kernel::MaxPool));
         match &self.maxpool {
             // The custom op where it has a kernel; elsewhere the composed form (valid after a ReLU).
             Some(p) if kernel_here => p.forward(&y),

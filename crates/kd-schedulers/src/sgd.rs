@@ -70,9 +70,11 @@ impl Sgd {
     fn fused_for(&self, p: &Tensor) -> bool {
         self.cfg.momentum != 0.0
             && p.dtype() == candle_core::DType::F32
-            && self
-                .fused
-                .unwrap_or(kd_kernels::HAS_CUDA_KERNELS && p.device().is_cuda())
+            && self.fused.unwrap_or(
+                kd_kernels::HAS_CUDA_KERNELS
+                    && p.device().is_cuda()
+                    && kd_kernels::enabled(kd_kernels::Kernel::Sgd),
+            )
     }
 
     /// One update at learning rate `lr`.

@@ -79,13 +79,14 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         &device,
     )?;
     println!(
-        "device {:?}, batch {}, stem {}, width {}; {} timed steps after {} warm-up",
+        "device {:?}, batch {}, stem {}, width {}; {} timed steps after {} warm-up; custom kernels disabled: {}",
         device,
         args.batch,
         args.stem.name(),
         args.width,
         args.steps,
-        args.warmup
+        args.warmup,
+        kd_kernels::switches::describe_disabled()
     );
     let mut rows = Vec::new();
     for &precision in &args.precision {

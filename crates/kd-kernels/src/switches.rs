@@ -1,0 +1,91 @@
+//! Run-time switches for the CUDA paths, from the environment: `KD_DISABLE=conv,bn,pool,sgd,augment`
+//! (or `all`) sends the named parts back to candle's own ops, without a rebuild. For bisecting a
+//! kernel on a GPU whose time is short, and for measuring what each part buys.
+use std::sync::OnceLock;
+
+/// A part with a CUDA path of its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    /// cuDNN convolution (forward and backward).
+    Conv,
+    /// Fused BatchNorm(+ReLU) in training mode.
+    BatchNorm,
+    /// The max-pool kernels.
+    MaxPool,
+    /// The fused SGD update.
+    Sgd,
+    /// On-device augmentation of a resident data set.
+    Augment,
+}
+
+impl Kernel {
+    /// Every part.
+    pub const ALL: [Kernel; 5] = [
+        Kernel::Conv,
+        Kernel::BatchNorm,
+        Kernel::MaxPool,
+        Kernel::Sgd,
+        Kernel::Augment,
+    ];
+
+    /// The name in `KD_DISABLE`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::Conv => "conv",
+            Kernel::BatchNorm => "bn",
+            Kernel::MaxPool => "pool",
+            Kernel::Sgd => "sgd",
+            Kernel::Augment => "augment",
+        }
+    }
+}
+
+/// The parts disabled by `KD_DISABLE`, read once. Unknown names are reported on stderr, once.
+fn disabled() -> &'static [Kernel] {
+    static DISABLED: OnceLock<Vec<Kernel>> = OnceLock::new();
+    DISABLED.get_or_init(|| parse(&std::env::var("KD_DISABLE").unwrap_or_default()))
+}
+
+fn parse(spec: &str) -> Vec<Kernel> {
+    let mut out = Vec::new();
+    for name in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        if name == "all" {
+            return Kernel::ALL.to_vec();
+        }
+        match Kernel::ALL.iter().find(|k| k.name() == name) {
+            Some(k) => out.push(*k),
+            None => eprintln!(
+                "warning: KD_DISABLE: unknown part {name:?} (expected conv, bn, pool, sgd, augment or all); ignored"
+            ),
+        }
+    }
+    out
+}
+
+/// Whether `kernel`'s own path may be used (it is unless `KD_DISABLE` names it).
+pub fn enabled(kernel: Kernel) -> bool {
+    !disabled().contains(&kernel)
+}
+
+/// The disabled parts, for logs (`none` when all are on).
+pub fn describe_disabled() -> String {
+    let d = disabled();
+    if d.is_empty() {
+        "none".into()
+    } else {
+        d.iter().map(|k| k.name()).collect::<Vec<_>>().join(",")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_names_and_all() {
+        assert_eq!(parse("conv, sgd"), vec![Kernel::Conv, Kernel::Sgd]);
+        assert_eq!(parse("all"), Kernel::ALL.to_vec());
+        assert_eq!(parse(""), vec![]);
+        assert_eq!(parse("bogus,pool"), vec![Kernel::MaxPool]);
+    }
+}
