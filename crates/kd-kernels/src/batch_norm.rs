@@ -1,6 +1,7 @@
 //! BatchNorm2d in training mode, optionally fused with the ReLU after it: two kernels forward
-//! (per-channel statistics, then normalise-scale-shift-ReLU) and two backward (per-channel sums,
-//! then the input gradient), where candle's composed ops launch about fifteen.
+//! (per-channel statistics, then normalise-scale-shift-ReLU), two backward (per-channel sums,
+//! then the input gradient) and two for the running statistics, updated in place
+//! ([`update_running_stats`]), where candle's composed ops launch about thirty.
 //!
 //! The statistics come out of a no-gradient op, and the input gradient of the apply op is the
 //! full BatchNorm formula (it accounts for the statistics' dependence on the input):
@@ -9,7 +10,7 @@
 // `!(y > 0)` on purpose: a NaN output counts as not positive, as in the CUDA kernels.
 #![allow(clippy::neg_cmp_op_on_partial_ord)]
 use candle_core::{
-    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
+    bail, CpuStorage, CustomOp1, CustomOp3, DType, InplaceOp2, Layout, Result, Shape, Tensor,
 };
 
 use crate::cpu;
@@ -25,6 +26,8 @@ pub struct BatchNormOutput {
     /// Per-channel biased batch variance (f32, no gradient); the running variance wants the
     /// unbiased one, `var · M / (M − 1)`.
     pub var: Tensor,
+    /// `mean` and `var` as one (2, C) tensor, for [`update_running_stats`].
+    pub stats: Tensor,
 }
 
 /// Normalises `x` (N, C, H, W) with its batch statistics, scales by `weight` and shifts by
@@ -60,50 +63,100 @@ pub fn batch_norm_train(
     }
     let x = x.contiguous()?;
     let stats = x.apply_op1_no_bwd(&Stats)?;
-    let params = Tensor::cat(
-        &[
-            &stats,
-            &weight.to_dtype(DType::F32)?.unsqueeze(0)?,
-            &bias.to_dtype(DType::F32)?.unsqueeze(0)?,
-        ],
-        0,
-    )?;
-    let y = x.apply_op2(
-        &params,
+    let y = x.apply_op3(
+        &weight.to_dtype(DType::F32)?,
+        &bias.to_dtype(DType::F32)?,
         Apply {
             eps: eps as f32,
             relu,
+            stats: stats.clone(),
         },
     )?;
     Ok(BatchNormOutput {
         y,
         mean: stats.get(0)?,
         var: stats.get(1)?,
+        stats,
     })
+}
+
+/// Updates `running_mean` and `running_var` (f32 (C,), contiguous) in place from a batch's
+/// [`BatchNormOutput::stats`] over `count` values per channel, as PyTorch does:
+/// `r ← (1 − momentum)·r + momentum·s`, with the unbiased variance.
+pub fn update_running_stats(
+    running_mean: &Tensor,
+    running_var: &Tensor,
+    stats: &Tensor,
+    momentum: f64,
+    count: usize,
+) -> Result<()> {
+    let c = stats.dim(1)?;
+    for (name, r) in [
+        ("running mean", running_mean),
+        ("running variance", running_var),
+    ] {
+        if r.dims() != [c] || r.dtype() != DType::F32 || !r.is_contiguous() {
+            bail!(
+                "update_running_stats: the {name} is {:?} {:?}, expected contiguous f32 ({c},)",
+                r.dtype(),
+                r.dims()
+            );
+        }
+    }
+    if count < 2 {
+        bail!("update_running_stats: {count} values per channel, need at least 2");
+    }
+    let stats = stats.contiguous()?;
+    running_mean.inplace_op2(
+        &stats,
+        &UpdateRunning {
+            row: 0,
+            momentum: momentum as f32,
+            scale: 1.0,
+        },
+    )?;
+    running_var.inplace_op2(
+        &stats,
+        &UpdateRunning {
+            row: 1,
+            momentum: momentum as f32,
+            scale: (count as f64 / (count as f64 - 1.0)) as f32,
+        },
+    )
 }
 
 /// (N, C, H, W) → (2, C) f32: mean and biased variance per channel.
 struct Stats;
 
-/// (x, params (4, C)) → y.
+/// (x, γ, β) → y, with the batch statistics (2, C) held by the op (they have no gradient: the
+/// input gradient below accounts for them).
 struct Apply {
     eps: f32,
     relu: bool,
+    stats: Tensor,
 }
 
 /// (x, y, dy) → (2, C) f32: Σdy', Σdy'·x̂ per channel.
 struct BackwardReduce {
     eps: f32,
     relu: bool,
-    params: Tensor,
+    stats: Tensor,
 }
 
 /// (x, y, dy) → dx.
 struct BackwardData {
     eps: f32,
     relu: bool,
-    params: Tensor,
+    stats: Tensor,
+    gamma: Tensor,
     red: Tensor,
+}
+
+/// running ← (1 − momentum)·running + momentum·scale·stats[row], in place; source: stats.
+struct UpdateRunning {
+    row: usize,
+    momentum: f32,
+    scale: f32,
 }
 
 fn nchw(l: &Layout) -> Result<(usize, usize, usize)> {
@@ -119,7 +172,7 @@ fn channel(k: usize, c: usize, hw: usize) -> usize {
     (k / hw) % c
 }
 
-fn params_f32(p: &Tensor) -> Result<Vec<f32>> {
+fn f32_vec(p: &Tensor) -> Result<Vec<f32>> {
     p.flatten_all()?.to_vec1::<f32>()
 }
 
@@ -155,7 +208,7 @@ impl CustomOp1 for Stats {
     }
 }
 
-impl CustomOp2 for Apply {
+impl CustomOp3 for Apply {
     fn name(&self) -> &'static str {
         "kd-batch-norm-apply"
     }
@@ -166,17 +219,20 @@ impl CustomOp2 for Apply {
         l1: &Layout,
         s2: &CpuStorage,
         l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (_, c, hw) = nchw(l1)?;
         let x = cpu::f32s(s1, l1)?;
-        let p = cpu::f32s(s2, l2)?;
+        let (gamma, beta) = (cpu::f32s(s2, l2)?, cpu::f32s(s3, l3)?);
+        let st = f32_vec(&self.stats)?;
         let y = x
             .iter()
             .enumerate()
             .map(|(k, &v)| {
                 let ch = channel(k, c, hw);
-                let invstd = 1.0 / (p[c + ch] + self.eps).sqrt();
-                let y = (v - p[ch]) * invstd * p[2 * c + ch] + p[3 * c + ch];
+                let invstd = 1.0 / (st[c + ch] + self.eps).sqrt();
+                let y = (v - st[ch]) * invstd * gamma[ch] + beta[ch];
                 if self.relu && !(y > 0.0) {
                     0.0
                 } else {
@@ -194,28 +250,37 @@ impl CustomOp2 for Apply {
         l1: &Layout,
         s2: &candle_core::CudaStorage,
         l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (_, c, hw) = nchw(l1)?;
-        let out = crate::cuda_ops::bn_apply(s1, l1, s2, l2, c, hw, self.eps, self.relu)?;
+        let out = crate::cuda_ops::bn_apply(
+            [(s1, l1), (s2, l2), (s3, l3)],
+            &self.stats,
+            c,
+            hw,
+            self.eps,
+            self.relu,
+        )?;
         Ok((out, l1.shape().clone()))
     }
 
     fn bwd(
         &self,
         x: &Tensor,
-        params: &Tensor,
+        gamma: &Tensor,
+        _beta: &Tensor,
         y: &Tensor,
         dy: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dy = dy.contiguous()?;
-        let params = params.contiguous()?;
         let red = x.apply_op3_no_bwd(
             y,
             &dy,
             &BackwardReduce {
                 eps: self.eps,
                 relu: self.relu,
-                params: params.clone(),
+                stats: self.stats.clone(),
             },
         )?;
         let dx = x.apply_op3_no_bwd(
@@ -224,20 +289,13 @@ impl CustomOp2 for Apply {
             &BackwardData {
                 eps: self.eps,
                 relu: self.relu,
-                params,
+                stats: self.stats.clone(),
+                gamma: gamma.contiguous()?,
                 red: red.clone(),
             },
         )?;
-        let c = red.dim(1)?;
-        let dparams = Tensor::cat(
-            &[
-                &Tensor::zeros((2, c), DType::F32, red.device())?,
-                &red.get(1)?.unsqueeze(0)?,
-                &red.get(0)?.unsqueeze(0)?,
-            ],
-            0,
-        )?;
-        Ok((Some(dx), Some(dparams)))
+        // dγ = Σdy'·x̂, dβ = Σdy'.
+        Ok((Some(dx), Some(red.get(1)?), Some(red.get(0)?)))
     }
 }
 
@@ -287,7 +345,7 @@ impl CustomOp3 for BackwardReduce {
             &cpu::f32s(s1, l1)?,
             &cpu::f32s(s2, l2)?,
             &cpu::f32s(s3, l3)?,
-            &params_f32(&self.params)?,
+            &f32_vec(&self.stats)?,
             dims,
             self.eps,
             self.relu,
@@ -308,7 +366,7 @@ impl CustomOp3 for BackwardReduce {
         let dims = nchw(l1)?;
         let out = crate::cuda_ops::bn_backward_reduce(
             [(s1, l1), (s2, l2), (s3, l3)],
-            &self.params,
+            &self.stats,
             dims,
             self.eps,
             self.relu,
@@ -333,20 +391,21 @@ impl CustomOp3 for BackwardData {
     ) -> Result<(CpuStorage, Shape)> {
         let (n, c, hw) = nchw(l1)?;
         let (x, y, dy) = (cpu::f32s(s1, l1)?, cpu::f32s(s2, l2)?, cpu::f32s(s3, l3)?);
-        let p = params_f32(&self.params)?;
-        let red = params_f32(&self.red)?;
+        let st = f32_vec(&self.stats)?;
+        let gamma = f32_vec(&self.gamma)?;
+        let red = f32_vec(&self.red)?;
         let inv_m = 1.0 / (n * hw) as f32;
         let dx = (0..x.len())
             .map(|k| {
                 let ch = channel(k, c, hw);
-                let invstd = 1.0 / (p[c + ch] + self.eps).sqrt();
+                let invstd = 1.0 / (st[c + ch] + self.eps).sqrt();
                 let g = if self.relu && !(y[k] > 0.0) {
                     0.0
                 } else {
                     dy[k]
                 };
-                let xhat = (x[k] - p[ch]) * invstd;
-                p[2 * c + ch] * invstd * (g - red[ch] * inv_m - xhat * red[c + ch] * inv_m)
+                let xhat = (x[k] - st[ch]) * invstd;
+                gamma[ch] * invstd * (g - red[ch] * inv_m - xhat * red[c + ch] * inv_m)
             })
             .collect();
         Ok((cpu::from_f32s(dx, s1.dtype())?, l1.shape().clone()))
@@ -365,12 +424,48 @@ impl CustomOp3 for BackwardData {
         let dims = nchw(l1)?;
         let out = crate::cuda_ops::bn_backward_data(
             [(s1, l1), (s2, l2), (s3, l3)],
-            &self.params,
+            &self.stats,
+            &self.gamma,
             &self.red,
             dims,
             self.eps,
             self.relu,
         )?;
         Ok((out, l1.shape().clone()))
+    }
+}
+
+impl InplaceOp2 for UpdateRunning {
+    fn name(&self) -> &'static str {
+        "kd-batch-norm-update-running"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<()> {
+        let stats = cpu::f32s(s2, l2)?;
+        let c = l1.dims()[0];
+        let (CpuStorage::F32(r), Some((a, b))) = (s1, l1.contiguous_offsets()) else {
+            bail!("running statistics must be contiguous f32")
+        };
+        for (k, r) in r[a..b].iter_mut().enumerate() {
+            *r = *r * (1.0 - self.momentum) + stats[self.row * c + k] * self.scale * self.momentum;
+        }
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &mut candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<()> {
+        crate::cuda_ops::bn_update_running(s1, l1, s2, l2, self.row, self.momentum, self.scale)
     }
 }

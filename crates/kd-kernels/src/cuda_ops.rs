@@ -78,77 +78,99 @@ fn bn_stats_t<T: Elem>(
     Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
 }
 
-#[allow(clippy::too_many_arguments)]
+type Arg<'a> = (&'a CudaStorage, &'a Layout);
+
 pub(crate) fn bn_apply(
-    s: &CudaStorage,
-    l: &Layout,
-    p: &CudaStorage,
-    lp: &Layout,
+    args: [Arg<'_>; 3],
+    stats: &Tensor,
     c: usize,
     hw: usize,
     eps: f32,
     relu: bool,
 ) -> Result<CudaStorage> {
-    by_dtype!(s.dtype(), bn_apply_t::<T>(s, l, p, lp, c, hw, eps, relu))
+    by_dtype!(
+        args[0].0.dtype(),
+        bn_apply_t::<T>(args, stats, c, hw, eps, relu)
+    )
 }
 
-#[allow(clippy::too_many_arguments)]
 fn bn_apply_t<T: Elem>(
-    s: &CudaStorage,
-    l: &Layout,
-    p: &CudaStorage,
-    lp: &Layout,
+    [(sx, lx), (sg, lg), (sb, lb)]: [Arg<'_>; 3],
+    stats: &Tensor,
     c: usize,
     hw: usize,
     eps: f32,
     relu: bool,
 ) -> Result<CudaStorage> {
-    let dev = &s.device;
-    let total = l.shape().elem_count();
-    let x = view::<T>(s, l)?;
-    let params = view::<f32>(p, lp)?;
+    let dev = &sx.device;
+    let total = lx.shape().elem_count();
+    let x = view::<T>(sx, lx)?;
+    let (gamma, beta) = (view::<f32>(sg, lg)?, view::<f32>(sb, lb)?);
     // SAFETY: every element is written by the kernel.
     let mut y = unsafe { dev.alloc::<T>(total)? };
-    let f = BATCH_NORM.func(dev, &format!("bn_apply_{}", suffix(s.dtype())?))?;
+    let f = BATCH_NORM.func(dev, &format!("bn_apply_{}", suffix(sx.dtype())?))?;
     let (c_, hw_, total_, relu_) = (
         i32_of(c, "C")?,
         i32_of(hw, "H·W")?,
         total as i64,
         relu as i32,
     );
-    let stream = dev.cuda_stream();
-    let mut b = stream.launch_builder(&f);
-    b.arg(&x)
-        .arg(&params)
-        .arg(&mut y)
-        .arg(&c_)
-        .arg(&hw_)
-        .arg(&total_)
-        .arg(&eps)
-        .arg(&relu_);
-    // SAFETY: argument types and sizes match bn_apply in batch_norm.cu.
-    unsafe { b.launch(flat(total)) }.w()?;
+    with_f32_view(stats, |st| {
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&f);
+        b.arg(&x).arg(st).arg(&gamma).arg(&beta).arg(&mut y);
+        b.arg(&c_).arg(&hw_).arg(&total_).arg(&eps).arg(&relu_);
+        // SAFETY: argument types and sizes match bn_apply in batch_norm.cu.
+        unsafe { b.launch(flat(total)) }.w()?;
+        Ok(())
+    })?;
     Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
 }
 
-type Arg<'a> = (&'a CudaStorage, &'a Layout);
+pub(crate) fn bn_update_running(
+    running: &mut CudaStorage,
+    lr: &Layout,
+    stats: &CudaStorage,
+    ls: &Layout,
+    row: usize,
+    momentum: f32,
+    scale: f32,
+) -> Result<()> {
+    let dev = running.device.clone();
+    let c = lr.shape().elem_count();
+    let st = view::<f32>(stats, ls)?;
+    let mut r = view_mut(running, lr)?;
+    let f = BATCH_NORM.func(&dev, "bn_update_running")?;
+    let (c_, row_) = (i32_of(c, "C")?, row as i32);
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(&f);
+    b.arg(&mut r)
+        .arg(&st)
+        .arg(&c_)
+        .arg(&row_)
+        .arg(&momentum)
+        .arg(&scale);
+    // SAFETY: argument types and sizes match bn_update_running in batch_norm.cu.
+    unsafe { b.launch(flat(c)) }.w()?;
+    Ok(())
+}
 
 pub(crate) fn bn_backward_reduce(
     args: [Arg<'_>; 3],
-    params: &Tensor,
+    stats: &Tensor,
     dims: (usize, usize, usize),
     eps: f32,
     relu: bool,
 ) -> Result<CudaStorage> {
     by_dtype!(
         args[0].0.dtype(),
-        bn_backward_reduce_t::<T>(args, params, dims, eps, relu)
+        bn_backward_reduce_t::<T>(args, stats, dims, eps, relu)
     )
 }
 
 fn bn_backward_reduce_t<T: Elem>(
     [(sx, lx), (sy, ly), (sd, ld)]: [Arg<'_>; 3],
-    params: &Tensor,
+    stats: &Tensor,
     (n, c, hw): (usize, usize, usize),
     eps: f32,
     relu: bool,
@@ -163,7 +185,7 @@ fn bn_backward_reduce_t<T: Elem>(
         i32_of(hw, "H·W")?,
         relu as i32,
     );
-    with_f32_view(params, |p| {
+    with_f32_view(stats, |p| {
         let stream = dev.cuda_stream();
         let mut b = stream.launch_builder(&f);
         b.arg(&x).arg(&y).arg(&dy).arg(p).arg(&mut red);
@@ -177,7 +199,8 @@ fn bn_backward_reduce_t<T: Elem>(
 
 pub(crate) fn bn_backward_data(
     args: [Arg<'_>; 3],
-    params: &Tensor,
+    stats: &Tensor,
+    gamma: &Tensor,
     red: &Tensor,
     dims: (usize, usize, usize),
     eps: f32,
@@ -185,13 +208,15 @@ pub(crate) fn bn_backward_data(
 ) -> Result<CudaStorage> {
     by_dtype!(
         args[0].0.dtype(),
-        bn_backward_data_t::<T>(args, params, red, dims, eps, relu)
+        bn_backward_data_t::<T>(args, stats, gamma, red, dims, eps, relu)
     )
 }
 
+#[allow(clippy::too_many_arguments)]
 fn bn_backward_data_t<T: Elem>(
     [(sx, lx), (sy, ly), (sd, ld)]: [Arg<'_>; 3],
-    params: &Tensor,
+    stats: &Tensor,
+    gamma: &Tensor,
     red: &Tensor,
     (n, c, hw): (usize, usize, usize),
     eps: f32,
@@ -205,20 +230,22 @@ fn bn_backward_data_t<T: Elem>(
     let f = BATCH_NORM.func(dev, &format!("bn_backward_data_{}", suffix(sx.dtype())?))?;
     let (n_, c_, hw_) = (i32_of(n, "N")?, i32_of(c, "C")?, i32_of(hw, "H·W")?);
     let (total_, relu_) = (total as i64, relu as i32);
-    with_f32_view(params, |p| {
+    with_f32_view(stats, |p| {
         with_f32_view(red, |r| {
-            let stream = dev.cuda_stream();
-            let mut b = stream.launch_builder(&f);
-            b.arg(&x).arg(&y).arg(&dy).arg(p).arg(r).arg(&mut dx);
-            b.arg(&n_)
-                .arg(&c_)
-                .arg(&hw_)
-                .arg(&total_)
-                .arg(&eps)
-                .arg(&relu_);
-            // SAFETY: argument types and sizes match bn_backward_data in batch_norm.cu.
-            unsafe { b.launch(flat(total)) }.w()?;
-            Ok(())
+            with_f32_view(gamma, |g| {
+                let stream = dev.cuda_stream();
+                let mut b = stream.launch_builder(&f);
+                b.arg(&x).arg(&y).arg(&dy).arg(p).arg(g).arg(r).arg(&mut dx);
+                b.arg(&n_)
+                    .arg(&c_)
+                    .arg(&hw_)
+                    .arg(&total_)
+                    .arg(&eps)
+                    .arg(&relu_);
+                // SAFETY: argument types and sizes match bn_backward_data in batch_norm.cu.
+                unsafe { b.launch(flat(total)) }.w()?;
+                Ok(())
+            })
         })
     })?;
     Ok(CudaStorage::wrap_cuda_slice(dx, dev.clone()))

@@ -87,9 +87,19 @@ impl BatchNorm2d {
     /// Training mode through kd-kernels' fused op (the CUDA path; on the CPU it runs the op's
     /// reference implementation, which the tests compare with the composed path).
     pub fn forward_train_fused(&self, x: &Tensor, relu: bool) -> Result<Tensor> {
+        if !self.running_mean.is_variable() || !self.running_var.is_variable() {
+            candle_core::bail!("BatchNorm2d: running statistics are constants (a frozen model); it cannot run in training mode");
+        }
         let out = kd_kernels::batch_norm_train(x, &self.weight, &self.bias, self.eps, relu)?;
         let (n, _, h, w) = x.dims4()?;
-        self.update_running(&out.mean, &out.var, n * h * w)?;
+        // In place, two kernels: the running statistics are the variables' own storage.
+        kd_kernels::batch_norm::update_running_stats(
+            &self.running_mean,
+            &self.running_var,
+            &out.stats,
+            self.momentum,
+            n * h * w,
+        )?;
         Ok(out.y)
     }
 

@@ -1,6 +1,7 @@
 // BatchNorm2d in training mode over NCHW tensors, optionally fused with the ReLU after it.
-// params is (4, C) f32: mean, biased variance, gamma, beta. Statistics and sums are f32 for
-// every element type. One block per channel for the reductions, a flat grid for the rest.
+// stats is (2, C) f32: mean, biased variance; gamma and beta are (C,) f32. Statistics and sums
+// are f32 for every element type. One block per channel for the reductions, a flat grid for
+// the rest.
 
 // Welford's running (count, mean, M2), merged with Chan's formula.
 struct Welford { float n, mean, m2; };
@@ -56,13 +57,14 @@ __device__ void bn_stats(const typename E::T* x, float* stats, int N, int C, int
 
 // y = gamma * (x - mean) / sqrt(var + eps) + beta, then max(y, 0) when relu.
 template <class E>
-__device__ void bn_apply(const typename E::T* x, const float* params, typename E::T* y,
-                         int C, int HW, long long total, float eps, int relu) {
+__device__ void bn_apply(const typename E::T* x, const float* stats, const float* gamma,
+                         const float* beta, typename E::T* y, int C, int HW, long long total,
+                         float eps, int relu) {
     for (long long k = (long long)blockIdx.x * blockDim.x + threadIdx.x; k < total;
          k += (long long)gridDim.x * blockDim.x) {
         int c = (int)((k / HW) % C);
-        float invstd = rsqrtf(params[C + c] + eps);
-        float v = (E::load(x, k) - params[c]) * invstd * params[2 * C + c] + params[3 * C + c];
+        float invstd = rsqrtf(stats[C + c] + eps);
+        float v = (E::load(x, k) - stats[c]) * invstd * gamma[c] + beta[c];
         if (relu && !(v > 0.0f)) v = 0.0f;
         E::store(y, k, v);
     }
@@ -71,12 +73,12 @@ __device__ void bn_apply(const typename E::T* x, const float* params, typename E
 // red[c] = sum dy', red[C + c] = sum dy' * xhat, where dy' = dy masked by the ReLU.
 template <class E>
 __device__ void bn_backward_reduce(const typename E::T* x, const typename E::T* y,
-                                   const typename E::T* dy, const float* params, float* red,
+                                   const typename E::T* dy, const float* stats, float* red,
                                    int N, int C, int HW, float eps, int relu) {
     __shared__ float shared32[32];
     int c = blockIdx.x;
     long long m = (long long)N * HW;
-    float mean = params[c], invstd = rsqrtf(params[C + c] + eps);
+    float mean = stats[c], invstd = rsqrtf(stats[C + c] + eps);
     float s = 0.0f, sx = 0.0f;
     for (long long j = threadIdx.x; j < m; j += blockDim.x) {
         long long n = j / HW, i = j - n * HW;
@@ -97,39 +99,48 @@ __device__ void bn_backward_reduce(const typename E::T* x, const typename E::T* 
 // dx = gamma * invstd * (dy' - sum dy' / M - xhat * sum(dy' xhat) / M), M = N * H * W.
 template <class E>
 __device__ void bn_backward_data(const typename E::T* x, const typename E::T* y,
-                                 const typename E::T* dy, const float* params, const float* red,
-                                 typename E::T* dx, int N, int C, int HW, long long total,
-                                 float eps, int relu) {
+                                 const typename E::T* dy, const float* stats, const float* gamma,
+                                 const float* red, typename E::T* dx, int N, int C, int HW,
+                                 long long total, float eps, int relu) {
     float inv_m = 1.0f / ((float)N * (float)HW);
     for (long long k = (long long)blockIdx.x * blockDim.x + threadIdx.x; k < total;
          k += (long long)gridDim.x * blockDim.x) {
         int c = (int)((k / HW) % C);
-        float invstd = rsqrtf(params[C + c] + eps);
+        float invstd = rsqrtf(stats[C + c] + eps);
         float g = E::load(dy, k);
         if (relu && !(E::load(y, k) > 0.0f)) g = 0.0f;
-        float xhat = (E::load(x, k) - params[c]) * invstd;
-        float v = params[2 * C + c] * invstd * (g - red[c] * inv_m - xhat * red[C + c] * inv_m);
+        float xhat = (E::load(x, k) - stats[c]) * invstd;
+        float v = gamma[c] * invstd * (g - red[c] * inv_m - xhat * red[C + c] * inv_m);
         E::store(dx, k, v);
     }
+}
+
+// running = (1 - momentum) * running + momentum * stats[row] * scale, in place; row 0 (mean,
+// scale 1) or row 1 (variance, scale M / (M - 1) for the unbiased estimate).
+extern "C" __global__ void bn_update_running(float* running, const float* stats, int C, int row,
+                                             float momentum, float scale) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c < C) running[c] = running[c] * (1.0f - momentum) + stats[row * C + c] * scale * momentum;
 }
 
 #define KD_BN_KERNELS(SUFFIX, E)                                                               \
 extern "C" __global__ void bn_stats_##SUFFIX(const E::T* x, float* stats, int N, int C, int HW) { \
     bn_stats<E>(x, stats, N, C, HW);                                                            \
 }                                                                                               \
-extern "C" __global__ void bn_apply_##SUFFIX(const E::T* x, const float* params, E::T* y, int C, \
-                                             int HW, long long total, float eps, int relu) {    \
-    bn_apply<E>(x, params, y, C, HW, total, eps, relu);                                         \
+extern "C" __global__ void bn_apply_##SUFFIX(const E::T* x, const float* stats,                 \
+        const float* gamma, const float* beta, E::T* y, int C, int HW, long long total,        \
+        float eps, int relu) {                                                                  \
+    bn_apply<E>(x, stats, gamma, beta, y, C, HW, total, eps, relu);                             \
 }                                                                                               \
 extern "C" __global__ void bn_backward_reduce_##SUFFIX(const E::T* x, const E::T* y,            \
-        const E::T* dy, const float* params, float* red, int N, int C, int HW, float eps,      \
+        const E::T* dy, const float* stats, float* red, int N, int C, int HW, float eps,       \
         int relu) {                                                                             \
-    bn_backward_reduce<E>(x, y, dy, params, red, N, C, HW, eps, relu);                          \
+    bn_backward_reduce<E>(x, y, dy, stats, red, N, C, HW, eps, relu);                           \
 }                                                                                               \
 extern "C" __global__ void bn_backward_data_##SUFFIX(const E::T* x, const E::T* y,              \
-        const E::T* dy, const float* params, const float* red, E::T* dx, int N, int C, int HW,  \
-        long long total, float eps, int relu) {                                                 \
-    bn_backward_data<E>(x, y, dy, params, red, dx, N, C, HW, total, eps, relu);                 \
+        const E::T* dy, const float* stats, const float* gamma, const float* red, E::T* dx,    \
+        int N, int C, int HW, long long total, float eps, int relu) {                           \
+    bn_backward_data<E>(x, y, dy, stats, gamma, red, dx, N, C, HW, total, eps, relu);           \
 }
 
 KD_BN_KERNELS(f32, ElemF32)
