@@ -23,7 +23,7 @@ case "$MODE" in
 perf)
   step selfcheck 150 /tmp/kd-runner selfcheck --device cuda
   step kd-bench 200 /tmp/kd-runner bench --device cuda --batch 256 --stem cifar --steps 20 --warmup 5 \
-    --precision f32,tf32,bf16
+    --precision f32,tf32,bf16 --phases
   # candle's own ops on the same card (every kd kernel switched off): what the kernels buy.
   step kd-bench-candle 120 env KD_DISABLE=all /tmp/kd-runner bench --device cuda --batch 256 --stem cifar \
     --steps 10 --warmup 3 --precision f32,bf16

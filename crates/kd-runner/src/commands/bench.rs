@@ -43,6 +43,10 @@ pub struct BenchArgs {
     /// Precisions to time: f32, tf32, bf16 (comma-separated).
     #[arg(long, default_value = "f32", value_delimiter = ',')]
     pub precision: Vec<kd_kernels::Precision>,
+    /// Also time the train step's phases (forward + loss, backward, optimizer), the device
+    /// synchronised between them (which itself costs a little); one `PHASES` line per precision.
+    #[arg(long)]
+    pub phases: bool,
 }
 
 /// Times `steps` calls of `f` after `warmup` untimed ones; images per second.
@@ -97,6 +101,34 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         student.set_compute_dtype(dtype)?;
         teacher.set_compute_dtype(dtype)?;
         let mut opt = Sgd::new(kd_train::trainable_vars(&svars), SgdConfig::default());
+        if args.phases {
+            let mut t = [0f64; 3];
+            for i in 0..args.warmup + args.steps {
+                let t0 = Instant::now();
+                let out = student.forward_t(&x, true)?;
+                let loss = candle_nn::loss::cross_entropy(&out.logits, &y)?;
+                device.synchronize()?;
+                let t1 = Instant::now();
+                let grads = loss.backward()?;
+                device.synchronize()?;
+                let t2 = Instant::now();
+                opt.step(&grads, 0.01)?;
+                device.synchronize()?;
+                if i >= args.warmup {
+                    t[0] += (t1 - t0).as_secs_f64();
+                    t[1] += (t2 - t1).as_secs_f64();
+                    t[2] += t2.elapsed().as_secs_f64();
+                }
+            }
+            let ms = |v: f64| 1000.0 * v / args.steps as f64;
+            println!(
+                "PHASES workload={}-train precision={precision} forward_ms={:.2} backward_ms={:.2} optimizer_ms={:.2}",
+                args.model.name(),
+                ms(t[0]),
+                ms(t[1]),
+                ms(t[2])
+            );
+        }
         for w in &args.workloads {
             let (key, label, ips) = match w.as_str() {
                 "train" => (
