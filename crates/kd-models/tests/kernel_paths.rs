@@ -4,6 +4,44 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use kd_models::{batch_norm2d, trainable_resnet, Arch, ResNetConfig, Stem};
 
+/// Values in [-1, 1) from a fixed xorshift stream: the tests must not depend on an unseeded
+/// generator.
+fn seeded(shape: &[usize], seed: u64) -> Tensor {
+    let mut z = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n)
+        .map(|_| {
+            z ^= z << 13;
+            z ^= z >> 7;
+            z ^= z << 17;
+            (z >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+/// ‖a − b‖₂ / ‖b‖₂.
+fn rel_l2(a: &Tensor, b: &Tensor) -> f32 {
+    let a = a.to_dtype(DType::F32).unwrap();
+    let b = b.to_dtype(DType::F32).unwrap();
+    let d = (a - &b)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let n = b
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    (d / n.max(1e-24)).sqrt()
+}
+
 fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
     let a = a.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
     let b = b.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
@@ -29,11 +67,8 @@ fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
 #[test]
 fn fused_batch_norm_trains_like_the_composed_one() {
     let dev = Device::Cpu;
-    let x = Var::from_tensor(
-        &((Tensor::randn(0f32, 1.0, (4, 6, 5, 5), &dev).unwrap() * 2.0).unwrap() + 0.7).unwrap(),
-    )
-    .unwrap();
-    let r = Tensor::randn(0f32, 1.0, (4, 6, 5, 5), &dev).unwrap();
+    let x = Var::from_tensor(&((seeded(&[4, 6, 5, 5], 1) * 2.0).unwrap() + 0.7).unwrap()).unwrap();
+    let r = seeded(&[4, 6, 5, 5], 2);
     for relu in [false, true] {
         // Two layers with identical, non-trivial parameters.
         let make = || {
@@ -80,7 +115,7 @@ fn fused_batch_norm_trains_like_the_composed_one() {
 #[test]
 fn bf16_compute_follows_f32_and_trains_f32_weights() {
     let dev = Device::Cpu;
-    let x = Tensor::randn(0f32, 1.0, (4, 3, 16, 16), &dev).unwrap();
+    let x = seeded(&[16, 3, 32, 32], 3);
     for stem in Stem::ALL {
         let cfg = ResNetConfig {
             base_width: 8,
@@ -94,10 +129,11 @@ fn bf16_compute_follows_f32_and_trains_f32_weights() {
             let mixed = half.forward_t(&x, train).unwrap();
             assert_eq!(mixed.logits.dtype(), DType::F32);
             assert!(mixed.feats.iter().all(|f| f.dtype() == DType::F32));
-            // bf16 keeps 8 bits of mantissa: a few per cent through 18 layers.
-            let e = max_rel(&mixed.logits, &full.logits);
+            // bf16 keeps 8 bits of mantissa: a few per cent through 18 layers (L2 over the batch;
+            // single logits may move more).
+            let e = rel_l2(&mixed.logits, &full.logits);
             assert!(
-                e < 0.1,
+                e < 0.05,
                 "{}: logits differ by {e} (train {train})",
                 stem.name()
             );
