@@ -1,5 +1,6 @@
 //! 2-D convolution (square kernel, no bias, one group, no dilation) as a custom op whose forward,
-//! backward-data and backward-filter run on cuDNN on CUDA devices (feature `cudnn`).
+//! backward-data and backward-filter run on cuDNN on CUDA devices (feature `cudnn`; without it
+//! the ops have no CUDA path, and [`conv2d`] keeps CUDA tensors on candle's conv).
 //!
 //! On the CPU each of the three ops runs candle's own convolution with the formulas of candle's
 //! autograd, so [`conv2d_custom`] on the CPU checks the op's wiring (shapes, argument order, which
@@ -137,7 +138,7 @@ impl CustomOp2 for Conv2dForward {
         Ok((cpu::storage(&y)?, y.shape().clone()))
     }
 
-    #[cfg(feature = "cuda")]
+    #[cfg(feature = "cudnn")]
     fn cuda_fwd(
         &self,
         s1: &candle_core::CudaStorage,
@@ -145,15 +146,7 @@ impl CustomOp2 for Conv2dForward {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        #[cfg(feature = "cudnn")]
-        {
-            crate::cudnn_conv::forward(self.0, s1, l1, s2, l2)
-        }
-        #[cfg(not(feature = "cudnn"))]
-        {
-            let _ = (s1, l1, s2, l2);
-            bail!("kd-conv2d on CUDA needs the `cudnn` feature")
-        }
+        crate::cudnn_conv::forward(self.0, s1, l1, s2, l2)
     }
 
     fn bwd(
@@ -233,7 +226,7 @@ impl CustomOp2 for Conv2dBackwardData {
         Ok((cpu::storage(&dx)?, dx.shape().clone()))
     }
 
-    #[cfg(feature = "cuda")]
+    #[cfg(feature = "cudnn")]
     fn cuda_fwd(
         &self,
         s1: &candle_core::CudaStorage,
@@ -241,15 +234,7 @@ impl CustomOp2 for Conv2dBackwardData {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        #[cfg(feature = "cudnn")]
-        {
-            crate::cudnn_conv::backward_data(self.g, self.input_dims, s1, l1, s2, l2)
-        }
-        #[cfg(not(feature = "cudnn"))]
-        {
-            let _ = (s1, l1, s2, l2);
-            bail!("kd-conv2d on CUDA needs the `cudnn` feature")
-        }
+        crate::cudnn_conv::backward_data(self.g, self.input_dims, s1, l1, s2, l2)
     }
 }
 
@@ -271,7 +256,7 @@ impl CustomOp2 for Conv2dBackwardFilter {
         Ok((cpu::storage(&dw)?, dw.shape().clone()))
     }
 
-    #[cfg(feature = "cuda")]
+    #[cfg(feature = "cudnn")]
     fn cuda_fwd(
         &self,
         s1: &candle_core::CudaStorage,
@@ -279,14 +264,6 @@ impl CustomOp2 for Conv2dBackwardFilter {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        #[cfg(feature = "cudnn")]
-        {
-            crate::cudnn_conv::backward_filter(self.g, self.kernel_dims, s1, l1, s2, l2)
-        }
-        #[cfg(not(feature = "cudnn"))]
-        {
-            let _ = (s1, l1, s2, l2);
-            bail!("kd-conv2d on CUDA needs the `cudnn` feature")
-        }
+        crate::cudnn_conv::backward_filter(self.g, self.kernel_dims, s1, l1, s2, l2)
     }
 }

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::cudnn::{
     sys, ConvBackwardData, ConvBackwardFilter, ConvDescriptor, ConvForward, Cudnn, CudnnDataType,
-    FilterDescriptor, TensorDescriptor,
+    CudnnError, FilterDescriptor, TensorDescriptor,
 };
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
 use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorageSlice, DeviceId};
@@ -60,6 +60,57 @@ fn with_state<R>(dev: &CudaDevice, f: impl FnOnce(&mut State) -> Result<R>) -> R
         };
         f(state)
     })
+}
+
+impl Key {
+    fn new<T: Elem>(x: [usize; 4], w: [usize; 4], g: Conv2dGeometry) -> Self {
+        Key {
+            x,
+            w,
+            g,
+            dtype: T::DTYPE,
+            tf32: crate::precision::tf32_allowed(),
+        }
+    }
+}
+
+/// The algorithm cached in `slot`, or cuDNN's heuristic choice, then cached.
+fn cached<A: Copy>(
+    slot: &mut Option<A>,
+    pick: impl FnOnce() -> std::result::Result<A, CudnnError>,
+) -> Result<A> {
+    match *slot {
+        Some(a) => Ok(a),
+        None => Ok(*slot.insert(pick()?)),
+    }
+}
+
+/// Allocates an output of `elems` elements and runs `f` on it with `key`'s descriptors, its
+/// cached algorithms and the shared workspace: what the three operations share.
+fn run<T: Elem>(
+    dev: &CudaDevice,
+    key: &Key,
+    elems: usize,
+    f: impl FnOnce(
+        &Descriptors<T>,
+        &mut Algos,
+        &mut Option<CudaSlice<u8>>,
+        &mut CudaSlice<T>,
+    ) -> Result<()>,
+) -> Result<CudaSlice<T>> {
+    // SAFETY: `f` writes every element (each launch has beta = 0).
+    let mut out = unsafe { dev.alloc::<T>(elems)? };
+    with_state(dev, |st| {
+        let d = descriptors::<T>(&st.cudnn, key)?;
+        let algos = st.algos.entry(*key).or_default();
+        f(&d, algos, &mut st.workspace, &mut out)
+    })?;
+    Ok(out)
+}
+
+/// The (alpha, beta) = (1, 0) of a launch that overwrites its output.
+fn one_zero<T: Elem>() -> (T, T) {
+    (T::from_f64(1.0), T::from_f64(0.0))
 }
 
 /// The shared workspace, grown to at least `bytes`; `None` when no workspace is needed.
@@ -161,44 +212,22 @@ fn forward_t<T: Elem>(
     g: Conv2dGeometry,
     dev: &CudaDevice,
 ) -> Result<(CudaStorage, Shape)> {
-    let key = Key {
-        x: dims4(lx),
-        w: dims4(lw),
-        g,
-        dtype: T::DTYPE,
-        tf32: crate::precision::tf32_allowed(),
-    };
+    let key = Key::new::<T>(dims4(lx), dims4(lw), g);
     let [n, _, h, wd] = key.x;
     let [o, _, kh, kw] = key.w;
     let shape = Shape::from((n, o, g.out_size(h, kh), g.out_size(wd, kw)));
-    // SAFETY: every element is written by the convolution (beta = 0).
-    let mut y = unsafe { dev.alloc::<T>(shape.elem_count())? };
     let (xv, wv) = (contiguous(x, lx)?, contiguous(w, lw)?);
-    with_state(dev, |st| {
-        let d = descriptors::<T>(&st.cudnn, &key)?;
+    let y = run::<T>(dev, &key, shape.elem_count(), |d, algos, ws, y| {
         let op = ConvForward {
             conv: &d.conv,
             x: &d.x,
             w: &d.w,
             y: &d.y,
         };
-        let algos = st.algos.entry(key).or_default();
-        let algo = match algos.fwd {
-            Some(a) => a,
-            None => *algos.fwd.insert(op.pick_algorithm()?),
-        };
-        let ws = workspace(&mut st.workspace, dev, op.get_workspace_size(algo)?)?;
+        let algo = cached(&mut algos.fwd, || op.pick_algorithm())?;
+        let ws = workspace(ws, dev, op.get_workspace_size(algo)?)?;
         // SAFETY: the descriptors describe exactly these contiguous buffers.
-        unsafe {
-            op.launch(
-                algo,
-                ws,
-                (T::from_f64(1.0), T::from_f64(0.0)),
-                &xv,
-                &wv,
-                &mut y,
-            )?
-        };
+        unsafe { op.launch(algo, ws, one_zero::<T>(), &xv, &wv, y)? };
         Ok(())
     })?;
     Ok((CudaStorage::wrap_cuda_slice(y, dev.clone()), shape))
@@ -225,42 +254,20 @@ fn backward_data_t<T: Elem>(
     input_dims: [usize; 4],
     dev: &CudaDevice,
 ) -> Result<(CudaStorage, Shape)> {
-    let key = Key {
-        x: input_dims,
-        w: dims4(lw),
-        g,
-        dtype: T::DTYPE,
-        tf32: crate::precision::tf32_allowed(),
-    };
+    let key = Key::new::<T>(input_dims, dims4(lw), g);
     let shape = Shape::from(input_dims.to_vec());
-    // SAFETY: every element is written (beta = 0).
-    let mut dx = unsafe { dev.alloc::<T>(shape.elem_count())? };
     let (dyv, wv) = (contiguous(dy, ldy)?, contiguous(w, lw)?);
-    with_state(dev, |st| {
-        let d = descriptors::<T>(&st.cudnn, &key)?;
+    let dx = run::<T>(dev, &key, shape.elem_count(), |d, algos, ws, dx| {
         let op = ConvBackwardData {
             conv: &d.conv,
             dx: &d.x,
             w: &d.w,
             dy: &d.y,
         };
-        let algos = st.algos.entry(key).or_default();
-        let algo = match algos.bwd_data {
-            Some(a) => a,
-            None => *algos.bwd_data.insert(op.pick_algorithm()?),
-        };
-        let ws = workspace(&mut st.workspace, dev, op.get_workspace_size(algo)?)?;
+        let algo = cached(&mut algos.bwd_data, || op.pick_algorithm())?;
+        let ws = workspace(ws, dev, op.get_workspace_size(algo)?)?;
         // SAFETY: the descriptors describe exactly these contiguous buffers.
-        unsafe {
-            op.launch(
-                algo,
-                ws,
-                (T::from_f64(1.0), T::from_f64(0.0)),
-                &mut dx,
-                &wv,
-                &dyv,
-            )?
-        };
+        unsafe { op.launch(algo, ws, one_zero::<T>(), dx, &wv, &dyv)? };
         Ok(())
     })?;
     Ok((CudaStorage::wrap_cuda_slice(dx, dev.clone()), shape))
@@ -287,42 +294,20 @@ fn backward_filter_t<T: Elem>(
     kernel_dims: [usize; 4],
     dev: &CudaDevice,
 ) -> Result<(CudaStorage, Shape)> {
-    let key = Key {
-        x: dims4(lx),
-        w: kernel_dims,
-        g,
-        dtype: T::DTYPE,
-        tf32: crate::precision::tf32_allowed(),
-    };
+    let key = Key::new::<T>(dims4(lx), kernel_dims, g);
     let shape = Shape::from(kernel_dims.to_vec());
-    // SAFETY: every element is written (beta = 0).
-    let mut dw = unsafe { dev.alloc::<T>(shape.elem_count())? };
     let (xv, dyv) = (contiguous(x, lx)?, contiguous(dy, ldy)?);
-    with_state(dev, |st| {
-        let d = descriptors::<T>(&st.cudnn, &key)?;
+    let dw = run::<T>(dev, &key, shape.elem_count(), |d, algos, ws, dw| {
         let op = ConvBackwardFilter {
             conv: &d.conv,
             x: &d.x,
             dw: &d.w,
             dy: &d.y,
         };
-        let algos = st.algos.entry(key).or_default();
-        let algo = match algos.bwd_filter {
-            Some(a) => a,
-            None => *algos.bwd_filter.insert(op.pick_algorithm()?),
-        };
-        let ws = workspace(&mut st.workspace, dev, op.get_workspace_size(algo)?)?;
+        let algo = cached(&mut algos.bwd_filter, || op.pick_algorithm())?;
+        let ws = workspace(ws, dev, op.get_workspace_size(algo)?)?;
         // SAFETY: the descriptors describe exactly these contiguous buffers.
-        unsafe {
-            op.launch(
-                algo,
-                ws,
-                (T::from_f64(1.0), T::from_f64(0.0)),
-                &xv,
-                &mut dw,
-                &dyv,
-            )?
-        };
+        unsafe { op.launch(algo, ws, one_zero::<T>(), &xv, dw, &dyv)? };
         Ok(())
     })?;
     Ok((CudaStorage::wrap_cuda_slice(dw, dev.clone()), shape))

@@ -87,9 +87,7 @@ impl BatchNorm2d {
     /// Training mode through kd-kernels' fused op (the CUDA path; on the CPU it runs the op's
     /// reference implementation, which the tests compare with the composed path).
     pub fn forward_train_fused(&self, x: &Tensor, relu: bool) -> Result<Tensor> {
-        if !self.running_mean.is_variable() || !self.running_var.is_variable() {
-            candle_core::bail!("BatchNorm2d: running statistics are constants (a frozen model); it cannot run in training mode");
-        }
+        self.check_trainable()?;
         let out = kd_kernels::batch_norm_train(x, &self.weight, &self.bias, self.eps, relu)?;
         let (n, _, h, w) = x.dims4()?;
         // In place, two kernels: the running statistics are the variables' own storage.
@@ -124,10 +122,16 @@ impl BatchNorm2d {
         self.affine(&xhat)?.to_dtype(x.dtype())
     }
 
-    fn update_running(&self, mean: &Tensor, var: &Tensor, count: usize) -> Result<()> {
+    /// Training mode updates the running statistics, so they must be variables.
+    fn check_trainable(&self) -> Result<()> {
         if !self.running_mean.is_variable() || !self.running_var.is_variable() {
             candle_core::bail!("BatchNorm2d: running statistics are constants (a frozen model); it cannot run in training mode");
         }
+        Ok(())
+    }
+
+    fn update_running(&self, mean: &Tensor, var: &Tensor, count: usize) -> Result<()> {
+        self.check_trainable()?;
         let m = self.momentum;
         let unbiased = (var * (count as f64 / (count as f64 - 1.0)))?;
         let rm = ((self.running_mean.detach() * (1.0 - m))? + (mean * m)?)?;

@@ -2,6 +2,18 @@
 use candle_core::{Result, Tensor, D};
 use serde::{Deserialize, Serialize};
 
+/// Rank of each sample's true class, (B,) f32 on the logits' device: the number of classes
+/// scoring strictly higher (ties favour the true class, matching torch.topk on distinct scores).
+/// `logits` (B, K), `labels` (B,) u32.
+pub fn true_class_rank(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    let logits = logits.to_dtype(candle_core::DType::F32)?;
+    let true_score = logits.gather(&labels.unsqueeze(1)?, D::Minus1)?;
+    logits
+        .broadcast_gt(&true_score)?
+        .to_dtype(candle_core::DType::F32)?
+        .sum(D::Minus1)
+}
+
 /// Running counts for one evaluation or epoch.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Accuracy {
@@ -34,19 +46,8 @@ impl Accuracy {
         mean_loss: Option<f64>,
     ) -> Result<()> {
         let (b, k) = logits.dims2()?;
+        let higher: Vec<f32> = true_class_rank(logits, labels)?.to_vec1()?;
         let labels: Vec<u32> = labels.to_vec1()?;
-        // Rank of the true class = number of classes scoring strictly higher (ties favour it,
-        // matching torch.topk on distinct scores).
-        let logits = logits.to_dtype(candle_core::DType::F32)?;
-        let true_score = logits.gather(
-            &Tensor::from_vec(labels.clone(), (b, 1), logits.device())?,
-            D::Minus1,
-        )?;
-        let higher: Vec<f32> = logits
-            .broadcast_gt(&true_score)?
-            .to_dtype(candle_core::DType::F32)?
-            .sum(D::Minus1)?
-            .to_vec1()?;
         for (i, &l) in labels.iter().enumerate() {
             let rank = higher[i] as usize;
             let c = &mut self.per_class[l as usize];

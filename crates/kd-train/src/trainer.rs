@@ -386,13 +386,8 @@ impl PendingSums {
             };
         }
         // A hit: no class scores strictly higher than the true one (as Accuracy counts it).
-        let logits = logits.detach().to_dtype(f32)?;
-        let true_score = logits.gather(&labels.unsqueeze(1)?, candle_core::D::Minus1)?;
-        let higher = logits
-            .broadcast_gt(&true_score)?
-            .to_dtype(f32)?
-            .sum(candle_core::D::Minus1)?;
-        add_to(&mut self.top1, higher.eq(0f64)?.to_dtype(f32)?.sum_all()?)?;
+        let rank = crate::metrics::true_class_rank(&logits.detach(), labels)?;
+        add_to(&mut self.top1, rank.eq(0f64)?.to_dtype(f32)?.sum_all()?)?;
         self.images += b;
         Ok(())
     }
