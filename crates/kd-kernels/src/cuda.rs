@@ -69,23 +69,28 @@ pub(crate) fn compile_all() -> Result<Vec<(&'static str, usize)>> {
     ALL.iter().map(|m| Ok((m.name, m.ptx()?.len()))).collect()
 }
 
-/// A grid-stride launch over `total` elements: 256 threads, at most 65,535 × 8 blocks.
-pub(crate) fn flat(total: usize) -> LaunchConfig {
-    let blocks = total.div_ceil(256).clamp(1, 65_535 * 8) as u32;
-    LaunchConfig {
-        grid_dim: (blocks, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
+impl From<crate::launch::LaunchGeometry> for LaunchConfig {
+    fn from(g: crate::launch::LaunchGeometry) -> Self {
+        LaunchConfig {
+            grid_dim: (g.blocks, 1, 1),
+            block_dim: (g.threads, 1, 1),
+            shared_mem_bytes: 0,
+        }
     }
 }
 
-/// One block of 512 threads per channel.
+/// A grid-stride launch over `total` elements ([`LaunchGeometry::flat`]).
+///
+/// [`LaunchGeometry::flat`]: crate::launch::LaunchGeometry::flat
+pub(crate) fn flat(total: usize) -> LaunchConfig {
+    crate::launch::LaunchGeometry::flat(total).into()
+}
+
+/// One block per channel ([`LaunchGeometry::per_channel`]).
+///
+/// [`LaunchGeometry::per_channel`]: crate::launch::LaunchGeometry::per_channel
 pub(crate) fn per_channel(channels: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (channels as u32, 1, 1),
-        block_dim: (512, 1, 1),
-        shared_mem_bytes: 0,
-    }
+    crate::launch::LaunchGeometry::per_channel(channels).into()
 }
 
 /// The kernel-name suffix of a dtype.

@@ -28,6 +28,7 @@ mod cuda;
 mod cuda_ops;
 #[cfg(feature = "cudnn")]
 mod cudnn_conv;
+pub mod launch;
 pub mod max_pool;
 pub mod precision;
 pub mod sgd;

@@ -1,0 +1,871 @@
+//! The CUDA kernel sources (`src/kernels/*.cu`) run on the CPU in a small CUDA emulator
+//! (`tests/emulator/`), with the launch geometry the GPU gets ([`LaunchGeometry`]), and each
+//! kernel's output is compared with the CPU path of its op. So CI, which has no GPU, runs the
+//! kernels' own indexing, reductions, warp shuffles and bf16 rounding, not a rewrite of them.
+//!
+//! The emulator is built twice, with AddressSanitizer and UBSan (an out-of-bounds access or
+//! undefined behaviour in a kernel fails the test) and with ThreadSanitizer (a data race between
+//! the threads of a block fails it), and every launch runs under both, which must agree bit for
+//! bit. It needs a C++20 compiler: `c++`, or the one `CXX` names.
+//!
+//! What it cannot show (the GPU check `kd-runner selfcheck --device cuda` does): the GPU's
+//! memory model beyond what barriers order, and its approximate intrinsics.
+use std::collections::BTreeSet;
+use std::hash::{Hash, Hasher};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+
+use candle_core::{DType, Device, Tensor, Var};
+use half::bf16;
+use kd_kernels::batch_norm::update_running_stats;
+use kd_kernels::launch::LaunchGeometry;
+use kd_kernels::{
+    augment_batch, batch_norm_train, sgd_momentum_step, AugmentPlan, MaxPool2d, Normalisation,
+    SgdStep,
+};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+// ---------------------------------------------------------------------------------------------
+// The emulator: built once per sanitizer (cached by a hash of its sources), one process a launch.
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Sanitizer {
+    Address,
+    Thread,
+}
+
+impl Sanitizer {
+    fn flags(self) -> &'static [&'static str] {
+        match self {
+            Sanitizer::Address => &["-fsanitize=address,undefined", "-fno-sanitize-recover=all"],
+            Sanitizer::Thread => &["-fsanitize=thread"],
+        }
+    }
+}
+
+fn crate_dir() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Every file the emulator is built from: its own two and the kernel sources.
+fn emulator_sources() -> Vec<PathBuf> {
+    let mut files = vec![
+        crate_dir().join("tests/emulator/cuda_emu.hpp"),
+        crate_dir().join("tests/emulator/driver.cpp"),
+    ];
+    let mut kernels: Vec<PathBuf> = std::fs::read_dir(crate_dir().join("src/kernels"))
+        .expect("src/kernels")
+        .map(|e| e.unwrap().path())
+        .collect();
+    kernels.sort();
+    files.extend(kernels);
+    files
+}
+
+fn build(san: Sanitizer) -> PathBuf {
+    let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+    let mut flags = vec!["-std=c++20", "-O1", "-g", "-pthread", "-Wall", "-Wextra"];
+    flags.extend(san.flags());
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (&cxx, &flags).hash(&mut h);
+    for f in emulator_sources() {
+        std::fs::read(&f).unwrap().hash(&mut h);
+    }
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let exe = dir.join(format!("kd-cuda-emu-{san:?}-{:016x}", h.finish()));
+    if exe.exists() {
+        return exe;
+    }
+    let tmp = exe.with_extension("partial");
+    let out = Command::new(&cxx)
+        .args(&flags)
+        .arg(crate_dir().join("tests/emulator/driver.cpp"))
+        .arg("-o")
+        .arg(&tmp)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("could not run the C++ compiler `{cxx}` ({e}); the kernel emulator needs a C++20 compiler (g++ ≥ 11 or clang ≥ 14): install one or name it in CXX")
+        });
+    assert!(
+        out.status.success(),
+        "building the kernel emulator with `{cxx} {}` failed:\n{}",
+        flags.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::rename(&tmp, &exe).unwrap();
+    exe
+}
+
+fn emulator(san: Sanitizer) -> PathBuf {
+    static ADDRESS: OnceLock<PathBuf> = OnceLock::new();
+    static THREAD: OnceLock<PathBuf> = OnceLock::new();
+    let cell = match san {
+        Sanitizer::Address => &ADDRESS,
+        Sanitizer::Thread => &THREAD,
+    };
+    cell.get_or_init(|| build(san)).clone()
+}
+
+/// One kernel argument.
+#[derive(Clone, Debug)]
+enum Arg {
+    /// A device buffer (its bytes), read back after the launch.
+    Buf(Vec<u8>),
+    I32(i32),
+    I64(i64),
+    F32(f32),
+}
+
+/// The emulator's request for one launch (the format is in `tests/emulator/driver.cpp`).
+fn request(kernel: &str, g: LaunchGeometry, args: &[Arg]) -> Vec<u8> {
+    let mut req = Vec::new();
+    req.extend((kernel.len() as u32).to_le_bytes());
+    req.extend(kernel.as_bytes());
+    req.extend(g.blocks.to_le_bytes());
+    req.extend(g.threads.to_le_bytes());
+    req.extend((args.len() as u32).to_le_bytes());
+    for a in args {
+        match a {
+            Arg::Buf(b) => {
+                req.push(b'P');
+                req.extend((b.len() as u64).to_le_bytes());
+                req.extend(b);
+            }
+            Arg::I32(v) => {
+                req.push(b'i');
+                req.extend(v.to_le_bytes());
+            }
+            Arg::I64(v) => {
+                req.push(b'l');
+                req.extend(v.to_le_bytes());
+            }
+            Arg::F32(v) => {
+                req.push(b'f');
+                req.extend(v.to_le_bytes());
+            }
+        }
+    }
+    req
+}
+
+/// Longest a launch may take: a kernel whose threads wait at a barrier that not all of them
+/// reach would otherwise hang the test run.
+const LAUNCH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// Exit status, stdout and stderr of the emulator given `req`.
+fn run_emulator(san: Sanitizer, req: Vec<u8>) -> (std::process::ExitStatus, Vec<u8>, Vec<u8>) {
+    use std::io::Read;
+    let mut child = Command::new(emulator(san))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the kernel emulator");
+    let mut stdin = child.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || stdin.write_all(&req));
+    let (mut out, mut err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+    let out = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        out.read_to_end(&mut b).map(|_| b)
+    });
+    let err = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        err.read_to_end(&mut b).map(|_| b)
+    });
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if start.elapsed() > LAUNCH_TIMEOUT {
+            child.kill().ok();
+            child.wait().ok();
+            panic!("the kernel emulator ({san:?}) did not finish in {LAUNCH_TIMEOUT:?}: a barrier that some threads never reach?");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    };
+    // A failed write means the emulator stopped reading: its exit status says why.
+    let _ = writer.join().unwrap();
+    (
+        status,
+        out.join().unwrap().unwrap(),
+        err.join().unwrap().unwrap(),
+    )
+}
+
+fn run_once(san: Sanitizer, kernel: &str, g: LaunchGeometry, args: &[Arg]) -> Vec<Vec<u8>> {
+    let (status, stdout, stderr) = run_emulator(san, request(kernel, g, args));
+    assert!(
+        status.success(),
+        "{kernel} {g:?} under the {san:?} sanitizer failed ({status}):\n{}",
+        String::from_utf8_lossy(&stderr)
+    );
+    let (mut rest, mut bufs) = (&stdout[..], Vec::new());
+    while !rest.is_empty() {
+        let n = u64::from_le_bytes(rest[..8].try_into().unwrap()) as usize;
+        bufs.push(rest[8..8 + n].to_vec());
+        rest = &rest[8 + n..];
+    }
+    bufs
+}
+
+/// Runs `kernel` over `g` under AddressSanitizer; returns its buffers after the launch, in
+/// argument order.
+fn launch(kernel: &str, g: LaunchGeometry, args: &[Arg]) -> Vec<Vec<u8>> {
+    run_once(Sanitizer::Address, kernel, g, args)
+}
+
+/// [`launch`], and again under ThreadSanitizer, which must give the same bits. ThreadSanitizer
+/// costs about five times as much, so the tests race-check each kernel in some of its cases.
+fn launch_race_checked(kernel: &str, g: LaunchGeometry, args: &[Arg]) -> Vec<Vec<u8>> {
+    let a = run_once(Sanitizer::Address, kernel, g, args);
+    let t = run_once(Sanitizer::Thread, kernel, g, args);
+    assert_eq!(a, t, "{kernel} {g:?}: the two emulator builds disagree");
+    a
+}
+
+// ---------------------------------------------------------------------------------------------
+// Element types and comparisons.
+
+trait Elem: Copy {
+    const DTYPE: DType;
+    const SUFFIX: &'static str;
+    /// Relative bound between the kernel and the CPU path for element-wise results.
+    const TOL: f32;
+    fn from_f32(v: f32) -> Self;
+    fn to_f32(self) -> f32;
+    fn to_bytes(v: &[Self]) -> Vec<u8>;
+    fn from_bytes(b: &[u8]) -> Vec<Self>;
+}
+
+impl Elem for f32 {
+    const DTYPE: DType = DType::F32;
+    const SUFFIX: &'static str = "f32";
+    const TOL: f32 = 2e-5;
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+    fn to_f32(self) -> f32 {
+        self
+    }
+    fn to_bytes(v: &[Self]) -> Vec<u8> {
+        v.iter().flat_map(|x| x.to_le_bytes()).collect()
+    }
+    fn from_bytes(b: &[u8]) -> Vec<Self> {
+        b.chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect()
+    }
+}
+
+impl Elem for bf16 {
+    const DTYPE: DType = DType::BF16;
+    const SUFFIX: &'static str = "bf16";
+    // One bf16 rounding step (2⁻⁸): both sides compute in f32 and round once, so they differ
+    // at most where the f32 values straddle a rounding boundary.
+    const TOL: f32 = 1.0 / 128.0;
+    fn from_f32(v: f32) -> Self {
+        bf16::from_f32(v)
+    }
+    fn to_f32(self) -> f32 {
+        self.to_f32()
+    }
+    fn to_bytes(v: &[Self]) -> Vec<u8> {
+        v.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect()
+    }
+    fn from_bytes(b: &[u8]) -> Vec<Self> {
+        b.chunks_exact(2)
+            .map(|c| bf16::from_bits(u16::from_le_bytes(c.try_into().unwrap())))
+            .collect()
+    }
+}
+
+fn f32s(b: &[u8]) -> Vec<f32> {
+    <f32 as Elem>::from_bytes(b)
+}
+
+fn buf_f32(v: &[f32]) -> Arg {
+    Arg::Buf(<f32 as Elem>::to_bytes(v))
+}
+
+fn buf<E: Elem>(v: &[E]) -> Arg {
+    Arg::Buf(E::to_bytes(v))
+}
+
+fn tensor_f32s(t: &Tensor) -> Vec<f32> {
+    t.to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+fn elems<E: Elem>(t: &Tensor) -> Vec<E> {
+    tensor_f32s(t).into_iter().map(E::from_f32).collect()
+}
+
+/// Asserts |got − want| ≤ tol · max(1, max |want|) element-wise; NaN must meet NaN.
+fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let scale = want
+        .iter()
+        .filter(|v| v.is_finite())
+        .fold(1.0f32, |m, v| m.max(v.abs()));
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        if w.is_nan() || g.is_nan() {
+            assert!(w.is_nan() && g.is_nan(), "{what}[{i}]: got {g}, want {w}");
+            continue;
+        }
+        assert!(
+            (g - w).abs() <= tol * scale,
+            "{what}[{i}]: got {g}, want {w} (bound {})",
+            tol * scale
+        );
+    }
+}
+
+fn random(rng: &mut ChaCha8Rng, n: usize, lo: f32, hi: f32) -> Vec<f32> {
+    (0..n).map(|_| rng.gen_range(lo..hi)).collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// The kernels the emulator knows are the kernels the sources define.
+
+/// Kernel names defined in a source: `extern "C" __global__ void NAME(`, with the names inside
+/// a `KD_*_KERNELS(SUFFIX, E)` macro expanded for each instantiation in the same file.
+fn kernels_in_source(src: &str) -> BTreeSet<String> {
+    let suffixes: Vec<&str> = src
+        .lines()
+        .filter(|l| l.starts_with("KD_") && l.contains("_KERNELS("))
+        .map(|l| {
+            l.split('(')
+                .nth(1)
+                .unwrap()
+                .split(',')
+                .next()
+                .unwrap()
+                .trim()
+        })
+        .collect();
+    let mut names = BTreeSet::new();
+    for part in src.split("__global__ void").skip(1) {
+        let name = part.trim_start().split('(').next().unwrap().trim();
+        match name.strip_suffix("_##SUFFIX") {
+            Some(stem) => names.extend(suffixes.iter().map(|s| format!("{stem}_{s}"))),
+            None => {
+                names.insert(name.to_string());
+            }
+        }
+    }
+    names
+}
+
+#[test]
+fn the_emulator_runs_every_kernel_the_sources_define() {
+    let mut defined = BTreeSet::new();
+    for f in emulator_sources() {
+        if f.extension().is_some_and(|e| e == "cu") {
+            defined.extend(kernels_in_source(&std::fs::read_to_string(&f).unwrap()));
+        }
+    }
+    assert!(defined.len() >= 17, "{defined:?}");
+    let out = Command::new(emulator(Sanitizer::Address))
+        .arg("--list")
+        .output()
+        .unwrap();
+    let known: BTreeSet<String> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+    assert_eq!(
+        known, defined,
+        "tests/emulator/driver.cpp must register every kernel of src/kernels"
+    );
+}
+
+#[test]
+fn the_emulator_rejects_arguments_that_do_not_match_the_kernel() {
+    // bn_update_running(float*, const float*, int, int, float, float): a float where an int is.
+    let args = [
+        buf_f32(&[0.0; 4]),
+        buf_f32(&[0.0; 8]),
+        Arg::F32(4.0),
+        Arg::I32(0),
+        Arg::F32(0.1),
+        Arg::F32(1.0),
+    ];
+    let g = LaunchGeometry {
+        blocks: 1,
+        threads: 32,
+    };
+    let (status, _, stderr) =
+        run_emulator(Sanitizer::Address, request("bn_update_running", g, &args));
+    assert!(!status.success());
+    let err = String::from_utf8_lossy(&stderr);
+    assert!(
+        err.contains("argument 2 is 'f', the kernel wants an int"),
+        "{err}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// BatchNorm: statistics, apply (+ReLU), backward reduce, backward data, running statistics.
+
+fn batch_norm_case<E: Elem>(rng: &mut ChaCha8Rng, (n, c, h, w): (usize, usize, usize, usize)) {
+    let hw = h * w;
+    let total = n * c * hw;
+    let eps = 1e-5f32;
+    // Channels with different means and spreads; values exactly representable in E.
+    let x: Vec<E> = (0..total)
+        .map(|k| {
+            let ch = (k / hw) % c;
+            E::from_f32(rng.gen_range(-1.0f32..1.0) * (0.5 + ch as f32) + ch as f32 - 1.0)
+        })
+        .collect();
+    let gamma = random(rng, c, 0.5, 1.5);
+    let beta = random(rng, c, -0.5, 0.5);
+    let dy: Vec<E> = (0..total)
+        .map(|_| E::from_f32(rng.gen_range(-1.0f32..1.0)))
+        .collect();
+    let as_tensor = |v: &[E]| {
+        Tensor::from_vec(
+            v.iter().map(|e| e.to_f32()).collect::<Vec<_>>(),
+            (n, c, h, w),
+            &Device::Cpu,
+        )
+        .unwrap()
+        .to_dtype(E::DTYPE)
+        .unwrap()
+    };
+    let (ni, ci, hwi, ti) = (
+        Arg::I32(n as i32),
+        Arg::I32(c as i32),
+        Arg::I32(hw as i32),
+        Arg::I64(total as i64),
+    );
+    let sfx = E::SUFFIX;
+
+    for relu in [false, true] {
+        let what = format!("{sfx} {:?} relu={relu}", (n, c, h, w));
+        // Races do not depend on the element type or the ReLU: check one combination.
+        let launch = if E::DTYPE == DType::F32 && relu {
+            launch_race_checked
+        } else {
+            launch
+        };
+        // The CPU path, gradients through autograd.
+        let xv = Var::from_tensor(&as_tensor(&x)).unwrap();
+        let gv = Var::from_vec(gamma.clone(), c, &Device::Cpu).unwrap();
+        let bv = Var::from_vec(beta.clone(), c, &Device::Cpu).unwrap();
+        let out = batch_norm_train(&xv, &gv, &bv, eps as f64, relu).unwrap();
+        let dyt = as_tensor(&dy).to_dtype(DType::F32).unwrap();
+        let grads = (out.y.to_dtype(DType::F32).unwrap() * &dyt)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let cpu_stats = tensor_f32s(&out.stats);
+        let cpu_y: Vec<E> = elems(&out.y);
+        let cpu_dx = tensor_f32s(grads.get(&xv).unwrap());
+        let mut cpu_red = tensor_f32s(grads.get(&bv).unwrap());
+        cpu_red.extend(tensor_f32s(grads.get(&gv).unwrap()));
+
+        // Statistics: one block per channel; also a block of three warps, whose partial
+        // Welford states merge differently.
+        let mut stats = Vec::new();
+        for g in [
+            LaunchGeometry::per_channel(c),
+            LaunchGeometry {
+                blocks: c as u32,
+                threads: 96,
+            },
+        ] {
+            let b = launch(
+                &format!("bn_stats_{sfx}"),
+                g,
+                &[
+                    buf(&x),
+                    buf_f32(&vec![0.0; 2 * c]),
+                    ni.clone(),
+                    ci.clone(),
+                    hwi.clone(),
+                ],
+            );
+            assert_close(
+                &format!("stats {what} {g:?}"),
+                &f32s(&b[1]),
+                &cpu_stats,
+                2e-6,
+            );
+            stats = f32s(&b[1]);
+        }
+
+        // Apply: the production geometry and a two-block one that makes the kernel loop.
+        let mut ys = Vec::new();
+        for g in [
+            LaunchGeometry::flat(total),
+            LaunchGeometry {
+                blocks: 2,
+                threads: 64,
+            },
+        ] {
+            let b = launch(
+                &format!("bn_apply_{sfx}"),
+                g,
+                &[
+                    buf(&x),
+                    buf_f32(&stats),
+                    buf_f32(&gamma),
+                    buf_f32(&beta),
+                    buf(&vec![E::from_f32(f32::NAN); total]),
+                    ci.clone(),
+                    hwi.clone(),
+                    ti.clone(),
+                    Arg::F32(eps),
+                    Arg::I32(relu as i32),
+                ],
+            );
+            ys.push(b[4].clone());
+        }
+        assert_eq!(
+            ys[0], ys[1],
+            "apply {what}: the geometry changed the result"
+        );
+        let y: Vec<f32> = E::from_bytes(&ys[0]).into_iter().map(E::to_f32).collect();
+        let want: Vec<f32> = cpu_y.iter().map(|e| e.to_f32()).collect();
+        assert_close(&format!("y {what}"), &y, &want, E::TOL);
+        if relu {
+            assert!(y.iter().all(|v| *v >= 0.0), "y {what}: negative after ReLU");
+        }
+
+        // Backward: Σdy' and Σdy'·x̂ per channel, then dx; the CPU's y gives the ReLU mask.
+        let b = launch(
+            &format!("bn_backward_reduce_{sfx}"),
+            LaunchGeometry::per_channel(c),
+            &[
+                buf(&x),
+                buf(&cpu_y),
+                buf(&dy),
+                buf_f32(&cpu_stats),
+                buf_f32(&vec![0.0; 2 * c]),
+                ni.clone(),
+                ci.clone(),
+                hwi.clone(),
+                Arg::F32(eps),
+                Arg::I32(relu as i32),
+            ],
+        );
+        let red = f32s(&b[4]);
+        assert_close(&format!("dβ, dγ {what}"), &red, &cpu_red, 1e-5);
+        let mut dxs = Vec::new();
+        for g in [
+            LaunchGeometry::flat(total),
+            LaunchGeometry {
+                blocks: 3,
+                threads: 32,
+            },
+        ] {
+            let b = launch(
+                &format!("bn_backward_data_{sfx}"),
+                g,
+                &[
+                    buf(&x),
+                    buf(&cpu_y),
+                    buf(&dy),
+                    buf_f32(&cpu_stats),
+                    buf_f32(&gamma),
+                    buf_f32(&cpu_red),
+                    buf(&vec![E::from_f32(f32::NAN); total]),
+                    ni.clone(),
+                    ci.clone(),
+                    hwi.clone(),
+                    ti.clone(),
+                    Arg::F32(eps),
+                    Arg::I32(relu as i32),
+                ],
+            );
+            dxs.push(b[6].clone());
+        }
+        assert_eq!(dxs[0], dxs[1], "dx {what}: the geometry changed the result");
+        let dx: Vec<f32> = E::from_bytes(&dxs[0]).into_iter().map(E::to_f32).collect();
+        assert_close(&format!("dx {what}"), &dx, &cpu_dx, E::TOL.max(1e-4));
+    }
+}
+
+#[test]
+fn batch_norm_kernels_match_the_cpu_path() {
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    // Fewer values per channel than threads; more (the block loops); the smallest batch.
+    for dims in [(3, 5, 4, 6), (4, 2, 12, 12), (2, 3, 1, 1)] {
+        batch_norm_case::<f32>(&mut rng, dims);
+        batch_norm_case::<bf16>(&mut rng, dims);
+    }
+}
+
+#[test]
+fn running_statistics_kernel_matches_the_cpu_path() {
+    let mut rng = ChaCha8Rng::seed_from_u64(8);
+    let (c, count, momentum) = (300usize, 50usize, 0.1f32);
+    let stats = random(&mut rng, 2 * c, 0.1, 2.0);
+    let mean0 = random(&mut rng, c, -1.0, 1.0);
+    let var0 = random(&mut rng, c, 0.5, 1.5);
+    let (rm, rv) = (
+        Tensor::new(mean0.as_slice(), &Device::Cpu).unwrap(),
+        Tensor::new(var0.as_slice(), &Device::Cpu).unwrap(),
+    );
+    let st = Tensor::from_vec(stats.clone(), (2, c), &Device::Cpu).unwrap();
+    update_running_stats(&rm, &rv, &st, momentum as f64, count).unwrap();
+    let scale = (count as f64 / (count as f64 - 1.0)) as f32;
+    for (row, start, s, want) in [(0, &mean0, 1.0, &rm), (1, &var0, scale, &rv)] {
+        let b = launch_race_checked(
+            "bn_update_running",
+            LaunchGeometry::flat(c),
+            &[
+                buf_f32(start),
+                buf_f32(&stats),
+                Arg::I32(c as i32),
+                Arg::I32(row),
+                Arg::F32(momentum),
+                Arg::F32(s),
+            ],
+        );
+        assert_close(
+            &format!("running row {row}"),
+            &f32s(&b[0]),
+            &tensor_f32s(want),
+            1e-6,
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Max-pool forward and backward, with ties and a NaN.
+
+fn max_pool_case<E: Elem>(
+    rng: &mut ChaCha8Rng,
+    pool: MaxPool2d,
+    (n, c, h, w): (usize, usize, usize, usize),
+) {
+    let (oh, ow) = (pool.out_size(h), pool.out_size(w));
+    let planes = n * c;
+    // Few distinct values, many of them 0 as after a ReLU: windows tie often.
+    let mut x: Vec<E> = (0..planes * h * w)
+        .map(|_| E::from_f32(rng.gen_range(0..4) as f32 * 0.5))
+        .collect();
+    x[h * w + w + 1] = E::from_f32(f32::NAN);
+    let dy: Vec<E> = (0..planes * oh * ow)
+        .map(|_| E::from_f32(rng.gen_range(-1.0f32..1.0)))
+        .collect();
+    let what = format!("{} {pool:?} {:?}", E::SUFFIX, (n, c, h, w));
+    let to_t = |v: &[E], d: (usize, usize, usize, usize)| {
+        Tensor::from_vec(
+            v.iter().map(|e| e.to_f32()).collect::<Vec<_>>(),
+            d,
+            &Device::Cpu,
+        )
+        .unwrap()
+        .to_dtype(E::DTYPE)
+        .unwrap()
+    };
+    let xv = Var::from_tensor(&to_t(&x, (n, c, h, w))).unwrap();
+    let y = pool.forward(&xv).unwrap();
+    let dyt = to_t(&dy, (n, c, oh, ow)).to_dtype(DType::F32).unwrap();
+    let grads = (y.to_dtype(DType::F32).unwrap() * dyt)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let geometry = [
+        Arg::I64(planes as i64),
+        Arg::I32(h as i32),
+        Arg::I32(w as i32),
+        Arg::I32(oh as i32),
+        Arg::I32(ow as i32),
+        Arg::I32(pool.kernel as i32),
+        Arg::I32(pool.stride as i32),
+        Arg::I32(pool.padding as i32),
+    ];
+
+    let mut args = vec![buf(&x), buf(&vec![E::from_f32(-1.0); planes * oh * ow])];
+    args.extend(geometry.iter().cloned());
+    let b = launch_race_checked(
+        &format!("max_pool_fwd_{}", E::SUFFIX),
+        LaunchGeometry::flat(planes * oh * ow),
+        &args,
+    );
+    let got: Vec<f32> = E::from_bytes(&b[1]).into_iter().map(E::to_f32).collect();
+    assert_close(&format!("max-pool y {what}"), &got, &tensor_f32s(&y), 0.0);
+
+    let mut args = vec![
+        buf(&x),
+        buf(&dy),
+        buf(&vec![E::from_f32(f32::NAN); planes * h * w]),
+    ];
+    args.extend(geometry.iter().cloned());
+    let b = launch_race_checked(
+        &format!("max_pool_bwd_{}", E::SUFFIX),
+        LaunchGeometry::flat(planes * h * w),
+        &args,
+    );
+    let got: Vec<f32> = E::from_bytes(&b[2]).into_iter().map(E::to_f32).collect();
+    let want = tensor_f32s(grads.get(&xv).unwrap());
+    assert_close(&format!("max-pool dx {what}"), &got, &want, E::TOL);
+}
+
+#[test]
+fn max_pool_kernels_match_the_cpu_path() {
+    let mut rng = ChaCha8Rng::seed_from_u64(9);
+    let cases = [
+        (MaxPool2d::RESNET_STEM, (2, 3, 7, 7)),
+        (MaxPool2d::RESNET_STEM, (2, 2, 8, 10)),
+        (
+            MaxPool2d {
+                kernel: 2,
+                stride: 2,
+                padding: 0,
+            },
+            (1, 3, 6, 6),
+        ),
+        (
+            MaxPool2d {
+                kernel: 3,
+                stride: 1,
+                padding: 1,
+            },
+            (2, 2, 5, 5),
+        ),
+    ];
+    for (pool, dims) in cases {
+        max_pool_case::<f32>(&mut rng, pool, dims);
+        max_pool_case::<bf16>(&mut rng, pool, dims);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Augmentation and SGD.
+
+fn augment_case<E: Elem>(rng: &mut ChaCha8Rng) {
+    let (n, c, h, w, pad) = (6usize, 3usize, 6usize, 7usize, 2usize);
+    let pixels: Vec<u8> = (0..n * c * h * w).map(|_| rng.gen()).collect();
+    let plans: Vec<AugmentPlan> = (0..9)
+        .map(|_| AugmentPlan {
+            index: rng.gen_range(0..n as u32),
+            oy: rng.gen_range(0..=2 * pad as u32),
+            ox: rng.gen_range(0..=2 * pad as u32),
+            flip: rng.gen(),
+        })
+        .collect();
+    let norm = Normalisation::from_mean_std(&[0.49, 0.48, 0.45], &[0.25, 0.24, 0.26]);
+    let images = Tensor::from_vec(pixels.clone(), (n, c, h, w), &Device::Cpu).unwrap();
+    let want = augment_batch(&images, &plans, pad, &norm, E::DTYPE).unwrap();
+    let plan_words: Vec<u8> = plans
+        .iter()
+        .flat_map(|p| [p.index, p.oy, p.ox, p.flip as u32])
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    let mut table = norm.scale.clone();
+    table.extend(&norm.shift);
+    let total = plans.len() * c * h * w;
+    let b = launch_race_checked(
+        &format!("augment_{}", E::SUFFIX),
+        LaunchGeometry::flat(total),
+        &[
+            Arg::Buf(pixels),
+            Arg::Buf(plan_words),
+            buf_f32(&table),
+            buf(&vec![E::from_f32(f32::NAN); total]),
+            Arg::I32(plans.len() as i32),
+            Arg::I32(c as i32),
+            Arg::I32(h as i32),
+            Arg::I32(w as i32),
+            Arg::I32(pad as i32),
+        ],
+    );
+    let got: Vec<f32> = E::from_bytes(&b[3]).into_iter().map(E::to_f32).collect();
+    assert_close(
+        &format!("augment {}", E::SUFFIX),
+        &got,
+        &tensor_f32s(&want),
+        1e-6,
+    );
+}
+
+#[test]
+fn augment_kernel_matches_the_cpu_path() {
+    let mut rng = ChaCha8Rng::seed_from_u64(10);
+    augment_case::<f32>(&mut rng);
+    augment_case::<bf16>(&mut rng);
+}
+
+#[test]
+fn sgd_kernels_match_the_cpu_path() {
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let n = 1000; // not a multiple of the block size
+    for nesterov in [false, true] {
+        let s = SgdStep {
+            lr: 0.1,
+            momentum: 0.9,
+            dampening: 0.0,
+            weight_decay: 5e-4,
+            nesterov,
+        };
+        let (p, g, m) = (
+            random(&mut rng, n, -1.0, 1.0),
+            random(&mut rng, n, -1.0, 1.0),
+            random(&mut rng, n, -0.1, 0.1),
+        );
+        let t = |v: &Vec<f32>| Tensor::new(v.as_slice(), &Device::Cpu).unwrap();
+        let (pt, gt, mt) = (t(&p), t(&g), t(&m));
+        sgd_momentum_step(&pt, &gt, &mt, &s).unwrap();
+        for geometry in [
+            LaunchGeometry::flat(n),
+            LaunchGeometry {
+                blocks: 2,
+                threads: 128,
+            },
+        ] {
+            let b = launch_race_checked(
+                "sgd_momentum_f32",
+                geometry,
+                &[
+                    buf_f32(&m),
+                    buf_f32(&g),
+                    buf_f32(&p),
+                    Arg::I64(n as i64),
+                    Arg::F32(s.weight_decay as f32),
+                    Arg::F32(s.momentum as f32),
+                    Arg::F32((1.0 - s.dampening) as f32),
+                ],
+            );
+            let m1 = f32s(&b[0]);
+            assert_close("momentum buffer", &m1, &tensor_f32s(&mt), 1e-6);
+            let b = launch_race_checked(
+                "sgd_param_f32",
+                geometry,
+                &[
+                    buf_f32(&p),
+                    buf_f32(&g),
+                    buf_f32(&m1),
+                    Arg::I64(n as i64),
+                    Arg::F32(s.lr as f32),
+                    Arg::F32(s.weight_decay as f32),
+                    Arg::F32(s.momentum as f32),
+                    Arg::I32(nesterov as i32),
+                ],
+            );
+            assert_close(
+                &format!("parameter nesterov={nesterov}"),
+                &f32s(&b[0]),
+                &tensor_f32s(&pt),
+                1e-6,
+            );
+        }
+    }
+}

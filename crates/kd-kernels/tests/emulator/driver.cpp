@@ -1,0 +1,160 @@
+// Runs one launch of one of kd's kernels (src/kernels/*.cu) in the CPU emulator.
+//
+// Request on stdin (little-endian): u32 name length, name, u32 blocks, u32 threads, u32 argument
+// count, then per argument a tag byte and its value: 'P' u64 byte length + bytes (a buffer the
+// kernel gets a pointer to), 'i' i32, 'l' i64, 'f' f32. Each argument must have the type of the
+// kernel's parameter at its position (a mismatch is an error, as are missing or extra ones).
+// Reply on stdout: every buffer after the launch, in order, each as u64 byte length + bytes.
+//
+// `driver --list` prints the kernels it knows, one a line.
+#include "cuda_emu.hpp"
+
+#include "../../src/kernels/common.cuh"
+#include "../../src/kernels/augment.cu"
+#include "../../src/kernels/batch_norm.cu"
+#include "../../src/kernels/max_pool.cu"
+#include "../../src/kernels/sgd.cu"
+
+#include <functional>
+#include <map>
+#include <string>
+#include <tuple>
+#include <utility>
+
+namespace {
+
+struct Arg {
+    char tag;
+    std::vector<unsigned char> bytes;  // 'P': the buffer; otherwise the scalar's bytes
+};
+
+struct Args {
+    std::vector<Arg> list;
+    size_t next = 0;
+
+    Arg& take(char tag, const char* what) {
+        if (next >= list.size()) kd_emu::fail("too few arguments for the kernel");
+        Arg& a = list[next++];
+        if (a.tag != tag) {
+            std::fprintf(stderr, "cuda emulator: argument %zu is '%c', the kernel wants %s\n",
+                         next - 1, a.tag, what);
+            std::fflush(stderr);
+            std::_Exit(3);
+        }
+        return a;
+    }
+};
+
+template <class T>
+struct Take;
+
+template <class T>
+struct Take<T*> {
+    static T* from(Args& a) {
+        Arg& arg = a.take('P', "a pointer");
+        if (arg.bytes.size() % sizeof(T) != 0) kd_emu::fail("buffer size is not a whole number of elements");
+        return reinterpret_cast<T*>(arg.bytes.data());
+    }
+};
+
+template <class T>
+T scalar(Args& a, char tag, const char* what) {
+    Arg& arg = a.take(tag, what);
+    T v;
+    std::memcpy(&v, arg.bytes.data(), sizeof v);
+    return v;
+}
+
+template <>
+struct Take<int> {
+    static int from(Args& a) { return scalar<int>(a, 'i', "an int"); }
+};
+template <>
+struct Take<long long> {
+    static long long from(Args& a) { return scalar<long long>(a, 'l', "a long long"); }
+};
+template <>
+struct Take<float> {
+    static float from(Args& a) { return scalar<float>(a, 'f', "a float"); }
+};
+
+template <class... P>
+void run(void (*kernel)(P...), unsigned blocks, unsigned threads, Args& a) {
+    // Braced initialisation evaluates left to right: arguments bind in order.
+    std::tuple<P...> bound{Take<P>::from(a)...};
+    if (a.next != a.list.size()) kd_emu::fail("too many arguments for the kernel");
+    std::apply([&](P... p) { kd_emu::launch(blocks, threads, kernel, p...); }, bound);
+}
+
+using Runner = std::function<void(unsigned, unsigned, Args&)>;
+
+#define KD_EMU_KERNEL(name) \
+    { #name, [](unsigned b, unsigned t, Args& a) { run(name, b, t, a); } }
+
+const std::map<std::string, Runner>& kernels() {
+    static const std::map<std::string, Runner> all = {
+        KD_EMU_KERNEL(augment_f32),
+        KD_EMU_KERNEL(augment_bf16),
+        KD_EMU_KERNEL(bn_stats_f32),
+        KD_EMU_KERNEL(bn_stats_bf16),
+        KD_EMU_KERNEL(bn_apply_f32),
+        KD_EMU_KERNEL(bn_apply_bf16),
+        KD_EMU_KERNEL(bn_backward_reduce_f32),
+        KD_EMU_KERNEL(bn_backward_reduce_bf16),
+        KD_EMU_KERNEL(bn_backward_data_f32),
+        KD_EMU_KERNEL(bn_backward_data_bf16),
+        KD_EMU_KERNEL(bn_update_running),
+        KD_EMU_KERNEL(max_pool_fwd_f32),
+        KD_EMU_KERNEL(max_pool_fwd_bf16),
+        KD_EMU_KERNEL(max_pool_bwd_f32),
+        KD_EMU_KERNEL(max_pool_bwd_bf16),
+        KD_EMU_KERNEL(sgd_momentum_f32),
+        KD_EMU_KERNEL(sgd_param_f32),
+    };
+    return all;
+}
+
+void read_exact(void* p, size_t n) {
+    if (n != 0 && std::fread(p, 1, n, stdin) != n) kd_emu::fail("truncated request");
+}
+
+template <class T>
+T read_le() {
+    T v;
+    read_exact(&v, sizeof v);
+    return v;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    if (argc == 2 && std::string(argv[1]) == "--list") {
+        for (auto& [name, _] : kernels()) std::printf("%s\n", name.c_str());
+        return 0;
+    }
+    std::string name(read_le<uint32_t>(), '\0');
+    read_exact(name.data(), name.size());
+    unsigned blocks = read_le<uint32_t>(), threads = read_le<uint32_t>();
+    Args args;
+    args.list.resize(read_le<uint32_t>());
+    for (Arg& a : args.list) {
+        a.tag = (char)read_le<uint8_t>();
+        size_t n = a.tag == 'P' ? read_le<uint64_t>() : a.tag == 'l' ? 8 : 4;
+        if (a.tag != 'P' && a.tag != 'i' && a.tag != 'l' && a.tag != 'f') kd_emu::fail("unknown argument tag");
+        a.bytes.resize(n);
+        read_exact(a.bytes.data(), n);
+    }
+    auto k = kernels().find(name);
+    if (k == kernels().end()) {
+        std::fprintf(stderr, "cuda emulator: no kernel named %s\n", name.c_str());
+        return 3;
+    }
+    k->second(blocks, threads, args);
+    for (Arg& a : args.list) {
+        if (a.tag != 'P') continue;
+        uint64_t n = a.bytes.size();
+        std::fwrite(&n, sizeof n, 1, stdout);
+        std::fwrite(a.bytes.data(), 1, n, stdout);
+    }
+    return std::fflush(stdout) == 0 ? 0 : 4;
+}
