@@ -69,10 +69,18 @@ pub(crate) fn compile_all() -> Result<Vec<(&'static str, usize)>> {
     ALL.iter().map(|m| Ok((m.name, m.ptx()?.len()))).collect()
 }
 
+/// The PTX of module `name` (`kd_batch_norm`, `kd_max_pool`, `kd_augment`, `kd_sgd`).
+pub(crate) fn ptx_of(name: &str) -> Result<&'static str> {
+    match ALL.iter().copied().find(|m| m.name == name) {
+        Some(m) => m.ptx(),
+        None => bail!("no kernel module named {name}"),
+    }
+}
+
 impl From<crate::launch::LaunchGeometry> for LaunchConfig {
     fn from(g: crate::launch::LaunchGeometry) -> Self {
         LaunchConfig {
-            grid_dim: (g.blocks, 1, 1),
+            grid_dim: (g.grid[0], g.grid[1], g.grid[2]),
             block_dim: (g.threads, 1, 1),
             shared_mem_bytes: 0,
         }
@@ -91,6 +99,19 @@ pub(crate) fn flat(total: usize) -> LaunchConfig {
 /// [`LaunchGeometry::per_channel`]: crate::launch::LaunchGeometry::per_channel
 pub(crate) fn per_channel(channels: usize) -> LaunchConfig {
     crate::launch::LaunchGeometry::per_channel(channels).into()
+}
+
+/// Blocks over the planes of an (N, C, H, W) tensor ([`LaunchGeometry::per_plane`]).
+///
+/// [`LaunchGeometry::per_plane`]: crate::launch::LaunchGeometry::per_plane
+pub(crate) fn per_plane(n: usize, c: usize, hw: usize) -> Result<LaunchConfig> {
+    match crate::launch::LaunchGeometry::per_plane(n, c, hw) {
+        Some(g) => Ok(g.into()),
+        None => bail!(
+            "kd CUDA kernels: an (N, C, H·W) = ({n}, {c}, {hw}) tensor has N or C above {}",
+            crate::launch::LaunchGeometry::MAX_GRID_YZ
+        ),
+    }
 }
 
 /// The kernel-name suffix of a dtype.

@@ -8,7 +8,7 @@ use candle_core::cuda_backend::cudarc::driver::{
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{bail, CudaStorage, DType, Layout, Result, Storage, Tensor};
 
-use crate::cuda::{flat, per_channel, suffix, AUGMENT, BATCH_NORM, MAX_POOL};
+use crate::cuda::{flat, per_channel, per_plane, suffix, AUGMENT, BATCH_NORM, MAX_POOL};
 
 /// Element types our kernels are instantiated for.
 trait Elem: DeviceRepr + CudaDType + ValidAsZeroBits {}
@@ -109,19 +109,15 @@ fn bn_apply_t<T: Elem>(
     // SAFETY: every element is written by the kernel.
     let mut y = unsafe { dev.alloc::<T>(total)? };
     let f = BATCH_NORM.func(dev, &format!("bn_apply_{}", suffix(sx.dtype())?))?;
-    let (c_, hw_, total_, relu_) = (
-        i32_of(c, "C")?,
-        i32_of(hw, "H·W")?,
-        total as i64,
-        relu as i32,
-    );
+    let (c_, hw_, relu_) = (i32_of(c, "C")?, i32_of(hw, "H·W")?, relu as i32);
+    let grid = per_plane(total / (c * hw), c, hw)?;
     with_f32_view(stats, |st| {
         let stream = dev.cuda_stream();
         let mut b = stream.launch_builder(&f);
         b.arg(&x).arg(st).arg(&gamma).arg(&beta).arg(&mut y);
-        b.arg(&c_).arg(&hw_).arg(&total_).arg(&eps).arg(&relu_);
+        b.arg(&c_).arg(&hw_).arg(&eps).arg(&relu_);
         // SAFETY: argument types and sizes match bn_apply in batch_norm.cu.
-        unsafe { b.launch(flat(total)) }.w()?;
+        unsafe { b.launch(grid) }.w()?;
         Ok(())
     })?;
     Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
@@ -229,21 +225,17 @@ fn bn_backward_data_t<T: Elem>(
     let mut dx = unsafe { dev.alloc::<T>(total)? };
     let f = BATCH_NORM.func(dev, &format!("bn_backward_data_{}", suffix(sx.dtype())?))?;
     let (n_, c_, hw_) = (i32_of(n, "N")?, i32_of(c, "C")?, i32_of(hw, "H·W")?);
-    let (total_, relu_) = (total as i64, relu as i32);
+    let relu_ = relu as i32;
+    let grid = per_plane(n, c, hw)?;
     with_f32_view(stats, |p| {
         with_f32_view(red, |r| {
             with_f32_view(gamma, |g| {
                 let stream = dev.cuda_stream();
                 let mut b = stream.launch_builder(&f);
                 b.arg(&x).arg(&y).arg(&dy).arg(p).arg(g).arg(r).arg(&mut dx);
-                b.arg(&n_)
-                    .arg(&c_)
-                    .arg(&hw_)
-                    .arg(&total_)
-                    .arg(&eps)
-                    .arg(&relu_);
+                b.arg(&n_).arg(&c_).arg(&hw_).arg(&eps).arg(&relu_);
                 // SAFETY: argument types and sizes match bn_backward_data in batch_norm.cu.
-                unsafe { b.launch(flat(total)) }.w()?;
+                unsafe { b.launch(grid) }.w()?;
                 Ok(())
             })
         })

@@ -3,11 +3,11 @@
 //! sources in the CPU emulator (`tests/emulator/`) both take it from here, so the emulator runs
 //! the kernels with the geometry the GPU gets.
 
-/// Blocks × threads of a one-dimensional launch.
+/// A grid of blocks (x, y, z) of `threads` threads each (one-dimensional blocks).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LaunchGeometry {
-    /// Blocks in the grid (`gridDim.x`).
-    pub blocks: u32,
+    /// Blocks along x, y and z (`gridDim`).
+    pub grid: [u32; 3],
     /// Threads per block (`blockDim.x`).
     pub threads: u32,
 }
@@ -17,21 +17,85 @@ impl LaunchGeometry {
     /// few enough that a huge tensor is covered by the kernel's loop, not by the grid.
     pub const MAX_FLAT_BLOCKS: u32 = 65_535 * 8;
 
+    /// Most blocks along y or z of a CUDA grid.
+    pub const MAX_GRID_YZ: usize = 65_535;
+
+    /// A one-dimensional grid of `blocks` blocks.
+    pub fn linear(blocks: u32, threads: u32) -> Self {
+        LaunchGeometry {
+            grid: [blocks, 1, 1],
+            threads,
+        }
+    }
+
     /// A grid-stride launch over `total` elements: 256 threads a block, one element a thread
     /// up to [`Self::MAX_FLAT_BLOCKS`] blocks.
     pub fn flat(total: usize) -> Self {
-        LaunchGeometry {
-            blocks: total.div_ceil(256).clamp(1, Self::MAX_FLAT_BLOCKS as usize) as u32,
-            threads: 256,
-        }
+        Self::linear(
+            total.div_ceil(256).clamp(1, Self::MAX_FLAT_BLOCKS as usize) as u32,
+            256,
+        )
     }
 
     /// One block of 512 threads per channel, for the per-channel reductions (the kernels'
     /// `block_sum` needs a multiple of 32 threads, at most 1024).
     pub fn per_channel(channels: usize) -> Self {
-        LaunchGeometry {
-            blocks: channels as u32,
-            threads: 512,
+        Self::linear(channels as u32, 512)
+    }
+
+    /// Blocks (chunk, channel, sample) over the H·W planes of an (N, C, H, W) tensor, so that a
+    /// kernel knows its channel from `blockIdx.y` and divides no index per element (a 64-bit
+    /// division is a long instruction sequence on a GPU). Blocks have 256 threads, or as few
+    /// whole warps as cover a smaller plane. `None` when N or C exceeds
+    /// [`Self::MAX_GRID_YZ`].
+    pub fn per_plane(n: usize, c: usize, hw: usize) -> Option<Self> {
+        if n > Self::MAX_GRID_YZ || c > Self::MAX_GRID_YZ || n == 0 || c == 0 || hw == 0 {
+            return None;
         }
+        let threads = hw.next_multiple_of(32).min(256);
+        Some(LaunchGeometry {
+            grid: [hw.div_ceil(threads) as u32, c as u32, n as u32],
+            threads: threads as u32,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LaunchGeometry;
+
+    #[test]
+    fn per_plane_covers_each_plane_with_whole_warps() {
+        // CIFAR ResNet planes: 32×32, 16×16, 8×8, 4×4, and an odd 7×7.
+        for (hw, threads, chunks) in [
+            (1024, 256, 4),
+            (256, 256, 1),
+            (64, 64, 1),
+            (16, 32, 1),
+            (49, 64, 1),
+        ] {
+            let g = LaunchGeometry::per_plane(8, 3, hw).unwrap();
+            assert_eq!(
+                g,
+                LaunchGeometry {
+                    grid: [chunks, 3, 8],
+                    threads
+                },
+                "H·W = {hw}"
+            );
+            assert!(g.grid[0] * g.threads >= hw as u32);
+        }
+        assert!(LaunchGeometry::per_plane(70_000, 3, 16).is_none());
+        assert!(LaunchGeometry::per_plane(8, 0, 16).is_none());
+    }
+
+    #[test]
+    fn flat_launches_clamp_the_grid() {
+        assert_eq!(LaunchGeometry::flat(0).grid, [1, 1, 1]);
+        assert_eq!(LaunchGeometry::flat(257).grid, [2, 1, 1]);
+        assert_eq!(
+            LaunchGeometry::flat(usize::MAX / 2).grid[0],
+            LaunchGeometry::MAX_FLAT_BLOCKS
+        );
     }
 }

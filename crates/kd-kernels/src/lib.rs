@@ -52,6 +52,13 @@ pub fn compile_all_kernels() -> candle_core::Result<Vec<(&'static str, usize)>> 
     cuda::compile_all()
 }
 
+/// The PTX NVRTC makes of one kernel module (`kd_batch_norm`, `kd_max_pool`, `kd_augment`,
+/// `kd_sgd`), for tests that check what the kernels compile to.
+#[cfg(feature = "cuda")]
+pub fn kernel_ptx(module: &str) -> candle_core::Result<&'static str> {
+    cuda::ptx_of(module)
+}
+
 /// The README's examples, compiled and run as doc tests.
 #[doc = include_str!("../README.md")]
 #[cfg(doctest)]

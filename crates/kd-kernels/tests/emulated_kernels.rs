@@ -124,7 +124,9 @@ fn request(kernel: &str, g: LaunchGeometry, args: &[Arg]) -> Vec<u8> {
     let mut req = Vec::new();
     req.extend((kernel.len() as u32).to_le_bytes());
     req.extend(kernel.as_bytes());
-    req.extend(g.blocks.to_le_bytes());
+    for b in g.grid {
+        req.extend(b.to_le_bytes());
+    }
     req.extend(g.threads.to_le_bytes());
     req.extend((args.len() as u32).to_le_bytes());
     for a in args {
@@ -399,10 +401,7 @@ fn the_emulator_rejects_arguments_that_do_not_match_the_kernel() {
         Arg::F32(0.1),
         Arg::F32(1.0),
     ];
-    let g = LaunchGeometry {
-        blocks: 1,
-        threads: 32,
-    };
+    let g = LaunchGeometry::linear(1, 32);
     let (status, _, stderr) =
         run_emulator(Sanitizer::Address, request("bn_update_running", g, &args));
     assert!(!status.success());
@@ -442,12 +441,7 @@ fn batch_norm_case<E: Elem>(rng: &mut ChaCha8Rng, (n, c, h, w): (usize, usize, u
         .to_dtype(E::DTYPE)
         .unwrap()
     };
-    let (ni, ci, hwi, ti) = (
-        Arg::I32(n as i32),
-        Arg::I32(c as i32),
-        Arg::I32(hw as i32),
-        Arg::I64(total as i64),
-    );
+    let (ni, ci, hwi) = (Arg::I32(n as i32), Arg::I32(c as i32), Arg::I32(hw as i32));
     let sfx = E::SUFFIX;
 
     for relu in [false, true] {
@@ -481,10 +475,7 @@ fn batch_norm_case<E: Elem>(rng: &mut ChaCha8Rng, (n, c, h, w): (usize, usize, u
         let mut stats = Vec::new();
         for g in [
             LaunchGeometry::per_channel(c),
-            LaunchGeometry {
-                blocks: c as u32,
-                threads: 96,
-            },
+            LaunchGeometry::linear(c as u32, 96),
         ] {
             let b = launch(
                 &format!("bn_stats_{sfx}"),
@@ -509,10 +500,11 @@ fn batch_norm_case<E: Elem>(rng: &mut ChaCha8Rng, (n, c, h, w): (usize, usize, u
         // Apply: the production geometry and a two-block one that makes the kernel loop.
         let mut ys = Vec::new();
         for g in [
-            LaunchGeometry::flat(total),
+            LaunchGeometry::per_plane(n, c, hw).unwrap(),
+            // One block of one warp per plane: the kernel loops along the plane.
             LaunchGeometry {
-                blocks: 2,
-                threads: 64,
+                grid: [1, c as u32, n as u32],
+                threads: 32,
             },
         ] {
             let b = launch(
@@ -526,7 +518,6 @@ fn batch_norm_case<E: Elem>(rng: &mut ChaCha8Rng, (n, c, h, w): (usize, usize, u
                     buf(&vec![E::from_f32(f32::NAN); total]),
                     ci.clone(),
                     hwi.clone(),
-                    ti.clone(),
                     Arg::F32(eps),
                     Arg::I32(relu as i32),
                 ],
@@ -565,9 +556,9 @@ fn batch_norm_case<E: Elem>(rng: &mut ChaCha8Rng, (n, c, h, w): (usize, usize, u
         assert_close(&format!("dβ, dγ {what}"), &red, &cpu_red, 1e-5);
         let mut dxs = Vec::new();
         for g in [
-            LaunchGeometry::flat(total),
+            LaunchGeometry::per_plane(n, c, hw).unwrap(),
             LaunchGeometry {
-                blocks: 3,
+                grid: [1, c as u32, n as u32],
                 threads: 32,
             },
         ] {
@@ -585,7 +576,6 @@ fn batch_norm_case<E: Elem>(rng: &mut ChaCha8Rng, (n, c, h, w): (usize, usize, u
                     ni.clone(),
                     ci.clone(),
                     hwi.clone(),
-                    ti.clone(),
                     Arg::F32(eps),
                     Arg::I32(relu as i32),
                 ],
@@ -601,8 +591,10 @@ fn batch_norm_case<E: Elem>(rng: &mut ChaCha8Rng, (n, c, h, w): (usize, usize, u
 #[test]
 fn batch_norm_kernels_match_the_cpu_path() {
     let mut rng = ChaCha8Rng::seed_from_u64(7);
-    // Fewer values per channel than threads; more (the block loops); the smallest batch.
-    for dims in [(3, 5, 4, 6), (4, 2, 12, 12), (2, 3, 1, 1)] {
+    // Planes smaller than a warp, larger than a per-plane block (256) and than a per-channel
+    // block (512, so the reduction tile loops along the plane); fewer values per channel than
+    // threads and more; the smallest batch.
+    for dims in [(3, 5, 4, 6), (4, 2, 12, 12), (2, 2, 24, 24), (2, 3, 1, 1)] {
         batch_norm_case::<f32>(&mut rng, dims);
         batch_norm_case::<bf16>(&mut rng, dims);
     }
@@ -824,13 +816,7 @@ fn sgd_kernels_match_the_cpu_path() {
         let t = |v: &Vec<f32>| Tensor::new(v.as_slice(), &Device::Cpu).unwrap();
         let (pt, gt, mt) = (t(&p), t(&g), t(&m));
         sgd_momentum_step(&pt, &gt, &mt, &s).unwrap();
-        for geometry in [
-            LaunchGeometry::flat(n),
-            LaunchGeometry {
-                blocks: 2,
-                threads: 128,
-            },
-        ] {
+        for geometry in [LaunchGeometry::flat(n), LaunchGeometry::linear(2, 128)] {
             let b = launch_race_checked(
                 "sgd_momentum_f32",
                 geometry,

@@ -10,3 +10,18 @@ fn every_kernel_source_compiles_with_nvrtc() {
         assert!(ptx_len > 1000, "{name}: PTX of {ptx_len} bytes");
     }
 }
+
+/// The BatchNorm kernels run over every activation of the network, four times a step; a 64-bit
+/// integer division or remainder per element (a long instruction sequence on a GPU, no
+/// hardware divide) would cost more than their memory traffic. Their launch geometry
+/// (`LaunchGeometry::per_plane`, `per_channel`) exists so that they need none.
+#[test]
+fn batch_norm_kernels_divide_no_64_bit_integer() {
+    let ptx = kd_kernels::kernel_ptx("kd_batch_norm").unwrap();
+    for op in ["div.s64", "div.u64", "rem.s64", "rem.u64"] {
+        assert!(!ptx.contains(op), "batch_norm.cu compiles to {op}");
+    }
+    // The check can fail: the max-pool kernels do divide 64-bit indices.
+    let pool = kd_kernels::kernel_ptx("kd_max_pool").unwrap();
+    assert!(pool.contains("div.s64") || pool.contains("div.u64"));
+}

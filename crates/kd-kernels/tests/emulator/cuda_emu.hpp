@@ -51,13 +51,16 @@ inline thread_local dim3 thread_idx, block_idx;
 inline std::unique_ptr<std::barrier<>> block_barrier;
 inline std::vector<std::unique_ptr<Warp>> warps;
 
-// Runs kernel(args...) over grid × block (one-dimensional), blocks in order, on one pool of
-// `block` threads (creating threads is what costs most under the sanitizers).
+// Runs kernel(args...) over grid × block (block one-dimensional), blocks in order (x fastest),
+// on one pool of `block` threads (creating threads is what costs most under the sanitizers).
 template <class... P, class... A>
-void launch(unsigned grid, unsigned block, void (*kernel)(P...), A... args) {
-    if (grid == 0 || block == 0 || block > 1024) fail("invalid launch geometry");
-    grid_dim = dim3{grid, 1, 1};
+void launch(dim3 grid, unsigned block, void (*kernel)(P...), A... args) {
+    if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.y > 65535 || grid.z > 65535)
+        fail("invalid grid");
+    if (block == 0 || block > 1024) fail("invalid block size");
+    grid_dim = grid;
     block_dim = dim3{block, 1, 1};
+    unsigned long long blocks = (unsigned long long)grid.x * grid.y * grid.z;
     // The host and the pool meet here twice a block: to start it and to finish it.
     std::barrier<> phase(block + 1);
     std::vector<std::thread> threads;
@@ -65,9 +68,10 @@ void launch(unsigned grid, unsigned block, void (*kernel)(P...), A... args) {
     for (unsigned t = 0; t < block; ++t) {
         threads.emplace_back([=, &phase] {
             thread_idx = dim3{t, 0, 0};
-            for (unsigned b = 0; b < grid; ++b) {
+            for (unsigned long long b = 0; b < blocks; ++b) {
                 phase.arrive_and_wait();
-                block_idx = dim3{b, 0, 0};
+                block_idx = dim3{(unsigned)(b % grid.x), (unsigned)(b / grid.x % grid.y),
+                                 (unsigned)(b / grid.x / grid.y)};
                 kernel(args...);
                 // A thread that has returned no longer holds up its block's barriers, as on
                 // Volta and later.
@@ -77,7 +81,7 @@ void launch(unsigned grid, unsigned block, void (*kernel)(P...), A... args) {
             }
         });
     }
-    for (unsigned b = 0; b < grid; ++b) {
+    for (unsigned long long b = 0; b < blocks; ++b) {
         block_barrier = std::make_unique<std::barrier<>>(block);
         warps.clear();
         for (unsigned w = 0; w * 32 < block; ++w)

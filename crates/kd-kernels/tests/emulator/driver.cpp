@@ -1,6 +1,7 @@
 // Runs one launch of one of kd's kernels (src/kernels/*.cu) in the CPU emulator.
 //
-// Request on stdin (little-endian): u32 name length, name, u32 blocks, u32 threads, u32 argument
+// Request on stdin (little-endian): u32 name length, name, u32 blocks along x, y and z, u32
+// threads a block, u32 argument
 // count, then per argument a tag byte and its value: 'P' u64 byte length + bytes (a buffer the
 // kernel gets a pointer to), 'i' i32, 'l' i64, 'f' f32. Each argument must have the type of the
 // kernel's parameter at its position (a mismatch is an error, as are missing or extra ones).
@@ -79,17 +80,17 @@ struct Take<float> {
 };
 
 template <class... P>
-void run(void (*kernel)(P...), unsigned blocks, unsigned threads, Args& a) {
+void run(void (*kernel)(P...), dim3 grid, unsigned threads, Args& a) {
     // Braced initialisation evaluates left to right: arguments bind in order.
     std::tuple<P...> bound{Take<P>::from(a)...};
     if (a.next != a.list.size()) kd_emu::fail("too many arguments for the kernel");
-    std::apply([&](P... p) { kd_emu::launch(blocks, threads, kernel, p...); }, bound);
+    std::apply([&](P... p) { kd_emu::launch(grid, threads, kernel, p...); }, bound);
 }
 
-using Runner = std::function<void(unsigned, unsigned, Args&)>;
+using Runner = std::function<void(dim3, unsigned, Args&)>;
 
 #define KD_EMU_KERNEL(name) \
-    { #name, [](unsigned b, unsigned t, Args& a) { run(name, b, t, a); } }
+    { #name, [](dim3 g, unsigned t, Args& a) { run(name, g, t, a); } }
 
 const std::map<std::string, Runner>& kernels() {
     static const std::map<std::string, Runner> all = {
@@ -134,7 +135,11 @@ int main(int argc, char** argv) {
     }
     std::string name(read_le<uint32_t>(), '\0');
     read_exact(name.data(), name.size());
-    unsigned blocks = read_le<uint32_t>(), threads = read_le<uint32_t>();
+    dim3 grid;
+    grid.x = read_le<uint32_t>();
+    grid.y = read_le<uint32_t>();
+    grid.z = read_le<uint32_t>();
+    unsigned threads = read_le<uint32_t>();
     Args args;
     args.list.resize(read_le<uint32_t>());
     for (Arg& a : args.list) {
@@ -149,7 +154,7 @@ int main(int argc, char** argv) {
         std::fprintf(stderr, "cuda emulator: no kernel named %s\n", name.c_str());
         return 3;
     }
-    k->second(blocks, threads, args);
+    k->second(grid, threads, args);
     for (Arg& a : args.list) {
         if (a.tag != 'P') continue;
         uint64_t n = a.bytes.size();
