@@ -94,11 +94,11 @@ pub(crate) fn flat(total: usize) -> LaunchConfig {
     crate::launch::LaunchGeometry::flat(total).into()
 }
 
-/// One block per channel ([`LaunchGeometry::per_channel`]).
+/// Blocks (channel, slice of the batch) ([`LaunchGeometry::per_channel`]).
 ///
 /// [`LaunchGeometry::per_channel`]: crate::launch::LaunchGeometry::per_channel
-pub(crate) fn per_channel(channels: usize) -> LaunchConfig {
-    crate::launch::LaunchGeometry::per_channel(channels).into()
+pub(crate) fn per_channel(n: usize, channels: usize) -> LaunchConfig {
+    crate::launch::LaunchGeometry::per_channel(n, channels).into()
 }
 
 /// Blocks over the planes of an (N, C, H, W) tensor ([`LaunchGeometry::per_plane`]).

@@ -67,15 +67,40 @@ fn bn_stats_t<T: Elem>(
 ) -> Result<CudaStorage> {
     let dev = &s.device;
     let x = view::<T>(s, l)?;
-    let mut out: CudaSlice<f32> = dev.alloc_zeros(2 * c)?;
+    let grid = per_channel(n, c);
+    let slices = grid.grid_dim.1 as usize;
+    // SAFETY: every block writes its (count, mean, M2).
+    let mut part = unsafe { dev.alloc::<f32>(3 * slices * c)? };
     let f = BATCH_NORM.func(dev, &format!("bn_stats_{}", suffix(s.dtype())?))?;
     let (n, c_, hw) = (i32_of(n, "N")?, i32_of(c, "C")?, i32_of(hw, "H·W")?);
     let stream = dev.cuda_stream();
     let mut b = stream.launch_builder(&f);
-    b.arg(&x).arg(&mut out).arg(&n).arg(&c_).arg(&hw);
+    b.arg(&x).arg(&mut part).arg(&n).arg(&c_).arg(&hw);
     // SAFETY: argument types and sizes match bn_stats in batch_norm.cu.
-    unsafe { b.launch(per_channel(c)) }.w()?;
+    unsafe { b.launch(grid) }.w()?;
+    let out = finish_slices(dev, "bn_stats_finish", &part, c, slices)?;
     Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+}
+
+/// Merges the per-slice partial results of a per-channel reduction into (2, C) f32 with the
+/// kernel `finish` (`bn_stats_finish` or `bn_reduce_finish`).
+fn finish_slices(
+    dev: &candle_core::cuda_backend::CudaDevice,
+    finish: &str,
+    part: &CudaSlice<f32>,
+    c: usize,
+    slices: usize,
+) -> Result<CudaSlice<f32>> {
+    // SAFETY: the kernel writes both rows of every channel.
+    let mut out = unsafe { dev.alloc::<f32>(2 * c)? };
+    let f = BATCH_NORM.func(dev, finish)?;
+    let (c_, s_) = (i32_of(c, "C")?, i32_of(slices, "slices")?);
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(&f);
+    b.arg(part).arg(&mut out).arg(&c_).arg(&s_);
+    // SAFETY: argument types and sizes match bn_stats_finish / bn_reduce_finish.
+    unsafe { b.launch(flat(c)) }.w()?;
+    Ok(out)
 }
 
 type Arg<'a> = (&'a CudaStorage, &'a Layout);
@@ -173,7 +198,10 @@ fn bn_backward_reduce_t<T: Elem>(
 ) -> Result<CudaStorage> {
     let dev = &sx.device;
     let (x, y, dy) = (view::<T>(sx, lx)?, view::<T>(sy, ly)?, view::<T>(sd, ld)?);
-    let mut red: CudaSlice<f32> = dev.alloc_zeros(2 * c)?;
+    let grid = per_channel(n, c);
+    let slices = grid.grid_dim.1 as usize;
+    // SAFETY: every block writes its two sums.
+    let mut part = unsafe { dev.alloc::<f32>(2 * slices * c)? };
     let f = BATCH_NORM.func(dev, &format!("bn_backward_reduce_{}", suffix(sx.dtype())?))?;
     let (n_, c_, hw_, relu_) = (
         i32_of(n, "N")?,
@@ -184,12 +212,13 @@ fn bn_backward_reduce_t<T: Elem>(
     with_f32_view(stats, |p| {
         let stream = dev.cuda_stream();
         let mut b = stream.launch_builder(&f);
-        b.arg(&x).arg(&y).arg(&dy).arg(p).arg(&mut red);
+        b.arg(&x).arg(&y).arg(&dy).arg(p).arg(&mut part);
         b.arg(&n_).arg(&c_).arg(&hw_).arg(&eps).arg(&relu_);
         // SAFETY: argument types and sizes match bn_backward_reduce in batch_norm.cu.
-        unsafe { b.launch(per_channel(c)) }.w()?;
+        unsafe { b.launch(grid) }.w()?;
         Ok(())
     })?;
+    let red = finish_slices(dev, "bn_reduce_finish", &part, c, slices)?;
     Ok(CudaStorage::wrap_cuda_slice(red, dev.clone()))
 }
 

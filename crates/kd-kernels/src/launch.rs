@@ -37,10 +37,28 @@ impl LaunchGeometry {
         )
     }
 
-    /// One block of 512 threads per channel, for the per-channel reductions (the kernels'
-    /// `block_sum` needs a multiple of 32 threads, at most 1024).
-    pub fn per_channel(channels: usize) -> Self {
-        Self::linear(channels as u32, 512)
+    /// Blocks a per-channel reduction aims for: a few per streaming multiprocessor of a large
+    /// GPU (132 on an H100), so that channels × slices keeps them all reading.
+    pub const REDUCTION_BLOCKS: usize = 1024;
+
+    /// How many slices of the batch each channel's reduction is split into: enough that
+    /// channels × slices reaches [`Self::REDUCTION_BLOCKS`] (64 channels would otherwise keep
+    /// 64 multiprocessors busy and leave the rest idle), at most one per sample.
+    pub fn reduction_slices(n: usize, c: usize) -> usize {
+        Self::REDUCTION_BLOCKS
+            .div_ceil(c.max(1))
+            .clamp(1, n.clamp(1, Self::MAX_GRID_YZ))
+    }
+
+    /// Blocks (channel, slice) of 512 threads for the per-channel reductions, with
+    /// [`Self::reduction_slices`] slices; each writes a partial result that a second kernel
+    /// merges in a fixed order (so the result is deterministic). The kernels' `block_sum`
+    /// needs a multiple of 32 threads, at most 1024.
+    pub fn per_channel(n: usize, c: usize) -> Self {
+        LaunchGeometry {
+            grid: [c as u32, Self::reduction_slices(n, c) as u32, 1],
+            threads: 512,
+        }
     }
 
     /// Blocks (chunk, channel, sample) over the H·W planes of an (N, C, H, W) tensor, so that a
@@ -87,6 +105,16 @@ mod tests {
         }
         assert!(LaunchGeometry::per_plane(70_000, 3, 16).is_none());
         assert!(LaunchGeometry::per_plane(8, 0, 16).is_none());
+    }
+
+    #[test]
+    fn reductions_split_small_channel_counts_over_the_batch() {
+        assert_eq!(LaunchGeometry::per_channel(256, 64).grid, [64, 16, 1]);
+        assert_eq!(LaunchGeometry::per_channel(256, 512).grid, [512, 2, 1]);
+        assert_eq!(LaunchGeometry::per_channel(256, 2048).grid, [2048, 1, 1]);
+        // Never more slices than samples.
+        assert_eq!(LaunchGeometry::per_channel(3, 5).grid, [5, 3, 1]);
+        assert_eq!(LaunchGeometry::per_channel(3, 5).threads, 512);
     }
 
     #[test]

@@ -220,6 +220,19 @@ fn launch(kernel: &str, g: LaunchGeometry, args: &[Arg]) -> Vec<Vec<u8>> {
     run_once(Sanitizer::Address, kernel, g, args)
 }
 
+/// The launcher for the `i`-th of several geometries of one case: `chosen` for the first (the
+/// production geometry), [`launch`] for the others (ThreadSanitizer checks the production one).
+fn launcher(
+    i: usize,
+    chosen: fn(&str, LaunchGeometry, &[Arg]) -> Vec<Vec<u8>>,
+) -> fn(&str, LaunchGeometry, &[Arg]) -> Vec<Vec<u8>> {
+    if i == 0 {
+        chosen
+    } else {
+        launch
+    }
+}
+
 /// [`launch`], and again under ThreadSanitizer, which must give the same bits. ThreadSanitizer
 /// costs about five times as much, so the tests race-check each kernel in some of its cases.
 fn launch_race_checked(kernel: &str, g: LaunchGeometry, args: &[Arg]) -> Vec<Vec<u8>> {
@@ -415,6 +428,42 @@ fn the_emulator_rejects_arguments_that_do_not_match_the_kernel() {
 // ---------------------------------------------------------------------------------------------
 // BatchNorm: statistics, apply (+ReLU), backward reduce, backward data, running statistics.
 
+/// Geometries of the per-channel reductions: the production one; one slice of three warps
+/// (the warps' partial states merge differently); slices of two warps over one or two samples
+/// (uneven when N is odd).
+fn reduction_geometries(n: usize, c: usize) -> [LaunchGeometry; 3] {
+    [
+        LaunchGeometry::per_channel(n, c),
+        LaunchGeometry::linear(c as u32, 96),
+        LaunchGeometry {
+            grid: [c as u32, n.div_ceil(2) as u32, 1],
+            threads: 64,
+        },
+    ]
+}
+
+/// Runs `kernel` (`bn_stats_finish` or `bn_reduce_finish`) over the slices' partial results
+/// `part`; returns the (2, C) result.
+fn finish(
+    kernel: &str,
+    part: &[f32],
+    c: usize,
+    slices: usize,
+    launch: fn(&str, LaunchGeometry, &[Arg]) -> Vec<Vec<u8>>,
+) -> Vec<f32> {
+    let b = launch(
+        kernel,
+        LaunchGeometry::flat(c),
+        &[
+            buf_f32(part),
+            buf_f32(&vec![f32::NAN; 2 * c]),
+            Arg::I32(c as i32),
+            Arg::I32(slices as i32),
+        ],
+    );
+    f32s(&b[1])
+}
+
 fn batch_norm_case<E: Elem>(rng: &mut ChaCha8Rng, (n, c, h, w): (usize, usize, usize, usize)) {
     let hw = h * w;
     let total = n * c * hw;
@@ -470,43 +519,42 @@ fn batch_norm_case<E: Elem>(rng: &mut ChaCha8Rng, (n, c, h, w): (usize, usize, u
         let mut cpu_red = tensor_f32s(grads.get(&bv).unwrap());
         cpu_red.extend(tensor_f32s(grads.get(&gv).unwrap()));
 
-        // Statistics: one block per channel; also a block of three warps, whose partial
-        // Welford states merge differently.
+        // Statistics: partial Welford states per (channel, slice), then merged per channel.
+        // The production geometry; one slice of three warps; one slice per sample.
         let mut stats = Vec::new();
-        for g in [
-            LaunchGeometry::per_channel(c),
-            LaunchGeometry::linear(c as u32, 96),
-        ] {
+        for (i, g) in reduction_geometries(n, c).into_iter().enumerate() {
+            let launch = launcher(i, launch);
+            let slices = g.grid[1] as usize;
             let b = launch(
                 &format!("bn_stats_{sfx}"),
                 g,
                 &[
                     buf(&x),
-                    buf_f32(&vec![0.0; 2 * c]),
+                    buf_f32(&vec![f32::NAN; 3 * slices * c]),
                     ni.clone(),
                     ci.clone(),
                     hwi.clone(),
                 ],
             );
-            assert_close(
-                &format!("stats {what} {g:?}"),
-                &f32s(&b[1]),
-                &cpu_stats,
-                2e-6,
-            );
-            stats = f32s(&b[1]);
+            let merged = finish("bn_stats_finish", &f32s(&b[1]), c, slices, launch);
+            assert_close(&format!("stats {what} {g:?}"), &merged, &cpu_stats, 2e-6);
+            stats = merged;
         }
 
-        // Apply: the production geometry and a two-block one that makes the kernel loop.
+        // Apply: the production geometry and one that makes the kernel loop.
         let mut ys = Vec::new();
-        for g in [
+        for (i, g) in [
             LaunchGeometry::per_plane(n, c, hw).unwrap(),
             // One block of one warp per plane: the kernel loops along the plane.
             LaunchGeometry {
                 grid: [1, c as u32, n as u32],
                 threads: 32,
             },
-        ] {
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let launch = launcher(i, launch);
             let b = launch(
                 &format!("bn_apply_{sfx}"),
                 g,
@@ -536,32 +584,40 @@ fn batch_norm_case<E: Elem>(rng: &mut ChaCha8Rng, (n, c, h, w): (usize, usize, u
         }
 
         // Backward: Σdy' and Σdy'·x̂ per channel, then dx; the CPU's y gives the ReLU mask.
-        let b = launch(
-            &format!("bn_backward_reduce_{sfx}"),
-            LaunchGeometry::per_channel(c),
-            &[
-                buf(&x),
-                buf(&cpu_y),
-                buf(&dy),
-                buf_f32(&cpu_stats),
-                buf_f32(&vec![0.0; 2 * c]),
-                ni.clone(),
-                ci.clone(),
-                hwi.clone(),
-                Arg::F32(eps),
-                Arg::I32(relu as i32),
-            ],
-        );
-        let red = f32s(&b[4]);
-        assert_close(&format!("dβ, dγ {what}"), &red, &cpu_red, 1e-5);
+        for (i, g) in reduction_geometries(n, c).into_iter().enumerate() {
+            let launch = launcher(i, launch);
+            let slices = g.grid[1] as usize;
+            let b = launch(
+                &format!("bn_backward_reduce_{sfx}"),
+                g,
+                &[
+                    buf(&x),
+                    buf(&cpu_y),
+                    buf(&dy),
+                    buf_f32(&cpu_stats),
+                    buf_f32(&vec![f32::NAN; 2 * slices * c]),
+                    ni.clone(),
+                    ci.clone(),
+                    hwi.clone(),
+                    Arg::F32(eps),
+                    Arg::I32(relu as i32),
+                ],
+            );
+            let red = finish("bn_reduce_finish", &f32s(&b[4]), c, slices, launch);
+            assert_close(&format!("dβ, dγ {what} {g:?}"), &red, &cpu_red, 1e-5);
+        }
         let mut dxs = Vec::new();
-        for g in [
+        for (i, g) in [
             LaunchGeometry::per_plane(n, c, hw).unwrap(),
             LaunchGeometry {
                 grid: [1, c as u32, n as u32],
                 threads: 32,
             },
-        ] {
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let launch = launcher(i, launch);
             let b = launch(
                 &format!("bn_backward_data_{sfx}"),
                 g,

@@ -1,7 +1,8 @@
 // BatchNorm2d in training mode over NCHW tensors, optionally fused with the ReLU after it.
 // stats is (2, C) f32: mean, biased variance; gamma and beta are (C,) f32. Statistics and sums
-// are f32 for every element type. One block per channel for the reductions, blocks over the
-// planes for the element-wise kernels (launch.rs): no index is divided per element.
+// are f32 for every element type. The reductions run on blocks (channel, slice of the batch)
+// and a second kernel merges the slices in a fixed order; the element-wise kernels on blocks
+// over the planes (launch.rs). No index is divided per element.
 
 // Welford's running (count, mean, M2), merged with Chan's formula.
 struct Welford { float n, mean, m2; };
@@ -39,14 +40,25 @@ __device__ __forceinline__ Tile plane_tile(int HW) {
     return t;
 }
 
-// stats[c] = mean, stats[C + c] = biased variance of channel c = blockIdx.x.
+// The samples [n0, n1) of slice blockIdx.y of a per-channel reduction: gridDim.y contiguous
+// slices of the batch, so that a channel is read by several blocks at once.
+// The first N % S slices get one sample more than the others.
+__device__ __forceinline__ void batch_slice(int N, int* n0, int* n1) {
+    int S = (int)gridDim.y, k = (int)blockIdx.y, q = N / S, r = N % S;
+    *n0 = k * q + (k < r ? k : r);
+    *n1 = *n0 + q + (k < r ? 1 : 0);
+}
+
+// Welford state (count, mean, M2) of channel c = blockIdx.x over slice blockIdx.y, to
+// part[((slice * C) + c) * 3 + {0, 1, 2}]; bn_stats_finish merges the slices.
 template <class E>
-__device__ void bn_stats(const typename E::T* x, float* stats, int N, int C, int HW) {
-    __shared__ Welford part[32];
-    int c = blockIdx.x;
+__device__ void bn_stats(const typename E::T* x, float* part, int N, int C, int HW) {
+    __shared__ Welford warp_part[32];
+    int c = blockIdx.x, n0, n1;
+    batch_slice(N, &n0, &n1);
     Tile t = plane_tile(HW);
     Welford w = {0.0f, 0.0f, 0.0f};
-    for (int n = t.ty; t.ty < t.TY && n < N; n += t.TY) {
+    for (int n = n0 + t.ty; t.ty < t.TY && n < n1; n += t.TY) {
         const typename E::T* plane = x + ((long long)n * C + c) * HW;
         for (int i = t.tx; i < HW; i += t.TX) {
             float v = E::load(plane, i);
@@ -58,17 +70,34 @@ __device__ void bn_stats(const typename E::T* x, float* stats, int N, int C, int
     }
     for (int o = 16; o > 0; o >>= 1) w = welford_merge(w, welford_shfl(w, o));
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-    if (lane == 0) part[warp] = w;
+    if (lane == 0) warp_part[warp] = w;
     __syncthreads();
     if (warp == 0) {
         Welford z = {0.0f, 0.0f, 0.0f};
-        w = lane < warps ? part[lane] : z;
+        w = lane < warps ? warp_part[lane] : z;
         for (int o = 16; o > 0; o >>= 1) w = welford_merge(w, welford_shfl(w, o));
         if (lane == 0) {
-            stats[c] = w.mean;
-            stats[C + c] = w.n > 0.0f ? w.m2 / w.n : 0.0f;
+            float* out = part + ((long long)blockIdx.y * C + c) * 3;
+            out[0] = w.n;
+            out[1] = w.mean;
+            out[2] = w.m2;
         }
     }
+}
+
+// stats[c] = mean, stats[C + c] = biased variance: the S slices' Welford states of channel c
+// merged in slice order (deterministic). One thread per channel.
+extern "C" __global__ void bn_stats_finish(const float* part, float* stats, int C, int S) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    Welford w = {0.0f, 0.0f, 0.0f};
+    for (int s = 0; s < S; ++s) {
+        const float* p = part + ((long long)s * C + c) * 3;
+        Welford q = {p[0], p[1], p[2]};
+        w = welford_merge(w, q);
+    }
+    stats[c] = w.mean;
+    stats[C + c] = w.n > 0.0f ? w.m2 / w.n : 0.0f;
 }
 
 // y = gamma * (x - mean) / sqrt(var + eps) + beta, then max(y, 0) when relu. A per-plane
@@ -86,17 +115,19 @@ __device__ void bn_apply(const typename E::T* x, const float* stats, const float
     }
 }
 
-// red[c] = sum dy', red[C + c] = sum dy' * xhat, where dy' = dy masked by the ReLU.
+// Σdy' and Σdy'·x̂ of channel c = blockIdx.x over slice blockIdx.y, where dy' = dy masked by
+// the ReLU, to part[((slice * C) + c) * 2 + {0, 1}]; bn_reduce_finish adds the slices.
 template <class E>
 __device__ void bn_backward_reduce(const typename E::T* x, const typename E::T* y,
-                                   const typename E::T* dy, const float* stats, float* red,
+                                   const typename E::T* dy, const float* stats, float* part,
                                    int N, int C, int HW, float eps, int relu) {
     __shared__ float shared32[32];
-    int c = blockIdx.x;
+    int c = blockIdx.x, n0, n1;
+    batch_slice(N, &n0, &n1);
     Tile t = plane_tile(HW);
     float mean = stats[c], invstd = rsqrtf(stats[C + c] + eps);
     float s = 0.0f, sx = 0.0f;
-    for (int n = t.ty; t.ty < t.TY && n < N; n += t.TY) {
+    for (int n = n0 + t.ty; t.ty < t.TY && n < n1; n += t.TY) {
         long long base = ((long long)n * C + c) * HW;
         for (int i = t.tx; i < HW; i += t.TX) {
             float g = E::load(dy, base + i);
@@ -108,9 +139,23 @@ __device__ void bn_backward_reduce(const typename E::T* x, const typename E::T* 
     s = block_sum(s, shared32);
     sx = block_sum(sx, shared32);
     if (threadIdx.x == 0) {
-        red[c] = s;
-        red[C + c] = sx;
+        float* out = part + ((long long)blockIdx.y * C + c) * 2;
+        out[0] = s;
+        out[1] = sx;
     }
+}
+
+// red[c] = Σdy', red[C + c] = Σdy'·x̂: the S slices' sums of channel c added in slice order.
+extern "C" __global__ void bn_reduce_finish(const float* part, float* red, int C, int S) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    float s = 0.0f, sx = 0.0f;
+    for (int k = 0; k < S; ++k) {
+        s += part[((long long)k * C + c) * 2];
+        sx += part[((long long)k * C + c) * 2 + 1];
+    }
+    red[c] = s;
+    red[C + c] = sx;
 }
 
 // dx = gamma * invstd * (dy' - sum dy' / M - xhat * sum(dy' xhat) / M), M = N * H * W. A
@@ -144,17 +189,17 @@ extern "C" __global__ void bn_update_running(float* running, const float* stats,
 }
 
 #define KD_BN_KERNELS(SUFFIX, E)                                                               \
-extern "C" __global__ void bn_stats_##SUFFIX(const E::T* x, float* stats, int N, int C, int HW) { \
-    bn_stats<E>(x, stats, N, C, HW);                                                            \
+extern "C" __global__ void bn_stats_##SUFFIX(const E::T* x, float* part, int N, int C, int HW) { \
+    bn_stats<E>(x, part, N, C, HW);                                                             \
 }                                                                                               \
 extern "C" __global__ void bn_apply_##SUFFIX(const E::T* x, const float* stats,                 \
         const float* gamma, const float* beta, E::T* y, int C, int HW, float eps, int relu) {  \
     bn_apply<E>(x, stats, gamma, beta, y, C, HW, eps, relu);                                    \
 }                                                                                               \
 extern "C" __global__ void bn_backward_reduce_##SUFFIX(const E::T* x, const E::T* y,            \
-        const E::T* dy, const float* stats, float* red, int N, int C, int HW, float eps,       \
+        const E::T* dy, const float* stats, float* part, int N, int C, int HW, float eps,      \
         int relu) {                                                                             \
-    bn_backward_reduce<E>(x, y, dy, stats, red, N, C, HW, eps, relu);                           \
+    bn_backward_reduce<E>(x, y, dy, stats, part, N, C, HW, eps, relu);                          \
 }                                                                                               \
 extern "C" __global__ void bn_backward_data_##SUFFIX(const E::T* x, const E::T* y,              \
         const E::T* dy, const float* stats, const float* gamma, const float* red, E::T* dx,    \
