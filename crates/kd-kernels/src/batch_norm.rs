@@ -449,10 +449,7 @@ impl InplaceOp2 for UpdateRunning {
     ) -> Result<()> {
         let stats = cpu::f32s(s2, l2)?;
         let c = l1.dims()[0];
-        let (CpuStorage::F32(r), Some((a, b))) = (s1, l1.contiguous_offsets()) else {
-            bail!("running statistics must be contiguous f32")
-        };
-        for (k, r) in r[a..b].iter_mut().enumerate() {
+        for (k, r) in cpu::f32_slice_mut(s1, l1)?.iter_mut().enumerate() {
             *r = *r * (1.0 - self.momentum) + stats[self.row * c + k] * self.scale * self.momentum;
         }
         Ok(())

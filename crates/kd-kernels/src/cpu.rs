@@ -46,3 +46,27 @@ pub(crate) fn from_f32s(v: Vec<f32>, dtype: DType) -> Result<CpuStorage> {
     let n = v.len();
     storage(&Tensor::from_vec(v, n, &Device::Cpu)?.to_dtype(dtype)?)
 }
+
+/// The elements of a contiguous f32 `(storage, layout)` pair, borrowed (no conversion).
+pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        _ => bail!(
+            "expected a contiguous f32 tensor, got {:?} with strides {:?}",
+            s.dtype(),
+            l.stride()
+        ),
+    }
+}
+
+/// [`f32_slice`], mutable: for the in-place ops.
+pub(crate) fn f32_slice_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> Result<&'a mut [f32]> {
+    let dtype = s.dtype();
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&mut v[a..b]),
+        _ => bail!(
+            "expected a contiguous f32 tensor, got {dtype:?} with strides {:?}",
+            l.stride()
+        ),
+    }
+}

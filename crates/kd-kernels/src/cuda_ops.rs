@@ -414,7 +414,7 @@ fn view_mut<'a>(
 ) -> Result<candle_core::cuda_backend::cudarc::driver::CudaViewMut<'a, f32>> {
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(s.as_cuda_slice_mut::<f32>()?.slice_mut(a..b)),
-        None => bail!("fused SGD expects contiguous tensors"),
+        None => bail!("kd CUDA kernels expect contiguous tensors"),
     }
 }
 

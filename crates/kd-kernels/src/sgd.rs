@@ -4,6 +4,8 @@
 //! on the CPU the two agree bit for bit.
 use candle_core::{bail, CpuStorage, DType, InplaceOp3, Layout, Result, Tensor};
 
+use crate::cpu;
+
 /// The hyper-parameters of one step.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct SgdStep {
@@ -52,20 +54,6 @@ struct Momentum(SgdStep);
 /// p ← p − lr·(Nesterov ? (g + wd·p) + μ·buf : buf); sources (g, buf).
 struct Param(SgdStep);
 
-fn f32s<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => bail!("fused SGD expects contiguous f32 tensors"),
-    }
-}
-
-fn f32s_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> Result<&'a mut [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&mut v[a..b]),
-        _ => bail!("fused SGD expects contiguous f32 tensors"),
-    }
-}
-
 impl InplaceOp3 for Momentum {
     fn name(&self) -> &'static str {
         "kd-sgd-momentum"
@@ -80,8 +68,8 @@ impl InplaceOp3 for Momentum {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<()> {
-        let (g, p) = (f32s(s2, l2)?, f32s(s3, l3)?);
-        let buf = f32s_mut(s1, l1)?;
+        let (g, p) = (cpu::f32_slice(s2, l2)?, cpu::f32_slice(s3, l3)?);
+        let buf = cpu::f32_slice_mut(s1, l1)?;
         let (wd, mu, damp) = (
             self.0.weight_decay as f32,
             self.0.momentum as f32,
@@ -122,8 +110,8 @@ impl InplaceOp3 for Param {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<()> {
-        let (g, buf) = (f32s(s2, l2)?, f32s(s3, l3)?);
-        let p = f32s_mut(s1, l1)?;
+        let (g, buf) = (cpu::f32_slice(s2, l2)?, cpu::f32_slice(s3, l3)?);
+        let p = cpu::f32_slice_mut(s1, l1)?;
         let (lr, wd, mu) = (
             self.0.lr as f32,
             self.0.weight_decay as f32,

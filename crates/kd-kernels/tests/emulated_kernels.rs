@@ -323,6 +323,20 @@ fn elems<E: Elem>(t: &Tensor) -> Vec<E> {
     tensor_f32s(t).into_iter().map(E::from_f32).collect()
 }
 
+/// A buffer of `E` read back from the emulator, as f32.
+fn values<E: Elem>(b: &[u8]) -> Vec<f32> {
+    E::from_bytes(b).into_iter().map(E::to_f32).collect()
+}
+
+/// `v` as a CPU tensor of `E`'s dtype and shape `dims` (exact: `v` holds `E` values).
+fn tensor_of<E: Elem>(v: &[E], dims: (usize, usize, usize, usize)) -> Tensor {
+    let v: Vec<f32> = v.iter().map(|e| e.to_f32()).collect();
+    Tensor::from_vec(v, dims, &Device::Cpu)
+        .unwrap()
+        .to_dtype(E::DTYPE)
+        .unwrap()
+}
+
 /// Asserts |got − want| ≤ tol · max(1, max |want|) element-wise; NaN must meet NaN.
 fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
     assert_eq!(got.len(), want.len(), "{what}: length");
@@ -442,6 +456,37 @@ fn reduction_geometries(n: usize, c: usize) -> [LaunchGeometry; 3] {
     ]
 }
 
+/// Runs an element-wise BN kernel at its production geometry (with `chosen`) and at one block
+/// of one warp per plane (the kernel loops along the plane); the buffer `out` must come out the
+/// same bits from both. Returns it.
+fn run_per_plane(
+    kernel: &str,
+    (n, c, hw): (usize, usize, usize),
+    args: &[Arg],
+    out: usize,
+    chosen: fn(&str, LaunchGeometry, &[Arg]) -> Vec<Vec<u8>>,
+) -> Vec<u8> {
+    let geometries = [
+        LaunchGeometry::per_plane(n, c, hw).unwrap(),
+        LaunchGeometry {
+            grid: [1, c as u32, n as u32],
+            threads: 32,
+        },
+    ];
+    let outs: Vec<Vec<u8>> = geometries
+        .into_iter()
+        .enumerate()
+        .map(|(i, g)| launcher(i, chosen)(kernel, g, args).swap_remove(out))
+        .collect();
+    assert_eq!(
+        outs[0],
+        outs[1],
+        "{kernel} {:?}: the geometry changed the result",
+        (n, c, hw)
+    );
+    outs[0].clone()
+}
+
 /// Runs `kernel` (`bn_stats_finish` or `bn_reduce_finish`) over the slices' partial results
 /// `part`; returns the (2, C) result.
 fn finish(
@@ -480,16 +525,7 @@ fn batch_norm_case<E: Elem>(rng: &mut ChaCha8Rng, (n, c, h, w): (usize, usize, u
     let dy: Vec<E> = (0..total)
         .map(|_| E::from_f32(rng.gen_range(-1.0f32..1.0)))
         .collect();
-    let as_tensor = |v: &[E]| {
-        Tensor::from_vec(
-            v.iter().map(|e| e.to_f32()).collect::<Vec<_>>(),
-            (n, c, h, w),
-            &Device::Cpu,
-        )
-        .unwrap()
-        .to_dtype(E::DTYPE)
-        .unwrap()
-    };
+    let as_tensor = |v: &[E]| tensor_of(v, (n, c, h, w));
     let (ni, ci, hwi) = (Arg::I32(n as i32), Arg::I32(c as i32), Arg::I32(hw as i32));
     let sfx = E::SUFFIX;
 
@@ -542,41 +578,23 @@ fn batch_norm_case<E: Elem>(rng: &mut ChaCha8Rng, (n, c, h, w): (usize, usize, u
         }
 
         // Apply: the production geometry and one that makes the kernel loop.
-        let mut ys = Vec::new();
-        for (i, g) in [
-            LaunchGeometry::per_plane(n, c, hw).unwrap(),
-            // One block of one warp per plane: the kernel loops along the plane.
-            LaunchGeometry {
-                grid: [1, c as u32, n as u32],
-                threads: 32,
-            },
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            let launch = launcher(i, launch);
-            let b = launch(
-                &format!("bn_apply_{sfx}"),
-                g,
-                &[
-                    buf(&x),
-                    buf_f32(&stats),
-                    buf_f32(&gamma),
-                    buf_f32(&beta),
-                    buf(&vec![E::from_f32(f32::NAN); total]),
-                    ci.clone(),
-                    hwi.clone(),
-                    Arg::F32(eps),
-                    Arg::I32(relu as i32),
-                ],
-            );
-            ys.push(b[4].clone());
-        }
-        assert_eq!(
-            ys[0], ys[1],
-            "apply {what}: the geometry changed the result"
-        );
-        let y: Vec<f32> = E::from_bytes(&ys[0]).into_iter().map(E::to_f32).collect();
+        let y = values::<E>(&run_per_plane(
+            &format!("bn_apply_{sfx}"),
+            (n, c, hw),
+            &[
+                buf(&x),
+                buf_f32(&stats),
+                buf_f32(&gamma),
+                buf_f32(&beta),
+                buf(&vec![E::from_f32(f32::NAN); total]),
+                ci.clone(),
+                hwi.clone(),
+                Arg::F32(eps),
+                Arg::I32(relu as i32),
+            ],
+            4,
+            launch,
+        ));
         let want: Vec<f32> = cpu_y.iter().map(|e| e.to_f32()).collect();
         assert_close(&format!("y {what}"), &y, &want, E::TOL);
         if relu {
@@ -606,40 +624,26 @@ fn batch_norm_case<E: Elem>(rng: &mut ChaCha8Rng, (n, c, h, w): (usize, usize, u
             let red = finish("bn_reduce_finish", &f32s(&b[4]), c, slices, launch);
             assert_close(&format!("dβ, dγ {what} {g:?}"), &red, &cpu_red, 1e-5);
         }
-        let mut dxs = Vec::new();
-        for (i, g) in [
-            LaunchGeometry::per_plane(n, c, hw).unwrap(),
-            LaunchGeometry {
-                grid: [1, c as u32, n as u32],
-                threads: 32,
-            },
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            let launch = launcher(i, launch);
-            let b = launch(
-                &format!("bn_backward_data_{sfx}"),
-                g,
-                &[
-                    buf(&x),
-                    buf(&cpu_y),
-                    buf(&dy),
-                    buf_f32(&cpu_stats),
-                    buf_f32(&gamma),
-                    buf_f32(&cpu_red),
-                    buf(&vec![E::from_f32(f32::NAN); total]),
-                    ni.clone(),
-                    ci.clone(),
-                    hwi.clone(),
-                    Arg::F32(eps),
-                    Arg::I32(relu as i32),
-                ],
-            );
-            dxs.push(b[6].clone());
-        }
-        assert_eq!(dxs[0], dxs[1], "dx {what}: the geometry changed the result");
-        let dx: Vec<f32> = E::from_bytes(&dxs[0]).into_iter().map(E::to_f32).collect();
+        let dx = values::<E>(&run_per_plane(
+            &format!("bn_backward_data_{sfx}"),
+            (n, c, hw),
+            &[
+                buf(&x),
+                buf(&cpu_y),
+                buf(&dy),
+                buf_f32(&cpu_stats),
+                buf_f32(&gamma),
+                buf_f32(&cpu_red),
+                buf(&vec![E::from_f32(f32::NAN); total]),
+                ni.clone(),
+                ci.clone(),
+                hwi.clone(),
+                Arg::F32(eps),
+                Arg::I32(relu as i32),
+            ],
+            6,
+            launch,
+        ));
         assert_close(&format!("dx {what}"), &dx, &cpu_dx, E::TOL.max(1e-4));
     }
 }
@@ -711,19 +715,9 @@ fn max_pool_case<E: Elem>(
         .map(|_| E::from_f32(rng.gen_range(-1.0f32..1.0)))
         .collect();
     let what = format!("{} {pool:?} {:?}", E::SUFFIX, (n, c, h, w));
-    let to_t = |v: &[E], d: (usize, usize, usize, usize)| {
-        Tensor::from_vec(
-            v.iter().map(|e| e.to_f32()).collect::<Vec<_>>(),
-            d,
-            &Device::Cpu,
-        )
-        .unwrap()
-        .to_dtype(E::DTYPE)
-        .unwrap()
-    };
-    let xv = Var::from_tensor(&to_t(&x, (n, c, h, w))).unwrap();
+    let xv = Var::from_tensor(&tensor_of(&x, (n, c, h, w))).unwrap();
     let y = pool.forward(&xv).unwrap();
-    let dyt = to_t(&dy, (n, c, oh, ow)).to_dtype(DType::F32).unwrap();
+    let dyt = tensor_of(&dy, (n, c, oh, ow)).to_dtype(DType::F32).unwrap();
     let grads = (y.to_dtype(DType::F32).unwrap() * dyt)
         .unwrap()
         .sum_all()
@@ -748,7 +742,7 @@ fn max_pool_case<E: Elem>(
         LaunchGeometry::flat(planes * oh * ow),
         &args,
     );
-    let got: Vec<f32> = E::from_bytes(&b[1]).into_iter().map(E::to_f32).collect();
+    let got: Vec<f32> = values::<E>(&b[1]);
     assert_close(&format!("max-pool y {what}"), &got, &tensor_f32s(&y), 0.0);
 
     let mut args = vec![
@@ -762,7 +756,7 @@ fn max_pool_case<E: Elem>(
         LaunchGeometry::flat(planes * h * w),
         &args,
     );
-    let got: Vec<f32> = E::from_bytes(&b[2]).into_iter().map(E::to_f32).collect();
+    let got: Vec<f32> = values::<E>(&b[2]);
     let want = tensor_f32s(grads.get(&xv).unwrap());
     assert_close(&format!("max-pool dx {what}"), &got, &want, E::TOL);
 }
@@ -836,7 +830,7 @@ fn augment_case<E: Elem>(rng: &mut ChaCha8Rng) {
             Arg::I32(pad as i32),
         ],
     );
-    let got: Vec<f32> = E::from_bytes(&b[3]).into_iter().map(E::to_f32).collect();
+    let got: Vec<f32> = values::<E>(&b[3]);
     assert_close(
         &format!("augment {}", E::SUFFIX),
         &got,

@@ -37,10 +37,10 @@ struct Args {
         if (next >= list.size()) kd_emu::fail("too few arguments for the kernel");
         Arg& a = list[next++];
         if (a.tag != tag) {
-            std::fprintf(stderr, "cuda emulator: argument %zu is '%c', the kernel wants %s\n",
-                         next - 1, a.tag, what);
-            std::fflush(stderr);
-            std::_Exit(3);
+            char msg[96];
+            std::snprintf(msg, sizeof msg, "argument %zu is '%c', the kernel wants %s", next - 1,
+                          a.tag, what);
+            kd_emu::fail(msg);
         }
         return a;
     }
@@ -152,10 +152,7 @@ int main(int argc, char** argv) {
         read_exact(a.bytes.data(), n);
     }
     auto k = kernels().find(name);
-    if (k == kernels().end()) {
-        std::fprintf(stderr, "cuda emulator: no kernel named %s\n", name.c_str());
-        return 3;
-    }
+    if (k == kernels().end()) kd_emu::fail(("no kernel named " + name).c_str());
     k->second(grid, threads, args);
     for (Arg& a : args.list) {
         if (a.tag != 'P') continue;
