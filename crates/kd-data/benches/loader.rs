@@ -1,4 +1,5 @@
 //! Loader throughput on the CPU: images/s with crop + flip + normalise, prefetch on.
+#![allow(missing_docs)] // criterion_group! generates an undocumented function
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};

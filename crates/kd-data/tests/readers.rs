@@ -58,7 +58,7 @@ fn cifar10_pixel_order_and_labels() {
         assert_eq!(ds.classes[0], "airplane");
         assert_eq!(ds.classes[9], "truck");
         let img = ds.test.image(3);
-        assert_eq!(img[(1 * 32 + 5) * 32 + 7], pixel(3, 1, 5, 7));
+        assert_eq!(img[(32 + 5) * 32 + 7], pixel(3, 1, 5, 7));
         assert_eq!(img[(2 * 32 + 31) * 32], pixel(3, 2, 31, 0));
         assert_eq!(ds.test.labels[3], 3);
         // Second training file shifts labels by one.

@@ -5,7 +5,7 @@ use std::path::Path;
 use md5::{Digest, Md5};
 use sha2::Sha256;
 
-use crate::{FetchError, Result};
+use crate::{ChecksumMismatch, FetchError, Result};
 
 /// Hex digests of one file.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -99,14 +99,14 @@ impl Expected {
         } else {
             " The file differs from the checksum you pinned.".to_string()
         };
-        Err(FetchError::Checksum {
+        Err(FetchError::Checksum(Box::new(ChecksumMismatch {
             source_desc: source_desc.into(),
             file: file.into(),
             algo: self.algo(),
             expected: self.value().to_ascii_lowercase(),
             actual: actual.clone(),
             hint,
-        })
+        })))
     }
 }
 

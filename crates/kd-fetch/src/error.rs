@@ -32,22 +32,10 @@ pub enum FetchError {
         /// The `.part` file holding what arrived.
         part: PathBuf,
     },
-    /// The file's checksum or size differs from the pinned one.
-    #[error("{source_desc}: {algo} mismatch for {file}: expected {expected}, got {actual}.{hint}")]
-    Checksum {
-        /// Where the file came from (URL or local path).
-        source_desc: String,
-        /// The file name.
-        file: String,
-        /// "md5", "sha256" or "size".
-        algo: &'static str,
-        /// Expected value.
-        expected: String,
-        /// Actual value.
-        actual: String,
-        /// How to proceed deliberately, if at all.
-        hint: String,
-    },
+    /// The file's checksum or size differs from the pinned one (boxed: the details are large
+    /// and every `Result` of this crate would otherwise carry their size).
+    #[error("{0}")]
+    Checksum(Box<ChecksumMismatch>),
     /// An archive that cannot be read or does not hold what it should.
     #[error("{path}: malformed archive: {message}")]
     Archive {
@@ -124,6 +112,24 @@ pub enum FetchError {
         /// The underlying error.
         source: std::io::Error,
     },
+}
+
+/// What a checksum or size check found.
+#[derive(Debug, thiserror::Error)]
+#[error("{source_desc}: {algo} mismatch for {file}: expected {expected}, got {actual}.{hint}")]
+pub struct ChecksumMismatch {
+    /// Where the file came from (URL or local path).
+    pub source_desc: String,
+    /// The file name.
+    pub file: String,
+    /// "md5", "sha256" or "size".
+    pub algo: &'static str,
+    /// Expected value.
+    pub expected: String,
+    /// Actual value.
+    pub actual: String,
+    /// How to proceed deliberately, if at all.
+    pub hint: String,
 }
 
 impl FetchError {

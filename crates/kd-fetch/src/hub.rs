@@ -6,7 +6,7 @@ use hf_hub::api::sync::ApiBuilder;
 use hf_hub::{Cache, Repo};
 
 use crate::checksum::{digest_file, Digests};
-use crate::{FetchError, Result};
+use crate::{ChecksumMismatch, FetchError, Result};
 
 /// Where the Hub is and how to reach it.
 #[derive(Clone, Debug)]
@@ -64,7 +64,7 @@ fn check_blob_name(path: &Path, d: &Digests, repo: &str, file: &str) -> Result<(
         && name.bytes().all(|b| b.is_ascii_hexdigit())
         && !name.eq_ignore_ascii_case(&d.sha256)
     {
-        return Err(FetchError::Checksum {
+        return Err(FetchError::Checksum(Box::new(ChecksumMismatch {
             source_desc: format!("Hugging Face Hub {repo}"),
             file: file.into(),
             algo: "sha256",
@@ -74,7 +74,7 @@ fn check_blob_name(path: &Path, d: &Digests, repo: &str, file: &str) -> Result<(
                 " The cached blob {} is corrupt; delete it and fetch again.",
                 blob.display()
             ),
-        });
+        })));
     }
     Ok(())
 }

@@ -12,7 +12,7 @@ use crate::http::Http;
 use crate::hub::{hub_get, HubOptions};
 use crate::progress::Progress;
 use crate::sources::{ArchiveKind, ArchiveSource, Artifact, HubSource, Source};
-use crate::{FetchError, Result};
+use crate::{ChecksumMismatch, FetchError, Result};
 
 /// Name of the marker written into every completed install.
 pub const MARKER: &str = "kd-install.json";
@@ -52,7 +52,7 @@ impl FetchOptions {
             verify: Verify::Official,
             hub_endpoint: var("HF_ENDPOINT"),
             hub_offline: var("HF_HUB_OFFLINE")
-                .is_some_and(|v| v != "0" && v.to_ascii_lowercase() != "false"),
+                .is_some_and(|v| v != "0" && !v.eq_ignore_ascii_case("false")),
             read_timeout: Duration::from_secs(60),
             force: false,
             quiet: false,
@@ -228,14 +228,14 @@ fn verify(
             Some(e) => {
                 e.check(d, src_desc, file, true)?;
                 if let Some(s) = size.filter(|s| *s != d.size) {
-                    return Err(FetchError::Checksum {
+                    return Err(FetchError::Checksum(Box::new(ChecksumMismatch {
                         source_desc: src_desc.into(),
                         file: file.into(),
                         algo: "size",
                         expected: s.to_string(),
                         actual: d.size.to_string(),
                         hint: String::new(),
-                    });
+                    })));
                 }
                 Ok(format!("official {e}"))
             }

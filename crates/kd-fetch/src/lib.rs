@@ -25,7 +25,7 @@ mod progress;
 pub mod sources;
 
 pub use checksum::{digest_file, Digests, Expected, Verify};
-pub use error::{FetchError, Result};
+pub use error::{ChecksumMismatch, FetchError, Result};
 pub use install::{
     default_data_dir, fetch, install_path, installed, teacher_weights, FetchOptions, InstallMarker,
     Installed, TEACHER_WEIGHTS,

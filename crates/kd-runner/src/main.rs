@@ -32,7 +32,7 @@ enum Cmd {
     /// Test accuracy (top-1, top-5, per class) and throughput of saved weights.
     Eval(commands::eval::EvalArgs),
     /// Train one experiment (a TOML config, flags, --set overrides): baseline or any method; metrics, checkpoints, resume.
-    Train(commands::train::TrainArgs),
+    Train(Box<commands::train::TrainArgs>),
     /// Run a suite of experiments (configs × variants × seeds) one after another, resumable, then report.
     Suite(commands::suite::SuiteArgs),
     /// Compare finished runs: Markdown and CSV table, PNG and SVG plots.

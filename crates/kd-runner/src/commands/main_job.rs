@@ -136,7 +136,7 @@ pub fn run() -> anyhow::Result<()> {
         );
     }
     run_planned(&suite.name, &runs, &out, false)?;
-    let report = super::report::build(&[out.clone()])?;
+    let report = super::report::build(std::slice::from_ref(&out))?;
     super::report::write(&report, &out)?;
     println!("{}", report.markdown());
     println!("Results: {0}/report.md, {0}/report.csv and plots {0}/accuracy_*.png|svg; each run's metrics, checkpoints and model in {0}/<run>/", out.display());

@@ -208,7 +208,7 @@ pub fn run(args: &SuiteArgs) -> anyhow::Result<PathBuf> {
     let runs = suite.plan(&args.file, &args.set, &out)?;
     run_planned(&suite.name, &runs, &out, args.dry_run)?;
     if !args.dry_run && !args.no_report {
-        let report = super::report::build(&[out.clone()])?;
+        let report = super::report::build(std::slice::from_ref(&out))?;
         super::report::write(&report, &out)?;
         println!("{}", report.markdown());
         println!("report, CSV and plots in {}", out.display());
