@@ -1,5 +1,6 @@
 //! Losses for classification and knowledge distillation on candle: cross-entropy (label
-//! smoothing, mixup), Hinton KD, FitNets hints, attention transfer, RKD and similarity-preserving KD.
+//! smoothing, mixup), Hinton KD, decoupled KD (DKD), FitNets hints, attention transfer, RKD,
+//! similarity-preserving KD and probabilistic knowledge transfer (PKT).
 //!
 //! ```
 //! use candle_core::{Device, Tensor};
@@ -12,14 +13,19 @@
 #![warn(missing_docs)]
 
 pub mod classification;
+pub mod decoupled;
 pub mod feature;
 pub mod hinton;
 pub mod relation;
 
 pub use classification::{cross_entropy, mixed_cross_entropy};
+pub use decoupled::{dkd_loss, dkd_terms, DecoupledTerms};
 pub use feature::{align_spatial, attention_loss, attention_map, hint_loss};
 pub use hinton::kd_loss;
-pub use relation::{rkd_angle_loss, rkd_distance_loss, similarity_matrix, smooth_l1, sp_loss};
+pub use relation::{
+    pkt_loss, pkt_probabilities, rkd_angle_loss, rkd_distance_loss, similarity_matrix, smooth_l1,
+    sp_loss,
+};
 
 /// The README's examples, compiled and run as doc tests.
 #[doc = include_str!("../README.md")]

@@ -1,5 +1,6 @@
-//! Relation-based distillation: RKD distance and angle terms (Park et al. 2019) on embeddings and
-//! similarity-preserving KD (Tung & Mori 2019) on batch Gram matrices.
+//! Relation-based distillation: RKD distance and angle terms (Park et al. 2019) and probabilistic
+//! knowledge transfer (Passalis & Tefas 2018) on embeddings, and similarity-preserving KD
+//! (Tung & Mori 2019) on batch Gram matrices.
 //! Norms clamp the squared value before the square root: `√` of an exact 0 has an infinite
 //! derivative, and candle turns 0·∞ into NaN gradients.
 use candle_core::{Result, Tensor, D};
@@ -77,4 +78,32 @@ pub fn sp_loss(student: &Tensor, teacher: &Tensor) -> Result<Tensor> {
         .sqr()?
         .sum_all()?
         / (b * b)
+}
+
+/// PKT's ε (Passalis & Tefas' reference value), in the norms and in the log ratio.
+const PKT_EPS: f64 = 1e-7;
+
+/// Row-stochastic cosine-similarity kernel of embeddings (B, ·): cosines mapped to [0, 1], each
+/// row divided by its sum — the conditional probability of picking sample j given sample i.
+pub fn pkt_probabilities(e: &Tensor) -> Result<Tensor> {
+    let e = e.flatten_from(1)?;
+    let norm = e
+        .sqr()?
+        .sum_keepdim(D::Minus1)?
+        .clamp(1e-24, f64::MAX)?
+        .sqrt()?;
+    let unit = e.broadcast_div(&(norm + PKT_EPS)?)?;
+    let sim = ((unit.matmul(&unit.t()?)? + 1.0)? * 0.5)?;
+    sim.broadcast_div(&sim.sum_keepdim(D::Minus1)?)
+}
+
+/// Probabilistic knowledge transfer, PKT (Passalis & Tefas 2018): the KL divergence between the
+/// teacher's and the student's [`pkt_probabilities`], as the reference implementation computes
+/// it — `mean(p_t · log((p_t + ε) / (p_s + ε)))` over the B×B entries. The embeddings may differ
+/// in width; the teacher side is detached.
+pub fn pkt_loss(student: &Tensor, teacher: &Tensor) -> Result<Tensor> {
+    let ps = pkt_probabilities(student)?;
+    let pt = pkt_probabilities(&teacher.detach())?;
+    let ratio = ((&pt + PKT_EPS)?.log()? - (ps + PKT_EPS)?.log()?)?;
+    (pt * ratio)?.mean_all()
 }

@@ -9,10 +9,12 @@ pub fn describe(method: &str) -> &'static str {
     match method {
         "none" => "baseline: cross-entropy only, no distillation",
         "kd" => "offline, response: Hinton et al. 2015, (1−α)·CE + α·T²·KL(teacher ‖ student)",
+        "dkd" => "offline, response: decoupled KD (Zhao et al. 2022), α·target-class + β·non-target-class KL",
         "fitnet" => "offline, feature: FitNets hints (Romero et al. 2015), 1×1 conv + BN regressor, MSE",
         "at" => "offline, feature: attention transfer (Zagoruyko & Komodakis 2017), stages 1–4",
         "rkd" => "offline, relation: relational KD (Park et al. 2019), distance and angle terms",
         "sp" => "offline, relation: similarity-preserving KD (Tung & Mori 2019), batch Gram matrices",
+        "pkt" => "offline, relation: probabilistic knowledge transfer (Passalis & Tefas 2018), cosine-kernel KL",
         "byot" => "self, response + feature: Be Your Own Teacher (Zhang et al. 2019), deepest head teaches stage 1–3 heads",
         "kd_byot" => "offline + self: Hinton KD on the final head plus the BYOT terms",
         "dml" => "online, response: Deep Mutual Learning (Zhang et al. 2018), peers learn from each other",

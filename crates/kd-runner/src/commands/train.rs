@@ -30,10 +30,10 @@ pub struct TrainArgs {
     /// teacher.path: safetensors with its JSON sidecar (`cargo xtask fetch teacher-cifar10`, or a run's model.safetensors).
     #[arg(long, value_name = "FILE")]
     pub teacher: Option<PathBuf>,
-    /// method.alpha (kd, kd_byot).
+    /// method.alpha (kd, kd_byot, dkd).
     #[arg(long)]
     pub alpha: Option<f64>,
-    /// method.temperature (kd, kd_byot, dml, two_view, cs_kd).
+    /// method.temperature (kd, kd_byot, dkd, dml, two_view, cs_kd).
     #[arg(long)]
     pub temperature: Option<f64>,
     /// A peer trained beside the student (dml), ARCH[:STEM[:WIDTH]]; repeat for more peers.
@@ -138,6 +138,9 @@ impl TrainArgs {
             MethodConfig::Kd { alpha, temperature }
             | MethodConfig::KdByot {
                 alpha, temperature, ..
+            }
+            | MethodConfig::Dkd {
+                alpha, temperature, ..
             } => {
                 set(alpha, self.alpha);
                 set(temperature, self.temperature);
@@ -150,7 +153,7 @@ impl TrainArgs {
                 set(temperature, self.temperature);
             }
             _ if self.alpha.is_some() || self.temperature.is_some() => {
-                bail!("--alpha applies to kd and kd_byot, --temperature to kd, kd_byot, dml, two_view and cs_kd; not to {}", cfg.method.name())
+                bail!("--alpha applies to kd, kd_byot and dkd, --temperature to kd, kd_byot, dkd, dml, two_view and cs_kd; not to {}", cfg.method.name())
             }
             _ => {}
         }

@@ -12,11 +12,13 @@ use serde::{Deserialize, Serialize};
 mod attention;
 mod byot;
 mod cs_kd;
+mod dkd;
 mod fitnet;
 mod hinton;
 mod mutual;
 mod none;
 mod offline_self;
+mod pkt;
 mod rkd;
 mod sp;
 mod two_view;
@@ -173,6 +175,18 @@ pub enum MethodConfig {
         /// Temperature.
         temperature: f64,
     },
+    /// Decoupled KD (Zhao et al. 2022): CE + w·(α·TCKD + β·NCKD), w ramping to 1 over the
+    /// first `warmup_epochs` epochs.
+    Dkd {
+        /// Weight α of the target-class term.
+        alpha: f64,
+        /// Weight β of the non-target-class term.
+        beta: f64,
+        /// Temperature.
+        temperature: f64,
+        /// Epochs of the linear ramp of the distillation weight (0: none).
+        warmup_epochs: f64,
+    },
     /// FitNets (Romero et al. 2015): CE + weight·MSE(regressor(student stage), teacher stage).
     Fitnet {
         /// Feature index (0 = stem, 1–4 = stages) hinted.
@@ -191,6 +205,11 @@ pub enum MethodConfig {
         distance_weight: f64,
         /// Weight of the angle term (50 in the paper).
         angle_weight: f64,
+    },
+    /// Probabilistic knowledge transfer (Passalis & Tefas 2018) on the pooled embeddings.
+    Pkt {
+        /// Weight of the PKT term (30000 in RepDistiller's benchmark).
+        weight: f64,
     },
     /// Similarity-preserving KD (Tung & Mori 2019) on the last stage.
     Sp {
@@ -250,10 +269,12 @@ impl MethodConfig {
         matches!(
             self,
             MethodConfig::Kd { .. }
+                | MethodConfig::Dkd { .. }
                 | MethodConfig::Fitnet { .. }
                 | MethodConfig::At { .. }
                 | MethodConfig::Rkd { .. }
                 | MethodConfig::Sp { .. }
+                | MethodConfig::Pkt { .. }
                 | MethodConfig::KdByot { .. }
         )
     }
@@ -288,10 +309,12 @@ impl MethodConfig {
         match self {
             MethodConfig::None => "none",
             MethodConfig::Kd { .. } => "kd",
+            MethodConfig::Dkd { .. } => "dkd",
             MethodConfig::Fitnet { .. } => "fitnet",
             MethodConfig::At { .. } => "at",
             MethodConfig::Rkd { .. } => "rkd",
             MethodConfig::Sp { .. } => "sp",
+            MethodConfig::Pkt { .. } => "pkt",
             MethodConfig::Byot { .. } => "byot",
             MethodConfig::KdByot { .. } => "kd_byot",
             MethodConfig::Dml { .. } => "dml",
@@ -308,6 +331,13 @@ impl MethodConfig {
                 alpha: 0.9,
                 temperature: 4.0,
             },
+            // mdistiller's CIFAR-100 defaults (its ResNet32x4 → ResNet8x4 setting).
+            "dkd" => MethodConfig::Dkd {
+                alpha: 1.0,
+                beta: 8.0,
+                temperature: 4.0,
+                warmup_epochs: 20.0,
+            },
             "fitnet" => MethodConfig::Fitnet {
                 stage: 2,
                 weight: 1.0,
@@ -318,6 +348,7 @@ impl MethodConfig {
                 angle_weight: 50.0,
             },
             "sp" => MethodConfig::Sp { weight: 3000.0 },
+            "pkt" => MethodConfig::Pkt { weight: 30000.0 },
             "byot" => MethodConfig::Byot {
                 alpha: 0.3,
                 temperature: 3.0,
@@ -352,8 +383,9 @@ impl MethodConfig {
     }
 
     /// Every method name, for `--help` and `kd-runner list`.
-    pub const NAMES: [&'static str; 11] = [
-        "none", "kd", "fitnet", "at", "rkd", "sp", "byot", "kd_byot", "dml", "two_view", "cs_kd",
+    pub const NAMES: [&'static str; 13] = [
+        "none", "kd", "dkd", "fitnet", "at", "rkd", "sp", "pkt", "byot", "kd_byot", "dml",
+        "two_view", "cs_kd",
     ];
 
     /// Builds the method for `student` (and `teacher`), creating its trainable parts under
@@ -384,6 +416,27 @@ impl MethodConfig {
                 alpha,
                 temperature,
             }),
+            MethodConfig::Dkd {
+                alpha,
+                beta,
+                temperature,
+                warmup_epochs,
+            } => {
+                if temperature.is_nan()
+                    || temperature <= 0.0
+                    || warmup_epochs.is_nan()
+                    || warmup_epochs < 0.0
+                {
+                    candle_core::bail!("method dkd: temperature must be positive and warmup_epochs at least 0, got {temperature} and {warmup_epochs}");
+                }
+                Box::new(dkd::Dkd {
+                    ce,
+                    alpha,
+                    beta,
+                    temperature,
+                    warmup_epochs,
+                })
+            }
             MethodConfig::Fitnet { stage, weight } => {
                 let t = teacher.expect("checked above");
                 Box::new(fitnet::FitNet::new(
@@ -405,6 +458,7 @@ impl MethodConfig {
                 angle_weight,
             }),
             MethodConfig::Sp { weight } => Box::new(sp::Sp { ce, weight }),
+            MethodConfig::Pkt { weight } => Box::new(pkt::Pkt { ce, weight }),
             MethodConfig::Byot {
                 alpha,
                 temperature,

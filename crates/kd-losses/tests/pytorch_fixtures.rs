@@ -1,0 +1,156 @@
+//! DKD and PKT against PyTorch's values and gradients (`tests/fixtures/losses.safetensors`,
+//! made by `tools/fixtures/make_loss_fixtures.py`, which computes both the way the reference
+//! implementations do — probabilities, `torch.log` — while kd-losses works in log space).
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor, Var};
+use kd_losses::{dkd_terms, pkt_loss};
+
+fn fixtures() -> HashMap<String, Tensor> {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/losses.safetensors"
+    );
+    candle_core::safetensors::load(path, &Device::Cpu).unwrap()
+}
+
+fn get(f: &HashMap<String, Tensor>, key: &str) -> Tensor {
+    f.get(key)
+        .unwrap_or_else(|| panic!("fixture has no {key}"))
+        .clone()
+}
+
+fn scalar(t: &Tensor) -> f64 {
+    t.to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap()[0]
+}
+
+/// Largest |a − b| relative to the largest |b| (at least 1e-3, so near-zero references are
+/// compared absolutely).
+fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
+    let a = a.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
+    let b = b.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
+    let (a, b) = (a.to_vec1::<f64>().unwrap(), b.to_vec1::<f64>().unwrap());
+    assert_eq!(a.len(), b.len());
+    let scale = b.iter().fold(1e-3f64, |m, x| m.max(x.abs()));
+    a.iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max)
+        / scale
+}
+
+/// Each case in f64 (the formula) and f32 (the training dtype), values and student gradients.
+#[test]
+fn dkd_matches_pytorch() {
+    let f = fixtures();
+    let mut cases = 0;
+    while f.contains_key(&format!("dkd.{cases}.student")) {
+        let p = |k: &str| get(&f, &format!("dkd.{cases}.{k}"));
+        let params = p("params").to_vec1::<f64>().unwrap();
+        let (alpha, beta, t) = (params[0], params[1], params[2]);
+        let labels = p("labels").to_dtype(DType::U32).unwrap();
+        for (dtype, tol) in [(DType::F64, 1e-10), (DType::F32, 2e-5)] {
+            let s = Var::from_tensor(&p("student").to_dtype(dtype).unwrap()).unwrap();
+            let teacher = p("teacher").to_dtype(dtype).unwrap();
+            let terms = dkd_terms(s.as_tensor(), &teacher, &labels, t).unwrap();
+            for (name, got, want) in [
+                ("tckd", &terms.target, p("tckd")),
+                ("nckd", &terms.non_target, p("nckd")),
+            ] {
+                let (g, w) = (scalar(got), scalar(&want));
+                assert!(
+                    (g - w).abs() <= tol * w.abs().max(1e-3),
+                    "case {cases} {dtype:?} {name}: {g} vs PyTorch {w}"
+                );
+            }
+            let loss = terms.weighted(alpha, beta).unwrap();
+            let grads = loss.backward().unwrap();
+            let grad = grads
+                .get(s.as_tensor())
+                .expect("a gradient for the student");
+            let e = rel_err(grad, &p("grad"));
+            assert!(e <= tol * 10.0, "case {cases} {dtype:?} gradient: {e:e}");
+            // No gradient reaches the teacher's logits.
+            assert!(grads.get(&teacher).is_none());
+        }
+        cases += 1;
+    }
+    assert_eq!(cases, 3, "fixture cases");
+}
+
+#[test]
+fn pkt_matches_pytorch() {
+    let f = fixtures();
+    let mut cases = 0;
+    while f.contains_key(&format!("pkt.{cases}.student")) {
+        let p = |k: &str| get(&f, &format!("pkt.{cases}.{k}"));
+        for (dtype, tol) in [(DType::F64, 1e-10), (DType::F32, 1e-4)] {
+            let s = Var::from_tensor(&p("student").to_dtype(dtype).unwrap()).unwrap();
+            let teacher = p("teacher").to_dtype(dtype).unwrap();
+            let loss = pkt_loss(s.as_tensor(), &teacher).unwrap();
+            let (g, w) = (scalar(&loss), scalar(&p("loss")));
+            assert!(
+                (g - w).abs() <= tol * w.abs(),
+                "case {cases} {dtype:?}: {g} vs PyTorch {w}"
+            );
+            let grads = loss.backward().unwrap();
+            let e = rel_err(grads.get(s.as_tensor()).unwrap(), &p("grad"));
+            assert!(e <= tol * 10.0, "case {cases} {dtype:?} gradient: {e:e}");
+        }
+        cases += 1;
+    }
+    assert_eq!(cases, 2, "fixture cases");
+}
+
+/// Closed-form properties independent of the fixture: identical logits give 0; the two terms
+/// add up to classic KD when weighted as the paper's decomposition says
+/// (KD = TCKD + (1 − p_t^teacher)·NCKD per sample; with one sample the weights are exact).
+#[test]
+fn dkd_decomposes_classic_kd() {
+    let dev = Device::Cpu;
+    let s = Tensor::new(&[[0.3f64, -1.2, 2.0, 0.7]], &dev).unwrap();
+    let t = Tensor::new(&[[1.5f64, 0.2, -0.4, 2.2]], &dev).unwrap();
+    let labels = Tensor::new(&[3u32], &dev).unwrap();
+    let temp = 2.0;
+    let zero = dkd_terms(&s, &s, &labels, temp).unwrap();
+    assert!(scalar(&zero.target).abs() < 1e-12 && scalar(&zero.non_target).abs() < 1e-12);
+    let terms = dkd_terms(&s, &t, &labels, temp).unwrap();
+    let kd = scalar(&kd_losses::kd_loss(&s, &t, temp).unwrap());
+    let p_target = {
+        let z: Vec<f64> = [1.5f64, 0.2, -0.4, 2.2].iter().map(|x| x / temp).collect();
+        let denom: f64 = z.iter().map(|x| x.exp()).sum();
+        z[3].exp() / denom
+    };
+    let recombined = scalar(&terms.target) + (1.0 - p_target) * scalar(&terms.non_target);
+    assert!(
+        (recombined - kd).abs() < 1e-12 * kd.max(1.0),
+        "TCKD + (1 − p_t)·NCKD = {recombined}, KD = {kd}"
+    );
+}
+
+#[test]
+fn dkd_refuses_mismatched_inputs() {
+    let dev = Device::Cpu;
+    let s = Tensor::zeros((2, 3), DType::F32, &dev).unwrap();
+    let labels = Tensor::new(&[0u32, 1], &dev).unwrap();
+    let err = dkd_terms(
+        &s,
+        &Tensor::zeros((2, 4), DType::F32, &dev).unwrap(),
+        &labels,
+        4.0,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("differ in shape"), "{err}");
+    let err = dkd_terms(&s, &s, &Tensor::new(&[0u32], &dev).unwrap(), 4.0)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("expected 2 labels"), "{err}");
+    let err = dkd_terms(&s, &s, &labels, 0.0).unwrap_err().to_string();
+    assert!(err.contains("temperature"), "{err}");
+}

@@ -1,0 +1,113 @@
+//! Decoupled knowledge distillation, DKD (Zhao et al. 2022, "Decoupled Knowledge
+//! Distillation"): `CE + w(epoch)·(α·TCKD + β·NCKD)`, where w ramps linearly to 1 over the first
+//! `warmup_epochs` epochs as in the authors' mdistiller (`min(epoch / warmup, 1)`, epochs counted
+//! from 1). Under mixup the target class of a sample is its dominant label (λ ≥ ½: the image's own,
+//! otherwise its partner's); the supervised term stays the mixed cross-entropy.
+use candle_core::{Result, Tensor};
+use kd_data::Batch;
+
+use super::none::CrossEntropy;
+use super::{Distiller, LossTerms, Outputs, StepContext};
+
+/// DKD.
+#[derive(Clone, Copy, Debug)]
+pub struct Dkd {
+    /// The supervised term.
+    pub ce: CrossEntropy,
+    /// Weight α of the target-class term.
+    pub alpha: f64,
+    /// Weight β of the non-target-class term.
+    pub beta: f64,
+    /// Temperature.
+    pub temperature: f64,
+    /// Epochs over which the distillation weight ramps up to 1 (0: none).
+    pub warmup_epochs: f64,
+}
+
+impl Dkd {
+    /// The ramp factor at `epoch` (0-based).
+    pub fn warmup_factor(&self, epoch: usize) -> f64 {
+        if self.warmup_epochs <= 0.0 {
+            1.0
+        } else {
+            ((epoch + 1) as f64 / self.warmup_epochs).min(1.0)
+        }
+    }
+}
+
+/// The class each sample's target-class term is about: its label, or under mixup the label of
+/// the image with the larger weight.
+fn target_labels(batch: &Batch) -> &Tensor {
+    match &batch.mix {
+        Some((partner, lambda)) if *lambda < 0.5 => partner,
+        _ => &batch.labels,
+    }
+}
+
+impl Distiller for Dkd {
+    fn name(&self) -> &'static str {
+        "dkd"
+    }
+
+    fn loss(&self, ctx: &StepContext, batch: &Batch, out: &Outputs) -> Result<LossTerms> {
+        let student = out.student;
+        let teacher = super::teacher_outputs(self.name(), out.teacher)?;
+        let terms = kd_losses::dkd_terms(
+            &student.logits,
+            &teacher.logits,
+            target_labels(batch),
+            self.temperature,
+        )?;
+        let w = self.warmup_factor(ctx.epoch);
+        let mut t = LossTerms::default();
+        t.push("loss_ce", self.ce.of(&student.logits, batch)?);
+        t.push("loss_tckd", (terms.target * (w * self.alpha))?);
+        t.push("loss_nckd", (terms.non_target * (w * self.beta))?);
+        Ok(t)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn dkd(warmup_epochs: f64) -> Dkd {
+        Dkd {
+            ce: CrossEntropy { smoothing: 0.0 },
+            alpha: 1.0,
+            beta: 8.0,
+            temperature: 4.0,
+            warmup_epochs,
+        }
+    }
+
+    #[test]
+    fn warmup_ramps_like_mdistiller() {
+        // mdistiller: min(epoch / warmup, 1) with epochs counted from 1.
+        assert_eq!(dkd(20.0).warmup_factor(0), 0.05);
+        assert_eq!(dkd(20.0).warmup_factor(9), 0.5);
+        assert_eq!(dkd(20.0).warmup_factor(19), 1.0);
+        assert_eq!(dkd(20.0).warmup_factor(150), 1.0);
+        assert_eq!(dkd(0.0).warmup_factor(0), 1.0);
+    }
+
+    #[test]
+    fn mixup_targets_the_dominant_label() {
+        let dev = Device::Cpu;
+        let own = Tensor::new(&[1u32, 2], &dev).unwrap();
+        let partner = Tensor::new(&[3u32, 0], &dev).unwrap();
+        let batch = |mix: Option<f32>| Batch {
+            images: Tensor::zeros((2, 3, 2, 2), candle_core::DType::F32, &dev).unwrap(),
+            labels: own.clone(),
+            mix: mix.map(|l| (partner.clone(), l)),
+            indices: vec![0, 1],
+            paired: None,
+        };
+        let labels = |b: &Batch| target_labels(b).to_vec1::<u32>().unwrap();
+        assert_eq!(labels(&batch(None)), [1, 2]);
+        assert_eq!(labels(&batch(Some(0.7))), [1, 2]);
+        assert_eq!(labels(&batch(Some(0.5))), [1, 2]);
+        assert_eq!(labels(&batch(Some(0.3))), [3, 0]);
+    }
+}
