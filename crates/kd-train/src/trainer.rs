@@ -159,6 +159,8 @@ struct Progress {
 const CKPT_WEIGHTS: &str = "weights.safetensors";
 const CKPT_OPTIM: &str = "optimizer.safetensors";
 const CKPT_STATE: &str = "state.json";
+/// What a stateful method carries between steps ([`Distiller::state`]); absent for the others.
+const CKPT_METHOD: &str = "method.safetensors";
 /// Names the complete checkpoint folder; replaced atomically after the folder is written.
 const LATEST: &str = "checkpoint.latest";
 
@@ -169,6 +171,7 @@ const LATEST: &str = "checkpoint.latest";
 fn save_checkpoint(
     run_dir: &Path,
     members: &[Member],
+    method: &dyn Distiller,
     progress: &Progress,
     keep_last: usize,
 ) -> Result<()> {
@@ -182,6 +185,10 @@ fn save_checkpoint(
         save_varmap(m.vars, &dir.join(m.file(CKPT_WEIGHTS)))?;
         fault_delay();
         kd_models::checkpoint::save_tensors(&m.opt.state()?, &dir.join(m.file(CKPT_OPTIM)))?;
+    }
+    let method_state = method.state()?;
+    if !method_state.is_empty() {
+        kd_models::checkpoint::save_tensors(&method_state, &dir.join(CKPT_METHOD))?;
     }
     fault_delay();
     write_atomic(
@@ -480,6 +487,7 @@ pub fn train(
         peer_best: vec![(f64::NEG_INFINITY, 0); student.peers.len()],
         last_top1: Vec::new(),
     };
+    method.prepare(train.split().len(), num_classes, &train.device())?;
     if resume {
         let ckpt = latest_checkpoint(run_dir)?;
         let state = ckpt.join(CKPT_STATE);
@@ -496,6 +504,19 @@ pub fn train(
                 &train.device(),
             )?;
             m.opt.load_state(momentum)?;
+        }
+        let method_file = ckpt.join(CKPT_METHOD);
+        if method_file.exists() {
+            method.load_state(kd_models::checkpoint::read_safetensors(
+                &method_file,
+                &train.device(),
+            )?)?;
+        } else if !method.state()?.is_empty() {
+            return Err(TrainError::Invalid(format!(
+                "{}: method {} keeps state between steps, but the checkpoint has no {CKPT_METHOD}",
+                ckpt.display(),
+                method.name()
+            )));
         }
     }
     let steps_per_epoch = train.num_batches();
@@ -577,6 +598,7 @@ pub fn train(
                 epoch,
                 step: progress.step,
                 total_steps: total,
+                epochs: cfg.epochs,
             };
             for (k, m) in members.iter_mut().enumerate() {
                 let others: Vec<ModelOutput> = outs
@@ -715,7 +737,7 @@ pub fn train(
                 *best = (last_top1[k + 1], epoch + 1);
             }
         }
-        save_checkpoint(run_dir, &members, &progress, cfg.keep_last)?;
+        save_checkpoint(run_dir, &members, method, &progress, cfg.keep_last)?;
         run_bar.set_message(format!("top-1 {:.2}%", row.test_top1));
         run_bar.inc(1);
     }

@@ -107,6 +107,8 @@ fn every_method_trains_and_keeps_the_teacher_frozen() {
         assert_eq!(batch.paired.is_some(), method.pairing().is_some());
         let teacher = method.needs_teacher().then_some(&t);
         let built = build_student(&cfg, &method, teacher, &Device::Cpu, 0, 0.0).unwrap();
+        // The trainer's first call: methods with a per-image memory size it (PS-KD).
+        built.distiller.prepare(16, 4, &Device::Cpu).unwrap();
         assert_eq!(built.distiller.name(), name);
         assert_eq!(built.peers.len(), method.peers().len());
         // The student first, then its peers (online methods), each with its own optimizer.
@@ -157,6 +159,7 @@ fn every_method_trains_and_keeps_the_teacher_frozen() {
                             epoch: 0,
                             step,
                             total_steps: 20,
+                            epochs: 1,
                         },
                         &batch,
                         &out,

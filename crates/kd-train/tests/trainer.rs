@@ -197,8 +197,13 @@ fn learns_the_synthetic_task() {
     assert_eq!(t.model().num_backbone_params(), s.deploy_params);
 }
 
-#[test]
-fn resume_is_bit_identical() {
+/// Trains 3 epochs straight, and 2 + a resumed 1 in a fresh "process" (a differently initialised
+/// model, a fresh method): weights and metrics must match bit for bit. `stateful`: the method
+/// keeps state between steps, which the checkpoint must hold.
+fn check_resume_is_bit_identical(
+    stateful: bool,
+    method: impl Fn(&kd_models::ResNet, &candle_nn::VarMap) -> Box<dyn kd_train::Distiller>,
+) {
     let (model, vm, meta, tr, te) = setup(3);
     let full = tempfile::tempdir().unwrap();
     train(
@@ -208,7 +213,7 @@ fn resume_is_bit_identical() {
             meta: &meta,
             peers: &[],
         },
-        &*baseline(),
+        &*method(&model, &vm),
         None,
         &tr,
         &te,
@@ -228,7 +233,7 @@ fn resume_is_bit_identical() {
             meta: &meta,
             peers: &[],
         },
-        &*baseline(),
+        &*method(&model, &vm),
         None,
         &tr,
         &te,
@@ -242,6 +247,8 @@ fn resume_is_bit_identical() {
     )
     .unwrap();
     assert!(stopped.is_none());
+    let ckpt = kd_train::latest_checkpoint(dir.path()).unwrap();
+    assert_eq!(ckpt.join("method.safetensors").exists(), stateful);
     // A fresh process: a differently initialised model, everything restored from the checkpoint.
     let (model, vm, meta, tr, te) = setup_with(99, 3);
     train(
@@ -251,7 +258,7 @@ fn resume_is_bit_identical() {
             meta: &meta,
             peers: &[],
         },
-        &*baseline(),
+        &*method(&model, &vm),
         None,
         &tr,
         &te,
@@ -292,6 +299,23 @@ fn resume_is_bit_identical() {
         strip(&b),
         "metrics other than timings are identical"
     );
+}
+
+#[test]
+fn resume_is_bit_identical() {
+    check_resume_is_bit_identical(false, |_, _| baseline());
+}
+
+/// PS-KD's per-image memory of predictions is checkpointed and restored.
+#[test]
+fn resume_restores_a_methods_state() {
+    check_resume_is_bit_identical(true, |model, vm| {
+        let vb = candle_nn::VarBuilder::from_varmap(vm, candle_core::DType::F32, &Device::Cpu);
+        kd_train::MethodConfig::preset("pskd")
+            .unwrap()
+            .build(model, None, vb, 0.0)
+            .unwrap()
+    });
 }
 
 #[test]

@@ -19,6 +19,7 @@ pub fn describe(method: &str) -> &'static str {
         "kd_byot" => "offline + self: Hinton KD on the final head plus the BYOT terms",
         "dml" => "online, response: Deep Mutual Learning (Zhang et al. 2018), peers learn from each other",
         "two_view" => "self, response: one image under two augmentations, each view teaching the other",
+        "pskd" => "self, response: progressive self-KD (Kim et al. 2021), last epoch's prediction softens the target",
         "cs_kd" => "self, response: class-wise self-KD (Yun et al. 2020), a same-class image teaches",
         _ => "",
     }

@@ -2,7 +2,9 @@
 //! student's outputs and (for offline methods) the frozen teacher's, and returns named loss
 //! terms; extra trainable parts (a FitNets regressor) belong to the method and live in the
 //! student's variable map under `distill.`. Adding a method = one file + one enum arm.
-use candle_core::{Result, Tensor};
+use std::collections::HashMap;
+
+use candle_core::{Device, Result, Tensor};
 use candle_nn::VarBuilder;
 use kd_data::Batch;
 use kd_data::Pairing;
@@ -19,6 +21,7 @@ mod mutual;
 mod none;
 mod offline_self;
 mod pkt;
+mod pskd;
 mod rkd;
 mod sp;
 mod two_view;
@@ -34,6 +37,8 @@ pub struct StepContext {
     pub step: usize,
     /// Steps in the whole run.
     pub total_steps: usize,
+    /// Epochs in the whole run.
+    pub epochs: usize,
 }
 
 /// Named, already weighted loss terms; the total is their sum.
@@ -108,6 +113,24 @@ pub trait Distiller {
 
     /// The loss of one step for the network whose outputs are `out.student`.
     fn loss(&self, ctx: &StepContext, batch: &Batch, out: &Outputs) -> Result<LossTerms>;
+
+    /// Called once before training starts (and before [`Self::load_state`] on resume) with the
+    /// number of training images and classes: methods that remember something per image size
+    /// their memory here. Nothing for stateless methods.
+    fn prepare(&self, _train_size: usize, _num_classes: usize, _device: &Device) -> Result<()> {
+        Ok(())
+    }
+
+    /// What the method carries from step to step, saved with each checkpoint (empty for
+    /// stateless methods).
+    fn state(&self) -> Result<HashMap<String, Tensor>> {
+        Ok(HashMap::new())
+    }
+
+    /// Restores [`Self::state`] from a checkpoint.
+    fn load_state(&self, _state: HashMap<String, Tensor>) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// A network trained alongside the student in online distillation.
@@ -254,6 +277,12 @@ pub enum MethodConfig {
         /// Temperature.
         temperature: f64,
     },
+    /// Progressive self-KD, PS-KD (Kim et al. 2021): the network's previous-epoch prediction
+    /// of each image softens its target, by α_t = α·(epoch + 1)/epochs.
+    Pskd {
+        /// α_T, the weight of the past prediction at the last epoch (0.8 in the paper).
+        alpha: f64,
+    },
     /// Class-wise self-distillation, CS-KD (Yun et al. 2020): a same-class image teaches.
     CsKd {
         /// Weight λ of the class-wise term.
@@ -320,6 +349,7 @@ impl MethodConfig {
             MethodConfig::Dml { .. } => "dml",
             MethodConfig::TwoView { .. } => "two_view",
             MethodConfig::CsKd { .. } => "cs_kd",
+            MethodConfig::Pskd { .. } => "pskd",
         }
     }
 
@@ -378,14 +408,15 @@ impl MethodConfig {
                 weight: 1.0,
                 temperature: 4.0,
             },
+            "pskd" => MethodConfig::Pskd { alpha: 0.8 },
             _ => return None,
         })
     }
 
     /// Every method name, for `--help` and `kd-runner list`.
-    pub const NAMES: [&'static str; 13] = [
+    pub const NAMES: [&'static str; 14] = [
         "none", "kd", "dkd", "fitnet", "at", "rkd", "sp", "pkt", "byot", "kd_byot", "dml",
-        "two_view", "cs_kd",
+        "two_view", "cs_kd", "pskd",
     ];
 
     /// Builds the method for `student` (and `teacher`), creating its trainable parts under
@@ -518,6 +549,15 @@ impl MethodConfig {
                 weight,
                 temperature,
             }),
+            MethodConfig::Pskd { alpha } => {
+                if !(0.0..=1.0).contains(&alpha) {
+                    candle_core::bail!("method pskd: alpha must lie in [0, 1], got {alpha}");
+                }
+                if label_smoothing > 0.0 {
+                    candle_core::bail!("method pskd makes its own soft targets: set train.label_smoothing = 0 (got {label_smoothing})");
+                }
+                Box::new(pskd::Pskd::new(alpha))
+            }
         })
     }
 }
