@@ -586,6 +586,17 @@ mod tests {
             .map_err(|e| format!("{e:#}"))
             .unwrap_err()
             .contains("mixup"));
+        // PS-KD keeps one prediction per image: no mixed images, no second softening.
+        let mut c = ExperimentConfig::default();
+        c.set("method.name=pskd").unwrap();
+        c.set("method.alpha=0.5").unwrap();
+        for (key, word) in [
+            ("data.mixup=1.0", "mixup"),
+            ("train.label_smoothing=0.1", "label_smoothing"),
+        ] {
+            let err = c.set(key).map_err(|e| format!("{e:#}")).unwrap_err();
+            assert!(err.contains("pskd") && err.contains(word), "{key}: {err}");
+        }
     }
 
     #[test]
