@@ -1,5 +1,5 @@
 //! Cross-entropy with label smoothing (Szegedy et al. 2016) and its mixup/CutMix form.
-use candle_core::{Result, Tensor, D};
+use candle_core::{DType, Result, Tensor, D};
 use candle_nn::ops::log_softmax;
 
 /// Mean cross-entropy of `logits` (B, K) against `labels` (B,) u32, with PyTorch's label
@@ -27,4 +27,17 @@ pub fn mixed_cross_entropy(
 ) -> Result<Tensor> {
     (cross_entropy(logits, labels_a, smoothing)? * lambda)?
         + (cross_entropy(logits, labels_b, smoothing)? * (1.0 - lambda))?
+}
+
+/// (B, K) with 1 at each row's label, 0 elsewhere, in `dtype`.
+pub fn one_hot(labels: &Tensor, k: usize, dtype: DType) -> Result<Tensor> {
+    let b = labels.dim(0)?;
+    let classes = Tensor::arange(0u32, k as u32, labels.device())?
+        .unsqueeze(0)?
+        .broadcast_as((b, k))?;
+    let labels = labels
+        .to_dtype(DType::U32)?
+        .unsqueeze(1)?
+        .broadcast_as((b, k))?;
+    classes.eq(&labels)?.to_dtype(dtype)
 }

@@ -9,7 +9,9 @@
 //! class pushed down by 1000 (after dividing by T, as the reference implementation does), and
 //! log(1 − p_target) as a difference of two log-sum-exps, so neither term takes the log of a
 //! probability that has underflowed.
-use candle_core::{bail, DType, Result, Tensor, D};
+use candle_core::{bail, Result, Tensor, D};
+
+use crate::classification::one_hot;
 
 /// The two DKD terms of a batch, each already multiplied by T² and averaged over the batch.
 #[derive(Clone, Debug)]
@@ -76,19 +78,6 @@ pub fn dkd_loss(
     t: f64,
 ) -> Result<Tensor> {
     dkd_terms(student, teacher, labels, t)?.weighted(alpha, beta)
-}
-
-/// (B, K) with 1 at each row's label, 0 elsewhere, in `dtype`.
-fn one_hot(labels: &Tensor, k: usize, dtype: DType) -> Result<Tensor> {
-    let b = labels.dim(0)?;
-    let classes = Tensor::arange(0u32, k as u32, labels.device())?
-        .unsqueeze(0)?
-        .broadcast_as((b, k))?;
-    let labels = labels
-        .to_dtype(DType::U32)?
-        .unsqueeze(1)?
-        .broadcast_as((b, k))?;
-    classes.eq(&labels)?.to_dtype(dtype)
 }
 
 /// From scaled logits z (B, K): the binary log-probabilities (B, 2) of (target, non-target), and

@@ -18,7 +18,7 @@ pub mod feature;
 pub mod hinton;
 pub mod relation;
 
-pub use classification::{cross_entropy, mixed_cross_entropy};
+pub use classification::{cross_entropy, mixed_cross_entropy, one_hot};
 pub use decoupled::{dkd_loss, dkd_terms, DecoupledTerms};
 pub use feature::{align_spatial, attention_loss, attention_map, hint_loss};
 pub use hinton::kd_loss;

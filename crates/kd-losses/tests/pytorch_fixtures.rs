@@ -20,6 +20,14 @@ fn get(f: &HashMap<String, Tensor>, key: &str) -> Tensor {
         .clone()
 }
 
+/// The key prefixes (`dkd.0.`, `dkd.1.`, …) of a loss's cases, in order.
+fn cases(f: &HashMap<String, Tensor>, loss: &str) -> Vec<String> {
+    (0..)
+        .map(|i| format!("{loss}.{i}."))
+        .take_while(|p| f.contains_key(&format!("{p}student")))
+        .collect()
+}
+
 fn scalar(t: &Tensor) -> f64 {
     t.to_dtype(DType::F64)
         .unwrap()
@@ -48,9 +56,9 @@ fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
 #[test]
 fn dkd_matches_pytorch() {
     let f = fixtures();
-    let mut cases = 0;
-    while f.contains_key(&format!("dkd.{cases}.student")) {
-        let p = |k: &str| get(&f, &format!("dkd.{cases}.{k}"));
+    let dkd = cases(&f, "dkd");
+    for (case, prefix) in dkd.iter().enumerate() {
+        let p = |k: &str| get(&f, &format!("{prefix}{k}"));
         let params = p("params").to_vec1::<f64>().unwrap();
         let (alpha, beta, t) = (params[0], params[1], params[2]);
         let labels = p("labels").to_dtype(DType::U32).unwrap();
@@ -65,7 +73,7 @@ fn dkd_matches_pytorch() {
                 let (g, w) = (scalar(got), scalar(&want));
                 assert!(
                     (g - w).abs() <= tol * w.abs().max(1e-3),
-                    "case {cases} {dtype:?} {name}: {g} vs PyTorch {w}"
+                    "case {case} {dtype:?} {name}: {g} vs PyTorch {w}"
                 );
             }
             let loss = terms.weighted(alpha, beta).unwrap();
@@ -74,21 +82,20 @@ fn dkd_matches_pytorch() {
                 .get(s.as_tensor())
                 .expect("a gradient for the student");
             let e = rel_err(grad, &p("grad"));
-            assert!(e <= tol * 10.0, "case {cases} {dtype:?} gradient: {e:e}");
+            assert!(e <= tol * 10.0, "case {case} {dtype:?} gradient: {e:e}");
             // No gradient reaches the teacher's logits.
             assert!(grads.get(&teacher).is_none());
         }
-        cases += 1;
     }
-    assert_eq!(cases, 3, "fixture cases");
+    assert_eq!(dkd.len(), 3, "fixture cases");
 }
 
 #[test]
 fn pkt_matches_pytorch() {
     let f = fixtures();
-    let mut cases = 0;
-    while f.contains_key(&format!("pkt.{cases}.student")) {
-        let p = |k: &str| get(&f, &format!("pkt.{cases}.{k}"));
+    let pkt = cases(&f, "pkt");
+    for (case, prefix) in pkt.iter().enumerate() {
+        let p = |k: &str| get(&f, &format!("{prefix}{k}"));
         for (dtype, tol) in [(DType::F64, 1e-10), (DType::F32, 1e-4)] {
             let s = Var::from_tensor(&p("student").to_dtype(dtype).unwrap()).unwrap();
             let teacher = p("teacher").to_dtype(dtype).unwrap();
@@ -96,15 +103,14 @@ fn pkt_matches_pytorch() {
             let (g, w) = (scalar(&loss), scalar(&p("loss")));
             assert!(
                 (g - w).abs() <= tol * w.abs(),
-                "case {cases} {dtype:?}: {g} vs PyTorch {w}"
+                "case {case} {dtype:?}: {g} vs PyTorch {w}"
             );
             let grads = loss.backward().unwrap();
             let e = rel_err(grads.get(s.as_tensor()).unwrap(), &p("grad"));
-            assert!(e <= tol * 10.0, "case {cases} {dtype:?} gradient: {e:e}");
+            assert!(e <= tol * 10.0, "case {case} {dtype:?} gradient: {e:e}");
         }
-        cases += 1;
     }
-    assert_eq!(cases, 2, "fixture cases");
+    assert_eq!(pkt.len(), 2, "fixture cases");
 }
 
 /// Closed-form properties independent of the fixture: identical logits give 0; the two terms

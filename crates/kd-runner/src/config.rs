@@ -338,11 +338,13 @@ impl ExperimentConfig {
         if t.clip_grad < 0.0 || t.label_smoothing < 0.0 || t.label_smoothing >= 1.0 {
             bail!("train.clip_grad must be ≥ 0 and train.label_smoothing in [0, 1)");
         }
-        if matches!(self.method, MethodConfig::Pskd { .. }) && d.mixup > 0.0 {
-            bail!("method pskd keeps one prediction per image and cannot follow mixed images; set data.mixup = 0");
-        }
-        if matches!(self.method, MethodConfig::Pskd { .. }) && t.label_smoothing > 0.0 {
-            bail!("method pskd makes its own soft targets; set train.label_smoothing = 0");
+        if let MethodConfig::Pskd { .. } = self.method {
+            if d.mixup > 0.0 {
+                bail!("method pskd keeps one prediction per image and cannot follow mixed images; set data.mixup = 0");
+            }
+            if t.label_smoothing > 0.0 {
+                bail!("method pskd makes its own soft targets; set train.label_smoothing = 0");
+            }
         }
         if self.method.pairing().is_some() && d.mixup > 0.0 {
             bail!(

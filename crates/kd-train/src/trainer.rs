@@ -505,19 +505,20 @@ pub fn train(
             )?;
             m.opt.load_state(momentum)?;
         }
+        // Absent for a stateless method; a stateful one refuses the empty state.
         let method_file = ckpt.join(CKPT_METHOD);
-        if method_file.exists() {
-            method.load_state(kd_models::checkpoint::read_safetensors(
-                &method_file,
-                &train.device(),
-            )?)?;
-        } else if !method.state()?.is_empty() {
-            return Err(TrainError::Invalid(format!(
-                "{}: method {} keeps state between steps, but the checkpoint has no {CKPT_METHOD}",
-                ckpt.display(),
+        let method_state = if method_file.exists() {
+            kd_models::checkpoint::read_safetensors(&method_file, &train.device())?
+        } else {
+            HashMap::new()
+        };
+        method.load_state(method_state).map_err(|e| {
+            TrainError::Invalid(format!(
+                "{}: method {}: {e}",
+                method_file.display(),
                 method.name()
-            )));
-        }
+            ))
+        })?;
     }
     let steps_per_epoch = train.num_batches();
     let total = cfg.epochs * steps_per_epoch;

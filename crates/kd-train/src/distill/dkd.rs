@@ -27,11 +27,7 @@ pub struct Dkd {
 impl Dkd {
     /// The ramp factor at `epoch` (0-based).
     pub fn warmup_factor(&self, epoch: usize) -> f64 {
-        if self.warmup_epochs <= 0.0 {
-            1.0
-        } else {
-            ((epoch + 1) as f64 / self.warmup_epochs).min(1.0)
-        }
+        super::linear_ramp(epoch, self.warmup_epochs)
     }
 }
 

@@ -41,6 +41,16 @@ pub struct StepContext {
     pub epochs: usize,
 }
 
+/// A weight growing linearly over the first `over` epochs, `min((epoch + 1) / over, 1)` with
+/// `epoch` 0-based (the authors' `epoch / over` with epochs counted from 1); 1 when `over` ≤ 0.
+fn linear_ramp(epoch: usize, over: f64) -> f64 {
+    if over <= 0.0 {
+        1.0
+    } else {
+        ((epoch + 1) as f64 / over).min(1.0)
+    }
+}
+
 /// Named, already weighted loss terms; the total is their sum.
 #[derive(Clone, Debug, Default)]
 pub struct LossTerms {

@@ -42,7 +42,7 @@ impl Pskd {
 
     /// α_t at `epoch` (0-based) of `epochs`.
     pub fn alpha_at(&self, epoch: usize, epochs: usize) -> f64 {
-        self.alpha * ((epoch + 1) as f64 / epochs.max(1) as f64).min(1.0)
+        self.alpha * super::linear_ramp(epoch, epochs as f64)
     }
 }
 
@@ -122,12 +122,7 @@ impl Distiller for Pskd {
         }
         let idx: Vec<u32> = batch.indices.iter().map(|&i| i as u32).collect();
         let idx = Tensor::new(idx.as_slice(), memory.device())?;
-        let labels = batch.labels.to_dtype(DType::U32)?;
-        let one_hot = Tensor::arange(0u32, k as u32, memory.device())?
-            .unsqueeze(0)?
-            .broadcast_as((b, k))?
-            .broadcast_eq(&labels.unsqueeze(1)?)?
-            .to_dtype(DType::F32)?;
+        let one_hot = kd_losses::one_hot(&batch.labels, k, DType::F32)?;
         // The first visit of an image finds zeros: its past prediction is its label.
         let stored = memory.index_select(&idx, 0)?;
         let seen = stored.sum_keepdim(D::Minus1)?.gt(0.0)?;
