@@ -327,6 +327,8 @@ pub enum Stream {
     SecondView = 5,
     /// The choice of a same-class partner (class-wise self-distillation).
     Partner = 6,
+    /// Each sample's negatives, images of other classes (contrastive distillation, CRD).
+    Negatives = 7,
 }
 
 fn splitmix(mut z: u64) -> u64 {

@@ -42,6 +42,10 @@ pub struct LoaderConfig {
     /// crosses from the host. Same plans, same streams, so the same batches as on the host.
     #[serde(default)]
     pub resident: bool,
+    /// For contrastive methods (CRD): this many images of other classes per sample, drawn
+    /// without replacement each epoch ([`Batch::contrast`]; none by default).
+    #[serde(default)]
+    pub negatives: Option<usize>,
 }
 
 /// Which second image a sample brings along ([`Batch::paired`]).
@@ -69,6 +73,7 @@ impl LoaderConfig {
             prefetch: 2,
             pair: None,
             resident: false,
+            negatives: None,
         }
     }
 
@@ -85,6 +90,7 @@ impl LoaderConfig {
             prefetch: 2,
             pair: None,
             resident: false,
+            negatives: None,
         }
     }
 }
@@ -108,6 +114,8 @@ pub struct HostBatch {
     pub paired_plans: Option<Vec<AugmentPlan>>,
     /// For a resident data set: the batch's mixing, applied on the device.
     pub mix_plan: Option<MixPlan>,
+    /// Each sample's own position then its negatives, B×(1+K), when negatives are on.
+    pub contrast: Option<Vec<u32>>,
 }
 
 /// A batch on the device.
@@ -124,6 +132,9 @@ pub struct Batch {
     /// The paired images `(B, C, H, W)` ([`LoaderConfig::pair`]): a second view of each image,
     /// or a same-class partner, normalised like `images`.
     pub paired: Option<Tensor>,
+    /// `(B, 1 + K)` u32 positions in the split ([`LoaderConfig::negatives`]): each sample's
+    /// own, then K images of other classes (RepDistiller's "exact" CRD sampling).
+    pub contrast: Option<Tensor>,
 }
 
 /// Serves batches of one split.
@@ -134,6 +145,9 @@ pub struct Loader {
     device: Device,
     /// Positions of each class's images (for same-class pairing).
     by_class: Arc<Vec<Vec<usize>>>,
+    /// Every position grouped by class, and where each class starts and ends in it (for
+    /// negatives: the other classes of `c` are `grouped[..start_c]` and `grouped[end_c..]`).
+    grouped: Arc<(Vec<u32>, Vec<(usize, usize)>)>,
     /// The split's pixels on the device, when [`LoaderConfig::resident`].
     resident: Option<Arc<Resident>>,
 }
@@ -179,6 +193,25 @@ impl Loader {
                 by_class[l as usize].push(i);
             }
         }
+        let mut grouped = (Vec::new(), Vec::new());
+        if let Some(k) = cfg.negatives {
+            let classes = split.labels.iter().max().map_or(0, |&m| m as usize + 1);
+            let mut members: Vec<Vec<u32>> = vec![Vec::new(); classes];
+            for (i, &l) in split.labels.iter().enumerate() {
+                members[l as usize].push(i as u32);
+            }
+            if k == 0 || members.iter().filter(|m| !m.is_empty()).count() < 2 {
+                return Err(DataError::Invalid {
+                    field: "negatives",
+                    message: format!("{k} negatives over {} classes present: expected at least 1 negative and 2 classes", members.iter().filter(|m| !m.is_empty()).count()),
+                });
+            }
+            for m in members {
+                let start = grouped.0.len();
+                grouped.0.extend(m);
+                grouped.1.push((start, grouped.0.len()));
+            }
+        }
         // KD_DISABLE=augment falls back to host batches (the same batches).
         let resident = if cfg.resident && kd_kernels::enabled(kd_kernels::Kernel::Augment) {
             let (n, h, w) = (split.len(), split.height, split.width);
@@ -193,6 +226,7 @@ impl Loader {
             cfg,
             device,
             by_class: Arc::new(by_class),
+            grouped: Arc::new(grouped),
             resident,
         })
     }
@@ -286,6 +320,7 @@ impl Loader {
             )?),
             None => None,
         };
+        let contrast = self.contrast(epoch, first, &indices);
         Ok(HostBatch {
             images,
             labels,
@@ -295,6 +330,7 @@ impl Loader {
             plans: None,
             paired_plans: None,
             mix_plan: None,
+            contrast,
         })
     }
 
@@ -342,8 +378,10 @@ impl Loader {
             )?),
             None => None,
         };
+        let contrast = self.contrast(epoch, first, &indices);
         Ok(HostBatch {
             images: Vec::new(),
+            contrast,
             mix: mix_plan.as_ref().map(|p| p.info(&labels)),
             labels,
             indices,
@@ -393,10 +431,52 @@ impl Loader {
         Ok((images, paired))
     }
 
+    /// Each sample's own position and its negatives ([`LoaderConfig::negatives`]), B×(1+K):
+    /// K images of other classes, without replacement unless fewer exist (as RepDistiller's
+    /// `CIFAR100InstanceSample`), from a stream keyed by the sample's place in the epoch.
+    fn contrast(&self, epoch: u64, first: u64, indices: &[usize]) -> Option<Vec<u32>> {
+        let k = self.cfg.negatives?;
+        let (grouped, bounds) = &*self.grouped;
+        let mut out = vec![0u32; indices.len() * (1 + k)];
+        out.par_chunks_mut(1 + k)
+            .zip(indices.par_iter())
+            .enumerate()
+            .for_each(|(pos, (row, &i))| {
+                let (start, end) = bounds[self.split.labels[i] as usize];
+                let mut rng =
+                    sample_rng(self.cfg.seed, Stream::Negatives, epoch, first + pos as u64);
+                row[0] = i as u32;
+                let others = grouped.len() - (end - start);
+                if others >= k {
+                    let mut pool = [&grouped[..start], &grouped[end..]].concat();
+                    let (chosen, _) = pool.partial_shuffle(&mut rng, k);
+                    row[1..].copy_from_slice(chosen);
+                } else {
+                    for slot in &mut row[1..] {
+                        let j = rand::Rng::gen_range(&mut rng, 0..others);
+                        *slot = if j < start {
+                            grouped[j]
+                        } else {
+                            grouped[j + end - start]
+                        };
+                    }
+                }
+            });
+        Some(out)
+    }
+
     /// Moves a host batch to the device.
     pub fn to_device(&self, hb: HostBatch) -> Result<Batch> {
         let b = hb.labels.len();
         let (h, w) = (self.split.height, self.split.width);
+        let contrast = match &hb.contrast {
+            Some(c) => Some(Tensor::from_slice(
+                c,
+                (b, c.len() / b.max(1)),
+                &self.device,
+            )?),
+            None => None,
+        };
         if let Some(res) = &self.resident {
             let (images, paired) = self.resident_images(res, &hb)?;
             let mix = match hb.mix {
@@ -409,6 +489,7 @@ impl Loader {
                 mix,
                 indices: hb.indices,
                 paired,
+                contrast,
             });
         }
         let images = Tensor::from_vec(hb.images, (b, 3, h, w), &self.device)?;
@@ -427,6 +508,7 @@ impl Loader {
             mix,
             indices: hb.indices,
             paired,
+            contrast,
         })
     }
 

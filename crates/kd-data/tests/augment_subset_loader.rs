@@ -422,3 +422,76 @@ fn same_class_partner_is_another_image_of_that_class() {
         .to_string();
     assert!(err.contains("pair"), "{err}");
 }
+
+/// Every batch's contrast rows, for `negatives` per sample.
+fn contrast_rows(split: &Split, negatives: usize, seed: u64, epoch: u64) -> Vec<Vec<u32>> {
+    let cfg = LoaderConfig {
+        negatives: Some(negatives),
+        prefetch: 0,
+        ..LoaderConfig::train(8, Normalize::CIFAR10, seed)
+    };
+    let loader = Loader::new(Arc::new(split.clone()), cfg, candle_core::Device::Cpu).unwrap();
+    loader
+        .epoch(epoch, 0)
+        .flat_map(|b| {
+            let b = b.unwrap();
+            let rows = b.contrast.expect("negatives on").to_vec2::<u32>().unwrap();
+            assert_eq!(
+                rows.iter().map(|r| r[0] as usize).collect::<Vec<_>>(),
+                b.indices,
+                "each row starts with the sample's own position"
+            );
+            rows
+        })
+        .collect()
+}
+
+#[test]
+fn negatives_are_distinct_images_of_other_classes() {
+    let split = ramp(40, 4); // 10 images a class: 30 candidates for each sample
+    let rows = contrast_rows(&split, 12, 3, 0);
+    assert_eq!(rows.len(), 40);
+    let mut drawn = HashSet::new();
+    for row in &rows {
+        assert_eq!(row.len(), 13);
+        let own = split.labels[row[0] as usize];
+        let negs: HashSet<u32> = row[1..].iter().copied().collect();
+        assert_eq!(negs.len(), 12, "drawn without replacement: {row:?}");
+        for &j in &negs {
+            assert_ne!(
+                split.labels[j as usize], own,
+                "negative {j} of {} shares its class",
+                row[0]
+            );
+            drawn.insert(j);
+        }
+    }
+    assert_eq!(
+        drawn.len(),
+        40,
+        "every image serves as a negative somewhere"
+    );
+    // Seeded: the same seed and epoch repeat the draw, another epoch or seed does not.
+    assert_eq!(rows, contrast_rows(&split, 12, 3, 0));
+    assert_ne!(rows, contrast_rows(&split, 12, 3, 1));
+    assert_ne!(rows, contrast_rows(&split, 12, 4, 0));
+    // More negatives than other-class images: drawn with replacement, still of other classes.
+    for row in contrast_rows(&split, 50, 3, 0) {
+        let own = split.labels[row[0] as usize];
+        assert_eq!(row.len(), 51);
+        assert!(row[1..].iter().all(|&j| split.labels[j as usize] != own));
+    }
+    // One class: nothing to contrast with.
+    let single = ramp(8, 1);
+    let cfg = LoaderConfig {
+        negatives: Some(4),
+        ..LoaderConfig::train(4, Normalize::CIFAR10, 0)
+    };
+    let err = Loader::new(Arc::new(single), cfg, candle_core::Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("negatives") && err.contains("2 classes"),
+        "{err}"
+    );
+}

@@ -72,6 +72,10 @@ fn same_batches(cfg: LoaderConfig) {
                 (Some(p), Some(q)) => assert!(max_abs(p, q) < 1e-5),
                 _ => panic!("{cfg:?}: pairing differs"),
             }
+            assert_eq!(
+                x.contrast.map(|c| c.to_vec2::<u32>().unwrap()),
+                y.contrast.map(|c| c.to_vec2::<u32>().unwrap())
+            );
         }
     }
 }
@@ -95,6 +99,10 @@ fn resident_batches_equal_host_batches() {
     same_batches(LoaderConfig {
         pair: Some(Pairing::SameClass),
         prefetch: 0,
+        ..base.clone()
+    });
+    same_batches(LoaderConfig {
+        negatives: Some(20),
         ..base.clone()
     });
     same_batches(LoaderConfig::eval(32, Normalize::CIFAR100));

@@ -99,6 +99,7 @@ mod tests {
             mix: mix.map(|l| (partner.clone(), l)),
             indices: vec![0, 1],
             paired: None,
+            contrast: None,
         };
         let labels = |b: &Batch| target_labels(b).to_vec1::<u32>().unwrap();
         assert_eq!(labels(&batch(None)), [1, 2]);

@@ -153,6 +153,7 @@ mod tests {
             mix: None,
             indices: indices.to_vec(),
             paired: None,
+            contrast: None,
         }
     }
 
