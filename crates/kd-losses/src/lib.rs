@@ -1,6 +1,7 @@
 //! Losses for classification and knowledge distillation on candle: cross-entropy (label
 //! smoothing, mixup), Hinton KD, decoupled KD (DKD), FitNets hints, attention transfer, RKD,
-//! similarity-preserving KD and probabilistic knowledge transfer (PKT).
+//! similarity-preserving KD, probabilistic knowledge transfer (PKT) and contrastive
+//! representation distillation (CRD).
 //!
 //! ```
 //! use candle_core::{Device, Tensor};
@@ -13,12 +14,14 @@
 #![warn(missing_docs)]
 
 pub mod classification;
+pub mod contrastive;
 pub mod decoupled;
 pub mod feature;
 pub mod hinton;
 pub mod relation;
 
 pub use classification::{cross_entropy, mixed_cross_entropy, one_hot};
+pub use contrastive::{contrast_scores, l2_normalize, momentum_update, nce_loss};
 pub use decoupled::{dkd_loss, dkd_terms, DecoupledTerms};
 pub use feature::{align_spatial, attention_loss, attention_map, hint_loss};
 pub use hinton::kd_loss;

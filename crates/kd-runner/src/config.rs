@@ -346,6 +346,12 @@ impl ExperimentConfig {
                 bail!("method pskd makes its own soft targets; set train.label_smoothing = 0");
             }
         }
+        if self.method.negatives().is_some() && d.mixup > 0.0 {
+            bail!(
+                "method {} keeps one embedding per image and cannot follow mixed images; set data.mixup = 0",
+                self.method.name()
+            );
+        }
         if self.method.pairing().is_some() && d.mixup > 0.0 {
             bail!(
                 "method {} compares two images per sample; set data.mixup = 0",
@@ -401,6 +407,7 @@ impl ExperimentConfig {
                 alpha: self.data.mixup as f32,
             }),
             pair: self.method.pairing(),
+            negatives: self.method.negatives(),
             resident: self.data.resident,
             ..LoaderConfig::train(self.data.batch_size, normalize, self.train.seed)
         }
@@ -599,6 +606,17 @@ mod tests {
             let err = c.set(key).map_err(|e| format!("{e:#}")).unwrap_err();
             assert!(err.contains("pskd") && err.contains(word), "{key}: {err}");
         }
+        // CRD keeps one embedding per image in its banks; its loader draws the negatives.
+        let mut c = ExperimentConfig::default();
+        c.set("teacher.path=t.safetensors").unwrap();
+        c.set("method.name=crd").unwrap();
+        c.set("method.negatives=4096").unwrap();
+        assert_eq!(c.loader(kd_data::Normalize::CIFAR10).negatives, Some(4096));
+        let err = c
+            .set("data.mixup=1.0")
+            .map_err(|e| format!("{e:#}"))
+            .unwrap_err();
+        assert!(err.contains("crd") && err.contains("mixup"), "{err}");
     }
 
     #[test]

@@ -8,8 +8,8 @@ pub mod metrics;
 pub mod trainer;
 
 pub use distill::{
-    build_student, BuiltStudent, CrossEntropy, Distiller, LossTerms, MethodConfig, Outputs, Peer,
-    PeerSpec, StepContext,
+    build_student, BuiltStudent, CrdParams, CrossEntropy, Distiller, LossTerms, MethodConfig,
+    Outputs, Peer, PeerSpec, RunInfo, StepContext,
 };
 pub use error::{Result, TrainError};
 pub use evaluate::{evaluate, EvalReport};

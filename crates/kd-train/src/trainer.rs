@@ -16,7 +16,7 @@ use kd_data::Loader;
 use kd_data::Normalize;
 use kd_models::{save_varmap, ModelOutput, ResNet, Teacher, TeacherMeta};
 
-use crate::distill::{Distiller, Outputs, Peer, StepContext};
+use crate::distill::{Distiller, Outputs, Peer, RunInfo, StepContext};
 use kd_schedulers::{Optimizer, OptimizerConfig, Schedule};
 use serde::{Deserialize, Serialize};
 
@@ -487,7 +487,12 @@ pub fn train(
         peer_best: vec![(f64::NEG_INFINITY, 0); student.peers.len()],
         last_top1: Vec::new(),
     };
-    method.prepare(train.split().len(), num_classes, &train.device())?;
+    method.prepare(&RunInfo {
+        train_size: train.split().len(),
+        num_classes,
+        seed: train.config().seed,
+        device: train.device(),
+    })?;
     if resume {
         let ckpt = latest_checkpoint(run_dir)?;
         let state = ckpt.join(CKPT_STATE);

@@ -8,7 +8,7 @@ use kd_data::{Loader, LoaderConfig, Normalize, Split};
 use kd_models::ModelOutput;
 use kd_models::{Arch, ResNetConfig, Stem, Teacher, TeacherMeta};
 use kd_schedulers::{Sgd, SgdConfig};
-use kd_train::{build_student, MethodConfig, Outputs, PeerSpec, StepContext};
+use kd_train::{build_student, MethodConfig, Outputs, PeerSpec, RunInfo, StepContext};
 
 fn synthetic(n: usize) -> Split {
     let mut s = Split::empty(3, 32, 32);
@@ -61,9 +61,23 @@ fn trainable(vars: &candle_nn::VarMap) -> Vec<(String, Var)> {
         .collect()
 }
 
-/// A small DML pairing for the test: the student and one tiny ResNet50 peer.
+/// The presets, scaled to the test: DML pairs the student with one tiny ResNet50 peer, CRD
+/// draws 8 negatives (the split has 12 images of other classes per image).
 fn preset(name: &str) -> MethodConfig {
     match MethodConfig::preset(name).unwrap() {
+        MethodConfig::Crd {
+            weight,
+            feature_dim,
+            temperature,
+            momentum,
+            ..
+        } => MethodConfig::Crd {
+            weight,
+            feature_dim,
+            negatives: 8,
+            temperature,
+            momentum,
+        },
         MethodConfig::Dml {
             weight,
             temperature,
@@ -99,16 +113,18 @@ fn every_method_trains_and_keeps_the_teacher_frozen() {
         let lcfg = LoaderConfig {
             prefetch: 0,
             pair: method.pairing(),
+            negatives: method.negatives(),
             augment: kd_data::Augment::STANDARD,
             ..LoaderConfig::eval(16, norm)
         };
         let loader = Loader::new(Arc::new(synthetic(16)), lcfg, Device::Cpu).unwrap();
         let batch = loader.epoch(0, 0).next().unwrap().unwrap();
         assert_eq!(batch.paired.is_some(), method.pairing().is_some());
+        assert_eq!(batch.contrast.is_some(), method.negatives().is_some());
         let teacher = method.needs_teacher().then_some(&t);
         let built = build_student(&cfg, &method, teacher, &Device::Cpu, 0, 0.0).unwrap();
         // The trainer's first call: methods with a per-image memory size it (PS-KD).
-        built.distiller.prepare(16, 4, &Device::Cpu).unwrap();
+        built.distiller.prepare(&RunInfo::cpu(16, 4)).unwrap();
         assert_eq!(built.distiller.name(), name);
         assert_eq!(built.peers.len(), method.peers().len());
         // The student first, then its peers (online methods), each with its own optimizer.

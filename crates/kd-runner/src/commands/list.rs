@@ -15,6 +15,7 @@ pub fn describe(method: &str) -> &'static str {
         "rkd" => "offline, relation: relational KD (Park et al. 2019), distance and angle terms",
         "sp" => "offline, relation: similarity-preserving KD (Tung & Mori 2019), batch Gram matrices",
         "pkt" => "offline, relation: probabilistic knowledge transfer (Passalis & Tefas 2018), cosine-kernel KL",
+        "crd" => "offline, relation: contrastive representation distillation (Tian et al. 2020), NCE against memory banks of 16384 other-class images",
         "byot" => "self, response + feature: Be Your Own Teacher (Zhang et al. 2019), deepest head teaches stage 1–3 heads",
         "kd_byot" => "offline + self: Hinton KD on the final head plus the BYOT terms",
         "dml" => "online, response: Deep Mutual Learning (Zhang et al. 2018), peers learn from each other",

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 mod attention;
 mod byot;
+mod crd;
 mod cs_kd;
 mod dkd;
 mod fitnet;
@@ -26,6 +27,7 @@ mod rkd;
 mod sp;
 mod two_view;
 
+pub use crd::CrdParams;
 pub use none::CrossEntropy;
 
 /// Where in training a step is.
@@ -39,6 +41,31 @@ pub struct StepContext {
     pub total_steps: usize,
     /// Epochs in the whole run.
     pub epochs: usize,
+}
+
+/// What a method may size or draw before training starts ([`Distiller::prepare`]).
+#[derive(Clone, Debug)]
+pub struct RunInfo {
+    /// Images in the training split: a batch's `indices` lie in `0..train_size`.
+    pub train_size: usize,
+    /// Classes.
+    pub num_classes: usize,
+    /// The run's seed, for state a method starts at random (CRD's memory banks).
+    pub seed: u64,
+    /// Where the run trains.
+    pub device: Device,
+}
+
+impl RunInfo {
+    /// A run of `train_size` images of `num_classes` classes on the CPU, seed 0 (tests, tools).
+    pub fn cpu(train_size: usize, num_classes: usize) -> Self {
+        RunInfo {
+            train_size,
+            num_classes,
+            seed: 0,
+            device: Device::Cpu,
+        }
+    }
 }
 
 /// A weight growing linearly over the first `over` epochs, `min((epoch + 1) / over, 1)` with
@@ -124,10 +151,10 @@ pub trait Distiller {
     /// The loss of one step for the network whose outputs are `out.student`.
     fn loss(&self, ctx: &StepContext, batch: &Batch, out: &Outputs) -> Result<LossTerms>;
 
-    /// Called once before training starts (and before [`Self::load_state`] on resume) with the
-    /// number of training images and classes: methods that remember something per image size
-    /// their memory here. Nothing for stateless methods.
-    fn prepare(&self, _train_size: usize, _num_classes: usize, _device: &Device) -> Result<()> {
+    /// Called once before training starts (and before [`Self::load_state`] on resume): methods
+    /// that remember something per image size (and seed) their memory here. Nothing for
+    /// stateless methods.
+    fn prepare(&self, _run: &RunInfo) -> Result<()> {
         Ok(())
     }
 
@@ -244,6 +271,21 @@ pub enum MethodConfig {
         /// Weight of the PKT term (30000 in RepDistiller's benchmark).
         weight: f64,
     },
+    /// Contrastive representation distillation, CRD (Tian et al. 2020): CE + weight·(NCE of the
+    /// student's embedding against a bank of the teacher's + NCE of the teacher's against a bank
+    /// of the student's), K negatives of other classes per image.
+    Crd {
+        /// Weight β of the contrastive terms (0.8 in RepDistiller's runs).
+        weight: f64,
+        /// Width of the embeddings (128).
+        feature_dim: usize,
+        /// Negatives per image, K (16384).
+        negatives: usize,
+        /// Temperature of the scores (0.07).
+        temperature: f64,
+        /// Momentum of the memory banks (0.5).
+        momentum: f64,
+    },
     /// Similarity-preserving KD (Tung & Mori 2019) on the last stage.
     Sp {
         /// Weight γ (3000 in the paper).
@@ -314,6 +356,7 @@ impl MethodConfig {
                 | MethodConfig::Rkd { .. }
                 | MethodConfig::Sp { .. }
                 | MethodConfig::Pkt { .. }
+                | MethodConfig::Crd { .. }
                 | MethodConfig::KdByot { .. }
         )
     }
@@ -331,6 +374,15 @@ impl MethodConfig {
         match self {
             MethodConfig::TwoView { .. } => Some(Pairing::SecondView),
             MethodConfig::CsKd { .. } => Some(Pairing::SameClass),
+            _ => None,
+        }
+    }
+
+    /// Images of other classes each sample brings along (contrastive methods), for
+    /// [`kd_data::LoaderConfig::negatives`].
+    pub fn negatives(&self) -> Option<usize> {
+        match self {
+            MethodConfig::Crd { negatives, .. } => Some(*negatives),
             _ => None,
         }
     }
@@ -354,6 +406,7 @@ impl MethodConfig {
             MethodConfig::Rkd { .. } => "rkd",
             MethodConfig::Sp { .. } => "sp",
             MethodConfig::Pkt { .. } => "pkt",
+            MethodConfig::Crd { .. } => "crd",
             MethodConfig::Byot { .. } => "byot",
             MethodConfig::KdByot { .. } => "kd_byot",
             MethodConfig::Dml { .. } => "dml",
@@ -389,6 +442,14 @@ impl MethodConfig {
             },
             "sp" => MethodConfig::Sp { weight: 3000.0 },
             "pkt" => MethodConfig::Pkt { weight: 30000.0 },
+            // RepDistiller's CIFAR-100 runs (`--distill crd -a 0 -b 0.8`).
+            "crd" => MethodConfig::Crd {
+                weight: 0.8,
+                feature_dim: 128,
+                negatives: 16384,
+                temperature: 0.07,
+                momentum: 0.5,
+            },
             "byot" => MethodConfig::Byot {
                 alpha: 0.3,
                 temperature: 3.0,
@@ -424,8 +485,8 @@ impl MethodConfig {
     }
 
     /// Every method name, for `--help` and `kd-runner list`.
-    pub const NAMES: [&'static str; 14] = [
-        "none", "kd", "dkd", "fitnet", "at", "rkd", "sp", "pkt", "byot", "kd_byot", "dml",
+    pub const NAMES: [&'static str; 15] = [
+        "none", "kd", "dkd", "fitnet", "at", "rkd", "sp", "pkt", "crd", "byot", "kd_byot", "dml",
         "two_view", "cs_kd", "pskd",
     ];
 
@@ -500,6 +561,33 @@ impl MethodConfig {
             }),
             MethodConfig::Sp { weight } => Box::new(sp::Sp { ce, weight }),
             MethodConfig::Pkt { weight } => Box::new(pkt::Pkt { ce, weight }),
+            MethodConfig::Crd {
+                weight,
+                feature_dim,
+                negatives,
+                temperature,
+                momentum,
+            } => {
+                if feature_dim == 0
+                    || negatives == 0
+                    || !(temperature > 0.0)
+                    || !(0.0..1.0).contains(&momentum)
+                {
+                    candle_core::bail!("method crd: feature_dim and negatives must be at least 1, temperature positive and momentum in [0, 1); got {feature_dim}, {negatives}, {temperature} and {momentum}");
+                }
+                Box::new(crd::Crd::new(
+                    ce,
+                    crd::Crd::pooled_width(student),
+                    crd::Crd::pooled_width(teacher.expect("checked above").model()),
+                    CrdParams {
+                        weight,
+                        feature_dim,
+                        temperature,
+                        momentum,
+                    },
+                    vb.pp("distill").pp("crd"),
+                )?)
+            }
             MethodConfig::Byot {
                 alpha,
                 temperature,

@@ -12,11 +12,11 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use candle_core::{bail, DType, Device, Result, Tensor, D};
+use candle_core::{bail, DType, Result, Tensor, D};
 use candle_nn::ops::{log_softmax, softmax};
 use kd_data::Batch;
 
-use super::{Distiller, LossTerms, Outputs, StepContext};
+use super::{Distiller, LossTerms, Outputs, RunInfo, StepContext};
 
 /// The checkpoint key of the prediction memory.
 const MEMORY_KEY: &str = "pskd.predictions";
@@ -57,13 +57,13 @@ impl Distiller for Pskd {
         "pskd"
     }
 
-    fn prepare(&self, train_size: usize, num_classes: usize, device: &Device) -> Result<()> {
+    fn prepare(&self, run: &RunInfo) -> Result<()> {
         // One-hot start: at epoch 0 the target is the label whatever α_0.
         let mut m = self.memory.lock().expect("pskd memory lock");
         *m = Some(Tensor::zeros(
-            (train_size, num_classes),
+            (run.train_size, run.num_classes),
             DType::F32,
-            device,
+            &run.device,
         )?);
         Ok(())
     }
@@ -105,7 +105,7 @@ impl Distiller for Pskd {
         let (b, k) = logits.dims2()?;
         let mut guard = self.memory.lock().expect("pskd memory lock");
         let Some(memory) = guard.as_mut() else {
-            bail!("pskd: prepare(train_size, classes, device) must be called before training");
+            bail!("pskd: prepare(run) must be called before training");
         };
         if memory.dim(1)? != k {
             bail!(
@@ -143,6 +143,7 @@ impl Distiller for Pskd {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Device;
     use kd_models::ModelOutput;
 
     fn batch(labels: &[u32], indices: &[usize]) -> Batch {
@@ -198,7 +199,7 @@ mod tests {
     #[test]
     fn targets_mix_the_label_with_the_previous_prediction() {
         let p = Pskd::new(0.8);
-        p.prepare(5, 3, &Device::Cpu).unwrap();
+        p.prepare(&RunInfo::cpu(5, 3)).unwrap();
         let first = [[1.0f32, 2.0, 0.5], [0.0, -1.0, 3.0]];
         let b = batch(&[1, 2], &[4, 0]);
         // First visit: nothing remembered, the target is the label: plain cross-entropy.
@@ -242,7 +243,7 @@ mod tests {
         let b = batch(&[1], &[0]);
         let err = p.loss(&ctx(0, 2), &b, &Outputs::student(&out)).unwrap_err();
         assert!(err.to_string().contains("prepare"), "{err}");
-        p.prepare(2, 3, &Device::Cpu).unwrap();
+        p.prepare(&RunInfo::cpu(2, 3)).unwrap();
         let err = p
             .loss(&ctx(0, 2), &batch(&[1], &[7]), &Outputs::student(&out))
             .unwrap_err();
