@@ -1,5 +1,7 @@
-//! Feature-based distillation losses: FitNets hints (Romero et al. 2015) and attention transfer
-//! (Zagoruyko & Komodakis 2017), with spatial alignment between stems of different resolution.
+//! Feature-based distillation losses: FitNets hints (Romero et al. 2015), attention transfer
+//! (Zagoruyko & Komodakis 2017), neuron selectivity transfer (Huang & Wang 2017) and variational
+//! information distillation (Ahn et al. 2019), with spatial alignment between stems of different
+//! resolution.
 use candle_core::{bail, Result, Tensor, D};
 
 /// Average-pools the larger of two (N, C, H, W) maps down to the other's size, so maps from
@@ -47,4 +49,69 @@ pub fn attention_map(f: &Tensor) -> Result<Tensor> {
 pub fn attention_loss(student: &Tensor, teacher: &Tensor) -> Result<Tensor> {
     let (s, t) = align_spatial(student, &teacher.detach())?;
     (attention_map(&s)? - attention_map(&t)?)?.sqr()?.mean_all()
+}
+
+/// Each channel's spatial map as a unit vector: (N, C, H, W) → (N, C, H·W), divided by its L2
+/// norm (at least 1e-12, PyTorch's `F.normalize`).
+fn unit_channel_maps(f: &Tensor) -> Result<Tensor> {
+    let f = f.flatten_from(2)?;
+    // max(‖x‖, 1e-12) as max(‖x‖², 1e-24) under the root: a dead (all-zero) channel then has a
+    // zero gradient instead of 0·∞.
+    let norm = f
+        .sqr()?
+        .sum_keepdim(D::Minus1)?
+        .clamp(1e-24, f64::MAX)?
+        .sqrt()?;
+    f.broadcast_div(&norm)
+}
+
+/// Mean of the squared-dot-product (second-order polynomial) kernel between the channel maps
+/// of `a` (N, Ca, P) and `b` (N, Cb, P): `mean_{n,i,j} (a_ni · b_nj)²`.
+fn mean_poly_kernel(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    a.matmul(&b.transpose(1, 2)?)?.sqr()?.mean_all()
+}
+
+/// Neuron selectivity transfer, NST (Huang & Wang 2017): the squared maximum mean discrepancy,
+/// with the polynomial kernel k(x, y) = (xᵀy)², between the distributions of the student's and
+/// the teacher's channel maps (each map L2-normalised over positions) after spatial alignment:
+/// `mean k(t, t) + mean k(s, s) − 2·mean k(s, t)`, as RepDistiller's `NSTLoss` (the
+/// teacher-only term is a constant). Channel counts may differ.
+pub fn nst_loss(student: &Tensor, teacher: &Tensor) -> Result<Tensor> {
+    let (s, t) = align_spatial(student, &teacher.detach())?;
+    let (s, t) = (unit_channel_maps(&s)?, unit_channel_maps(&t)?);
+    let tt = mean_poly_kernel(&t, &t)?;
+    let ss = mean_poly_kernel(&s, &s)?;
+    let st = mean_poly_kernel(&s, &t)?;
+    (tt + ss)? - (st * 2.0)?
+}
+
+/// VID's predicted variance per channel, `softplus(log_scale + offset) + ε`, with `offset` the
+/// softplus⁻¹ of the initial variance (see [`vid_loss`]).
+pub fn vid_variance(log_scale: &Tensor, init_variance: f64, eps: f64) -> Result<Tensor> {
+    let offset = ((init_variance - eps).exp() - 1.0).ln();
+    // softplus(x) = log(1 + eᵡ), written stably as max(x, 0) + log(1 + e^(−|x|)).
+    let x = (log_scale + offset)?;
+    let soft = (x.relu()? + ((x.abs()?.neg()?.exp()? + 1.0)?.log()?))?;
+    soft + eps
+}
+
+/// Variational information distillation, VID (Ahn et al. 2019): the negative log-likelihood of
+/// the teacher's features under a Gaussian with the student's regressed mean `mean` (N, C, H, W)
+/// and a learned per-channel variance σ² = [`vid_variance`]:
+/// `mean(½·((mean − t)²/σ² + log σ²))`, as RepDistiller's `VIDLoss` (which stores the
+/// variance's parameter pre-shifted by the offset; here it starts at 0, the same function and
+/// gradient). The teacher side is detached; the maps must already share their size.
+pub fn vid_loss(mean: &Tensor, teacher: &Tensor, variance: &Tensor) -> Result<Tensor> {
+    let c = mean.dim(1)?;
+    if variance.dims() != [c] || mean.dims() != teacher.dims() {
+        bail!(
+            "vid: regressed mean {:?}, teacher {:?} and variance {:?} do not fit (expected equal maps and one variance per channel)",
+            mean.dims(),
+            teacher.dims(),
+            variance.dims()
+        );
+    }
+    let var = variance.reshape((1, c, 1, 1))?;
+    let sq = (mean - teacher.detach())?.sqr()?.broadcast_div(&var)?;
+    (sq.broadcast_add(&var.log()?)? * 0.5)?.mean_all()
 }

@@ -1,7 +1,8 @@
 //! Losses for classification and knowledge distillation on candle: cross-entropy (label
 //! smoothing, mixup), Hinton KD, decoupled KD (DKD), FitNets hints, attention transfer, RKD,
-//! similarity-preserving KD, probabilistic knowledge transfer (PKT) and contrastive
-//! representation distillation (CRD).
+//! similarity-preserving KD, probabilistic knowledge transfer (PKT), contrastive representation
+//! distillation (CRD), neuron selectivity transfer (NST) and variational information distillation
+//! (VID).
 //!
 //! ```
 //! use candle_core::{Device, Tensor};
@@ -23,7 +24,9 @@ pub mod relation;
 pub use classification::{cross_entropy, mixed_cross_entropy, one_hot};
 pub use contrastive::{contrast_scores, l2_normalize, momentum_update, nce_loss};
 pub use decoupled::{dkd_loss, dkd_terms, DecoupledTerms};
-pub use feature::{align_spatial, attention_loss, attention_map, hint_loss};
+pub use feature::{
+    align_spatial, attention_loss, attention_map, hint_loss, nst_loss, vid_loss, vid_variance,
+};
 pub use hinton::kd_loss;
 pub use relation::{
     pkt_loss, pkt_probabilities, rkd_angle_loss, rkd_distance_loss, similarity_matrix, smooth_l1,

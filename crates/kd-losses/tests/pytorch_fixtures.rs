@@ -1,10 +1,10 @@
-//! DKD and PKT against PyTorch's values and gradients (`tests/fixtures/losses.safetensors`,
+//! DKD, PKT, NST and VID against PyTorch's values and gradients (`tests/fixtures/losses.safetensors`,
 //! made by `tools/fixtures/make_loss_fixtures.py`, which computes both the way the reference
 //! implementations do — probabilities, `torch.log` — while kd-losses works in log space).
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor, Var};
-use kd_losses::{dkd_terms, pkt_loss};
+use kd_losses::{dkd_terms, nst_loss, pkt_loss, vid_loss, vid_variance};
 
 fn fixtures() -> HashMap<String, Tensor> {
     let path = concat!(
@@ -38,12 +38,14 @@ fn scalar(t: &Tensor) -> f64 {
 }
 
 /// Largest |a − b| relative to the largest |b| (at least 1e-3, so near-zero references are
-/// compared absolutely).
+/// compared absolutely); `a` must be finite.
 fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
     let a = a.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
     let b = b.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
     let (a, b) = (a.to_vec1::<f64>().unwrap(), b.to_vec1::<f64>().unwrap());
     assert_eq!(a.len(), b.len());
+    // f64::max skips NaN: a non-finite value must fail here, not vanish in the fold.
+    assert!(a.iter().all(|x| x.is_finite()), "non-finite values: {a:?}");
     let scale = b.iter().fold(1e-3f64, |m, x| m.max(x.abs()));
     a.iter()
         .zip(&b)
@@ -111,6 +113,61 @@ fn pkt_matches_pytorch() {
         }
     }
     assert_eq!(pkt.len(), 2, "fixture cases");
+}
+
+/// NST with a student map pooled to the teacher's size, equal sizes, a teacher map pooled to the
+/// student's, and a dead student channel (zero map, zero gradient).
+#[test]
+fn nst_matches_pytorch() {
+    let f = fixtures();
+    let nst = cases(&f, "nst");
+    for (case, prefix) in nst.iter().enumerate() {
+        let p = |k: &str| get(&f, &format!("{prefix}{k}"));
+        for (dtype, tol) in [(DType::F64, 1e-10), (DType::F32, 1e-5)] {
+            let s = Var::from_tensor(&p("student").to_dtype(dtype).unwrap()).unwrap();
+            let teacher = p("teacher").to_dtype(dtype).unwrap();
+            let loss = nst_loss(s.as_tensor(), &teacher).unwrap();
+            let (g, w) = (scalar(&loss), scalar(&p("loss")));
+            assert!(
+                (g - w).abs() <= tol * w.abs(),
+                "case {case} {dtype:?}: {g} vs PyTorch {w}"
+            );
+            let grads = loss.backward().unwrap();
+            let e = rel_err(grads.get(s.as_tensor()).unwrap(), &p("grad"));
+            assert!(e <= tol * 10.0, "case {case} {dtype:?} gradient: {e:e}");
+        }
+    }
+    assert_eq!(nst.len(), 3, "fixture cases");
+}
+
+/// VID at its initial variance (log_scale 0) and with spread-out per-channel variances; the
+/// gradients reach both the regressed mean and the variance's parameter.
+#[test]
+fn vid_matches_pytorch() {
+    let f = fixtures();
+    let vid = cases(&f, "vid");
+    for (case, prefix) in vid.iter().enumerate() {
+        let p = |k: &str| get(&f, &format!("{prefix}{k}"));
+        let params = p("params").to_vec1::<f64>().unwrap();
+        for (dtype, tol) in [(DType::F64, 1e-10), (DType::F32, 1e-5)] {
+            let mean = Var::from_tensor(&p("student").to_dtype(dtype).unwrap()).unwrap();
+            let log_scale = Var::from_tensor(&p("log_scale").to_dtype(dtype).unwrap()).unwrap();
+            let teacher = p("teacher").to_dtype(dtype).unwrap();
+            let var = vid_variance(log_scale.as_tensor(), params[0], params[1]).unwrap();
+            let loss = vid_loss(mean.as_tensor(), &teacher, &var).unwrap();
+            let (g, w) = (scalar(&loss), scalar(&p("loss")));
+            assert!(
+                (g - w).abs() <= tol * w.abs(),
+                "case {case} {dtype:?}: {g} vs PyTorch {w}"
+            );
+            let grads = loss.backward().unwrap();
+            for (x, want) in [(&mean, "grad"), (&log_scale, "grad_log_scale")] {
+                let e = rel_err(grads.get(x.as_tensor()).unwrap(), &p(want));
+                assert!(e <= tol * 10.0, "case {case} {dtype:?} {want}: {e:e}");
+            }
+        }
+    }
+    assert_eq!(vid.len(), 2, "fixture cases");
 }
 
 /// Closed-form properties independent of the fixture: identical logits give 0; the two terms

@@ -255,6 +255,7 @@ mod tests {
         };
         let (a, b) = (flat(a), flat(b));
         assert_eq!(a.len(), b.len());
+        assert!(a.iter().all(|x| x.is_finite()), "non-finite values: {a:?}");
         let scale = b.iter().fold(1e-12f64, |m, x| m.max(x.abs()));
         a.iter()
             .zip(&b)
