@@ -27,7 +27,10 @@ fn is_last_block_bn(name: &str, bottleneck: bool) -> bool {
 /// Initialises every variable of `vm` (a ResNet's) from `seed`.
 pub fn init_resnet(vm: &VarMap, seed: u64, zero_init_residual: bool) -> Result<()> {
     let data = vm.data().lock().expect("var map lock");
-    let bottleneck = data.keys().any(|k| k.ends_with(".conv3.weight"));
+    // Only the backbone's blocks say which kind they are (a method's parts may name a conv3).
+    let bottleneck = data
+        .keys()
+        .any(|k| k.starts_with("layer") && k.ends_with(".conv3.weight"));
     let mut names: Vec<&String> = data.keys().collect();
     names.sort();
     // fc fan-in comes from the weight; look it up for the bias.

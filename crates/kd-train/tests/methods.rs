@@ -354,3 +354,35 @@ fn peers_start_from_their_own_weights() {
         .unwrap();
     assert!(diff > 0.1, "peer and student start equal");
 }
+
+/// A method's parts may reuse backbone names (VID's regressors have a `conv3`): the seeded
+/// initialisation must still treat a ResNet18 student as basic blocks, zeroing each `bn2` under
+/// zero-init-residual, and start VID's variances at their initial value (parameter 0).
+#[test]
+fn method_parts_do_not_change_the_students_initialisation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = teacher(tmp.path());
+    let cfg = ResNetConfig {
+        base_width: 4,
+        zero_init_residual: true,
+        ..ResNetConfig::new(Arch::Resnet18, Stem::Cifar, 4)
+    };
+    let built = build_student(&cfg, &preset("vid"), Some(&t), &Device::Cpu, 0, 0.0).unwrap();
+    let data = built.vars.data().lock().unwrap();
+    let values = |k: &str| {
+        data.get(k)
+            .unwrap_or_else(|| panic!("no {k}"))
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
+    assert!(values("layer1.0.bn2.weight").iter().all(|&v| v == 0.0));
+    assert!(values("distill.vid.stage1.conv3.weight")
+        .iter()
+        .any(|&v| v != 0.0));
+    assert!(values("distill.vid.stage4.log_scale")
+        .iter()
+        .all(|&v| v == 0.0));
+}

@@ -12,6 +12,8 @@ pub fn describe(method: &str) -> &'static str {
         "dkd" => "offline, response: decoupled KD (Zhao et al. 2022), α·target-class + β·non-target-class KL",
         "fitnet" => "offline, feature: FitNets hints (Romero et al. 2015), 1×1 conv + BN regressor, MSE",
         "at" => "offline, feature: attention transfer (Zagoruyko & Komodakis 2017), stages 1–4",
+        "nst" => "offline, feature: neuron selectivity transfer (Huang & Wang 2017), polynomial-kernel MMD of channel maps, stages 1–4",
+        "vid" => "offline, feature: variational information distillation (Ahn et al. 2019), Gaussian NLL of teacher features, stages 1–4",
         "rkd" => "offline, relation: relational KD (Park et al. 2019), distance and angle terms",
         "sp" => "offline, relation: similarity-preserving KD (Tung & Mori 2019), batch Gram matrices",
         "pkt" => "offline, relation: probabilistic knowledge transfer (Passalis & Tefas 2018), cosine-kernel KL",

@@ -20,12 +20,14 @@ mod fitnet;
 mod hinton;
 mod mutual;
 mod none;
+mod nst;
 mod offline_self;
 mod pkt;
 mod pskd;
 mod rkd;
 mod sp;
 mod two_view;
+mod vid;
 
 pub use crd::CrdParams;
 pub use none::CrossEntropy;
@@ -259,6 +261,17 @@ pub enum MethodConfig {
         /// Weight β (1000 in the paper).
         weight: f64,
     },
+    /// Neuron selectivity transfer (Huang & Wang 2017) on stages 1–4: CE + weight·Σ MMD².
+    Nst {
+        /// Weight of the MMD terms (50 in RepDistiller's benchmark).
+        weight: f64,
+    },
+    /// Variational information distillation (Ahn et al. 2019) on stages 1–4: CE + weight·Σ NLL
+    /// of the teacher's features under the student's regressed Gaussian.
+    Vid {
+        /// Weight of the NLL terms (1 in RepDistiller's benchmark).
+        weight: f64,
+    },
     /// Relational KD (Park et al. 2019) on the pooled embeddings.
     Rkd {
         /// Weight of the distance term (25 in the paper).
@@ -353,6 +366,8 @@ impl MethodConfig {
                 | MethodConfig::Dkd { .. }
                 | MethodConfig::Fitnet { .. }
                 | MethodConfig::At { .. }
+                | MethodConfig::Nst { .. }
+                | MethodConfig::Vid { .. }
                 | MethodConfig::Rkd { .. }
                 | MethodConfig::Sp { .. }
                 | MethodConfig::Pkt { .. }
@@ -403,6 +418,8 @@ impl MethodConfig {
             MethodConfig::Dkd { .. } => "dkd",
             MethodConfig::Fitnet { .. } => "fitnet",
             MethodConfig::At { .. } => "at",
+            MethodConfig::Nst { .. } => "nst",
+            MethodConfig::Vid { .. } => "vid",
             MethodConfig::Rkd { .. } => "rkd",
             MethodConfig::Sp { .. } => "sp",
             MethodConfig::Pkt { .. } => "pkt",
@@ -436,6 +453,8 @@ impl MethodConfig {
                 weight: 1.0,
             },
             "at" => MethodConfig::At { weight: 1000.0 },
+            "nst" => MethodConfig::Nst { weight: 50.0 },
+            "vid" => MethodConfig::Vid { weight: 1.0 },
             "rkd" => MethodConfig::Rkd {
                 distance_weight: 25.0,
                 angle_weight: 50.0,
@@ -485,9 +504,9 @@ impl MethodConfig {
     }
 
     /// Every method name, for `--help` and `kd-runner list`.
-    pub const NAMES: [&'static str; 15] = [
-        "none", "kd", "dkd", "fitnet", "at", "rkd", "sp", "pkt", "crd", "byot", "kd_byot", "dml",
-        "two_view", "cs_kd", "pskd",
+    pub const NAMES: [&'static str; 17] = [
+        "none", "kd", "dkd", "fitnet", "at", "nst", "vid", "rkd", "sp", "pkt", "crd", "byot",
+        "kd_byot", "dml", "two_view", "cs_kd", "pskd",
     ];
 
     /// Builds the method for `student` (and `teacher`), creating its trainable parts under
@@ -551,6 +570,14 @@ impl MethodConfig {
                 )?)
             }
             MethodConfig::At { weight } => Box::new(attention::Attention { ce, weight }),
+            MethodConfig::Nst { weight } => Box::new(nst::Nst { ce, weight }),
+            MethodConfig::Vid { weight } => Box::new(vid::Vid::new(
+                ce,
+                student,
+                teacher.expect("checked above").model(),
+                weight,
+                vb.pp("distill").pp("vid"),
+            )?),
             MethodConfig::Rkd {
                 distance_weight,
                 angle_weight,
