@@ -115,3 +115,41 @@ pub fn vid_loss(mean: &Tensor, teacher: &Tensor, variance: &Tensor) -> Result<Te
     let sq = (mean - teacher.detach())?.sqr()?.broadcast_div(&var)?;
     (sq.broadcast_add(&var.log()?)? * 0.5)?.mean_all()
 }
+
+/// ReviewKD's hierarchical context loss, HCL (Chen et al. 2021), for one level: the MSE of the
+/// two (N, C, H, W) maps plus the MSEs of both average-pooled to 4×4, 2×2 and 1×1 (each size
+/// smaller than H only), weighted ½, ¼, ⅛ and normalised by the weights' sum — as mdistiller's
+/// `hcl_loss`. The maps must share their shape (and be square, with H a multiple of each size);
+/// the teacher side is detached.
+pub fn hcl_loss(student: &Tensor, teacher: &Tensor) -> Result<Tensor> {
+    if student.dims() != teacher.dims() || student.rank() != 4 {
+        bail!(
+            "hcl: student {:?} and teacher {:?} must be (N, C, H, W) maps of one shape",
+            student.dims(),
+            teacher.dims()
+        );
+    }
+    let teacher = teacher.detach();
+    let h = student.dim(2)?;
+    let mut loss = (student - &teacher)?.sqr()?.mean_all()?;
+    let (mut weight, mut total) = (1.0, 1.0);
+    for size in [4, 2, 1] {
+        if size >= h {
+            continue;
+        }
+        if h % size != 0 || student.dim(3)? != h {
+            bail!(
+                "hcl: {h}×{} maps do not pool evenly to {size}×{size}",
+                student.dim(3)?
+            );
+        }
+        let k = h / size;
+        weight /= 2.0;
+        let pooled = (student.avg_pool2d(k)? - teacher.avg_pool2d(k)?)?
+            .sqr()?
+            .mean_all()?;
+        loss = (loss + (pooled * weight)?)?;
+        total += weight;
+    }
+    loss / total
+}

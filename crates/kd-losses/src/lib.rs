@@ -1,8 +1,8 @@
 //! Losses for classification and knowledge distillation on candle: cross-entropy (label
 //! smoothing, mixup), Hinton KD, decoupled KD (DKD), FitNets hints, attention transfer, RKD,
 //! similarity-preserving KD, probabilistic knowledge transfer (PKT), contrastive representation
-//! distillation (CRD), neuron selectivity transfer (NST) and variational information distillation
-//! (VID).
+//! distillation (CRD), neuron selectivity transfer (NST), variational information distillation
+//! (VID) and ReviewKD's hierarchical context loss (HCL).
 //!
 //! ```
 //! use candle_core::{Device, Tensor};
@@ -25,7 +25,8 @@ pub use classification::{cross_entropy, mixed_cross_entropy, one_hot};
 pub use contrastive::{contrast_scores, l2_normalize, momentum_update, nce_loss};
 pub use decoupled::{dkd_loss, dkd_terms, DecoupledTerms};
 pub use feature::{
-    align_spatial, attention_loss, attention_map, hint_loss, nst_loss, vid_loss, vid_variance,
+    align_spatial, attention_loss, attention_map, hcl_loss, hint_loss, nst_loss, vid_loss,
+    vid_variance,
 };
 pub use hinton::kd_loss;
 pub use relation::{

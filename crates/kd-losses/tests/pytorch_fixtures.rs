@@ -1,10 +1,10 @@
-//! DKD, PKT, NST and VID against PyTorch's values and gradients (`tests/fixtures/losses.safetensors`,
+//! DKD, PKT, NST, VID and ReviewKD's HCL against PyTorch's values and gradients (`tests/fixtures/losses.safetensors`,
 //! made by `tools/fixtures/make_loss_fixtures.py`, which computes both the way the reference
 //! implementations do — probabilities, `torch.log` — while kd-losses works in log space).
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor, Var};
-use kd_losses::{dkd_terms, nst_loss, pkt_loss, vid_loss, vid_variance};
+use kd_losses::{dkd_terms, hcl_loss, nst_loss, pkt_loss, vid_loss, vid_variance};
 
 fn fixtures() -> HashMap<String, Tensor> {
     let path = concat!(
@@ -168,6 +168,30 @@ fn vid_matches_pytorch() {
         }
     }
     assert_eq!(vid.len(), 2, "fixture cases");
+}
+
+/// HCL at 8×8 (three pooled terms), 4×4 (two), 2×2 (one) and 1×1 (the plain MSE).
+#[test]
+fn hcl_matches_pytorch() {
+    let f = fixtures();
+    let hcl = cases(&f, "hcl");
+    for (case, prefix) in hcl.iter().enumerate() {
+        let p = |k: &str| get(&f, &format!("{prefix}{k}"));
+        for (dtype, tol) in [(DType::F64, 1e-10), (DType::F32, 1e-5)] {
+            let s = Var::from_tensor(&p("student").to_dtype(dtype).unwrap()).unwrap();
+            let teacher = p("teacher").to_dtype(dtype).unwrap();
+            let loss = hcl_loss(s.as_tensor(), &teacher).unwrap();
+            let (g, w) = (scalar(&loss), scalar(&p("loss")));
+            assert!(
+                (g - w).abs() <= tol * w.abs(),
+                "case {case} {dtype:?}: {g} vs PyTorch {w}"
+            );
+            let grads = loss.backward().unwrap();
+            let e = rel_err(grads.get(s.as_tensor()).unwrap(), &p("grad"));
+            assert!(e <= tol * 10.0, "case {case} {dtype:?} gradient: {e:e}");
+        }
+    }
+    assert_eq!(hcl.len(), 4, "fixture cases");
 }
 
 /// Closed-form properties independent of the fixture: identical logits give 0; the two terms

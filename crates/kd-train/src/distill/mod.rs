@@ -24,6 +24,7 @@ mod nst;
 mod offline_self;
 mod pkt;
 mod pskd;
+mod reviewkd;
 mod rkd;
 mod sp;
 mod two_view;
@@ -272,6 +273,14 @@ pub enum MethodConfig {
         /// Weight of the NLL terms (1 in RepDistiller's benchmark).
         weight: f64,
     },
+    /// ReviewKD (Chen et al. 2021): attention-based fusion of the student's levels, deepest
+    /// first, compared with the teacher's levels by the hierarchical context loss.
+    Reviewkd {
+        /// Weight of the summed HCL terms (1, mdistiller's default).
+        weight: f64,
+        /// Epochs of the linear ramp of that weight (20; 0: none).
+        warmup_epochs: f64,
+    },
     /// Relational KD (Park et al. 2019) on the pooled embeddings.
     Rkd {
         /// Weight of the distance term (25 in the paper).
@@ -368,6 +377,7 @@ impl MethodConfig {
                 | MethodConfig::At { .. }
                 | MethodConfig::Nst { .. }
                 | MethodConfig::Vid { .. }
+                | MethodConfig::Reviewkd { .. }
                 | MethodConfig::Rkd { .. }
                 | MethodConfig::Sp { .. }
                 | MethodConfig::Pkt { .. }
@@ -420,6 +430,7 @@ impl MethodConfig {
             MethodConfig::At { .. } => "at",
             MethodConfig::Nst { .. } => "nst",
             MethodConfig::Vid { .. } => "vid",
+            MethodConfig::Reviewkd { .. } => "reviewkd",
             MethodConfig::Rkd { .. } => "rkd",
             MethodConfig::Sp { .. } => "sp",
             MethodConfig::Pkt { .. } => "pkt",
@@ -455,6 +466,10 @@ impl MethodConfig {
             "at" => MethodConfig::At { weight: 1000.0 },
             "nst" => MethodConfig::Nst { weight: 50.0 },
             "vid" => MethodConfig::Vid { weight: 1.0 },
+            "reviewkd" => MethodConfig::Reviewkd {
+                weight: 1.0,
+                warmup_epochs: 20.0,
+            },
             "rkd" => MethodConfig::Rkd {
                 distance_weight: 25.0,
                 angle_weight: 50.0,
@@ -504,9 +519,9 @@ impl MethodConfig {
     }
 
     /// Every method name, for `--help` and `kd-runner list`.
-    pub const NAMES: [&'static str; 17] = [
-        "none", "kd", "dkd", "fitnet", "at", "nst", "vid", "rkd", "sp", "pkt", "crd", "byot",
-        "kd_byot", "dml", "two_view", "cs_kd", "pskd",
+    pub const NAMES: [&'static str; 18] = [
+        "none", "kd", "dkd", "fitnet", "at", "nst", "vid", "reviewkd", "rkd", "sp", "pkt", "crd",
+        "byot", "kd_byot", "dml", "two_view", "cs_kd", "pskd",
     ];
 
     /// Builds the method for `student` (and `teacher`), creating its trainable parts under
@@ -571,6 +586,24 @@ impl MethodConfig {
             }
             MethodConfig::At { weight } => Box::new(attention::Attention { ce, weight }),
             MethodConfig::Nst { weight } => Box::new(nst::Nst { ce, weight }),
+            MethodConfig::Reviewkd {
+                weight,
+                warmup_epochs,
+            } => {
+                if warmup_epochs.is_nan() || warmup_epochs < 0.0 {
+                    candle_core::bail!(
+                        "method reviewkd: warmup_epochs must be at least 0, got {warmup_epochs}"
+                    );
+                }
+                Box::new(reviewkd::ReviewKd::new(
+                    ce,
+                    &reviewkd::ReviewKd::level_widths(student),
+                    &reviewkd::ReviewKd::level_widths(teacher.expect("checked above").model()),
+                    weight,
+                    warmup_epochs,
+                    vb.pp("distill").pp("reviewkd"),
+                )?)
+            }
             MethodConfig::Vid { weight } => Box::new(vid::Vid::new(
                 ce,
                 student,
