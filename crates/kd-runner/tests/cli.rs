@@ -532,6 +532,9 @@ fn selfcheck_runs_every_check_on_the_cpu() {
         "max-pool F32: backward",
         "resident loader",
         "train step bf16: stem gradient",
+        "method crd: loss",
+        "method reviewkd: gradients of",
+        "method dml: gradients of",
     ] {
         assert!(text.contains(row), "{row} missing from:\n{text}");
     }

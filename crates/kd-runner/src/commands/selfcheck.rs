@@ -1,5 +1,6 @@
 //! `kd-runner selfcheck --device cuda`: every custom op and kernel on the device against the
-//! CPU path, forward and backward, at each precision, then one whole ResNet training step.
+//! CPU path, forward and backward, at each precision, then one whole ResNet training step, then
+//! every distillation method's first step (loss and all gradients).
 //! Prints one row per check (max relative error and its bound) and fails if any is out of
 //! bounds. The device script runs it before any timing; on the CPU it compares the CPU with
 //! itself (a smoke run of the command, nothing more).
@@ -338,6 +339,187 @@ fn check_model(c: &mut Checks, dev: &Device) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One method's first step from the same weights, batch and state: the total loss, and the
+/// gradient of every student variable that gets one (by name).
+type StepResult = (Tensor, Vec<(String, Tensor)>);
+
+/// A batch's tensors on `dev`.
+fn batch_on(b: &kd_data::Batch, dev: &Device) -> anyhow::Result<kd_data::Batch> {
+    let move_opt = |t: &Option<Tensor>| -> anyhow::Result<Option<Tensor>> {
+        Ok(match t {
+            Some(t) => Some(t.to_device(dev)?),
+            None => None,
+        })
+    };
+    Ok(kd_data::Batch {
+        images: b.images.to_device(dev)?,
+        labels: b.labels.to_device(dev)?,
+        mix: None,
+        indices: b.indices.clone(),
+        paired: move_opt(&b.paired)?,
+        contrast: move_opt(&b.contrast)?,
+    })
+}
+
+/// Every distillation method's first training step on the device against the CPU: a ResNet18
+/// (width 8) student and a frozen ResNet50 (width 4, max-pool stem) teacher from the same seeds,
+/// the same 16-image batch (second views, same-class partners and negatives as the method asks),
+/// the same starting state; the loss and the gradients of all student variables, the method's
+/// own parts included, must agree.
+fn check_methods(c: &mut Checks, dev: &Device) -> anyhow::Result<()> {
+    use kd_train::{build_student, MethodConfig, Outputs, RunInfo, StepContext};
+    let classes = 4;
+    let tcfg = ResNetConfig {
+        base_width: 4,
+        ..ResNetConfig::new(Arch::Resnet50, Stem::CifarMaxpool, classes)
+    };
+    let (_, tvars) = trainable_resnet(&tcfg, &Device::Cpu, 7)?;
+    let meta = kd_models::TeacherMeta {
+        arch: tcfg.arch,
+        stem: tcfg.stem,
+        num_classes: classes,
+        base_width: 4,
+        mean: [0.5; 3],
+        std: [0.25; 3],
+        source: "selfcheck".into(),
+        source_sha256: String::new(),
+    };
+    let dir = std::env::temp_dir().join(format!("kd-selfcheck-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let tpath = dir.join("teacher.safetensors");
+    kd_train::export(&tvars, &meta, &tpath)?;
+    let teachers = (
+        kd_models::Teacher::load(&tpath, &Device::Cpu)?,
+        kd_models::Teacher::load(&tpath, dev)?,
+    );
+    std::fs::remove_dir_all(&dir)?;
+    let scfg = ResNetConfig {
+        base_width: 8,
+        ..ResNetConfig::new(Arch::Resnet18, Stem::Cifar, classes)
+    };
+    let mut split = Split::empty(3, 32, 32);
+    split.images = (0..16 * 3 * 32 * 32)
+        .map(|i| ((i * 7919) % 251) as u8)
+        .collect();
+    split.labels = (0..16u32).map(|i| i % classes as u32).collect();
+    let split = Arc::new(split);
+    for name in MethodConfig::NAMES {
+        // The presets, scaled to 16 images: 8 negatives, one small peer.
+        let method = match MethodConfig::preset(name).expect("every name has a preset") {
+            MethodConfig::Crd {
+                weight,
+                feature_dim,
+                temperature,
+                momentum,
+                ..
+            } => MethodConfig::Crd {
+                weight,
+                feature_dim,
+                negatives: 8,
+                temperature,
+                momentum,
+            },
+            MethodConfig::Dml {
+                weight,
+                temperature,
+                ..
+            } => MethodConfig::Dml {
+                weight,
+                temperature,
+                peers: vec![kd_train::PeerSpec {
+                    model: Arch::Resnet18,
+                    stem: Stem::Cifar,
+                    width: 4,
+                }],
+            },
+            m => m,
+        };
+        let lcfg = LoaderConfig {
+            prefetch: 0,
+            pair: method.pairing(),
+            negatives: method.negatives(),
+            augment: kd_data::Augment::STANDARD,
+            ..LoaderConfig::eval(16, Normalize::CIFAR10)
+        };
+        let loader = Loader::new(split.clone(), lcfg, Device::Cpu)?;
+        let batch = loader
+            .epoch(0, 0)
+            .next()
+            .expect("one batch")?;
+        let run = |d: &Device, teacher: &kd_models::Teacher| -> anyhow::Result<StepResult> {
+            let batch = batch_on(&batch, d)?;
+            let teacher = method.needs_teacher().then_some(teacher);
+            let built = build_student(&scfg, &method, teacher, d, 0, 0.0)?;
+            built.distiller.prepare(&RunInfo {
+                train_size: 16,
+                num_classes: classes,
+                seed: 0,
+                device: d.clone(),
+            })?;
+            let out = built.model.forward_t(&batch.images, true)?;
+            let t_out = match teacher {
+                Some(t) => Some(t.forward(&batch.images)?),
+                None => None,
+            };
+            let peers = built
+                .peers
+                .iter()
+                .map(|p| p.model.forward_t(&batch.images, true))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            let paired = match &batch.paired {
+                Some(x) => Some(built.model.forward_t(x, true)?),
+                None => None,
+            };
+            let outputs = Outputs {
+                student: &out,
+                teacher: t_out.as_ref(),
+                peers: &peers,
+                paired: paired.as_ref(),
+            };
+            let ctx = StepContext {
+                epoch: 0,
+                step: 0,
+                total_steps: 1,
+                epochs: 1,
+            };
+            let loss = built.distiller.loss(&ctx, &batch, &outputs)?.total()?;
+            let grads = loss.backward()?;
+            let data = built.vars.data().lock().expect("var map lock");
+            let mut named: Vec<(String, Tensor)> = data
+                .iter()
+                .filter_map(|(k, v)| grads.get(v.as_tensor()).map(|g| (k.clone(), g.clone())))
+                .collect();
+            named.sort_by(|a, b| a.0.cmp(&b.0));
+            Ok((loss, named))
+        };
+        let (loss, grads) = run(dev, &teachers.1)?;
+        let (loss_cpu, grads_cpu) = run(&Device::Cpu, &teachers.0)?;
+        c.add(format!("method {name}: loss"), rel(&loss, &loss_cpu)?, 1e-4);
+        let names: Vec<&String> = grads.iter().map(|g| &g.0).collect();
+        let names_cpu: Vec<&String> = grads_cpu.iter().map(|g| &g.0).collect();
+        if names != names_cpu {
+            bail!("method {name}: the device's step reaches other variables than the CPU's");
+        }
+        let mut worst = (0f32, String::new());
+        for ((k, g), (_, g_cpu)) in grads.iter().zip(&grads_cpu) {
+            let e = rel_l2(g, g_cpu)?;
+            if e.is_nan() || e > worst.0 || worst.1.is_empty() {
+                worst = (e, k.clone());
+            }
+        }
+        c.add(
+            format!(
+                "method {name}: gradients of {} variables (L2, worst {})",
+                grads.len(),
+                worst.1
+            ),
+            worst.0,
+            2e-3,
+        );
+    }
+    Ok(())
+}
+
 /// Runs `selfcheck`.
 pub fn run(args: &SelfcheckArgs) -> anyhow::Result<()> {
     let dev = crate::device::open(&args.device)?;
@@ -356,6 +538,7 @@ pub fn run(args: &SelfcheckArgs) -> anyhow::Result<()> {
     check_augment(&mut c, &dev)?;
     check_sgd(&mut c, &dev)?;
     check_model(&mut c, &dev)?;
+    check_methods(&mut c, &dev)?;
     let failed: Vec<_> = c
         .rows
         .iter()
