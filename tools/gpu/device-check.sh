@@ -21,7 +21,7 @@ step() { # name limit command...
 }
 case "$MODE" in
 perf)
-  step selfcheck 150 /tmp/kd-runner selfcheck --device cuda
+  step selfcheck 180 /tmp/kd-runner selfcheck --device cuda
   step kd-bench 200 /tmp/kd-runner bench --device cuda --batch 256 --stem cifar --steps 20 --warmup 5 \
     --precision f32,tf32,bf16 --phases
   # candle's own ops on the same card (every kd kernel switched off): what the kernels buy.

@@ -137,6 +137,14 @@ pub struct Batch {
     pub contrast: Option<Tensor>,
 }
 
+/// Every position of a split, grouped by class: the images of other classes than `c` are
+/// `positions[..bounds[c].0]` and `positions[bounds[c].1..]`.
+#[derive(Debug, Default)]
+struct ClassGroups {
+    positions: Vec<u32>,
+    bounds: Vec<(usize, usize)>,
+}
+
 /// Serves batches of one split.
 #[derive(Clone, Debug)]
 pub struct Loader {
@@ -145,9 +153,8 @@ pub struct Loader {
     device: Device,
     /// Positions of each class's images (for same-class pairing).
     by_class: Arc<Vec<Vec<usize>>>,
-    /// Every position grouped by class, and where each class starts and ends in it (for
-    /// negatives: the other classes of `c` are `grouped[..start_c]` and `grouped[end_c..]`).
-    grouped: Arc<(Vec<u32>, Vec<(usize, usize)>)>,
+    /// The split's positions grouped by class (for negatives).
+    grouped: Arc<ClassGroups>,
     /// The split's pixels on the device, when [`LoaderConfig::resident`].
     resident: Option<Arc<Resident>>,
 }
@@ -193,7 +200,7 @@ impl Loader {
                 by_class[l as usize].push(i);
             }
         }
-        let mut grouped = (Vec::new(), Vec::new());
+        let mut grouped = ClassGroups::default();
         if let Some(k) = cfg.negatives {
             let classes = split.labels.iter().max().map_or(0, |&m| m as usize + 1);
             let mut members: Vec<Vec<u32>> = vec![Vec::new(); classes];
@@ -207,9 +214,9 @@ impl Loader {
                 });
             }
             for m in members {
-                let start = grouped.0.len();
-                grouped.0.extend(m);
-                grouped.1.push((start, grouped.0.len()));
+                let start = grouped.positions.len();
+                grouped.positions.extend(m);
+                grouped.bounds.push((start, grouped.positions.len()));
             }
         }
         // KD_DISABLE=augment falls back to host batches (the same batches).
@@ -436,7 +443,10 @@ impl Loader {
     /// `CIFAR100InstanceSample`), from a stream keyed by the sample's place in the epoch.
     fn contrast(&self, epoch: u64, first: u64, indices: &[usize]) -> Option<Vec<u32>> {
         let k = self.cfg.negatives?;
-        let (grouped, bounds) = &*self.grouped;
+        let ClassGroups {
+            positions: grouped,
+            bounds,
+        } = &*self.grouped;
         let mut out = vec![0u32; indices.len() * (1 + k)];
         out.par_chunks_mut(1 + k)
             .zip(indices.par_iter())

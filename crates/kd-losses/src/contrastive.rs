@@ -39,7 +39,7 @@ pub fn contrast_scores(
             memory.dims()
         );
     }
-    if !(temperature > 0.0) {
+    if temperature.is_nan() || temperature <= 0.0 {
         bail!("contrast scores: temperature must be positive, got {temperature}");
     }
     // Every image's dot product, then the batch's rows picked out: B·N·D multiply-adds and a

@@ -442,10 +442,7 @@ fn check_methods(c: &mut Checks, dev: &Device) -> anyhow::Result<()> {
             ..LoaderConfig::eval(16, Normalize::CIFAR10)
         };
         let loader = Loader::new(split.clone(), lcfg, Device::Cpu)?;
-        let batch = loader
-            .epoch(0, 0)
-            .next()
-            .expect("one batch")?;
+        let batch = loader.epoch(0, 0).next().expect("one batch")?;
         let run = |d: &Device, teacher: &kd_models::Teacher| -> anyhow::Result<StepResult> {
             let batch = batch_on(&batch, d)?;
             let teacher = method.needs_teacher().then_some(teacher);

@@ -630,7 +630,8 @@ impl MethodConfig {
             } => {
                 if feature_dim == 0
                     || negatives == 0
-                    || !(temperature > 0.0)
+                    || temperature.is_nan()
+                    || temperature <= 0.0
                     || !(0.0..1.0).contains(&momentum)
                 {
                     candle_core::bail!("method crd: feature_dim and negatives must be at least 1, temperature positive and momentum in [0, 1); got {feature_dim}, {negatives}, {temperature} and {momentum}");
