@@ -3,6 +3,7 @@
 # Logs go to $OUT, written as each step ends, so a cut-off call still returns what finished.
 #   bash .gpu/device-check.sh perf    # selfcheck, kd bench, PyTorch throughput, ratios (~5 min)
 #   bash .gpu/device-check.sh train   # 15-epoch ResNet18 on the CIFAR-10 copy, kd and PyTorch (~5 min)
+#   bash .gpu/device-check.sh methods # one whole step of each method, ResNet50 → ResNet18, bf16 (~3 min)
 # Each step has its own time limit, so one slow step cannot eat the call.
 set -uo pipefail
 MODE="${1:-perf}"
@@ -43,5 +44,11 @@ train)
     --epochs "${EPOCHS:-15}"
   grep -h "FINAL\|best test" "$OUT/kd-train.txt" "$OUT/torch-train.txt" | tee "$OUT/train-summary.txt"
   ;;
-*) echo "usage: device-check.sh perf|train" >&2; exit 2 ;;
+methods)
+  # What each method costs per step on top of plain KD (teacher forward included), batch 256.
+  step kd-methods 300 /tmp/kd-runner bench --device cuda --batch 256 --stem cifar --steps 10 --warmup 3 \
+    --precision bf16 --workloads kd,method:none,method:dkd,method:fitnet,method:at,method:nst,method:vid,method:reviewkd,method:rkd,method:sp,method:pkt,method:crd,method:byot,method:kd_byot,method:two_view,method:cs_kd,method:pskd
+  grep "^|" "$OUT/kd-methods.txt" | tee "$OUT/methods.md"
+  ;;
+*) echo "usage: device-check.sh perf|train|methods" >&2; exit 2 ;;
 esac

@@ -555,3 +555,61 @@ fn precision_flag_and_key_are_typed() {
     assert!(text.contains("train.precision = \"f32\""), "{text}");
     assert!(text.contains("data.resident = false"), "{text}");
 }
+
+#[test]
+fn bench_times_any_methods_step_and_refuses_online_ones() {
+    let out = kd()
+        .args([
+            "bench",
+            "--device",
+            "cpu",
+            "--width",
+            "4",
+            "--batch",
+            "8",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--train-size",
+            "64",
+            "--workloads",
+            "method:crd,method:reviewkd,method:pskd",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for row in [
+        "BENCH workload=method-crd precision=f32",
+        "BENCH workload=method-reviewkd precision=f32",
+        "| crd step (resnet50 → resnet18) |",
+        "| pskd step (resnet18) |",
+    ] {
+        assert!(text.contains(row), "{row} missing from:\n{text}");
+    }
+    let out = kd()
+        .args([
+            "bench",
+            "--device",
+            "cpu",
+            "--width",
+            "4",
+            "--batch",
+            "4",
+            "--workloads",
+            "method:dml",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("method:dml") && err.contains("online"),
+        "{err}"
+    );
+}

@@ -1,7 +1,8 @@
 //! `kd-runner bench`: images per second of the three workloads of the study — a training step
 //! (forward, cross-entropy, backward, SGD), inference, and a KD step (frozen teacher forward +
-//! student training step with the Hinton loss) — on synthetic batches, warm-up excluded, the
-//! device synchronised before each clock reading, at each `--precision`. Prints one table, and
+//! student training step with the Hinton loss) — and of any method's whole step
+//! (`method:NAME`), on synthetic batches, warm-up excluded, the device synchronised before each
+//! clock reading, at each `--precision`. Prints one table, and
 //! one `BENCH workload=… precision=… images_per_s=…` line per row for scripts
 //! (`tools/gpu/ratio.py` divides them by PyTorch's figures measured on the same card).
 use std::time::Instant;
@@ -37,9 +38,15 @@ pub struct BenchArgs {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// Workloads: train, infer, kd (comma-separated).
+    /// Workloads: train, infer, kd, and `method:NAME` for one whole training step of any
+    /// offline or self method from `kd-runner list` (its teacher forward, its extra forwards,
+    /// its parts and loss, backward, SGD), comma-separated. CRD scores against banks of
+    /// `--train-size` images.
     #[arg(long, default_value = "train,infer,kd", value_delimiter = ',')]
     pub workloads: Vec<String>,
+    /// Training images a method's per-image state covers (CRD's banks, PS-KD's memory).
+    #[arg(long, default_value_t = 50_000)]
+    pub train_size: usize,
     /// Precisions to time: f32, tf32, bf16 (comma-separated).
     #[arg(long, default_value = "f32", value_delimiter = ',')]
     pub precision: Vec<kd_kernels::Precision>,
@@ -47,6 +54,144 @@ pub struct BenchArgs {
     /// synchronised between them (which itself costs a little); one `PHASES` line per precision.
     #[arg(long)]
     pub phases: bool,
+}
+
+/// A teacher of `arch` with seeded weights, exported and loaded as `kd_models::Teacher` (the
+/// type the method workloads need).
+fn random_teacher(cfg: &ResNetConfig, device: &Device) -> anyhow::Result<kd_models::Teacher> {
+    let (_, vars) = trainable_resnet(cfg, &Device::Cpu, 1)?;
+    let meta = kd_models::TeacherMeta {
+        arch: cfg.arch,
+        stem: cfg.stem,
+        num_classes: cfg.num_classes,
+        base_width: cfg.base_width,
+        mean: [0.5; 3],
+        std: [0.25; 3],
+        source: "bench (random weights)".into(),
+        source_sha256: String::new(),
+    };
+    let dir = std::env::temp_dir().join(format!("kd-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("teacher.safetensors");
+    kd_train::export(&vars, &meta, &path)?;
+    let teacher = kd_models::Teacher::load(&path, device);
+    std::fs::remove_dir_all(&dir)?;
+    Ok(teacher?)
+}
+
+/// One training step of `method` (offline or self) on a synthetic batch, ready to time: the
+/// paired images are the batch itself, CRD's negatives random positions of `train_size` images.
+struct MethodStep {
+    student: kd_train::BuiltStudent,
+    opt: Sgd,
+    batch: kd_data::Batch,
+    method: kd_train::MethodConfig,
+}
+
+impl MethodStep {
+    fn new(
+        name: &str,
+        cfg: &ResNetConfig,
+        teacher: &kd_models::Teacher,
+        x: &Tensor,
+        y: &Tensor,
+        train_size: usize,
+        dtype: DType,
+    ) -> anyhow::Result<Self> {
+        let method = kd_train::MethodConfig::preset(name).ok_or_else(|| {
+            anyhow::anyhow!(
+                "--workloads method:{name}: unknown method; expected one of {}",
+                kd_train::MethodConfig::NAMES.join(", ")
+            )
+        })?;
+        if !method.peers().is_empty() {
+            anyhow::bail!("--workloads method:{name}: an online method trains several networks; time it with a `kd-runner train` run");
+        }
+        let device = x.device();
+        let b = x.dim(0)?;
+        if b > train_size {
+            anyhow::bail!("--train-size {train_size} is smaller than the batch ({b})");
+        }
+        let contrast = match method.negatives() {
+            Some(k) => {
+                let mut z = 0x2545_F491_4F6C_DD1Du64;
+                let rows: Vec<u32> = (0..b * (1 + k))
+                    .map(|i| {
+                        if i % (1 + k) == 0 {
+                            (i / (1 + k)) as u32
+                        } else {
+                            z ^= z << 13;
+                            z ^= z >> 7;
+                            z ^= z << 17;
+                            (z % train_size as u64) as u32
+                        }
+                    })
+                    .collect();
+                Some(Tensor::from_vec(rows, (b, 1 + k), device)?)
+            }
+            None => None,
+        };
+        let batch = kd_data::Batch {
+            images: x.clone(),
+            labels: y.clone(),
+            mix: None,
+            indices: (0..b).collect(),
+            paired: method.pairing().map(|_| x.clone()),
+            contrast,
+        };
+        let teacher = method.needs_teacher().then_some(teacher);
+        let mut student = kd_train::build_student(cfg, &method, teacher, device, 0, 0.0)?;
+        student.model.set_compute_dtype(dtype)?;
+        student.distiller.prepare(&kd_train::RunInfo {
+            train_size,
+            num_classes: cfg.num_classes,
+            seed: 0,
+            device: device.clone(),
+        })?;
+        let opt = Sgd::new(
+            kd_train::trainable_vars(&student.vars),
+            SgdConfig::default(),
+        );
+        Ok(MethodStep {
+            student,
+            opt,
+            batch,
+            method,
+        })
+    }
+
+    fn step(&mut self, teacher: &kd_models::Teacher) -> anyhow::Result<()> {
+        let t_out = if self.method.needs_teacher() {
+            Some(teacher.forward(&self.batch.images)?)
+        } else {
+            None
+        };
+        let model = &self.student.model;
+        let out = model.forward_t(&self.batch.images, true)?;
+        let paired = match &self.batch.paired {
+            Some(p) => Some(model.forward_t(p, true)?),
+            None => None,
+        };
+        let outputs = kd_train::Outputs {
+            student: &out,
+            teacher: t_out.as_ref(),
+            peers: &[],
+            paired: paired.as_ref(),
+        };
+        let ctx = kd_train::StepContext {
+            epoch: 0,
+            step: 0,
+            total_steps: 1,
+            epochs: 1,
+        };
+        let loss = self
+            .student
+            .distiller
+            .loss(&ctx, &self.batch, &outputs)?
+            .total()?;
+        self.opt.step(&loss.backward()?, 0.01)?;
+        Ok(())
+    }
 }
 
 /// Times `steps` calls of `f` after `warmup` untimed ones; images per second.
@@ -161,8 +306,35 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
                         Ok(())
                     })?,
                 ),
+                other if other.starts_with("method:") => {
+                    let name = &other["method:".len()..];
+                    let mut t = random_teacher(&cfg(args.teacher), &device)?;
+                    t.set_compute_dtype(dtype)?;
+                    let mut m = MethodStep::new(
+                        name,
+                        &cfg(args.model),
+                        &t,
+                        &x,
+                        &y,
+                        args.train_size,
+                        dtype,
+                    )?;
+                    (
+                        format!("method-{name}"),
+                        if m.method.needs_teacher() {
+                            format!(
+                                "{name} step ({} → {})",
+                                args.teacher.name(),
+                                args.model.name()
+                            )
+                        } else {
+                            format!("{name} step ({})", args.model.name())
+                        },
+                        time(&device, args.batch, args.warmup, args.steps, || m.step(&t))?,
+                    )
+                }
                 other => anyhow::bail!(
-                    "--workloads: unknown workload {other:?}; expected train, infer or kd"
+                    "--workloads: unknown workload {other:?}; expected train, infer, kd or method:NAME"
                 ),
             };
             println!("BENCH workload={key} precision={precision} images_per_s={ips:.1}");
