@@ -92,52 +92,48 @@ fn dkd_matches_pytorch() {
     assert_eq!(dkd.len(), 3, "fixture cases");
 }
 
-#[test]
-fn pkt_matches_pytorch() {
+/// Every case of a loss of (student, teacher) named `loss` in the fixture, in f64 (1e-10) and
+/// in f32 (`f32_tol`): the value, and the student's gradient within ten times the tolerance.
+fn check_pair_loss(
+    loss: &str,
+    expected_cases: usize,
+    f32_tol: f64,
+    compute: impl Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>,
+) {
     let f = fixtures();
-    let pkt = cases(&f, "pkt");
-    for (case, prefix) in pkt.iter().enumerate() {
+    let all = cases(&f, loss);
+    for (case, prefix) in all.iter().enumerate() {
         let p = |k: &str| get(&f, &format!("{prefix}{k}"));
-        for (dtype, tol) in [(DType::F64, 1e-10), (DType::F32, 1e-4)] {
+        for (dtype, tol) in [(DType::F64, 1e-10), (DType::F32, f32_tol)] {
             let s = Var::from_tensor(&p("student").to_dtype(dtype).unwrap()).unwrap();
             let teacher = p("teacher").to_dtype(dtype).unwrap();
-            let loss = pkt_loss(s.as_tensor(), &teacher).unwrap();
-            let (g, w) = (scalar(&loss), scalar(&p("loss")));
+            let value = compute(s.as_tensor(), &teacher).unwrap();
+            let (g, w) = (scalar(&value), scalar(&p("loss")));
             assert!(
                 (g - w).abs() <= tol * w.abs(),
-                "case {case} {dtype:?}: {g} vs PyTorch {w}"
+                "{loss} case {case} {dtype:?}: {g} vs PyTorch {w}"
             );
-            let grads = loss.backward().unwrap();
+            let grads = value.backward().unwrap();
             let e = rel_err(grads.get(s.as_tensor()).unwrap(), &p("grad"));
-            assert!(e <= tol * 10.0, "case {case} {dtype:?} gradient: {e:e}");
+            assert!(
+                e <= tol * 10.0,
+                "{loss} case {case} {dtype:?} gradient: {e:e}"
+            );
         }
     }
-    assert_eq!(pkt.len(), 2, "fixture cases");
+    assert_eq!(all.len(), expected_cases, "{loss} fixture cases");
+}
+
+#[test]
+fn pkt_matches_pytorch() {
+    check_pair_loss("pkt", 2, 1e-4, pkt_loss);
 }
 
 /// NST with a student map pooled to the teacher's size, equal sizes, a teacher map pooled to the
 /// student's, and a dead student channel (zero map, zero gradient).
 #[test]
 fn nst_matches_pytorch() {
-    let f = fixtures();
-    let nst = cases(&f, "nst");
-    for (case, prefix) in nst.iter().enumerate() {
-        let p = |k: &str| get(&f, &format!("{prefix}{k}"));
-        for (dtype, tol) in [(DType::F64, 1e-10), (DType::F32, 1e-5)] {
-            let s = Var::from_tensor(&p("student").to_dtype(dtype).unwrap()).unwrap();
-            let teacher = p("teacher").to_dtype(dtype).unwrap();
-            let loss = nst_loss(s.as_tensor(), &teacher).unwrap();
-            let (g, w) = (scalar(&loss), scalar(&p("loss")));
-            assert!(
-                (g - w).abs() <= tol * w.abs(),
-                "case {case} {dtype:?}: {g} vs PyTorch {w}"
-            );
-            let grads = loss.backward().unwrap();
-            let e = rel_err(grads.get(s.as_tensor()).unwrap(), &p("grad"));
-            assert!(e <= tol * 10.0, "case {case} {dtype:?} gradient: {e:e}");
-        }
-    }
-    assert_eq!(nst.len(), 3, "fixture cases");
+    check_pair_loss("nst", 3, 1e-5, nst_loss);
 }
 
 /// VID at its initial variance (log_scale 0) and with spread-out per-channel variances; the
@@ -173,25 +169,7 @@ fn vid_matches_pytorch() {
 /// HCL at 8×8 (three pooled terms), 4×4 (two), 2×2 (one) and 1×1 (the plain MSE).
 #[test]
 fn hcl_matches_pytorch() {
-    let f = fixtures();
-    let hcl = cases(&f, "hcl");
-    for (case, prefix) in hcl.iter().enumerate() {
-        let p = |k: &str| get(&f, &format!("{prefix}{k}"));
-        for (dtype, tol) in [(DType::F64, 1e-10), (DType::F32, 1e-5)] {
-            let s = Var::from_tensor(&p("student").to_dtype(dtype).unwrap()).unwrap();
-            let teacher = p("teacher").to_dtype(dtype).unwrap();
-            let loss = hcl_loss(s.as_tensor(), &teacher).unwrap();
-            let (g, w) = (scalar(&loss), scalar(&p("loss")));
-            assert!(
-                (g - w).abs() <= tol * w.abs(),
-                "case {case} {dtype:?}: {g} vs PyTorch {w}"
-            );
-            let grads = loss.backward().unwrap();
-            let e = rel_err(grads.get(s.as_tensor()).unwrap(), &p("grad"));
-            assert!(e <= tol * 10.0, "case {case} {dtype:?} gradient: {e:e}");
-        }
-    }
-    assert_eq!(hcl.len(), 4, "fixture cases");
+    check_pair_loss("hcl", 4, 1e-5, hcl_loss);
 }
 
 /// Closed-form properties independent of the fixture: identical logits give 0; the two terms

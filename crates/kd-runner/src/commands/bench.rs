@@ -56,29 +56,6 @@ pub struct BenchArgs {
     pub phases: bool,
 }
 
-/// A teacher of `arch` with seeded weights, exported and loaded as `kd_models::Teacher` (the
-/// type the method workloads need).
-fn random_teacher(cfg: &ResNetConfig, device: &Device) -> anyhow::Result<kd_models::Teacher> {
-    let (_, vars) = trainable_resnet(cfg, &Device::Cpu, 1)?;
-    let meta = kd_models::TeacherMeta {
-        arch: cfg.arch,
-        stem: cfg.stem,
-        num_classes: cfg.num_classes,
-        base_width: cfg.base_width,
-        mean: [0.5; 3],
-        std: [0.25; 3],
-        source: "bench (random weights)".into(),
-        source_sha256: String::new(),
-    };
-    let dir = std::env::temp_dir().join(format!("kd-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let path = dir.join("teacher.safetensors");
-    kd_train::export(&vars, &meta, &path)?;
-    let teacher = kd_models::Teacher::load(&path, device);
-    std::fs::remove_dir_all(&dir)?;
-    Ok(teacher?)
-}
-
 /// One training step of `method` (offline or self) on a synthetic batch, ready to time: the
 /// paired images are the batch itself, CRD's negatives random positions of `train_size` images.
 struct MethodStep {
@@ -238,6 +215,12 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         kd_kernels::switches::describe_disabled()
     );
     let mut rows = Vec::new();
+    // The method workloads distil from a `Teacher`: made once, cast per precision.
+    let method_teacher = if args.workloads.iter().any(|w| w.starts_with("method:")) {
+        Some(super::random_teachers(&cfg(args.teacher), 1, &[&device])?.remove(0))
+    } else {
+        None
+    };
     for &precision in &args.precision {
         precision.apply();
         let dtype = precision.activation_dtype();
@@ -308,7 +291,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
                 ),
                 other if other.starts_with("method:") => {
                     let name = &other["method:".len()..];
-                    let mut t = random_teacher(&cfg(args.teacher), &device)?;
+                    let mut t = method_teacher.clone().expect("made for method workloads");
                     t.set_compute_dtype(dtype)?;
                     let mut m = MethodStep::new(
                         name,

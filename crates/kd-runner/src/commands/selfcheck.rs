@@ -373,26 +373,8 @@ fn check_methods(c: &mut Checks, dev: &Device) -> anyhow::Result<()> {
         base_width: 4,
         ..ResNetConfig::new(Arch::Resnet50, Stem::CifarMaxpool, classes)
     };
-    let (_, tvars) = trainable_resnet(&tcfg, &Device::Cpu, 7)?;
-    let meta = kd_models::TeacherMeta {
-        arch: tcfg.arch,
-        stem: tcfg.stem,
-        num_classes: classes,
-        base_width: 4,
-        mean: [0.5; 3],
-        std: [0.25; 3],
-        source: "selfcheck".into(),
-        source_sha256: String::new(),
-    };
-    let dir = std::env::temp_dir().join(format!("kd-selfcheck-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let tpath = dir.join("teacher.safetensors");
-    kd_train::export(&tvars, &meta, &tpath)?;
-    let teachers = (
-        kd_models::Teacher::load(&tpath, &Device::Cpu)?,
-        kd_models::Teacher::load(&tpath, dev)?,
-    );
-    std::fs::remove_dir_all(&dir)?;
+    let mut teachers = super::random_teachers(&tcfg, 7, &[&Device::Cpu, dev])?;
+    let teachers = (teachers.remove(0), teachers.remove(0));
     let scfg = ResNetConfig {
         base_width: 8,
         ..ResNetConfig::new(Arch::Resnet18, Stem::Cifar, classes)
@@ -405,35 +387,18 @@ fn check_methods(c: &mut Checks, dev: &Device) -> anyhow::Result<()> {
     let split = Arc::new(split);
     for name in MethodConfig::NAMES {
         // The presets, scaled to 16 images: 8 negatives, one small peer.
-        let method = match MethodConfig::preset(name).expect("every name has a preset") {
-            MethodConfig::Crd {
-                weight,
-                feature_dim,
-                temperature,
-                momentum,
-                ..
-            } => MethodConfig::Crd {
-                weight,
-                feature_dim,
-                negatives: 8,
-                temperature,
-                momentum,
-            },
-            MethodConfig::Dml {
-                weight,
-                temperature,
-                ..
-            } => MethodConfig::Dml {
-                weight,
-                temperature,
-                peers: vec![kd_train::PeerSpec {
+        let mut method = MethodConfig::preset(name).expect("every name has a preset");
+        match &mut method {
+            MethodConfig::Crd { negatives, .. } => *negatives = 8,
+            MethodConfig::Dml { peers, .. } => {
+                *peers = vec![kd_train::PeerSpec {
                     model: Arch::Resnet18,
                     stem: Stem::Cifar,
                     width: 4,
-                }],
-            },
-            m => m,
-        };
+                }]
+            }
+            _ => {}
+        }
         let lcfg = LoaderConfig {
             prefetch: 0,
             pair: method.pairing(),

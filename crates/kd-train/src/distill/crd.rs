@@ -221,56 +221,16 @@ mod tests {
     use candle_nn::VarMap;
     use kd_models::ModelOutput;
 
-    type Fixture = HashMap<String, Tensor>;
+    use crate::distill::fixtures::{get, rel_err, scalar, Fixture};
 
     /// Two steps of RepDistiller's CRDLoss computed by PyTorch in f64
     /// (`tools/fixtures/make_loss_fixtures.py`).
     fn fixture() -> Fixture {
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/fixtures/crd.safetensors"
-        );
-        candle_core::safetensors::load(path, &Device::Cpu).unwrap()
-    }
-
-    fn get(f: &Fixture, key: &str) -> Tensor {
-        f.get(key)
-            .unwrap_or_else(|| panic!("fixture has no {key}"))
-            .clone()
+        crate::distill::fixtures::load("crd")
     }
 
     fn f32(t: Tensor) -> Tensor {
         t.to_dtype(DType::F32).unwrap()
-    }
-
-    /// Largest |a − b| over the largest |b|.
-    fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
-        let flat = |t: &Tensor| {
-            t.to_dtype(DType::F64)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f64>()
-                .unwrap()
-        };
-        let (a, b) = (flat(a), flat(b));
-        assert_eq!(a.len(), b.len());
-        assert!(a.iter().all(|x| x.is_finite()), "non-finite values: {a:?}");
-        let scale = b.iter().fold(1e-12f64, |m, x| m.max(x.abs()));
-        a.iter()
-            .zip(&b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0, f64::max)
-            / scale
-    }
-
-    fn scalar(t: &Tensor) -> f64 {
-        t.to_dtype(DType::F64)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f64>()
-            .unwrap()[0]
     }
 
     /// A CRD with the fixture's sizes (12 → 8 ← 20, 30 images, 3 classes) and its variables.

@@ -17,6 +17,8 @@ mod crd;
 mod cs_kd;
 mod dkd;
 mod fitnet;
+#[cfg(test)]
+mod fixtures;
 mod hinton;
 mod mutual;
 mod none;

@@ -198,49 +198,16 @@ impl Distiller for ReviewKd {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
-
     use super::*;
     use candle_core::{DType, Device, Var};
     use candle_nn::VarMap;
 
-    type Fixture = HashMap<String, Tensor>;
+    use crate::distill::fixtures::{get, rel_err, scalar, Fixture};
 
     /// mdistiller's ReviewKD on a student at 16/8/4/2 px and a teacher at 8/4/2/1 px (plus the
     /// pooled level), computed by PyTorch in f64 (`tools/fixtures/make_loss_fixtures.py`).
     fn fixture() -> Fixture {
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/fixtures/reviewkd.safetensors"
-        );
-        candle_core::safetensors::load(path, &Device::Cpu).unwrap()
-    }
-
-    fn get(f: &Fixture, key: &str) -> Tensor {
-        f.get(key)
-            .unwrap_or_else(|| panic!("fixture has no {key}"))
-            .clone()
-    }
-
-    /// Largest |a − b| over the largest |b|; `a` must be finite.
-    fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
-        let flat = |t: &Tensor| {
-            t.to_dtype(DType::F64)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f64>()
-                .unwrap()
-        };
-        let (a, b) = (flat(a), flat(b));
-        assert_eq!(a.len(), b.len());
-        assert!(a.iter().all(|x| x.is_finite()), "non-finite values");
-        let scale = b.iter().fold(1e-12f64, |m, x| m.max(x.abs()));
-        a.iter()
-            .zip(&b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0, f64::max)
-            / scale
+        crate::distill::fixtures::load("reviewkd")
     }
 
     #[test]
@@ -277,12 +244,7 @@ mod tests {
             for (s, t) in fused.iter().zip(&teacher).skip(1) {
                 loss = (loss + kd_losses::hcl_loss(s, t).unwrap()).unwrap();
             }
-            let got = loss
-                .to_dtype(DType::F64)
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap();
-            let want = get(&f, "loss").to_vec1::<f64>().unwrap()[0];
+            let (got, want) = (scalar(&loss), scalar(&get(&f, "loss")));
             assert!(
                 (got - want).abs() <= tol * want.abs(),
                 "{dtype:?}: {got} vs PyTorch {want}"
