@@ -1,4 +1,5 @@
-//! Loader throughput on the CPU: images/s with crop + flip + normalise, prefetch on.
+//! Loader throughput on the CPU: images/s with crop + flip + normalise, prefetch on; and the
+//! cost of drawing CRD's negatives (K = 16384 other-class images per image) on the host.
 #![allow(missing_docs)] // criterion_group! generates an undocumented function
 use std::sync::Arc;
 
@@ -50,5 +51,42 @@ fn bench(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench);
+/// CRD's negatives at RepDistiller's K = 16384 over a CIFAR-sized split (50,000 images, 10
+/// classes), batch 256: 20 batches with and without them, so the difference is the sampling.
+fn negatives(c: &mut Criterion) {
+    let (n, batch, batches) = (50_000, 256, 20);
+    let split = Arc::new(synthetic(n));
+    let mut g = c.benchmark_group("loader_crd");
+    g.throughput(Throughput::Elements((batch * batches) as u64));
+    g.sample_size(10);
+    for k in [None, Some(16_384)] {
+        let loader = Loader::new(
+            split.clone(),
+            LoaderConfig {
+                negatives: k,
+                ..LoaderConfig::train(batch, Normalize::CIFAR10, 0)
+            },
+            candle_core::Device::Cpu,
+        )
+        .unwrap();
+        let name = match k {
+            Some(k) => format!("b{batch}_negatives_{k}"),
+            None => format!("b{batch}_no_negatives"),
+        };
+        g.bench_function(name, |b| {
+            let mut e = 0;
+            b.iter(|| {
+                e += 1;
+                loader
+                    .epoch(e, 0)
+                    .take(batches)
+                    .map(|b| b.unwrap().labels.dims()[0])
+                    .sum::<usize>()
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench, negatives);
 criterion_main!(benches);

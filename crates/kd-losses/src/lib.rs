@@ -25,8 +25,8 @@ pub use classification::{cross_entropy, mixed_cross_entropy, one_hot};
 pub use contrastive::{contrast_scores, l2_normalize, momentum_update, nce_loss};
 pub use decoupled::{dkd_loss, dkd_terms, DecoupledTerms};
 pub use feature::{
-    align_spatial, attention_loss, attention_map, hcl_loss, hint_loss, nst_loss, vid_loss,
-    vid_variance,
+    align_spatial, attention_loss, attention_map, hcl_loss, hint_loss, nst_loss, ofd_loss,
+    ofd_margins, vid_loss, vid_variance,
 };
 pub use hinton::kd_loss;
 pub use relation::{

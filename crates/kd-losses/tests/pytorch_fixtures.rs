@@ -1,10 +1,12 @@
-//! DKD, PKT, NST, VID and ReviewKD's HCL against PyTorch's values and gradients (`tests/fixtures/losses.safetensors`,
+//! DKD, PKT, NST, VID, OFD and ReviewKD's HCL against PyTorch's values and gradients (`tests/fixtures/losses.safetensors`,
 //! made by `tools/fixtures/make_loss_fixtures.py`, which computes both the way the reference
 //! implementations do — probabilities, `torch.log` — while kd-losses works in log space).
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor, Var};
-use kd_losses::{dkd_terms, hcl_loss, nst_loss, pkt_loss, vid_loss, vid_variance};
+use kd_losses::{
+    dkd_terms, hcl_loss, nst_loss, ofd_loss, ofd_margins, pkt_loss, vid_loss, vid_variance,
+};
 
 fn fixtures() -> HashMap<String, Tensor> {
     let path = concat!(
@@ -167,6 +169,88 @@ fn vid_matches_pytorch() {
 }
 
 /// HCL at 8×8 (three pooled terms), 4×4 (two), 2×2 (one) and 1×1 (the plain MSE).
+/// OFD's margins (the authors' `get_margin_from_BN`: a negative scale, a tail below 0.1 %,
+/// negative shifts) and its partial L2 distance with the PyTorch margins (f64, 1e-10) and with
+/// kd's own (f32).
+#[test]
+fn ofd_matches_pytorch() {
+    let f = fixtures();
+    let all = cases(&f, "ofd");
+    for (case, prefix) in all.iter().enumerate() {
+        let p = |k: &str| get(&f, &format!("{prefix}{k}"));
+        let vec = |k: &str| p(k).to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap();
+        let margins = ofd_margins(&vec("gamma"), &vec("beta")).unwrap();
+        let margins = Tensor::new(margins.as_slice(), &candle_core::Device::Cpu).unwrap();
+        let e = rel_err(&margins, &p("margin"));
+        assert!(e < 1e-6, "ofd case {case}: margins off by {e:e}");
+        for (dtype, tol, margin) in [
+            (DType::F64, 1e-10, p("margin")),
+            (DType::F32, 1e-5, margins.clone()),
+        ] {
+            let s = Var::from_tensor(&p("student").to_dtype(dtype).unwrap()).unwrap();
+            let t = p("teacher").to_dtype(dtype).unwrap();
+            let value = ofd_loss(s.as_tensor(), &t, &margin.to_dtype(dtype).unwrap()).unwrap();
+            let (g, w) = (scalar(&value), scalar(&p("loss")));
+            assert!(
+                (g - w).abs() <= tol * w.abs(),
+                "ofd case {case} {dtype:?}: {g} vs PyTorch {w}"
+            );
+            let grads = value.backward().unwrap();
+            let e = rel_err(grads.get(s.as_tensor()).unwrap(), &p("grad"));
+            assert!(e <= tol * 10.0, "ofd case {case} {dtype:?} gradient: {e:e}");
+        }
+    }
+    assert_eq!(all.len(), 2, "ofd fixture cases");
+}
+
+/// The margin's closed forms: N(0, 1) gives `E[x | x < 0] = −√(2/π)`; a scale of 0 is the
+/// constant shift (or 0 when the shift is positive); the sign of the scale does not matter.
+#[test]
+fn ofd_margins_closed_forms() {
+    let m = ofd_margins(&[1.0, -1.0, 0.0, 0.0, 2.0], &[0.0, 0.0, -0.7, 0.7, 0.0]).unwrap();
+    let half_normal = -(2.0 / std::f64::consts::PI).sqrt();
+    assert!((m[0] as f64 - half_normal).abs() < 1e-7, "{m:?}");
+    assert_eq!(m[0], m[1]);
+    assert_eq!(&m[2..4], &[-0.7, 0.0]);
+    assert!((m[4] as f64 - 2.0 * half_normal).abs() < 1e-6, "{m:?}");
+    assert!(ofd_margins(&[1.0], &[]).is_err());
+}
+
+/// A student below a negative teacher response costs nothing; above it, or against a positive
+/// teacher, it costs the squared difference (per image).
+#[test]
+fn ofd_loss_ignores_what_the_relu_hides() {
+    let dev = candle_core::Device::Cpu;
+    let t = |v: &[f32]| {
+        Tensor::new(v, &dev)
+            .unwrap()
+            .reshape((1, 1, 1, v.len()))
+            .unwrap()
+    };
+    let margin = Tensor::new(&[-1f32], &dev).unwrap();
+    // teacher −2 (clamped to −1), student −3: hidden; student 0.5 vs −1: 2.25;
+    // teacher 1, student 0: 1; teacher −0.5, student −0.7: hidden (below the teacher).
+    let loss = ofd_loss(
+        &t(&[-3.0, 0.5, 0.0, -0.7]),
+        &t(&[-2.0, -2.0, 1.0, -0.5]),
+        &margin,
+    )
+    .unwrap();
+    assert!((scalar(&loss) - 3.25).abs() < 1e-6, "{}", scalar(&loss));
+    let two = Tensor::cat(&[t(&[0.5]), t(&[0.5])], 0).unwrap();
+    let loss = ofd_loss(
+        &two,
+        &Tensor::zeros((2, 1, 1, 1), DType::F32, &dev).unwrap(),
+        &margin,
+    )
+    .unwrap();
+    assert!(
+        (scalar(&loss) - 0.25).abs() < 1e-6,
+        "divided by the batch size"
+    );
+    assert!(ofd_loss(&t(&[1.0]), &t(&[1.0, 2.0]), &margin).is_err());
+}
+
 #[test]
 fn hcl_matches_pytorch() {
     check_pair_loss("hcl", 4, 1e-5, hcl_loss);

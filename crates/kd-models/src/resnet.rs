@@ -35,6 +35,9 @@ pub struct ModelOutput {
     pub feats: Vec<Tensor>,
     /// Globally average-pooled last stage `(N, C)`, the input of `fc`.
     pub pooled: Tensor,
+    /// Each stage's output before its last ReLU (stages 1–4), in the network's compute dtype:
+    /// the margin-aware feature distillers (OFD) compare these. Free: the tensor exists anyway.
+    pub preact: Vec<Tensor>,
     /// Auxiliary heads after stages 1–3, when the model has them.
     pub aux: Vec<AuxOutput>,
 }
@@ -134,10 +137,11 @@ impl BasicBlock {
         })
     }
 
-    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+    /// The block's output before its final ReLU.
+    fn forward_preact_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let y = self.bn1.forward_relu_t(&self.conv1.forward(x)?, train)?;
         let y = self.bn2.forward_t(&self.conv2.forward(&y)?, train)?;
-        (y + Downsample::forward_t(&self.downsample, x, train)?)?.relu()
+        y + Downsample::forward_t(&self.downsample, x, train)?
     }
 }
 
@@ -179,11 +183,12 @@ impl Bottleneck {
         })
     }
 
-    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+    /// The block's output before its final ReLU.
+    fn forward_preact_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let y = self.bn1.forward_relu_t(&self.conv1.forward(x)?, train)?;
         let y = self.bn2.forward_relu_t(&self.conv2.forward(&y)?, train)?;
         let y = self.bn3.forward_t(&self.conv3.forward(&y)?, train)?;
-        (y + Downsample::forward_t(&self.downsample, x, train)?)?.relu()
+        y + Downsample::forward_t(&self.downsample, x, train)?
     }
 }
 
@@ -201,10 +206,19 @@ impl Block {
         }
     }
 
-    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+    /// The block's output before its final ReLU (the block's output is its ReLU).
+    fn forward_preact_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         match self {
-            Block::Basic(b) => b.forward_t(x, train),
-            Block::Bottleneck(b) => b.forward_t(x, train),
+            Block::Basic(b) => b.forward_preact_t(x, train),
+            Block::Bottleneck(b) => b.forward_preact_t(x, train),
+        }
+    }
+
+    /// The BatchNorm whose output, plus the shortcut, is the block's pre-ReLU output.
+    fn last_bn(&self) -> &BatchNorm2d {
+        match self {
+            Block::Basic(b) => &b.bn2,
+            Block::Bottleneck(b) => &b.bn3,
         }
     }
 }
@@ -354,6 +368,19 @@ impl ResNet {
         out
     }
 
+    /// The scale γ and shift β of the BatchNorm before each stage's last ReLU (stages 1–4): the
+    /// distribution OFD's margins are computed from.
+    pub fn preact_bn_params(&self) -> Vec<(Tensor, Tensor)> {
+        self.stages
+            .iter()
+            .filter_map(|s| s.last())
+            .map(|b| {
+                let [w, bias] = b.last_bn().params();
+                (w.clone(), bias.clone())
+            })
+            .collect()
+    }
+
     /// The learnable tensors of the auxiliary heads (training-only).
     pub fn aux_params(&self) -> Vec<&Tensor> {
         let mut out = Vec::new();
@@ -399,11 +426,16 @@ impl ResNet {
     /// Full forward pass; `train` selects batch statistics (and updates the running ones).
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<ModelOutput> {
         let mut feats = Vec::with_capacity(5);
+        let mut preact = Vec::with_capacity(4);
         let mut y = self.forward_stem(x, train)?;
         feats.push(y.clone());
         for stage in &self.stages {
-            for block in stage {
-                y = block.forward_t(&y, train)?;
+            for (i, block) in stage.iter().enumerate() {
+                let pre = block.forward_preact_t(&y, train)?;
+                y = pre.relu()?;
+                if i + 1 == stage.len() {
+                    preact.push(pre);
+                }
             }
             feats.push(y.clone());
         }
@@ -425,6 +457,7 @@ impl ResNet {
             logits,
             feats,
             pooled,
+            preact,
             aux,
         })
     }

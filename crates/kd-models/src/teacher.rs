@@ -46,6 +46,7 @@ impl Teacher {
             logits: out.logits.detach(),
             feats: out.feats.iter().map(Tensor::detach).collect(),
             pooled: out.pooled.detach(),
+            preact: out.preact.iter().map(Tensor::detach).collect(),
             aux: vec![],
         })
     }

@@ -1,5 +1,5 @@
 //! Registry-wide checks: every architecture × stem, with auxiliary heads — shapes,
-//! `feature_info` against the real feature maps, gradients on every trainable variable and
+//! `feature_info` against the real feature maps, the pre-ReLU stage outputs, gradients on every trainable variable and
 //! none on BN running statistics.
 use candle_core::{DType, Device, Tensor};
 use kd_models::{trainable_resnet, Arch, ResNetConfig, Stem};
@@ -28,6 +28,32 @@ fn shapes_feature_info_and_gradients() {
                 );
             }
             assert_eq!(out.pooled.dims(), &[2, info[4].channels]);
+            // Each stage's pre-ReLU output: the stage's output is its ReLU, and the BN before
+            // it has one (γ, β) per channel.
+            assert_eq!(out.preact.len(), 4, "{tag}");
+            let bns = model.preact_bn_params();
+            assert_eq!(bns.len(), 4, "{tag}");
+            for ((pre, post), (gamma, beta)) in out.preact.iter().zip(&out.feats[1..]).zip(&bns) {
+                assert_eq!(pre.dims(), post.dims(), "{tag}");
+                let diff = (pre.relu().unwrap() - post)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert_eq!(
+                    diff, 0.0,
+                    "{tag}: a stage's output is the ReLU of its pre-activation"
+                );
+                assert!(
+                    pre.min_all().unwrap().to_scalar::<f32>().unwrap() < 0.0,
+                    "{tag}"
+                );
+                assert_eq!(gamma.dims(), &[pre.dim(1).unwrap()], "{tag}");
+                assert_eq!(beta.dims(), &[pre.dim(1).unwrap()], "{tag}");
+            }
             assert_eq!(out.aux.len(), 3);
             for a in &out.aux {
                 assert_eq!(a.logits.dims(), &[2, 7]);

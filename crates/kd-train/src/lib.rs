@@ -5,6 +5,7 @@ pub mod distill;
 mod error;
 pub mod evaluate;
 pub mod metrics;
+pub mod step;
 pub mod trainer;
 
 pub use distill::{
@@ -14,6 +15,7 @@ pub use distill::{
 pub use error::{Result, TrainError};
 pub use evaluate::{evaluate, EvalReport};
 pub use metrics::Accuracy;
+pub use step::{renormalize, step_losses, teacher_forward, StepLosses};
 pub use trainer::{
     export, latest_checkpoint, train, trainable_vars, EpochMetrics, PeerEpoch, PeerSummary,
     RunOptions, Student, Summary, TrainConfig,

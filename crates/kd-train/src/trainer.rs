@@ -13,10 +13,10 @@ use std::time::Instant;
 use candle_core::{Tensor, Var};
 use candle_nn::VarMap;
 use kd_data::Loader;
-use kd_data::Normalize;
-use kd_models::{save_varmap, ModelOutput, ResNet, Teacher, TeacherMeta};
+use kd_models::{save_varmap, ResNet, Teacher, TeacherMeta};
 
-use crate::distill::{Distiller, Outputs, Peer, RunInfo, StepContext};
+use crate::distill::{Distiller, Peer, RunInfo, StepContext};
+use crate::step::{step_losses, teacher_forward};
 use kd_schedulers::{Optimizer, OptimizerConfig, Schedule};
 use serde::{Deserialize, Serialize};
 
@@ -324,23 +324,6 @@ pub fn trainable_vars(vars: &VarMap) -> Vec<(String, Var)> {
     v
 }
 
-/// A copy of `o` cut from the graph.
-fn detached(o: &ModelOutput) -> ModelOutput {
-    ModelOutput {
-        logits: o.logits.detach(),
-        feats: o.feats.iter().map(Tensor::detach).collect(),
-        pooled: o.pooled.detach(),
-        aux: o
-            .aux
-            .iter()
-            .map(|a| kd_models::AuxOutput {
-                logits: a.logits.detach(),
-                pooled: a.pooled.detach(),
-            })
-            .collect(),
-    }
-}
-
 /// Per-epoch running sums of one member.
 struct EpochSums {
     acc: Accuracy,
@@ -424,21 +407,6 @@ impl PendingSums {
         self.images = 0;
         Ok(())
     }
-}
-
-/// The teacher's input from the student's: undo the student's normalisation, apply the teacher's.
-fn renormalize(x: &Tensor, from: &Normalize, to: &Normalize) -> candle_core::Result<Tensor> {
-    if from == to {
-        return Ok(x.clone());
-    }
-    let dev = x.device();
-    let c = |v: [f32; 3]| Tensor::new(&v, dev).and_then(|t| t.reshape((1, 3, 1, 1)));
-    let scale: Vec<f32> = (0..3).map(|i| from.std[i] / to.std[i]).collect();
-    let shift: Vec<f32> = (0..3)
-        .map(|i| (from.mean[i] - to.mean[i]) / to.std[i])
-        .collect();
-    x.broadcast_mul(&c([scale[0], scale[1], scale[2]])?)?
-        .broadcast_add(&c([shift[0], shift[1], shift[2]])?)
 }
 
 /// Trains the student with `method` (and the frozen `teacher`, if any; and the student's peers,
@@ -575,29 +543,12 @@ pub fn train(
             let teacher_out = match teacher {
                 Some(t) => {
                     let tt = Instant::now();
-                    let x = renormalize(
-                        &batch.images,
-                        &student_norm,
-                        &Normalize {
-                            mean: t.meta().mean,
-                            std: t.meta().std,
-                        },
-                    )?;
-                    let o = t.forward(&x)?;
+                    let o = teacher_forward(t, &batch.images, &student_norm)?;
                     // Synchronise so the time is the teacher's, not queued work (a no-op on the CPU).
                     o.logits.device().synchronize()?;
                     teacher_seconds += tt.elapsed().as_secs_f64();
                     Some(o)
                 }
-                None => None,
-            };
-            let outs: Vec<ModelOutput> = members
-                .iter()
-                .map(|m| m.model.forward_t(&batch.images, true))
-                .collect::<candle_core::Result<_>>()?;
-            // The paired images (second view, same-class partner) go through the student only.
-            let paired = match &batch.paired {
-                Some(x) => Some(members[0].model.forward_t(x, true)?),
                 None => None,
             };
             let ctx = StepContext {
@@ -606,20 +557,9 @@ pub fn train(
                 total_steps: total,
                 epochs: cfg.epochs,
             };
-            for (k, m) in members.iter_mut().enumerate() {
-                let others: Vec<ModelOutput> = outs
-                    .iter()
-                    .enumerate()
-                    .filter(|(j, _)| *j != k)
-                    .map(|(_, o)| detached(o))
-                    .collect();
-                let out = Outputs {
-                    student: &outs[k],
-                    teacher: if k == 0 { teacher_out.as_ref() } else { None },
-                    peers: &others,
-                    paired: if k == 0 { paired.as_ref() } else { None },
-                };
-                let terms = method.loss(&ctx, &batch, &out)?;
+            let models: Vec<&ResNet> = members.iter().map(|m| m.model).collect();
+            let step = step_losses(&models, method, &ctx, &batch, teacher_out.as_ref())?;
+            for (k, (m, terms)) in members.iter_mut().zip(&step.terms).enumerate() {
                 let loss = terms.total()?;
                 if on_cpu {
                     // Free on the CPU: stop before a non-finite loss reaches the weights.
@@ -644,7 +584,7 @@ pub fn train(
                     }
                 }
                 m.opt.step(&grads, lr)?;
-                pending[k].add(&terms, &loss, &outs[k].logits, &batch.labels)?;
+                pending[k].add(terms, &loss, &step.outputs[k].logits, &batch.labels)?;
             }
             if on_cpu || (i + 1) % DEVICE_READ_EVERY == 0 {
                 for (p, s) in pending.iter_mut().zip(sums.iter_mut()) {

@@ -139,21 +139,14 @@ impl MethodStep {
 
     fn step(&mut self, teacher: &kd_models::Teacher) -> anyhow::Result<()> {
         let t_out = if self.method.needs_teacher() {
-            Some(teacher.forward(&self.batch.images)?)
+            // The images are taken as CIFAR-10-normalised, as a CIFAR-10 run's loader gives them.
+            Some(kd_train::teacher_forward(
+                teacher,
+                &self.batch.images,
+                &kd_data::Normalize::CIFAR10,
+            )?)
         } else {
             None
-        };
-        let model = &self.student.model;
-        let out = model.forward_t(&self.batch.images, true)?;
-        let paired = match &self.batch.paired {
-            Some(p) => Some(model.forward_t(p, true)?),
-            None => None,
-        };
-        let outputs = kd_train::Outputs {
-            student: &out,
-            teacher: t_out.as_ref(),
-            peers: &[],
-            paired: paired.as_ref(),
         };
         let ctx = kd_train::StepContext {
             epoch: 0,
@@ -161,12 +154,14 @@ impl MethodStep {
             total_steps: 1,
             epochs: 1,
         };
-        let loss = self
-            .student
-            .distiller
-            .loss(&ctx, &self.batch, &outputs)?
-            .total()?;
-        self.opt.step(&loss.backward()?, 0.01)?;
+        let step = kd_train::step_losses(
+            &[&self.student.model],
+            self.student.distiller.as_ref(),
+            &ctx,
+            &self.batch,
+            t_out.as_ref(),
+        )?;
+        self.opt.step(&step.terms[0].total()?.backward()?, 0.01)?;
         Ok(())
     }
 }

@@ -367,7 +367,7 @@ fn batch_on(b: &kd_data::Batch, dev: &Device) -> anyhow::Result<kd_data::Batch> 
 /// the same starting state; the loss and the gradients of all student variables, the method's
 /// own parts included, must agree.
 fn check_methods(c: &mut Checks, dev: &Device) -> anyhow::Result<()> {
-    use kd_train::{build_student, MethodConfig, Outputs, RunInfo, StepContext};
+    use kd_train::{build_student, MethodConfig, RunInfo, StepContext};
     let classes = 4;
     let tcfg = ResNetConfig {
         base_width: 4,
@@ -418,25 +418,13 @@ fn check_methods(c: &mut Checks, dev: &Device) -> anyhow::Result<()> {
                 seed: 0,
                 device: d.clone(),
             })?;
-            let out = built.model.forward_t(&batch.images, true)?;
             let t_out = match teacher {
-                Some(t) => Some(t.forward(&batch.images)?),
+                Some(t) => Some(kd_train::teacher_forward(
+                    t,
+                    &batch.images,
+                    &Normalize::CIFAR10,
+                )?),
                 None => None,
-            };
-            let peers = built
-                .peers
-                .iter()
-                .map(|p| p.model.forward_t(&batch.images, true))
-                .collect::<candle_core::Result<Vec<_>>>()?;
-            let paired = match &batch.paired {
-                Some(x) => Some(built.model.forward_t(x, true)?),
-                None => None,
-            };
-            let outputs = Outputs {
-                student: &out,
-                teacher: t_out.as_ref(),
-                peers: &peers,
-                paired: paired.as_ref(),
             };
             let ctx = StepContext {
                 epoch: 0,
@@ -444,7 +432,17 @@ fn check_methods(c: &mut Checks, dev: &Device) -> anyhow::Result<()> {
                 total_steps: 1,
                 epochs: 1,
             };
-            let loss = built.distiller.loss(&ctx, &batch, &outputs)?.total()?;
+            let models: Vec<&kd_models::ResNet> = std::iter::once(&built.model)
+                .chain(built.peers.iter().map(|p| &p.model))
+                .collect();
+            let step = kd_train::step_losses(
+                &models,
+                built.distiller.as_ref(),
+                &ctx,
+                &batch,
+                t_out.as_ref(),
+            )?;
+            let loss = step.terms[0].total()?;
             let grads = loss.backward()?;
             let data = built.vars.data().lock().expect("var map lock");
             let mut named: Vec<(String, Tensor)> = data

@@ -290,6 +290,7 @@ mod tests {
             logits: Tensor::zeros((b, 3), DType::F32, &Device::Cpu).unwrap(),
             feats: Vec::new(),
             pooled: pooled.clone(),
+            preact: Vec::new(),
             aux: Vec::new(),
         }
     }

@@ -23,6 +23,7 @@ mod hinton;
 mod mutual;
 mod none;
 mod nst;
+mod ofd;
 mod offline_self;
 mod pkt;
 mod pskd;
@@ -275,6 +276,12 @@ pub enum MethodConfig {
         /// Weight of the NLL terms (1 in RepDistiller's benchmark).
         weight: f64,
     },
+    /// OFD (Heo et al. 2019): each stage's pre-ReLU output through a connector, drawn to the
+    /// teacher's by a partial L2 that ignores what the teacher's ReLU hides (below a margin).
+    Ofd {
+        /// Weight of the summed stage distances per image (1e-3, the authors' `/ 1000`).
+        weight: f64,
+    },
     /// ReviewKD (Chen et al. 2021): attention-based fusion of the student's levels, deepest
     /// first, compared with the teacher's levels by the hierarchical context loss.
     Reviewkd {
@@ -379,6 +386,7 @@ impl MethodConfig {
                 | MethodConfig::At { .. }
                 | MethodConfig::Nst { .. }
                 | MethodConfig::Vid { .. }
+                | MethodConfig::Ofd { .. }
                 | MethodConfig::Reviewkd { .. }
                 | MethodConfig::Rkd { .. }
                 | MethodConfig::Sp { .. }
@@ -432,6 +440,7 @@ impl MethodConfig {
             MethodConfig::At { .. } => "at",
             MethodConfig::Nst { .. } => "nst",
             MethodConfig::Vid { .. } => "vid",
+            MethodConfig::Ofd { .. } => "ofd",
             MethodConfig::Reviewkd { .. } => "reviewkd",
             MethodConfig::Rkd { .. } => "rkd",
             MethodConfig::Sp { .. } => "sp",
@@ -468,6 +477,8 @@ impl MethodConfig {
             "at" => MethodConfig::At { weight: 1000.0 },
             "nst" => MethodConfig::Nst { weight: 50.0 },
             "vid" => MethodConfig::Vid { weight: 1.0 },
+            // The authors' CIFAR code: `loss_distill.sum() / batch_size / 1000`.
+            "ofd" => MethodConfig::Ofd { weight: 1e-3 },
             "reviewkd" => MethodConfig::Reviewkd {
                 weight: 1.0,
                 warmup_epochs: 20.0,
@@ -521,9 +532,9 @@ impl MethodConfig {
     }
 
     /// Every method name, for `--help` and `kd-runner list`.
-    pub const NAMES: [&'static str; 18] = [
-        "none", "kd", "dkd", "fitnet", "at", "nst", "vid", "reviewkd", "rkd", "sp", "pkt", "crd",
-        "byot", "kd_byot", "dml", "two_view", "cs_kd", "pskd",
+    pub const NAMES: [&'static str; 19] = [
+        "none", "kd", "dkd", "fitnet", "at", "nst", "vid", "ofd", "reviewkd", "rkd", "sp", "pkt",
+        "crd", "byot", "kd_byot", "dml", "two_view", "cs_kd", "pskd",
     ];
 
     /// Builds the method for `student` (and `teacher`), creating its trainable parts under
@@ -612,6 +623,13 @@ impl MethodConfig {
                 teacher.expect("checked above").model(),
                 weight,
                 vb.pp("distill").pp("vid"),
+            )?),
+            MethodConfig::Ofd { weight } => Box::new(ofd::Ofd::new(
+                ce,
+                student,
+                teacher.expect("checked above").model(),
+                weight,
+                vb.pp("distill").pp("ofd"),
             )?),
             MethodConfig::Rkd {
                 distance_weight,

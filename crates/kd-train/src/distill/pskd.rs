@@ -165,6 +165,7 @@ mod tests {
             logits: logits.clone(),
             feats: vec![],
             pooled: logits,
+            preact: vec![],
             aux: vec![],
         }
     }

@@ -1,0 +1,136 @@
+//! The forward passes and loss terms of one training step, wired once: the trainer, `kd-runner
+//! bench` (which times a step) and `kd-runner selfcheck` (which compares a step on the device
+//! with the CPU) all call these, so that what is timed and checked is what trains.
+use candle_core::{Result, Tensor};
+use kd_data::{Batch, Normalize};
+use kd_models::{ModelOutput, ResNet, Teacher};
+
+use crate::distill::{Distiller, LossTerms, Outputs, StepContext};
+
+/// The teacher's outputs on a batch normalised for the student: the images are renormalised
+/// from the student's statistics to the teacher's (they may differ, e.g. an ImageNet-normalised
+/// teacher), then go through the frozen teacher.
+pub fn teacher_forward(
+    teacher: &Teacher,
+    images: &Tensor,
+    student: &Normalize,
+) -> Result<ModelOutput> {
+    let x = renormalize(
+        images,
+        student,
+        &Normalize {
+            mean: teacher.meta().mean,
+            std: teacher.meta().std,
+        },
+    )?;
+    teacher.forward(&x)
+}
+
+/// `x` normalised by `from` re-expressed as normalised by `to`: undo one, apply the other.
+pub fn renormalize(x: &Tensor, from: &Normalize, to: &Normalize) -> Result<Tensor> {
+    if from == to {
+        return Ok(x.clone());
+    }
+    let dev = x.device();
+    let c = |v: [f32; 3]| Tensor::new(&v, dev).and_then(|t| t.reshape((1, 3, 1, 1)));
+    let scale: [f32; 3] = std::array::from_fn(|i| from.std[i] / to.std[i]);
+    let shift: [f32; 3] = std::array::from_fn(|i| (from.mean[i] - to.mean[i]) / to.std[i]);
+    x.broadcast_mul(&c(scale)?)?.broadcast_add(&c(shift)?)
+}
+
+/// What one step computed for each network it trains.
+pub struct StepLosses {
+    /// Each network's train-mode outputs on the batch (the student first, then the peers), with
+    /// their graphs.
+    pub outputs: Vec<ModelOutput>,
+    /// Each network's loss terms, in the same order.
+    pub terms: Vec<LossTerms>,
+}
+
+/// Runs the train-mode forward passes of one step and the method's loss for each network:
+/// `models[0]` is the student, the others are the peers of an online method. The student sees
+/// `teacher` (already computed, detached) and its own outputs on the batch's paired images; each
+/// network sees the others' outputs detached.
+pub fn step_losses(
+    models: &[&ResNet],
+    method: &dyn Distiller,
+    ctx: &StepContext,
+    batch: &Batch,
+    teacher: Option<&ModelOutput>,
+) -> Result<StepLosses> {
+    let outputs: Vec<ModelOutput> = models
+        .iter()
+        .map(|m| m.forward_t(&batch.images, true))
+        .collect::<Result<_>>()?;
+    // The paired images (second view, same-class partner) go through the student only.
+    let paired = match (&batch.paired, models.first()) {
+        (Some(x), Some(m)) => Some(m.forward_t(x, true)?),
+        _ => None,
+    };
+    let mut terms = Vec::with_capacity(models.len());
+    for k in 0..outputs.len() {
+        let others: Vec<ModelOutput> = outputs
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != k)
+            .map(|(_, o)| detached(o))
+            .collect();
+        let out = Outputs {
+            student: &outputs[k],
+            teacher: if k == 0 { teacher } else { None },
+            peers: &others,
+            paired: if k == 0 { paired.as_ref() } else { None },
+        };
+        terms.push(method.loss(ctx, batch, &out)?);
+    }
+    Ok(StepLosses { outputs, terms })
+}
+
+/// A copy of `o` cut from the graph.
+fn detached(o: &ModelOutput) -> ModelOutput {
+    ModelOutput {
+        logits: o.logits.detach(),
+        feats: o.feats.iter().map(Tensor::detach).collect(),
+        pooled: o.pooled.detach(),
+        preact: o.preact.iter().map(Tensor::detach).collect(),
+        aux: o
+            .aux
+            .iter()
+            .map(|a| kd_models::AuxOutput {
+                logits: a.logits.detach(),
+                pooled: a.pooled.detach(),
+            })
+            .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn renormalize_maps_one_normalisation_onto_the_other() -> Result<()> {
+        let from = Normalize {
+            mean: [0.4, 0.5, 0.6],
+            std: [0.2, 0.25, 0.3],
+        };
+        let to = Normalize {
+            mean: [0.485, 0.456, 0.406],
+            std: [0.229, 0.224, 0.225],
+        };
+        // Raw pixel values p, normalised both ways by hand.
+        let p = [0.0f32, 0.3, 1.0];
+        let by = |n: &Normalize| -> Vec<f32> {
+            (0..3)
+                .flat_map(|c| p.iter().map(move |v| (v - n.mean[c]) / n.std[c]))
+                .collect()
+        };
+        let x = Tensor::from_vec(by(&from), (1, 3, 1, 3), &Device::Cpu)?;
+        let got: Vec<f32> = renormalize(&x, &from, &to)?.flatten_all()?.to_vec1()?;
+        for (g, w) in got.iter().zip(by(&to)) {
+            assert!((g - w).abs() < 1e-5, "{got:?} vs {:?}", by(&to));
+        }
+        Ok(())
+    }
+}
