@@ -1,8 +1,9 @@
 //! Losses for classification and knowledge distillation on candle: cross-entropy (label
-//! smoothing, mixup), Hinton KD, decoupled KD (DKD), FitNets hints, attention transfer, RKD,
-//! similarity-preserving KD, probabilistic knowledge transfer (PKT), contrastive representation
-//! distillation (CRD), neuron selectivity transfer (NST), variational information distillation
-//! (VID) and ReviewKD's hierarchical context loss (HCL).
+//! smoothing, mixup), Hinton KD, decoupled KD (DKD), DIST's correlation terms, FitNets hints,
+//! attention transfer, RKD, similarity-preserving KD, probabilistic knowledge transfer (PKT),
+//! correlation congruence (CC), contrastive representation distillation (CRD), neuron
+//! selectivity transfer (NST), variational information distillation (VID), the overhaul of
+//! feature distillation (OFD) and ReviewKD's hierarchical context loss (HCL).
 //!
 //! ```
 //! use candle_core::{Device, Tensor};
@@ -16,6 +17,7 @@
 
 pub mod classification;
 pub mod contrastive;
+pub mod correlation;
 pub mod decoupled;
 pub mod feature;
 pub mod hinton;
@@ -23,6 +25,7 @@ pub mod relation;
 
 pub use classification::{cross_entropy, mixed_cross_entropy, one_hot};
 pub use contrastive::{contrast_scores, l2_normalize, momentum_update, nce_loss};
+pub use correlation::{dist_terms, pearson_rows};
 pub use decoupled::{dkd_loss, dkd_terms, DecoupledTerms};
 pub use feature::{
     align_spatial, attention_loss, attention_map, hcl_loss, hint_loss, nst_loss, ofd_loss,
@@ -30,8 +33,8 @@ pub use feature::{
 };
 pub use hinton::kd_loss;
 pub use relation::{
-    pkt_loss, pkt_probabilities, rkd_angle_loss, rkd_distance_loss, similarity_matrix, smooth_l1,
-    sp_loss,
+    cc_loss, pkt_loss, pkt_probabilities, rkd_angle_loss, rkd_distance_loss, similarity_matrix,
+    smooth_l1, sp_loss,
 };
 
 /// The README's examples, compiled and run as doc tests.

@@ -1,9 +1,9 @@
 //! Relation-based distillation: RKD distance and angle terms (Park et al. 2019) and probabilistic
 //! knowledge transfer (Passalis & Tefas 2018) on embeddings, and similarity-preserving KD
-//! (Tung & Mori 2019) on batch Gram matrices.
+//! (Tung & Mori 2019) on batch Gram matrices, and correlation congruence (Peng et al. 2019).
 //! Norms clamp the squared value before the square root: `√` of an exact 0 has an infinite
 //! derivative, and candle turns 0·∞ into NaN gradients.
-use candle_core::{Result, Tensor, D};
+use candle_core::{bail, Result, Tensor, D};
 
 /// Huber loss with δ = 1 (PyTorch's `smooth_l1_loss`), mean over elements.
 pub fn smooth_l1(a: &Tensor, b: &Tensor) -> Result<Tensor> {
@@ -106,4 +106,24 @@ pub fn pkt_loss(student: &Tensor, teacher: &Tensor) -> Result<Tensor> {
     let pt = pkt_probabilities(&teacher.detach())?;
     let ratio = ((&pt + PKT_EPS)?.log()? - (ps + PKT_EPS)?.log()?)?;
     (pt * ratio)?.mean_all()
+}
+
+/// Correlation congruence, CC (Peng et al. 2019), as RepDistiller's `Correlation` computes it (the
+/// code the authors shared with RepDistiller, which its CC benchmark numbers come from; not the
+/// paper's Taylor-expanded Gaussian kernel): with `δ = |s − t|` per sample (B, D), the mean over
+/// the B − 1 consecutive pairs of samples of `Σ_d δ_i,d · δ_{i+1},d`. The embeddings share their
+/// width. Both sides keep their gradients: in CC both embeddings come from trained projections.
+pub fn cc_loss(student: &Tensor, teacher: &Tensor) -> Result<Tensor> {
+    if student.dims() != teacher.dims() || student.rank() != 2 || student.dim(0)? < 2 {
+        bail!(
+            "cc: student {:?} and teacher {:?} embeddings must be equal (B, D) with B ≥ 2",
+            student.dims(),
+            teacher.dims()
+        );
+    }
+    let b = student.dim(0)?;
+    let delta = (student - teacher)?.abs()?;
+    (delta.narrow(0, 0, b - 1)? * delta.narrow(0, 1, b - 1)?)?
+        .sum(1)?
+        .mean_all()
 }

@@ -1,11 +1,12 @@
-//! DKD, PKT, NST, VID, OFD and ReviewKD's HCL against PyTorch's values and gradients (`tests/fixtures/losses.safetensors`,
+//! DKD, DIST, PKT, CC, NST, VID, OFD and ReviewKD's HCL against PyTorch's values and gradients (`tests/fixtures/losses.safetensors`,
 //! made by `tools/fixtures/make_loss_fixtures.py`, which computes both the way the reference
 //! implementations do — probabilities, `torch.log` — while kd-losses works in log space).
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor, Var};
 use kd_losses::{
-    dkd_terms, hcl_loss, nst_loss, ofd_loss, ofd_margins, pkt_loss, vid_loss, vid_variance,
+    cc_loss, dist_terms, dkd_terms, hcl_loss, nst_loss, ofd_loss, ofd_margins, pkt_loss, vid_loss,
+    vid_variance,
 };
 
 fn fixtures() -> HashMap<String, Tensor> {
@@ -169,6 +170,87 @@ fn vid_matches_pytorch() {
 }
 
 /// HCL at 8×8 (three pooled terms), 4×4 (two), 2×2 (one) and 1×1 (the plain MSE).
+/// DIST's inter- and intra-class terms at its CIFAR setting (β = γ = 2, τ = 4), its ImageNet
+/// one (1, 1, 1) on 100 classes, and a sharp teacher; the gradient of β·inter + γ·intra.
+#[test]
+fn dist_matches_pytorch() {
+    let f = fixtures();
+    let all = cases(&f, "dist");
+    for (case, prefix) in all.iter().enumerate() {
+        let p = |k: &str| get(&f, &format!("{prefix}{k}"));
+        let params: Vec<f64> = p("params").to_vec1().unwrap();
+        let (beta, gamma, tau) = (params[0], params[1], params[2]);
+        for (dtype, tol) in [(DType::F64, 1e-10), (DType::F32, 1e-5)] {
+            let s = Var::from_tensor(&p("student").to_dtype(dtype).unwrap()).unwrap();
+            let t = p("teacher").to_dtype(dtype).unwrap();
+            let (inter, intra) = dist_terms(s.as_tensor(), &t, tau).unwrap();
+            for (got, key) in [(&inter, "inter"), (&intra, "intra")] {
+                let (g, w) = (scalar(got), scalar(&p(key)));
+                assert!(
+                    (g - w).abs() <= tol * w.abs().max(1e-3),
+                    "dist case {case} {dtype:?} {key}: {g} vs PyTorch {w}"
+                );
+            }
+            let total = ((inter * beta).unwrap() + (intra * gamma).unwrap()).unwrap();
+            let grads = total.backward().unwrap();
+            let e = rel_err(grads.get(s.as_tensor()).unwrap(), &p("grad"));
+            assert!(
+                e <= tol * 10.0,
+                "dist case {case} {dtype:?} gradient: {e:e}"
+            );
+        }
+    }
+    assert_eq!(all.len(), 3, "dist fixture cases");
+}
+
+/// Identical predictions are perfectly correlated: both terms are 0 but for the authors' ε in
+/// the denominator; reversed logits are anti-correlated: more than τ². Mismatched shapes are
+/// refused.
+#[test]
+fn dist_rewards_correlation() {
+    let z = Tensor::new(&[[1f64, 2.0, 0.5], [0.0, -1.0, 3.0]], &Device::Cpu).unwrap();
+    let (inter, intra) = dist_terms(&z, &z, 4.0).unwrap();
+    assert!(
+        scalar(&inter).abs() < 1e-3 && scalar(&intra).abs() < 1e-3,
+        "{} {}",
+        scalar(&inter),
+        scalar(&intra)
+    );
+    let (inter, intra) = dist_terms(&z, &z.neg().unwrap(), 4.0).unwrap();
+    assert!(scalar(&inter) > 16.0 && scalar(&intra) > 16.0);
+    let other = Tensor::zeros((2, 4), DType::F64, &Device::Cpu).unwrap();
+    assert!(dist_terms(&z, &other, 1.0).is_err());
+}
+
+/// CC as RepDistiller computes it, with the gradients of both embeddings (both are trained
+/// projections); two samples is the smallest batch with a consecutive pair.
+#[test]
+fn cc_matches_pytorch() {
+    let f = fixtures();
+    let all = cases(&f, "cc");
+    for (case, prefix) in all.iter().enumerate() {
+        let p = |k: &str| get(&f, &format!("{prefix}{k}"));
+        for (dtype, tol) in [(DType::F64, 1e-10), (DType::F32, 1e-5)] {
+            let s = Var::from_tensor(&p("student").to_dtype(dtype).unwrap()).unwrap();
+            let t = Var::from_tensor(&p("teacher").to_dtype(dtype).unwrap()).unwrap();
+            let value = cc_loss(s.as_tensor(), t.as_tensor()).unwrap();
+            let (g, w) = (scalar(&value), scalar(&p("loss")));
+            assert!(
+                (g - w).abs() <= tol * w.abs(),
+                "cc case {case} {dtype:?}: {g} vs PyTorch {w}"
+            );
+            let grads = value.backward().unwrap();
+            for (var, key) in [(&s, "grad"), (&t, "grad_teacher")] {
+                let e = rel_err(grads.get(var.as_tensor()).unwrap(), &p(key));
+                assert!(e <= tol * 10.0, "cc case {case} {dtype:?} {key}: {e:e}");
+            }
+        }
+    }
+    assert_eq!(all.len(), 3, "cc fixture cases");
+    let one = Tensor::ones((1, 4), DType::F32, &Device::Cpu).unwrap();
+    assert!(cc_loss(&one, &one).is_err(), "one sample has no pair");
+}
+
 /// OFD's margins (the authors' `get_margin_from_BN`: a negative scale, a tail below 0.1 %,
 /// negative shifts) and its partial L2 distance with the PyTorch margins (f64, 1e-10) and with
 /// kd's own (f32).

@@ -15,7 +15,6 @@ use std::sync::Mutex;
 use candle_core::{bail, DType, Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 use kd_data::Batch;
-use kd_models::ResNet;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -79,11 +78,6 @@ impl Crd {
             embed_teacher: candle_nn::linear(teacher_width, d, vb.pp("teacher").pp("fc"))?,
             banks: Mutex::new(None),
         })
-    }
-
-    /// The pooled width of a network (its last stage's channels).
-    pub fn pooled_width(m: &ResNet) -> usize {
-        m.feature_info().last().map_or(0, |f| f.channels)
     }
 }
 

@@ -13,8 +13,10 @@ use serde::{Deserialize, Serialize};
 
 mod attention;
 mod byot;
+mod cc;
 mod crd;
 mod cs_kd;
+mod dist;
 mod dkd;
 mod fitnet;
 #[cfg(test)]
@@ -139,6 +141,11 @@ impl<'a> Outputs<'a> {
     }
 }
 
+/// The width of a network's pooled embedding (its last stage's channels).
+fn pooled_width(m: &ResNet) -> usize {
+    m.feature_info().last().map_or(0, |f| f.channels)
+}
+
 /// The paired outputs, or an error naming the method that needed them.
 fn paired_outputs<'a>(method: &str, paired: Option<&'a ModelOutput>) -> Result<&'a ModelOutput> {
     paired.ok_or_else(|| candle_core::Error::Msg(format!("{method} needs paired images: build its loader with LoaderConfig::pair = MethodConfig::pairing()")))
@@ -253,6 +260,16 @@ pub enum MethodConfig {
         /// Epochs of the linear ramp of the distillation weight (0: none).
         warmup_epochs: f64,
     },
+    /// DIST (Huang et al. 2022): CE + β·inter-class + γ·intra-class relation, each τ²·(1 −
+    /// mean Pearson correlation) of the student's and the teacher's softened predictions.
+    Dist {
+        /// Weight β of the inter-class term (per image, across classes).
+        beta: f64,
+        /// Weight γ of the intra-class term (per class, across the batch).
+        gamma: f64,
+        /// Temperature τ.
+        temperature: f64,
+    },
     /// FitNets (Romero et al. 2015): CE + weight·MSE(regressor(student stage), teacher stage).
     Fitnet {
         /// Feature index (0 = stem, 1–4 = stages) hinted.
@@ -316,6 +333,14 @@ pub enum MethodConfig {
         temperature: f64,
         /// Momentum of the memory banks (0.5).
         momentum: f64,
+    },
+    /// Correlation congruence, CC (Peng et al. 2019), as RepDistiller computes it, on linear
+    /// projections of both pooled embeddings.
+    Cc {
+        /// Weight of the CC term (0.02 in RepDistiller's benchmark).
+        weight: f64,
+        /// Width of the projections (128).
+        feature_dim: usize,
     },
     /// Similarity-preserving KD (Tung & Mori 2019) on the last stage.
     Sp {
@@ -382,6 +407,7 @@ impl MethodConfig {
             self,
             MethodConfig::Kd { .. }
                 | MethodConfig::Dkd { .. }
+                | MethodConfig::Dist { .. }
                 | MethodConfig::Fitnet { .. }
                 | MethodConfig::At { .. }
                 | MethodConfig::Nst { .. }
@@ -391,6 +417,7 @@ impl MethodConfig {
                 | MethodConfig::Rkd { .. }
                 | MethodConfig::Sp { .. }
                 | MethodConfig::Pkt { .. }
+                | MethodConfig::Cc { .. }
                 | MethodConfig::Crd { .. }
                 | MethodConfig::KdByot { .. }
         )
@@ -436,6 +463,7 @@ impl MethodConfig {
             MethodConfig::None => "none",
             MethodConfig::Kd { .. } => "kd",
             MethodConfig::Dkd { .. } => "dkd",
+            MethodConfig::Dist { .. } => "dist",
             MethodConfig::Fitnet { .. } => "fitnet",
             MethodConfig::At { .. } => "at",
             MethodConfig::Nst { .. } => "nst",
@@ -445,6 +473,7 @@ impl MethodConfig {
             MethodConfig::Rkd { .. } => "rkd",
             MethodConfig::Sp { .. } => "sp",
             MethodConfig::Pkt { .. } => "pkt",
+            MethodConfig::Cc { .. } => "cc",
             MethodConfig::Crd { .. } => "crd",
             MethodConfig::Byot { .. } => "byot",
             MethodConfig::KdByot { .. } => "kd_byot",
@@ -470,6 +499,12 @@ impl MethodConfig {
                 temperature: 4.0,
                 warmup_epochs: 20.0,
             },
+            // The paper's CIFAR-100 setting.
+            "dist" => MethodConfig::Dist {
+                beta: 2.0,
+                gamma: 2.0,
+                temperature: 4.0,
+            },
             "fitnet" => MethodConfig::Fitnet {
                 stage: 2,
                 weight: 1.0,
@@ -489,6 +524,11 @@ impl MethodConfig {
             },
             "sp" => MethodConfig::Sp { weight: 3000.0 },
             "pkt" => MethodConfig::Pkt { weight: 30000.0 },
+            // RepDistiller's CIFAR-100 runs (`--distill correlation -a 0 -b 0.02`).
+            "cc" => MethodConfig::Cc {
+                weight: 0.02,
+                feature_dim: 128,
+            },
             // RepDistiller's CIFAR-100 runs (`--distill crd -a 0 -b 0.8`).
             "crd" => MethodConfig::Crd {
                 weight: 0.8,
@@ -532,9 +572,9 @@ impl MethodConfig {
     }
 
     /// Every method name, for `--help` and `kd-runner list`.
-    pub const NAMES: [&'static str; 19] = [
-        "none", "kd", "dkd", "fitnet", "at", "nst", "vid", "ofd", "reviewkd", "rkd", "sp", "pkt",
-        "crd", "byot", "kd_byot", "dml", "two_view", "cs_kd", "pskd",
+    pub const NAMES: [&'static str; 21] = [
+        "none", "kd", "dkd", "dist", "fitnet", "at", "nst", "vid", "ofd", "reviewkd", "rkd", "sp",
+        "pkt", "cc", "crd", "byot", "kd_byot", "dml", "two_view", "cs_kd", "pskd",
     ];
 
     /// Builds the method for `student` (and `teacher`), creating its trainable parts under
@@ -584,6 +624,23 @@ impl MethodConfig {
                     beta,
                     temperature,
                     warmup_epochs,
+                })
+            }
+            MethodConfig::Dist {
+                beta,
+                gamma,
+                temperature,
+            } => {
+                if temperature.is_nan() || temperature <= 0.0 {
+                    candle_core::bail!(
+                        "method dist: temperature must be positive, got {temperature}"
+                    );
+                }
+                Box::new(dist::Dist {
+                    ce,
+                    beta,
+                    gamma,
+                    temperature,
                 })
             }
             MethodConfig::Fitnet { stage, weight } => {
@@ -641,6 +698,22 @@ impl MethodConfig {
             }),
             MethodConfig::Sp { weight } => Box::new(sp::Sp { ce, weight }),
             MethodConfig::Pkt { weight } => Box::new(pkt::Pkt { ce, weight }),
+            MethodConfig::Cc {
+                weight,
+                feature_dim,
+            } => {
+                if feature_dim == 0 {
+                    candle_core::bail!("method cc: feature_dim must be at least 1");
+                }
+                Box::new(cc::Cc::new(
+                    ce,
+                    pooled_width(student),
+                    pooled_width(teacher.expect("checked above").model()),
+                    feature_dim,
+                    weight,
+                    vb.pp("distill").pp("cc"),
+                )?)
+            }
             MethodConfig::Crd {
                 weight,
                 feature_dim,
@@ -658,8 +731,8 @@ impl MethodConfig {
                 }
                 Box::new(crd::Crd::new(
                     ce,
-                    crd::Crd::pooled_width(student),
-                    crd::Crd::pooled_width(teacher.expect("checked above").model()),
+                    pooled_width(student),
+                    pooled_width(teacher.expect("checked above").model()),
                     CrdParams {
                         weight,
                         feature_dim,
