@@ -33,7 +33,7 @@ pub struct TrainArgs {
     /// method.alpha (kd, kd_byot, dkd, pskd).
     #[arg(long)]
     pub alpha: Option<f64>,
-    /// method.temperature (kd, kd_byot, dkd, dml, two_view, cs_kd).
+    /// method.temperature (kd, kd_byot, dkd, dist, dml, two_view, cs_kd).
     #[arg(long)]
     pub temperature: Option<f64>,
     /// A peer trained beside the student (dml), ARCH[:STEM[:WIDTH]]; repeat for more peers.
@@ -149,12 +149,13 @@ impl TrainArgs {
             MethodConfig::Dml { temperature, .. }
             | MethodConfig::TwoView { temperature, .. }
             | MethodConfig::CsKd { temperature, .. }
+            | MethodConfig::Dist { temperature, .. }
                 if self.alpha.is_none() =>
             {
                 set(temperature, self.temperature);
             }
             _ if self.alpha.is_some() || self.temperature.is_some() => {
-                bail!("--alpha applies to kd, kd_byot, dkd and pskd, --temperature to kd, kd_byot, dkd, dml, two_view and cs_kd; not to {}", cfg.method.name())
+                bail!("--alpha applies to kd, kd_byot, dkd and pskd, --temperature to kd, kd_byot, dkd, dist, dml, two_view and cs_kd; not to {}", cfg.method.name())
             }
             _ => {}
         }

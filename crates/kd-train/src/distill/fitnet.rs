@@ -1,6 +1,10 @@
-//! FitNets (Romero et al. 2015, "FitNets: Hints for Thin Deep Nets"): a learnable 1×1 conv + BN
-//! regressor maps a student stage onto the matching teacher stage; MSE after average-pooling the
-//! larger map to the smaller one's resolution (stems differ: 32/16/8/4 px vs 16/8/4/2 px).
+//! FitNets (Romero et al. 2015, "FitNets: Hints for Thin Deep Nets"): a learnable regressor
+//! (1×1 conv, BN, ReLU — the teacher's stage output it predicts is post-ReLU) maps a student stage
+//! onto the matching teacher stage; MSE after average-pooling the larger map to the smaller one's
+//! resolution (stems differ: 32/16/8/4 px vs 16/8/4/2 px). Trained in one stage with the
+//! cross-entropy, weight 100 on the middle stage, as RepDistiller's and mdistiller's CIFAR
+//! benchmarks (`ConvReg`, β = 100); where their maps differ in size they use a strided or
+//! transposed convolution instead of the pooling.
 use candle_core::{Module, Result};
 use candle_nn::{Conv2d, VarBuilder};
 use kd_data::Batch;
@@ -64,7 +68,7 @@ impl Distiller for FitNet {
         let teacher = super::teacher_outputs(self.name(), teacher)?;
         let mapped = self
             .bn
-            .forward_t(&self.conv.forward(&student.feats[self.stage])?, true)?;
+            .forward_relu_t(&self.conv.forward(&student.feats[self.stage])?, true)?;
         let (s, t) = kd_losses::align_spatial(&mapped, &teacher.feats[self.stage])?;
         let mut terms = LossTerms::default();
         terms.push("loss_ce", self.ce.of(&student.logits, batch)?);

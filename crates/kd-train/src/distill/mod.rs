@@ -505,9 +505,10 @@ impl MethodConfig {
                 gamma: 2.0,
                 temperature: 4.0,
             },
+            // RepDistiller's and mdistiller's CIFAR-100 benchmarks (`--distill hint -b 100`).
             "fitnet" => MethodConfig::Fitnet {
                 stage: 2,
-                weight: 1.0,
+                weight: 100.0,
             },
             "at" => MethodConfig::At { weight: 1000.0 },
             "nst" => MethodConfig::Nst { weight: 50.0 },
