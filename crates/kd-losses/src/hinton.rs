@@ -1,7 +1,9 @@
 //! Response-based distillation (Hinton, Vinyals & Dean 2015):
 //! `T² · KL(softmax(t/T) ‖ softmax(s/T))`, averaged over the batch. The direction is teacher ‖
 //! student — the teacher's distribution is the target — and the T² factor keeps gradient
-//! magnitudes comparable across temperatures.
+//! magnitudes comparable across temperatures. Optionally on standardised logits (Sun et al. 2024,
+//! "Logit Standardization in Knowledge Distillation"): each sample's logits as z-scores, so the
+//! student matches the teacher's logit relations without having to match their scale.
 use candle_core::{Result, Tensor, D};
 use candle_nn::ops::{log_softmax, softmax};
 
@@ -13,4 +15,20 @@ pub fn kd_loss(student: &Tensor, teacher: &Tensor, t: f64) -> Result<Tensor> {
     let logp_s = log_softmax(&(student / t)?, D::Minus1)?;
     let kl = (p_t * (logp_t - logp_s)?)?.sum(D::Minus1)?;
     kl.mean_all()? * (t * t)
+}
+
+/// Each row's logits as z-scores, `(z − mean) / (1e-7 + std)` with the unbiased standard
+/// deviation over the classes, as Sun et al. 2024's code (`torch.std`). Needs at least two
+/// classes.
+pub fn standardize_logits(z: &Tensor) -> Result<Tensor> {
+    let k = z.dim(D::Minus1)?;
+    if k < 2 {
+        candle_core::bail!(
+            "standardize_logits: {:?} has {k} class; the standard deviation needs at least 2",
+            z.dims()
+        );
+    }
+    let centred = z.broadcast_sub(&z.mean_keepdim(D::Minus1)?)?;
+    let std = (centred.sqr()?.sum_keepdim(D::Minus1)? / (k - 1) as f64)?.sqrt()?;
+    centred.broadcast_div(&(std + 1e-7)?)
 }

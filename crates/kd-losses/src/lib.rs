@@ -1,5 +1,5 @@
 //! Losses for classification and knowledge distillation on candle: cross-entropy (label
-//! smoothing, mixup), Hinton KD, decoupled KD (DKD), DIST's correlation terms, FitNets hints,
+//! smoothing, mixup), Hinton KD (optionally on standardised logits), decoupled KD (DKD), DIST's correlation terms, FitNets hints,
 //! attention transfer, RKD, similarity-preserving KD, probabilistic knowledge transfer (PKT),
 //! correlation congruence (CC), contrastive representation distillation (CRD), neuron
 //! selectivity transfer (NST), variational information distillation (VID), the overhaul of
@@ -31,7 +31,7 @@ pub use feature::{
     align_spatial, attention_loss, attention_map, hcl_loss, hint_loss, nst_loss, ofd_loss,
     ofd_margins, vid_loss, vid_variance,
 };
-pub use hinton::kd_loss;
+pub use hinton::{kd_loss, standardize_logits};
 pub use relation::{
     cc_loss, pkt_loss, pkt_probabilities, rkd_angle_loss, rkd_distance_loss, similarity_matrix,
     smooth_l1, sp_loss,

@@ -1,12 +1,12 @@
-//! DKD, DIST, PKT, CC, NST, VID, OFD and ReviewKD's HCL against PyTorch's values and gradients (`tests/fixtures/losses.safetensors`,
+//! DKD, KD on standardised logits, DIST, PKT, CC, NST, VID, OFD and ReviewKD's HCL against PyTorch's values and gradients (`tests/fixtures/losses.safetensors`,
 //! made by `tools/fixtures/make_loss_fixtures.py`, which computes both the way the reference
 //! implementations do — probabilities, `torch.log` — while kd-losses works in log space).
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor, Var};
 use kd_losses::{
-    cc_loss, dist_terms, dkd_terms, hcl_loss, nst_loss, ofd_loss, ofd_margins, pkt_loss, vid_loss,
-    vid_variance,
+    cc_loss, dist_terms, dkd_terms, hcl_loss, kd_loss, nst_loss, ofd_loss, ofd_margins, pkt_loss,
+    standardize_logits, vid_loss, vid_variance,
 };
 
 fn fixtures() -> HashMap<String, Tensor> {
@@ -170,6 +170,51 @@ fn vid_matches_pytorch() {
 }
 
 /// HCL at 8×8 (three pooled terms), 4×4 (two), 2×2 (one) and 1×1 (the plain MSE).
+/// Hinton KD on standardised logits (Sun et al. 2024) at T = 2, 4 and 1, with a student whose
+/// logits are ten times the teacher's scale and one a tenth of it, and two classes.
+#[test]
+fn kd_on_standardised_logits_matches_pytorch() {
+    let f = fixtures();
+    let all = cases(&f, "kd_ls");
+    for (case, prefix) in all.iter().enumerate() {
+        let p = |k: &str| get(&f, &format!("{prefix}{k}"));
+        let temp = scalar(&p("params"));
+        for (dtype, tol) in [(DType::F64, 1e-10), (DType::F32, 1e-4)] {
+            let s = Var::from_tensor(&p("student").to_dtype(dtype).unwrap()).unwrap();
+            let t = p("teacher").to_dtype(dtype).unwrap();
+            let value = kd_loss(
+                &standardize_logits(s.as_tensor()).unwrap(),
+                &standardize_logits(&t).unwrap(),
+                temp,
+            )
+            .unwrap();
+            let (g, w) = (scalar(&value), scalar(&p("loss")));
+            assert!(
+                (g - w).abs() <= tol * w.abs(),
+                "kd_ls case {case} {dtype:?}: {g} vs PyTorch {w}"
+            );
+            let grads = value.backward().unwrap();
+            let e = rel_err(grads.get(s.as_tensor()).unwrap(), &p("grad"));
+            assert!(
+                e <= tol * 10.0,
+                "kd_ls case {case} {dtype:?} gradient: {e:e}"
+            );
+        }
+    }
+    assert_eq!(all.len(), 3, "kd_ls fixture cases");
+    // Scale-free: logits times 5 plus a shift standardise to the same z-scores.
+    let z = Tensor::new(&[[1f64, -2.0, 0.5, 3.0]], &Device::Cpu).unwrap();
+    let moved = ((&z * 5.0).unwrap() + 7.0).unwrap();
+    let d = (standardize_logits(&z).unwrap() - standardize_logits(&moved).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap();
+    assert!(scalar(&d) < 1e-6);
+    assert!(standardize_logits(&Tensor::ones((2, 1), DType::F32, &Device::Cpu).unwrap()).is_err());
+}
+
 /// DIST's inter- and intra-class terms at its CIFAR setting (β = γ = 2, τ = 4), its ImageNet
 /// one (1, 1, 1) on 100 classes, and a sharp teacher; the gradient of β·inter + γ·intra.
 #[test]

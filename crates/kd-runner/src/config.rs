@@ -562,9 +562,20 @@ mod tests {
             c.method,
             MethodConfig::Kd {
                 alpha: 0.9,
-                temperature: 2.0
+                temperature: 2.0,
+                standardize: false
             }
         );
+        // A key with a default (absent from the preset's table) is still a typed key.
+        c.set("method.standardize=true").unwrap();
+        assert!(matches!(
+            c.method,
+            MethodConfig::Kd {
+                standardize: true,
+                ..
+            }
+        ));
+        assert!(c.set("method.standardize=yes").is_err());
         let err = c
             .set("method.weight=1")
             .map_err(|e| format!("{e:#}"))

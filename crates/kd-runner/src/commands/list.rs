@@ -8,10 +8,10 @@ use crate::config::ExperimentConfig;
 pub fn describe(method: &str) -> &'static str {
     match method {
         "none" => "baseline: cross-entropy only, no distillation",
-        "kd" => "offline, response: Hinton et al. 2015, (1−α)·CE + α·T²·KL(teacher ‖ student)",
+        "kd" => "offline, response: Hinton et al. 2015, (1−α)·CE + α·T²·KL(teacher ‖ student); standardize = true z-scores the logits first (Sun et al. 2024)",
         "dkd" => "offline, response: decoupled KD (Zhao et al. 2022), α·target-class + β·non-target-class KL",
         "dist" => "offline, response: DIST (Huang et al. 2022), Pearson correlation of predictions across classes and across the batch",
-        "fitnet" => "offline, feature: FitNets hints (Romero et al. 2015), 1×1 conv + BN regressor, MSE",
+        "fitnet" => "offline, feature: FitNets hints (Romero et al. 2015), 1×1 conv + BN + ReLU regressor, MSE",
         "at" => "offline, feature: attention transfer (Zagoruyko & Komodakis 2017), stages 1–4",
         "nst" => "offline, feature: neuron selectivity transfer (Huang & Wang 2017), polynomial-kernel MMD of channel maps, stages 1–4",
         "vid" => "offline, feature: variational information distillation (Ahn et al. 2019), Gaussian NLL of teacher features, stages 1–4",

@@ -135,7 +135,9 @@ impl TrainArgs {
             cfg.method = MethodConfig::preset(name).expect("clap checked the name");
         }
         match &mut cfg.method {
-            MethodConfig::Kd { alpha, temperature }
+            MethodConfig::Kd {
+                alpha, temperature, ..
+            }
             | MethodConfig::KdByot {
                 alpha, temperature, ..
             }

@@ -247,6 +247,10 @@ pub enum MethodConfig {
         alpha: f64,
         /// Temperature.
         temperature: f64,
+        /// Z-score each image's logits on both sides first (logit standardisation, Sun et al.
+        /// 2024); off by default.
+        #[serde(default)]
+        standardize: bool,
     },
     /// Decoupled KD (Zhao et al. 2022): CE + w·(α·TCKD + β·NCKD), w ramping to 1 over the
     /// first `warmup_epochs` epochs.
@@ -491,6 +495,7 @@ impl MethodConfig {
             "kd" => MethodConfig::Kd {
                 alpha: 0.9,
                 temperature: 4.0,
+                standardize: false,
             },
             // mdistiller's CIFAR-100 defaults (its ResNet32x4 → ResNet8x4 setting).
             "dkd" => MethodConfig::Dkd {
@@ -601,10 +606,15 @@ impl MethodConfig {
         };
         Ok(match *self {
             MethodConfig::None => Box::new(ce),
-            MethodConfig::Kd { alpha, temperature } => Box::new(hinton::Hinton {
+            MethodConfig::Kd {
+                alpha,
+                temperature,
+                standardize,
+            } => Box::new(hinton::Hinton {
                 ce,
                 alpha,
                 temperature,
+                standardize,
             }),
             MethodConfig::Dkd {
                 alpha,
@@ -764,6 +774,7 @@ impl MethodConfig {
                     ce,
                     alpha,
                     temperature,
+                    standardize: false,
                 },
                 byot: byot::Byot {
                     ce,
