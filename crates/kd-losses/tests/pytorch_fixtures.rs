@@ -1,4 +1,5 @@
-//! DKD, KD on standardised logits, DIST, PKT, CC, NST, VID, OFD and ReviewKD's HCL against PyTorch's values and gradients (`tests/fixtures/losses.safetensors`,
+//! DKD, KD on standardised logits, DIST, PKT, CC, NST, VID, OFD and ReviewKD's HCL against
+//! PyTorch's values and gradients (`tests/fixtures/losses.safetensors`,
 //! made by `tools/fixtures/make_loss_fixtures.py`, which computes both the way the reference
 //! implementations do — probabilities, `torch.log` — while kd-losses works in log space).
 use std::collections::HashMap;
@@ -95,36 +96,74 @@ fn dkd_matches_pytorch() {
     assert_eq!(dkd.len(), 3, "fixture cases");
 }
 
-/// Every case of a loss of (student, teacher) named `loss` in the fixture, in f64 (1e-10) and
-/// in f32 (`f32_tol`): the value, and the student's gradient within ten times the tolerance.
-fn check_pair_loss(
+/// What one case computed: values to compare with the fixture and the leaves whose gradients
+/// of `objective` are compared, each with its fixture key.
+struct Computed {
+    values: Vec<(Tensor, &'static str)>,
+    objective: Tensor,
+    leaves: Vec<(Var, &'static str)>,
+}
+
+impl Computed {
+    /// One loss value (key `loss`), differentiated with respect to `leaves`.
+    fn loss(value: Tensor, leaves: Vec<(Var, &'static str)>) -> Self {
+        Computed {
+            values: vec![(value.clone(), "loss")],
+            objective: value,
+            leaves,
+        }
+    }
+}
+
+/// A fixture tensor of the case as a leaf in `dtype`.
+fn leaf(p: &dyn Fn(&str) -> Tensor, key: &str, dtype: DType) -> Var {
+    Var::from_tensor(&p(key).to_dtype(dtype).unwrap()).unwrap()
+}
+
+/// Every case of `loss` in the fixture, in f64 (1e-10) and in f32 (`f32_tol`): each value
+/// within the tolerance (relative, absolute below 1e-3) and each gradient within ten times it.
+/// `compute` gets the case's tensors (by key) and the dtype.
+fn check_cases(
     loss: &str,
     expected_cases: usize,
     f32_tol: f64,
-    compute: impl Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>,
+    compute: impl Fn(&dyn Fn(&str) -> Tensor, DType) -> Computed,
 ) {
     let f = fixtures();
     let all = cases(&f, loss);
     for (case, prefix) in all.iter().enumerate() {
         let p = |k: &str| get(&f, &format!("{prefix}{k}"));
         for (dtype, tol) in [(DType::F64, 1e-10), (DType::F32, f32_tol)] {
-            let s = Var::from_tensor(&p("student").to_dtype(dtype).unwrap()).unwrap();
-            let teacher = p("teacher").to_dtype(dtype).unwrap();
-            let value = compute(s.as_tensor(), &teacher).unwrap();
-            let (g, w) = (scalar(&value), scalar(&p("loss")));
-            assert!(
-                (g - w).abs() <= tol * w.abs(),
-                "{loss} case {case} {dtype:?}: {g} vs PyTorch {w}"
-            );
-            let grads = value.backward().unwrap();
-            let e = rel_err(grads.get(s.as_tensor()).unwrap(), &p("grad"));
-            assert!(
-                e <= tol * 10.0,
-                "{loss} case {case} {dtype:?} gradient: {e:e}"
-            );
+            let c = compute(&p, dtype);
+            for (value, key) in &c.values {
+                let (g, w) = (scalar(value), scalar(&p(key)));
+                assert!(
+                    (g - w).abs() <= tol * w.abs().max(1e-3),
+                    "{loss} case {case} {dtype:?} {key}: {g} vs PyTorch {w}"
+                );
+            }
+            let grads = c.objective.backward().unwrap();
+            for (var, key) in &c.leaves {
+                let e = rel_err(grads.get(var.as_tensor()).unwrap(), &p(key));
+                assert!(e <= tol * 10.0, "{loss} case {case} {dtype:?} {key}: {e:e}");
+            }
         }
     }
     assert_eq!(all.len(), expected_cases, "{loss} fixture cases");
+}
+
+/// [`check_cases`] for a loss of (student, teacher) whose student gradient is `grad`.
+fn check_pair_loss(
+    loss: &str,
+    expected_cases: usize,
+    f32_tol: f64,
+    compute: impl Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>,
+) {
+    check_cases(loss, expected_cases, f32_tol, |p, dtype| {
+        let s = leaf(p, "student", dtype);
+        let value = compute(s.as_tensor(), &p("teacher").to_dtype(dtype).unwrap()).unwrap();
+        Computed::loss(value, vec![(s, "grad")])
+    });
 }
 
 #[test]
@@ -143,30 +182,15 @@ fn nst_matches_pytorch() {
 /// gradients reach both the regressed mean and the variance's parameter.
 #[test]
 fn vid_matches_pytorch() {
-    let f = fixtures();
-    let vid = cases(&f, "vid");
-    for (case, prefix) in vid.iter().enumerate() {
-        let p = |k: &str| get(&f, &format!("{prefix}{k}"));
+    check_cases("vid", 2, 1e-5, |p, dtype| {
         let params = p("params").to_vec1::<f64>().unwrap();
-        for (dtype, tol) in [(DType::F64, 1e-10), (DType::F32, 1e-5)] {
-            let mean = Var::from_tensor(&p("student").to_dtype(dtype).unwrap()).unwrap();
-            let log_scale = Var::from_tensor(&p("log_scale").to_dtype(dtype).unwrap()).unwrap();
-            let teacher = p("teacher").to_dtype(dtype).unwrap();
-            let var = vid_variance(log_scale.as_tensor(), params[0], params[1]).unwrap();
-            let loss = vid_loss(mean.as_tensor(), &teacher, &var).unwrap();
-            let (g, w) = (scalar(&loss), scalar(&p("loss")));
-            assert!(
-                (g - w).abs() <= tol * w.abs(),
-                "case {case} {dtype:?}: {g} vs PyTorch {w}"
-            );
-            let grads = loss.backward().unwrap();
-            for (x, want) in [(&mean, "grad"), (&log_scale, "grad_log_scale")] {
-                let e = rel_err(grads.get(x.as_tensor()).unwrap(), &p(want));
-                assert!(e <= tol * 10.0, "case {case} {dtype:?} {want}: {e:e}");
-            }
-        }
-    }
-    assert_eq!(vid.len(), 2, "fixture cases");
+        let mean = leaf(p, "student", dtype);
+        let log_scale = leaf(p, "log_scale", dtype);
+        let var = vid_variance(log_scale.as_tensor(), params[0], params[1]).unwrap();
+        let teacher = p("teacher").to_dtype(dtype).unwrap();
+        let loss = vid_loss(mean.as_tensor(), &teacher, &var).unwrap();
+        Computed::loss(loss, vec![(mean, "grad"), (log_scale, "grad_log_scale")])
+    });
 }
 
 /// HCL at 8×8 (three pooled terms), 4×4 (two), 2×2 (one) and 1×1 (the plain MSE).
@@ -174,34 +198,17 @@ fn vid_matches_pytorch() {
 /// logits are ten times the teacher's scale and one a tenth of it, and two classes.
 #[test]
 fn kd_on_standardised_logits_matches_pytorch() {
-    let f = fixtures();
-    let all = cases(&f, "kd_ls");
-    for (case, prefix) in all.iter().enumerate() {
-        let p = |k: &str| get(&f, &format!("{prefix}{k}"));
-        let temp = scalar(&p("params"));
-        for (dtype, tol) in [(DType::F64, 1e-10), (DType::F32, 1e-4)] {
-            let s = Var::from_tensor(&p("student").to_dtype(dtype).unwrap()).unwrap();
-            let t = p("teacher").to_dtype(dtype).unwrap();
-            let value = kd_loss(
-                &standardize_logits(s.as_tensor()).unwrap(),
-                &standardize_logits(&t).unwrap(),
-                temp,
-            )
-            .unwrap();
-            let (g, w) = (scalar(&value), scalar(&p("loss")));
-            assert!(
-                (g - w).abs() <= tol * w.abs(),
-                "kd_ls case {case} {dtype:?}: {g} vs PyTorch {w}"
-            );
-            let grads = value.backward().unwrap();
-            let e = rel_err(grads.get(s.as_tensor()).unwrap(), &p("grad"));
-            assert!(
-                e <= tol * 10.0,
-                "kd_ls case {case} {dtype:?} gradient: {e:e}"
-            );
-        }
-    }
-    assert_eq!(all.len(), 3, "kd_ls fixture cases");
+    check_cases("kd_ls", 3, 1e-4, |p, dtype| {
+        let s = leaf(p, "student", dtype);
+        let t = p("teacher").to_dtype(dtype).unwrap();
+        let value = kd_loss(
+            &standardize_logits(s.as_tensor()).unwrap(),
+            &standardize_logits(&t).unwrap(),
+            scalar(&p("params")),
+        )
+        .unwrap();
+        Computed::loss(value, vec![(s, "grad")])
+    });
     // Scale-free: logits times 5 plus a shift standardise to the same z-scores.
     let z = Tensor::new(&[[1f64, -2.0, 0.5, 3.0]], &Device::Cpu).unwrap();
     let moved = ((&z * 5.0).unwrap() + 7.0).unwrap();
@@ -219,33 +226,19 @@ fn kd_on_standardised_logits_matches_pytorch() {
 /// one (1, 1, 1) on 100 classes, and a sharp teacher; the gradient of β·inter + γ·intra.
 #[test]
 fn dist_matches_pytorch() {
-    let f = fixtures();
-    let all = cases(&f, "dist");
-    for (case, prefix) in all.iter().enumerate() {
-        let p = |k: &str| get(&f, &format!("{prefix}{k}"));
+    check_cases("dist", 3, 1e-5, |p, dtype| {
         let params: Vec<f64> = p("params").to_vec1().unwrap();
         let (beta, gamma, tau) = (params[0], params[1], params[2]);
-        for (dtype, tol) in [(DType::F64, 1e-10), (DType::F32, 1e-5)] {
-            let s = Var::from_tensor(&p("student").to_dtype(dtype).unwrap()).unwrap();
-            let t = p("teacher").to_dtype(dtype).unwrap();
-            let (inter, intra) = dist_terms(s.as_tensor(), &t, tau).unwrap();
-            for (got, key) in [(&inter, "inter"), (&intra, "intra")] {
-                let (g, w) = (scalar(got), scalar(&p(key)));
-                assert!(
-                    (g - w).abs() <= tol * w.abs().max(1e-3),
-                    "dist case {case} {dtype:?} {key}: {g} vs PyTorch {w}"
-                );
-            }
-            let total = ((inter * beta).unwrap() + (intra * gamma).unwrap()).unwrap();
-            let grads = total.backward().unwrap();
-            let e = rel_err(grads.get(s.as_tensor()).unwrap(), &p("grad"));
-            assert!(
-                e <= tol * 10.0,
-                "dist case {case} {dtype:?} gradient: {e:e}"
-            );
+        let s = leaf(p, "student", dtype);
+        let t = p("teacher").to_dtype(dtype).unwrap();
+        let (inter, intra) = dist_terms(s.as_tensor(), &t, tau).unwrap();
+        let objective = ((&inter * beta).unwrap() + (&intra * gamma).unwrap()).unwrap();
+        Computed {
+            values: vec![(inter, "inter"), (intra, "intra")],
+            objective,
+            leaves: vec![(s, "grad")],
         }
-    }
-    assert_eq!(all.len(), 3, "dist fixture cases");
+    });
 }
 
 /// Identical predictions are perfectly correlated: both terms are 0 but for the authors' ε in
@@ -271,27 +264,12 @@ fn dist_rewards_correlation() {
 /// projections); two samples is the smallest batch with a consecutive pair.
 #[test]
 fn cc_matches_pytorch() {
-    let f = fixtures();
-    let all = cases(&f, "cc");
-    for (case, prefix) in all.iter().enumerate() {
-        let p = |k: &str| get(&f, &format!("{prefix}{k}"));
-        for (dtype, tol) in [(DType::F64, 1e-10), (DType::F32, 1e-5)] {
-            let s = Var::from_tensor(&p("student").to_dtype(dtype).unwrap()).unwrap();
-            let t = Var::from_tensor(&p("teacher").to_dtype(dtype).unwrap()).unwrap();
-            let value = cc_loss(s.as_tensor(), t.as_tensor()).unwrap();
-            let (g, w) = (scalar(&value), scalar(&p("loss")));
-            assert!(
-                (g - w).abs() <= tol * w.abs(),
-                "cc case {case} {dtype:?}: {g} vs PyTorch {w}"
-            );
-            let grads = value.backward().unwrap();
-            for (var, key) in [(&s, "grad"), (&t, "grad_teacher")] {
-                let e = rel_err(grads.get(var.as_tensor()).unwrap(), &p(key));
-                assert!(e <= tol * 10.0, "cc case {case} {dtype:?} {key}: {e:e}");
-            }
-        }
-    }
-    assert_eq!(all.len(), 3, "cc fixture cases");
+    check_cases("cc", 3, 1e-5, |p, dtype| {
+        let s = leaf(p, "student", dtype);
+        let t = leaf(p, "teacher", dtype);
+        let value = cc_loss(s.as_tensor(), t.as_tensor()).unwrap();
+        Computed::loss(value, vec![(s, "grad"), (t, "grad_teacher")])
+    });
     let one = Tensor::ones((1, 4), DType::F32, &Device::Cpu).unwrap();
     assert!(cc_loss(&one, &one).is_err(), "one sample has no pair");
 }
@@ -301,33 +279,22 @@ fn cc_matches_pytorch() {
 /// kd's own (f32).
 #[test]
 fn ofd_matches_pytorch() {
-    let f = fixtures();
-    let all = cases(&f, "ofd");
-    for (case, prefix) in all.iter().enumerate() {
-        let p = |k: &str| get(&f, &format!("{prefix}{k}"));
+    check_cases("ofd", 2, 1e-5, |p, dtype| {
         let vec = |k: &str| p(k).to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap();
         let margins = ofd_margins(&vec("gamma"), &vec("beta")).unwrap();
-        let margins = Tensor::new(margins.as_slice(), &candle_core::Device::Cpu).unwrap();
+        let margins = Tensor::new(margins.as_slice(), &Device::Cpu).unwrap();
         let e = rel_err(&margins, &p("margin"));
-        assert!(e < 1e-6, "ofd case {case}: margins off by {e:e}");
-        for (dtype, tol, margin) in [
-            (DType::F64, 1e-10, p("margin")),
-            (DType::F32, 1e-5, margins.clone()),
-        ] {
-            let s = Var::from_tensor(&p("student").to_dtype(dtype).unwrap()).unwrap();
-            let t = p("teacher").to_dtype(dtype).unwrap();
-            let value = ofd_loss(s.as_tensor(), &t, &margin.to_dtype(dtype).unwrap()).unwrap();
-            let (g, w) = (scalar(&value), scalar(&p("loss")));
-            assert!(
-                (g - w).abs() <= tol * w.abs(),
-                "ofd case {case} {dtype:?}: {g} vs PyTorch {w}"
-            );
-            let grads = value.backward().unwrap();
-            let e = rel_err(grads.get(s.as_tensor()).unwrap(), &p("grad"));
-            assert!(e <= tol * 10.0, "ofd case {case} {dtype:?} gradient: {e:e}");
-        }
-    }
-    assert_eq!(all.len(), 2, "ofd fixture cases");
+        assert!(e < 1e-6, "ofd margins off by {e:e}");
+        // f64 takes PyTorch's margins (the formula alone), f32 kd's own.
+        let margin = match dtype {
+            DType::F64 => p("margin"),
+            _ => margins.to_dtype(dtype).unwrap(),
+        };
+        let s = leaf(p, "student", dtype);
+        let t = p("teacher").to_dtype(dtype).unwrap();
+        let value = ofd_loss(s.as_tensor(), &t, &margin).unwrap();
+        Computed::loss(value, vec![(s, "grad")])
+    });
 }
 
 /// The margin's closed forms: N(0, 1) gives `E[x | x < 0] = −√(2/π)`; a scale of 0 is the
