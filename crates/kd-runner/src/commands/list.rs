@@ -9,7 +9,7 @@ pub fn describe(method: &str) -> &'static str {
     match method {
         "none" => "baseline: cross-entropy only, no distillation",
         "kd" => "offline, response: Hinton et al. 2015, (1−α)·CE + α·T²·KL(teacher ‖ student); standardize = true z-scores the logits first (Sun et al. 2024)",
-        "dkd" => "offline, response: decoupled KD (Zhao et al. 2022), α·target-class + β·non-target-class KL",
+        "dkd" => "offline, response: decoupled KD (Zhao et al. 2022), α·target-class + β·non-target-class KL; standardize = true as for kd",
         "dist" => "offline, response: DIST (Huang et al. 2022), Pearson correlation of predictions across classes and across the batch",
         "fitnet" => "offline, feature: FitNets hints (Romero et al. 2015), 1×1 conv + BN + ReLU regressor, MSE",
         "at" => "offline, feature: attention transfer (Zagoruyko & Komodakis 2017), stages 1–4",

@@ -2,7 +2,8 @@
 //! Distillation"): `CE + w(epoch)·(α·TCKD + β·NCKD)`, where w ramps linearly to 1 over the first
 //! `warmup_epochs` epochs as in the authors' mdistiller (`min(epoch / warmup, 1)`, epochs counted
 //! from 1). Under mixup the target class of a sample is its dominant label (λ ≥ ½: the image's own,
-//! otherwise its partner's); the supervised term stays the mixed cross-entropy.
+//! otherwise its partner's); the supervised term stays the mixed cross-entropy. With
+//! `standardize`, both sides' logits are z-scored per image first (Sun et al. 2024).
 use candle_core::{Result, Tensor};
 use kd_data::Batch;
 
@@ -22,6 +23,8 @@ pub struct Dkd {
     pub temperature: f64,
     /// Epochs over which the distillation weight ramps up to 1 (0: none).
     pub warmup_epochs: f64,
+    /// Z-score each image's logits on both sides before the temperature.
+    pub standardize: bool,
 }
 
 impl Dkd {
@@ -48,12 +51,15 @@ impl Distiller for Dkd {
     fn loss(&self, ctx: &StepContext, batch: &Batch, out: &Outputs) -> Result<LossTerms> {
         let student = out.student;
         let teacher = super::teacher_outputs(self.name(), out.teacher)?;
-        let terms = kd_losses::dkd_terms(
-            &student.logits,
-            &teacher.logits,
-            target_labels(batch),
-            self.temperature,
-        )?;
+        let (s, t) = if self.standardize {
+            (
+                kd_losses::standardize_logits(&student.logits)?,
+                kd_losses::standardize_logits(&teacher.logits)?,
+            )
+        } else {
+            (student.logits.clone(), teacher.logits.clone())
+        };
+        let terms = kd_losses::dkd_terms(&s, &t, target_labels(batch), self.temperature)?;
         let w = self.warmup_factor(ctx.epoch);
         let mut t = LossTerms::default();
         t.push("loss_ce", self.ce.of(&student.logits, batch)?);
@@ -75,6 +81,7 @@ mod tests {
             beta: 8.0,
             temperature: 4.0,
             warmup_epochs,
+            standardize: false,
         }
     }
 
@@ -106,5 +113,57 @@ mod tests {
         assert_eq!(labels(&batch(Some(0.7))), [1, 2]);
         assert_eq!(labels(&batch(Some(0.5))), [1, 2]);
         assert_eq!(labels(&batch(Some(0.3))), [3, 0]);
+    }
+
+    /// A student whose logits are the teacher's scaled by 10 and shifted: both DKD terms vanish
+    /// with standardisation (the same z-scores), and not without it.
+    #[test]
+    fn standardised_dkd_ignores_the_logit_scale() {
+        let dev = Device::Cpu;
+        let t = Tensor::new(&[[1f32, -0.5, 2.0, 0.0], [0.3, 0.1, -1.0, 1.5]], &dev).unwrap();
+        let s = ((&t * 10.0).unwrap() + 3.0).unwrap();
+        let out = |logits: Tensor| kd_models::ModelOutput {
+            pooled: logits.clone(),
+            logits,
+            feats: vec![],
+            preact: vec![],
+            aux: vec![],
+        };
+        let (so, to) = (out(s), out(t));
+        let batch = Batch {
+            images: Tensor::zeros((2, 3, 2, 2), candle_core::DType::F32, &dev).unwrap(),
+            labels: Tensor::new(&[2u32, 3], &dev).unwrap(),
+            mix: None,
+            indices: vec![0, 1],
+            paired: None,
+            contrast: None,
+        };
+        let ctx = StepContext {
+            epoch: 0,
+            step: 0,
+            total_steps: 1,
+            epochs: 1,
+        };
+        let distil = |standardize| -> f32 {
+            let m = Dkd {
+                standardize,
+                ..dkd(0.0)
+            };
+            let outputs = Outputs {
+                student: &so,
+                teacher: Some(&to),
+                peers: &[],
+                paired: None,
+            };
+            let terms = m.loss(&ctx, &batch, &outputs).unwrap();
+            terms
+                .terms
+                .iter()
+                .filter(|(n, _)| n != "loss_ce")
+                .map(|(_, v)| v.to_scalar::<f32>().unwrap())
+                .sum()
+        };
+        assert!(distil(true).abs() < 1e-4, "standardised: {}", distil(true));
+        assert!(distil(false) > 0.1, "plain: {}", distil(false));
     }
 }

@@ -263,6 +263,10 @@ pub enum MethodConfig {
         temperature: f64,
         /// Epochs of the linear ramp of the distillation weight (0: none).
         warmup_epochs: f64,
+        /// Z-score each image's logits on both sides first (logit standardisation, Sun et al.
+        /// 2024); off by default.
+        #[serde(default)]
+        standardize: bool,
     },
     /// DIST (Huang et al. 2022): CE + β·inter-class + γ·intra-class relation, each τ²·(1 −
     /// mean Pearson correlation) of the student's and the teacher's softened predictions.
@@ -503,6 +507,7 @@ impl MethodConfig {
                 beta: 8.0,
                 temperature: 4.0,
                 warmup_epochs: 20.0,
+                standardize: false,
             },
             // The paper's CIFAR-100 setting.
             "dist" => MethodConfig::Dist {
@@ -621,6 +626,7 @@ impl MethodConfig {
                 beta,
                 temperature,
                 warmup_epochs,
+                standardize,
             } => {
                 if temperature.is_nan()
                     || temperature <= 0.0
@@ -635,6 +641,7 @@ impl MethodConfig {
                     beta,
                     temperature,
                     warmup_epochs,
+                    standardize,
                 })
             }
             MethodConfig::Dist {
