@@ -509,7 +509,7 @@ impl MethodConfig {
                 warmup_epochs: 20.0,
                 standardize: false,
             },
-            // The paper's CIFAR-100 setting.
+            // The CIFAR-100 setting as we read the paper.
             "dist" => MethodConfig::Dist {
                 beta: 2.0,
                 gamma: 2.0,
