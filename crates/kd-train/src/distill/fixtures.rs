@@ -1,8 +1,13 @@
 //! PyTorch fixtures for the methods' unit tests (`tests/fixtures/*.safetensors`, made by
-//! `tools/fixtures/make_loss_fixtures.py`) and the comparisons they share.
+//! `tools/fixtures/make_loss_fixtures.py`), the comparisons they share, and a toy step for
+//! logit-based methods.
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
+use kd_data::Batch;
+use kd_models::ModelOutput;
+
+use super::{Distiller, Outputs, StepContext};
 
 /// A fixture file's tensors by key.
 pub type Fixture = HashMap<String, Tensor>;
@@ -48,4 +53,49 @@ pub fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f64::max)
         / scale
+}
+
+/// The distillation terms (every term but `loss_ce`), summed, of `method`'s step on two images
+/// whose student logits are the teacher's scaled by 10 and shifted by 3: the teacher's
+/// relations at another scale.
+pub fn distillation_of_a_scaled_copy(method: &dyn Distiller) -> f32 {
+    let dev = Device::Cpu;
+    let t = Tensor::new(&[[1f32, -0.5, 2.0, 0.0], [0.3, 0.1, -1.0, 1.5]], &dev).unwrap();
+    let s = ((&t * 10.0).unwrap() + 3.0).unwrap();
+    let output = |logits: Tensor| ModelOutput {
+        pooled: logits.clone(),
+        logits,
+        feats: vec![],
+        preact: vec![],
+        aux: vec![],
+    };
+    let (student, teacher) = (output(s), output(t));
+    let batch = Batch {
+        images: Tensor::zeros((2, 3, 2, 2), DType::F32, &dev).unwrap(),
+        labels: Tensor::new(&[2u32, 3], &dev).unwrap(),
+        mix: None,
+        indices: vec![0, 1],
+        paired: None,
+        contrast: None,
+    };
+    let ctx = StepContext {
+        epoch: 0,
+        step: 0,
+        total_steps: 1,
+        epochs: 1,
+    };
+    let out = Outputs {
+        student: &student,
+        teacher: Some(&teacher),
+        peers: &[],
+        paired: None,
+    };
+    method
+        .loss(&ctx, &batch, &out)
+        .unwrap()
+        .terms
+        .iter()
+        .filter(|(name, _)| name != "loss_ce")
+        .map(|(_, v)| v.to_scalar::<f32>().unwrap())
+        .sum()
 }

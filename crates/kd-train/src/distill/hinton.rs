@@ -53,57 +53,19 @@ impl Distiller for Hinton {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{DType, Device, Tensor};
-    use kd_models::ModelOutput;
+    use crate::distill::fixtures::distillation_of_a_scaled_copy;
 
-    fn output(logits: Tensor) -> ModelOutput {
-        ModelOutput {
-            pooled: logits.clone(),
-            logits,
-            feats: vec![],
-            preact: vec![],
-            aux: vec![],
-        }
-    }
-
-    /// A student whose logits are the teacher's, scaled by 10 and shifted, has the teacher's
-    /// relations but not its scale: standardised KD is (nearly) 0, plain KD is not.
+    /// A student whose logits are the teacher's scaled and shifted has the teacher's relations
+    /// but not its scale: standardised KD is (nearly) 0, plain KD is not.
     #[test]
     fn standardised_kd_ignores_the_logit_scale() {
-        let dev = Device::Cpu;
-        let t = Tensor::new(&[[1f32, -0.5, 2.0, 0.0], [0.3, 0.1, -1.0, 1.5]], &dev).unwrap();
-        let s = ((&t * 10.0).unwrap() + 3.0).unwrap();
-        let batch = Batch {
-            images: Tensor::zeros((2, 3, 2, 2), DType::F32, &dev).unwrap(),
-            labels: Tensor::new(&[2u32, 3], &dev).unwrap(),
-            mix: None,
-            indices: vec![0, 1],
-            paired: None,
-            contrast: None,
-        };
-        let ctx = StepContext {
-            epoch: 0,
-            step: 0,
-            total_steps: 1,
-            epochs: 1,
-        };
-        let (so, to) = (output(s), output(t));
-        let out = Outputs {
-            student: &so,
-            teacher: Some(&to),
-            peers: &[],
-            paired: None,
-        };
         let kd = |standardize| {
-            let m = Hinton {
+            distillation_of_a_scaled_copy(&Hinton {
                 ce: CrossEntropy { smoothing: 0.0 },
                 alpha: 1.0,
                 temperature: 4.0,
                 standardize,
-            };
-            let terms = m.loss(&ctx, &batch, &out).unwrap();
-            let (_, v) = terms.terms.iter().find(|(n, _)| n == "loss_kd").unwrap();
-            v.to_scalar::<f32>().unwrap()
+            })
         };
         assert!(kd(true) < 1e-5, "standardised: {}", kd(true));
         assert!(kd(false) > 0.1, "plain: {}", kd(false));
