@@ -148,12 +148,7 @@ impl MethodStep {
         } else {
             None
         };
-        let ctx = kd_train::StepContext {
-            epoch: 0,
-            step: 0,
-            total_steps: 1,
-            epochs: 1,
-        };
+        let ctx = kd_train::StepContext::one_step();
         let step = kd_train::step_losses(
             &[&self.student.model],
             self.student.distiller.as_ref(),

@@ -406,6 +406,7 @@ fn check_methods(c: &mut Checks, dev: &Device) -> anyhow::Result<()> {
             augment: kd_data::Augment::STANDARD,
             ..LoaderConfig::eval(16, Normalize::CIFAR10)
         };
+        let normalize = lcfg.normalize;
         let loader = Loader::new(split.clone(), lcfg, Device::Cpu)?;
         let batch = loader.epoch(0, 0).next().expect("one batch")?;
         let run = |d: &Device, teacher: &kd_models::Teacher| -> anyhow::Result<StepResult> {
@@ -419,19 +420,10 @@ fn check_methods(c: &mut Checks, dev: &Device) -> anyhow::Result<()> {
                 device: d.clone(),
             })?;
             let t_out = match teacher {
-                Some(t) => Some(kd_train::teacher_forward(
-                    t,
-                    &batch.images,
-                    &Normalize::CIFAR10,
-                )?),
+                Some(t) => Some(kd_train::teacher_forward(t, &batch.images, &normalize)?),
                 None => None,
             };
-            let ctx = StepContext {
-                epoch: 0,
-                step: 0,
-                total_steps: 1,
-                epochs: 1,
-            };
+            let ctx = StepContext::one_step();
             let models: Vec<&kd_models::ResNet> = std::iter::once(&built.model)
                 .chain(built.peers.iter().map(|p| &p.model))
                 .collect();

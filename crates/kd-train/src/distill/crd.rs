@@ -405,12 +405,7 @@ mod tests {
         let (crd, _) = crd(&f);
         let (mut batch, feat_s, feat_t) = step_inputs(&f, 0);
         let (s_out, t_out) = (output(feat_s.as_tensor()), output(&feat_t));
-        let ctx = StepContext {
-            epoch: 0,
-            step: 0,
-            total_steps: 1,
-            epochs: 1,
-        };
+        let ctx = StepContext::one_step();
         let with_teacher = Outputs {
             teacher: Some(&t_out),
             ..Outputs::student(&s_out)

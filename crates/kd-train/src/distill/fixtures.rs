@@ -78,12 +78,7 @@ pub fn distillation_of_a_scaled_copy(method: &dyn Distiller) -> f32 {
         paired: None,
         contrast: None,
     };
-    let ctx = StepContext {
-        epoch: 0,
-        step: 0,
-        total_steps: 1,
-        epochs: 1,
-    };
+    let ctx = StepContext::one_step();
     let out = Outputs {
         student: &student,
         teacher: Some(&teacher),

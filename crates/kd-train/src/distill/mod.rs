@@ -51,6 +51,19 @@ pub struct StepContext {
     pub epochs: usize,
 }
 
+impl StepContext {
+    /// The only step of a one-step, one-epoch run: what benchmarks, device checks and tests
+    /// time or compare.
+    pub fn one_step() -> Self {
+        StepContext {
+            epoch: 0,
+            step: 0,
+            total_steps: 1,
+            epochs: 1,
+        }
+    }
+}
+
 /// What a method may size or draw before training starts ([`Distiller::prepare`]).
 #[derive(Clone, Debug)]
 pub struct RunInfo {
