@@ -51,14 +51,7 @@ impl Distiller for Dkd {
     fn loss(&self, ctx: &StepContext, batch: &Batch, out: &Outputs) -> Result<LossTerms> {
         let student = out.student;
         let teacher = super::teacher_outputs(self.name(), out.teacher)?;
-        let (s, t) = if self.standardize {
-            (
-                kd_losses::standardize_logits(&student.logits)?,
-                kd_losses::standardize_logits(&teacher.logits)?,
-            )
-        } else {
-            (student.logits.clone(), teacher.logits.clone())
-        };
+        let (s, t) = super::compared_logits(&student.logits, &teacher.logits, self.standardize)?;
         let terms = kd_losses::dkd_terms(&s, &t, target_labels(batch), self.temperature)?;
         let w = self.warmup_factor(ctx.epoch);
         let mut t = LossTerms::default();

@@ -36,15 +36,8 @@ impl Distiller for Hinton {
             "loss_ce",
             (self.ce.of(&student.logits, batch)? * (1.0 - self.alpha))?,
         );
-        let kd = if self.standardize {
-            kd_losses::kd_loss(
-                &kd_losses::standardize_logits(&student.logits)?,
-                &kd_losses::standardize_logits(&teacher.logits)?,
-                self.temperature,
-            )?
-        } else {
-            kd_losses::kd_loss(&student.logits, &teacher.logits, self.temperature)?
-        };
+        let (zs, zt) = super::compared_logits(&student.logits, &teacher.logits, self.standardize)?;
+        let kd = kd_losses::kd_loss(&zs, &zt, self.temperature)?;
         t.push("loss_kd", (kd * self.alpha)?);
         Ok(t)
     }

@@ -154,6 +154,23 @@ impl<'a> Outputs<'a> {
     }
 }
 
+/// The student's and the teacher's logits as a logit-based method compares them: z-scored per
+/// image when `standardize` (logit standardisation, Sun et al. 2024), as they are otherwise.
+fn compared_logits(
+    student: &Tensor,
+    teacher: &Tensor,
+    standardize: bool,
+) -> Result<(Tensor, Tensor)> {
+    if standardize {
+        Ok((
+            kd_losses::standardize_logits(student)?,
+            kd_losses::standardize_logits(teacher)?,
+        ))
+    } else {
+        Ok((student.clone(), teacher.clone()))
+    }
+}
+
 /// The width of a network's pooled embedding (its last stage's channels).
 fn pooled_width(m: &ResNet) -> usize {
     m.feature_info().last().map_or(0, |f| f.channels)
