@@ -1,7 +1,7 @@
 //! The binary as a person meets it: data summary, eval errors that name keys, fetch hints.
 
 mod common;
-use common::{kd, write_cifar10};
+use common::{kd, succeeded, write_cifar10};
 
 #[test]
 fn data_prints_counts_and_stats() {
@@ -12,12 +12,7 @@ fn data_prints_counts_and_stats() {
         .arg(tmp.path())
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = succeeded(&out);
     assert!(
         text.contains("train: 100 images, test: 20 images"),
         "{text}"
@@ -99,12 +94,7 @@ fn eval_names_the_missing_keys_of_a_fake_teacher() {
         .arg(tmp.path())
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = succeeded(&out);
     assert!(
         text.contains("top-1") && text.contains("(20 images"),
         "{text}"
@@ -153,12 +143,7 @@ fn train_refuses_to_overwrite_and_resumes() {
         c
     };
     let out = base("1").arg("--run-dir").arg(&run).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("best test top-1"));
+    assert!(succeeded(&out).contains("best test top-1"));
     for f in [
         "run.json",
         "config.toml",
@@ -189,11 +174,7 @@ fn train_refuses_to_overwrite_and_resumes() {
         .arg(&run)
         .output()
         .unwrap();
-    assert!(
-        resumed.status.success(),
-        "{}",
-        String::from_utf8_lossy(&resumed.stderr)
-    );
+    succeeded(&resumed);
     assert_eq!(
         std::fs::read_to_string(run.join("metrics.jsonl"))
             .unwrap()
@@ -240,11 +221,7 @@ fn suite_then_report_end_to_end() {
             .unwrap()
     };
     let out = suite();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&out);
     let md = std::fs::read_to_string(out_dir.join("report.md")).unwrap();
     let rows: Vec<&str> = md
         .lines()
@@ -294,11 +271,7 @@ fn suite_then_report_end_to_end() {
     let stamp = std::fs::metadata(&finished).unwrap().modified().unwrap();
     std::fs::remove_file(out_dir.join("self-byot-s1/summary.json")).unwrap();
     let again = suite();
-    assert!(
-        again.status.success(),
-        "{}",
-        String::from_utf8_lossy(&again.stderr)
-    );
+    succeeded(&again);
     assert_eq!(
         std::fs::metadata(&finished).unwrap().modified().unwrap(),
         stamp
@@ -319,11 +292,7 @@ fn suite_then_report_end_to_end() {
         .arg(tmp.path().join("rep"))
         .output()
         .unwrap();
-    assert!(
-        rep.status.success(),
-        "{}",
-        String::from_utf8_lossy(&rep.stderr)
-    );
+    succeeded(&rep);
     assert_eq!(
         std::fs::read_to_string(tmp.path().join("rep/report.csv")).unwrap(),
         csv
@@ -408,11 +377,7 @@ fn full_disk_keeps_the_previous_checkpoint() {
         .arg(&run)
         .output()
         .unwrap();
-    assert!(
-        first.status.success(),
-        "{}",
-        String::from_utf8_lossy(&first.stderr)
-    );
+    succeeded(&first);
     let metrics_before = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
     // 64 KiB per file: smaller than the weights (~180 KB), so epoch 2's checkpoint cannot be written.
     // SIGXFSZ is ignored so that the write fails with EFBIG instead of killing the process.
@@ -447,11 +412,7 @@ fn full_disk_keeps_the_previous_checkpoint() {
         .arg(&run)
         .output()
         .unwrap();
-    assert!(
-        again.status.success(),
-        "{}",
-        String::from_utf8_lossy(&again.stderr)
-    );
+    succeeded(&again);
     assert_eq!(
         std::fs::read_to_string(run.join("metrics.jsonl"))
             .unwrap()
@@ -520,12 +481,7 @@ fn selfcheck_runs_every_check_on_the_cpu() {
         .args(["selfcheck", "--device", "cpu"])
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = succeeded(&out);
     for row in [
         "conv 64×3×32² → 64, 3×3/s1, bf16: backward filter",
         "batch norm BF16 relu=true: dx",
@@ -578,12 +534,7 @@ fn bench_times_any_methods_step_and_refuses_online_ones() {
         ])
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = succeeded(&out);
     for row in [
         "BENCH workload=method-crd precision=f32",
         "BENCH workload=method-reviewkd precision=f32",

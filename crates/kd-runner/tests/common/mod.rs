@@ -1,12 +1,24 @@
 //! Helpers shared by the binary's tests.
 #![allow(dead_code)]
-use std::process::Command;
+use std::process::{Command, Output};
 
 use kd_data::cifar::{encode_cifar10, CIFAR10_DIR, CIFAR10_TEST_FILE, CIFAR10_TRAIN_FILES};
 
 /// The kd-runner binary under test.
 pub fn kd() -> Command {
     Command::new(env!("CARGO_BIN_EXE_kd-runner"))
+}
+
+/// The standard output of a finished command, once it is checked to have succeeded; a failure
+/// prints both its output and its errors.
+pub fn succeeded(out: &Output) -> String {
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
 }
 
 /// A tiny CIFAR-10 in the official binary layout under `root/cifar10`: 20 images per file
