@@ -1,8 +1,9 @@
 //! Feature-based distillation losses: FitNets hints (Romero et al. 2015), attention transfer
 //! (Zagoruyko & Komodakis 2017), neuron selectivity transfer (Huang & Wang 2017) and variational
 //! information distillation (Ahn et al. 2019), ReviewKD's hierarchical context loss (Chen et al.
-//! 2021) and the overhaul of feature distillation, OFD (Heo et al. 2019), with spatial alignment
-//! between stems of different resolution.
+//! 2021), the overhaul of feature distillation, OFD (Heo et al. 2019), activation boundaries, AB
+//! (Heo et al. 2019) and factor transfer, FT (Kim et al. 2018), with spatial alignment between
+//! stems of different resolution.
 use candle_core::{bail, Result, Tensor, D};
 
 /// Average-pools the larger of two (N, C, H, W) maps down to the other's size, so maps from
@@ -213,4 +214,45 @@ pub fn ofd_loss(student: &Tensor, teacher: &Tensor, margin: &Tensor) -> Result<T
         .to_dtype(student.dtype())?;
     let sq = ((student - &target)?.sqr()? * counted)?;
     sq.sum_all()? / student.dim(0)? as f64
+}
+
+/// The activation-boundary loss of AB (Heo et al. 2019, "Knowledge Transfer via Distillation of
+/// Activation Boundaries Formed by Hidden Neurons"): the alternative L2 with margin μ between the
+/// student's connected pre-ReLU map `student` and the teacher's pre-ReLU map `teacher` (same
+/// shape). Only which side of zero each teacher neuron lies on matters: where the teacher is off
+/// (t ≤ 0) a student above −μ is pushed down, `(s + μ)²`; where it is on (t > 0) a student below
+/// μ is pushed up, `(s − μ)²`. Summed and divided by N, as RepDistiller's `ABLoss` per level
+/// (which then weighs the levels and scales by 3/1000); the teacher side is detached.
+pub fn ab_loss(student: &Tensor, teacher: &Tensor, margin: f64) -> Result<Tensor> {
+    if student.dims() != teacher.dims() || student.rank() != 4 {
+        bail!(
+            "ab: student {:?} and teacher {:?} do not fit (expected equal (N, C, H, W) maps)",
+            student.dims(),
+            teacher.dims()
+        );
+    }
+    if margin.is_nan() || margin < 0.0 {
+        bail!("ab: the margin must be at least 0, got {margin}");
+    }
+    let dtype = student.dtype();
+    let teacher = teacher.detach();
+    let on = teacher.gt(0.0)?;
+    let off = teacher.le(0.0)?.to_dtype(dtype)?;
+    let push_down = (student.gt(-margin)?.to_dtype(dtype)? * off)?;
+    let push_up = (student.le(margin)?.to_dtype(dtype)? * on.to_dtype(dtype)?)?;
+    let below = ((student + margin)?.sqr()? * push_down)?;
+    let above = ((student - margin)?.sqr()? * push_up)?;
+    (below + above)?.sum_all()? / student.dim(0)? as f64
+}
+
+/// Factor transfer (Kim et al. 2018, "Paraphrasing Complex Network") as RepDistiller's
+/// `FactorTransfer` computes it: each (N, C, H, W) factor reduced to its spatial map
+/// [`attention_map`] (`mean_c(f²)`, L2-normalised per image), the larger map average-pooled to
+/// the smaller one's size first, and the mean absolute difference. The paper's factor is the
+/// whole flattened factor, L2-normalised; RepDistiller's benchmark, which this follows, reduces
+/// over channels first, so that factors of different widths compare. The teacher side is
+/// detached.
+pub fn factor_transfer_loss(student: &Tensor, teacher: &Tensor) -> Result<Tensor> {
+    let (s, t) = align_spatial(student, &teacher.detach())?;
+    (attention_map(&s)? - attention_map(&t)?)?.abs()?.mean_all()
 }

@@ -3,7 +3,8 @@
 //! attention transfer, RKD, similarity-preserving KD, probabilistic knowledge transfer (PKT),
 //! correlation congruence (CC), contrastive representation distillation (CRD), neuron
 //! selectivity transfer (NST), variational information distillation (VID), the overhaul of
-//! feature distillation (OFD) and ReviewKD's hierarchical context loss (HCL).
+//! feature distillation (OFD), activation boundaries (AB), factor transfer (FT) and ReviewKD's
+//! hierarchical context loss (HCL).
 //!
 //! ```
 //! use candle_core::{Device, Tensor};
@@ -28,8 +29,8 @@ pub use contrastive::{contrast_scores, l2_normalize, momentum_update, nce_loss};
 pub use correlation::{dist_terms, pearson_rows};
 pub use decoupled::{dkd_loss, dkd_terms, DecoupledTerms};
 pub use feature::{
-    align_spatial, attention_loss, attention_map, hcl_loss, hint_loss, nst_loss, ofd_loss,
-    ofd_margins, vid_loss, vid_variance,
+    ab_loss, align_spatial, attention_loss, attention_map, factor_transfer_loss, hcl_loss,
+    hint_loss, nst_loss, ofd_loss, ofd_margins, vid_loss, vid_variance,
 };
 pub use hinton::{kd_loss, standardize_logits};
 pub use relation::{

@@ -6,8 +6,8 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor, Var};
 use kd_losses::{
-    cc_loss, dist_terms, dkd_terms, hcl_loss, kd_loss, nst_loss, ofd_loss, ofd_margins, pkt_loss,
-    standardize_logits, vid_loss, vid_variance,
+    ab_loss, cc_loss, dist_terms, dkd_terms, factor_transfer_loss, hcl_loss, kd_loss, nst_loss,
+    ofd_loss, ofd_margins, pkt_loss, standardize_logits, vid_loss, vid_variance,
 };
 
 fn fixtures() -> HashMap<String, Tensor> {
@@ -396,4 +396,43 @@ fn dkd_refuses_mismatched_inputs() {
     assert!(err.contains("expected 2 labels"), "{err}");
     let err = dkd_terms(&s, &s, &labels, 0.0).unwrap_err().to_string();
     assert!(err.contains("temperature"), "{err}");
+}
+
+/// AB's alternative L2 on one level, margins 1 and 0.5, teacher responses exactly 0 counted as
+/// off.
+#[test]
+fn ab_matches_pytorch() {
+    check_cases("ab", 2, 1e-5, |p, dtype| {
+        let margin = p("params").to_vec1::<f64>().unwrap()[0];
+        let s = leaf(p, "student", dtype);
+        let t = p("teacher").to_dtype(dtype).unwrap();
+        let value = ab_loss(s.as_tensor(), &t, margin).unwrap();
+        Computed::loss(value, vec![(s, "grad")])
+    });
+}
+
+/// AB's closed forms: a student already beyond the margin on the teacher's side costs nothing;
+/// one at 0 costs μ² per neuron; a negative margin is refused.
+#[test]
+fn ab_closed_forms() {
+    let t = Tensor::new(&[1.0f32, -1.0, 0.0, 2.0], &Device::Cpu)
+        .unwrap()
+        .reshape((1, 4, 1, 1))
+        .unwrap();
+    let beyond = Tensor::new(&[1.5f32, -1.5, -1.0, 1.0], &Device::Cpu)
+        .unwrap()
+        .reshape((1, 4, 1, 1))
+        .unwrap();
+    assert_eq!(scalar(&ab_loss(&beyond, &t, 1.0).unwrap()), 0.0);
+    let zero = beyond.zeros_like().unwrap();
+    let l = scalar(&ab_loss(&zero, &t, 0.5).unwrap());
+    assert!((l - 4.0 * 0.25).abs() < 1e-6, "{l}");
+    assert!(ab_loss(&zero, &t, -1.0).is_err());
+}
+
+/// FT's factor loss with equal sizes (widths differ), a student map twice the teacher's and a
+/// teacher map twice the student's.
+#[test]
+fn factor_transfer_matches_pytorch() {
+    check_pair_loss("ft", 3, 1e-5, factor_transfer_loss);
 }
