@@ -25,6 +25,18 @@ pub enum TrainError {
         /// The loss value.
         value: f32,
     },
+    /// The loss of a method's init phase became NaN or infinite.
+    #[error("non-finite loss {value} in the init phase of method {method} at its epoch {epoch}, step {step}: try a lower method.init_lr")]
+    NonFiniteInit {
+        /// The method.
+        method: String,
+        /// Epoch of the phase (0-based).
+        epoch: usize,
+        /// Step within the epoch.
+        step: usize,
+        /// The loss value.
+        value: f32,
+    },
     /// An I/O error on a named path.
     #[error("{path}: {source}")]
     Io {

@@ -9,14 +9,14 @@ pub mod step;
 pub mod trainer;
 
 pub use distill::{
-    build_student, BuiltStudent, CrdParams, CrossEntropy, Distiller, LossTerms, MethodConfig,
-    Outputs, Peer, PeerSpec, RunInfo, StepContext,
+    build_student, AbParams, BuiltStudent, CrdParams, CrossEntropy, Distiller, FtParams, InitPhase,
+    LossTerms, MethodConfig, Outputs, Peer, PeerSpec, RunInfo, StepContext,
 };
 pub use error::{Result, TrainError};
 pub use evaluate::{evaluate, EvalReport};
 pub use metrics::Accuracy;
 pub use step::{renormalize, step_losses, teacher_forward, StepLosses};
 pub use trainer::{
-    export, latest_checkpoint, train, trainable_vars, EpochMetrics, PeerEpoch, PeerSummary,
-    RunOptions, Student, Summary, TrainConfig,
+    export, latest_checkpoint, train, trainable_vars, EpochMetrics, InitEpoch, PeerEpoch,
+    PeerSummary, RunOptions, Student, Summary, TrainConfig,
 };

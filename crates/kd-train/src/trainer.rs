@@ -15,7 +15,7 @@ use candle_nn::VarMap;
 use kd_data::Loader;
 use kd_models::{save_varmap, ResNet, Teacher, TeacherMeta};
 
-use crate::distill::{Distiller, Peer, RunInfo, StepContext};
+use crate::distill::{Distiller, InitPhase, Peer, RunInfo, StepContext};
 use crate::step::{step_losses, teacher_forward};
 use kd_schedulers::{Optimizer, OptimizerConfig, Schedule};
 use serde::{Deserialize, Serialize};
@@ -110,10 +110,13 @@ pub struct Summary {
     pub best_epoch: usize,
     /// Last test top-1 (%).
     pub last_top1: f64,
-    /// Training time summed over epochs (s).
+    /// Training time summed over epochs, a method's init phase included (s).
     pub train_seconds: f64,
     /// Of which in the teacher's forward pass (s).
     pub teacher_seconds: f64,
+    /// Of which in the method's init phase (s; 0 for one-stage methods).
+    #[serde(default)]
+    pub init_seconds: f64,
     /// Parameters of the frozen teacher (0 without one).
     pub teacher_params: usize,
     /// The method's name.
@@ -154,7 +157,17 @@ struct Progress {
     /// The last epoch's test top-1 of the student, then of each peer.
     #[serde(default)]
     last_top1: Vec<f64>,
+    /// Whether the method's init phase has run (two-stage methods).
+    #[serde(default)]
+    init_done: bool,
+    /// Its seconds (also counted in `train_seconds`).
+    #[serde(default)]
+    init_seconds: f64,
 }
+
+/// The best top-1 before any epoch: below every real one, and finite so that a checkpoint
+/// written before the first epoch (after an init phase) reads back (JSON has no −∞).
+const NO_BEST: f64 = -1.0;
 
 const CKPT_WEIGHTS: &str = "weights.safetensors";
 const CKPT_OPTIM: &str = "optimizer.safetensors";
@@ -281,15 +294,20 @@ struct Member<'a> {
 }
 
 impl<'a> Member<'a> {
-    /// A member with its own optimizer over its trainable variables.
+    /// A member with its own optimizer over its trainable variables, those named under a
+    /// `frozen` prefix left out.
     fn new(
         name: String,
         model: &'a ResNet,
         vars: &'a VarMap,
         meta: TeacherMeta,
         cfg: &TrainConfig,
+        frozen: &[String],
     ) -> Self {
-        let named = trainable_vars(vars);
+        let named: Vec<(String, Var)> = trainable_vars(vars)
+            .into_iter()
+            .filter(|(k, _)| !frozen.iter().any(|f| k.starts_with(f.as_str())))
+            .collect();
         let opt = Optimizer::new(&cfg.optimizer, named.clone());
         Member {
             name,
@@ -434,6 +452,7 @@ pub fn train(
         student.vars,
         student.meta.clone(),
         cfg,
+        &method.frozen(),
     ));
     for p in student.peers {
         let meta = TeacherMeta {
@@ -443,17 +462,26 @@ pub fn train(
             source: format!("{} ({})", p.name, student.meta.source),
             ..student.meta.clone()
         };
-        members.push(Member::new(p.name.clone(), &p.model, &p.vars, meta, cfg));
+        members.push(Member::new(
+            p.name.clone(),
+            &p.model,
+            &p.vars,
+            meta,
+            cfg,
+            &[],
+        ));
     }
     let mut progress = Progress {
         epochs_done: 0,
         step: 0,
-        best_top1: f64::NEG_INFINITY,
+        best_top1: NO_BEST,
         best_epoch: 0,
         train_seconds: 0.0,
         teacher_seconds: 0.0,
-        peer_best: vec![(f64::NEG_INFINITY, 0); student.peers.len()],
+        peer_best: vec![(NO_BEST, 0); student.peers.len()],
         last_top1: Vec::new(),
+        init_done: false,
+        init_seconds: 0.0,
     };
     method.prepare(&RunInfo {
         train_size: train.split().len(),
@@ -467,9 +495,7 @@ pub fn train(
         let text = std::fs::read_to_string(&state).map_err(io(&state))?;
         progress = serde_json::from_str(&text)
             .map_err(|e| TrainError::Invalid(format!("{}: {e}", state.display())))?;
-        progress
-            .peer_best
-            .resize(student.peers.len(), (f64::NEG_INFINITY, 0));
+        progress.peer_best.resize(student.peers.len(), (NO_BEST, 0));
         for m in &mut members {
             kd_models::load_into(m.vars, &ckpt.join(m.file(CKPT_WEIGHTS)))?;
             let momentum = kd_models::checkpoint::read_safetensors(
@@ -506,6 +532,30 @@ pub fn train(
         truncate_lines(&jsonl, progress.epochs_done)?;
         truncate_lines(&csv, progress.epochs_done + 1)?;
     }
+    if let Some(phase) = method.init_phase().filter(|_| !progress.init_done) {
+        let teacher = teacher.ok_or_else(|| {
+            TrainError::Invalid(format!(
+                "method {} fits its parts to a teacher's features before training: give it a teacher",
+                method.name()
+            ))
+        })?;
+        let (seconds, teacher_seconds) = init_phase(
+            &phase,
+            method,
+            &members[0],
+            teacher,
+            train,
+            cfg,
+            run_dir,
+            &run,
+        )?;
+        progress.init_done = true;
+        progress.init_seconds = seconds;
+        progress.train_seconds += seconds;
+        progress.teacher_seconds += teacher_seconds;
+        // Resuming after this point does not repeat the phase.
+        save_checkpoint(run_dir, &members, method, &progress, cfg.keep_last)?;
+    }
     let mut last_top1 = progress.last_top1.clone();
     last_top1.resize(members.len(), 0.0);
     let run_bar = bar(
@@ -540,7 +590,7 @@ pub fn train(
         for (i, batch) in train.epoch(epoch as u64, 0).enumerate() {
             let batch = batch?;
             lr = cfg.schedule.lr(cfg.lr, progress.step, total);
-            let teacher_out = match teacher {
+            let teacher_out = match teacher.filter(|_| method.teacher_each_step()) {
                 Some(t) => {
                     let tt = Instant::now();
                     let o = teacher_forward(t, &batch.images, &student_norm)?;
@@ -718,6 +768,7 @@ pub fn train(
         last_top1: last_top1[0],
         train_seconds: progress.train_seconds,
         teacher_seconds: progress.teacher_seconds,
+        init_seconds: progress.init_seconds,
         teacher_params: teacher.map_or(0, |t| t.model().num_backbone_params()),
         method: method.name().to_string(),
         peers: peer_summaries,
@@ -729,6 +780,134 @@ pub fn train(
             .as_bytes(),
     )?;
     Ok(Some(summary))
+}
+
+/// Keys of the init phase's epochs in the loader's random streams, apart from the main run's.
+const INIT_EPOCH_KEY: u64 = 1 << 40;
+
+/// One row of `init_metrics.jsonl`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct InitEpoch {
+    /// Epoch of the init phase (1-based).
+    pub epoch: usize,
+    /// Mean init loss.
+    pub loss: f64,
+    /// Wall time (s).
+    pub seconds: f64,
+}
+
+/// Runs a method's init phase on the student `m` (RepDistiller's `init`): its own optimizer
+/// (the run's kind, at the phase's constant rate) over the variables the phase trains, the
+/// teacher frozen, the student's body in training mode when trained. Writes one row per epoch to
+/// `init_metrics.jsonl`; returns the phase's seconds and, of them, the teacher's.
+#[allow(clippy::too_many_arguments)]
+fn init_phase(
+    phase: &InitPhase,
+    method: &dyn Distiller,
+    m: &Member,
+    teacher: &Teacher,
+    train: &Loader,
+    cfg: &TrainConfig,
+    run_dir: &Path,
+    run: &RunOptions,
+) -> Result<(f64, f64)> {
+    let named: Vec<(String, Var)> = trainable_vars(m.vars)
+        .into_iter()
+        .filter(|(k, _)| phase.trains(k))
+        .collect();
+    if named.is_empty() {
+        return Err(TrainError::Invalid(format!(
+            "method {}: its init phase trains no variable (prefix {})",
+            method.name(),
+            phase.parts
+        )));
+    }
+    let mut opt = Optimizer::new(&cfg.optimizer, named.clone());
+    let student_norm = train.config().normalize;
+    let log = run_dir.join("init_metrics.jsonl");
+    std::fs::write(&log, "").map_err(io(&log))?;
+    let on_cpu = train.device().is_cpu();
+    let (mut seconds, mut teacher_seconds) = (0.0, 0.0);
+    let bar = bar(
+        &run.progress,
+        phase.epochs * train.num_batches(),
+        "init  [{bar:30}] {pos}/{len} {msg} {per_sec} ETA {eta}",
+    );
+    for epoch in 0..phase.epochs {
+        let t = Instant::now();
+        let mut sum: Option<Tensor> = None;
+        let mut images = 0usize;
+        let mut steps = 0usize;
+        for batch in train.epoch(INIT_EPOCH_KEY + epoch as u64, 0) {
+            let batch = batch?;
+            let tt = Instant::now();
+            let t_out = teacher_forward(teacher, &batch.images, &student_norm)?;
+            t_out.logits.device().synchronize()?;
+            teacher_seconds += tt.elapsed().as_secs_f64();
+            let s_out = match phase.student_body {
+                true => Some(m.model.forward_t(&batch.images, true)?),
+                false => None,
+            };
+            let loss = method.init_loss(s_out.as_ref(), &t_out)?.total()?;
+            if on_cpu {
+                let value = loss.to_scalar::<f32>()?;
+                if !value.is_finite() {
+                    return Err(TrainError::NonFiniteInit {
+                        method: method.name().into(),
+                        epoch,
+                        step: steps,
+                        value,
+                    });
+                }
+            }
+            let mut grads = loss.backward()?;
+            if let Some(max) = cfg.clip_grad {
+                kd_schedulers::clip_grad_norm(&mut grads, &named, max)?;
+            }
+            opt.step(&grads, phase.lr)?;
+            let b = batch.labels.dim(0)?;
+            add_to(
+                &mut sum,
+                (loss.detach().to_dtype(candle_core::DType::F32)? * b as f64)?,
+            )?;
+            images += b;
+            steps += 1;
+            bar.inc(1);
+        }
+        let mean = match sum {
+            Some(s) => s.to_scalar::<f32>()? as f64 / images.max(1) as f64,
+            None => 0.0,
+        };
+        if !mean.is_finite() {
+            return Err(TrainError::NonFiniteInit {
+                method: method.name().into(),
+                epoch,
+                step: steps.saturating_sub(1),
+                value: mean as f32,
+            });
+        }
+        let row = InitEpoch {
+            epoch: epoch + 1,
+            loss: mean,
+            seconds: t.elapsed().as_secs_f64(),
+        };
+        seconds += row.seconds;
+        append(
+            &log,
+            &format!("{}\n", serde_json::to_string(&row).expect("row serialises")),
+        )?;
+        bar.set_message(format!("loss {mean:.4}"));
+        tracing::info!(
+            "init epoch {}/{} ({}): loss {:.4} | {:.1} s",
+            row.epoch,
+            phase.epochs,
+            method.name(),
+            row.loss,
+            row.seconds
+        );
+    }
+    bar.finish_and_clear();
+    Ok((seconds, teacher_seconds))
 }
 
 /// Appends the row to `metrics.csv` (with the header first): the student's figures, its loss

@@ -31,8 +31,15 @@ fn synthetic(n: usize) -> Split {
 
 /// A frozen tiny ResNet50 with the max-pool stem (stages at half the student's resolution).
 fn teacher(dir: &std::path::Path) -> Teacher {
+    teacher_with(dir, false)
+}
+
+/// [`teacher`], with each residual branch's last BN at 0 when `zero_init_residual`: features
+/// of a trained network's scale (mean square about 1, not a random deep stack's hundreds).
+fn teacher_with(dir: &std::path::Path, zero_init_residual: bool) -> Teacher {
     let cfg = ResNetConfig {
         base_width: 4,
+        zero_init_residual,
         ..ResNetConfig::new(Arch::Resnet50, Stem::CifarMaxpool, 4)
     };
     let (_, vm) = kd_models::trainable_resnet(&cfg, &Device::Cpu, 7).unwrap();
@@ -112,8 +119,14 @@ fn every_method_trains_and_keeps_the_teacher_frozen() {
         assert_eq!(built.distiller.name(), name);
         assert_eq!(built.peers.len(), method.peers().len());
         // The student first, then its peers (online methods), each with its own optimizer.
+        // What the main run trains: not the parts a two-stage method fitted and froze.
+        let frozen = built.distiller.frozen();
+        let main_vars: Vec<(String, Var)> = trainable(&built.vars)
+            .into_iter()
+            .filter(|(k, _)| !frozen.iter().any(|f| k.starts_with(f.as_str())))
+            .collect();
         let mut members: Vec<(&kd_models::ResNet, Vec<(String, Var)>)> =
-            vec![(&built.model, trainable(&built.vars))];
+            vec![(&built.model, main_vars)];
         members.extend(built.peers.iter().map(|p| (&p.model, trainable(&p.vars))));
         let mut opts: Vec<Sgd> = members
             .iter()
@@ -170,8 +183,9 @@ fn every_method_trains_and_keeps_the_teacher_frozen() {
                     "{name}: {:?}",
                     terms.terms.iter().map(|t| &t.0).collect::<Vec<_>>()
                 );
+                // AB distils in its init phase only; its main run is the cross-entropy.
                 assert!(
-                    terms.terms.len() >= 2 || name == "none",
+                    terms.terms.len() >= 2 || name == "none" || name == "ab",
                     "{name}: no distillation term"
                 );
                 let loss = terms.total().unwrap();
@@ -369,4 +383,102 @@ fn method_parts_do_not_change_the_students_initialisation() {
     assert!(values("distill.vid.stage4.log_scale")
         .iter()
         .all(|&v| v == 0.0));
+}
+
+/// The two-stage methods' init phases (AB, FT) on the tiny task: the init loss is finite and
+/// falls over 20 steps of the phase's own optimizer, its gradients reach exactly the variables
+/// the phase trains (AB: the connectors and the student's body; FT: the paraphraser), and never
+/// the teacher.
+#[test]
+fn init_phases_fit_what_they_train() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = teacher_with(tmp.path(), true);
+    let norm = Normalize {
+        mean: [0.5; 3],
+        std: [0.25; 3],
+    };
+    let cfg = ResNetConfig {
+        base_width: 4,
+        ..ResNetConfig::new(Arch::Resnet18, Stem::Cifar, 4)
+    };
+    let loader = Loader::new(
+        Arc::new(synthetic(16)),
+        LoaderConfig {
+            prefetch: 0,
+            ..LoaderConfig::eval(16, norm)
+        },
+        Device::Cpu,
+    )
+    .unwrap();
+    let batch = loader.epoch(0, 0).next().unwrap().unwrap();
+    let t_out = t.forward(&batch.images).unwrap();
+    let scale = t_out.feats[4]
+        .sqr()
+        .unwrap()
+        .mean_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(
+        (0.01..10.0).contains(&scale),
+        "the teacher's last stage has mean square {scale}"
+    );
+    let mut phased = 0;
+    for name in MethodConfig::NAMES {
+        let method = preset(name);
+        let teacher = method.needs_teacher().then_some(&t);
+        let built = build_student(&cfg, &method, teacher, &Device::Cpu, 0, 0.0).unwrap();
+        let Some(phase) = built.distiller.init_phase() else {
+            continue;
+        };
+        phased += 1;
+        assert!(phase.epochs >= 1 && phase.lr > 0.0, "{name}: {phase:?}");
+        let all = trainable(&built.vars);
+        let named: Vec<(String, Var)> = all
+            .iter()
+            .filter(|(k, _)| phase.trains(k))
+            .cloned()
+            .collect();
+        assert!(
+            named.iter().any(|(k, _)| k.starts_with(&phase.parts)),
+            "{name}: the phase trains none of its parts"
+        );
+        let mut opt = Sgd::new(named.clone(), SgdConfig::default());
+        let (mut first, mut last) = (None, 0.0);
+        for step in 0..20 {
+            let s_out = phase
+                .student_body
+                .then(|| built.model.forward_t(&batch.images, true).unwrap());
+            let loss = built
+                .distiller
+                .init_loss(s_out.as_ref(), &t_out)
+                .unwrap()
+                .total()
+                .unwrap();
+            let v = loss.to_scalar::<f32>().unwrap();
+            assert!(v.is_finite(), "{name} init step {step}: {v}");
+            let grads = loss.backward().unwrap();
+            if step == 0 {
+                for (k, var) in &all {
+                    let reached = grads.get(var.as_tensor()).is_some();
+                    // BN running statistics are not trainable; every trained variable is reached.
+                    assert_eq!(reached, phase.trains(k), "{name}: gradient of {k}");
+                }
+                assert!(t
+                    .model()
+                    .backbone_params()
+                    .iter()
+                    .all(|p| grads.get(p).is_none()));
+            }
+            opt.step(&grads, phase.lr).unwrap();
+            first.get_or_insert(v);
+            last = v;
+        }
+        assert!(
+            last < first.unwrap(),
+            "{name}: init loss {} → {last} did not fall",
+            first.unwrap()
+        );
+    }
+    assert_eq!(phased, 2, "AB and FT have init phases");
 }

@@ -467,3 +467,147 @@ fn online_peers_are_logged_checkpointed_and_resumed_exactly() {
         "student or peer differs after resume"
     );
 }
+
+/// A frozen tiny ResNet50 teacher of the quadrant task, with the student's normalisation.
+fn quadrant_teacher(dir: &std::path::Path, meta: &TeacherMeta) -> kd_models::Teacher {
+    let cfg = ResNetConfig {
+        base_width: 4,
+        ..ResNetConfig::new(Arch::Resnet50, Stem::CifarMaxpool, 4)
+    };
+    let (_, vm) = trainable_resnet(&cfg, &Device::Cpu, 11).unwrap();
+    let meta = TeacherMeta {
+        arch: cfg.arch,
+        ..meta.clone()
+    };
+    let path = dir.join("teacher.safetensors");
+    kd_train::export(&vm, &meta, &path).unwrap();
+    kd_models::Teacher::load(&path, &Device::Cpu).unwrap()
+}
+
+/// AB (two-stage): the init phase runs once, before epoch 1, and is checkpointed; it trains the
+/// connectors and the body but not the classifier; the main run leaves the connectors as the
+/// phase left them; and a run stopped right after the phase then resumed ends bit-identical to
+/// an uninterrupted one.
+#[test]
+fn a_two_stage_method_runs_its_init_phase_once_and_resumes_after_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, _, meta, tr, te) = setup(5);
+    let teacher = quadrant_teacher(tmp.path(), &meta);
+    let method = kd_train::MethodConfig::Ab {
+        weight: 3e-3,
+        margin: 1.0,
+        init_epochs: 2,
+        init_lr: 0.05,
+    };
+    let scfg = ResNetConfig {
+        base_width: 4,
+        ..ResNetConfig::new(Arch::Resnet18, Stem::CifarMaxpool, 4)
+    };
+    let build =
+        || kd_train::build_student(&scfg, &method, Some(&teacher), &Device::Cpu, 5, 0.0).unwrap();
+    let pick = |w: &[(String, Vec<f32>)], prefix: &str| -> Vec<(String, Vec<f32>)> {
+        w.iter()
+            .filter(|(k, _)| k.starts_with(prefix))
+            .cloned()
+            .collect()
+    };
+    let run = |b: &kd_train::BuiltStudent, dir: &std::path::Path, opts: RunOptions| {
+        train(
+            Student {
+                model: &b.model,
+                vars: &b.vars,
+                meta: &meta,
+                peers: &[],
+            },
+            b.distiller.as_ref(),
+            Some(&teacher),
+            &tr,
+            &te,
+            &config(2, 0.05),
+            dir,
+            opts,
+        )
+        .unwrap()
+    };
+
+    let fresh = weights(&build().vars);
+    let full = tmp.path().join("full");
+    let b = build();
+    let summary = run(&b, &full, RunOptions::default()).unwrap();
+    assert!(summary.init_seconds > 0.0 && summary.train_seconds > summary.init_seconds);
+    let rows: Vec<kd_train::InitEpoch> = std::fs::read_to_string(full.join("init_metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 2);
+    assert!(
+        rows.iter().all(|r| r.loss.is_finite() && r.loss > 0.0),
+        "{rows:?}"
+    );
+    let uninterrupted = weights(&b.vars);
+    // The connectors are frozen in the main run: excluded from what it trains.
+    let connectors = pick(&uninterrupted, "distill.ab.");
+    assert!(!connectors.is_empty() && connectors != pick(&fresh, "distill.ab."));
+    assert!(
+        summary.trainable_params
+            < b.vars
+                .all_vars()
+                .iter()
+                .map(|v| v.elem_count())
+                .sum::<usize>()
+    );
+
+    let dir = tmp.path().join("resumed");
+    let b = build();
+    assert!(run(
+        &b,
+        &dir,
+        RunOptions {
+            stop_after: Some(0),
+            ..Default::default()
+        }
+    )
+    .is_none());
+    let after_init = weights(&b.vars);
+    // The phase trained the connectors and the body, not the classifier.
+    assert_eq!(pick(&after_init, "fc."), pick(&fresh, "fc."));
+    assert_ne!(pick(&after_init, "layer1."), pick(&fresh, "layer1."));
+    assert_eq!(
+        pick(&after_init, "distill.ab."),
+        connectors,
+        "the main run moved the connectors"
+    );
+    let ckpt = kd_train::latest_checkpoint(&dir).unwrap();
+    assert!(ckpt.ends_with("checkpoint-0000"), "{}", ckpt.display());
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ckpt.join("state.json")).unwrap()).unwrap();
+    let init_seconds = state["init_seconds"].as_f64().unwrap();
+    // A fresh process resumes after the phase: it does not run it again.
+    std::fs::write(dir.join("init_metrics.jsonl"), "marker\n").unwrap();
+    let b = build();
+    let resumed = run(
+        &b,
+        &dir,
+        RunOptions {
+            resume: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        std::fs::read_to_string(dir.join("init_metrics.jsonl")).unwrap(),
+        "marker\n"
+    );
+    assert_eq!(resumed.init_seconds, init_seconds);
+    let differing: Vec<String> = weights(&b.vars)
+        .iter()
+        .zip(&uninterrupted)
+        .filter(|(a, b)| a != b)
+        .map(|(a, _)| a.0.clone())
+        .collect();
+    assert!(
+        differing.is_empty(),
+        "weights differ after resume: {differing:?}"
+    );
+}

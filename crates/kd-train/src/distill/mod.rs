@@ -11,6 +11,7 @@ use kd_data::Pairing;
 use kd_models::{Arch, ModelOutput, ResNet, ResNetConfig, Stem, Teacher};
 use serde::{Deserialize, Serialize};
 
+mod ab;
 mod attention;
 mod byot;
 mod cc;
@@ -21,6 +22,7 @@ mod dkd;
 mod fitnet;
 #[cfg(test)]
 mod fixtures;
+mod ft;
 mod hinton;
 mod mutual;
 mod none;
@@ -35,7 +37,9 @@ mod sp;
 mod two_view;
 mod vid;
 
+pub use ab::AbParams;
 pub use crd::CrdParams;
+pub use ft::FtParams;
 pub use none::CrossEntropy;
 
 /// Where in training a step is.
@@ -186,6 +190,34 @@ fn teacher_outputs<'a>(method: &str, teacher: Option<&'a ModelOutput>) -> Result
     teacher.ok_or_else(|| candle_core::Error::Msg(format!("{method} needs teacher outputs")))
 }
 
+/// A phase trained before the main run, as RepDistiller's `init` for its two-stage methods
+/// (AB, FT): its own optimizer (the run's, at a constant `lr`) over `epochs` epochs of the
+/// training split, the teacher frozen, and the method's [`Distiller::init_loss`] alone.
+#[derive(Clone, Debug, PartialEq)]
+pub struct InitPhase {
+    /// Epochs of the phase.
+    pub epochs: usize,
+    /// Its constant learning rate.
+    pub lr: f64,
+    /// Whether the phase also trains the student's body (every layer before its classifier) and
+    /// so runs the student's forward pass (AB); otherwise only the method's parts learn, from
+    /// the teacher's features alone (FT's paraphraser).
+    pub student_body: bool,
+    /// Name prefix of the method's variables the phase trains (`distill.ab.`).
+    pub parts: String,
+}
+
+impl InitPhase {
+    /// Whether the phase trains the variable `name` of the student's map.
+    pub fn trains(&self, name: &str) -> bool {
+        name.starts_with(&self.parts)
+            || (self.student_body
+                && !name.starts_with("fc.")
+                && !name.starts_with("aux_heads.")
+                && !name.starts_with("distill."))
+    }
+}
+
 /// One distillation method.
 pub trait Distiller {
     /// Short name, as in configs.
@@ -210,6 +242,33 @@ pub trait Distiller {
     /// Restores [`Self::state`] from a checkpoint.
     fn load_state(&self, _state: HashMap<String, Tensor>) -> Result<()> {
         Ok(())
+    }
+
+    /// The phase the method trains before the main run, if any (two-stage methods).
+    fn init_phase(&self) -> Option<InitPhase> {
+        None
+    }
+
+    /// The loss of one step of [`Self::init_phase`]: `student` is the student's train-mode
+    /// output when the phase trains its body (else `None`), `teacher` the frozen teacher's.
+    fn init_loss(
+        &self,
+        _student: Option<&ModelOutput>,
+        _teacher: &ModelOutput,
+    ) -> Result<LossTerms> {
+        candle_core::bail!("method {} has no init phase", self.name())
+    }
+
+    /// Name prefixes of the method's variables that the main run leaves as they are (fitted in
+    /// the init phase, then frozen or unused).
+    fn frozen(&self) -> Vec<String> {
+        Vec::new()
+    }
+
+    /// Whether the main run's steps need the teacher's outputs (false when the teacher only
+    /// serves the init phase: its forward pass is then skipped).
+    fn teacher_each_step(&self) -> bool {
+        true
     }
 }
 
@@ -337,6 +396,32 @@ pub enum MethodConfig {
         /// Weight of the summed stage distances per image (1e-3, the authors' `/ 1000`).
         weight: f64,
     },
+    /// AB, activation boundaries (Heo et al. 2019), two-stage as RepDistiller: an init phase
+    /// fits the student's body (through connectors) to fire where the teacher's neurons fire,
+    /// stages 1–4 pre-ReLU; then the cross-entropy alone.
+    Ab {
+        /// Weight of the summed stage losses in the init phase (3e-3, RepDistiller's 3/1000).
+        weight: f64,
+        /// Margin μ of the alternative L2 (1).
+        margin: f64,
+        /// Epochs of the init phase (30).
+        init_epochs: usize,
+        /// Its constant learning rate (0.05, RepDistiller's).
+        init_lr: f64,
+    },
+    /// FT, factor transfer (Kim et al. 2018), two-stage as RepDistiller: an init phase trains a
+    /// paraphraser (autoencoder) of the teacher's last stage; then CE + weight·|factor(student's
+    /// translator) − factor(paraphraser)|.
+    Ft {
+        /// Weight of the factor loss (200 in RepDistiller's benchmark).
+        weight: f64,
+        /// The factor's width as a fraction of the teacher's last stage (0.5).
+        rate: f64,
+        /// Epochs of the init phase (30).
+        init_epochs: usize,
+        /// Its constant learning rate (0.05, RepDistiller's).
+        init_lr: f64,
+    },
     /// ReviewKD (Chen et al. 2021): attention-based fusion of the student's levels, deepest
     /// first, compared with the teacher's levels by the hierarchical context loss.
     Reviewkd {
@@ -451,6 +536,8 @@ impl MethodConfig {
                 | MethodConfig::Nst { .. }
                 | MethodConfig::Vid { .. }
                 | MethodConfig::Ofd { .. }
+                | MethodConfig::Ab { .. }
+                | MethodConfig::Ft { .. }
                 | MethodConfig::Reviewkd { .. }
                 | MethodConfig::Rkd { .. }
                 | MethodConfig::Sp { .. }
@@ -507,6 +594,8 @@ impl MethodConfig {
             MethodConfig::Nst { .. } => "nst",
             MethodConfig::Vid { .. } => "vid",
             MethodConfig::Ofd { .. } => "ofd",
+            MethodConfig::Ab { .. } => "ab",
+            MethodConfig::Ft { .. } => "ft",
             MethodConfig::Reviewkd { .. } => "reviewkd",
             MethodConfig::Rkd { .. } => "rkd",
             MethodConfig::Sp { .. } => "sp",
@@ -555,6 +644,20 @@ impl MethodConfig {
             "vid" => MethodConfig::Vid { weight: 1.0 },
             // The authors' CIFAR code: `loss_distill.sum() / batch_size / 1000`.
             "ofd" => MethodConfig::Ofd { weight: 1e-3 },
+            // RepDistiller's `abound` (ABLoss's 3/1000, margin 1; `--init_epochs 30`, lr 0.05).
+            "ab" => MethodConfig::Ab {
+                weight: 3e-3,
+                margin: 1.0,
+                init_epochs: 30,
+                init_lr: 0.05,
+            },
+            // RepDistiller's `factor` (`-b 200`, k = 0.5; `--init_epochs 30`, lr 0.05).
+            "ft" => MethodConfig::Ft {
+                weight: 200.0,
+                rate: 0.5,
+                init_epochs: 30,
+                init_lr: 0.05,
+            },
             "reviewkd" => MethodConfig::Reviewkd {
                 weight: 1.0,
                 warmup_epochs: 20.0,
@@ -613,9 +716,9 @@ impl MethodConfig {
     }
 
     /// Every method name, for `--help` and `kd-runner list`.
-    pub const NAMES: [&'static str; 21] = [
-        "none", "kd", "dkd", "dist", "fitnet", "at", "nst", "vid", "ofd", "reviewkd", "rkd", "sp",
-        "pkt", "cc", "crd", "byot", "kd_byot", "dml", "two_view", "cs_kd", "pskd",
+    pub const NAMES: [&'static str; 23] = [
+        "none", "kd", "dkd", "dist", "fitnet", "at", "nst", "vid", "ofd", "ab", "ft", "reviewkd",
+        "rkd", "sp", "pkt", "cc", "crd", "byot", "kd_byot", "dml", "two_view", "cs_kd", "pskd",
     ];
 
     /// Builds the method for `student` (and `teacher`), creating its trainable parts under
@@ -735,6 +838,40 @@ impl MethodConfig {
                 teacher.expect("checked above").model(),
                 weight,
                 vb.pp("distill").pp("ofd"),
+            )?),
+            MethodConfig::Ab {
+                weight,
+                margin,
+                init_epochs,
+                init_lr,
+            } => Box::new(ab::Ab::new(
+                ce,
+                student,
+                teacher.expect("checked above").model(),
+                AbParams {
+                    weight,
+                    margin,
+                    init_epochs,
+                    init_lr,
+                },
+                vb.pp("distill").pp("ab"),
+            )?),
+            MethodConfig::Ft {
+                weight,
+                rate,
+                init_epochs,
+                init_lr,
+            } => Box::new(ft::Ft::new(
+                ce,
+                student,
+                teacher.expect("checked above").model(),
+                FtParams {
+                    weight,
+                    rate,
+                    init_epochs,
+                    init_lr,
+                },
+                vb.pp("distill").pp("ft"),
             )?),
             MethodConfig::Rkd {
                 distance_weight,
