@@ -2,7 +2,8 @@
 //! (Zagoruyko & Komodakis 2017), neuron selectivity transfer (Huang & Wang 2017) and variational
 //! information distillation (Ahn et al. 2019), ReviewKD's hierarchical context loss (Chen et al.
 //! 2021), the overhaul of feature distillation, OFD (Heo et al. 2019), activation boundaries, AB
-//! (Heo et al. 2019) and factor transfer, FT (Kim et al. 2018), with spatial alignment between
+//! (Heo et al. 2019), factor transfer, FT (Kim et al. 2018) and the FSP matrices (Yim et al.
+//! 2017), with spatial alignment between
 //! stems of different resolution.
 use candle_core::{bail, Result, Tensor, D};
 
@@ -14,7 +15,7 @@ pub fn align_spatial(a: &Tensor, b: &Tensor) -> Result<(Tensor, Tensor)> {
         return Ok((a.clone(), b.clone()));
     }
     let (big, small) = if ha > hb { (ha, hb) } else { (hb, ha) };
-    if big % small != 0 || a.dim(3)? * hb != b.dim(3)? * ha {
+    if small == 0 || big % small != 0 || a.dim(3)? * hb != b.dim(3)? * ha {
         bail!(
             "cannot align feature maps {:?} and {:?}: sizes are not integer multiples",
             a.dims(),
@@ -255,4 +256,31 @@ pub fn ab_loss(student: &Tensor, teacher: &Tensor, margin: f64) -> Result<Tensor
 pub fn factor_transfer_loss(student: &Tensor, teacher: &Tensor) -> Result<Tensor> {
     let (s, t) = align_spatial(student, &teacher.detach())?;
     (attention_map(&s)? - attention_map(&t)?)?.abs()?.mean_all()
+}
+
+/// The FSP matrix (Yim et al. 2017, "A Gift from Knowledge Distillation", the "flow of solution
+/// procedure") between two feature maps of one network, `bottom` (N, C₁, H₁, W₁) and the deeper
+/// `top` (N, C₂, H₂, W₂): `G[n, j, i] = mean_p top[n, j, p]·bottom[n, i, p]` over positions p,
+/// the larger map average-pooled to the smaller one's size first → (N, C₂, C₁), as
+/// RepDistiller's `FSP.compute_fsp`.
+pub fn fsp_matrix(bottom: &Tensor, top: &Tensor) -> Result<Tensor> {
+    let (bottom, top) = align_spatial(bottom, top)?;
+    let positions = bottom.dim(2)? * bottom.dim(3)?;
+    let b = bottom.flatten_from(2)?.contiguous()?;
+    let t = top.flatten_from(2)?.contiguous()?;
+    t.matmul(&b.t()?.contiguous()?)? / positions as f64
+}
+
+/// FSP's loss for one pair of levels: the mean squared difference between the student's and the
+/// teacher's FSP matrices ([`fsp_matrix`]), which must share their shape (equal channel counts at
+/// both levels); the teacher side is detached.
+pub fn fsp_loss(student: &Tensor, teacher: &Tensor) -> Result<Tensor> {
+    if student.dims() != teacher.dims() {
+        bail!(
+            "fsp: the student's FSP matrix {:?} and the teacher's {:?} differ: FSP needs equal channel counts at every level",
+            student.dims(),
+            teacher.dims()
+        );
+    }
+    (student - teacher.detach())?.sqr()?.mean_all()
 }

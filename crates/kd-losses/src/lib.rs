@@ -3,7 +3,7 @@
 //! attention transfer, RKD, similarity-preserving KD, probabilistic knowledge transfer (PKT),
 //! correlation congruence (CC), contrastive representation distillation (CRD), neuron
 //! selectivity transfer (NST), variational information distillation (VID), the overhaul of
-//! feature distillation (OFD), activation boundaries (AB), factor transfer (FT) and ReviewKD's
+//! feature distillation (OFD), activation boundaries (AB), factor transfer (FT), the FSP matrices and ReviewKD's
 //! hierarchical context loss (HCL).
 //!
 //! ```
@@ -29,8 +29,8 @@ pub use contrastive::{contrast_scores, l2_normalize, momentum_update, nce_loss};
 pub use correlation::{dist_terms, pearson_rows};
 pub use decoupled::{dkd_loss, dkd_terms, DecoupledTerms};
 pub use feature::{
-    ab_loss, align_spatial, attention_loss, attention_map, factor_transfer_loss, hcl_loss,
-    hint_loss, nst_loss, ofd_loss, ofd_margins, vid_loss, vid_variance,
+    ab_loss, align_spatial, attention_loss, attention_map, factor_transfer_loss, fsp_loss,
+    fsp_matrix, hcl_loss, hint_loss, nst_loss, ofd_loss, ofd_margins, vid_loss, vid_variance,
 };
 pub use hinton::{kd_loss, standardize_logits};
 pub use relation::{

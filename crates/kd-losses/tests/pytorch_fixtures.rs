@@ -6,8 +6,8 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor, Var};
 use kd_losses::{
-    ab_loss, cc_loss, dist_terms, dkd_terms, factor_transfer_loss, hcl_loss, kd_loss, nst_loss,
-    ofd_loss, ofd_margins, pkt_loss, standardize_logits, vid_loss, vid_variance,
+    ab_loss, cc_loss, dist_terms, dkd_terms, factor_transfer_loss, fsp_loss, fsp_matrix, hcl_loss,
+    kd_loss, nst_loss, ofd_loss, ofd_margins, pkt_loss, standardize_logits, vid_loss, vid_variance,
 };
 
 fn fixtures() -> HashMap<String, Tensor> {
@@ -28,7 +28,7 @@ fn get(f: &HashMap<String, Tensor>, key: &str) -> Tensor {
 fn cases(f: &HashMap<String, Tensor>, loss: &str) -> Vec<String> {
     (0..)
         .map(|i| format!("{loss}.{i}."))
-        .take_while(|p| f.contains_key(&format!("{p}student")))
+        .take_while(|p| f.keys().any(|k| k.starts_with(p.as_str())))
         .collect()
 }
 
@@ -435,4 +435,41 @@ fn ab_closed_forms() {
 #[test]
 fn factor_transfer_matches_pytorch() {
     check_pair_loss("ft", 3, 1e-5, factor_transfer_loss);
+}
+
+/// FSP over three levels of each network (two consecutive pairs), the student's maps twice the
+/// teacher's size and halving level to level (each pair pooled within its network); the
+/// gradients reach every student level.
+#[test]
+fn fsp_matches_pytorch() {
+    const GRADS: [&str; 3] = ["grad.0", "grad.1", "grad.2"];
+    check_cases("fsp", 2, 1e-5, |p, dtype| {
+        let levels = |side: &str| -> Vec<Tensor> {
+            (0..3)
+                .map(|k| p(&format!("{side}.{k}")).to_dtype(dtype).unwrap())
+                .collect()
+        };
+        let s: Vec<Var> = levels("student")
+            .iter()
+            .map(|t| Var::from_tensor(t).unwrap())
+            .collect();
+        let t = levels("teacher");
+        let mut loss: Option<Tensor> = None;
+        for k in 0..2 {
+            let gs = fsp_matrix(s[k].as_tensor(), s[k + 1].as_tensor()).unwrap();
+            let gt = fsp_matrix(&t[k], &t[k + 1]).unwrap();
+            let l = fsp_loss(&gs, &gt).unwrap();
+            loss = Some(match loss {
+                None => l,
+                Some(a) => (a + l).unwrap(),
+            });
+        }
+        Computed::loss(loss.unwrap(), s.into_iter().zip(GRADS).collect())
+    });
+    let a = Tensor::zeros((1, 2, 3), DType::F32, &Device::Cpu).unwrap();
+    let b = Tensor::zeros((1, 2, 4), DType::F32, &Device::Cpu).unwrap();
+    assert!(fsp_loss(&a, &b)
+        .unwrap_err()
+        .to_string()
+        .contains("equal channel counts"));
 }

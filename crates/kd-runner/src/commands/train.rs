@@ -242,7 +242,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
     };
     let summary = experiment::run(&cfg, &info, &run_dir, resume, None)?;
     println!(
-        "{}: best test top-1 {:.2}% (epoch {}), last {:.2}%, {} trainable / {} deployed params, {:.1} s of training ({:.1} s teacher); results in {}",
+        "{}: best test top-1 {:.2}% (epoch {}), last {:.2}%, {} trainable / {} deployed params, {:.1} s of training ({:.1} s teacher{}); results in {}",
         summary.method,
         summary.best_top1,
         summary.best_epoch,
@@ -251,6 +251,11 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
         summary.deploy_params,
         summary.train_seconds,
         summary.teacher_seconds,
+        if summary.init_seconds > 0.0 {
+            format!(", {:.1} s init phase", summary.init_seconds)
+        } else {
+            String::new()
+        },
         run_dir.display()
     );
     for p in &summary.peers {
