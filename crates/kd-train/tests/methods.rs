@@ -31,16 +31,29 @@ fn synthetic(n: usize) -> Split {
 
 /// A frozen tiny ResNet50 with the max-pool stem (stages at half the student's resolution).
 fn teacher(dir: &std::path::Path) -> Teacher {
-    teacher_with(dir, false)
+    teacher_with(dir, Arch::Resnet50, false)
+}
+
+/// The teacher `method` is tested with: [`teacher`], or for FSP, which needs the student's widths
+/// at every level, a tiny ResNet34 (`fsp` subfolder of `dir`).
+fn teacher_for(dir: &std::path::Path, method: &MethodConfig, zero_init_residual: bool) -> Teacher {
+    match method {
+        MethodConfig::Fsp { .. } => {
+            let sub = dir.join("fsp");
+            std::fs::create_dir_all(&sub).unwrap();
+            teacher_with(&sub, Arch::Resnet34, zero_init_residual)
+        }
+        _ => teacher_with(dir, Arch::Resnet50, zero_init_residual),
+    }
 }
 
 /// [`teacher`], with each residual branch's last BN at 0 when `zero_init_residual`: features
 /// of a trained network's scale (mean square about 1, not a random deep stack's hundreds).
-fn teacher_with(dir: &std::path::Path, zero_init_residual: bool) -> Teacher {
+fn teacher_with(dir: &std::path::Path, arch: Arch, zero_init_residual: bool) -> Teacher {
     let cfg = ResNetConfig {
         base_width: 4,
         zero_init_residual,
-        ..ResNetConfig::new(Arch::Resnet50, Stem::CifarMaxpool, 4)
+        ..ResNetConfig::new(arch, Stem::CifarMaxpool, 4)
     };
     let (_, vm) = kd_models::trainable_resnet(&cfg, &Device::Cpu, 7).unwrap();
     let meta = TeacherMeta {
@@ -112,6 +125,7 @@ fn every_method_trains_and_keeps_the_teacher_frozen() {
         let batch = loader.epoch(0, 0).next().unwrap().unwrap();
         assert_eq!(batch.paired.is_some(), method.pairing().is_some());
         assert_eq!(batch.contrast.is_some(), method.negatives().is_some());
+        let t = teacher_for(tmp.path(), &method, false);
         let teacher = method.needs_teacher().then_some(&t);
         let built = build_student(&cfg, &method, teacher, &Device::Cpu, 0, 0.0).unwrap();
         // The trainer's first call: methods with a per-image memory size it (PS-KD).
@@ -183,9 +197,12 @@ fn every_method_trains_and_keeps_the_teacher_frozen() {
                     "{name}: {:?}",
                     terms.terms.iter().map(|t| &t.0).collect::<Vec<_>>()
                 );
-                // AB distils in its init phase only; its main run is the cross-entropy.
+                // AB and FSP distil in their init phase only; their main run is the
+                // cross-entropy, without the teacher.
                 assert!(
-                    terms.terms.len() >= 2 || name == "none" || name == "ab",
+                    terms.terms.len() >= 2
+                        || name == "none"
+                        || !built.distiller.teacher_each_step(),
                     "{name}: no distillation term"
                 );
                 let loss = terms.total().unwrap();
@@ -385,14 +402,14 @@ fn method_parts_do_not_change_the_students_initialisation() {
         .all(|&v| v == 0.0));
 }
 
-/// The two-stage methods' init phases (AB, FT) on the tiny task: the init loss is finite and
+/// The two-stage methods' init phases (AB, FT, FSP) on the tiny task: the init loss is finite and
 /// falls over 20 steps of the phase's own optimizer, its gradients reach exactly the variables
-/// the phase trains (AB: the connectors and the student's body; FT: the paraphraser), and never
+/// the phase trains (AB: the connectors and the student's body; FT: the paraphraser; FSP: the
+/// body), and never
 /// the teacher.
 #[test]
 fn init_phases_fit_what_they_train() {
     let tmp = tempfile::tempdir().unwrap();
-    let t = teacher_with(tmp.path(), true);
     let norm = Normalize {
         mean: [0.5; 3],
         std: [0.25; 3],
@@ -411,21 +428,22 @@ fn init_phases_fit_what_they_train() {
     )
     .unwrap();
     let batch = loader.epoch(0, 0).next().unwrap().unwrap();
-    let t_out = t.forward(&batch.images).unwrap();
-    let scale = t_out.feats[4]
-        .sqr()
-        .unwrap()
-        .mean_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    assert!(
-        (0.01..10.0).contains(&scale),
-        "the teacher's last stage has mean square {scale}"
-    );
     let mut phased = 0;
     for name in MethodConfig::NAMES {
         let method = preset(name);
+        let t = teacher_for(tmp.path(), &method, true);
+        let t_out = t.forward(&batch.images).unwrap();
+        let scale = t_out.feats[4]
+            .sqr()
+            .unwrap()
+            .mean_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(
+            (0.01..10.0).contains(&scale),
+            "{name}: the teacher's last stage has mean square {scale}"
+        );
         let teacher = method.needs_teacher().then_some(&t);
         let built = build_student(&cfg, &method, teacher, &Device::Cpu, 0, 0.0).unwrap();
         let Some(phase) = built.distiller.init_phase() else {
@@ -440,8 +458,8 @@ fn init_phases_fit_what_they_train() {
             .cloned()
             .collect();
         assert!(
-            named.iter().any(|(k, _)| k.starts_with(&phase.parts)),
-            "{name}: the phase trains none of its parts"
+            phase.student_body || named.iter().any(|(k, _)| k.starts_with(&phase.parts)),
+            "{name}: the phase trains nothing"
         );
         let mut opt = Sgd::new(named.clone(), SgdConfig::default());
         let (mut first, mut last) = (None, 0.0);
@@ -480,5 +498,5 @@ fn init_phases_fit_what_they_train() {
             first.unwrap()
         );
     }
-    assert_eq!(phased, 2, "AB and FT have init phases");
+    assert_eq!(phased, 3, "AB, FT and FSP have init phases");
 }

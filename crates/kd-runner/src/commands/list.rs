@@ -18,6 +18,7 @@ pub fn describe(method: &str) -> &'static str {
         "ofd" => "offline, feature: overhaul of feature distillation (Heo et al. 2019), partial L2 of pre-ReLU stages 1–4 above the teacher's margins",
         "ab" => "offline, feature, two-stage: activation boundaries (Heo et al. 2019), an init phase fits the body to fire where the teacher's pre-ReLU neurons fire, then CE alone",
         "ft" => "offline, feature, two-stage: factor transfer (Kim et al. 2018), an init phase trains a paraphraser of the teacher's last stage, then its factor is taught",
+        "fsp" => "offline, feature, two-stage: flow of solution procedure (Yim et al. 2017), an init phase fits the body to the teacher's Gram matrices of consecutive levels, then CE alone; needs a teacher of the student's widths",
         "reviewkd" => "offline, feature: ReviewKD (Chen et al. 2021), attention-fused student levels vs teacher levels, hierarchical context loss",
         "rkd" => "offline, relation: relational KD (Park et al. 2019), distance and angle terms",
         "sp" => "offline, relation: similarity-preserving KD (Tung & Mori 2019), batch Gram matrices",

@@ -379,6 +379,16 @@ fn check_methods(c: &mut Checks, dev: &Device) -> anyhow::Result<()> {
         base_width: 8,
         ..ResNetConfig::new(Arch::Resnet18, Stem::Cifar, classes)
     };
+    // FSP needs the student's widths at every level: a ResNet34 of its width.
+    let mut fsp_teachers = super::random_teachers(
+        &ResNetConfig {
+            base_width: 8,
+            ..ResNetConfig::new(Arch::Resnet34, Stem::CifarMaxpool, classes)
+        },
+        7,
+        &[&Device::Cpu, dev],
+    )?;
+    let fsp_teachers = (fsp_teachers.remove(0), fsp_teachers.remove(0));
     let mut split = Split::empty(3, 32, 32);
     split.images = (0..16 * 3 * 32 * 32)
         .map(|i| ((i * 7919) % 251) as u8)
@@ -399,6 +409,10 @@ fn check_methods(c: &mut Checks, dev: &Device) -> anyhow::Result<()> {
             }
             _ => {}
         }
+        let teachers = match method {
+            MethodConfig::Fsp { .. } => &fsp_teachers,
+            _ => &teachers,
+        };
         let lcfg = LoaderConfig {
             prefetch: 0,
             pair: method.pairing(),

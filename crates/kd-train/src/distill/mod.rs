@@ -22,6 +22,7 @@ mod dkd;
 mod fitnet;
 #[cfg(test)]
 mod fixtures;
+mod fsp;
 mod ft;
 mod hinton;
 mod mutual;
@@ -422,6 +423,15 @@ pub enum MethodConfig {
         /// Its constant learning rate (0.05, RepDistiller's).
         init_lr: f64,
     },
+    /// FSP (Yim et al. 2017), two-stage as RepDistiller: an init phase fits the student's body
+    /// to the teacher's FSP matrices (Gram matrices of consecutive levels); then the
+    /// cross-entropy alone. Needs a teacher of the student's widths (ResNet18/34 for a ResNet18).
+    Fsp {
+        /// Epochs of the init phase (30).
+        init_epochs: usize,
+        /// Its constant learning rate (0.05, RepDistiller's).
+        init_lr: f64,
+    },
     /// ReviewKD (Chen et al. 2021): attention-based fusion of the student's levels, deepest
     /// first, compared with the teacher's levels by the hierarchical context loss.
     Reviewkd {
@@ -538,6 +548,7 @@ impl MethodConfig {
                 | MethodConfig::Ofd { .. }
                 | MethodConfig::Ab { .. }
                 | MethodConfig::Ft { .. }
+                | MethodConfig::Fsp { .. }
                 | MethodConfig::Reviewkd { .. }
                 | MethodConfig::Rkd { .. }
                 | MethodConfig::Sp { .. }
@@ -596,6 +607,7 @@ impl MethodConfig {
             MethodConfig::Ofd { .. } => "ofd",
             MethodConfig::Ab { .. } => "ab",
             MethodConfig::Ft { .. } => "ft",
+            MethodConfig::Fsp { .. } => "fsp",
             MethodConfig::Reviewkd { .. } => "reviewkd",
             MethodConfig::Rkd { .. } => "rkd",
             MethodConfig::Sp { .. } => "sp",
@@ -658,6 +670,11 @@ impl MethodConfig {
                 init_epochs: 30,
                 init_lr: 0.05,
             },
+            // RepDistiller's `fsp` (`--init_epochs 30`, lr 0.05).
+            "fsp" => MethodConfig::Fsp {
+                init_epochs: 30,
+                init_lr: 0.05,
+            },
             "reviewkd" => MethodConfig::Reviewkd {
                 weight: 1.0,
                 warmup_epochs: 20.0,
@@ -716,9 +733,10 @@ impl MethodConfig {
     }
 
     /// Every method name, for `--help` and `kd-runner list`.
-    pub const NAMES: [&'static str; 23] = [
-        "none", "kd", "dkd", "dist", "fitnet", "at", "nst", "vid", "ofd", "ab", "ft", "reviewkd",
-        "rkd", "sp", "pkt", "cc", "crd", "byot", "kd_byot", "dml", "two_view", "cs_kd", "pskd",
+    pub const NAMES: [&'static str; 24] = [
+        "none", "kd", "dkd", "dist", "fitnet", "at", "nst", "vid", "ofd", "ab", "ft", "fsp",
+        "reviewkd", "rkd", "sp", "pkt", "cc", "crd", "byot", "kd_byot", "dml", "two_view", "cs_kd",
+        "pskd",
     ];
 
     /// Builds the method for `student` (and `teacher`), creating its trainable parts under
@@ -872,6 +890,16 @@ impl MethodConfig {
                     init_lr,
                 },
                 vb.pp("distill").pp("ft"),
+            )?),
+            MethodConfig::Fsp {
+                init_epochs,
+                init_lr,
+            } => Box::new(fsp::Fsp::new(
+                ce,
+                student,
+                teacher.expect("checked above").model(),
+                init_epochs,
+                init_lr,
             )?),
             MethodConfig::Rkd {
                 distance_weight,
