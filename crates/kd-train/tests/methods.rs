@@ -102,7 +102,6 @@ fn preset(name: &str) -> MethodConfig {
 #[test]
 fn every_method_trains_and_keeps_the_teacher_frozen() {
     let tmp = tempfile::tempdir().unwrap();
-    let t = teacher(tmp.path());
     let norm = Normalize {
         mean: [0.4; 3],
         std: [0.3; 3],
