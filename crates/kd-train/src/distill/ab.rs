@@ -111,24 +111,24 @@ impl Ab {
                 teacher.len()
             );
         }
-        let mut total: Option<Tensor> = None;
-        for (i, ((c, s), t)) in self.connectors.iter().zip(student).zip(teacher).enumerate() {
-            let s = s.to_dtype(DType::F32)?;
-            let s = match c {
-                Some(c) => c.bn.forward_t(&c.conv.forward(&s)?, true)?,
-                None => s,
-            };
-            let (s, t) = kd_losses::align_spatial(&s, &t.to_dtype(DType::F32)?)?;
-            let l =
-                (kd_losses::ab_loss(&s, &t, self.params.margin)? / 2f64.powi((n - 1 - i) as i32))?;
-            total = Some(match total {
-                None => l,
-                Some(a) => (a + l)?,
-            });
-        }
-        total
-            .ok_or_else(|| candle_core::Error::Msg("ab: no stages".into()))?
-            .affine(self.params.weight, 0.0)
+        super::sum_levels(
+            "ab",
+            self.connectors
+                .iter()
+                .zip(student)
+                .zip(teacher)
+                .enumerate()
+                .map(|(i, ((c, s), t))| {
+                    let s = s.to_dtype(DType::F32)?;
+                    let s = match c {
+                        Some(c) => c.bn.forward_t(&c.conv.forward(&s)?, true)?,
+                        None => s,
+                    };
+                    let (s, t) = kd_losses::align_spatial(&s, &t.to_dtype(DType::F32)?)?;
+                    kd_losses::ab_loss(&s, &t, self.params.margin)? / 2f64.powi((n - 1 - i) as i32)
+                }),
+        )?
+        .affine(self.params.weight, 0.0)
     }
 }
 
@@ -138,10 +138,8 @@ impl Distiller for Ab {
     }
 
     /// The main run: the cross-entropy alone (the boundaries were transferred in the init phase).
-    fn loss(&self, _: &StepContext, batch: &Batch, out: &Outputs) -> Result<LossTerms> {
-        let mut t = LossTerms::default();
-        t.push("loss_ce", self.ce.of(&out.student.logits, batch)?);
-        Ok(t)
+    fn loss(&self, ctx: &StepContext, batch: &Batch, out: &Outputs) -> Result<LossTerms> {
+        self.ce.loss(ctx, batch, out)
     }
 
     fn init_phase(&self) -> Option<InitPhase> {

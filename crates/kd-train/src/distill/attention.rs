@@ -24,17 +24,14 @@ impl Distiller for Attention {
         let student = out.student;
         let teacher = out.teacher;
         let teacher = super::teacher_outputs(self.name(), teacher)?;
-        let mut at = None;
-        for i in 1..student.feats.len() {
-            let l = kd_losses::attention_loss(&student.feats[i], &teacher.feats[i])?;
-            at = Some(match at {
-                None => l,
-                Some(a) => (a + l)?,
-            });
-        }
+        let at = super::sum_levels(
+            self.name(),
+            (1..student.feats.len())
+                .map(|i| kd_losses::attention_loss(&student.feats[i], &teacher.feats[i])),
+        )?;
         let mut t = LossTerms::default();
         t.push("loss_ce", self.ce.of(&student.logits, batch)?);
-        t.push("loss_at", (at.expect("four stages") * (self.weight / 2.0))?);
+        t.push("loss_at", (at * (self.weight / 2.0))?);
         Ok(t)
     }
 }

@@ -72,10 +72,8 @@ impl Distiller for Fsp {
     }
 
     /// The main run: the cross-entropy alone (the flow was transferred in the init phase).
-    fn loss(&self, _: &StepContext, batch: &Batch, out: &Outputs) -> Result<LossTerms> {
-        let mut t = LossTerms::default();
-        t.push("loss_ce", self.ce.of(&out.student.logits, batch)?);
-        Ok(t)
+    fn loss(&self, ctx: &StepContext, batch: &Batch, out: &Outputs) -> Result<LossTerms> {
+        self.ce.loss(ctx, batch, out)
     }
 
     fn init_phase(&self) -> Option<InitPhase> {
@@ -92,19 +90,12 @@ impl Distiller for Fsp {
             candle_core::Error::Msg("fsp: the init phase needs the student's outputs".into())
         })?;
         let (gs, gt) = (matrices(&student.feats)?, matrices(&teacher.feats)?);
-        let mut total: Option<Tensor> = None;
-        for (s, t) in gs.iter().zip(&gt) {
-            let l = kd_losses::fsp_loss(s, t)?;
-            total = Some(match total {
-                None => l,
-                Some(a) => (a + l)?,
-            });
-        }
+        let total = super::sum_levels(
+            self.name(),
+            gs.iter().zip(&gt).map(|(s, t)| kd_losses::fsp_loss(s, t)),
+        )?;
         let mut terms = LossTerms::default();
-        terms.push(
-            "loss_fsp",
-            total.ok_or_else(|| candle_core::Error::Msg("fsp: fewer than two levels".into()))?,
-        );
+        terms.push("loss_fsp", total);
         Ok(terms)
     }
 

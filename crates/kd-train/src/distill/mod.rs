@@ -176,6 +176,20 @@ fn compared_logits(
     }
 }
 
+/// The sum of a method's per-level losses (stages, levels, pairs), in order; an error naming the
+/// method when there is none.
+fn sum_levels(method: &str, losses: impl IntoIterator<Item = Result<Tensor>>) -> Result<Tensor> {
+    let mut total: Option<Tensor> = None;
+    for l in losses {
+        let l = l?;
+        total = Some(match total {
+            None => l,
+            Some(a) => (a + l)?,
+        });
+    }
+    total.ok_or_else(|| candle_core::Error::Msg(format!("{method}: no levels to compare")))
+}
+
 /// The width of a network's pooled embedding (its last stage's channels).
 fn pooled_width(m: &ResNet) -> usize {
     m.feature_info().last().map_or(0, |f| f.channels)

@@ -25,17 +25,14 @@ impl Distiller for Nst {
     fn loss(&self, _: &StepContext, batch: &Batch, out: &Outputs) -> Result<LossTerms> {
         let student = out.student;
         let teacher = super::teacher_outputs(self.name(), out.teacher)?;
-        let mut mmd: Option<candle_core::Tensor> = None;
-        for i in 1..student.feats.len() {
-            let l = kd_losses::nst_loss(&student.feats[i], &teacher.feats[i])?;
-            mmd = Some(match mmd {
-                None => l,
-                Some(a) => (a + l)?,
-            });
-        }
+        let mmd = super::sum_levels(
+            self.name(),
+            (1..student.feats.len())
+                .map(|i| kd_losses::nst_loss(&student.feats[i], &teacher.feats[i])),
+        )?;
         let mut t = LossTerms::default();
         t.push("loss_ce", self.ce.of(&student.logits, batch)?);
-        t.push("loss_nst", (mmd.expect("four stages") * self.weight)?);
+        t.push("loss_nst", (mmd * self.weight)?);
         Ok(t)
     }
 }

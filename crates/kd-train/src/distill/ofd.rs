@@ -111,19 +111,21 @@ impl Ofd {
                 teacher.len()
             );
         }
-        let mut total: Option<Tensor> = None;
-        for (i, ((st, s), t)) in self.stages.iter().zip(student).zip(teacher).enumerate() {
-            let s = st
-                .bn
-                .forward_t(&st.conv.forward(&s.to_dtype(DType::F32)?)?, true)?;
-            let (s, t) = kd_losses::align_spatial(&s, &t.to_dtype(DType::F32)?)?;
-            let l = (kd_losses::ofd_loss(&s, &t, &st.margin)? / 2f64.powi((n - 1 - i) as i32))?;
-            total = Some(match total {
-                None => l,
-                Some(a) => (a + l)?,
-            });
-        }
-        total.ok_or_else(|| candle_core::Error::Msg("ofd: no stages".into()))
+        super::sum_levels(
+            "ofd",
+            self.stages
+                .iter()
+                .zip(student)
+                .zip(teacher)
+                .enumerate()
+                .map(|(i, ((st, s), t))| {
+                    let s = st
+                        .bn
+                        .forward_t(&st.conv.forward(&s.to_dtype(DType::F32)?)?, true)?;
+                    let (s, t) = kd_losses::align_spatial(&s, &t.to_dtype(DType::F32)?)?;
+                    kd_losses::ofd_loss(&s, &t, &st.margin)? / 2f64.powi((n - 1 - i) as i32)
+                }),
+        )
     }
 }
 

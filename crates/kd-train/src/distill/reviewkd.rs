@@ -180,18 +180,17 @@ impl Distiller for ReviewKd {
         let teacher = super::teacher_outputs(self.name(), out.teacher)?;
         let t_levels = levels(teacher)?;
         let fused = self.review(&levels(student)?, &t_levels)?;
-        let mut hcl: Option<Tensor> = None;
-        for (s, t) in fused.iter().zip(&t_levels) {
-            let l = kd_losses::hcl_loss(s, t)?;
-            hcl = Some(match hcl {
-                None => l,
-                Some(a) => (a + l)?,
-            });
-        }
+        let hcl = super::sum_levels(
+            self.name(),
+            fused
+                .iter()
+                .zip(&t_levels)
+                .map(|(s, t)| kd_losses::hcl_loss(s, t)),
+        )?;
         let w = self.weight * super::linear_ramp(ctx.epoch, self.warmup_epochs);
         let mut t = LossTerms::default();
         t.push("loss_ce", self.ce.of(&student.logits, batch)?);
-        t.push("loss_review", (hcl.expect("five levels") * w)?);
+        t.push("loss_review", (hcl * w)?);
         Ok(t)
     }
 }

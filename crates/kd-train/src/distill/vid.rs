@@ -69,21 +69,20 @@ impl Distiller for Vid {
     fn loss(&self, _: &StepContext, batch: &Batch, out: &Outputs) -> Result<LossTerms> {
         let student = out.student;
         let teacher = super::teacher_outputs(self.name(), out.teacher)?;
-        let mut nll: Option<Tensor> = None;
-        for (k, head) in self.heads.iter().enumerate() {
-            let (s, t) = kd_losses::align_spatial(&student.feats[k + 1], &teacher.feats[k + 1])?;
-            let [c1, c2, c3] = &head.convs;
-            let mean = c3.forward(&c2.forward(&c1.forward(&s)?.relu()?)?.relu()?)?;
-            let var = kd_losses::vid_variance(&head.log_scale, INIT_VARIANCE, VARIANCE_EPS)?;
-            let l = kd_losses::vid_loss(&mean, &t, &var)?;
-            nll = Some(match nll {
-                None => l,
-                Some(a) => (a + l)?,
-            });
-        }
+        let nll = super::sum_levels(
+            self.name(),
+            self.heads.iter().enumerate().map(|(k, head)| {
+                let (s, t) =
+                    kd_losses::align_spatial(&student.feats[k + 1], &teacher.feats[k + 1])?;
+                let [c1, c2, c3] = &head.convs;
+                let mean = c3.forward(&c2.forward(&c1.forward(&s)?.relu()?)?.relu()?)?;
+                let var = kd_losses::vid_variance(&head.log_scale, INIT_VARIANCE, VARIANCE_EPS)?;
+                kd_losses::vid_loss(&mean, &t, &var)
+            }),
+        )?;
         let mut t = LossTerms::default();
         t.push("loss_ce", self.ce.of(&student.logits, batch)?);
-        t.push("loss_vid", (nll.expect("four stages") * self.weight)?);
+        t.push("loss_vid", (nll * self.weight)?);
         Ok(t)
     }
 }
