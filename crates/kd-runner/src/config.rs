@@ -12,7 +12,7 @@ use anyhow::{bail, Context};
 use kd_data::{Augment, DatasetSpec, LoaderConfig, Mix};
 use kd_models::{Arch, ResNetConfig, Stem};
 use kd_schedulers::{OptimizerConfig, Schedule, SgdConfig};
-use kd_train::{MethodConfig, TrainConfig};
+use kd_train::{MethodConfig, PlusKd, TrainConfig};
 use serde::{Deserialize, Serialize};
 
 /// One experiment: data, student, method, teacher and schedule.
@@ -31,6 +31,10 @@ pub struct ExperimentConfig {
     /// The distillation method and its weights (`name = "kd"`, `alpha`, `temperature`, …).
     #[serde(default = "baseline")]
     pub method: MethodConfig,
+    /// Hinton KD added to an offline method (`alpha = 0`: off): RepDistiller's `-a` beside the
+    /// method's weight, as in its CRD+KD.
+    #[serde(default)]
+    pub plus_kd: PlusKd,
     /// The frozen teacher of offline methods.
     #[serde(default)]
     pub teacher: TeacherSection,
@@ -178,6 +182,7 @@ impl Default for ExperimentConfig {
             data: DataSection::default(),
             model: ModelSection::default(),
             method: baseline(),
+            plus_kd: PlusKd::default(),
             teacher: TeacherSection::default(),
             train: TrainSection::default(),
         }
@@ -357,6 +362,23 @@ impl ExperimentConfig {
                 "method {} compares two images per sample; set data.mixup = 0",
                 self.method.name()
             );
+        }
+        let k = &self.plus_kd;
+        if k.alpha != 0.0 {
+            if !(k.alpha > 0.0 && k.alpha.is_finite() && k.temperature > 0.0) {
+                bail!(
+                    "plus_kd.alpha = {} and plus_kd.temperature = {}: expected α ≥ 0 (0 = off) and T > 0",
+                    k.alpha,
+                    k.temperature
+                );
+            }
+            if !self.method.needs_teacher() || matches!(self.method, MethodConfig::Kd { .. }) {
+                bail!(
+                    "plus_kd adds a frozen teacher's KD term to another offline method; method {} {}: set plus_kd.alpha = 0",
+                    self.method.name(),
+                    if self.method.needs_teacher() { "already is KD" } else { "has no frozen teacher" }
+                );
+            }
         }
         // A teacher.path on a method without a teacher is left unused (a suite may set one for
         // all its runs); `kd-runner train --teacher` with such a method is refused by the CLI.
@@ -655,6 +677,37 @@ mod tests {
             err.contains("lr = \"fast\"") && err.contains("expected f64"),
             "{err}"
         );
+    }
+
+    /// `plus_kd` is off by default, turned on by `--set plus_kd.alpha=…` on an offline method,
+    /// and refused on KD itself and on methods without a frozen teacher.
+    #[test]
+    fn plus_kd_adds_kd_to_offline_methods_only() {
+        let mut c = ExperimentConfig::default();
+        assert_eq!(c.plus_kd.alpha, 0.0);
+        c.set("teacher.path=t.safetensors").unwrap();
+        c.set("method.name=crd").unwrap();
+        c.set("plus_kd.alpha=1").unwrap();
+        assert_eq!(
+            c.plus_kd,
+            PlusKd {
+                alpha: 1.0,
+                temperature: 4.0
+            }
+        );
+        let err = c
+            .set("method.name=kd")
+            .map_err(|e| format!("{e:#}"))
+            .unwrap_err();
+        assert!(err.contains("already is KD"), "{err}");
+        let mut c = ExperimentConfig::default();
+        c.set("method.name=byot").unwrap();
+        let err = c
+            .set("plus_kd.alpha=0.5")
+            .map_err(|e| format!("{e:#}"))
+            .unwrap_err();
+        assert!(err.contains("no frozen teacher"), "{err}");
+        assert!(c.set("plus_kd.alpha=-1").is_err());
     }
 
     #[test]

@@ -139,6 +139,9 @@ pub fn run(
         cfg.train.seed,
         cfg.train.label_smoothing,
     )?;
+    built.distiller = cfg
+        .plus_kd
+        .wrap(built.distiller, cfg.method.needs_teacher())?;
     let dtype = cfg.train.precision.activation_dtype();
     built.model.set_compute_dtype(dtype)?;
     for p in &mut built.peers {

@@ -474,6 +474,68 @@ fn teacher_with_the_wrong_class_count_is_refused() {
     );
 }
 
+/// A two-stage method with KD added, through the CLI: AB's init phase runs first (its row in
+/// `init_metrics.jsonl`, its time in the summary), then the main run logs the cross-entropy and
+/// the added KD term.
+#[test]
+fn two_stage_method_with_plus_kd_end_to_end() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_cifar10(tmp.path());
+    let cfg = kd_models::ResNetConfig {
+        base_width: 4,
+        ..kd_models::ResNetConfig::new(kd_models::Arch::Resnet50, kd_models::Stem::Cifar, 10)
+    };
+    let (_, vm) = kd_models::trainable_resnet(&cfg, &candle_core::Device::Cpu, 0).unwrap();
+    let meta = kd_models::TeacherMeta {
+        arch: cfg.arch,
+        stem: cfg.stem,
+        num_classes: 10,
+        base_width: 4,
+        mean: [0.5; 3],
+        std: [0.25; 3],
+        source: "test".into(),
+        source_sha256: String::new(),
+    };
+    let teacher = tmp.path().join("t.safetensors");
+    kd_train::export(&vm, &meta, &teacher).unwrap();
+    let run = tmp.path().join("run");
+    let out = kd()
+        .args(["train", "--method", "ab", "--width", "4", "--epochs", "1"])
+        .args(["--set", "method.init_epochs=1", "--set", "plus_kd.alpha=1"])
+        .arg("--data-dir")
+        .arg(tmp.path())
+        .arg("--teacher")
+        .arg(&teacher)
+        .arg("--run-dir")
+        .arg(&run)
+        .output()
+        .unwrap();
+    let text = succeeded(&out);
+    assert!(text.contains("s init phase"), "{text}");
+    let init = std::fs::read_to_string(run.join("init_metrics.jsonl")).unwrap();
+    assert_eq!(init.lines().count(), 1, "{init}");
+    let row: serde_json::Value = serde_json::from_str(
+        std::fs::read_to_string(run.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    let losses = row["losses"].as_object().unwrap();
+    assert!(
+        losses.contains_key("loss_ce") && losses.contains_key("loss_kd"),
+        "{row}"
+    );
+    assert!(
+        row["teacher_seconds"].as_f64().unwrap() > 0.0,
+        "KD runs the teacher: {row}"
+    );
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap();
+    assert!(summary["init_seconds"].as_f64().unwrap() > 0.0, "{summary}");
+}
+
 #[test]
 fn selfcheck_runs_every_check_on_the_cpu() {
     // On the CPU it compares the CPU with itself: this keeps the GPU check runnable, nothing more.
@@ -491,6 +553,8 @@ fn selfcheck_runs_every_check_on_the_cpu() {
         "method crd: loss",
         "method reviewkd: gradients of",
         "method dml: gradients of",
+        "method ab init phase: gradients of",
+        "method fsp init phase: loss",
     ] {
         assert!(text.contains(row), "{row} missing from:\n{text}");
     }

@@ -10,7 +10,7 @@ pub mod trainer;
 
 pub use distill::{
     build_student, AbParams, BuiltStudent, CrdParams, CrossEntropy, Distiller, FtParams, InitPhase,
-    LossTerms, MethodConfig, Outputs, Peer, PeerSpec, RunInfo, StepContext,
+    LossTerms, MethodConfig, Outputs, Peer, PeerSpec, PlusKd, RunInfo, StepContext,
 };
 pub use error::{Result, TrainError};
 pub use evaluate::{evaluate, EvalReport};

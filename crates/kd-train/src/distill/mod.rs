@@ -31,6 +31,7 @@ mod nst;
 mod ofd;
 mod offline_self;
 mod pkt;
+mod plus_kd;
 mod pskd;
 mod reviewkd;
 mod rkd;
@@ -42,6 +43,7 @@ pub use ab::AbParams;
 pub use crd::CrdParams;
 pub use ft::FtParams;
 pub use none::CrossEntropy;
+pub use plus_kd::PlusKd;
 
 /// Where in training a step is.
 #[derive(Clone, Copy, Debug)]
