@@ -17,6 +17,6 @@ pub use evaluate::{evaluate, EvalReport};
 pub use metrics::Accuracy;
 pub use step::{renormalize, step_losses, teacher_forward, StepLosses};
 pub use trainer::{
-    export, latest_checkpoint, train, trainable_vars, EpochMetrics, InitEpoch, PeerEpoch,
-    PeerSummary, RunOptions, Student, Summary, TrainConfig,
+    export, latest_checkpoint, train, trainable_vars, trainable_vars_except, EpochMetrics,
+    InitEpoch, PeerEpoch, PeerSummary, RunOptions, Student, Summary, TrainConfig,
 };

@@ -304,10 +304,7 @@ impl<'a> Member<'a> {
         cfg: &TrainConfig,
         frozen: &[String],
     ) -> Self {
-        let named: Vec<(String, Var)> = trainable_vars(vars)
-            .into_iter()
-            .filter(|(k, _)| !frozen.iter().any(|f| k.starts_with(f.as_str())))
-            .collect();
+        let named = trainable_vars_except(vars, frozen);
         let opt = Optimizer::new(&cfg.optimizer, named.clone());
         Member {
             name,
@@ -340,6 +337,15 @@ pub fn trainable_vars(vars: &VarMap) -> Vec<(String, Var)> {
         .collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));
     v
+}
+
+/// [`trainable_vars`] but those named under a `frozen` prefix ([`Distiller::frozen`]: what a
+/// two-stage method fitted in its init phase and the main run leaves alone).
+pub fn trainable_vars_except(vars: &VarMap, frozen: &[String]) -> Vec<(String, Var)> {
+    trainable_vars(vars)
+        .into_iter()
+        .filter(|(k, _)| !frozen.iter().any(|f| k.starts_with(f.as_str())))
+        .collect()
 }
 
 /// Per-epoch running sums of one member.

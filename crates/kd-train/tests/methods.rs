@@ -133,11 +133,7 @@ fn every_method_trains_and_keeps_the_teacher_frozen() {
         assert_eq!(built.peers.len(), method.peers().len());
         // The student first, then its peers (online methods), each with its own optimizer.
         // What the main run trains: not the parts a two-stage method fitted and froze.
-        let frozen = built.distiller.frozen();
-        let main_vars: Vec<(String, Var)> = trainable(&built.vars)
-            .into_iter()
-            .filter(|(k, _)| !frozen.iter().any(|f| k.starts_with(f.as_str())))
-            .collect();
+        let main_vars = kd_train::trainable_vars_except(&built.vars, &built.distiller.frozen());
         let mut members: Vec<(&kd_models::ResNet, Vec<(String, Var)>)> =
             vec![(&built.model, main_vars)];
         members.extend(built.peers.iter().map(|p| (&p.model, trainable(&p.vars))));

@@ -125,10 +125,9 @@ impl MethodStep {
             seed: 0,
             device: device.clone(),
         })?;
-        let opt = Sgd::new(
-            kd_train::trainable_vars(&student.vars),
-            SgdConfig::default(),
-        );
+        // As the trainer: the parts a two-stage method froze after its init phase do not step.
+        let named = kd_train::trainable_vars_except(&student.vars, &student.distiller.frozen());
+        let opt = Sgd::new(named, SgdConfig::default());
         Ok(MethodStep {
             student,
             opt,
@@ -137,8 +136,14 @@ impl MethodStep {
         })
     }
 
+    /// Whether a step of the main run runs the teacher (not for AB's and FSP's, whose teacher
+    /// serves their init phase only).
+    fn runs_teacher(&self) -> bool {
+        self.method.needs_teacher() && self.student.distiller.teacher_each_step()
+    }
+
     fn step(&mut self, teacher: &kd_models::Teacher) -> anyhow::Result<()> {
-        let t_out = if self.method.needs_teacher() {
+        let t_out = if self.runs_teacher() {
             // The images are taken as CIFAR-10-normalised, as a CIFAR-10 run's loader gives them.
             Some(kd_train::teacher_forward(
                 teacher,
@@ -294,7 +299,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
                     )?;
                     (
                         format!("method-{name}"),
-                        if m.method.needs_teacher() {
+                        if m.runs_teacher() {
                             format!(
                                 "{name} step ({} → {})",
                                 args.teacher.name(),
