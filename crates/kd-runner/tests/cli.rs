@@ -248,7 +248,7 @@ fn suite_then_report_end_to_end() {
     // The byot student trains heads it does not deploy: more trainable than deployed parameters.
     let cells: Vec<&str> = lines[2].split(',').collect();
     assert!(
-        cells[6].parse::<usize>().unwrap() > cells[7].parse::<usize>().unwrap(),
+        cells[7].parse::<usize>().unwrap() > cells[8].parse::<usize>().unwrap(),
         "{csv}"
     );
     for plot in [
@@ -534,6 +534,21 @@ fn two_stage_method_with_plus_kd_end_to_end() {
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap();
     assert!(summary["init_seconds"].as_f64().unwrap() > 0.0, "{summary}");
+    // The report counts the phase's epochs beside the main run's.
+    let out = kd()
+        .args(["report"])
+        .arg(&run)
+        .arg("--out")
+        .arg(tmp.path().join("report"))
+        .output()
+        .unwrap();
+    let text = succeeded(&out);
+    assert!(text.contains("| 1 + 1 init |"), "{text}");
+    let csv = std::fs::read_to_string(tmp.path().join("report/report.csv")).unwrap();
+    let header: Vec<&str> = csv.lines().next().unwrap().split(',').collect();
+    let row: Vec<&str> = csv.lines().nth(1).unwrap().split(',').collect();
+    let col = |name: &str| row[header.iter().position(|h| *h == name).unwrap()];
+    assert_eq!((col("epochs"), col("init_epochs")), ("1", "1"), "{csv}");
 }
 
 #[test]

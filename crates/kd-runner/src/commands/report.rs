@@ -36,6 +36,8 @@ pub struct RunRecord {
     pub epochs: Vec<EpochMetrics>,
     /// Test images evaluated (0 if not recorded).
     pub test_images: usize,
+    /// Epochs of the method's init phase (`init_metrics.jsonl`; 0 for one-stage methods).
+    pub init_epochs: usize,
 }
 
 /// One row of the table: the runs of one label.
@@ -61,6 +63,10 @@ pub struct Row {
     pub teacher_seconds: f64,
     /// Epochs of each run.
     pub epochs: usize,
+    /// Of which in a two-stage method's init phase, before `epochs` (0 for the others).
+    pub init_epochs: usize,
+    /// Mean seconds of that phase (part of `train_seconds`).
+    pub init_seconds: f64,
     /// Test images each epoch was evaluated on (0 if not recorded).
     pub test_images: usize,
     /// Best top-1 mean and std (%).
@@ -128,7 +134,12 @@ fn read_run(dir: &Path) -> anyhow::Result<RunRecord> {
             }
         }
     };
+    // A two-stage method's init phase: one row per epoch.
+    let init_epochs = std::fs::read_to_string(dir.join("init_metrics.jsonl"))
+        .map(|t| t.lines().filter(|l| !l.trim().is_empty()).count())
+        .unwrap_or(0);
     Ok(RunRecord {
+        init_epochs,
         label: info.label,
         variant: info.variant,
         summary,
@@ -212,6 +223,11 @@ pub fn table(runs: &[RunRecord]) -> Report {
                 )
                 .0,
                 epochs: n_epochs,
+                init_epochs: g.iter().map(|r| r.init_epochs).min().unwrap_or(0),
+                init_seconds: mean_std(
+                    &g.iter().map(|r| r.summary.init_seconds).collect::<Vec<_>>(),
+                )
+                .0,
                 test_images: g.iter().map(|r| r.test_images).min().unwrap_or(0),
                 best: mean_std(&best),
                 last: mean_std(&last),
@@ -273,7 +289,11 @@ impl Report {
                 "| {} | {} | {} | {} | {} | {} | {} | {:.0} | {:.0} | {} | {} | {} |\n",
                 r.label,
                 r.runs,
-                r.epochs,
+                if r.init_epochs > 0 {
+                    format!("{} + {} init", r.epochs, r.init_epochs)
+                } else {
+                    r.epochs.to_string()
+                },
                 if r.test_images == 0 {
                     "–".into()
                 } else {
@@ -302,21 +322,23 @@ impl Report {
 
     /// The CSV table.
     pub fn csv(&self) -> String {
-        let mut s = String::from("label,method,variant,runs,epochs,test_images,trainable_params,deploy_params,teacher_params,train_seconds,teacher_seconds,best_top1_mean,best_top1_std,last_top1_mean,last_top1_std,delta_best\n");
+        let mut s = String::from("label,method,variant,runs,epochs,init_epochs,test_images,trainable_params,deploy_params,teacher_params,train_seconds,teacher_seconds,init_seconds,best_top1_mean,best_top1_std,last_top1_mean,last_top1_std,delta_best\n");
         for r in &self.rows {
             s += &format!(
-                "{},{},{},{},{},{},{},{},{},{:.3},{:.3},{:.4},{:.4},{:.4},{:.4},{}\n",
+                "{},{},{},{},{},{},{},{},{},{},{:.3},{:.3},{:.3},{:.4},{:.4},{:.4},{:.4},{}\n",
                 r.label,
                 r.method,
                 r.variant,
                 r.runs,
                 r.epochs,
+                r.init_epochs,
                 r.test_images,
                 r.trainable_params,
                 r.deploy_params,
                 r.teacher_params,
                 r.train_seconds,
                 r.teacher_seconds,
+                r.init_seconds,
                 r.best.0,
                 r.best.1,
                 r.last.0,
