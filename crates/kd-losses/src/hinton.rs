@@ -17,6 +17,25 @@ pub fn kd_loss(student: &Tensor, teacher: &Tensor, t: f64) -> Result<Tensor> {
     kl.mean_all()? * (t * t)
 }
 
+/// [`kd_loss`] at a temperature that is itself a tensor with a graph (one element, any shape):
+/// CTKD's learnable temperature (Li et al. 2023), which receives the gradient of both sides'
+/// softened distributions and of the T² factor. The teacher's logits are detached, `t` is not.
+pub fn kd_loss_at(student: &Tensor, teacher: &Tensor, t: &Tensor) -> Result<Tensor> {
+    if t.elem_count() != 1 {
+        candle_core::bail!(
+            "kd_loss_at: the temperature must be one value, got shape {:?}",
+            t.dims()
+        );
+    }
+    let t = t.reshape((1, 1))?.to_dtype(student.dtype())?;
+    let zt = teacher.detach().broadcast_div(&t)?;
+    let p_t = softmax(&zt, D::Minus1)?;
+    let logp_t = log_softmax(&zt, D::Minus1)?;
+    let logp_s = log_softmax(&student.broadcast_div(&t)?, D::Minus1)?;
+    let kl = (p_t * (logp_t - logp_s)?)?.sum(D::Minus1)?;
+    kl.mean_keepdim(0)?.mul(&t.sqr()?.squeeze(0)?)?.squeeze(0)
+}
+
 /// Each row's logits as z-scores, `(z − mean) / (1e-7 + std)` with the unbiased standard
 /// deviation over the classes, as Sun et al. 2024's code (`torch.std`). Needs at least two
 /// classes.

@@ -32,7 +32,7 @@ pub use feature::{
     ab_loss, align_spatial, attention_loss, attention_map, factor_transfer_loss, fsp_loss,
     fsp_matrix, hcl_loss, hint_loss, nst_loss, ofd_loss, ofd_margins, vid_loss, vid_variance,
 };
-pub use hinton::{kd_loss, standardize_logits};
+pub use hinton::{kd_loss, kd_loss_at, standardize_logits};
 pub use relation::{
     cc_loss, pkt_loss, pkt_probabilities, rkd_angle_loss, rkd_distance_loss, similarity_matrix,
     smooth_l1, sp_loss,

@@ -7,7 +7,8 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor, Var};
 use kd_losses::{
     ab_loss, cc_loss, dist_terms, dkd_terms, factor_transfer_loss, fsp_loss, fsp_matrix, hcl_loss,
-    kd_loss, nst_loss, ofd_loss, ofd_margins, pkt_loss, standardize_logits, vid_loss, vid_variance,
+    kd_loss, kd_loss_at, nst_loss, ofd_loss, ofd_margins, pkt_loss, standardize_logits, vid_loss,
+    vid_variance,
 };
 
 fn fixtures() -> HashMap<String, Tensor> {
@@ -472,4 +473,32 @@ fn fsp_matches_pytorch() {
         .unwrap_err()
         .to_string()
         .contains("equal channel counts"));
+}
+
+/// KD at a temperature with a gradient (CTKD's learnable τ): high, low, 100 classes; the
+/// gradients reach the student's logits and the temperature. The temperature's gradient sums
+/// B·K nearly cancelling terms (at T = 15.6 the softened distributions are close to uniform):
+/// in f32 it is good to about 2e-4 of its size, hence the looser f32 bound (f64: 1e-10).
+#[test]
+fn kd_at_a_learnable_temperature_matches_pytorch() {
+    check_cases("kd_at", 3, 5e-5, |p, dtype| {
+        let s = leaf(p, "student", dtype);
+        let t = leaf(p, "temperature", dtype);
+        let teacher = p("teacher").to_dtype(dtype).unwrap();
+        let value = kd_loss_at(s.as_tensor(), &teacher, t.as_tensor()).unwrap();
+        Computed::loss(value, vec![(s, "grad"), (t, "grad_temperature")])
+    });
+    // At a fixed value it is kd_loss.
+    let f = fixtures();
+    let p = |k: &str| {
+        get(&f, &format!("kd_at.0.{k}"))
+            .to_dtype(DType::F32)
+            .unwrap()
+    };
+    let t = scalar(&p("temperature"));
+    let a = scalar(&kd_loss(&p("student"), &p("teacher"), t).unwrap());
+    let b = scalar(&kd_loss_at(&p("student"), &p("teacher"), &p("temperature")).unwrap());
+    assert!((a - b).abs() <= 1e-5 * a.abs(), "{a} vs {b}");
+    let two = Tensor::new(&[1f32, 2.0], &Device::Cpu).unwrap();
+    assert!(kd_loss_at(&p("student"), &p("teacher"), &two).is_err());
 }
