@@ -397,6 +397,25 @@ fn method_parts_do_not_change_the_students_initialisation() {
         .all(|&v| v == 0.0));
 }
 
+/// CTKD's temperature parameter starts at the authors' 1 after the seeded initialisation of
+/// every variable (its name takes the rule for BN scales), so the first temperature is
+/// 1 + 20·sigmoid(1).
+#[test]
+fn ctkd_starts_its_temperature_parameter_at_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = teacher(tmp.path());
+    let cfg = ResNetConfig {
+        base_width: 4,
+        ..ResNetConfig::new(Arch::Resnet18, Stem::Cifar, 4)
+    };
+    let built = build_student(&cfg, &preset("ctkd"), Some(&t), &Device::Cpu, 3, 0.0).unwrap();
+    let g = built.vars.data().lock().unwrap()["distill.ctkd.global_t.weight"]
+        .as_tensor()
+        .to_vec1::<f32>()
+        .unwrap();
+    assert_eq!(g, [1.0]);
+}
+
 /// The two-stage methods' init phases (AB, FT, FSP) on the tiny task: the init loss is finite and
 /// falls over 20 steps of the phase's own optimizer, its gradients reach exactly the variables
 /// the phase trains (AB: the connectors and the student's body; FT: the paraphraser; FSP: the

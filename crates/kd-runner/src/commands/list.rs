@@ -9,6 +9,7 @@ pub fn describe(method: &str) -> &'static str {
     match method {
         "none" => "baseline: cross-entropy only, no distillation",
         "kd" => "offline, response: Hinton et al. 2015, (1−α)·CE + α·T²·KL(teacher ‖ student); standardize = true z-scores the logits first (Sun et al. 2024)",
+        "ctkd" => "offline, response: curriculum temperature KD (Li et al. 2023), Hinton KD at a temperature learned adversarially behind a gradient reversal, cosine curriculum",
         "dkd" => "offline, response: decoupled KD (Zhao et al. 2022), α·target-class + β·non-target-class KL; standardize = true as for kd",
         "dist" => "offline, response: DIST (Huang et al. 2022), Pearson correlation of predictions across classes and across the batch",
         "fitnet" => "offline, feature: FitNets hints (Romero et al. 2015), 1×1 conv + BN + ReLU regressor, MSE",

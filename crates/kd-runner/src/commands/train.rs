@@ -30,7 +30,7 @@ pub struct TrainArgs {
     /// teacher.path: safetensors with its JSON sidecar (`cargo xtask fetch teacher-cifar10`, or a run's model.safetensors).
     #[arg(long, value_name = "FILE")]
     pub teacher: Option<PathBuf>,
-    /// method.alpha (kd, kd_byot, dkd, pskd).
+    /// method.alpha (kd, kd_byot, dkd, ctkd, pskd).
     #[arg(long)]
     pub alpha: Option<f64>,
     /// method.temperature (kd, kd_byot, dkd, dist, dml, two_view, cs_kd).
@@ -147,7 +147,11 @@ impl TrainArgs {
                 set(alpha, self.alpha);
                 set(temperature, self.temperature);
             }
-            MethodConfig::Pskd { alpha } if self.temperature.is_none() => set(alpha, self.alpha),
+            MethodConfig::Pskd { alpha } | MethodConfig::Ctkd { alpha, .. }
+                if self.temperature.is_none() =>
+            {
+                set(alpha, self.alpha)
+            }
             MethodConfig::Dml { temperature, .. }
             | MethodConfig::TwoView { temperature, .. }
             | MethodConfig::CsKd { temperature, .. }
@@ -157,7 +161,7 @@ impl TrainArgs {
                 set(temperature, self.temperature);
             }
             _ if self.alpha.is_some() || self.temperature.is_some() => {
-                bail!("--alpha applies to kd, kd_byot, dkd and pskd, --temperature to kd, kd_byot, dkd, dist, dml, two_view and cs_kd; not to {}", cfg.method.name())
+                bail!("--alpha applies to kd, kd_byot, dkd, ctkd and pskd (ctkd learns its temperature), --temperature to kd, kd_byot, dkd, dist, dml, two_view and cs_kd; not to {}", cfg.method.name())
             }
             _ => {}
         }

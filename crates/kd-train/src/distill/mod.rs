@@ -17,6 +17,7 @@ mod byot;
 mod cc;
 mod crd;
 mod cs_kd;
+mod ctkd;
 mod dist;
 mod dkd;
 mod fitnet;
@@ -41,6 +42,7 @@ mod vid;
 
 pub use ab::AbParams;
 pub use crd::CrdParams;
+pub use ctkd::CtkdParams;
 pub use ft::FtParams;
 pub use none::CrossEntropy;
 pub use plus_kd::PlusKd;
@@ -358,6 +360,20 @@ pub enum MethodConfig {
         #[serde(default)]
         standardize: bool,
     },
+    /// CTKD (Li et al. 2023): Hinton KD at a learned temperature, adversarial (gradient
+    /// reversal) with a cosine curriculum of its strength.
+    Ctkd {
+        /// Weight α of the KD term (the CE's is 1 − α).
+        alpha: f64,
+        /// The lowest temperature (1).
+        min_temperature: f64,
+        /// The temperature's range above it (20; the authors' `t_end`).
+        temperature_range: f64,
+        /// The reversal's final strength (1).
+        max_lambda: f64,
+        /// Epochs of its cosine curriculum (10).
+        curriculum_epochs: usize,
+    },
     /// Decoupled KD (Zhao et al. 2022): CE + w·(α·TCKD + β·NCKD), w ramping to 1 over the
     /// first `warmup_epochs` epochs.
     Dkd {
@@ -555,6 +571,7 @@ impl MethodConfig {
         matches!(
             self,
             MethodConfig::Kd { .. }
+                | MethodConfig::Ctkd { .. }
                 | MethodConfig::Dkd { .. }
                 | MethodConfig::Dist { .. }
                 | MethodConfig::Fitnet { .. }
@@ -614,6 +631,7 @@ impl MethodConfig {
         match self {
             MethodConfig::None => "none",
             MethodConfig::Kd { .. } => "kd",
+            MethodConfig::Ctkd { .. } => "ctkd",
             MethodConfig::Dkd { .. } => "dkd",
             MethodConfig::Dist { .. } => "dist",
             MethodConfig::Fitnet { .. } => "fitnet",
@@ -647,6 +665,15 @@ impl MethodConfig {
                 alpha: 0.9,
                 temperature: 4.0,
                 standardize: false,
+            },
+            // The authors' global-temperature script (`-r 0.1 -a 0.9 --t_start 1 --t_end 20
+            // --decay_max 0 --decay_min -1 --decay_loops 10`).
+            "ctkd" => MethodConfig::Ctkd {
+                alpha: 0.9,
+                min_temperature: 1.0,
+                temperature_range: 20.0,
+                max_lambda: 1.0,
+                curriculum_epochs: 10,
             },
             // mdistiller's CIFAR-100 defaults (its ResNet32x4 → ResNet8x4 setting).
             "dkd" => MethodConfig::Dkd {
@@ -749,10 +776,10 @@ impl MethodConfig {
     }
 
     /// Every method name, for `--help` and `kd-runner list`.
-    pub const NAMES: [&'static str; 24] = [
-        "none", "kd", "dkd", "dist", "fitnet", "at", "nst", "vid", "ofd", "ab", "ft", "fsp",
-        "reviewkd", "rkd", "sp", "pkt", "cc", "crd", "byot", "kd_byot", "dml", "two_view", "cs_kd",
-        "pskd",
+    pub const NAMES: [&'static str; 25] = [
+        "none", "kd", "ctkd", "dkd", "dist", "fitnet", "at", "nst", "vid", "ofd", "ab", "ft",
+        "fsp", "reviewkd", "rkd", "sp", "pkt", "cc", "crd", "byot", "kd_byot", "dml", "two_view",
+        "cs_kd", "pskd",
     ];
 
     /// Builds the method for `student` (and `teacher`), creating its trainable parts under
@@ -788,6 +815,23 @@ impl MethodConfig {
                 temperature,
                 standardize,
             }),
+            MethodConfig::Ctkd {
+                alpha,
+                min_temperature,
+                temperature_range,
+                max_lambda,
+                curriculum_epochs,
+            } => Box::new(ctkd::Ctkd::new(
+                ce,
+                CtkdParams {
+                    alpha,
+                    min_temperature,
+                    temperature_range,
+                    max_lambda,
+                    curriculum_epochs,
+                },
+                vb.pp("distill").pp("ctkd"),
+            )?),
             MethodConfig::Dkd {
                 alpha,
                 beta,
