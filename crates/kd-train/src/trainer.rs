@@ -75,6 +75,9 @@ pub struct EpochMetrics {
     pub teacher_seconds: f64,
     /// Mean of each named loss term over the epoch (`loss_ce`, `loss_kd`, …).
     pub losses: BTreeMap<String, f64>,
+    /// Mean of each value the method reports beside its losses (CTKD's `temperature`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub values: BTreeMap<String, f64>,
     /// The same figures for each peer trained beside the student (online methods).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub peers: BTreeMap<String, PeerEpoch>,
@@ -352,6 +355,7 @@ pub fn trainable_vars_except(vars: &VarMap, frozen: &[String]) -> Vec<(String, V
 struct EpochSums {
     acc: Accuracy,
     terms: BTreeMap<String, f64>,
+    values: BTreeMap<String, f64>,
 }
 
 /// Steps between reads of the on-device sums on an accelerator (every step on the CPU, where a
@@ -368,6 +372,8 @@ struct PendingSums {
     top1: Option<Tensor>,
     /// Σ each loss term.
     terms: BTreeMap<String, Tensor>,
+    /// Σ each reported value.
+    values: BTreeMap<String, Tensor>,
     /// Images since the last read.
     images: usize,
 }
@@ -392,12 +398,17 @@ impl PendingSums {
         let b = labels.dim(0)?;
         let f32 = candle_core::DType::F32;
         add_to(&mut self.loss, (loss.detach().to_dtype(f32)? * b as f64)?)?;
-        for (name, t) in &terms.terms {
-            let t = t.detach().to_dtype(f32)?;
-            match self.terms.remove(name) {
-                Some(a) => self.terms.insert(name.clone(), (a + t)?),
-                None => self.terms.insert(name.clone(), t),
-            };
+        for (sums, named) in [
+            (&mut self.terms, &terms.terms),
+            (&mut self.values, &terms.values),
+        ] {
+            for (name, t) in named {
+                let t = t.detach().to_dtype(f32)?.sum_all()?;
+                match sums.remove(name) {
+                    Some(a) => sums.insert(name.clone(), (a + t)?),
+                    None => sums.insert(name.clone(), t),
+                };
+            }
         }
         // A hit: no class scores strictly higher than the true one (as Accuracy counts it).
         let rank = crate::metrics::true_class_rank(&logits.detach(), labels)?;
@@ -427,6 +438,9 @@ impl PendingSums {
         }
         for (name, t) in std::mem::take(&mut self.terms) {
             *sums.terms.entry(name).or_default() += t.to_scalar::<f32>()? as f64;
+        }
+        for (name, t) in std::mem::take(&mut self.values) {
+            *sums.values.entry(name).or_default() += t.to_scalar::<f32>()? as f64;
         }
         self.images = 0;
         Ok(())
@@ -580,6 +594,7 @@ pub fn train(
             .map(|_| EpochSums {
                 acc: Accuracy::new(num_classes),
                 terms: BTreeMap::new(),
+                values: BTreeMap::new(),
             })
             .collect();
         let mut pending: Vec<PendingSums> =
@@ -666,12 +681,12 @@ pub fn train(
                 m.model.forward_t(x, false)
             })?);
         }
-        let mean_terms = |s: &EpochSums| -> BTreeMap<String, f64> {
-            s.terms
-                .iter()
+        let per_step = |sums: &BTreeMap<String, f64>| -> BTreeMap<String, f64> {
+            sums.iter()
                 .map(|(k, v)| (k.clone(), v / steps.max(1) as f64))
                 .collect()
         };
+        let mean_terms = |s: &EpochSums| per_step(&s.terms);
         let peers: BTreeMap<String, PeerEpoch> = members
             .iter()
             .enumerate()
@@ -700,6 +715,7 @@ pub fn train(
             images_per_sec: sums[0].acc.total as f64 / seconds.max(1e-9),
             teacher_seconds,
             losses: mean_terms(&sums[0]),
+            values: per_step(&sums[0].values),
             peers,
         };
         for (k, e) in evals.iter().enumerate() {
@@ -921,10 +937,16 @@ fn init_phase(
 fn write_csv_row(csv: &Path, row: &EpochMetrics) -> Result<()> {
     if std::fs::metadata(csv).map(|m| m.len()).unwrap_or(0) == 0 {
         let mut names: Vec<String> = row.losses.keys().cloned().collect();
+        names.extend(row.values.keys().cloned());
         names.extend(row.peers.keys().map(|p| format!("{p}_test_top1")));
         append(csv, &format!("epoch,lr,train_loss,train_acc,test_loss,test_top1,test_top5,seconds,images_per_sec,teacher_seconds,{}\n", names.join(",")))?;
     }
-    let mut cells: Vec<String> = row.losses.values().map(|v| format!("{v:.6}")).collect();
+    let mut cells: Vec<String> = row
+        .losses
+        .values()
+        .chain(row.values.values())
+        .map(|v| format!("{v:.6}"))
+        .collect();
     cells.extend(row.peers.values().map(|p| format!("{:.4}", p.test_top1)));
     append(
         csv,

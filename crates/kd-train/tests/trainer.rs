@@ -611,3 +611,56 @@ fn a_two_stage_method_runs_its_init_phase_once_and_resumes_after_it() {
         "weights differ after resume: {differing:?}"
     );
 }
+
+/// A value a method reports beside its losses (CTKD's temperature) is logged per epoch in
+/// `metrics.jsonl` (`values`) and `metrics.csv`, within the temperature's range, and not added
+/// to the loss.
+#[test]
+fn reported_values_are_logged_beside_the_losses() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, _, meta, tr, te) = setup(6);
+    let teacher = quadrant_teacher(tmp.path(), &meta);
+    let scfg = ResNetConfig {
+        base_width: 4,
+        ..ResNetConfig::new(Arch::Resnet18, Stem::CifarMaxpool, 4)
+    };
+    let method = kd_train::MethodConfig::preset("ctkd").unwrap();
+    let b = kd_train::build_student(&scfg, &method, Some(&teacher), &Device::Cpu, 6, 0.0).unwrap();
+    let dir = tmp.path().join("ctkd");
+    train(
+        Student {
+            model: &b.model,
+            vars: &b.vars,
+            meta: &meta,
+            peers: &[],
+        },
+        b.distiller.as_ref(),
+        Some(&teacher),
+        &tr,
+        &te,
+        &config(1, 0.05),
+        &dir,
+        RunOptions::default(),
+    )
+    .unwrap();
+    let row: kd_train::EpochMetrics = serde_json::from_str(
+        std::fs::read_to_string(dir.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    let tau = row.values["temperature"];
+    assert!((1.0..21.0).contains(&tau), "{row:?}");
+    let total: f64 = row.losses.values().sum();
+    assert!((row.train_loss - total).abs() < 1e-3 * total, "{row:?}");
+    let csv = std::fs::read_to_string(dir.join("metrics.csv")).unwrap();
+    assert!(
+        csv.lines()
+            .next()
+            .unwrap()
+            .ends_with("loss_ce,loss_kd,temperature"),
+        "{csv}"
+    );
+}

@@ -109,6 +109,7 @@ impl Distiller for Ctkd {
             (self.ce.of(&student.logits, batch)? * (1.0 - self.params.alpha))?,
         );
         t.push("loss_kd", (kd * self.params.alpha)?);
+        t.note("temperature", &tau);
         Ok(t)
     }
 }

@@ -108,11 +108,14 @@ fn linear_ramp(epoch: usize, over: f64) -> f64 {
     }
 }
 
-/// Named, already weighted loss terms; the total is their sum.
+/// Named, already weighted loss terms; the total is their sum. Beside them, values a method
+/// reports but does not minimise (CTKD's temperature), logged per epoch like the terms.
 #[derive(Clone, Debug, Default)]
 pub struct LossTerms {
     /// (name, weighted scalar loss).
     pub terms: Vec<(String, Tensor)>,
+    /// (name, scalar), detached; not part of the total.
+    pub values: Vec<(String, Tensor)>,
 }
 
 impl LossTerms {
@@ -121,9 +124,15 @@ impl LossTerms {
         self.terms.push((name.into(), value));
     }
 
-    /// Appends another method's terms.
+    /// Reports a scalar beside the loss (its epoch mean goes to `metrics.jsonl` under `values`).
+    pub fn note(&mut self, name: impl Into<String>, value: &Tensor) {
+        self.values.push((name.into(), value.detach()));
+    }
+
+    /// Appends another method's terms and values.
     pub fn extend(&mut self, other: LossTerms) {
         self.terms.extend(other.terms);
+        self.values.extend(other.values);
     }
 
     /// The sum of all terms.
