@@ -43,8 +43,8 @@ pub struct Ctkd {
 }
 
 impl Ctkd {
-    /// The method with its temperature parameter under `vb` (`global_t.weight`: the name gives
-    /// it kd's initial value 1, which the authors' `torch.ones(1)` sets).
+    /// The method with its temperature parameter under `vb` (`global_t.weight`: kd's seeded
+    /// initialisation gives a one-dimensional `weight` the value 1, the authors' `torch.ones(1)`).
     pub fn new(ce: CrossEntropy, params: CtkdParams, vb: VarBuilder) -> Result<Self> {
         let p = params;
         if !(p.min_temperature > 0.0 && p.temperature_range >= 0.0 && p.max_lambda >= 0.0) {
