@@ -1,7 +1,7 @@
 //! The binary as a person meets it: data summary, eval errors that name keys, fetch hints.
 
 mod common;
-use common::{kd, succeeded, write_cifar10};
+use common::{kd, succeeded, write_cifar10, write_teacher};
 
 #[test]
 fn data_prints_counts_and_stats() {
@@ -427,23 +427,12 @@ fn full_disk_keeps_the_previous_checkpoint() {
 fn teacher_with_the_wrong_class_count_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     write_cifar10(tmp.path());
-    let cfg = kd_models::ResNetConfig {
-        base_width: 4,
-        ..kd_models::ResNetConfig::new(kd_models::Arch::Resnet18, kd_models::Stem::Cifar, 100)
-    };
-    let (_, vm) = kd_models::trainable_resnet(&cfg, &candle_core::Device::Cpu, 0).unwrap();
-    let meta = kd_models::TeacherMeta {
-        arch: cfg.arch,
-        stem: cfg.stem,
-        num_classes: 100,
-        base_width: 4,
-        mean: [0.5; 3],
-        std: [0.25; 3],
-        source: "test".into(),
-        source_sha256: String::new(),
-    };
-    let path = tmp.path().join("t100.safetensors");
-    kd_train::export(&vm, &meta, &path).unwrap();
+    let path = write_teacher(
+        tmp.path(),
+        "t100.safetensors",
+        kd_models::Arch::Resnet18,
+        100,
+    );
     let out = kd()
         .args([
             "train",
@@ -481,23 +470,7 @@ fn teacher_with_the_wrong_class_count_is_refused() {
 fn two_stage_method_with_plus_kd_end_to_end() {
     let tmp = tempfile::tempdir().unwrap();
     write_cifar10(tmp.path());
-    let cfg = kd_models::ResNetConfig {
-        base_width: 4,
-        ..kd_models::ResNetConfig::new(kd_models::Arch::Resnet50, kd_models::Stem::Cifar, 10)
-    };
-    let (_, vm) = kd_models::trainable_resnet(&cfg, &candle_core::Device::Cpu, 0).unwrap();
-    let meta = kd_models::TeacherMeta {
-        arch: cfg.arch,
-        stem: cfg.stem,
-        num_classes: 10,
-        base_width: 4,
-        mean: [0.5; 3],
-        std: [0.25; 3],
-        source: "test".into(),
-        source_sha256: String::new(),
-    };
-    let teacher = tmp.path().join("t.safetensors");
-    kd_train::export(&vm, &meta, &teacher).unwrap();
+    let teacher = write_teacher(tmp.path(), "t.safetensors", kd_models::Arch::Resnet50, 10);
     let run = tmp.path().join("run");
     let out = kd()
         .args(["train", "--method", "ab", "--width", "4", "--epochs", "1"])

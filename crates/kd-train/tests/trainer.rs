@@ -484,6 +484,64 @@ fn quadrant_teacher(dir: &std::path::Path, meta: &TeacherMeta) -> kd_models::Tea
     kd_models::Teacher::load(&path, &Device::Cpu).unwrap()
 }
 
+/// The quadrant task with a frozen tiny ResNet50 teacher, and ResNet18 students for it.
+struct TeacherTask {
+    meta: TeacherMeta,
+    train: kd_data::Loader,
+    test: kd_data::Loader,
+    teacher: kd_models::Teacher,
+}
+
+impl TeacherTask {
+    /// The task of [`setup`]`(seed)`, its teacher written into `dir`.
+    fn new(seed: u64, dir: &std::path::Path) -> Self {
+        let (_, _, meta, train, test) = setup(seed);
+        let teacher = quadrant_teacher(dir, &meta);
+        TeacherTask {
+            meta,
+            train,
+            test,
+            teacher,
+        }
+    }
+
+    /// A ResNet18 student (max-pool stem, width 4) for `method`, initialised from `seed`.
+    fn student(&self, method: &kd_train::MethodConfig, seed: u64) -> kd_train::BuiltStudent {
+        let scfg = ResNetConfig {
+            base_width: 4,
+            ..ResNetConfig::new(Arch::Resnet18, Stem::CifarMaxpool, 4)
+        };
+        kd_train::build_student(&scfg, method, Some(&self.teacher), &Device::Cpu, seed, 0.0)
+            .unwrap()
+    }
+
+    /// Trains `b` for `epochs` into `dir`.
+    fn run(
+        &self,
+        b: &kd_train::BuiltStudent,
+        epochs: usize,
+        dir: &std::path::Path,
+        opts: RunOptions,
+    ) -> Option<kd_train::Summary> {
+        train(
+            Student {
+                model: &b.model,
+                vars: &b.vars,
+                meta: &self.meta,
+                peers: &[],
+            },
+            b.distiller.as_ref(),
+            Some(&self.teacher),
+            &self.train,
+            &self.test,
+            &config(epochs, 0.05),
+            dir,
+            opts,
+        )
+        .unwrap()
+    }
+}
+
 /// AB (two-stage): the init phase runs once, before epoch 1, and is checkpointed; it trains the
 /// connectors and the body but not the classifier; the main run leaves the connectors as the
 /// phase left them; and a run stopped right after the phase then resumed ends bit-identical to
@@ -491,20 +549,14 @@ fn quadrant_teacher(dir: &std::path::Path, meta: &TeacherMeta) -> kd_models::Tea
 #[test]
 fn a_two_stage_method_runs_its_init_phase_once_and_resumes_after_it() {
     let tmp = tempfile::tempdir().unwrap();
-    let (_, _, meta, tr, te) = setup(5);
-    let teacher = quadrant_teacher(tmp.path(), &meta);
+    let task = TeacherTask::new(5, tmp.path());
     let method = kd_train::MethodConfig::Ab {
         weight: 3e-3,
         margin: 1.0,
         init_epochs: 2,
         init_lr: 0.05,
     };
-    let scfg = ResNetConfig {
-        base_width: 4,
-        ..ResNetConfig::new(Arch::Resnet18, Stem::CifarMaxpool, 4)
-    };
-    let build =
-        || kd_train::build_student(&scfg, &method, Some(&teacher), &Device::Cpu, 5, 0.0).unwrap();
+    let build = || task.student(&method, 5);
     let pick = |w: &[(String, Vec<f32>)], prefix: &str| -> Vec<(String, Vec<f32>)> {
         w.iter()
             .filter(|(k, _)| k.starts_with(prefix))
@@ -512,22 +564,7 @@ fn a_two_stage_method_runs_its_init_phase_once_and_resumes_after_it() {
             .collect()
     };
     let run = |b: &kd_train::BuiltStudent, dir: &std::path::Path, opts: RunOptions| {
-        train(
-            Student {
-                model: &b.model,
-                vars: &b.vars,
-                meta: &meta,
-                peers: &[],
-            },
-            b.distiller.as_ref(),
-            Some(&teacher),
-            &tr,
-            &te,
-            &config(2, 0.05),
-            dir,
-            opts,
-        )
-        .unwrap()
+        task.run(b, 2, dir, opts)
     };
 
     let fresh = weights(&build().vars);
@@ -618,31 +655,10 @@ fn a_two_stage_method_runs_its_init_phase_once_and_resumes_after_it() {
 #[test]
 fn reported_values_are_logged_beside_the_losses() {
     let tmp = tempfile::tempdir().unwrap();
-    let (_, _, meta, tr, te) = setup(6);
-    let teacher = quadrant_teacher(tmp.path(), &meta);
-    let scfg = ResNetConfig {
-        base_width: 4,
-        ..ResNetConfig::new(Arch::Resnet18, Stem::CifarMaxpool, 4)
-    };
-    let method = kd_train::MethodConfig::preset("ctkd").unwrap();
-    let b = kd_train::build_student(&scfg, &method, Some(&teacher), &Device::Cpu, 6, 0.0).unwrap();
+    let task = TeacherTask::new(6, tmp.path());
+    let b = task.student(&kd_train::MethodConfig::preset("ctkd").unwrap(), 6);
     let dir = tmp.path().join("ctkd");
-    train(
-        Student {
-            model: &b.model,
-            vars: &b.vars,
-            meta: &meta,
-            peers: &[],
-        },
-        b.distiller.as_ref(),
-        Some(&teacher),
-        &tr,
-        &te,
-        &config(1, 0.05),
-        &dir,
-        RunOptions::default(),
-    )
-    .unwrap();
+    task.run(&b, 1, &dir, RunOptions::default());
     let row: kd_train::EpochMetrics = serde_json::from_str(
         std::fs::read_to_string(dir.join("metrics.jsonl"))
             .unwrap()

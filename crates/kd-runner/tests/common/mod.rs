@@ -33,3 +33,31 @@ pub fn write_cifar10(root: &std::path::Path) {
         std::fs::write(dir.join(f), encode_cifar10(&s)).unwrap();
     }
 }
+
+/// A randomly initialised tiny teacher (`arch`, width 4, `classes` classes, CIFAR stem) exported
+/// as `dir/name`, for runs that only need one to load.
+pub fn write_teacher(
+    dir: &std::path::Path,
+    name: &str,
+    arch: kd_models::Arch,
+    classes: usize,
+) -> std::path::PathBuf {
+    let cfg = kd_models::ResNetConfig {
+        base_width: 4,
+        ..kd_models::ResNetConfig::new(arch, kd_models::Stem::Cifar, classes)
+    };
+    let (_, vm) = kd_models::trainable_resnet(&cfg, &candle_core::Device::Cpu, 0).unwrap();
+    let meta = kd_models::TeacherMeta {
+        arch: cfg.arch,
+        stem: cfg.stem,
+        num_classes: classes,
+        base_width: 4,
+        mean: [0.5; 3],
+        std: [0.25; 3],
+        source: "test".into(),
+        source_sha256: String::new(),
+    };
+    let path = dir.join(name);
+    kd_train::export(&vm, &meta, &path).unwrap();
+    path
+}
