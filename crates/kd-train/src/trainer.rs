@@ -103,7 +103,8 @@ pub struct PeerEpoch {
 /// What a finished run reports in `summary.json`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Summary {
-    /// Trainable parameters during training (every peer, auxiliary heads and method parts included).
+    /// Trainable parameters during training (every peer, auxiliary heads and method parts
+    /// included, those only an init phase trained too).
     pub trainable_params: usize,
     /// Parameters of the deployed model.
     pub deploy_params: usize,
@@ -778,12 +779,21 @@ pub fn train(
             last_top1: last_top1[k],
         });
     }
-    let summary = Summary {
-        trainable_params: members
+    // Parts only an init phase trained (AB's connectors, FT's paraphraser) were optimised too.
+    let init_only: usize = method.init_phase().map_or(0, |phase| {
+        trainable_vars(members[0].vars)
             .iter()
-            .flat_map(|m| m.named.iter())
+            .filter(|(k, _)| phase.trains(k) && !members[0].named.iter().any(|(n, _)| n == k))
             .map(|(_, v)| v.elem_count())
-            .sum(),
+            .sum()
+    });
+    let summary = Summary {
+        trainable_params: init_only
+            + members
+                .iter()
+                .flat_map(|m| m.named.iter())
+                .map(|(_, v)| v.elem_count())
+                .sum::<usize>(),
         deploy_params: members[0].model.num_backbone_params(),
         best_top1: progress.best_top1,
         best_epoch: progress.best_epoch,
