@@ -210,12 +210,14 @@ impl ExperimentConfig {
         toml::to_string_pretty(self).expect("the config serialises")
     }
 
-    /// The label in reports.
+    /// The label in reports: `name`, else the method's (`crd+kd` with `plus_kd` on).
     pub fn label(&self) -> String {
-        if self.name.is_empty() {
-            self.method.name().to_string()
-        } else {
+        if !self.name.is_empty() {
             self.name.clone()
+        } else if self.plus_kd.alpha != 0.0 {
+            format!("{}+kd", self.method.name())
+        } else {
+            self.method.name().to_string()
         }
     }
 
@@ -708,6 +710,13 @@ mod tests {
             .unwrap_err();
         assert!(err.contains("no frozen teacher"), "{err}");
         assert!(c.set("plus_kd.alpha=-1").is_err());
+        // Unnamed, a run with KD added is labelled apart from the method alone.
+        let mut c = ExperimentConfig::default();
+        c.set("teacher.path=t.safetensors").unwrap();
+        c.set("method.name=at").unwrap();
+        assert_eq!(c.label(), "at");
+        c.set("plus_kd.alpha=0.9").unwrap();
+        assert_eq!(c.label(), "at+kd");
     }
 
     #[test]
