@@ -314,6 +314,10 @@ fn list_names_every_method_and_key() {
         "data.subset = 1.0",
         "model.arch = \"resnet18\"",
         "method.name = \"none\"",
+        // Each method's own keys, with their preset values.
+        "init_epochs = 30",
+        "temperature_range = 20.0",
+        "negatives = 16384",
     ] {
         assert!(text.contains(k), "{k} missing from:\n{text}");
     }

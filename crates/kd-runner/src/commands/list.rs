@@ -36,6 +36,20 @@ pub fn describe(method: &str) -> &'static str {
     }
 }
 
+/// A method's keys and preset values, `key = value` separated by commas (`name` left out).
+fn method_keys(method: &str) -> String {
+    let preset = MethodConfig::preset(method).expect("every name has a preset");
+    match toml::Value::try_from(&preset) {
+        Ok(toml::Value::Table(t)) => t
+            .iter()
+            .filter(|(k, _)| k.as_str() != "name")
+            .map(|(k, v)| format!("{k} = {v}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        _ => String::new(),
+    }
+}
+
 /// Prints the lists.
 pub fn run() -> anyhow::Result<()> {
     println!("datasets:");
@@ -59,9 +73,13 @@ pub fn run() -> anyhow::Result<()> {
             }
         );
     }
-    println!("methods (method.name):");
+    println!("methods (method.name; then its keys with their defaults, `--set method.KEY=…`):");
     for m in MethodConfig::NAMES {
         println!("  {m:<14} {}", describe(m));
+        let keys = method_keys(m);
+        if !keys.is_empty() {
+            println!("  {:<14} {keys}", "");
+        }
     }
     println!("schedules:");
     println!("  warmup-cosine  linear warm-up for train.warmup_epochs, then cosine to train.final_lr (what train and suite use)");
