@@ -374,11 +374,11 @@ impl ExperimentConfig {
                     k.temperature
                 );
             }
-            if !self.method.needs_teacher() || matches!(self.method, MethodConfig::Kd { .. }) {
+            if !self.method.needs_teacher() || PlusKd::HAS_KD.contains(&self.method.name()) {
                 bail!(
                     "plus_kd adds a frozen teacher's KD term to another offline method; method {} {}: set plus_kd.alpha = 0",
                     self.method.name(),
-                    if self.method.needs_teacher() { "already is KD" } else { "has no frozen teacher" }
+                    if self.method.needs_teacher() { "already has a KD term" } else { "has no frozen teacher" }
                 );
             }
         }
@@ -701,7 +701,14 @@ mod tests {
             .set("method.name=kd")
             .map_err(|e| format!("{e:#}"))
             .unwrap_err();
-        assert!(err.contains("already is KD"), "{err}");
+        assert!(err.contains("already has a KD term"), "{err}");
+        let mut c = ExperimentConfig::default();
+        c.set("teacher.path=t.safetensors").unwrap();
+        c.set("method.name=ctkd").unwrap();
+        assert!(
+            c.set("plus_kd.alpha=1").is_err(),
+            "CTKD is KD at a learned temperature"
+        );
         let mut c = ExperimentConfig::default();
         c.set("method.name=byot").unwrap();
         let err = c

@@ -1,8 +1,7 @@
 //! Hinton KD added to another offline method: `loss(method) + α·T²·KL(softmax(t/T) ‖
 //! softmax(s/T))`, the method's own terms (its cross-entropy included) unchanged. This is
 //! RepDistiller's `-a` beside a method's `-b` (`loss = γ·CE + α·KD + β·other`, γ = 1), as in its
-//! CRD+KD row, and mdistiller's combinations; everything else (state, init phase, frozen parts)
-//! is the method's.
+//! CRD+KD row; everything else (state, init phase, frozen parts) is the method's.
 use std::collections::HashMap;
 
 use candle_core::{Result, Tensor};
@@ -33,8 +32,11 @@ impl Default for PlusKd {
 }
 
 impl PlusKd {
+    /// The methods whose loss already has Hinton's KD term (plus_kd refuses them).
+    pub const HAS_KD: [&'static str; 3] = ["kd", "ctkd", "kd_byot"];
+
     /// `method` with this KD term added (`method` itself when α = 0). The method must learn
-    /// from a frozen teacher (`needs_teacher`) and not be KD already.
+    /// from a frozen teacher (`needs_teacher`) and not have a KD term already.
     pub fn wrap(
         self,
         method: Box<dyn Distiller>,
@@ -50,12 +52,12 @@ impl PlusKd {
                 self.temperature
             );
         }
-        if !needs_teacher || method.name() == "kd" {
+        if !needs_teacher || Self::HAS_KD.contains(&method.name()) {
             candle_core::bail!(
                 "plus_kd adds a frozen teacher's KD term to another offline method; method {} {}",
                 method.name(),
                 if needs_teacher {
-                    "already is KD"
+                    "already has a KD term"
                 } else {
                     "has no frozen teacher"
                 }
@@ -210,7 +212,7 @@ mod tests {
             standardize: false,
         });
         let err = kd.wrap(hinton, true).err().unwrap().to_string();
-        assert!(err.contains("already is KD"), "{err}");
+        assert!(err.contains("already has a KD term"), "{err}");
         let negative = PlusKd {
             alpha: -1.0,
             temperature: 4.0,
