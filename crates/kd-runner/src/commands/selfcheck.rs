@@ -423,68 +423,69 @@ fn check_methods(c: &mut Checks, dev: &Device) -> anyhow::Result<()> {
         let normalize = lcfg.normalize;
         let loader = Loader::new(split.clone(), lcfg, Device::Cpu)?;
         let batch = loader.epoch(0, 0).next().expect("one batch")?;
-        // `init`: the method's init-phase loss (two-stage methods) instead of its step's.
-        let run =
-            |d: &Device, teacher: &kd_models::Teacher, init: bool| -> anyhow::Result<StepResult> {
-                let batch = batch_on(&batch, d)?;
-                let teacher = method.needs_teacher().then_some(teacher);
-                let built = build_student(&scfg, &method, teacher, d, 0, 0.0)?;
-                built.distiller.prepare(&RunInfo {
-                    train_size: 16,
-                    num_classes: classes,
-                    seed: 0,
-                    device: d.clone(),
-                })?;
-                let t_out = match teacher {
-                    Some(t) => Some(kd_train::teacher_forward(t, &batch.images, &normalize)?),
-                    None => None,
-                };
-                let loss = if init {
-                    let phase = built.distiller.init_phase().context("an init phase")?;
-                    let s_out = match phase.student_body {
-                        true => Some(built.model.forward_t(&batch.images, true)?),
-                        false => None,
-                    };
-                    let t_out = t_out.as_ref().context("a teacher for the init phase")?;
-                    built.distiller.init_loss(s_out.as_ref(), t_out)?.total()?
-                } else {
-                    let ctx = StepContext::one_step();
-                    let models: Vec<&kd_models::ResNet> = std::iter::once(&built.model)
-                        .chain(built.peers.iter().map(|p| &p.model))
-                        .collect();
-                    let step = kd_train::step_losses(
-                        &models,
-                        built.distiller.as_ref(),
-                        &ctx,
-                        &batch,
-                        t_out.as_ref(),
-                    )?;
-                    step.terms[0].total()?
-                };
-                let grads = loss.backward()?;
-                let data = built.vars.data().lock().expect("var map lock");
-                let mut named: Vec<(String, Tensor)> = data
-                    .iter()
-                    .filter_map(|(k, v)| grads.get(v.as_tensor()).map(|g| (k.clone(), g.clone())))
-                    .collect();
-                named.sort_by(|a, b| a.0.cmp(&b.0));
-                Ok((loss, named))
+        // `init`: the method's init-phase loss (two-stage methods) instead of its step's; also
+        // says whether the method has such a phase.
+        let run = |d: &Device,
+                   teacher: &kd_models::Teacher,
+                   init: bool|
+         -> anyhow::Result<(StepResult, bool)> {
+            let batch = batch_on(&batch, d)?;
+            let teacher = method.needs_teacher().then_some(teacher);
+            let built = build_student(&scfg, &method, teacher, d, 0, 0.0)?;
+            built.distiller.prepare(&RunInfo {
+                train_size: 16,
+                num_classes: classes,
+                seed: 0,
+                device: d.clone(),
+            })?;
+            let t_out = match teacher {
+                Some(t) => Some(kd_train::teacher_forward(t, &batch.images, &normalize)?),
+                None => None,
             };
-        let has_init = {
-            let t = method.needs_teacher().then_some(&teachers.0);
-            build_student(&scfg, &method, t, &Device::Cpu, 0, 0.0)?
-                .distiller
-                .init_phase()
-                .is_some()
+            let loss = if init {
+                let phase = built.distiller.init_phase().context("an init phase")?;
+                let s_out = match phase.student_body {
+                    true => Some(built.model.forward_t(&batch.images, true)?),
+                    false => None,
+                };
+                let t_out = t_out.as_ref().context("a teacher for the init phase")?;
+                built.distiller.init_loss(s_out.as_ref(), t_out)?.total()?
+            } else {
+                let ctx = StepContext::one_step();
+                let models: Vec<&kd_models::ResNet> = std::iter::once(&built.model)
+                    .chain(built.peers.iter().map(|p| &p.model))
+                    .collect();
+                let step = kd_train::step_losses(
+                    &models,
+                    built.distiller.as_ref(),
+                    &ctx,
+                    &batch,
+                    t_out.as_ref(),
+                )?;
+                step.terms[0].total()?
+            };
+            let grads = loss.backward()?;
+            let data = built.vars.data().lock().expect("var map lock");
+            let mut named: Vec<(String, Tensor)> = data
+                .iter()
+                .filter_map(|(k, v)| grads.get(v.as_tensor()).map(|g| (k.clone(), g.clone())))
+                .collect();
+            named.sort_by(|a, b| a.0.cmp(&b.0));
+            Ok(((loss, named), built.distiller.init_phase().is_some()))
         };
-        for init in [false, true].into_iter().filter(|i| !i || has_init) {
+        let mut has_init = false;
+        for init in [false, true] {
+            if init && !has_init {
+                break;
+            }
             let what = if init {
                 format!("{name} init phase")
             } else {
                 name.to_string()
             };
-            let (loss, grads) = run(dev, &teachers.1, init)?;
-            let (loss_cpu, grads_cpu) = run(&Device::Cpu, &teachers.0, init)?;
+            let ((loss, grads), phased) = run(dev, &teachers.1, init)?;
+            let ((loss_cpu, grads_cpu), _) = run(&Device::Cpu, &teachers.0, init)?;
+            has_init = phased;
             c.add(format!("method {what}: loss"), rel(&loss, &loss_cpu)?, 1e-4);
             let names: Vec<&String> = grads.iter().map(|g| &g.0).collect();
             let names_cpu: Vec<&String> = grads_cpu.iter().map(|g| &g.0).collect();
