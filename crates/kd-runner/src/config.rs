@@ -365,22 +365,11 @@ impl ExperimentConfig {
                 self.method.name()
             );
         }
-        let k = &self.plus_kd;
-        if k.alpha != 0.0 {
-            if !(k.alpha > 0.0 && k.alpha.is_finite() && k.temperature > 0.0) {
-                bail!(
-                    "plus_kd.alpha = {} and plus_kd.temperature = {}: expected α ≥ 0 (0 = off) and T > 0",
-                    k.alpha,
-                    k.temperature
-                );
-            }
-            if !self.method.needs_teacher() || PlusKd::HAS_KD.contains(&self.method.name()) {
-                bail!(
-                    "plus_kd adds a frozen teacher's KD term to another offline method; method {} {}: set plus_kd.alpha = 0",
-                    self.method.name(),
-                    if self.method.needs_teacher() { "already has a KD term" } else { "has no frozen teacher" }
-                );
-            }
+        if let Err(e) = self
+            .plus_kd
+            .check(self.method.name(), self.method.needs_teacher())
+        {
+            bail!("{e}");
         }
         // A teacher.path on a method without a teacher is left unused (a suite may set one for
         // all its runs); `kd-runner train --teacher` with such a method is refused by the CLI.

@@ -35,33 +35,42 @@ impl PlusKd {
     /// The methods whose loss already has Hinton's KD term (plus_kd refuses them).
     pub const HAS_KD: [&'static str; 3] = ["kd", "ctkd", "kd_byot"];
 
-    /// `method` with this KD term added (`method` itself when α = 0). The method must learn
-    /// from a frozen teacher (`needs_teacher`) and not have a KD term already.
-    pub fn wrap(
-        self,
-        method: Box<dyn Distiller>,
-        needs_teacher: bool,
-    ) -> Result<Box<dyn Distiller>> {
+    /// Whether this term can be added to the method named `method` (`needs_teacher`: it learns
+    /// from a frozen teacher): always when off (α = 0); else α and T must be positive and
+    /// finite, and the method offline without a KD term of its own. The error says why not.
+    pub fn check(&self, method: &str, needs_teacher: bool) -> std::result::Result<(), String> {
         if self.alpha == 0.0 {
-            return Ok(method);
+            return Ok(());
         }
-        if !(self.alpha > 0.0 && self.temperature > 0.0) {
-            candle_core::bail!(
-                "plus_kd: alpha and temperature must be positive, got {} and {}",
-                self.alpha,
-                self.temperature
-            );
+        if !(self.alpha > 0.0 && self.alpha.is_finite() && self.temperature > 0.0) {
+            return Err(format!(
+                "plus_kd.alpha = {} and plus_kd.temperature = {}: expected α ≥ 0 (0 = off) and T > 0",
+                self.alpha, self.temperature
+            ));
         }
-        if !needs_teacher || Self::HAS_KD.contains(&method.name()) {
-            candle_core::bail!(
-                "plus_kd adds a frozen teacher's KD term to another offline method; method {} {}",
-                method.name(),
+        if !needs_teacher || Self::HAS_KD.contains(&method) {
+            return Err(format!(
+                "plus_kd adds a frozen teacher's KD term to another offline method; method {method} {}: set plus_kd.alpha = 0",
                 if needs_teacher {
                     "already has a KD term"
                 } else {
                     "has no frozen teacher"
                 }
-            );
+            ));
+        }
+        Ok(())
+    }
+
+    /// `method` with this KD term added (`method` itself when α = 0), if [`Self::check`] allows.
+    pub fn wrap(
+        self,
+        method: Box<dyn Distiller>,
+        needs_teacher: bool,
+    ) -> Result<Box<dyn Distiller>> {
+        self.check(method.name(), needs_teacher)
+            .map_err(candle_core::Error::Msg)?;
+        if self.alpha == 0.0 {
+            return Ok(method);
         }
         Ok(Box::new(WithKd {
             inner: method,
