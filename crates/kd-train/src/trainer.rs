@@ -687,7 +687,6 @@ pub fn train(
                 .map(|(k, v)| (k.clone(), v / steps.max(1) as f64))
                 .collect()
         };
-        let mean_terms = |s: &EpochSums| per_step(&s.terms);
         let peers: BTreeMap<String, PeerEpoch> = members
             .iter()
             .enumerate()
@@ -699,7 +698,7 @@ pub fn train(
                     test_loss: evals[k].acc.mean_loss(),
                     test_top1: evals[k].acc.top1_pct(),
                     test_top5: evals[k].acc.top5_pct(),
-                    losses: mean_terms(&sums[k]),
+                    losses: per_step(&sums[k].terms),
                 };
                 (m.name.clone(), peer)
             })
@@ -715,7 +714,7 @@ pub fn train(
             seconds,
             images_per_sec: sums[0].acc.total as f64 / seconds.max(1e-9),
             teacher_seconds,
-            losses: mean_terms(&sums[0]),
+            losses: per_step(&sums[0].terms),
             values: per_step(&sums[0].values),
             peers,
         };
