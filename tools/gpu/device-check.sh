@@ -3,6 +3,7 @@
 # Logs go to $OUT, written as each step ends, so a cut-off call still returns what finished.
 #   bash .gpu/device-check.sh perf    # selfcheck, kd bench, PyTorch throughput, ratios (~5 min)
 #   bash .gpu/device-check.sh train   # 15-epoch ResNet18 on the CIFAR-10 copy, kd and PyTorch (~5 min)
+#                                     # (CONV_ALGO=benchmark: cuDNN's benchmarked algorithms, as PyTorch)
 #   bash .gpu/device-check.sh methods # one whole step of each method, ResNet50 → ResNet18, bf16 (~3 min)
 # Each step has its own time limit, so one slow step cannot eat the call.
 set -uo pipefail
@@ -23,8 +24,9 @@ step() { # name limit command...
 case "$MODE" in
 perf)
   step selfcheck 180 /tmp/kd-runner selfcheck --device cuda
-  step kd-bench 200 /tmp/kd-runner bench --device cuda --batch 256 --stem cifar --steps 20 --warmup 5 \
-    --precision f32,tf32,bf16 --phases
+  # Both cuDNN algorithm searches: torch_ref.py runs with cudnn.benchmark = True.
+  step kd-bench 240 /tmp/kd-runner bench --device cuda --batch 256 --stem cifar --steps 20 --warmup 5 \
+    --precision f32,tf32,bf16 --conv-algo heuristic,benchmark --phases
   # candle's own ops on the same card (every kd kernel switched off): what the kernels buy.
   step kd-bench-candle 120 env KD_DISABLE=all /tmp/kd-runner bench --device cuda --batch 256 --stem cifar \
     --steps 10 --warmup 3 --precision f32,bf16
@@ -38,7 +40,8 @@ train)
   # Nesterov SGD, weight decay 5e-4 on every parameter, bf16, crop + flip, no max-pool stem.
   step kd-train 330 /tmp/kd-runner train --device cuda --data-dir /tmp/kdd --dataset cifar10 \
     --model resnet18 --stem cifar --batch-size 512 --epochs "${EPOCHS:-15}" --lr 0.4 --warmup-epochs 1 \
-    --weight-decay 5e-4 --precision bf16 --set data.resident=true --set data.eval_batch_size=1000 \
+    --weight-decay 5e-4 --precision bf16 --conv-algo "${CONV_ALGO:-heuristic}" \
+    --set data.resident=true --set data.eval_batch_size=1000 \
     --run-dir "$OUT/kd-r18"
   step torch-train 120 python3 .gpu/torch_ref.py train --data /tmp/c10 --model r18 --no-maxpool \
     --epochs "${EPOCHS:-15}"

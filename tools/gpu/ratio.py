@@ -3,8 +3,8 @@
 
   python3 ratio.py KD_BENCH_LOG TORCH_THROUGHPUT_LOG
 
-KD_BENCH_LOG: `kd-runner bench ... --precision f32,tf32,bf16` (its `BENCH workload=... precision=...
-images_per_s=...` lines). TORCH_THROUGHPUT_LOG: `torch_ref.py throughput` (its final table:
+KD_BENCH_LOG: `kd-runner bench ... --precision f32,tf32,bf16 [--conv-algo heuristic,benchmark]` (its
+`BENCH workload=... precision=... images_per_s=... conv_algo=...` lines). TORCH_THROUGHPUT_LOG: `torch_ref.py throughput` (its final table:
 fp32 with TF32 off, fp32 + TF32, bf16 autocast). Prints one Markdown table: each precision
 against PyTorch's same precision, and each side's best against the other's best.
 """
@@ -21,9 +21,11 @@ PRECISIONS = ["f32", "tf32", "bf16"]  # torch_ref's column order
 
 
 def kd_figures(text):
+    """(workload, precision) -> {conv_algo: images/s}; lines before conv_algo existed count as heuristic."""
     out = {}
-    for m in re.finditer(r"^BENCH workload=(\S+) precision=(\S+) images_per_s=([\d.]+)", text, re.M):
-        out[(m.group(1), m.group(2))] = float(m.group(3))
+    pat = r"^BENCH workload=(\S+) precision=(\S+) images_per_s=([\d.]+)(?: conv_algo=(\S+))?"
+    for m in re.finditer(pat, text, re.M):
+        out.setdefault((m.group(1), m.group(2)), {})[m.group(4) or "heuristic"] = float(m.group(3))
     return out
 
 
@@ -49,13 +51,14 @@ def main(kd_log, torch_log):
     for key, row in WORKLOADS.items():
         best_kd, best_pt = (0.0, ""), (0.0, "")
         for p in PRECISIONS:
-            a, b = kd.get((key, p)), pt.get((row, p))
-            if a is not None:
-                best_kd = max(best_kd, (a, p))
+            b = pt.get((row, p))
             if b is not None:
                 best_pt = max(best_pt, (b, p))
-            if a is not None and b is not None:
-                print(f"| {row} | {p} | {a:.0f} | {b:.0f} | {a / b:.2f}× |")
+            for algo, a in sorted(kd.get((key, p), {}).items(), key=lambda kv: kv[0] != "heuristic"):
+                label = p if algo == "heuristic" else f"{p}, cuDNN {algo}"
+                best_kd = max(best_kd, (a, label))
+                if b is not None:
+                    print(f"| {row} | {label} | {a:.0f} | {b:.0f} | {a / b:.2f}× |")
         if best_kd[0] and best_pt[0]:
             print(f"| {row} | best ({best_kd[1]} vs {best_pt[1]}) | {best_kd[0]:.0f} | {best_pt[0]:.0f} "
                   f"| **{best_kd[0] / best_pt[0]:.2f}×** |")

@@ -1,8 +1,9 @@
 //! cuDNN forward, backward-data and backward-filter for [`crate::conv`].
 //!
 //! Per thread and device: one cuDNN handle on candle's stream, one workspace that only grows,
-//! and the algorithms chosen (cuDNN's heuristics, under the current math type) per shape.
-//! Descriptors are made per call: they are host-side structs, microseconds against the kernel.
+//! and the algorithms chosen per shape ([`crate::cudnn_algo`]: cuDNN's heuristics or a
+//! benchmark, with the math type each was ranked under). Descriptors are made per call: they
+//! are host-side structs, microseconds against the kernel.
 #![allow(unsafe_code)]
 
 use std::cell::RefCell;
@@ -12,13 +13,15 @@ use std::sync::Arc;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::cudnn::{
     sys, ConvBackwardData, ConvBackwardFilter, ConvDescriptor, ConvForward, Cudnn, CudnnDataType,
-    CudnnError, FilterDescriptor, TensorDescriptor,
+    FilterDescriptor, TensorDescriptor,
 };
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
 use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorageSlice, DeviceId};
 use candle_core::{bail, CudaStorage, DType, Layout, Result, Shape, WithDType};
 
 use crate::conv::Conv2dGeometry;
+use crate::conv_algo::ConvAlgoSearch;
+use crate::cudnn_algo::{self, Choice, ConvShape, RawDescriptors, SearchFn, SearchHandle};
 
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 struct Key {
@@ -27,17 +30,20 @@ struct Key {
     g: Conv2dGeometry,
     dtype: DType,
     tf32: bool,
+    search: ConvAlgoSearch,
 }
 
 #[derive(Default)]
 struct Algos {
-    fwd: Option<sys::cudnnConvolutionFwdAlgo_t>,
-    bwd_data: Option<sys::cudnnConvolutionBwdDataAlgo_t>,
-    bwd_filter: Option<sys::cudnnConvolutionBwdFilterAlgo_t>,
+    fwd: Option<Choice<sys::cudnnConvolutionFwdAlgo_t>>,
+    bwd_data: Option<Choice<sys::cudnnConvolutionBwdDataAlgo_t>>,
+    bwd_filter: Option<Choice<sys::cudnnConvolutionBwdFilterAlgo_t>>,
 }
 
 struct State {
     cudnn: Arc<Cudnn>,
+    /// A second handle on the same stream, for the algorithm search (made at the first search).
+    search: Option<SearchHandle>,
     workspace: Option<CudaSlice<u8>>,
     algos: HashMap<Key, Algos>,
 }
@@ -54,6 +60,7 @@ fn with_state<R>(dev: &CudaDevice, f: impl FnOnce(&mut State) -> Result<R>) -> R
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => e.insert(State {
                 cudnn: Cudnn::new(dev.cuda_stream())?,
+                search: None,
                 workspace: None,
                 algos: HashMap::new(),
             }),
@@ -70,40 +77,113 @@ impl Key {
             g,
             dtype: T::DTYPE,
             tf32: crate::precision::tf32_allowed(),
+            search: ConvAlgoSearch::current(),
         }
     }
-}
 
-/// The algorithm cached in `slot`, or cuDNN's heuristic choice, then cached.
-fn cached<A: Copy>(
-    slot: &mut Option<A>,
-    pick: impl FnOnce() -> std::result::Result<A, CudnnError>,
-) -> Result<A> {
-    match *slot {
-        Some(a) => Ok(a),
-        None => Ok(*slot.insert(pick()?)),
+    /// The math type the descriptor starts with, as PyTorch sets it: FMA only for f32 without
+    /// TF32; cuDNN's default (which lets f32 use TF32 tensor cores) for f32 with TF32; tensor-op
+    /// math for the 16-bit types. The chosen algorithm's own math type replaces it.
+    fn math(&self) -> sys::cudnnMathType_t {
+        match (self.dtype, self.tf32) {
+            (DType::F32, false) | (DType::F64, _) => sys::cudnnMathType_t::CUDNN_FMA_MATH,
+            (DType::F32, true) => sys::cudnnMathType_t::CUDNN_DEFAULT_MATH,
+            _ => sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH,
+        }
+    }
+
+    fn output(&self) -> [usize; 4] {
+        let [n, _, h, w] = self.x;
+        let [o, _, kh, kw] = self.w;
+        [n, o, self.g.out_size(h, kh), self.g.out_size(w, kw)]
+    }
+
+    /// For log lines: the shapes, the geometry and the type.
+    fn label(&self) -> String {
+        format!(
+            "x={:?} w={:?} stride={} pad={} {:?}{}",
+            self.x,
+            self.w,
+            self.g.stride,
+            self.g.padding,
+            self.dtype,
+            if self.tf32 && self.dtype == DType::F32 {
+                " tf32"
+            } else {
+                ""
+            }
+        )
     }
 }
 
-/// Allocates an output of `elems` elements and runs `f` on it with `key`'s descriptors, its
-/// cached algorithms and the shared workspace: what the three operations share.
+/// What one launch has: the descriptors (math type set to the chosen algorithm's), the
+/// thread's cached choices for the shape, the shared workspace, and what a search needs.
+struct Call<'a, T: CudnnDataType> {
+    d: Descriptors<T>,
+    key: Key,
+    algos: &'a mut Algos,
+    workspace: &'a mut Option<CudaSlice<u8>>,
+    search: &'a mut Option<SearchHandle>,
+    dev: &'a CudaDevice,
+}
+
+impl<T: Elem> Call<'_, T> {
+    /// The algorithm cached in `slot`, or the search's choice, then cached; the descriptor's
+    /// math type set to the one it was chosen under.
+    fn choose<A: Copy>(
+        &mut self,
+        slot: fn(&mut Algos) -> &mut Option<Choice<A>>,
+        search: SearchFn<A>,
+    ) -> Result<A> {
+        let choice = match *slot(self.algos) {
+            Some(c) => c,
+            None => {
+                let handle = match self.search {
+                    Some(h) => h,
+                    None => self
+                        .search
+                        .insert(SearchHandle::new(&self.dev.cuda_stream())?),
+                };
+                let i = |v: usize| v as std::ffi::c_int;
+                let shape = ConvShape {
+                    data_type: T::DATA_TYPE,
+                    x: self.key.x.map(i),
+                    w: self.key.w.map(i),
+                    y: self.key.output().map(i),
+                    padding: i(self.key.g.padding),
+                    stride: i(self.key.g.stride),
+                    math: self.key.math(),
+                };
+                let raw = RawDescriptors::new(&shape)?;
+                let c = search(handle, &raw, self.key.search, &self.key.label())?;
+                *slot(self.algos).insert(c)
+            }
+        };
+        self.d.conv.set_math_type(choice.math)?;
+        Ok(choice.algo)
+    }
+}
+
+/// Allocates an output of `elems` elements and runs `f` on it with the call's descriptors,
+/// choices and workspace: what the three operations share.
 fn run<T: Elem>(
     dev: &CudaDevice,
-    key: &Key,
+    key: Key,
     elems: usize,
-    f: impl FnOnce(
-        &Descriptors<T>,
-        &mut Algos,
-        &mut Option<CudaSlice<u8>>,
-        &mut CudaSlice<T>,
-    ) -> Result<()>,
+    f: impl FnOnce(&mut Call<'_, T>, &mut CudaSlice<T>) -> Result<()>,
 ) -> Result<CudaSlice<T>> {
     // SAFETY: `f` writes every element (each launch has beta = 0).
     let mut out = unsafe { dev.alloc::<T>(elems)? };
     with_state(dev, |st| {
-        let d = descriptors::<T>(&st.cudnn, key)?;
-        let algos = st.algos.entry(*key).or_default();
-        f(&d, algos, &mut st.workspace, &mut out)
+        let mut call = Call {
+            d: descriptors::<T>(&st.cudnn, &key)?,
+            key,
+            algos: st.algos.entry(key).or_default(),
+            workspace: &mut st.workspace,
+            search: &mut st.search,
+            dev,
+        };
+        f(&mut call, &mut out)
     })?;
     Ok(out)
 }
@@ -113,7 +193,7 @@ fn one_zero<T: Elem>() -> (T, T) {
     (T::from_f64(1.0), T::from_f64(0.0))
 }
 
-/// The shared workspace, grown to at least `bytes`; `None` when no workspace is needed.
+/// `ws` grown to at least `bytes`; `None` when no workspace is needed.
 fn workspace<'a>(
     ws: &'a mut Option<CudaSlice<u8>>,
     dev: &CudaDevice,
@@ -146,20 +226,13 @@ fn descriptors<T: CudnnDataType>(cudnn: &Arc<Cudnn>, key: &Key) -> Result<Descri
         [1, 1],
         sys::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
     )?;
-    let math = match (key.dtype, key.tf32) {
-        (DType::F32, false) | (DType::F64, _) => sys::cudnnMathType_t::CUDNN_FMA_MATH,
-        _ => sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH,
-    };
-    conv.set_math_type(math)?;
+    conv.set_math_type(key.math())?;
     let nchw = sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW;
-    let [n, c, h, w] = key.x;
-    let [o, _, kh, kw] = key.w;
-    let (oh, ow) = (key.g.out_size(h, kh), key.g.out_size(w, kw));
     Ok(Descriptors {
         conv,
-        x: cudnn.create_4d_tensor::<T>(nchw, [i(n), i(c), i(h), i(w)])?,
-        w: cudnn.create_4d_filter::<T>(nchw, [i(o), i(c), i(kh), i(kw)])?,
-        y: cudnn.create_4d_tensor::<T>(nchw, [i(n), i(o), i(oh), i(ow)])?,
+        x: cudnn.create_4d_tensor::<T>(nchw, key.x.map(i))?,
+        w: cudnn.create_4d_filter::<T>(nchw, key.w.map(i))?,
+        y: cudnn.create_4d_tensor::<T>(nchw, key.output().map(i))?,
     })
 }
 
@@ -213,19 +286,18 @@ fn forward_t<T: Elem>(
     dev: &CudaDevice,
 ) -> Result<(CudaStorage, Shape)> {
     let key = Key::new::<T>(dims4(lx), dims4(lw), g);
-    let [n, _, h, wd] = key.x;
-    let [o, _, kh, kw] = key.w;
-    let shape = Shape::from((n, o, g.out_size(h, kh), g.out_size(wd, kw)));
+    let shape = Shape::from(key.output().to_vec());
     let (xv, wv) = (contiguous(x, lx)?, contiguous(w, lw)?);
-    let y = run::<T>(dev, &key, shape.elem_count(), |d, algos, ws, y| {
+    let y = run::<T>(dev, key, shape.elem_count(), |call, y| {
+        let algo = call.choose(|a| &mut a.fwd, cudnn_algo::forward)?;
+        let d = &call.d;
         let op = ConvForward {
             conv: &d.conv,
             x: &d.x,
             w: &d.w,
             y: &d.y,
         };
-        let algo = cached(&mut algos.fwd, || op.pick_algorithm())?;
-        let ws = workspace(ws, dev, op.get_workspace_size(algo)?)?;
+        let ws = workspace(call.workspace, dev, op.get_workspace_size(algo)?)?;
         // SAFETY: the descriptors describe exactly these contiguous buffers.
         unsafe { op.launch(algo, ws, one_zero::<T>(), &xv, &wv, y)? };
         Ok(())
@@ -257,15 +329,16 @@ fn backward_data_t<T: Elem>(
     let key = Key::new::<T>(input_dims, dims4(lw), g);
     let shape = Shape::from(input_dims.to_vec());
     let (dyv, wv) = (contiguous(dy, ldy)?, contiguous(w, lw)?);
-    let dx = run::<T>(dev, &key, shape.elem_count(), |d, algos, ws, dx| {
+    let dx = run::<T>(dev, key, shape.elem_count(), |call, dx| {
+        let algo = call.choose(|a| &mut a.bwd_data, cudnn_algo::backward_data)?;
+        let d = &call.d;
         let op = ConvBackwardData {
             conv: &d.conv,
             dx: &d.x,
             w: &d.w,
             dy: &d.y,
         };
-        let algo = cached(&mut algos.bwd_data, || op.pick_algorithm())?;
-        let ws = workspace(ws, dev, op.get_workspace_size(algo)?)?;
+        let ws = workspace(call.workspace, dev, op.get_workspace_size(algo)?)?;
         // SAFETY: the descriptors describe exactly these contiguous buffers.
         unsafe { op.launch(algo, ws, one_zero::<T>(), dx, &wv, &dyv)? };
         Ok(())
@@ -297,15 +370,16 @@ fn backward_filter_t<T: Elem>(
     let key = Key::new::<T>(dims4(lx), kernel_dims, g);
     let shape = Shape::from(kernel_dims.to_vec());
     let (xv, dyv) = (contiguous(x, lx)?, contiguous(dy, ldy)?);
-    let dw = run::<T>(dev, &key, shape.elem_count(), |d, algos, ws, dw| {
+    let dw = run::<T>(dev, key, shape.elem_count(), |call, dw| {
+        let algo = call.choose(|a| &mut a.bwd_filter, cudnn_algo::backward_filter)?;
+        let d = &call.d;
         let op = ConvBackwardFilter {
             conv: &d.conv,
             x: &d.x,
             dw: &d.w,
             dy: &d.y,
         };
-        let algo = cached(&mut algos.bwd_filter, || op.pick_algorithm())?;
-        let ws = workspace(ws, dev, op.get_workspace_size(algo)?)?;
+        let ws = workspace(call.workspace, dev, op.get_workspace_size(algo)?)?;
         // SAFETY: the descriptors describe exactly these contiguous buffers.
         unsafe { op.launch(algo, ws, one_zero::<T>(), &xv, dw, &dyv)? };
         Ok(())

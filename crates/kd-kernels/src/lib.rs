@@ -7,7 +7,8 @@
 //! of a dozen element-wise and reduction kernels, and it has no padded max-pool. This crate adds:
 //!
 //! - [`conv2d`]: convolution through cuDNN forward, backward-data and backward-filter, the
-//!   algorithm chosen once per shape and cached, one workspace reused (feature `cudnn`);
+//!   algorithm chosen once per shape (cuDNN's heuristics, or a benchmark: [`ConvAlgoSearch`])
+//!   and cached, one workspace reused (feature `cudnn`);
 //! - [`batch_norm_train`]: BatchNorm in training mode, optionally fused with the ReLU that follows,
 //!   as two kernels forward and two backward (feature `cuda`, NVRTC);
 //! - [`MaxPool2d`]: padded max-pool with a backward pass, on the CPU and on CUDA;
@@ -21,11 +22,14 @@
 pub mod augment;
 pub mod batch_norm;
 pub mod conv;
+pub mod conv_algo;
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
 #[cfg(feature = "cuda")]
 mod cuda_ops;
+#[cfg(feature = "cudnn")]
+mod cudnn_algo;
 #[cfg(feature = "cudnn")]
 mod cudnn_conv;
 pub mod launch;
@@ -37,6 +41,7 @@ pub mod switches;
 pub use augment::{augment_batch, AugmentPlan, Normalisation};
 pub use batch_norm::{batch_norm_train, BatchNormOutput};
 pub use conv::{conv2d, conv2d_custom, Conv2dGeometry};
+pub use conv_algo::ConvAlgoSearch;
 pub use max_pool::MaxPool2d;
 pub use precision::Precision;
 pub use sgd::{sgd_momentum_step, SgdStep};

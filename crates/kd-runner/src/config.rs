@@ -153,6 +153,10 @@ pub struct TrainSection {
     /// `f32`, `tf32` (f32 tensors, TF32 tensor-core convolutions and matmuls on CUDA) or `bf16`
     /// (bf16 activations, f32 master weights, BN statistics and loss).
     pub precision: kd_kernels::Precision,
+    /// How the cuDNN convolution picks its algorithm for a new shape: `heuristic` (cuDNN's
+    /// ranking, free) or `benchmark` (every algorithm timed once, as PyTorch's
+    /// `cudnn.benchmark`). CUDA only; ignored on the CPU.
+    pub conv_algo: kd_kernels::ConvAlgoSearch,
 }
 
 impl Default for TrainSection {
@@ -171,6 +175,7 @@ impl Default for TrainSection {
             device: "cpu".into(),
             keep_last: 2,
             precision: kd_kernels::Precision::F32,
+            conv_algo: kd_kernels::ConvAlgoSearch::Heuristic,
         }
     }
 }
@@ -525,6 +530,16 @@ mod tests {
             .unwrap_err();
         assert!(
             err.contains("resnet99") && err.contains("resnet50"),
+            "{err}"
+        );
+        c.set("train.conv_algo=benchmark").unwrap();
+        assert_eq!(c.train.conv_algo, kd_kernels::ConvAlgoSearch::Benchmark);
+        let err = c
+            .set("train.conv_algo=fastest")
+            .map_err(|e| format!("{e:#}"))
+            .unwrap_err();
+        assert!(
+            err.contains("fastest") && err.contains("train.conv_algo"),
             "{err}"
         );
     }

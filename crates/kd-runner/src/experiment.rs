@@ -130,6 +130,7 @@ pub fn run(
         Some(t)
     };
     cfg.train.precision.apply();
+    cfg.train.conv_algo.apply();
     let mcfg = cfg.resnet(num_classes);
     let mut built = build_student(
         &mcfg,

@@ -565,7 +565,54 @@ fn precision_flag_and_key_are_typed() {
     let out = kd().arg("list").output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("train.precision = \"f32\""), "{text}");
+    assert!(text.contains("train.conv_algo = \"heuristic\""), "{text}");
     assert!(text.contains("data.resident = false"), "{text}");
+    let out = kd()
+        .args(["train", "--conv-algo", "fastest", "--epochs", "1"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("heuristic or benchmark"), "{err}");
+}
+
+#[test]
+fn bench_times_each_conv_algorithm_search() {
+    let out = kd()
+        .args([
+            "bench",
+            "--device",
+            "cpu",
+            "--width",
+            "4",
+            "--batch",
+            "4",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--workloads",
+            "train",
+            "--conv-algo",
+            "heuristic,benchmark",
+        ])
+        .output()
+        .unwrap();
+    let text = succeeded(&out);
+    for row in [
+        "BENCH workload=resnet18-train precision=f32 images_per_s=",
+        "| workload | precision | conv algorithm | images/s | ms/step |",
+        "| resnet18 train step | f32 | heuristic |",
+        "| resnet18 train step | f32 | benchmark |",
+    ] {
+        assert!(text.contains(row), "{row} missing from:\n{text}");
+    }
+    for search in ["heuristic", "benchmark"] {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("BENCH") && l.ends_with(&format!(" conv_algo={search}")));
+        assert!(line.is_some(), "no BENCH line for {search}:\n{text}");
+    }
 }
 
 #[test]

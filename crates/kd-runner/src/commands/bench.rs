@@ -2,8 +2,8 @@
 //! (forward, cross-entropy, backward, SGD), inference, and a KD step (frozen teacher forward +
 //! student training step with the Hinton loss) — and of any method's whole step
 //! (`method:NAME`), on synthetic batches, warm-up excluded, the device synchronised before each
-//! clock reading, at each `--precision`. Prints one table, and
-//! one `BENCH workload=… precision=… images_per_s=…` line per row for scripts
+//! clock reading, at each `--precision` and cuDNN `--conv-algo` search. Prints one table, and
+//! one `BENCH workload=… precision=… images_per_s=… conv_algo=…` line per row for scripts
 //! (`tools/gpu/ratio.py` divides them by PyTorch's figures measured on the same card).
 use std::time::Instant;
 
@@ -50,6 +50,10 @@ pub struct BenchArgs {
     /// Precisions to time: f32, tf32, bf16 (comma-separated).
     #[arg(long, default_value = "f32", value_delimiter = ',')]
     pub precision: Vec<kd_kernels::Precision>,
+    /// cuDNN algorithm searches to time at each precision: heuristic, benchmark
+    /// (comma-separated; CUDA only, the CPU runs the same code for both).
+    #[arg(long, default_value = "heuristic", value_delimiter = ',')]
+    pub conv_algo: Vec<kd_kernels::ConvAlgoSearch>,
     /// Also time the train step's phases (forward + loss, backward, optimizer), the device
     /// synchronised between them (which itself costs a little); one `PHASES` line per precision.
     #[arg(long)]
@@ -216,8 +220,13 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     } else {
         None
     };
-    for &precision in &args.precision {
+    let settings = args
+        .precision
+        .iter()
+        .flat_map(|&p| args.conv_algo.iter().map(move |&a| (p, a)));
+    for (precision, search) in settings {
         precision.apply();
+        search.apply();
         let dtype = precision.activation_dtype();
         let (mut student, svars) = trainable_resnet(&cfg(args.model), &device, 0)?;
         let (mut teacher, _tvars) = trainable_resnet(&cfg(args.teacher), &device, 1)?;
@@ -245,7 +254,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             }
             let ms = |v: f64| 1000.0 * v / args.steps as f64;
             println!(
-                "PHASES workload={}-train precision={precision} forward_ms={:.2} backward_ms={:.2} optimizer_ms={:.2}",
+                "PHASES workload={}-train precision={precision} forward_ms={:.2} backward_ms={:.2} optimizer_ms={:.2} conv_algo={search}",
                 args.model.name(),
                 ms(t[0]),
                 ms(t[1]),
@@ -315,14 +324,19 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
                     "--workloads: unknown workload {other:?}; expected train, infer, kd or method:NAME"
                 ),
             };
-            println!("BENCH workload={key} precision={precision} images_per_s={ips:.1}");
-            rows.push((label, precision, ips));
+            println!(
+                "BENCH workload={key} precision={precision} images_per_s={ips:.1} conv_algo={search}"
+            );
+            rows.push((label, precision, search, ips));
         }
     }
-    println!("| workload | precision | images/s | ms/step |\n|---|---|---|---|");
-    for (label, precision, ips) in rows {
+    kd_kernels::ConvAlgoSearch::default().apply();
+    println!(
+        "| workload | precision | conv algorithm | images/s | ms/step |\n|---|---|---|---|---|"
+    );
+    for (label, precision, search, ips) in rows {
         println!(
-            "| {label} | {precision} | {ips:.1} | {:.2} |",
+            "| {label} | {precision} | {search} | {ips:.1} | {:.2} |",
             1000.0 * args.batch as f64 / ips
         );
     }

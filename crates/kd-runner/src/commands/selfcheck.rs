@@ -10,8 +10,8 @@ use anyhow::{bail, Context};
 use candle_core::{DType, Device, Tensor, Var};
 use kd_data::{Loader, LoaderConfig, Mix, Normalize, Split};
 use kd_kernels::{
-    augment_batch, batch_norm_train, conv2d_custom, AugmentPlan, Conv2dGeometry, MaxPool2d,
-    Normalisation, Precision,
+    augment_batch, batch_norm_train, conv2d_custom, AugmentPlan, Conv2dGeometry, ConvAlgoSearch,
+    MaxPool2d, Normalisation, Precision,
 };
 use kd_models::{trainable_resnet, Arch, ResNetConfig, Stem};
 
@@ -90,8 +90,19 @@ fn check_conv(c: &mut Checks, dev: &Device) -> anyhow::Result<()> {
         (64, 256, 8, 64, 1, 1),
         (64, 512, 4, 512, 3, 1),
     ];
-    for p in Precision::ALL {
+    // On CUDA each precision runs under both algorithm searches: a benchmark may pick
+    // algorithms (FFT, Winograd) the heuristics do not. The CPU path has no search.
+    let searches: &[ConvAlgoSearch] = if dev.is_cuda() {
+        &ConvAlgoSearch::ALL
+    } else {
+        &[ConvAlgoSearch::Heuristic]
+    };
+    let settings = Precision::ALL
+        .into_iter()
+        .flat_map(|p| searches.iter().map(move |&a| (p, a)));
+    for (p, search) in settings {
         p.apply();
+        search.apply();
         for (i, &(n, ci, hw, co, k, s)) in cases.iter().enumerate() {
             let g = Conv2dGeometry {
                 stride: s,
@@ -126,7 +137,14 @@ fn check_conv(c: &mut Checks, dev: &Device) -> anyhow::Result<()> {
             let gd = (y.to_dtype(DType::F32)? * r.to_device(dev)?)?
                 .sum_all()?
                 .backward()?;
-            let tag = format!("conv {n}×{ci}×{hw}² → {co}, {k}×{k}/s{s}, {p}");
+            let tag = match search {
+                ConvAlgoSearch::Heuristic => {
+                    format!("conv {n}×{ci}×{hw}² → {co}, {k}×{k}/s{s}, {p}")
+                }
+                ConvAlgoSearch::Benchmark => {
+                    format!("conv {n}×{ci}×{hw}² → {co}, {k}×{k}/s{s}, {p}, benchmarked algorithm")
+                }
+            };
             c.add(format!("{tag}: forward"), rel(&y, &y_ref)?, bound(p));
             let gx = gd
                 .get(&xd)
@@ -147,6 +165,7 @@ fn check_conv(c: &mut Checks, dev: &Device) -> anyhow::Result<()> {
         }
     }
     Precision::F32.apply();
+    ConvAlgoSearch::Heuristic.apply();
     Ok(())
 }
 

@@ -79,6 +79,10 @@ pub struct TrainArgs {
     /// (bf16 activations, f32 master weights).
     #[arg(long)]
     pub precision: Option<kd_kernels::Precision>,
+    /// train.conv_algo: how cuDNN picks a convolution's algorithm, heuristic or benchmark (every
+    /// algorithm timed once per shape, as PyTorch's cudnn.benchmark); CUDA only.
+    #[arg(long)]
+    pub conv_algo: Option<kd_kernels::ConvAlgoSearch>,
     /// data.subset: train on a class-balanced fraction of the training split, in (0, 1].
     #[arg(long)]
     pub subset: Option<f64>,
@@ -127,6 +131,7 @@ impl TrainArgs {
         set(&mut t.seed, self.seed);
         set(&mut t.device, self.device.clone());
         set(&mut t.precision, self.precision);
+        set(&mut t.conv_algo, self.conv_algo);
         set(
             &mut cfg.teacher.path,
             self.teacher.as_ref().map(|p| p.display().to_string()),
