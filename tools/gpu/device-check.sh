@@ -5,21 +5,48 @@
 #   bash .gpu/device-check.sh train   # 15-epoch ResNet18 on the CIFAR-10 copy, kd and PyTorch (~5 min)
 #                                     # (CONV_ALGO=benchmark: cuDNN's benchmarked algorithms, as PyTorch)
 #   bash .gpu/device-check.sh methods # one whole step of each method, ResNet50 → ResNet18, bf16 (~3 min)
-# Each step has its own time limit, so one slow step cannot eat the call.
+#   bash .gpu/device-check.sh all     # the must-shows in one call of at most DEADLINE s (570):
+#                                     # selfcheck, kd and PyTorch throughput, ratios, both 15-epoch runs
+# Each step has its own time limit, and none runs past DEADLINE seconds from the start, so one
+# slow step cannot eat the call. `all` leaves at most 8 files in $OUT (what the device tool returns).
 set -uo pipefail
 MODE="${1:-perf}"
 OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
 [ -x /tmp/kd-runner ] || { xz -dc .gpu/kd-runner.xz > /tmp/kd-runner && chmod +x /tmp/kd-runner; }
 # shellcheck disable=SC1091
 source .gpu/device-env.sh
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/steps.txt"
+DEADLINE="${DEADLINE:-570}"
 step() { # name limit command...
   local name=$1 limit=$2; shift 2
+  local left=$((DEADLINE - SECONDS))
+  if [ "$left" -lt 15 ]; then
+    echo "$name: skipped, ${left} s left before the deadline" | tee -a "$OUT/steps.txt"
+    return
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
   local t0=$SECONDS
   timeout "$limit" "$@" > "$OUT/$name.txt" 2>&1
   local rc=$?
   echo "$name: rc $rc, $((SECONDS - t0)) s" | tee -a "$OUT/steps.txt"
   tail -40 "$OUT/$name.txt"
+}
+data() { # the CIFAR-10 copy in the official binary layout, under /tmp/kdd/cifar10
+  [ -d /tmp/c10 ] || python3 .gpu/make-cifar10-bin.py /tmp/c10 --src .gpu/cifar10-jpeg.tar.gz > /tmp/data.txt 2>&1
+  mkdir -p /tmp/kdd && ln -sfn /tmp/c10 /tmp/kdd/cifar10
+}
+kd_train() { # limit; the run folder stays in /tmp, its summary comes back
+  # PyTorch's recipe (torch_ref.py train): batch 512, peak lr 0.4, 1 warm-up epoch then cosine,
+  # Nesterov SGD, weight decay 5e-4 on every parameter, bf16, crop + flip, no max-pool stem.
+  step kd-train "$1" /tmp/kd-runner train --device cuda --data-dir /tmp/kdd --dataset cifar10 \
+    --model resnet18 --stem cifar --batch-size 512 --epochs "${EPOCHS:-15}" --lr 0.4 --warmup-epochs 1 \
+    --weight-decay 5e-4 --precision bf16 --conv-algo "${CONV_ALGO:-heuristic}" \
+    --set data.resident=true --set data.eval_batch_size=1000 --run-dir /tmp/kd-r18
+  cp /tmp/kd-r18/summary.json "$OUT/kd-summary.json" 2>/dev/null
+}
+torch_train() { # limit
+  step torch-train "$1" python3 .gpu/torch_ref.py train --data /tmp/c10 --model r18 --no-maxpool \
+    --epochs "${EPOCHS:-15}"
 }
 case "$MODE" in
 perf)
@@ -34,18 +61,16 @@ perf)
   python3 .gpu/ratio.py "$OUT/kd-bench.txt" "$OUT/torch-bench.txt" | tee "$OUT/ratio.md"
   ;;
 train)
-  [ -d /tmp/c10 ] || python3 .gpu/make-cifar10-bin.py /tmp/c10 --src .gpu/cifar10-jpeg.tar.gz > "$OUT/data.txt" 2>&1
-  mkdir -p /tmp/kdd && ln -sfn /tmp/c10 /tmp/kdd/cifar10
-  # PyTorch's recipe (torch_ref.py train): batch 512, peak lr 0.4, 1 warm-up epoch then cosine,
-  # Nesterov SGD, weight decay 5e-4 on every parameter, bf16, crop + flip, no max-pool stem.
-  step kd-train 330 /tmp/kd-runner train --device cuda --data-dir /tmp/kdd --dataset cifar10 \
-    --model resnet18 --stem cifar --batch-size 512 --epochs "${EPOCHS:-15}" --lr 0.4 --warmup-epochs 1 \
-    --weight-decay 5e-4 --precision bf16 --conv-algo "${CONV_ALGO:-heuristic}" \
-    --set data.resident=true --set data.eval_batch_size=1000 \
-    --run-dir "$OUT/kd-r18"
-  step torch-train 120 python3 .gpu/torch_ref.py train --data /tmp/c10 --model r18 --no-maxpool \
-    --epochs "${EPOCHS:-15}"
+  data; kd_train 330; torch_train 120
   grep -h "FINAL\|best test" "$OUT/kd-train.txt" "$OUT/torch-train.txt" | tee "$OUT/train-summary.txt"
+  ;;
+all)
+  step selfcheck 100 /tmp/kd-runner selfcheck --device cuda
+  step kd-bench 150 /tmp/kd-runner bench --device cuda --batch 256 --stem cifar --steps 20 --warmup 5 \
+    --precision f32,tf32,bf16 --conv-algo heuristic,benchmark --phases
+  step torch-bench 100 python3 .gpu/torch_ref.py throughput --no-maxpool --batch 256 --warmup 10 --steps 30
+  python3 .gpu/ratio.py "$OUT/kd-bench.txt" "$OUT/torch-bench.txt" | tee "$OUT/ratio.md"
+  data; torch_train 60; kd_train 300
   ;;
 methods)
   # What each method costs per step on top of plain KD (teacher forward included), batch 256.
@@ -56,5 +81,5 @@ methods)
     --precision bf16 --teacher resnet34 --workloads method:fsp
   grep -h "^|" "$OUT/kd-methods.txt" "$OUT/kd-methods-fsp.txt" | tee "$OUT/methods.md"
   ;;
-*) echo "usage: device-check.sh perf|train|methods" >&2; exit 2 ;;
+*) echo "usage: device-check.sh perf|train|methods|all" >&2; exit 2 ;;
 esac
