@@ -5,8 +5,10 @@
 #   bash .gpu/device-check.sh train   # 15-epoch ResNet18 on the CIFAR-10 copy, kd and PyTorch (~5 min)
 #                                     # (CONV_ALGO=benchmark: cuDNN's benchmarked algorithms, as PyTorch)
 #   bash .gpu/device-check.sh methods # one whole step of each method, ResNet50 → ResNet18, bf16 (~3 min)
+#   bash .gpu/device-check.sh profile # where a ResNet18 train step's GPU time goes, per kernel (ncu)
 #   bash .gpu/device-check.sh all     # the must-shows in one call of at most DEADLINE s (570):
-#                                     # selfcheck, kd and PyTorch throughput, ratios, both 15-epoch runs
+#                                     # selfcheck, kd and PyTorch throughput, ratios, a kernel profile,
+#                                     # both 15-epoch runs
 # Each step has its own time limit, and none runs past DEADLINE seconds from the start, so one
 # slow step cannot eat the call. `all` leaves at most 8 files in $OUT (what the device tool returns).
 set -uo pipefail
@@ -48,6 +50,16 @@ torch_train() { # limit
   step torch-train "$1" python3 .gpu/torch_ref.py train --data /tmp/c10 --model r18 --no-maxpool \
     --epochs "${EPOCHS:-15}"
 }
+profile() { # limit; one warm-up and one timed train step under Nsight Compute, kernel times only
+  # (the raw CSV stays in /tmp; ncu_summary.py groups it by kernel and by family).
+  local p="${PROFILE_PRECISION:-bf16}"
+  step ncu "$1" ncu --clock-control none --metrics gpu__time_duration.sum --csv \
+    /tmp/kd-runner bench --device cuda --batch 256 --stem cifar --steps 1 --warmup 1 \
+    --workloads train --precision "$p" --conv-algo "${CONV_ALGO:-heuristic}"
+  mv "$OUT/ncu.txt" /tmp/ncu.csv 2>/dev/null
+  python3 .gpu/ncu_summary.py /tmp/ncu.csv 2 > "$OUT/ncu-summary.txt" 2>&1
+  head -60 "$OUT/ncu-summary.txt"
+}
 case "$MODE" in
 perf)
   step selfcheck 180 /tmp/kd-runner selfcheck --device cuda
@@ -64,12 +76,16 @@ train)
   data; kd_train 330; torch_train 120
   grep -h "FINAL\|best test" "$OUT/kd-train.txt" "$OUT/torch-train.txt" | tee "$OUT/train-summary.txt"
   ;;
+profile)
+  profile 150
+  ;;
 all)
   step selfcheck 100 /tmp/kd-runner selfcheck --device cuda
   step kd-bench 150 /tmp/kd-runner bench --device cuda --batch 256 --stem cifar --steps 20 --warmup 5 \
     --precision f32,tf32,bf16 --conv-algo heuristic,benchmark --phases
   step torch-bench 100 python3 .gpu/torch_ref.py throughput --no-maxpool --batch 256 --warmup 10 --steps 30
-  python3 .gpu/ratio.py "$OUT/kd-bench.txt" "$OUT/torch-bench.txt" | tee "$OUT/ratio.md"
+  python3 .gpu/ratio.py "$OUT/kd-bench.txt" "$OUT/torch-bench.txt" | tee -a "$OUT/steps.txt"
+  profile 75
   data; torch_train 60; kd_train 300
   ;;
 methods)
@@ -81,5 +97,5 @@ methods)
     --precision bf16 --teacher resnet34 --workloads method:fsp
   grep -h "^|" "$OUT/kd-methods.txt" "$OUT/kd-methods-fsp.txt" | tee "$OUT/methods.md"
   ;;
-*) echo "usage: device-check.sh perf|train|methods|all" >&2; exit 2 ;;
+*) echo "usage: device-check.sh perf|train|methods|profile|all" >&2; exit 2 ;;
 esac
