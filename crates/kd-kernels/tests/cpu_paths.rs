@@ -41,6 +41,11 @@ fn conv_custom_op_matches_candle_conv_and_its_gradients() {
         (2, 6, 8, 8, 8, 1, 2, 0),
         (1, 2, 5, 5, 3, 3, 1, 0),
         (2, 3, 10, 10, 2, 7, 2, 3),
+        // Stride 1 takes the flipped-kernel convolution on the CPU: 1×1 (bottleneck), 5×5,
+        // non-square images.
+        (2, 8, 6, 5, 4, 1, 1, 0),
+        (2, 3, 7, 9, 4, 5, 1, 2),
+        (1, 4, 6, 9, 3, 3, 1, 2),
     ];
     for dtype in [DType::F32, DType::F64] {
         for &(n, c, h, w, o, k, stride, padding) in &cases {
@@ -73,6 +78,25 @@ fn conv_custom_op_matches_candle_conv_and_its_gradients() {
             }
         }
     }
+}
+
+#[test]
+fn conv_input_gradient_is_skipped_where_nothing_wants_it() {
+    let mut rng = ChaCha8Rng::seed_from_u64(2);
+    let g = Conv2dGeometry {
+        stride: 1,
+        padding: 1,
+    };
+    // The images: a plain tensor. The kernel: a variable.
+    let x = randn(&mut rng, &[2, 3, 6, 6], DType::F32);
+    let w = Var::from_tensor(&randn(&mut rng, &[4, 3, 3, 3], DType::F32)).unwrap();
+    let y = kd_kernels::conv2d(&x, &w, g).unwrap();
+    let grads = y.sum_all().unwrap().backward().unwrap();
+    assert!(grads.get(&x).is_none());
+    let w_ref = Var::from_tensor(w.as_tensor()).unwrap();
+    let y_ref = x.conv2d(&w_ref, 1, 1, 1, 1).unwrap();
+    let g_ref = y_ref.sum_all().unwrap().backward().unwrap();
+    assert!(max_rel(grads.get(&w).unwrap(), g_ref.get(&w_ref).unwrap()) < 1e-5);
 }
 
 #[test]

@@ -1,0 +1,53 @@
+//! Times, on the CPU, a ResNet18 convolution's forward pass and the ways its gradients can be
+//! computed: `cargo run --release -p kd-kernels --example cpu_conv_timing`. One run per shape at
+//! batch 32 (a first, untimed run warms the allocator).
+use std::time::{Duration, Instant};
+
+use candle_core::{Device, Result, Tensor};
+use kd_kernels::conv::{backward_data_cpu, backward_data_reference, backward_filter_reference};
+use kd_kernels::Conv2dGeometry;
+
+fn timed<T>(f: impl Fn() -> Result<T>) -> Result<Duration> {
+    f()?;
+    let t = Instant::now();
+    f()?;
+    Ok(t.elapsed())
+}
+
+fn main() -> Result<()> {
+    let d = Device::Cpu;
+    println!("| x | w | stride | forward | dx, transposed conv | dx, kd's CPU path | dw |");
+    println!("|---|---|---|---|---|---|---|");
+    for (n, c, hw, o, k, s) in [
+        (32, 64, 32, 64, 3, 1),
+        (32, 64, 32, 128, 3, 2),
+        (32, 128, 16, 128, 3, 1),
+        (32, 256, 8, 256, 3, 1),
+        (32, 512, 4, 512, 3, 1),
+    ] {
+        let g = Conv2dGeometry {
+            stride: s,
+            padding: k / 2,
+        };
+        let x = Tensor::randn(0f32, 1., (n, c, hw, hw), &d)?;
+        let w = Tensor::randn(0f32, 1., (o, c, k, k), &d)?;
+        let y = x.conv2d(&w, g.padding, g.stride, 1, 1)?;
+        let dims = [n, c, hw, hw];
+        let ms = |t: Duration| format!("{:.1} ms", t.as_secs_f64() * 1e3);
+        println!(
+            "| {:?} | {:?} | {s} | {} | {} | {} | {} |",
+            x.dims(),
+            w.dims(),
+            ms(timed(|| x.conv2d(&w, g.padding, g.stride, 1, 1))?),
+            ms(timed(|| backward_data_reference(&y, &w, g, dims))?),
+            ms(timed(|| backward_data_cpu(&y, &w, g, dims))?),
+            ms(timed(|| backward_filter_reference(
+                &x,
+                &y,
+                g,
+                [o, c, k, k]
+            ))?),
+        );
+    }
+    Ok(())
+}
