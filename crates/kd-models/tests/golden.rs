@@ -115,8 +115,10 @@ fn every_architecture_matches_pytorch() {
                     .unwrap()
                     .max(1.0);
                 let d = max_abs_diff(v.as_tensor(), r);
+                // kd's training BN sums its statistics in f64 (the fused op's CPU path), PyTorch
+                // in f32: a deep layer's few values per channel differ by up to ~15 f32 ulps.
                 assert!(
-                    d <= 1e-6 * scale,
+                    d <= 2e-6 * scale,
                     "{tag} {k} differs by {d} (scale {scale}) after one train step"
                 );
                 checked += 1;

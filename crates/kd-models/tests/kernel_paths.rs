@@ -88,11 +88,19 @@ fn fused_batch_norm_trains_like_the_composed_one() {
         let (vm_a, bn_a) = make();
         let (vm_b, bn_b) = make();
         let ya = bn_a.forward_train_fused(&x, relu).unwrap();
-        let yb = if relu {
-            bn_b.forward_relu_t(&x, true).unwrap()
+        let yb = bn_b.forward_train_composed(&x).unwrap();
+        let yb = if relu { yb.relu().unwrap() } else { yb };
+        // The layer's own choice is the fused op on the CPU too.
+        let (_vm_c, bn_c) = make();
+        let yc = if relu {
+            bn_c.forward_relu_t(&x, true).unwrap()
         } else {
-            bn_b.forward_t(&x, true).unwrap()
+            bn_c.forward_t(&x, true).unwrap()
         };
+        assert_eq!(
+            yc.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            ya.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
         assert!(max_rel(&ya, &yb) < 1e-5, "relu {relu}");
         let ga = (ya * &r).unwrap().sum_all().unwrap().backward().unwrap();
         let gb = (yb * &r).unwrap().sum_all().unwrap().backward().unwrap();
