@@ -15,6 +15,7 @@ use candle_core::{
 
 use crate::cpu;
 use candle_core::backend::BackendStorage;
+use rayon::prelude::*;
 
 /// What [`batch_norm_train`] returns.
 #[derive(Clone, Debug)]
@@ -166,12 +167,6 @@ fn nchw(l: &Layout) -> Result<(usize, usize, usize)> {
     }
 }
 
-/// The channel of flat index `k`.
-#[inline]
-fn channel(k: usize, c: usize, hw: usize) -> usize {
-    (k / hw) % c
-}
-
 fn f32_vec(p: &Tensor) -> Result<Vec<f32>> {
     p.flatten_all()?.to_vec1::<f32>()
 }
@@ -183,17 +178,20 @@ impl CustomOp1 for Stats {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (n, c, hw) = nchw(l)?;
-        let x = cpu::f32s(s, l)?;
+        let x = cpu::f32s_cow(s, l)?;
         let m = (n * hw) as f64;
-        let mut out = vec![0f32; 2 * c];
-        for ch in 0..c {
-            let values = (0..n).flat_map(|b| x[(b * c + ch) * hw..(b * c + ch + 1) * hw].iter());
-            let mean = values.clone().map(|&v| v as f64).sum::<f64>() / m;
-            let var = values.map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / m;
-            out[ch] = mean as f32;
-            out[c + ch] = var as f32;
-        }
-        Ok((CpuStorage::F32(out), Shape::from((2, c))))
+        let per_channel: Vec<(f32, f32)> = (0..c)
+            .into_par_iter()
+            .map(|ch| {
+                let values =
+                    (0..n).flat_map(|b| x[(b * c + ch) * hw..(b * c + ch + 1) * hw].iter());
+                let mean = values.clone().map(|&v| v as f64).sum::<f64>() / m;
+                let var = values.map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / m;
+                (mean as f32, var as f32)
+            })
+            .collect();
+        let (means, vars): (Vec<f32>, Vec<f32>) = per_channel.into_iter().unzip();
+        Ok((CpuStorage::F32([means, vars].concat()), Shape::from((2, c))))
     }
 
     #[cfg(feature = "cuda")]
@@ -223,23 +221,18 @@ impl CustomOp3 for Apply {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (_, c, hw) = nchw(l1)?;
-        let x = cpu::f32s(s1, l1)?;
+        let x = cpu::f32s_cow(s1, l1)?;
         let (gamma, beta) = (cpu::f32s(s2, l2)?, cpu::f32s(s3, l3)?);
         let st = f32_vec(&self.stats)?;
-        let y = x
-            .iter()
-            .enumerate()
-            .map(|(k, &v)| {
-                let ch = channel(k, c, hw);
-                let invstd = 1.0 / (st[c + ch] + self.eps).sqrt();
+        let mut y = vec![0f32; x.len()];
+        for_each_plane(&mut y, hw, |plane, out| {
+            let ch = plane % c;
+            let invstd = 1.0 / (st[c + ch] + self.eps).sqrt();
+            for (o, &v) in out.iter_mut().zip(&x[plane * hw..]) {
                 let y = (v - st[ch]) * invstd * gamma[ch] + beta[ch];
-                if self.relu && !(y > 0.0) {
-                    0.0
-                } else {
-                    y
-                }
-            })
-            .collect();
+                *o = if self.relu && !(y > 0.0) { 0.0 } else { y };
+            }
+        });
         Ok((cpu::from_f32s(y, s1.dtype())?, l1.shape().clone()))
     }
 
@@ -309,21 +302,35 @@ fn reduce_cpu(
     eps: f32,
     relu: bool,
 ) -> Vec<f32> {
-    let mut out = vec![0f32; 2 * c];
-    for ch in 0..c {
-        let invstd = 1.0 / (p[c + ch] + eps).sqrt();
-        let (mut s, mut sx) = (0f64, 0f64);
-        for b in 0..n {
-            for k in (b * c + ch) * hw..(b * c + ch + 1) * hw {
-                let g = if relu && !(y[k] > 0.0) { 0.0 } else { dy[k] };
-                s += g as f64;
-                sx += (g * (x[k] - p[ch]) * invstd) as f64;
+    let per_channel: Vec<(f32, f32)> = (0..c)
+        .into_par_iter()
+        .map(|ch| {
+            let invstd = 1.0 / (p[c + ch] + eps).sqrt();
+            let (mut s, mut sx) = (0f64, 0f64);
+            for b in 0..n {
+                for k in (b * c + ch) * hw..(b * c + ch + 1) * hw {
+                    let g = if relu && !(y[k] > 0.0) { 0.0 } else { dy[k] };
+                    s += g as f64;
+                    sx += (g * (x[k] - p[ch]) * invstd) as f64;
+                }
             }
-        }
-        out[ch] = s as f32;
-        out[c + ch] = sx as f32;
-    }
-    out
+            (s as f32, sx as f32)
+        })
+        .collect();
+    let (s, sx): (Vec<f32>, Vec<f32>) = per_channel.into_iter().unzip();
+    [s, sx].concat()
+}
+
+/// Runs `f(plane, values)` on each (N, C) plane of `out` (`hw` values each), in parallel; the
+/// channel of plane `p` is `p % C`. Each plane is written by one call, in index order, so the
+/// result does not depend on the threads.
+fn for_each_plane(out: &mut [f32], hw: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    // Small planes (the last stages) in groups, so a task is not a handful of values.
+    let min_planes = (4096 / hw.max(1)).max(1);
+    out.par_chunks_mut(hw.max(1))
+        .with_min_len(min_planes)
+        .enumerate()
+        .for_each(|(plane, values)| f(plane, values));
 }
 
 impl CustomOp3 for BackwardReduce {
@@ -342,9 +349,9 @@ impl CustomOp3 for BackwardReduce {
     ) -> Result<(CpuStorage, Shape)> {
         let dims = nchw(l1)?;
         let out = reduce_cpu(
-            &cpu::f32s(s1, l1)?,
-            &cpu::f32s(s2, l2)?,
-            &cpu::f32s(s3, l3)?,
+            &cpu::f32s_cow(s1, l1)?,
+            &cpu::f32s_cow(s2, l2)?,
+            &cpu::f32s_cow(s3, l3)?,
             &f32_vec(&self.stats)?,
             dims,
             self.eps,
@@ -390,24 +397,30 @@ impl CustomOp3 for BackwardData {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (n, c, hw) = nchw(l1)?;
-        let (x, y, dy) = (cpu::f32s(s1, l1)?, cpu::f32s(s2, l2)?, cpu::f32s(s3, l3)?);
+        let (x, y, dy) = (
+            cpu::f32s_cow(s1, l1)?,
+            cpu::f32s_cow(s2, l2)?,
+            cpu::f32s_cow(s3, l3)?,
+        );
         let st = f32_vec(&self.stats)?;
         let gamma = f32_vec(&self.gamma)?;
         let red = f32_vec(&self.red)?;
         let inv_m = 1.0 / (n * hw) as f32;
-        let dx = (0..x.len())
-            .map(|k| {
-                let ch = channel(k, c, hw);
-                let invstd = 1.0 / (st[c + ch] + self.eps).sqrt();
+        let mut dx = vec![0f32; x.len()];
+        for_each_plane(&mut dx, hw, |plane, out| {
+            let ch = plane % c;
+            let invstd = 1.0 / (st[c + ch] + self.eps).sqrt();
+            for (j, o) in out.iter_mut().enumerate() {
+                let k = plane * hw + j;
                 let g = if self.relu && !(y[k] > 0.0) {
                     0.0
                 } else {
                     dy[k]
                 };
                 let xhat = (x[k] - st[ch]) * invstd;
-                gamma[ch] * invstd * (g - red[ch] * inv_m - xhat * red[c + ch] * inv_m)
-            })
-            .collect();
+                *o = gamma[ch] * invstd * (g - red[ch] * inv_m - xhat * red[c + ch] * inv_m);
+            }
+        });
         Ok((cpu::from_f32s(dx, s1.dtype())?, l1.shape().clone()))
     }
 

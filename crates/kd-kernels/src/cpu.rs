@@ -38,6 +38,14 @@ pub(crate) fn f32s(s: &CpuStorage, l: &Layout) -> Result<Vec<f32>> {
     tensor(s, l)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()
 }
 
+/// [`f32s`] without a copy when the storage already holds contiguous f32.
+pub(crate) fn f32s_cow<'a>(s: &'a CpuStorage, l: &Layout) -> Result<std::borrow::Cow<'a, [f32]>> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(std::borrow::Cow::Borrowed(&v[a..b])),
+        _ => Ok(std::borrow::Cow::Owned(f32s(s, l)?)),
+    }
+}
+
 /// `v` as a CpuStorage of `dtype`.
 pub(crate) fn from_f32s(v: Vec<f32>, dtype: DType) -> Result<CpuStorage> {
     if dtype == DType::F32 {
