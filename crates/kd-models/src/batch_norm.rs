@@ -53,9 +53,8 @@ impl BatchNorm2d {
 
     fn forward_impl(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
         // The fused op on CUDA, and on the CPU too: its reference implementation there (one
-        // pass per statistic, one backward op instead of candle's composed graph) made a CPU
-        // ResNet18 step at batch 32 take 1.75 s of backward instead of 2.58 s (`kd-runner bench
-        // --device cpu --batch 32 --stem cifar --workloads train --phases`).
+        // pass per statistic, one backward op instead of candle's composed graph) cut a CPU
+        // ResNet18 step's backward by a third (docs/performance.md, "On the CPU").
         let fused_here = (kd_kernels::HAS_CUDA_KERNELS && x.device().is_cuda())
             || (x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::BF16));
         if train && fused_here && kd_kernels::enabled(kd_kernels::Kernel::BatchNorm) {
