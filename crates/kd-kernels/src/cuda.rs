@@ -25,8 +25,10 @@ pub(crate) static MAX_POOL: Module =
 pub(crate) static AUGMENT: Module = Module::new("kd_augment", include_str!("kernels/augment.cu"));
 
 pub(crate) static SGD: Module = Module::new("kd_sgd", include_str!("kernels/sgd.cu"));
+pub(crate) static ADD_RELU: Module =
+    Module::new("kd_add_relu", include_str!("kernels/add_relu.cu"));
 
-const ALL: [&Module; 4] = [&BATCH_NORM, &MAX_POOL, &AUGMENT, &SGD];
+const ALL: [&Module; 5] = [&BATCH_NORM, &MAX_POOL, &AUGMENT, &SGD, &ADD_RELU];
 
 impl Module {
     const fn new(name: &'static str, source: &'static str) -> Self {
@@ -69,7 +71,8 @@ pub(crate) fn compile_all() -> Result<Vec<(&'static str, usize)>> {
     ALL.iter().map(|m| Ok((m.name, m.ptx()?.len()))).collect()
 }
 
-/// The PTX of module `name` (`kd_batch_norm`, `kd_max_pool`, `kd_augment`, `kd_sgd`).
+/// The PTX of module `name` (`kd_batch_norm`, `kd_max_pool`, `kd_augment`, `kd_sgd`,
+/// `kd_add_relu`).
 pub(crate) fn ptx_of(name: &str) -> Result<&'static str> {
     match ALL.iter().copied().find(|m| m.name == name) {
         Some(m) => m.ptx(),

@@ -8,7 +8,7 @@ use candle_core::cuda_backend::cudarc::driver::{
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{bail, CudaStorage, DType, Layout, Result, Storage, Tensor};
 
-use crate::cuda::{flat, per_channel, per_plane, suffix, AUGMENT, BATCH_NORM, MAX_POOL};
+use crate::cuda::{flat, per_channel, per_plane, suffix, ADD_RELU, AUGMENT, BATCH_NORM, MAX_POOL};
 
 /// Element types our kernels are instantiated for.
 trait Elem: DeviceRepr + CudaDType + ValidAsZeroBits {}
@@ -486,4 +486,39 @@ pub(crate) fn sgd_param(
     // SAFETY: argument types and sizes match sgd_param_f32 in sgd.cu.
     unsafe { b.launch(flat(n)) }.w()?;
     Ok(())
+}
+
+/// `kernel` (`add_relu` or `relu_backward` in add_relu.cu) on two same-shape inputs of one
+/// dtype, writing a third: (a, b, out, n).
+pub(crate) fn elementwise2(kernel: &str, a: Arg<'_>, b: Arg<'_>) -> Result<CudaStorage> {
+    if a.0.dtype() != b.0.dtype() {
+        bail!("{kernel}: operands {:?} and {:?}", a.0.dtype(), b.0.dtype());
+    }
+    by_dtype!(a.0.dtype(), elementwise2_t::<T>(kernel, a, b))
+}
+
+fn elementwise2_t<T: Elem>(
+    kernel: &str,
+    (sa, la): Arg<'_>,
+    (sb, lb): Arg<'_>,
+) -> Result<CudaStorage> {
+    let dev = &sa.device;
+    let n = la.shape().elem_count();
+    if lb.shape().elem_count() != n {
+        bail!(
+            "{kernel}: operands of {n} and {} elements",
+            lb.shape().elem_count()
+        );
+    }
+    let (a, b) = (view::<T>(sa, la)?, view::<T>(sb, lb)?);
+    // SAFETY: every element is written by the kernel.
+    let mut out = unsafe { dev.alloc::<T>(n)? };
+    let f = ADD_RELU.func(dev, &format!("{kernel}_{}", suffix(sa.dtype())?))?;
+    let n_ = n as i64;
+    let stream = dev.cuda_stream();
+    let mut l = stream.launch_builder(&f);
+    l.arg(&a).arg(&b).arg(&mut out).arg(&n_);
+    // SAFETY: argument types and sizes match add_relu / relu_backward in add_relu.cu.
+    unsafe { l.launch(flat(n)) }.w()?;
+    Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
 }

@@ -15,10 +15,12 @@
 //! - [`augment_batch`]: crop, flip and normalise a batch from a uint8 data set that stays on the
 //!   device;
 //! - [`sgd_momentum_step`]: SGD with (Nesterov) momentum in two in-place kernels per parameter;
+//! - [`add_relu`]: a residual block's `relu(a + b)` in one pass forward and one backward;
 //! - [`Precision`]: f32, TF32 or bf16 convolutions and matmuls.
 //!
 //! Without the features every op runs its CPU path, so code written against this crate runs
 //! (and is tested) on machines without a GPU.
+pub mod add_relu;
 pub mod augment;
 pub mod batch_norm;
 pub mod conv;
@@ -38,6 +40,7 @@ pub mod precision;
 pub mod sgd;
 pub mod switches;
 
+pub use add_relu::add_relu;
 pub use augment::{augment_batch, AugmentPlan, Normalisation};
 pub use batch_norm::{batch_norm_train, BatchNormOutput};
 pub use conv::{conv2d, conv2d_custom, Conv2dGeometry};

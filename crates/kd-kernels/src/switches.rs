@@ -1,4 +1,4 @@
-//! Run-time switches for the CUDA paths, from the environment: `KD_DISABLE=conv,bn,pool,sgd,augment`
+//! Run-time switches for the CUDA paths, from the environment: `KD_DISABLE=conv,bn,pool,sgd,augment,addrelu`
 //! (or `all`) sends the named parts back to candle's own ops, without a rebuild. For bisecting a
 //! kernel on a GPU whose time is short, and for measuring what each part buys.
 use std::sync::OnceLock;
@@ -16,16 +16,19 @@ pub enum Kernel {
     Sgd,
     /// On-device augmentation of a resident data set.
     Augment,
+    /// The residual blocks' fused add + ReLU.
+    AddRelu,
 }
 
 impl Kernel {
     /// Every part.
-    pub const ALL: [Kernel; 5] = [
+    pub const ALL: [Kernel; 6] = [
         Kernel::Conv,
         Kernel::BatchNorm,
         Kernel::MaxPool,
         Kernel::Sgd,
         Kernel::Augment,
+        Kernel::AddRelu,
     ];
 
     /// The name in `KD_DISABLE`.
@@ -36,6 +39,7 @@ impl Kernel {
             Kernel::MaxPool => "pool",
             Kernel::Sgd => "sgd",
             Kernel::Augment => "augment",
+            Kernel::AddRelu => "addrelu",
         }
     }
 }
@@ -55,7 +59,7 @@ fn parse(spec: &str) -> Vec<Kernel> {
         match Kernel::ALL.iter().find(|k| k.name() == name) {
             Some(k) => out.push(*k),
             None => eprintln!(
-                "warning: KD_DISABLE: unknown part {name:?} (expected conv, bn, pool, sgd, augment or all); ignored"
+                "warning: KD_DISABLE: unknown part {name:?} (expected conv, bn, pool, sgd, augment, addrelu or all); ignored"
             ),
         }
     }

@@ -100,6 +100,37 @@ fn conv_input_gradient_is_skipped_where_nothing_wants_it() {
 }
 
 #[test]
+fn add_relu_matches_candle_add_and_relu_with_gradients() {
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    for dtype in [DType::F32, DType::BF16] {
+        let a = Var::from_tensor(&randn(&mut rng, &[3, 4, 5, 6], dtype)).unwrap();
+        let b = Var::from_tensor(&randn(&mut rng, &[3, 4, 5, 6], dtype)).unwrap();
+        let r = randn(&mut rng, &[3, 4, 5, 6], dtype);
+        let y = kd_kernels::add_relu(&a, &b).unwrap();
+        let y_ref = (a.as_tensor() + b.as_tensor()).unwrap().relu().unwrap();
+        assert_eq!(y.dtype(), dtype);
+        assert_eq!(max_rel(&y, &y_ref), 0.0, "{dtype:?}");
+        let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let g_ref = (&y_ref * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for v in [&a, &b] {
+            assert_eq!(max_rel(g.get(v).unwrap(), g_ref.get(v).unwrap()), 0.0);
+        }
+    }
+    let e = kd_kernels::add_relu(
+        &Tensor::zeros((2, 3), DType::F32, &candle_core::Device::Cpu).unwrap(),
+        &Tensor::zeros((3, 2), DType::F32, &candle_core::Device::Cpu).unwrap(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("[2, 3]") && e.contains("[3, 2]"), "{e}");
+}
+
+#[test]
 fn conv_custom_op_rejects_mismatched_operands() {
     let x = Tensor::zeros((1, 3, 8, 8), DType::F32, &Device::Cpu).unwrap();
     let w = Tensor::zeros((4, 2, 3, 3), DType::F32, &Device::Cpu).unwrap();

@@ -22,8 +22,8 @@ use half::bf16;
 use kd_kernels::batch_norm::update_running_stats;
 use kd_kernels::launch::LaunchGeometry;
 use kd_kernels::{
-    augment_batch, batch_norm_train, sgd_momentum_step, AugmentPlan, MaxPool2d, Normalisation,
-    SgdStep,
+    add_relu, augment_batch, batch_norm_train, sgd_momentum_step, AugmentPlan, MaxPool2d,
+    Normalisation, SgdStep,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -904,4 +904,76 @@ fn sgd_kernels_match_the_cpu_path() {
             );
         }
     }
+}
+
+fn add_relu_case<E: Elem>(rng: &mut ChaCha8Rng) {
+    let n = 1000; // not a multiple of the block size
+    let dims = (2, 5, 10, 10);
+    let mut a: Vec<E> = random(rng, n, -1.0, 1.0)
+        .into_iter()
+        .map(E::from_f32)
+        .collect();
+    let b: Vec<E> = random(rng, n, -1.0, 1.0)
+        .into_iter()
+        .map(E::from_f32)
+        .collect();
+    a[3] = E::from_f32(f32::NAN); // a NaN sum gives 0, as the CPU path
+    let dy: Vec<E> = random(rng, n, -1.0, 1.0)
+        .into_iter()
+        .map(E::from_f32)
+        .collect();
+    // The CPU path, with its backward.
+    let (at, bt) = (
+        Var::from_tensor(&tensor_of(&a, dims)).unwrap(),
+        Var::from_tensor(&tensor_of(&b, dims)).unwrap(),
+    );
+    let yt = add_relu(&at, &bt).unwrap();
+    let dyt = tensor_of(&dy, dims);
+    let grads = (yt.to_dtype(DType::F32).unwrap() * dyt.to_dtype(DType::F32).unwrap())
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let (y_cpu, dx_cpu) = (tensor_f32s(&yt), tensor_f32s(grads.get(&at).unwrap()));
+    assert_eq!(dx_cpu, tensor_f32s(grads.get(&bt).unwrap()));
+    // The CPU path is the definition: relu(a + b), the gradient dy where y > 0.
+    for k in 0..n {
+        let s = a[k].to_f32() + b[k].to_f32();
+        let want = E::from_f32(if s > 0.0 { s } else { 0.0 }).to_f32();
+        assert_eq!(y_cpu[k].to_bits(), want.to_bits(), "y[{k}]");
+    }
+    for geometry in [LaunchGeometry::flat(n), LaunchGeometry::linear(2, 128)] {
+        let out = launch_race_checked(
+            &format!("add_relu_{}", E::SUFFIX),
+            geometry,
+            &[
+                buf(&a),
+                buf(&b),
+                buf(&vec![E::from_f32(7.0); n]),
+                Arg::I64(n as i64),
+            ],
+        );
+        let y = values::<E>(&out[2]);
+        assert_close("add_relu", &y, &y_cpu, 0.0);
+        let y_e: Vec<E> = y.iter().map(|&v| E::from_f32(v)).collect();
+        let out = launch_race_checked(
+            &format!("relu_backward_{}", E::SUFFIX),
+            geometry,
+            &[
+                buf(&y_e),
+                buf(&dy),
+                buf(&vec![E::from_f32(7.0); n]),
+                Arg::I64(n as i64),
+            ],
+        );
+        assert_close("relu_backward", &values::<E>(&out[2]), &dx_cpu, 0.0);
+    }
+}
+
+#[test]
+fn add_relu_kernels_match_the_cpu_path() {
+    let mut rng = ChaCha8Rng::seed_from_u64(12);
+    add_relu_case::<f32>(&mut rng);
+    add_relu_case::<bf16>(&mut rng);
 }

@@ -5,7 +5,7 @@
 #[test]
 fn every_kernel_source_compiles_with_nvrtc() {
     let modules = kd_kernels::compile_all_kernels().expect("NVRTC compiles every kernel");
-    assert_eq!(modules.len(), 4);
+    assert_eq!(modules.len(), 5);
     for (name, ptx_len) in modules {
         assert!(ptx_len > 1000, "{name}: PTX of {ptx_len} bytes");
     }

@@ -137,11 +137,11 @@ impl BasicBlock {
         })
     }
 
-    /// The block's output before its final ReLU.
-    fn forward_preact_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+    /// The residual branch and the shortcut, whose sum is the block's output before its ReLU.
+    fn forward_parts_t(&self, x: &Tensor, train: bool) -> Result<(Tensor, Tensor)> {
         let y = self.bn1.forward_relu_t(&self.conv1.forward(x)?, train)?;
         let y = self.bn2.forward_t(&self.conv2.forward(&y)?, train)?;
-        y + Downsample::forward_t(&self.downsample, x, train)?
+        Ok((y, Downsample::forward_t(&self.downsample, x, train)?))
     }
 }
 
@@ -183,12 +183,12 @@ impl Bottleneck {
         })
     }
 
-    /// The block's output before its final ReLU.
-    fn forward_preact_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+    /// The residual branch and the shortcut, whose sum is the block's output before its ReLU.
+    fn forward_parts_t(&self, x: &Tensor, train: bool) -> Result<(Tensor, Tensor)> {
         let y = self.bn1.forward_relu_t(&self.conv1.forward(x)?, train)?;
         let y = self.bn2.forward_relu_t(&self.conv2.forward(&y)?, train)?;
         let y = self.bn3.forward_t(&self.conv3.forward(&y)?, train)?;
-        y + Downsample::forward_t(&self.downsample, x, train)?
+        Ok((y, Downsample::forward_t(&self.downsample, x, train)?))
     }
 }
 
@@ -206,11 +206,11 @@ impl Block {
         }
     }
 
-    /// The block's output before its final ReLU (the block's output is its ReLU).
-    fn forward_preact_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+    /// The residual branch and the shortcut (the block's output is the ReLU of their sum).
+    fn forward_parts_t(&self, x: &Tensor, train: bool) -> Result<(Tensor, Tensor)> {
         match self {
-            Block::Basic(b) => b.forward_preact_t(x, train),
-            Block::Bottleneck(b) => b.forward_preact_t(x, train),
+            Block::Basic(b) => b.forward_parts_t(x, train),
+            Block::Bottleneck(b) => b.forward_parts_t(x, train),
         }
     }
 
@@ -431,11 +431,13 @@ impl ResNet {
         feats.push(y.clone());
         for stage in &self.stages {
             for (i, block) in stage.iter().enumerate() {
-                let pre = block.forward_preact_t(&y, train)?;
-                y = pre.relu()?;
+                let (branch, shortcut) = block.forward_parts_t(&y, train)?;
+                // The stage's last block also gives its pre-activation (for AB and OFD): the sum
+                // again, a branch of the graph of its own that only those methods differentiate.
                 if i + 1 == stage.len() {
-                    preact.push(pre);
+                    preact.push((&branch + &shortcut)?);
                 }
+                y = kd_kernels::add_relu(&branch, &shortcut)?;
             }
             feats.push(y.clone());
         }

@@ -11,6 +11,7 @@
 #include "cuda_emu.hpp"
 
 #include "../../src/kernels/common.cuh"
+#include "../../src/kernels/add_relu.cu"
 #include "../../src/kernels/augment.cu"
 #include "../../src/kernels/batch_norm.cu"
 #include "../../src/kernels/max_pool.cu"
@@ -94,6 +95,10 @@ using Runner = std::function<void(dim3, unsigned, Args&)>;
 
 const std::map<std::string, Runner>& kernels() {
     static const std::map<std::string, Runner> all = {
+        KD_EMU_KERNEL(add_relu_f32),
+        KD_EMU_KERNEL(add_relu_bf16),
+        KD_EMU_KERNEL(relu_backward_f32),
+        KD_EMU_KERNEL(relu_backward_bf16),
         KD_EMU_KERNEL(augment_f32),
         KD_EMU_KERNEL(augment_bf16),
         KD_EMU_KERNEL(bn_stats_f32),

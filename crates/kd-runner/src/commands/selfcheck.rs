@@ -210,6 +210,40 @@ fn check_batch_norm(c: &mut Checks, dev: &Device) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn check_add_relu(c: &mut Checks, dev: &Device) -> anyhow::Result<()> {
+    for dt in [DType::F32, DType::BF16] {
+        let a = rand(&[32, 64, 16, 16], 60, &Device::Cpu)?.to_dtype(dt)?;
+        let b = rand(&[32, 64, 16, 16], 61, &Device::Cpu)?.to_dtype(dt)?;
+        let r = rand(&[32, 64, 16, 16], 62, &Device::Cpu)?.to_dtype(dt)?;
+        let run = |d: &Device| -> anyhow::Result<(Tensor, Tensor, Tensor)> {
+            let (av, bv) = (
+                Var::from_tensor(&a.to_device(d)?)?,
+                Var::from_tensor(&b.to_device(d)?)?,
+            );
+            let y = kd_kernels::add_relu(&av, &bv)?;
+            let g = (&y * r.to_device(d)?)?
+                .to_dtype(DType::F32)?
+                .sum_all()?
+                .backward()?;
+            Ok((y, g.get(&av).unwrap().clone(), g.get(&bv).unwrap().clone()))
+        };
+        let ((y, ga, gb), (ye, gae, gbe)) = (run(dev)?, run(&Device::Cpu)?);
+        // Both sides add in f32 and round once: the same values.
+        c.add(format!("add + ReLU {dt:?}: forward"), rel(&y, &ye)?, 0.0);
+        c.add(
+            format!("add + ReLU {dt:?}: gradient of a"),
+            rel(&ga, &gae)?,
+            0.0,
+        );
+        c.add(
+            format!("add + ReLU {dt:?}: gradient of b"),
+            rel(&gb, &gbe)?,
+            0.0,
+        );
+    }
+    Ok(())
+}
+
 fn check_max_pool(c: &mut Checks, dev: &Device) -> anyhow::Result<()> {
     for dt in [DType::F32, DType::BF16] {
         // Ties at 0 after a ReLU, as in the stem.
@@ -547,6 +581,7 @@ pub fn run(args: &SelfcheckArgs) -> anyhow::Result<()> {
     check_conv(&mut c, &dev)?;
     check_batch_norm(&mut c, &dev)?;
     check_max_pool(&mut c, &dev)?;
+    check_add_relu(&mut c, &dev)?;
     check_augment(&mut c, &dev)?;
     check_sgd(&mut c, &dev)?;
     check_model(&mut c, &dev)?;
