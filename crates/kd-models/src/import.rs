@@ -107,10 +107,27 @@ pub fn read_pt(path: &Path) -> Result<Vec<(String, Tensor)>> {
     }
     let mut last_err = String::new();
     for key in [None, Some("state_dict"), Some("model")] {
-        match candle_core::pickle::read_all_with_key(path, key) {
-            Ok(v) if !v.is_empty() => return Ok(v),
-            Ok(_) => {}
-            Err(e) => last_err = e.to_string(),
+        // candle's pickle reader indexes its stack without checking on some malformed inputs
+        // (a fuzzed checkpoint made it panic in `rebuild_args`); a panic there is this file's
+        // fault, so it becomes this file's error.
+        let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            candle_core::pickle::read_all_with_key(path, key)
+        }));
+        match read {
+            Ok(Ok(v)) if !v.is_empty() => return Ok(v),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => last_err = e.to_string(),
+            Err(panic) => {
+                let why = panic
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| panic.downcast_ref::<&str>().copied())
+                    .unwrap_or("no message");
+                return Err(bad(
+                    path,
+                    format!("a malformed pickle: candle's reader failed on it ({why})"),
+                ));
+            }
         }
     }
     Err(bad(

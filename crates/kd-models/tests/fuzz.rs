@@ -51,6 +51,25 @@ proptest! {
     }
 }
 
+/// The input the fuzzer found in CI (session 9): one byte of `bare.pt` XORed with 12 made
+/// candle's pickle reader index past its stack (`rebuild_args`) and panic. It is an error now.
+#[test]
+fn a_pickle_that_crashed_candles_reader_is_an_error() {
+    let mut bytes = corpus("bare.pt");
+    // proptest's `Index(3294318890850044975)` over 2559 bytes: ⌊i·n / 2⁶⁴⌋.
+    let k = ((3294318890850044975u128 * bytes.len() as u128) >> 64) as usize;
+    assert_eq!(k, 457);
+    bytes[k] ^= 12;
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("crashed.pt");
+    std::fs::write(&path, &bytes).unwrap();
+    let e = kd_models::import::read_pt(&path).unwrap_err().to_string();
+    assert!(
+        e.contains("crashed.pt") && e.contains("malformed pickle"),
+        "{e}"
+    );
+}
+
 /// The unmutated seeds load (so the fuzz targets start from valid inputs).
 #[test]
 fn corpus_seeds_load() {
