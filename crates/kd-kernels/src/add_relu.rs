@@ -5,7 +5,6 @@
 //! hands the gradient on. Here it is one pass forward and one backward: the gradient of both
 //! inputs is `dy` where `y > 0`, else 0. A NaN sum gives 0, as the fused BatchNorm's ReLU.
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
 
 use crate::cpu;
 use candle_core::backend::BackendStorage;
@@ -37,13 +36,8 @@ struct AddRelu;
 /// (y, dy) → dy where y > 0, else 0.
 struct ReluBackward;
 
-/// Runs `f(start, values)` over chunks of `out` in parallel; `start` is the chunk's offset.
-fn for_each_chunk(out: &mut [f32], f: impl Fn(usize, &mut [f32]) + Sync) {
-    const CHUNK: usize = 1 << 14;
-    out.par_chunks_mut(CHUNK)
-        .enumerate()
-        .for_each(|(i, values)| f(i * CHUNK, values));
-}
+/// Values per parallel task.
+const CHUNK: usize = 1 << 14;
 
 impl CustomOp2 for AddRelu {
     fn name(&self) -> &'static str {
@@ -59,7 +53,8 @@ impl CustomOp2 for AddRelu {
     ) -> Result<(CpuStorage, Shape)> {
         let (a, b) = (cpu::f32s_cow(s1, l1)?, cpu::f32s_cow(s2, l2)?);
         let mut y = vec![0f32; a.len()];
-        for_each_chunk(&mut y, |start, out| {
+        cpu::par_chunks(&mut y, CHUNK, |i, out| {
+            let start = i * CHUNK;
             for (j, o) in out.iter_mut().enumerate() {
                 let s = a[start + j] + b[start + j];
                 *o = if s > 0.0 { s } else { 0.0 };
@@ -113,7 +108,8 @@ impl CustomOp2 for ReluBackward {
         }
         let (y, dy) = (cpu::f32s_cow(s1, l1)?, cpu::f32s_cow(s2, l2)?);
         let mut dx = vec![0f32; y.len()];
-        for_each_chunk(&mut dx, |start, out| {
+        cpu::par_chunks(&mut dx, CHUNK, |i, out| {
+            let start = i * CHUNK;
             for (j, o) in out.iter_mut().enumerate() {
                 *o = if y[start + j] > 0.0 {
                     dy[start + j]

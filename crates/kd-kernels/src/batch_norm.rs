@@ -180,18 +180,13 @@ impl CustomOp1 for Stats {
         let (n, c, hw) = nchw(l)?;
         let x = cpu::f32s_cow(s, l)?;
         let m = (n * hw) as f64;
-        let per_channel: Vec<(f32, f32)> = (0..c)
-            .into_par_iter()
-            .map(|ch| {
-                let values =
-                    (0..n).flat_map(|b| x[(b * c + ch) * hw..(b * c + ch + 1) * hw].iter());
-                let mean = values.clone().map(|&v| v as f64).sum::<f64>() / m;
-                let var = values.map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / m;
-                (mean as f32, var as f32)
-            })
-            .collect();
-        let (means, vars): (Vec<f32>, Vec<f32>) = per_channel.into_iter().unzip();
-        Ok((CpuStorage::F32([means, vars].concat()), Shape::from((2, c))))
+        let stats = per_channel_pairs(c, |ch| {
+            let values = (0..n).flat_map(|b| x[(b * c + ch) * hw..(b * c + ch + 1) * hw].iter());
+            let mean = values.clone().map(|&v| v as f64).sum::<f64>() / m;
+            let var = values.map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / m;
+            (mean as f32, var as f32)
+        });
+        Ok((CpuStorage::F32(stats), Shape::from((2, c))))
     }
 
     #[cfg(feature = "cuda")]
@@ -225,7 +220,8 @@ impl CustomOp3 for Apply {
         let (gamma, beta) = (cpu::f32s(s2, l2)?, cpu::f32s(s3, l3)?);
         let st = f32_vec(&self.stats)?;
         let mut y = vec![0f32; x.len()];
-        for_each_plane(&mut y, hw, |plane, out| {
+        // One call per (N, C) plane; plane p's channel is p % C.
+        cpu::par_chunks(&mut y, hw, |plane, out| {
             let ch = plane % c;
             let invstd = 1.0 / (st[c + ch] + self.eps).sqrt();
             for (o, &v) in out.iter_mut().zip(&x[plane * hw..]) {
@@ -302,35 +298,25 @@ fn reduce_cpu(
     eps: f32,
     relu: bool,
 ) -> Vec<f32> {
-    let per_channel: Vec<(f32, f32)> = (0..c)
-        .into_par_iter()
-        .map(|ch| {
-            let invstd = 1.0 / (p[c + ch] + eps).sqrt();
-            let (mut s, mut sx) = (0f64, 0f64);
-            for b in 0..n {
-                for k in (b * c + ch) * hw..(b * c + ch + 1) * hw {
-                    let g = if relu && !(y[k] > 0.0) { 0.0 } else { dy[k] };
-                    s += g as f64;
-                    sx += (g * (x[k] - p[ch]) * invstd) as f64;
-                }
+    per_channel_pairs(c, |ch| {
+        let invstd = 1.0 / (p[c + ch] + eps).sqrt();
+        let (mut s, mut sx) = (0f64, 0f64);
+        for b in 0..n {
+            for k in (b * c + ch) * hw..(b * c + ch + 1) * hw {
+                let g = if relu && !(y[k] > 0.0) { 0.0 } else { dy[k] };
+                s += g as f64;
+                sx += (g * (x[k] - p[ch]) * invstd) as f64;
             }
-            (s as f32, sx as f32)
-        })
-        .collect();
-    let (s, sx): (Vec<f32>, Vec<f32>) = per_channel.into_iter().unzip();
-    [s, sx].concat()
+        }
+        (s as f32, sx as f32)
+    })
 }
 
-/// Runs `f(plane, values)` on each (N, C) plane of `out` (`hw` values each), in parallel; the
-/// channel of plane `p` is `p % C`. Each plane is written by one call, in index order, so the
-/// result does not depend on the threads.
-fn for_each_plane(out: &mut [f32], hw: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
-    // Small planes (the last stages) in groups, so a task is not a handful of values.
-    let min_planes = (4096 / hw.max(1)).max(1);
-    out.par_chunks_mut(hw.max(1))
-        .with_min_len(min_planes)
-        .enumerate()
-        .for_each(|(plane, values)| f(plane, values));
+/// `f(ch)` = (first, second) for each channel, in parallel, as one (2, C) row-major vector.
+fn per_channel_pairs(c: usize, f: impl Fn(usize) -> (f32, f32) + Sync) -> Vec<f32> {
+    let pairs: Vec<(f32, f32)> = (0..c).into_par_iter().map(&f).collect();
+    let (first, second): (Vec<f32>, Vec<f32>) = pairs.into_iter().unzip();
+    [first, second].concat()
 }
 
 impl CustomOp3 for BackwardReduce {
@@ -407,7 +393,7 @@ impl CustomOp3 for BackwardData {
         let red = f32_vec(&self.red)?;
         let inv_m = 1.0 / (n * hw) as f32;
         let mut dx = vec![0f32; x.len()];
-        for_each_plane(&mut dx, hw, |plane, out| {
+        cpu::par_chunks(&mut dx, hw, |plane, out| {
             let ch = plane % c;
             let invstd = 1.0 / (st[c + ch] + self.eps).sqrt();
             for (j, o) in out.iter_mut().enumerate() {

@@ -206,19 +206,12 @@ pub fn backward_data_cpu(
     }
 }
 
-/// dx for a stride-1 convolution: dx[c, i, j] = Σ_o Σ_(a,b) dy[o, i + p − a, j + p − b]·w[o, c, a, b]
+/// dx for a stride-1 convolution with a square k×k kernel and padding p < k (what
+/// [`backward_data_cpu`] checks): dx[c, i, j] = Σ_o Σ_(a,b) dy[o, i + p − a, j + p − b]·w[o, c, a, b]
 /// = conv(dy, w')[c, i, j] with w'[c, o, a, b] = w[o, c, k − 1 − a, k − 1 − b] and padding
 /// k − 1 − p (the output is then H + 2p − k + 1 + 2(k − 1 − p) − k + 1 = H wide).
-pub fn backward_data_flipped(dy: &Tensor, w: &Tensor, g: Conv2dGeometry) -> Result<Tensor> {
+fn backward_data_flipped(dy: &Tensor, w: &Tensor, g: Conv2dGeometry) -> Result<Tensor> {
     let k = w.dim(2)?;
-    if g.stride != 1 || w.dim(3)? != k || g.padding >= k {
-        bail!(
-            "backward_data_flipped needs stride 1, a square kernel and padding < k, got stride {}, kernel {:?}, padding {}",
-            g.stride,
-            w.dims(),
-            g.padding
-        );
-    }
     let rev = Tensor::from_vec((0..k as u32).rev().collect::<Vec<_>>(), k, w.device())?;
     let flipped = w
         .index_select(&rev, 2)?

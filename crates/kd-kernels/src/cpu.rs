@@ -78,3 +78,15 @@ pub(crate) fn f32_slice_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> Result<&'a
         ),
     }
 }
+
+/// Runs `f(i, chunk)` on the `i`-th `len`-value chunk of `out` (the last may be shorter), in
+/// parallel. Each chunk is written by one call, so the result does not depend on the threads.
+/// Short chunks go to a task in groups, so that a task is not a handful of values.
+pub(crate) fn par_chunks(out: &mut [f32], len: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    use rayon::prelude::*;
+    let len = len.max(1);
+    out.par_chunks_mut(len)
+        .with_min_len((4096 / len).max(1))
+        .enumerate()
+        .for_each(|(i, chunk)| f(i, chunk));
+}

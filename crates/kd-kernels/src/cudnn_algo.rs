@@ -164,30 +164,23 @@ macro_rules! search_op {
             // SAFETY: plain C structs, all-zero is a valid value; cuDNN fills `n` of them.
             let mut perf: [$perf; N] = unsafe { std::mem::zeroed() };
             let mut n: c_int = 0;
+            // Both entry points take the same arguments.
+            let entry: unsafe fn(_, _, _, _, _, _, _, _) -> sys::cudnnStatus_t = match search {
+                ConvAlgoSearch::Heuristic => sys::$get,
+                ConvAlgoSearch::Benchmark => sys::$find,
+            };
             // SAFETY: the handle and descriptors are live; `perf` holds `N` results.
             let status = unsafe {
-                match search {
-                    ConvAlgoSearch::Heuristic => sys::$get(
-                        h.0,
-                        $a,
-                        $b,
-                        $d.conv,
-                        $out,
-                        N as c_int,
-                        &mut n,
-                        perf.as_mut_ptr(),
-                    ),
-                    ConvAlgoSearch::Benchmark => sys::$find(
-                        h.0,
-                        $a,
-                        $b,
-                        $d.conv,
-                        $out,
-                        N as c_int,
-                        &mut n,
-                        perf.as_mut_ptr(),
-                    ),
-                }
+                entry(
+                    h.0,
+                    $a,
+                    $b,
+                    $d.conv,
+                    $out,
+                    N as c_int,
+                    &mut n,
+                    perf.as_mut_ptr(),
+                )
             };
             status.result()?;
             let n = (n.max(0) as usize).min(N);

@@ -576,28 +576,23 @@ fn precision_flag_and_key_are_typed() {
     assert!(err.contains("heuristic or benchmark"), "{err}");
 }
 
+/// `kd-runner bench` on the CPU at width 4, one timed step and no warm-up, plus `extra`.
+fn tiny_cpu_bench(batch: &str, extra: &[&str]) -> std::process::Output {
+    kd().args([
+        "bench", "--device", "cpu", "--width", "4", "--batch", batch, "--steps", "1", "--warmup",
+        "0",
+    ])
+    .args(extra)
+    .output()
+    .unwrap()
+}
+
 #[test]
 fn bench_times_each_conv_algorithm_search() {
-    let out = kd()
-        .args([
-            "bench",
-            "--device",
-            "cpu",
-            "--width",
-            "4",
-            "--batch",
-            "4",
-            "--steps",
-            "1",
-            "--warmup",
-            "0",
-            "--workloads",
-            "train",
-            "--conv-algo",
-            "heuristic,benchmark",
-        ])
-        .output()
-        .unwrap();
+    let out = tiny_cpu_bench(
+        "4",
+        &["--workloads", "train", "--conv-algo", "heuristic,benchmark"],
+    );
     let text = succeeded(&out);
     for row in [
         "BENCH workload=resnet18-train precision=f32 images_per_s=",
@@ -617,26 +612,15 @@ fn bench_times_each_conv_algorithm_search() {
 
 #[test]
 fn bench_times_any_methods_step_and_refuses_online_ones() {
-    let out = kd()
-        .args([
-            "bench",
-            "--device",
-            "cpu",
-            "--width",
-            "4",
-            "--batch",
-            "8",
-            "--steps",
-            "1",
-            "--warmup",
-            "0",
+    let out = tiny_cpu_bench(
+        "8",
+        &[
             "--train-size",
             "64",
             "--workloads",
             "method:crd,method:reviewkd,method:pskd",
-        ])
-        .output()
-        .unwrap();
+        ],
+    );
     let text = succeeded(&out);
     for row in [
         "BENCH workload=method-crd precision=f32",

@@ -330,7 +330,6 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             rows.push((label, precision, search, ips));
         }
     }
-    kd_kernels::ConvAlgoSearch::default().apply();
     println!(
         "| workload | precision | conv algorithm | images/s | ms/step |\n|---|---|---|---|---|"
     );

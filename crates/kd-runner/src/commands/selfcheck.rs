@@ -97,12 +97,8 @@ fn check_conv(c: &mut Checks, dev: &Device) -> anyhow::Result<()> {
     } else {
         &[ConvAlgoSearch::Heuristic]
     };
-    let settings = Precision::ALL
-        .into_iter()
-        .flat_map(|p| searches.iter().map(move |&a| (p, a)));
-    for (p, search) in settings {
+    for p in Precision::ALL {
         p.apply();
-        search.apply();
         for (i, &(n, ci, hw, co, k, s)) in cases.iter().enumerate() {
             let g = Conv2dGeometry {
                 stride: s,
@@ -120,7 +116,8 @@ fn check_conv(c: &mut Checks, dev: &Device) -> anyhow::Result<()> {
                 30,
                 &Device::Cpu,
             )?;
-            // CPU reference in f32 on the same (bf16-rounded, for bf16) operands.
+            // CPU reference in f32 on the same (bf16-rounded, for bf16) operands, once for
+            // every search.
             let dt = p.activation_dtype();
             let (xr, wr) = (
                 x.to_dtype(dt)?.to_dtype(DType::F32)?,
@@ -129,39 +126,39 @@ fn check_conv(c: &mut Checks, dev: &Device) -> anyhow::Result<()> {
             let (xv, wv) = (Var::from_tensor(&xr)?, Var::from_tensor(&wr)?);
             let y_ref = xv.conv2d(&wv, g.padding, g.stride, 1, 1)?;
             let gr = (&y_ref * &r)?.sum_all()?.backward()?;
-            let (xd, wd) = (
-                Var::from_tensor(&x.to_dtype(dt)?.to_device(dev)?)?,
-                Var::from_tensor(&w.to_dtype(dt)?.to_device(dev)?)?,
-            );
-            let y = conv2d_custom(&xd, &wd, g)?;
-            let gd = (y.to_dtype(DType::F32)? * r.to_device(dev)?)?
-                .sum_all()?
-                .backward()?;
-            let tag = match search {
-                ConvAlgoSearch::Heuristic => {
-                    format!("conv {n}×{ci}×{hw}² → {co}, {k}×{k}/s{s}, {p}")
-                }
-                ConvAlgoSearch::Benchmark => {
-                    format!("conv {n}×{ci}×{hw}² → {co}, {k}×{k}/s{s}, {p}, benchmarked algorithm")
-                }
-            };
-            c.add(format!("{tag}: forward"), rel(&y, &y_ref)?, bound(p));
-            let gx = gd
-                .get(&xd)
-                .ok_or_else(|| anyhow::anyhow!("no input gradient"))?;
-            let gw = gd
-                .get(&wd)
-                .ok_or_else(|| anyhow::anyhow!("no kernel gradient"))?;
-            c.add(
-                format!("{tag}: backward data"),
-                rel(gx, gr.get(&xv).unwrap())?,
-                bound(p),
-            );
-            c.add(
-                format!("{tag}: backward filter"),
-                rel(gw, gr.get(&wv).unwrap())?,
-                bound(p),
-            );
+            for &search in searches {
+                search.apply();
+                let (xd, wd) = (
+                    Var::from_tensor(&x.to_dtype(dt)?.to_device(dev)?)?,
+                    Var::from_tensor(&w.to_dtype(dt)?.to_device(dev)?)?,
+                );
+                let y = conv2d_custom(&xd, &wd, g)?;
+                let gd = (y.to_dtype(DType::F32)? * r.to_device(dev)?)?
+                    .sum_all()?
+                    .backward()?;
+                let benchmarked = match search {
+                    ConvAlgoSearch::Heuristic => "",
+                    ConvAlgoSearch::Benchmark => ", benchmarked algorithm",
+                };
+                let tag = format!("conv {n}×{ci}×{hw}² → {co}, {k}×{k}/s{s}, {p}{benchmarked}");
+                c.add(format!("{tag}: forward"), rel(&y, &y_ref)?, bound(p));
+                let gx = gd
+                    .get(&xd)
+                    .ok_or_else(|| anyhow::anyhow!("no input gradient"))?;
+                let gw = gd
+                    .get(&wd)
+                    .ok_or_else(|| anyhow::anyhow!("no kernel gradient"))?;
+                c.add(
+                    format!("{tag}: backward data"),
+                    rel(gx, gr.get(&xv).unwrap())?,
+                    bound(p),
+                );
+                c.add(
+                    format!("{tag}: backward filter"),
+                    rel(gw, gr.get(&wv).unwrap())?,
+                    bound(p),
+                );
+            }
         }
     }
     Precision::F32.apply();
