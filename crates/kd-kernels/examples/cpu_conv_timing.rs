@@ -4,7 +4,10 @@
 use std::time::{Duration, Instant};
 
 use candle_core::{Device, Result, Tensor};
-use kd_kernels::conv::{backward_data_cpu, backward_data_reference, backward_filter_reference};
+use kd_kernels::conv::{
+    backward_data_col2im, backward_data_cpu, backward_data_reference, backward_filter_cpu,
+    backward_filter_im2col, backward_filter_reference,
+};
 use kd_kernels::Conv2dGeometry;
 
 fn timed<T>(f: impl Fn() -> Result<T>) -> Result<Duration> {
@@ -16,11 +19,15 @@ fn timed<T>(f: impl Fn() -> Result<T>) -> Result<Duration> {
 
 fn main() -> Result<()> {
     let d = Device::Cpu;
-    println!("| x | w | stride | forward | dx, transposed conv | dx, kd's CPU path | dw |");
-    println!("|---|---|---|---|---|---|---|");
+    println!(
+        "| x | w | stride | forward | dx: candle (transposed conv) | dx: col2im | dx: kd | \
+         dw: candle | dw: im2col | dw: kd |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for (n, c, hw, o, k, s) in [
         (32, 64, 32, 64, 3, 1),
         (32, 64, 32, 128, 3, 2),
+        (32, 64, 32, 128, 1, 2),
         (32, 128, 16, 128, 3, 1),
         (32, 256, 8, 256, 3, 1),
         (32, 512, 4, 512, 3, 1),
@@ -32,21 +39,19 @@ fn main() -> Result<()> {
         let x = Tensor::randn(0f32, 1., (n, c, hw, hw), &d)?;
         let w = Tensor::randn(0f32, 1., (o, c, k, k), &d)?;
         let y = x.conv2d(&w, g.padding, g.stride, 1, 1)?;
-        let dims = [n, c, hw, hw];
+        let (xd, wd) = ([n, c, hw, hw], [o, c, k, k]);
         let ms = |t: Duration| format!("{:.1} ms", t.as_secs_f64() * 1e3);
         println!(
-            "| {:?} | {:?} | {s} | {} | {} | {} | {} |",
+            "| {:?} | {:?} | {s} | {} | {} | {} | {} | {} | {} | {} |",
             x.dims(),
             w.dims(),
             ms(timed(|| x.conv2d(&w, g.padding, g.stride, 1, 1))?),
-            ms(timed(|| backward_data_reference(&y, &w, g, dims))?),
-            ms(timed(|| backward_data_cpu(&y, &w, g, dims))?),
-            ms(timed(|| backward_filter_reference(
-                &x,
-                &y,
-                g,
-                [o, c, k, k]
-            ))?),
+            ms(timed(|| backward_data_reference(&y, &w, g, xd))?),
+            ms(timed(|| backward_data_col2im(&y, &w, g, xd))?),
+            ms(timed(|| backward_data_cpu(&y, &w, g, xd))?),
+            ms(timed(|| backward_filter_reference(&x, &y, g, wd))?),
+            ms(timed(|| backward_filter_im2col(&x, &y, g, wd))?),
+            ms(timed(|| backward_filter_cpu(&x, &y, g, wd))?),
         );
     }
     Ok(())

@@ -186,12 +186,13 @@ impl CustomOp2 for Conv2dForward {
     }
 }
 
-/// The input gradient on the CPU: for stride 1, the convolution of `dy` with the kernel flipped
-/// in space and with its channel axes swapped, padded by k − 1 − p ([`backward_data_flipped`]),
-/// which runs on candle's im2col + matmul convolution; otherwise candle's autograd formula, a
-/// transposed convolution ([`backward_data_reference`]). On the 2-core CPU, at ResNet18's
-/// stride-1 3×3 shapes and batch 32, the transposed convolution took 1.6–3.4× the forward's time
-/// and the flipped one 0.8–1.8× (`cargo run --release -p kd-kernels --example cpu_conv_timing`).
+/// The input gradient on the CPU, without candle's transposed convolution (a direct loop, 1.6–3.4×
+/// the forward's time at ResNet18's 3×3 shapes): at stride 1, the convolution of `dy` with the
+/// kernel flipped in space and its channel axes swapped, padded by k − 1 − p
+/// ([`backward_data_flipped`]); otherwise one matrix product and a scatter
+/// ([`backward_data_col2im`]). Each was the fastest of the three where it is used, on the 2-core
+/// CPU at batch 32 (`cargo run --release -p kd-kernels --example cpu_conv_timing` prints all
+/// three per shape).
 pub fn backward_data_cpu(
     dy: &Tensor,
     w: &Tensor,
@@ -199,10 +200,13 @@ pub fn backward_data_cpu(
     input_dims: [usize; 4],
 ) -> Result<Tensor> {
     let (kh, kw) = (w.dim(2)?, w.dim(3)?);
-    if g.stride == 1 && kh == kw && g.padding < kh {
+    let float = matches!(dy.dtype(), DType::F32 | DType::F64);
+    if !float {
+        backward_data_reference(dy, w, g, input_dims)
+    } else if g.stride == 1 && kh == kw && g.padding < kh {
         backward_data_flipped(dy, w, g)
     } else {
-        backward_data_reference(dy, w, g, input_dims)
+        backward_data_col2im(dy, w, g, input_dims)
     }
 }
 
@@ -211,14 +215,162 @@ pub fn backward_data_cpu(
 /// = conv(dy, w')[c, i, j] with w'[c, o, a, b] = w[o, c, k − 1 − a, k − 1 − b] and padding
 /// k − 1 − p (the output is then H + 2p − k + 1 + 2(k − 1 − p) − k + 1 = H wide).
 fn backward_data_flipped(dy: &Tensor, w: &Tensor, g: Conv2dGeometry) -> Result<Tensor> {
-    let k = w.dim(2)?;
-    let rev = Tensor::from_vec((0..k as u32).rev().collect::<Vec<_>>(), k, w.device())?;
-    let flipped = w
-        .index_select(&rev, 2)?
-        .index_select(&rev, 3)?
-        .transpose(0, 1)?
-        .contiguous()?;
+    let (o, c, k) = (w.dim(0)?, w.dim(1)?, w.dim(2)?);
+    // Flipping both spatial axes reverses each k·k block; one pass, in the tensor's dtype.
+    fn swap_flip<T: Copy>(v: &[T], o: usize, c: usize, taps: usize) -> Vec<T> {
+        let mut out = Vec::with_capacity(v.len());
+        for ci in 0..c {
+            for oi in 0..o {
+                out.extend(v[(oi * c + ci) * taps..][..taps].iter().rev());
+            }
+        }
+        out
+    }
+    let flat = w.flatten_all()?;
+    let flipped = match w.dtype() {
+        DType::F32 => Tensor::from_vec(
+            swap_flip(&flat.to_vec1::<f32>()?, o, c, k * k),
+            (c, o, k, k),
+            w.device(),
+        )?,
+        DType::F64 => Tensor::from_vec(
+            swap_flip(&flat.to_vec1::<f64>()?, o, c, k * k),
+            (c, o, k, k),
+            w.device(),
+        )?,
+        d => bail!("conv2d backward-data on the CPU: no {d:?} path (f32 and f64 only)"),
+    };
     dy.conv2d(&flipped, k - 1 - g.padding, 1, 1, 1)
+}
+
+/// dx of any stride as one matrix product and a scatter (PyTorch's CPU formula): the columns
+/// W^T·dy, (C·K², O) × (O, N·Ho·Wo) with the batch folded into the columns so that the product
+/// is one large one, then col2im adds each column entry into the input position its tap touched.
+/// The product does the forward's multiply-adds.
+pub fn backward_data_col2im(
+    dy: &Tensor,
+    w: &Tensor,
+    g: Conv2dGeometry,
+    input_dims: [usize; 4],
+) -> Result<Tensor> {
+    let [n, c, h, wd] = input_dims;
+    let (o, kh, kw) = (w.dim(0)?, w.dim(2)?, w.dim(3)?);
+    let (ho, wo) = (dy.dim(2)?, dy.dim(3)?);
+    let wt = w.reshape((o, c * kh * kw))?.t()?.contiguous()?;
+    let dy = dy.reshape((n, o, ho * wo))?.transpose(0, 1)?.contiguous()?;
+    let cols = wt.matmul(&dy.reshape((o, n * ho * wo))?)?;
+    let geometry = Col2Im {
+        c,
+        h,
+        w: wd,
+        kh,
+        kw,
+        ho,
+        wo,
+        g,
+    };
+    match cols.dtype() {
+        DType::F32 => {
+            let v: Vec<f32> = cols.flatten_all()?.to_vec1()?;
+            Tensor::from_vec(geometry.run(&v, n), (n, c, h, wd), w.device())
+        }
+        DType::F64 => {
+            let v: Vec<f64> = cols.flatten_all()?.to_vec1()?;
+            Tensor::from_vec(geometry.run(&v, n), (n, c, h, wd), w.device())
+        }
+        d => bail!("conv2d backward-data on the CPU: no {d:?} path (f32 and f64 only)"),
+    }
+}
+
+/// The shapes that relate a convolution's input to its columns (rows (c, a, b), one column per
+/// image and output position): input plane, kernel, output plane, geometry.
+struct Col2Im {
+    c: usize,
+    h: usize,
+    w: usize,
+    kh: usize,
+    kw: usize,
+    ho: usize,
+    wo: usize,
+    g: Conv2dGeometry,
+}
+
+impl Col2Im {
+    /// dx[n, c, u·s − p + a, v·s − p + b] += cols[(c·kh + a)·kw + b, n·Ho·Wo + u·wo + v], one
+    /// input plane per parallel task (each plane is written by one task, so the sums do not
+    /// depend on the threads).
+    fn run<T>(&self, cols: &[T], n: usize) -> Vec<T>
+    where
+        T: Copy + Default + std::ops::AddAssign + Send + Sync,
+    {
+        use rayon::prelude::*;
+        let (plane, out) = (self.h * self.w, self.ho * self.wo);
+        let (s, p) = (self.g.stride as isize, self.g.padding as isize);
+        let row_len = n * out; // one row of `cols`: a tap of a channel, over every image
+        let mut dx = vec![T::default(); n * self.c * plane];
+        dx.par_chunks_mut(plane).enumerate().for_each(|(nc, dst)| {
+            let (ni, ci) = (nc / self.c, nc % self.c);
+            for a in 0..self.kh {
+                for b in 0..self.kw {
+                    let tap = (ci * self.kh + a) * self.kw + b;
+                    let col = &cols[tap * row_len + ni * out..][..out];
+                    for u in 0..self.ho {
+                        let i = u as isize * s - p + a as isize;
+                        if !(0..self.h as isize).contains(&i) {
+                            continue;
+                        }
+                        let row = &mut dst[i as usize * self.w..][..self.w];
+                        for v in 0..self.wo {
+                            let j = v as isize * s - p + b as isize;
+                            if (0..self.w as isize).contains(&j) {
+                                row[j as usize] += col[u * self.wo + v];
+                            }
+                        }
+                    }
+                }
+            }
+        });
+        dx
+    }
+
+    /// The columns of `x` (N, C, H, W): cols[(c·kh + a)·kw + b, n·Ho·Wo + u·wo + v] =
+    /// x[n, c, u·s − p + a, v·s − p + b], zero in the padding; one row per parallel task.
+    fn im2col<T>(&self, x: &[T], n: usize) -> Vec<T>
+    where
+        T: Copy + Default + Send + Sync,
+    {
+        use rayon::prelude::*;
+        let (plane, out) = (self.h * self.w, self.ho * self.wo);
+        let (s, p) = (self.g.stride as isize, self.g.padding as isize);
+        let mut cols = vec![T::default(); self.c * self.kh * self.kw * n * out];
+        cols.par_chunks_mut(n * out)
+            .enumerate()
+            .for_each(|(tap, row)| {
+                let (ci, a, b) = (
+                    tap / (self.kh * self.kw),
+                    tap / self.kw % self.kh,
+                    tap % self.kw,
+                );
+                for ni in 0..n {
+                    let src = &x[(ni * self.c + ci) * plane..][..plane];
+                    for u in 0..self.ho {
+                        let i = u as isize * s - p + a as isize;
+                        if !(0..self.h as isize).contains(&i) {
+                            continue;
+                        }
+                        let line = &src[i as usize * self.w..][..self.w];
+                        let dst = &mut row[ni * out + u * self.wo..][..self.wo];
+                        for (v, d) in dst.iter_mut().enumerate() {
+                            let j = v as isize * s - p + b as isize;
+                            if (0..self.w as isize).contains(&j) {
+                                *d = line[j as usize];
+                            }
+                        }
+                    }
+                }
+            });
+        cols
+    }
 }
 
 /// candle's autograd formula for the input gradient (a transposed convolution).
@@ -232,6 +384,61 @@ pub fn backward_data_reference(
     let out = (dy.dim(2)? - 1) * g.stride + k - 2 * g.padding;
     let out_padding = input_dims[2] - out;
     dy.conv_transpose2d(w, g.padding, out_padding, g.stride, 1)
+}
+
+/// The kernel gradient on the CPU: candle's autograd formula at stride 1, where it runs as fast as
+/// the forward; at larger strides, where candle's formula becomes a dilated convolution that
+/// took 2–5× the forward's time, one matrix product with the input's columns
+/// ([`backward_filter_im2col`]; `cargo run --release -p kd-kernels --example cpu_conv_timing`).
+pub fn backward_filter_cpu(
+    x: &Tensor,
+    dy: &Tensor,
+    g: Conv2dGeometry,
+    kernel_dims: [usize; 4],
+) -> Result<Tensor> {
+    if g.stride > 1 && matches!(x.dtype(), DType::F32 | DType::F64) {
+        backward_filter_im2col(x, dy, g, kernel_dims)
+    } else {
+        backward_filter_reference(x, dy, g, kernel_dims)
+    }
+}
+
+/// dw = dy·cols(x)^T: (O, N·Ho·Wo) × (N·Ho·Wo, C·K²), where row (c, a, b) of the columns holds,
+/// for every image and output position, the input value that tap (a, b) of channel c met.
+pub fn backward_filter_im2col(
+    x: &Tensor,
+    dy: &Tensor,
+    g: Conv2dGeometry,
+    kernel_dims: [usize; 4],
+) -> Result<Tensor> {
+    let [o, c, kh, kw] = kernel_dims;
+    let (n, h, wd) = (x.dim(0)?, x.dim(2)?, x.dim(3)?);
+    let (ho, wo) = (dy.dim(2)?, dy.dim(3)?);
+    let geometry = Col2Im {
+        c,
+        h,
+        w: wd,
+        kh,
+        kw,
+        ho,
+        wo,
+        g,
+    };
+    let shape = (c * kh * kw, n * ho * wo);
+    let x = x.contiguous()?.flatten_all()?;
+    let cols = match x.dtype() {
+        DType::F32 => {
+            Tensor::from_vec(geometry.im2col(&x.to_vec1::<f32>()?, n), shape, x.device())?
+        }
+        DType::F64 => {
+            Tensor::from_vec(geometry.im2col(&x.to_vec1::<f64>()?, n), shape, x.device())?
+        }
+        d => bail!("conv2d backward-filter on the CPU: no {d:?} path (f32 and f64 only)"),
+    };
+    let dy = dy.reshape((n, o, ho * wo))?.transpose(0, 1)?.contiguous()?;
+    dy.reshape((o, n * ho * wo))?
+        .matmul(&cols.t()?)?
+        .reshape((o, c, kh, kw))
 }
 
 /// candle's autograd formula for the kernel gradient.
@@ -297,7 +504,7 @@ impl CustomOp2 for Conv2dBackwardFilter {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let dw = in_f32_on_cpu([&cpu::tensor(s1, l1)?, &cpu::tensor(s2, l2)?], |x, dy| {
-            backward_filter_reference(x, dy, self.g, self.kernel_dims)
+            backward_filter_cpu(x, dy, self.g, self.kernel_dims)
         })?;
         Ok((cpu::storage(&dw)?, dw.shape().clone()))
     }

@@ -376,3 +376,177 @@ fn bf16_conv_accumulates_in_f32_forward_and_backward() {
     assert!(max_rel(gb.get(&xv).unwrap(), gf.get(&xf).unwrap()) < 2e-2);
     assert!(max_rel(gb.get(&wv).unwrap(), gf.get(&wf).unwrap()) < 2e-2);
 }
+
+/// dx by its definition, scattering every dy·w product: dx[n, c, u·s − p + a, v·s − p + b] +=
+/// dy[n, o, u, v]·w[o, c, a, b].
+fn input_gradient_by_definition(
+    dy: &Tensor,
+    w: &Tensor,
+    g: Conv2dGeometry,
+    x: [usize; 4],
+) -> Tensor {
+    let [n, c, h, wd] = x;
+    let (o, kh, kw) = (w.dim(0).unwrap(), w.dim(2).unwrap(), w.dim(3).unwrap());
+    let (ho, wo) = (dy.dim(2).unwrap(), dy.dim(3).unwrap());
+    let dyv: Vec<f64> = dy.flatten_all().unwrap().to_vec1().unwrap();
+    let wv: Vec<f64> = w.flatten_all().unwrap().to_vec1().unwrap();
+    let mut dx = vec![0f64; n * c * h * wd];
+    for ni in 0..n {
+        for oi in 0..o {
+            for u in 0..ho {
+                for v in 0..wo {
+                    let d = dyv[((ni * o + oi) * ho + u) * wo + v];
+                    for ci in 0..c {
+                        for a in 0..kh {
+                            for b in 0..kw {
+                                let i = (u * g.stride + a) as isize - g.padding as isize;
+                                let j = (v * g.stride + b) as isize - g.padding as isize;
+                                if (0..h as isize).contains(&i) && (0..wd as isize).contains(&j) {
+                                    dx[((ni * c + ci) * h + i as usize) * wd + j as usize] +=
+                                        d * wv[((oi * c + ci) * kh + a) * kw + b];
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Tensor::from_vec(dx, (n, c, h, wd), &Device::Cpu).unwrap()
+}
+
+#[test]
+fn cpu_input_gradient_matches_its_definition_at_every_stride_and_padding() {
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let mut checked = 0;
+    for stride in 1..=3 {
+        for k in 1..=5 {
+            for padding in 0..=k {
+                // Even and odd sizes, sizes that the stride does not divide, non-square.
+                for (h, wd) in [(8, 8), (7, 9), (5, 6), (k, k + 1)] {
+                    let g = Conv2dGeometry { stride, padding };
+                    if h + 2 * padding < k || wd + 2 * padding < k {
+                        continue;
+                    }
+                    let dims = [2, 3, h, wd];
+                    let w = randn(&mut rng, &[4, 3, k, k], DType::F64);
+                    let dy = randn(
+                        &mut rng,
+                        &[2, 4, g.out_size(h, k), g.out_size(wd, k)],
+                        DType::F64,
+                    );
+                    let dx = kd_kernels::conv::backward_data_cpu(&dy, &w, g, dims).unwrap();
+                    let want = input_gradient_by_definition(&dy, &w, g, dims);
+                    assert_eq!(dx.dims(), &dims, "stride {stride} k {k} padding {padding}");
+                    let e = max_rel(&dx, &want);
+                    assert!(
+                        e < 1e-12,
+                        "error {e} at stride {stride}, k {k}, padding {padding}, {h}×{wd}"
+                    );
+                    checked += 1;
+                }
+            }
+        }
+    }
+    assert!(checked > 200, "only {checked} geometries were checked");
+}
+
+#[test]
+fn col2im_input_gradient_matches_its_definition() {
+    let mut rng = ChaCha8Rng::seed_from_u64(4);
+    for stride in 1..=3 {
+        for k in 1..=5 {
+            for padding in 0..=k {
+                for (h, wd) in [(8, 8), (7, 9), (k, k + 1)] {
+                    let g = Conv2dGeometry { stride, padding };
+                    if h + 2 * padding < k || wd + 2 * padding < k {
+                        continue;
+                    }
+                    let dims = [2, 3, h, wd];
+                    let w = randn(&mut rng, &[4, 3, k, k], DType::F64);
+                    let dy = randn(
+                        &mut rng,
+                        &[2, 4, g.out_size(h, k), g.out_size(wd, k)],
+                        DType::F64,
+                    );
+                    let dx = kd_kernels::conv::backward_data_col2im(&dy, &w, g, dims).unwrap();
+                    let want = input_gradient_by_definition(&dy, &w, g, dims);
+                    let e = max_rel(&dx, &want);
+                    assert!(
+                        e < 1e-12,
+                        "error {e} at stride {stride}, k {k}, padding {padding}, {h}×{wd}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// dw by its definition: dw[o, c, a, b] = Σ dy[n, o, u, v]·x[n, c, u·s − p + a, v·s − p + b].
+fn kernel_gradient_by_definition(x: &Tensor, dy: &Tensor, g: Conv2dGeometry, k: usize) -> Tensor {
+    let (n, c, h, wd) = x.dims4().unwrap();
+    let (_, o, ho, wo) = dy.dims4().unwrap();
+    let xv: Vec<f64> = x.flatten_all().unwrap().to_vec1().unwrap();
+    let dyv: Vec<f64> = dy.flatten_all().unwrap().to_vec1().unwrap();
+    let mut dw = vec![0f64; o * c * k * k];
+    for ni in 0..n {
+        for oi in 0..o {
+            for ci in 0..c {
+                for a in 0..k {
+                    for b in 0..k {
+                        let mut acc = 0.0;
+                        for u in 0..ho {
+                            for v in 0..wo {
+                                let i = (u * g.stride + a) as isize - g.padding as isize;
+                                let j = (v * g.stride + b) as isize - g.padding as isize;
+                                if (0..h as isize).contains(&i) && (0..wd as isize).contains(&j) {
+                                    acc += dyv[((ni * o + oi) * ho + u) * wo + v]
+                                        * xv[((ni * c + ci) * h + i as usize) * wd + j as usize];
+                                }
+                            }
+                        }
+                        dw[((oi * c + ci) * k + a) * k + b] += acc;
+                    }
+                }
+            }
+        }
+    }
+    Tensor::from_vec(dw, (o, c, k, k), &Device::Cpu).unwrap()
+}
+
+#[test]
+fn cpu_kernel_gradient_matches_its_definition_at_every_stride_and_padding() {
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    let mut checked = 0;
+    for stride in 1..=3 {
+        for k in 1..=5 {
+            for padding in 0..=k {
+                for (h, wd) in [(8, 8), (7, 9), (k, k + 1)] {
+                    let g = Conv2dGeometry { stride, padding };
+                    if h + 2 * padding < k || wd + 2 * padding < k {
+                        continue;
+                    }
+                    let x = randn(&mut rng, &[2, 3, h, wd], DType::F64);
+                    let dy = randn(
+                        &mut rng,
+                        &[2, 4, g.out_size(h, k), g.out_size(wd, k)],
+                        DType::F64,
+                    );
+                    let want = kernel_gradient_by_definition(&x, &dy, g, k);
+                    for dw in [
+                        kd_kernels::conv::backward_filter_cpu(&x, &dy, g, [4, 3, k, k]).unwrap(),
+                        kd_kernels::conv::backward_filter_im2col(&x, &dy, g, [4, 3, k, k]).unwrap(),
+                    ] {
+                        let e = max_rel(&dw, &want);
+                        assert!(
+                            e < 1e-12,
+                            "error {e} at stride {stride}, k {k}, padding {padding}, {h}×{wd}"
+                        );
+                    }
+                    checked += 1;
+                }
+            }
+        }
+    }
+    assert!(checked > 150, "only {checked} geometries were checked");
+}

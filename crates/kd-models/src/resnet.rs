@@ -36,7 +36,9 @@ pub struct ModelOutput {
     /// Globally average-pooled last stage `(N, C)`, the input of `fc`.
     pub pooled: Tensor,
     /// Each stage's output before its last ReLU (stages 1–4), in the network's compute dtype:
-    /// the margin-aware feature distillers (OFD) compare these. Free: the tensor exists anyway.
+    /// the margin-aware feature distillers (OFD, AB) compare these. One extra element-wise add per
+    /// stage (the block's output comes from the fused add + ReLU); differentiated only by the
+    /// methods that use it.
     pub preact: Vec<Tensor>,
     /// Auxiliary heads after stages 1–3, when the model has them.
     pub aux: Vec<AuxOutput>,
