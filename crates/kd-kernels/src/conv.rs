@@ -47,15 +47,24 @@ impl Conv2dGeometry {
     }
 }
 
-/// Convolves `x` (N, C, H, W) with `w` (O, C, K, K): through cuDNN (forward and backward) when `x`
-/// is on a CUDA device and the crate was built with `cudnn`; on the CPU, in f32 and when a
-/// gradient will be asked for, through the same op, whose backward is faster there than
-/// candle's ([`backward_data_cpu`]); otherwise with candle's own conv.
+/// Convolves `x` (N, C, H, W) with `w` (O, C, K, K) in a training forward: [`conv2d_t`] with
+/// `train` set.
 pub fn conv2d(x: &Tensor, w: &Tensor, g: Conv2dGeometry) -> Result<Tensor> {
+    conv2d_t(x, w, g, true)
+}
+
+/// Convolves `x` (N, C, H, W) with `w` (O, C, K, K): through cuDNN (forward and backward) when `x`
+/// is on a CUDA device and the crate was built with `cudnn`; on the CPU, in a training forward
+/// (`train`) in f32 whose gradient will be asked for, through the same op, whose backward is
+/// faster there than candle's ([`backward_data_cpu`]); otherwise with candle's own conv. An
+/// evaluation forward on the CPU skips the op: its copies in and out cost 5–15% of a ResNet18
+/// eval pass there (`cargo run --release -p kd-models --example eval_timing`), and a gradient
+/// asked of it anyway still flows, through candle's autograd.
+pub fn conv2d_t(x: &Tensor, w: &Tensor, g: Conv2dGeometry, train: bool) -> Result<Tensor> {
     let ours = crate::enabled(crate::Kernel::Conv);
     let cuda = cfg!(feature = "cudnn") && x.device().is_cuda();
     let cpu_training =
-        x.device().is_cpu() && x.dtype() == DType::F32 && (x.track_op() || w.track_op());
+        train && x.device().is_cpu() && x.dtype() == DType::F32 && (x.track_op() || w.track_op());
     if ours && (cuda || cpu_training) {
         conv2d_custom(x, w, g)
     } else if x.device().is_cpu() && is_half(x.dtype()) {

@@ -550,3 +550,24 @@ fn cpu_kernel_gradient_matches_its_definition_at_every_stride_and_padding() {
     }
     assert!(checked > 150, "only {checked} geometries were checked");
 }
+
+#[test]
+fn an_evaluation_conv_on_the_cpu_still_carries_gradients() {
+    let mut rng = ChaCha8Rng::seed_from_u64(6);
+    let g = Conv2dGeometry {
+        stride: 2,
+        padding: 1,
+    };
+    let x = Var::from_tensor(&randn(&mut rng, &[2, 3, 7, 7], DType::F32)).unwrap();
+    let w = Var::from_tensor(&randn(&mut rng, &[4, 3, 3, 3], DType::F32)).unwrap();
+    // Training forward: kd's op. Evaluation forward: candle's conv and its autograd.
+    let train = kd_kernels::conv2d_t(&x, &w, g, true).unwrap();
+    let eval = kd_kernels::conv2d_t(&x, &w, g, false).unwrap();
+    assert!(max_rel(&train, &eval) < 1e-6);
+    let r = randn(&mut rng, train.dims(), DType::F32);
+    let gt = (train * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let ge = (eval * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    for v in [&x, &w] {
+        assert!(max_rel(gt.get(v).unwrap(), ge.get(v).unwrap()) < 1e-5);
+    }
+}
