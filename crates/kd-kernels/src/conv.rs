@@ -264,20 +264,9 @@ pub fn backward_data_col2im(
 ) -> Result<Tensor> {
     let [n, c, h, wd] = input_dims;
     let (o, kh, kw) = (w.dim(0)?, w.dim(2)?, w.dim(3)?);
-    let (ho, wo) = (dy.dim(2)?, dy.dim(3)?);
+    let geometry = Columns::new(input_dims, (kh, kw), dy, g)?;
     let wt = w.reshape((o, c * kh * kw))?.t()?.contiguous()?;
-    let dy = dy.reshape((n, o, ho * wo))?.transpose(0, 1)?.contiguous()?;
-    let cols = wt.matmul(&dy.reshape((o, n * ho * wo))?)?;
-    let geometry = Col2Im {
-        c,
-        h,
-        w: wd,
-        kh,
-        kw,
-        ho,
-        wo,
-        g,
-    };
+    let cols = wt.matmul(&geometry.batch_in_columns(dy)?)?;
     match cols.dtype() {
         DType::F32 => {
             let v: Vec<f32> = cols.flatten_all()?.to_vec1()?;
@@ -293,7 +282,7 @@ pub fn backward_data_col2im(
 
 /// The shapes that relate a convolution's input to its columns (rows (c, a, b), one column per
 /// image and output position): input plane, kernel, output plane, geometry.
-struct Col2Im {
+struct Columns {
     c: usize,
     h: usize,
     w: usize,
@@ -304,7 +293,36 @@ struct Col2Im {
     g: Conv2dGeometry,
 }
 
-impl Col2Im {
+impl Columns {
+    fn new(
+        input_dims: [usize; 4],
+        (kh, kw): (usize, usize),
+        dy: &Tensor,
+        g: Conv2dGeometry,
+    ) -> Result<Self> {
+        let [_, c, h, w] = input_dims;
+        Ok(Columns {
+            c,
+            h,
+            w,
+            kh,
+            kw,
+            ho: dy.dim(2)?,
+            wo: dy.dim(3)?,
+            g,
+        })
+    }
+
+    /// `dy` (N, O, Ho, Wo) as (O, N·Ho·Wo): the batch folded into the columns, so that the
+    /// gradient's matrix product is one large one.
+    fn batch_in_columns(&self, dy: &Tensor) -> Result<Tensor> {
+        let (n, o) = (dy.dim(0)?, dy.dim(1)?);
+        dy.reshape((n, o, self.ho * self.wo))?
+            .transpose(0, 1)?
+            .contiguous()?
+            .reshape((o, n * self.ho * self.wo))
+    }
+
     /// dx[n, c, u·s − p + a, v·s − p + b] += cols[(c·kh + a)·kw + b, n·Ho·Wo + u·wo + v], one
     /// input plane per parallel task (each plane is written by one task, so the sums do not
     /// depend on the threads).
@@ -423,19 +441,9 @@ pub fn backward_filter_im2col(
     kernel_dims: [usize; 4],
 ) -> Result<Tensor> {
     let [o, c, kh, kw] = kernel_dims;
-    let (n, h, wd) = (x.dim(0)?, x.dim(2)?, x.dim(3)?);
-    let (ho, wo) = (dy.dim(2)?, dy.dim(3)?);
-    let geometry = Col2Im {
-        c,
-        h,
-        w: wd,
-        kh,
-        kw,
-        ho,
-        wo,
-        g,
-    };
-    let shape = (c * kh * kw, n * ho * wo);
+    let n = x.dim(0)?;
+    let geometry = Columns::new(dims4(x.dims()), (kh, kw), dy, g)?;
+    let shape = (c * kh * kw, n * geometry.ho * geometry.wo);
     let x = x.contiguous()?.flatten_all()?;
     let cols = match x.dtype() {
         DType::F32 => {
@@ -446,8 +454,8 @@ pub fn backward_filter_im2col(
         }
         d => bail!("conv2d backward-filter on the CPU: no {d:?} path (f32 and f64 only)"),
     };
-    let dy = dy.reshape((n, o, ho * wo))?.transpose(0, 1)?.contiguous()?;
-    dy.reshape((o, n * ho * wo))?
+    geometry
+        .batch_in_columns(dy)?
         .matmul(&cols.t()?)?
         .reshape((o, c, kh, kw))
 }
