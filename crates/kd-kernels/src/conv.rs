@@ -270,11 +270,11 @@ pub fn backward_data_col2im(
     match cols.dtype() {
         DType::F32 => {
             let v: Vec<f32> = cols.flatten_all()?.to_vec1()?;
-            Tensor::from_vec(geometry.run(&v, n), (n, c, h, wd), w.device())
+            Tensor::from_vec(geometry.col2im(&v, n), (n, c, h, wd), w.device())
         }
         DType::F64 => {
             let v: Vec<f64> = cols.flatten_all()?.to_vec1()?;
-            Tensor::from_vec(geometry.run(&v, n), (n, c, h, wd), w.device())
+            Tensor::from_vec(geometry.col2im(&v, n), (n, c, h, wd), w.device())
         }
         d => bail!("conv2d backward-data on the CPU: no {d:?} path (f32 and f64 only)"),
     }
@@ -326,7 +326,7 @@ impl Columns {
     /// dx[n, c, u·s − p + a, v·s − p + b] += cols[(c·kh + a)·kw + b, n·Ho·Wo + u·wo + v], one
     /// input plane per parallel task (each plane is written by one task, so the sums do not
     /// depend on the threads).
-    fn run<T>(&self, cols: &[T], n: usize) -> Vec<T>
+    fn col2im<T>(&self, cols: &[T], n: usize) -> Vec<T>
     where
         T: Copy + Default + std::ops::AddAssign + Send + Sync,
     {
