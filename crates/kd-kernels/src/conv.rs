@@ -264,7 +264,7 @@ pub fn backward_data_col2im(
 ) -> Result<Tensor> {
     let [n, c, h, wd] = input_dims;
     let (o, kh, kw) = (w.dim(0)?, w.dim(2)?, w.dim(3)?);
-    let geometry = Columns::new(input_dims, (kh, kw), dy, g)?;
+    let geometry = Columns::new(input_dims, (kh, kw), dy.dim(2)?, dy.dim(3)?, g);
     let wt = w.reshape((o, c * kh * kw))?.t()?.contiguous()?;
     let cols = wt.matmul(&geometry.batch_in_columns(dy)?)?;
     match cols.dtype() {
@@ -297,20 +297,37 @@ impl Columns {
     fn new(
         input_dims: [usize; 4],
         (kh, kw): (usize, usize),
-        dy: &Tensor,
+        ho: usize,
+        wo: usize,
         g: Conv2dGeometry,
-    ) -> Result<Self> {
+    ) -> Self {
         let [_, c, h, w] = input_dims;
-        Ok(Columns {
+        Columns {
             c,
             h,
             w,
             kh,
             kw,
-            ho: dy.dim(2)?,
-            wo: dy.dim(3)?,
+            ho,
+            wo,
             g,
-        })
+        }
+    }
+
+    /// The columns of `x` (N, C, H, W) as a (C·K², N·Ho·Wo) tensor ([`Columns::im2col`]).
+    fn columns(&self, x: &Tensor) -> Result<Tensor> {
+        let n = x.dim(0)?;
+        let shape = (self.c * self.kh * self.kw, n * self.ho * self.wo);
+        let flat = x.contiguous()?.flatten_all()?;
+        match x.dtype() {
+            DType::F32 => {
+                Tensor::from_vec(self.im2col(&flat.to_vec1::<f32>()?, n), shape, x.device())
+            }
+            DType::F64 => {
+                Tensor::from_vec(self.im2col(&flat.to_vec1::<f64>()?, n), shape, x.device())
+            }
+            d => bail!("conv2d on the CPU: no {d:?} im2col (f32 and f64 only)"),
+        }
     }
 
     /// `dy` (N, O, Ho, Wo) as (O, N·Ho·Wo): the batch folded into the columns, so that the
@@ -441,22 +458,10 @@ pub fn backward_filter_im2col(
     kernel_dims: [usize; 4],
 ) -> Result<Tensor> {
     let [o, c, kh, kw] = kernel_dims;
-    let n = x.dim(0)?;
-    let geometry = Columns::new(dims4(x.dims()), (kh, kw), dy, g)?;
-    let shape = (c * kh * kw, n * geometry.ho * geometry.wo);
-    let x = x.contiguous()?.flatten_all()?;
-    let cols = match x.dtype() {
-        DType::F32 => {
-            Tensor::from_vec(geometry.im2col(&x.to_vec1::<f32>()?, n), shape, x.device())?
-        }
-        DType::F64 => {
-            Tensor::from_vec(geometry.im2col(&x.to_vec1::<f64>()?, n), shape, x.device())?
-        }
-        d => bail!("conv2d backward-filter on the CPU: no {d:?} path (f32 and f64 only)"),
-    };
+    let geometry = Columns::new(dims4(x.dims()), (kh, kw), dy.dim(2)?, dy.dim(3)?, g);
     geometry
         .batch_in_columns(dy)?
-        .matmul(&cols.t()?)?
+        .matmul(&geometry.columns(x)?.t()?)?
         .reshape((o, c, kh, kw))
 }
 
