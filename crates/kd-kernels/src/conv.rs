@@ -47,33 +47,26 @@ impl Conv2dGeometry {
     }
 }
 
-/// Convolves `x` (N, C, H, W) with `w` (O, C, K, K) in a training forward: [`conv2d_t`] with
-/// `train` set.
-pub fn conv2d(x: &Tensor, w: &Tensor, g: Conv2dGeometry) -> Result<Tensor> {
-    conv2d_t(x, w, g, true)
-}
-
 /// Convolves `x` (N, C, H, W) with `w` (O, C, K, K): through cuDNN (forward and backward) when `x`
-/// is on a CUDA device and the crate was built with `cudnn`; on the CPU, in a training forward
-/// (`train`) in f32 whose gradient will be asked for, through the same op, whose backward is
-/// faster there than candle's ([`backward_data_cpu`]); otherwise with candle's own conv. An
-/// evaluation forward on the CPU skips the op: its copies in and out cost 5–15% of a ResNet18
-/// eval pass there (`cargo run --release -p kd-models --example eval_timing`), and a gradient
-/// asked of it anyway still flows, through candle's autograd.
-pub fn conv2d_t(x: &Tensor, w: &Tensor, g: Conv2dGeometry, train: bool) -> Result<Tensor> {
+/// is on a CUDA device and the crate was built with `cudnn`. On the CPU through kd's own
+/// convolution ([`conv2d_cpu`]): inside kd's op when a gradient may be asked for in f32 (its
+/// backward is faster there than candle's, [`backward_data_cpu`]), directly when none can be.
+/// Otherwise (f64 with gradients, other devices, `KD_DISABLE=conv`) candle's conv.
+pub fn conv2d(x: &Tensor, w: &Tensor, g: Conv2dGeometry) -> Result<Tensor> {
     let ours = crate::enabled(crate::Kernel::Conv);
+    let cpu = x.device().is_cpu();
+    let tracked = x.track_op() || w.track_op();
     let cuda = cfg!(feature = "cudnn") && x.device().is_cuda();
-    let cpu_training =
-        train && x.device().is_cpu() && x.dtype() == DType::F32 && (x.track_op() || w.track_op());
+    let cpu_training = cpu && tracked && x.dtype() == DType::F32;
     if ours && (cuda || cpu_training) {
         conv2d_custom(x, w, g)
-    } else if x.device().is_cpu() && is_half(x.dtype()) {
+    } else if ours && cpu && !tracked {
+        // No gradient can flow: the plain function (half types through f32, as below).
+        in_f32_on_cpu([x, w], |x, w| conv2d_cpu(x, w, g))
+    } else if cpu && is_half(x.dtype()) {
         // candle's CPU matmul has no bf16/f16: accumulate in f32 and round the result, which is
         // what cuDNN does for bf16 (and so the CPU reference of the mixed-precision path).
-        let y =
-            x.to_dtype(DType::F32)?
-                .conv2d(&w.to_dtype(DType::F32)?, g.padding, g.stride, 1, 1)?;
-        y.to_dtype(x.dtype())
+        in_f32_on_cpu([x, w], |x, w| x.conv2d(w, g.padding, g.stride, 1, 1))
     } else {
         x.conv2d(w, g.padding, g.stride, 1, 1)
     }
@@ -147,10 +140,24 @@ impl CustomOp2 for Conv2dForward {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let g = self.0;
-        let y = in_f32_on_cpu([&cpu::tensor(s1, l1)?, &cpu::tensor(s2, l2)?], |x, w| {
-            x.conv2d(w, g.padding, g.stride, 1, 1)
-        })?;
-        Ok((cpu::storage(&y)?, y.shape().clone()))
+        let w = cpu::tensor(s2, l2)?;
+        let dims = dims4(l1.dims());
+        let (o, k) = (w.dim(0)?, w.dim(2)?);
+        let shape = Shape::from((dims[0], o, g.out_size(dims[2], k), g.out_size(dims[3], k)));
+        // The input is read where it lies and the output handed over as it is built: no copies.
+        let y = match (s1, l1.contiguous_offsets()) {
+            (CpuStorage::F32(v), Some((a, b))) => {
+                CpuStorage::F32(conv2d_rows(&v[a..b], dims, &w, g)?)
+            }
+            (CpuStorage::F64(v), Some((a, b))) => {
+                CpuStorage::F64(conv2d_rows(&v[a..b], dims, &w, g)?)
+            }
+            _ => {
+                let y = in_f32_on_cpu([&cpu::tensor(s1, l1)?, &w], |x, w| conv2d_cpu(x, w, g))?;
+                cpu::storage(&y)?
+            }
+        };
+        Ok((y, shape))
     }
 
     #[cfg(feature = "cudnn")]
@@ -249,7 +256,11 @@ fn backward_data_flipped(dy: &Tensor, w: &Tensor, g: Conv2dGeometry) -> Result<T
         )?,
         d => bail!("conv2d backward-data on the CPU: no {d:?} path (f32 and f64 only)"),
     };
-    dy.conv2d(&flipped, k - 1 - g.padding, 1, 1, 1)
+    let g = Conv2dGeometry {
+        stride: 1,
+        padding: k - 1 - g.padding,
+    };
+    conv2d_cpu(dy, &flipped, g)
 }
 
 /// dx of any stride as one matrix product and a scatter (PyTorch's CPU formula): the columns
@@ -328,6 +339,38 @@ impl Columns {
             }
             d => bail!("conv2d on the CPU: no {d:?} im2col (f32 and f64 only)"),
         }
+    }
+
+    /// The patches of `nhwc` (N images, H, W, C) as (N·Ho·Wo, kh·kw·C) values: row (n, u, v)
+    /// holds, tap by tap, the C values under tap (a, b) (zero in the padding); each tap is one
+    /// copy of C contiguous values, one row per parallel task.
+    fn rows<T: Copy + Default + Send + Sync>(&self, nhwc: &[T], n: usize) -> Vec<T> {
+        use rayon::prelude::*;
+        let k = self.kh * self.kw * self.c;
+        let (s, p) = (self.g.stride as isize, self.g.padding as isize);
+        let mut out = vec![T::default(); n * self.ho * self.wo * k];
+        out.par_chunks_mut(k).enumerate().for_each(|(row, dst)| {
+            let (img, u, v) = (
+                row / (self.ho * self.wo),
+                row / self.wo % self.ho,
+                row % self.wo,
+            );
+            for a in 0..self.kh {
+                let i = u as isize * s - p + a as isize;
+                if !(0..self.h as isize).contains(&i) {
+                    continue;
+                }
+                for b in 0..self.kw {
+                    let j = v as isize * s - p + b as isize;
+                    if (0..self.w as isize).contains(&j) {
+                        let src = ((img * self.h + i as usize) * self.w + j as usize) * self.c;
+                        dst[(a * self.kw + b) * self.c..][..self.c]
+                            .copy_from_slice(&nhwc[src..][..self.c]);
+                    }
+                }
+            }
+        });
+        out
     }
 
     /// `dy` (N, O, Ho, Wo) as (O, N·Ho·Wo): the batch folded into the columns, so that the
@@ -464,6 +507,108 @@ pub fn backward_filter_im2col(
         .matmul(&geometry.columns(x)?.t()?)?
         .reshape((o, c, kh, kw))
 }
+
+/// The forward convolution on the CPU (f32 or f64; other dtypes go to candle's): the input as
+/// NHWC, then per chunk of images its patches as rows (N·Ho·Wo, K²·C), each tap a copy of C
+/// contiguous values, times the kernel as (K²·C, O), written back as NCHW. candle's own CPU
+/// convolution multiplies (O, K²·C) by a 512-pixel tile of columns gathered value by value, after
+/// a single-threaded NHWC copy; with the pixels as the product's rows the matmul runs at 2–3× the
+/// rate on this project's CPU (`cargo run --release -p kd-kernels --example cpu_conv_timing`).
+pub fn conv2d_cpu(x: &Tensor, w: &Tensor, g: Conv2dGeometry) -> Result<Tensor> {
+    g.check(x.dims(), w.dims())?;
+    let dims = dims4(x.dims());
+    let (o, k) = (w.dim(0)?, w.dim(2)?);
+    let shape = (dims[0], o, g.out_size(dims[2], k), g.out_size(dims[3], k));
+    match x.dtype() {
+        DType::F32 => Tensor::from_vec(
+            cpu::with_slice::<f32, _>(x, |v| conv2d_rows(v, dims, w, g))??,
+            shape,
+            x.device(),
+        ),
+        DType::F64 => Tensor::from_vec(
+            cpu::with_slice::<f64, _>(x, |v| conv2d_rows(v, dims, w, g))??,
+            shape,
+            x.device(),
+        ),
+        _ => x.conv2d(w, g.padding, g.stride, 1, 1),
+    }
+}
+
+/// [`conv2d_cpu`] on the elements of a contiguous (N, C, H, W) input; the output's elements.
+fn conv2d_rows<T>(x: &[T], dims: [usize; 4], w: &Tensor, g: Conv2dGeometry) -> Result<Vec<T>>
+where
+    T: candle_core::WithDType + Default,
+{
+    use rayon::prelude::*;
+    let [n, c, h, wd] = dims;
+    let (o, _, kh, kw) = w.dims4()?;
+    let (ho, wo) = (g.out_size(h, kh), g.out_size(wd, kw));
+    let geometry = Columns::new(dims, (kh, kw), ho, wo, g);
+    // (O, C, kh, kw) → (kh·kw·C, O): the taps in the rows' order.
+    let wt = w
+        .to_dtype(T::DTYPE)?
+        .permute((0, 2, 3, 1))?
+        .reshape((o, kh * kw * c))?
+        .t()?;
+    let nhwc = to_nhwc(x, n, c, h * wd);
+    let (plane_in, plane_out) = (h * wd * c, ho * wo);
+    let per_image = kh * kw * c * plane_out * std::mem::size_of::<T>();
+    let chunk = (COLUMNS_BYTES / per_image.max(1)).clamp(1, n.max(1));
+    let mut y = vec![T::default(); n * o * plane_out];
+    for (i, out) in y.chunks_mut(chunk * o * plane_out).enumerate() {
+        let len = out.len() / (o * plane_out);
+        let images = &nhwc[i * chunk * plane_in..][..len * plane_in];
+        let rows = Tensor::from_vec(
+            geometry.rows(images, len),
+            (len * plane_out, kh * kw * c),
+            &candle_core::Device::Cpu,
+        )?;
+        let prod = rows.matmul(&wt)?; // (len·Ho·Wo, O)
+        cpu::with_slice::<T, _>(&prod, |pv| {
+            // (pixel, o) → (o, pixel), one (image, output channel) plane per task.
+            out.par_chunks_mut(plane_out)
+                .enumerate()
+                .for_each(|(io, dst)| {
+                    let (img, oc) = (io / o, io % o);
+                    let src = &pv[img * plane_out * o..][..plane_out * o];
+                    for (p, d) in dst.iter_mut().enumerate() {
+                        *d = src[p * o + oc];
+                    }
+                });
+        })?;
+    }
+    Ok(y)
+}
+
+/// (N, C, P) → (N, P, C), in parallel over images and blocks of 64 pixels.
+fn to_nhwc<T: Copy + Default + Send + Sync>(v: &[T], n: usize, c: usize, p: usize) -> Vec<T> {
+    use rayon::prelude::*;
+    const BLOCK: usize = 64;
+    let mut out = vec![T::default(); n * c * p];
+    out.par_chunks_mut(c * p)
+        .enumerate()
+        .for_each(|(img, image)| {
+            let src = &v[img * c * p..][..c * p];
+            image
+                .par_chunks_mut(c * BLOCK)
+                .enumerate()
+                .for_each(|(block, dst)| {
+                    for (q, px) in dst.chunks_mut(c).enumerate() {
+                        let pix = block * BLOCK + q;
+                        for (ci, d) in px.iter_mut().enumerate() {
+                            *d = src[ci * p + pix];
+                        }
+                    }
+                });
+        });
+    out
+}
+
+/// The most bytes of patch rows built at once by [`conv2d_cpu`]: small enough that the allocator
+/// reuses the buffer from chunk to chunk instead of mapping fresh pages (a 64 MB budget spent a
+/// quarter of the time in page faults), large enough for long matrix products (ResNet18's first
+/// stage: 3 images, 3,072 rows).
+const COLUMNS_BYTES: usize = 8 << 20;
 
 /// candle's autograd formula for the kernel gradient.
 pub fn backward_filter_reference(

@@ -1,6 +1,6 @@
 //! Moving between a custom op's `CpuStorage` and tensors, so CPU paths can reuse candle's ops.
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, DType, Device, Layout, Result, Tensor};
+use candle_core::{bail, CpuStorage, DType, Device, Layout, Result, Storage, Tensor, WithDType};
 
 /// A tensor holding the elements of a contiguous `(storage, layout)` pair.
 pub(crate) fn tensor(s: &CpuStorage, l: &Layout) -> Result<Tensor> {
@@ -89,4 +89,16 @@ pub(crate) fn par_chunks(out: &mut [f32], len: usize, f: impl Fn(usize, &mut [f3
         .with_min_len((4096 / len).max(1))
         .enumerate()
         .for_each(|(i, chunk)| f(i, chunk));
+}
+
+/// Runs `f` on the elements of a CPU tensor, in row-major order: borrowed when `t` is contiguous,
+/// else a copy.
+pub(crate) fn with_slice<T: WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R) -> Result<R> {
+    {
+        let (guard, layout) = t.storage_and_layout();
+        if let (Storage::Cpu(s), Some((a, b))) = (&*guard, layout.contiguous_offsets()) {
+            return Ok(f(&s.as_slice::<T>()?[a..b]));
+        }
+    }
+    Ok(f(&t.flatten_all()?.to_vec1::<T>()?))
 }

@@ -552,22 +552,79 @@ fn cpu_kernel_gradient_matches_its_definition_at_every_stride_and_padding() {
 }
 
 #[test]
-fn an_evaluation_conv_on_the_cpu_still_carries_gradients() {
+fn cpu_conv_dispatch_keeps_gradients_where_they_can_flow() {
     let mut rng = ChaCha8Rng::seed_from_u64(6);
     let g = Conv2dGeometry {
         stride: 2,
         padding: 1,
     };
-    let x = Var::from_tensor(&randn(&mut rng, &[2, 3, 7, 7], DType::F32)).unwrap();
-    let w = Var::from_tensor(&randn(&mut rng, &[4, 3, 3, 3], DType::F32)).unwrap();
-    // Training forward: kd's op. Evaluation forward: candle's conv and its autograd.
-    let train = kd_kernels::conv2d_t(&x, &w, g, true).unwrap();
-    let eval = kd_kernels::conv2d_t(&x, &w, g, false).unwrap();
-    assert!(max_rel(&train, &eval) < 1e-6);
-    let r = randn(&mut rng, train.dims(), DType::F32);
-    let gt = (train * &r).unwrap().sum_all().unwrap().backward().unwrap();
-    let ge = (eval * &r).unwrap().sum_all().unwrap().backward().unwrap();
-    for v in [&x, &w] {
-        assert!(max_rel(gt.get(v).unwrap(), ge.get(v).unwrap()) < 1e-5);
+    let xt = randn(&mut rng, &[2, 3, 7, 7], DType::F32);
+    let wt = randn(&mut rng, &[4, 3, 3, 3], DType::F32);
+    let want = xt.conv2d(&wt, 1, 2, 1, 1).unwrap();
+    // Nothing tracked (a frozen teacher): kd's plain convolution.
+    assert!(max_rel(&kd_kernels::conv2d(&xt, &wt, g).unwrap(), &want) < 1e-6);
+    // Variables: kd's op, whose gradients equal candle's autograd; in f64, candle's conv.
+    for dtype in [DType::F32, DType::F64] {
+        let x = Var::from_tensor(&xt.to_dtype(dtype).unwrap()).unwrap();
+        let w = Var::from_tensor(&wt.to_dtype(dtype).unwrap()).unwrap();
+        let y = kd_kernels::conv2d(&x, &w, g).unwrap();
+        let y_ref = x.conv2d(&w, 1, 2, 1, 1).unwrap();
+        assert!(max_rel(&y, &y_ref) < 1e-6);
+        let r = randn(&mut rng, y.dims(), dtype);
+        let gr = (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let gr_ref = (y_ref * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        for v in [&x, &w] {
+            assert!(max_rel(gr.get(v).unwrap(), gr_ref.get(v).unwrap()) < 1e-5);
+        }
     }
+}
+
+#[test]
+fn cpu_forward_convolution_matches_candles() {
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    for stride in 1..=3 {
+        for k in 1..=5 {
+            for padding in 0..=k {
+                // Planes of more than one 64-pixel block, not a multiple of it, and tiny ones.
+                for (h, wd) in [(8, 8), (7, 9), (11, 13), (k, k + 1)] {
+                    let g = Conv2dGeometry { stride, padding };
+                    if h + 2 * padding < k || wd + 2 * padding < k {
+                        continue;
+                    }
+                    let x = randn(&mut rng, &[3, 5, h, wd], DType::F64);
+                    let w = randn(&mut rng, &[4, 5, k, k], DType::F64);
+                    let y = kd_kernels::conv::conv2d_cpu(&x, &w, g).unwrap();
+                    let want = x.conv2d(&w, padding, stride, 1, 1).unwrap();
+                    assert_eq!(y.dims(), want.dims());
+                    let e = max_rel(&y, &want);
+                    assert!(
+                        e < 1e-12,
+                        "error {e} at stride {stride}, k {k}, padding {padding}, {h}×{wd}"
+                    );
+                }
+            }
+        }
+    }
+    // Batches whose patch rows exceed the 8 MB budget go in chunks of images (f32: 3 at a time).
+    for dtype in [DType::F32, DType::F64] {
+        let x = randn(&mut rng, &[10, 64, 32, 32], dtype);
+        let w = randn(&mut rng, &[8, 64, 3, 3], dtype);
+        let g = Conv2dGeometry {
+            stride: 1,
+            padding: 1,
+        };
+        let y = kd_kernels::conv::conv2d_cpu(&x, &w, g).unwrap();
+        assert!(max_rel(&y, &x.conv2d(&w, 1, 1, 1, 1).unwrap()) < 1e-5);
+    }
+    // A non-contiguous input is read through a copy.
+    let x = randn(&mut rng, &[2, 3, 6, 7], DType::F64)
+        .transpose(2, 3)
+        .unwrap();
+    let w = randn(&mut rng, &[4, 3, 3, 3], DType::F64);
+    let g = Conv2dGeometry {
+        stride: 1,
+        padding: 1,
+    };
+    let y = kd_kernels::conv::conv2d_cpu(&x, &w, g).unwrap();
+    assert!(max_rel(&y, &x.conv2d(&w, 1, 1, 1, 1).unwrap()) < 1e-12);
 }

@@ -58,8 +58,8 @@ impl Conv2d {
         &self.weight
     }
 
-    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        kd_kernels::conv2d_t(x, &self.weight.to_dtype(x.dtype())?, self.geometry, train)
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        kd_kernels::conv2d(x, &self.weight.to_dtype(x.dtype())?, self.geometry)
     }
 }
 
@@ -105,7 +105,7 @@ impl Downsample {
 
     fn forward_t(ds: &Option<Self>, x: &Tensor, train: bool) -> Result<Tensor> {
         match ds {
-            Some(d) => d.bn.forward_t(&d.conv.forward_t(x, train)?, train),
+            Some(d) => d.bn.forward_t(&d.conv.forward(x)?, train),
             None => Ok(x.clone()),
         }
     }
@@ -141,12 +141,8 @@ impl BasicBlock {
 
     /// The residual branch and the shortcut, whose sum is the block's output before its ReLU.
     fn forward_parts_t(&self, x: &Tensor, train: bool) -> Result<(Tensor, Tensor)> {
-        let y = self
-            .bn1
-            .forward_relu_t(&self.conv1.forward_t(x, train)?, train)?;
-        let y = self
-            .bn2
-            .forward_t(&self.conv2.forward_t(&y, train)?, train)?;
+        let y = self.bn1.forward_relu_t(&self.conv1.forward(x)?, train)?;
+        let y = self.bn2.forward_t(&self.conv2.forward(&y)?, train)?;
         Ok((y, Downsample::forward_t(&self.downsample, x, train)?))
     }
 }
@@ -191,15 +187,9 @@ impl Bottleneck {
 
     /// The residual branch and the shortcut, whose sum is the block's output before its ReLU.
     fn forward_parts_t(&self, x: &Tensor, train: bool) -> Result<(Tensor, Tensor)> {
-        let y = self
-            .bn1
-            .forward_relu_t(&self.conv1.forward_t(x, train)?, train)?;
-        let y = self
-            .bn2
-            .forward_relu_t(&self.conv2.forward_t(&y, train)?, train)?;
-        let y = self
-            .bn3
-            .forward_t(&self.conv3.forward_t(&y, train)?, train)?;
+        let y = self.bn1.forward_relu_t(&self.conv1.forward(x)?, train)?;
+        let y = self.bn2.forward_relu_t(&self.conv2.forward(&y)?, train)?;
+        let y = self.bn3.forward_t(&self.conv3.forward(&y)?, train)?;
         Ok((y, Downsample::forward_t(&self.downsample, x, train)?))
     }
 }
@@ -246,9 +236,7 @@ struct AuxHead {
 
 impl AuxHead {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<AuxOutput> {
-        let y = self
-            .bn
-            .forward_relu_t(&self.conv.forward_t(x, train)?, train)?;
+        let y = self.bn.forward_relu_t(&self.conv.forward(x)?, train)?;
         let pooled = y.mean(D::Minus1)?.mean(D::Minus1)?.to_dtype(DType::F32)?;
         Ok(AuxOutput {
             logits: self.fc.forward(&pooled)?,
@@ -424,9 +412,7 @@ impl ResNet {
     /// The stem: conv, BN, ReLU and, for `cifar-maxpool`, the 3×3/s2/p1 max-pool.
     pub fn forward_stem(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let x = x.to_dtype(self.compute_dtype)?;
-        let y = self
-            .bn1
-            .forward_relu_t(&self.conv1.forward_t(&x, train)?, train)?;
+        let y = self.bn1.forward_relu_t(&self.conv1.forward(&x)?, train)?;
         let kernel_here = y.device().is_cpu()
             || (kd_kernels::HAS_CUDA_KERNELS
                 && y.device().is_cuda()
