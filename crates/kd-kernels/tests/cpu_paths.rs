@@ -415,69 +415,64 @@ fn input_gradient_by_definition(
     Tensor::from_vec(dx, (n, c, h, wd), &Device::Cpu).unwrap()
 }
 
-#[test]
-fn cpu_input_gradient_matches_its_definition_at_every_stride_and_padding() {
-    let mut rng = ChaCha8Rng::seed_from_u64(3);
-    let mut checked = 0;
+/// A convolution geometry of the sweeps below, with its kernel size and input plane.
+#[derive(Clone, Copy, Debug)]
+struct Case {
+    g: Conv2dGeometry,
+    k: usize,
+    h: usize,
+    w: usize,
+}
+
+impl Case {
+    fn out(&self) -> (usize, usize) {
+        (
+            self.g.out_size(self.h, self.k),
+            self.g.out_size(self.w, self.k),
+        )
+    }
+}
+
+/// Strides 1–3, kernels 1–5, every padding up to k; planes even and odd, non-square, that the
+/// stride does not divide, of more than one 64-pixel block, and barely the kernel's size.
+fn every_geometry() -> Vec<Case> {
+    let mut cases = Vec::new();
     for stride in 1..=3 {
         for k in 1..=5 {
             for padding in 0..=k {
-                // Even and odd sizes, sizes that the stride does not divide, non-square.
-                for (h, wd) in [(8, 8), (7, 9), (5, 6), (k, k + 1)] {
-                    let g = Conv2dGeometry { stride, padding };
-                    if h + 2 * padding < k || wd + 2 * padding < k {
-                        continue;
+                for (h, w) in [(8, 8), (7, 9), (11, 13), (k, k + 1)] {
+                    if h + 2 * padding >= k && w + 2 * padding >= k {
+                        let g = Conv2dGeometry { stride, padding };
+                        cases.push(Case { g, k, h, w });
                     }
-                    let dims = [2, 3, h, wd];
-                    let w = randn(&mut rng, &[4, 3, k, k], DType::F64);
-                    let dy = randn(
-                        &mut rng,
-                        &[2, 4, g.out_size(h, k), g.out_size(wd, k)],
-                        DType::F64,
-                    );
-                    let dx = kd_kernels::conv::backward_data_cpu(&dy, &w, g, dims).unwrap();
-                    let want = input_gradient_by_definition(&dy, &w, g, dims);
-                    assert_eq!(dx.dims(), &dims, "stride {stride} k {k} padding {padding}");
-                    let e = max_rel(&dx, &want);
-                    assert!(
-                        e < 1e-12,
-                        "error {e} at stride {stride}, k {k}, padding {padding}, {h}×{wd}"
-                    );
-                    checked += 1;
                 }
             }
         }
     }
-    assert!(checked > 200, "only {checked} geometries were checked");
+    assert_eq!(
+        cases.len(),
+        240,
+        "3 strides × 20 (kernel, padding) pairs × 4 planes"
+    );
+    cases
 }
 
 #[test]
-fn col2im_input_gradient_matches_its_definition() {
-    let mut rng = ChaCha8Rng::seed_from_u64(4);
-    for stride in 1..=3 {
-        for k in 1..=5 {
-            for padding in 0..=k {
-                for (h, wd) in [(8, 8), (7, 9), (k, k + 1)] {
-                    let g = Conv2dGeometry { stride, padding };
-                    if h + 2 * padding < k || wd + 2 * padding < k {
-                        continue;
-                    }
-                    let dims = [2, 3, h, wd];
-                    let w = randn(&mut rng, &[4, 3, k, k], DType::F64);
-                    let dy = randn(
-                        &mut rng,
-                        &[2, 4, g.out_size(h, k), g.out_size(wd, k)],
-                        DType::F64,
-                    );
-                    let dx = kd_kernels::conv::backward_data_col2im(&dy, &w, g, dims).unwrap();
-                    let want = input_gradient_by_definition(&dy, &w, g, dims);
-                    let e = max_rel(&dx, &want);
-                    assert!(
-                        e < 1e-12,
-                        "error {e} at stride {stride}, k {k}, padding {padding}, {h}×{wd}"
-                    );
-                }
-            }
+fn cpu_input_gradients_match_their_definition_at_every_stride_and_padding() {
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    for c in every_geometry() {
+        let dims = [2, 3, c.h, c.w];
+        let (ho, wo) = c.out();
+        let w = randn(&mut rng, &[4, 3, c.k, c.k], DType::F64);
+        let dy = randn(&mut rng, &[2, 4, ho, wo], DType::F64);
+        let want = input_gradient_by_definition(&dy, &w, c.g, dims);
+        for dx in [
+            kd_kernels::conv::backward_data_cpu(&dy, &w, c.g, dims).unwrap(),
+            kd_kernels::conv::backward_data_col2im(&dy, &w, c.g, dims).unwrap(),
+        ] {
+            assert_eq!(dx.dims(), &dims, "{c:?}");
+            let e = max_rel(&dx, &want);
+            assert!(e < 1e-12, "error {e} at {c:?}");
         }
     }
 }
@@ -517,38 +512,20 @@ fn kernel_gradient_by_definition(x: &Tensor, dy: &Tensor, g: Conv2dGeometry, k: 
 #[test]
 fn cpu_kernel_gradient_matches_its_definition_at_every_stride_and_padding() {
     let mut rng = ChaCha8Rng::seed_from_u64(5);
-    let mut checked = 0;
-    for stride in 1..=3 {
-        for k in 1..=5 {
-            for padding in 0..=k {
-                for (h, wd) in [(8, 8), (7, 9), (k, k + 1)] {
-                    let g = Conv2dGeometry { stride, padding };
-                    if h + 2 * padding < k || wd + 2 * padding < k {
-                        continue;
-                    }
-                    let x = randn(&mut rng, &[2, 3, h, wd], DType::F64);
-                    let dy = randn(
-                        &mut rng,
-                        &[2, 4, g.out_size(h, k), g.out_size(wd, k)],
-                        DType::F64,
-                    );
-                    let want = kernel_gradient_by_definition(&x, &dy, g, k);
-                    for dw in [
-                        kd_kernels::conv::backward_filter_cpu(&x, &dy, g, [4, 3, k, k]).unwrap(),
-                        kd_kernels::conv::backward_filter_im2col(&x, &dy, g, [4, 3, k, k]).unwrap(),
-                    ] {
-                        let e = max_rel(&dw, &want);
-                        assert!(
-                            e < 1e-12,
-                            "error {e} at stride {stride}, k {k}, padding {padding}, {h}×{wd}"
-                        );
-                    }
-                    checked += 1;
-                }
-            }
+    for c in every_geometry() {
+        let (ho, wo) = c.out();
+        let x = randn(&mut rng, &[2, 3, c.h, c.w], DType::F64);
+        let dy = randn(&mut rng, &[2, 4, ho, wo], DType::F64);
+        let want = kernel_gradient_by_definition(&x, &dy, c.g, c.k);
+        let kernel = [4, 3, c.k, c.k];
+        for dw in [
+            kd_kernels::conv::backward_filter_cpu(&x, &dy, c.g, kernel).unwrap(),
+            kd_kernels::conv::backward_filter_im2col(&x, &dy, c.g, kernel).unwrap(),
+        ] {
+            let e = max_rel(&dw, &want);
+            assert!(e < 1e-12, "error {e} at {c:?}");
         }
     }
-    assert!(checked > 150, "only {checked} geometries were checked");
 }
 
 #[test]
@@ -582,28 +559,14 @@ fn cpu_conv_dispatch_keeps_gradients_where_they_can_flow() {
 #[test]
 fn cpu_forward_convolution_matches_candles() {
     let mut rng = ChaCha8Rng::seed_from_u64(7);
-    for stride in 1..=3 {
-        for k in 1..=5 {
-            for padding in 0..=k {
-                // Planes of more than one 64-pixel block, not a multiple of it, and tiny ones.
-                for (h, wd) in [(8, 8), (7, 9), (11, 13), (k, k + 1)] {
-                    let g = Conv2dGeometry { stride, padding };
-                    if h + 2 * padding < k || wd + 2 * padding < k {
-                        continue;
-                    }
-                    let x = randn(&mut rng, &[3, 5, h, wd], DType::F64);
-                    let w = randn(&mut rng, &[4, 5, k, k], DType::F64);
-                    let y = kd_kernels::conv::conv2d_cpu(&x, &w, g).unwrap();
-                    let want = x.conv2d(&w, padding, stride, 1, 1).unwrap();
-                    assert_eq!(y.dims(), want.dims());
-                    let e = max_rel(&y, &want);
-                    assert!(
-                        e < 1e-12,
-                        "error {e} at stride {stride}, k {k}, padding {padding}, {h}×{wd}"
-                    );
-                }
-            }
-        }
+    for c in every_geometry() {
+        let x = randn(&mut rng, &[3, 5, c.h, c.w], DType::F64);
+        let w = randn(&mut rng, &[4, 5, c.k, c.k], DType::F64);
+        let y = kd_kernels::conv::conv2d_cpu(&x, &w, c.g).unwrap();
+        let want = x.conv2d(&w, c.g.padding, c.g.stride, 1, 1).unwrap();
+        assert_eq!(y.dims(), want.dims());
+        let e = max_rel(&y, &want);
+        assert!(e < 1e-12, "error {e} at {c:?}");
     }
     // Batches whose patch rows exceed the 8 MB budget go in chunks of images (f32: 3 at a time).
     for dtype in [DType::F32, DType::F64] {
