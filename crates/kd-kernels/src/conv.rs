@@ -10,6 +10,32 @@ use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Ten
 
 use crate::cpu;
 
+/// Runs `$body` with `$v` bound to the elements of `$t` as `&[f32]` or `&[f64]`, borrowed when
+/// `$t` is contiguous, and wraps the `Vec` it returns (`try`: the `Result<Vec>`) in a tensor of
+/// `$shape`; another dtype is an error naming `$what`. The generic helpers the body calls are
+/// instantiated once per type.
+macro_rules! per_float {
+    ($t:expr, $shape:expr, $what:literal, |$v:ident| try $body:expr) => {{
+        let t: &Tensor = $t;
+        match t.dtype() {
+            DType::F32 => Tensor::from_vec(
+                cpu::with_slice::<f32, _>(t, |$v| $body)??,
+                $shape,
+                t.device(),
+            ),
+            DType::F64 => Tensor::from_vec(
+                cpu::with_slice::<f64, _>(t, |$v| $body)??,
+                $shape,
+                t.device(),
+            ),
+            d => bail!("{} on the CPU: no {d:?} path (f32 and f64 only)", $what),
+        }
+    }};
+    ($t:expr, $shape:expr, $what:literal, |$v:ident| $body:expr) => {
+        per_float!($t, $shape, $what, |$v| try Ok::<_, candle_core::Error>($body))
+    };
+}
+
 /// Stride and zero padding of a convolution.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Conv2dGeometry {
@@ -242,20 +268,12 @@ fn backward_data_flipped(dy: &Tensor, w: &Tensor, g: Conv2dGeometry) -> Result<T
         }
         out
     }
-    let flat = w.flatten_all()?;
-    let flipped = match w.dtype() {
-        DType::F32 => Tensor::from_vec(
-            swap_flip(&flat.to_vec1::<f32>()?, o, c, k * k),
-            (c, o, k, k),
-            w.device(),
-        )?,
-        DType::F64 => Tensor::from_vec(
-            swap_flip(&flat.to_vec1::<f64>()?, o, c, k * k),
-            (c, o, k, k),
-            w.device(),
-        )?,
-        d => bail!("conv2d backward-data on the CPU: no {d:?} path (f32 and f64 only)"),
-    };
+    let flipped = per_float!(w, (c, o, k, k), "conv2d backward-data", |v| swap_flip(
+        v,
+        o,
+        c,
+        k * k
+    ))?;
     let g = Conv2dGeometry {
         stride: 1,
         padding: k - 1 - g.padding,
@@ -278,17 +296,8 @@ pub fn backward_data_col2im(
     let geometry = Columns::new(input_dims, (kh, kw), dy.dim(2)?, dy.dim(3)?, g);
     let wt = w.reshape((o, c * kh * kw))?.t()?.contiguous()?;
     let cols = wt.matmul(&geometry.batch_in_columns(dy)?)?;
-    match cols.dtype() {
-        DType::F32 => {
-            let v: Vec<f32> = cols.flatten_all()?.to_vec1()?;
-            Tensor::from_vec(geometry.col2im(&v, n), (n, c, h, wd), w.device())
-        }
-        DType::F64 => {
-            let v: Vec<f64> = cols.flatten_all()?.to_vec1()?;
-            Tensor::from_vec(geometry.col2im(&v, n), (n, c, h, wd), w.device())
-        }
-        d => bail!("conv2d backward-data on the CPU: no {d:?} path (f32 and f64 only)"),
-    }
+    per_float!(&cols, (n, c, h, wd), "conv2d backward-data", |v| geometry
+        .col2im(v, n))
 }
 
 /// The shapes that relate a convolution's input to its columns (rows (c, a, b), one column per
@@ -329,16 +338,7 @@ impl Columns {
     fn columns(&self, x: &Tensor) -> Result<Tensor> {
         let n = x.dim(0)?;
         let shape = (self.c * self.kh * self.kw, n * self.ho * self.wo);
-        let flat = x.contiguous()?.flatten_all()?;
-        match x.dtype() {
-            DType::F32 => {
-                Tensor::from_vec(self.im2col(&flat.to_vec1::<f32>()?, n), shape, x.device())
-            }
-            DType::F64 => {
-                Tensor::from_vec(self.im2col(&flat.to_vec1::<f64>()?, n), shape, x.device())
-            }
-            d => bail!("conv2d on the CPU: no {d:?} im2col (f32 and f64 only)"),
-        }
+        per_float!(x, shape, "conv2d backward-filter", |v| self.im2col(v, n))
     }
 
     /// The patches of `nhwc` (N images, H, W, C) as (N·Ho·Wo, kh·kw·C) values: row (n, u, v)
@@ -519,19 +519,10 @@ pub fn conv2d_cpu(x: &Tensor, w: &Tensor, g: Conv2dGeometry) -> Result<Tensor> {
     let dims = dims4(x.dims());
     let (o, k) = (w.dim(0)?, w.dim(2)?);
     let shape = (dims[0], o, g.out_size(dims[2], k), g.out_size(dims[3], k));
-    match x.dtype() {
-        DType::F32 => Tensor::from_vec(
-            cpu::with_slice::<f32, _>(x, |v| conv2d_rows(v, dims, w, g))??,
-            shape,
-            x.device(),
-        ),
-        DType::F64 => Tensor::from_vec(
-            cpu::with_slice::<f64, _>(x, |v| conv2d_rows(v, dims, w, g))??,
-            shape,
-            x.device(),
-        ),
-        _ => x.conv2d(w, g.padding, g.stride, 1, 1),
+    if !matches!(x.dtype(), DType::F32 | DType::F64) {
+        return x.conv2d(w, g.padding, g.stride, 1, 1);
     }
+    per_float!(x, shape, "conv2d", |v| try conv2d_rows(v, dims, w, g))
 }
 
 /// [`conv2d_cpu`] on the elements of a contiguous (N, C, H, W) input; the output's elements.
