@@ -36,9 +36,6 @@ struct AddRelu;
 /// (y, dy) → dy where y > 0, else 0.
 struct ReluBackward;
 
-/// Values per parallel task.
-const CHUNK: usize = 1 << 14;
-
 impl CustomOp2 for AddRelu {
     fn name(&self) -> &'static str {
         "kd-add-relu"
@@ -52,12 +49,12 @@ impl CustomOp2 for AddRelu {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (a, b) = (cpu::f32s_cow(s1, l1)?, cpu::f32s_cow(s2, l2)?);
-        let mut y = vec![0f32; a.len()];
-        cpu::par_chunks(&mut y, CHUNK, |i, out| {
-            let start = i * CHUNK;
-            for (j, o) in out.iter_mut().enumerate() {
-                let s = a[start + j] + b[start + j];
-                *o = if s > 0.0 { s } else { 0.0 };
+        let y = cpu::zip_map(&a, &b, |a, b| {
+            let s = a + b;
+            if s > 0.0 {
+                s
+            } else {
+                0.0
             }
         });
         Ok((cpu::from_f32s(y, s1.dtype())?, l1.shape().clone()))
@@ -107,17 +104,7 @@ impl CustomOp2 for ReluBackward {
             );
         }
         let (y, dy) = (cpu::f32s_cow(s1, l1)?, cpu::f32s_cow(s2, l2)?);
-        let mut dx = vec![0f32; y.len()];
-        cpu::par_chunks(&mut dx, CHUNK, |i, out| {
-            let start = i * CHUNK;
-            for (j, o) in out.iter_mut().enumerate() {
-                *o = if y[start + j] > 0.0 {
-                    dy[start + j]
-                } else {
-                    0.0
-                };
-            }
-        });
+        let dx = cpu::zip_map(&y, &dy, |y, dy| if y > 0.0 { dy } else { 0.0 });
         Ok((cpu::from_f32s(dx, s1.dtype())?, l1.shape().clone()))
     }
 

@@ -91,6 +91,25 @@ pub(crate) fn par_chunks(out: &mut [f32], len: usize, f: impl Fn(usize, &mut [f3
         .for_each(|(i, chunk)| f(i, chunk));
 }
 
+/// `f(a[i], b[i])` for every element of two same-length slices, in parallel chunks of `CHUNK`
+/// values (the binary element-wise passes of the CPU paths).
+pub(crate) fn zip_map(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
+    const CHUNK: usize = 1 << 14;
+    debug_assert_eq!(a.len(), b.len());
+    let mut out = vec![0f32; a.len()];
+    par_chunks(&mut out, CHUNK, |i, chunk| {
+        let start = i * CHUNK;
+        let (a, b) = (
+            &a[start..start + chunk.len()],
+            &b[start..start + chunk.len()],
+        );
+        for ((o, &x), &y) in chunk.iter_mut().zip(a).zip(b) {
+            *o = f(x, y);
+        }
+    });
+    out
+}
+
 /// Runs `f` on the elements of a CPU tensor, in row-major order: borrowed when `t` is contiguous,
 /// else a copy.
 pub(crate) fn with_slice<T: WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R) -> Result<R> {
