@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use candle_core::{Device, Result, Tensor};
 use kd_kernels::conv::{
     backward_data_col2im, backward_data_cpu, backward_data_reference, backward_filter_cpu,
-    backward_filter_im2col, backward_filter_reference, conv2d_cpu,
+    backward_filter_reference, conv2d_cpu,
 };
 use kd_kernels::Conv2dGeometry;
 
@@ -26,9 +26,9 @@ fn main() -> Result<()> {
     let d = Device::Cpu;
     println!(
         "| x | w | stride | forward: candle | forward: kd | dx: candle (transposed conv) | dx: col2im | dx: kd | \
-         dw: candle | dw: im2col | dw: kd |"
+         dw: candle | dw: kd |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for (n, c, hw, o, k, s) in [
         (32, 64, 32, 64, 3, 1),
         (32, 64, 32, 128, 3, 2),
@@ -47,7 +47,7 @@ fn main() -> Result<()> {
         let (xd, wd) = ([n, c, hw, hw], [o, c, k, k]);
         let ms = |t: Duration| format!("{:.1} ms", t.as_secs_f64() * 1e3);
         println!(
-            "| {:?} | {:?} | {s} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {:?} | {:?} | {s} | {} | {} | {} | {} | {} | {} | {} |",
             x.dims(),
             w.dims(),
             ms(timed(|| x.conv2d(&w, g.padding, g.stride, 1, 1))?),
@@ -56,7 +56,6 @@ fn main() -> Result<()> {
             ms(timed(|| backward_data_col2im(&y, &w, g, xd))?),
             ms(timed(|| backward_data_cpu(&y, &w, g, xd))?),
             ms(timed(|| backward_filter_reference(&x, &y, g, wd))?),
-            ms(timed(|| backward_filter_im2col(&x, &y, g, wd))?),
             ms(timed(|| backward_filter_cpu(&x, &y, g, wd))?),
         );
     }

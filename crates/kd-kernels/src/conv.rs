@@ -2,13 +2,16 @@
 //! backward-data and backward-filter run on cuDNN on CUDA devices (feature `cudnn`; without it
 //! the ops have no CUDA path, and [`conv2d`] keeps CUDA tensors on candle's conv).
 //!
-//! On the CPU each of the three ops runs candle's own convolution with the formulas of candle's
-//! autograd, so [`conv2d_custom`] on the CPU checks the op's wiring (shapes, argument order, which
-//! gradient goes where) against [`Tensor::conv2d`] with autograd; the GPU check compares the
+//! On the CPU the three run kd's own paths (f32 and f64): the forward and the kernel gradient as
+//! matrix products with the input's patch rows ([`conv2d_cpu`], [`backward_filter_cpu`]), the
+//! input gradient as the convolution with the flipped kernel or a product and col2im
+//! ([`backward_data_cpu`]); the products are gemm calls into reused buffers
+//! (`cpu::matmul_into`). Tests check each against its definition and candle's conv, and the op's
+//! wiring ([`conv2d_custom`]) against [`Tensor::conv2d`] with autograd; the GPU check compares the
 //! cuDNN path with the CPU one.
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
-use crate::cpu;
+use crate::cpu::{self, MatRef};
 
 /// Runs `$body` with `$v` bound to the elements of `$t` as `&[f32]` or `&[f64]`, borrowed when
 /// `$t` is contiguous, and wraps the `Vec` it returns (`try`: the `Result<Vec>`) in a tensor of
@@ -166,20 +169,28 @@ impl CustomOp2 for Conv2dForward {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let g = self.0;
-        let w = cpu::tensor(s2, l2)?;
-        let dims = dims4(l1.dims());
-        let (o, k) = (w.dim(0)?, w.dim(2)?);
-        let shape = Shape::from((dims[0], o, g.out_size(dims[2], k), g.out_size(dims[3], k)));
-        // The input is read where it lies and the output handed over as it is built: no copies.
-        let y = match (s1, l1.contiguous_offsets()) {
-            (CpuStorage::F32(v), Some((a, b))) => {
-                CpuStorage::F32(conv2d_rows(&v[a..b], dims, &w, g)?)
+        let (dims, wdims) = (dims4(l1.dims()), dims4(l2.dims()));
+        let [_, _, kh, kw] = wdims;
+        let shape = Shape::from((
+            dims[0],
+            wdims[0],
+            g.out_size(dims[2], kh),
+            g.out_size(dims[3], kw),
+        ));
+        // Input and kernel are read where they lie and the output handed over as it is built.
+        let (x_at, w_at) = (l1.contiguous_offsets(), l2.contiguous_offsets());
+        let y = match (s1, s2, x_at, w_at) {
+            (CpuStorage::F32(x), CpuStorage::F32(w), Some((a, b)), Some((c, d))) => {
+                let wm = kernel_matrix(&w[c..d], wdims, Taps::AsIs);
+                CpuStorage::F32(conv2d_rows(&x[a..b], dims, &wm, (wdims[0], kh, kw), g))
             }
-            (CpuStorage::F64(v), Some((a, b))) => {
-                CpuStorage::F64(conv2d_rows(&v[a..b], dims, &w, g)?)
+            (CpuStorage::F64(x), CpuStorage::F64(w), Some((a, b)), Some((c, d))) => {
+                let wm = kernel_matrix(&w[c..d], wdims, Taps::AsIs);
+                CpuStorage::F64(conv2d_rows(&x[a..b], dims, &wm, (wdims[0], kh, kw), g))
             }
             _ => {
-                let y = in_f32_on_cpu([&cpu::tensor(s1, l1)?, &w], |x, w| conv2d_cpu(x, w, g))?;
+                let (x, w) = (cpu::tensor(s1, l1)?, cpu::tensor(s2, l2)?);
+                let y = in_f32_on_cpu([&x, &w], |x, w| conv2d_cpu(x, w, g))?;
                 cpu::storage(&y)?
             }
         };
@@ -257,28 +268,19 @@ pub fn backward_data_cpu(
 /// = conv(dy, w')[c, i, j] with w'[c, o, a, b] = w[o, c, k − 1 − a, k − 1 − b] and padding
 /// k − 1 − p (the output is then H + 2p − k + 1 + 2(k − 1 − p) − k + 1 = H wide).
 fn backward_data_flipped(dy: &Tensor, w: &Tensor, g: Conv2dGeometry) -> Result<Tensor> {
-    let (o, c, k) = (w.dim(0)?, w.dim(1)?, w.dim(2)?);
-    // Flipping both spatial axes reverses each k·k block; one pass, in the tensor's dtype.
-    fn swap_flip<T: Copy>(v: &[T], o: usize, c: usize, taps: usize) -> Vec<T> {
-        let mut out = Vec::with_capacity(v.len());
-        for ci in 0..c {
-            for oi in 0..o {
-                out.extend(v[(oi * c + ci) * taps..][..taps].iter().rev());
-            }
-        }
-        out
-    }
-    let flipped = per_float!(w, (c, o, k, k), "conv2d backward-data", |v| swap_flip(
-        v,
-        o,
-        c,
-        k * k
-    ))?;
-    let g = Conv2dGeometry {
+    let wdims = dims4(w.dims());
+    let [o, c, k, _] = wdims;
+    let [n, _, h, wd] = dims4(dy.dims());
+    let flipped = Conv2dGeometry {
         stride: 1,
         padding: k - 1 - g.padding,
     };
-    conv2d_cpu(dy, &flipped, g)
+    let shape = (n, c, flipped.out_size(h, k), flipped.out_size(wd, k));
+    // The flipped kernel's matrix is built straight from `w`; its input channels are w's outputs.
+    per_float!(dy, shape, "conv2d backward-data", |v| try cpu::with_slice(w, |wv| {
+        let wm = kernel_matrix(wv, wdims, Taps::SwapFlipped);
+        conv2d_rows(v, [n, o, h, wd], &wm, (c, k, k), flipped)
+    }))
 }
 
 /// dx of any stride as one matrix product and a scatter (PyTorch's CPU formula): the columns
@@ -334,43 +336,79 @@ impl Columns {
         }
     }
 
-    /// The columns of `x` (N, C, H, W) as a (C·K², N·Ho·Wo) tensor ([`Columns::im2col`]).
-    fn columns(&self, x: &Tensor) -> Result<Tensor> {
-        let n = x.dim(0)?;
-        let shape = (self.c * self.kh * self.kw, n * self.ho * self.wo);
-        per_float!(x, shape, "conv2d backward-filter", |v| self.im2col(v, n))
-    }
-
-    /// The patches of `nhwc` (N images, H, W, C) as (N·Ho·Wo, kh·kw·C) values: row (n, u, v)
-    /// holds, tap by tap, the C values under tap (a, b) (zero in the padding); each tap is one
-    /// copy of C contiguous values, one row per parallel task.
-    fn rows<T: Copy + Default + Send + Sync>(&self, nhwc: &[T], n: usize) -> Vec<T> {
+    /// Writes the patches of `nhwc` (images, H, W, C) into `out` as (images·Ho·Wo, kh·kw·C)
+    /// values: row (n, u, v) holds, tap by tap, the C values under tap (a, b), zero in the
+    /// padding; each tap is one copy of C contiguous values, one row per parallel task. Every
+    /// value of `out` is written, so the buffer can be reused from chunk to chunk.
+    fn rows_into<T: Copy + Default + Send + Sync>(&self, nhwc: &[T], out: &mut [T]) {
         use rayon::prelude::*;
         let k = self.kh * self.kw * self.c;
         let (s, p) = (self.g.stride as isize, self.g.padding as isize);
-        let mut out = vec![T::default(); n * self.ho * self.wo * k];
-        out.par_chunks_mut(k).enumerate().for_each(|(row, dst)| {
-            let (img, u, v) = (
-                row / (self.ho * self.wo),
-                row / self.wo % self.ho,
-                row % self.wo,
-            );
-            for a in 0..self.kh {
-                let i = u as isize * s - p + a as isize;
-                if !(0..self.h as isize).contains(&i) {
-                    continue;
-                }
-                for b in 0..self.kw {
-                    let j = v as isize * s - p + b as isize;
-                    if (0..self.w as isize).contains(&j) {
-                        let src = ((img * self.h + i as usize) * self.w + j as usize) * self.c;
-                        dst[(a * self.kw + b) * self.c..][..self.c]
-                            .copy_from_slice(&nhwc[src..][..self.c]);
+        let inside = |i: isize, n: usize| (0..n as isize).contains(&i);
+        out.par_chunks_mut(k)
+            .with_min_len(16)
+            .enumerate()
+            .for_each(|(row, dst)| {
+                let (img, u, v) = (
+                    row / (self.ho * self.wo),
+                    row / self.wo % self.ho,
+                    row % self.wo,
+                );
+                for (a, taps) in dst.chunks_mut(self.kw * self.c).enumerate() {
+                    let i = u as isize * s - p + a as isize;
+                    for (b, tap) in taps.chunks_mut(self.c).enumerate() {
+                        let j = v as isize * s - p + b as isize;
+                        if inside(i, self.h) && inside(j, self.w) {
+                            let src = ((img * self.h + i as usize) * self.w + j as usize) * self.c;
+                            tap.copy_from_slice(&nhwc[src..][..self.c]);
+                        } else {
+                            tap.fill(T::default());
+                        }
                     }
+                }
+            });
+    }
+
+    /// The kernel gradient (O, C, kh, kw) from the elements of `n` input images (N, C, H, W)
+    /// and the output gradient as (O, N·Ho·Wo) ([`Columns::batch_in_columns`]): per chunk of
+    /// images, dw (O, kh·kw·C) += dy (O, chunk·Ho·Wo) × rows (chunk·Ho·Wo, kh·kw·C), the rows
+    /// being the forward's ([`Columns::rows_into`]); then reordered to (O, C, kh, kw).
+    fn filter_gradient<T: cpu::Float>(&self, x: &[T], n: usize, dy: &[T], o: usize) -> Vec<T> {
+        use rayon::prelude::*;
+        let (k, taps) = (self.kh * self.kw * self.c, self.kh * self.kw);
+        let (plane_in, plane_out) = (self.h * self.w * self.c, self.ho * self.wo);
+        let mut dw = vec![T::default(); o * k];
+        if dw.is_empty() || n * plane_out == 0 {
+            return dw;
+        }
+        let nhwc = to_nhwc(x, n, self.c, self.h * self.w);
+        let chunk = images_per_chunk(n, plane_out * k * std::mem::size_of::<T>());
+        let mut rows = vec![T::default(); chunk * plane_out * k];
+        let mut by_tap = vec![T::default(); o * k];
+        for (i, first) in (0..n).step_by(chunk).enumerate() {
+            let len = chunk.min(n - first);
+            let rows = &mut rows[..len * plane_out * k];
+            self.rows_into(&nhwc[first * plane_in..][..len * plane_in], rows);
+            let dy = MatRef {
+                data: &dy[first * plane_out..],
+                rows: o,
+                cols: len * plane_out,
+                row_stride: n * plane_out,
+                col_stride: 1,
+            };
+            let rows = MatRef::row_major(rows, len * plane_out, k);
+            cpu::matmul_into(&mut by_tap, dy, rows, i > 0);
+        }
+        // (O, kh, kw, C) → (O, C, kh, kw), one output channel per task.
+        dw.par_chunks_mut(k).enumerate().for_each(|(oi, dst)| {
+            let src = &by_tap[oi * k..][..k];
+            for (ci, channel) in dst.chunks_mut(taps).enumerate() {
+                for (t, d) in channel.iter_mut().enumerate() {
+                    *d = src[t * self.c + ci];
                 }
             }
         });
-        out
+        dw
     }
 
     /// `dy` (N, O, Ho, Wo) as (O, N·Ho·Wo): the batch folded into the columns, so that the
@@ -419,45 +457,6 @@ impl Columns {
         });
         dx
     }
-
-    /// The columns of `x` (N, C, H, W): cols[(c·kh + a)·kw + b, n·Ho·Wo + u·wo + v] =
-    /// x[n, c, u·s − p + a, v·s − p + b], zero in the padding; one row per parallel task.
-    fn im2col<T>(&self, x: &[T], n: usize) -> Vec<T>
-    where
-        T: Copy + Default + Send + Sync,
-    {
-        use rayon::prelude::*;
-        let (plane, out) = (self.h * self.w, self.ho * self.wo);
-        let (s, p) = (self.g.stride as isize, self.g.padding as isize);
-        let mut cols = vec![T::default(); self.c * self.kh * self.kw * n * out];
-        cols.par_chunks_mut(n * out)
-            .enumerate()
-            .for_each(|(tap, row)| {
-                let (ci, a, b) = (
-                    tap / (self.kh * self.kw),
-                    tap / self.kw % self.kh,
-                    tap % self.kw,
-                );
-                for ni in 0..n {
-                    let src = &x[(ni * self.c + ci) * plane..][..plane];
-                    for u in 0..self.ho {
-                        let i = u as isize * s - p + a as isize;
-                        if !(0..self.h as isize).contains(&i) {
-                            continue;
-                        }
-                        let line = &src[i as usize * self.w..][..self.w];
-                        let dst = &mut row[ni * out + u * self.wo..][..self.wo];
-                        for (v, d) in dst.iter_mut().enumerate() {
-                            let j = v as isize * s - p + b as isize;
-                            if (0..self.w as isize).contains(&j) {
-                                *d = line[j as usize];
-                            }
-                        }
-                    }
-                }
-            });
-        cols
-    }
 }
 
 /// candle's autograd formula for the input gradient (a transposed convolution).
@@ -473,39 +472,35 @@ pub fn backward_data_reference(
     dy.conv_transpose2d(w, g.padding, out_padding, g.stride, 1)
 }
 
-/// The kernel gradient on the CPU: one matrix product with the input's columns
-/// ([`backward_filter_im2col`]). candle's autograd formula, a convolution of the input with the
-/// output gradient (dilated by the stride), took 1.1–2.2× its time at ResNet18's stride-1 shapes
-/// and 2.3–5.5× at the strided ones, batch 32 on the 2-core CPU
-/// (`cargo run --release -p kd-kernels --example cpu_conv_timing`). The columns are transient:
-/// C·K²·N·Ho·Wo values (75 MB for ResNet18's first stage at batch 32).
+/// The kernel gradient on the CPU (f32 or f64; other dtypes go to candle's formula): per chunk of
+/// images, the input's patch rows (those of the forward, [`conv2d_cpu`]) multiply the output
+/// gradient, dw (O, K²·C) += dy (O, chunk·Ho·Wo) × rows (chunk·Ho·Wo, K²·C), accumulated over the
+/// chunks in one buffer. candle's autograd formula, a convolution of the input with the output
+/// gradient (dilated by the stride), took 1.1–2.2× the time of an im2col product at ResNet18's
+/// stride-1 shapes and 2.3–5.5× at the strided ones, batch 32 on the 2-core CPU (session 10);
+/// `cargo run --release -p kd-kernels --example cpu_conv_timing` times both.
 pub fn backward_filter_cpu(
     x: &Tensor,
     dy: &Tensor,
     g: Conv2dGeometry,
     kernel_dims: [usize; 4],
 ) -> Result<Tensor> {
-    if matches!(x.dtype(), DType::F32 | DType::F64) {
-        backward_filter_im2col(x, dy, g, kernel_dims)
-    } else {
-        backward_filter_reference(x, dy, g, kernel_dims)
+    if !matches!(x.dtype(), DType::F32 | DType::F64) || dy.dtype() != x.dtype() {
+        return backward_filter_reference(x, dy, g, kernel_dims);
     }
-}
-
-/// dw = dy·cols(x)^T: (O, N·Ho·Wo) × (N·Ho·Wo, C·K²), where row (c, a, b) of the columns holds,
-/// for every image and output position, the input value that tap (a, b) of channel c met.
-pub fn backward_filter_im2col(
-    x: &Tensor,
-    dy: &Tensor,
-    g: Conv2dGeometry,
-    kernel_dims: [usize; 4],
-) -> Result<Tensor> {
-    let [o, c, kh, kw] = kernel_dims;
-    let geometry = Columns::new(dims4(x.dims()), (kh, kw), dy.dim(2)?, dy.dim(3)?, g);
-    geometry
-        .batch_in_columns(dy)?
-        .matmul(&geometry.columns(x)?.t()?)?
-        .reshape((o, c, kh, kw))
+    let dims = dims4(x.dims());
+    let geometry = Columns::new(
+        dims,
+        (kernel_dims[2], kernel_dims[3]),
+        dy.dim(2)?,
+        dy.dim(3)?,
+        g,
+    );
+    let dy_columns = geometry.batch_in_columns(dy)?;
+    per_float!(x, kernel_dims.to_vec(), "conv2d backward-filter", |v| try cpu::with_slice(
+        &dy_columns,
+        |d| geometry.filter_gradient(v, dims[0], d, kernel_dims[0])
+    ))
 }
 
 /// The forward convolution on the CPU (f32 or f64; other dtypes go to candle's): the input as
@@ -516,59 +511,112 @@ pub fn backward_filter_im2col(
 /// rate on this project's CPU (`cargo run --release -p kd-kernels --example cpu_conv_timing`).
 pub fn conv2d_cpu(x: &Tensor, w: &Tensor, g: Conv2dGeometry) -> Result<Tensor> {
     g.check(x.dims(), w.dims())?;
-    let dims = dims4(x.dims());
-    let (o, k) = (w.dim(0)?, w.dim(2)?);
-    let shape = (dims[0], o, g.out_size(dims[2], k), g.out_size(dims[3], k));
-    if !matches!(x.dtype(), DType::F32 | DType::F64) {
+    let (dims, wdims) = (dims4(x.dims()), dims4(w.dims()));
+    let [o, _, kh, kw] = wdims;
+    let shape = (dims[0], o, g.out_size(dims[2], kh), g.out_size(dims[3], kw));
+    if !matches!(x.dtype(), DType::F32 | DType::F64) || w.dtype() != x.dtype() {
         return x.conv2d(w, g.padding, g.stride, 1, 1);
     }
-    per_float!(x, shape, "conv2d", |v| try conv2d_rows(v, dims, w, g))
+    per_float!(x, shape, "conv2d", |v| try cpu::with_slice(w, |wv| {
+        conv2d_rows(v, dims, &kernel_matrix(wv, wdims, Taps::AsIs), (o, kh, kw), g)
+    }))
 }
 
-/// [`conv2d_cpu`] on the elements of a contiguous (N, C, H, W) input; the output's elements.
-fn conv2d_rows<T>(x: &[T], dims: [usize; 4], w: &Tensor, g: Conv2dGeometry) -> Result<Vec<T>>
-where
-    T: candle_core::WithDType + Default,
-{
+/// Which (K²·C_in, C_out) matrix a kernel (O, C, kh, kw) becomes in [`kernel_matrix`].
+#[derive(Clone, Copy)]
+enum Taps {
+    /// The convolution's own: row (a, b, c), column o, value w[o, c, a, b].
+    AsIs,
+    /// The stride-1 input gradient's ([`backward_data_flipped`]): the kernel flipped in space
+    /// with its channel axes swapped, row (a, b, o), column c, value w[o, c, kh−1−a, kw−1−b].
+    SwapFlipped,
+}
+
+/// `w` (O, C, kh, kw) as the right-hand side of [`conv2d_rows`]' product: a contiguous
+/// (kh·kw·C_in, C_out) matrix whose rows are in the patch rows' tap order, one pass in parallel.
+fn kernel_matrix<T: cpu::Float>(w: &[T], [o, c, kh, kw]: [usize; 4], taps: Taps) -> Vec<T> {
+    use rayon::prelude::*;
+    let (c_in, c_out) = match taps {
+        Taps::AsIs => (c, o),
+        Taps::SwapFlipped => (o, c),
+    };
+    let mut m = vec![T::default(); kh * kw * c_in * c_out];
+    if m.is_empty() {
+        return m;
+    }
+    m.par_chunks_mut(c_out)
+        .with_min_len(64)
+        .enumerate()
+        .for_each(|(row, dst)| {
+            let (a, b, i) = (row / (kw * c_in), row / c_in % kw, row % c_in);
+            for (j, d) in dst.iter_mut().enumerate() {
+                *d = match taps {
+                    Taps::AsIs => w[((j * c + i) * kh + a) * kw + b],
+                    Taps::SwapFlipped => w[((i * c + j) * kh + kh - 1 - a) * kw + kw - 1 - b],
+                };
+            }
+        });
+    m
+}
+
+/// The convolution of a contiguous (N, C, H, W) input `x` with a kernel given as its
+/// (kh·kw·C, O) matrix `wm` ([`kernel_matrix`]): the (N, O, Ho, Wo) output's elements. Per chunk
+/// of images the patch rows and the product go to two buffers reused from chunk to chunk.
+fn conv2d_rows<T: cpu::Float>(
+    x: &[T],
+    dims: [usize; 4],
+    wm: &[T],
+    (o, kh, kw): (usize, usize, usize),
+    g: Conv2dGeometry,
+) -> Vec<T> {
     use rayon::prelude::*;
     let [n, c, h, wd] = dims;
-    let (o, _, kh, kw) = w.dims4()?;
+    let k = kh * kw * c;
+    debug_assert_eq!(wm.len(), k * o);
     let (ho, wo) = (g.out_size(h, kh), g.out_size(wd, kw));
     let geometry = Columns::new(dims, (kh, kw), ho, wo, g);
-    // (O, C, kh, kw) → (kh·kw·C, O): the taps in the rows' order.
-    let wt = w
-        .to_dtype(T::DTYPE)?
-        .permute((0, 2, 3, 1))?
-        .reshape((o, kh * kw * c))?
-        .t()?;
-    let nhwc = to_nhwc(x, n, c, h * wd);
     let (plane_in, plane_out) = (h * wd * c, ho * wo);
-    let per_image = kh * kw * c * plane_out * std::mem::size_of::<T>();
-    let chunk = (COLUMNS_BYTES / per_image.max(1)).clamp(1, n.max(1));
     let mut y = vec![T::default(); n * o * plane_out];
+    if y.is_empty() {
+        return y;
+    }
+    let nhwc = to_nhwc(x, n, c, h * wd);
+    let chunk = images_per_chunk(n, plane_out * k * std::mem::size_of::<T>());
+    let mut rows = vec![T::default(); chunk * plane_out * k];
+    let mut prod = vec![T::default(); chunk * plane_out * o];
     for (i, out) in y.chunks_mut(chunk * o * plane_out).enumerate() {
         let len = out.len() / (o * plane_out);
-        let images = &nhwc[i * chunk * plane_in..][..len * plane_in];
-        let rows = Tensor::from_vec(
-            geometry.rows(images, len),
-            (len * plane_out, kh * kw * c),
-            &candle_core::Device::Cpu,
-        )?;
-        let prod = rows.matmul(&wt)?; // (len·Ho·Wo, O)
-        cpu::with_slice::<T, _>(&prod, |pv| {
-            // (pixel, o) → (o, pixel), one (image, output channel) plane per task.
-            out.par_chunks_mut(plane_out)
-                .enumerate()
-                .for_each(|(io, dst)| {
-                    let (img, oc) = (io / o, io % o);
-                    let src = &pv[img * plane_out * o..][..plane_out * o];
-                    for (p, d) in dst.iter_mut().enumerate() {
-                        *d = src[p * o + oc];
-                    }
-                });
-        })?;
+        let (rows, prod) = (
+            &mut rows[..len * plane_out * k],
+            &mut prod[..len * plane_out * o],
+        );
+        geometry.rows_into(&nhwc[i * chunk * plane_in..][..len * plane_in], rows);
+        cpu::matmul_into(
+            prod,
+            MatRef::row_major(rows, len * plane_out, k),
+            MatRef::row_major(wm, k, o),
+            false,
+        );
+        // (pixel, o) → (o, pixel), one (image, output channel) plane per task.
+        let prod = &*prod;
+        out.par_chunks_mut(plane_out)
+            .enumerate()
+            .for_each(|(io, dst)| {
+                let (img, oc) = (io / o, io % o);
+                let src = &prod[img * plane_out * o..][..plane_out * o];
+                for (p, d) in dst.iter_mut().enumerate() {
+                    *d = src[p * o + oc];
+                }
+            });
     }
-    Ok(y)
+    y
+}
+
+/// Images per chunk of patch rows: as few chunks as keep each within [`COLUMNS_BYTES`], all of
+/// one size (so that the last is not a sliver with a short, slow product).
+fn images_per_chunk(n: usize, bytes_per_image: usize) -> usize {
+    let most = (COLUMNS_BYTES / bytes_per_image.max(1)).clamp(1, n.max(1));
+    n.div_ceil(n.div_ceil(most).max(1)).max(1)
 }
 
 /// (N, C, P) → (N, P, C), in parallel over images and blocks of 64 pixels.
@@ -595,10 +643,10 @@ fn to_nhwc<T: Copy + Default + Send + Sync>(v: &[T], n: usize, c: usize, p: usiz
     out
 }
 
-/// The most bytes of patch rows built at once by [`conv2d_cpu`]: small enough that the allocator
-/// reuses the buffer from chunk to chunk instead of mapping fresh pages (a 64 MB budget spent a
-/// quarter of the time in page faults), large enough for long matrix products (ResNet18's first
-/// stage: 3 images, 3,072 rows).
+/// The most bytes of patch rows built at once by [`conv2d_cpu`] and [`backward_filter_cpu`]:
+/// small enough to stay clear of fresh pages (session 10: a 64 MB budget spent a quarter of the
+/// time in page faults), large enough for long matrix products (ResNet18's first stage: 3 images,
+/// 3,072 rows).
 const COLUMNS_BYTES: usize = 8 << 20;
 
 /// candle's autograd formula for the kernel gradient.

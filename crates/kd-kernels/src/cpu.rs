@@ -121,3 +121,110 @@ pub(crate) fn with_slice<T: WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R)
     }
     Ok(f(&t.flatten_all()?.to_vec1::<T>()?))
 }
+
+/// The element types of the CPU convolution's matrix products (gemm has kernels for both).
+pub(crate) trait Float: WithDType + Default + Send + Sync + 'static {}
+impl Float for f32 {}
+impl Float for f64 {}
+
+/// A read-only matrix inside a slice: element (i, j) at `i·row_stride + j·col_stride`, so that
+/// a block of columns, or a transpose, is a view rather than a copy.
+#[derive(Clone, Copy)]
+pub(crate) struct MatRef<'a, T> {
+    pub data: &'a [T],
+    pub rows: usize,
+    pub cols: usize,
+    pub row_stride: usize,
+    pub col_stride: usize,
+}
+
+impl<'a, T> MatRef<'a, T> {
+    /// A contiguous row-major (rows, cols) matrix.
+    pub fn row_major(data: &'a [T], rows: usize, cols: usize) -> Self {
+        MatRef {
+            data,
+            rows,
+            cols,
+            row_stride: cols,
+            col_stride: 1,
+        }
+    }
+
+    /// Whether every element lies inside `data`.
+    fn in_bounds(&self) -> bool {
+        self.rows == 0
+            || self.cols == 0
+            || (self.rows - 1) * self.row_stride + (self.cols - 1) * self.col_stride
+                < self.data.len()
+    }
+}
+
+/// `dst` (m, n, row-major) = a·b, or `dst += a·b` with `accumulate`: one gemm call on rayon's
+/// threads, without the tensors (and their allocations) that candle's matmul would need.
+/// Panics if the shapes disagree or a matrix reaches outside its slice.
+#[allow(unsafe_code)]
+pub(crate) fn matmul_into<T: Float>(
+    dst: &mut [T],
+    a: MatRef<'_, T>,
+    b: MatRef<'_, T>,
+    accumulate: bool,
+) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    assert_eq!(
+        b.rows, k,
+        "matmul_into: inner dimensions {k} and {}",
+        b.rows
+    );
+    assert_eq!(
+        dst.len(),
+        m * n,
+        "matmul_into: destination of {} for ({m}, {n})",
+        dst.len()
+    );
+    assert!(
+        a.in_bounds() && b.in_bounds(),
+        "matmul_into: a matrix reaches outside its slice"
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            dst.fill(T::from_f64(0.0));
+        }
+        return;
+    }
+    let threads = rayon::current_num_threads();
+    let parallelism = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    let s = |v: usize| v as isize;
+    // SAFETY: every element gemm reads lies inside `a.data` and `b.data` and every element it
+    // writes inside `dst` (checked above); `dst` is borrowed mutably, so it overlaps neither.
+    // T is f32 or f64, types gemm implements.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            s(n),
+            accumulate,
+            a.data.as_ptr(),
+            s(a.col_stride),
+            s(a.row_stride),
+            b.data.as_ptr(),
+            s(b.col_stride),
+            s(b.row_stride),
+            T::from_f64(1.0),
+            T::from_f64(1.0),
+            false,
+            false,
+            false,
+            parallelism,
+        )
+    }
+}
