@@ -48,6 +48,19 @@ pub fn sgd_momentum_step(param: &Tensor, grad: &Tensor, buf: &Tensor, s: &SgdSte
     param.inplace_op3(&grad, buf, &Param(*s))
 }
 
+/// Runs `f` on matching chunks of `out`, `a` and `b` (same length), in parallel: each value is
+/// computed by the same arithmetic whatever the threads.
+fn par_zip3<F>(out: &mut [f32], a: &[f32], b: &[f32], f: F)
+where
+    F: Fn((&mut [f32], (&[f32], &[f32]))) + Sync + Send,
+{
+    use rayon::prelude::*;
+    const CHUNK: usize = 1 << 15;
+    out.par_chunks_mut(CHUNK)
+        .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
+        .for_each(f);
+}
+
 /// buf ← μ·buf + (1−τ)·(g + wd·p); sources (g, p).
 struct Momentum(SgdStep);
 
@@ -75,10 +88,13 @@ impl InplaceOp3 for Momentum {
             self.0.momentum as f32,
             (1.0 - self.0.dampening) as f32,
         );
-        for ((b, &g), &p) in buf.iter_mut().zip(g).zip(p) {
-            let gd = g + p * wd;
-            *b = *b * mu + gd * damp;
-        }
+        let update = |(b, (g, p)): (&mut [f32], (&[f32], &[f32]))| {
+            for ((b, &g), &p) in b.iter_mut().zip(g).zip(p) {
+                let gd = g + p * wd;
+                *b = *b * mu + gd * damp;
+            }
+        };
+        par_zip3(buf, g, p, update);
         Ok(())
     }
 
@@ -117,14 +133,14 @@ impl InplaceOp3 for Param {
             self.0.weight_decay as f32,
             self.0.momentum as f32,
         );
-        for ((p, &g), &b) in p.iter_mut().zip(g).zip(buf) {
-            let d = if self.0.nesterov {
-                (g + *p * wd) + b * mu
-            } else {
-                b
-            };
-            *p -= d * lr;
-        }
+        let nesterov = self.0.nesterov;
+        let update = |(p, (g, buf)): (&mut [f32], (&[f32], &[f32]))| {
+            for ((p, &g), &b) in p.iter_mut().zip(g).zip(buf) {
+                let d = if nesterov { (g + *p * wd) + b * mu } else { b };
+                *p -= d * lr;
+            }
+        };
+        par_zip3(p, g, buf, update);
         Ok(())
     }
 

@@ -46,7 +46,8 @@ pub struct Sgd {
     cfg: SgdConfig,
     vars: Vec<(String, Var)>,
     momentum: HashMap<String, Tensor>,
-    /// Force the fused update on or off; `None`: on for CUDA tensors in builds with kernels.
+    /// Force the fused update on or off; `None`: on for CPU tensors, and for CUDA tensors in
+    /// builds with kernels.
     fused: Option<bool>,
 }
 
@@ -71,8 +72,7 @@ impl Sgd {
         self.cfg.momentum != 0.0
             && p.dtype() == candle_core::DType::F32
             && self.fused.unwrap_or(
-                kd_kernels::HAS_CUDA_KERNELS
-                    && p.device().is_cuda()
+                (p.device().is_cpu() || kd_kernels::HAS_CUDA_KERNELS && p.device().is_cuda())
                     && kd_kernels::enabled(kd_kernels::Kernel::Sgd),
             )
     }

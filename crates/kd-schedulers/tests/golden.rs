@@ -218,10 +218,14 @@ fn fused_sgd_equals_the_composed_update() {
             let a = Var::new(&[0.3f32, -0.2], &Device::Cpu).unwrap();
             let b = Var::new(&[1.0f32, 2.0], &Device::Cpu).unwrap();
             let x = Tensor::new(&[1.0f32, -2.0, 0.5], &Device::Cpu).unwrap();
+            // Larger than several of the update's parallel chunks, and not a multiple of one.
+            let values: Vec<f32> = (0..100_003).map(|i| (i as f32 * 1e-3).sin()).collect();
+            let big = Var::from_vec(values, 100_003, &Device::Cpu).unwrap();
             let vars = vec![
                 ("w".into(), w.clone()),
                 ("a".into(), a.clone()),
                 ("b".into(), b.clone()),
+                ("big".into(), big.clone()),
             ];
             let mut opt = Sgd::new(vars, cfg.clone()).with_fused(fused);
             for step in 0..5 {
@@ -236,11 +240,13 @@ fn fused_sgd_equals_the_composed_update() {
                 .unwrap()
                     + b.as_tensor())
                 .unwrap();
-                let loss = y.sqr().unwrap().sum_all().unwrap();
+                let loss = (y.sqr().unwrap().sum_all().unwrap()
+                    + (big.as_tensor().sqr().unwrap().sum_all().unwrap() * 0.01).unwrap())
+                .unwrap();
                 opt.step(&loss.backward().unwrap(), 0.1 / (step + 1) as f64)
                     .unwrap();
             }
-            [&w, &a, &b]
+            [&w, &a, &b, &big]
                 .iter()
                 .map(|v| v.as_tensor().flatten_all().unwrap().to_vec1().unwrap())
                 .collect()
