@@ -122,6 +122,27 @@ pub(crate) fn with_slice<T: WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R)
     Ok(f(&t.flatten_all()?.to_vec1::<T>()?))
 }
 
+/// `Some(storage of $body)` with `$a`, `$b` bound to the elements of two contiguous storages
+/// (with their layouts) of one float type, `&[f32]` or `&[f64]`, read in place; `None` for other
+/// types or strided layouts (the caller's fallback).
+macro_rules! float_slices {
+    (($s1:expr, $l1:expr), ($s2:expr, $l2:expr), |$a:ident, $b:ident| $body:expr) => {{
+        use candle_core::CpuStorage as S;
+        match ($s1, $s2, $l1.contiguous_offsets(), $l2.contiguous_offsets()) {
+            (S::F32(u), S::F32(v), Some((i, j)), Some((k, l))) => {
+                let ($a, $b) = (&u[i..j], &v[k..l]);
+                Some(S::F32($body))
+            }
+            (S::F64(u), S::F64(v), Some((i, j)), Some((k, l))) => {
+                let ($a, $b) = (&u[i..j], &v[k..l]);
+                Some(S::F64($body))
+            }
+            _ => None,
+        }
+    }};
+}
+pub(crate) use float_slices;
+
 /// The element types of the CPU convolution's matrix products (gemm has kernels for both).
 pub(crate) trait Float: WithDType + Default + Send + Sync + 'static {}
 impl Float for f32 {}

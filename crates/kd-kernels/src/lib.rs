@@ -25,6 +25,7 @@ pub mod augment;
 pub mod batch_norm;
 pub mod conv;
 pub mod conv_algo;
+mod conv_cpu;
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;

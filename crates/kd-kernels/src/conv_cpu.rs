@@ -1,0 +1,492 @@
+//! kd's convolution on the CPU (f32 and f64): the forward and the kernel gradient as matrix
+//! products with the input's patch rows, the input gradient as the convolution with the flipped
+//! kernel (stride 1) or a product and col2im. The products are gemm calls into reused buffers
+//! ([`cpu::matmul_into`]); each pass reads its operands in place.
+//!
+//! Why not candle's: its CPU convolution multiplies (O, K²·C) by 512-pixel tiles of columns
+//! gathered value by value after a single-threaded NHWC copy, its input gradient is a direct
+//! transposed-convolution loop, and its kernel gradient a convolution of the input with the
+//! output gradient; at ResNet18's shapes (batch 32, 2 cores) these took 1.5–5× the time of the
+//! paths here (`cargo run --release -p kd-kernels --example cpu_conv_timing` prints both).
+//!
+//! The slice functions serve kd's op ([`crate::conv`]), which reads candle's storage in place;
+//! the tensor functions serve everything else (untracked inputs, tests, the timing example).
+use candle_core::{bail, DType, Result, Tensor};
+
+use crate::conv::{backward_data_reference, backward_filter_reference, Conv2dGeometry};
+use crate::cpu::{self, Float, MatRef};
+
+/// Runs `$body` with `$a` and `$b` bound to the elements of `$t` and `$u` (one dtype, which the
+/// caller checks) as `&[f32]` or `&[f64]`, borrowed when contiguous, and wraps the `Vec` it
+/// returns in a tensor of `$shape`; another dtype is an error naming `$what`. The generic
+/// functions the body calls are instantiated once per type.
+macro_rules! per_float {
+    ($what:literal, $shape:expr, ($t:expr, $u:expr), |$a:ident, $b:ident| $body:expr) => {{
+        let (t, u): (&Tensor, &Tensor) = ($t, $u);
+        match t.dtype() {
+            DType::F32 => Tensor::from_vec(
+                cpu::with_slice::<f32, _>(t, |$a| cpu::with_slice::<f32, _>(u, |$b| $body))??,
+                $shape,
+                t.device(),
+            ),
+            DType::F64 => Tensor::from_vec(
+                cpu::with_slice::<f64, _>(t, |$a| cpu::with_slice::<f64, _>(u, |$b| $body))??,
+                $shape,
+                t.device(),
+            ),
+            d => bail!("{} on the CPU: no {d:?} path (f32 and f64 only)", $what),
+        }
+    }};
+}
+
+/// The forward convolution (f32 or f64; other dtypes, or a kernel of another dtype, go to
+/// candle's): per chunk of images the input's patch rows (N·Ho·Wo, K²·C) times the kernel as
+/// (K²·C, O), written back as NCHW.
+pub fn conv2d_cpu(x: &Tensor, w: &Tensor, g: Conv2dGeometry) -> Result<Tensor> {
+    g.check(x.dims(), w.dims())?;
+    let (dims, wdims) = (dims4(x.dims()), dims4(w.dims()));
+    let [o, _, kh, kw] = wdims;
+    let shape = (dims[0], o, g.out_size(dims[2], kh), g.out_size(dims[3], kw));
+    if !is_float(x.dtype()) || w.dtype() != x.dtype() {
+        return x.conv2d(w, g.padding, g.stride, 1, 1);
+    }
+    per_float!("conv2d", shape, (x, w), |v, wv| forward(
+        v, dims, wv, wdims, g
+    ))
+}
+
+/// The input gradient (f32 or f64; other dtypes go to candle's transposed convolution): at
+/// stride 1 (square kernel, padding below its size) the convolution of `dy` with the kernel
+/// flipped in space and its channel axes swapped, else one product and col2im
+/// ([`input_gradient`]).
+pub fn backward_data_cpu(
+    dy: &Tensor,
+    w: &Tensor,
+    g: Conv2dGeometry,
+    input_dims: [usize; 4],
+) -> Result<Tensor> {
+    input_gradient_tensor(dy, w, g, input_dims, false)
+}
+
+/// [`backward_data_cpu`] always through the product and col2im (tests and the timing example
+/// compare the two ways at stride 1).
+pub fn backward_data_col2im(
+    dy: &Tensor,
+    w: &Tensor,
+    g: Conv2dGeometry,
+    input_dims: [usize; 4],
+) -> Result<Tensor> {
+    input_gradient_tensor(dy, w, g, input_dims, true)
+}
+
+fn input_gradient_tensor(
+    dy: &Tensor,
+    w: &Tensor,
+    g: Conv2dGeometry,
+    input_dims: [usize; 4],
+    col2im: bool,
+) -> Result<Tensor> {
+    if !is_float(dy.dtype()) || w.dtype() != dy.dtype() {
+        return backward_data_reference(dy, w, g, input_dims);
+    }
+    let wdims = dims4(w.dims());
+    let shape = input_dims.to_vec();
+    per_float!("conv2d backward-data", shape, (dy, w), |v, wv| {
+        input_gradient(v, wv, wdims, g, input_dims, col2im)
+    })
+}
+
+/// The kernel gradient (f32 or f64; other dtypes go to candle's formula): per chunk of images,
+/// dw (O, K²·C) += dy (O, chunk·Ho·Wo) × the forward's patch rows (chunk·Ho·Wo, K²·C).
+pub fn backward_filter_cpu(
+    x: &Tensor,
+    dy: &Tensor,
+    g: Conv2dGeometry,
+    kernel_dims: [usize; 4],
+) -> Result<Tensor> {
+    if !is_float(x.dtype()) || dy.dtype() != x.dtype() {
+        return backward_filter_reference(x, dy, g, kernel_dims);
+    }
+    let dims = dims4(x.dims());
+    let shape = kernel_dims.to_vec();
+    per_float!("conv2d backward-filter", shape, (x, dy), |v, d| {
+        kernel_gradient(v, dims, d, kernel_dims, g)
+    })
+}
+
+fn is_float(d: DType) -> bool {
+    matches!(d, DType::F32 | DType::F64)
+}
+
+fn dims4(d: &[usize]) -> [usize; 4] {
+    [d[0], d[1], d[2], d[3]]
+}
+
+/// y (N, O, Ho, Wo) = conv(x (N, C, H, W), w (O, C, kh, kw)), as elements.
+pub(crate) fn forward<T: Float>(
+    x: &[T],
+    dims: [usize; 4],
+    w: &[T],
+    wdims: [usize; 4],
+    g: Conv2dGeometry,
+) -> Vec<T> {
+    let [o, _, kh, kw] = wdims;
+    conv2d_rows(
+        x,
+        dims,
+        &kernel_matrix(w, wdims, Taps::AsIs),
+        (o, kh, kw),
+        g,
+    )
+}
+
+/// dx (N, C, H, W) from dy (N, O, Ho, Wo) and w (O, C, kh, kw), as elements.
+///
+/// At stride 1 with a square k×k kernel and padding p < k (unless `col2im`): dx[c, i, j] =
+/// Σ_o Σ_(a,b) dy[o, i + p − a, j + p − b]·w[o, c, a, b] = conv(dy, w')[c, i, j] with
+/// w'[c, o, a, b] = w[o, c, k − 1 − a, k − 1 − b] and padding k − 1 − p (the output is then
+/// H + 2p − k + 1 + 2(k − 1 − p) − k + 1 = H wide); w' goes straight into its matrix
+/// ([`Taps::SwapFlipped`]).
+///
+/// Otherwise PyTorch's CPU formula: the columns W^T·dy, (C·K², O) × (O, N·Ho·Wo) with the batch
+/// folded into the columns so that the product is one large one, then col2im adds each column
+/// entry into the input position its tap touched.
+pub(crate) fn input_gradient<T: Float>(
+    dy: &[T],
+    w: &[T],
+    wdims: [usize; 4],
+    g: Conv2dGeometry,
+    input_dims: [usize; 4],
+    col2im: bool,
+) -> Vec<T> {
+    let [n, c, h, wd] = input_dims;
+    let [o, _, kh, kw] = wdims;
+    let (ho, wo) = (g.out_size(h, kh), g.out_size(wd, kw));
+    if !col2im && g.stride == 1 && kh == kw && g.padding < kh {
+        let flipped = Conv2dGeometry {
+            stride: 1,
+            padding: kh - 1 - g.padding,
+        };
+        let wm = kernel_matrix(w, wdims, Taps::SwapFlipped);
+        return conv2d_rows(dy, [n, o, ho, wo], &wm, (c, kh, kw), flipped);
+    }
+    let geometry = Columns::new(input_dims, (kh, kw), ho, wo, g);
+    let (taps, pixels) = (c * kh * kw, n * ho * wo);
+    let dy = batch_in_columns(dy, n, o, ho * wo);
+    let mut cols = vec![T::default(); taps * pixels];
+    // W^T: w read as (C·K², O), column-major.
+    let wt = MatRef {
+        data: w,
+        rows: taps,
+        cols: o,
+        row_stride: 1,
+        col_stride: taps,
+    };
+    cpu::matmul_into(&mut cols, wt, MatRef::row_major(&dy, o, pixels), false);
+    geometry.col2im(&cols, n)
+}
+
+/// dw (O, C, kh, kw) from x (N, C, H, W) and dy (N, O, Ho, Wo), as elements.
+pub(crate) fn kernel_gradient<T: Float>(
+    x: &[T],
+    dims: [usize; 4],
+    dy: &[T],
+    kernel_dims: [usize; 4],
+    g: Conv2dGeometry,
+) -> Vec<T> {
+    let [n, _, h, wd] = dims;
+    let [o, _, kh, kw] = kernel_dims;
+    let (ho, wo) = (g.out_size(h, kh), g.out_size(wd, kw));
+    let geometry = Columns::new(dims, (kh, kw), ho, wo, g);
+    geometry.filter_gradient(x, n, &batch_in_columns(dy, n, o, ho * wo), o)
+}
+
+/// `dy` (N, O, P) as (O, N·P): the batch folded into the columns, so that a gradient's matrix
+/// product is one large one; one output channel per parallel task.
+fn batch_in_columns<T: Float>(dy: &[T], n: usize, o: usize, p: usize) -> Vec<T> {
+    use rayon::prelude::*;
+    let mut out = vec![T::default(); o * n * p];
+    if out.is_empty() {
+        return out;
+    }
+    out.par_chunks_mut(n * p).enumerate().for_each(|(oi, row)| {
+        for (ni, dst) in row.chunks_mut(p).enumerate() {
+            dst.copy_from_slice(&dy[(ni * o + oi) * p..][..p]);
+        }
+    });
+    out
+}
+
+/// The shapes that relate a convolution's input to its columns (rows (c, a, b), one column per
+/// image and output position): input plane, kernel, output plane, geometry.
+struct Columns {
+    c: usize,
+    h: usize,
+    w: usize,
+    kh: usize,
+    kw: usize,
+    ho: usize,
+    wo: usize,
+    g: Conv2dGeometry,
+}
+
+impl Columns {
+    fn new(
+        input_dims: [usize; 4],
+        (kh, kw): (usize, usize),
+        ho: usize,
+        wo: usize,
+        g: Conv2dGeometry,
+    ) -> Self {
+        let [_, c, h, w] = input_dims;
+        Columns {
+            c,
+            h,
+            w,
+            kh,
+            kw,
+            ho,
+            wo,
+            g,
+        }
+    }
+
+    /// Writes the patches of `nhwc` (images, H, W, C) into `out` as (images·Ho·Wo, kh·kw·C)
+    /// values: row (n, u, v) holds, tap by tap, the C values under tap (a, b), zero in the
+    /// padding; each tap is one copy of C contiguous values, one row per parallel task. Every
+    /// value of `out` is written, so the buffer can be reused from chunk to chunk.
+    fn rows_into<T: Copy + Default + Send + Sync>(&self, nhwc: &[T], out: &mut [T]) {
+        use rayon::prelude::*;
+        let k = self.kh * self.kw * self.c;
+        let (s, p) = (self.g.stride as isize, self.g.padding as isize);
+        let inside = |i: isize, n: usize| (0..n as isize).contains(&i);
+        out.par_chunks_mut(k)
+            .with_min_len(16)
+            .enumerate()
+            .for_each(|(row, dst)| {
+                let (img, u, v) = (
+                    row / (self.ho * self.wo),
+                    row / self.wo % self.ho,
+                    row % self.wo,
+                );
+                for (a, taps) in dst.chunks_mut(self.kw * self.c).enumerate() {
+                    let i = u as isize * s - p + a as isize;
+                    for (b, tap) in taps.chunks_mut(self.c).enumerate() {
+                        let j = v as isize * s - p + b as isize;
+                        if inside(i, self.h) && inside(j, self.w) {
+                            let src = ((img * self.h + i as usize) * self.w + j as usize) * self.c;
+                            tap.copy_from_slice(&nhwc[src..][..self.c]);
+                        } else {
+                            tap.fill(T::default());
+                        }
+                    }
+                }
+            });
+    }
+
+    /// The kernel gradient (O, C, kh, kw) from the elements of `n` input images (N, C, H, W)
+    /// and the output gradient as (O, N·Ho·Wo) ([`batch_in_columns`]): per chunk of
+    /// images, dw (O, kh·kw·C) += dy (O, chunk·Ho·Wo) × rows (chunk·Ho·Wo, kh·kw·C), the rows
+    /// being the forward's ([`Columns::rows_into`]); then reordered to (O, C, kh, kw).
+    fn filter_gradient<T: cpu::Float>(&self, x: &[T], n: usize, dy: &[T], o: usize) -> Vec<T> {
+        use rayon::prelude::*;
+        let (k, taps) = (self.kh * self.kw * self.c, self.kh * self.kw);
+        let (plane_in, plane_out) = (self.h * self.w * self.c, self.ho * self.wo);
+        let mut dw = vec![T::default(); o * k];
+        if dw.is_empty() || n * plane_out == 0 {
+            return dw;
+        }
+        let nhwc = to_nhwc(x, n, self.c, self.h * self.w);
+        let chunk = images_per_chunk(n, plane_out * k * std::mem::size_of::<T>());
+        let mut rows = vec![T::default(); chunk * plane_out * k];
+        let mut by_tap = vec![T::default(); o * k];
+        for (i, first) in (0..n).step_by(chunk).enumerate() {
+            let len = chunk.min(n - first);
+            let rows = &mut rows[..len * plane_out * k];
+            self.rows_into(&nhwc[first * plane_in..][..len * plane_in], rows);
+            let dy = MatRef {
+                data: &dy[first * plane_out..],
+                rows: o,
+                cols: len * plane_out,
+                row_stride: n * plane_out,
+                col_stride: 1,
+            };
+            let rows = MatRef::row_major(rows, len * plane_out, k);
+            cpu::matmul_into(&mut by_tap, dy, rows, i > 0);
+        }
+        // (O, kh, kw, C) → (O, C, kh, kw), one output channel per task.
+        dw.par_chunks_mut(k).enumerate().for_each(|(oi, dst)| {
+            let src = &by_tap[oi * k..][..k];
+            for (ci, channel) in dst.chunks_mut(taps).enumerate() {
+                for (t, d) in channel.iter_mut().enumerate() {
+                    *d = src[t * self.c + ci];
+                }
+            }
+        });
+        dw
+    }
+
+    /// dx[n, c, u·s − p + a, v·s − p + b] += cols[(c·kh + a)·kw + b, n·Ho·Wo + u·wo + v], one
+    /// input plane per parallel task (each plane is written by one task, so the sums do not
+    /// depend on the threads).
+    fn col2im<T>(&self, cols: &[T], n: usize) -> Vec<T>
+    where
+        T: Copy + Default + std::ops::AddAssign + Send + Sync,
+    {
+        use rayon::prelude::*;
+        let (plane, out) = (self.h * self.w, self.ho * self.wo);
+        let (s, p) = (self.g.stride as isize, self.g.padding as isize);
+        let row_len = n * out; // one row of `cols`: a tap of a channel, over every image
+        let mut dx = vec![T::default(); n * self.c * plane];
+        dx.par_chunks_mut(plane).enumerate().for_each(|(nc, dst)| {
+            let (ni, ci) = (nc / self.c, nc % self.c);
+            for a in 0..self.kh {
+                for b in 0..self.kw {
+                    let tap = (ci * self.kh + a) * self.kw + b;
+                    let col = &cols[tap * row_len + ni * out..][..out];
+                    for u in 0..self.ho {
+                        let i = u as isize * s - p + a as isize;
+                        if !(0..self.h as isize).contains(&i) {
+                            continue;
+                        }
+                        let row = &mut dst[i as usize * self.w..][..self.w];
+                        for v in 0..self.wo {
+                            let j = v as isize * s - p + b as isize;
+                            if (0..self.w as isize).contains(&j) {
+                                row[j as usize] += col[u * self.wo + v];
+                            }
+                        }
+                    }
+                }
+            }
+        });
+        dx
+    }
+}
+
+/// Which (K²·C_in, C_out) matrix a kernel (O, C, kh, kw) becomes in [`kernel_matrix`].
+#[derive(Clone, Copy)]
+enum Taps {
+    /// The convolution's own: row (a, b, c), column o, value w[o, c, a, b].
+    AsIs,
+    /// The stride-1 input gradient's ([`input_gradient`]): the kernel flipped in space
+    /// with its channel axes swapped, row (a, b, o), column c, value w[o, c, kh−1−a, kw−1−b].
+    SwapFlipped,
+}
+
+/// `w` (O, C, kh, kw) as the right-hand side of [`conv2d_rows`]' product: a contiguous
+/// (kh·kw·C_in, C_out) matrix whose rows are in the patch rows' tap order, one pass in parallel.
+fn kernel_matrix<T: cpu::Float>(w: &[T], [o, c, kh, kw]: [usize; 4], taps: Taps) -> Vec<T> {
+    use rayon::prelude::*;
+    let (c_in, c_out) = match taps {
+        Taps::AsIs => (c, o),
+        Taps::SwapFlipped => (o, c),
+    };
+    let mut m = vec![T::default(); kh * kw * c_in * c_out];
+    if m.is_empty() {
+        return m;
+    }
+    m.par_chunks_mut(c_out)
+        .with_min_len(64)
+        .enumerate()
+        .for_each(|(row, dst)| {
+            let (a, b, i) = (row / (kw * c_in), row / c_in % kw, row % c_in);
+            for (j, d) in dst.iter_mut().enumerate() {
+                *d = match taps {
+                    Taps::AsIs => w[((j * c + i) * kh + a) * kw + b],
+                    Taps::SwapFlipped => w[((i * c + j) * kh + kh - 1 - a) * kw + kw - 1 - b],
+                };
+            }
+        });
+    m
+}
+
+/// The convolution of a contiguous (N, C, H, W) input `x` with a kernel given as its
+/// (kh·kw·C, O) matrix `wm` ([`kernel_matrix`]): the (N, O, Ho, Wo) output's elements. Per chunk
+/// of images the patch rows and the product go to two buffers reused from chunk to chunk.
+fn conv2d_rows<T: cpu::Float>(
+    x: &[T],
+    dims: [usize; 4],
+    wm: &[T],
+    (o, kh, kw): (usize, usize, usize),
+    g: Conv2dGeometry,
+) -> Vec<T> {
+    use rayon::prelude::*;
+    let [n, c, h, wd] = dims;
+    let k = kh * kw * c;
+    debug_assert_eq!(wm.len(), k * o);
+    let (ho, wo) = (g.out_size(h, kh), g.out_size(wd, kw));
+    let geometry = Columns::new(dims, (kh, kw), ho, wo, g);
+    let (plane_in, plane_out) = (h * wd * c, ho * wo);
+    let mut y = vec![T::default(); n * o * plane_out];
+    if y.is_empty() {
+        return y;
+    }
+    let nhwc = to_nhwc(x, n, c, h * wd);
+    let chunk = images_per_chunk(n, plane_out * k * std::mem::size_of::<T>());
+    let mut rows = vec![T::default(); chunk * plane_out * k];
+    let mut prod = vec![T::default(); chunk * plane_out * o];
+    for (i, out) in y.chunks_mut(chunk * o * plane_out).enumerate() {
+        let len = out.len() / (o * plane_out);
+        let (rows, prod) = (
+            &mut rows[..len * plane_out * k],
+            &mut prod[..len * plane_out * o],
+        );
+        geometry.rows_into(&nhwc[i * chunk * plane_in..][..len * plane_in], rows);
+        cpu::matmul_into(
+            prod,
+            MatRef::row_major(rows, len * plane_out, k),
+            MatRef::row_major(wm, k, o),
+            false,
+        );
+        // (pixel, o) → (o, pixel), one (image, output channel) plane per task.
+        let prod = &*prod;
+        out.par_chunks_mut(plane_out)
+            .enumerate()
+            .for_each(|(io, dst)| {
+                let (img, oc) = (io / o, io % o);
+                let src = &prod[img * plane_out * o..][..plane_out * o];
+                for (p, d) in dst.iter_mut().enumerate() {
+                    *d = src[p * o + oc];
+                }
+            });
+    }
+    y
+}
+
+/// Images per chunk of patch rows: as few chunks as keep each within [`COLUMNS_BYTES`], all of
+/// one size (so that the last is not a sliver with a short, slow product).
+fn images_per_chunk(n: usize, bytes_per_image: usize) -> usize {
+    let most = (COLUMNS_BYTES / bytes_per_image.max(1)).clamp(1, n.max(1));
+    n.div_ceil(n.div_ceil(most).max(1)).max(1)
+}
+
+/// (N, C, P) → (N, P, C), in parallel over images and blocks of 64 pixels.
+fn to_nhwc<T: Copy + Default + Send + Sync>(v: &[T], n: usize, c: usize, p: usize) -> Vec<T> {
+    use rayon::prelude::*;
+    const BLOCK: usize = 64;
+    let mut out = vec![T::default(); n * c * p];
+    out.par_chunks_mut(c * p)
+        .enumerate()
+        .for_each(|(img, image)| {
+            let src = &v[img * c * p..][..c * p];
+            image
+                .par_chunks_mut(c * BLOCK)
+                .enumerate()
+                .for_each(|(block, dst)| {
+                    for (q, px) in dst.chunks_mut(c).enumerate() {
+                        let pix = block * BLOCK + q;
+                        for (ci, d) in px.iter_mut().enumerate() {
+                            *d = src[ci * p + pix];
+                        }
+                    }
+                });
+        });
+    out
+}
+
+/// The most bytes of patch rows built at once by [`conv2d_cpu`] and [`backward_filter_cpu`]:
+/// small enough to stay clear of fresh pages (session 10: a 64 MB budget spent a quarter of the
+/// time in page faults), large enough for long matrix products (ResNet18's first stage: 3 images,
+/// 3,072 rows).
+const COLUMNS_BYTES: usize = 8 << 20;
