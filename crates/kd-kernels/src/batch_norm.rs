@@ -181,9 +181,13 @@ impl CustomOp1 for Stats {
         let x = cpu::f32s_cow(s, l)?;
         let m = (n * hw) as f64;
         let stats = per_channel_pairs(c, |ch| {
-            let values = (0..n).flat_map(|b| x[(b * c + ch) * hw..(b * c + ch + 1) * hw].iter());
-            let mean = values.clone().map(|&v| v as f64).sum::<f64>() / m;
-            let var = values.map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / m;
+            let planes = || (0..n).map(|b| &x[(b * c + ch) * hw..][..hw]);
+            let mean = planes().map(|p| lane_sums(p, |v| [v, 0.0]).0).sum::<f64>() / m;
+            let centre = mean as f32;
+            let var = planes()
+                .map(|p| lane_sums(p, |v| [(v - centre) * (v - centre), 0.0]).0)
+                .sum::<f64>()
+                / m;
             (mean as f32, var as f32)
         });
         Ok((CpuStorage::F32(stats), Shape::from((2, c))))
@@ -288,7 +292,7 @@ impl CustomOp3 for Apply {
     }
 }
 
-/// Σdy' and Σdy'·x̂ per channel, in f64 (the CPU reference).
+/// Σdy' and Σdy'·x̂ per channel (the CPU reference): f32 lanes within a plane, f64 across.
 fn reduce_cpu(
     x: &[f32],
     y: &[f32],
@@ -299,16 +303,73 @@ fn reduce_cpu(
     relu: bool,
 ) -> Vec<f32> {
     per_channel_pairs(c, |ch| {
-        let invstd = 1.0 / (p[c + ch] + eps).sqrt();
+        let (invstd, mean) = (1.0 / (p[c + ch] + eps).sqrt(), p[ch]);
         let (mut s, mut sx) = (0f64, 0f64);
         for b in 0..n {
-            for k in (b * c + ch) * hw..(b * c + ch + 1) * hw {
-                let g = if relu && !(y[k] > 0.0) { 0.0 } else { dy[k] };
-                s += g as f64;
-                sx += (g * (x[k] - p[ch]) * invstd) as f64;
-            }
+            let at = (b * c + ch) * hw;
+            let (x, y, dy) = (&x[at..][..hw], &y[at..][..hw], &dy[at..][..hw]);
+            let (ps, psx) = lane_sums3(x, y, dy, |x, y, dy| {
+                let g = if relu && !(y > 0.0) { 0.0 } else { dy };
+                [g, g * (x - mean)]
+            });
+            s += ps;
+            sx += psx;
         }
-        (s as f32, sx as f32)
+        (s as f32, (sx * invstd as f64) as f32)
+    })
+}
+
+/// Values per lane group in [`lane_sums`]: independent f32 accumulators, so that the loop
+/// vectorises (a single running sum is a chain the compiler must keep in order).
+const LANES: usize = 16;
+
+/// (Σ f(v)[0], Σ f(v)[1]) over `v`, in [`LANES`] f32 accumulators added up in f64.
+fn lane_sums(v: &[f32], f: impl Fn(f32) -> [f32; 2]) -> (f64, f64) {
+    let (mut a, mut b) = ([0f32; LANES], [0f32; LANES]);
+    let mut chunks = v.chunks_exact(LANES);
+    for chunk in &mut chunks {
+        let chunk: &[f32; LANES] = chunk.try_into().expect("chunks_exact");
+        for i in 0..LANES {
+            let [p, q] = f(chunk[i]);
+            a[i] += p;
+            b[i] += q;
+        }
+    }
+    let tail = chunks.remainder().iter().map(|&v| f(v));
+    fold_lanes(&a, &b, tail)
+}
+
+/// [`lane_sums`] of `f(x, y, dy)` over three planes of one length.
+fn lane_sums3(
+    x: &[f32],
+    y: &[f32],
+    dy: &[f32],
+    f: impl Fn(f32, f32, f32) -> [f32; 2],
+) -> (f64, f64) {
+    let (mut a, mut b) = ([0f32; LANES], [0f32; LANES]);
+    let (xs, ys, ds) = (
+        x.chunks_exact(LANES),
+        y.chunks_exact(LANES),
+        dy.chunks_exact(LANES),
+    );
+    let body = x.len() / LANES * LANES;
+    for ((x, y), dy) in xs.zip(ys).zip(ds) {
+        let lane = |v: &[f32]| -> [f32; LANES] { v.try_into().expect("chunks_exact") };
+        let (x, y, dy) = (lane(x), lane(y), lane(dy));
+        for i in 0..LANES {
+            let [p, q] = f(x[i], y[i], dy[i]);
+            a[i] += p;
+            b[i] += q;
+        }
+    }
+    let tail = (body..x.len()).map(|k| f(x[k], y[k], dy[k]));
+    fold_lanes(&a, &b, tail)
+}
+
+fn fold_lanes(a: &[f32], b: &[f32], tail: impl Iterator<Item = [f32; 2]>) -> (f64, f64) {
+    let sum = |v: &[f32]| v.iter().map(|&v| v as f64).sum::<f64>();
+    tail.fold((sum(a), sum(b)), |(s, t), [p, q]| {
+        (s + p as f64, t + q as f64)
     })
 }
 
@@ -393,18 +454,17 @@ impl CustomOp3 for BackwardData {
         let red = f32_vec(&self.red)?;
         let inv_m = 1.0 / (n * hw) as f32;
         let mut dx = vec![0f32; x.len()];
+        let relu = self.relu;
         cpu::par_chunks(&mut dx, hw, |plane, out| {
             let ch = plane % c;
-            let invstd = 1.0 / (st[c + ch] + self.eps).sqrt();
-            for (j, o) in out.iter_mut().enumerate() {
-                let k = plane * hw + j;
-                let g = if self.relu && !(y[k] > 0.0) {
-                    0.0
-                } else {
-                    dy[k]
-                };
-                let xhat = (x[k] - st[ch]) * invstd;
-                *o = gamma[ch] * invstd * (g - red[ch] * inv_m - xhat * red[c + ch] * inv_m);
+            let (mean, invstd) = (st[ch], 1.0 / (st[c + ch] + self.eps).sqrt());
+            // dx = γ·σ⁻¹·(dy' − Σdy'/M − x̂·Σ(dy'·x̂)/M), the per-channel factors taken out.
+            let (scale, shift, slope) = (gamma[ch] * invstd, red[ch] * inv_m, red[c + ch] * inv_m);
+            let at = plane * hw;
+            let (x, y, dy) = (&x[at..][..hw], &y[at..][..hw], &dy[at..][..hw]);
+            for (((o, &x), &y), &dy) in out.iter_mut().zip(x).zip(y).zip(dy) {
+                let g = if relu && !(y > 0.0) { 0.0 } else { dy };
+                *o = scale * (g - shift - (x - mean) * invstd * slope);
             }
         });
         Ok((cpu::from_f32s(dx, s1.dtype())?, l1.shape().clone()))
