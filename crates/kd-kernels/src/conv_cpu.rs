@@ -251,6 +251,33 @@ impl Columns {
         }
     }
 
+    /// A 1×1 kernel at stride 1 without padding: each pixel's only patch is its own C values,
+    /// so the NHWC input already is the patch rows.
+    fn pointwise(&self) -> bool {
+        self.kh == 1 && self.kw == 1 && self.g.stride == 1 && self.g.padding == 0
+    }
+
+    /// The buffer [`Columns::rows`] fills for `images` images (empty when pointwise).
+    fn rows_buffer<T: Copy + Default>(&self, images: usize) -> Vec<T> {
+        let len = images * self.ho * self.wo * self.kh * self.kw * self.c;
+        vec![T::default(); if self.pointwise() { 0 } else { len }]
+    }
+
+    /// The patch rows of `nhwc` (images, H, W, C): `nhwc` itself when pointwise, else written
+    /// into the front of `buffer` ([`Columns::rows_into`]).
+    fn rows<'a, T>(&self, nhwc: &'a [T], buffer: &'a mut [T]) -> &'a [T]
+    where
+        T: Copy + Default + Send + Sync,
+    {
+        if self.pointwise() {
+            return nhwc;
+        }
+        let images = nhwc.len() / (self.h * self.w * self.c).max(1);
+        let rows = &mut buffer[..images * self.ho * self.wo * self.kh * self.kw * self.c];
+        self.rows_into(nhwc, rows);
+        rows
+    }
+
     /// Writes the patches of `nhwc` (images, H, W, C) into `out` as (images·Ho·Wo, kh·kw·C)
     /// values: row (n, u, v) holds, tap by tap, the C values under tap (a, b), zero in the
     /// padding; each tap is one copy of C contiguous values, one row per parallel task. Every
@@ -298,12 +325,11 @@ impl Columns {
         }
         let nhwc = to_nhwc(x, n, self.c, self.h * self.w);
         let chunk = images_per_chunk(n, plane_out * k * std::mem::size_of::<T>());
-        let mut rows = vec![T::default(); chunk * plane_out * k];
+        let mut buffer = self.rows_buffer(chunk);
         let mut by_tap = vec![T::default(); o * k];
         for (i, first) in (0..n).step_by(chunk).enumerate() {
             let len = chunk.min(n - first);
-            let rows = &mut rows[..len * plane_out * k];
-            self.rows_into(&nhwc[first * plane_in..][..len * plane_in], rows);
+            let rows = self.rows(&nhwc[first * plane_in..][..len * plane_in], &mut buffer);
             let dy = MatRef {
                 data: &dy[first * plane_out..],
                 rows: o,
@@ -424,15 +450,12 @@ fn conv2d_rows<T: cpu::Float>(
     }
     let nhwc = to_nhwc(x, n, c, h * wd);
     let chunk = images_per_chunk(n, plane_out * k * std::mem::size_of::<T>());
-    let mut rows = vec![T::default(); chunk * plane_out * k];
+    let mut buffer = geometry.rows_buffer(chunk);
     let mut prod = vec![T::default(); chunk * plane_out * o];
     for (i, out) in y.chunks_mut(chunk * o * plane_out).enumerate() {
         let len = out.len() / (o * plane_out);
-        let (rows, prod) = (
-            &mut rows[..len * plane_out * k],
-            &mut prod[..len * plane_out * o],
-        );
-        geometry.rows_into(&nhwc[i * chunk * plane_in..][..len * plane_in], rows);
+        let prod = &mut prod[..len * plane_out * o];
+        let rows = geometry.rows(&nhwc[i * chunk * plane_in..][..len * plane_in], &mut buffer);
         cpu::matmul_into(
             prod,
             MatRef::row_major(rows, len * plane_out, k),
