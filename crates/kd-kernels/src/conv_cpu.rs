@@ -1,6 +1,7 @@
 //! kd's convolution on the CPU (f32 and f64): the forward and the kernel gradient as matrix
 //! products with the input's patch rows, the input gradient as the convolution with the flipped
-//! kernel (stride 1) or a product and col2im. The products are gemm calls into reused buffers
+//! kernel (stride 1) or a product and col2im; a 1×1 stride-1 convolution and its input gradient
+//! as one product per image on NCHW data. The products are gemm calls into reused buffers
 //! ([`cpu::matmul_into`]); each pass reads its operands in place.
 //!
 //! Why not candle's: its CPU convolution multiplies (O, K²·C) by 512-pixel tiles of columns
@@ -130,7 +131,12 @@ pub(crate) fn forward<T: Float>(
     wdims: [usize; 4],
     g: Conv2dGeometry,
 ) -> Vec<T> {
-    let [o, _, kh, kw] = wdims;
+    let [o, c, kh, kw] = wdims;
+    if kh == 1 && kw == 1 && g.stride == 1 && g.padding == 0 {
+        // y_n (O, P) = W (O, C) · x_n (C, P), image by image, in NCHW as it lies.
+        let (n, pixels) = (dims[0], dims[2] * dims[3]);
+        return per_image_product(x, (n, pixels), MatRef::row_major(w, o, c));
+    }
     conv2d_rows(
         x,
         dims,
@@ -162,6 +168,17 @@ pub(crate) fn input_gradient<T: Float>(
     let [n, c, h, wd] = input_dims;
     let [o, _, kh, kw] = wdims;
     let (ho, wo) = (g.out_size(h, kh), g.out_size(wd, kw));
+    if !col2im && kh == 1 && kw == 1 && g.stride == 1 && g.padding == 0 {
+        // dx_n (C, P) = W^T (C, O) · dy_n (O, P), W^T read column-major.
+        let wt = MatRef {
+            data: w,
+            rows: c,
+            cols: o,
+            row_stride: 1,
+            col_stride: c,
+        };
+        return per_image_product(dy, (n, h * wd), wt);
+    }
     if !col2im && g.stride == 1 && kh == kw && g.padding < kh {
         let flipped = Conv2dGeometry {
             stride: 1,
@@ -199,6 +216,19 @@ pub(crate) fn kernel_gradient<T: Float>(
     let (ho, wo) = (g.out_size(h, kh), g.out_size(wd, kw));
     let geometry = Columns::new(dims, (kh, kw), ho, wo, g);
     geometry.filter_gradient(x, n, &batch_in_columns(dy, n, o, ho * wo), o)
+}
+
+/// `a · b_n` for each of `images` (K, P) matrices `b_n` stored one after another in `b`, the
+/// (M, P) results one after another: a 1×1 convolution or its input gradient on NCHW data,
+/// without the layout passes of the patch rows.
+fn per_image_product<T: Float>(b: &[T], (images, p): (usize, usize), a: MatRef<'_, T>) -> Vec<T> {
+    let (m, k) = (a.rows, a.cols);
+    let mut out = vec![T::default(); images * m * p];
+    for (i, out) in out.chunks_mut((m * p).max(1)).enumerate() {
+        let b = &b[i * k * p..][..k * p];
+        cpu::matmul_into(out, a, MatRef::row_major(b, k, p), false);
+    }
+    out
 }
 
 /// `dy` (N, O, P) as (O, N·P): the batch folded into the columns, so that a gradient's matrix
