@@ -21,12 +21,11 @@ import torch.nn.functional as F
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 
-def cifar_resnet(arch, width, classes=10):
+def cifar_resnet(arch, classes=10):
+    """torchvision's ResNet at width 64 (kd's default `--width`)."""
     block, layers = {"resnet18": (BasicBlock, [2, 2, 2, 2]),
                      "resnet50": (Bottleneck, [3, 4, 6, 3])}[arch]
-    m = ResNet(block, layers, num_classes=classes, width_per_group=64)
-    if width != 64:
-        raise SystemExit("--width: torchvision's ResNet is built at width 64 only")
+    m = ResNet(block, layers, num_classes=classes)
     m.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
     m.maxpool = nn.Identity()
     return m
@@ -43,7 +42,6 @@ def main():
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--width", type=int, default=64)
     p.add_argument("--workloads", default="train,infer,kd")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave as is)")
     p.add_argument("--channels-last", action="store_true", help="NHWC tensors and weights")
@@ -59,7 +57,7 @@ def main():
           f"{'channels_last' if a.channels_last else 'NCHW'}, f32")
 
     def net(arch):
-        return cifar_resnet(arch, a.width).to(memory_format=fmt)
+        return cifar_resnet(arch).to(memory_format=fmt)
 
     for workload in a.workloads.split(","):
         if workload == "infer":

@@ -323,23 +323,13 @@ fn reduce_cpu(
 /// vectorises (a single running sum is a chain the compiler must keep in order).
 const LANES: usize = 16;
 
-/// (Σ f(v)[0], Σ f(v)[1]) over `v`, in [`LANES`] f32 accumulators added up in f64.
+/// (Σ f(v)[0], Σ f(v)[1]) over `v`: [`lane_sums3`] on one plane.
 fn lane_sums(v: &[f32], f: impl Fn(f32) -> [f32; 2]) -> (f64, f64) {
-    let (mut a, mut b) = ([0f32; LANES], [0f32; LANES]);
-    let mut chunks = v.chunks_exact(LANES);
-    for chunk in &mut chunks {
-        let chunk: &[f32; LANES] = chunk.try_into().expect("chunks_exact");
-        for i in 0..LANES {
-            let [p, q] = f(chunk[i]);
-            a[i] += p;
-            b[i] += q;
-        }
-    }
-    let tail = chunks.remainder().iter().map(|&v| f(v));
-    fold_lanes(&a, &b, tail)
+    lane_sums3(v, v, v, |x, _, _| f(x))
 }
 
-/// [`lane_sums`] of `f(x, y, dy)` over three planes of one length.
+/// (Σ f(x, y, dy)[0], Σ f(x, y, dy)[1]) over three planes of one length, in [`LANES`] f32
+/// accumulators added up in f64.
 fn lane_sums3(
     x: &[f32],
     y: &[f32],

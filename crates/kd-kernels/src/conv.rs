@@ -100,6 +100,23 @@ fn in_f32_on_cpu(
     .to_dtype(dtype)
 }
 
+/// A CPU op's result: `fast` (the slice path, taken when both operands are contiguous f32 or
+/// f64), else `slow` on tensor copies of the operands, through f32 for the half types.
+fn or_through_tensors(
+    fast: Option<CpuStorage>,
+    (s1, l1): (&CpuStorage, &Layout),
+    (s2, l2): (&CpuStorage, &Layout),
+    slow: impl FnOnce(&Tensor, &Tensor) -> Result<Tensor>,
+) -> Result<CpuStorage> {
+    match fast {
+        Some(storage) => Ok(storage),
+        None => {
+            let (a, b) = (cpu::tensor(s1, l1)?, cpu::tensor(s2, l2)?);
+            cpu::storage(&in_f32_on_cpu([&a, &b], slow)?)
+        }
+    }
+}
+
 /// Convolves through the custom op on any device (on the CPU it runs candle's convolution inside
 /// the op); tests use it to check the op against [`Tensor::conv2d`].
 pub fn conv2d_custom(x: &Tensor, w: &Tensor, g: Conv2dGeometry) -> Result<Tensor> {
@@ -157,13 +174,7 @@ impl CustomOp2 for Conv2dForward {
         ));
         // Input and kernel are read where they lie and the output handed over as it is built.
         let y = cpu::float_slices!((s1, l1), (s2, l2), |x, w| forward(x, dims, w, wdims, g));
-        let y = match y {
-            Some(y) => y,
-            None => {
-                let (x, w) = (cpu::tensor(s1, l1)?, cpu::tensor(s2, l2)?);
-                cpu::storage(&in_f32_on_cpu([&x, &w], |x, w| conv2d_cpu(x, w, g))?)?
-            }
-        };
+        let y = or_through_tensors(y, (s1, l1), (s2, l2), |x, w| conv2d_cpu(x, w, g))?;
         Ok((y, shape))
     }
 
@@ -259,14 +270,9 @@ impl CustomOp2 for Conv2dBackwardData {
         let dx = cpu::float_slices!((s1, l1), (s2, l2), |dy, w| {
             input_gradient(dy, w, wdims, g, input_dims, false)
         });
-        let dx = match dx {
-            Some(dx) => dx,
-            None => {
-                let (dy, w) = (cpu::tensor(s1, l1)?, cpu::tensor(s2, l2)?);
-                let dx = in_f32_on_cpu([&dy, &w], |dy, w| backward_data_cpu(dy, w, g, input_dims))?;
-                cpu::storage(&dx)?
-            }
-        };
+        let dx = or_through_tensors(dx, (s1, l1), (s2, l2), |dy, w| {
+            backward_data_cpu(dy, w, g, input_dims)
+        })?;
         Ok((dx, Shape::from(input_dims.to_vec())))
     }
 
@@ -299,16 +305,9 @@ impl CustomOp2 for Conv2dBackwardFilter {
         let dw = cpu::float_slices!((s1, l1), (s2, l2), |x, dy| {
             kernel_gradient(x, dims, dy, kernel_dims, g)
         });
-        let dw = match dw {
-            Some(dw) => dw,
-            None => {
-                let (x, dy) = (cpu::tensor(s1, l1)?, cpu::tensor(s2, l2)?);
-                let dw = in_f32_on_cpu([&x, &dy], |x, dy| {
-                    backward_filter_cpu(x, dy, g, kernel_dims)
-                })?;
-                cpu::storage(&dw)?
-            }
-        };
+        let dw = or_through_tensors(dw, (s1, l1), (s2, l2), |x, dy| {
+            backward_filter_cpu(x, dy, g, kernel_dims)
+        })?;
         Ok((dw, Shape::from(kernel_dims.to_vec())))
     }
 

@@ -59,7 +59,7 @@ pub fn conv2d_cpu(x: &Tensor, w: &Tensor, g: Conv2dGeometry) -> Result<Tensor> {
 /// The input gradient (f32 or f64; other dtypes go to candle's transposed convolution): at
 /// stride 1 (square kernel, padding below its size) the convolution of `dy` with the kernel
 /// flipped in space and its channel axes swapped, else one product and col2im
-/// ([`input_gradient`]).
+/// (`input_gradient` has the formulas).
 pub fn backward_data_cpu(
     dy: &Tensor,
     w: &Tensor,
@@ -115,6 +115,11 @@ pub fn backward_filter_cpu(
     })
 }
 
+/// A 1×1 kernel at stride 1 without padding: each pixel's only patch is its own C values.
+fn pointwise(kh: usize, kw: usize, g: Conv2dGeometry) -> bool {
+    kh == 1 && kw == 1 && g.stride == 1 && g.padding == 0
+}
+
 fn is_float(d: DType) -> bool {
     matches!(d, DType::F32 | DType::F64)
 }
@@ -132,7 +137,7 @@ pub(crate) fn forward<T: Float>(
     g: Conv2dGeometry,
 ) -> Vec<T> {
     let [o, c, kh, kw] = wdims;
-    if kh == 1 && kw == 1 && g.stride == 1 && g.padding == 0 {
+    if pointwise(kh, kw, g) {
         // y_n (O, P) = W (O, C) · x_n (C, P), image by image, in NCHW as it lies.
         let (n, pixels) = (dims[0], dims[2] * dims[3]);
         return per_image_product(x, (n, pixels), MatRef::row_major(w, o, c));
@@ -168,7 +173,7 @@ pub(crate) fn input_gradient<T: Float>(
     let [n, c, h, wd] = input_dims;
     let [o, _, kh, kw] = wdims;
     let (ho, wo) = (g.out_size(h, kh), g.out_size(wd, kw));
-    if !col2im && kh == 1 && kw == 1 && g.stride == 1 && g.padding == 0 {
+    if !col2im && pointwise(kh, kw, g) {
         // dx_n (C, P) = W^T (C, O) · dy_n (O, P), W^T read column-major.
         let wt = MatRef {
             data: w,
@@ -281,16 +286,24 @@ impl Columns {
         }
     }
 
-    /// A 1×1 kernel at stride 1 without padding: each pixel's only patch is its own C values,
-    /// so the NHWC input already is the patch rows.
+    /// [`pointwise`]: the NHWC input already is the patch rows.
     fn pointwise(&self) -> bool {
-        self.kh == 1 && self.kw == 1 && self.g.stride == 1 && self.g.padding == 0
+        pointwise(self.kh, self.kw, self.g)
+    }
+
+    /// Values of the patch rows of `images` images.
+    fn rows_len(&self, images: usize) -> usize {
+        images * self.ho * self.wo * self.kh * self.kw * self.c
     }
 
     /// The buffer [`Columns::rows`] fills for `images` images (empty when pointwise).
     fn rows_buffer<T: Copy + Default>(&self, images: usize) -> Vec<T> {
-        let len = images * self.ho * self.wo * self.kh * self.kw * self.c;
-        vec![T::default(); if self.pointwise() { 0 } else { len }]
+        let len = if self.pointwise() {
+            0
+        } else {
+            self.rows_len(images)
+        };
+        vec![T::default(); len]
     }
 
     /// The patch rows of `nhwc` (images, H, W, C): `nhwc` itself when pointwise, else written
@@ -303,7 +316,7 @@ impl Columns {
             return nhwc;
         }
         let images = nhwc.len() / (self.h * self.w * self.c).max(1);
-        let rows = &mut buffer[..images * self.ho * self.wo * self.kh * self.kw * self.c];
+        let rows = &mut buffer[..self.rows_len(images)];
         self.rows_into(nhwc, rows);
         rows
     }
@@ -507,8 +520,10 @@ fn conv2d_rows<T: cpu::Float>(
     y
 }
 
-/// Images per chunk of patch rows: as few chunks as keep each within [`COLUMNS_BYTES`], all of
-/// one size (so that the last is not a sliver with a short, slow product).
+/// Images per chunk of patch rows: as few chunks as keep each within [`COLUMNS_BYTES`], and the
+/// images per chunk lowered as far as that number of chunks allows, so that the last chunk is not
+/// a sliver with a short, slow product (ResNet18's last stage at batch 32, at most 28 images per
+/// chunk: two chunks of 16, not 28 and 4).
 fn images_per_chunk(n: usize, bytes_per_image: usize) -> usize {
     let most = (COLUMNS_BYTES / bytes_per_image.max(1)).clamp(1, n.max(1));
     n.div_ceil(n.div_ceil(most).max(1)).max(1)

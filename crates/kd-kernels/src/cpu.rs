@@ -91,19 +91,26 @@ pub(crate) fn par_chunks(out: &mut [f32], len: usize, f: impl Fn(usize, &mut [f3
         .for_each(|(i, chunk)| f(i, chunk));
 }
 
-/// `f(a[i], b[i])` for every element of two same-length slices, in parallel chunks of `CHUNK`
-/// values (the binary element-wise passes of the CPU paths).
+/// Runs `f` on matching `len`-value chunks of `out`, `a` and `b` (same length), in parallel:
+/// each value is computed by the same arithmetic whatever the threads.
+pub(crate) fn par_zip3<F>(out: &mut [f32], a: &[f32], b: &[f32], len: usize, f: F)
+where
+    F: Fn((&mut [f32], (&[f32], &[f32]))) + Sync + Send,
+{
+    use rayon::prelude::*;
+    debug_assert!(a.len() == out.len() && b.len() == out.len());
+    let len = len.max(1);
+    out.par_chunks_mut(len)
+        .zip(a.par_chunks(len).zip(b.par_chunks(len)))
+        .for_each(f);
+}
+
+/// `f(a[i], b[i])` for every element of two same-length slices, in parallel (the binary
+/// element-wise passes of the CPU paths).
 pub(crate) fn zip_map(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
-    const CHUNK: usize = 1 << 14;
-    debug_assert_eq!(a.len(), b.len());
     let mut out = vec![0f32; a.len()];
-    par_chunks(&mut out, CHUNK, |i, chunk| {
-        let start = i * CHUNK;
-        let (a, b) = (
-            &a[start..start + chunk.len()],
-            &b[start..start + chunk.len()],
-        );
-        for ((o, &x), &y) in chunk.iter_mut().zip(a).zip(b) {
+    par_zip3(&mut out, a, b, 1 << 14, |(out, (a, b))| {
+        for ((o, &x), &y) in out.iter_mut().zip(a).zip(b) {
             *o = f(x, y);
         }
     });

@@ -8,14 +8,15 @@
 //!
 //! - [`conv2d`]: convolution through cuDNN forward, backward-data and backward-filter, the
 //!   algorithm chosen once per shape (cuDNN's heuristics, or a benchmark: [`ConvAlgoSearch`])
-//!   and cached, one workspace reused (feature `cudnn`);
+//!   and cached, one workspace reused (feature `cudnn`); on the CPU through kd's own patch-row
+//!   and gemm paths, faster there than candle's convolution;
 //! - [`batch_norm_train`]: BatchNorm in training mode, optionally fused with the ReLU that follows,
 //!   as two kernels forward and two backward (feature `cuda`, NVRTC);
 //! - [`MaxPool2d`]: padded max-pool with a backward pass, on the CPU and on CUDA;
 //! - [`augment_batch`]: crop, flip and normalise a batch from a uint8 data set that stays on the
 //!   device;
 //! - [`sgd_momentum_step`]: SGD with (Nesterov) momentum in two in-place kernels per parameter;
-//! - [`add_relu`]: a residual block's `relu(a + b)` in one pass forward and one backward;
+//! - [`add_relu()`]: a residual block's `relu(a + b)` in one pass forward and one backward;
 //! - [`Precision`]: f32, TF32 or bf16 convolutions and matmuls.
 //!
 //! Without the features every op runs its CPU path, so code written against this crate runs

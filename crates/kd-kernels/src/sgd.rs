@@ -48,18 +48,8 @@ pub fn sgd_momentum_step(param: &Tensor, grad: &Tensor, buf: &Tensor, s: &SgdSte
     param.inplace_op3(&grad, buf, &Param(*s))
 }
 
-/// Runs `f` on matching chunks of `out`, `a` and `b` (same length), in parallel: each value is
-/// computed by the same arithmetic whatever the threads.
-fn par_zip3<F>(out: &mut [f32], a: &[f32], b: &[f32], f: F)
-where
-    F: Fn((&mut [f32], (&[f32], &[f32]))) + Sync + Send,
-{
-    use rayon::prelude::*;
-    const CHUNK: usize = 1 << 15;
-    out.par_chunks_mut(CHUNK)
-        .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
-        .for_each(f);
-}
+/// Values per parallel task of the two in-place passes.
+const CHUNK: usize = 1 << 15;
 
 /// buf ← μ·buf + (1−τ)·(g + wd·p); sources (g, p).
 struct Momentum(SgdStep);
@@ -94,7 +84,7 @@ impl InplaceOp3 for Momentum {
                 *b = *b * mu + gd * damp;
             }
         };
-        par_zip3(buf, g, p, update);
+        cpu::par_zip3(buf, g, p, CHUNK, update);
         Ok(())
     }
 
@@ -140,7 +130,7 @@ impl InplaceOp3 for Param {
                 *p -= d * lr;
             }
         };
-        par_zip3(p, g, buf, update);
+        cpu::par_zip3(p, g, buf, CHUNK, update);
         Ok(())
     }
 
