@@ -17,6 +17,8 @@
 //!   device;
 //! - [`sgd_momentum_step`]: SGD with (Nesterov) momentum in two in-place kernels per parameter;
 //! - [`add_relu()`]: a residual block's `relu(a + b)` in one pass forward and one backward;
+//! - [`batch_norm_eval()`]: BatchNorm(+ReLU) in eval mode in one pass (CPU), for frozen teachers
+//!   and evaluation;
 //! - [`Precision`]: f32, TF32 or bf16 convolutions and matmuls.
 //!
 //! Without the features every op runs its CPU path, so code written against this crate runs
@@ -24,6 +26,7 @@
 pub mod add_relu;
 pub mod augment;
 pub mod batch_norm;
+pub mod batch_norm_eval;
 pub mod conv;
 pub mod conv_algo;
 mod conv_cpu;
@@ -45,6 +48,7 @@ pub mod switches;
 pub use add_relu::add_relu;
 pub use augment::{augment_batch, AugmentPlan, Normalisation};
 pub use batch_norm::{batch_norm_train, BatchNormOutput};
+pub use batch_norm_eval::batch_norm_eval;
 pub use conv::{conv2d, conv2d_cpu, conv2d_custom, Conv2dGeometry};
 pub use conv_algo::ConvAlgoSearch;
 pub use max_pool::MaxPool2d;

@@ -1,4 +1,4 @@
-//! Run-time switches for the CUDA paths, from the environment: `KD_DISABLE=conv,bn,pool,sgd,augment,addrelu`
+//! Run-time switches for the CUDA paths, from the environment: `KD_DISABLE=conv,bn,bneval,pool,sgd,augment,addrelu`
 //! (or `all`) sends the named parts back to candle's own ops, without a rebuild. For bisecting a
 //! kernel on a GPU whose time is short, and for measuring what each part buys.
 use std::sync::OnceLock;
@@ -18,17 +18,20 @@ pub enum Kernel {
     Augment,
     /// The residual blocks' fused add + ReLU.
     AddRelu,
+    /// BatchNorm(+ReLU) in eval mode as one pass (CPU).
+    BatchNormEval,
 }
 
 impl Kernel {
     /// Every part.
-    pub const ALL: [Kernel; 6] = [
+    pub const ALL: [Kernel; 7] = [
         Kernel::Conv,
         Kernel::BatchNorm,
         Kernel::MaxPool,
         Kernel::Sgd,
         Kernel::Augment,
         Kernel::AddRelu,
+        Kernel::BatchNormEval,
     ];
 
     /// The name in `KD_DISABLE`.
@@ -40,6 +43,7 @@ impl Kernel {
             Kernel::Sgd => "sgd",
             Kernel::Augment => "augment",
             Kernel::AddRelu => "addrelu",
+            Kernel::BatchNormEval => "bneval",
         }
     }
 }
@@ -59,7 +63,7 @@ fn parse(spec: &str) -> Vec<Kernel> {
         match Kernel::ALL.iter().find(|k| k.name() == name) {
             Some(k) => out.push(*k),
             None => eprintln!(
-                "warning: KD_DISABLE: unknown part {name:?} (expected conv, bn, pool, sgd, augment, addrelu or all); ignored"
+                "warning: KD_DISABLE: unknown part {name:?} (expected conv, bn, bneval, pool, sgd, augment, addrelu or all); ignored"
             ),
         }
     }

@@ -130,6 +130,94 @@ fn add_relu_matches_candle_add_and_relu_with_gradients() {
     assert!(e.contains("[2, 3]") && e.contains("[3, 2]"), "{e}");
 }
 
+/// y[n, c, h, w] = x·scale[c] + shift[c] (then max(·, 0)), element by element in f64.
+fn scale_shift_by_definition(x: &Tensor, scale: &[f64], shift: &[f64], relu: bool) -> Vec<f64> {
+    let (_, c, h, w) = x.dims4().unwrap();
+    let xs: Vec<f64> = x
+        .to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    xs.iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            let ch = i / (h * w) % c;
+            let y = v * scale[ch] + shift[ch];
+            if relu {
+                y.max(0.0)
+            } else {
+                y
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn batch_norm_eval_matches_its_definition_and_candles_gradients() {
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    for (dtype, tol) in [(DType::F32, 1e-6), (DType::BF16, 8e-3)] {
+        for relu in [false, true] {
+            // A transposed view as input: the op must read it in its logical order.
+            let x = Var::from_tensor(
+                &randn(&mut rng, &[3, 6, 5, 4], dtype)
+                    .transpose(2, 3)
+                    .unwrap(),
+            )
+            .unwrap();
+            let scale = Var::from_tensor(&randn(&mut rng, &[6], DType::F32)).unwrap();
+            let shift = Var::from_tensor(&randn(&mut rng, &[6], DType::F32)).unwrap();
+            let y = kd_kernels::batch_norm_eval(&x, &scale, &shift, relu).unwrap();
+            assert_eq!((y.dims(), y.dtype()), (x.dims(), dtype));
+            let want = scale_shift_by_definition(
+                x.as_tensor(),
+                &scale.to_dtype(DType::F64).unwrap().to_vec1().unwrap(),
+                &shift.to_dtype(DType::F64).unwrap().to_vec1().unwrap(),
+                relu,
+            );
+            let want = Tensor::from_vec(want, x.dims(), &Device::Cpu).unwrap();
+            let err = max_rel(&y, &want);
+            assert!(err <= tol, "{dtype:?} relu {relu}: forward off by {err}");
+
+            // Gradients against candle's autograd of the composed ops, in f32.
+            let r = randn(&mut rng, x.dims(), DType::F32);
+            let xf = x.as_tensor().to_dtype(DType::F32).unwrap();
+            let y_ref = xf
+                .broadcast_mul(&scale.reshape((1, 6, 1, 1)).unwrap())
+                .unwrap()
+                .broadcast_add(&shift.reshape((1, 6, 1, 1)).unwrap())
+                .unwrap();
+            let y_ref = if relu { y_ref.relu().unwrap() } else { y_ref };
+            let g = (y.to_dtype(DType::F32).unwrap() * &r)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let g_ref = (&y_ref * &r)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for (name, v) in [("x", &x), ("scale", &scale), ("shift", &shift)] {
+                let err = max_rel(g.get(v).unwrap(), g_ref.get(v).unwrap());
+                assert!(err <= tol, "{dtype:?} relu {relu}: d{name} off by {err}");
+            }
+        }
+    }
+    let e = kd_kernels::batch_norm_eval(
+        &Tensor::zeros((2, 3, 4, 4), DType::F32, &Device::Cpu).unwrap(),
+        &Tensor::ones(4, DType::F32, &Device::Cpu).unwrap(),
+        &Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap(),
+        false,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("3 channels") && e.contains("[4]"), "{e}");
+}
+
 #[test]
 fn conv_custom_op_rejects_mismatched_operands() {
     let x = Tensor::zeros((1, 3, 8, 8), DType::F32, &Device::Cpu).unwrap();

@@ -60,11 +60,10 @@ impl BatchNorm2d {
         if train && fused_here && kd_kernels::enabled(kd_kernels::Kernel::BatchNorm) {
             return self.forward_train_fused(x, relu);
         }
-        let y = if train {
-            self.forward_train_composed(x)?
-        } else {
-            self.forward_eval(x)?
-        };
+        if !train {
+            return self.forward_eval(x, relu);
+        }
+        let y = self.forward_train_composed(x)?;
         if relu {
             y.relu()
         } else {
@@ -72,18 +71,14 @@ impl BatchNorm2d {
         }
     }
 
-    /// Eval mode: one per-channel scale and shift, computed in f32 and applied in `x`'s dtype.
-    fn forward_eval(&self, x: &Tensor) -> Result<Tensor> {
-        let c = self.weight.dim(0)?;
+    /// Eval mode: one per-channel scale and shift computed in f32, applied (with the ReLU) by
+    /// kd-kernels' one-pass op on the CPU and by candle's ops in `x`'s dtype elsewhere.
+    fn forward_eval(&self, x: &Tensor, relu: bool) -> Result<Tensor> {
         let rm = self.running_mean.detach().to_dtype(DType::F32)?;
         let rv = self.running_var.detach().to_dtype(DType::F32)?;
         let scale = (self.weight.to_dtype(DType::F32)? / (rv + self.eps)?.sqrt()?)?;
         let shift = (self.bias.to_dtype(DType::F32)? - (rm * &scale)?)?;
-        let (scale, shift) = (
-            scale.to_dtype(x.dtype())?.reshape((1, c, 1, 1))?,
-            shift.to_dtype(x.dtype())?.reshape((1, c, 1, 1))?,
-        );
-        x.broadcast_mul(&scale)?.broadcast_add(&shift)
+        kd_kernels::batch_norm_eval(x, &scale, &shift, relu)
     }
 
     /// Training mode through kd-kernels' fused op (on the CPU it runs the op's reference
