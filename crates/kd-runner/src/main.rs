@@ -8,6 +8,7 @@ mod commands;
 mod config;
 mod device;
 mod experiment;
+mod stats;
 
 use clap::{Parser, Subcommand};
 

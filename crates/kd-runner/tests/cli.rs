@@ -247,6 +247,11 @@ fn suite_then_report_end_to_end() {
     );
     // The byot student trains heads it does not deploy: more trainable than deployed parameters.
     let cells: Vec<&str> = lines[2].split(',').collect();
+    // The paired test against the baseline's runs of the same seeds: two pairs at most (none
+    // if the two differences happen to be equal).
+    assert!(md.contains("same seeds (p)") && lines[0].ends_with("paired_t,paired_p"));
+    assert_eq!(cells.len(), 22, "{csv}");
+    assert!(["", "2"].contains(&cells[18]), "{csv}");
     assert!(
         cells[7].parse::<usize>().unwrap() > cells[8].parse::<usize>().unwrap(),
         "{csv}"

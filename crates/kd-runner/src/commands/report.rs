@@ -1,6 +1,7 @@
 //! `kd-runner report RUNS…`: the comparison table of finished runs — per method (label): runs,
 //! trainable parameters during training, deployable student parameters, teacher parameters,
-//! training time, best and last test top-1 as mean ± std over seeds, Δ against the baseline — as
+//! training time, best and last test top-1 as mean ± std over seeds, Δ against the baseline and
+//! a paired t-test against the baseline's runs of the same seeds ([`crate::stats`]) — as
 //! Markdown and CSV, and three plots as PNG and SVG: test top-1 per epoch, accuracy against
 //! training time, accuracy against trainable parameters.
 use std::collections::BTreeMap;
@@ -11,6 +12,7 @@ use kd_train::{EpochMetrics, Summary};
 use plotters::prelude::*;
 
 use crate::experiment::RunInfo;
+use crate::stats::{paired_t_test, PairedTest};
 
 /// Arguments of `report`.
 #[derive(Clone, Debug, clap::Args)]
@@ -38,6 +40,9 @@ pub struct RunRecord {
     pub test_images: usize,
     /// Epochs of the method's init phase (`init_metrics.jsonl`; 0 for one-stage methods).
     pub init_epochs: usize,
+    /// Seed (from `run.json`, else the folder's `-s<seed>`), which pairs a run with the
+    /// baseline's run of the same seed.
+    pub seed: Option<u64>,
 }
 
 /// One row of the table: the runs of one label.
@@ -75,6 +80,9 @@ pub struct Row {
     pub last: (f64, f64),
     /// Best-top-1 difference to the baseline's mean, in points.
     pub delta_best: Option<f64>,
+    /// Last top-1 against the baseline's run of the same seed: paired t-test over the seeds
+    /// both rows have (at least two, and not for the baseline itself).
+    pub paired_last: Option<PairedTest>,
     /// Mean test top-1 per epoch.
     pub curve: Vec<f64>,
 }
@@ -117,21 +125,25 @@ fn read_run(dir: &Path) -> anyhow::Result<RunRecord> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let info: RunInfo = match std::fs::read_to_string(dir.join("run.json"))
+    let folder_seed = name
+        .rsplit_once("-s")
+        .and_then(|(l, s)| Some((l, s.parse::<u64>().ok()?)));
+    let (info, seed): (RunInfo, Option<u64>) = match std::fs::read_to_string(dir.join("run.json"))
         .ok()
-        .and_then(|t| serde_json::from_str(&t).ok())
+        .and_then(|t| serde_json::from_str::<RunInfo>(&t).ok())
     {
-        Some(i) => i,
+        Some(i) => {
+            let seed = i.seed;
+            (i, Some(seed))
+        }
         None => {
             // Runs made without a run.json label: the folder name without its -s<seed>.
-            let label = name
-                .rsplit_once("-s")
-                .filter(|(_, s)| s.parse::<u64>().is_ok())
-                .map_or(name.clone(), |(l, _)| l.to_string());
-            RunInfo {
+            let label = folder_seed.map_or(name.clone(), |(l, _)| l.to_string());
+            let info = RunInfo {
                 label,
                 ..Default::default()
-            }
+            };
+            (info, folder_seed.map(|(_, s)| s))
         }
     };
     // A two-stage method's init phase: one row per epoch.
@@ -145,6 +157,7 @@ fn read_run(dir: &Path) -> anyhow::Result<RunRecord> {
         summary,
         epochs,
         test_images: info.test_images,
+        seed,
     })
 }
 
@@ -232,22 +245,39 @@ pub fn table(runs: &[RunRecord]) -> Report {
                 best: mean_std(&best),
                 last: mean_std(&last),
                 delta_best: None,
+                paired_last: None,
                 curve,
             }
         })
         .collect();
-    // Δ against the baseline (method none) of the same variant, else any baseline.
-    let baselines: Vec<(String, f64)> = rows
+    // Δ against the baseline (method none) of the same variant, else any baseline; the paired
+    // test over the seeds both have.
+    let last_by_seed = |label: &str| -> BTreeMap<u64, f64> {
+        runs.iter()
+            .filter(|r| r.label == label)
+            .filter_map(|r| Some((r.seed?, r.summary.last_top1)))
+            .collect()
+    };
+    let baselines: Vec<(String, f64, BTreeMap<u64, f64>)> = rows
         .iter()
         .filter(|r| r.method == "none")
-        .map(|r| (r.variant.clone(), r.best.0))
+        .map(|r| (r.variant.clone(), r.best.0, last_by_seed(&r.label)))
         .collect();
     for r in &mut rows {
         let base = baselines
             .iter()
-            .find(|(v, _)| *v == r.variant)
+            .find(|(v, ..)| *v == r.variant)
             .or(baselines.first());
-        r.delta_best = base.map(|(_, b)| r.best.0 - b);
+        r.delta_best = base.map(|(_, b, _)| r.best.0 - b);
+        if r.method != "none" {
+            if let Some((.., base_last)) = base {
+                let (ours, theirs): (Vec<f64>, Vec<f64>) = last_by_seed(&r.label)
+                    .into_iter()
+                    .filter_map(|(seed, v)| Some((v, *base_last.get(&seed)?)))
+                    .unzip();
+                r.paired_last = paired_t_test(&ours, &theirs);
+            }
+        }
     }
     rows.sort_by(|a, b| {
         (a.variant.as_str(), a.method != "none", a.label.as_str()).cmp(&(
@@ -267,6 +297,16 @@ fn pm(v: (f64, f64), runs: usize) -> String {
     }
 }
 
+/// A p-value to two significant digits, `< 0.001` below that.
+fn p_value(p: f64) -> String {
+    match p {
+        p if p < 0.001 => "< 0.001".into(),
+        p if p < 0.01 => format!("{p:.4}"),
+        p if p < 0.1 => format!("{p:.3}"),
+        p => format!("{p:.2}"),
+    }
+}
+
 /// Thousands separated by commas.
 fn count(n: usize) -> String {
     let s = n.to_string();
@@ -283,10 +323,10 @@ fn count(n: usize) -> String {
 impl Report {
     /// The Markdown table.
     pub fn markdown(&self) -> String {
-        let mut s = String::from("| method | runs | epochs | test images | trainable params | deployed params | teacher params | train time (s) | of which teacher (s) | best top-1 (%) | last top-1 (%) | Δ best vs baseline |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+        let mut s = String::from("| method | runs | epochs | test images | trainable params | deployed params | teacher params | train time (s) | of which teacher (s) | best top-1 (%) | last top-1 (%) | Δ best vs baseline | Δ last vs baseline, same seeds (p) |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
         for r in &self.rows {
             s += &format!(
-                "| {} | {} | {} | {} | {} | {} | {} | {:.0} | {:.0} | {} | {} | {} |\n",
+                "| {} | {} | {} | {} | {} | {} | {} | {:.0} | {:.0} | {} | {} | {} | {} |\n",
                 r.label,
                 r.runs,
                 if r.init_epochs > 0 {
@@ -314,6 +354,10 @@ impl Report {
                     Some(d) if r.method == "none" => format!("{d:+.2} (baseline)"),
                     Some(d) => format!("{d:+.2}"),
                     None => "–".into(),
+                },
+                match r.paired_last {
+                    Some(p) => format!("{:+.2} (p = {}, {} seeds)", p.mean, p_value(p.p), p.n),
+                    None => "–".into(),
                 }
             );
         }
@@ -322,10 +366,10 @@ impl Report {
 
     /// The CSV table.
     pub fn csv(&self) -> String {
-        let mut s = String::from("label,method,variant,runs,epochs,init_epochs,test_images,trainable_params,deploy_params,teacher_params,train_seconds,teacher_seconds,init_seconds,best_top1_mean,best_top1_std,last_top1_mean,last_top1_std,delta_best\n");
+        let mut s = String::from("label,method,variant,runs,epochs,init_epochs,test_images,trainable_params,deploy_params,teacher_params,train_seconds,teacher_seconds,init_seconds,best_top1_mean,best_top1_std,last_top1_mean,last_top1_std,delta_best,paired_seeds,paired_delta_last,paired_t,paired_p\n");
         for r in &self.rows {
             s += &format!(
-                "{},{},{},{},{},{},{},{},{},{},{:.3},{:.3},{:.3},{:.4},{:.4},{:.4},{:.4},{}\n",
+                "{},{},{},{},{},{},{},{},{},{},{:.3},{:.3},{:.3},{:.4},{:.4},{:.4},{:.4},{},{},{},{},{}\n",
                 r.label,
                 r.method,
                 r.variant,
@@ -343,7 +387,17 @@ impl Report {
                 r.best.1,
                 r.last.0,
                 r.last.1,
-                r.delta_best.map(|d| format!("{d:.4}")).unwrap_or_default()
+                r.delta_best.map(|d| format!("{d:.4}")).unwrap_or_default(),
+                r.paired_last.map(|p| p.n.to_string()).unwrap_or_default(),
+                r.paired_last
+                    .map(|p| format!("{:.4}", p.mean))
+                    .unwrap_or_default(),
+                r.paired_last
+                    .map(|p| format!("{:.4}", p.t))
+                    .unwrap_or_default(),
+                r.paired_last
+                    .map(|p| format!("{:.6}", p.p))
+                    .unwrap_or_default()
             );
         }
         s
@@ -570,4 +624,64 @@ pub fn run(args: &ReportArgs) -> anyhow::Result<()> {
         println!("wrote {}", f.display());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(label: &str, method: &str, seed: Option<u64>, last: f64) -> RunRecord {
+        RunRecord {
+            label: label.into(),
+            variant: String::new(),
+            summary: Summary {
+                trainable_params: 10,
+                deploy_params: 10,
+                best_top1: last,
+                best_epoch: 1,
+                last_top1: last,
+                train_seconds: 1.0,
+                teacher_seconds: 0.0,
+                init_seconds: 0.0,
+                teacher_params: 0,
+                method: method.into(),
+                peers: Vec::new(),
+            },
+            epochs: Vec::new(),
+            test_images: 100,
+            init_epochs: 0,
+            seed,
+        }
+    }
+
+    #[test]
+    fn the_paired_test_takes_only_the_seeds_both_rows_have() {
+        let runs = [
+            run("baseline", "none", Some(0), 50.0),
+            run("baseline", "none", Some(1), 52.0),
+            run("baseline", "none", Some(2), 51.0),
+            // Seed 3 has no baseline run and a seedless run has no pair: both are left out.
+            run("kd", "kd", Some(1), 53.5),
+            run("kd", "kd", Some(2), 52.0),
+            run("kd", "kd", Some(3), 90.0),
+            run("kd", "kd", None, 90.0),
+            run("at", "at", Some(0), 49.0),
+        ];
+        let report = table(&runs);
+        let row = |l: &str| report.rows.iter().find(|r| r.label == l).unwrap();
+        assert_eq!(row("baseline").paired_last, None);
+        // Differences 1.5 and 1.0: mean 1.25, se 0.25, t 5, p = 1 − (2/π)·atan 5 (one df).
+        let p = row("kd").paired_last.unwrap();
+        assert_eq!(p.n, 2);
+        assert!((p.mean - 1.25).abs() < 1e-12 && (p.t - 5.0).abs() < 1e-12);
+        let want = 1.0 - 2.0 / std::f64::consts::PI * 5f64.atan();
+        assert!((p.p - want).abs() < 1e-12);
+        // One pair only: no test.
+        assert_eq!(row("at").paired_last, None);
+        let md = report.markdown();
+        assert!(md.contains("| +1.25 (p = 0.13, 2 seeds) |"), "{md}");
+        let csv = report.csv();
+        let kd_line = csv.lines().find(|l| l.starts_with("kd,")).unwrap();
+        assert!(kd_line.ends_with(",2,1.2500,5.0000,0.125666"), "{kd_line}");
+    }
 }
