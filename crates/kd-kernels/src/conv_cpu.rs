@@ -15,7 +15,7 @@
 use candle_core::{bail, DType, Result, Tensor};
 
 use crate::conv::{backward_data_reference, backward_filter_reference, Conv2dGeometry};
-use crate::cpu::{self, Float, MatRef};
+use crate::cpu::{self, Float, MatRef, Scratch};
 
 /// Runs `$body` with `$a` and `$b` bound to the elements of `$t` and `$u` (one dtype, which the
 /// caller checks) as `&[f32]` or `&[f64]`, borrowed when contiguous, and wraps the `Vec` it
@@ -195,7 +195,7 @@ pub(crate) fn input_gradient<T: Float>(
     let geometry = Columns::new(input_dims, (kh, kw), ho, wo, g);
     let (taps, pixels) = (c * kh * kw, n * ho * wo);
     let dy = batch_in_columns(dy, n, o, ho * wo);
-    let mut cols = vec![T::default(); taps * pixels];
+    let mut cols = Scratch::take(taps * pixels);
     // W^T: w read as (C·K², O), column-major.
     let wt = MatRef {
         data: w,
@@ -238,9 +238,9 @@ fn per_image_product<T: Float>(b: &[T], (images, p): (usize, usize), a: MatRef<'
 
 /// `dy` (N, O, P) as (O, N·P): the batch folded into the columns, so that a gradient's matrix
 /// product is one large one; one output channel per parallel task.
-fn batch_in_columns<T: Float>(dy: &[T], n: usize, o: usize, p: usize) -> Vec<T> {
+fn batch_in_columns<T: Float>(dy: &[T], n: usize, o: usize, p: usize) -> Scratch<T> {
     use rayon::prelude::*;
-    let mut out = vec![T::default(); o * n * p];
+    let mut out = Scratch::take(o * n * p);
     if out.is_empty() {
         return out;
     }
@@ -297,13 +297,13 @@ impl Columns {
     }
 
     /// The buffer [`Columns::rows`] fills for `images` images (empty when pointwise).
-    fn rows_buffer<T: Copy + Default>(&self, images: usize) -> Vec<T> {
+    fn rows_buffer<T: Float>(&self, images: usize) -> Scratch<T> {
         let len = if self.pointwise() {
             0
         } else {
             self.rows_len(images)
         };
-        vec![T::default(); len]
+        Scratch::take(len)
     }
 
     /// The patch rows of `nhwc` (images, H, W, C): `nhwc` itself when pointwise, else written
@@ -369,7 +369,7 @@ impl Columns {
         let nhwc = to_nhwc(x, n, self.c, self.h * self.w);
         let chunk = images_per_chunk(n, plane_out * k * std::mem::size_of::<T>());
         let mut buffer = self.rows_buffer(chunk);
-        let mut by_tap = vec![T::default(); o * k];
+        let mut by_tap = Scratch::take(o * k);
         for (i, first) in (0..n).step_by(chunk).enumerate() {
             let len = chunk.min(n - first);
             let rows = self.rows(&nhwc[first * plane_in..][..len * plane_in], &mut buffer);
@@ -494,7 +494,7 @@ fn conv2d_rows<T: cpu::Float>(
     let nhwc = to_nhwc(x, n, c, h * wd);
     let chunk = images_per_chunk(n, plane_out * k * std::mem::size_of::<T>());
     let mut buffer = geometry.rows_buffer(chunk);
-    let mut prod = vec![T::default(); chunk * plane_out * o];
+    let mut prod = Scratch::take(chunk * plane_out * o);
     for (i, out) in y.chunks_mut(chunk * o * plane_out).enumerate() {
         let len = out.len() / (o * plane_out);
         let prod = &mut prod[..len * plane_out * o];
@@ -530,10 +530,10 @@ fn images_per_chunk(n: usize, bytes_per_image: usize) -> usize {
 }
 
 /// (N, C, P) → (N, P, C), in parallel over images and blocks of 64 pixels.
-fn to_nhwc<T: Copy + Default + Send + Sync>(v: &[T], n: usize, c: usize, p: usize) -> Vec<T> {
+fn to_nhwc<T: Float>(v: &[T], n: usize, c: usize, p: usize) -> Scratch<T> {
     use rayon::prelude::*;
     const BLOCK: usize = 64;
-    let mut out = vec![T::default(); n * c * p];
+    let mut out = Scratch::take(n * c * p);
     out.par_chunks_mut(c * p)
         .enumerate()
         .for_each(|(img, image)| {
@@ -558,3 +558,96 @@ fn to_nhwc<T: Copy + Default + Send + Sync>(v: &[T], n: usize, c: usize, p: usiz
 /// time in page faults), large enough for long matrix products (ResNet18's first stage: 3 images,
 /// 3,072 rows).
 const COLUMNS_BYTES: usize = 8 << 20;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::SCRATCH_KEPT;
+    use candle_core::Device;
+
+    /// Fills this thread's scratch pool with NaN buffers of many sizes.
+    fn poison_scratch() {
+        let held: Vec<Scratch<f32>> = [1 << 10, 1 << 14, 1 << 18, 1 << 20, 3 << 20]
+            .into_iter()
+            .map(|len| {
+                let mut s = Scratch::<f32>::take(len);
+                s.fill(f32::NAN);
+                s
+            })
+            .collect();
+        drop(held);
+    }
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    /// The lent buffers hold the last borrower's values; a NaN read anywhere before it is
+    /// written would reach the result. Each path runs after the pool is poisoned.
+    #[test]
+    fn convolutions_write_every_scratch_value_they_read() {
+        let dev = Device::Cpu;
+        // (x dims, w dims, stride, padding): 3×3 at strides 1 and 2, 1×1 pointwise and strided.
+        for (xd, wd, stride, padding) in [
+            ([3, 5, 9, 7], [4, 5, 3, 3], 1, 1),
+            ([3, 5, 9, 7], [4, 5, 3, 3], 2, 1),
+            ([2, 6, 8, 8], [7, 6, 1, 1], 1, 0),
+            ([2, 6, 8, 8], [7, 6, 1, 1], 2, 0),
+        ] {
+            let g = Conv2dGeometry { stride, padding };
+            let x = Tensor::randn(0f32, 1.0, &xd, &dev).unwrap();
+            let w = Tensor::randn(0f32, 1.0, &wd, &dev).unwrap();
+            poison_scratch();
+            let y = conv2d_cpu(&x, &w, g).unwrap();
+            let y_ref = x.conv2d(&w, padding, stride, 1, 1).unwrap();
+            assert!(
+                max_abs_diff(&y, &y_ref) < 1e-4,
+                "forward {xd:?} {wd:?} s{stride}"
+            );
+            let dy = Tensor::randn(0f32, 1.0, y.dims(), &dev).unwrap();
+            for col2im in [false, true] {
+                poison_scratch();
+                let dx = input_gradient_tensor(&dy, &w, g, xd, col2im).unwrap();
+                let dx_ref = backward_data_reference(&dy, &w, g, xd).unwrap();
+                assert!(
+                    max_abs_diff(&dx, &dx_ref) < 1e-4,
+                    "dx {xd:?} {wd:?} s{stride}"
+                );
+            }
+            poison_scratch();
+            let dw = backward_filter_cpu(&x, &dy, g, wd).unwrap();
+            let dw_ref = backward_filter_reference(&x, &dy, g, wd).unwrap();
+            assert!(
+                max_abs_diff(&dw, &dw_ref) < 1e-3,
+                "dw {xd:?} {wd:?} s{stride}"
+            );
+        }
+    }
+
+    #[test]
+    fn scratch_lends_the_smallest_fitting_buffer_and_keeps_a_few() {
+        let big = Scratch::<f64>::take(1000);
+        let small = Scratch::<f64>::take(10);
+        let (big_ptr, small_ptr) = (big.as_ptr(), small.as_ptr());
+        drop((big, small));
+        // 8 values fit both; the smaller is lent, with its old length's values cut to 8.
+        let s = Scratch::<f64>::take(8);
+        assert_eq!((s.len(), s.as_ptr()), (8, small_ptr));
+        let b = Scratch::<f64>::take(900);
+        assert_eq!((b.len(), b.as_ptr()), (900, big_ptr));
+        drop((s, b));
+        let many: Vec<_> = (1..=10).map(|i| Scratch::<f64>::take(i * 100)).collect();
+        drop(many);
+        let kept = f64::scratch_pool().with(|p| p.borrow().len());
+        assert_eq!(kept, SCRATCH_KEPT);
+    }
+}

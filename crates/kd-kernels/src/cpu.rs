@@ -1,6 +1,7 @@
 //! Moving between a custom op's `CpuStorage` and tensors, so CPU paths can reuse candle's ops.
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, DType, Device, Layout, Result, Storage, Tensor, WithDType};
+use std::cell::RefCell;
 
 /// A tensor holding the elements of a contiguous `(storage, layout)` pair.
 pub(crate) fn tensor(s: &CpuStorage, l: &Layout) -> Result<Tensor> {
@@ -151,9 +152,99 @@ macro_rules! float_slices {
 pub(crate) use float_slices;
 
 /// The element types of the CPU convolution's matrix products (gemm has kernels for both).
-pub(crate) trait Float: WithDType + Default + Send + Sync + 'static {}
-impl Float for f32 {}
-impl Float for f64 {}
+pub(crate) trait Float: WithDType + Default + Send + Sync + 'static {
+    /// This thread's idle [`Scratch`] buffers of this type.
+    fn scratch_pool() -> &'static std::thread::LocalKey<RefCell<Vec<Vec<Self>>>>;
+}
+
+thread_local! {
+    static SCRATCH_F32: RefCell<Vec<Vec<f32>>> = const { RefCell::new(Vec::new()) };
+    static SCRATCH_F64: RefCell<Vec<Vec<f64>>> = const { RefCell::new(Vec::new()) };
+}
+
+impl Float for f32 {
+    fn scratch_pool() -> &'static std::thread::LocalKey<RefCell<Vec<Vec<Self>>>> {
+        &SCRATCH_F32
+    }
+}
+
+impl Float for f64 {
+    fn scratch_pool() -> &'static std::thread::LocalKey<RefCell<Vec<Vec<Self>>>> {
+        &SCRATCH_F64
+    }
+}
+
+/// Idle scratch buffers a thread keeps: a convolution holds at most three at once.
+pub(crate) const SCRATCH_KEPT: usize = 4;
+
+/// A buffer of `len` values lent from the calling thread's pool and given back when dropped.
+///
+/// The CPU convolution's temporaries (NHWC copy, patch rows, products, the gradient's columns)
+/// were fresh, zero-filled allocations on every call, tens of MB per step that the kernel faulted
+/// in page by page and unmapped again. Lent buffers keep their memory from call to call. Their
+/// values are whatever the last borrower left: a borrower writes every value before it reads it.
+pub(crate) struct Scratch<T: Float> {
+    buf: Vec<T>,
+}
+
+impl<T: Float> Scratch<T> {
+    /// A buffer of `len` values: the pool's smallest one that holds `len` without growing, else
+    /// a new one (values of a new buffer are zero).
+    pub fn take(len: usize) -> Self {
+        let reused = T::scratch_pool().with(|pool| {
+            let mut pool = pool.borrow_mut();
+            let best = pool
+                .iter()
+                .enumerate()
+                .filter(|(_, b)| b.capacity() >= len)
+                .min_by_key(|(_, b)| b.capacity())
+                .map(|(i, _)| i)?;
+            Some(pool.swap_remove(best))
+        });
+        let mut buf = reused.unwrap_or_default();
+        if buf.capacity() < len {
+            buf = vec![T::default(); len];
+        } else {
+            // Within capacity: a truncation, or a fill of the part beyond the last length.
+            buf.resize(len, T::default());
+        }
+        Scratch { buf }
+    }
+}
+
+impl<T: Float> Drop for Scratch<T> {
+    fn drop(&mut self) {
+        let buf = std::mem::take(&mut self.buf);
+        if buf.capacity() == 0 {
+            return;
+        }
+        // try_with: a thread being torn down has no pool left; the buffer is then freed.
+        let _ = T::scratch_pool().try_with(|pool| {
+            let mut pool = pool.borrow_mut();
+            pool.push(buf);
+            if pool.len() > SCRATCH_KEPT {
+                // Keep the largest: they serve every smaller request too.
+                let smallest = (0..pool.len())
+                    .min_by_key(|&i| pool[i].capacity())
+                    .expect("the pool is not empty");
+                pool.swap_remove(smallest);
+            }
+        });
+    }
+}
+
+impl<T: Float> std::ops::Deref for Scratch<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        &self.buf
+    }
+}
+
+impl<T: Float> std::ops::DerefMut for Scratch<T> {
+    fn deref_mut(&mut self) -> &mut [T] {
+        &mut self.buf
+    }
+}
 
 /// A read-only matrix inside a slice: element (i, j) at `i·row_stride + j·col_stride`, so that
 /// a block of columns, or a transpose, is a view rather than a copy.
