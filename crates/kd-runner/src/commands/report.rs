@@ -85,6 +85,51 @@ pub struct Row {
     pub paired_last: Option<PairedTest>,
     /// Mean test top-1 per epoch.
     pub curve: Vec<f64>,
+    /// The peers an online method trained beside the student, by name (empty for the others).
+    pub peers: Vec<PeerRow>,
+}
+
+/// A peer of an online method (DML), over the runs of its row.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PeerRow {
+    /// The peer's name (`peer1`, …).
+    pub name: String,
+    /// Its architecture.
+    pub model: String,
+    /// Its parameters.
+    pub params: usize,
+    /// Best test top-1 mean and std (%).
+    pub best: (f64, f64),
+    /// Last test top-1 mean and std (%).
+    pub last: (f64, f64),
+}
+
+/// The peers of a row's runs, matched by name, in the first run's order.
+fn peer_rows(runs: &[&RunRecord]) -> Vec<PeerRow> {
+    let Some(first) = runs.first() else {
+        return Vec::new();
+    };
+    first
+        .summary
+        .peers
+        .iter()
+        .map(|p| {
+            let of_runs: Vec<_> = runs
+                .iter()
+                .filter_map(|r| r.summary.peers.iter().find(|q| q.name == p.name))
+                .collect();
+            let stat = |f: fn(&kd_train::PeerSummary) -> f64| {
+                mean_std(&of_runs.iter().map(|q| f(q)).collect::<Vec<_>>())
+            };
+            PeerRow {
+                name: p.name.clone(),
+                model: p.model.clone(),
+                params: p.params,
+                best: stat(|q| q.best_top1),
+                last: stat(|q| q.last_top1),
+            }
+        })
+        .collect()
 }
 
 /// The report.
@@ -247,6 +292,7 @@ pub fn table(runs: &[RunRecord]) -> Report {
                 delta_best: None,
                 paired_last: None,
                 curve,
+                peers: peer_rows(&g),
             }
         })
         .collect();
@@ -360,6 +406,22 @@ impl Report {
                     None => "–".into(),
                 }
             );
+        }
+        if self.rows.iter().any(|r| !r.peers.is_empty()) {
+            s += "\nPeers trained beside the student (online methods; not deployed):\n\n| method | peer | model | params | best top-1 (%) | last top-1 (%) |\n|---|---|---|---|---|---|\n";
+            for r in &self.rows {
+                for p in &r.peers {
+                    s += &format!(
+                        "| {} | {} | {} | {} | {} | {} |\n",
+                        r.label,
+                        p.name,
+                        p.model,
+                        count(p.params),
+                        pm(p.best, r.runs),
+                        pm(p.last, r.runs)
+                    );
+                }
+            }
         }
         s
     }
@@ -652,6 +714,35 @@ mod tests {
             init_epochs: 0,
             seed,
         }
+    }
+
+    #[test]
+    fn online_peers_get_a_table_of_their_own() {
+        let with_peer = |seed, last, peer_last| {
+            let mut r = run("dml", "dml", Some(seed), last);
+            r.summary.peers.push(kd_train::PeerSummary {
+                name: "peer1".into(),
+                model: "resnet18".into(),
+                params: 2_797_610,
+                best_top1: peer_last + 1.0,
+                last_top1: peer_last,
+            });
+            r
+        };
+        let report = table(&[
+            run("baseline", "none", Some(0), 50.0),
+            with_peer(0, 49.0, 56.0),
+            with_peer(1, 51.0, 58.0),
+        ]);
+        let md = report.markdown();
+        assert!(md.contains("Peers trained beside the student"), "{md}");
+        assert!(
+            md.contains("| dml | peer1 | resnet18 | 2,797,610 | 58.00 ± 1.41 | 57.00 ± 1.41 |"),
+            "{md}"
+        );
+        // Without online methods there is no peer table.
+        let plain = table(&[run("baseline", "none", Some(0), 50.0)]).markdown();
+        assert!(!plain.contains("Peers"), "{plain}");
     }
 
     #[test]
