@@ -1,43 +1,73 @@
-//! BatchNorm2d in eval mode, `y = x·scale[c] + shift[c]`, optionally followed by ReLU, as one
-//! pass over the activations.
+//! BatchNorm2d in eval mode, `y = (x − μ)·γ/√(σ² + ε) + β` with the running statistics,
+//! optionally followed by ReLU, as one pass over the activations.
 //!
 //! A frozen teacher's forward pass and every evaluation run BatchNorm this way. Composed from
 //! candle's ops it is a broadcast multiply, a broadcast add and a ReLU: three passes and two
-//! intermediate tensors over every activation of the network. The scale and shift
-//! (`γ/√(σ² + ε)` and `β − μ·scale`) are per-channel and computed by the caller, so gradients
-//! reach γ and β through them; this op's own backward is the composed formula.
+//! intermediate tensors over every activation of the network, after half a dozen small ops that
+//! make the per-channel scale and shift.
 //!
-//! The one-pass path runs on the CPU for f32 and bf16 (arithmetic in f32); on CUDA, and with
-//! `KD_DISABLE=bneval`, the composed ops run.
+//! - Where nothing needs a gradient (a frozen teacher: constant weights, constant input), on
+//!   CUDA (feature `cuda`): the training kernel's apply step with the running statistics, one
+//!   kernel and no scale-and-shift ops.
+//! - On the CPU (f32, bf16): the per-channel scale `γ/√(σ² + ε)` and shift `β − μ·scale` as
+//!   candle ops (so gradients reach γ and β), then one pass, `x·scale + shift` and the ReLU, in
+//!   f32; in f32 these are the composed ops' own roundings.
+//! - Elsewhere, and with `KD_DISABLE=bneval`: the composed ops.
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
 use crate::cpu;
 use candle_core::backend::BackendStorage;
 use rayon::prelude::*;
 
-/// `x · scale + shift` per channel of `x` (N, C, H, W), then ReLU if `relu`. `scale` and
-/// `shift` are (C,); the result has `x`'s dtype.
-pub fn batch_norm_eval(x: &Tensor, scale: &Tensor, shift: &Tensor, relu: bool) -> Result<Tensor> {
+/// BatchNorm of `x` (N, C, H, W) in eval mode with `weight` γ, `bias` β, `running_mean` μ and
+/// `running_var` σ² (all (C,)), then ReLU if `relu`; the result has `x`'s dtype.
+pub fn batch_norm_eval(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+    eps: f64,
+    relu: bool,
+) -> Result<Tensor> {
     let (_, c, _, _) = x.dims4()?;
-    if scale.dims() != [c] || shift.dims() != [c] {
-        bail!(
-            "batch_norm_eval: input {:?} has {c} channels but scale is {:?} and shift {:?}",
-            x.dims(),
-            scale.dims(),
-            shift.dims()
-        );
+    for (name, t) in [
+        ("weight", weight),
+        ("bias", bias),
+        ("running mean", running_mean),
+        ("running variance", running_var),
+    ] {
+        if t.dims() != [c] {
+            bail!(
+                "batch_norm_eval: input {:?} has {c} channels but the {name} is {:?}",
+                x.dims(),
+                t.dims()
+            );
+        }
     }
     let ours = crate::enabled(crate::Kernel::BatchNormEval)
-        && x.device().is_cpu()
         && matches!(x.dtype(), DType::F32 | DType::BF16);
-    if !ours {
-        return composed(x, scale, shift, relu);
+    let frozen = !x.track_op() && !weight.track_op() && !bias.track_op();
+    if ours && frozen && crate::HAS_CUDA_KERNELS && x.device().is_cuda() {
+        let stats = Tensor::stack(
+            &[
+                running_mean.detach().to_dtype(DType::F32)?,
+                running_var.detach().to_dtype(DType::F32)?,
+            ],
+            0,
+        )?;
+        return crate::batch_norm::apply_no_grad(x, weight, bias, stats, eps, relu);
     }
-    x.contiguous()?.apply_op3(
-        &scale.to_dtype(DType::F32)?,
-        &shift.to_dtype(DType::F32)?,
-        ScaleShift { relu },
-    )
+    let rm = running_mean.detach().to_dtype(DType::F32)?;
+    let rv = running_var.detach().to_dtype(DType::F32)?;
+    let scale = (weight.to_dtype(DType::F32)? / (rv + eps)?.sqrt()?)?;
+    let shift = (bias.to_dtype(DType::F32)? - (rm * &scale)?)?;
+    if ours && x.device().is_cpu() {
+        return x
+            .contiguous()?
+            .apply_op3(&scale, &shift, ScaleShift { relu });
+    }
+    composed(x, &scale, &shift, relu)
 }
 
 /// The same with candle's ops: scale and shift in `x`'s dtype, broadcast over (N, H, W).
@@ -129,5 +159,39 @@ impl CustomOp3 for ScaleShift {
         let dscale = per_channel(&(&g * x.to_dtype(DType::F32)?)?)?;
         let dshift = per_channel(&g)?;
         Ok((Some(dx), Some(dscale), Some(dshift)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// The CUDA path (the training kernel's apply step with the running statistics) has a CPU
+    /// implementation too: it must agree with the CPU path's scale and shift.
+    #[test]
+    fn the_no_gradient_apply_path_agrees_with_scale_and_shift() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 2.0, (3, 5, 4, 6), &dev).unwrap();
+        let w = Tensor::randn(1f32, 0.5, 5, &dev).unwrap();
+        let b = Tensor::randn(0f32, 0.5, 5, &dev).unwrap();
+        let m = Tensor::randn(0f32, 1.0, 5, &dev).unwrap();
+        let v = (Tensor::randn(0f32, 1.0, 5, &dev).unwrap().abs().unwrap() + 0.1).unwrap();
+        for relu in [false, true] {
+            let ours = batch_norm_eval(&x, &w, &b, &m, &v, 1e-5, relu).unwrap();
+            let stats = Tensor::stack(&[&m, &v], 0).unwrap();
+            let apply = crate::batch_norm::apply_no_grad(&x, &w, &b, stats, 1e-5, relu).unwrap();
+            let d: f32 = (ours - apply)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+            assert!(d < 1e-5, "relu {relu}: {d}");
+        }
     }
 }

@@ -130,21 +130,24 @@ fn add_relu_matches_candle_add_and_relu_with_gradients() {
     assert!(e.contains("[2, 3]") && e.contains("[3, 2]"), "{e}");
 }
 
-/// y[n, c, h, w] = x·scale[c] + shift[c] (then max(·, 0)), element by element in f64.
-fn scale_shift_by_definition(x: &Tensor, scale: &[f64], shift: &[f64], relu: bool) -> Vec<f64> {
+/// BatchNorm in eval mode element by element in f64: (x − μ)/√(σ² + ε)·γ + β, then max(·, 0).
+fn eval_bn_by_definition(x: &Tensor, p: [&Tensor; 4], eps: f64, relu: bool) -> Vec<f64> {
     let (_, c, h, w) = x.dims4().unwrap();
-    let xs: Vec<f64> = x
-        .to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    xs.iter()
+    let f64s = |t: &Tensor| -> Vec<f64> {
+        t.to_dtype(DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    let [g, b, m, v] = p.map(f64s);
+    f64s(x)
+        .iter()
         .enumerate()
-        .map(|(i, &v)| {
+        .map(|(i, &e)| {
             let ch = i / (h * w) % c;
-            let y = v * scale[ch] + shift[ch];
+            let y = (e - m[ch]) / (v[ch] + eps).sqrt() * g[ch] + b[ch];
             if relu {
                 y.max(0.0)
             } else {
@@ -157,7 +160,8 @@ fn scale_shift_by_definition(x: &Tensor, scale: &[f64], shift: &[f64], relu: boo
 #[test]
 fn batch_norm_eval_matches_its_definition_and_candles_gradients() {
     let mut rng = ChaCha8Rng::seed_from_u64(11);
-    for (dtype, tol) in [(DType::F32, 1e-6), (DType::BF16, 8e-3)] {
+    let eps = 1e-5;
+    for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 8e-3)] {
         for relu in [false, true] {
             // A transposed view as input: the op must read it in its logical order.
             let x = Var::from_tensor(
@@ -166,27 +170,30 @@ fn batch_norm_eval_matches_its_definition_and_candles_gradients() {
                     .unwrap(),
             )
             .unwrap();
-            let scale = Var::from_tensor(&randn(&mut rng, &[6], DType::F32)).unwrap();
-            let shift = Var::from_tensor(&randn(&mut rng, &[6], DType::F32)).unwrap();
-            let y = kd_kernels::batch_norm_eval(&x, &scale, &shift, relu).unwrap();
+            let gamma = Var::from_tensor(&randn(&mut rng, &[6], DType::F32)).unwrap();
+            let beta = Var::from_tensor(&randn(&mut rng, &[6], DType::F32)).unwrap();
+            let mean = randn(&mut rng, &[6], DType::F32);
+            let var = (randn(&mut rng, &[6], DType::F32).abs().unwrap() + 0.2).unwrap();
+            let y = kd_kernels::batch_norm_eval(&x, &gamma, &beta, &mean, &var, eps, relu).unwrap();
             assert_eq!((y.dims(), y.dtype()), (x.dims(), dtype));
-            let want = scale_shift_by_definition(
-                x.as_tensor(),
-                &scale.to_dtype(DType::F64).unwrap().to_vec1().unwrap(),
-                &shift.to_dtype(DType::F64).unwrap().to_vec1().unwrap(),
-                relu,
-            );
+            let want =
+                eval_bn_by_definition(x.as_tensor(), [&gamma, &beta, &mean, &var], eps, relu);
             let want = Tensor::from_vec(want, x.dims(), &Device::Cpu).unwrap();
             let err = max_rel(&y, &want);
             assert!(err <= tol, "{dtype:?} relu {relu}: forward off by {err}");
 
-            // Gradients against candle's autograd of the composed ops, in f32.
+            // Gradients against candle's autograd of the formula, in f32.
             let r = randn(&mut rng, x.dims(), DType::F32);
+            let per_channel = |t: &Tensor| t.reshape((1, 6, 1, 1)).unwrap();
             let xf = x.as_tensor().to_dtype(DType::F32).unwrap();
             let y_ref = xf
-                .broadcast_mul(&scale.reshape((1, 6, 1, 1)).unwrap())
+                .broadcast_sub(&per_channel(&mean))
                 .unwrap()
-                .broadcast_add(&shift.reshape((1, 6, 1, 1)).unwrap())
+                .broadcast_div(&per_channel(&(&var + eps).unwrap().sqrt().unwrap()))
+                .unwrap()
+                .broadcast_mul(&per_channel(&gamma))
+                .unwrap()
+                .broadcast_add(&per_channel(&beta))
                 .unwrap();
             let y_ref = if relu { y_ref.relu().unwrap() } else { y_ref };
             let g = (y.to_dtype(DType::F32).unwrap() * &r)
@@ -201,7 +208,7 @@ fn batch_norm_eval_matches_its_definition_and_candles_gradients() {
                 .unwrap()
                 .backward()
                 .unwrap();
-            for (name, v) in [("x", &x), ("scale", &scale), ("shift", &shift)] {
+            for (name, v) in [("x", &x), ("gamma", &gamma), ("beta", &beta)] {
                 let err = max_rel(g.get(v).unwrap(), g_ref.get(v).unwrap());
                 assert!(err <= tol, "{dtype:?} relu {relu}: d{name} off by {err}");
             }
@@ -209,13 +216,19 @@ fn batch_norm_eval_matches_its_definition_and_candles_gradients() {
     }
     let e = kd_kernels::batch_norm_eval(
         &Tensor::zeros((2, 3, 4, 4), DType::F32, &Device::Cpu).unwrap(),
-        &Tensor::ones(4, DType::F32, &Device::Cpu).unwrap(),
+        &Tensor::ones(3, DType::F32, &Device::Cpu).unwrap(),
         &Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap(),
+        &Tensor::zeros(4, DType::F32, &Device::Cpu).unwrap(),
+        &Tensor::ones(3, DType::F32, &Device::Cpu).unwrap(),
+        1e-5,
         false,
     )
     .unwrap_err()
     .to_string();
-    assert!(e.contains("3 channels") && e.contains("[4]"), "{e}");
+    assert!(
+        e.contains("3 channels") && e.contains("running mean is [4]"),
+        "{e}"
+    );
 }
 
 #[test]

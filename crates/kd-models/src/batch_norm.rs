@@ -71,14 +71,18 @@ impl BatchNorm2d {
         }
     }
 
-    /// Eval mode: one per-channel scale and shift computed in f32, applied (with the ReLU) by
-    /// kd-kernels' one-pass op on the CPU and by candle's ops in `x`'s dtype elsewhere.
+    /// Eval mode, with the running statistics: kd-kernels' one-pass op (its docs say where it
+    /// runs which way).
     fn forward_eval(&self, x: &Tensor, relu: bool) -> Result<Tensor> {
-        let rm = self.running_mean.detach().to_dtype(DType::F32)?;
-        let rv = self.running_var.detach().to_dtype(DType::F32)?;
-        let scale = (self.weight.to_dtype(DType::F32)? / (rv + self.eps)?.sqrt()?)?;
-        let shift = (self.bias.to_dtype(DType::F32)? - (rm * &scale)?)?;
-        kd_kernels::batch_norm_eval(x, &scale, &shift, relu)
+        kd_kernels::batch_norm_eval(
+            x,
+            &self.weight,
+            &self.bias,
+            &self.running_mean,
+            &self.running_var,
+            self.eps,
+            relu,
+        )
     }
 
     /// Training mode through kd-kernels' fused op (on the CPU it runs the op's reference

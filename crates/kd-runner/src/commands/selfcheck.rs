@@ -202,6 +202,27 @@ fn check_batch_norm(c: &mut Checks, dev: &Device) -> anyhow::Result<()> {
                     tol,
                 );
             }
+            // Eval mode with constants (a frozen teacher's path: on CUDA the apply kernel with
+            // the running statistics) against the CPU's scale-and-shift pass.
+            let mean = rand(&[ch], 44, &Device::Cpu)?;
+            let var = (rand(&[ch], 45, &Device::Cpu)?.abs()? + 0.5)?;
+            let eval = |d: &Device| -> anyhow::Result<Tensor> {
+                let on = |t: &Tensor| t.to_device(d);
+                Ok(kd_kernels::batch_norm_eval(
+                    &on(&x)?,
+                    &on(&w)?,
+                    &on(&b)?,
+                    &on(&mean)?,
+                    &on(&var)?,
+                    1e-5,
+                    relu,
+                )?)
+            };
+            c.add(
+                format!("batch norm eval {dt:?} relu={relu}: y"),
+                rel(&eval(dev)?, &eval(&Device::Cpu)?)?,
+                tol,
+            );
         }
     }
     Ok(())
