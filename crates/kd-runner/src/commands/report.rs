@@ -343,13 +343,13 @@ fn pm(v: (f64, f64), runs: usize) -> String {
     }
 }
 
-/// A p-value to two significant digits, `< 0.001` below that.
+/// `p = …` to two significant digits, `p < 0.001` below that.
 fn p_value(p: f64) -> String {
     match p {
-        p if p < 0.001 => "< 0.001".into(),
-        p if p < 0.01 => format!("{p:.4}"),
-        p if p < 0.1 => format!("{p:.3}"),
-        p => format!("{p:.2}"),
+        p if p < 0.001 => "p < 0.001".into(),
+        p if p < 0.01 => format!("p = {p:.4}"),
+        p if p < 0.1 => format!("p = {p:.3}"),
+        p => format!("p = {p:.2}"),
     }
 }
 
@@ -402,7 +402,7 @@ impl Report {
                     None => "–".into(),
                 },
                 match r.paired_last {
-                    Some(p) => format!("{:+.2} (p = {}, {} seeds)", p.mean, p_value(p.p), p.n),
+                    Some(p) => format!("{:+.2} ({}, {} seeds)", p.mean, p_value(p.p), p.n),
                     None => "–".into(),
                 }
             );
