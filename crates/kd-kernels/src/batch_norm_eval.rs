@@ -181,16 +181,7 @@ mod tests {
             let ours = batch_norm_eval(&x, &w, &b, &m, &v, 1e-5, relu).unwrap();
             let stats = Tensor::stack(&[&m, &v], 0).unwrap();
             let apply = crate::batch_norm::apply_no_grad(&x, &w, &b, stats, 1e-5, relu).unwrap();
-            let d: f32 = (ours - apply)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar()
-                .unwrap();
+            let d = crate::cpu::max_abs_diff(&ours, &apply);
             assert!(d < 1e-5, "relu {relu}: {d}");
         }
     }

@@ -562,7 +562,7 @@ const COLUMNS_BYTES: usize = 8 << 20;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cpu::SCRATCH_KEPT;
+    use crate::cpu::{max_abs_diff, SCRATCH_KEPT};
     use candle_core::Device;
 
     /// Fills this thread's scratch pool with NaN buffers of many sizes.
@@ -576,19 +576,6 @@ mod tests {
             })
             .collect();
         drop(held);
-    }
-
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
     }
 
     /// The lent buffers hold the last borrower's values; a NaN read anywhere before it is

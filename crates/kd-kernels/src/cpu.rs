@@ -347,3 +347,11 @@ pub(crate) fn matmul_into<T: Float>(
         )
     }
 }
+
+/// Largest |a − b| over two f32 tensors of one shape (the unit tests' comparisons).
+#[cfg(test)]
+pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .and_then(|d| d.abs()?.flatten_all()?.max(0)?.to_scalar())
+        .expect("two f32 tensors of one shape")
+}
