@@ -17,7 +17,6 @@ use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Ten
 
 use crate::cpu;
 use candle_core::backend::BackendStorage;
-use rayon::prelude::*;
 
 /// BatchNorm of `x` (N, C, H, W) in eval mode with `weight` γ, `bias` β, `running_mean` μ and
 /// `running_var` σ² (all (C,)), then ReLU if `relu`; the result has `x`'s dtype.
@@ -109,24 +108,20 @@ impl CustomOp3 for ScaleShift {
         let (scale, shift) = (cpu::f32_slice(s2, l2)?, cpu::f32_slice(s3, l3)?);
         let plane = h * w;
         let mut y = vec![0f32; x.len()];
-        if plane > 0 {
-            y.par_chunks_mut(plane)
-                .zip(x.par_chunks(plane))
-                .with_min_len((4096 / plane).max(1))
-                .enumerate()
-                .for_each(|(i, (y, x))| {
-                    let (a, b) = (scale[i % c], shift[i % c]);
-                    if self.relu {
-                        for (y, &x) in y.iter_mut().zip(x) {
-                            *y = (x * a + b).max(0.0);
-                        }
-                    } else {
-                        for (y, &x) in y.iter_mut().zip(x) {
-                            *y = x * a + b;
-                        }
-                    }
-                });
-        }
+        // One call per (N, C) plane; plane p's channel is p % C.
+        cpu::par_chunks(&mut y, plane, |p, out| {
+            let (a, b) = (scale[p % c], shift[p % c]);
+            let x = &x[p * plane..][..out.len()];
+            if self.relu {
+                for (y, &x) in out.iter_mut().zip(x) {
+                    *y = (x * a + b).max(0.0);
+                }
+            } else {
+                for (y, &x) in out.iter_mut().zip(x) {
+                    *y = x * a + b;
+                }
+            }
+        });
         Ok((cpu::from_f32s(y, s1.dtype())?, l1.shape().clone()))
     }
 

@@ -431,7 +431,7 @@ impl Report {
         let mut s = String::from("label,method,variant,runs,epochs,init_epochs,test_images,trainable_params,deploy_params,teacher_params,train_seconds,teacher_seconds,init_seconds,best_top1_mean,best_top1_std,last_top1_mean,last_top1_std,delta_best,paired_seeds,paired_delta_last,paired_t,paired_p\n");
         for r in &self.rows {
             s += &format!(
-                "{},{},{},{},{},{},{},{},{},{},{:.3},{:.3},{:.3},{:.4},{:.4},{:.4},{:.4},{},{},{},{},{}\n",
+                "{},{},{},{},{},{},{},{},{},{},{:.3},{:.3},{:.3},{:.4},{:.4},{:.4},{:.4},{},{}\n",
                 r.label,
                 r.method,
                 r.variant,
@@ -450,16 +450,10 @@ impl Report {
                 r.last.0,
                 r.last.1,
                 r.delta_best.map(|d| format!("{d:.4}")).unwrap_or_default(),
-                r.paired_last.map(|p| p.n.to_string()).unwrap_or_default(),
-                r.paired_last
-                    .map(|p| format!("{:.4}", p.mean))
-                    .unwrap_or_default(),
-                r.paired_last
-                    .map(|p| format!("{:.4}", p.t))
-                    .unwrap_or_default(),
-                r.paired_last
-                    .map(|p| format!("{:.6}", p.p))
-                    .unwrap_or_default()
+                match r.paired_last {
+                    Some(p) => format!("{},{:.4},{:.4},{:.6}", p.n, p.mean, p.t, p.p),
+                    None => ",,,".into(),
+                }
             );
         }
         s
