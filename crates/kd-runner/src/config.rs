@@ -726,6 +726,13 @@ mod tests {
         c.set("teacher.path=t.safetensors").unwrap();
         c.set("method.name=at").unwrap();
         assert_eq!(c.label(), "at");
+        c.set("method.stages=[1, 2, 3]").unwrap();
+        assert!(matches!(&c.method, MethodConfig::At { stages, .. } if stages == &[1, 2, 3]));
+        let err = c
+            .set("method.stages=3")
+            .map_err(|e| format!("{e:#}"))
+            .unwrap_err();
+        assert!(err.contains("expected a TOML array"), "{err}");
         c.set("plus_kd.alpha=0.9").unwrap();
         assert_eq!(c.label(), "at+kd");
     }

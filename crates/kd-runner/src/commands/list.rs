@@ -13,7 +13,7 @@ pub fn describe(method: &str) -> &'static str {
         "dkd" => "offline, response: decoupled KD (Zhao et al. 2022), α·target-class + β·non-target-class KL; standardize = true as for kd",
         "dist" => "offline, response: DIST (Huang et al. 2022), Pearson correlation of predictions across classes and across the batch",
         "fitnet" => "offline, feature: FitNets hints (Romero et al. 2015), 1×1 conv + BN + ReLU regressor, MSE",
-        "at" => "offline, feature: attention transfer (Zagoruyko & Komodakis 2017), stages 1–4",
+        "at" => "offline, feature: attention transfer (Zagoruyko & Komodakis 2017), stages 1–4 (method.stages)",
         "nst" => "offline, feature: neuron selectivity transfer (Huang & Wang 2017), polynomial-kernel MMD of channel maps, stages 1–4",
         "vid" => "offline, feature: variational information distillation (Ahn et al. 2019), Gaussian NLL of teacher features, stages 1–4",
         "ofd" => "offline, feature: overhaul of feature distillation (Heo et al. 2019), partial L2 of pre-ReLU stages 1–4 above the teacher's margins",

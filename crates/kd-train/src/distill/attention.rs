@@ -1,18 +1,51 @@
 //! Attention transfer (Zagoruyko & Komodakis 2017, "Paying More Attention to Attention"):
-//! CE + β/2 · Σ over stages 1–4 of the attention-map loss (p = 2), maps aligned spatially.
+//! CE + β/2 · Σ over the chosen stages (1–4 by default) of the attention-map loss (p = 2), maps
+//! aligned spatially.
+//!
+//! The loss of a stage is a mean over its map's positions of normalised maps, so a stage weighs
+//! in inversely to its area: with the max-pool stem at 32 px the last map is 2×2 and weighs 64
+//! times the first. `stages` lets a study leave such a map out (the paper's CIFAR networks end
+//! at 8×8).
 use candle_core::Result;
 use kd_data::Batch;
 
 use super::none::CrossEntropy;
 use super::{Distiller, LossTerms, Outputs, StepContext};
 
+/// The stages a ResNet has (feature 0 is the stem).
+const STAGES: std::ops::RangeInclusive<usize> = 1..=4;
+
 /// Attention transfer.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Attention {
     /// The supervised term.
-    pub ce: CrossEntropy,
+    ce: CrossEntropy,
     /// β.
-    pub weight: f64,
+    weight: f64,
+    /// The stages matched, strictly increasing, each in 1–4.
+    stages: Vec<usize>,
+}
+
+impl Attention {
+    /// AT on `stages`; an error naming `method.stages` unless they are distinct stages 1–4.
+    pub fn new(ce: CrossEntropy, weight: f64, stages: &[usize]) -> Result<Self> {
+        let mut sorted = stages.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
+        if sorted.is_empty()
+            || sorted.len() != stages.len()
+            || !sorted.iter().all(|s| STAGES.contains(s))
+        {
+            candle_core::bail!(
+                "method at: stages must be distinct stages 1–4 (e.g. [1, 2, 3]), got {stages:?}"
+            );
+        }
+        Ok(Attention {
+            ce,
+            weight,
+            stages: sorted,
+        })
+    }
 }
 
 impl Distiller for Attention {
@@ -22,16 +55,96 @@ impl Distiller for Attention {
 
     fn loss(&self, _: &StepContext, batch: &Batch, out: &Outputs) -> Result<LossTerms> {
         let student = out.student;
-        let teacher = out.teacher;
-        let teacher = super::teacher_outputs(self.name(), teacher)?;
-        let at = super::sum_levels(
-            self.name(),
-            (1..student.feats.len())
-                .map(|i| kd_losses::attention_loss(&student.feats[i], &teacher.feats[i])),
-        )?;
+        let teacher = super::teacher_outputs(self.name(), out.teacher)?;
+        let level = |i: usize| -> Result<_> {
+            match (student.feats.get(i), teacher.feats.get(i)) {
+                (Some(s), Some(t)) => kd_losses::attention_loss(s, t),
+                _ => candle_core::bail!(
+                    "at: stage {i} asked for, but the student has {} levels and the teacher {}",
+                    student.feats.len(),
+                    teacher.feats.len()
+                ),
+            }
+        };
+        let at = super::sum_levels(self.name(), self.stages.iter().map(|&i| level(i)))?;
         let mut t = LossTerms::default();
         t.push("loss_ce", self.ce.of(&student.logits, batch)?);
         t.push("loss_at", (at * (self.weight / 2.0))?);
         Ok(t)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device, Tensor};
+    use kd_models::{trainable_resnet, Arch, ResNetConfig, Stem};
+
+    fn out(arch: Arch, seed: u64, x: &Tensor) -> kd_models::ModelOutput {
+        let cfg = ResNetConfig {
+            base_width: 4,
+            ..ResNetConfig::new(arch, Stem::CifarMaxpool, 10)
+        };
+        let (net, _) = trainable_resnet(&cfg, &Device::Cpu, seed).unwrap();
+        net.forward_t(x, false).unwrap()
+    }
+
+    /// The term is β/2 times the sum of the chosen stages' attention losses, whatever order they
+    /// are given in; leaving out the 2×2 last stage changes it.
+    #[test]
+    fn sums_the_chosen_stages() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 32, 32), &dev).unwrap();
+        let (s, t) = (out(Arch::Resnet18, 1, &x), out(Arch::Resnet50, 2, &x));
+        assert_eq!(s.feats[4].dims()[2..], [2, 2]);
+        let batch = Batch {
+            images: x.clone(),
+            labels: Tensor::new(&[1u32, 7], &dev).unwrap(),
+            mix: None,
+            indices: vec![0, 1],
+            paired: None,
+            contrast: None,
+        };
+        let outputs = Outputs {
+            student: &s,
+            teacher: Some(&t),
+            peers: &[],
+            paired: None,
+        };
+        let ce = CrossEntropy { smoothing: 0.0 };
+        let term = |stages: &[usize]| -> f64 {
+            let at = Attention::new(ce, 1000.0, stages).unwrap();
+            let l = at.loss(&StepContext::one_step(), &batch, &outputs).unwrap();
+            let (_, v) = l.terms.iter().find(|(n, _)| n == "loss_at").unwrap();
+            v.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
+        };
+        let by_stage: Vec<f64> = (0..=4)
+            .map(|i| {
+                kd_losses::attention_loss(&s.feats[i], &t.feats[i])
+                    .unwrap()
+                    .to_dtype(DType::F64)
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap()
+            })
+            .collect();
+        let want = |stages: &[usize]| 500.0 * stages.iter().map(|&i| by_stage[i]).sum::<f64>();
+        for stages in [&[1, 2, 3, 4][..], &[1, 2, 3], &[3, 1], &[4]] {
+            let (got, want) = (term(stages), want(stages));
+            assert!(
+                (got - want).abs() <= 1e-5 * want,
+                "{stages:?}: {got} vs {want}"
+            );
+        }
+        assert!(term(&[1, 2, 3]) < term(&[1, 2, 3, 4]));
+    }
+
+    #[test]
+    fn refuses_stages_outside_one_to_four() {
+        let ce = CrossEntropy { smoothing: 0.0 };
+        for bad in [&[][..], &[0, 1], &[1, 5], &[2, 2]] {
+            let err = Attention::new(ce, 1000.0, bad).unwrap_err().to_string();
+            assert!(err.contains("stages must be distinct stages 1–4"), "{err}");
+        }
     }
 }

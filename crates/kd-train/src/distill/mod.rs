@@ -203,6 +203,11 @@ fn sum_levels(method: &str, losses: impl IntoIterator<Item = Result<Tensor>>) ->
     total.ok_or_else(|| candle_core::Error::Msg(format!("{method}: no levels to compare")))
 }
 
+/// A ResNet's four stages (feature 0 is the stem): the default of the methods that choose stages.
+fn all_stages() -> Vec<usize> {
+    vec![1, 2, 3, 4]
+}
+
 /// The width of a network's pooled embedding (its last stage's channels).
 fn pooled_width(m: &ResNet) -> usize {
     m.feature_info().last().map_or(0, |f| f.channels)
@@ -416,10 +421,16 @@ pub enum MethodConfig {
         /// Weight of the hint.
         weight: f64,
     },
-    /// Attention transfer (Zagoruyko & Komodakis 2017) on stages 1–4: CE + weight/2·Σ AT.
+    /// Attention transfer (Zagoruyko & Komodakis 2017) on stages 1–4 (or those chosen): CE +
+    /// weight/2·Σ AT.
     At {
         /// Weight β (1000 in the paper).
         weight: f64,
+        /// The stages whose attention maps are matched (all four by default). Each stage's loss
+        /// is a mean over its positions, so a small last map weighs most: `[1, 2, 3]` leaves out
+        /// the 2×2 map of the max-pool stem at 32 px.
+        #[serde(default = "all_stages")]
+        stages: Vec<usize>,
     },
     /// Neuron selectivity transfer (Huang & Wang 2017) on stages 1–4: CE + weight·Σ MMD².
     Nst {
@@ -703,7 +714,10 @@ impl MethodConfig {
                 stage: 2,
                 weight: 100.0,
             },
-            "at" => MethodConfig::At { weight: 1000.0 },
+            "at" => MethodConfig::At {
+                weight: 1000.0,
+                stages: all_stages(),
+            },
             "nst" => MethodConfig::Nst { weight: 50.0 },
             "vid" => MethodConfig::Vid { weight: 1.0 },
             // The authors' CIFAR code: `loss_distill.sum() / batch_size / 1000`.
@@ -892,7 +906,9 @@ impl MethodConfig {
                     vb.pp("distill").pp("fitnet"),
                 )?)
             }
-            MethodConfig::At { weight } => Box::new(attention::Attention { ce, weight }),
+            MethodConfig::At { weight, ref stages } => {
+                Box::new(attention::Attention::new(ce, weight, stages)?)
+            }
             MethodConfig::Nst { weight } => Box::new(nst::Nst { ce, weight }),
             MethodConfig::Reviewkd {
                 weight,
