@@ -8,6 +8,7 @@ mod commands;
 mod config;
 mod device;
 mod experiment;
+mod malloc;
 mod stats;
 
 use clap::{Parser, Subcommand};
@@ -47,6 +48,9 @@ enum Cmd {
 }
 
 fn main() -> std::process::ExitCode {
+    // Before any thread starts: glibc then reuses the step's large blocks instead of faulting
+    // them in anew (see malloc.rs; `KD_MALLOC=system` opts out).
+    malloc::keep_freed_memory();
     match run() {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -66,10 +66,17 @@ impl Distiller for Attention {
                 ),
             }
         };
-        let at = super::sum_levels(self.name(), self.stages.iter().map(|&i| level(i)))?;
         let mut t = LossTerms::default();
+        let mut weighted = Vec::with_capacity(self.stages.len());
+        for &i in &self.stages {
+            let w = (level(i)? * (self.weight / 2.0))?;
+            // Each stage's share, logged beside the loss: which map dominates shows here.
+            t.note(format!("at_stage{i}"), &w);
+            weighted.push(Ok(w));
+        }
+        let at = super::sum_levels(self.name(), weighted)?;
         t.push("loss_ce", self.ce.of(&student.logits, batch)?);
-        t.push("loss_at", (at * (self.weight / 2.0))?);
+        t.push("loss_at", at);
         Ok(t)
     }
 }
@@ -90,7 +97,7 @@ mod tests {
     }
 
     /// The term is β/2 times the sum of the chosen stages' attention losses, whatever order they
-    /// are given in; leaving out the 2×2 last stage changes it.
+    /// are given in; leaving out the 2×2 last stage changes it; each stage's share is noted.
     #[test]
     fn sums_the_chosen_stages() {
         let dev = Device::Cpu;
@@ -137,6 +144,15 @@ mod tests {
             );
         }
         assert!(term(&[1, 2, 3]) < term(&[1, 2, 3, 4]));
+        // Each chosen stage's weighted share is reported, and only those.
+        let at = Attention::new(ce, 1000.0, &[2, 4]).unwrap();
+        let l = at.loss(&StepContext::one_step(), &batch, &outputs).unwrap();
+        let names: Vec<&str> = l.values.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["at_stage2", "at_stage4"]);
+        for ((_, v), i) in l.values.iter().zip([2, 4]) {
+            let v = v.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap();
+            assert!((v - 500.0 * by_stage[i]).abs() <= 1e-5 * v, "stage {i}");
+        }
     }
 
     #[test]
