@@ -232,6 +232,7 @@ impl CustomOp3 for Apply {
         "kd-batch-norm-apply"
     }
 
+    #[allow(unsafe_code)]
     fn cpu_fwd(
         &self,
         s1: &CpuStorage,
@@ -245,16 +246,20 @@ impl CustomOp3 for Apply {
         let x = cpu::f32s_cow(s1, l1)?;
         let (gamma, beta) = (cpu::f32s(s2, l2)?, cpu::f32s(s3, l3)?);
         let st = f32_vec(&self.stats)?;
-        let mut y = vec![0f32; x.len()];
+        let mut y = cpu::output_slots(x.len());
         // One call per (N, C) plane; plane p's channel is p % C.
         cpu::par_chunks(&mut y, hw, |plane, out| {
             let ch = plane % c;
             let invstd = 1.0 / (st[c + ch] + self.eps).sqrt();
-            for (o, &v) in out.iter_mut().zip(&x[plane * hw..]) {
+            let x = &x[plane * hw..][..out.len()];
+            for (o, &v) in out.iter_mut().zip(x) {
                 let y = (v - st[ch]) * invstd * gamma[ch] + beta[ch];
-                *o = if self.relu && !(y > 0.0) { 0.0 } else { y };
+                o.write(if self.relu && !(y > 0.0) { 0.0 } else { y });
             }
         });
+        // SAFETY: the planes cover `y`, and each slot of a plane is written (its input slice
+        // has the plane's length).
+        let y = unsafe { cpu::written(y) };
         Ok((cpu::from_f32s(y, s1.dtype())?, l1.shape().clone()))
     }
 
@@ -446,6 +451,7 @@ impl CustomOp3 for BackwardData {
         "kd-batch-norm-backward-data"
     }
 
+    #[allow(unsafe_code)]
     fn cpu_fwd(
         &self,
         s1: &CpuStorage,
@@ -465,7 +471,7 @@ impl CustomOp3 for BackwardData {
         let gamma = f32_vec(&self.gamma)?;
         let red = f32_vec(&self.red)?;
         let inv_m = 1.0 / (n * hw) as f32;
-        let mut dx = vec![0f32; x.len()];
+        let mut dx = cpu::output_slots(x.len());
         let relu = self.relu;
         cpu::par_chunks(&mut dx, hw, |plane, out| {
             let ch = plane % c;
@@ -476,9 +482,12 @@ impl CustomOp3 for BackwardData {
             let (x, y, dy) = (&x[at..][..hw], &y[at..][..hw], &dy[at..][..hw]);
             for (((o, &x), &y), &dy) in out.iter_mut().zip(x).zip(y).zip(dy) {
                 let g = if relu && !(y > 0.0) { 0.0 } else { dy };
-                *o = scale * (g - shift - (x - mean) * invstd * slope);
+                o.write(scale * (g - shift - (x - mean) * invstd * slope));
             }
         });
+        // SAFETY: the planes cover `dx`, and each slot of a plane is written (x, y and dy are
+        // sliced to the plane's length).
+        let dx = unsafe { cpu::written(dx) };
         Ok((cpu::from_f32s(dx, s1.dtype())?, l1.shape().clone()))
     }
 

@@ -94,6 +94,7 @@ impl CustomOp3 for ScaleShift {
         "kd-batch-norm-eval"
     }
 
+    #[allow(unsafe_code)]
     fn cpu_fwd(
         &self,
         s1: &CpuStorage,
@@ -107,21 +108,24 @@ impl CustomOp3 for ScaleShift {
         let x = cpu::f32s_cow(s1, l1)?;
         let (scale, shift) = (cpu::f32_slice(s2, l2)?, cpu::f32_slice(s3, l3)?);
         let plane = h * w;
-        let mut y = vec![0f32; x.len()];
+        let mut y = cpu::output_slots(x.len());
         // One call per (N, C) plane; plane p's channel is p % C.
         cpu::par_chunks(&mut y, plane, |p, out| {
             let (a, b) = (scale[p % c], shift[p % c]);
             let x = &x[p * plane..][..out.len()];
             if self.relu {
                 for (y, &x) in out.iter_mut().zip(x) {
-                    *y = (x * a + b).max(0.0);
+                    y.write((x * a + b).max(0.0));
                 }
             } else {
                 for (y, &x) in out.iter_mut().zip(x) {
-                    *y = x * a + b;
+                    y.write(x * a + b);
                 }
             }
         });
+        // SAFETY: the planes cover `y`, and each slot of a plane is written (its input slice
+        // has the plane's length).
+        let y = unsafe { cpu::written(y) };
         Ok((cpu::from_f32s(y, s1.dtype())?, l1.shape().clone()))
     }
 

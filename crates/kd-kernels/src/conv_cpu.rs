@@ -226,14 +226,17 @@ pub(crate) fn kernel_gradient<T: Float>(
 /// `a · b_n` for each of `images` (K, P) matrices `b_n` stored one after another in `b`, the
 /// (M, P) results one after another: a 1×1 convolution or its input gradient on NCHW data,
 /// without the layout passes of the patch rows.
+#[allow(unsafe_code)]
 fn per_image_product<T: Float>(b: &[T], (images, p): (usize, usize), a: MatRef<'_, T>) -> Vec<T> {
     let (m, k) = (a.rows, a.cols);
-    let mut out = vec![T::default(); images * m * p];
+    let mut out = cpu::output_slots(images * m * p);
     for (i, out) in out.chunks_mut((m * p).max(1)).enumerate() {
         let b = &b[i * k * p..][..k * p];
-        cpu::matmul_into(out, a, MatRef::row_major(b, k, p), false);
+        cpu::matmul_into_slots(out, a, MatRef::row_major(b, k, p));
     }
-    out
+    // SAFETY: the (m·p)-value chunks cover `out` (images·m·p values, or none) and
+    // `matmul_into_slots` writes every slot of each.
+    unsafe { cpu::written(out) }
 }
 
 /// `dy` (N, O, P) as (O, N·P): the batch folded into the columns, so that a gradient's matrix
@@ -358,13 +361,13 @@ impl Columns {
     /// and the output gradient as (O, N·Ho·Wo) ([`batch_in_columns`]): per chunk of
     /// images, dw (O, kh·kw·C) += dy (O, chunk·Ho·Wo) × rows (chunk·Ho·Wo, kh·kw·C), the rows
     /// being the forward's ([`Columns::rows_into`]); then reordered to (O, C, kh, kw).
+    #[allow(unsafe_code)]
     fn filter_gradient<T: cpu::Float>(&self, x: &[T], n: usize, dy: &[T], o: usize) -> Vec<T> {
         use rayon::prelude::*;
         let (k, taps) = (self.kh * self.kw * self.c, self.kh * self.kw);
         let (plane_in, plane_out) = (self.h * self.w * self.c, self.ho * self.wo);
-        let mut dw = vec![T::default(); o * k];
-        if dw.is_empty() || n * plane_out == 0 {
-            return dw;
+        if o * k == 0 || n * plane_out == 0 {
+            return vec![T::default(); o * k];
         }
         let nhwc = to_nhwc(x, n, self.c, self.h * self.w);
         let chunk = images_per_chunk(n, plane_out * k * std::mem::size_of::<T>());
@@ -384,15 +387,18 @@ impl Columns {
             cpu::matmul_into(&mut by_tap, dy, rows, i > 0);
         }
         // (O, kh, kw, C) → (O, C, kh, kw), one output channel per task.
+        let mut dw = cpu::output_slots(o * k);
         dw.par_chunks_mut(k).enumerate().for_each(|(oi, dst)| {
             let src = &by_tap[oi * k..][..k];
             for (ci, channel) in dst.chunks_mut(taps).enumerate() {
                 for (t, d) in channel.iter_mut().enumerate() {
-                    *d = src[t * self.c + ci];
+                    d.write(src[t * self.c + ci]);
                 }
             }
         });
-        dw
+        // SAFETY: the k-value rows cover `dw` (o·k values) and every slot of a row is written:
+        // its C chunks of `taps` values, each value in turn.
+        unsafe { cpu::written(dw) }
     }
 
     /// dx[n, c, u·s − p + a, v·s − p + b] += cols[(c·kh + a)·kw + b, n·Ho·Wo + u·wo + v], one
@@ -473,6 +479,7 @@ fn kernel_matrix<T: cpu::Float>(w: &[T], [o, c, kh, kw]: [usize; 4], taps: Taps)
 /// The convolution of a contiguous (N, C, H, W) input `x` with a kernel given as its
 /// (kh·kw·C, O) matrix `wm` ([`kernel_matrix`]): the (N, O, Ho, Wo) output's elements. Per chunk
 /// of images the patch rows and the product go to two buffers reused from chunk to chunk.
+#[allow(unsafe_code)]
 fn conv2d_rows<T: cpu::Float>(
     x: &[T],
     dims: [usize; 4],
@@ -487,10 +494,10 @@ fn conv2d_rows<T: cpu::Float>(
     let (ho, wo) = (g.out_size(h, kh), g.out_size(wd, kw));
     let geometry = Columns::new(dims, (kh, kw), ho, wo, g);
     let (plane_in, plane_out) = (h * wd * c, ho * wo);
-    let mut y = vec![T::default(); n * o * plane_out];
-    if y.is_empty() {
-        return y;
+    if n * o * plane_out == 0 {
+        return Vec::new();
     }
+    let mut y = cpu::output_slots(n * o * plane_out);
     let nhwc = to_nhwc(x, n, c, h * wd);
     let chunk = images_per_chunk(n, plane_out * k * std::mem::size_of::<T>());
     let mut buffer = geometry.rows_buffer(chunk);
@@ -513,11 +520,13 @@ fn conv2d_rows<T: cpu::Float>(
                 let (img, oc) = (io / o, io % o);
                 let src = &prod[img * plane_out * o..][..plane_out * o];
                 for (p, d) in dst.iter_mut().enumerate() {
-                    *d = src[p * o + oc];
+                    d.write(src[p * o + oc]);
                 }
             });
     }
-    y
+    // SAFETY: the chunks of images cover `y`, their planes cover each chunk, and every slot of
+    // a plane is written, one per output position.
+    unsafe { cpu::written(y) }
 }
 
 /// Images per chunk of patch rows: as few chunks as keep each within [`COLUMNS_BYTES`], and the

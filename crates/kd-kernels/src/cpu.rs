@@ -83,7 +83,7 @@ pub(crate) fn f32_slice_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> Result<&'a
 /// Runs `f(i, chunk)` on the `i`-th `len`-value chunk of `out` (the last may be shorter), in
 /// parallel. Each chunk is written by one call, so the result does not depend on the threads.
 /// Short chunks go to a task in groups, so that a task is not a handful of values.
-pub(crate) fn par_chunks(out: &mut [f32], len: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+pub(crate) fn par_chunks<E: Send>(out: &mut [E], len: usize, f: impl Fn(usize, &mut [E]) + Sync) {
     use rayon::prelude::*;
     let len = len.max(1);
     out.par_chunks_mut(len)
@@ -108,14 +108,51 @@ where
 
 /// `f(a[i], b[i])` for every element of two same-length slices, in parallel (the binary
 /// element-wise passes of the CPU paths).
+#[allow(unsafe_code)]
 pub(crate) fn zip_map(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
-    let mut out = vec![0f32; a.len()];
-    par_zip3(&mut out, a, b, 1 << 14, |(out, (a, b))| {
-        for ((o, &x), &y) in out.iter_mut().zip(a).zip(b) {
-            *o = f(x, y);
-        }
-    });
-    out
+    use rayon::prelude::*;
+    assert_eq!(a.len(), b.len(), "zip_map: slices of different lengths");
+    const CHUNK: usize = 1 << 14;
+    let mut out = output_slots(a.len());
+    out.par_chunks_mut(CHUNK)
+        .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
+        .for_each(|(out, (a, b))| {
+            for ((o, &x), &y) in out.iter_mut().zip(a).zip(b) {
+                o.write(f(x, y));
+            }
+        });
+    // SAFETY: the chunks of `out`, `a` and `b` match one to one (equal lengths), and each slot
+    // is written by its chunk's loop.
+    unsafe { written(out) }
+}
+
+/// Slots for an op's output of `len` values, not zero-filled: an op writes each output value
+/// once, and `vec![0; len]`'s zero fill was one more pass over tens of MB a step once glibc
+/// reuses freed memory instead of mapping fresh zeroed pages (kd-runner's `malloc.rs`; memset
+/// took 7.6% of a ResNet50 inference profile). In debug builds, the tests', the slots start as
+/// NaN, so a value an op forgot to write shows in the comparisons with candle's ops.
+#[allow(unsafe_code)]
+pub(crate) fn output_slots<T: WithDType>(len: usize) -> Vec<std::mem::MaybeUninit<T>> {
+    if cfg!(debug_assertions) {
+        return vec![std::mem::MaybeUninit::new(T::from_f64(f64::NAN)); len];
+    }
+    let mut v = Vec::with_capacity(len);
+    // SAFETY: the capacity is `len`, and a `MaybeUninit` needs no initialisation.
+    unsafe { v.set_len(len) };
+    v
+}
+
+/// The values of slots from [`output_slots`], every one of which was written.
+///
+/// # Safety
+/// Every slot of `v` holds a written value.
+#[allow(unsafe_code)]
+pub(crate) unsafe fn written<T>(v: Vec<std::mem::MaybeUninit<T>>) -> Vec<T> {
+    let mut v = std::mem::ManuallyDrop::new(v);
+    let (ptr, len, cap) = (v.as_mut_ptr(), v.len(), v.capacity());
+    // SAFETY: `MaybeUninit<T>` has `T`'s size and alignment, the allocation is handed over
+    // whole (`v` is not dropped), and the caller guarantees each element is initialised.
+    unsafe { Vec::from_raw_parts(ptr.cast::<T>(), len, cap) }
 }
 
 /// Runs `f` on the elements of a CPU tensor, in row-major order: borrowed when `t` is contiguous,
@@ -288,6 +325,37 @@ pub(crate) fn matmul_into<T: Float>(
     b: MatRef<'_, T>,
     accumulate: bool,
 ) {
+    // SAFETY: `dst` is `dst.len()` initialised values, borrowed mutably.
+    unsafe { matmul_raw(dst.as_mut_ptr(), dst.len(), a, b, accumulate) }
+}
+
+/// [`matmul_into`] without accumulation into output slots ([`output_slots`]): writes every
+/// one of them (gemm does not read its destination when it does not accumulate).
+#[allow(unsafe_code)]
+pub(crate) fn matmul_into_slots<T: Float>(
+    dst: &mut [std::mem::MaybeUninit<T>],
+    a: MatRef<'_, T>,
+    b: MatRef<'_, T>,
+) {
+    // SAFETY: `dst` is `dst.len()` slots of `T`'s layout, borrowed mutably; without
+    // accumulation nothing is read from them.
+    unsafe { matmul_raw(dst.as_mut_ptr().cast::<T>(), dst.len(), a, b, false) }
+}
+
+/// The product behind [`matmul_into`] and [`matmul_into_slots`]; writes every one of the
+/// `dst_len` values (zeros when the inner dimension is 0).
+///
+/// # Safety
+/// `dst` is valid for writes of `dst_len` values (and for reads when `accumulate`) and
+/// overlaps neither `a.data` nor `b.data`.
+#[allow(unsafe_code)]
+unsafe fn matmul_raw<T: Float>(
+    dst: *mut T,
+    dst_len: usize,
+    a: MatRef<'_, T>,
+    b: MatRef<'_, T>,
+    accumulate: bool,
+) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     assert_eq!(
         b.rows, k,
@@ -295,10 +363,9 @@ pub(crate) fn matmul_into<T: Float>(
         b.rows
     );
     assert_eq!(
-        dst.len(),
+        dst_len,
         m * n,
-        "matmul_into: destination of {} for ({m}, {n})",
-        dst.len()
+        "matmul_into: destination of {dst_len} for ({m}, {n})"
     );
     assert!(
         a.in_bounds() && b.in_bounds(),
@@ -309,7 +376,10 @@ pub(crate) fn matmul_into<T: Float>(
     }
     if k == 0 {
         if !accumulate {
-            dst.fill(T::from_f64(0.0));
+            for i in 0..dst_len {
+                // SAFETY: `i < dst_len`, within what the caller lent.
+                unsafe { dst.add(i).write(T::from_f64(0.0)) };
+            }
         }
         return;
     }
@@ -321,14 +391,14 @@ pub(crate) fn matmul_into<T: Float>(
     };
     let s = |v: usize| v as isize;
     // SAFETY: every element gemm reads lies inside `a.data` and `b.data` and every element it
-    // writes inside `dst` (checked above); `dst` is borrowed mutably, so it overlaps neither.
-    // T is f32 or f64, types gemm implements.
+    // writes inside `dst` (checked above, with the caller's promise on `dst`), which overlaps
+    // neither; gemm reads `dst` only when accumulating. T is f32 or f64, types gemm implements.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst.as_mut_ptr(),
+            dst,
             1,
             s(n),
             accumulate,
@@ -348,10 +418,18 @@ pub(crate) fn matmul_into<T: Float>(
     }
 }
 
-/// Largest |a − b| over two f32 tensors of one shape (the unit tests' comparisons).
+/// Largest |a − b| over two f32 tensors of one shape (the unit tests' comparisons); infinite
+/// when a difference is not finite (a NaN left in an output would otherwise slip past `max`).
 #[cfg(test)]
 pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .and_then(|d| d.abs()?.flatten_all()?.max(0)?.to_scalar())
-        .expect("two f32 tensors of one shape")
+    let d: Vec<f32> = (a - b)
+        .and_then(|d| d.flatten_all()?.to_vec1())
+        .expect("two f32 tensors of one shape");
+    d.iter().fold(0f32, |m, &x| {
+        if x.is_finite() {
+            m.max(x.abs())
+        } else {
+            f32::INFINITY
+        }
+    })
 }
