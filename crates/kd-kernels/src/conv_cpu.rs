@@ -580,7 +580,7 @@ mod tests {
             .into_iter()
             .map(|len| {
                 let mut s = Scratch::<f32>::take(len);
-                s.fill(f32::NAN);
+                s.fill_whole(f32::NAN);
                 s
             })
             .collect();

@@ -221,38 +221,40 @@ pub(crate) const SCRATCH_KEPT: usize = 4;
 /// in page by page and unmapped again. Lent buffers keep their memory from call to call. Their
 /// values are whatever the last borrower left: a borrower writes every value before it reads it.
 pub(crate) struct Scratch<T: Float> {
+    /// Initialised in full when it was made (never refilled): a loan uses its first `len` values.
     buf: Vec<T>,
+    len: usize,
 }
 
 impl<T: Float> Scratch<T> {
-    /// A buffer of `len` values: the pool's smallest one that holds `len` without growing, else
-    /// a new one (values of a new buffer are zero).
+    /// A buffer of `len` values: the pool's smallest one that holds `len`, else a new one
+    /// (values of a new buffer are zero; nothing is filled on reuse).
     pub fn take(len: usize) -> Self {
         let reused = T::scratch_pool().with(|pool| {
             let mut pool = pool.borrow_mut();
             let best = pool
                 .iter()
                 .enumerate()
-                .filter(|(_, b)| b.capacity() >= len)
-                .min_by_key(|(_, b)| b.capacity())
+                .filter(|(_, b)| b.len() >= len)
+                .min_by_key(|(_, b)| b.len())
                 .map(|(i, _)| i)?;
             Some(pool.swap_remove(best))
         });
-        let mut buf = reused.unwrap_or_default();
-        if buf.capacity() < len {
-            buf = vec![T::default(); len];
-        } else {
-            // Within capacity: a truncation, or a fill of the part beyond the last length.
-            buf.resize(len, T::default());
-        }
-        Scratch { buf }
+        let buf = reused.unwrap_or_else(|| vec![T::default(); len]);
+        Scratch { buf, len }
+    }
+
+    /// Sets every value of the underlying buffer, lent or not, to `v` (the tests' poison).
+    #[cfg(test)]
+    pub fn fill_whole(&mut self, v: T) {
+        self.buf.fill(v);
     }
 }
 
 impl<T: Float> Drop for Scratch<T> {
     fn drop(&mut self) {
         let buf = std::mem::take(&mut self.buf);
-        if buf.capacity() == 0 {
+        if buf.is_empty() {
             return;
         }
         // try_with: a thread being torn down has no pool left; the buffer is then freed.
@@ -262,7 +264,7 @@ impl<T: Float> Drop for Scratch<T> {
             if pool.len() > SCRATCH_KEPT {
                 // Keep the largest: they serve every smaller request too.
                 let smallest = (0..pool.len())
-                    .min_by_key(|&i| pool[i].capacity())
+                    .min_by_key(|&i| pool[i].len())
                     .expect("the pool is not empty");
                 pool.swap_remove(smallest);
             }
@@ -273,13 +275,13 @@ impl<T: Float> Drop for Scratch<T> {
 impl<T: Float> std::ops::Deref for Scratch<T> {
     type Target = [T];
     fn deref(&self) -> &[T] {
-        &self.buf
+        &self.buf[..self.len]
     }
 }
 
 impl<T: Float> std::ops::DerefMut for Scratch<T> {
     fn deref_mut(&mut self) -> &mut [T] {
-        &mut self.buf
+        &mut self.buf[..self.len]
     }
 }
 
