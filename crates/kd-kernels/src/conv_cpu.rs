@@ -592,12 +592,18 @@ mod tests {
     #[test]
     fn convolutions_write_every_scratch_value_they_read() {
         let dev = Device::Cpu;
-        // (x dims, w dims, stride, padding): 3×3 at strides 1 and 2, 1×1 pointwise and strided.
+        // (x dims, w dims, stride, padding): 3×3 at strides 1 and 2, 1×1 pointwise and strided,
+        // 3×3 at stride 2 on odd sizes and without padding, 7×7 at stride 2 (the ImageNet stem),
+        // 5×5 with padding 4 (a tap that sees only padding in some rows).
         for (xd, wd, stride, padding) in [
             ([3, 5, 9, 7], [4, 5, 3, 3], 1, 1),
             ([3, 5, 9, 7], [4, 5, 3, 3], 2, 1),
             ([2, 6, 8, 8], [7, 6, 1, 1], 1, 0),
             ([2, 6, 8, 8], [7, 6, 1, 1], 2, 0),
+            ([2, 3, 17, 19], [5, 3, 3, 3], 2, 1),
+            ([2, 3, 12, 11], [4, 3, 3, 3], 1, 0),
+            ([1, 3, 21, 19], [4, 3, 7, 7], 2, 3),
+            ([2, 2, 9, 10], [3, 2, 5, 5], 1, 4),
         ] {
             let g = Conv2dGeometry { stride, padding };
             let x = Tensor::randn(0f32, 1.0, &xd, &dev).unwrap();
