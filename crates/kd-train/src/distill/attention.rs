@@ -37,7 +37,7 @@ impl Attention {
             || !sorted.iter().all(|s| STAGES.contains(s))
         {
             candle_core::bail!(
-                "method at: stages must be distinct stages 1–4 (e.g. [1, 2, 3]), got {stages:?}"
+                "method at: method.stages = {stages:?}: expected distinct stages 1–4, e.g. [1, 2, 3]"
             );
         }
         Ok(Attention {
@@ -160,7 +160,10 @@ mod tests {
         let ce = CrossEntropy { smoothing: 0.0 };
         for bad in [&[][..], &[0, 1], &[1, 5], &[2, 2]] {
             let err = Attention::new(ce, 1000.0, bad).unwrap_err().to_string();
-            assert!(err.contains("stages must be distinct stages 1–4"), "{err}");
+            assert!(
+                err.contains("method.stages") && err.contains("expected distinct stages 1–4"),
+                "{err}"
+            );
         }
     }
 }
