@@ -35,10 +35,11 @@ pub struct ModelOutput {
     pub feats: Vec<Tensor>,
     /// Globally average-pooled last stage `(N, C)`, the input of `fc`.
     pub pooled: Tensor,
-    /// Each stage's output before its last ReLU (stages 1–4), in the network's compute dtype:
-    /// the margin-aware feature distillers (OFD, AB) compare these. One extra element-wise add per
-    /// stage (the block's output comes from the fused add + ReLU); differentiated only by the
-    /// methods that use it.
+    /// Each stage's output before its last ReLU (stages 1–4), in the network's compute dtype,
+    /// when the forward was asked for them ([`ResNet::set_keep_preact`]); empty otherwise. The
+    /// margin-aware feature distillers (OFD, AB) compare these. One extra element-wise add and
+    /// tensor per stage (the block's output comes from the fused add + ReLU), which the other
+    /// methods, the teacher of plain KD and evaluation do not pay.
     pub preact: Vec<Tensor>,
     /// Auxiliary heads after stages 1–3, when the model has them.
     pub aux: Vec<AuxOutput>,
@@ -257,6 +258,7 @@ pub struct ResNet {
     aux: Vec<AuxHead>,
     info: Vec<FeatureInfo>,
     compute_dtype: DType,
+    keep_preact: bool,
 }
 
 impl ResNet {
@@ -328,6 +330,7 @@ impl ResNet {
             aux,
             info,
             compute_dtype: DType::F32,
+            keep_preact: false,
         })
     }
 
@@ -425,8 +428,19 @@ impl ResNet {
         }
     }
 
+    /// Whether [`ResNet::forward_t`] also returns each stage's pre-ReLU output
+    /// ([`ModelOutput::preact`]); off by default.
+    pub fn set_keep_preact(&mut self, keep: bool) {
+        self.keep_preact = keep;
+    }
+
     /// Full forward pass; `train` selects batch statistics (and updates the running ones).
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<ModelOutput> {
+        self.forward_with(x, train, self.keep_preact)
+    }
+
+    /// [`ResNet::forward_t`], with the pre-ReLU stage outputs or not whatever the setting.
+    pub fn forward_with(&self, x: &Tensor, train: bool, preact_too: bool) -> Result<ModelOutput> {
         let mut feats = Vec::with_capacity(5);
         let mut preact = Vec::with_capacity(4);
         let mut y = self.forward_stem(x, train)?;
@@ -436,7 +450,7 @@ impl ResNet {
                 let (branch, shortcut) = block.forward_parts_t(&y, train)?;
                 // The stage's last block also gives its pre-activation (for AB and OFD): the sum
                 // again, a branch of the graph of its own that only those methods differentiate.
-                if i + 1 == stage.len() {
+                if preact_too && i + 1 == stage.len() {
                     preact.push((&branch + &shortcut)?);
                 }
                 y = kd_kernels::add_relu(&branch, &shortcut)?;

@@ -10,10 +10,26 @@ use crate::resnet::{ModelOutput, ResNet};
 use crate::Result;
 
 /// A pretrained network used only for inference.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct Teacher {
     model: ResNet,
     meta: TeacherMeta,
+    /// Whether [`Teacher::forward`] returns the pre-ReLU stage outputs (OFD and AB compare
+    /// them): set through a shared reference by the method that needs them.
+    keep_preact: std::sync::atomic::AtomicBool,
+}
+
+impl Clone for Teacher {
+    fn clone(&self) -> Self {
+        Teacher {
+            model: self.model.clone(),
+            meta: self.meta.clone(),
+            keep_preact: self
+                .keep_preact
+                .load(std::sync::atomic::Ordering::Relaxed)
+                .into(),
+        }
+    }
 }
 
 impl Teacher {
@@ -21,7 +37,11 @@ impl Teacher {
     pub fn load(weights: &Path, device: &Device) -> Result<Self> {
         let meta = TeacherMeta::load(weights)?;
         let model = load_frozen(&meta.config(), weights, device)?;
-        Ok(Teacher { model, meta })
+        Ok(Teacher {
+            model,
+            meta,
+            keep_preact: false.into(),
+        })
     }
 
     /// Its metadata (architecture, classes, normalisation).
@@ -39,9 +59,17 @@ impl Teacher {
         &self.model
     }
 
+    /// Makes [`Teacher::forward`] return the pre-ReLU stage outputs too
+    /// ([`ModelOutput::preact`]); off by default.
+    pub fn keep_preact(&self, keep: bool) {
+        self.keep_preact
+            .store(keep, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Eval-mode forward; every output is detached from any graph.
     pub fn forward(&self, x: &Tensor) -> CResult<ModelOutput> {
-        let out = self.model.forward_t(&x.detach(), false)?;
+        let preact = self.keep_preact.load(std::sync::atomic::Ordering::Relaxed);
+        let out = self.model.forward_with(&x.detach(), false, preact)?;
         Ok(ModelOutput {
             logits: out.logits.detach(),
             feats: out.feats.iter().map(Tensor::detach).collect(),

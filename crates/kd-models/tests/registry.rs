@@ -14,7 +14,10 @@ fn shapes_feature_info_and_gradients() {
                 aux_heads: true,
                 ..ResNetConfig::new(arch, stem, 7)
             };
-            let (model, vm) = trainable_resnet(&cfg, &Device::Cpu, 1).unwrap();
+            let (mut model, vm) = trainable_resnet(&cfg, &Device::Cpu, 1).unwrap();
+            // Pre-ReLU stage outputs only when asked for.
+            assert!(model.forward_t(&x, false).unwrap().preact.is_empty());
+            model.set_keep_preact(true);
             let out = model.forward_t(&x, true).unwrap();
             let tag = format!("{} {}", arch.name(), stem.name());
             assert_eq!(out.logits.dims(), &[2, 7], "{tag}");

@@ -469,6 +469,9 @@ fn init_phases_fit_what_they_train() {
         let Some(phase) = built.distiller.init_phase() else {
             continue;
         };
+        // Again, now that the method has asked the teacher for what it compares (AB: the
+        // pre-ReLU stage outputs).
+        let t_out = t.forward(&batch.images).unwrap();
         phased += 1;
         assert!(phase.epochs >= 1 && phase.lr > 0.0, "{name}: {phase:?}");
         let all = trainable(&built.vars);

@@ -208,8 +208,8 @@ mod tests {
         assert!(vars.all_vars().is_empty());
         let x = Tensor::randn(0f32, 1.0, (2, 3, 32, 32), &Device::Cpu).unwrap();
         let (os, ot) = (
-            s.forward_t(&x, true).unwrap(),
-            t.forward_t(&x, false).unwrap(),
+            s.forward_with(&x, true, true).unwrap(),
+            t.forward_with(&x, false, true).unwrap(),
         );
         let got = ab.init_loss(Some(&os), &ot).unwrap().total().unwrap();
         let mut want = 0.0;

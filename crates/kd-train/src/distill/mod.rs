@@ -586,6 +586,12 @@ pub enum MethodConfig {
 }
 
 impl MethodConfig {
+    /// Whether the method compares pre-ReLU stage outputs ([`ModelOutput::preact`]), which
+    /// the student and the teacher then return.
+    pub fn needs_preact(&self) -> bool {
+        matches!(self, MethodConfig::Ofd { .. } | MethodConfig::Ab { .. })
+    }
+
     /// Whether the method needs a frozen teacher.
     pub fn needs_teacher(&self) -> bool {
         matches!(
@@ -1152,7 +1158,15 @@ pub fn build_student(
     cfg.aux_heads |= method.needs_aux_heads();
     let vars = candle_nn::VarMap::new();
     let vb = VarBuilder::from_varmap(&vars, candle_core::DType::F32, device);
-    let model = ResNet::new(&cfg, vb.clone())?;
+    let mut model = ResNet::new(&cfg, vb.clone())?;
+    // The pre-ReLU stage outputs cost an add and a tensor per stage: only for the methods
+    // that compare them.
+    if method.needs_preact() {
+        model.set_keep_preact(true);
+        if let Some(t) = teacher {
+            t.keep_preact(true);
+        }
+    }
     let distiller = method.build(&model, teacher, vb, label_smoothing)?;
     // One seeded pass over every variable, method parts included (candle's own initialisers
     // draw from an unseeded generator).
