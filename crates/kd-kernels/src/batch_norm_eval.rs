@@ -57,16 +57,127 @@ pub fn batch_norm_eval(
         )?;
         return crate::batch_norm::apply_no_grad(x, weight, bias, stats, eps, relu);
     }
-    let rm = running_mean.detach().to_dtype(DType::F32)?;
-    let rv = running_var.detach().to_dtype(DType::F32)?;
-    let scale = (weight.to_dtype(DType::F32)? / (rv + eps)?.sqrt()?)?;
-    let shift = (bias.to_dtype(DType::F32)? - (rm * &scale)?)?;
+    let (scale, shift) = scale_and_shift(weight, bias, running_mean, running_var, eps)?;
     if ours && x.device().is_cpu() {
         return x
             .contiguous()?
             .apply_op3(&scale, &shift, ScaleShift { relu });
     }
     composed(x, &scale, &shift, relu)
+}
+
+/// The per-channel `scale = γ/√(σ² + ε)` and `shift = β − μ·scale`, in f32, as candle ops (so
+/// gradients reach γ and β).
+fn scale_and_shift(
+    weight: &Tensor,
+    bias: &Tensor,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, Tensor)> {
+    let rm = running_mean.detach().to_dtype(DType::F32)?;
+    let rv = running_var.detach().to_dtype(DType::F32)?;
+    let scale = (weight.to_dtype(DType::F32)? / (rv + eps)?.sqrt()?)?;
+    let shift = (bias.to_dtype(DType::F32)? - (rm * &scale)?)?;
+    Ok((scale, shift))
+}
+
+/// A residual block's tail in eval mode, `relu(batch_norm_eval(x) + residual)`: BatchNorm of
+/// `x` as [`batch_norm_eval`] (without its ReLU), plus `residual` (of `x`'s shape), rectified.
+///
+/// Where nothing needs a gradient (a frozen teacher, evaluation of constant weights) on the
+/// CPU in f32, one pass: neither the BatchNorm's output nor the sum is written out, which saves
+/// a write and a read of every block's output (a ResNet50's widest tensors). It makes the same
+/// f32 roundings as the two ops. Elsewhere, and with `KD_DISABLE=evaltail`: [`batch_norm_eval`]
+/// then [`crate::add_relu`].
+#[allow(clippy::too_many_arguments)]
+pub fn batch_norm_eval_add_relu(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+    eps: f64,
+    residual: &Tensor,
+) -> Result<Tensor> {
+    if residual.dims() != x.dims() {
+        bail!(
+            "batch_norm_eval_add_relu: input {:?} but residual {:?} (expected equal shapes)",
+            x.dims(),
+            residual.dims()
+        );
+    }
+    let frozen = !x.track_op() && !weight.track_op() && !bias.track_op() && !residual.track_op();
+    let one_pass = frozen
+        && crate::enabled(crate::Kernel::EvalTail)
+        && x.device().is_cpu()
+        && x.dtype() == DType::F32
+        && residual.dtype() == DType::F32
+        && weight.dims() == [x.dim(1)?]
+        && [bias, running_mean, running_var]
+            .iter()
+            .all(|t| t.dims() == weight.dims());
+    if !one_pass {
+        let y = batch_norm_eval(x, weight, bias, running_mean, running_var, eps, false)?;
+        return crate::add_relu(&y, residual);
+    }
+    let (scale, shift) = scale_and_shift(weight, bias, running_mean, running_var, eps)?;
+    x.contiguous()?.apply_op3_no_bwd(
+        &residual.contiguous()?,
+        &Tensor::stack(&[scale, shift], 0)?,
+        &ScaleShiftAddRelu,
+    )
+}
+
+/// (x, residual, [scale; shift]) → relu(x·scale + shift + residual) per channel, f32 on the
+/// CPU, with no backward (it runs only where nothing needs a gradient).
+struct ScaleShiftAddRelu;
+
+impl CustomOp3 for ScaleShiftAddRelu {
+    fn name(&self) -> &'static str {
+        "kd-batch-norm-eval-add-relu"
+    }
+
+    #[allow(unsafe_code)]
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (_, c, h, w) = l1.shape().dims4()?;
+        let (x, r) = (cpu::f32_slice(s1, l1)?, cpu::f32_slice(s2, l2)?);
+        let ss = cpu::f32_slice(s3, l3)?;
+        if r.len() != x.len() || ss.len() != 2 * c {
+            bail!(
+                "batch_norm_eval_add_relu: {} inputs, {} residuals and {} scale-and-shift values for {c} channels",
+                x.len(),
+                r.len(),
+                ss.len()
+            );
+        }
+        let (scale, shift) = ss.split_at(c);
+        let plane = h * w;
+        let mut y = cpu::output_slots(x.len());
+        // One call per (N, C) plane; plane p's channel is p % C. The BatchNorm's output is
+        // rounded to f32 before the add, as the two ops would.
+        cpu::par_chunks(&mut y, plane, |p, out| {
+            let (a, b) = (scale[p % c], shift[p % c]);
+            let at = p * plane;
+            let (x, r) = (&x[at..][..out.len()], &r[at..][..out.len()]);
+            for ((y, &x), &r) in out.iter_mut().zip(x).zip(r) {
+                let s = (x * a + b) + r;
+                y.write(if s > 0.0 { s } else { 0.0 });
+            }
+        });
+        // SAFETY: the planes cover `y`, and each slot of a plane is written (x and r are
+        // sliced to the plane's length).
+        let y = unsafe { cpu::written(y) };
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
 }
 
 /// The same with candle's ops: scale and shift in `x`'s dtype, broadcast over (N, H, W).
@@ -183,5 +294,40 @@ mod tests {
             let d = crate::cpu::max_abs_diff(&ours, &apply);
             assert!(d < 1e-5, "relu {relu}: {d}");
         }
+    }
+
+    /// The one-pass tail equals BatchNorm then add + ReLU bit for bit in f32 (about half the
+    /// sums below zero); with a gradient to carry it takes the two ops, and γ gets one.
+    #[test]
+    fn the_residual_tail_is_batch_norm_then_add_relu() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 2.0, (3, 5, 4, 6), &dev).unwrap();
+        let r = Tensor::randn(0f32, 1.0, (3, 5, 4, 6), &dev).unwrap();
+        let w = Tensor::randn(1f32, 0.5, 5, &dev).unwrap();
+        let b = Tensor::randn(0f32, 0.5, 5, &dev).unwrap();
+        let m = Tensor::randn(0f32, 1.0, 5, &dev).unwrap();
+        let v = (Tensor::randn(0f32, 1.0, 5, &dev).unwrap().abs().unwrap() + 0.1).unwrap();
+        let fused = batch_norm_eval_add_relu(&x, &w, &b, &m, &v, 1e-5, &r).unwrap();
+        let two = crate::add_relu(
+            &batch_norm_eval(&x, &w, &b, &m, &v, 1e-5, false).unwrap(),
+            &r,
+        )
+        .unwrap();
+        let (f, t): (Vec<f32>, Vec<f32>) = (
+            fused.flatten_all().unwrap().to_vec1().unwrap(),
+            two.flatten_all().unwrap().to_vec1().unwrap(),
+        );
+        assert_eq!(f, t);
+        let zeros = f.iter().filter(|&&v| v == 0.0).count();
+        assert!(zeros > f.len() / 4 && zeros < 3 * f.len() / 4, "{zeros}");
+        let wv = candle_core::Var::from_tensor(&w).unwrap();
+        let y = batch_norm_eval_add_relu(&x, wv.as_tensor(), &b, &m, &v, 1e-5, &r).unwrap();
+        assert_eq!(y.flatten_all().unwrap().to_vec1::<f32>().unwrap(), t);
+        let g = y.sum_all().unwrap().backward().unwrap();
+        assert_eq!(g.get(wv.as_tensor()).unwrap().dims(), &[5]);
+        let err = batch_norm_eval_add_relu(&x, &w, &b, &m, &v, 1e-5, &x.narrow(0, 0, 2).unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("expected equal shapes"), "{err}");
     }
 }

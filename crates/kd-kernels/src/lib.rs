@@ -48,7 +48,7 @@ pub mod switches;
 pub use add_relu::add_relu;
 pub use augment::{augment_batch, AugmentPlan, Normalisation};
 pub use batch_norm::{batch_norm_train, BatchNormOutput};
-pub use batch_norm_eval::batch_norm_eval;
+pub use batch_norm_eval::{batch_norm_eval, batch_norm_eval_add_relu};
 pub use conv::{conv2d, conv2d_cpu, conv2d_custom, Conv2dGeometry};
 pub use conv_algo::ConvAlgoSearch;
 pub use max_pool::MaxPool2d;

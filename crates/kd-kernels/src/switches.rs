@@ -1,4 +1,4 @@
-//! Run-time switches for the CUDA paths, from the environment: `KD_DISABLE=conv,bn,bneval,pool,sgd,augment,addrelu`
+//! Run-time switches for the CUDA paths, from the environment: `KD_DISABLE=conv,bn,bneval,evaltail,pool,sgd,augment,addrelu`
 //! (or `all`) sends the named parts back to candle's own ops, without a rebuild. For bisecting a
 //! kernel on a GPU whose time is short, and for measuring what each part buys.
 use std::sync::OnceLock;
@@ -20,11 +20,13 @@ pub enum Kernel {
     AddRelu,
     /// BatchNorm(+ReLU) in eval mode as one pass (CPU).
     BatchNormEval,
+    /// A residual block's tail in eval mode (BatchNorm, add, ReLU) as one pass (CPU).
+    EvalTail,
 }
 
 impl Kernel {
     /// Every part.
-    pub const ALL: [Kernel; 7] = [
+    pub const ALL: [Kernel; 8] = [
         Kernel::Conv,
         Kernel::BatchNorm,
         Kernel::MaxPool,
@@ -32,6 +34,7 @@ impl Kernel {
         Kernel::Augment,
         Kernel::AddRelu,
         Kernel::BatchNormEval,
+        Kernel::EvalTail,
     ];
 
     /// The name in `KD_DISABLE`.
@@ -44,6 +47,7 @@ impl Kernel {
             Kernel::Augment => "augment",
             Kernel::AddRelu => "addrelu",
             Kernel::BatchNormEval => "bneval",
+            Kernel::EvalTail => "evaltail",
         }
     }
 }
@@ -63,7 +67,7 @@ fn parse(spec: &str) -> Vec<Kernel> {
         match Kernel::ALL.iter().find(|k| k.name() == name) {
             Some(k) => out.push(*k),
             None => eprintln!(
-                "warning: KD_DISABLE: unknown part {name:?} (expected conv, bn, bneval, pool, sgd, augment, addrelu or all); ignored"
+                "warning: KD_DISABLE: unknown part {name:?} (expected conv, bn, bneval, evaltail, pool, sgd, augment, addrelu or all); ignored"
             ),
         }
     }

@@ -71,6 +71,20 @@ impl BatchNorm2d {
         }
     }
 
+    /// `relu(self.forward_t(x, false) + residual)`, a residual block's tail in eval mode:
+    /// kd-kernels' one-pass op where nothing needs a gradient (its docs say where).
+    pub fn forward_eval_add_relu(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        kd_kernels::batch_norm_eval_add_relu(
+            x,
+            &self.weight,
+            &self.bias,
+            &self.running_mean,
+            &self.running_var,
+            self.eps,
+            residual,
+        )
+    }
+
     /// Eval mode, with the running statistics: kd-kernels' one-pass op (its docs say where it
     /// runs which way).
     fn forward_eval(&self, x: &Tensor, relu: bool) -> Result<Tensor> {

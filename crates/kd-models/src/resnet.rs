@@ -140,10 +140,10 @@ impl BasicBlock {
         })
     }
 
-    /// The residual branch and the shortcut, whose sum is the block's output before its ReLU.
-    fn forward_parts_t(&self, x: &Tensor, train: bool) -> Result<(Tensor, Tensor)> {
+    /// The residual branch up to its last BatchNorm (`bn2`'s input), and the shortcut.
+    fn forward_before_tail(&self, x: &Tensor, train: bool) -> Result<(Tensor, Tensor)> {
         let y = self.bn1.forward_relu_t(&self.conv1.forward(x)?, train)?;
-        let y = self.bn2.forward_t(&self.conv2.forward(&y)?, train)?;
+        let y = self.conv2.forward(&y)?;
         Ok((y, Downsample::forward_t(&self.downsample, x, train)?))
     }
 }
@@ -186,11 +186,11 @@ impl Bottleneck {
         })
     }
 
-    /// The residual branch and the shortcut, whose sum is the block's output before its ReLU.
-    fn forward_parts_t(&self, x: &Tensor, train: bool) -> Result<(Tensor, Tensor)> {
+    /// The residual branch up to its last BatchNorm (`bn3`'s input), and the shortcut.
+    fn forward_before_tail(&self, x: &Tensor, train: bool) -> Result<(Tensor, Tensor)> {
         let y = self.bn1.forward_relu_t(&self.conv1.forward(x)?, train)?;
         let y = self.bn2.forward_relu_t(&self.conv2.forward(&y)?, train)?;
-        let y = self.bn3.forward_t(&self.conv3.forward(&y)?, train)?;
+        let y = self.conv3.forward(&y)?;
         Ok((y, Downsample::forward_t(&self.downsample, x, train)?))
     }
 }
@@ -209,12 +209,25 @@ impl Block {
         }
     }
 
+    /// The residual branch up to its last BatchNorm, and the shortcut.
+    fn forward_before_tail(&self, x: &Tensor, train: bool) -> Result<(Tensor, Tensor)> {
+        match self {
+            Block::Basic(b) => b.forward_before_tail(x, train),
+            Block::Bottleneck(b) => b.forward_before_tail(x, train),
+        }
+    }
+
     /// The residual branch and the shortcut (the block's output is the ReLU of their sum).
     fn forward_parts_t(&self, x: &Tensor, train: bool) -> Result<(Tensor, Tensor)> {
-        match self {
-            Block::Basic(b) => b.forward_parts_t(x, train),
-            Block::Bottleneck(b) => b.forward_parts_t(x, train),
-        }
+        let (y, shortcut) = self.forward_before_tail(x, train)?;
+        Ok((self.last_bn().forward_t(&y, train)?, shortcut))
+    }
+
+    /// The block's output in eval mode, its tail (last BatchNorm, residual add, ReLU) through
+    /// kd-kernels' one-pass op where nothing needs a gradient.
+    fn forward_eval(&self, x: &Tensor) -> Result<Tensor> {
+        let (y, shortcut) = self.forward_before_tail(x, false)?;
+        self.last_bn().forward_eval_add_relu(&y, &shortcut)
     }
 
     /// The BatchNorm whose output, plus the shortcut, is the block's pre-ReLU output.
@@ -447,10 +460,16 @@ impl ResNet {
         feats.push(y.clone());
         for stage in &self.stages {
             for (i, block) in stage.iter().enumerate() {
+                let last = i + 1 == stage.len();
+                // Eval mode without the pre-activation: the block's tail in one pass.
+                if !(train || preact_too && last) {
+                    y = block.forward_eval(&y)?;
+                    continue;
+                }
                 let (branch, shortcut) = block.forward_parts_t(&y, train)?;
                 // The stage's last block also gives its pre-activation (for AB and OFD): the sum
                 // again, a branch of the graph of its own that only those methods differentiate.
-                if preact_too && i + 1 == stage.len() {
+                if preact_too && last {
                     preact.push((&branch + &shortcut)?);
                 }
                 y = kd_kernels::add_relu(&branch, &shortcut)?;

@@ -214,8 +214,10 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         kd_kernels::switches::describe_disabled()
     );
     let mut rows = Vec::new();
-    // The method workloads distil from a `Teacher`: made once, cast per precision.
-    let method_teacher = if args.workloads.iter().any(|w| w.starts_with("method:")) {
+    // Inference, the KD step and the method workloads run a frozen `Teacher`, as training
+    // does (constant weights: the ops that need no gradient take their one-pass paths): made
+    // once, cast per precision.
+    let frozen_teacher = if args.workloads.iter().any(|w| w != "train") {
         Some(super::random_teachers(&cfg(args.teacher), 1, &[&device])?.remove(0))
     } else {
         None
@@ -229,9 +231,16 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         search.apply();
         let dtype = precision.activation_dtype();
         let (mut student, svars) = trainable_resnet(&cfg(args.model), &device, 0)?;
-        let (mut teacher, _tvars) = trainable_resnet(&cfg(args.teacher), &device, 1)?;
+        let teacher = match &frozen_teacher {
+            Some(t) => {
+                let mut t = t.clone();
+                t.set_compute_dtype(dtype)?;
+                Some(t)
+            }
+            None => None,
+        };
+        let teacher = || teacher.as_ref().expect("made for every workload but train");
         student.set_compute_dtype(dtype)?;
-        teacher.set_compute_dtype(dtype)?;
         let mut opt = Sgd::new(kd_train::trainable_vars(&svars), SgdConfig::default());
         if args.phases {
             let mut t = [0f64; 3];
@@ -277,7 +286,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
                     format!("{}-infer", args.teacher.name()),
                     format!("{} inference", args.teacher.name()),
                     time(&device, args.batch, args.warmup, args.steps, || {
-                        let _ = teacher.forward_t(&x, false)?.logits.to_dtype(DType::F32)?;
+                        let _ = teacher().forward(&x)?.logits.to_dtype(DType::F32)?;
                         Ok(())
                     })?,
                 ),
@@ -285,7 +294,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
                     "kd-step".to_string(),
                     format!("KD step ({} → {})", args.teacher.name(), args.model.name()),
                     time(&device, args.batch, args.warmup, args.steps, || {
-                        let t = teacher.forward_t(&x, false)?.logits.detach();
+                        let t = teacher().forward(&x)?.logits;
                         let out = student.forward_t(&x, true)?;
                         let loss = ((candle_nn::loss::cross_entropy(&out.logits, &y)? * 0.1)?
                             + (kd_losses::kd_loss(&out.logits, &t, 4.0)? * 0.9)?)?;
@@ -295,8 +304,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
                 ),
                 other if other.starts_with("method:") => {
                     let name = &other["method:".len()..];
-                    let mut t = method_teacher.clone().expect("made for method workloads");
-                    t.set_compute_dtype(dtype)?;
+                    let t = teacher().clone();
                     let mut m = MethodStep::new(
                         name,
                         &cfg(args.model),
