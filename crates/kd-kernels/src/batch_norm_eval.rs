@@ -138,7 +138,6 @@ impl CustomOp3 for ScaleShiftAddRelu {
         "kd-batch-norm-eval-add-relu"
     }
 
-    #[allow(unsafe_code)]
     fn cpu_fwd(
         &self,
         s1: &CpuStorage,
@@ -160,24 +159,51 @@ impl CustomOp3 for ScaleShiftAddRelu {
             );
         }
         let (scale, shift) = ss.split_at(c);
-        let plane = h * w;
-        let mut y = cpu::output_slots(x.len());
-        // One call per (N, C) plane; plane p's channel is p % C. The BatchNorm's output is
-        // rounded to f32 before the add, as the two ops would.
-        cpu::par_chunks(&mut y, plane, |p, out| {
-            let (a, b) = (scale[p % c], shift[p % c]);
-            let at = p * plane;
-            let (x, r) = (&x[at..][..out.len()], &r[at..][..out.len()]);
-            for ((y, &x), &r) in out.iter_mut().zip(x).zip(r) {
-                let s = (x * a + b) + r;
-                y.write(if s > 0.0 { s } else { 0.0 });
-            }
-        });
-        // SAFETY: the planes cover `y`, and each slot of a plane is written (x and r are
-        // sliced to the plane's length).
-        let y = unsafe { cpu::written(y) };
+        let y = scale_shift_planes(x, Some(r), (scale, shift), h * w, true);
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
+}
+
+/// `x·scale[c] + shift[c]` over the (N, C) planes of `plane` values of `x`, in parallel, then
+/// `+ residual` and the ReLU, or the ReLU alone if `relu`. Each value is rounded to f32 after
+/// each operation, as candle's separate ops would: `(x·a + b) + r`.
+#[allow(unsafe_code)]
+fn scale_shift_planes(
+    x: &[f32],
+    residual: Option<&[f32]>,
+    (scale, shift): (&[f32], &[f32]),
+    plane: usize,
+    relu: bool,
+) -> Vec<f32> {
+    let c = scale.len();
+    let mut y = cpu::output_slots(x.len());
+    // One call per (N, C) plane; plane p's channel is p % C.
+    cpu::par_chunks(&mut y, plane, |p, out| {
+        let (a, b) = (scale[p % c], shift[p % c]);
+        let (at, len) = (p * plane, out.len());
+        let x = &x[at..][..len];
+        match (residual, relu) {
+            (Some(r), _) => {
+                for ((y, &x), &r) in out.iter_mut().zip(x).zip(&r[at..][..len]) {
+                    let s = (x * a + b) + r;
+                    y.write(if s > 0.0 { s } else { 0.0 });
+                }
+            }
+            (None, true) => {
+                for (y, &x) in out.iter_mut().zip(x) {
+                    y.write((x * a + b).max(0.0));
+                }
+            }
+            (None, false) => {
+                for (y, &x) in out.iter_mut().zip(x) {
+                    y.write(x * a + b);
+                }
+            }
+        }
+    });
+    // SAFETY: the planes cover `y`, and each slot of a plane is written (x and the residual are
+    // sliced to the plane's length, and every arm writes each slot once).
+    unsafe { cpu::written(y) }
 }
 
 /// The same with candle's ops: scale and shift in `x`'s dtype, broadcast over (N, H, W).
@@ -205,7 +231,6 @@ impl CustomOp3 for ScaleShift {
         "kd-batch-norm-eval"
     }
 
-    #[allow(unsafe_code)]
     fn cpu_fwd(
         &self,
         s1: &CpuStorage,
@@ -218,25 +243,14 @@ impl CustomOp3 for ScaleShift {
         let (_, c, h, w) = l1.shape().dims4()?;
         let x = cpu::f32s_cow(s1, l1)?;
         let (scale, shift) = (cpu::f32_slice(s2, l2)?, cpu::f32_slice(s3, l3)?);
-        let plane = h * w;
-        let mut y = cpu::output_slots(x.len());
-        // One call per (N, C) plane; plane p's channel is p % C.
-        cpu::par_chunks(&mut y, plane, |p, out| {
-            let (a, b) = (scale[p % c], shift[p % c]);
-            let x = &x[p * plane..][..out.len()];
-            if self.relu {
-                for (y, &x) in out.iter_mut().zip(x) {
-                    y.write((x * a + b).max(0.0));
-                }
-            } else {
-                for (y, &x) in out.iter_mut().zip(x) {
-                    y.write(x * a + b);
-                }
-            }
-        });
-        // SAFETY: the planes cover `y`, and each slot of a plane is written (its input slice
-        // has the plane's length).
-        let y = unsafe { cpu::written(y) };
+        if scale.len() != c || shift.len() != c {
+            bail!(
+                "batch_norm_eval: {} scales and {} shifts for {c} channels",
+                scale.len(),
+                shift.len()
+            );
+        }
+        let y = scale_shift_planes(&x, None, (scale, shift), h * w, self.relu);
         Ok((cpu::from_f32s(y, s1.dtype())?, l1.shape().clone()))
     }
 
