@@ -29,21 +29,7 @@ pub fn batch_norm_eval(
     eps: f64,
     relu: bool,
 ) -> Result<Tensor> {
-    let (_, c, _, _) = x.dims4()?;
-    for (name, t) in [
-        ("weight", weight),
-        ("bias", bias),
-        ("running mean", running_mean),
-        ("running variance", running_var),
-    ] {
-        if t.dims() != [c] {
-            bail!(
-                "batch_norm_eval: input {:?} has {c} channels but the {name} is {:?}",
-                x.dims(),
-                t.dims()
-            );
-        }
-    }
+    check_channels(x, [weight, bias, running_mean, running_var])?;
     let ours = crate::enabled(crate::Kernel::BatchNormEval)
         && matches!(x.dtype(), DType::F32 | DType::BF16);
     let frozen = !x.track_op() && !weight.track_op() && !bias.track_op();
@@ -64,6 +50,23 @@ pub fn batch_norm_eval(
             .apply_op3(&scale, &shift, ScaleShift { relu });
     }
     composed(x, &scale, &shift, relu)
+}
+
+/// An error unless `x` is (N, C, H, W) and weight, bias, running mean and running variance
+/// are each (C,).
+fn check_channels(x: &Tensor, params: [&Tensor; 4]) -> Result<()> {
+    let (_, c, _, _) = x.dims4()?;
+    let names = ["weight", "bias", "running mean", "running variance"];
+    for (name, t) in names.into_iter().zip(params) {
+        if t.dims() != [c] {
+            bail!(
+                "batch_norm_eval: input {:?} has {c} channels but the {name} is {:?}",
+                x.dims(),
+                t.dims()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// The per-channel `scale = γ/√(σ² + ε)` and `shift = β − μ·scale`, in f32, as candle ops (so
@@ -107,16 +110,13 @@ pub fn batch_norm_eval_add_relu(
             residual.dims()
         );
     }
+    check_channels(x, [weight, bias, running_mean, running_var])?;
     let frozen = !x.track_op() && !weight.track_op() && !bias.track_op() && !residual.track_op();
     let one_pass = frozen
         && crate::enabled(crate::Kernel::EvalTail)
         && x.device().is_cpu()
         && x.dtype() == DType::F32
-        && residual.dtype() == DType::F32
-        && weight.dims() == [x.dim(1)?]
-        && [bias, running_mean, running_var]
-            .iter()
-            .all(|t| t.dims() == weight.dims());
+        && residual.dtype() == DType::F32;
     if !one_pass {
         let y = batch_norm_eval(x, weight, bias, running_mean, running_var, eps, false)?;
         return crate::add_relu(&y, residual);

@@ -94,9 +94,9 @@ pub(crate) fn par_chunks<E: Send>(out: &mut [E], len: usize, f: impl Fn(usize, &
 
 /// Runs `f` on matching `len`-value chunks of `out`, `a` and `b` (same length), in parallel:
 /// each value is computed by the same arithmetic whatever the threads.
-pub(crate) fn par_zip3<F>(out: &mut [f32], a: &[f32], b: &[f32], len: usize, f: F)
+pub(crate) fn par_zip3<E: Send, F>(out: &mut [E], a: &[f32], b: &[f32], len: usize, f: F)
 where
-    F: Fn((&mut [f32], (&[f32], &[f32]))) + Sync + Send,
+    F: Fn((&mut [E], (&[f32], &[f32]))) + Sync + Send,
 {
     use rayon::prelude::*;
     debug_assert!(a.len() == out.len() && b.len() == out.len());
@@ -110,17 +110,13 @@ where
 /// element-wise passes of the CPU paths).
 #[allow(unsafe_code)]
 pub(crate) fn zip_map(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
-    use rayon::prelude::*;
     assert_eq!(a.len(), b.len(), "zip_map: slices of different lengths");
-    const CHUNK: usize = 1 << 14;
     let mut out = output_slots(a.len());
-    out.par_chunks_mut(CHUNK)
-        .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
-        .for_each(|(out, (a, b))| {
-            for ((o, &x), &y) in out.iter_mut().zip(a).zip(b) {
-                o.write(f(x, y));
-            }
-        });
+    par_zip3(&mut out, a, b, 1 << 14, |(out, (a, b))| {
+        for ((o, &x), &y) in out.iter_mut().zip(a).zip(b) {
+            o.write(f(x, y));
+        }
+    });
     // SAFETY: the chunks of `out`, `a` and `b` match one to one (equal lengths), and each slot
     // is written by its chunk's loop.
     unsafe { written(out) }

@@ -67,7 +67,8 @@ fn parse(spec: &str) -> Vec<Kernel> {
         match Kernel::ALL.iter().find(|k| k.name() == name) {
             Some(k) => out.push(*k),
             None => eprintln!(
-                "warning: KD_DISABLE: unknown part {name:?} (expected conv, bn, bneval, evaltail, pool, sgd, augment, addrelu or all); ignored"
+                "warning: KD_DISABLE: unknown part {name:?} (expected {} or all); ignored",
+                Kernel::ALL.map(Kernel::name).join(", ")
             ),
         }
     }
