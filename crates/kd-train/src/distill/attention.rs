@@ -13,7 +13,7 @@ use super::none::CrossEntropy;
 use super::{Distiller, LossTerms, Outputs, StepContext};
 
 /// The stages a ResNet has (feature 0 is the stem).
-const STAGES: std::ops::RangeInclusive<usize> = 1..=4;
+pub(super) const STAGES: std::ops::RangeInclusive<usize> = 1..=4;
 
 /// Attention transfer.
 #[derive(Clone, Debug)]

@@ -205,7 +205,7 @@ fn sum_levels(method: &str, losses: impl IntoIterator<Item = Result<Tensor>>) ->
 
 /// A ResNet's four stages (feature 0 is the stem): the default of the methods that choose stages.
 fn all_stages() -> Vec<usize> {
-    vec![1, 2, 3, 4]
+    attention::STAGES.collect()
 }
 
 /// The width of a network's pooled embedding (its last stage's channels).
