@@ -1,7 +1,9 @@
 //! kd's convolution on the CPU (f32 and f64): the forward and the kernel gradient as matrix
 //! products with the input's patch rows, the input gradient as the convolution with the flipped
 //! kernel (stride 1) or a product and col2im; a 1×1 stride-1 convolution and its input gradient
-//! as one product per image on NCHW data. The products are gemm calls into reused buffers
+//! as one product per image on NCHW data. Stride-1 convolutions on planes of 16×16 and more
+//! (and their kernel gradients) skip the patch rows: one shifted product per tap
+//! ([`crate::conv_taps`]). The products are gemm calls into reused buffers
 //! ([`cpu::matmul_into`]); each pass reads its operands in place.
 //!
 //! Why not candle's: its CPU convolution multiplies (O, K²·C) by 512-pixel tiles of columns
@@ -15,6 +17,7 @@
 use candle_core::{bail, DType, Result, Tensor};
 
 use crate::conv::{backward_data_reference, backward_filter_reference, Conv2dGeometry};
+use crate::conv_taps;
 use crate::cpu::{self, Float, MatRef, Scratch};
 
 /// Runs `$body` with `$a` and `$b` bound to the elements of `$t` and `$u` (one dtype, which the
@@ -219,6 +222,9 @@ pub(crate) fn kernel_gradient<T: Float>(
     let [n, _, h, wd] = dims;
     let [o, _, kh, kw] = kernel_dims;
     let (ho, wo) = (g.out_size(h, kh), g.out_size(wd, kw));
+    if conv_taps::suits((kh, kw), g, (ho, wo)) {
+        return conv_taps::kernel_gradient(x, dims, dy, kernel_dims, g.padding);
+    }
     let geometry = Columns::new(dims, (kh, kw), ho, wo, g);
     geometry.filter_gradient(x, n, &batch_in_columns(dy, n, o, ho * wo), o)
 }
@@ -441,7 +447,7 @@ impl Columns {
 
 /// Which (K²·C_in, C_out) matrix a kernel (O, C, kh, kw) becomes in [`kernel_matrix`].
 #[derive(Clone, Copy)]
-enum Taps {
+pub(crate) enum Taps {
     /// The convolution's own: row (a, b, c), column o, value w[o, c, a, b].
     AsIs,
     /// The stride-1 input gradient's ([`input_gradient`]): the kernel flipped in space
@@ -451,7 +457,11 @@ enum Taps {
 
 /// `w` (O, C, kh, kw) as the right-hand side of [`conv2d_rows`]' product: a contiguous
 /// (kh·kw·C_in, C_out) matrix whose rows are in the patch rows' tap order, one pass in parallel.
-fn kernel_matrix<T: cpu::Float>(w: &[T], [o, c, kh, kw]: [usize; 4], taps: Taps) -> Vec<T> {
+pub(crate) fn kernel_matrix<T: cpu::Float>(
+    w: &[T],
+    [o, c, kh, kw]: [usize; 4],
+    taps: Taps,
+) -> Vec<T> {
     use rayon::prelude::*;
     let (c_in, c_out) = match taps {
         Taps::AsIs => (c, o),
@@ -492,6 +502,9 @@ fn conv2d_rows<T: cpu::Float>(
     let k = kh * kw * c;
     debug_assert_eq!(wm.len(), k * o);
     let (ho, wo) = (g.out_size(h, kh), g.out_size(wd, kw));
+    if conv_taps::suits((kh, kw), g, (ho, wo)) {
+        return conv_taps::convolve(x, dims, wm, (o, kh, kw), g.padding);
+    }
     let geometry = Columns::new(dims, (kh, kw), ho, wo, g);
     let (plane_in, plane_out) = (h * wd * c, ho * wo);
     if n * o * plane_out == 0 {
@@ -571,21 +584,8 @@ const COLUMNS_BYTES: usize = 8 << 20;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cpu::{max_abs_diff, SCRATCH_KEPT};
+    use crate::cpu::{max_abs_diff, poison_scratch, SCRATCH_KEPT};
     use candle_core::Device;
-
-    /// Fills this thread's scratch pool with NaN buffers of many sizes.
-    fn poison_scratch() {
-        let held: Vec<Scratch<f32>> = [1 << 10, 1 << 14, 1 << 18, 1 << 20, 3 << 20]
-            .into_iter()
-            .map(|len| {
-                let mut s = Scratch::<f32>::take(len);
-                s.fill_whole(f32::NAN);
-                s
-            })
-            .collect();
-        drop(held);
-    }
 
     /// The lent buffers hold the last borrower's values; a NaN read anywhere before it is
     /// written would reach the result. Each path runs after the pool is poisoned.
@@ -604,6 +604,11 @@ mod tests {
             ([2, 3, 12, 11], [4, 3, 3, 3], 1, 0),
             ([1, 3, 21, 19], [4, 3, 7, 7], 2, 3),
             ([2, 2, 9, 10], [3, 2, 5, 5], 1, 4),
+            // Planes of 256 pixels and more: the stride-1 ones go through `conv_taps`.
+            ([2, 3, 17, 19], [5, 3, 3, 3], 1, 1),
+            ([2, 2, 20, 18], [3, 2, 5, 5], 1, 4),
+            ([1, 4, 18, 18], [3, 4, 3, 3], 1, 0),
+            ([2, 3, 34, 34], [4, 3, 3, 3], 2, 1),
         ] {
             let g = Conv2dGeometry { stride, padding };
             let x = Tensor::randn(0f32, 1.0, &xd, &dev).unwrap();

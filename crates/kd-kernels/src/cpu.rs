@@ -281,6 +281,21 @@ impl<T: Float> std::ops::DerefMut for Scratch<T> {
     }
 }
 
+/// Fills this thread's scratch pool with NaN buffers of many sizes (the tests' poison: a value
+/// read from a lent buffer before it is written then shows as NaN in the result).
+#[cfg(test)]
+pub(crate) fn poison_scratch() {
+    let held: Vec<Scratch<f32>> = [1 << 10, 1 << 14, 1 << 18, 1 << 20, 3 << 20]
+        .into_iter()
+        .map(|len| {
+            let mut s = Scratch::<f32>::take(len);
+            s.fill_whole(f32::NAN);
+            s
+        })
+        .collect();
+    drop(held);
+}
+
 /// A read-only matrix inside a slice: element (i, j) at `i·row_stride + j·col_stride`, so that
 /// a block of columns, or a transpose, is a view rather than a copy.
 #[derive(Clone, Copy)]
@@ -324,7 +339,20 @@ pub(crate) fn matmul_into<T: Float>(
     accumulate: bool,
 ) {
     // SAFETY: `dst` is `dst.len()` initialised values, borrowed mutably.
-    unsafe { matmul_raw(dst.as_mut_ptr(), dst.len(), a, b, accumulate) }
+    unsafe { matmul_raw(dst.as_mut_ptr(), dst.len(), a, b, accumulate, true) }
+}
+
+/// [`matmul_into`] on the calling thread only: for products that are already one of many
+/// parallel tasks (gemm's own threads would nest inside rayon's).
+#[allow(unsafe_code)]
+pub(crate) fn matmul_into_serial<T: Float>(
+    dst: &mut [T],
+    a: MatRef<'_, T>,
+    b: MatRef<'_, T>,
+    accumulate: bool,
+) {
+    // SAFETY: `dst` is `dst.len()` initialised values, borrowed mutably.
+    unsafe { matmul_raw(dst.as_mut_ptr(), dst.len(), a, b, accumulate, false) }
 }
 
 /// [`matmul_into`] without accumulation into output slots ([`output_slots`]): writes every
@@ -337,11 +365,12 @@ pub(crate) fn matmul_into_slots<T: Float>(
 ) {
     // SAFETY: `dst` is `dst.len()` slots of `T`'s layout, borrowed mutably; without
     // accumulation nothing is read from them.
-    unsafe { matmul_raw(dst.as_mut_ptr().cast::<T>(), dst.len(), a, b, false) }
+    unsafe { matmul_raw(dst.as_mut_ptr().cast::<T>(), dst.len(), a, b, false, true) }
 }
 
-/// The product behind [`matmul_into`] and [`matmul_into_slots`]; writes every one of the
-/// `dst_len` values (zeros when the inner dimension is 0).
+/// The product behind [`matmul_into`], [`matmul_into_serial`] and [`matmul_into_slots`], on
+/// rayon's threads when `parallel`; writes every one of the `dst_len` values (zeros when the
+/// inner dimension is 0).
 ///
 /// # Safety
 /// `dst` is valid for writes of `dst_len` values (and for reads when `accumulate`) and
@@ -353,6 +382,7 @@ unsafe fn matmul_raw<T: Float>(
     a: MatRef<'_, T>,
     b: MatRef<'_, T>,
     accumulate: bool,
+    parallel: bool,
 ) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     assert_eq!(
@@ -382,7 +412,7 @@ unsafe fn matmul_raw<T: Float>(
         return;
     }
     let threads = rayon::current_num_threads();
-    let parallelism = if threads > 1 {
+    let parallelism = if parallel && threads > 1 {
         gemm::Parallelism::Rayon(threads)
     } else {
         gemm::Parallelism::None

@@ -30,6 +30,7 @@ pub mod batch_norm_eval;
 pub mod conv;
 pub mod conv_algo;
 mod conv_cpu;
+mod conv_taps;
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;

@@ -1,6 +1,8 @@
-//! Run-time switches for the CUDA paths, from the environment: `KD_DISABLE=conv,bn,bneval,evaltail,pool,sgd,augment,addrelu`
-//! (or `all`) sends the named parts back to candle's own ops, without a rebuild. For bisecting a
-//! kernel on a GPU whose time is short, and for measuring what each part buys.
+//! Run-time switches for kd's own paths, from the environment:
+//! `KD_DISABLE=conv,bn,bneval,evaltail,taps,pool,sgd,augment,addrelu` (or `all`) sends the named
+//! parts back to candle's own ops (or, for `taps`, to kd's other CPU convolution), without a
+//! rebuild. For bisecting a kernel on a GPU whose time is short, and for measuring what each part
+//! buys.
 use std::sync::OnceLock;
 
 /// A part with a CUDA path of its own.
@@ -22,11 +24,13 @@ pub enum Kernel {
     BatchNormEval,
     /// A residual block's tail in eval mode (BatchNorm, add, ReLU) as one pass (CPU).
     EvalTail,
+    /// Stride-1 convolutions as one shifted product per kernel tap, without patch rows (CPU).
+    ConvTaps,
 }
 
 impl Kernel {
     /// Every part.
-    pub const ALL: [Kernel; 8] = [
+    pub const ALL: [Kernel; 9] = [
         Kernel::Conv,
         Kernel::BatchNorm,
         Kernel::MaxPool,
@@ -35,6 +39,7 @@ impl Kernel {
         Kernel::AddRelu,
         Kernel::BatchNormEval,
         Kernel::EvalTail,
+        Kernel::ConvTaps,
     ];
 
     /// The name in `KD_DISABLE`.
@@ -48,6 +53,7 @@ impl Kernel {
             Kernel::AddRelu => "addrelu",
             Kernel::BatchNormEval => "bneval",
             Kernel::EvalTail => "evaltail",
+            Kernel::ConvTaps => "taps",
         }
     }
 }
