@@ -554,3 +554,55 @@ pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Sizes around the 16×16 tile (one short tile, several, partial ones on both sides) and
+    /// strides wider than the rows.
+    #[test]
+    fn transpose_moves_every_value_to_its_place() {
+        for (rows, cols, src_extra, dst_extra) in [
+            (1, 1, 0, 0),
+            (5, 3, 2, 0),
+            (16, 16, 0, 0),
+            (17, 33, 0, 5),
+            (40, 7, 3, 1),
+        ] {
+            let src_stride = cols + src_extra;
+            let dst_stride = rows + dst_extra;
+            let src: Vec<f32> = (0..rows * src_stride).map(|i| i as f32).collect();
+            let mut dst = vec![f32::NAN; cols * dst_stride];
+            transpose(&src, src_stride, (rows, cols), &mut dst, dst_stride);
+            for c in 0..cols {
+                for r in 0..dst_stride {
+                    let got = dst[c * dst_stride + r];
+                    if r < rows {
+                        assert_eq!(got, src[r * src_stride + c], "({r}, {c}) of {rows}×{cols}");
+                    } else {
+                        assert!(got.is_nan(), "wrote past row {rows} in column {c}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn transpose_images_transposes_each_image() {
+        let (images, rows, cols) = (3, 37, 20);
+        let src: Vec<f32> = (0..images * rows * cols).map(|i| i as f32).collect();
+        let mut dst = vec![f32::NAN; images * rows * cols];
+        transpose_images(&src, images, (rows, cols), &mut dst);
+        for i in 0..images {
+            for r in 0..rows {
+                for c in 0..cols {
+                    assert_eq!(
+                        dst[(i * cols + c) * rows + r],
+                        src[(i * rows + r) * cols + c]
+                    );
+                }
+            }
+        }
+    }
+}
