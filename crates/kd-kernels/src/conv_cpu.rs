@@ -394,16 +394,11 @@ impl Columns {
         }
         // (O, kh, kw, C) → (O, C, kh, kw), one output channel per task.
         let mut dw = cpu::output_slots(o * k);
-        dw.par_chunks_mut(k).enumerate().for_each(|(oi, dst)| {
-            let src = &by_tap[oi * k..][..k];
-            for (ci, channel) in dst.chunks_mut(taps).enumerate() {
-                for (t, d) in channel.iter_mut().enumerate() {
-                    d.write(src[t * self.c + ci]);
-                }
-            }
-        });
-        // SAFETY: the k-value rows cover `dw` (o·k values) and every slot of a row is written:
-        // its C chunks of `taps` values, each value in turn.
+        dw.par_chunks_mut(k)
+            .zip(by_tap.par_chunks(k))
+            .for_each(|(dst, src)| cpu::transpose(src, self.c, (taps, self.c), dst, taps));
+        // SAFETY: the k-value rows cover `dw` (o·k values), and each row's transpose writes
+        // all of its (C, taps) slots.
         unsafe { cpu::written(dw) }
     }
 

@@ -169,20 +169,26 @@ pub(crate) fn convolve<T: Float>(
                 cpu::matmul_into_serial(block, shifted, w_t, t > 0);
             }
         });
-    // (grid row, o) → (o, pixel), one (image, output channel) plane per task.
-    let mut y = cpu::output_slots(grid.n * o * ho * wo);
+    // (grid row, o) → (o, pixel), per image and block of 16 channels, a grid row at a time.
+    let (plane, block) = (ho * wo, 16);
+    let mut y = cpu::output_slots(grid.n * o * plane);
     let acc = &*acc;
-    y.par_chunks_mut(ho * wo).enumerate().for_each(|(io, dst)| {
-        let (img, oc) = (io / o, io % o);
-        for (u, dst) in dst.chunks_mut(wo).enumerate() {
-            let first = (img * grid.hp + u) * grid.wp;
-            for (v, d) in dst.iter_mut().enumerate() {
-                d.write(acc[(first + v) * o + oc]);
-            }
-        }
-    });
-    // SAFETY: the (image, channel) planes cover `y`, their Wo-value rows cover each plane, and
-    // every slot of a row is written.
+    y.par_chunks_mut(o * plane)
+        .enumerate()
+        .for_each(|(img, image)| {
+            image
+                .par_chunks_mut(block * plane)
+                .enumerate()
+                .for_each(|(b, planes)| {
+                    let channels = planes.len() / plane;
+                    for u in 0..ho {
+                        let src = &acc[(img * grid.hp + u) * grid.wp * o + b * block..];
+                        cpu::transpose(src, o, (wo, channels), &mut planes[u * wo..], plane);
+                    }
+                });
+        });
+    // SAFETY: the images cover `y`, their blocks of planes cover each image, and the transposes
+    // write row u of every plane of a block, for every u < Ho.
     unsafe { cpu::written(y) }
 }
 
