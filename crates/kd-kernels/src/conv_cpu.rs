@@ -231,19 +231,49 @@ pub(crate) fn kernel_gradient<T: Float>(
 
 /// `a · b_n` for each of `images` (K, P) matrices `b_n` stored one after another in `b`, the
 /// (M, P) results one after another: a 1×1 convolution or its input gradient on NCHW data,
-/// without the layout passes of the patch rows.
+/// without the layout passes of the patch rows. One product per image while the planes are
+/// large; below [`BATCHED_BELOW`] pixels one product for the batch, a·(K, N·P), between two
+/// passes of whole-plane copies (at 4×4 a product per image is 16 columns wide, too narrow for
+/// gemm's kernels).
 #[allow(unsafe_code)]
 fn per_image_product<T: Float>(b: &[T], (images, p): (usize, usize), a: MatRef<'_, T>) -> Vec<T> {
+    use rayon::prelude::*;
     let (m, k) = (a.rows, a.cols);
     let mut out = cpu::output_slots(images * m * p);
-    for (i, out) in out.chunks_mut((m * p).max(1)).enumerate() {
-        let b = &b[i * k * p..][..k * p];
-        cpu::matmul_into_slots(out, a, MatRef::row_major(b, k, p));
+    if p < BATCHED_BELOW && images > 1 && m * p > 0 {
+        let columns = batch_in_columns(b, images, k, p);
+        let mut prod = Scratch::take(m * images * p);
+        cpu::matmul_into(
+            &mut prod,
+            a,
+            MatRef::row_major(&columns, k, images * p),
+            false,
+        );
+        // (M, N·P) → (N, M, P), one plane per task.
+        let prod = &*prod;
+        out.par_chunks_mut(p)
+            .with_min_len((4096 / p).max(1))
+            .enumerate()
+            .for_each(|(i, dst)| {
+                let (img, row) = (i / m, i % m);
+                for (d, &v) in dst.iter_mut().zip(&prod[(row * images + img) * p..][..p]) {
+                    d.write(v);
+                }
+            });
+    } else {
+        for (i, out) in out.chunks_mut((m * p).max(1)).enumerate() {
+            let b = &b[i * k * p..][..k * p];
+            cpu::matmul_into_slots(out, a, MatRef::row_major(b, k, p));
+        }
     }
-    // SAFETY: the (m·p)-value chunks cover `out` (images·m·p values, or none) and
-    // `matmul_into_slots` writes every slot of each.
+    // SAFETY: batched: the P-value planes cover `out` (images·m·p values) and each is copied
+    // whole; per image: the (m·p)-value chunks cover `out` and `matmul_into_slots` writes every
+    // slot of each.
     unsafe { cpu::written(out) }
 }
+
+/// Planes below this many pixels (16×16) make [`per_image_product`] one product for the batch.
+const BATCHED_BELOW: usize = 256;
 
 /// `dy` (N, O, P) as (O, N·P): the batch folded into the columns, so that a gradient's matrix
 /// product is one large one; one output channel per parallel task.
@@ -594,6 +624,10 @@ mod tests {
             ([2, 2, 20, 18], [3, 2, 5, 5], 1, 4),
             ([1, 4, 18, 18], [3, 4, 3, 3], 1, 0),
             ([2, 3, 34, 34], [4, 3, 3, 3], 2, 1),
+            // 1×1 on a plane of 256 pixels: one product per image (smaller planes, one for the
+            // batch); one image takes the per-image path at any size.
+            ([2, 6, 16, 16], [7, 6, 1, 1], 1, 0),
+            ([1, 6, 8, 8], [7, 6, 1, 1], 1, 0),
         ] {
             let g = Conv2dGeometry { stride, padding };
             let x = Tensor::randn(0f32, 1.0, &xd, &dev).unwrap();
