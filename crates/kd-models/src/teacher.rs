@@ -10,26 +10,10 @@ use crate::resnet::{ModelOutput, ResNet};
 use crate::Result;
 
 /// A pretrained network used only for inference.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Teacher {
     model: ResNet,
     meta: TeacherMeta,
-    /// Whether [`Teacher::forward`] returns the pre-ReLU stage outputs (OFD and AB compare
-    /// them): set through a shared reference by the method that needs them.
-    keep_preact: std::sync::atomic::AtomicBool,
-}
-
-impl Clone for Teacher {
-    fn clone(&self) -> Self {
-        Teacher {
-            model: self.model.clone(),
-            meta: self.meta.clone(),
-            keep_preact: self
-                .keep_preact
-                .load(std::sync::atomic::Ordering::Relaxed)
-                .into(),
-        }
-    }
 }
 
 impl Teacher {
@@ -37,11 +21,7 @@ impl Teacher {
     pub fn load(weights: &Path, device: &Device) -> Result<Self> {
         let meta = TeacherMeta::load(weights)?;
         let model = load_frozen(&meta.config(), weights, device)?;
-        Ok(Teacher {
-            model,
-            meta,
-            keep_preact: false.into(),
-        })
+        Ok(Teacher { model, meta })
     }
 
     /// Its metadata (architecture, classes, normalisation).
@@ -59,17 +39,16 @@ impl Teacher {
         &self.model
     }
 
-    /// Makes [`Teacher::forward`] return the pre-ReLU stage outputs too
-    /// ([`ModelOutput::preact`]); off by default.
-    pub fn keep_preact(&self, keep: bool) {
-        self.keep_preact
-            .store(keep, std::sync::atomic::Ordering::Relaxed);
+    /// Eval-mode forward; every output is detached from any graph. No pre-ReLU stage outputs
+    /// ([`Teacher::forward_with`]).
+    pub fn forward(&self, x: &Tensor) -> CResult<ModelOutput> {
+        self.forward_with(x, false)
     }
 
-    /// Eval-mode forward; every output is detached from any graph.
-    pub fn forward(&self, x: &Tensor) -> CResult<ModelOutput> {
-        let preact = self.keep_preact.load(std::sync::atomic::Ordering::Relaxed);
-        let out = self.model.forward_with(&x.detach(), false, preact)?;
+    /// [`Teacher::forward`], with the pre-ReLU stage outputs ([`ModelOutput::preact`]) when
+    /// `preact_too` (OFD and AB compare them; they cost an add and a tensor per stage).
+    pub fn forward_with(&self, x: &Tensor, preact_too: bool) -> CResult<ModelOutput> {
+        let out = self.model.forward_with(&x.detach(), false, preact_too)?;
         Ok(ModelOutput {
             logits: out.logits.detach(),
             feats: out.feats.iter().map(Tensor::detach).collect(),

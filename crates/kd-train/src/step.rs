@@ -9,11 +9,13 @@ use crate::distill::{Distiller, LossTerms, Outputs, StepContext};
 
 /// The teacher's outputs on a batch normalised for the student: the images are renormalised
 /// from the student's statistics to the teacher's (they may differ, e.g. an ImageNet-normalised
-/// teacher), then go through the frozen teacher.
+/// teacher), then go through the frozen teacher; with its pre-ReLU stage outputs when the method
+/// compares them ([`Distiller::needs_preact`]).
 pub fn teacher_forward(
     teacher: &Teacher,
     images: &Tensor,
     student: &Normalize,
+    method: &dyn Distiller,
 ) -> Result<ModelOutput> {
     let x = renormalize(
         images,
@@ -23,7 +25,7 @@ pub fn teacher_forward(
             std: teacher.meta().std,
         },
     )?;
-    teacher.forward(&x)
+    teacher.forward_with(&x, method.needs_preact())
 }
 
 /// `x` normalised by `from` re-expressed as normalised by `to`: undo one, apply the other.

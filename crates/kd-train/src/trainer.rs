@@ -615,7 +615,7 @@ pub fn train(
             let teacher_out = match teacher.filter(|_| method.teacher_each_step()) {
                 Some(t) => {
                     let tt = Instant::now();
-                    let o = teacher_forward(t, &batch.images, &student_norm)?;
+                    let o = teacher_forward(t, &batch.images, &student_norm, method)?;
                     // Synchronise so the time is the teacher's, not queued work (a no-op on the CPU).
                     o.logits.device().synchronize()?;
                     teacher_seconds += tt.elapsed().as_secs_f64();
@@ -872,7 +872,7 @@ fn init_phase(
         for batch in train.epoch(INIT_EPOCH_KEY + epoch as u64, 0) {
             let batch = batch?;
             let tt = Instant::now();
-            let t_out = teacher_forward(teacher, &batch.images, &student_norm)?;
+            let t_out = teacher_forward(teacher, &batch.images, &student_norm, method)?;
             t_out.logits.device().synchronize()?;
             teacher_seconds += tt.elapsed().as_secs_f64();
             let s_out = match phase.student_body {

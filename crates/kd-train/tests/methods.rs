@@ -149,7 +149,8 @@ fn every_method_trains_and_keeps_the_teacher_frozen() {
                 )
             })
             .collect();
-        let t_out = teacher.map(|t| t.forward(&batch.images).unwrap());
+        let preact = built.distiller.needs_preact();
+        let t_out = teacher.map(|t| t.forward_with(&batch.images, preact).unwrap());
         let mut first = vec![None; members.len()];
         // Each member's lowest loss over the last five steps.
         let mut last = vec![f32::INFINITY; members.len()];
@@ -469,9 +470,10 @@ fn init_phases_fit_what_they_train() {
         let Some(phase) = built.distiller.init_phase() else {
             continue;
         };
-        // Again, now that the method has asked the teacher for what it compares (AB: the
-        // pre-ReLU stage outputs).
-        let t_out = t.forward(&batch.images).unwrap();
+        // Again, with what the method compares (AB: the pre-ReLU stage outputs).
+        let t_out = t
+            .forward_with(&batch.images, built.distiller.needs_preact())
+            .unwrap();
         phased += 1;
         assert!(phase.epochs >= 1 && phase.lr > 0.0, "{name}: {phase:?}");
         let all = trainable(&built.vars);

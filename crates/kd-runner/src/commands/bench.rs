@@ -153,6 +153,7 @@ impl MethodStep {
                 teacher,
                 &self.batch.images,
                 &kd_data::Normalize::CIFAR10,
+                self.student.distiller.as_ref(),
             )?)
         } else {
             None

@@ -510,7 +510,12 @@ fn check_methods(c: &mut Checks, dev: &Device) -> anyhow::Result<()> {
                 device: d.clone(),
             })?;
             let t_out = match teacher {
-                Some(t) => Some(kd_train::teacher_forward(t, &batch.images, &normalize)?),
+                Some(t) => Some(kd_train::teacher_forward(
+                    t,
+                    &batch.images,
+                    &normalize,
+                    built.distiller.as_ref(),
+                )?),
                 None => None,
             };
             let loss = if init {

@@ -170,6 +170,10 @@ impl Distiller for Ab {
     fn teacher_each_step(&self) -> bool {
         false
     }
+
+    fn needs_preact(&self) -> bool {
+        true
+    }
 }
 
 #[cfg(test)]

@@ -303,6 +303,13 @@ pub trait Distiller {
     fn teacher_each_step(&self) -> bool {
         true
     }
+
+    /// Whether the method compares pre-ReLU stage outputs ([`ModelOutput::preact`]): the
+    /// student ([`build_student`]) and the teacher ([`crate::teacher_forward`]) then return
+    /// them. They cost an add and a tensor per stage, so only OFD and AB ask.
+    fn needs_preact(&self) -> bool {
+        false
+    }
 }
 
 /// A network trained alongside the student in online distillation.
@@ -586,12 +593,6 @@ pub enum MethodConfig {
 }
 
 impl MethodConfig {
-    /// Whether the method compares pre-ReLU stage outputs ([`ModelOutput::preact`]), which
-    /// the student and the teacher then return.
-    pub fn needs_preact(&self) -> bool {
-        matches!(self, MethodConfig::Ofd { .. } | MethodConfig::Ab { .. })
-    }
-
     /// Whether the method needs a frozen teacher.
     pub fn needs_teacher(&self) -> bool {
         matches!(
@@ -1159,15 +1160,8 @@ pub fn build_student(
     let vars = candle_nn::VarMap::new();
     let vb = VarBuilder::from_varmap(&vars, candle_core::DType::F32, device);
     let mut model = ResNet::new(&cfg, vb.clone())?;
-    // The pre-ReLU stage outputs cost an add and a tensor per stage: only for the methods
-    // that compare them.
-    if method.needs_preact() {
-        model.set_keep_preact(true);
-        if let Some(t) = teacher {
-            t.keep_preact(true);
-        }
-    }
     let distiller = method.build(&model, teacher, vb, label_smoothing)?;
+    model.set_keep_preact(distiller.needs_preact());
     // One seeded pass over every variable, method parts included (candle's own initialisers
     // draw from an unseeded generator).
     kd_models::init::init_resnet(&vars, seed, cfg.zero_init_residual)?;

@@ -134,6 +134,10 @@ impl Distiller for Ofd {
         "ofd"
     }
 
+    fn needs_preact(&self) -> bool {
+        true
+    }
+
     fn loss(&self, _: &StepContext, batch: &Batch, out: &Outputs) -> Result<LossTerms> {
         let student = out.student;
         let teacher = super::teacher_outputs(self.name(), out.teacher)?;
