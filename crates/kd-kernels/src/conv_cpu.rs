@@ -502,12 +502,29 @@ pub(crate) fn kernel_matrix<T: cpu::Float>(
     let mut m = cpu::output_slots(k * o);
     match taps {
         Taps::AsIs => {
-            let mut by_tap = Scratch::<T>::take(o * k);
-            by_tap
-                .par_chunks_mut(k)
-                .zip(w.par_chunks(k))
-                .for_each(|(dst, src)| cpu::transpose(src, t, (c, t), dst, c));
-            cpu::transpose_images(&by_tap, 1, (o, k), &mut m);
+            // Row (tap, c) of O values: w[o, c, tap]. One task per tap and block of 16 input
+            // channels, ordered block by block, so that a thread's consecutive tasks read the
+            // same (O, 16, kh·kw) slice of w while it is in its L2 cache.
+            const BLOCK: usize = 16;
+            let mut tasks: Vec<(usize, usize, &mut [std::mem::MaybeUninit<T>])> = m
+                .chunks_mut(c * o)
+                .enumerate()
+                .flat_map(|(tap, rows)| {
+                    rows.chunks_mut(BLOCK * o)
+                        .enumerate()
+                        .map(move |(b, dst)| (b, tap, dst))
+                })
+                .collect();
+            tasks.sort_by_key(|&(b, tap, _)| (b, tap));
+            tasks.into_par_iter().for_each(|(b, tap, dst)| {
+                let rows = dst.len() / o;
+                for oi in 0..o {
+                    let src = &w[(oi * c + b * BLOCK) * t..][..rows * t];
+                    for r in 0..rows {
+                        dst[r * o + oi].write(src[r * t + tap]);
+                    }
+                }
+            });
         }
         Taps::SwapFlipped => {
             // Row (a, b, o) of C values: w[o, c, kh−1−a, kw−1−b] = w[o, c, t−1−tap].
@@ -523,8 +540,9 @@ pub(crate) fn kernel_matrix<T: cpu::Float>(
                 });
         }
     }
-    // SAFETY: AsIs: the transpose of the (O, K) matrix writes each of the K·O slots; SwapFlipped:
-    // the C-value rows cover `m`, and each slot of a row is written.
+    // SAFETY: AsIs: the tasks' blocks of rows cover `m` (each tap's C rows, in blocks), and a
+    // task writes column o of each of its rows for every o; SwapFlipped: the C-value rows cover
+    // `m`, and each slot of a row is written.
     unsafe { cpu::written(m) }
 }
 
