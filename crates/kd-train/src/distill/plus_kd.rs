@@ -126,6 +126,10 @@ impl Distiller for WithKd {
     fn teacher_each_step(&self) -> bool {
         true
     }
+
+    fn needs_preact(&self) -> bool {
+        self.inner.needs_preact()
+    }
 }
 
 #[cfg(test)]
@@ -137,9 +141,9 @@ mod tests {
     use kd_models::{trainable_resnet, Arch, ResNetConfig, Stem};
 
     /// The wrapped method's terms are kept as they are and `loss_kd` = α·T²·KL is added; the
-    /// wrapper passes the method's init phase and frozen parts through but always needs the
-    /// teacher; off (α = 0) it is the method itself; it refuses methods without a frozen teacher
-    /// and KD itself.
+    /// wrapper passes the method's init phase, frozen parts and pre-ReLU outputs through but
+    /// always needs the teacher; off (α = 0) it is the method itself; it refuses methods without
+    /// a frozen teacher and KD itself.
     #[test]
     fn adds_the_kd_term_and_keeps_the_method() {
         let cfg = |arch| ResNetConfig {
@@ -175,6 +179,7 @@ mod tests {
         assert_eq!(wrapped.name(), "ab");
         assert_eq!(wrapped.init_phase(), ab().init_phase());
         assert_eq!(wrapped.frozen(), ab().frozen());
+        assert!(wrapped.needs_preact() && ab().needs_preact());
         assert!(wrapped.teacher_each_step() && !ab().teacher_each_step());
         let x = Tensor::randn(0f32, 1.0, (3, 3, 32, 32), &Device::Cpu).unwrap();
         let (os, ot) = (
