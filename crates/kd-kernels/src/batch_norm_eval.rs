@@ -92,7 +92,7 @@ fn scale_and_shift(
 /// CPU in f32, one pass: neither the BatchNorm's output nor the sum is written out, which saves
 /// a write and a read of every block's output (a ResNet50's widest tensors). It makes the same
 /// f32 roundings as the two ops. Elsewhere, and with `KD_DISABLE=evaltail`: [`batch_norm_eval`]
-/// then [`crate::add_relu`].
+/// then [`crate::add_relu()`].
 #[allow(clippy::too_many_arguments)]
 pub fn batch_norm_eval_add_relu(
     x: &Tensor,

@@ -19,7 +19,7 @@ use kd_models::{batch_norm2d, BatchNorm2d, ModelOutput, ResNet};
 use super::none::CrossEntropy;
 use super::{Distiller, InitPhase, LossTerms, Outputs, StepContext};
 
-/// What [`Ab`] is built with, beyond the networks.
+/// What AB (`Ab`) is built with, beyond the networks.
 #[derive(Clone, Copy, Debug)]
 pub struct AbParams {
     /// Weight of the summed stage losses (RepDistiller's 3/1000).

@@ -18,7 +18,7 @@ use kd_data::Batch;
 use super::none::CrossEntropy;
 use super::{Distiller, LossTerms, Outputs, StepContext};
 
-/// What [`Ctkd`] is built with.
+/// What CTKD (`Ctkd`) is built with.
 #[derive(Clone, Copy, Debug)]
 pub struct CtkdParams {
     /// Weight α of the KD term (the CE's is 1 − α).

@@ -23,7 +23,7 @@ use kd_models::{batch_norm2d, BatchNorm2d, ModelOutput, ResNet};
 use super::none::CrossEntropy;
 use super::{Distiller, InitPhase, LossTerms, Outputs, StepContext};
 
-/// What [`Ft`] is built with, beyond the networks.
+/// What FT (`Ft`) is built with, beyond the networks.
 #[derive(Clone, Copy, Debug)]
 pub struct FtParams {
     /// Weight of the factor loss (200 in RepDistiller's benchmark).
