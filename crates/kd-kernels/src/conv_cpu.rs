@@ -483,11 +483,11 @@ pub(crate) enum Taps {
 /// `w` (O, C, kh, kw) as the right-hand side of [`conv2d_rows`]' product: a contiguous
 /// (kh·kw·C_in, C_out) matrix whose rows are in the patch rows' tap order.
 ///
-/// [`Taps::AsIs`] in two cache-friendly passes: each output channel's (C, kh·kw) block to
-/// (kh·kw, C), then the (O, kh·kw·C) result transposed in tiles ([`cpu::transpose`]). Reading
-/// w[o, c, a, b] across o for each row directly strides by a whole output channel (18 KB at
-/// ResNet's last stage): 3–4 ms of a 15 ms forward there. [`Taps::SwapFlipped`] reads each
-/// output channel's block in place (a stride of kh·kw values).
+/// [`Taps::AsIs`] in blocks of 16 input channels: row by row, reading w[o, c, a, b] across o
+/// strides by a whole output channel (18 KB at ResNet's last stage, 3–4 ms of a 15 ms forward
+/// there); a block's tasks instead read the same (O, 16, kh·kw) slice of w while it is in the
+/// L2 cache. [`Taps::SwapFlipped`] reads each output channel's block in place (a stride of
+/// kh·kw values).
 #[allow(unsafe_code)]
 pub(crate) fn kernel_matrix<T: cpu::Float>(
     w: &[T],

@@ -167,8 +167,9 @@ pub(crate) fn convolve<T: Float>(
                 cpu::matmul_into_serial(block, shifted, w_t, t > 0);
             }
         });
-    // (grid row, o) → (o, pixel), per image and block of 16 channels, a grid row at a time.
-    let (plane, block) = (ho * wo, 16);
+    // (grid row, o) → (o, pixel), per image and block of transpose tiles' worth of channels, a
+    // grid row at a time.
+    let (plane, block) = (ho * wo, cpu::TILE);
     let mut y = cpu::output_slots(grid.n * o * plane);
     let acc = &*acc;
     y.par_chunks_mut(o * plane)

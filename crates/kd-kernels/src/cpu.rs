@@ -302,7 +302,7 @@ impl<T> Slot<T> for std::mem::MaybeUninit<T> {
 }
 
 /// Values per side of [`transpose`]'s tiles: 16 f32 rows of 64 bytes, one cache line each.
-const TILE: usize = 16;
+pub(crate) const TILE: usize = 16;
 
 /// `dst[c·dst_stride + r] = src[r·src_stride + c]` for r < rows, c < cols, in 16×16 tiles: the
 /// layout passes of the convolution (NCHW ↔ pixels × channels). Plain loops read (or write) a
