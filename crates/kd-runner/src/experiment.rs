@@ -52,7 +52,7 @@ pub fn is_resumable(dir: &Path) -> bool {
 }
 
 /// A class-balanced `frac` of `split` (all of it at 1).
-fn fraction(
+pub(crate) fn fraction(
     split: kd_data::Split,
     num_classes: usize,
     frac: f64,

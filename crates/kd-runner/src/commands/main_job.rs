@@ -126,11 +126,14 @@ pub fn run() -> anyhow::Result<()> {
             out.display()
         );
     } else {
-        let est = estimate_cpu_seconds(&runs, &teacher_path)?;
+        let (train_images, test_images) = short_scale_images(&runs[0].config)?;
+        let est = estimate_cpu_seconds(&runs, &teacher_path, train_images, test_images)?;
         println!(
-            "No GPU: running a SHORT CPU comparison — 5% of the CIFAR-10 training images (2,500), 1 epoch, test top-1 on 1,000 test images. \
+            "No GPU: running a SHORT CPU comparison — {:.0}% of the CIFAR-10 training images ({train_images}), {} epoch, test top-1 on {test_images} test images. \
              Its accuracies show the pipeline works, not what the methods achieve; run it on a GPU build (`--features cuda,cudnn`) for the full schedule. \
              Expected time: about {:.0} min → {}",
+            runs[0].config.data.subset * 100.0,
+            runs[0].config.train.epochs,
             est / 60.0,
             out.display()
         );
@@ -143,11 +146,23 @@ pub fn run() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Training and test images of the short scale: the same class-balanced subsets the runs take
+/// of the installed copy.
+fn short_scale_images(cfg: &ExperimentConfig) -> anyhow::Result<(usize, usize)> {
+    let ds = super::data::load(&cfg.dataset()?, &cfg.data_dir())?;
+    let classes = ds.num_classes();
+    let train = crate::experiment::fraction(ds.train, classes, cfg.data.subset, cfg.train.seed)?;
+    let test = crate::experiment::fraction(ds.test, classes, cfg.data.test_subset, 0)?;
+    Ok((train.len(), test.len()))
+}
+
 /// Seconds the short CPU suite should take: one timed training step of the student and one
 /// teacher forward, scaled to the images of every run, plus evaluation.
 fn estimate_cpu_seconds(
     runs: &[super::suite::PlannedRun],
     teacher_path: &std::path::Path,
+    train_images: usize,
+    test_images: usize,
 ) -> anyhow::Result<f64> {
     let cfg = &runs[0].config;
     let bs = cfg.data.batch_size;
@@ -165,7 +180,7 @@ fn estimate_cpu_seconds(
     let t = Instant::now();
     let _ = teacher.forward(&x)?;
     let tfwd = t.elapsed().as_secs_f64() / bs as f64;
-    let (train_images, test_images) = (50_000.0 * cfg.data.subset, 10_000.0 * cfg.data.test_subset);
+    let (train_images, test_images) = (train_images as f64, test_images as f64);
     Ok(runs
         .iter()
         .map(|r| {
