@@ -74,3 +74,109 @@ fn a_broadcast_gradient_is_stored_contiguous_for_the_ops_that_need_it() {
     assert_eq!(values(g), vec![1.0; 12]);
     assert_eq!(g.dtype(), DType::F32);
 }
+
+/// y = s·x with a gradient of `grad_shape` (the input's own shape unless a test wants a wrong one).
+struct Scale {
+    s: f32,
+    grad_shape: Option<Vec<usize>>,
+}
+
+impl candle_core::CustomOp1 for Scale {
+    fn name(&self) -> &'static str {
+        "test-scale"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let candle_core::CpuStorage::F32(v) = storage else {
+            candle_core::bail!("f32 only")
+        };
+        let (a, b) = layout.contiguous_offsets().expect("contiguous input");
+        let out = v[a..b].iter().map(|x| x * self.s).collect();
+        Ok((candle_core::CpuStorage::F32(out), layout.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let g = (grad_res * self.s as f64)?;
+        Ok(Some(match &self.grad_shape {
+            Some(shape) => Tensor::zeros(shape.as_slice(), arg.dtype(), arg.device())?,
+            None => g,
+        }))
+    }
+}
+
+#[test]
+fn custom_op_transpose_and_permute_gradients_accumulate() {
+    let x = Var::new(&[[1.0f32, 2.0, 3.0], [4.0, 5.0, 6.0]], &Device::Cpu).unwrap();
+    let scale = |s| Scale {
+        s,
+        grad_shape: None,
+    };
+    // x reaches the loss through two custom ops, a transpose and a permute:
+    // loss = Σ 3x + Σ 5x + Σ 7·xᵀ·w + Σ permute(x)  →  dloss/dx = 8 + 7·w(transposed) + 1.
+    let w = Tensor::new(&[[1.0f32, 0.0], [2.0, 1.0], [0.0, 3.0]], &Device::Cpu).unwrap();
+    let a = x
+        .as_tensor()
+        .apply_op1(scale(3.0))
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    let b = x
+        .as_tensor()
+        .apply_op1(scale(5.0))
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    let c = (x.as_tensor().t().unwrap() * &w).unwrap() * 7.0;
+    let c = c.unwrap().sum_all().unwrap();
+    let d = x.as_tensor().permute((1, 0)).unwrap().sum_all().unwrap();
+    let loss = (((a + b).unwrap() + c).unwrap() + d).unwrap();
+    let grads = loss.backward().unwrap();
+    let g = grads.get(&x).unwrap();
+    assert!(g.is_contiguous());
+    assert_eq!(
+        values(g),
+        vec![16.0, 23.0, 9.0, 9.0, 16.0, 30.0],
+        "8 + 1 + 7·wᵀ"
+    );
+    // A custom op whose own gradient is the only one its input gets (stored as it is).
+    let y = Var::new(&[1.0f32, 2.0], &Device::Cpu).unwrap();
+    let grads = y
+        .as_tensor()
+        .apply_op1(scale(3.0))
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    assert_eq!(values(grads.get(&y).unwrap()), vec![3.0, 3.0]);
+}
+
+#[test]
+fn a_gradient_of_the_wrong_shape_is_refused() {
+    // Upstream adds each gradient to zeroes of the input's shape, which refuses a wrong one;
+    // storing the first gradient as it is must refuse it too.
+    let x = Var::new(&[1.0f32, 2.0, 3.0], &Device::Cpu).unwrap();
+    let bad = Scale {
+        s: 2.0,
+        grad_shape: Some(vec![2]),
+    };
+    let err = x
+        .as_tensor()
+        .apply_op1(bad)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("gradient of shape [2]"), "{err}");
+}

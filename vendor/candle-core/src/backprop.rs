@@ -499,8 +499,7 @@ impl Tensor {
                         grads.accumulate(arg, &grad.to_dtype(arg.dtype())?)?
                     }
                     Op::Copy(arg) => {
-                        let sum_grad = grads.or_insert(arg)?;
-                        *sum_grad = sum_grad.add(&grad)?
+                        grads.accumulate(arg, &grad)?
                     }
                     Op::Affine { arg, mul, .. } => {
                         let arg_grad = grad.affine(*mul, 0.)?;
@@ -631,8 +630,7 @@ impl Tensor {
                     }
                     Op::CustomOp1(arg, c) => {
                         if let Some(arg_grad) = c.bwd(arg, node, &grad)? {
-                            let sum_grad = grads.or_insert(arg)?;
-                            *sum_grad = sum_grad.add(&arg_grad)?
+                            grads.accumulate(arg, &arg_grad)?
                         }
                     }
                     Op::CustomOp2(arg1, arg2, c) => {
@@ -641,8 +639,7 @@ impl Tensor {
                             grads.accumulate(arg1, &arg_grad1)?
                         }
                         if let Some(arg_grad2) = arg_grad2 {
-                            let sum_grad = grads.or_insert(arg2)?;
-                            *sum_grad = sum_grad.add(&arg_grad2)?
+                            grads.accumulate(arg2, &arg_grad2)?
                         }
                     }
                     Op::CustomOp3(arg1, arg2, arg3, c) => {
@@ -652,8 +649,7 @@ impl Tensor {
                             grads.accumulate(arg1, &arg_grad1)?
                         }
                         if let Some(arg_grad2) = arg_grad2 {
-                            let sum_grad = grads.or_insert(arg2)?;
-                            *sum_grad = sum_grad.add(&arg_grad2)?
+                            grads.accumulate(arg2, &arg_grad2)?
                         }
                         if let Some(arg_grad3) = arg_grad3 {
                             grads.accumulate(arg3, &arg_grad3)?
@@ -674,8 +670,7 @@ impl Tensor {
                     }
                     Op::Transpose(arg, dim1, dim2) => {
                         let arg_grad = grad.transpose(*dim1, *dim2)?;
-                        let sum_grad = grads.or_insert(arg)?;
-                        *sum_grad = sum_grad.add(&arg_grad)?
+                        grads.accumulate(arg, &arg_grad)?
                     }
                     Op::Permute(arg, dims) => {
                         let mut inv_dims = vec![0; dims.len()];
@@ -683,8 +678,7 @@ impl Tensor {
                             inv_dims[dim_idx] = i
                         }
                         let arg_grad = grad.permute(inv_dims)?;
-                        let sum_grad = grads.or_insert(arg)?;
-                        *sum_grad = sum_grad.add(&arg_grad)?
+                        grads.accumulate(arg, &arg_grad)?
                     }
                 };
             }
@@ -731,7 +725,8 @@ impl GradStore {
     /// kd patch: adds `grad` to the gradient of `tensor`, storing the first one as it is (made
     /// contiguous) instead of adding it to a fresh tensor of zeroes, which cost a fill and a
     /// full-size add per gradient edge. Gradients are never written in place, so a stored one
-    /// may be shared (both operands of an add get the same tensor).
+    /// may be shared (both operands of an add get the same tensor). A gradient of another shape
+    /// or type is refused, as the add to zeroes refused it.
     fn accumulate(&mut self, tensor: &Tensor, grad: &Tensor) -> Result<()> {
         match self.0.entry(tensor.id()) {
             Entry::Occupied(mut e) => {
@@ -739,6 +734,16 @@ impl GradStore {
                 e.insert(sum);
             }
             Entry::Vacant(e) => {
+                // What adding to zeroes of the tensor's shape and type would have refused.
+                if grad.shape() != tensor.shape() || grad.dtype() != tensor.dtype() {
+                    crate::bail!(
+                        "backward: a gradient of shape {:?} ({:?}) for a tensor of shape {:?} ({:?})",
+                        grad.shape(),
+                        grad.dtype(),
+                        tensor.shape(),
+                        tensor.dtype()
+                    )
+                }
                 e.insert(grad.contiguous()?);
             }
         }
