@@ -614,9 +614,12 @@ pub fn train(
             lr = cfg.schedule.lr(cfg.lr, progress.step, total);
             let teacher_out = match teacher.filter(|_| method.teacher_each_step()) {
                 Some(t) => {
+                    // On a GPU the previous step's backward may still be queued: wait for it
+                    // before starting the clock, and for the teacher before stopping it, so the
+                    // time is the teacher's alone (both are no-ops on the CPU).
+                    batch.images.device().synchronize()?;
                     let tt = Instant::now();
                     let o = teacher_forward(t, &batch.images, &student_norm, method)?;
-                    // Synchronise so the time is the teacher's, not queued work (a no-op on the CPU).
                     o.logits.device().synchronize()?;
                     teacher_seconds += tt.elapsed().as_secs_f64();
                     Some(o)
@@ -871,6 +874,8 @@ fn init_phase(
         let mut steps = 0usize;
         for batch in train.epoch(INIT_EPOCH_KEY + epoch as u64, 0) {
             let batch = batch?;
+            // The teacher's time alone: queued work first (as in the main loop).
+            batch.images.device().synchronize()?;
             let tt = Instant::now();
             let t_out = teacher_forward(teacher, &batch.images, &student_norm, method)?;
             t_out.logits.device().synchronize()?;
