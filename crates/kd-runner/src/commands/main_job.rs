@@ -129,11 +129,13 @@ pub fn run() -> anyhow::Result<()> {
         let (train_images, test_images) = short_scale_images(&runs[0].config)?;
         let est = estimate_cpu_seconds(&runs, &teacher_path, train_images, test_images)?;
         println!(
-            "No GPU: running a SHORT CPU comparison — {:.0}% of the CIFAR-10 training images ({train_images}), {} epoch, test top-1 on {test_images} test images. \
+            "No GPU: running a SHORT CPU comparison — {:.0}% of the CIFAR-10 training images ({}), {} epoch, test top-1 on {} test images. \
              Its accuracies show the pipeline works, not what the methods achieve; run it on a GPU build (`--features cuda,cudnn`) for the full schedule. \
              Expected time: about {:.0} min → {}",
             runs[0].config.data.subset * 100.0,
+            super::report::count(train_images),
             runs[0].config.train.epochs,
+            super::report::count(test_images),
             est / 60.0,
             out.display()
         );

@@ -354,7 +354,7 @@ fn p_value(p: f64) -> String {
 }
 
 /// Thousands separated by commas.
-fn count(n: usize) -> String {
+pub(crate) fn count(n: usize) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
