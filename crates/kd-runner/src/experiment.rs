@@ -175,7 +175,7 @@ pub fn run(
     };
     let tcfg = cfg.trainer(train.num_batches());
     tracing::info!(
-        "{}: {} {} (stem {}, width {}, {} params{}) on {} ({} train images, {} steps/epoch), {} epochs on {:?} → {}",
+        "{}: {} {} (stem {}, width {}, {} params{}) on {} ({} train images, {} steps/epoch), {} epoch{} on {:?} → {}",
         info.label,
         cfg.method.name(),
         cfg.model.arch.name(),
@@ -187,6 +187,7 @@ pub fn run(
         n_train,
         train.num_batches(),
         cfg.train.epochs,
+        if cfg.train.epochs == 1 { "" } else { "s" },
         device,
         run_dir.display()
     );
