@@ -20,6 +20,26 @@ pub enum FetchError {
         /// What happened.
         message: String,
     },
+    /// The server answered with a web page where the file should be: a dead shared link, a
+    /// login, or a download-confirmation or quota page (Box and Google Drive answer so).
+    #[error("{url}: answered with an HTML page ({content_type}), not the file: the link may be dead or want a login or a confirmation; nothing was kept")]
+    HtmlPage {
+        /// The URL asked for.
+        url: String,
+        /// The Content-Type it answered with.
+        content_type: String,
+    },
+    /// A downloaded file that is not the archive it should be (no checksum is published to
+    /// catch it otherwise).
+    #[error("{source_desc}: not a {kind} archive (it starts with {head}); nothing was kept")]
+    NotAnArchive {
+        /// Where the bytes came from.
+        source_desc: String,
+        /// "gzip" or "zip".
+        kind: &'static str,
+        /// The file's first bytes, in hex.
+        head: String,
+    },
     /// The transfer ended early.
     #[error("{url}: transfer ended after {got} of {expected} bytes (the partial file {part} is kept; run again to resume)")]
     Truncated {

@@ -66,6 +66,17 @@ impl Http {
                 })
             }
         };
+        // No archive is served as a web page; a page here is an error page with status 200.
+        let content_type = resp
+            .header("Content-Type")
+            .unwrap_or("")
+            .to_ascii_lowercase();
+        if content_type.starts_with("text/html") {
+            return Err(FetchError::HtmlPage {
+                url: url.into(),
+                content_type,
+            });
+        }
         let append = have > 0 && resp.status() == 206;
         if append {
             let start = resp

@@ -302,14 +302,10 @@ fn obtain_archive(
     };
     if cached.is_file() {
         let d = digest_file(&cached)?;
-        match verify(
-            &d,
-            &cached.display().to_string(),
-            src.file,
-            &src.checksum,
-            src.size,
-            &opts.verify,
-        ) {
+        let desc = cached.display().to_string();
+        match verify(&d, &desc, src.file, &src.checksum, src.size, &opts.verify)
+            .and_then(|v| check_signature(&cached, &src.kind, &desc).map(|()| v))
+        {
             Ok(v) => return Ok((cached.clone(), cached.display().to_string(), d, v)),
             Err(e) => {
                 tracing::warn!("cached download rejected, fetching again: {e}");
@@ -326,6 +322,15 @@ fn obtain_archive(
             _ => None,
         };
         if let Err(e) = http.download(url, &part, size, &progress) {
+            errors.push(e.to_string());
+            continue;
+        }
+        // Without a published checksum this is what tells an archive from an error page.
+        if let Err(e) = check_signature(&part, &src.kind, url) {
+            let _ = std::fs::remove_file(&part);
+            if urls.len() == 1 {
+                return Err(e);
+            }
             errors.push(e.to_string());
             continue;
         }
@@ -356,6 +361,40 @@ fn obtain_archive(
     Err(FetchError::AllSourcesFailed {
         artifact: artifact.name().into(),
         errors,
+    })
+}
+
+/// Refuses a file that does not start as an archive of `kind` does.
+fn check_signature(path: &Path, kind: &ArchiveKind, source_desc: &str) -> Result<()> {
+    let (name, magic) = kind.signature();
+    let mut head = [0u8; 16];
+    let n = {
+        use std::io::Read;
+        let mut f = std::fs::File::open(path).map_err(FetchError::io(path))?;
+        let mut n = 0;
+        while n < head.len() {
+            match f.read(&mut head[n..]).map_err(FetchError::io(path))? {
+                0 => break,
+                k => n += k,
+            }
+        }
+        n
+    };
+    if head[..n].starts_with(magic) {
+        return Ok(());
+    }
+    Err(FetchError::NotAnArchive {
+        source_desc: source_desc.into(),
+        kind: name,
+        head: if n == 0 {
+            "nothing (an empty file)".into()
+        } else {
+            format!(
+                "{} ({:?})",
+                hex::encode(&head[..n]),
+                String::from_utf8_lossy(&head[..n])
+            )
+        },
     })
 }
 

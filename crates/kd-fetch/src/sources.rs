@@ -145,6 +145,16 @@ pub enum ArchiveKind {
     },
 }
 
+impl ArchiveKind {
+    /// The format's name and the bytes every file of it starts with.
+    pub fn signature(&self) -> (&'static str, &'static [u8]) {
+        match self {
+            ArchiveKind::TarGz => ("gzip", &[0x1f, 0x8b]),
+            ArchiveKind::ZipMember { .. } => ("zip", b"PK\x03\x04"),
+        }
+    }
+}
+
 /// A Hub file.
 #[derive(Clone, Debug)]
 pub struct HubSource {

@@ -467,3 +467,87 @@ fn hub_download_offline_cache_and_errors() {
         "{err}"
     );
 }
+
+#[test]
+fn a_web_page_instead_of_the_teacher_zip_is_refused_and_not_kept() {
+    // What a dead Box link or Google Drive's quota page answers: 200 and HTML. The zip has no
+    // published checksum, so only the content type and the file's first bytes can tell.
+    let page = b"<!DOCTYPE html><html><body>This shared file or folder link has been removed</body></html>".to_vec();
+    let data = tempfile::tempdir().unwrap();
+    let downloads = data.path().join("downloads");
+    let srv = Server::start(vec![("/state_dicts.zip", Route::Html(page.clone()))]);
+    let err = fetch(
+        Artifact::TeacherCifar10,
+        &opts(data.path(), Some(&srv.url), Verify::Official),
+    )
+    .unwrap_err();
+    assert!(matches!(err, FetchError::AllSourcesFailed { .. }), "{err}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("HTML page") && msg.contains("/state_dicts.zip"),
+        "{msg}"
+    );
+    assert!(!downloads.join("state_dicts.zip").exists());
+    assert!(!downloads.join("state_dicts.zip.part").exists());
+
+    // The same page without its content type: refused by its first bytes, nothing kept.
+    let srv = Server::start(vec![("/state_dicts.zip", Route::Ok(page))]);
+    let err = fetch(
+        Artifact::TeacherCifar10,
+        &opts(data.path(), Some(&srv.url), Verify::Official),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("not a zip archive") && err.contains("<!DOCTYPE"),
+        "{err}"
+    );
+    assert!(!downloads.join("state_dicts.zip").exists());
+    assert!(!downloads.join("state_dicts.zip.part").exists());
+
+    // A bad file already in the download cache (left by an earlier version) is fetched again.
+    std::fs::write(
+        downloads.join("state_dicts.zip"),
+        b"<html>old error page</html>",
+    )
+    .unwrap();
+    let pt = std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../kd-models/tests/fixtures/resnet50_cifar-maxpool.pt"),
+    )
+    .unwrap();
+    let srv = Server::start(vec![("/state_dicts.zip", Route::Ok(teacher_zip(&pt, &[])))]);
+    let done = fetch(
+        Artifact::TeacherCifar10,
+        &opts(data.path(), Some(&srv.url), Verify::Official),
+    )
+    .unwrap();
+    assert_eq!(std::fs::read(done.path.join("resnet50.pt")).unwrap(), pt);
+    assert_eq!(
+        srv.requests().len(),
+        1,
+        "the cached page was replaced by a download"
+    );
+}
+
+#[test]
+fn a_cifar_download_that_is_not_gzip_is_refused() {
+    // With --no-verify no checksum protects the install; the gzip signature still does.
+    let data = tempfile::tempdir().unwrap();
+    let srv = Server::start(vec![(
+        "/cifar-10-binary.tar.gz",
+        Route::Ok(b"PK\x03\x04 a zip, not a tar.gz".to_vec()),
+    )]);
+    let err = fetch(
+        Artifact::Cifar10,
+        &opts(data.path(), Some(&srv.url), Verify::Skip),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("not a gzip archive"), "{err}");
+    assert!(kd_fetch::installed(Artifact::Cifar10, data.path()).is_none());
+    assert!(!data
+        .path()
+        .join("downloads/cifar-10-binary.tar.gz")
+        .exists());
+}

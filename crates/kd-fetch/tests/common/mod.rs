@@ -26,6 +26,8 @@ pub enum Route {
     IgnoreRange(Vec<u8>),
     /// Answer with this status code.
     Status(u16),
+    /// Answer 200 with this body as `text/html` (a dead link's or a confirmation page).
+    Html(Vec<u8>),
     /// Send headers and a few bytes, then go silent for this long.
     Stall(Duration),
 }
@@ -133,6 +135,16 @@ fn serve(
     let (body, cut, honour) = match route {
         None => return status(&mut conn, 404),
         Some(Route::Status(s)) => return status(&mut conn, s),
+        Some(Route::Html(page)) => {
+            write!(
+                conn,
+                "HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                page.len()
+            )?;
+            conn.write_all(&page)?;
+            conn.flush()?;
+            return Ok(());
+        }
         Some(Route::Ok(b)) => (b, None, true),
         Some(Route::IgnoreRange(b)) => (b, None, false),
         Some(Route::CutOnce { body, after, times }) => {
