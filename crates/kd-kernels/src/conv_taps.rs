@@ -117,13 +117,9 @@ fn lay_on_grid<T: Float>(
             }
             dst[..left * c].fill(T::default());
             dst[(left + w) * c..].fill(T::default());
-            let data = &mut dst[left * c..(left + w) * c];
-            for ci in 0..c {
-                let src = &v[((img * c + ci) * h + i - top) * w..][..w];
-                for (j, &x) in src.iter().enumerate() {
-                    data[j * c + ci] = x;
-                }
-            }
+            // Row i − top of the image's C planes, (C, W) with a plane's stride, as (W, C).
+            let src = &v[(img * c * h + i - top) * w..];
+            cpu::transpose(src, h * w, (c, w), &mut dst[left * c..(left + w) * c], c);
         });
     out
 }
