@@ -613,17 +613,13 @@ pub fn train(
             let batch = batch?;
             lr = cfg.schedule.lr(cfg.lr, progress.step, total);
             let teacher_out = match teacher.filter(|_| method.teacher_each_step()) {
-                Some(t) => {
-                    // On a GPU the previous step's backward may still be queued: wait for it
-                    // before starting the clock, and for the teacher before stopping it, so the
-                    // time is the teacher's alone (both are no-ops on the CPU).
-                    batch.images.device().synchronize()?;
-                    let tt = Instant::now();
-                    let o = teacher_forward(t, &batch.images, &student_norm, method)?;
-                    o.logits.device().synchronize()?;
-                    teacher_seconds += tt.elapsed().as_secs_f64();
-                    Some(o)
-                }
+                Some(t) => Some(timed_teacher_forward(
+                    t,
+                    &batch.images,
+                    &student_norm,
+                    method,
+                    &mut teacher_seconds,
+                )?),
                 None => None,
             };
             let ctx = StepContext {
@@ -830,6 +826,24 @@ pub struct InitEpoch {
     pub seconds: f64,
 }
 
+/// [`teacher_forward`], its time added to `seconds`. On a GPU the previous step's backward may
+/// still be queued: it is waited for before the clock starts, and the teacher before it stops,
+/// so the time is the teacher's alone (both waits are no-ops on the CPU).
+fn timed_teacher_forward(
+    teacher: &Teacher,
+    images: &Tensor,
+    student_norm: &kd_data::Normalize,
+    method: &dyn Distiller,
+    seconds: &mut f64,
+) -> Result<kd_models::ModelOutput> {
+    images.device().synchronize()?;
+    let t = Instant::now();
+    let out = teacher_forward(teacher, images, student_norm, method)?;
+    out.logits.device().synchronize()?;
+    *seconds += t.elapsed().as_secs_f64();
+    Ok(out)
+}
+
 /// Runs a method's init phase on the student `m` (RepDistiller's `init`): its own optimizer
 /// (the run's kind, at the phase's constant rate) over the variables the phase trains, the
 /// teacher frozen, the student's body in training mode when trained. Writes one row per epoch to
@@ -874,12 +888,13 @@ fn init_phase(
         let mut steps = 0usize;
         for batch in train.epoch(INIT_EPOCH_KEY + epoch as u64, 0) {
             let batch = batch?;
-            // The teacher's time alone: queued work first (as in the main loop).
-            batch.images.device().synchronize()?;
-            let tt = Instant::now();
-            let t_out = teacher_forward(teacher, &batch.images, &student_norm, method)?;
-            t_out.logits.device().synchronize()?;
-            teacher_seconds += tt.elapsed().as_secs_f64();
+            let t_out = timed_teacher_forward(
+                teacher,
+                &batch.images,
+                &student_norm,
+                method,
+                &mut teacher_seconds,
+            )?;
             let s_out = match phase.student_body {
                 true => Some(m.model.forward_t(&batch.images, true)?),
                 false => None,
