@@ -367,32 +367,27 @@ fn obtain_archive(
 /// Refuses a file that does not start as an archive of `kind` does.
 fn check_signature(path: &Path, kind: &ArchiveKind, source_desc: &str) -> Result<()> {
     let (name, magic) = kind.signature();
-    let mut head = [0u8; 16];
-    let n = {
+    let mut head = Vec::with_capacity(16);
+    {
         use std::io::Read;
-        let mut f = std::fs::File::open(path).map_err(FetchError::io(path))?;
-        let mut n = 0;
-        while n < head.len() {
-            match f.read(&mut head[n..]).map_err(FetchError::io(path))? {
-                0 => break,
-                k => n += k,
-            }
-        }
-        n
-    };
-    if head[..n].starts_with(magic) {
+        let f = std::fs::File::open(path).map_err(FetchError::io(path))?;
+        f.take(16)
+            .read_to_end(&mut head)
+            .map_err(FetchError::io(path))?;
+    }
+    if head.starts_with(magic) {
         return Ok(());
     }
     Err(FetchError::NotAnArchive {
         source_desc: source_desc.into(),
         kind: name,
-        head: if n == 0 {
+        head: if head.is_empty() {
             "nothing (an empty file)".into()
         } else {
             format!(
                 "{} ({:?})",
-                hex::encode(&head[..n]),
-                String::from_utf8_lossy(&head[..n])
+                hex::encode(&head),
+                String::from_utf8_lossy(&head)
             )
         },
     })

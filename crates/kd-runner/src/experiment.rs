@@ -51,8 +51,22 @@ pub fn is_resumable(dir: &Path) -> bool {
     dir.join("checkpoint.latest").is_file() && dir.join(CONFIG_FILE).is_file()
 }
 
+/// The training and test images a run with `cfg` uses: the class-balanced fractions
+/// `data.subset` (drawn with the run's seed) and `data.test_subset` of `ds`'s splits. The test
+/// subset does not depend on the run's seed: every run is scored on the same images.
+pub(crate) fn run_splits(
+    ds: kd_data::Dataset,
+    cfg: &ExperimentConfig,
+) -> anyhow::Result<(kd_data::Split, kd_data::Split)> {
+    let num_classes = ds.num_classes();
+    Ok((
+        fraction(ds.train, num_classes, cfg.data.subset, cfg.train.seed)?,
+        fraction(ds.test, num_classes, cfg.data.test_subset, 0)?,
+    ))
+}
+
 /// A class-balanced `frac` of `split` (all of it at 1).
-pub(crate) fn fraction(
+fn fraction(
     split: kd_data::Split,
     num_classes: usize,
     frac: f64,
@@ -87,13 +101,11 @@ pub fn run(
     let device = crate::device::open(&cfg.train.device)?;
     let spec = cfg.dataset()?;
     let ds = crate::commands::data::load(&spec, &cfg.data_dir())?;
-    let num_classes = ds.num_classes();
-    let train_split = fraction(ds.train, num_classes, cfg.data.subset, cfg.train.seed)?;
+    let (num_classes, name) = (ds.num_classes(), ds.name.clone());
+    let (train_split, test_split) = run_splits(ds, cfg)?;
     let norm = spec.default_normalize();
     let n_train = train_split.len();
     let train = Loader::new(Arc::new(train_split), cfg.loader(norm), device.clone())?;
-    // The test subset does not depend on the run's seed: every run is scored on the same images.
-    let test_split = fraction(ds.test, num_classes, cfg.data.test_subset, 0)?;
     let n_test = test_split.len();
     let test = Loader::new(
         Arc::new(test_split),
@@ -111,8 +123,8 @@ pub fn run(
             bail!(
                 "teacher {} not found: fetch the pretrained one with `cargo xtask fetch teacher-{}` (offline: `kd-runner fetch teacher-{} --from DIR`), or train one with `kd-runner train` and point teacher.path at its model.safetensors",
                 p.display(),
-                ds.name,
-                ds.name
+                name,
+                name
             );
         }
         let mut t = Teacher::load(p, &device)
@@ -123,7 +135,7 @@ pub fn run(
                 "the teacher {} has {} classes, {} has {}",
                 p.display(),
                 t.meta().num_classes,
-                ds.name,
+                name,
                 num_classes
             );
         }
@@ -183,7 +195,7 @@ pub fn run(
         cfg.model.width,
         built.model.num_params(),
         if built.peers.is_empty() { String::new() } else { format!(", {} peer(s)", built.peers.len()) },
-        ds.name,
+        name,
         n_train,
         train.num_batches(),
         cfg.train.epochs,

@@ -152,9 +152,7 @@ pub fn run() -> anyhow::Result<()> {
 /// of the installed copy.
 fn short_scale_images(cfg: &ExperimentConfig) -> anyhow::Result<(usize, usize)> {
     let ds = super::data::load(&cfg.dataset()?, &cfg.data_dir())?;
-    let classes = ds.num_classes();
-    let train = crate::experiment::fraction(ds.train, classes, cfg.data.subset, cfg.train.seed)?;
-    let test = crate::experiment::fraction(ds.test, classes, cfg.data.test_subset, 0)?;
+    let (train, test) = crate::experiment::run_splits(ds, cfg)?;
     Ok((train.len(), test.len()))
 }
 
