@@ -69,6 +69,10 @@ perf)
   # candle's own ops on the same card (every kd kernel switched off): what the kernels buy.
   step kd-bench-candle 120 env KD_DISABLE=all /tmp/kd-runner bench --device cuda --batch 256 --stem cifar \
     --steps 10 --warmup 3 --precision f32,bf16
+  # The driver's default pool policy (freed memory handed back at every synchronisation): what
+  # keeping it buys (kd_kernels::device_memory).
+  step kd-bench-mempool 60 env KD_DISABLE=mempool /tmp/kd-runner bench --device cuda --batch 256 \
+    --stem cifar --steps 10 --warmup 3 --precision bf16,f32
   step torch-bench 200 python3 .gpu/torch_ref.py throughput --no-maxpool --batch 256 --warmup 10 --steps 30
   python3 .gpu/ratio.py "$OUT/kd-bench.txt" "$OUT/torch-bench.txt" | tee "$OUT/ratio.md"
   ;;

@@ -19,7 +19,9 @@
 //! - [`add_relu()`]: a residual block's `relu(a + b)` in one pass forward and one backward;
 //! - [`batch_norm_eval()`]: BatchNorm(+ReLU) in eval mode in one pass (CPU), for frozen teachers
 //!   and evaluation;
-//! - [`Precision`]: f32, TF32 or bf16 convolutions and matmuls.
+//! - [`Precision`]: f32, TF32 or bf16 convolutions and matmuls;
+//! - [`device_memory`]: the CUDA memory pool kept across synchronisations, as PyTorch's caching
+//!   allocator keeps what it freed, and its high-water marks.
 //!
 //! Without the features every op runs its CPU path, so code written against this crate runs
 //! (and is tested) on machines without a GPU.
@@ -40,6 +42,7 @@ mod cuda_ops;
 mod cudnn_algo;
 #[cfg(feature = "cudnn")]
 mod cudnn_conv;
+pub mod device_memory;
 pub mod launch;
 pub mod max_pool;
 pub mod precision;

@@ -1,7 +1,7 @@
 //! Run-time switches for kd's own paths, from the environment:
-//! `KD_DISABLE=conv,bn,bneval,evaltail,taps,pool,sgd,augment,addrelu` (or `all`) sends the named
-//! parts back to candle's own ops (or, for `taps`, to kd's other CPU convolution), without a
-//! rebuild. For bisecting a kernel on a GPU whose time is short, and for measuring what each part
+//! `KD_DISABLE=conv,bn,bneval,evaltail,taps,pool,sgd,augment,addrelu,mempool` (or `all`) sends the
+//! named parts back to candle's own ops (or, for `taps`, to kd's other CPU convolution; for
+//! `mempool`, to the CUDA driver's default pool policy), without a rebuild. For bisecting a kernel on a GPU whose time is short, and for measuring what each part
 //! buys.
 use std::sync::OnceLock;
 
@@ -26,11 +26,14 @@ pub enum Kernel {
     EvalTail,
     /// Stride-1 convolutions as one shifted product per kernel tap, without patch rows (CPU).
     ConvTaps,
+    /// The CUDA memory pool keeping freed memory across synchronisations
+    /// ([`crate::device_memory`]).
+    MemPool,
 }
 
 impl Kernel {
     /// Every part.
-    pub const ALL: [Kernel; 9] = [
+    pub const ALL: [Kernel; 10] = [
         Kernel::Conv,
         Kernel::BatchNorm,
         Kernel::MaxPool,
@@ -40,6 +43,7 @@ impl Kernel {
         Kernel::BatchNormEval,
         Kernel::EvalTail,
         Kernel::ConvTaps,
+        Kernel::MemPool,
     ];
 
     /// The name in `KD_DISABLE`.
@@ -54,6 +58,7 @@ impl Kernel {
             Kernel::BatchNormEval => "bneval",
             Kernel::EvalTail => "evaltail",
             Kernel::ConvTaps => "taps",
+            Kernel::MemPool => "mempool",
         }
     }
 }

@@ -18,7 +18,17 @@ pub fn open(name: &str) -> anyhow::Result<Device> {
             if !cfg!(feature = "cuda") {
                 bail!("--device {name}: this kd-runner was built without CUDA; rebuild with `cargo build --release -p kd-runner --features cuda,cudnn`");
             }
-            Device::new_cuda(idx).with_context(|| format!("opening CUDA device {idx}"))
+            let device =
+                Device::new_cuda(idx).with_context(|| format!("opening CUDA device {idx}"))?;
+            // Freed activations stay in the pool from step to step instead of going back to
+            // the OS at every synchronisation (`kd_kernels::device_memory`). A speed setting:
+            // where the driver refuses it, the run goes on without it.
+            if let Err(e) = kd_kernels::device_memory::retain_freed_memory(&device) {
+                eprintln!(
+                    "warning: CUDA device {idx}: could not make its memory pool keep freed memory ({e}); freed memory goes back to the driver at each synchronisation"
+                );
+            }
+            Ok(device)
         }
     }
 }

@@ -249,8 +249,11 @@ fn suite_then_report_end_to_end() {
     let cells: Vec<&str> = lines[2].split(',').collect();
     // The paired test against the baseline's runs of the same seeds: two pairs at most (none
     // if the two differences happen to be equal).
-    assert!(md.contains("same seeds (p)") && lines[0].ends_with("paired_t,paired_p"));
-    assert_eq!(cells.len(), 22, "{csv}");
+    assert!(md.contains("same seeds (p)") && lines[0].ends_with("paired_t,paired_p,gpu_peak_mib"));
+    assert_eq!(cells.len(), 23, "{csv}");
+    // CPU runs: no GPU memory, and no memory column in the Markdown table.
+    assert_eq!(cells[22], "", "{csv}");
+    assert!(!md.contains("GPU memory"), "{md}");
     assert!(["", "2"].contains(&cells[18]), "{csv}");
     assert!(
         cells[7].parse::<usize>().unwrap() > cells[8].parse::<usize>().unwrap(),
@@ -601,7 +604,7 @@ fn bench_times_each_conv_algorithm_search() {
     let text = succeeded(&out);
     for row in [
         "BENCH workload=resnet18-train precision=f32 images_per_s=",
-        "| workload | precision | conv algorithm | images/s | ms/step |",
+        "| workload | precision | conv algorithm | images/s | ms/step | peak GPU memory used / reserved (MiB) |",
         "| resnet18 train step | f32 | heuristic |",
         "| resnet18 train step | f32 | benchmark |",
     ] {

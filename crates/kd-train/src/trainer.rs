@@ -128,6 +128,10 @@ pub struct Summary {
     /// The peers trained beside the student (online methods).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub peers: Vec<PeerSummary>,
+    /// On CUDA, the most device memory the run's tensors held at once in this process (MiB;
+    /// the memory pool's high-water mark, so a resumed run counts from its resumption).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_peak_mib: Option<f64>,
 }
 
 /// A peer's result.
@@ -802,6 +806,11 @@ pub fn train(
         teacher_params: teacher.map_or(0, |t| t.model().num_backbone_params()),
         method: method.name().to_string(),
         peers: peer_summaries,
+        // A by-product: where the driver refuses the figure, the summary goes without it.
+        gpu_peak_mib: kd_kernels::device_memory::pool_peaks(&train.device())
+            .ok()
+            .flatten()
+            .map(|p| p.used as f64 / (1024.0 * 1024.0)),
     };
     write_atomic(
         &run_dir.join("summary.json"),

@@ -2,9 +2,10 @@
 //! (forward, cross-entropy, backward, SGD), inference, and a KD step (frozen teacher forward +
 //! student training step with the Hinton loss) — and of any method's whole step
 //! (`method:NAME`), on synthetic batches, warm-up excluded, the device synchronised before each
-//! clock reading, at each `--precision` and cuDNN `--conv-algo` search. Prints one table, and
-//! one `BENCH workload=… precision=… images_per_s=… conv_algo=…` line per row for scripts
-//! (`tools/gpu/ratio.py` divides them by PyTorch's figures measured on the same card).
+//! clock reading, at each `--precision` and cuDNN `--conv-algo` search; on CUDA also the memory
+//! pool's peak. Prints one table, and one `BENCH workload=… precision=… images_per_s=…
+//! conv_algo=… [peak_used_mib=…]` line per row for scripts (`tools/gpu/ratio.py` divides them
+//! by PyTorch's figures measured on the same card).
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
@@ -171,14 +172,25 @@ impl MethodStep {
     }
 }
 
-/// Times `steps` calls of `f` after `warmup` untimed ones; images per second.
+/// What one workload measured: images per second, and on CUDA the memory pool's high-water
+/// marks over its warm-up and timed steps (what the model, the optimizer and the batch already
+/// held included, as PyTorch's `max_memory_allocated` after `reset_peak_memory_stats`).
+struct Timing {
+    images_per_s: f64,
+    peaks: Option<kd_kernels::device_memory::PoolPeaks>,
+}
+
+/// Times `steps` calls of `f` after `warmup` untimed ones.
 fn time(
     device: &Device,
     batch: usize,
     warmup: usize,
     steps: usize,
     mut f: impl FnMut() -> anyhow::Result<()>,
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<Timing> {
+    device.synchronize()?;
+    // Memory figures are a by-product: a driver that refuses them leaves the column empty.
+    let tracked = kd_kernels::device_memory::reset_pool_peaks(device).is_ok();
     for _ in 0..warmup {
         f()?;
     }
@@ -188,7 +200,19 @@ fn time(
         f()?;
     }
     device.synchronize()?;
-    Ok((batch * steps) as f64 / t.elapsed().as_secs_f64())
+    let images_per_s = (batch * steps) as f64 / t.elapsed().as_secs_f64();
+    let peaks = tracked
+        .then(|| kd_kernels::device_memory::pool_peaks(device).ok().flatten())
+        .flatten();
+    Ok(Timing {
+        images_per_s,
+        peaks,
+    })
+}
+
+/// Bytes as MiB, for the table and the `BENCH` lines.
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
 }
 
 /// Runs `bench`.
@@ -272,7 +296,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             );
         }
         for w in &args.workloads {
-            let (key, label, ips) = match w.as_str() {
+            let (key, label, timing) = match w.as_str() {
                 "train" => (
                     format!("{}-train", args.model.name()),
                     format!("{} train step", args.model.name()),
@@ -333,19 +357,29 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
                     "--workloads: unknown workload {other:?}; expected train, infer, kd or method:NAME"
                 ),
             };
+            let peak = match timing.peaks {
+                Some(p) => format!(" peak_used_mib={:.0}", mib(p.used)),
+                None => String::new(),
+            };
             println!(
-                "BENCH workload={key} precision={precision} images_per_s={ips:.1} conv_algo={search}"
+                "BENCH workload={key} precision={precision} images_per_s={:.1} conv_algo={search}{peak}",
+                timing.images_per_s
             );
-            rows.push((label, precision, search, ips));
+            rows.push((label, precision, search, timing));
         }
     }
     println!(
-        "| workload | precision | conv algorithm | images/s | ms/step |\n|---|---|---|---|---|"
+        "| workload | precision | conv algorithm | images/s | ms/step | peak GPU memory used / reserved (MiB) |\n|---|---|---|---|---|---|"
     );
-    for (label, precision, search, ips) in rows {
+    for (label, precision, search, t) in rows {
+        let peak = match t.peaks {
+            Some(p) => format!("{:.0} / {:.0}", mib(p.used), mib(p.reserved)),
+            None => "–".into(),
+        };
         println!(
-            "| {label} | {precision} | {search} | {ips:.1} | {:.2} |",
-            1000.0 * args.batch as f64 / ips
+            "| {label} | {precision} | {search} | {:.1} | {:.2} | {peak} |",
+            t.images_per_s,
+            1000.0 * args.batch as f64 / t.images_per_s
         );
     }
     Ok(())

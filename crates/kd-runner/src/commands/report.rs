@@ -87,6 +87,8 @@ pub struct Row {
     pub curve: Vec<f64>,
     /// The peers an online method trained beside the student, by name (empty for the others).
     pub peers: Vec<PeerRow>,
+    /// The most GPU memory any of the row's runs held at once (MiB; `None` for CPU runs).
+    pub gpu_peak_mib: Option<f64>,
 }
 
 /// A peer of an online method (DML), over the runs of its row.
@@ -293,6 +295,10 @@ pub fn table(runs: &[RunRecord]) -> Report {
                 paired_last: None,
                 curve,
                 peers: peer_rows(&g),
+                gpu_peak_mib: g
+                    .iter()
+                    .filter_map(|r| r.summary.gpu_peak_mib)
+                    .reduce(f64::max),
             }
         })
         .collect();
@@ -369,10 +375,17 @@ pub(crate) fn count(n: usize) -> String {
 impl Report {
     /// The Markdown table.
     pub fn markdown(&self) -> String {
-        let mut s = String::from("| method | runs | epochs | test images | trainable params | deployed params | teacher params | train time (s) | of which teacher (s) | best top-1 (%) | last top-1 (%) | Δ best vs baseline | Δ last vs baseline, same seeds (p) |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+        // The memory column only where some run was on a GPU.
+        let gpu = self.rows.iter().any(|r| r.gpu_peak_mib.is_some());
+        let mut s = String::from("| method | runs | epochs | test images | trainable params | deployed params | teacher params | train time (s) | of which teacher (s) | best top-1 (%) | last top-1 (%) | Δ best vs baseline | Δ last vs baseline, same seeds (p) |");
+        s += if gpu {
+            " peak GPU memory (MiB) |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        } else {
+            "\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        };
         for r in &self.rows {
             s += &format!(
-                "| {} | {} | {} | {} | {} | {} | {} | {:.0} | {:.0} | {} | {} | {} | {} |\n",
+                "| {} | {} | {} | {} | {} | {} | {} | {:.0} | {:.0} | {} | {} | {} | {} |{}\n",
                 r.label,
                 r.runs,
                 if r.init_epochs > 0 {
@@ -404,6 +417,11 @@ impl Report {
                 match r.paired_last {
                     Some(p) => format!("{:+.2} ({}, {} seeds)", p.mean, p_value(p.p), p.n),
                     None => "–".into(),
+                },
+                match (gpu, r.gpu_peak_mib) {
+                    (false, _) => String::new(),
+                    (true, Some(m)) => format!(" {} |", count(m.round() as usize)),
+                    (true, None) => " – |".into(),
                 }
             );
         }
@@ -428,10 +446,10 @@ impl Report {
 
     /// The CSV table.
     pub fn csv(&self) -> String {
-        let mut s = String::from("label,method,variant,runs,epochs,init_epochs,test_images,trainable_params,deploy_params,teacher_params,train_seconds,teacher_seconds,init_seconds,best_top1_mean,best_top1_std,last_top1_mean,last_top1_std,delta_best,paired_seeds,paired_delta_last,paired_t,paired_p\n");
+        let mut s = String::from("label,method,variant,runs,epochs,init_epochs,test_images,trainable_params,deploy_params,teacher_params,train_seconds,teacher_seconds,init_seconds,best_top1_mean,best_top1_std,last_top1_mean,last_top1_std,delta_best,paired_seeds,paired_delta_last,paired_t,paired_p,gpu_peak_mib\n");
         for r in &self.rows {
             s += &format!(
-                "{},{},{},{},{},{},{},{},{},{},{:.3},{:.3},{:.3},{:.4},{:.4},{:.4},{:.4},{},{}\n",
+                "{},{},{},{},{},{},{},{},{},{},{:.3},{:.3},{:.3},{:.4},{:.4},{:.4},{:.4},{},{},{}\n",
                 r.label,
                 r.method,
                 r.variant,
@@ -453,7 +471,8 @@ impl Report {
                 match r.paired_last {
                     Some(p) => format!("{},{:.4},{:.4},{:.6}", p.n, p.mean, p.t, p.p),
                     None => ",,,".into(),
-                }
+                },
+                r.gpu_peak_mib.map(|m| format!("{m:.1}")).unwrap_or_default()
             );
         }
         s
@@ -702,6 +721,7 @@ mod tests {
                 teacher_params: 0,
                 method: method.into(),
                 peers: Vec::new(),
+                gpu_peak_mib: None,
             },
             epochs: Vec::new(),
             test_images: 100,
@@ -767,6 +787,32 @@ mod tests {
         assert!(md.contains("| +1.25 (p = 0.13, 2 seeds) |"), "{md}");
         let csv = report.csv();
         let kd_line = csv.lines().find(|l| l.starts_with("kd,")).unwrap();
-        assert!(kd_line.ends_with(",2,1.2500,5.0000,0.125666"), "{kd_line}");
+        assert!(kd_line.ends_with(",2,1.2500,5.0000,0.125666,"), "{kd_line}");
+    }
+
+    #[test]
+    fn gpu_memory_gets_a_column_where_a_run_was_on_a_gpu() {
+        let on_gpu = |seed, mib| {
+            let mut r = run("kd", "kd", Some(seed), 50.0);
+            r.summary.gpu_peak_mib = Some(mib);
+            r
+        };
+        let report = table(&[
+            run("baseline", "none", Some(0), 50.0),
+            on_gpu(0, 1500.4),
+            on_gpu(1, 2047.6),
+        ]);
+        let md = report.markdown();
+        let lines: Vec<&str> = md.lines().collect();
+        assert!(lines[0].ends_with("| peak GPU memory (MiB) |"), "{md}");
+        assert_eq!(lines[0].matches('|').count(), lines[1].matches('|').count());
+        // The row's most over its seeds; a CPU row has none.
+        let row = |l: &str| *lines.iter().find(|x| x.starts_with(l)).unwrap();
+        assert!(row("| kd |").ends_with("| 2,048 |"), "{md}");
+        assert!(row("| baseline |").ends_with("| – |"), "{md}");
+        let csv = report.csv();
+        let line = |l: &str| csv.lines().find(|x| x.starts_with(l)).unwrap().to_string();
+        assert!(line("kd,").ends_with(",2047.6"), "{csv}");
+        assert!(line("baseline,").ends_with(','), "{csv}");
     }
 }

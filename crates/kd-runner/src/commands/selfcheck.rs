@@ -598,6 +598,16 @@ pub fn run(args: &SelfcheckArgs) -> anyhow::Result<()> {
         for (m, bytes) in kd_kernels::compile_all_kernels()? {
             println!("NVRTC {m}: {bytes} bytes of PTX");
         }
+        match kd_kernels::device_memory::release_threshold(&dev)? {
+            Some(u64::MAX) => {
+                println!("memory pool: freed memory kept (release threshold u64::MAX)")
+            }
+            Some(v) => println!(
+                "memory pool: release threshold {v} B (KD_DISABLE: {})",
+                kd_kernels::switches::describe_disabled()
+            ),
+            None => println!("memory pool: none (cudarc allocates synchronously on this device)"),
+        }
     }
     println!("| check | max rel. error | bound | |\n|---|---|---|---|");
     let mut c = Checks { rows: Vec::new() };
