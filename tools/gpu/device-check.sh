@@ -73,6 +73,9 @@ perf)
   # keeping it buys (kd_kernels::device_memory).
   step kd-bench-mempool 60 env KD_DISABLE=mempool /tmp/kd-runner bench --device cuda --batch 256 \
     --stem cifar --steps 10 --warmup 3 --precision bf16,f32
+  # cudarc's two stream events per allocation left on: what skipping them buys.
+  step kd-bench-events 60 env KD_DISABLE=events /tmp/kd-runner bench --device cuda --batch 256 \
+    --stem cifar --steps 10 --warmup 3 --precision bf16,f32
   step torch-bench 200 python3 .gpu/torch_ref.py throughput --no-maxpool --batch 256 --warmup 10 --steps 30
   python3 .gpu/ratio.py "$OUT/kd-bench.txt" "$OUT/torch-bench.txt" | tee "$OUT/ratio.md"
   ;;

@@ -1,13 +1,19 @@
-//! The CUDA memory pool candle allocates from: kept across synchronisations, and its high-water
-//! marks for benchmarks.
+//! How candle's CUDA allocations are made: from a memory pool that keeps what is freed into it,
+//! without per-buffer stream events; and the pool's high-water marks, for benchmarks.
 //!
 //! cudarc allocates with `cuMemAllocAsync` from the device's current memory pool, whose release
 //! threshold is 0 by default: at every stream or context synchronisation the driver hands all
-//! of the pool's free memory back to the OS, and the next step maps it again. A training loop
-//! synchronises at least once a step (the loss is read, the clocks wait), so every step would
-//! pay the mapping of its activations anew. PyTorch's caching allocator keeps what it freed;
-//! [`retain_freed_memory`] makes the pool do the same (threshold = `u64::MAX`). `KD_DISABLE=mempool`
-//! leaves the driver's default, for measuring what this buys.
+//! of the pool's free memory back to the OS, and the next allocations map it again. A training
+//! loop synchronises often (reads of the loss sums, the teacher's clock, evaluation), so it would
+//! pay the mapping of its activations again and again. PyTorch's caching allocator keeps what it
+//! freed; [`retain_freed_memory`] makes the pool do the same (threshold = `u64::MAX`).
+//! `KD_DISABLE=mempool` leaves the driver's default, for measuring what this buys.
+//!
+//! Each allocation also made two CUDA events (and each free destroyed them): cudarc's record of
+//! which stream last read and wrote a buffer, which it consults only when the context has more
+//! than one stream. candle's `Device::new_cuda` runs everything on the per-thread default
+//! stream, so the events are made and destroyed unused, about four driver calls per tensor;
+//! [`skip_allocation_events`] turns them off (`KD_DISABLE=events` leaves them on).
 //!
 //! On the CPU, or without the `cuda` feature, every function here is a no-op that says so.
 use candle_core::{Device, Result};
@@ -35,6 +41,42 @@ pub fn retain_freed_memory(device: &Device) -> Result<bool> {
     }
     let _ = device;
     Ok(false)
+}
+
+/// Stops cudarc from making a read and a write event for each buffer allocated on `device`
+/// from now on, unless `KD_DISABLE=events` or the context already runs several streams (where
+/// cudarc uses the events to order them). Returns whether it did.
+///
+/// Only for a device that keeps to one stream, as `Device::new_cuda` and kd do: a stream created
+/// later (`Device::new_cuda_with_stream`, `CudaContext::new_stream`) would not be ordered
+/// against buffers made without events.
+pub fn skip_allocation_events(device: &Device) -> bool {
+    if !crate::enabled(crate::Kernel::AllocationEvents) {
+        return false;
+    }
+    #[cfg(feature = "cuda")]
+    #[allow(unsafe_code)]
+    if let Device::Cuda(dev) = device {
+        if dev.cuda_stream().context().is_in_multi_stream_mode() {
+            return false;
+        }
+        // SAFETY: one stream on this context (checked above), so no buffer needs ordering
+        // between streams; the caller keeps it so (the function's contract).
+        unsafe { dev.disable_event_tracking() };
+        return true;
+    }
+    let _ = device;
+    false
+}
+
+/// Whether buffers allocated on `device` now get cudarc's stream events (`None` on the CPU).
+pub fn allocation_events(device: &Device) -> Option<bool> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(dev) = device {
+        return Some(dev.is_event_tracking());
+    }
+    let _ = device;
+    None
 }
 
 /// The release threshold of `device`'s pool (`None` where there is no pool): `u64::MAX` after
@@ -129,6 +171,8 @@ mod tests {
     fn the_cpu_has_no_pool_and_says_so() {
         let cpu = Device::Cpu;
         assert!(!retain_freed_memory(&cpu).unwrap());
+        assert!(!skip_allocation_events(&cpu));
+        assert_eq!(allocation_events(&cpu), None);
         assert_eq!(release_threshold(&cpu).unwrap(), None);
         reset_pool_peaks(&cpu).unwrap();
         assert_eq!(pool_peaks(&cpu).unwrap(), None);

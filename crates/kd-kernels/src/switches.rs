@@ -1,7 +1,8 @@
 //! Run-time switches for kd's own paths, from the environment:
-//! `KD_DISABLE=conv,bn,bneval,evaltail,taps,pool,sgd,augment,addrelu,mempool` (or `all`) sends the
-//! named parts back to candle's own ops (or, for `taps`, to kd's other CPU convolution; for
-//! `mempool`, to the CUDA driver's default pool policy), without a rebuild. For bisecting a kernel on a GPU whose time is short, and for measuring what each part
+//! `KD_DISABLE=conv,bn,bneval,evaltail,taps,pool,sgd,augment,addrelu,mempool,events` (or `all`)
+//! sends the named parts back to candle's own ops (or, for `taps`, to kd's other CPU convolution;
+//! for `mempool` and `events`, to the CUDA driver's and cudarc's allocation defaults), without a
+//! rebuild. For bisecting a kernel on a GPU whose time is short, and for measuring what each part
 //! buys.
 use std::sync::OnceLock;
 
@@ -29,11 +30,13 @@ pub enum Kernel {
     /// The CUDA memory pool keeping freed memory across synchronisations
     /// ([`crate::device_memory`]).
     MemPool,
+    /// cudarc's per-allocation stream events turned off ([`crate::device_memory`]).
+    AllocationEvents,
 }
 
 impl Kernel {
     /// Every part.
-    pub const ALL: [Kernel; 10] = [
+    pub const ALL: [Kernel; 11] = [
         Kernel::Conv,
         Kernel::BatchNorm,
         Kernel::MaxPool,
@@ -44,6 +47,7 @@ impl Kernel {
         Kernel::EvalTail,
         Kernel::ConvTaps,
         Kernel::MemPool,
+        Kernel::AllocationEvents,
     ];
 
     /// The name in `KD_DISABLE`.
@@ -59,6 +63,7 @@ impl Kernel {
             Kernel::EvalTail => "evaltail",
             Kernel::ConvTaps => "taps",
             Kernel::MemPool => "mempool",
+            Kernel::AllocationEvents => "events",
         }
     }
 }

@@ -28,6 +28,8 @@ pub fn open(name: &str) -> anyhow::Result<Device> {
                     "warning: CUDA device {idx}: could not make its memory pool keep freed memory ({e}); freed memory goes back to the driver at each synchronisation"
                 );
             }
+            // kd keeps to candle's one stream: the events cudarc makes per buffer go unused.
+            kd_kernels::device_memory::skip_allocation_events(&device);
             Ok(device)
         }
     }

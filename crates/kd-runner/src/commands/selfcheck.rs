@@ -608,6 +608,12 @@ pub fn run(args: &SelfcheckArgs) -> anyhow::Result<()> {
             ),
             None => println!("memory pool: none (cudarc allocates synchronously on this device)"),
         }
+        if let Some(on) = kd_kernels::device_memory::allocation_events(&dev) {
+            println!(
+                "stream events per allocation: {}",
+                if on { "on" } else { "off" }
+            );
+        }
     }
     println!("| check | max rel. error | bound | |\n|---|---|---|---|");
     let mut c = Checks { rows: Vec::new() };
