@@ -1,20 +1,34 @@
-//! Training steps of tiny ResNets against PyTorch's (`tools/fixtures/make_train_fixtures.py`):
-//! the train-mode forward, cross-entropy, the whole backward pass through kd's convolution,
-//! BatchNorm, residual and max-pool ops, SGD with Nesterov momentum and weight decay, and the BN
-//! running statistics. The pieces have their own tests against candle's ops; this one checks
-//! that together they are PyTorch's training step.
+//! Training steps of tiny ResNets against PyTorch's: the train-mode forward, the losses, the
+//! whole backward pass through kd's convolution, BatchNorm, residual and max-pool ops, SGD with
+//! Nesterov momentum and weight decay, and the BN running statistics. The pieces have their own
+//! tests against candle's ops; these check that together they are PyTorch's training step.
 //!
-//! Measured when written (ResNet18, two steps / ResNet50 with max-pool, one step): losses within
-//! 1·10⁻⁷ / 2.5·10⁻⁶, step-1 gradients within 1.5·10⁻⁶ / 3.8·10⁻⁵, each tensor's change over the
-//! run within 1.4·10⁻⁵ / 5.3·10⁻⁵ of PyTorch's (all relative). Each of these mistakes fails
-//! both cases: SGD's weight decay at 5e-4 instead of the fixture's 5e-2, no Nesterov look-ahead,
-//! and a biased running variance in the fused BN.
+//! Cross-entropy steps (`tools/fixtures/make_train_fixtures.py`), measured when written
+//! (ResNet18, two steps / ResNet50 with max-pool, one step): losses within 1·10⁻⁷ / 2.5·10⁻⁶,
+//! step-1 gradients within 1.5·10⁻⁶ / 3.8·10⁻⁵, each tensor's change over the run within
+//! 1.4·10⁻⁵ / 5.3·10⁻⁵ of PyTorch's (all relative). Each of these mistakes fails both cases:
+//! SGD's weight decay at 5e-4 instead of the fixture's 5e-2, no Nesterov look-ahead, and a
+//! biased running variance in the fused BN.
+//!
+//! Distillation steps (`tools/fixtures/make_method_fixtures.py`), through kd-train's own
+//! method code (`build_student`, `teacher_forward`, `step_losses`) as the trainer calls it:
+//! offline KD from a frozen ResNet50 in eval mode (trained on other input statistics than the
+//! data's), and Deep Mutual Learning of two ResNet18 peers, each with its own SGD. The
+//! references are PyTorch's float64 runs. Measured when written (KD / DML): every loss term
+//! within the bound, step-1 gradients within 7.3·10⁻⁷ / 7.3·10⁻⁷, changes within 1.9·10⁻⁵ /
+//! 2.1·10⁻⁵. Caught: the teacher fed the student's normalisation (its logits off by 6·10⁻⁴),
+//! and DML's KL taken the other way round (the mimicry term off in the third digit).
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
-use kd_models::{import_checkpoint, load_into, trainable_resnet, Arch, ResNetConfig, Stem};
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::VarMap;
+use kd_data::Normalize;
+use kd_models::{
+    import_checkpoint, load_into, trainable_resnet, Arch, ResNetConfig, Stem, Teacher,
+};
 use kd_schedulers::{Sgd, SgdConfig};
+use kd_train::{MethodConfig, PeerSpec, StepContext};
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -39,38 +53,96 @@ fn relative_error(a: &Tensor, b: &Tensor, floor: f64) -> f64 {
     norm(&(a - b).unwrap()) / (norm(b) + floor).max(1e-30)
 }
 
+/// The fixture's one-value tensor `key`.
+fn scalar(refs: &HashMap<String, Tensor>, key: &str) -> f32 {
+    refs.get(key)
+        .unwrap_or_else(|| panic!("the fixture has no {key}"))
+        .to_vec1::<f32>()
+        .unwrap()[0]
+}
+
+fn load_fixture(name: &str) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixture(name), &Device::Cpu).unwrap()
+}
+
+/// The fixture's PyTorch state dict `{name}.pt` for `cfg`, imported into `dir` with the input
+/// normalisation `n`.
+fn import_as(name: &str, cfg: &ResNetConfig, dir: &Path, n: Normalize) -> PathBuf {
+    let dst = dir.join(format!("{name}.safetensors"));
+    import_checkpoint(&fixture(&format!("{name}.pt")), &dst, cfg, n.mean, n.std).unwrap();
+    dst
+}
+
+/// [`import_as`] with the CIFAR-10 normalisation, the one the batches are taken to have.
+fn import(name: &str, cfg: &ResNetConfig, dir: &Path) -> PathBuf {
+    import_as(name, cfg, dir, Normalize::CIFAR10)
+}
+
+/// A width-4 CIFAR network of the fixtures.
+fn tiny(arch: Arch, stem: Stem) -> ResNetConfig {
+    ResNetConfig {
+        base_width: 4,
+        ..ResNetConfig::new(arch, stem, 10)
+    }
+}
+
+/// torch.optim.SGD as the fixtures ran it: Nesterov momentum 0.9, the fixture's weight decay on
+/// every parameter.
+fn pytorch_sgd(vars: Vec<(String, Var)>, refs: &HashMap<String, Tensor>) -> Sgd {
+    Sgd::new(
+        vars,
+        SgdConfig {
+            momentum: 0.9,
+            dampening: 0.0,
+            nesterov: true,
+            weight_decay: scalar(refs, "weight_decay") as f64,
+            no_decay_1d: false,
+        },
+    )
+}
+
+/// Each tensor's change from `start` over the run against PyTorch's (`{prefix}final.<name>`):
+/// the change is what the steps computed (a parameter's size says nothing about them). Every
+/// tensor of `vm` must have its reference. Returns the worst relative difference and where.
+fn worst_change(
+    vm: &VarMap,
+    start: &Path,
+    refs: &HashMap<String, Tensor>,
+    prefix: &str,
+    what: &str,
+) -> (f64, String) {
+    let start: HashMap<String, Tensor> =
+        candle_core::safetensors::load(start, &Device::Cpu).unwrap();
+    let data = vm.data().lock().unwrap();
+    let finals = format!("{prefix}final.");
+    assert_eq!(
+        data.len(),
+        refs.keys().filter(|k| k.starts_with(&finals)).count(),
+        "{what}: every parameter and statistic is compared"
+    );
+    let mut worst = (0.0, String::new());
+    for (name, var) in data.iter() {
+        let moved = (&refs[&format!("{finals}{name}")] - &start[name]).unwrap();
+        let e = relative_error(&(var.as_tensor() - &start[name]).unwrap(), &moved, 0.0);
+        if e > worst.0 {
+            worst = (e, name.clone());
+        }
+    }
+    worst
+}
+
 /// Runs the fixture's steps with kd and compares every recorded value.
 fn matches_pytorch(arch: Arch, stem: Stem, fused_sgd: bool) {
     let tag = format!("train_steps_{}_{}", arch.name(), stem.name());
-    let refs: HashMap<String, Tensor> =
-        candle_core::safetensors::load(fixture(&format!("{tag}.safetensors")), &Device::Cpu)
-            .unwrap();
-    let cfg = ResNetConfig {
-        base_width: 4,
-        ..ResNetConfig::new(arch, stem, 10)
-    };
+    let refs = load_fixture(&format!("{tag}.safetensors"));
+    let cfg = tiny(arch, stem);
     let tmp = tempfile::tempdir().unwrap();
-    let weights = tmp.path().join("start.safetensors");
-    import_checkpoint(
-        &fixture(&format!("{tag}.pt")),
-        &weights,
-        &cfg,
-        [0.5; 3],
-        [0.25; 3],
-    )
-    .unwrap();
+    let weights = import(&tag, &cfg, tmp.path());
     let (model, vm) = trainable_resnet(&cfg, &Device::Cpu, 0).unwrap();
     load_into(&vm, &weights).unwrap();
     let vars = kd_train::trainable_vars(&vm);
-    let scalar = |key: &str| refs[key].to_vec1::<f32>().unwrap()[0];
-    let sgd_cfg = SgdConfig {
-        momentum: 0.9,
-        dampening: 0.0,
-        nesterov: true,
-        weight_decay: scalar("weight_decay") as f64,
-        no_decay_1d: false,
-    };
-    let mut sgd = Sgd::new(vars.clone(), sgd_cfg).with_fused(fused_sgd);
+    let scalar = |key: &str| scalar(&refs, key);
+    let mut sgd = pytorch_sgd(vars.clone(), &refs).with_fused(fused_sgd);
     let what = format!("{tag} (fused SGD: {fused_sgd})");
     let lr = scalar("lr") as f64;
     // How far a 1e-6 nudge of the weights moves PyTorch's own losses (the fixture script).
@@ -105,25 +177,7 @@ fn matches_pytorch(arch: Arch, stem: Stem, fused_sgd: bool) {
         }
         sgd.step(&grads, lr).unwrap();
     }
-    // Each tensor's change over the run against PyTorch's: the change is what the steps
-    // computed (a parameter's size says nothing about them).
-    let start: HashMap<String, Tensor> =
-        candle_core::safetensors::load(&weights, &Device::Cpu).unwrap();
-    let data = vm.data().lock().unwrap();
-    assert_eq!(
-        data.len(),
-        refs.keys().filter(|k| k.starts_with("final.")).count(),
-        "{what}: every parameter and statistic is compared"
-    );
-    let mut worst = (0.0, String::new());
-    for (name, var) in data.iter() {
-        let want = &refs[&format!("final.{name}")];
-        let moved = (want - &start[name]).unwrap();
-        let e = relative_error(&(var.as_tensor() - &start[name]).unwrap(), &moved, 0.0);
-        if e > worst.0 {
-            worst = (e, name.clone());
-        }
-    }
+    let worst = worst_change(&vm, &weights, &refs, "", &what);
     // kd's rounding differs from PyTorch's by about a 1e-7 nudge of the weights; the fixture
     // records how far such a nudge moves PyTorch's own changes.
     let bound = 1e-4 + 10.0 * scalar("change_sensitivity") as f64;
@@ -149,4 +203,197 @@ fn resnet18_steps_match_pytorch() {
 #[test]
 fn resnet50_with_max_pool_steps_match_pytorch() {
     matches_pytorch(Arch::Resnet50, Stem::CifarMaxpool, true);
+}
+
+/// One network of a distillation fixture: its variables, optimizer, starting weights and name
+/// in the fixture (`student`, `peer1`).
+struct Member {
+    name: &'static str,
+    vars: VarMap,
+    sgd: Sgd,
+    start: PathBuf,
+}
+
+/// Runs the steps of fixture `method_{case}` on the student (and the peers of an online method)
+/// as the trainer does: the teacher's forward, `step_losses`, then per network its loss's
+/// backward and its own SGD step. Checks every recorded loss term, total, step-1 gradient and
+/// change.
+fn distillation_matches_pytorch(
+    case: &str,
+    student: &kd_train::BuiltStudent,
+    teacher: Option<&Teacher>,
+    members: &mut [Member],
+) {
+    let refs = load_fixture(&format!("method_{case}.safetensors"));
+    let lr = scalar(&refs, "lr") as f64;
+    let sensitivity = scalar(&refs, "sensitivity");
+    let models: Vec<&kd_models::ResNet> = std::iter::once(&student.model)
+        .chain(student.peers.iter().map(|p| &p.model))
+        .collect();
+    assert_eq!(models.len(), members.len());
+    let steps = refs.keys().filter(|k| k.starts_with("x")).count();
+    let mut worst_gradient = 0f64;
+    for k in 1..=steps {
+        let images = refs[&format!("x{k}")].clone();
+        let labels = refs[&format!("y{k}")].to_dtype(DType::U32).unwrap();
+        let b = images.dim(0).unwrap();
+        let batch = kd_data::Batch {
+            images,
+            labels,
+            mix: None,
+            indices: (0..b).collect(),
+            paired: None,
+            contrast: None,
+        };
+        let t_out = teacher.map(|t| {
+            kd_train::teacher_forward(
+                t,
+                &batch.images,
+                &Normalize::CIFAR10,
+                student.distiller.as_ref(),
+            )
+            .unwrap()
+        });
+        if let (Some(t), 1) = (&t_out, k) {
+            // The frozen teacher in eval mode: BN on its running statistics.
+            let e = relative_error(&t.logits, &refs["teacher_logits1"], 0.0);
+            assert!(e <= 1e-5, "{case}: teacher logits off by {e:.2e}");
+        }
+        let ctx = StepContext {
+            epoch: 0,
+            step: k - 1,
+            total_steps: steps,
+            epochs: 1,
+        };
+        let step = kd_train::step_losses(
+            &models,
+            student.distiller.as_ref(),
+            &ctx,
+            &batch,
+            t_out.as_ref(),
+        )
+        .unwrap();
+        for (m, terms) in members.iter_mut().zip(&step.terms) {
+            let what = format!("{case}, {}, step {k}", m.name);
+            let close = |got: f32, key: &str| {
+                let want = scalar(&refs, &format!("{}.{key}", m.name));
+                assert!(
+                    (got - want).abs() <= (2e-5 + sensitivity) * want.abs().max(1.0),
+                    "{what}: {key} {got}, PyTorch {want}"
+                );
+            };
+            let names: Vec<&str> = terms.terms.iter().map(|(n, _)| n.as_str()).collect();
+            let want_names: Vec<String> = refs
+                .keys()
+                .filter_map(|key| {
+                    let term = key.strip_prefix(&format!("{}.", m.name))?;
+                    let term = term.strip_suffix(&k.to_string())?;
+                    term.starts_with("loss_").then(|| term.to_string())
+                })
+                .collect();
+            assert_eq!(names.len(), want_names.len(), "{what}: terms {names:?}");
+            for (name, value) in &terms.terms {
+                close(value.to_scalar::<f32>().unwrap(), &format!("{name}{k}"));
+            }
+            let loss = terms.total().unwrap();
+            close(loss.to_scalar::<f32>().unwrap(), &format!("loss{k}"));
+            let grads = loss.backward().unwrap();
+            if k == 1 {
+                for (name, var) in kd_train::trainable_vars(&m.vars) {
+                    let g = grads
+                        .get(var.as_tensor())
+                        .unwrap_or_else(|| panic!("{what}: no gradient for {name}"));
+                    let e = relative_error(g, &refs[&format!("{}.grad1.{name}", m.name)], 1.0);
+                    assert!(e <= 1e-4, "{what}: gradient of {name} off by {e:.2e}");
+                    worst_gradient = worst_gradient.max(e);
+                }
+            }
+            m.sgd.step(&grads, lr).unwrap();
+        }
+    }
+    let mut worst = (0f64, String::new());
+    for m in members.iter() {
+        let (e, name) = worst_change(
+            &m.vars,
+            &m.start,
+            &refs,
+            &format!("{}.", m.name),
+            &format!("{case}, {}", m.name),
+        );
+        if e >= worst.0 {
+            worst = (e, format!("{}.{name}", m.name));
+        }
+    }
+    let bound = 1e-4 + 10.0 * scalar(&refs, "change_sensitivity") as f64;
+    eprintln!(
+        "{case}: step-1 gradients within {worst_gradient:.1e}, worst change {:.2e} ({}), bound {bound:.2e}",
+        worst.0, worst.1
+    );
+    assert!(
+        worst.0 <= bound,
+        "{case}: {} changed by {:.2e} (relative) from PyTorch's change",
+        worst.1,
+        worst.0
+    );
+}
+
+/// A network's starting weights from the fixture, loaded into `vars`, with its SGD.
+fn member(name: &'static str, case: &str, cfg: &ResNetConfig, vars: &VarMap, dir: &Path) -> Member {
+    let start = import(&format!("method_{case}_{name}"), cfg, dir);
+    load_into(vars, &start).unwrap();
+    let refs = load_fixture(&format!("method_{case}.safetensors"));
+    Member {
+        name,
+        vars: vars.clone(),
+        sgd: pytorch_sgd(kd_train::trainable_vars(vars), &refs),
+        start,
+    }
+}
+
+#[test]
+fn offline_kd_steps_match_pytorch() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A teacher trained on other statistics than the data's: it must see the batches
+    // re-expressed in its own (`teacher_forward`).
+    let teacher_file = import_as(
+        "method_kd_teacher",
+        &tiny(Arch::Resnet50, Stem::Cifar),
+        tmp.path(),
+        Normalize {
+            mean: [0.5; 3],
+            std: [0.25; 3],
+        },
+    );
+    let teacher = Teacher::load(&teacher_file, &Device::Cpu).unwrap();
+    let method = MethodConfig::Kd {
+        alpha: 0.9,
+        temperature: 4.0,
+        standardize: false,
+    };
+    let cfg = tiny(Arch::Resnet18, Stem::Cifar);
+    let student =
+        kd_train::build_student(&cfg, &method, Some(&teacher), &Device::Cpu, 0, 0.0).unwrap();
+    let mut members = [member("student", "kd", &cfg, &student.vars, tmp.path())];
+    distillation_matches_pytorch("kd", &student, Some(&teacher), &mut members);
+}
+
+#[test]
+fn deep_mutual_learning_steps_match_pytorch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tiny(Arch::Resnet18, Stem::Cifar);
+    let method = MethodConfig::Dml {
+        weight: 1.0,
+        temperature: 1.0,
+        peers: vec![PeerSpec {
+            model: Arch::Resnet18,
+            stem: Stem::Cifar,
+            width: 4,
+        }],
+    };
+    let student = kd_train::build_student(&cfg, &method, None, &Device::Cpu, 0, 0.0).unwrap();
+    let mut members = [
+        member("student", "dml", &cfg, &student.vars, tmp.path()),
+        member("peer1", "dml", &cfg, &student.peers[0].vars, tmp.path()),
+    ];
+    distillation_matches_pytorch("dml", &student, None, &mut members);
 }
