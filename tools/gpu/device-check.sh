@@ -6,6 +6,7 @@
 #                                     # (CONV_ALGO=benchmark: cuDNN's benchmarked algorithms, as PyTorch)
 #   bash .gpu/device-check.sh methods # one whole step of each method, ResNet50 → ResNet18, bf16 (~3 min)
 #   bash .gpu/device-check.sh profile # where a ResNet18 train step's GPU time goes, per kernel (ncu)
+#   bash .gpu/device-check.sh repro   # train.deterministic: two 2-epoch runs of one seed, same numbers (~2 min)
 #   bash .gpu/device-check.sh all     # the issue's must-shows in one call of at most DEADLINE s (570):
 #                                     # selfcheck, kd and PyTorch throughput, ratios, a kernel profile,
 #                                     # both 15-epoch runs
@@ -62,22 +63,25 @@ profile() { # limit; one warm-up and one timed train step under Nsight Compute, 
 }
 case "$MODE" in
 perf)
-  step selfcheck 180 /tmp/kd-runner selfcheck --device cuda
+  step selfcheck 150 /tmp/kd-runner selfcheck --device cuda
   # Both cuDNN algorithm searches: torch_ref.py runs with cudnn.benchmark = True.
-  step kd-bench 240 /tmp/kd-runner bench --device cuda --batch 256 --stem cifar --steps 20 --warmup 5 \
+  step kd-bench 200 /tmp/kd-runner bench --device cuda --batch 256 --stem cifar --steps 20 --warmup 5 \
     --precision f32,tf32,bf16 --conv-algo heuristic,benchmark --phases
-  # candle's own ops on the same card (every kd kernel switched off): what the kernels buy.
-  step kd-bench-candle 120 env KD_DISABLE=all /tmp/kd-runner bench --device cuda --batch 256 --stem cifar \
-    --steps 10 --warmup 3 --precision f32,bf16
-  # The driver's default pool policy (freed memory handed back at every synchronisation): what
-  # keeping it buys (kd_kernels::device_memory).
-  step kd-bench-mempool 60 env KD_DISABLE=mempool /tmp/kd-runner bench --device cuda --batch 256 \
-    --stem cifar --steps 10 --warmup 3 --precision bf16,f32
-  # cudarc's two stream events per allocation left on: what skipping them buys.
-  step kd-bench-events 60 env KD_DISABLE=events /tmp/kd-runner bench --device cuda --batch 256 \
-    --stem cifar --steps 10 --warmup 3 --precision bf16,f32
-  step torch-bench 200 python3 .gpu/torch_ref.py throughput --no-maxpool --batch 256 --warmup 10 --steps 30
+  step torch-bench 150 python3 .gpu/torch_ref.py throughput --no-maxpool --batch 256 --warmup 10 --steps 30
   python3 .gpu/ratio.py "$OUT/kd-bench.txt" "$OUT/torch-bench.txt" | tee "$OUT/ratio.md"
+  # What each part buys, on the same card, most telling first (a step past the deadline is
+  # skipped). candle's own ops (every kd kernel switched off):
+  step kd-bench-candle 80 env KD_DISABLE=all /tmp/kd-runner bench --device cuda --batch 256 --stem cifar \
+    --steps 10 --warmup 3 --precision f32,bf16
+  # The driver's default pool policy (freed memory handed back at every synchronisation):
+  step kd-bench-mempool 50 env KD_DISABLE=mempool /tmp/kd-runner bench --device cuda --batch 256 \
+    --stem cifar --steps 10 --warmup 3 --precision bf16,f32
+  # cudarc's two stream events per allocation left on:
+  step kd-bench-events 50 env KD_DISABLE=events /tmp/kd-runner bench --device cuda --batch 256 \
+    --stem cifar --steps 10 --warmup 3 --precision bf16,f32
+  # Deterministic cuDNN algorithms only (train.deterministic), what reproducibility costs:
+  step kd-bench-deterministic 50 /tmp/kd-runner bench --device cuda --batch 256 --stem cifar \
+    --steps 10 --warmup 3 --precision bf16,f32 --deterministic
   ;;
 train)
   data; kd_train 330; torch_train 120
@@ -85,6 +89,22 @@ train)
   ;;
 profile)
   profile 150
+  ;;
+repro)
+  # train.deterministic on the GPU: two runs of one seed must give the same losses and
+  # accuracies (every metrics.csv column but the clocks).
+  data
+  for r in a b; do
+    step "kd-repro-$r" 120 /tmp/kd-runner train --device cuda --data-dir /tmp/kdd --dataset cifar10 \
+      --model resnet18 --stem cifar --batch-size 512 --epochs 2 --subset 0.2 --lr 0.4 --precision bf16 \
+      --deterministic --set data.resident=true --run-dir "/tmp/kd-repro-$r"
+  done
+  python3 - /tmp/kd-repro-a/metrics.csv /tmp/kd-repro-b/metrics.csv <<'PY' | tee "$OUT/repro.txt"
+import csv, sys
+clocks = {"seconds", "images_per_sec", "teacher_seconds"}
+a, b = ([{k: v for k, v in r.items() if k not in clocks} for r in csv.DictReader(open(p))] for p in sys.argv[1:])
+print("identical" if a == b and a else f"DIFFERENT:\n{a}\n{b}")
+PY
   ;;
 all)
   step selfcheck 100 /tmp/kd-runner selfcheck --device cuda
@@ -105,5 +125,5 @@ methods)
     --precision bf16 --teacher resnet34 --workloads method:fsp
   grep -h "^|" "$OUT/kd-methods.txt" "$OUT/kd-methods-fsp.txt" | tee "$OUT/methods.md"
   ;;
-*) echo "usage: device-check.sh perf|train|methods|profile|all" >&2; exit 2 ;;
+*) echo "usage: device-check.sh perf|train|methods|profile|repro|all" >&2; exit 2 ;;
 esac

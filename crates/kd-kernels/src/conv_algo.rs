@@ -2,10 +2,17 @@
 //! the default) or a benchmark of every algorithm on the card, as PyTorch's
 //! `torch.backends.cudnn.benchmark = True` does (and as `../shared/bench/torch_ref.py` runs).
 //!
-//! Either way the choice is made once per (shape, dtype, math, search) and cached, with the math
-//! type cuDNN reports for it. On the CPU nothing changes: the setting is accepted and ignored.
+//! Either way the choice is made once per (shape, dtype, math, search, determinism) and cached,
+//! with the math type cuDNN reports for it. On the CPU nothing changes: the setting is accepted
+//! and ignored.
+//!
+//! [`require_deterministic`] keeps the search to algorithms cuDNN marks deterministic, as
+//! PyTorch's `torch.backends.cudnn.deterministic = True`: some backward algorithms add partial
+//! sums with atomics, in whatever order the card runs them, so two runs of one seed drift apart
+//! in the last bits and then further. kd's own kernels and candle's reductions sum in a fixed
+//! order, so with it a seed fixes a GPU run's numbers too.
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
 /// The algorithm search of the cuDNN convolution.
 #[derive(
@@ -22,6 +29,18 @@ pub enum ConvAlgoSearch {
 }
 
 static SEARCH: AtomicU8 = AtomicU8::new(0);
+static DETERMINISTIC: AtomicBool = AtomicBool::new(false);
+
+/// Makes the cuDNN convolution choose only deterministic algorithms (`true`) or any (`false`,
+/// the default) for shapes not chosen yet, process-wide.
+pub fn require_deterministic(on: bool) {
+    DETERMINISTIC.store(on, Ordering::Relaxed);
+}
+
+/// Whether only deterministic algorithms may be chosen ([`require_deterministic`]).
+pub fn deterministic_required() -> bool {
+    DETERMINISTIC.load(Ordering::Relaxed)
+}
 
 impl ConvAlgoSearch {
     /// All values, for help texts.
@@ -83,6 +102,15 @@ mod tests {
             err.contains("\"fastest\"") && err.contains("heuristic or benchmark"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn determinism_is_a_process_wide_switch() {
+        assert!(!deterministic_required());
+        require_deterministic(true);
+        assert!(deterministic_required());
+        require_deterministic(false);
+        assert!(!deterministic_required());
     }
 
     #[test]

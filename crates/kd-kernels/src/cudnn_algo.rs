@@ -22,10 +22,11 @@ pub(crate) struct Choice<A> {
     pub math: sys::cudnnMathType_t,
 }
 
-/// The search of one operation ([`forward`], [`backward_data`], [`backward_filter`]); the last
-/// argument labels the log line (`KD_CUDNN_LOG`).
+/// The search of one operation ([`forward`], [`backward_data`], [`backward_filter`]): the
+/// search, whether only deterministic algorithms may be chosen, and the label of the log line
+/// (`KD_CUDNN_LOG`).
 pub(crate) type SearchFn<A> =
-    fn(&SearchHandle, &RawDescriptors, ConvAlgoSearch, &str) -> Result<Choice<A>, CudnnError>;
+    fn(&SearchHandle, &RawDescriptors, ConvAlgoSearch, bool, &str) -> Result<Choice<A>, CudnnError>;
 
 /// A cuDNN handle on a stream, for the search calls only.
 pub(crate) struct SearchHandle(sys::cudnnHandle_t);
@@ -122,21 +123,37 @@ impl Drop for RawDescriptors {
     }
 }
 
+/// One ranked result of a search: algorithm, status, math type, time (ms), workspace (bytes),
+/// and whether it is deterministic.
+type Ranked<A> = (
+    A,
+    sys::cudnnStatus_t,
+    sys::cudnnMathType_t,
+    f32,
+    usize,
+    sys::cudnnDeterminism_t,
+);
+
 /// The first usable result: cuDNN ranks heuristics by expected speed and benchmarks by measured
 /// time, and marks algorithms that cannot run this shape with a status other than success.
+/// With `deterministic`, results cuDNN marks non-deterministic are passed over.
 fn first_usable<A: Copy + std::fmt::Debug>(
-    results: impl Iterator<Item = (A, sys::cudnnStatus_t, sys::cudnnMathType_t, f32, usize)>,
+    results: impl Iterator<Item = Ranked<A>>,
     what: &str,
     label: &str,
     search: ConvAlgoSearch,
+    deterministic: bool,
 ) -> Result<Choice<A>, CudnnError> {
     let mut first_error = None;
-    for (algo, status, math, ms, bytes) in results {
+    for (algo, status, math, ms, bytes, determinism) in results {
+        if deterministic && determinism != sys::cudnnDeterminism_t::CUDNN_DETERMINISTIC {
+            continue;
+        }
         match status.result() {
             Ok(()) => {
                 if std::env::var_os("KD_CUDNN_LOG").is_some() {
                     eprintln!(
-                        "cudnn {what} {label} ({search}): {algo:?} {math:?} workspace={bytes} B time={ms:.3} ms"
+                        "cudnn {what} {label} ({search}): {algo:?} {math:?} {determinism:?} workspace={bytes} B time={ms:.3} ms"
                     );
                 }
                 return Ok(Choice { algo, math });
@@ -158,6 +175,7 @@ macro_rules! search_op {
             h: &SearchHandle,
             $d: &RawDescriptors,
             search: ConvAlgoSearch,
+            deterministic: bool,
             label: &str,
         ) -> Result<Choice<$algo>, CudnnError> {
             const N: usize = $count as usize;
@@ -185,12 +203,20 @@ macro_rules! search_op {
             status.result()?;
             let n = (n.max(0) as usize).min(N);
             first_usable(
-                perf[..n]
-                    .iter()
-                    .map(|p| (p.algo, p.status, p.mathType, p.time, p.memory)),
+                perf[..n].iter().map(|p| {
+                    (
+                        p.algo,
+                        p.status,
+                        p.mathType,
+                        p.time,
+                        p.memory,
+                        p.determinism,
+                    )
+                }),
                 $what,
                 label,
                 search,
+                deterministic,
             )
         }
     };

@@ -31,6 +31,7 @@ struct Key {
     dtype: DType,
     tf32: bool,
     search: ConvAlgoSearch,
+    deterministic: bool,
 }
 
 #[derive(Default)]
@@ -78,6 +79,7 @@ impl Key {
             dtype: T::DTYPE,
             tf32: crate::precision::tf32_allowed(),
             search: ConvAlgoSearch::current(),
+            deterministic: crate::conv_algo::deterministic_required(),
         }
     }
 
@@ -101,7 +103,7 @@ impl Key {
     /// For log lines: the shapes, the geometry and the type.
     fn label(&self) -> String {
         format!(
-            "x={:?} w={:?} stride={} pad={} {:?}{}",
+            "x={:?} w={:?} stride={} pad={} {:?}{}{}",
             self.x,
             self.w,
             self.g.stride,
@@ -109,6 +111,11 @@ impl Key {
             self.dtype,
             if self.tf32 && self.dtype == DType::F32 {
                 " tf32"
+            } else {
+                ""
+            },
+            if self.deterministic {
+                " deterministic"
             } else {
                 ""
             }
@@ -155,7 +162,13 @@ impl<T: Elem> Call<'_, T> {
                     math: self.key.math(),
                 };
                 let raw = RawDescriptors::new(&shape)?;
-                let c = search(handle, &raw, self.key.search, &self.key.label())?;
+                let c = search(
+                    handle,
+                    &raw,
+                    self.key.search,
+                    self.key.deterministic,
+                    &self.key.label(),
+                )?;
                 *slot(self.algos).insert(c)
             }
         };

@@ -157,6 +157,9 @@ pub struct TrainSection {
     /// ranking, free) or `benchmark` (every algorithm timed once, as PyTorch's
     /// `cudnn.benchmark`). CUDA only; ignored on the CPU.
     pub conv_algo: kd_kernels::ConvAlgoSearch,
+    /// Only deterministic cuDNN algorithms, so that a seed fixes a GPU run's numbers too (as
+    /// PyTorch's `cudnn.deterministic`); may cost speed. The CPU is deterministic anyway.
+    pub deterministic: bool,
 }
 
 impl Default for TrainSection {
@@ -176,6 +179,7 @@ impl Default for TrainSection {
             keep_last: 2,
             precision: kd_kernels::Precision::F32,
             conv_algo: kd_kernels::ConvAlgoSearch::Heuristic,
+            deterministic: false,
         }
     }
 }
@@ -534,6 +538,9 @@ mod tests {
         );
         c.set("train.conv_algo=benchmark").unwrap();
         assert_eq!(c.train.conv_algo, kd_kernels::ConvAlgoSearch::Benchmark);
+        assert!(!c.train.deterministic);
+        c.set("train.deterministic=true").unwrap();
+        assert!(c.train.deterministic);
         let err = c
             .set("train.conv_algo=fastest")
             .map_err(|e| format!("{e:#}"))

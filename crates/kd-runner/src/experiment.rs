@@ -143,6 +143,7 @@ pub fn run(
     };
     cfg.train.precision.apply();
     cfg.train.conv_algo.apply();
+    kd_kernels::conv_algo::require_deterministic(cfg.train.deterministic);
     let mcfg = cfg.resnet(num_classes);
     let mut built = build_student(
         &mcfg,

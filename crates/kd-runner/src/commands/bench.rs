@@ -55,6 +55,9 @@ pub struct BenchArgs {
     /// (comma-separated; CUDA only, the CPU runs the same code for both).
     #[arg(long, default_value = "heuristic", value_delimiter = ',')]
     pub conv_algo: Vec<kd_kernels::ConvAlgoSearch>,
+    /// Only deterministic cuDNN algorithms (`train.deterministic`), to time what they cost.
+    #[arg(long)]
+    pub deterministic: bool,
     /// Also time the train step's phases (forward + loss, backward, optimizer), the device
     /// synchronised between them (which itself costs a little); one `PHASES` line per precision.
     #[arg(long)]
@@ -218,6 +221,7 @@ fn mib(bytes: u64) -> f64 {
 /// Runs `bench`.
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let device = crate::device::open(&args.device)?;
+    kd_kernels::conv_algo::require_deterministic(args.deterministic);
     let cfg = |arch| ResNetConfig {
         base_width: args.width,
         ..ResNetConfig::new(arch, args.stem, 10)
@@ -229,14 +233,19 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         &device,
     )?;
     println!(
-        "device {:?}, batch {}, stem {}, width {}; {} timed steps after {} warm-up; custom kernels disabled: {}",
+        "device {:?}, batch {}, stem {}, width {}; {} timed steps after {} warm-up; custom kernels disabled: {}{}",
         device,
         args.batch,
         args.stem.name(),
         args.width,
         args.steps,
         args.warmup,
-        kd_kernels::switches::describe_disabled()
+        kd_kernels::switches::describe_disabled(),
+        if args.deterministic {
+            "; deterministic cuDNN algorithms only"
+        } else {
+            ""
+        }
     );
     let mut rows = Vec::new();
     // Inference, the KD step and the method workloads run a frozen `Teacher`, as training

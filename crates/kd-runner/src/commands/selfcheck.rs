@@ -90,12 +90,17 @@ fn check_conv(c: &mut Checks, dev: &Device) -> anyhow::Result<()> {
         (64, 256, 8, 64, 1, 1),
         (64, 512, 4, 512, 3, 1),
     ];
-    // On CUDA each precision runs under both algorithm searches: a benchmark may pick
-    // algorithms (FFT, Winograd) the heuristics do not. The CPU path has no search.
-    let searches: &[ConvAlgoSearch] = if dev.is_cuda() {
-        &ConvAlgoSearch::ALL
+    // On CUDA each precision runs under both algorithm searches, and the heuristics' choice
+    // among deterministic algorithms only: a benchmark may pick algorithms (FFT, Winograd) the
+    // heuristics do not, and `train.deterministic` others again. The CPU path has no search.
+    let searches: &[(ConvAlgoSearch, bool)] = if dev.is_cuda() {
+        &[
+            (ConvAlgoSearch::Heuristic, false),
+            (ConvAlgoSearch::Benchmark, false),
+            (ConvAlgoSearch::Heuristic, true),
+        ]
     } else {
-        &[ConvAlgoSearch::Heuristic]
+        &[(ConvAlgoSearch::Heuristic, false)]
     };
     for p in Precision::ALL {
         p.apply();
@@ -126,8 +131,9 @@ fn check_conv(c: &mut Checks, dev: &Device) -> anyhow::Result<()> {
             let (xv, wv) = (Var::from_tensor(&xr)?, Var::from_tensor(&wr)?);
             let y_ref = xv.conv2d(&wv, g.padding, g.stride, 1, 1)?;
             let gr = (&y_ref * &r)?.sum_all()?.backward()?;
-            for &search in searches {
+            for &(search, deterministic) in searches {
                 search.apply();
+                kd_kernels::conv_algo::require_deterministic(deterministic);
                 let (xd, wd) = (
                     Var::from_tensor(&x.to_dtype(dt)?.to_device(dev)?)?,
                     Var::from_tensor(&w.to_dtype(dt)?.to_device(dev)?)?,
@@ -136,9 +142,10 @@ fn check_conv(c: &mut Checks, dev: &Device) -> anyhow::Result<()> {
                 let gd = (y.to_dtype(DType::F32)? * r.to_device(dev)?)?
                     .sum_all()?
                     .backward()?;
-                let benchmarked = match search {
-                    ConvAlgoSearch::Heuristic => "",
-                    ConvAlgoSearch::Benchmark => ", benchmarked algorithm",
+                let benchmarked = match (search, deterministic) {
+                    (_, true) => ", deterministic algorithm",
+                    (ConvAlgoSearch::Heuristic, _) => "",
+                    (ConvAlgoSearch::Benchmark, _) => ", benchmarked algorithm",
                 };
                 let tag = format!("conv {n}×{ci}×{hw}² → {co}, {k}×{k}/s{s}, {p}{benchmarked}");
                 c.add(format!("{tag}: forward"), rel(&y, &y_ref)?, bound(p));
@@ -163,6 +170,7 @@ fn check_conv(c: &mut Checks, dev: &Device) -> anyhow::Result<()> {
     }
     Precision::F32.apply();
     ConvAlgoSearch::Heuristic.apply();
+    kd_kernels::conv_algo::require_deterministic(false);
     Ok(())
 }
 

@@ -83,6 +83,10 @@ pub struct TrainArgs {
     /// algorithm timed once per shape, as PyTorch's cudnn.benchmark); CUDA only.
     #[arg(long)]
     pub conv_algo: Option<kd_kernels::ConvAlgoSearch>,
+    /// train.deterministic = true: only deterministic cuDNN algorithms, so that the seed fixes a
+    /// GPU run's numbers too (may cost speed; the CPU is deterministic anyway).
+    #[arg(long)]
+    pub deterministic: bool,
     /// data.subset: train on a class-balanced fraction of the training split, in (0, 1].
     #[arg(long)]
     pub subset: Option<f64>,
@@ -132,6 +136,9 @@ impl TrainArgs {
         set(&mut t.device, self.device.clone());
         set(&mut t.precision, self.precision);
         set(&mut t.conv_algo, self.conv_algo);
+        if self.deterministic {
+            t.deterministic = true;
+        }
         set(
             &mut cfg.teacher.path,
             self.teacher.as_ref().map(|p| p.display().to_string()),
