@@ -254,3 +254,91 @@ search_op!(
     "backward-filter",
     |d| (d.x, d.y, d.w)
 );
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sys::cudnnDeterminism_t::{CUDNN_DETERMINISTIC, CUDNN_NON_DETERMINISTIC};
+    use sys::cudnnMathType_t::{CUDNN_DEFAULT_MATH, CUDNN_TENSOR_OP_MATH};
+    use sys::cudnnStatus_t::{CUDNN_STATUS_NOT_SUPPORTED, CUDNN_STATUS_SUCCESS};
+
+    /// Ranked as cuDNN would: a failed algorithm, a fast non-deterministic one, then a slower
+    /// deterministic one with another math type.
+    fn ranked() -> Vec<Ranked<u32>> {
+        vec![
+            (
+                7,
+                CUDNN_STATUS_NOT_SUPPORTED,
+                CUDNN_DEFAULT_MATH,
+                0.1,
+                0,
+                CUDNN_DETERMINISTIC,
+            ),
+            (
+                0,
+                CUDNN_STATUS_SUCCESS,
+                CUDNN_TENSOR_OP_MATH,
+                0.2,
+                64,
+                CUDNN_NON_DETERMINISTIC,
+            ),
+            (
+                1,
+                CUDNN_STATUS_SUCCESS,
+                CUDNN_DEFAULT_MATH,
+                0.3,
+                0,
+                CUDNN_DETERMINISTIC,
+            ),
+        ]
+    }
+
+    #[test]
+    fn the_first_usable_result_wins_with_its_math_type() {
+        let c = first_usable(
+            ranked().into_iter(),
+            "t",
+            "t",
+            ConvAlgoSearch::Heuristic,
+            false,
+        )
+        .unwrap();
+        assert_eq!((c.algo, c.math), (0, CUDNN_TENSOR_OP_MATH));
+    }
+
+    #[test]
+    fn deterministic_passes_over_the_others() {
+        let c = first_usable(
+            ranked().into_iter(),
+            "t",
+            "t",
+            ConvAlgoSearch::Benchmark,
+            true,
+        )
+        .unwrap();
+        assert_eq!((c.algo, c.math), (1, CUDNN_DEFAULT_MATH));
+    }
+
+    #[test]
+    fn nothing_usable_is_the_first_failure() {
+        let only_nondeterministic = ranked().into_iter().take(2);
+        let e = first_usable(
+            only_nondeterministic,
+            "t",
+            "t",
+            ConvAlgoSearch::Heuristic,
+            true,
+        )
+        .unwrap_err();
+        assert_eq!(e.0, CUDNN_STATUS_NOT_SUPPORTED);
+        let e = first_usable(
+            std::iter::empty::<Ranked<u32>>(),
+            "t",
+            "t",
+            ConvAlgoSearch::Heuristic,
+            false,
+        )
+        .unwrap_err();
+        assert_eq!(e.0, CUDNN_STATUS_NOT_SUPPORTED);
+    }
+}
