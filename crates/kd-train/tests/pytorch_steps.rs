@@ -13,11 +13,13 @@
 //! Distillation steps (`tools/fixtures/make_method_fixtures.py`), through kd-train's own
 //! method code (`build_student`, `teacher_forward`, `step_losses`) as the trainer calls it:
 //! offline KD from a frozen ResNet50 in eval mode (trained on other input statistics than the
-//! data's), and Deep Mutual Learning of two ResNet18 peers, each with its own SGD. The
-//! references are PyTorch's float64 runs. Measured when written (KD / DML): every loss term
-//! within the bound, step-1 gradients within 7.3·10⁻⁷ / 7.3·10⁻⁷, changes within 1.9·10⁻⁵ /
-//! 2.1·10⁻⁵. Caught: the teacher fed the student's normalisation (its logits off by 6·10⁻⁴),
-//! and DML's KL taken the other way round (the mimicry term off in the third digit).
+//! data's), BYOT's heads with and without that teacher (`byot`, `kd_byot`), and Deep Mutual
+//! Learning of two ResNet18 peers, each with its own SGD. The references are PyTorch's float64
+//! runs. Measured when written (KD / DML / BYOT / KD+BYOT): every loss term within the bound,
+//! step-1 gradients within 7.3·10⁻⁷ / 7.3·10⁻⁷ / 6.8·10⁻⁷ / 6.8·10⁻⁷, changes within 1.9·10⁻⁵ /
+//! 2.1·10⁻⁵ / 1.5·10⁻⁵ / 1.6·10⁻⁵. Caught: the teacher fed the student's normalisation (its
+//! logits off by 6·10⁻⁴), DML's KL taken the other way round (the mimicry term off in the third
+//! digit), a BYOT head without its ReLU (the heads' CE off in the fourth).
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -337,9 +339,15 @@ fn distillation_matches_pytorch(
     );
 }
 
-/// A network's starting weights from the fixture, loaded into `vars`, with its SGD.
+/// A network's starting weights from the fixture, loaded into `vars`, with its SGD: a PyTorch
+/// state dict imported, or (a student with heads, not a torchvision model) a safetensors file
+/// under kd's names, loaded as it is.
 fn member(name: &'static str, case: &str, cfg: &ResNetConfig, vars: &VarMap, dir: &Path) -> Member {
-    let start = import(&format!("method_{case}_{name}"), cfg, dir);
+    let stem = format!("method_{case}_{name}");
+    let start = match fixture(&format!("{stem}.safetensors")) {
+        kd_names if kd_names.exists() => kd_names,
+        _ => import(&stem, cfg, dir),
+    };
     load_into(vars, &start).unwrap();
     let refs = load_fixture(&format!("method_{case}.safetensors"));
     Member {
@@ -350,21 +358,25 @@ fn member(name: &'static str, case: &str, cfg: &ResNetConfig, vars: &VarMap, dir
     }
 }
 
-#[test]
-fn offline_kd_steps_match_pytorch() {
-    let tmp = tempfile::tempdir().unwrap();
-    // A teacher trained on other statistics than the data's: it must see the batches
-    // re-expressed in its own (`teacher_forward`).
-    let teacher_file = import_as(
-        "method_kd_teacher",
+/// The fixture's ResNet50 teacher of `case`, trained on other statistics than the data's: it
+/// must see the batches re-expressed in its own (`teacher_forward`).
+fn teacher(case: &str, dir: &Path) -> Teacher {
+    let file = import_as(
+        &format!("method_{case}_teacher"),
         &tiny(Arch::Resnet50, Stem::Cifar),
-        tmp.path(),
+        dir,
         Normalize {
             mean: [0.5; 3],
             std: [0.25; 3],
         },
     );
-    let teacher = Teacher::load(&teacher_file, &Device::Cpu).unwrap();
+    Teacher::load(&file, &Device::Cpu).unwrap()
+}
+
+#[test]
+fn offline_kd_steps_match_pytorch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let teacher = teacher("kd", tmp.path());
     let method = MethodConfig::Kd {
         alpha: 0.9,
         temperature: 4.0,
@@ -396,4 +408,42 @@ fn deep_mutual_learning_steps_match_pytorch() {
         member("peer1", "dml", &cfg, &student.peers[0].vars, tmp.path()),
     ];
     distillation_matches_pytorch("dml", &student, None, &mut members);
+}
+
+#[test]
+fn byot_steps_match_pytorch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let method = MethodConfig::Byot {
+        alpha: 0.3,
+        temperature: 3.0,
+        hint_weight: 0.03,
+    };
+    let cfg = tiny(Arch::Resnet18, Stem::Cifar);
+    let student = kd_train::build_student(&cfg, &method, None, &Device::Cpu, 0, 0.0).unwrap();
+    let mut members = [member("student", "byot", &cfg, &student.vars, tmp.path())];
+    distillation_matches_pytorch("byot", &student, None, &mut members);
+}
+
+#[test]
+fn offline_plus_self_steps_match_pytorch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let teacher = teacher("kd_byot", tmp.path());
+    let method = MethodConfig::KdByot {
+        alpha: 0.9,
+        temperature: 4.0,
+        self_alpha: 0.3,
+        self_temperature: 3.0,
+        hint_weight: 0.03,
+    };
+    let cfg = tiny(Arch::Resnet18, Stem::Cifar);
+    let student =
+        kd_train::build_student(&cfg, &method, Some(&teacher), &Device::Cpu, 0, 0.0).unwrap();
+    let mut members = [member(
+        "student",
+        "kd_byot",
+        &cfg,
+        &student.vars,
+        tmp.path(),
+    )];
+    distillation_matches_pytorch("kd_byot", &student, Some(&teacher), &mut members);
 }
