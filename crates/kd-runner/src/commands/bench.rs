@@ -59,7 +59,8 @@ pub struct BenchArgs {
     #[arg(long)]
     pub deterministic: bool,
     /// Also time the train step's phases (forward + loss, backward, optimizer), the device
-    /// synchronised between them (which itself costs a little); one `PHASES` line per precision.
+    /// synchronised between them (which itself costs a little), and the host's time to issue
+    /// them; one `PHASES` line per precision.
     #[arg(long)]
     pub phases: bool,
 }
@@ -277,31 +278,39 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         student.set_compute_dtype(dtype)?;
         let mut opt = Sgd::new(kd_train::trainable_vars(&svars), SgdConfig::default());
         if args.phases {
-            let mut t = [0f64; 3];
+            // Each phase's time to the device's last kernel, and the host's time to issue it
+            // (before the wait): where `host_ms` comes near the three phases' sum, the step is
+            // bound by the host's launches, not by the device.
+            let (mut t, mut host) = ([0f64; 3], 0f64);
             for i in 0..args.warmup + args.steps {
                 let t0 = Instant::now();
                 let out = student.forward_t(&x, true)?;
                 let loss = candle_nn::loss::cross_entropy(&out.logits, &y)?;
+                let h0 = t0.elapsed();
                 device.synchronize()?;
                 let t1 = Instant::now();
                 let grads = loss.backward()?;
+                let h1 = t1.elapsed();
                 device.synchronize()?;
                 let t2 = Instant::now();
                 opt.step(&grads, 0.01)?;
+                let h2 = t2.elapsed();
                 device.synchronize()?;
                 if i >= args.warmup {
                     t[0] += (t1 - t0).as_secs_f64();
                     t[1] += (t2 - t1).as_secs_f64();
                     t[2] += t2.elapsed().as_secs_f64();
+                    host += (h0 + h1 + h2).as_secs_f64();
                 }
             }
             let ms = |v: f64| 1000.0 * v / args.steps as f64;
             println!(
-                "PHASES workload={}-train precision={precision} forward_ms={:.2} backward_ms={:.2} optimizer_ms={:.2} conv_algo={search}",
+                "PHASES workload={}-train precision={precision} forward_ms={:.2} backward_ms={:.2} optimizer_ms={:.2} host_ms={:.2} conv_algo={search}",
                 args.model.name(),
                 ms(t[0]),
                 ms(t[1]),
-                ms(t[2])
+                ms(t[2]),
+                ms(host)
             );
         }
         for w in &args.workloads {
