@@ -11,15 +11,28 @@
 //! biased running variance in the fused BN.
 //!
 //! Distillation steps (`tools/fixtures/make_method_fixtures.py`), through kd-train's own
-//! method code (`build_student`, `teacher_forward`, `step_losses`) as the trainer calls it:
-//! offline KD from a frozen ResNet50 in eval mode (trained on other input statistics than the
-//! data's), BYOT's heads with and without that teacher (`byot`, `kd_byot`), and Deep Mutual
-//! Learning of two ResNet18 peers, each with its own SGD. The references are PyTorch's float64
-//! runs. Measured when written (KD / DML / BYOT / KD+BYOT): every loss term within the bound,
-//! step-1 gradients within 7.3·10⁻⁷ / 7.3·10⁻⁷ / 6.8·10⁻⁷ / 6.8·10⁻⁷, changes within 1.9·10⁻⁵ /
-//! 2.1·10⁻⁵ / 1.5·10⁻⁵ / 1.6·10⁻⁵. Caught: the teacher fed the student's normalisation (its
-//! logits off by 6·10⁻⁴), DML's KL taken the other way round (the mimicry term off in the third
-//! digit), a BYOT head without its ReLU (the heads' CE off in the fourth).
+//! method code (`build_student`, `teacher_forward`, `step_losses`) as the trainer calls it, two
+//! steps each against PyTorch's float64 runs: offline KD from a frozen ResNet50 in eval mode
+//! (trained on other input statistics than the data's), BYOT's heads with and without that
+//! teacher (`byot`, `kd_byot`), Deep Mutual Learning of two ResNet18 peers with their own SGD,
+//! and the paired self methods `two_view` and `cs_kd`. Every loss term of both steps, the
+//! teacher's logits, the step-1 gradients and the parameters and BN statistics after step 1 are
+//! compared tightly; after step 2 within 1e-2, as a ReLU near its kink may flip under f32
+//! rounding by then (the fixture script says why). Measured when written:
+//!
+//! | case | step-1 gradients | changes over step 1 | over both steps |
+//! |---|---|---|---|
+//! | kd | 7.3·10⁻⁷ | 6.6·10⁻⁶ | 1.9·10⁻⁵ |
+//! | dml | 7.9·10⁻⁷ | 9.7·10⁻⁶ | 2.1·10⁻³ |
+//! | byot | 8.9·10⁻⁷ | 2.7·10⁻⁵ | 1.7·10⁻⁵ |
+//! | kd_byot | 5.8·10⁻⁷ | 6.0·10⁻⁶ | 2.1·10⁻⁵ |
+//! | two_view | 5.5·10⁻⁷ | 7.2·10⁻⁶ | 2.4·10⁻³ |
+//! | cs_kd | 5.8·10⁻⁷ | 3.7·10⁻⁶ | 1.3·10⁻⁵ |
+//!
+//! Caught: the teacher fed the student's normalisation (its logits off by 6·10⁻⁴), DML's or
+//! CS-KD's KL taken the other way round, a BYOT head without its ReLU (each a loss term off in
+//! the third digit), and a momentum buffer that does not carry over (every case's changes over
+//! both steps off by 0.28 to 0.49).
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -103,9 +116,10 @@ fn pytorch_sgd(vars: Vec<(String, Var)>, refs: &HashMap<String, Tensor>) -> Sgd 
     )
 }
 
-/// Each tensor's change from `start` over the run against PyTorch's (`{prefix}final.<name>`):
-/// the change is what the steps computed (a parameter's size says nothing about them). Every
-/// tensor of `vm` must have its reference. Returns the worst relative difference and where.
+/// Each tensor's change from `start` against PyTorch's (`{prefix}<name>`, e.g. `final.` or
+/// `student.after1.`): the change is what the steps computed (a parameter's size says nothing
+/// about them). Every tensor of `vm` must have its reference. Returns the worst relative
+/// difference and where.
 fn worst_change(
     vm: &VarMap,
     start: &Path,
@@ -116,7 +130,7 @@ fn worst_change(
     let start: HashMap<String, Tensor> =
         candle_core::safetensors::load(start, &Device::Cpu).unwrap();
     let data = vm.data().lock().unwrap();
-    let finals = format!("{prefix}final.");
+    let finals = prefix;
     assert_eq!(
         data.len(),
         refs.keys().filter(|k| k.starts_with(&finals)).count(),
@@ -126,6 +140,9 @@ fn worst_change(
     for (name, var) in data.iter() {
         let moved = (&refs[&format!("{finals}{name}")] - &start[name]).unwrap();
         let e = relative_error(&(var.as_tensor() - &start[name]).unwrap(), &moved, 0.0);
+        if std::env::var_os("KD_DEBUG").is_some() && e > 1e-4 {
+            eprintln!("  {name}: {e:.2e}");
+        }
         if e > worst.0 {
             worst = (e, name.clone());
         }
@@ -179,7 +196,7 @@ fn matches_pytorch(arch: Arch, stem: Stem, fused_sgd: bool) {
         }
         sgd.step(&grads, lr).unwrap();
     }
-    let worst = worst_change(&vm, &weights, &refs, "", &what);
+    let worst = worst_change(&vm, &weights, &refs, "final.", &what);
     // kd's rounding differs from PyTorch's by about a 1e-7 nudge of the weights; the fixture
     // records how far such a nudge moves PyTorch's own changes.
     let bound = 1e-4 + 10.0 * scalar("change_sensitivity") as f64;
@@ -244,7 +261,8 @@ fn distillation_matches_pytorch(
             labels,
             mix: None,
             indices: (0..b).collect(),
-            paired: None,
+            // The second views or same-class partners of the self methods that pair images.
+            paired: refs.get(&format!("p{k}")).cloned(),
             contrast: None,
         };
         let t_out = teacher.map(|t| {
@@ -312,31 +330,51 @@ fn distillation_matches_pytorch(
             }
             m.sgd.step(&grads, lr).unwrap();
         }
+        if k == 1 {
+            // After step 1, tightly: the update is smooth in what was compared above.
+            let (e, name) = worst_change_of(members, &refs, "after1", case);
+            let bound = 1e-4 + 10.0 * scalar(&refs, "change_sensitivity") as f64;
+            eprintln!(
+                "{case}: step-1 gradients within {worst_gradient:.1e}, worst change over step 1 {e:.2e} ({name}), bound {bound:.2e}"
+            );
+            assert!(
+                e <= bound,
+                "{case}: {name} changed by {e:.2e} (relative) from PyTorch's change over step 1"
+            );
+        }
     }
+    // After step 2, loosely: a pre-activation near a ReLU's kink may land on either side under
+    // f32 rounding, and one flipped activation moves a layer's gradient by about 1e-3 here (see
+    // the fixture script). A missing momentum or Nesterov term moves it by far more.
+    let (e, name) = worst_change_of(members, &refs, "final", case);
+    eprintln!("{case}: worst change over both steps {e:.2e} ({name}), bound 1e-2");
+    assert!(
+        e <= 1e-2,
+        "{case}: {name} changed by {e:.2e} (relative) from PyTorch's change over both steps"
+    );
+}
+
+/// The worst [`worst_change`] over the members, against `{member}.{tag}.<name>`.
+fn worst_change_of(
+    members: &[Member],
+    refs: &HashMap<String, Tensor>,
+    tag: &str,
+    case: &str,
+) -> (f64, String) {
     let mut worst = (0f64, String::new());
-    for m in members.iter() {
+    for m in members {
         let (e, name) = worst_change(
             &m.vars,
             &m.start,
-            &refs,
-            &format!("{}.", m.name),
+            refs,
+            &format!("{}.{tag}.", m.name),
             &format!("{case}, {}", m.name),
         );
         if e >= worst.0 {
             worst = (e, format!("{}.{name}", m.name));
         }
     }
-    let bound = 1e-4 + 10.0 * scalar(&refs, "change_sensitivity") as f64;
-    eprintln!(
-        "{case}: step-1 gradients within {worst_gradient:.1e}, worst change {:.2e} ({}), bound {bound:.2e}",
-        worst.0, worst.1
-    );
-    assert!(
-        worst.0 <= bound,
-        "{case}: {} changed by {:.2e} (relative) from PyTorch's change",
-        worst.1,
-        worst.0
-    );
+    worst
 }
 
 /// A network's starting weights from the fixture, loaded into `vars`, with its SGD: a PyTorch
@@ -446,4 +484,35 @@ fn offline_plus_self_steps_match_pytorch() {
         tmp.path(),
     )];
     distillation_matches_pytorch("kd_byot", &student, Some(&teacher), &mut members);
+}
+
+/// A self method that pairs each image with another (`two_view`, `cs_kd`) on a plain ResNet18.
+fn paired_steps_match_pytorch(case: &str, method: MethodConfig) {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tiny(Arch::Resnet18, Stem::Cifar);
+    let student = kd_train::build_student(&cfg, &method, None, &Device::Cpu, 0, 0.0).unwrap();
+    let mut members = [member("student", case, &cfg, &student.vars, tmp.path())];
+    distillation_matches_pytorch(case, &student, None, &mut members);
+}
+
+#[test]
+fn two_view_steps_match_pytorch() {
+    paired_steps_match_pytorch(
+        "two_view",
+        MethodConfig::TwoView {
+            weight: 1.0,
+            temperature: 4.0,
+        },
+    );
+}
+
+#[test]
+fn class_wise_self_kd_steps_match_pytorch() {
+    paired_steps_match_pytorch(
+        "cs_kd",
+        MethodConfig::CsKd {
+            weight: 1.0,
+            temperature: 4.0,
+        },
+    );
 }
