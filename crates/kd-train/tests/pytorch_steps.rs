@@ -15,7 +15,8 @@
 //! steps each against PyTorch's float64 runs: offline KD from a frozen ResNet50 in eval mode
 //! (trained on other input statistics than the data's), BYOT's heads with and without that
 //! teacher (`byot`, `kd_byot`), Deep Mutual Learning of two ResNet18 peers with their own SGD,
-//! and the paired self methods `two_view` and `cs_kd`. Every loss term of both steps, the
+//! the paired self methods `two_view` and `cs_kd`, and attention transfer, NST and DKD from the
+//! KD case's teacher. Every loss term of both steps, the
 //! teacher's logits, the step-1 gradients and the parameters and BN statistics after step 1 are
 //! compared tightly; after step 2 within 1e-2, as a ReLU near its kink may flip under f32
 //! rounding by then (the fixture script says why). Measured when written:
@@ -28,6 +29,9 @@
 //! | kd_byot | 5.8·10⁻⁷ | 6.0·10⁻⁶ | 2.1·10⁻⁵ |
 //! | two_view | 5.5·10⁻⁷ | 7.2·10⁻⁶ | 2.4·10⁻³ |
 //! | cs_kd | 5.8·10⁻⁷ | 3.7·10⁻⁶ | 1.3·10⁻⁵ |
+//! | at | 2.4·10⁻⁶ | 5.8·10⁻⁶ | 5.1·10⁻³ |
+//! | nst | 3.1·10⁻⁶ | 9.1·10⁻⁶ | 4.1·10⁻⁵ |
+//! | dkd | 7.4·10⁻⁷ | 1.4·10⁻⁵ | 1.4·10⁻⁵ |
 //!
 //! Caught: the teacher fed the student's normalisation (its logits off by 6·10⁻⁴), DML's or
 //! CS-KD's KL taken the other way round, a BYOT head without its ReLU (each a loss term off in
@@ -381,7 +385,19 @@ fn worst_change_of(
 /// state dict imported, or (a student with heads, not a torchvision model) a safetensors file
 /// under kd's names, loaded as it is.
 fn member(name: &'static str, case: &str, cfg: &ResNetConfig, vars: &VarMap, dir: &Path) -> Member {
-    let stem = format!("method_{case}_{name}");
+    member_from(name, case, case, cfg, vars, dir)
+}
+
+/// [`member`] for a case that starts from another case's weights (`starts`).
+fn member_from(
+    name: &'static str,
+    starts: &str,
+    case: &str,
+    cfg: &ResNetConfig,
+    vars: &VarMap,
+    dir: &Path,
+) -> Member {
+    let stem = format!("method_{starts}_{name}");
     let start = match fixture(&format!("{stem}.safetensors")) {
         kd_names if kd_names.exists() => kd_names,
         _ => import(&stem, cfg, dir),
@@ -515,4 +531,38 @@ fn class_wise_self_kd_steps_match_pytorch() {
             temperature: 4.0,
         },
     );
+}
+
+/// An offline method without trainable parts of its own, from `kd`'s teacher and student.
+fn offline_steps_match_pytorch(case: &str, method: MethodConfig) {
+    let tmp = tempfile::tempdir().unwrap();
+    let teacher = teacher("kd", tmp.path());
+    let cfg = tiny(Arch::Resnet18, Stem::Cifar);
+    let student =
+        kd_train::build_student(&cfg, &method, Some(&teacher), &Device::Cpu, 0, 0.0).unwrap();
+    let mut members = [member_from(
+        "student",
+        "kd",
+        case,
+        &cfg,
+        &student.vars,
+        tmp.path(),
+    )];
+    distillation_matches_pytorch(case, &student, Some(&teacher), &mut members);
+}
+
+#[test]
+fn attention_transfer_steps_match_pytorch() {
+    offline_steps_match_pytorch("at", MethodConfig::preset("at").unwrap());
+}
+
+#[test]
+fn neuron_selectivity_transfer_steps_match_pytorch() {
+    offline_steps_match_pytorch("nst", MethodConfig::preset("nst").unwrap());
+}
+
+#[test]
+fn decoupled_kd_steps_match_pytorch() {
+    // At epoch 0 of its 20-epoch warm-up: the distillation weight is 1/20.
+    offline_steps_match_pytorch("dkd", MethodConfig::preset("dkd").unwrap());
 }
