@@ -15,8 +15,9 @@
 //! steps each against PyTorch's float64 runs: offline KD from a frozen ResNet50 in eval mode
 //! (trained on other input statistics than the data's), BYOT's heads with and without that
 //! teacher (`byot`, `kd_byot`), Deep Mutual Learning of two ResNet18 peers with their own SGD,
-//! the paired self methods `two_view` and `cs_kd`, and FitNets (its regressor training with the
-//! student), attention transfer, NST and DKD from the KD case's teacher. Every loss term of both steps, the
+//! the paired self methods `two_view` and `cs_kd`, and CTKD (its temperature learned through a
+//! gradient reversal), FitNets (its regressor training with the student), attention transfer,
+//! NST and DKD from the KD case's teacher. Every loss term of both steps, the
 //! teacher's logits, the step-1 gradients and the parameters and BN statistics after step 1 are
 //! compared tightly; after step 2 within 1e-2, as a ReLU near its kink may flip under f32
 //! rounding by then (the fixture script says why). Measured when written:
@@ -33,10 +34,12 @@
 //! | nst | 3.1·10⁻⁶ | 9.1·10⁻⁶ | 4.1·10⁻⁵ |
 //! | dkd | 7.4·10⁻⁷ | 1.4·10⁻⁵ | 1.4·10⁻⁵ |
 //! | fitnet | 1.3·10⁻⁶ | 5.3·10⁻⁶ | 2.0·10⁻⁵ |
+//! | ctkd | 1.2·10⁻⁶ | 1.9·10⁻⁵ | 1.7·10⁻⁵ |
 //!
 //! Caught: the teacher fed the student's normalisation (its logits off by 6·10⁻⁴), DML's or
 //! CS-KD's KL taken the other way round, a BYOT head without its ReLU (each a loss term off in
-//! the third digit), FitNets' regressor without its ReLU (the hint 143 against 59), and a momentum buffer that does not carry over (every case's changes over
+//! the third digit), FitNets' regressor without its ReLU (the hint 143 against 59),
+//! CTKD's reversal without its minus sign (the temperature logit's gradient off by 3.6·10⁻³), and a momentum buffer that does not carry over (every case's changes over
 //! both steps off by 0.28 to 0.49).
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -580,4 +583,18 @@ fn fitnet_steps_match_pytorch() {
         kd_train::build_student(&cfg, &method, Some(&teacher), &Device::Cpu, 0, 0.0).unwrap();
     let mut members = [member("student", "fitnet", &cfg, &student.vars, tmp.path())];
     distillation_matches_pytorch("fitnet", &student, Some(&teacher), &mut members);
+}
+
+#[test]
+fn curriculum_temperature_kd_steps_match_pytorch() {
+    // kd's teacher; the student's file holds CTKD's temperature logit (`distill.ctkd.*`), which
+    // trains with it through the gradient reversal, at epoch 0 of the curriculum.
+    let tmp = tempfile::tempdir().unwrap();
+    let teacher = teacher("kd", tmp.path());
+    let cfg = tiny(Arch::Resnet18, Stem::Cifar);
+    let method = MethodConfig::preset("ctkd").unwrap();
+    let student =
+        kd_train::build_student(&cfg, &method, Some(&teacher), &Device::Cpu, 0, 0.0).unwrap();
+    let mut members = [member("student", "ctkd", &cfg, &student.vars, tmp.path())];
+    distillation_matches_pytorch("ctkd", &student, Some(&teacher), &mut members);
 }
