@@ -16,8 +16,8 @@
 //! (trained on other input statistics than the data's), BYOT's heads with and without that
 //! teacher (`byot`, `kd_byot`), Deep Mutual Learning of two ResNet18 peers with their own SGD,
 //! the paired self methods `two_view` and `cs_kd`, and CTKD (its temperature learned through a
-//! gradient reversal), FitNets (its regressor training with the student), attention transfer,
-//! NST and DKD from the KD case's teacher. Every loss term of both steps, the
+//! gradient reversal), FitNets and VID (their regressors and VID's variances training with the
+//! student), attention transfer, NST and DKD from the KD case's teacher. Every loss term of both steps, the
 //! teacher's logits, the step-1 gradients and the parameters and BN statistics after step 1 are
 //! compared tightly; after step 2 within 1e-2, as a ReLU near its kink may flip under f32
 //! rounding by then (the fixture script says why). Measured when written:
@@ -35,6 +35,7 @@
 //! | dkd | 7.4·10⁻⁷ | 1.4·10⁻⁵ | 1.4·10⁻⁵ |
 //! | fitnet | 1.3·10⁻⁶ | 5.3·10⁻⁶ | 2.0·10⁻⁵ |
 //! | ctkd | 1.2·10⁻⁶ | 1.9·10⁻⁵ | 1.7·10⁻⁵ |
+//! | vid | 7.9·10⁻⁷ | 9.0·10⁻⁶ | 1.5·10⁻⁵ |
 //!
 //! Caught: the teacher fed the student's normalisation (its logits off by 6·10⁻⁴), DML's or
 //! CS-KD's KL taken the other way round, a BYOT head without its ReLU (each a loss term off in
@@ -597,4 +598,18 @@ fn curriculum_temperature_kd_steps_match_pytorch() {
         kd_train::build_student(&cfg, &method, Some(&teacher), &Device::Cpu, 0, 0.0).unwrap();
     let mut members = [member("student", "ctkd", &cfg, &student.vars, tmp.path())];
     distillation_matches_pytorch("ctkd", &student, Some(&teacher), &mut members);
+}
+
+#[test]
+fn variational_information_distillation_steps_match_pytorch() {
+    // kd's teacher; the student's file holds VID's regressors and variances (`distill.vid.*`),
+    // which train with it.
+    let tmp = tempfile::tempdir().unwrap();
+    let teacher = teacher("kd", tmp.path());
+    let cfg = tiny(Arch::Resnet18, Stem::Cifar);
+    let method = MethodConfig::preset("vid").unwrap();
+    let student =
+        kd_train::build_student(&cfg, &method, Some(&teacher), &Device::Cpu, 0, 0.0).unwrap();
+    let mut members = [member("student", "vid", &cfg, &student.vars, tmp.path())];
+    distillation_matches_pytorch("vid", &student, Some(&teacher), &mut members);
 }
