@@ -139,19 +139,15 @@ fn worst_change(
     let start: HashMap<String, Tensor> =
         candle_core::safetensors::load(start, &Device::Cpu).unwrap();
     let data = vm.data().lock().unwrap();
-    let finals = prefix;
     assert_eq!(
         data.len(),
-        refs.keys().filter(|k| k.starts_with(&finals)).count(),
+        refs.keys().filter(|k| k.starts_with(prefix)).count(),
         "{what}: every parameter and statistic is compared"
     );
     let mut worst = (0.0, String::new());
     for (name, var) in data.iter() {
-        let moved = (&refs[&format!("{finals}{name}")] - &start[name]).unwrap();
+        let moved = (&refs[&format!("{prefix}{name}")] - &start[name]).unwrap();
         let e = relative_error(&(var.as_tensor() - &start[name]).unwrap(), &moved, 0.0);
-        if std::env::var_os("KD_DEBUG").is_some() && e > 1e-4 {
-            eprintln!("  {name}: {e:.2e}");
-        }
         if e > worst.0 {
             worst = (e, name.clone());
         }
@@ -434,18 +430,7 @@ fn teacher(case: &str, dir: &Path) -> Teacher {
 
 #[test]
 fn offline_kd_steps_match_pytorch() {
-    let tmp = tempfile::tempdir().unwrap();
-    let teacher = teacher("kd", tmp.path());
-    let method = MethodConfig::Kd {
-        alpha: 0.9,
-        temperature: 4.0,
-        standardize: false,
-    };
-    let cfg = tiny(Arch::Resnet18, Stem::Cifar);
-    let student =
-        kd_train::build_student(&cfg, &method, Some(&teacher), &Device::Cpu, 0, 0.0).unwrap();
-    let mut members = [member("student", "kd", &cfg, &student.vars, tmp.path())];
-    distillation_matches_pytorch("kd", &student, Some(&teacher), &mut members);
+    offline_steps_match_pytorch("kd", "kd");
 }
 
 #[test]
@@ -538,16 +523,19 @@ fn class_wise_self_kd_steps_match_pytorch() {
     );
 }
 
-/// An offline method without trainable parts of its own, from `kd`'s teacher and student.
-fn offline_steps_match_pytorch(case: &str, method: MethodConfig) {
+/// An offline method at its preset (the fixture's settings) from `kd`'s teacher. Its student
+/// starts from `starts`' file: `kd`'s student, or for a method with trainable parts its own
+/// file holding the student and the parts (`distill.<method>.*`), which train with it.
+fn offline_steps_match_pytorch(case: &str, starts: &str) {
     let tmp = tempfile::tempdir().unwrap();
     let teacher = teacher("kd", tmp.path());
     let cfg = tiny(Arch::Resnet18, Stem::Cifar);
+    let method = MethodConfig::preset(case).unwrap();
     let student =
         kd_train::build_student(&cfg, &method, Some(&teacher), &Device::Cpu, 0, 0.0).unwrap();
     let mut members = [member_from(
         "student",
-        "kd",
+        starts,
         case,
         &cfg,
         &student.vars,
@@ -558,58 +546,32 @@ fn offline_steps_match_pytorch(case: &str, method: MethodConfig) {
 
 #[test]
 fn attention_transfer_steps_match_pytorch() {
-    offline_steps_match_pytorch("at", MethodConfig::preset("at").unwrap());
+    offline_steps_match_pytorch("at", "kd");
 }
 
 #[test]
 fn neuron_selectivity_transfer_steps_match_pytorch() {
-    offline_steps_match_pytorch("nst", MethodConfig::preset("nst").unwrap());
+    offline_steps_match_pytorch("nst", "kd");
 }
 
 #[test]
 fn decoupled_kd_steps_match_pytorch() {
     // At epoch 0 of its 20-epoch warm-up: the distillation weight is 1/20.
-    offline_steps_match_pytorch("dkd", MethodConfig::preset("dkd").unwrap());
+    offline_steps_match_pytorch("dkd", "kd");
 }
 
 #[test]
 fn fitnet_steps_match_pytorch() {
-    // kd's teacher; the student's file holds its regressor too (`distill.fitnet.*`), which
-    // trains with it.
-    let tmp = tempfile::tempdir().unwrap();
-    let teacher = teacher("kd", tmp.path());
-    let cfg = tiny(Arch::Resnet18, Stem::Cifar);
-    let method = MethodConfig::preset("fitnet").unwrap();
-    let student =
-        kd_train::build_student(&cfg, &method, Some(&teacher), &Device::Cpu, 0, 0.0).unwrap();
-    let mut members = [member("student", "fitnet", &cfg, &student.vars, tmp.path())];
-    distillation_matches_pytorch("fitnet", &student, Some(&teacher), &mut members);
+    offline_steps_match_pytorch("fitnet", "fitnet");
 }
 
 #[test]
 fn curriculum_temperature_kd_steps_match_pytorch() {
-    // kd's teacher; the student's file holds CTKD's temperature logit (`distill.ctkd.*`), which
-    // trains with it through the gradient reversal, at epoch 0 of the curriculum.
-    let tmp = tempfile::tempdir().unwrap();
-    let teacher = teacher("kd", tmp.path());
-    let cfg = tiny(Arch::Resnet18, Stem::Cifar);
-    let method = MethodConfig::preset("ctkd").unwrap();
-    let student =
-        kd_train::build_student(&cfg, &method, Some(&teacher), &Device::Cpu, 0, 0.0).unwrap();
-    let mut members = [member("student", "ctkd", &cfg, &student.vars, tmp.path())];
-    distillation_matches_pytorch("ctkd", &student, Some(&teacher), &mut members);
+    // Its temperature logit trains through the gradient reversal, at epoch 0 of the curriculum.
+    offline_steps_match_pytorch("ctkd", "ctkd");
 }
 
 #[test]
 fn variational_information_distillation_steps_match_pytorch() {
-    // kd's teacher; the student's file holds VID's regressors and variances (`distill.vid.*`),
-    // which train with it.
-    let tmp = tempfile::tempdir().unwrap();
-    let teacher = teacher("kd", tmp.path());
-    let cfg = tiny(Arch::Resnet18, Stem::Cifar);
-    let method = MethodConfig::preset("vid").unwrap();
-    let student =
-        kd_train::build_student(&cfg, &method, Some(&teacher), &Device::Cpu, 0, 0.0).unwrap();
-    let mut members = [member("student", "vid", &cfg, &student.vars, tmp.path())];
-    distillation_matches_pytorch("vid", &student, Some(&teacher), &mut members);
+    offline_steps_match_pytorch("vid", "vid");
 }
