@@ -16,8 +16,9 @@
 //! (trained on other input statistics than the data's), BYOT's heads with and without that
 //! teacher (`byot`, `kd_byot`), Deep Mutual Learning of two ResNet18 peers with their own SGD,
 //! the paired self methods `two_view` and `cs_kd`, and CTKD (its temperature learned through a
-//! gradient reversal), FitNets and VID (their regressors and VID's variances training with the
-//! student), attention transfer, NST and DKD from the KD case's teacher. Every loss term of both steps, the
+//! gradient reversal), FitNets, VID and CC (their regressors, VID's variances and CC's
+//! projections training with the student), attention transfer, NST and DKD from the KD case's
+//! teacher. Every loss term of both steps, the
 //! teacher's logits, the step-1 gradients and the parameters and BN statistics after step 1 are
 //! compared tightly; after step 2 within 1e-2, as a ReLU near its kink may flip under f32
 //! rounding by then (the fixture script says why). Measured when written:
@@ -36,6 +37,7 @@
 //! | fitnet | 1.3·10⁻⁶ | 5.3·10⁻⁶ | 2.0·10⁻⁵ |
 //! | ctkd | 1.2·10⁻⁶ | 1.9·10⁻⁵ | 1.7·10⁻⁵ |
 //! | vid | 7.9·10⁻⁷ | 9.0·10⁻⁶ | 1.5·10⁻⁵ |
+//! | cc | 1.0·10⁻⁶ | 1.8·10⁻⁵ | 1.4·10⁻⁵ |
 //!
 //! Caught: the teacher fed the student's normalisation (its logits off by 6·10⁻⁴), DML's or
 //! CS-KD's KL taken the other way round, a BYOT head without its ReLU (each a loss term off in
@@ -574,4 +576,11 @@ fn curriculum_temperature_kd_steps_match_pytorch() {
 #[test]
 fn variational_information_distillation_steps_match_pytorch() {
     offline_steps_match_pytorch("vid", "vid");
+}
+
+#[test]
+fn correlation_congruence_steps_match_pytorch() {
+    // Both sides' projections train with the student (the teacher's through its detached
+    // embedding).
+    offline_steps_match_pytorch("cc", "cc");
 }
