@@ -18,7 +18,7 @@
 //! the paired self methods `two_view` and `cs_kd`, and CTKD (its temperature learned through a
 //! gradient reversal), FitNets, VID and CC (their regressors, VID's variances and CC's
 //! projections training with the student), attention transfer, NST and DKD from the KD case's
-//! teacher. Every loss term of both steps, the
+//! teacher, and RKD and DIST from networks trained a little first (the fixture script says why). Every loss term of both steps, the
 //! teacher's logits, the step-1 gradients and the parameters and BN statistics after step 1 are
 //! compared tightly; after step 2 within 1e-2, as a ReLU near its kink may flip under f32
 //! rounding by then (the fixture script says why). Measured when written:
@@ -38,6 +38,8 @@
 //! | ctkd | 1.2·10⁻⁶ | 1.9·10⁻⁵ | 1.7·10⁻⁵ |
 //! | vid | 7.9·10⁻⁷ | 9.0·10⁻⁶ | 1.5·10⁻⁵ |
 //! | cc | 1.0·10⁻⁶ | 1.8·10⁻⁵ | 1.4·10⁻⁵ |
+//! | rkd | 2.4·10⁻⁶ | 8.4·10⁻⁶ | 3.0·10⁻⁵ |
+//! | dist | 3.3·10⁻⁶ | 3.8·10⁻⁶ | 1.0·10⁻⁵ |
 //!
 //! Caught: the teacher fed the student's normalisation (its logits off by 6·10⁻⁴), DML's or
 //! CS-KD's KL taken the other way round, a BYOT head without its ReLU (each a loss term off in
@@ -418,9 +420,14 @@ fn member_from(
 /// The fixture's ResNet50 teacher of `case`, trained on other statistics than the data's: it
 /// must see the batches re-expressed in its own (`teacher_forward`).
 fn teacher(case: &str, dir: &Path) -> Teacher {
+    teacher_of(case, Arch::Resnet50, dir)
+}
+
+/// [`teacher`] of another architecture.
+fn teacher_of(case: &str, arch: Arch, dir: &Path) -> Teacher {
     let file = import_as(
         &format!("method_{case}_teacher"),
-        &tiny(Arch::Resnet50, Stem::Cifar),
+        &tiny(arch, Stem::Cifar),
         dir,
         Normalize {
             mean: [0.5; 3],
@@ -531,19 +538,24 @@ fn class_wise_self_kd_steps_match_pytorch() {
 fn offline_steps_match_pytorch(case: &str, starts: &str) {
     let tmp = tempfile::tempdir().unwrap();
     let teacher = teacher("kd", tmp.path());
+    offline_steps_from(case, starts, &teacher, tmp.path());
+}
+
+/// [`offline_steps_match_pytorch`] from a given teacher.
+fn offline_steps_from(case: &str, starts: &str, teacher: &Teacher, dir: &Path) {
     let cfg = tiny(Arch::Resnet18, Stem::Cifar);
     let method = MethodConfig::preset(case).unwrap();
     let student =
-        kd_train::build_student(&cfg, &method, Some(&teacher), &Device::Cpu, 0, 0.0).unwrap();
+        kd_train::build_student(&cfg, &method, Some(teacher), &Device::Cpu, 0, 0.0).unwrap();
     let mut members = [member_from(
         "student",
         starts,
         case,
         &cfg,
         &student.vars,
-        tmp.path(),
+        dir,
     )];
-    distillation_matches_pytorch(case, &student, Some(&teacher), &mut members);
+    distillation_matches_pytorch(case, &student, Some(teacher), &mut members);
 }
 
 #[test]
@@ -583,4 +595,21 @@ fn correlation_congruence_steps_match_pytorch() {
     // Both sides' projections train with the student (the teacher's through its detached
     // embedding).
     offline_steps_match_pytorch("cc", "cc");
+}
+
+#[test]
+fn relational_kd_steps_match_pytorch() {
+    // From a ResNet18 teacher trained a little, whose embeddings of random images are spread
+    // enough for f32 distances (the fixture script says why), and `kd`'s student.
+    let tmp = tempfile::tempdir().unwrap();
+    let teacher = teacher_of("relation", Arch::Resnet18, tmp.path());
+    offline_steps_from("rkd", "kd", &teacher, tmp.path());
+}
+
+#[test]
+fn dist_steps_match_pytorch() {
+    // Teacher and student both trained a little: DIST correlates the batch's predictions.
+    let tmp = tempfile::tempdir().unwrap();
+    let teacher = teacher_of("dist", Arch::Resnet18, tmp.path());
+    offline_steps_from("dist", "dist", &teacher, tmp.path());
 }
