@@ -17,8 +17,8 @@
 //! teacher (`byot`, `kd_byot`), Deep Mutual Learning of two ResNet18 peers with their own SGD,
 //! the paired self methods `two_view` and `cs_kd`, and CTKD (its temperature learned through a
 //! gradient reversal), FitNets, VID and CC (their regressors, VID's variances and CC's
-//! projections training with the student), attention transfer, NST and DKD from the KD case's
-//! teacher, and RKD and DIST from networks trained a little first (the fixture script says why). Every loss term of both steps, the
+//! projections training with the student), attention transfer, NST, SP and DKD from the KD
+//! case's teacher, and RKD and DIST from networks trained a little first (the fixture script says why). Every loss term of both steps, the
 //! teacher's logits, the step-1 gradients and the parameters and BN statistics after step 1 are
 //! compared tightly; after step 2 within 1e-2, as a ReLU near its kink may flip under f32
 //! rounding by then (the fixture script says why). Measured when written:
@@ -40,6 +40,7 @@
 //! | cc | 1.0·10⁻⁶ | 1.8·10⁻⁵ | 1.4·10⁻⁵ |
 //! | rkd | 2.4·10⁻⁶ | 8.4·10⁻⁶ | 3.0·10⁻⁵ |
 //! | dist | 3.3·10⁻⁶ | 3.8·10⁻⁶ | 1.0·10⁻⁵ |
+//! | sp | 5.3·10⁻⁶ | 7.9·10⁻⁶ | 9.2·10⁻⁶ |
 //!
 //! Caught: the teacher fed the student's normalisation (its logits off by 6·10⁻⁴), DML's or
 //! CS-KD's KL taken the other way round, a BYOT head without its ReLU (each a loss term off in
@@ -612,4 +613,9 @@ fn dist_steps_match_pytorch() {
     let tmp = tempfile::tempdir().unwrap();
     let teacher = teacher_of("dist", Arch::Resnet18, tmp.path());
     offline_steps_from("dist", "dist", &teacher, tmp.path());
+}
+
+#[test]
+fn similarity_preserving_steps_match_pytorch() {
+    offline_steps_match_pytorch("sp", "kd");
 }
