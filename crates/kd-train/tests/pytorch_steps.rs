@@ -160,6 +160,41 @@ fn worst_change(
     worst
 }
 
+/// Asserts a loss (or loss term) `got` is PyTorch's `want` within 2e-5 plus the fixture's
+/// `sensitivity` (how far a 1e-6 nudge of the weights moves PyTorch's own losses), of
+/// max(|want|, 1); returns that relative difference.
+fn assert_loss_close(got: f32, want: f32, sensitivity: f32, what: &str) -> f32 {
+    let scale = want.abs().max(1.0);
+    assert!(
+        (got - want).abs() <= (2e-5 + sensitivity) * scale,
+        "{what} {got}, PyTorch {want}"
+    );
+    (got - want).abs() / scale
+}
+
+/// Asserts every variable's gradient in `grads` is PyTorch's step-1 gradient
+/// (`{prefix}grad1.<name>`) within 1e-4 of ‖b‖ + 1; returns the worst difference. Against
+/// ‖b‖ + 1: the stem BN's bias gradient is a sum that nearly cancels (‖b‖ ≈ 5e-3 in ResNet50,
+/// where its weight's is 11), so its relative error measures the cancellation, not kd.
+fn assert_gradients_close(
+    grads: &candle_core::backprop::GradStore,
+    vars: &[(String, Var)],
+    refs: &HashMap<String, Tensor>,
+    prefix: &str,
+    what: &str,
+) -> f64 {
+    let mut worst = 0f64;
+    for (name, var) in vars {
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("{what}: no gradient for {name}"));
+        let e = relative_error(g, &refs[&format!("{prefix}grad1.{name}")], 1.0);
+        assert!(e <= 1e-4, "{what}: gradient of {name} off by {e:.2e}");
+        worst = worst.max(e);
+    }
+    worst
+}
+
 /// Runs the fixture's steps with kd and compares every recorded value.
 fn matches_pytorch(arch: Arch, stem: Stem, fused_sgd: bool) {
     let tag = format!("train_steps_{}_{}", arch.name(), stem.name());
@@ -183,26 +218,16 @@ fn matches_pytorch(arch: Arch, stem: Stem, fused_sgd: bool) {
         let y = refs[&format!("y{k}")].to_dtype(DType::U32).unwrap();
         let logits = model.forward_t(x, true).unwrap().logits;
         let loss = kd_losses::cross_entropy(&logits, &y, 0.0).unwrap();
-        let got = loss.to_scalar::<f32>().unwrap();
-        let want = scalar(&format!("loss{k}"));
-        assert!(
-            (got - want).abs() <= (2e-5 + sensitivity) * want.abs().max(1.0),
-            "{what}: step {k} loss {got}, PyTorch {want}"
+        let e = assert_loss_close(
+            loss.to_scalar::<f32>().unwrap(),
+            scalar(&format!("loss{k}")),
+            sensitivity,
+            &format!("{what}: step {k} loss"),
         );
-        worst_loss = worst_loss.max((got - want).abs() / want.abs().max(1.0));
+        worst_loss = worst_loss.max(e);
         let grads = loss.backward().unwrap();
         if k == 1 {
-            for (name, var) in &vars {
-                let g = grads
-                    .get(var.as_tensor())
-                    .unwrap_or_else(|| panic!("{what}: no gradient for {name}"));
-                let e = relative_error(g, &refs[&format!("grad1.{name}")], 1.0);
-                // Against ‖b‖ + 1: the stem BN's bias gradient is a sum that nearly cancels
-                // (‖b‖ ≈ 5e-3 in ResNet50, where its weight's is 11), so its relative error
-                // measures the cancellation, not kd.
-                assert!(e <= 1e-4, "{what}: gradient of {name} off by {e:.2e}");
-                worst_gradient = worst_gradient.max(e);
-            }
+            worst_gradient = assert_gradients_close(&grads, &vars, &refs, "", &what);
         }
         sgd.step(&grads, lr).unwrap();
     }
@@ -307,10 +332,7 @@ fn distillation_matches_pytorch(
             let what = format!("{case}, {}, step {k}", m.name);
             let close = |got: f32, key: &str| {
                 let want = scalar(&refs, &format!("{}.{key}", m.name));
-                assert!(
-                    (got - want).abs() <= (2e-5 + sensitivity) * want.abs().max(1.0),
-                    "{what}: {key} {got}, PyTorch {want}"
-                );
+                assert_loss_close(got, want, sensitivity, &format!("{what}: {key}"));
             };
             let names: Vec<&str> = terms.terms.iter().map(|(n, _)| n.as_str()).collect();
             let want_names: Vec<String> = refs
@@ -329,14 +351,10 @@ fn distillation_matches_pytorch(
             close(loss.to_scalar::<f32>().unwrap(), &format!("loss{k}"));
             let grads = loss.backward().unwrap();
             if k == 1 {
-                for (name, var) in kd_train::trainable_vars(&m.vars) {
-                    let g = grads
-                        .get(var.as_tensor())
-                        .unwrap_or_else(|| panic!("{what}: no gradient for {name}"));
-                    let e = relative_error(g, &refs[&format!("{}.grad1.{name}", m.name)], 1.0);
-                    assert!(e <= 1e-4, "{what}: gradient of {name} off by {e:.2e}");
-                    worst_gradient = worst_gradient.max(e);
-                }
+                let vars = kd_train::trainable_vars(&m.vars);
+                let prefix = format!("{}.", m.name);
+                let e = assert_gradients_close(&grads, &vars, &refs, &prefix, &what);
+                worst_gradient = worst_gradient.max(e);
             }
             m.sgd.step(&grads, lr).unwrap();
         }
