@@ -27,6 +27,22 @@ pub struct PoolPeaks {
     pub reserved: u64,
 }
 
+impl PoolPeaks {
+    /// [`PoolPeaks::used`] in MiB.
+    pub fn used_mib(&self) -> f64 {
+        mib(self.used)
+    }
+
+    /// [`PoolPeaks::reserved`] in MiB.
+    pub fn reserved_mib(&self) -> f64 {
+        mib(self.reserved)
+    }
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
 /// Makes `device`'s memory pool keep the memory freed into it across synchronisations, unless
 /// `KD_DISABLE=mempool`. Returns whether the threshold was set: `false` on the CPU, without the
 /// `cuda` feature, when disabled, or when the device allocates without a pool.

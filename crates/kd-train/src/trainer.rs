@@ -810,7 +810,7 @@ pub fn train(
         gpu_peak_mib: kd_kernels::device_memory::pool_peaks(&train.device())
             .ok()
             .flatten()
-            .map(|p| p.used as f64 / (1024.0 * 1024.0)),
+            .map(|p| p.used_mib()),
     };
     write_atomic(
         &run_dir.join("summary.json"),

@@ -214,11 +214,6 @@ fn time(
     })
 }
 
-/// Bytes as MiB, for the table and the `BENCH` lines.
-fn mib(bytes: u64) -> f64 {
-    bytes as f64 / (1024.0 * 1024.0)
-}
-
 /// Runs `bench`.
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let device = crate::device::open(&args.device)?;
@@ -376,7 +371,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
                 ),
             };
             let peak = match timing.peaks {
-                Some(p) => format!(" peak_used_mib={:.0}", mib(p.used)),
+                Some(p) => format!(" peak_used_mib={:.0}", p.used_mib()),
                 None => String::new(),
             };
             println!(
@@ -391,7 +386,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     );
     for (label, precision, search, t) in rows {
         let peak = match t.peaks {
-            Some(p) => format!("{:.0} / {:.0}", mib(p.used), mib(p.reserved)),
+            Some(p) => format!("{:.0} / {:.0}", p.used_mib(), p.reserved_mib()),
             None => "–".into(),
         };
         println!(

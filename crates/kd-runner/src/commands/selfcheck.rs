@@ -142,12 +142,12 @@ fn check_conv(c: &mut Checks, dev: &Device) -> anyhow::Result<()> {
                 let gd = (y.to_dtype(DType::F32)? * r.to_device(dev)?)?
                     .sum_all()?
                     .backward()?;
-                let benchmarked = match (search, deterministic) {
+                let choice = match (search, deterministic) {
                     (_, true) => ", deterministic algorithm",
                     (ConvAlgoSearch::Heuristic, _) => "",
                     (ConvAlgoSearch::Benchmark, _) => ", benchmarked algorithm",
                 };
-                let tag = format!("conv {n}×{ci}×{hw}² → {co}, {k}×{k}/s{s}, {p}{benchmarked}");
+                let tag = format!("conv {n}×{ci}×{hw}² → {co}, {k}×{k}/s{s}, {p}{choice}");
                 c.add(format!("{tag}: forward"), rel(&y, &y_ref)?, bound(p));
                 let gx = gd
                     .get(&xd)
