@@ -306,7 +306,7 @@ fn obtain_archive(
         match verify(&d, &desc, src.file, &src.checksum, src.size, &opts.verify)
             .and_then(|v| check_signature(&cached, &src.kind, &desc).map(|()| v))
         {
-            Ok(v) => return Ok((cached.clone(), cached.display().to_string(), d, v)),
+            Ok(v) => return Ok((cached.clone(), desc, d, v)),
             Err(e) => {
                 tracing::warn!("cached download rejected, fetching again: {e}");
                 std::fs::remove_file(&cached).map_err(FetchError::io(&cached))?;
@@ -325,18 +325,17 @@ fn obtain_archive(
             errors.push(e.to_string());
             continue;
         }
-        // Without a published checksum this is what tells an archive from an error page.
-        if let Err(e) = check_signature(&part, &src.kind, url) {
-            let _ = std::fs::remove_file(&part);
-            if urls.len() == 1 {
-                return Err(e);
+        // The signature first: without a published checksum it is what tells an archive from
+        // an error page.
+        let checked = match check_signature(&part, &src.kind, url) {
+            Ok(()) => {
+                let d = digest_file(&part)?;
+                verify(&d, url, src.file, &src.checksum, src.size, &opts.verify).map(|v| (d, v))
             }
-            errors.push(e.to_string());
-            continue;
-        }
-        let d = digest_file(&part)?;
-        match verify(&d, url, src.file, &src.checksum, src.size, &opts.verify) {
-            Ok(v) => {
+            Err(e) => Err(e),
+        };
+        match checked {
+            Ok((d, v)) => {
                 std::fs::rename(&part, &cached).map_err(FetchError::io(&cached))?;
                 return Ok((cached, url.clone(), d, v));
             }
