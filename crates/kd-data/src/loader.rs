@@ -7,7 +7,7 @@ use std::thread::JoinHandle;
 
 use candle_core::{DType, Device, Tensor};
 use crossbeam_channel::{bounded, Receiver};
-use kd_kernels::{augment_batch, AugmentPlan, Normalisation};
+use kd_kernels::{augment_batch, AugmentPlan, BatchMix, Normalisation};
 use rand::seq::SliceRandom;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -38,7 +38,8 @@ pub struct LoaderConfig {
     #[serde(default)]
     pub pair: Option<Pairing>,
     /// Keep the split's uint8 pixels on the loader's device and augment there (kd-kernels'
-    /// augmentation kernel on CUDA): per batch only the crop/flip plan (16 bytes an image)
+    /// augmentation kernel on CUDA: crop, flip, normalisation and mixup or CutMix in one
+    /// launch): per batch only the plan (20 bytes an image, and the batch's λ and CutMix box)
     /// crosses from the host. Same plans, same streams, so the same batches as on the host.
     #[serde(default)]
     pub resident: bool,
@@ -399,40 +400,27 @@ impl Loader {
         })
     }
 
-    /// Makes a resident batch's images on the device from its plans, then mixes them.
+    /// Makes a resident batch's images on the device from its plans, mixed as its mix plan
+    /// says, in one kernel launch.
     fn resident_images(&self, res: &Resident, hb: &HostBatch) -> Result<(Tensor, Option<Tensor>)> {
         let pad = self.cfg.augment.crop_padding;
-        let make =
-            |plans: &[AugmentPlan]| augment_batch(&res.images, plans, pad, &res.norm, DType::F32);
+        let make = |plans: &[AugmentPlan], mix: Option<&BatchMix>| {
+            augment_batch(&res.images, plans, mix, pad, &res.norm, DType::F32)
+        };
         let Some(plans) = &hb.plans else {
             return Err(DataError::Invalid {
                 field: "batch",
                 message: "a resident loader got a batch without plans".into(),
             });
         };
-        let mut images = make(plans)?;
-        if let Some(mp) = &hb.mix_plan {
-            let perm: Vec<u32> = mp.perm.iter().map(|&j| j as u32).collect();
-            let perm = Tensor::from_vec(perm, mp.perm.len(), &self.device)?;
-            let partner = images.index_select(&perm, 0)?;
-            images = match mp.cut {
-                None => ((&images * mp.lambda as f64)? + (partner * (1.0 - mp.lambda as f64))?)?,
-                Some([y0, y1, x0, x1]) => {
-                    let (h, w) = (self.split.height, self.split.width);
-                    let mask: Vec<f32> = (0..h * w)
-                        .map(|k| {
-                            ((y0..y1).contains(&(k / w)) && (x0..x1).contains(&(k % w))) as u8
-                                as f32
-                        })
-                        .collect();
-                    let mask = Tensor::from_vec(mask, (1, 1, h, w), &self.device)?;
-                    let keep = (1.0 - &mask)?;
-                    (images.broadcast_mul(&keep)? + partner.broadcast_mul(&mask)?)?
-                }
-            };
-        }
+        let mix = hb.mix_plan.as_ref().map(|mp| BatchMix {
+            partner: mp.perm.iter().map(|&j| j as u32).collect(),
+            lambda: mp.lambda,
+            cut: mp.cut,
+        });
+        let images = make(plans, mix.as_ref())?;
         let paired = match &hb.paired_plans {
-            Some(p) => Some(make(p)?),
+            Some(p) => Some(make(p, None)?),
             None => None,
         };
         Ok((images, paired))

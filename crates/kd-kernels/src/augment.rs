@@ -1,11 +1,12 @@
-//! Random crop with zero padding, horizontal flip and normalisation of a batch, read from a
-//! uint8 data set that lives on the device: per batch only the plan (16 bytes an image) crosses
-//! from the host, and the pixels never do.
+//! Random crop with zero padding, horizontal flip, normalisation and mixup or CutMix of a batch,
+//! read from a uint8 data set that lives on the device, in one kernel: per batch only the plan
+//! (20 bytes an image, and λ and CutMix's box) crosses from the host, and the pixels never do.
 //!
 //! The plan is drawn on the host from the loader's seeded streams, so a run augments the same
 //! way whether the pixels are prepared on the host or on the device. The arithmetic is that of
 //! kd-data's `CropFlip::apply_normalized`: `out = pixel · scale[c] + shift[c]`, with
-//! `scale = 1 / (255 · std)` and `shift = −mean / std`, and 0 as the padding pixel.
+//! `scale = 1 / (255 · std)` and `shift = −mean / std`, and 0 as the padding pixel; then that
+//! of `MixPlan::apply_host` on the normalised values.
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
 use crate::cpu;
@@ -21,6 +22,19 @@ pub struct AugmentPlan {
     pub ox: u32,
     /// Mirror left–right after cropping.
     pub flip: bool,
+}
+
+/// How the augmented images of a batch are mixed (kd-data's `MixPlan`, drawn on the host).
+#[derive(Clone, Debug, PartialEq)]
+pub struct BatchMix {
+    /// Sample `i` is mixed with sample `partner[i]` of the same batch (its augmented image).
+    pub partner: Vec<u32>,
+    /// Mixup's weight of the sample's own image: `λ·x_i + (1 − λ)·x_partner[i]`. With a
+    /// CutMix box it weighs only the labels, not the pixels.
+    pub lambda: f32,
+    /// CutMix: rows `y0..y1` and columns `x0..x1`, as `[y0, y1, x0, x1]`, are the partner's;
+    /// `None` for mixup.
+    pub cut: Option<[usize; 4]>,
 }
 
 /// Per-channel affine map from a raw pixel (0–255) to the network's input.
@@ -43,15 +57,17 @@ impl Normalisation {
 }
 
 /// Makes a batch (B, C, H, W) of `dtype` (f32 or bf16) from `images` (N, C, H, W, u8, on any
-/// device) following `plans`; `padding` is the crop padding the plans' offsets refer to.
+/// device) following `plans`, then mixes it as `mix` says; `padding` is the crop padding the
+/// plans' offsets refer to.
 pub fn augment_batch(
     images: &Tensor,
     plans: &[AugmentPlan],
+    mix: Option<&BatchMix>,
     padding: usize,
     norm: &Normalisation,
     dtype: DType,
 ) -> Result<Tensor> {
-    let (n, c, _, _) = images.dims4()?;
+    let (n, c, h, w) = images.dims4()?;
     if images.dtype() != DType::U8 {
         bail!("augment_batch: images must be u8, got {:?}", images.dtype());
     }
@@ -68,7 +84,27 @@ pub fn augment_batch(
     if plans.is_empty() {
         bail!("augment_batch: empty batch");
     }
-    let mut flat = Vec::with_capacity(plans.len() * 4);
+    let b = plans.len();
+    if let Some(m) = mix {
+        if m.partner.len() != b {
+            bail!(
+                "augment_batch: {b} plans but the mix has {} partners",
+                m.partner.len()
+            );
+        }
+        if let Some(&j) = m.partner.iter().find(|&&j| j as usize >= b) {
+            bail!("augment_batch: mix partner {j} is outside the batch of {b}");
+        }
+        if let Some([y0, y1, x0, x1]) = m.cut {
+            if y0 > y1 || y1 > h || x0 > x1 || x1 > w {
+                bail!(
+                    "augment_batch: CutMix box rows {y0}..{y1}, columns {x0}..{x1} is not \
+                     inside {h}×{w} images"
+                );
+            }
+        }
+    }
+    let mut flat = Vec::with_capacity(b * 5);
     for (i, p) in plans.iter().enumerate() {
         let max = 2 * padding as u32;
         if p.index as usize >= n || p.oy > max || p.ox > max {
@@ -76,10 +112,11 @@ pub fn augment_batch(
                 "augment_batch: plan {i} ({p:?}) is outside {n} images with crop padding {padding}"
             );
         }
-        flat.extend([p.index, p.oy, p.ox, p.flip as u32]);
+        let partner = mix.map_or(i as u32, |m| m.partner[i]);
+        flat.extend([p.index, p.oy, p.ox, p.flip as u32, partner]);
     }
     let dev = images.device();
-    let plan = Tensor::from_vec(flat, (plans.len(), 4), dev)?;
+    let plan = Tensor::from_vec(flat, (b, 5), dev)?;
     let norm_t = Tensor::from_vec(
         [norm.scale.clone(), norm.shift.clone()].concat(),
         2 * c,
@@ -91,14 +128,44 @@ pub fn augment_batch(
             padding,
             norm: norm_t,
             dtype,
+            mix: MixKind::of(mix),
         },
     )
+}
+
+/// The mixing as the kernel takes it (the partners travel in the plan).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) enum MixKind {
+    Unmixed,
+    Mixup { lambda: f32 },
+    Cutmix { cut: [usize; 4] },
+}
+
+impl MixKind {
+    fn of(mix: Option<&BatchMix>) -> Self {
+        match mix {
+            None => MixKind::Unmixed,
+            Some(BatchMix { cut: Some(cut), .. }) => MixKind::Cutmix { cut: *cut },
+            Some(m) => MixKind::Mixup { lambda: m.lambda },
+        }
+    }
+
+    /// The kernel's `mix`, `lambda` and box arguments.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn kernel_args(self) -> (i32, f32, [usize; 4]) {
+        match self {
+            MixKind::Unmixed => (0, 1.0, [0; 4]),
+            MixKind::Mixup { lambda } => (1, lambda, [0; 4]),
+            MixKind::Cutmix { cut } => (2, 1.0, cut),
+        }
+    }
 }
 
 struct Augment {
     padding: usize,
     norm: Tensor,
     dtype: DType,
+    mix: MixKind,
 }
 
 impl CustomOp2 for Augment {
@@ -126,9 +193,10 @@ impl CustomOp2 for Augment {
         let norm = self.norm.to_vec1::<f32>()?;
         let (c, h, w) = (l1.dims()[1], l1.dims()[2], l1.dims()[3]);
         let pad = self.padding as isize;
-        let b = plan.len() / 4;
-        let mut out = vec![0f32; b * c * h * w];
-        for (i, p) in plan.chunks_exact(4).enumerate() {
+        let b = plan.len() / 5;
+        let n = c * h * w;
+        let mut out = vec![0f32; b * n];
+        for (i, p) in plan.chunks_exact(5).enumerate() {
             let img = &images[p[0] as usize * c * h * w..][..c * h * w];
             for ch in 0..c {
                 for y in 0..h {
@@ -147,6 +215,34 @@ impl CustomOp2 for Augment {
                 }
             }
         }
+        // Mixed as MixPlan::apply_host mixes: from a copy of the augmented batch.
+        let partner = |i: usize| plan[5 * i + 4] as usize;
+        match self.mix {
+            MixKind::Unmixed => {}
+            MixKind::Mixup { lambda } => {
+                let src = out.clone();
+                for (i, img) in out.chunks_exact_mut(n).enumerate() {
+                    let other = &src[partner(i) * n..][..n];
+                    for (o, (&a, &p)) in img.iter_mut().zip(src[i * n..][..n].iter().zip(other)) {
+                        *o = lambda * a + (1.0 - lambda) * p;
+                    }
+                }
+            }
+            MixKind::Cutmix {
+                cut: [y0, y1, x0, x1],
+            } => {
+                let src = out.clone();
+                for (i, img) in out.chunks_exact_mut(n).enumerate() {
+                    let other = &src[partner(i) * n..][..n];
+                    for ch in 0..c {
+                        for y in y0..y1 {
+                            let row = (ch * h + y) * w;
+                            img[row + x0..row + x1].copy_from_slice(&other[row + x0..row + x1]);
+                        }
+                    }
+                }
+            }
+        }
         Ok((cpu::from_f32s(out, self.dtype)?, Shape::from((b, c, h, w))))
     }
 
@@ -159,8 +255,14 @@ impl CustomOp2 for Augment {
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let d = l1.dims();
-        let out =
-            crate::cuda_ops::augment((s1, l1), (s2, l2), &self.norm, self.dtype, self.padding)?;
+        let out = crate::cuda_ops::augment(
+            (s1, l1),
+            (s2, l2),
+            &self.norm,
+            self.dtype,
+            self.padding,
+            self.mix,
+        )?;
         Ok((out, Shape::from((l2.dims()[0], d[1], d[2], d[3]))))
     }
 }

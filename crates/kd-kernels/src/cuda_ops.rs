@@ -356,10 +356,11 @@ pub(crate) fn augment(
     norm: &Tensor,
     out_dtype: DType,
     pad: usize,
+    mix: crate::augment::MixKind,
 ) -> Result<CudaStorage> {
     by_dtype!(
         out_dtype,
-        augment_t::<T>(images, plan, norm, out_dtype, pad)
+        augment_t::<T>(images, plan, norm, out_dtype, pad, mix)
     )
 }
 
@@ -369,6 +370,7 @@ fn augment_t<T: Elem>(
     norm: &Tensor,
     out_dtype: DType,
     pad: usize,
+    mix: crate::augment::MixKind,
 ) -> Result<CudaStorage> {
     let dev = &si.device;
     let [_, c, h, w] = match li.dims() {
@@ -392,11 +394,20 @@ fn augment_t<T: Elem>(
         i32_of(w, "W")?,
         i32_of(pad, "padding")?,
     ];
+    let (mode, lambda, cut) = mix.kernel_args();
+    let mut mix_args = [mode, 0, 0, 0, 0];
+    for (slot, v) in mix_args[1..].iter_mut().zip(cut) {
+        *slot = i32_of(v, "CutMix box")?;
+    }
     with_f32_view(norm, |nv| {
         let stream = dev.cuda_stream();
         let mut b = stream.launch_builder(&f);
         b.arg(&images).arg(&plan).arg(nv).arg(&mut out);
         for v in &a {
+            b.arg(v);
+        }
+        b.arg(&mix_args[0]).arg(&lambda);
+        for v in &mix_args[1..] {
             b.arg(v);
         }
         // SAFETY: argument types and sizes match augment in augment.cu.

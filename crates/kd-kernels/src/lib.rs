@@ -13,8 +13,8 @@
 //! - [`batch_norm_train`]: BatchNorm in training mode, optionally fused with the ReLU that follows,
 //!   as two kernels forward and two backward (feature `cuda`, NVRTC);
 //! - [`MaxPool2d`]: padded max-pool with a backward pass, on the CPU and on CUDA;
-//! - [`augment_batch`]: crop, flip and normalise a batch from a uint8 data set that stays on the
-//!   device;
+//! - [`augment_batch`]: crop, flip, normalise and mix (mixup, CutMix) a batch from a uint8 data
+//!   set that stays on the device, in one kernel;
 //! - [`sgd_momentum_step`]: SGD with (Nesterov) momentum in two in-place kernels per parameter;
 //! - [`add_relu()`]: a residual block's `relu(a + b)` in one pass forward and one backward;
 //! - [`batch_norm_eval()`]: BatchNorm(+ReLU) in eval mode in one pass (CPU), for frozen teachers
@@ -50,7 +50,7 @@ pub mod sgd;
 pub mod switches;
 
 pub use add_relu::add_relu;
-pub use augment::{augment_batch, AugmentPlan, Normalisation};
+pub use augment::{augment_batch, AugmentPlan, BatchMix, Normalisation};
 pub use batch_norm::{batch_norm_train, BatchNormOutput};
 pub use batch_norm_eval::{batch_norm_eval, batch_norm_eval_add_relu};
 pub use conv::{conv2d, conv2d_cpu, conv2d_custom, Conv2dGeometry};

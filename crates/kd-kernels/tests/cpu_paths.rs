@@ -2,7 +2,8 @@
 //! BatchNorm composed from candle ops, hand-computed augmentations.
 use candle_core::{DType, Device, Tensor, Var};
 use kd_kernels::{
-    augment_batch, batch_norm_train, conv2d_custom, AugmentPlan, Conv2dGeometry, Normalisation,
+    augment_batch, batch_norm_train, conv2d_custom, AugmentPlan, BatchMix, Conv2dGeometry,
+    Normalisation,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -385,7 +386,7 @@ fn augment_crops_flips_and_normalises_like_the_definition() {
             flip: true,
         }, // mirror
     ];
-    let out = augment_batch(&images, &plans, 1, &norm, DType::F32).unwrap();
+    let out = augment_batch(&images, &plans, None, 1, &norm, DType::F32).unwrap();
     let v = out.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     let expect: Vec<f32> = [
         [9, 10, 11, 12, 13, 14, 15, 16, 17],
@@ -399,7 +400,7 @@ fn augment_crops_flips_and_normalises_like_the_definition() {
     assert_eq!(v, expect);
     // CIFAR normalisation and bf16 output.
     let norm = Normalisation::from_mean_std(&[0.5], &[0.25]);
-    let out = augment_batch(&images, &plans[..1], 1, &norm, DType::BF16).unwrap();
+    let out = augment_batch(&images, &plans[..1], None, 1, &norm, DType::BF16).unwrap();
     let v = out
         .to_dtype(DType::F32)
         .unwrap()
@@ -414,6 +415,100 @@ fn augment_crops_flips_and_normalises_like_the_definition() {
 }
 
 #[test]
+fn augment_mixes_the_augmented_images_like_the_definition() {
+    // The three augmented images of the test above, as raw pixels (scale 1, shift 0).
+    let px: Vec<u8> = (0..18).collect();
+    let images = Tensor::from_vec(px, (2, 1, 3, 3), &Device::Cpu).unwrap();
+    let norm = Normalisation::from_mean_std(&[0.0], &[1.0 / 255.0]);
+    let plan = |index, oy, ox, flip| AugmentPlan {
+        index,
+        oy,
+        ox,
+        flip,
+    };
+    let plans = [
+        plan(1, 1, 1, false),
+        plan(0, 0, 2, false),
+        plan(0, 1, 1, true),
+    ];
+    let augmented: [[f32; 9]; 3] = [
+        [9., 10., 11., 12., 13., 14., 15., 16., 17.],
+        [0., 0., 0., 1., 2., 0., 4., 5., 0.],
+        [2., 1., 0., 5., 4., 3., 8., 7., 6.],
+    ];
+    let run = |mix: &BatchMix| {
+        augment_batch(&images, &plans, Some(mix), 1, &norm, DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
+    // Mixup: λ·own + (1 − λ)·partner, the partner's own crop and flip.
+    let partner = [2u32, 0, 0];
+    let got = run(&BatchMix {
+        partner: partner.to_vec(),
+        lambda: 0.25,
+        cut: None,
+    });
+    let want: Vec<f32> = (0..3)
+        .flat_map(|i| {
+            let j = partner[i] as usize;
+            (0..9).map(move |k| 0.25 * augmented[i][k] + 0.75 * augmented[j][k])
+        })
+        .collect();
+    assert_eq!(got, want);
+    // CutMix: rows 0..2, columns 1..3 from the partner; λ weighs only the labels.
+    let partner = [1u32, 2, 2];
+    let got = run(&BatchMix {
+        partner: partner.to_vec(),
+        lambda: 0.5,
+        cut: Some([0, 2, 1, 3]),
+    });
+    let want: Vec<f32> = (0..3)
+        .flat_map(|i| {
+            (0..9).map(move |k| {
+                let (y, x) = (k / 3, k % 3);
+                let from = if y < 2 && x >= 1 {
+                    partner[i] as usize
+                } else {
+                    i
+                };
+                augmented[from][k]
+            })
+        })
+        .collect();
+    assert_eq!(got, want);
+    // Bad mixes are refused, naming what is wrong.
+    let err = |mix: BatchMix| {
+        augment_batch(&images, &plans, Some(&mix), 1, &norm, DType::F32)
+            .unwrap_err()
+            .to_string()
+    };
+    let e = err(BatchMix {
+        partner: vec![0, 1],
+        lambda: 0.5,
+        cut: None,
+    });
+    assert!(e.contains("3 plans but the mix has 2 partners"), "{e}");
+    let e = err(BatchMix {
+        partner: vec![0, 1, 3],
+        lambda: 0.5,
+        cut: None,
+    });
+    assert!(e.contains("partner 3 is outside the batch of 3"), "{e}");
+    let e = err(BatchMix {
+        partner: vec![0, 1, 2],
+        lambda: 0.5,
+        cut: Some([0, 4, 0, 1]),
+    });
+    assert!(
+        e.contains("rows 0..4, columns 0..1 is not inside 3×3"),
+        "{e}"
+    );
+}
+
+#[test]
 fn augment_rejects_plans_outside_the_data() {
     let images = Tensor::zeros((2, 3, 4, 4), DType::U8, &Device::Cpu).unwrap();
     let norm = Normalisation::from_mean_std(&[0.0; 3], &[1.0; 3]);
@@ -423,7 +518,7 @@ fn augment_rejects_plans_outside_the_data() {
         ox: 0,
         flip: false,
     }];
-    let e = augment_batch(&images, &bad, 1, &norm, DType::F32)
+    let e = augment_batch(&images, &bad, None, 1, &norm, DType::F32)
         .unwrap_err()
         .to_string();
     assert!(e.contains("outside 2 images"), "{e}");
@@ -433,7 +528,7 @@ fn augment_rejects_plans_outside_the_data() {
         ox: 0,
         flip: false,
     }];
-    assert!(augment_batch(&images, &bad, 1, &norm, DType::F32).is_err());
+    assert!(augment_batch(&images, &bad, None, 1, &norm, DType::F32).is_err());
 }
 
 #[test]

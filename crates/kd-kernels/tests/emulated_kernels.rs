@@ -22,7 +22,7 @@ use half::bf16;
 use kd_kernels::batch_norm::update_running_stats;
 use kd_kernels::launch::LaunchGeometry;
 use kd_kernels::{
-    add_relu, augment_batch, batch_norm_train, sgd_momentum_step, AugmentPlan, MaxPool2d,
+    add_relu, augment_batch, batch_norm_train, sgd_momentum_step, AugmentPlan, BatchMix, MaxPool2d,
     Normalisation, SgdStep,
 };
 use rand::{Rng, SeedableRng};
@@ -793,6 +793,30 @@ fn max_pool_kernels_match_the_cpu_path() {
 // ---------------------------------------------------------------------------------------------
 // Augmentation and SGD.
 
+/// The mixings an augmentation case runs: none, mixup, and CutMix with a box that touches the
+/// image's last row and column.
+fn mixes(rng: &mut ChaCha8Rng, b: usize, h: usize, w: usize) -> Vec<Option<BatchMix>> {
+    let mut partner = || {
+        (0..b)
+            .map(|_| rng.gen_range(0..b as u32))
+            .collect::<Vec<_>>()
+    };
+    let (mixup, cutmix) = (partner(), partner());
+    vec![
+        None,
+        Some(BatchMix {
+            partner: mixup,
+            lambda: 0.3,
+            cut: None,
+        }),
+        Some(BatchMix {
+            partner: cutmix,
+            lambda: 0.6,
+            cut: Some([2, h, 3, w]),
+        }),
+    ]
+}
+
 fn augment_case<E: Elem>(rng: &mut ChaCha8Rng) {
     let (n, c, h, w, pad) = (6usize, 3usize, 6usize, 7usize, 2usize);
     let pixels: Vec<u8> = (0..n * c * h * w).map(|_| rng.gen()).collect();
@@ -806,37 +830,56 @@ fn augment_case<E: Elem>(rng: &mut ChaCha8Rng) {
         .collect();
     let norm = Normalisation::from_mean_std(&[0.49, 0.48, 0.45], &[0.25, 0.24, 0.26]);
     let images = Tensor::from_vec(pixels.clone(), (n, c, h, w), &Device::Cpu).unwrap();
-    let want = augment_batch(&images, &plans, pad, &norm, E::DTYPE).unwrap();
-    let plan_words: Vec<u8> = plans
-        .iter()
-        .flat_map(|p| [p.index, p.oy, p.ox, p.flip as u32])
-        .flat_map(|v| v.to_le_bytes())
-        .collect();
     let mut table = norm.scale.clone();
     table.extend(&norm.shift);
     let total = plans.len() * c * h * w;
-    let b = launch_race_checked(
-        &format!("augment_{}", E::SUFFIX),
-        LaunchGeometry::flat(total),
-        &[
-            Arg::Buf(pixels),
-            Arg::Buf(plan_words),
-            buf_f32(&table),
-            buf(&vec![E::from_f32(f32::NAN); total]),
-            Arg::I32(plans.len() as i32),
-            Arg::I32(c as i32),
-            Arg::I32(h as i32),
-            Arg::I32(w as i32),
-            Arg::I32(pad as i32),
-        ],
-    );
-    let got: Vec<f32> = values::<E>(&b[3]);
-    assert_close(
-        &format!("augment {}", E::SUFFIX),
-        &got,
-        &tensor_f32s(&want),
-        1e-6,
-    );
+    for mix in mixes(rng, plans.len(), h, w) {
+        let want = augment_batch(&images, &plans, mix.as_ref(), pad, &norm, E::DTYPE).unwrap();
+        let plan_words: Vec<u8> = plans
+            .iter()
+            .enumerate()
+            .flat_map(|(i, p)| {
+                let partner = mix.as_ref().map_or(i as u32, |m| m.partner[i]);
+                [p.index, p.oy, p.ox, p.flip as u32, partner]
+            })
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let (mode, lambda, [y0, y1, x0, x1]) = match &mix {
+            None => (0, 1.0, [0; 4]),
+            Some(m) => match m.cut {
+                None => (1, m.lambda, [0; 4]),
+                Some(cut) => (2, 1.0, cut),
+            },
+        };
+        let b = launch_race_checked(
+            &format!("augment_{}", E::SUFFIX),
+            LaunchGeometry::flat(total),
+            &[
+                Arg::Buf(pixels.clone()),
+                Arg::Buf(plan_words),
+                buf_f32(&table),
+                buf(&vec![E::from_f32(f32::NAN); total]),
+                Arg::I32(plans.len() as i32),
+                Arg::I32(c as i32),
+                Arg::I32(h as i32),
+                Arg::I32(w as i32),
+                Arg::I32(pad as i32),
+                Arg::I32(mode),
+                Arg::F32(lambda),
+                Arg::I32(y0 as i32),
+                Arg::I32(y1 as i32),
+                Arg::I32(x0 as i32),
+                Arg::I32(x1 as i32),
+            ],
+        );
+        let got: Vec<f32> = values::<E>(&b[3]);
+        assert_close(
+            &format!("augment {} mode {mode}", E::SUFFIX),
+            &got,
+            &tensor_f32s(&want),
+            1e-6,
+        );
+    }
 }
 
 #[test]

@@ -313,33 +313,43 @@ fn check_augment(c: &mut Checks, dev: &Device) -> anyhow::Result<()> {
         .collect();
     let norm = Normalisation::from_mean_std(&Normalize::CIFAR10.mean, &Normalize::CIFAR10.std);
     for dt in [DType::F32, DType::BF16] {
-        let a = augment_batch(&images.to_device(dev)?, &plans, 4, &norm, dt)?;
-        let e = augment_batch(&images, &plans, 4, &norm, dt)?;
+        let a = augment_batch(&images.to_device(dev)?, &plans, None, 4, &norm, dt)?;
+        let e = augment_batch(&images, &plans, None, 4, &norm, dt)?;
         c.add(format!("augment {dt:?}"), rel(&a, &e)?, 1e-5);
     }
-    // The resident loader on the device against the host loader, with mixup.
+    // The resident loader on the device (crop, flip, normalise and mix in one kernel) against
+    // the host loader, with mixup and with CutMix.
     let mut split = Split::empty(3, 32, 32);
     split.images = px;
     split.labels = (0..n as u32).map(|i| i % 10).collect();
     let split = Arc::new(split);
-    let cfg = LoaderConfig {
-        mix: Some(Mix::Mixup { alpha: 1.0 }),
-        ..LoaderConfig::train(16, Normalize::CIFAR10, 3)
-    };
-    let host = Loader::new(split.clone(), cfg.clone(), dev.clone())?;
-    let resident = Loader::new(
-        split,
-        LoaderConfig {
-            resident: true,
-            ..cfg
-        },
-        dev.clone(),
-    )?;
-    let mut worst = 0f32;
-    for (a, b) in host.epoch(1, 0).zip(resident.epoch(1, 0)) {
-        worst = worst.max(rel(&b?.images, &a?.images)?);
+    for (name, mix) in [
+        ("mixup", Mix::Mixup { alpha: 1.0 }),
+        ("CutMix", Mix::Cutmix { alpha: 1.0 }),
+    ] {
+        let cfg = LoaderConfig {
+            mix: Some(mix),
+            ..LoaderConfig::train(16, Normalize::CIFAR10, 3)
+        };
+        let host = Loader::new(split.clone(), cfg.clone(), dev.clone())?;
+        let resident = Loader::new(
+            split.clone(),
+            LoaderConfig {
+                resident: true,
+                ..cfg
+            },
+            dev.clone(),
+        )?;
+        let mut worst = 0f32;
+        for (a, b) in host.epoch(1, 0).zip(resident.epoch(1, 0)) {
+            worst = worst.max(rel(&b?.images, &a?.images)?);
+        }
+        c.add(
+            format!("resident loader vs host loader ({name})"),
+            worst,
+            1e-5,
+        );
     }
-    c.add("resident loader vs host loader (mixup)".into(), worst, 1e-5);
     Ok(())
 }
 
