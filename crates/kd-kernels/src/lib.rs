@@ -21,7 +21,9 @@
 //!   and evaluation;
 //! - [`Precision`]: f32, TF32 or bf16 convolutions and matmuls;
 //! - [`device_memory`]: the CUDA memory pool kept across synchronisations, as PyTorch's caching
-//!   allocator keeps what it freed, and its high-water marks.
+//!   allocator keeps what it freed, and its high-water marks;
+//! - [`device_clock`]: the time of spans of device work (a teacher's forward pass) from CUDA
+//!   events, read once an epoch rather than by waiting for the device around each span.
 //!
 //! Without the features every op runs its CPU path, so code written against this crate runs
 //! (and is tested) on machines without a GPU.
@@ -42,6 +44,7 @@ mod cuda_ops;
 mod cudnn_algo;
 #[cfg(feature = "cudnn")]
 mod cudnn_conv;
+pub mod device_clock;
 pub mod device_memory;
 pub mod launch;
 pub mod max_pool;

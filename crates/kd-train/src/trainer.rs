@@ -13,6 +13,7 @@ use std::time::Instant;
 use candle_core::{Tensor, Var};
 use candle_nn::VarMap;
 use kd_data::Loader;
+use kd_kernels::device_clock::SpanClock;
 use kd_models::{save_varmap, ResNet, Teacher, TeacherMeta};
 
 use crate::distill::{Distiller, InitPhase, Peer, RunInfo, StepContext};
@@ -606,7 +607,8 @@ pub fn train(
             members.iter().map(|_| PendingSums::default()).collect();
         let on_cpu = train.device().is_cpu();
         let mut lr = cfg.lr;
-        let mut teacher_seconds = 0.0;
+        // The teacher's time from device events, read at the epoch's end (no wait per step).
+        let mut teacher_clock = SpanClock::new(&train.device());
         let mut steps = 0usize;
         let bar = bar(
             &run.progress,
@@ -622,7 +624,7 @@ pub fn train(
                     &batch.images,
                     &student_norm,
                     method,
-                    &mut teacher_seconds,
+                    &mut teacher_clock,
                 )?),
                 None => None,
             };
@@ -676,6 +678,7 @@ pub fn train(
             p.read_into(s, epoch, steps.saturating_sub(1))?;
         }
         bar.finish_and_clear();
+        let teacher_seconds = teacher_clock.seconds()?;
         let seconds = t.elapsed().as_secs_f64();
         progress.train_seconds += seconds;
         progress.teacher_seconds += teacher_seconds;
@@ -843,14 +846,9 @@ fn timed_teacher_forward(
     images: &Tensor,
     student_norm: &kd_data::Normalize,
     method: &dyn Distiller,
-    seconds: &mut f64,
+    clock: &mut SpanClock,
 ) -> Result<kd_models::ModelOutput> {
-    images.device().synchronize()?;
-    let t = Instant::now();
-    let out = teacher_forward(teacher, images, student_norm, method)?;
-    out.logits.device().synchronize()?;
-    *seconds += t.elapsed().as_secs_f64();
-    Ok(out)
+    Ok(clock.time(|| teacher_forward(teacher, images, student_norm, method))?)
 }
 
 /// Runs a method's init phase on the student `m` (RepDistiller's `init`): its own optimizer
@@ -884,7 +882,8 @@ fn init_phase(
     let log = run_dir.join("init_metrics.jsonl");
     std::fs::write(&log, "").map_err(io(&log))?;
     let on_cpu = train.device().is_cpu();
-    let (mut seconds, mut teacher_seconds) = (0.0, 0.0);
+    let mut seconds = 0.0;
+    let mut teacher_clock = SpanClock::new(&train.device());
     let bar = bar(
         &run.progress,
         phase.epochs * train.num_batches(),
@@ -902,7 +901,7 @@ fn init_phase(
                 &batch.images,
                 &student_norm,
                 method,
-                &mut teacher_seconds,
+                &mut teacher_clock,
             )?;
             let s_out = match phase.student_body {
                 true => Some(m.model.forward_t(&batch.images, true)?),
@@ -967,7 +966,7 @@ fn init_phase(
         );
     }
     bar.finish_and_clear();
-    Ok((seconds, teacher_seconds))
+    Ok((seconds, teacher_clock.seconds()?))
 }
 
 /// Appends the row to `metrics.csv` (with the header first): the student's figures, its loss

@@ -607,6 +607,46 @@ fn check_methods(c: &mut Checks, dev: &Device) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The trainer's teacher clock (CUDA events, read later) against the host's clock around a
+/// synchronised span, on the same work: a few large matrix products. Only on a GPU: on the CPU
+/// the span clock is the host's clock, and the two would differ only by run-to-run noise.
+fn check_span_clock(c: &mut Checks, dev: &Device) -> anyhow::Result<()> {
+    if dev.is_cpu() {
+        return Ok(());
+    }
+    let n = 4096;
+    let a = rand(&[n, n], 40, dev)?;
+    let work = || -> candle_core::Result<Tensor> {
+        let mut x = a.clone();
+        for _ in 0..10 {
+            x = (x.matmul(&a)? * (1.0 / n as f64))?;
+        }
+        Ok(x)
+    };
+    work()?;
+    dev.synchronize()?;
+    let mut clock = kd_kernels::device_clock::SpanClock::new(dev);
+    let mut host = 0.0;
+    for _ in 0..3 {
+        dev.synchronize()?;
+        let t = std::time::Instant::now();
+        work()?;
+        dev.synchronize()?;
+        host += t.elapsed().as_secs_f64();
+        clock.time(work)?;
+    }
+    let spans = clock.seconds()?;
+    println!(
+        "span clock: {spans:.4} s, host clock: {host:.4} s (3 spans of 10 products of {n}×{n})"
+    );
+    c.add(
+        "span clock vs host clock (relative)".into(),
+        ((spans - host).abs() / host) as f32,
+        0.3,
+    );
+    Ok(())
+}
+
 /// Runs `selfcheck`.
 pub fn run(args: &SelfcheckArgs) -> anyhow::Result<()> {
     let dev = crate::device::open(&args.device)?;
@@ -643,6 +683,7 @@ pub fn run(args: &SelfcheckArgs) -> anyhow::Result<()> {
     check_sgd(&mut c, &dev)?;
     check_model(&mut c, &dev)?;
     check_methods(&mut c, &dev)?;
+    check_span_clock(&mut c, &dev)?;
     let failed: Vec<_> = c
         .rows
         .iter()
