@@ -349,7 +349,8 @@ fn max_pool_bwd_t<T: Elem>(
     Ok(CudaStorage::wrap_cuda_slice(dx, dev.clone()))
 }
 
-/// Augments a batch: images (N, C, H, W) u8, plan (B, 4) u32, norm (2·C) f32 (scale, shift).
+/// Augments and mixes a batch: images (N, C, H, W) u8, plan (B, 5) u32, norm (2·C) f32 (scale,
+/// shift).
 pub(crate) fn augment(
     images: (&CudaStorage, &Layout),
     plan: (&CudaStorage, &Layout),
