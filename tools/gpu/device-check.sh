@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On the GPU machine, from the checkout with .gpu/ carried (tools/gpu/prepare.sh builds it).
 # Logs go to $OUT, written as each step ends, so a cut-off call still returns what finished.
-#   bash .gpu/device-check.sh perf    # selfcheck, kd bench, PyTorch throughput, ratios (~5 min)
+#   bash .gpu/device-check.sh perf    # selfcheck, kd bench, PyTorch throughput (channels-last and
+#                                     # NCHW), ratios, then A/B benches of kd's parts (~6 min)
 #   bash .gpu/device-check.sh train   # 15-epoch ResNet18 on the CIFAR-10 copy, kd and PyTorch (~5 min)
 #                                     # (CONV_ALGO=benchmark: cuDNN's benchmarked algorithms, as PyTorch)
 #   bash .gpu/device-check.sh methods # one whole step of each method, ResNet50 → ResNet18, bf16 (~3 min)
@@ -69,6 +70,10 @@ perf)
     --precision f32,tf32,bf16 --conv-algo heuristic,benchmark --phases
   step torch-bench 150 python3 .gpu/torch_ref.py throughput --no-maxpool --batch 256 --warmup 10 --steps 30
   python3 .gpu/ratio.py "$OUT/kd-bench.txt" "$OUT/torch-bench.txt" | tee "$OUT/ratio.md"
+  # PyTorch with NCHW tensors, kd's layout: what channels-last is worth on this card, and kd
+  # against PyTorch layout for layout (decides whether kd should build channels-last tensors).
+  step torch-bench-nchw 150 python3 .gpu/torch_nchw.py throughput --no-maxpool --batch 256 --warmup 10 --steps 30
+  python3 .gpu/ratio.py "$OUT/kd-bench.txt" "$OUT/torch-bench-nchw.txt" | tee "$OUT/ratio-nchw.md"
   # What each part buys, on the same card, most telling first (a step past the deadline is
   # skipped). candle's own ops (every kd kernel switched off):
   step kd-bench-candle 80 env KD_DISABLE=all /tmp/kd-runner bench --device cuda --batch 256 --stem cifar \
