@@ -9,6 +9,8 @@
 //! deterministic.
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 
+use crate::cpu;
+
 /// Max-pool geometry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MaxPool2d {
@@ -108,88 +110,116 @@ impl MaxPool2d {
         )
     }
 
-    /// Index (within one plane) of the first maximum of output window (oy, ox); `None` if the
-    /// window lies entirely in the padding (impossible for valid geometry).
+    /// Index (within one plane) of the first maximum of output window (oy, ox) in row-major
+    /// order, a NaN beating any number; the window is clamped to the plane, and valid geometry
+    /// (padding at most half the kernel) leaves at least one element in it.
     #[inline]
-    fn argmax<T: Copy + PartialOrd>(
-        &self,
-        plane: &[T],
-        h: usize,
-        w: usize,
-        oy: usize,
-        ox: usize,
-        is_nan: impl Fn(T) -> bool,
-    ) -> Option<usize> {
-        let mut best: Option<(usize, T)> = None;
+    fn argmax<T: PoolElem>(&self, plane: &[T], h: usize, w: usize, oy: usize, ox: usize) -> usize {
         let y0 = (oy * self.stride) as isize - self.padding as isize;
         let x0 = (ox * self.stride) as isize - self.padding as isize;
-        for ky in 0..self.kernel as isize {
-            let y = y0 + ky;
-            if y < 0 || y >= h as isize {
-                continue;
-            }
-            for kx in 0..self.kernel as isize {
-                let x = x0 + kx;
-                if x < 0 || x >= w as isize {
-                    continue;
-                }
-                let i = y as usize * w + x as usize;
-                let v = plane[i];
-                match best {
-                    None => best = Some((i, v)),
-                    Some((_, b)) if v > b || is_nan(v) && !is_nan(b) => best = Some((i, v)),
-                    _ => {}
+        let clamp = |a: isize, n: usize| a.clamp(0, n as isize) as usize;
+        let (ya, yb) = (clamp(y0, h), clamp(y0 + self.kernel as isize, h));
+        let (xa, xb) = (clamp(x0, w), clamp(x0 + self.kernel as isize, w));
+        let mut best = ya * w + xa;
+        let mut b = plane[best];
+        for y in ya..yb {
+            let row = &plane[y * w..y * w + xb];
+            for (x, &v) in row.iter().enumerate().skip(xa) {
+                if v > b || v.is_nan_value() && !b.is_nan_value() {
+                    best = y * w + x;
+                    b = v;
                 }
             }
         }
-        best.map(|(i, _)| i)
+        best
     }
 
-    fn fwd_slice<T: Copy + PartialOrd>(
-        &self,
-        x: &[T],
-        dims: &[usize],
-        is_nan: impl Fn(T) -> bool + Copy,
-    ) -> Vec<T> {
+    /// Forward over contiguous planes, in parallel over the planes.
+    #[allow(unsafe_code)]
+    fn fwd_slice<T: PoolElem>(&self, x: &[T], dims: &[usize]) -> Vec<T> {
         let (nc, h, w) = (dims[0] * dims[1], dims[2], dims[3]);
         let (oh, ow) = (self.out_size(h), self.out_size(w));
-        let mut out = Vec::with_capacity(nc * oh * ow);
-        for p in 0..nc {
+        let mut out = cpu::output_slots::<T>(nc * oh * ow);
+        cpu::par_chunks(&mut out, oh * ow, |p, o| {
             let plane = &x[p * h * w..(p + 1) * h * w];
-            for oy in 0..oh {
-                for ox in 0..ow {
-                    let i = self
-                        .argmax(plane, h, w, oy, ox, is_nan)
-                        .expect("window overlaps the input");
-                    out.push(plane[i]);
-                }
+            for (k, slot) in o.iter_mut().enumerate() {
+                let (oy, ox) = (k / ow, k % ow);
+                slot.write(plane[self.argmax(plane, h, w, oy, ox)]);
             }
-        }
-        out
+        });
+        // SAFETY: the chunks are the output planes, and each slot of a plane is written.
+        unsafe { cpu::written(out) }
     }
 
-    fn bwd_slice<T: Copy + PartialOrd + std::ops::AddAssign + Default>(
-        &self,
-        x: &[T],
-        g: &[T],
-        dims: &[usize],
-        is_nan: impl Fn(T) -> bool + Copy,
-    ) -> Vec<T> {
+    /// Backward over contiguous planes, in parallel over the planes: each input sums, in the
+    /// windows' row-major order and in `T::Acc` (f32 for bf16, as the CUDA kernel), the
+    /// gradients of the windows whose first maximum it is.
+    #[allow(unsafe_code)]
+    fn bwd_slice<T: PoolElem>(&self, x: &[T], g: &[T], dims: &[usize]) -> Vec<T> {
         let (nc, h, w) = (dims[0] * dims[1], dims[2], dims[3]);
         let (oh, ow) = (self.out_size(h), self.out_size(w));
-        let mut out = vec![T::default(); nc * h * w];
-        for p in 0..nc {
+        let mut out = cpu::output_slots::<T>(nc * h * w);
+        cpu::par_chunks(&mut out, h * w, |p, o| {
             let plane = &x[p * h * w..(p + 1) * h * w];
-            for oy in 0..oh {
-                for ox in 0..ow {
-                    let i = self
-                        .argmax(plane, h, w, oy, ox, is_nan)
-                        .expect("window overlaps the input");
-                    out[p * h * w + i] += g[(p * oh + oy) * ow + ox];
-                }
+            let grads = &g[p * oh * ow..(p + 1) * oh * ow];
+            let mut acc = vec![T::Acc::default(); h * w];
+            for (k, &gk) in grads.iter().enumerate() {
+                let (oy, ox) = (k / ow, k % ow);
+                acc[self.argmax(plane, h, w, oy, ox)] += gk.to_acc();
             }
-        }
-        out
+            for (slot, a) in o.iter_mut().zip(acc) {
+                slot.write(T::from_acc(a));
+            }
+        });
+        // SAFETY: the chunks are the input planes, and each slot of a plane is written.
+        unsafe { cpu::written(out) }
+    }
+}
+
+/// Element types of the CPU max-pool, with the type its backward sums in.
+trait PoolElem: candle_core::WithDType + PartialOrd {
+    type Acc: Copy + Default + std::ops::AddAssign + Send;
+    fn is_nan_value(self) -> bool;
+    fn to_acc(self) -> Self::Acc;
+    fn from_acc(a: Self::Acc) -> Self;
+}
+
+impl PoolElem for f32 {
+    type Acc = f32;
+    fn is_nan_value(self) -> bool {
+        self.is_nan()
+    }
+    fn to_acc(self) -> f32 {
+        self
+    }
+    fn from_acc(a: f32) -> Self {
+        a
+    }
+}
+
+impl PoolElem for f64 {
+    type Acc = f64;
+    fn is_nan_value(self) -> bool {
+        self.is_nan()
+    }
+    fn to_acc(self) -> f64 {
+        self
+    }
+    fn from_acc(a: f64) -> Self {
+        a
+    }
+}
+
+impl PoolElem for half::bf16 {
+    type Acc = f32;
+    fn is_nan_value(self) -> bool {
+        self.is_nan()
+    }
+    fn to_acc(self) -> f32 {
+        self.to_f32()
+    }
+    fn from_acc(a: f32) -> Self {
+        half::bf16::from_f32(a)
     }
 }
 
@@ -214,11 +244,9 @@ impl CustomOp1 for MaxPool2d {
             self.out_size(dims[3]),
         ));
         let out = match s {
-            CpuStorage::F32(v) => CpuStorage::F32(self.fwd_slice(slice(v, l)?, dims, f32::is_nan)),
-            CpuStorage::F64(v) => CpuStorage::F64(self.fwd_slice(slice(v, l)?, dims, f64::is_nan)),
-            CpuStorage::BF16(v) => {
-                CpuStorage::BF16(self.fwd_slice(slice(v, l)?, dims, half::bf16::is_nan))
-            }
+            CpuStorage::F32(v) => CpuStorage::F32(self.fwd_slice(slice(v, l)?, dims)),
+            CpuStorage::F64(v) => CpuStorage::F64(self.fwd_slice(slice(v, l)?, dims)),
+            CpuStorage::BF16(v) => CpuStorage::BF16(self.fwd_slice(slice(v, l)?, dims)),
             _ => bail!("max-pool supports f32, f64 and bf16 on the CPU"),
         };
         Ok((out, out_shape))
@@ -262,23 +290,14 @@ impl CustomOp2 for MaxPoolBackward {
         let dims = l1.dims();
         let out = match (s1, s2) {
             (CpuStorage::F32(x), CpuStorage::F32(g)) => {
-                CpuStorage::F32(
-                    self.0
-                        .bwd_slice(slice(x, l1)?, slice(g, l2)?, dims, f32::is_nan),
-                )
+                CpuStorage::F32(self.0.bwd_slice(slice(x, l1)?, slice(g, l2)?, dims))
             }
             (CpuStorage::F64(x), CpuStorage::F64(g)) => {
-                CpuStorage::F64(
-                    self.0
-                        .bwd_slice(slice(x, l1)?, slice(g, l2)?, dims, f64::is_nan),
-                )
+                CpuStorage::F64(self.0.bwd_slice(slice(x, l1)?, slice(g, l2)?, dims))
             }
-            (CpuStorage::BF16(x), CpuStorage::BF16(g)) => CpuStorage::BF16(self.0.bwd_slice(
-                slice(x, l1)?,
-                slice(g, l2)?,
-                dims,
-                half::bf16::is_nan,
-            )),
+            (CpuStorage::BF16(x), CpuStorage::BF16(g)) => {
+                CpuStorage::BF16(self.0.bwd_slice(slice(x, l1)?, slice(g, l2)?, dims))
+            }
             _ => bail!("max-pool backward supports f32, f64 and bf16 on the CPU"),
         };
         Ok((out, l1.shape().clone()))
