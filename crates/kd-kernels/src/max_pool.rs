@@ -123,12 +123,13 @@ impl MaxPool2d {
         let mut best = ya * w + xa;
         let mut b = plane[best];
         for y in ya..yb {
-            let row = &plane[y * w..y * w + xb];
-            for (x, &v) in row.iter().enumerate().skip(xa) {
-                if v > b || v.is_nan_value() && !b.is_nan_value() {
-                    best = y * w + x;
-                    b = v;
-                }
+            for x in xa..xb {
+                let i = y * w + x;
+                let v = plane[i];
+                // Selects rather than branches: which element wins is data-dependent.
+                let better = v > b || v.is_nan_value() && !b.is_nan_value();
+                best = if better { i } else { best };
+                b = if better { v } else { b };
             }
         }
         best
@@ -142,9 +143,10 @@ impl MaxPool2d {
         let mut out = cpu::output_slots::<T>(nc * oh * ow);
         cpu::par_chunks(&mut out, oh * ow, |p, o| {
             let plane = &x[p * h * w..(p + 1) * h * w];
-            for (k, slot) in o.iter_mut().enumerate() {
-                let (oy, ox) = (k / ow, k % ow);
-                slot.write(plane[self.argmax(plane, h, w, oy, ox)]);
+            for (oy, row) in o.chunks_exact_mut(ow).enumerate() {
+                for (ox, slot) in row.iter_mut().enumerate() {
+                    slot.write(plane[self.argmax(plane, h, w, oy, ox)]);
+                }
             }
         });
         // SAFETY: the chunks are the output planes, and each slot of a plane is written.
@@ -163,9 +165,10 @@ impl MaxPool2d {
             let plane = &x[p * h * w..(p + 1) * h * w];
             let grads = &g[p * oh * ow..(p + 1) * oh * ow];
             let mut acc = vec![T::Acc::default(); h * w];
-            for (k, &gk) in grads.iter().enumerate() {
-                let (oy, ox) = (k / ow, k % ow);
-                acc[self.argmax(plane, h, w, oy, ox)] += gk.to_acc();
+            for (oy, row) in grads.chunks_exact(ow).enumerate() {
+                for (ox, &gk) in row.iter().enumerate() {
+                    acc[self.argmax(plane, h, w, oy, ox)] += gk.to_acc();
+                }
             }
             for (slot, a) in o.iter_mut().zip(acc) {
                 slot.write(T::from_acc(a));
