@@ -104,7 +104,6 @@ pub fn augment_batch(
             }
         }
     }
-    let mut flat = Vec::with_capacity(b * 5);
     for (i, p) in plans.iter().enumerate() {
         let max = 2 * padding as u32;
         if p.index as usize >= n || p.oy > max || p.ox > max {
@@ -112,9 +111,8 @@ pub fn augment_batch(
                 "augment_batch: plan {i} ({p:?}) is outside {n} images with crop padding {padding}"
             );
         }
-        let partner = mix.map_or(i as u32, |m| m.partner[i]);
-        flat.extend([p.index, p.oy, p.ox, p.flip as u32, partner]);
     }
+    let flat = kernel_plan(plans, mix);
     let dev = images.device();
     let plan = Tensor::from_vec(flat, (b, 5), dev)?;
     let norm_t = Tensor::from_vec(
@@ -133,16 +131,40 @@ pub fn augment_batch(
     )
 }
 
+/// The plan as the kernel reads it, five words an image: image index, crop offsets oy and ox,
+/// flip, and the batch position of its mixing partner (its own when unmixed). The CUDA launch,
+/// the CPU op and the emulator tests all take it from here.
+pub fn kernel_plan(plans: &[AugmentPlan], mix: Option<&BatchMix>) -> Vec<u32> {
+    plans
+        .iter()
+        .enumerate()
+        .flat_map(|(i, p)| {
+            let partner = mix.map_or(i as u32, |m| m.partner[i]);
+            [p.index, p.oy, p.ox, p.flip as u32, partner]
+        })
+        .collect()
+}
+
 /// The mixing as the kernel takes it (the partners travel in the plan).
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub(crate) enum MixKind {
+pub enum MixKind {
+    /// No mixing.
     Unmixed,
-    Mixup { lambda: f32 },
-    Cutmix { cut: [usize; 4] },
+    /// Mixup with the sample's own weight λ.
+    Mixup {
+        /// λ.
+        lambda: f32,
+    },
+    /// CutMix with the box `[y0, y1, x0, x1]`.
+    Cutmix {
+        /// The pasted box.
+        cut: [usize; 4],
+    },
 }
 
 impl MixKind {
-    fn of(mix: Option<&BatchMix>) -> Self {
+    /// The kind of `mix`.
+    pub fn of(mix: Option<&BatchMix>) -> Self {
         match mix {
             None => MixKind::Unmixed,
             Some(BatchMix { cut: Some(cut), .. }) => MixKind::Cutmix { cut: *cut },
@@ -150,9 +172,9 @@ impl MixKind {
         }
     }
 
-    /// The kernel's `mix`, `lambda` and box arguments.
-    #[cfg(feature = "cuda")]
-    pub(crate) fn kernel_args(self) -> (i32, f32, [usize; 4]) {
+    /// The kernel's `mix`, `lambda` and box (`y0, y1, x0, x1`) arguments; the CUDA launch and
+    /// the emulator tests take them from here.
+    pub fn kernel_args(self) -> (i32, f32, [usize; 4]) {
         match self {
             MixKind::Unmixed => (0, 1.0, [0; 4]),
             MixKind::Mixup { lambda } => (1, lambda, [0; 4]),

@@ -19,6 +19,7 @@ use std::sync::OnceLock;
 
 use candle_core::{DType, Device, Tensor, Var};
 use half::bf16;
+use kd_kernels::augment::MixKind;
 use kd_kernels::batch_norm::update_running_stats;
 use kd_kernels::launch::LaunchGeometry;
 use kd_kernels::{
@@ -836,22 +837,11 @@ fn augment_case<E: Elem>(rng: &mut ChaCha8Rng) {
     let total = plans.len() * c * h * w;
     for mix in mixes(rng, plans.len(), h, w) {
         let want = augment_batch(&images, &plans, mix.as_ref(), pad, &norm, E::DTYPE).unwrap();
-        let plan_words: Vec<u8> = plans
-            .iter()
-            .enumerate()
-            .flat_map(|(i, p)| {
-                let partner = mix.as_ref().map_or(i as u32, |m| m.partner[i]);
-                [p.index, p.oy, p.ox, p.flip as u32, partner]
-            })
+        let plan_words: Vec<u8> = kd_kernels::augment::kernel_plan(&plans, mix.as_ref())
+            .into_iter()
             .flat_map(|v| v.to_le_bytes())
             .collect();
-        let (mode, lambda, [y0, y1, x0, x1]) = match &mix {
-            None => (0, 1.0, [0; 4]),
-            Some(m) => match m.cut {
-                None => (1, m.lambda, [0; 4]),
-                Some(cut) => (2, 1.0, cut),
-            },
-        };
+        let (mode, lambda, [y0, y1, x0, x1]) = MixKind::of(mix.as_ref()).kernel_args();
         let b = launch_race_checked(
             &format!("augment_{}", E::SUFFIX),
             LaunchGeometry::flat(total),
