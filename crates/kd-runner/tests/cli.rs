@@ -192,6 +192,62 @@ fn train_refuses_to_overwrite_and_resumes() {
     assert!(String::from_utf8_lossy(&no_teacher.stderr).contains("--teacher FILE"));
 }
 
+/// The resident data path (pixels kept on the training device, augmented and mixed by
+/// kd-kernels' op, the GPU's path) trains exactly as the host loader does: same metrics, clocks
+/// aside, for a mixup run.
+#[test]
+fn resident_data_trains_exactly_as_the_host_loader() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_cifar10(tmp.path());
+    let run = |resident: bool| {
+        let dir = tmp.path().join(format!("run-{resident}"));
+        let out = kd()
+            .args([
+                "train",
+                "--dataset",
+                "cifar10",
+                "--width",
+                "4",
+                "--stem",
+                "cifar",
+                "--batch-size",
+                "25",
+                "--lr",
+                "0.05",
+                "--epochs",
+                "2",
+                "--set",
+                "data.mixup=1.0",
+                "--set",
+            ])
+            .arg(format!("data.resident={resident}"))
+            .arg("--data-dir")
+            .arg(tmp.path())
+            .arg("--run-dir")
+            .arg(&dir)
+            .output()
+            .unwrap();
+        succeeded(&out);
+        let text = std::fs::read_to_string(dir.join("metrics.csv")).unwrap();
+        let mut lines = text.lines();
+        let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+        let clocks = ["seconds", "images_per_sec", "teacher_seconds"];
+        lines
+            .map(|l| {
+                l.split(',')
+                    .zip(&header)
+                    .filter(|(_, h)| !clocks.contains(h))
+                    .map(|(v, h)| format!("{h}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            })
+            .collect::<Vec<_>>()
+    };
+    let (host, resident) = (run(false), run(true));
+    assert_eq!(host.len(), 2);
+    assert_eq!(host, resident);
+}
+
 /// A tiny suite (two methods × two seeds) → report: table, CSV and plots with the right rows;
 /// rerunning skips finished runs and resumes an unfinished one from its checkpoint.
 #[test]
