@@ -3,6 +3,24 @@
 mod common;
 use common::{kd, succeeded, write_cifar10, write_teacher};
 
+/// `kd-runner train` on the fixture CIFAR-10 in `data`: a width-4 ResNet18 with `stem`, batches
+/// of 25.
+fn tiny_train(data: &std::path::Path, stem: &str) -> std::process::Command {
+    let mut c = kd();
+    c.args([
+        "train",
+        "--dataset",
+        "cifar10",
+        "--width",
+        "4",
+        "--stem",
+        stem,
+    ])
+    .args(["--batch-size", "25", "--data-dir"])
+    .arg(data);
+    c
+}
+
 #[test]
 fn data_prints_counts_and_stats() {
     let tmp = tempfile::tempdir().unwrap();
@@ -122,24 +140,8 @@ fn train_refuses_to_overwrite_and_resumes() {
     write_cifar10(tmp.path());
     let run = tmp.path().join("run");
     let base = |epochs: &str| {
-        let mut c = kd();
-        c.args([
-            "train",
-            "--dataset",
-            "cifar10",
-            "--width",
-            "4",
-            "--stem",
-            "cifar-maxpool",
-            "--batch-size",
-            "25",
-            "--lr",
-            "0.01",
-            "--epochs",
-            epochs,
-            "--data-dir",
-        ])
-        .arg(tmp.path());
+        let mut c = tiny_train(tmp.path(), "cifar-maxpool");
+        c.args(["--lr", "0.01", "--epochs", epochs]);
         c
     };
     let out = base("1").arg("--run-dir").arg(&run).output().unwrap();
@@ -201,17 +203,8 @@ fn resident_data_trains_exactly_as_the_host_loader() {
     write_cifar10(tmp.path());
     let run = |resident: bool| {
         let dir = tmp.path().join(format!("run-{resident}"));
-        let out = kd()
+        let out = tiny_train(tmp.path(), "cifar")
             .args([
-                "train",
-                "--dataset",
-                "cifar10",
-                "--width",
-                "4",
-                "--stem",
-                "cifar",
-                "--batch-size",
-                "25",
                 "--lr",
                 "0.05",
                 "--epochs",
@@ -221,8 +214,6 @@ fn resident_data_trains_exactly_as_the_host_loader() {
                 "--set",
             ])
             .arg(format!("data.resident={resident}"))
-            .arg("--data-dir")
-            .arg(tmp.path())
             .arg("--run-dir")
             .arg(&dir)
             .output()
