@@ -111,3 +111,48 @@ impl FetchArgs {
         Ok(())
     }
 }
+
+/// What a command line prints for an error: the error and its causes joined by ": ", leaving out
+/// a cause the text before it already ends with. The libraries' errors on a path
+/// (`Io { path, source }`) print their source in their own message, and walking the chain would
+/// print it a second time. `kd-runner` and `cargo xtask` both print errors this way.
+pub fn error_message(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = String::new();
+    for cause in std::iter::successors(Some(e), |e| e.source()) {
+        let text = cause.to_string();
+        if out.ends_with(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
+#[cfg(test)]
+mod error_message_tests {
+    use super::error_message;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("{path}: {source}")]
+    struct OnPath {
+        path: String,
+        source: std::io::Error,
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("loading the teacher")]
+    struct Context(#[source] OnPath);
+
+    #[test]
+    fn prints_each_cause_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "not found");
+        let e = Context(OnPath {
+            path: "t.json".into(),
+            source: io,
+        });
+        assert_eq!(error_message(&e), "loading the teacher: t.json: not found");
+    }
+}

@@ -121,12 +121,13 @@ pub fn run(
         let p = Path::new(&cfg.teacher.path);
         if !p.exists() {
             bail!(
-                "teacher {} not found: fetch the pretrained one with `cargo xtask fetch teacher-{}` (offline: `kd-runner fetch teacher-{} --from DIR`), or train one with `kd-runner train` and point teacher.path at its model.safetensors",
+                "teacher {} not found: fetch the pretrained one with `cargo xtask fetch teacher-{}` (offline: `kd-runner fetch teacher-{} --from DIR`), or train one with `kd-runner train` and point teacher.path at its run folder (or its model.safetensors)",
                 p.display(),
                 name,
                 name
             );
         }
+        let p = &crate::commands::weights_file(p)?;
         let mut t = Teacher::load(p, &device)
             .with_context(|| format!("loading the teacher {}", p.display()))?;
         t.set_compute_dtype(cfg.train.precision.activation_dtype())?;

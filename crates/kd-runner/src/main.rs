@@ -54,7 +54,7 @@ fn main() -> std::process::ExitCode {
     match run() {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", kd_fetch::cli::error_message(&*e));
             std::process::ExitCode::FAILURE
         }
     }

@@ -194,6 +194,50 @@ fn train_refuses_to_overwrite_and_resumes() {
     assert!(String::from_utf8_lossy(&no_teacher.stderr).contains("--teacher FILE"));
 }
 
+/// `eval` and `--teacher` take a finished run's folder (its exported student), a folder without
+/// one is named, and an I/O error's cause is printed once.
+#[test]
+fn eval_takes_a_run_folder_and_names_what_is_missing() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_cifar10(tmp.path());
+    let run = tmp.path().join("run");
+    let out = tiny_train(tmp.path(), "cifar")
+        .args(["--epochs", "1", "--run-dir"])
+        .arg(&run)
+        .output()
+        .unwrap();
+    succeeded(&out);
+    let eval = |weights: &std::path::Path| {
+        kd().args(["eval", "--data-dir"])
+            .arg(tmp.path())
+            .arg("--weights")
+            .arg(weights)
+            .output()
+            .unwrap()
+    };
+    let text = succeeded(&eval(&run));
+    assert!(
+        text.contains("model.safetensors") && text.contains("top-1"),
+        "{text}"
+    );
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let err = String::from_utf8_lossy(&eval(&empty).stderr).to_string();
+    assert!(err.contains("folder without model.safetensors"), "{err}");
+    let err = String::from_utf8_lossy(&eval(&empty.join("x.safetensors")).stderr).to_string();
+    assert!(err.contains("x.json"), "{err}");
+    assert_eq!(err.matches("os error 2").count(), 1, "{err}");
+    // A run folder serves as a teacher too.
+    let out = tiny_train(tmp.path(), "cifar")
+        .args(["--epochs", "1", "--method", "kd", "--teacher"])
+        .arg(&run)
+        .arg("--run-dir")
+        .arg(tmp.path().join("kd"))
+        .output()
+        .unwrap();
+    assert!(succeeded(&out).contains("best test top-1"));
+}
+
 /// The resident data path (pixels kept on the training device, augmented and mixed by
 /// kd-kernels' op, the GPU's path) trains exactly as the host loader does: same metrics, clocks
 /// aside, for a mixup run.

@@ -10,8 +10,9 @@ use kd_models::Teacher;
 /// Arguments of `eval`.
 #[derive(Clone, Debug, clap::Args)]
 pub struct EvalArgs {
-    /// Weights as safetensors with a JSON sidecar beside them (`X.json`): a converted teacher or an exported run.
-    #[arg(long, value_name = "FILE")]
+    /// Weights as safetensors with a JSON sidecar beside them (`X.json`): a converted teacher or
+    /// an exported run; or a run's folder (its `model.safetensors`).
+    #[arg(long, value_name = "FILE|RUN")]
     pub weights: PathBuf,
     /// cifar10, cifar100 or folder:PATH.
     #[arg(long, default_value = "cifar10")]
@@ -30,8 +31,9 @@ pub struct EvalArgs {
 /// Runs the evaluation and prints the report.
 pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
     let device = crate::device::open(&args.device)?;
-    let teacher = Teacher::load(&args.weights, &device)
-        .with_context(|| format!("loading {}", args.weights.display()))?;
+    let weights = super::weights_file(&args.weights)?;
+    let teacher = Teacher::load(&weights, &device)
+        .with_context(|| format!("loading {}", weights.display()))?;
     let meta = teacher.meta().clone();
     let data_dir = args
         .data_dir
@@ -41,7 +43,7 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
     if ds.num_classes() != meta.num_classes {
         bail!(
             "{} has {} classes but {} has {}",
-            args.weights.display(),
+            weights.display(),
             meta.num_classes,
             ds.name,
             ds.num_classes()
@@ -60,7 +62,7 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
     let a = &report.acc;
     println!(
         "{} ({} {}, {} params) on {} test: top-1 {:.2}%  top-5 {:.2}%  loss {:.4}  ({} images, {:.0} images/s)",
-        args.weights.display(),
+        weights.display(),
         meta.arch.name(),
         meta.stem.name(),
         teacher.model().num_backbone_params(),

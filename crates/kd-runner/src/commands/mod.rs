@@ -9,8 +9,27 @@ pub mod selfcheck;
 pub mod suite;
 pub mod train;
 
+use std::path::{Path, PathBuf};
+
 use candle_core::Device;
 use kd_models::{trainable_resnet, ResNetConfig, Teacher};
+
+/// The weights file `path` names: the file itself, or for a run folder the student it exported
+/// (`model.safetensors`, with `model.json` beside it).
+pub(crate) fn weights_file(path: &Path) -> anyhow::Result<PathBuf> {
+    if !path.is_dir() {
+        return Ok(path.to_path_buf());
+    }
+    let model = path.join("model.safetensors");
+    if !model.is_file() {
+        anyhow::bail!(
+            "{} is a folder without model.safetensors: give a weights file (X.safetensors with \
+             X.json beside it) or the folder of a finished run",
+            path.display()
+        );
+    }
+    Ok(model)
+}
 
 /// A teacher with seeded random weights, exported once (weights + sidecar, as `kd-runner train`
 /// writes them) and loaded through the real loading path on each of `devices`: what `bench`

@@ -27,7 +27,7 @@ pub struct TrainArgs {
     /// method.name, with the paper's weights (`kd-runner list` describes each).
     #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(MethodConfig::NAMES))]
     pub method: Option<String>,
-    /// teacher.path: safetensors with its JSON sidecar (`cargo xtask fetch teacher-cifar10`, or a run's model.safetensors).
+    /// teacher.path: safetensors with its JSON sidecar (`cargo xtask fetch teacher-cifar10`, or a run's model.safetensors), or a finished run's folder.
     #[arg(long, value_name = "FILE")]
     pub teacher: Option<PathBuf>,
     /// method.alpha (kd, kd_byot, dkd, ctkd, pskd).
