@@ -4,7 +4,7 @@
 //! cudarc allocates with `cuMemAllocAsync` from the device's current memory pool, whose release
 //! threshold is 0 by default: at every stream or context synchronisation the driver hands all
 //! of the pool's free memory back to the OS, and the next allocations map it again. A training
-//! loop synchronises often (reads of the loss sums, the teacher's clock, evaluation), so it would
+//! loop synchronises often (reads of the loss sums, evaluation, the benches' clocks), so it would
 //! pay the mapping of its activations again and again. PyTorch's caching allocator keeps what it
 //! freed; [`retain_freed_memory`] makes the pool do the same (threshold = `u64::MAX`).
 //! `KD_DISABLE=mempool` leaves the driver's default, for measuring what this buys.

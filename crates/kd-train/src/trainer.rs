@@ -619,13 +619,10 @@ pub fn train(
             let batch = batch?;
             lr = cfg.schedule.lr(cfg.lr, progress.step, total);
             let teacher_out = match teacher.filter(|_| method.teacher_each_step()) {
-                Some(t) => Some(timed_teacher_forward(
-                    t,
-                    &batch.images,
-                    &student_norm,
-                    method,
-                    &mut teacher_clock,
-                )?),
+                Some(t) => Some(
+                    teacher_clock
+                        .time(|| teacher_forward(t, &batch.images, &student_norm, method))?,
+                ),
                 None => None,
             };
             let ctx = StepContext {
@@ -838,19 +835,6 @@ pub struct InitEpoch {
     pub seconds: f64,
 }
 
-/// [`teacher_forward`], its time added to `seconds`. On a GPU the previous step's backward may
-/// still be queued: it is waited for before the clock starts, and the teacher before it stops,
-/// so the time is the teacher's alone (both waits are no-ops on the CPU).
-fn timed_teacher_forward(
-    teacher: &Teacher,
-    images: &Tensor,
-    student_norm: &kd_data::Normalize,
-    method: &dyn Distiller,
-    clock: &mut SpanClock,
-) -> Result<kd_models::ModelOutput> {
-    Ok(clock.time(|| teacher_forward(teacher, images, student_norm, method))?)
-}
-
 /// Runs a method's init phase on the student `m` (RepDistiller's `init`): its own optimizer
 /// (the run's kind, at the phase's constant rate) over the variables the phase trains, the
 /// teacher frozen, the student's body in training mode when trained. Writes one row per epoch to
@@ -896,13 +880,8 @@ fn init_phase(
         let mut steps = 0usize;
         for batch in train.epoch(INIT_EPOCH_KEY + epoch as u64, 0) {
             let batch = batch?;
-            let t_out = timed_teacher_forward(
-                teacher,
-                &batch.images,
-                &student_norm,
-                method,
-                &mut teacher_clock,
-            )?;
+            let t_out = teacher_clock
+                .time(|| teacher_forward(teacher, &batch.images, &student_norm, method))?;
             let s_out = match phase.student_body {
                 true => Some(m.model.forward_t(&batch.images, true)?),
                 false => None,

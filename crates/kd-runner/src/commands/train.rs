@@ -28,7 +28,7 @@ pub struct TrainArgs {
     #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(MethodConfig::NAMES))]
     pub method: Option<String>,
     /// teacher.path: safetensors with its JSON sidecar (`cargo xtask fetch teacher-cifar10`, or a run's model.safetensors), or a finished run's folder.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE|RUN")]
     pub teacher: Option<PathBuf>,
     /// method.alpha (kd, kd_byot, dkd, ctkd, pskd).
     #[arg(long)]
