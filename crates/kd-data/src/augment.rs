@@ -216,34 +216,18 @@ pub struct MixPlan {
 }
 
 impl MixPlan {
-    /// Mixes normalised images (B×C×H×W in `images`) in place.
+    /// Mixes normalised images (B×C×H×W in `images`) in place, with the arithmetic the
+    /// resident data path's augmentation kernel uses ([`kd_kernels::BatchMix::apply`]).
     pub fn apply_host(&self, images: &mut [f32], c: usize, h: usize, w: usize) {
-        let b = self.perm.len();
-        let n = c * h * w;
-        let src = images.to_vec();
-        match self.cut {
-            None => {
-                let lambda = self.lambda;
-                for i in 0..b {
-                    let j = self.perm[i];
-                    for k in 0..n {
-                        images[i * n + k] =
-                            lambda * src[i * n + k] + (1.0 - lambda) * src[j * n + k];
-                    }
-                }
-            }
-            Some([y0, y1, x0, x1]) => {
-                for i in 0..b {
-                    let j = self.perm[i];
-                    for ch in 0..c {
-                        for y in y0..y1 {
-                            let row = (ch * h + y) * w;
-                            images[i * n + row + x0..i * n + row + x1]
-                                .copy_from_slice(&src[j * n + row + x0..j * n + row + x1]);
-                        }
-                    }
-                }
-            }
+        self.batch_mix().apply(images, c, h, w);
+    }
+
+    /// This mixing as kd-kernels' augmentation takes it.
+    pub fn batch_mix(&self) -> kd_kernels::BatchMix {
+        kd_kernels::BatchMix {
+            partner: self.perm.iter().map(|&j| j as u32).collect(),
+            lambda: self.lambda,
+            cut: self.cut,
         }
     }
 

@@ -413,11 +413,7 @@ impl Loader {
                 message: "a resident loader got a batch without plans".into(),
             });
         };
-        let mix = hb.mix_plan.as_ref().map(|mp| BatchMix {
-            partner: mp.perm.iter().map(|&j| j as u32).collect(),
-            lambda: mp.lambda,
-            cut: mp.cut,
-        });
+        let mix = hb.mix_plan.as_ref().map(MixPlan::batch_mix);
         let images = make(plans, mix.as_ref())?;
         let paired = match &hb.paired_plans {
             Some(p) => Some(make(p, None)?),

@@ -5,8 +5,8 @@
 //! The plan is drawn on the host from the loader's seeded streams, so a run augments the same
 //! way whether the pixels are prepared on the host or on the device. The arithmetic is that of
 //! kd-data's `CropFlip::apply_normalized`: `out = pixel · scale[c] + shift[c]`, with
-//! `scale = 1 / (255 · std)` and `shift = −mean / std`, and 0 as the padding pixel; then that
-//! of `MixPlan::apply_host` on the normalised values.
+//! `scale = 1 / (255 · std)` and `shift = −mean / std`, and 0 as the padding pixel; then
+//! [`BatchMix::apply`]'s on the normalised values, the mixing kd-data's host loader also uses.
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
 use crate::cpu;
@@ -35,6 +35,35 @@ pub struct BatchMix {
     /// CutMix: rows `y0..y1` and columns `x0..x1`, as `[y0, y1, x0, x1]`, are the partner's;
     /// `None` for mixup.
     pub cut: Option<[usize; 4]>,
+}
+
+impl BatchMix {
+    /// Mixes a batch of augmented, normalised images (B×C×H×W in `images`, B = the partners)
+    /// in place, from a copy of it: the arithmetic of the kernel's mixing, and the one kd-data's
+    /// host loader uses (`MixPlan::apply_host`), so both paths mix alike.
+    pub fn apply(&self, images: &mut [f32], c: usize, h: usize, w: usize) {
+        let n = c * h * w;
+        let src = images.to_vec();
+        for (img, &j) in images.chunks_exact_mut(n).zip(&self.partner) {
+            let other = &src[j as usize * n..][..n];
+            match self.cut {
+                None => {
+                    let lambda = self.lambda;
+                    for (o, &p) in img.iter_mut().zip(other) {
+                        *o = lambda * *o + (1.0 - lambda) * p;
+                    }
+                }
+                Some([y0, y1, x0, x1]) => {
+                    for ch in 0..c {
+                        for y in y0..y1 {
+                            let row = (ch * h + y) * w;
+                            img[row + x0..row + x1].copy_from_slice(&other[row + x0..row + x1]);
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Per-channel affine map from a raw pixel (0–255) to the network's input.
@@ -126,7 +155,7 @@ pub fn augment_batch(
             padding,
             norm: norm_t,
             dtype,
-            mix: MixKind::of(mix),
+            mix: mix.cloned(),
         },
     )
 }
@@ -187,7 +216,7 @@ struct Augment {
     padding: usize,
     norm: Tensor,
     dtype: DType,
-    mix: MixKind,
+    mix: Option<BatchMix>,
 }
 
 impl CustomOp2 for Augment {
@@ -237,33 +266,8 @@ impl CustomOp2 for Augment {
                 }
             }
         }
-        // Mixed as MixPlan::apply_host mixes: from a copy of the augmented batch.
-        let partner = |i: usize| plan[5 * i + 4] as usize;
-        match self.mix {
-            MixKind::Unmixed => {}
-            MixKind::Mixup { lambda } => {
-                let src = out.clone();
-                for (i, img) in out.chunks_exact_mut(n).enumerate() {
-                    let other = &src[partner(i) * n..][..n];
-                    for (o, (&a, &p)) in img.iter_mut().zip(src[i * n..][..n].iter().zip(other)) {
-                        *o = lambda * a + (1.0 - lambda) * p;
-                    }
-                }
-            }
-            MixKind::Cutmix {
-                cut: [y0, y1, x0, x1],
-            } => {
-                let src = out.clone();
-                for (i, img) in out.chunks_exact_mut(n).enumerate() {
-                    let other = &src[partner(i) * n..][..n];
-                    for ch in 0..c {
-                        for y in y0..y1 {
-                            let row = (ch * h + y) * w;
-                            img[row + x0..row + x1].copy_from_slice(&other[row + x0..row + x1]);
-                        }
-                    }
-                }
-            }
+        if let Some(mix) = &self.mix {
+            mix.apply(&mut out, c, h, w);
         }
         Ok((cpu::from_f32s(out, self.dtype)?, Shape::from((b, c, h, w))))
     }
@@ -283,7 +287,7 @@ impl CustomOp2 for Augment {
             &self.norm,
             self.dtype,
             self.padding,
-            self.mix,
+            MixKind::of(self.mix.as_ref()),
         )?;
         Ok((out, Shape::from((l2.dims()[0], d[1], d[2], d[3]))))
     }
