@@ -126,10 +126,10 @@ impl MaxPool2d {
             for x in xa..xb {
                 let i = y * w + x;
                 let v = plane[i];
-                // Selects rather than branches: which element wins is data-dependent.
-                let better = v > b || v.is_nan_value() && !b.is_nan_value();
-                best = if better { i } else { best };
-                b = if better { v } else { b };
+                if v > b || v.is_nan_value() && !b.is_nan_value() {
+                    best = i;
+                    b = v;
+                }
             }
         }
         best
