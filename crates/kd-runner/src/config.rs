@@ -384,7 +384,7 @@ impl ExperimentConfig {
         // all its runs); `kd-runner train --teacher` with such a method is refused by the CLI.
         if self.method.needs_teacher() && self.teacher.path.is_empty() {
             bail!(
-                "method {} needs a teacher (--teacher FILE, or teacher.path in the config): fetch one with `cargo xtask fetch teacher-cifar10` (then data/teachers/cifar10-resnet50/teacher.safetensors), or train one with `kd-runner train`",
+                "method {} needs a teacher (--teacher FILE, or teacher.path in the config): fetch one with `cargo xtask fetch teacher-cifar10` (then data/teachers/cifar10-resnet50/teacher.safetensors), or train one with `kd-runner train` and give its run folder",
                 self.method.name()
             );
         }
