@@ -14,7 +14,8 @@
 # Each step has its own time limit, and none runs past DEADLINE seconds from the start, so one
 # slow step cannot eat the call. In `all` and `perf`, a kernel family that selfcheck finds out of
 # bounds is switched back to candle's ops (KD_DISABLE) for every step after it, so the call still
-# yields correct training and honest speeds; steps.txt says which. `all` leaves at most 8 files in $OUT (what the device tool returns).
+# yields correct training and honest speeds; steps.txt says which. `all` leaves at most 8 files
+# in $OUT (what the device tool returns).
 set -uo pipefail
 MODE="${1:-perf}"
 OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
