@@ -76,6 +76,12 @@ pub struct Normalisation {
 }
 
 impl Normalisation {
+    /// The table the kernel reads: the C scales, then the C shifts. The CUDA launch, the CPU op
+    /// and the emulator tests all take it from here.
+    pub fn kernel_table(&self) -> Vec<f32> {
+        [self.scale.as_slice(), self.shift.as_slice()].concat()
+    }
+
     /// `(pixel / 255 − mean) / std`, computed as kd-data computes it.
     pub fn from_mean_std(mean: &[f32], std: &[f32]) -> Self {
         Normalisation {
@@ -144,11 +150,7 @@ pub fn augment_batch(
     let flat = kernel_plan(plans, mix);
     let dev = images.device();
     let plan = Tensor::from_vec(flat, (b, 5), dev)?;
-    let norm_t = Tensor::from_vec(
-        [norm.scale.clone(), norm.shift.clone()].concat(),
-        2 * c,
-        dev,
-    )?;
+    let norm_t = Tensor::from_vec(norm.kernel_table(), 2 * c, dev)?;
     images.contiguous()?.apply_op2_no_bwd(
         &plan,
         &Augment {

@@ -759,7 +759,7 @@ fn max_pool_case<E: Elem>(
     );
     let got: Vec<f32> = values::<E>(&b[2]);
     let want = tensor_f32s(grads.get(&xv).unwrap());
-    // Both sum a input's windows in the same order in f32 (f64 for f64): equal bit for bit.
+    // Both sum an input's windows in the same order in f32 (f64 for f64): equal bit for bit.
     assert_close(&format!("max-pool dx {what}"), &got, &want, 0.0);
 }
 
@@ -832,8 +832,7 @@ fn augment_case<E: Elem>(rng: &mut ChaCha8Rng) {
         .collect();
     let norm = Normalisation::from_mean_std(&[0.49, 0.48, 0.45], &[0.25, 0.24, 0.26]);
     let images = Tensor::from_vec(pixels.clone(), (n, c, h, w), &Device::Cpu).unwrap();
-    let mut table = norm.scale.clone();
-    table.extend(&norm.shift);
+    let table = norm.kernel_table();
     let total = plans.len() * c * h * w;
     for mix in mixes(rng, plans.len(), h, w) {
         let want = augment_batch(&images, &plans, mix.as_ref(), pad, &norm, E::DTYPE).unwrap();
