@@ -60,10 +60,13 @@ impl Http {
                 })
             }
             Err(e) => {
+                // ureq's message starts with the URL, which the error prints itself.
+                let text = e.to_string();
+                let message = text.strip_prefix(&format!("{url}: ")).unwrap_or(&text);
                 return Err(FetchError::Transport {
                     url: url.into(),
-                    message: e.to_string(),
-                })
+                    message: message.into(),
+                });
             }
         };
         // No archive is served as a web page; a page here is an error page with status 200.

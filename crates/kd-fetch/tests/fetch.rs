@@ -242,6 +242,19 @@ fn http_errors_and_stalls_are_clear() {
         "{err}"
     );
     assert!(!install_path(Artifact::Cifar10, data.path()).exists());
+    // A refused connection names the URL once (the HTTP client's message starts with it too).
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    };
+    let err = fetch(
+        Artifact::Cifar10,
+        &opts(data.path(), Some(&closed), Verify::Skip),
+    )
+    .unwrap_err()
+    .to_string();
+    let url = format!("{closed}/cifar-10-binary.tar.gz");
+    assert_eq!(err.matches(&url).count(), 1, "{err}");
 }
 
 #[test]
