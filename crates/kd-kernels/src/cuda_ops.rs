@@ -534,3 +534,124 @@ fn elementwise2_t<T: Elem>(
     unsafe { l.launch(flat(n)) }.w()?;
     Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
 }
+
+/// `SgdList` in sgd.cu, field for field (2,568 bytes, passed by value as the kernel argument).
+#[repr(C)]
+struct SgdList {
+    p: [u64; crate::launch::SGD_LIST],
+    g: [u64; crate::launch::SGD_LIST],
+    buf: [u64; crate::launch::SGD_LIST],
+    n: [i64; crate::launch::SGD_LIST],
+    wd: [f32; crate::launch::SGD_LIST],
+    first_block: [i32; crate::launch::SGD_LIST + 1],
+    count: i32,
+}
+
+pub(crate) const SGD_LIST_BYTES: usize = std::mem::size_of::<SgdList>();
+
+// SAFETY: plain old data of the kernel parameter's layout (`#[repr(C)]`, the C struct's fields in
+// order, no padding but C's).
+unsafe impl DeviceRepr for SgdList {}
+
+/// [`crate::sgd::sgd_momentum_steps`] on CUDA: the updates in runs of at most
+/// [`crate::launch::SGD_LIST`] that share (lr, momentum, dampening, Nesterov), one
+/// `sgd_list_f32` launch a run. The parameters and buffers are written through device pointers
+/// taken under candle's read locks: the launch is ordered on the device's one stream after every
+/// earlier use of them and before every later one, as an in-place op's would be, and the
+/// caller's tensors are distinct (checked here: no two written ranges overlap).
+pub(crate) fn sgd_list(updates: &[crate::sgd::SgdUpdate<'_>]) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+    let shared = |s: &crate::sgd::SgdStep| {
+        (
+            s.lr.to_bits(),
+            s.momentum.to_bits(),
+            s.dampening.to_bits(),
+            s.nesterov,
+        )
+    };
+    let mut start = 0;
+    while start < updates.len() {
+        let key = shared(&updates[start].step);
+        let len = updates[start..]
+            .iter()
+            .take(crate::launch::SGD_LIST)
+            .take_while(|u| shared(&u.step) == key)
+            .count();
+        let run = &updates[start..start + len];
+        start += len;
+        let grads = run
+            .iter()
+            .map(|u| u.grad.contiguous())
+            .collect::<Result<Vec<_>>>()?;
+        let lens: Vec<usize> = run.iter().map(|u| u.param.elem_count()).collect();
+        let Some((geometry, first_block)) = crate::launch::sgd_list(&lens) else {
+            bail!(
+                "fused SGD: {} parameters overflow one launch's blocks",
+                run.len()
+            );
+        };
+        let mut guards = Vec::with_capacity(3 * run.len());
+        for (u, g) in run.iter().zip(&grads) {
+            guards.push(u.param.storage_and_layout());
+            guards.push(g.storage_and_layout());
+            guards.push(u.buf.storage_and_layout());
+        }
+        let mut views = Vec::with_capacity(guards.len());
+        for (guard, layout) in &guards {
+            let Storage::Cuda(s) = &**guard else {
+                bail!("fused SGD: a tensor of the CUDA update is not on a CUDA device")
+            };
+            views.push((s, view::<f32>(s, layout)?));
+        }
+        let dev = views[0].0.device.clone();
+        let stream = dev.cuda_stream();
+        let mut list = SgdList {
+            p: [0; crate::launch::SGD_LIST],
+            g: [0; crate::launch::SGD_LIST],
+            buf: [0; crate::launch::SGD_LIST],
+            n: [0; crate::launch::SGD_LIST],
+            wd: [0.0; crate::launch::SGD_LIST],
+            first_block: [0; crate::launch::SGD_LIST + 1],
+            count: run.len() as i32,
+        };
+        list.first_block[..first_block.len()].copy_from_slice(&first_block);
+        let mut syncs = Vec::with_capacity(views.len());
+        let mut written = Vec::with_capacity(2 * run.len());
+        for (i, (u, tensors)) in run.iter().zip(views.chunks(3)).enumerate() {
+            let mut ptr = |k: usize| {
+                let (p, sync) = tensors[k].1.device_ptr(&stream);
+                syncs.push(sync);
+                p
+            };
+            (list.p[i], list.g[i], list.buf[i]) = (ptr(0), ptr(1), ptr(2));
+            list.n[i] = lens[i] as i64;
+            list.wd[i] = u.step.weight_decay as f32;
+            let bytes = 4 * lens[i] as u64;
+            written.push((list.p[i], list.p[i] + bytes));
+            written.push((list.buf[i], list.buf[i] + bytes));
+        }
+        written.sort_unstable();
+        if written
+            .windows(2)
+            .any(|w| w[0].1 > w[1].0 && w[1].0 < w[1].1)
+        {
+            bail!("fused SGD: two of the updated parameters or momentum buffers share memory");
+        }
+        let s = &run[0].step;
+        let (lr, mu, damp, nesterov) = (
+            s.lr as f32,
+            s.momentum as f32,
+            (1.0 - s.dampening) as f32,
+            s.nesterov as i32,
+        );
+        let f = crate::cuda::SGD.func(&dev, "sgd_list_f32")?;
+        let mut b = stream.launch_builder(&f);
+        b.arg(&list).arg(&lr).arg(&mu).arg(&damp).arg(&nesterov);
+        // SAFETY: argument types and sizes match sgd_list_f32 in sgd.cu (the list as its C
+        // struct); every pointer is a live f32 range of `n` elements, held under the guards above
+        // until the launch is queued, the written ranges disjoint (checked).
+        unsafe { b.launch(geometry.into()) }.w()?;
+        drop(syncs);
+    }
+    Ok(())
+}

@@ -78,9 +78,34 @@ impl LaunchGeometry {
     }
 }
 
+/// Parameters one launch of `sgd_list_f32` updates at most (`KD_SGD_LIST` in sgd.cu).
+pub const SGD_LIST: usize = 64;
+
+/// Elements of one parameter a block of `sgd_list_f32` updates (`KD_SGD_CHUNK` in sgd.cu).
+pub const SGD_CHUNK: usize = 4096;
+
+/// The blocks of one `sgd_list_f32` launch over parameters of `lens` elements (at most
+/// [`SGD_LIST`]), 256 threads each: [`SGD_CHUNK`] elements a block, and the first block of each
+/// parameter, with the total after the last (`first_block` in sgd.cu). `None` when the list is
+/// too long or the blocks overflow an i32.
+pub fn sgd_list(lens: &[usize]) -> Option<(LaunchGeometry, Vec<i32>)> {
+    if lens.len() > SGD_LIST {
+        return None;
+    }
+    let mut first = Vec::with_capacity(lens.len() + 1);
+    let mut total = 0usize;
+    for &n in lens {
+        first.push(i32::try_from(total).ok()?);
+        total = total.checked_add(n.div_ceil(SGD_CHUNK))?;
+    }
+    first.push(i32::try_from(total).ok()?);
+    let blocks = u32::try_from(total.max(1)).ok()?;
+    Some((LaunchGeometry::linear(blocks, 256), first))
+}
+
 #[cfg(test)]
 mod tests {
-    use super::LaunchGeometry;
+    use super::{sgd_list, LaunchGeometry, SGD_LIST};
 
     #[test]
     fn per_plane_covers_each_plane_with_whole_warps() {
@@ -115,6 +140,16 @@ mod tests {
         // Never more slices than samples.
         assert_eq!(LaunchGeometry::per_channel(3, 5).grid, [5, 3, 1]);
         assert_eq!(LaunchGeometry::per_channel(3, 5).threads, 512);
+    }
+
+    #[test]
+    fn sgd_lists_give_each_parameter_its_chunks() {
+        let (g, first) = sgd_list(&[1, 0, 4096, 4097, 10_000]).unwrap();
+        assert_eq!(first, vec![0, 1, 1, 2, 4, 7]);
+        assert_eq!(g, LaunchGeometry::linear(7, 256));
+        // An empty list still launches one block (which finds nothing to do).
+        assert_eq!(sgd_list(&[]).unwrap().0.grid, [1, 1, 1]);
+        assert!(sgd_list(&[1; SGD_LIST + 1]).is_none());
     }
 
     #[test]

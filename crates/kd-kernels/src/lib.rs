@@ -15,7 +15,8 @@
 //! - [`MaxPool2d`]: padded max-pool with a backward pass, on the CPU and on CUDA;
 //! - [`augment_batch`]: crop, flip, normalise and mix (mixup, CutMix) a batch from a uint8 data
 //!   set that stays on the device, in one kernel;
-//! - [`sgd_momentum_step`]: SGD with (Nesterov) momentum in two in-place kernels per parameter;
+//! - [`sgd_momentum_step`]: SGD with (Nesterov) momentum in two in-place kernels per parameter,
+//!   [`sgd_momentum_steps`] a model's parameters in one launch;
 //! - [`add_relu()`]: a residual block's `relu(a + b)` in one pass forward and one backward;
 //! - [`batch_norm_eval()`]: BatchNorm(+ReLU) in eval mode in one pass (CPU), for frozen teachers
 //!   and evaluation;
@@ -60,7 +61,7 @@ pub use conv::{conv2d, conv2d_cpu, conv2d_custom, Conv2dGeometry};
 pub use conv_algo::ConvAlgoSearch;
 pub use max_pool::MaxPool2d;
 pub use precision::Precision;
-pub use sgd::{sgd_momentum_step, SgdStep};
+pub use sgd::{sgd_momentum_step, sgd_momentum_steps, SgdStep, SgdUpdate};
 pub use switches::{enabled, Kernel};
 
 /// Whether this build can run the CUDA kernels (feature `cuda`).
@@ -78,6 +79,13 @@ pub fn compile_all_kernels() -> candle_core::Result<Vec<(&'static str, usize)>> 
 #[cfg(feature = "cuda")]
 pub fn kernel_ptx(module: &str) -> candle_core::Result<&'static str> {
     cuda::ptx_of(module)
+}
+
+/// The size in bytes of the parameter list `sgd_list_f32` takes by value, as kd lays it out on
+/// the host: the PTX's parameter must have the same (a test compares them).
+#[cfg(feature = "cuda")]
+pub fn sgd_list_arg_bytes() -> usize {
+    cuda_ops::SGD_LIST_BYTES
 }
 
 /// The README's examples, compiled and run as doc tests.

@@ -1,7 +1,8 @@
 //! SGD with momentum as two in-place passes per parameter (momentum buffer, then parameter),
-//! where the composed update allocates and launches about nine element-wise ops. The
-//! arithmetic is `torch.optim.SGD`'s, in the same order as kd-schedulers' composed update, so
-//! on the CPU the two agree bit for bit.
+//! where the composed update allocates and launches about nine element-wise ops; on CUDA a
+//! whole list of parameters in one launch ([`sgd_momentum_steps`]). The arithmetic is
+//! `torch.optim.SGD`'s, in the same order as kd-schedulers' composed update, so on the CPU the
+//! two agree bit for bit.
 use candle_core::{bail, CpuStorage, DType, InplaceOp3, Layout, Result, Tensor};
 
 use crate::cpu;
@@ -24,6 +25,49 @@ pub struct SgdStep {
 /// Updates `buf` (the momentum buffer) and then `param` in place from the gradient `grad`; all
 /// three f32, same shape, distinct storage (the buffer must not alias a gradient).
 pub fn sgd_momentum_step(param: &Tensor, grad: &Tensor, buf: &Tensor, s: &SgdStep) -> Result<()> {
+    check(param, grad, buf)?;
+    let grad = grad.contiguous()?;
+    buf.inplace_op3(&grad, param, &Momentum(*s))?;
+    param.inplace_op3(&grad, buf, &Param(*s))
+}
+
+/// One parameter's update in [`sgd_momentum_steps`].
+#[derive(Clone, Copy, Debug)]
+pub struct SgdUpdate<'a> {
+    /// The parameter, updated in place.
+    pub param: &'a Tensor,
+    /// Its gradient.
+    pub grad: &'a Tensor,
+    /// Its momentum buffer, updated in place.
+    pub buf: &'a Tensor,
+    /// The step's hyper-parameters (the weight decay may differ between parameters).
+    pub step: SgdStep,
+}
+
+/// [`sgd_momentum_step`] for each update, the same results. On CUDA devices (feature `cuda`)
+/// one launch updates up to [`SGD_LIST`] parameters that share learning rate, momentum,
+/// dampening and Nesterov, both passes in one read of each element, instead of two launches a
+/// parameter; elsewhere the updates run one after another. Each update is checked as
+/// [`sgd_momentum_step`] checks it, and no two may share a parameter or buffer (every one is
+/// written).
+///
+/// [`SGD_LIST`]: crate::launch::SGD_LIST
+pub fn sgd_momentum_steps(updates: &[SgdUpdate<'_>]) -> Result<()> {
+    for u in updates {
+        check(u.param, u.grad, u.buf)?;
+    }
+    #[cfg(feature = "cuda")]
+    if updates.iter().all(|u| u.param.device().is_cuda()) {
+        return crate::cuda_ops::sgd_list(updates);
+    }
+    for u in updates {
+        sgd_momentum_step(u.param, u.grad, u.buf, &u.step)?;
+    }
+    Ok(())
+}
+
+/// What [`sgd_momentum_step`] requires of its tensors.
+fn check(param: &Tensor, grad: &Tensor, buf: &Tensor) -> Result<()> {
     for (name, t) in [
         ("parameter", param),
         ("gradient", grad),
@@ -42,10 +86,15 @@ pub fn sgd_momentum_step(param: &Tensor, grad: &Tensor, buf: &Tensor, s: &SgdSte
         if name != "gradient" && !t.is_contiguous() {
             bail!("fused SGD: the {name} is not contiguous");
         }
+        if t.device().location() != param.device().location() {
+            bail!(
+                "fused SGD: the {name} is on {:?}, the parameter on {:?}",
+                t.device().location(),
+                param.device().location()
+            );
+        }
     }
-    let grad = grad.contiguous()?;
-    buf.inplace_op3(&grad, param, &Momentum(*s))?;
-    param.inplace_op3(&grad, buf, &Param(*s))
+    Ok(())
 }
 
 /// Values per parallel task of the two in-place passes.

@@ -879,6 +879,75 @@ fn augment_kernel_matches_the_cpu_path() {
     augment_case::<bf16>(&mut rng);
 }
 
+/// The one-launch list update against the CPU's two passes per parameter: parameters of 1,000
+/// values (one block, not a multiple of its threads), none, exactly one chunk, one chunk and one
+/// value, and three, with and without weight decay.
+#[test]
+fn sgd_list_kernel_matches_the_cpu_path() {
+    use kd_kernels::launch::{sgd_list, SGD_CHUNK};
+    let mut rng = ChaCha8Rng::seed_from_u64(12);
+    let lens = [1000, 0, SGD_CHUNK, SGD_CHUNK + 1, 3];
+    let decays = [5e-4, 0.0, 5e-4, 1e-2, 0.0];
+    for nesterov in [false, true] {
+        let step = |weight_decay: f64| SgdStep {
+            lr: 0.1,
+            momentum: 0.9,
+            dampening: 0.1,
+            weight_decay,
+            nesterov,
+        };
+        let params: Vec<_> = lens
+            .iter()
+            .map(|&n| {
+                (
+                    random(&mut rng, n, -1.0, 1.0),
+                    random(&mut rng, n, -1.0, 1.0),
+                    random(&mut rng, n, -0.1, 0.1),
+                )
+            })
+            .collect();
+        let (geometry, first_block) = sgd_list(&lens).unwrap();
+        let mut args = vec![Arg::I32(lens.len() as i32)];
+        for (i, (p, g, m)) in params.iter().enumerate() {
+            args.extend([
+                buf_f32(p),
+                buf_f32(g),
+                buf_f32(m),
+                Arg::I64(lens[i] as i64),
+                Arg::F32(decays[i] as f32),
+                Arg::I32(first_block[i]),
+            ]);
+        }
+        args.push(Arg::I32(first_block[lens.len()]));
+        let s = step(0.0);
+        args.extend([
+            Arg::F32(s.lr as f32),
+            Arg::F32(s.momentum as f32),
+            Arg::F32((1.0 - s.dampening) as f32),
+            Arg::I32(nesterov as i32),
+        ]);
+        let out = launch_race_checked("sgd_list_f32", geometry, &args);
+        for (i, (p, g, m)) in params.iter().enumerate() {
+            let t = |v: &Vec<f32>| Tensor::new(v.as_slice(), &Device::Cpu).unwrap();
+            let (pt, gt, mt) = (t(p), t(g), t(m));
+            sgd_momentum_step(&pt, &gt, &mt, &step(decays[i])).unwrap();
+            let what = format!("parameter {i} nesterov={nesterov}");
+            assert_close(&what, &f32s(&out[3 * i]), &tensor_f32s(&pt), 1e-6);
+            assert_close(
+                &format!("{what} buffer"),
+                &f32s(&out[3 * i + 2]),
+                &tensor_f32s(&mt),
+                1e-6,
+            );
+            assert_eq!(
+                f32s(&out[3 * i + 1]),
+                *g,
+                "{what}: the gradient is read only"
+            );
+        }
+    }
+}
+
 #[test]
 fn sgd_kernels_match_the_cpu_path() {
     let mut rng = ChaCha8Rng::seed_from_u64(11);

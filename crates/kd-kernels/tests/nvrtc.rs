@@ -25,3 +25,22 @@ fn batch_norm_kernels_divide_no_64_bit_integer() {
     let pool = kd_kernels::kernel_ptx("kd_max_pool").unwrap();
     assert!(pool.contains("div.s64") || pool.contains("div.u64"));
 }
+
+/// `sgd_list_f32` takes its parameter list by value: the bytes the host passes (its `#[repr(C)]`
+/// mirror of the C struct) must be the size NVRTC gives the parameter, or the kernel would read
+/// pointers from the wrong offsets. Also under CUDA's 4 KB limit for kernel parameters.
+#[test]
+fn the_sgd_list_argument_has_the_kernels_layout() {
+    let ptx = kd_kernels::kernel_ptx("kd_sgd").unwrap();
+    let bytes = kd_kernels::sgd_list_arg_bytes();
+    let param = format!("sgd_list_f32_param_0[{bytes}]");
+    assert!(
+        ptx.contains(&param),
+        "no {param} in the PTX:\n{}",
+        ptx.lines()
+            .filter(|l| l.contains("sgd_list_f32_param"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert!(bytes + 16 <= 4096, "{bytes} bytes of kernel parameters");
+}

@@ -2,9 +2,10 @@
 //! `g ← ∇ + wd·p; b ← μ·b + (1−τ)·g (b ← g on the first step); g ← g + μ·b (Nesterov) or b;
 //! p ← p − lr·g`. Variables without a gradient (BN running statistics, frozen parts) are skipped.
 //!
-//! On CUDA (feature `cuda`), once a parameter has a momentum buffer, its update runs as
-//! kd-kernels' two in-place kernels instead of about nine allocating element-wise ops; the
-//! arithmetic and its order are the same (bit-identical on the CPU, where tests force it).
+//! Once a parameter has a momentum buffer, its update runs in place through kd-kernels
+//! (`sgd_momentum_steps`: on CUDA one launch for up to 64 parameters, feature `cuda`; on the CPU
+//! two passes a parameter) instead of about nine allocating element-wise ops; the arithmetic
+//! and its order are the same (bit-identical on the CPU).
 use std::collections::HashMap;
 
 use candle_core::backprop::GradStore;
@@ -80,6 +81,9 @@ impl Sgd {
     /// One update at learning rate `lr`.
     pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
         let c = &self.cfg;
+        // The fused updates, run together at the end (one launch for all of them on CUDA); a
+        // buffer's clone shares its storage, which the update writes in place.
+        let mut fused_updates: Vec<(&Var, Tensor, Tensor, kd_kernels::SgdStep)> = Vec::new();
         for (name, var) in &self.vars {
             let Some(g) = grads.get(var.as_tensor()) else {
                 continue;
@@ -99,7 +103,7 @@ impl Sgd {
                         weight_decay: if decay { c.weight_decay } else { 0.0 },
                         nesterov: c.nesterov,
                     };
-                    kd_kernels::sgd_momentum_step(var.as_tensor(), &g, buf, &step)?;
+                    fused_updates.push((var, g, buf.clone(), step));
                     continue;
                 }
             }
@@ -125,7 +129,16 @@ impl Sgd {
             }
             var.set(&(p - (g * lr)?)?)?;
         }
-        Ok(())
+        let updates: Vec<kd_kernels::SgdUpdate<'_>> = fused_updates
+            .iter()
+            .map(|(var, grad, buf, step)| kd_kernels::SgdUpdate {
+                param: var.as_tensor(),
+                grad,
+                buf,
+                step: *step,
+            })
+            .collect();
+        kd_kernels::sgd_momentum_steps(&updates)
     }
 
     /// The momentum buffers by variable name (for checkpoints).

@@ -4,7 +4,8 @@
 // threads a block, u32 argument
 // count, then per argument a tag byte and its value: 'P' u64 byte length + bytes (a buffer the
 // kernel gets a pointer to), 'i' i32, 'l' i64, 'f' f32. Each argument must have the type of the
-// kernel's parameter at its position (a mismatch is an error, as are missing or extra ones).
+// kernel's parameter at its position (a mismatch is an error, as are missing or extra ones); a
+// struct parameter is given as its fields' arguments (`Take<SgdList>`).
 // Reply on stdout: every buffer after the launch, in order, each as u64 byte length + bytes.
 //
 // `driver --list` prints the kernels it knows, one a line.
@@ -80,6 +81,27 @@ struct Take<float> {
     static float from(Args& a) { return scalar<float>(a, 'f', "a float"); }
 };
 
+// sgd_list_f32's parameter list, from the flat arguments: 'i' count, then per parameter 'P' p,
+// 'P' g, 'P' buf, 'l' n, 'f' wd, 'i' first block, and last 'i' the blocks in all.
+template <>
+struct Take<SgdList> {
+    static SgdList from(Args& a) {
+        SgdList list{};
+        list.count = Take<int>::from(a);
+        if (list.count < 0 || list.count > KD_SGD_LIST) kd_emu::fail("SgdList count out of range");
+        for (int t = 0; t < list.count; ++t) {
+            list.p[t] = Take<float*>::from(a);
+            list.g[t] = Take<float*>::from(a);
+            list.buf[t] = Take<float*>::from(a);
+            list.n[t] = Take<long long>::from(a);
+            list.wd[t] = Take<float>::from(a);
+            list.first_block[t] = Take<int>::from(a);
+        }
+        list.first_block[list.count] = Take<int>::from(a);
+        return list;
+    }
+};
+
 template <class... P>
 void run(void (*kernel)(P...), dim3 grid, unsigned threads, Args& a) {
     // Braced initialisation evaluates left to right: arguments bind in order.
@@ -118,6 +140,7 @@ const std::map<std::string, Runner>& kernels() {
         KD_EMU_KERNEL(max_pool_bwd_bf16),
         KD_EMU_KERNEL(sgd_momentum_f32),
         KD_EMU_KERNEL(sgd_param_f32),
+        KD_EMU_KERNEL(sgd_list_f32),
     };
     return all;
 }
@@ -163,7 +186,7 @@ int main(int argc, char** argv) {
         if (a.tag != 'P') continue;
         uint64_t n = a.bytes.size();
         std::fwrite(&n, sizeof n, 1, stdout);
-        std::fwrite(a.bytes.data(), 1, n, stdout);
+        if (n != 0) std::fwrite(a.bytes.data(), 1, n, stdout);  // an empty vector's data() may be null
     }
     return std::fflush(stdout) == 0 ? 0 : 4;
 }

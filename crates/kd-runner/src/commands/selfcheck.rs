@@ -374,6 +374,66 @@ fn check_sgd(c: &mut Checks, dev: &Device) -> anyhow::Result<()> {
     let ((p1, b1), (p2, b2)) = (run(dev)?, run(&Device::Cpu)?);
     c.add("fused SGD: momentum buffer".into(), rel(&b1, &b2)?, 1e-6);
     c.add("fused SGD: parameter".into(), rel(&p1, &p2)?, 1e-6);
+    check_sgd_list(c, dev, &step)
+}
+
+/// A model's worth of parameters in `sgd_momentum_steps` (on CUDA one launch per 64), against
+/// the CPU's update of each: 70 of them (two launches), from a 3×3 kernel's 1.2 million values
+/// down to one, every other one without weight decay.
+fn check_sgd_list(c: &mut Checks, dev: &Device, step: &kd_kernels::SgdStep) -> anyhow::Result<()> {
+    let shapes: Vec<Vec<usize>> = std::iter::once(vec![512, 256, 3, 3])
+        .chain((1..70).map(|i| vec![(i * 389) % 5000 + 1]))
+        .collect();
+    let start = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let seed = 80 + 3 * i as u64;
+            Ok((
+                rand(s, seed, &Device::Cpu)?,
+                rand(s, seed + 1, &Device::Cpu)?,
+                rand(s, seed + 2, &Device::Cpu)?,
+            ))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let run = |d: &Device| -> anyhow::Result<Vec<(Tensor, Tensor)>> {
+        let on = start
+            .iter()
+            .map(|(p, g, b)| Ok((p.to_device(d)?, g.to_device(d)?, b.to_device(d)?)))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let updates: Vec<_> = on
+            .iter()
+            .enumerate()
+            .map(|(i, (param, grad, buf))| kd_kernels::SgdUpdate {
+                param,
+                grad,
+                buf,
+                step: kd_kernels::SgdStep {
+                    weight_decay: if i % 2 == 0 { step.weight_decay } else { 0.0 },
+                    ..*step
+                },
+            })
+            .collect();
+        kd_kernels::sgd_momentum_steps(&updates)?;
+        Ok(on.into_iter().map(|(p, _, b)| (p, b)).collect())
+    };
+    let (on_dev, on_cpu) = (run(dev)?, run(&Device::Cpu)?);
+    let (mut worst_p, mut worst_b) = (0f32, 0f32);
+    for ((p1, b1), (p2, b2)) in on_dev.iter().zip(&on_cpu) {
+        worst_p = worst_p.max(rel(p1, p2)?);
+        worst_b = worst_b.max(rel(b1, b2)?);
+    }
+    let n = shapes.len();
+    c.add(
+        format!("fused SGD, {n} parameters at once: momentum buffers"),
+        worst_b,
+        1e-6,
+    );
+    c.add(
+        format!("fused SGD, {n} parameters at once: parameters"),
+        worst_p,
+        1e-6,
+    );
     Ok(())
 }
 
