@@ -26,6 +26,11 @@ pub struct SgdStep {
 /// three f32, same shape, distinct storage (the buffer must not alias a gradient).
 pub fn sgd_momentum_step(param: &Tensor, grad: &Tensor, buf: &Tensor, s: &SgdStep) -> Result<()> {
     check(param, grad, buf)?;
+    two_passes(param, grad, buf, s)
+}
+
+/// The two in-place passes of a checked update ([`check`]).
+fn two_passes(param: &Tensor, grad: &Tensor, buf: &Tensor, s: &SgdStep) -> Result<()> {
     let grad = grad.contiguous()?;
     buf.inplace_op3(&grad, param, &Momentum(*s))?;
     param.inplace_op3(&grad, buf, &Param(*s))
@@ -61,7 +66,7 @@ pub fn sgd_momentum_steps(updates: &[SgdUpdate<'_>]) -> Result<()> {
         return crate::cuda_ops::sgd_list(updates);
     }
     for u in updates {
-        sgd_momentum_step(u.param, u.grad, u.buf, &u.step)?;
+        two_passes(u.param, u.grad, u.buf, &u.step)?;
     }
     Ok(())
 }
