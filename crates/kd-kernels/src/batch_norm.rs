@@ -1,7 +1,9 @@
 //! BatchNorm2d in training mode, optionally fused with the ReLU after it: two kernels forward
-//! (per-channel statistics, then normalise-scale-shift-ReLU), two backward (per-channel sums,
-//! then the input gradient) and two for the running statistics, updated in place
-//! ([`update_running_stats`]), where candle's composed ops launch about thirty.
+//! (per-channel statistics, then normalise-scale-shift-ReLU) and two backward (per-channel sums,
+//! then the input gradient), where candle's composed ops launch about thirty. The running
+//! statistics are updated in place: on CUDA by the statistics' own last launch
+//! ([`batch_norm_train_update`], as cuDNN's training-mode BatchNorm does), elsewhere by
+//! [`update_running_stats`].
 //!
 //! The statistics come out of a no-gradient op, and the input gradient of the apply op is the
 //! full BatchNorm formula (it accounts for the statistics' dependence on the input):
@@ -41,6 +43,43 @@ pub fn batch_norm_train(
     eps: f64,
     relu: bool,
 ) -> Result<BatchNormOutput> {
+    train(x, weight, bias, eps, relu, None)
+}
+
+/// A layer's running statistics and their momentum, for [`batch_norm_train_update`].
+#[derive(Clone, Copy, Debug)]
+pub struct RunningStats<'a> {
+    /// Running mean: f32 (C,), contiguous, updated in place.
+    pub mean: &'a Tensor,
+    /// Running (unbiased) variance: f32 (C,), contiguous, updated in place.
+    pub var: &'a Tensor,
+    /// PyTorch's momentum: `r ← (1 − momentum)·r + momentum·s`.
+    pub momentum: f64,
+}
+
+/// [`batch_norm_train`], then the running statistics updated from the batch's as
+/// [`update_running_stats`] does, with the same bits. On CUDA (feature `cuda`) the update is part
+/// of the statistics' last launch, so a layer's forward is two launches instead of four (unless
+/// `KD_DISABLE=bnrunning`).
+pub fn batch_norm_train_update(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    relu: bool,
+    running: RunningStats<'_>,
+) -> Result<BatchNormOutput> {
+    train(x, weight, bias, eps, relu, Some(running))
+}
+
+fn train(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    relu: bool,
+    running: Option<RunningStats<'_>>,
+) -> Result<BatchNormOutput> {
     let (n, c, h, w) = x.dims4()?;
     if weight.dims() != [c] || bias.dims() != [c] {
         bail!(
@@ -62,8 +101,38 @@ pub fn batch_norm_train(
             x.dtype()
         );
     }
+    let count = n * h * w;
+    if let Some(r) = running {
+        check_running(r.mean, r.var, c, count)?;
+        for t in [r.mean, r.var] {
+            if !t.device().same_device(x.device()) {
+                bail!(
+                    "batch_norm_train_update: the running statistics are on {:?}, the input on {:?}",
+                    t.device().location(),
+                    x.device().location()
+                );
+            }
+        }
+    }
+    // On CUDA the statistics kernel updates the running statistics too; elsewhere they are
+    // updated after it, by two in-place ops.
+    let in_stats = running.filter(|_| {
+        crate::HAS_CUDA_KERNELS
+            && x.device().is_cuda()
+            && crate::enabled(crate::Kernel::BatchNormRunning)
+    });
     let x = x.contiguous()?;
-    let stats = x.apply_op1_no_bwd(&Stats)?;
+    let stats = x.apply_op1_no_bwd(&Stats {
+        running: in_stats.map(|r| StatsRunning {
+            mean: r.mean.clone(),
+            var: r.var.clone(),
+            momentum: r.momentum as f32,
+            var_scale: unbiased_scale(count),
+        }),
+    })?;
+    if let (Some(r), None) = (running, in_stats) {
+        update_running_stats(r.mean, r.var, &stats, r.momentum, count)?;
+    }
     let y = x.apply_op3(
         &weight.to_dtype(DType::F32)?,
         &bias.to_dtype(DType::F32)?,
@@ -113,22 +182,7 @@ pub fn update_running_stats(
     momentum: f64,
     count: usize,
 ) -> Result<()> {
-    let c = stats.dim(1)?;
-    for (name, r) in [
-        ("running mean", running_mean),
-        ("running variance", running_var),
-    ] {
-        if r.dims() != [c] || r.dtype() != DType::F32 || !r.is_contiguous() {
-            bail!(
-                "update_running_stats: the {name} is {:?} {:?}, expected contiguous f32 ({c},)",
-                r.dtype(),
-                r.dims()
-            );
-        }
-    }
-    if count < 2 {
-        bail!("update_running_stats: {count} values per channel, need at least 2");
-    }
+    check_running(running_mean, running_var, stats.dim(1)?, count)?;
     let stats = stats.contiguous()?;
     running_mean.inplace_op2(
         &stats,
@@ -143,13 +197,57 @@ pub fn update_running_stats(
         &UpdateRunning {
             row: 1,
             momentum: momentum as f32,
-            scale: (count as f64 / (count as f64 - 1.0)) as f32,
+            scale: unbiased_scale(count),
         },
     )
 }
 
-/// (N, C, H, W) → (2, C) f32: mean and biased variance per channel.
-struct Stats;
+/// M / (M − 1): the biased variance of M values times this is the unbiased one.
+fn unbiased_scale(count: usize) -> f32 {
+    (count as f64 / (count as f64 - 1.0)) as f32
+}
+
+/// What the running statistics of `c` channels over `count` values per channel must be.
+fn check_running(
+    running_mean: &Tensor,
+    running_var: &Tensor,
+    c: usize,
+    count: usize,
+) -> Result<()> {
+    for (name, r) in [
+        ("running mean", running_mean),
+        ("running variance", running_var),
+    ] {
+        if r.dims() != [c] || r.dtype() != DType::F32 || !r.is_contiguous() {
+            bail!(
+                "BatchNorm running statistics: the {name} is {:?} {:?}, expected contiguous f32 ({c},)",
+                r.dtype(),
+                r.dims()
+            );
+        }
+    }
+    if count < 2 {
+        bail!("BatchNorm running statistics: {count} values per channel, need at least 2");
+    }
+    Ok(())
+}
+
+/// (N, C, H, W) → (2, C) f32: mean and biased variance per channel; on CUDA, with `running`,
+/// also the running statistics' update.
+struct Stats {
+    running: Option<StatsRunning>,
+}
+
+/// The running statistics a CUDA [`Stats`] launch updates in place (written through device
+/// pointers, in stream order: see `cuda_ops::bn_stats`).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(crate) struct StatsRunning {
+    pub(crate) mean: Tensor,
+    pub(crate) var: Tensor,
+    pub(crate) momentum: f32,
+    /// M / (M − 1), for the unbiased variance.
+    pub(crate) var_scale: f32,
+}
 
 /// (x, γ, β) → y, with the batch statistics (2, C) held by the op (they have no gradient: the
 /// input gradient below accounts for them).
@@ -199,6 +297,11 @@ impl CustomOp1 for Stats {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        if self.running.is_some() {
+            bail!(
+                "batch norm statistics: the running statistics are updated in the op only on CUDA"
+            );
+        }
         let (n, c, hw) = nchw(l)?;
         let x = cpu::f32s_cow(s, l)?;
         let m = (n * hw) as f64;
@@ -222,7 +325,7 @@ impl CustomOp1 for Stats {
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (n, c, hw) = nchw(l)?;
-        let out = crate::cuda_ops::bn_stats(s, l, n, c, hw)?;
+        let out = crate::cuda_ops::bn_stats(s, l, n, c, hw, self.running.as_ref())?;
         Ok((out, Shape::from((2, c))))
     }
 }

@@ -8,6 +8,7 @@ use candle_core::cuda_backend::cudarc::driver::{
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{bail, CudaStorage, DType, Layout, Result, Storage, Tensor};
 
+use crate::batch_norm::StatsRunning;
 use crate::cuda::{flat, per_channel, per_plane, suffix, ADD_RELU, AUGMENT, BATCH_NORM, MAX_POOL};
 
 /// Element types our kernels are instantiated for.
@@ -48,14 +49,17 @@ macro_rules! by_dtype {
     };
 }
 
+/// Per-channel (mean, biased variance) as (2, C) f32; with `running`, the running statistics
+/// updated by the same last launch.
 pub(crate) fn bn_stats(
     s: &CudaStorage,
     l: &Layout,
     n: usize,
     c: usize,
     hw: usize,
+    running: Option<&StatsRunning>,
 ) -> Result<CudaStorage> {
-    by_dtype!(s.dtype(), bn_stats_t::<T>(s, l, n, c, hw))
+    by_dtype!(s.dtype(), bn_stats_t::<T>(s, l, n, c, hw, running))
 }
 
 fn bn_stats_t<T: Elem>(
@@ -64,6 +68,7 @@ fn bn_stats_t<T: Elem>(
     n: usize,
     c: usize,
     hw: usize,
+    running: Option<&StatsRunning>,
 ) -> Result<CudaStorage> {
     let dev = &s.device;
     let x = view::<T>(s, l)?;
@@ -78,8 +83,65 @@ fn bn_stats_t<T: Elem>(
     b.arg(&x).arg(&mut part).arg(&n).arg(&c_).arg(&hw);
     // SAFETY: argument types and sizes match bn_stats in batch_norm.cu.
     unsafe { b.launch(grid) }.w()?;
-    let out = finish_slices(dev, "bn_stats_finish", &part, c, slices)?;
+    let out = match running {
+        None => finish_slices(dev, "bn_stats_finish", &part, c, slices)?,
+        Some(r) => finish_stats_running(dev, &part, c, slices, r)?,
+    };
     Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+}
+
+/// `bn_stats_finish_running`: the (2, C) statistics from the slices' partial states, and the
+/// running mean and variance updated in place. They are written through device pointers taken
+/// under candle's read locks (as `sgd_list` writes its parameters): the launch is ordered on
+/// the device's one stream after every earlier use of them and before every later one, as an
+/// in-place op's would be; the two must not overlap (checked).
+fn finish_stats_running(
+    dev: &candle_core::cuda_backend::CudaDevice,
+    part: &CudaSlice<f32>,
+    c: usize,
+    slices: usize,
+    r: &StatsRunning,
+) -> Result<CudaSlice<f32>> {
+    use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+    let (mean_guard, mean_layout) = r.mean.storage_and_layout();
+    let (var_guard, var_layout) = r.var.storage_and_layout();
+    let (Storage::Cuda(ms), Storage::Cuda(vs)) = (&*mean_guard, &*var_guard) else {
+        bail!("batch norm: the running statistics are not on a CUDA device")
+    };
+    let (mv, vv) = (view::<f32>(ms, mean_layout)?, view::<f32>(vs, var_layout)?);
+    if mv.len() != c || vv.len() != c {
+        bail!(
+            "batch norm: running statistics of {} and {} values for {c} channels",
+            mv.len(),
+            vv.len()
+        );
+    }
+    let stream = dev.cuda_stream();
+    let (mean_ptr, mean_sync) = mv.device_ptr(&stream);
+    let (var_ptr, var_sync) = vv.device_ptr(&stream);
+    let bytes = 4 * c as u64;
+    if mean_ptr < var_ptr + bytes && var_ptr < mean_ptr + bytes {
+        bail!("batch norm: the running mean and variance share memory");
+    }
+    // SAFETY: the kernel writes both rows of every channel.
+    let mut out = unsafe { dev.alloc::<f32>(2 * c)? };
+    let f = BATCH_NORM.func(dev, "bn_stats_finish_running")?;
+    let (c_, s_) = (i32_of(c, "C")?, i32_of(slices, "slices")?);
+    let mut b = stream.launch_builder(&f);
+    b.arg(part)
+        .arg(&mut out)
+        .arg(&c_)
+        .arg(&s_)
+        .arg(&mean_ptr)
+        .arg(&var_ptr)
+        .arg(&r.momentum)
+        .arg(&r.var_scale);
+    // SAFETY: argument types and sizes match bn_stats_finish_running in batch_norm.cu (the two
+    // pointers as 64-bit device addresses); both are live f32 ranges of C values, held under
+    // the guards above until the launch is queued, and disjoint (checked).
+    unsafe { b.launch(flat(c)) }.w()?;
+    drop((mean_sync, var_sync));
+    Ok(out)
 }
 
 /// Merges the per-slice partial results of a per-channel reduction into (2, C) f32 with the

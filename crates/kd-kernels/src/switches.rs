@@ -1,5 +1,5 @@
 //! Run-time switches for kd's own paths, from the environment:
-//! `KD_DISABLE=conv,bn,bneval,evaltail,taps,pool,sgd,augment,addrelu,mempool,events` (or `all`)
+//! `KD_DISABLE=conv,bn,bnrunning,bneval,evaltail,taps,pool,sgd,augment,addrelu,mempool,events` (or `all`)
 //! sends the named parts back to candle's own ops (or, for `taps`, to kd's other CPU convolution;
 //! for `mempool` and `events`, to the CUDA driver's and cudarc's allocation defaults), without a
 //! rebuild. For bisecting a kernel on a GPU whose time is short, and for measuring what each part
@@ -13,6 +13,9 @@ pub enum Kernel {
     Conv,
     /// Fused BatchNorm(+ReLU) in training mode.
     BatchNorm,
+    /// The running statistics updated by the training-mode BatchNorm's statistics launch
+    /// (otherwise by two launches of their own).
+    BatchNormRunning,
     /// The max-pool kernels.
     MaxPool,
     /// The fused SGD update.
@@ -36,9 +39,10 @@ pub enum Kernel {
 
 impl Kernel {
     /// Every part.
-    pub const ALL: [Kernel; 11] = [
+    pub const ALL: [Kernel; 12] = [
         Kernel::Conv,
         Kernel::BatchNorm,
+        Kernel::BatchNormRunning,
         Kernel::MaxPool,
         Kernel::Sgd,
         Kernel::Augment,
@@ -55,6 +59,7 @@ impl Kernel {
         match self {
             Kernel::Conv => "conv",
             Kernel::BatchNorm => "bn",
+            Kernel::BatchNormRunning => "bnrunning",
             Kernel::MaxPool => "pool",
             Kernel::Sgd => "sgd",
             Kernel::Augment => "augment",

@@ -345,6 +345,74 @@ fn fused_batch_norm_in_bf16_keeps_f32_statistics() {
 }
 
 #[test]
+fn batch_norm_with_running_update_follows_pytorchs_formula() {
+    // r ← 0.9·r + 0.1·s per channel, with the batch mean and the *unbiased* batch variance,
+    // both computed here in f64 from the values; y as batch_norm_train's.
+    let mut rng = ChaCha8Rng::seed_from_u64(4);
+    let (n, c, h, w) = (3, 4, 5, 2);
+    let x = ((randn(&mut rng, &[n, c, h, w], DType::F32) * 3.0).unwrap() + 1.0).unwrap();
+    let (wt, b) = (
+        randn(&mut rng, &[c], DType::F32),
+        randn(&mut rng, &[c], DType::F32),
+    );
+    let mean0: Vec<f32> = (0..c).map(|k| k as f32 * 0.5 - 1.0).collect();
+    let var0: Vec<f32> = (0..c).map(|k| 1.0 + k as f32 * 0.25).collect();
+    let rm = Tensor::new(mean0.as_slice(), &Device::Cpu).unwrap();
+    let rv = Tensor::new(var0.as_slice(), &Device::Cpu).unwrap();
+    let running = kd_kernels::RunningStats {
+        mean: &rm,
+        var: &rv,
+        momentum: 0.1,
+    };
+    let out = kd_kernels::batch_norm_train_update(&x, &wt, &b, 1e-5, true, running).unwrap();
+    let plain = batch_norm_train(&x, &wt, &b, 1e-5, true).unwrap();
+    assert_eq!(max_rel(&out.y, &plain.y), 0.0);
+
+    let v: Vec<f64> = x
+        .to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let m = (n * h * w) as f64;
+    let (got_mean, got_var) = (rm.to_vec1::<f32>().unwrap(), rv.to_vec1::<f32>().unwrap());
+    for ch in 0..c {
+        let values: Vec<f64> = (0..n)
+            .flat_map(|i| v[(i * c + ch) * h * w..][..h * w].to_vec())
+            .collect();
+        let mean = values.iter().sum::<f64>() / m;
+        let unbiased = values.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (m - 1.0);
+        let want_mean = 0.9 * mean0[ch] as f64 + 0.1 * mean;
+        let want_var = 0.9 * var0[ch] as f64 + 0.1 * unbiased;
+        assert!(
+            (got_mean[ch] as f64 - want_mean).abs() < 1e-5,
+            "channel {ch}: running mean {} want {want_mean}",
+            got_mean[ch]
+        );
+        assert!(
+            (got_var[ch] as f64 - want_var).abs() < 1e-5 * want_var,
+            "channel {ch}: running variance {} want {want_var}",
+            got_var[ch]
+        );
+    }
+
+    // Running statistics of the wrong size are refused by name, and left as they were.
+    let short = Tensor::zeros(c - 1, DType::F32, &Device::Cpu).unwrap();
+    let before = rm.to_vec1::<f32>().unwrap();
+    let bad = kd_kernels::RunningStats {
+        mean: &rm,
+        var: &short,
+        momentum: 0.1,
+    };
+    let e = kd_kernels::batch_norm_train_update(&x, &wt, &b, 1e-5, true, bad)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("running variance") && e.contains("(4,)"), "{e}");
+    assert_eq!(rm.to_vec1::<f32>().unwrap(), before);
+}
+
+#[test]
 fn batch_norm_rejects_bad_shapes() {
     let x = Tensor::zeros((1, 3, 1, 1), DType::F32, &Device::Cpu).unwrap();
     let w = Tensor::ones(3, DType::F32, &Device::Cpu).unwrap();

@@ -697,6 +697,77 @@ fn running_statistics_kernel_matches_the_cpu_path() {
     }
 }
 
+#[test]
+fn statistics_with_running_update_match_the_two_launches() {
+    // bn_stats_finish_running against bn_stats_finish followed by the CPU's running update:
+    // the same (2, C) statistics, bit for bit, and the running statistics as the CPU updates
+    // them from those statistics. Partial states from bn_stats over three slices (uneven).
+    let mut rng = ChaCha8Rng::seed_from_u64(9);
+    let (n, c, hw) = (5usize, 70usize, 9usize);
+    let x: Vec<f32> = (0..n * c * hw)
+        .map(|k| rng.gen_range(-1.0f32..1.0) * (1.0 + (k / hw % c) as f32 * 0.1))
+        .collect();
+    let g = LaunchGeometry {
+        grid: [c as u32, 3, 1],
+        threads: 64,
+    };
+    let part = f32s(
+        &launch(
+            "bn_stats_f32",
+            g,
+            &[
+                buf_f32(&x),
+                buf_f32(&vec![f32::NAN; 3 * 3 * c]),
+                Arg::I32(n as i32),
+                Arg::I32(c as i32),
+                Arg::I32(hw as i32),
+            ],
+        )[1],
+    );
+    let stats = finish("bn_stats_finish", &part, c, 3, launch);
+    let (count, momentum) = (n * hw, 0.1f32);
+    let mean0 = random(&mut rng, c, -1.0, 1.0);
+    let var0 = random(&mut rng, c, 0.5, 1.5);
+    let (rm, rv) = (
+        Tensor::new(mean0.as_slice(), &Device::Cpu).unwrap(),
+        Tensor::new(var0.as_slice(), &Device::Cpu).unwrap(),
+    );
+    let st = Tensor::from_vec(stats.clone(), (2, c), &Device::Cpu).unwrap();
+    update_running_stats(&rm, &rv, &st, momentum as f64, count).unwrap();
+    let var_scale = (count as f64 / (count as f64 - 1.0)) as f32;
+    // The production geometry, and blocks of one warp (threads past C do nothing).
+    for g in [LaunchGeometry::flat(c), LaunchGeometry::linear(3, 32)] {
+        let b = launch_race_checked(
+            "bn_stats_finish_running",
+            g,
+            &[
+                buf_f32(&part),
+                buf_f32(&vec![f32::NAN; 2 * c]),
+                Arg::I32(c as i32),
+                Arg::I32(3),
+                buf_f32(&mean0),
+                buf_f32(&var0),
+                Arg::F32(momentum),
+                Arg::F32(var_scale),
+            ],
+        );
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&f32s(&b[1])), bits(&stats), "statistics {g:?}");
+        assert_close(
+            &format!("running mean {g:?}"),
+            &f32s(&b[2]),
+            &tensor_f32s(&rm),
+            1e-6,
+        );
+        assert_close(
+            &format!("running var {g:?}"),
+            &f32s(&b[3]),
+            &tensor_f32s(&rv),
+            1e-6,
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Max-pool forward and backward, with ties and a NaN.
 

@@ -103,15 +103,20 @@ impl BatchNorm2d {
     /// implementation, which the tests compare with the composed path).
     pub fn forward_train_fused(&self, x: &Tensor, relu: bool) -> Result<Tensor> {
         self.check_trainable()?;
-        let out = kd_kernels::batch_norm_train(x, &self.weight, &self.bias, self.eps, relu)?;
-        let (n, _, h, w) = x.dims4()?;
-        // In place, two kernels: the running statistics are the variables' own storage.
-        kd_kernels::batch_norm::update_running_stats(
-            &self.running_mean,
-            &self.running_var,
-            &out.stats,
-            self.momentum,
-            n * h * w,
+        // The running statistics are the variables' own storage, updated in place (on CUDA by
+        // the statistics' last launch).
+        let running = kd_kernels::RunningStats {
+            mean: &self.running_mean,
+            var: &self.running_var,
+            momentum: self.momentum,
+        };
+        let out = kd_kernels::batch_norm_train_update(
+            x,
+            &self.weight,
+            &self.bias,
+            self.eps,
+            relu,
+            running,
         )?;
         Ok(out.y)
     }

@@ -85,19 +85,52 @@ __device__ void bn_stats(const typename E::T* x, float* part, int N, int C, int 
     }
 }
 
-// stats[c] = mean, stats[C + c] = biased variance: the S slices' Welford states of channel c
-// merged in slice order (deterministic). One thread per channel.
-extern "C" __global__ void bn_stats_finish(const float* part, float* stats, int C, int S) {
-    int c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= C) return;
+// The S slices' Welford states of channel c merged in slice order (deterministic):
+// *mean and *var (biased).
+__device__ __forceinline__ void merged_stats(const float* part, int c, int C, int S, float* mean,
+                                             float* var) {
     Welford w = {0.0f, 0.0f, 0.0f};
     for (int s = 0; s < S; ++s) {
         const float* p = part + ((long long)s * C + c) * 3;
         Welford q = {p[0], p[1], p[2]};
         w = welford_merge(w, q);
     }
-    stats[c] = w.mean;
-    stats[C + c] = w.n > 0.0f ? w.m2 / w.n : 0.0f;
+    *mean = w.mean;
+    *var = w.n > 0.0f ? w.m2 / w.n : 0.0f;
+}
+
+// running = (1 - momentum) * running + momentum * value * scale: PyTorch's update, with scale
+// M / (M - 1) for the unbiased running variance (1 for the mean).
+__device__ __forceinline__ float running_update(float running, float value, float momentum,
+                                                float scale) {
+    return running * (1.0f - momentum) + value * scale * momentum;
+}
+
+// stats[c] = mean, stats[C + c] = biased variance of channel c (merged_stats). One thread per
+// channel.
+extern "C" __global__ void bn_stats_finish(const float* part, float* stats, int C, int S) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    float mean, var;
+    merged_stats(part, c, C, S, &mean, &var);
+    stats[c] = mean;
+    stats[C + c] = var;
+}
+
+// bn_stats_finish, and the layer's running statistics updated in the same launch (as cuDNN's
+// training-mode BatchNorm does): mean with scale 1, variance with var_scale = M / (M - 1).
+// The same arithmetic as bn_update_running on the stored statistics, so the same bits.
+extern "C" __global__ void bn_stats_finish_running(const float* part, float* stats, int C, int S,
+                                                   float* running_mean, float* running_var,
+                                                   float momentum, float var_scale) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    float mean, var;
+    merged_stats(part, c, C, S, &mean, &var);
+    stats[c] = mean;
+    stats[C + c] = var;
+    running_mean[c] = running_update(running_mean[c], mean, momentum, 1.0f);
+    running_var[c] = running_update(running_var[c], var, momentum, var_scale);
 }
 
 // y = gamma * (x - mean) / sqrt(var + eps) + beta, then max(y, 0) when relu. A per-plane
@@ -185,7 +218,7 @@ __device__ void bn_backward_data(const typename E::T* x, const typename E::T* y,
 extern "C" __global__ void bn_update_running(float* running, const float* stats, int C, int row,
                                              float momentum, float scale) {
     int c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c < C) running[c] = running[c] * (1.0f - momentum) + stats[row * C + c] * scale * momentum;
+    if (c < C) running[c] = running_update(running[c], stats[row * C + c], momentum, scale);
 }
 
 #define KD_BN_KERNELS(SUFFIX, E)                                                               \

@@ -126,6 +126,7 @@ const std::map<std::string, Runner>& kernels() {
         KD_EMU_KERNEL(bn_stats_f32),
         KD_EMU_KERNEL(bn_stats_bf16),
         KD_EMU_KERNEL(bn_stats_finish),
+        KD_EMU_KERNEL(bn_stats_finish_running),
         KD_EMU_KERNEL(bn_reduce_finish),
         KD_EMU_KERNEL(bn_apply_f32),
         KD_EMU_KERNEL(bn_apply_bf16),

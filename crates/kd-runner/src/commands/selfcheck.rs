@@ -10,8 +10,8 @@ use anyhow::{bail, Context};
 use candle_core::{DType, Device, Tensor, Var};
 use kd_data::{Loader, LoaderConfig, Mix, Normalize, Split};
 use kd_kernels::{
-    augment_batch, batch_norm_train, conv2d_custom, AugmentPlan, Conv2dGeometry, ConvAlgoSearch,
-    MaxPool2d, Normalisation, Precision,
+    augment_batch, batch_norm_train_update, conv2d_custom, AugmentPlan, Conv2dGeometry,
+    ConvAlgoSearch, MaxPool2d, Normalisation, Precision,
 };
 use kd_models::{trainable_resnet, Arch, ResNetConfig, Stem};
 
@@ -182,13 +182,23 @@ fn check_batch_norm(c: &mut Checks, dev: &Device) -> anyhow::Result<()> {
             let w = rand(&[ch], 41, &Device::Cpu)?;
             let b = rand(&[ch], 42, &Device::Cpu)?;
             let r = rand(&[n, ch, hw, hw], 43, &Device::Cpu)?;
+            let running_mean0 = rand(&[ch], 46, &Device::Cpu)?;
+            let running_var0 = (rand(&[ch], 47, &Device::Cpu)?.abs()? + 0.5)?;
             let run = |d: &Device| -> anyhow::Result<Vec<Tensor>> {
                 let (xv, wv, bv) = (
                     Var::from_tensor(&x.to_device(d)?)?,
                     Var::from_tensor(&w.to_device(d)?)?,
                     Var::from_tensor(&b.to_device(d)?)?,
                 );
-                let out = batch_norm_train(&xv, &wv, &bv, 1e-5, relu)?;
+                // The running statistics from non-trivial values, updated in place (on CUDA by
+                // the statistics' last launch).
+                let (rm, rv) = (running_mean0.to_device(d)?, running_var0.to_device(d)?);
+                let running = kd_kernels::RunningStats {
+                    mean: &rm,
+                    var: &rv,
+                    momentum: 0.1,
+                };
+                let out = batch_norm_train_update(&xv, &wv, &bv, 1e-5, relu, running)?;
                 let g = (out.y.to_dtype(DType::F32)? * r.to_device(d)?)?
                     .sum_all()?
                     .backward()?;
@@ -199,11 +209,23 @@ fn check_batch_norm(c: &mut Checks, dev: &Device) -> anyhow::Result<()> {
                     g.get(&xv).unwrap().clone(),
                     g.get(&wv).unwrap().clone(),
                     g.get(&bv).unwrap().clone(),
+                    rm,
+                    rv,
                 ])
             };
             let (a, e) = (run(dev)?, run(&Device::Cpu)?);
             let tol = if dt == DType::BF16 { 2e-2 } else { 1e-4 };
-            for (k, name) in ["y", "mean", "var", "dx", "dγ", "dβ"].iter().enumerate() {
+            let names = [
+                "y",
+                "mean",
+                "var",
+                "dx",
+                "dγ",
+                "dβ",
+                "running mean",
+                "running var",
+            ];
+            for (k, name) in names.iter().enumerate() {
                 c.add(
                     format!("batch norm {dt:?} relu={relu}: {name}"),
                     rel(&a[k], &e[k])?,
