@@ -6,7 +6,7 @@ use candle_core::{Device, Result as CResult, Tensor};
 
 use crate::checkpoint::load_frozen;
 use crate::import::TeacherMeta;
-use crate::resnet::{ModelOutput, ResNet};
+use crate::resnet::{ForwardParts, ModelOutput, ResNet};
 use crate::Result;
 
 /// A pretrained network used only for inference.
@@ -48,7 +48,17 @@ impl Teacher {
     /// [`Teacher::forward`], with the pre-ReLU stage outputs ([`ModelOutput::preact`]) when
     /// `preact_too` (OFD and AB compare them; they cost an add and a tensor per stage).
     pub fn forward_with(&self, x: &Tensor, preact_too: bool) -> CResult<ModelOutput> {
-        let out = self.model.forward_with(&x.detach(), false, preact_too)?;
+        let parts = ForwardParts {
+            features: true,
+            preact: preact_too,
+        };
+        self.forward_parts(x, parts)
+    }
+
+    /// The eval-mode forward with the optional outputs `parts` (a method that reads only the
+    /// logits spares the stage features' f32 copies).
+    pub fn forward_parts(&self, x: &Tensor, parts: ForwardParts) -> CResult<ModelOutput> {
+        let out = self.model.forward_parts(&x.detach(), false, parts)?;
         Ok(ModelOutput {
             logits: out.logits.detach(),
             feats: out.feats.iter().map(Tensor::detach).collect(),

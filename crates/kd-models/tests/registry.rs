@@ -2,7 +2,7 @@
 //! `feature_info` against the real feature maps, the pre-ReLU stage outputs, gradients on every trainable variable and
 //! none on BN running statistics.
 use candle_core::{DType, Device, Tensor};
-use kd_models::{trainable_resnet, Arch, ResNetConfig, Stem};
+use kd_models::{trainable_resnet, Arch, ForwardParts, ResNetConfig, Stem};
 
 #[test]
 fn shapes_feature_info_and_gradients() {
@@ -87,6 +87,59 @@ fn shapes_feature_info_and_gradients() {
             assert!(model.num_backbone_params() < model.num_params());
             assert!(data.keys().filter(|k| k.starts_with("aux_heads.")).count() > 0);
         }
+    }
+}
+
+#[test]
+fn features_only_when_asked_for_and_the_rest_unchanged() {
+    // Without the features (or the pre-activations) the logits, the pooled embedding and the
+    // auxiliary heads are the same bits, in f32 and under bf16 (whose f32 feature copies are
+    // what skipping them saves).
+    let x = Tensor::randn(0f32, 1.0, (2, 3, 32, 32), &Device::Cpu).unwrap();
+    let cfg = ResNetConfig {
+        base_width: 4,
+        aux_heads: true,
+        ..ResNetConfig::new(Arch::Resnet18, Stem::Cifar, 5)
+    };
+    for dtype in [DType::F32, DType::BF16] {
+        let (mut model, _) = trainable_resnet(&cfg, &Device::Cpu, 2).unwrap();
+        model.set_compute_dtype(dtype).unwrap();
+        let full = model.forward_t(&x, false).unwrap();
+        assert_eq!(full.feats.len(), 5);
+        assert!(full.feats.iter().all(|f| f.dtype() == DType::F32));
+        let bare = ForwardParts {
+            features: false,
+            preact: false,
+        };
+        let parts = model.forward_parts(&x, false, bare).unwrap();
+        model.set_keep_features(false);
+        let setting = model.forward_t(&x, false).unwrap();
+        for out in [&parts, &setting] {
+            assert!(out.feats.is_empty() && out.preact.is_empty(), "{dtype:?}");
+            let bits = |t: &Tensor| {
+                t.flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(bits(&out.logits), bits(&full.logits), "{dtype:?}");
+            assert_eq!(bits(&out.pooled), bits(&full.pooled), "{dtype:?}");
+            assert_eq!(out.aux.len(), 3);
+            for (a, b) in out.aux.iter().zip(&full.aux) {
+                assert_eq!(bits(&a.logits), bits(&b.logits), "{dtype:?}");
+            }
+        }
+        // The pre-activations alone.
+        let preact = ForwardParts {
+            features: false,
+            preact: true,
+        };
+        let out = model.forward_parts(&x, false, preact).unwrap();
+        assert!(out.feats.is_empty());
+        assert_eq!(out.preact.len(), 4);
     }
 }
 

@@ -25,7 +25,11 @@ pub fn teacher_forward(
             std: teacher.meta().std,
         },
     )?;
-    teacher.forward_with(&x, method.needs_preact())
+    let parts = kd_models::ForwardParts {
+        features: method.needs_features(),
+        preact: method.needs_preact(),
+    };
+    teacher.forward_parts(&x, parts)
 }
 
 /// `x` normalised by `from` re-expressed as normalised by `to`: undo one, apply the other.

@@ -681,8 +681,13 @@ pub fn train(
         progress.teacher_seconds += teacher_seconds;
         let mut evals = Vec::with_capacity(members.len());
         for m in &members {
+            // Evaluation reads only the logits.
+            let logits_only = kd_models::ForwardParts {
+                features: false,
+                preact: false,
+            };
             evals.push(evaluate(test, num_classes, |x| {
-                m.model.forward_t(x, false)
+                m.model.forward_parts(x, false, logits_only)
             })?);
         }
         let per_step = |sums: &BTreeMap<String, f64>| -> BTreeMap<String, f64> {

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use candle_core::{Device, Var};
 use kd_data::{Loader, LoaderConfig, Normalize, Split};
-use kd_models::ModelOutput;
+use kd_models::{ForwardParts, ModelOutput};
 use kd_models::{Arch, ResNetConfig, Stem, Teacher, TeacherMeta};
 use kd_schedulers::{Sgd, SgdConfig};
 use kd_train::{build_student, MethodConfig, Outputs, PeerSpec, RunInfo, StepContext};
@@ -149,8 +149,14 @@ fn every_method_trains_and_keeps_the_teacher_frozen() {
                 )
             })
             .collect();
-        let preact = built.distiller.needs_preact();
-        let t_out = teacher.map(|t| t.forward_with(&batch.images, preact).unwrap());
+        // What the trainer's teacher forward returns for this method: the features and the
+        // pre-activations only if it says it reads them (a method that reads what it did not ask
+        // for finds them missing here).
+        let parts = ForwardParts {
+            features: built.distiller.needs_features(),
+            preact: built.distiller.needs_preact(),
+        };
+        let t_out = teacher.map(|t| t.forward_parts(&batch.images, parts).unwrap());
         let mut first = vec![None; members.len()];
         // Each member's lowest loss over the last five steps.
         let mut last = vec![f32::INFINITY; members.len()];
@@ -471,9 +477,11 @@ fn init_phases_fit_what_they_train() {
             continue;
         };
         // Again, with what the method compares (AB: the pre-ReLU stage outputs).
-        let t_out = t
-            .forward_with(&batch.images, built.distiller.needs_preact())
-            .unwrap();
+        let parts = ForwardParts {
+            features: built.distiller.needs_features(),
+            preact: built.distiller.needs_preact(),
+        };
+        let t_out = t.forward_parts(&batch.images, parts).unwrap();
         phased += 1;
         assert!(phase.epochs >= 1 && phase.lr > 0.0, "{name}: {phase:?}");
         let all = trainable(&built.vars);

@@ -270,7 +270,14 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             None => None,
         };
         let teacher = || teacher.as_ref().expect("made for every workload but train");
+        // Logits only, as the trainer's baseline and KD runs (and PyTorch's reference) compute:
+        // no stage features, so no f32 copies of them under bf16.
+        let logits_only = kd_models::ForwardParts {
+            features: false,
+            preact: false,
+        };
         student.set_compute_dtype(dtype)?;
+        student.set_keep_features(false);
         let mut opt = Sgd::new(kd_train::trainable_vars(&svars), SgdConfig::default());
         if args.phases {
             // Each phase's time to the device's last kernel, and the host's time to issue it
@@ -324,7 +331,10 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
                     format!("{}-infer", args.teacher.name()),
                     format!("{} inference", args.teacher.name()),
                     time(&device, args.batch, args.warmup, args.steps, || {
-                        let _ = teacher().forward(&x)?.logits.to_dtype(DType::F32)?;
+                        let _ = teacher()
+                            .forward_parts(&x, logits_only)?
+                            .logits
+                            .to_dtype(DType::F32)?;
                         Ok(())
                     })?,
                 ),
@@ -332,7 +342,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
                     "kd-step".to_string(),
                     format!("KD step ({} → {})", args.teacher.name(), args.model.name()),
                     time(&device, args.batch, args.warmup, args.steps, || {
-                        let t = teacher().forward(&x)?.logits;
+                        let t = teacher().forward_parts(&x, logits_only)?.logits;
                         let out = student.forward_t(&x, true)?;
                         let loss = ((candle_nn::loss::cross_entropy(&out.logits, &y)? * 0.1)?
                             + (kd_losses::kd_loss(&out.logits, &t, 4.0)? * 0.9)?)?;

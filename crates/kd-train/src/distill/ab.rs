@@ -174,6 +174,11 @@ impl Distiller for Ab {
     fn needs_preact(&self) -> bool {
         true
     }
+
+    /// Logits, pooled embeddings or pre-activations only: no stage features.
+    fn needs_features(&self) -> bool {
+        false
+    }
 }
 
 #[cfg(test)]

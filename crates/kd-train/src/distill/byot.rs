@@ -68,4 +68,9 @@ impl Distiller for Byot {
         t.extend(self.head_terms(batch, student)?);
         Ok(t)
     }
+
+    /// Logits, pooled embeddings or pre-activations only: no stage features.
+    fn needs_features(&self) -> bool {
+        false
+    }
 }

@@ -65,4 +65,9 @@ impl Distiller for Cc {
         terms.push("loss_cc", (kd_losses::cc_loss(&s, &t)? * self.weight)?);
         Ok(terms)
     }
+
+    /// Logits, pooled embeddings or pre-activations only: no stage features.
+    fn needs_features(&self) -> bool {
+        false
+    }
 }

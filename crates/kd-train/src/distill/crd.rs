@@ -206,6 +206,11 @@ impl Distiller for Crd {
         t.push("loss_crd_teacher", (loss_t * p.weight)?);
         Ok(t)
     }
+
+    /// Logits, pooled embeddings or pre-activations only: no stage features.
+    fn needs_features(&self) -> bool {
+        false
+    }
 }
 
 #[cfg(test)]

@@ -36,4 +36,9 @@ impl Distiller for CsKd {
         );
         Ok(t)
     }
+
+    /// Logits, pooled embeddings or pre-activations only: no stage features.
+    fn needs_features(&self) -> bool {
+        false
+    }
 }

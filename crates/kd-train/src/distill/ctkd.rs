@@ -112,6 +112,11 @@ impl Distiller for Ctkd {
         t.note("temperature", &tau);
         Ok(t)
     }
+
+    /// Logits, pooled embeddings or pre-activations only: no stage features.
+    fn needs_features(&self) -> bool {
+        false
+    }
 }
 
 #[cfg(test)]

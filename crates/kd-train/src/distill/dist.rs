@@ -39,4 +39,9 @@ impl Distiller for Dist {
         t.push("loss_intra", (intra * self.gamma)?);
         Ok(t)
     }
+
+    /// Logits, pooled embeddings or pre-activations only: no stage features.
+    fn needs_features(&self) -> bool {
+        false
+    }
 }

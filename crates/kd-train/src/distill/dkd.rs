@@ -60,6 +60,11 @@ impl Distiller for Dkd {
         t.push("loss_nckd", (terms.non_target * (w * self.beta))?);
         Ok(t)
     }
+
+    /// Logits, pooled embeddings or pre-activations only: no stage features.
+    fn needs_features(&self) -> bool {
+        false
+    }
 }
 
 #[cfg(test)]

@@ -41,6 +41,11 @@ impl Distiller for Hinton {
         t.push("loss_kd", (kd * self.alpha)?);
         Ok(t)
     }
+
+    /// Logits, pooled embeddings or pre-activations only: no stage features.
+    fn needs_features(&self) -> bool {
+        false
+    }
 }
 
 #[cfg(test)]

@@ -310,6 +310,13 @@ pub trait Distiller {
     fn needs_preact(&self) -> bool {
         false
     }
+
+    /// Whether the method reads the stage features ([`ModelOutput::feats`]) of the student,
+    /// its second view, its peers or the teacher. When not, the networks skip them (under bf16
+    /// their f32 copies are five casts a network and step). True unless a method says no.
+    fn needs_features(&self) -> bool {
+        true
+    }
 }
 
 /// A network trained alongside the student in online distillation.
@@ -1162,6 +1169,7 @@ pub fn build_student(
     let mut model = ResNet::new(&cfg, vb.clone())?;
     let distiller = method.build(&model, teacher, vb, label_smoothing)?;
     model.set_keep_preact(distiller.needs_preact());
+    model.set_keep_features(distiller.needs_features());
     // One seeded pass over every variable, method parts included (candle's own initialisers
     // draw from an unseeded generator).
     kd_models::init::init_resnet(&vars, seed, cfg.zero_init_residual)?;
@@ -1173,10 +1181,11 @@ pub fn build_student(
             ..ResNetConfig::new(spec.model, spec.stem, cfg.num_classes)
         };
         let pvars = candle_nn::VarMap::new();
-        let pmodel = ResNet::new(
+        let mut pmodel = ResNet::new(
             &pcfg,
             VarBuilder::from_varmap(&pvars, candle_core::DType::F32, device),
         )?;
+        pmodel.set_keep_features(distiller.needs_features());
         // A peer of the student's own architecture must not start from the student's weights.
         kd_models::init::init_resnet(
             &pvars,

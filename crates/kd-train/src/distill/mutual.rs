@@ -49,4 +49,9 @@ impl Distiller for Mutual {
         t.push("loss_dml", mimicry);
         Ok(t)
     }
+
+    /// Logits, pooled embeddings or pre-activations only: no stage features.
+    fn needs_features(&self) -> bool {
+        false
+    }
 }

@@ -38,4 +38,9 @@ impl Distiller for CrossEntropy {
         t.push("loss_ce", self.of(&student.logits, batch)?);
         Ok(t)
     }
+
+    /// Logits, pooled embeddings or pre-activations only: no stage features.
+    fn needs_features(&self) -> bool {
+        false
+    }
 }

@@ -147,6 +147,11 @@ impl Distiller for Ofd {
         t.push("loss_ofd", (d * self.weight)?);
         Ok(t)
     }
+
+    /// Logits, pooled embeddings or pre-activations only: no stage features.
+    fn needs_features(&self) -> bool {
+        false
+    }
 }
 
 #[cfg(test)]

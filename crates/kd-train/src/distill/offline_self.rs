@@ -26,4 +26,9 @@ impl Distiller for OfflineSelf {
         t.extend(self.byot.head_terms(batch, student)?);
         Ok(t)
     }
+
+    /// Logits, pooled embeddings or pre-activations only: no stage features.
+    fn needs_features(&self) -> bool {
+        false
+    }
 }

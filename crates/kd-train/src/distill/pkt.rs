@@ -33,4 +33,9 @@ impl Distiller for Pkt {
         );
         Ok(t)
     }
+
+    /// Logits, pooled embeddings or pre-activations only: no stage features.
+    fn needs_features(&self) -> bool {
+        false
+    }
 }

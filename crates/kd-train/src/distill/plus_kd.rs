@@ -130,6 +130,11 @@ impl Distiller for WithKd {
     fn needs_preact(&self) -> bool {
         self.inner.needs_preact()
     }
+
+    /// KD reads only the logits: the features if the wrapped method reads them.
+    fn needs_features(&self) -> bool {
+        self.inner.needs_features()
+    }
 }
 
 #[cfg(test)]

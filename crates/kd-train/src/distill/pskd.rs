@@ -138,6 +138,11 @@ impl Distiller for Pskd {
         t.push("loss_pskd", (soft * alpha)?);
         Ok(t)
     }
+
+    /// Logits, pooled embeddings or pre-activations only: no stage features.
+    fn needs_features(&self) -> bool {
+        false
+    }
 }
 
 #[cfg(test)]

@@ -39,4 +39,9 @@ impl Distiller for TwoView {
         );
         Ok(t)
     }
+
+    /// Logits, pooled embeddings or pre-activations only: no stage features.
+    fn needs_features(&self) -> bool {
+        false
+    }
 }
