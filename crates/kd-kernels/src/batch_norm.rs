@@ -150,28 +150,6 @@ fn train(
     })
 }
 
-/// `x` normalised with given per-channel statistics (`stats` (2, C) f32: mean, variance), scaled
-/// and shifted, rectified if `relu`: the training kernel's apply step, without a backward. For
-/// BatchNorm in eval mode where nothing needs a gradient ([`crate::batch_norm_eval`]).
-pub(crate) fn apply_no_grad(
-    x: &Tensor,
-    weight: &Tensor,
-    bias: &Tensor,
-    stats: Tensor,
-    eps: f64,
-    relu: bool,
-) -> Result<Tensor> {
-    x.contiguous()?.apply_op3_no_bwd(
-        &weight.to_dtype(DType::F32)?,
-        &bias.to_dtype(DType::F32)?,
-        &Apply {
-            eps: eps as f32,
-            relu,
-            stats,
-        },
-    )
-}
-
 /// Updates `running_mean` and `running_var` (f32 (C,), contiguous) in place from a batch's
 /// [`BatchNormOutput::stats`] over `count` values per channel, as PyTorch does:
 /// `r ← (1 − momentum)·r + momentum·s`, with the unbiased variance.

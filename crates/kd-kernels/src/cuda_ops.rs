@@ -210,6 +210,89 @@ fn bn_apply_t<T: Elem>(
     Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
 }
 
+/// BatchNorm in eval mode from the four per-channel vectors `params` (mean, variance, γ, β:
+/// f32 (C,) CUDA tensors), then `+ residual` and the ReLU when a residual is given, else the
+/// ReLU if `relu`: `bn_eval_*` or `bn_eval_add_relu_*`, one launch.
+pub(crate) fn bn_eval(
+    x: Arg<'_>,
+    residual: Option<Arg<'_>>,
+    params: [&Tensor; 4],
+    c: usize,
+    hw: usize,
+    eps: f32,
+    relu: bool,
+) -> Result<CudaStorage> {
+    by_dtype!(
+        x.0.dtype(),
+        bn_eval_t::<T>(x, residual, params, c, hw, eps, relu)
+    )
+}
+
+fn bn_eval_t<T: Elem>(
+    (sx, lx): Arg<'_>,
+    residual: Option<Arg<'_>>,
+    params: [&Tensor; 4],
+    c: usize,
+    hw: usize,
+    eps: f32,
+    relu: bool,
+) -> Result<CudaStorage> {
+    let dev = &sx.device;
+    let total = lx.shape().elem_count();
+    let x = view::<T>(sx, lx)?;
+    let r = match residual {
+        Some((sr, lr)) if lr.shape().elem_count() == total => Some(view::<T>(sr, lr)?),
+        Some((_, lr)) => bail!(
+            "batch norm eval: input {:?} but residual {:?}",
+            lx.dims(),
+            lr.dims()
+        ),
+        None => None,
+    };
+    let guards = params.map(|t| t.storage_and_layout());
+    let mut views = Vec::with_capacity(4);
+    for (guard, layout) in &guards {
+        let Storage::Cuda(s) = &**guard else {
+            bail!("batch norm eval: a per-channel parameter is not on a CUDA device")
+        };
+        let v = view::<f32>(s, layout)?;
+        if v.len() != c {
+            bail!(
+                "batch norm eval: {} values of a per-channel parameter for {c} channels",
+                v.len()
+            );
+        }
+        views.push(v);
+    }
+    // SAFETY: every element is written by the kernel.
+    let mut y = unsafe { dev.alloc::<T>(total)? };
+    let sfx = suffix(sx.dtype())?;
+    let name = match r {
+        Some(_) => format!("bn_eval_add_relu_{sfx}"),
+        None => format!("bn_eval_{sfx}"),
+    };
+    let f = BATCH_NORM.func(dev, &name)?;
+    let (c_, hw_, relu_) = (i32_of(c, "C")?, i32_of(hw, "H·W")?, relu as i32);
+    let grid = per_plane(total / (c * hw), c, hw)?;
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(&f);
+    b.arg(&x);
+    for v in &views {
+        b.arg(v);
+    }
+    if let Some(r) = &r {
+        b.arg(r);
+    }
+    b.arg(&mut y).arg(&c_).arg(&hw_).arg(&eps);
+    if r.is_none() {
+        b.arg(&relu_);
+    }
+    // SAFETY: argument types and sizes match bn_eval / bn_eval_add_relu in batch_norm.cu (the
+    // parameters in the kernel's order: mean, variance, γ, β).
+    unsafe { b.launch(grid) }.w()?;
+    Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
+}
+
 pub(crate) fn bn_update_running(
     running: &mut CudaStorage,
     lr: &Layout,

@@ -661,6 +661,89 @@ fn batch_norm_kernels_match_the_cpu_path() {
     }
 }
 
+fn batch_norm_eval_case<E: Elem>(rng: &mut ChaCha8Rng, (n, c, h, w): (usize, usize, usize, usize)) {
+    let hw = h * w;
+    let total = n * c * hw;
+    let eps = 1e-5f32;
+    let x: Vec<E> = (0..total)
+        .map(|_| E::from_f32(rng.gen_range(-2.0f32..2.0)))
+        .collect();
+    let r: Vec<E> = (0..total)
+        .map(|_| E::from_f32(rng.gen_range(-1.0f32..1.0)))
+        .collect();
+    let mean = random(rng, c, -1.0, 1.0);
+    let var = random(rng, c, 0.2, 2.0);
+    let gamma = random(rng, c, 0.5, 1.5);
+    let beta = random(rng, c, -0.5, 0.5);
+    // The CPU path with constants (nothing needs a gradient), as a frozen teacher runs it.
+    let t = |v: &[f32]| Tensor::new(v, &Device::Cpu).unwrap();
+    let (xt, rt) = (tensor_of(&x, (n, c, h, w)), tensor_of(&r, (n, c, h, w)));
+    let (mt, vt, gt, bt) = (t(&mean), t(&var), t(&gamma), t(&beta));
+    let params = || {
+        [
+            buf_f32(&mean),
+            buf_f32(&var),
+            buf_f32(&gamma),
+            buf_f32(&beta),
+        ]
+    };
+    let (ci, hwi) = (Arg::I32(c as i32), Arg::I32(hw as i32));
+    let sfx = E::SUFFIX;
+    for relu in [false, true] {
+        let want = kd_kernels::batch_norm_eval(&xt, &gt, &bt, &mt, &vt, eps as f64, relu).unwrap();
+        let mut args = vec![buf(&x)];
+        args.extend(params());
+        args.extend([
+            buf(&vec![E::from_f32(f32::NAN); total]),
+            ci.clone(),
+            hwi.clone(),
+            Arg::F32(eps),
+            Arg::I32(relu as i32),
+        ]);
+        let y = values::<E>(&run_per_plane(
+            &format!("bn_eval_{sfx}"),
+            (n, c, hw),
+            &args,
+            5,
+            launch,
+        ));
+        let what = format!("bn_eval_{sfx} {:?} relu={relu}", (n, c, h, w));
+        assert_close(&what, &y, &tensor_f32s(&want), E::TOL);
+    }
+    let want =
+        kd_kernels::batch_norm_eval_add_relu(&xt, &gt, &bt, &mt, &vt, eps as f64, &rt).unwrap();
+    let mut args = vec![buf(&x)];
+    args.extend(params());
+    args.extend([
+        buf(&r),
+        buf(&vec![E::from_f32(f32::NAN); total]),
+        ci,
+        hwi,
+        Arg::F32(eps),
+    ]);
+    let y = values::<E>(&run_per_plane(
+        &format!("bn_eval_add_relu_{sfx}"),
+        (n, c, hw),
+        &args,
+        6,
+        launch_race_checked,
+    ));
+    let what = format!("bn_eval_add_relu_{sfx} {:?}", (n, c, h, w));
+    // bf16: the CPU path rounds the BatchNorm's output to bf16 before the add, the kernel not.
+    assert_close(&what, &y, &tensor_f32s(&want), 2.0 * E::TOL);
+    assert!(y.iter().all(|v| *v >= 0.0), "{what}: negative after ReLU");
+}
+
+#[test]
+fn eval_batch_norm_kernels_match_the_cpu_path() {
+    let mut rng = ChaCha8Rng::seed_from_u64(10);
+    // A plane smaller than a warp, one larger than a per-plane block, one value per plane.
+    for dims in [(3, 5, 4, 6), (2, 3, 24, 24), (4, 2, 1, 1)] {
+        batch_norm_eval_case::<f32>(&mut rng, dims);
+        batch_norm_eval_case::<bf16>(&mut rng, dims);
+    }
+}
+
 #[test]
 fn running_statistics_kernel_matches_the_cpu_path() {
     let mut rng = ChaCha8Rng::seed_from_u64(8);

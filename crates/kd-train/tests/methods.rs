@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use candle_core::{Device, Var};
 use kd_data::{Loader, LoaderConfig, Normalize, Split};
-use kd_models::{ForwardParts, ModelOutput};
 use kd_models::{Arch, ResNetConfig, Stem, Teacher, TeacherMeta};
+use kd_models::{ForwardParts, ModelOutput};
 use kd_schedulers::{Sgd, SgdConfig};
 use kd_train::{build_student, MethodConfig, Outputs, PeerSpec, RunInfo, StepContext};
 

@@ -148,6 +148,27 @@ __device__ void bn_apply(const typename E::T* x, const float* stats, const float
     }
 }
 
+// Eval mode with the running statistics (a frozen teacher, evaluation; nothing needs a
+// gradient): y = x * scale + shift with scale = gamma / sqrt(var + eps), shift = beta - mean *
+// scale, then + residual (a residual block's tail, when RESIDUAL) and the ReLU when relu (always
+// after a residual). The per-channel factors read directly from the four (C,) vectors, so no
+// (2, C) statistics tensor is assembled per call. A per-plane launch, as bn_apply.
+template <class E, bool RESIDUAL>
+__device__ void bn_eval(const typename E::T* x, const float* mean, const float* var,
+                        const float* gamma, const float* beta, const typename E::T* residual,
+                        typename E::T* y, int C, int HW, float eps, int relu) {
+    int c = blockIdx.y;
+    long long base = ((long long)blockIdx.z * C + c) * HW;
+    float scale = gamma[c] * rsqrtf(var[c] + eps);
+    float shift = beta[c] - mean[c] * scale;
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < HW; i += gridDim.x * blockDim.x) {
+        float v = E::load(x, base + i) * scale + shift;
+        if (RESIDUAL) v += E::load(residual, base + i);
+        if ((RESIDUAL || relu) && !(v > 0.0f)) v = 0.0f;
+        E::store(y, base + i, v);
+    }
+}
+
 // Σdy' and Σdy'·x̂ of channel c = blockIdx.x over slice blockIdx.y, where dy' = dy masked by
 // the ReLU, to part[((slice * C) + c) * 2 + {0, 1}]; bn_reduce_finish adds the slices.
 template <class E>
@@ -228,6 +249,15 @@ extern "C" __global__ void bn_stats_##SUFFIX(const E::T* x, float* part, int N, 
 extern "C" __global__ void bn_apply_##SUFFIX(const E::T* x, const float* stats,                 \
         const float* gamma, const float* beta, E::T* y, int C, int HW, float eps, int relu) {  \
     bn_apply<E>(x, stats, gamma, beta, y, C, HW, eps, relu);                                    \
+}                                                                                               \
+extern "C" __global__ void bn_eval_##SUFFIX(const E::T* x, const float* mean, const float* var, \
+        const float* gamma, const float* beta, E::T* y, int C, int HW, float eps, int relu) {   \
+    bn_eval<E, false>(x, mean, var, gamma, beta, x, y, C, HW, eps, relu);                       \
+}                                                                                               \
+extern "C" __global__ void bn_eval_add_relu_##SUFFIX(const E::T* x, const float* mean,          \
+        const float* var, const float* gamma, const float* beta, const E::T* residual, E::T* y, \
+        int C, int HW, float eps) {                                                             \
+    bn_eval<E, true>(x, mean, var, gamma, beta, residual, y, C, HW, eps, 1);                    \
 }                                                                                               \
 extern "C" __global__ void bn_backward_reduce_##SUFFIX(const E::T* x, const E::T* y,            \
         const E::T* dy, const float* stats, float* part, int N, int C, int HW, float eps,      \

@@ -253,6 +253,27 @@ fn check_batch_norm(c: &mut Checks, dev: &Device) -> anyhow::Result<()> {
                 rel(&eval(dev)?, &eval(&Device::Cpu)?)?,
                 tol,
             );
+            if relu {
+                // A residual block's eval-mode tail, relu(BN(x) + residual): on CUDA one kernel.
+                let residual = r.to_dtype(dt)?;
+                let tail = |d: &Device| -> anyhow::Result<Tensor> {
+                    let on = |t: &Tensor| t.to_device(d);
+                    Ok(kd_kernels::batch_norm_eval_add_relu(
+                        &on(&x)?,
+                        &on(&w)?,
+                        &on(&b)?,
+                        &on(&mean)?,
+                        &on(&var)?,
+                        1e-5,
+                        &on(&residual)?,
+                    )?)
+                };
+                c.add(
+                    format!("batch norm eval tail {dt:?}: y"),
+                    rel(&tail(dev)?, &tail(&Device::Cpu)?)?,
+                    tol,
+                );
+            }
         }
     }
     Ok(())
