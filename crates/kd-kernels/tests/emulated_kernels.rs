@@ -744,19 +744,33 @@ fn eval_batch_norm_kernels_match_the_cpu_path() {
     }
 }
 
+/// Random running statistics for the C channels of `stats` (2, C), and the CPU's update of
+/// them from `stats` over `count` values per channel: (mean before, variance before, mean after,
+/// variance after).
+fn cpu_running_update(
+    rng: &mut ChaCha8Rng,
+    stats: &[f32],
+    count: usize,
+    momentum: f32,
+) -> (Vec<f32>, Vec<f32>, Tensor, Tensor) {
+    let c = stats.len() / 2;
+    let mean0 = random(rng, c, -1.0, 1.0);
+    let var0 = random(rng, c, 0.5, 1.5);
+    let (rm, rv) = (
+        Tensor::new(mean0.as_slice(), &Device::Cpu).unwrap(),
+        Tensor::new(var0.as_slice(), &Device::Cpu).unwrap(),
+    );
+    let st = Tensor::from_vec(stats.to_vec(), (2, c), &Device::Cpu).unwrap();
+    update_running_stats(&rm, &rv, &st, momentum as f64, count).unwrap();
+    (mean0, var0, rm, rv)
+}
+
 #[test]
 fn running_statistics_kernel_matches_the_cpu_path() {
     let mut rng = ChaCha8Rng::seed_from_u64(8);
     let (c, count, momentum) = (300usize, 50usize, 0.1f32);
     let stats = random(&mut rng, 2 * c, 0.1, 2.0);
-    let mean0 = random(&mut rng, c, -1.0, 1.0);
-    let var0 = random(&mut rng, c, 0.5, 1.5);
-    let (rm, rv) = (
-        Tensor::new(mean0.as_slice(), &Device::Cpu).unwrap(),
-        Tensor::new(var0.as_slice(), &Device::Cpu).unwrap(),
-    );
-    let st = Tensor::from_vec(stats.clone(), (2, c), &Device::Cpu).unwrap();
-    update_running_stats(&rm, &rv, &st, momentum as f64, count).unwrap();
+    let (mean0, var0, rm, rv) = cpu_running_update(&mut rng, &stats, count, momentum);
     let scale = (count as f64 / (count as f64 - 1.0)) as f32;
     for (row, start, s, want) in [(0, &mean0, 1.0, &rm), (1, &var0, scale, &rv)] {
         let b = launch_race_checked(
@@ -809,14 +823,7 @@ fn statistics_with_running_update_match_the_two_launches() {
     );
     let stats = finish("bn_stats_finish", &part, c, 3, launch);
     let (count, momentum) = (n * hw, 0.1f32);
-    let mean0 = random(&mut rng, c, -1.0, 1.0);
-    let var0 = random(&mut rng, c, 0.5, 1.5);
-    let (rm, rv) = (
-        Tensor::new(mean0.as_slice(), &Device::Cpu).unwrap(),
-        Tensor::new(var0.as_slice(), &Device::Cpu).unwrap(),
-    );
-    let st = Tensor::from_vec(stats.clone(), (2, c), &Device::Cpu).unwrap();
-    update_running_stats(&rm, &rv, &st, momentum as f64, count).unwrap();
+    let (mean0, var0, rm, rv) = cpu_running_update(&mut rng, &stats, count, momentum);
     let var_scale = (count as f64 / (count as f64 - 1.0)) as f32;
     // The production geometry, and blocks of one warp (threads past C do nothing).
     for g in [LaunchGeometry::flat(c), LaunchGeometry::linear(3, 32)] {

@@ -106,15 +106,20 @@ __device__ __forceinline__ float running_update(float running, float value, floa
     return running * (1.0f - momentum) + value * scale * momentum;
 }
 
-// stats[c] = mean, stats[C + c] = biased variance of channel c (merged_stats). One thread per
-// channel.
+// stats[c] = mean, stats[C + c] = biased variance of channel c (merged_stats), also returned in
+// *mean and *var.
+__device__ __forceinline__ void finish_channel(const float* part, float* stats, int c, int C,
+                                               int S, float* mean, float* var) {
+    merged_stats(part, c, C, S, mean, var);
+    stats[c] = *mean;
+    stats[C + c] = *var;
+}
+
+// The (2, C) statistics from the slices' partial states. One thread per channel.
 extern "C" __global__ void bn_stats_finish(const float* part, float* stats, int C, int S) {
     int c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= C) return;
     float mean, var;
-    merged_stats(part, c, C, S, &mean, &var);
-    stats[c] = mean;
-    stats[C + c] = var;
+    if (c < C) finish_channel(part, stats, c, C, S, &mean, &var);
 }
 
 // bn_stats_finish, and the layer's running statistics updated in the same launch (as cuDNN's
@@ -126,9 +131,7 @@ extern "C" __global__ void bn_stats_finish_running(const float* part, float* sta
     int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= C) return;
     float mean, var;
-    merged_stats(part, c, C, S, &mean, &var);
-    stats[c] = mean;
-    stats[C + c] = var;
+    finish_channel(part, stats, c, C, S, &mean, &var);
     running_mean[c] = running_update(running_mean[c], mean, momentum, 1.0f);
     running_var[c] = running_update(running_var[c], var, momentum, var_scale);
 }

@@ -232,45 +232,37 @@ fn check_batch_norm(c: &mut Checks, dev: &Device) -> anyhow::Result<()> {
                     tol,
                 );
             }
-            // Eval mode with constants (a frozen teacher's path: on CUDA the apply kernel with
-            // the running statistics) against the CPU's scale-and-shift pass.
+            // Eval mode with constants (a frozen teacher's path: on CUDA one kernel reading the
+            // running statistics) against the CPU's scale-and-shift pass; with a residual, a
+            // block's eval-mode tail relu(BN(x) + residual), on CUDA one kernel too.
             let mean = rand(&[ch], 44, &Device::Cpu)?;
             let var = (rand(&[ch], 45, &Device::Cpu)?.abs()? + 0.5)?;
-            let eval = |d: &Device| -> anyhow::Result<Tensor> {
+            let residual = r.to_dtype(dt)?;
+            let eval = |d: &Device, tail: bool| -> anyhow::Result<Tensor> {
                 let on = |t: &Tensor| t.to_device(d);
-                Ok(kd_kernels::batch_norm_eval(
-                    &on(&x)?,
-                    &on(&w)?,
-                    &on(&b)?,
-                    &on(&mean)?,
-                    &on(&var)?,
-                    1e-5,
-                    relu,
-                )?)
+                let (x, w, b, m, v) = (on(&x)?, on(&w)?, on(&b)?, on(&mean)?, on(&var)?);
+                Ok(match tail {
+                    true => kd_kernels::batch_norm_eval_add_relu(
+                        &x,
+                        &w,
+                        &b,
+                        &m,
+                        &v,
+                        1e-5,
+                        &on(&residual)?,
+                    )?,
+                    false => kd_kernels::batch_norm_eval(&x, &w, &b, &m, &v, 1e-5, relu)?,
+                })
             };
             c.add(
                 format!("batch norm eval {dt:?} relu={relu}: y"),
-                rel(&eval(dev)?, &eval(&Device::Cpu)?)?,
+                rel(&eval(dev, false)?, &eval(&Device::Cpu, false)?)?,
                 tol,
             );
             if relu {
-                // A residual block's eval-mode tail, relu(BN(x) + residual): on CUDA one kernel.
-                let residual = r.to_dtype(dt)?;
-                let tail = |d: &Device| -> anyhow::Result<Tensor> {
-                    let on = |t: &Tensor| t.to_device(d);
-                    Ok(kd_kernels::batch_norm_eval_add_relu(
-                        &on(&x)?,
-                        &on(&w)?,
-                        &on(&b)?,
-                        &on(&mean)?,
-                        &on(&var)?,
-                        1e-5,
-                        &on(&residual)?,
-                    )?)
-                };
                 c.add(
                     format!("batch norm eval tail {dt:?}: y"),
-                    rel(&tail(dev)?, &tail(&Device::Cpu)?)?,
+                    rel(&eval(dev, true)?, &eval(&Device::Cpu, true)?)?,
                     tol,
                 );
             }
