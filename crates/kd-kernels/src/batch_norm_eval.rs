@@ -165,6 +165,30 @@ struct FrozenBn {
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 struct FrozenBnAddRelu(FrozenBn);
 
+#[cfg(feature = "cuda")]
+impl FrozenBn {
+    /// The launch both ops make: BatchNorm of `x`, then the residual's add and the ReLU when one
+    /// is given (else the ReLU if `relu`).
+    fn launch(
+        &self,
+        x: (&candle_core::CudaStorage, &Layout),
+        residual: Option<(&candle_core::CudaStorage, &Layout)>,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (_, c, h, w) = x.1.shape().dims4()?;
+        let p = &self.params;
+        let y = crate::cuda_ops::bn_eval(
+            x,
+            residual,
+            [&p[0], &p[1], &p[2], &p[3]],
+            c,
+            h * w,
+            self.eps,
+            self.relu,
+        )?;
+        Ok((y, x.1.shape().clone()))
+    }
+}
+
 /// The CPU never runs these ops: [`batch_norm_eval`] and [`batch_norm_eval_add_relu`] take
 /// their own CPU paths.
 fn cuda_only(op: &str) -> candle_core::Error {
@@ -186,18 +210,7 @@ impl candle_core::CustomOp1 for FrozenBn {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (_, c, h, w) = l.shape().dims4()?;
-        let p = &self.params;
-        let y = crate::cuda_ops::bn_eval(
-            (s, l),
-            None,
-            [&p[0], &p[1], &p[2], &p[3]],
-            c,
-            h * w,
-            self.eps,
-            self.relu,
-        )?;
-        Ok((y, l.shape().clone()))
+        self.launch((s, l), None)
     }
 }
 
@@ -224,18 +237,7 @@ impl candle_core::CustomOp2 for FrozenBnAddRelu {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (_, c, h, w) = l1.shape().dims4()?;
-        let p = &self.0.params;
-        let y = crate::cuda_ops::bn_eval(
-            (s1, l1),
-            Some((s2, l2)),
-            [&p[0], &p[1], &p[2], &p[3]],
-            c,
-            h * w,
-            self.0.eps,
-            true,
-        )?;
-        Ok((y, l1.shape().clone()))
+        self.0.launch((s1, l1), Some((s2, l2)))
     }
 }
 

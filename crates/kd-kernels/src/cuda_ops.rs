@@ -35,6 +35,31 @@ fn with_f32_view<R>(t: &Tensor, f: impl FnOnce(&CudaView<'_, f32>) -> Result<R>)
     f(&view::<f32>(s, layout)?)
 }
 
+/// The f32 device views of the tensors whose storage `guards` hold (from
+/// `Tensor::storage_and_layout`, kept alive by the caller); an error naming `what` for one that
+/// is not on a CUDA device.
+fn f32_views<'a>(
+    guards: &'a [(candle_core::StorageRef<'_>, &Layout)],
+    what: &str,
+) -> Result<Vec<CudaView<'a, f32>>> {
+    guards
+        .iter()
+        .map(|(guard, layout)| match &**guard {
+            Storage::Cuda(s) => view::<f32>(s, layout),
+            _ => bail!("{what} is not on a CUDA device"),
+        })
+        .collect()
+}
+
+/// Whether any two of the byte ranges `[start, end)` that a launch writes through device
+/// pointers overlap (empty ranges overlap nothing).
+fn overlapping(mut written: Vec<(u64, u64)>) -> bool {
+    written.sort_unstable();
+    written
+        .windows(2)
+        .any(|w| w[0].1 > w[1].0 && w[1].0 < w[1].1)
+}
+
 fn i32_of(v: usize, what: &str) -> Result<i32> {
     i32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("{what} = {v} exceeds i32")))
 }
@@ -103,12 +128,9 @@ fn finish_stats_running(
     r: &StatsRunning,
 ) -> Result<CudaSlice<f32>> {
     use candle_core::cuda_backend::cudarc::driver::DevicePtr;
-    let (mean_guard, mean_layout) = r.mean.storage_and_layout();
-    let (var_guard, var_layout) = r.var.storage_and_layout();
-    let (Storage::Cuda(ms), Storage::Cuda(vs)) = (&*mean_guard, &*var_guard) else {
-        bail!("batch norm: the running statistics are not on a CUDA device")
-    };
-    let (mv, vv) = (view::<f32>(ms, mean_layout)?, view::<f32>(vs, var_layout)?);
+    let guards = [r.mean.storage_and_layout(), r.var.storage_and_layout()];
+    let views = f32_views(&guards, "batch norm: a running statistic")?;
+    let (mv, vv) = (&views[0], &views[1]);
     if mv.len() != c || vv.len() != c {
         bail!(
             "batch norm: running statistics of {} and {} values for {c} channels",
@@ -120,7 +142,10 @@ fn finish_stats_running(
     let (mean_ptr, mean_sync) = mv.device_ptr(&stream);
     let (var_ptr, var_sync) = vv.device_ptr(&stream);
     let bytes = 4 * c as u64;
-    if mean_ptr < var_ptr + bytes && var_ptr < mean_ptr + bytes {
+    if overlapping(vec![
+        (mean_ptr, mean_ptr + bytes),
+        (var_ptr, var_ptr + bytes),
+    ]) {
         bail!("batch norm: the running mean and variance share memory");
     }
     // SAFETY: the kernel writes both rows of every channel.
@@ -250,19 +275,12 @@ fn bn_eval_t<T: Elem>(
         None => None,
     };
     let guards = params.map(|t| t.storage_and_layout());
-    let mut views = Vec::with_capacity(4);
-    for (guard, layout) in &guards {
-        let Storage::Cuda(s) = &**guard else {
-            bail!("batch norm eval: a per-channel parameter is not on a CUDA device")
-        };
-        let v = view::<f32>(s, layout)?;
-        if v.len() != c {
-            bail!(
-                "batch norm eval: {} values of a per-channel parameter for {c} channels",
-                v.len()
-            );
-        }
-        views.push(v);
+    let views = f32_views(&guards, "batch norm eval: a per-channel parameter")?;
+    if let Some(v) = views.iter().find(|v| v.len() != c) {
+        bail!(
+            "batch norm eval: {} values of a per-channel parameter for {c} channels",
+            v.len()
+        );
     }
     // SAFETY: every element is written by the kernel.
     let mut y = unsafe { dev.alloc::<T>(total)? };
@@ -741,14 +759,8 @@ pub(crate) fn sgd_list(updates: &[crate::sgd::SgdUpdate<'_>]) -> Result<()> {
             guards.push(g.storage_and_layout());
             guards.push(u.buf.storage_and_layout());
         }
-        let mut views = Vec::with_capacity(guards.len());
-        for (guard, layout) in &guards {
-            let Storage::Cuda(s) = &**guard else {
-                bail!("fused SGD: a tensor of the CUDA update is not on a CUDA device")
-            };
-            views.push((s, view::<f32>(s, layout)?));
-        }
-        let dev = views[0].0.device.clone();
+        let views = f32_views(&guards, "fused SGD: a tensor of the CUDA update")?;
+        let dev = run[0].param.device().as_cuda_device()?.clone();
         let stream = dev.cuda_stream();
         let mut list = SgdList {
             p: [0; crate::launch::SGD_LIST],
@@ -764,7 +776,7 @@ pub(crate) fn sgd_list(updates: &[crate::sgd::SgdUpdate<'_>]) -> Result<()> {
         let mut written = Vec::with_capacity(2 * run.len());
         for (i, (u, tensors)) in run.iter().zip(views.chunks(3)).enumerate() {
             let mut ptr = |k: usize| {
-                let (p, sync) = tensors[k].1.device_ptr(&stream);
+                let (p, sync) = tensors[k].device_ptr(&stream);
                 syncs.push(sync);
                 p
             };
@@ -775,11 +787,7 @@ pub(crate) fn sgd_list(updates: &[crate::sgd::SgdUpdate<'_>]) -> Result<()> {
             written.push((list.p[i], list.p[i] + bytes));
             written.push((list.buf[i], list.buf[i] + bytes));
         }
-        written.sort_unstable();
-        if written
-            .windows(2)
-            .any(|w| w[0].1 > w[1].0 && w[1].0 < w[1].1)
-        {
+        if overlapping(written) {
             bail!("fused SGD: two of the updated parameters or momentum buffers share memory");
         }
         let s = &run[0].step;
