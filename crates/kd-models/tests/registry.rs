@@ -2,7 +2,9 @@
 //! `feature_info` against the real feature maps, the pre-ReLU stage outputs, gradients on every trainable variable and
 //! none on BN running statistics.
 use candle_core::{DType, Device, Tensor};
-use kd_models::{trainable_resnet, Arch, ForwardParts, ResNetConfig, Stem};
+use kd_models::{
+    load_frozen, save_varmap, trainable_resnet, Arch, ForwardParts, ResNetConfig, Stem,
+};
 
 #[test]
 fn shapes_feature_info_and_gradients() {
@@ -140,6 +142,51 @@ fn features_only_when_asked_for_and_the_rest_unchanged() {
         let out = model.forward_parts(&x, false, preact).unwrap();
         assert!(out.feats.is_empty());
         assert_eq!(out.preact.len(), 4);
+    }
+}
+
+#[test]
+fn a_frozen_network_casts_its_weights_once_with_the_same_results() {
+    // A frozen (constant-weight) network keeps its convolution weights cast to bf16 from
+    // set_compute_dtype on (that the casts are kept: resnet.rs's unit test); its outputs are
+    // the bits of the same weights cast per op (a trainable copy), for both architectures'
+    // blocks and the auxiliary heads, in bf16 and back in f32.
+    let x = Tensor::randn(0f32, 1.0, (2, 3, 32, 32), &Device::Cpu).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for arch in [Arch::Resnet18, Arch::Resnet50] {
+        let cfg = ResNetConfig {
+            base_width: 4,
+            aux_heads: true,
+            ..ResNetConfig::new(arch, Stem::CifarMaxpool, 5)
+        };
+        let (mut trainable, vm) = trainable_resnet(&cfg, &Device::Cpu, 3).unwrap();
+        let path = dir.path().join(format!("{arch:?}.safetensors"));
+        save_varmap(&vm, &path).unwrap();
+        let mut frozen = load_frozen(&cfg, &path, &Device::Cpu).unwrap();
+        let bits = |t: &Tensor| {
+            t.flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect::<Vec<_>>()
+        };
+        for dtype in [DType::BF16, DType::F32] {
+            trainable.set_compute_dtype(dtype).unwrap();
+            frozen.set_compute_dtype(dtype).unwrap();
+            let (a, b) = (
+                trainable.forward_t(&x, false).unwrap(),
+                frozen.forward_t(&x, false).unwrap(),
+            );
+            assert_eq!(bits(&a.logits), bits(&b.logits), "{arch:?} {dtype:?}");
+            for (fa, fb) in a.feats.iter().zip(&b.feats) {
+                assert_eq!(bits(fa), bits(fb), "{arch:?} {dtype:?}");
+            }
+            for (ha, hb) in a.aux.iter().zip(&b.aux) {
+                assert_eq!(bits(&ha.logits), bits(&hb.logits), "{arch:?} {dtype:?}");
+            }
+        }
     }
 }
 
