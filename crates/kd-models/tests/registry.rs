@@ -6,6 +6,17 @@ use kd_models::{
     load_frozen, save_varmap, trainable_resnet, Arch, ForwardParts, ResNetConfig, Stem,
 };
 
+/// The bits of an f32 tensor's values, for comparisons that must be exact.
+fn bits(t: &Tensor) -> Vec<u32> {
+    t.flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .map(|v| v.to_bits())
+        .collect()
+}
+
 #[test]
 fn shapes_feature_info_and_gradients() {
     let x = Tensor::randn(0f32, 1.0, (2, 3, 32, 32), &Device::Cpu).unwrap();
@@ -118,15 +129,6 @@ fn features_only_when_asked_for_and_the_rest_unchanged() {
         let setting = model.forward_t(&x, false).unwrap();
         for out in [&parts, &setting] {
             assert!(out.feats.is_empty() && out.preact.is_empty(), "{dtype:?}");
-            let bits = |t: &Tensor| {
-                t.flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap()
-                    .iter()
-                    .map(|v| v.to_bits())
-                    .collect::<Vec<_>>()
-            };
             assert_eq!(bits(&out.logits), bits(&full.logits), "{dtype:?}");
             assert_eq!(bits(&out.pooled), bits(&full.pooled), "{dtype:?}");
             assert_eq!(out.aux.len(), 3);
@@ -163,15 +165,6 @@ fn a_frozen_network_casts_its_weights_once_with_the_same_results() {
         let path = dir.path().join(format!("{arch:?}.safetensors"));
         save_varmap(&vm, &path).unwrap();
         let mut frozen = load_frozen(&cfg, &path, &Device::Cpu).unwrap();
-        let bits = |t: &Tensor| {
-            t.flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
-                .iter()
-                .map(|v| v.to_bits())
-                .collect::<Vec<_>>()
-        };
         for dtype in [DType::BF16, DType::F32] {
             trainable.set_compute_dtype(dtype).unwrap();
             frozen.set_compute_dtype(dtype).unwrap();
