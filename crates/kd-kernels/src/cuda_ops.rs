@@ -10,6 +10,7 @@ use candle_core::{bail, CudaStorage, DType, Layout, Result, Storage, Tensor};
 
 use crate::batch_norm::StatsRunning;
 use crate::cuda::{flat, per_channel, per_plane, suffix, ADD_RELU, AUGMENT, BATCH_NORM, MAX_POOL};
+use crate::launch::overlapping;
 
 /// Element types our kernels are instantiated for.
 trait Elem: DeviceRepr + CudaDType + ValidAsZeroBits {}
@@ -49,15 +50,6 @@ fn f32_views<'a>(
             _ => bail!("{what} is not on a CUDA device"),
         })
         .collect()
-}
-
-/// Whether any two of the byte ranges `[start, end)` that a launch writes through device
-/// pointers overlap (empty ranges overlap nothing).
-fn overlapping(mut written: Vec<(u64, u64)>) -> bool {
-    written.sort_unstable();
-    written
-        .windows(2)
-        .any(|w| w[0].1 > w[1].0 && w[1].0 < w[1].1)
 }
 
 fn i32_of(v: usize, what: &str) -> Result<i32> {

@@ -103,9 +103,20 @@ pub fn sgd_list(lens: &[usize]) -> Option<(LaunchGeometry, Vec<i32>)> {
     Some((LaunchGeometry::linear(blocks, 256), first))
 }
 
+/// Whether any two of the byte ranges `[start, end)` that a launch writes through device
+/// pointers overlap (the fused SGD list, the running statistics' update). Empty ranges overlap
+/// nothing and are set aside first: sorted by start, two non-empty ranges overlap only if some
+/// neighbours do, which an empty range between them would hide.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(crate) fn overlapping(mut written: Vec<(u64, u64)>) -> bool {
+    written.retain(|&(start, end)| start < end);
+    written.sort_unstable();
+    written.windows(2).any(|w| w[0].1 > w[1].0)
+}
+
 #[cfg(test)]
 mod tests {
-    use super::{sgd_list, LaunchGeometry, SGD_LIST};
+    use super::{overlapping, sgd_list, LaunchGeometry, SGD_LIST};
 
     #[test]
     fn per_plane_covers_each_plane_with_whole_warps() {
@@ -160,5 +171,17 @@ mod tests {
             LaunchGeometry::flat(usize::MAX / 2).grid[0],
             LaunchGeometry::MAX_FLAT_BLOCKS
         );
+    }
+
+    #[test]
+    fn overlapping_ranges_are_found_past_empty_ones() {
+        assert!(!overlapping(vec![]));
+        assert!(!overlapping(vec![(0, 100), (100, 200), (300, 400)]));
+        assert!(overlapping(vec![(100, 200), (0, 101)]));
+        assert!(overlapping(vec![(0, 100), (10, 20), (50, 60)]));
+        // An empty range overlaps nothing, not even inside another range...
+        assert!(!overlapping(vec![(0, 100), (50, 50)]));
+        // ...and does not hide an overlap of the ranges around it.
+        assert!(overlapping(vec![(0, 100), (10, 10), (50, 60)]));
     }
 }
