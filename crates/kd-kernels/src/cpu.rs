@@ -332,9 +332,9 @@ pub(crate) fn transpose<T: Copy, D: Slot<T>>(
     if std::mem::size_of::<T>() == 4
         && std::mem::size_of::<D>() == 4
         && rows.min(cols) >= 8
-        && std::is_x86_feature_detected!("avx")
+        && avx_transposes()
     {
-        // SAFETY: the CPU has AVX (checked above); the bounds were asserted above; T and D are
+        // SAFETY: the CPU has AVX ([`avx_transposes`]); the bounds were asserted above; T and D are
         // four bytes each and a `Slot` is a plain value or an uninitialised slot for one, so
         // moving the bits of T values into D's places writes those values.
         unsafe {
@@ -364,6 +364,17 @@ pub(crate) fn transpose<T: Copy, D: Slot<T>>(
             };
         }
     }
+}
+
+/// Whether [`transpose`] moves four-byte values in AVX registers: the CPU has AVX and
+/// `KD_DISABLE` does not name `avx`. Read once: the transposes run per image row.
+#[cfg(target_arch = "x86_64")]
+fn avx_transposes() -> bool {
+    static AVX: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVX.get_or_init(|| {
+        std::is_x86_feature_detected!("avx")
+            && crate::switches::enabled(crate::switches::Kernel::AvxTranspose)
+    })
 }
 
 /// One tile of [`transpose`], value by value.

@@ -1,6 +1,7 @@
 //! Run-time switches for kd's own paths, from the environment:
-//! `KD_DISABLE=conv,bn,bnrunning,bneval,evaltail,taps,pool,sgd,augment,addrelu,mempool,events` (or `all`)
-//! sends the named parts back to candle's own ops (or, for `taps`, to kd's other CPU convolution;
+//! `KD_DISABLE=conv,bn,bnrunning,bneval,evaltail,taps,avx,pool,sgd,augment,addrelu,mempool,events`
+//! (or `all`) sends the named parts back to candle's own ops (or, for `taps`, to kd's other CPU
+//! convolution; for `avx`, to the plain tiles of the CPU layout transposes;
 //! for `mempool` and `events`, to the CUDA driver's and cudarc's allocation defaults), without a
 //! rebuild. For bisecting a kernel on a GPU whose time is short, and for measuring what each part
 //! buys.
@@ -30,6 +31,8 @@ pub enum Kernel {
     EvalTail,
     /// Stride-1 convolutions as one shifted product per kernel tap, without patch rows (CPU).
     ConvTaps,
+    /// The CPU layout transposes as 8×8 blocks in AVX registers, where the CPU has AVX.
+    AvxTranspose,
     /// The CUDA memory pool keeping freed memory across synchronisations
     /// ([`crate::device_memory`]).
     MemPool,
@@ -39,7 +42,7 @@ pub enum Kernel {
 
 impl Kernel {
     /// Every part.
-    pub const ALL: [Kernel; 12] = [
+    pub const ALL: [Kernel; 13] = [
         Kernel::Conv,
         Kernel::BatchNorm,
         Kernel::BatchNormRunning,
@@ -50,6 +53,7 @@ impl Kernel {
         Kernel::BatchNormEval,
         Kernel::EvalTail,
         Kernel::ConvTaps,
+        Kernel::AvxTranspose,
         Kernel::MemPool,
         Kernel::AllocationEvents,
     ];
@@ -67,6 +71,7 @@ impl Kernel {
             Kernel::BatchNormEval => "bneval",
             Kernel::EvalTail => "evaltail",
             Kernel::ConvTaps => "taps",
+            Kernel::AvxTranspose => "avx",
             Kernel::MemPool => "mempool",
             Kernel::AllocationEvents => "events",
         }
