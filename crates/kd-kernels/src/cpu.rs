@@ -402,7 +402,7 @@ unsafe fn transpose_tile<T: Copy, D: Slot<T>>(
 /// [`transpose`] of four-byte values: each 16×16 tile as 8×8 blocks, each block loaded as eight
 /// rows of eight values, transposed in registers (unpack, shuffle, swap of 128-bit halves) and
 /// stored as eight rows; a tile's last rows and columns short of a block go value by value.
-/// 1.1–2.8× faster than the plain tiles on the convolution's passes between NCHW planes and
+/// 1.0–2.8× faster than the plain tiles on the convolution's passes between NCHW planes and
 /// channel rows, batch 512 and 32, one thread (`docs/performance.md`, session 21).
 ///
 /// # Safety
