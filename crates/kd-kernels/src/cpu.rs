@@ -402,8 +402,8 @@ unsafe fn transpose_tile<T: Copy, D: Slot<T>>(
 /// [`transpose`] of four-byte values: each 16×16 tile as 8×8 blocks, each block loaded as eight
 /// rows of eight values, transposed in registers (unpack, shuffle, swap of 128-bit halves) and
 /// stored as eight rows; a tile's last rows and columns short of a block go value by value.
-/// 1.0–2.8× faster than the plain tiles on the convolution's passes between NCHW planes and
-/// channel rows, batch 512 and 32, one thread (`docs/performance.md`, session 21).
+/// ResNet18's convolutions at batch 32 took 9–15% less time with it than with the plain tiles
+/// (`KD_DISABLE=avx`; `docs/performance.md`, session 21).
 ///
 /// # Safety
 /// The CPU has AVX, `rows`, `cols` ≥ 1, and `src`/`dst` hold the values [`transpose`] asserts.
