@@ -423,7 +423,7 @@ unsafe fn transpose_avx(
         for c0 in (0..cols).step_by(TILE) {
             let c1 = (c0 + TILE).min(cols);
             let c8 = c0 + (c1 - c0) / 8 * 8;
-            // SAFETY (all four calls): the blocks and the rest lie within the tile, and so
+            // SAFETY (all three calls): the blocks and the rest lie within the tile, and so
             // within rows × cols, whose values the caller guarantees.
             for r in (r0..r8).step_by(8) {
                 for c in (c0..c8).step_by(8) {
