@@ -4,6 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 SHARED="${KD_SHARED:-../shared}"
+# The toolchain script reads cudarc's sources from cargo's registry to stub the driver, and on a
+# fresh machine fails (exit 2, nothing printed) when they are not there yet: fetch them first.
+cargo fetch --locked
 [ -f "$HOME/.cache/kd-cuda-13.0/env.sh" ] || bash "$SHARED/cuda/setup-toolchain.sh"
 # shellcheck disable=SC1091
 source "$HOME/.cache/kd-cuda-13.0/env.sh"
