@@ -2,6 +2,7 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, DType, Device, Layout, Result, Storage, Tensor, WithDType};
 use std::cell::RefCell;
+use std::ops::Range;
 
 /// A tensor holding the elements of a contiguous `(storage, layout)` pair.
 pub(crate) fn tensor(s: &CpuStorage, l: &Layout) -> Result<Tensor> {
@@ -348,22 +349,21 @@ pub(crate) fn transpose<T: Copy, D: Slot<T>>(
         };
         return;
     }
-    for r0 in (0..rows).step_by(TILE) {
-        let r1 = (r0 + TILE).min(rows);
-        for c0 in (0..cols).step_by(TILE) {
-            let c1 = (c0 + TILE).min(cols);
-            // SAFETY: the tile lies within rows × cols, whose bounds were asserted above.
-            unsafe {
-                transpose_tile(
-                    src.as_ptr(),
-                    src_stride,
-                    (r0..r1, c0..c1),
-                    dst.as_mut_ptr(),
-                    dst_stride,
-                )
-            };
-        }
+    for tile in tiles(rows, cols) {
+        // SAFETY: the tile lies within rows × cols, whose bounds were asserted above.
+        unsafe { transpose_tile(src.as_ptr(), src_stride, tile, dst.as_mut_ptr(), dst_stride) };
     }
+}
+
+/// The (rows, columns) ranges of [`transpose`]'s 16×16 tiles of a rows × cols matrix, row of
+/// tiles by row of tiles. An iterator rather than a loop taking a closure, so that the AVX
+/// path's loop body keeps the AVX feature (closures do not inherit it).
+fn tiles(rows: usize, cols: usize) -> impl Iterator<Item = (Range<usize>, Range<usize>)> {
+    (0..rows).step_by(TILE).flat_map(move |r0| {
+        (0..cols)
+            .step_by(TILE)
+            .map(move |c0| (r0..(r0 + TILE).min(rows), c0..(c0 + TILE).min(cols)))
+    })
 }
 
 /// Whether [`transpose`] moves four-byte values in AVX registers: the CPU has AVX and
@@ -387,7 +387,7 @@ fn avx_transposes() -> bool {
 unsafe fn transpose_tile<T: Copy, D: Slot<T>>(
     src: *const T,
     src_stride: usize,
-    (rows, cols): (std::ops::Range<usize>, std::ops::Range<usize>),
+    (rows, cols): (Range<usize>, Range<usize>),
     dst: *mut D,
     dst_stride: usize,
 ) {
@@ -417,29 +417,25 @@ unsafe fn transpose_avx(
     dst: *mut f32,
     dst_stride: usize,
 ) {
-    for r0 in (0..rows).step_by(TILE) {
-        let r1 = (r0 + TILE).min(rows);
+    for (Range { start: r0, end: r1 }, Range { start: c0, end: c1 }) in tiles(rows, cols) {
         let r8 = r0 + (r1 - r0) / 8 * 8;
-        for c0 in (0..cols).step_by(TILE) {
-            let c1 = (c0 + TILE).min(cols);
-            let c8 = c0 + (c1 - c0) / 8 * 8;
-            // SAFETY (all three calls): the blocks and the rest lie within the tile, and so
-            // within rows × cols, whose values the caller guarantees.
-            for r in (r0..r8).step_by(8) {
-                for c in (c0..c8).step_by(8) {
-                    unsafe {
-                        transpose_8x8(
-                            src.add(r * src_stride + c),
-                            src_stride,
-                            dst.add(c * dst_stride + r),
-                            dst_stride,
-                        )
-                    };
-                }
+        let c8 = c0 + (c1 - c0) / 8 * 8;
+        // SAFETY (all three calls): the blocks and the rest lie within the tile, and so within
+        // rows × cols, whose values the caller guarantees.
+        for r in (r0..r8).step_by(8) {
+            for c in (c0..c8).step_by(8) {
+                unsafe {
+                    transpose_8x8(
+                        src.add(r * src_stride + c),
+                        src_stride,
+                        dst.add(c * dst_stride + r),
+                        dst_stride,
+                    )
+                };
             }
-            unsafe { transpose_tile(src, src_stride, (r0..r8, c8..c1), dst, dst_stride) };
-            unsafe { transpose_tile(src, src_stride, (r8..r1, c0..c1), dst, dst_stride) };
         }
+        unsafe { transpose_tile(src, src_stride, (r0..r8, c8..c1), dst, dst_stride) };
+        unsafe { transpose_tile(src, src_stride, (r8..r1, c0..c1), dst, dst_stride) };
     }
 }
 
