@@ -402,8 +402,9 @@ unsafe fn transpose_tile<T: Copy, D: Slot<T>>(
 /// [`transpose`] of four-byte values: each 16×16 tile as 8×8 blocks, each block loaded as eight
 /// rows of eight values, transposed in registers (unpack, shuffle, swap of 128-bit halves) and
 /// stored as eight rows; a tile's last rows and columns short of a block go value by value.
-/// ResNet18's convolutions at batch 32 took 9–15% less time with it than with the plain tiles
-/// (`KD_DISABLE=avx`; `docs/performance.md`, session 21).
+/// ResNet18's convolutions at batch 32 took up to 15% less time with it than with the plain
+/// tiles, in two of three comparisons on a noisy machine (`KD_DISABLE=avx`;
+/// `docs/performance.md`, session 21).
 ///
 /// # Safety
 /// The CPU has AVX, `rows`, `cols` ≥ 1, and `src`/`dst` hold the values [`transpose`] asserts.
