@@ -5,6 +5,10 @@
 //! ([`batch_norm_train_update`], as cuDNN's training-mode BatchNorm does), elsewhere by
 //! [`update_running_stats`].
 //!
+//! [`batch_norm_train_add_relu`] is a residual block's tail, `relu(bn(x) + shortcut)`, as one op:
+//! one pass forward instead of two, and backward the input's and the shortcut's gradients
+//! written by one pass instead of two.
+//!
 //! The statistics come out of a no-gradient op, and the input gradient of the apply op is the
 //! full BatchNorm formula (it accounts for the statistics' dependence on the input):
 //! `dx = γ·σ⁻¹·(dy' − Σdy'/M − x̂·Σ(dy'·x̂)/M)`, `dγ = Σ(dy'·x̂)`, `dβ = Σdy'`, where
@@ -43,7 +47,7 @@ pub fn batch_norm_train(
     eps: f64,
     relu: bool,
 ) -> Result<BatchNormOutput> {
-    train(x, weight, bias, eps, relu, None)
+    train(x, weight, bias, eps, relu, None, None)
 }
 
 /// A layer's running statistics and their momentum, for [`batch_norm_train_update`].
@@ -69,15 +73,57 @@ pub fn batch_norm_train_update(
     relu: bool,
     running: RunningStats<'_>,
 ) -> Result<BatchNormOutput> {
-    train(x, weight, bias, eps, relu, Some(running))
+    train(x, weight, bias, eps, relu, None, Some(running))
 }
 
+/// A residual block's tail in training mode: `relu(batch_norm(x) + residual)`, with the running
+/// statistics updated as [`batch_norm_train_update`] does when given. `y` is the block's output;
+/// `mean`, `var` and `stats` are the BatchNorm's. One op (forward one pass, backward the input's
+/// and the shortcut's gradients in one pass), or, with `KD_DISABLE=traintail`,
+/// [`batch_norm_train`] followed by [`crate::add_relu()`].
+pub fn batch_norm_train_add_relu(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    residual: &Tensor,
+    eps: f64,
+    running: Option<RunningStats<'_>>,
+) -> Result<BatchNormOutput> {
+    if residual.dims() != x.dims() || residual.dtype() != x.dtype() {
+        bail!(
+            "batch_norm_train_add_relu: input {:?} {:?} but residual {:?} {:?}",
+            x.dims(),
+            x.dtype(),
+            residual.dims(),
+            residual.dtype()
+        );
+    }
+    if !residual.device().same_device(x.device()) {
+        bail!(
+            "batch_norm_train_add_relu: the residual is on {:?}, the input on {:?}",
+            residual.device().location(),
+            x.device().location()
+        );
+    }
+    if crate::enabled(crate::Kernel::TrainTail) {
+        return train(x, weight, bias, eps, true, Some(residual), running);
+    }
+    let out = train(x, weight, bias, eps, false, None, running)?;
+    Ok(BatchNormOutput {
+        y: crate::add_relu(&out.y, residual)?,
+        ..out
+    })
+}
+
+/// The training-mode BatchNorm, then the ReLU if `relu`; with `residual` (and `relu`), the
+/// residual added before the ReLU in the same op.
 fn train(
     x: &Tensor,
     weight: &Tensor,
     bias: &Tensor,
     eps: f64,
     relu: bool,
+    residual: Option<&Tensor>,
     running: Option<RunningStats<'_>>,
 ) -> Result<BatchNormOutput> {
     let (n, c, h, w) = x.dims4()?;
@@ -133,15 +179,28 @@ fn train(
     if let (Some(r), None) = (running, in_stats) {
         update_running_stats(r.mean, r.var, &stats, r.momentum, count)?;
     }
-    let y = x.apply_op3(
-        &weight.to_dtype(DType::F32)?,
-        &bias.to_dtype(DType::F32)?,
-        Apply {
-            eps: eps as f32,
-            relu,
-            stats: stats.clone(),
-        },
-    )?;
+    let (weight, bias) = (weight.to_dtype(DType::F32)?, bias.to_dtype(DType::F32)?);
+    let y = match residual {
+        None => x.apply_op3(
+            &weight,
+            &bias,
+            Apply {
+                eps: eps as f32,
+                relu,
+                stats: stats.clone(),
+            },
+        )?,
+        // γ and β as one (2, C) input: a custom op takes at most three tensors. Their
+        // gradients come back through the stack.
+        Some(r) => x.apply_op3(
+            &r.contiguous()?,
+            &Tensor::stack(&[&weight, &bias], 0)?,
+            ApplyAddRelu {
+                eps: eps as f32,
+                stats: stats.clone(),
+            },
+        )?,
+    };
     Ok(BatchNormOutput {
         y,
         mean: stats.get(0)?,
@@ -235,6 +294,13 @@ struct Apply {
     stats: Tensor,
 }
 
+/// (x, residual, γβ) → relu(x̂·γ + β + residual), γβ being (2, C) f32, with the batch
+/// statistics held by the op as in [`Apply`].
+struct ApplyAddRelu {
+    eps: f32,
+    stats: Tensor,
+}
+
 /// (x, y, dy) → (2, C) f32: Σdy', Σdy'·x̂ per channel.
 struct BackwardReduce {
     eps: f32,
@@ -242,13 +308,15 @@ struct BackwardReduce {
     stats: Tensor,
 }
 
-/// (x, y, dy) → dx.
+/// (x, y, dy) → dx; with `shortcut_grad`, (2, N, C, H, W): dx, then the shortcut's gradient
+/// dy' (the gradient the ReLU passes on).
 struct BackwardData {
     eps: f32,
     relu: bool,
     stats: Tensor,
     gamma: Tensor,
     red: Tensor,
+    shortcut_grad: bool,
 }
 
 /// running ← (1 − momentum)·running + momentum·scale·stats[row], in place; source: stats.
@@ -393,10 +461,115 @@ impl CustomOp3 for Apply {
                 stats: self.stats.clone(),
                 gamma: gamma.contiguous()?,
                 red: red.clone(),
+                shortcut_grad: false,
             },
         )?;
         // dγ = Σdy'·x̂, dβ = Σdy'.
         Ok((Some(dx), Some(red.get(1)?), Some(red.get(0)?)))
+    }
+}
+
+impl CustomOp3 for ApplyAddRelu {
+    fn name(&self) -> &'static str {
+        "kd-batch-norm-apply-add-relu"
+    }
+
+    #[allow(unsafe_code)]
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (_, c, hw) = nchw(l1)?;
+        let (x, r) = (cpu::f32s_cow(s1, l1)?, cpu::f32s_cow(s2, l2)?);
+        let gb = cpu::f32s(s3, l3)?;
+        if r.len() != x.len() || gb.len() != 2 * c {
+            bail!(
+                "batch norm add relu: input {:?}, residual {:?}, γβ {:?}",
+                l1.dims(),
+                l2.dims(),
+                l3.dims()
+            );
+        }
+        let st = f32_vec(&self.stats)?;
+        let mut y = cpu::output_slots(x.len());
+        // One call per (N, C) plane; plane p's channel is p % C.
+        cpu::par_chunks(&mut y, hw, |plane, out| {
+            let ch = plane % c;
+            let invstd = 1.0 / (st[c + ch] + self.eps).sqrt();
+            let at = plane * hw;
+            let (x, r) = (&x[at..][..out.len()], &r[at..][..out.len()]);
+            for ((o, &v), &r) in out.iter_mut().zip(x).zip(r) {
+                let y = (v - st[ch]) * invstd * gb[ch] + gb[c + ch] + r;
+                o.write(if !(y > 0.0) { 0.0 } else { y });
+            }
+        });
+        // SAFETY: the planes cover `y`, and each slot of a plane is written (its input slices
+        // have the plane's length).
+        let y = unsafe { cpu::written(y) };
+        Ok((cpu::from_f32s(y, s1.dtype())?, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (_, c, hw) = nchw(l1)?;
+        let out = crate::cuda_ops::bn_apply_add_relu(
+            [(s1, l1), (s2, l2), (s3, l3)],
+            &self.stats,
+            c,
+            hw,
+            self.eps,
+        )?;
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        _residual: &Tensor,
+        gamma_beta: &Tensor,
+        y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // y > 0 is the mask of the ReLU after the sum, so the plain BatchNorm's backward with
+        // its ReLU on gives the input's gradient; the shortcut's is the masked dy itself.
+        let dy = dy.contiguous()?;
+        let red = x.apply_op3_no_bwd(
+            y,
+            &dy,
+            &BackwardReduce {
+                eps: self.eps,
+                relu: true,
+                stats: self.stats.clone(),
+            },
+        )?;
+        let both = x.apply_op3_no_bwd(
+            y,
+            &dy,
+            &BackwardData {
+                eps: self.eps,
+                relu: true,
+                stats: self.stats.clone(),
+                gamma: gamma_beta.get(0)?,
+                red: red.clone(),
+                shortcut_grad: true,
+            },
+        )?;
+        // (dγ, dβ) = (Σdy'·x̂, Σdy'): the reduction's rows swapped.
+        let d_gamma_beta = Tensor::cat(&[red.narrow(0, 1, 1)?, red.narrow(0, 0, 1)?], 0)?;
+        Ok((Some(both.get(0)?), Some(both.get(1)?), Some(d_gamma_beta)))
     }
 }
 
@@ -552,24 +725,33 @@ impl CustomOp3 for BackwardData {
         let gamma = f32_vec(&self.gamma)?;
         let red = f32_vec(&self.red)?;
         let inv_m = 1.0 / (n * hw) as f32;
-        let mut dx = cpu::output_slots(x.len());
+        let planes = n * c;
+        let mut dx = cpu::output_slots(x.len() * (1 + self.shortcut_grad as usize));
         let relu = self.relu;
+        // Planes 0..N·C are dx; with `shortcut_grad`, planes N·C.. the shortcut's gradient.
         cpu::par_chunks(&mut dx, hw, |plane, out| {
+            let (shortcut, plane) = (plane >= planes, plane % planes);
+            let at = plane * hw;
+            let (x, y, dy) = (&x[at..][..hw], &y[at..][..hw], &dy[at..][..hw]);
+            let masked = |y: f32, dy: f32| if relu && !(y > 0.0) { 0.0 } else { dy };
+            if shortcut {
+                for ((o, &y), &dy) in out.iter_mut().zip(y).zip(dy) {
+                    o.write(masked(y, dy));
+                }
+                return;
+            }
             let ch = plane % c;
             let (mean, invstd) = (st[ch], 1.0 / (st[c + ch] + self.eps).sqrt());
             // dx = γ·σ⁻¹·(dy' − Σdy'/M − x̂·Σ(dy'·x̂)/M), the per-channel factors taken out.
             let (scale, shift, slope) = (gamma[ch] * invstd, red[ch] * inv_m, red[c + ch] * inv_m);
-            let at = plane * hw;
-            let (x, y, dy) = (&x[at..][..hw], &y[at..][..hw], &dy[at..][..hw]);
             for (((o, &x), &y), &dy) in out.iter_mut().zip(x).zip(y).zip(dy) {
-                let g = if relu && !(y > 0.0) { 0.0 } else { dy };
-                o.write(scale * (g - shift - (x - mean) * invstd * slope));
+                o.write(scale * (masked(y, dy) - shift - (x - mean) * invstd * slope));
             }
         });
         // SAFETY: the planes cover `dx`, and each slot of a plane is written (x, y and dy are
         // sliced to the plane's length).
         let dx = unsafe { cpu::written(dx) };
-        Ok((cpu::from_f32s(dx, s1.dtype())?, l1.shape().clone()))
+        Ok((cpu::from_f32s(dx, s1.dtype())?, self.out_shape(l1)))
     }
 
     #[cfg(feature = "cuda")]
@@ -591,8 +773,19 @@ impl CustomOp3 for BackwardData {
             dims,
             self.eps,
             self.relu,
+            self.shortcut_grad,
         )?;
-        Ok((out, l1.shape().clone()))
+        Ok((out, self.out_shape(l1)))
+    }
+}
+
+impl BackwardData {
+    /// x's shape, or (2, N, C, H, W) with the shortcut's gradient.
+    fn out_shape(&self, l: &Layout) -> Shape {
+        match self.shortcut_grad {
+            false => l.shape().clone(),
+            true => Shape::from([&[2][..], l.dims()].concat()),
+        }
     }
 }
 

@@ -198,6 +198,57 @@ pub(crate) fn bn_apply(
     )
 }
 
+/// A residual block's tail in training mode, `relu(bn(x) + residual)`: `bn_apply_add_relu_*`
+/// on (x, residual, γβ), γβ being γ and β as one (2, C) f32 tensor.
+pub(crate) fn bn_apply_add_relu(
+    args: [Arg<'_>; 3],
+    stats: &Tensor,
+    c: usize,
+    hw: usize,
+    eps: f32,
+) -> Result<CudaStorage> {
+    by_dtype!(
+        args[0].0.dtype(),
+        bn_apply_add_relu_t::<T>(args, stats, c, hw, eps)
+    )
+}
+
+fn bn_apply_add_relu_t<T: Elem>(
+    [(sx, lx), (sr, lr), (sg, lg)]: [Arg<'_>; 3],
+    stats: &Tensor,
+    c: usize,
+    hw: usize,
+    eps: f32,
+) -> Result<CudaStorage> {
+    let dev = &sx.device;
+    let total = lx.shape().elem_count();
+    if lr.shape().elem_count() != total || lg.shape().elem_count() != 2 * c {
+        bail!(
+            "batch norm add relu: input {:?}, residual {:?}, γβ {:?}",
+            lx.dims(),
+            lr.dims(),
+            lg.dims()
+        );
+    }
+    let (x, r, gamma_beta) = (view::<T>(sx, lx)?, view::<T>(sr, lr)?, view::<f32>(sg, lg)?);
+    // SAFETY: every element is written by the kernel.
+    let mut y = unsafe { dev.alloc::<T>(total)? };
+    let name = format!("bn_apply_add_relu_{}", suffix(sx.dtype())?);
+    let f = BATCH_NORM.func(dev, &name)?;
+    let (c_, hw_) = (i32_of(c, "C")?, i32_of(hw, "H·W")?);
+    let grid = per_plane(total / (c * hw), c, hw)?;
+    with_f32_view(stats, |st| {
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&f);
+        b.arg(&x).arg(&r).arg(st).arg(&gamma_beta).arg(&mut y);
+        b.arg(&c_).arg(&hw_).arg(&eps);
+        // SAFETY: argument types and sizes match bn_apply_add_relu in batch_norm.cu.
+        unsafe { b.launch(grid) }.w()?;
+        Ok(())
+    })?;
+    Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
+}
+
 fn bn_apply_t<T: Elem>(
     [(sx, lx), (sg, lg), (sb, lb)]: [Arg<'_>; 3],
     stats: &Tensor,
@@ -377,6 +428,7 @@ fn bn_backward_reduce_t<T: Elem>(
     Ok(CudaStorage::wrap_cuda_slice(red, dev.clone()))
 }
 
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn bn_backward_data(
     args: [Arg<'_>; 3],
     stats: &Tensor,
@@ -385,10 +437,11 @@ pub(crate) fn bn_backward_data(
     dims: (usize, usize, usize),
     eps: f32,
     relu: bool,
+    shortcut_grad: bool,
 ) -> Result<CudaStorage> {
     by_dtype!(
         args[0].0.dtype(),
-        bn_backward_data_t::<T>(args, stats, gamma, red, dims, eps, relu)
+        bn_backward_data_t::<T>(args, stats, gamma, red, dims, eps, relu, shortcut_grad)
     )
 }
 
@@ -401,15 +454,16 @@ fn bn_backward_data_t<T: Elem>(
     (n, c, hw): (usize, usize, usize),
     eps: f32,
     relu: bool,
+    shortcut_grad: bool,
 ) -> Result<CudaStorage> {
     let dev = &sx.device;
     let total = lx.shape().elem_count();
     let (x, y, dy) = (view::<T>(sx, lx)?, view::<T>(sy, ly)?, view::<T>(sd, ld)?);
-    // SAFETY: every element is written by the kernel.
-    let mut dx = unsafe { dev.alloc::<T>(total)? };
+    // SAFETY: every element is written by the kernel (both halves with `shortcut_grad`).
+    let mut dx = unsafe { dev.alloc::<T>(total * (1 + shortcut_grad as usize))? };
     let f = BATCH_NORM.func(dev, &format!("bn_backward_data_{}", suffix(sx.dtype())?))?;
     let (n_, c_, hw_) = (i32_of(n, "N")?, i32_of(c, "C")?, i32_of(hw, "H·W")?);
-    let relu_ = relu as i32;
+    let (relu_, shortcut_grad_) = (relu as i32, shortcut_grad as i32);
     let grid = per_plane(n, c, hw)?;
     with_f32_view(stats, |p| {
         with_f32_view(red, |r| {
@@ -418,6 +472,7 @@ fn bn_backward_data_t<T: Elem>(
                 let mut b = stream.launch_builder(&f);
                 b.arg(&x).arg(&y).arg(&dy).arg(p).arg(g).arg(r).arg(&mut dx);
                 b.arg(&n_).arg(&c_).arg(&hw_).arg(&eps).arg(&relu_);
+                b.arg(&shortcut_grad_);
                 // SAFETY: argument types and sizes match bn_backward_data in batch_norm.cu.
                 unsafe { b.launch(grid) }.w()?;
                 Ok(())

@@ -13,7 +13,7 @@
 //! - [`batch_norm_train`]: BatchNorm in training mode, optionally fused with the ReLU that follows,
 //!   as two kernels forward and two backward (feature `cuda`, NVRTC);
 //!   [`batch_norm_train_update`] with the running statistics updated by the forward's second
-//!   launch;
+//!   launch; [`batch_norm_train_add_relu`] a residual block's tail (BatchNorm, add, ReLU) as one op;
 //! - [`MaxPool2d`]: padded max-pool with a backward pass, on the CPU and on CUDA;
 //! - [`augment_batch`]: crop, flip, normalise and mix (mixup, CutMix) a batch from a uint8 data
 //!   set that stays on the device, in one kernel;
@@ -57,7 +57,10 @@ pub mod switches;
 
 pub use add_relu::add_relu;
 pub use augment::{augment_batch, AugmentPlan, BatchMix, Normalisation};
-pub use batch_norm::{batch_norm_train, batch_norm_train_update, BatchNormOutput, RunningStats};
+pub use batch_norm::{
+    batch_norm_train, batch_norm_train_add_relu, batch_norm_train_update, BatchNormOutput,
+    RunningStats,
+};
 pub use batch_norm_eval::{batch_norm_eval, batch_norm_eval_add_relu};
 pub use conv::{conv2d, conv2d_cpu, conv2d_custom, Conv2dGeometry};
 pub use conv_algo::ConvAlgoSearch;

@@ -1,5 +1,5 @@
 //! Run-time switches for kd's own paths, from the environment:
-//! `KD_DISABLE=conv,bn,bnrunning,bneval,evaltail,taps,avx,pool,sgd,augment,addrelu,mempool,events`
+//! `KD_DISABLE=conv,bn,bnrunning,bneval,evaltail,traintail,taps,avx,pool,sgd,augment,addrelu,mempool,events`
 //! (or `all`) sends the named parts back to candle's own ops (or, for `taps`, to kd's other CPU
 //! convolution; for `avx`, to the plain tiles of the CPU layout transposes;
 //! for `mempool` and `events`, to the CUDA driver's and cudarc's allocation defaults), without a
@@ -29,6 +29,8 @@ pub enum Kernel {
     BatchNormEval,
     /// A residual block's tail in eval mode (BatchNorm, add, ReLU) as one pass (CPU).
     EvalTail,
+    /// A residual block's tail in training mode (BatchNorm, add, ReLU) as one op.
+    TrainTail,
     /// Stride-1 convolutions as one shifted product per kernel tap, without patch rows (CPU).
     ConvTaps,
     /// The CPU layout transposes as 8×8 blocks in AVX registers, where the CPU has AVX.
@@ -42,7 +44,7 @@ pub enum Kernel {
 
 impl Kernel {
     /// Every part.
-    pub const ALL: [Kernel; 13] = [
+    pub const ALL: [Kernel; 14] = [
         Kernel::Conv,
         Kernel::BatchNorm,
         Kernel::BatchNormRunning,
@@ -52,6 +54,7 @@ impl Kernel {
         Kernel::AddRelu,
         Kernel::BatchNormEval,
         Kernel::EvalTail,
+        Kernel::TrainTail,
         Kernel::ConvTaps,
         Kernel::AvxTranspose,
         Kernel::MemPool,
@@ -70,6 +73,7 @@ impl Kernel {
             Kernel::AddRelu => "addrelu",
             Kernel::BatchNormEval => "bneval",
             Kernel::EvalTail => "evaltail",
+            Kernel::TrainTail => "traintail",
             Kernel::ConvTaps => "taps",
             Kernel::AvxTranspose => "avx",
             Kernel::MemPool => "mempool",

@@ -330,6 +330,75 @@ fn fused_batch_norm_matches_composed_ops_forward_and_backward() {
 }
 
 #[test]
+fn training_tail_matches_composed_ops_forward_and_backward() {
+    // relu(bn(x) + r) as one op against candle's composed BatchNorm, add and ReLU: the output,
+    // the gradients of x, the shortcut r, γ and β, and the running statistics. Shortcuts large
+    // enough that the sum is negative in places where bn(x) alone is not, and the other way.
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    for &(n, c, h, w) in &[(4, 3, 5, 5), (2, 8, 4, 4), (8, 2, 1, 1), (3, 5, 7, 3)] {
+        let x = ((randn(&mut rng, &[n, c, h, w], DType::F32) * 3.0).unwrap() + 1.5).unwrap();
+        let x = Var::from_tensor(&x).unwrap();
+        let r =
+            Var::from_tensor(&(randn(&mut rng, &[n, c, h, w], DType::F32) * 2.0).unwrap()).unwrap();
+        let wt = Var::from_tensor(&randn(&mut rng, &[c], DType::F32)).unwrap();
+        let b = Var::from_tensor(&randn(&mut rng, &[c], DType::F32)).unwrap();
+        let zeros = || Tensor::zeros(c, DType::F32, &Device::Cpu).unwrap();
+        let (rm, rv) = (zeros(), (zeros() + 1.0).unwrap());
+        let running = kd_kernels::RunningStats {
+            mean: &rm,
+            var: &rv,
+            momentum: 0.1,
+        };
+        let out =
+            kd_kernels::batch_norm_train_add_relu(&x, &wt, &b, &r, 1e-5, Some(running)).unwrap();
+        let y_ref = (bn_reference(&x, &wt, &b, 1e-5, false) + r.as_tensor())
+            .unwrap()
+            .relu()
+            .unwrap();
+        let what = format!("{:?}", (n, c, h, w));
+        assert!(max_rel(&out.y, &y_ref) < 1e-5, "forward {what}");
+        // The running statistics as the plain layer's update leaves them.
+        let (pm, pv) = (zeros(), (zeros() + 1.0).unwrap());
+        let plain_running = kd_kernels::RunningStats {
+            mean: &pm,
+            var: &pv,
+            momentum: 0.1,
+        };
+        kd_kernels::batch_norm_train_update(&x, &wt, &b, 1e-5, false, plain_running).unwrap();
+        assert_eq!(max_rel(&rm, &pm), 0.0, "running mean {what}");
+        assert_eq!(max_rel(&rv, &pv), 0.0, "running variance {what}");
+        let dy = randn(&mut rng, &[n, c, h, w], DType::F32);
+        let g = (out.y * &dy)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g_ref = (y_ref * &dy)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for (name, v) in [("x", &x), ("shortcut", &r), ("weight", &wt), ("bias", &b)] {
+            let e = max_rel(g.get(v).unwrap(), g_ref.get(v).unwrap());
+            assert!(e < 1e-4, "gradient of {name}: error {e}, shape {what}");
+        }
+    }
+}
+
+#[test]
+fn training_tail_refuses_a_residual_of_another_shape() {
+    let x = Tensor::ones((2, 3, 2, 2), DType::F32, &Device::Cpu).unwrap();
+    let w = Tensor::ones(3, DType::F32, &Device::Cpu).unwrap();
+    let r = Tensor::ones((2, 3, 2, 1), DType::F32, &Device::Cpu).unwrap();
+    let e = kd_kernels::batch_norm_train_add_relu(&x, &w, &w, &r, 1e-5, None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("residual") && e.contains("[2, 3, 2, 1]"), "{e}");
+}
+
+#[test]
 fn fused_batch_norm_in_bf16_keeps_f32_statistics() {
     let mut rng = ChaCha8Rng::seed_from_u64(3);
     let x = ((randn(&mut rng, &[4, 3, 6, 6], DType::F32) * 2.0).unwrap() + 4.0).unwrap();

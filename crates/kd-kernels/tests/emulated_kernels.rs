@@ -641,11 +641,124 @@ fn batch_norm_case<E: Elem>(rng: &mut ChaCha8Rng, (n, c, h, w): (usize, usize, u
                 hwi.clone(),
                 Arg::F32(eps),
                 Arg::I32(relu as i32),
+                Arg::I32(0),
             ],
             6,
             launch,
         ));
         assert_close(&format!("dx {what}"), &dx, &cpu_dx, E::TOL.max(1e-4));
+    }
+}
+
+/// A residual block's tail in training mode: `bn_apply_add_relu_*` and `bn_backward_data_*`
+/// with the shortcut's gradient, against `batch_norm_train_add_relu`'s CPU path (its gradients
+/// through autograd). The statistics and backward sums are the plain BatchNorm's kernels,
+/// checked by [`batch_norm_case`]; here they come from the CPU.
+fn training_tail_case<E: Elem>(rng: &mut ChaCha8Rng, (n, c, h, w): (usize, usize, usize, usize)) {
+    let hw = h * w;
+    let total = n * c * hw;
+    let eps = 1e-5f32;
+    let as_e = |v: Vec<f32>| -> Vec<E> { v.into_iter().map(E::from_f32).collect() };
+    let x = as_e(random(rng, total, -2.0, 3.0));
+    // Shortcuts large enough to flip the sign of bn(x) in places.
+    let r = as_e(random(rng, total, -2.0, 2.0));
+    let dy = as_e(random(rng, total, -1.0, 1.0));
+    let gamma = random(rng, c, 0.5, 1.5);
+    let beta = random(rng, c, -0.5, 0.5);
+    let as_tensor = |v: &[E]| tensor_of(v, (n, c, h, w));
+    let xv = Var::from_tensor(&as_tensor(&x)).unwrap();
+    let rv = Var::from_tensor(&as_tensor(&r)).unwrap();
+    let gv = Var::from_vec(gamma.clone(), c, &Device::Cpu).unwrap();
+    let bv = Var::from_vec(beta.clone(), c, &Device::Cpu).unwrap();
+    let out = kd_kernels::batch_norm_train_add_relu(&xv, &gv, &bv, &rv, eps as f64, None).unwrap();
+    let dyt = as_tensor(&dy).to_dtype(DType::F32).unwrap();
+    let grads = (out.y.to_dtype(DType::F32).unwrap() * &dyt)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let stats = tensor_f32s(&out.stats);
+    let cpu_y: Vec<E> = elems(&out.y);
+    let mut cpu_red = tensor_f32s(grads.get(&bv).unwrap());
+    cpu_red.extend(tensor_f32s(grads.get(&gv).unwrap()));
+    let mut cpu_grads = tensor_f32s(grads.get(&xv).unwrap());
+    cpu_grads.extend(tensor_f32s(grads.get(&rv).unwrap()));
+    let (ni, ci, hwi) = (Arg::I32(n as i32), Arg::I32(c as i32), Arg::I32(hw as i32));
+    let sfx = E::SUFFIX;
+    let what = format!("{sfx} {:?}", (n, c, h, w));
+    let launch = if E::DTYPE == DType::F32 {
+        launch_race_checked
+    } else {
+        launch
+    };
+
+    let gamma_beta = [gamma.clone(), beta].concat();
+    let y = values::<E>(&run_per_plane(
+        &format!("bn_apply_add_relu_{sfx}"),
+        (n, c, hw),
+        &[
+            buf(&x),
+            buf(&r),
+            buf_f32(&stats),
+            buf_f32(&gamma_beta),
+            buf(&vec![E::from_f32(f32::NAN); total]),
+            ci.clone(),
+            hwi.clone(),
+            Arg::F32(eps),
+        ],
+        4,
+        launch,
+    ));
+    let want: Vec<f32> = cpu_y.iter().map(|e| e.to_f32()).collect();
+    assert_close(&format!("tail y {what}"), &y, &want, E::TOL);
+    assert!(
+        y.iter().any(|v| *v == 0.0) && y.iter().any(|v| *v > 0.0),
+        "{what}"
+    );
+
+    // dx, then the shortcut's gradient, in one buffer of two tensors.
+    let both = values::<E>(&run_per_plane(
+        &format!("bn_backward_data_{sfx}"),
+        (n, c, hw),
+        &[
+            buf(&x),
+            buf(&cpu_y),
+            buf(&dy),
+            buf_f32(&stats),
+            buf_f32(&gamma),
+            buf_f32(&cpu_red),
+            buf(&vec![E::from_f32(f32::NAN); 2 * total]),
+            ni,
+            ci,
+            hwi,
+            Arg::F32(eps),
+            Arg::I32(1),
+            Arg::I32(1),
+        ],
+        6,
+        launch,
+    ));
+    assert_close(
+        &format!("tail dx {what}"),
+        &both[..total],
+        &cpu_grads[..total],
+        E::TOL.max(1e-4),
+    );
+    assert_close(
+        &format!("tail shortcut gradient {what}"),
+        &both[total..],
+        &cpu_grads[total..],
+        E::TOL,
+    );
+}
+
+#[test]
+fn training_tail_kernels_match_the_cpu_path() {
+    let mut rng = ChaCha8Rng::seed_from_u64(8);
+    for dims in [(3, 5, 4, 6), (2, 2, 24, 24), (2, 3, 1, 1)] {
+        training_tail_case::<f32>(&mut rng, dims);
+        training_tail_case::<bf16>(&mut rng, dims);
     }
 }
 

@@ -51,13 +51,18 @@ impl BatchNorm2d {
         self.forward_impl(x, train, true)
     }
 
-    fn forward_impl(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
-        // The fused op on CUDA, and on the CPU too: its reference implementation there (one
-        // pass per statistic, one backward op instead of candle's composed graph) cut a CPU
-        // ResNet18 step's backward by a third (docs/performance.md, "On the CPU").
-        let fused_here = (kd_kernels::HAS_CUDA_KERNELS && x.device().is_cuda())
+    /// Whether training mode takes kd-kernels' fused op for `x`: on CUDA, and on the CPU too
+    /// (its reference implementation there, one pass per statistic and one backward op instead
+    /// of candle's composed graph, cut a CPU ResNet18 step's backward by a third:
+    /// docs/performance.md, "On the CPU"), unless `KD_DISABLE=bn`.
+    fn fused_for(x: &Tensor) -> bool {
+        let here = (kd_kernels::HAS_CUDA_KERNELS && x.device().is_cuda())
             || (x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::BF16));
-        if train && fused_here && kd_kernels::enabled(kd_kernels::Kernel::BatchNorm) {
+        here && kd_kernels::enabled(kd_kernels::Kernel::BatchNorm)
+    }
+
+    fn forward_impl(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
+        if train && Self::fused_for(x) {
             return self.forward_train_fused(x, relu);
         }
         if !train {
@@ -85,6 +90,35 @@ impl BatchNorm2d {
         )
     }
 
+    /// `relu(self.forward_t(x, true) + residual)`, a residual block's tail in training mode:
+    /// kd-kernels' one op where the fused BatchNorm runs (its docs say how; `KD_DISABLE=traintail`
+    /// splits it in two), else the composed BatchNorm and the add + ReLU.
+    pub fn forward_train_add_relu(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        if !Self::fused_for(x) {
+            return kd_kernels::add_relu(&self.forward_t(x, true)?, residual);
+        }
+        let out = kd_kernels::batch_norm_train_add_relu(
+            x,
+            &self.weight,
+            &self.bias,
+            residual,
+            self.eps,
+            Some(self.running()?),
+        )?;
+        Ok(out.y)
+    }
+
+    /// The running statistics, for kd-kernels' ops to update in place (the variables' own
+    /// storage; on CUDA the statistics' last launch writes them).
+    fn running(&self) -> Result<kd_kernels::RunningStats<'_>> {
+        self.check_trainable()?;
+        Ok(kd_kernels::RunningStats {
+            mean: &self.running_mean,
+            var: &self.running_var,
+            momentum: self.momentum,
+        })
+    }
+
     /// Eval mode, with the running statistics: kd-kernels' one-pass op (its docs say where it
     /// runs which way).
     fn forward_eval(&self, x: &Tensor, relu: bool) -> Result<Tensor> {
@@ -102,21 +136,13 @@ impl BatchNorm2d {
     /// Training mode through kd-kernels' fused op (on the CPU it runs the op's reference
     /// implementation, which the tests compare with the composed path).
     pub fn forward_train_fused(&self, x: &Tensor, relu: bool) -> Result<Tensor> {
-        self.check_trainable()?;
-        // The running statistics are the variables' own storage, updated in place (on CUDA by
-        // the statistics' last launch).
-        let running = kd_kernels::RunningStats {
-            mean: &self.running_mean,
-            var: &self.running_var,
-            momentum: self.momentum,
-        };
         let out = kd_kernels::batch_norm_train_update(
             x,
             &self.weight,
             &self.bias,
             self.eps,
             relu,
-            running,
+            self.running()?,
         )?;
         Ok(out.y)
     }

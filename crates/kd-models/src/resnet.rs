@@ -251,6 +251,13 @@ impl Block {
         Ok((self.last_bn().forward_t(&y, train)?, shortcut))
     }
 
+    /// The block's output in training mode, its tail (last BatchNorm, residual add, ReLU) as
+    /// one op where the fused BatchNorm runs.
+    fn forward_train(&self, x: &Tensor) -> Result<Tensor> {
+        let (y, shortcut) = self.forward_before_tail(x, true)?;
+        self.last_bn().forward_train_add_relu(&y, &shortcut)
+    }
+
     /// The block's output in eval mode, its tail (last BatchNorm, residual add, ReLU) through
     /// kd-kernels' one-pass op where nothing needs a gradient.
     fn forward_eval(&self, x: &Tensor) -> Result<Tensor> {
@@ -539,9 +546,12 @@ impl ResNet {
         for stage in &self.stages {
             for (i, block) in stage.iter().enumerate() {
                 let last = i + 1 == stage.len();
-                // Eval mode without the pre-activation: the block's tail in one pass.
-                if !(train || preact_too && last) {
-                    y = block.forward_eval(&y)?;
+                // Without the pre-activation, the block's tail (BatchNorm, add, ReLU) in one op.
+                if !(preact_too && last) {
+                    y = match train {
+                        true => block.forward_train(&y)?,
+                        false => block.forward_eval(&y)?,
+                    };
                     continue;
                 }
                 let (branch, shortcut) = block.forward_parts_t(&y, train)?;

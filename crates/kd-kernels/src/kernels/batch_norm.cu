@@ -137,16 +137,19 @@ extern "C" __global__ void bn_stats_finish_running(const float* part, float* sta
 }
 
 // y = gamma * (x - mean) / sqrt(var + eps) + beta, then max(y, 0) when relu. A per-plane
-// launch: block (chunk, c, n) covers its chunk of plane (n, c).
-template <class E>
-__device__ void bn_apply(const typename E::T* x, const float* stats, const float* gamma,
-                         const float* beta, typename E::T* y, int C, int HW, float eps, int relu) {
+// launch: block (chunk, c, n) covers its chunk of plane (n, c). With RESIDUAL (a residual
+// block's tail in training mode) the shortcut is added before the ReLU, which is then always on.
+template <class E, bool RESIDUAL>
+__device__ void bn_apply(const typename E::T* x, const typename E::T* residual,
+                         const float* stats, const float* gamma, const float* beta,
+                         typename E::T* y, int C, int HW, float eps, int relu) {
     int c = blockIdx.y;
     long long base = ((long long)blockIdx.z * C + c) * HW;
     float mean = stats[c], invstd = rsqrtf(stats[C + c] + eps), g = gamma[c], b = beta[c];
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < HW; i += gridDim.x * blockDim.x) {
         float v = (E::load(x, base + i) - mean) * invstd * g + b;
-        if (relu && !(v > 0.0f)) v = 0.0f;
+        if (RESIDUAL) v += E::load(residual, base + i);
+        if ((RESIDUAL || relu) && !(v > 0.0f)) v = 0.0f;
         E::store(y, base + i, v);
     }
 }
@@ -216,12 +219,14 @@ extern "C" __global__ void bn_reduce_finish(const float* part, float* red, int C
 }
 
 // dx = gamma * invstd * (dy' - sum dy' / M - xhat * sum(dy' xhat) / M), M = N * H * W. A
-// per-plane launch, as bn_apply.
+// per-plane launch, as bn_apply. With shortcut_grad (a residual block's tail) dx holds two
+// tensors: the input's gradient, then the shortcut's, which is dy' itself.
 template <class E>
 __device__ void bn_backward_data(const typename E::T* x, const typename E::T* y,
                                  const typename E::T* dy, const float* stats, const float* gamma,
                                  const float* red, typename E::T* dx, int N, int C, int HW,
-                                 float eps, int relu) {
+                                 float eps, int relu, int shortcut_grad) {
+    long long total = (long long)N * C * HW;
     int c = blockIdx.y;
     long long base = ((long long)blockIdx.z * C + c) * HW;
     float inv_m = 1.0f / ((float)N * (float)HW);
@@ -234,6 +239,7 @@ __device__ void bn_backward_data(const typename E::T* x, const typename E::T* y,
         float xhat = (E::load(x, k) - mean) * invstd;
         float v = ga * invstd * (g - rs * inv_m - xhat * rsx * inv_m);
         E::store(dx, k, v);
+        if (shortcut_grad) E::store(dx, total + k, g);
     }
 }
 
@@ -251,7 +257,11 @@ extern "C" __global__ void bn_stats_##SUFFIX(const E::T* x, float* part, int N, 
 }                                                                                               \
 extern "C" __global__ void bn_apply_##SUFFIX(const E::T* x, const float* stats,                 \
         const float* gamma, const float* beta, E::T* y, int C, int HW, float eps, int relu) {  \
-    bn_apply<E>(x, stats, gamma, beta, y, C, HW, eps, relu);                                    \
+    bn_apply<E, false>(x, x, stats, gamma, beta, y, C, HW, eps, relu);                          \
+}                                                                                               \
+extern "C" __global__ void bn_apply_add_relu_##SUFFIX(const E::T* x, const E::T* residual,      \
+        const float* stats, const float* gamma_beta, E::T* y, int C, int HW, float eps) {       \
+    bn_apply<E, true>(x, residual, stats, gamma_beta, gamma_beta + C, y, C, HW, eps, 1);        \
 }                                                                                               \
 extern "C" __global__ void bn_eval_##SUFFIX(const E::T* x, const float* mean, const float* var, \
         const float* gamma, const float* beta, E::T* y, int C, int HW, float eps, int relu) {   \
@@ -269,8 +279,8 @@ extern "C" __global__ void bn_backward_reduce_##SUFFIX(const E::T* x, const E::T
 }                                                                                               \
 extern "C" __global__ void bn_backward_data_##SUFFIX(const E::T* x, const E::T* y,              \
         const E::T* dy, const float* stats, const float* gamma, const float* red, E::T* dx,    \
-        int N, int C, int HW, float eps, int relu) {                                            \
-    bn_backward_data<E>(x, y, dy, stats, gamma, red, dx, N, C, HW, eps, relu);                  \
+        int N, int C, int HW, float eps, int relu, int shortcut_grad) {                         \
+    bn_backward_data<E>(x, y, dy, stats, gamma, red, dx, N, C, HW, eps, relu, shortcut_grad);   \
 }
 
 KD_BN_KERNELS(f32, ElemF32)

@@ -130,6 +130,8 @@ const std::map<std::string, Runner>& kernels() {
         KD_EMU_KERNEL(bn_reduce_finish),
         KD_EMU_KERNEL(bn_apply_f32),
         KD_EMU_KERNEL(bn_apply_bf16),
+        KD_EMU_KERNEL(bn_apply_add_relu_f32),
+        KD_EMU_KERNEL(bn_apply_add_relu_bf16),
         KD_EMU_KERNEL(bn_eval_f32),
         KD_EMU_KERNEL(bn_eval_bf16),
         KD_EMU_KERNEL(bn_eval_add_relu_f32),

@@ -10,8 +10,8 @@ use anyhow::{bail, Context};
 use candle_core::{DType, Device, Tensor, Var};
 use kd_data::{Loader, LoaderConfig, Mix, Normalize, Split};
 use kd_kernels::{
-    augment_batch, batch_norm_train_update, conv2d_custom, AugmentPlan, Conv2dGeometry,
-    ConvAlgoSearch, MaxPool2d, Normalisation, Precision,
+    augment_batch, batch_norm_train_add_relu, batch_norm_train_update, conv2d_custom, AugmentPlan,
+    Conv2dGeometry, ConvAlgoSearch, MaxPool2d, Normalisation, Precision,
 };
 use kd_models::{trainable_resnet, Arch, ResNetConfig, Stem};
 
@@ -184,7 +184,9 @@ fn check_batch_norm(c: &mut Checks, dev: &Device) -> anyhow::Result<()> {
             let r = rand(&[n, ch, hw, hw], 43, &Device::Cpu)?;
             let running_mean0 = rand(&[ch], 46, &Device::Cpu)?;
             let running_var0 = (rand(&[ch], 47, &Device::Cpu)?.abs()? + 0.5)?;
-            let run = |d: &Device| -> anyhow::Result<Vec<Tensor>> {
+            let shortcut = rand(&[n, ch, hw, hw], 48, &Device::Cpu)?.to_dtype(dt)?;
+            // With `tail`, a residual block's tail in training mode, relu(BN(x) + shortcut).
+            let run = |d: &Device, tail: bool| -> anyhow::Result<Vec<Tensor>> {
                 let (xv, wv, bv) = (
                     Var::from_tensor(&x.to_device(d)?)?,
                     Var::from_tensor(&w.to_device(d)?)?,
@@ -198,11 +200,15 @@ fn check_batch_norm(c: &mut Checks, dev: &Device) -> anyhow::Result<()> {
                     var: &rv,
                     momentum: 0.1,
                 };
-                let out = batch_norm_train_update(&xv, &wv, &bv, 1e-5, relu, running)?;
+                let sv = Var::from_tensor(&shortcut.to_device(d)?)?;
+                let out = match tail {
+                    false => batch_norm_train_update(&xv, &wv, &bv, 1e-5, relu, running)?,
+                    true => batch_norm_train_add_relu(&xv, &wv, &bv, &sv, 1e-5, Some(running))?,
+                };
                 let g = (out.y.to_dtype(DType::F32)? * r.to_device(d)?)?
                     .sum_all()?
                     .backward()?;
-                Ok(vec![
+                let mut checked = vec![
                     out.y,
                     out.mean,
                     out.var,
@@ -211,9 +217,10 @@ fn check_batch_norm(c: &mut Checks, dev: &Device) -> anyhow::Result<()> {
                     g.get(&bv).unwrap().clone(),
                     rm,
                     rv,
-                ])
+                ];
+                checked.extend(g.get(&sv).cloned());
+                Ok(checked)
             };
-            let (a, e) = (run(dev)?, run(&Device::Cpu)?);
             let tol = if dt == DType::BF16 { 2e-2 } else { 1e-4 };
             let names = [
                 "y",
@@ -224,13 +231,17 @@ fn check_batch_norm(c: &mut Checks, dev: &Device) -> anyhow::Result<()> {
                 "dβ",
                 "running mean",
                 "running var",
+                "d shortcut",
             ];
-            for (k, name) in names.iter().enumerate() {
-                c.add(
-                    format!("batch norm {dt:?} relu={relu}: {name}"),
-                    rel(&a[k], &e[k])?,
-                    tol,
-                );
+            for tail in [false, true].into_iter().filter(|&t| relu || !t) {
+                let (a, e) = (run(dev, tail)?, run(&Device::Cpu, tail)?);
+                let what = match tail {
+                    false => format!("batch norm {dt:?} relu={relu}"),
+                    true => format!("batch norm train tail {dt:?}"),
+                };
+                for (k, name) in names.iter().enumerate().take(a.len()) {
+                    c.add(format!("{what}: {name}"), rel(&a[k], &e[k])?, tol);
+                }
             }
             // Eval mode with constants (a frozen teacher's path: on CUDA one kernel reading the
             // running statistics) against the CPU's scale-and-shift pass; with a residual, a
