@@ -45,10 +45,12 @@ fallbacks() { # after selfcheck: the kernel families it found out of bounds, as 
   [ -f "$f" ] || return 0
   fails() { grep -qE "^\| $1.*\| FAIL \|\$" "$f"; }
   fails "conv" && d="$d,conv"
-  # A wrong running-statistics update alone costs only its fused launch; anything else of the
-  # BatchNorm rows (training or eval mode) turns off both BatchNorm paths.
-  if fails "batch norm [^|]*: (y|mean|var|dx|dγ|dβ) "; then d="$d,bn,bneval"
-  elif fails "batch norm [^|]*: running"; then d="$d,bnrunning"; fi
+  # A wrong residual tail (training mode) alone costs only its own op. Of the other BatchNorm
+  # rows (training or eval mode), a wrong running-statistics update alone costs only its fused
+  # launch; anything else turns off both BatchNorm paths.
+  fails "batch norm train tail" && d="$d,traintail"
+  if fails "batch norm (eval |F|B)[^|]*: (y|mean|var|dx|dγ|dβ) "; then d="$d,bn,bneval"
+  elif fails "batch norm (F|B)[^|]*: running"; then d="$d,bnrunning"; fi
   fails "max-pool" && d="$d,pool"
   fails "add \\+" && d="$d,addrelu"
   fails "fused SGD" && d="$d,sgd"
@@ -103,6 +105,9 @@ perf)
   # skipped). candle's own ops (every kd kernel switched off):
   step kd-bench-candle 80 env KD_DISABLE=all /tmp/kd-runner bench --device cuda --batch 256 --stem cifar \
     --steps 10 --warmup 3 --precision f32,bf16
+  # A residual block's training tail split into the BatchNorm and the add + ReLU (session 22):
+  step kd-bench-traintail 50 env KD_DISABLE="${KD_DISABLE:+$KD_DISABLE,}traintail" /tmp/kd-runner bench --device cuda --batch 256 \
+    --stem cifar --steps 10 --warmup 3 --precision bf16,f32
   # The driver's default pool policy (freed memory handed back at every synchronisation):
   step kd-bench-mempool 50 env KD_DISABLE="${KD_DISABLE:+$KD_DISABLE,}mempool" /tmp/kd-runner bench --device cuda --batch 256 \
     --stem cifar --steps 10 --warmup 3 --precision bf16,f32
