@@ -27,8 +27,17 @@ pub(crate) static AUGMENT: Module = Module::new("kd_augment", include_str!("kern
 pub(crate) static SGD: Module = Module::new("kd_sgd", include_str!("kernels/sgd.cu"));
 pub(crate) static ADD_RELU: Module =
     Module::new("kd_add_relu", include_str!("kernels/add_relu.cu"));
+pub(crate) static SOFTMAX_LOSS: Module =
+    Module::new("kd_softmax_loss", include_str!("kernels/softmax_loss.cu"));
 
-const ALL: [&Module; 5] = [&BATCH_NORM, &MAX_POOL, &AUGMENT, &SGD, &ADD_RELU];
+const ALL: [&Module; 6] = [
+    &BATCH_NORM,
+    &MAX_POOL,
+    &AUGMENT,
+    &SGD,
+    &ADD_RELU,
+    &SOFTMAX_LOSS,
+];
 
 impl Module {
     const fn new(name: &'static str, source: &'static str) -> Self {

@@ -9,8 +9,10 @@ use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{bail, CudaStorage, DType, Layout, Result, Storage, Tensor};
 
 use crate::batch_norm::StatsRunning;
-use crate::cuda::{flat, per_channel, per_plane, suffix, ADD_RELU, AUGMENT, BATCH_NORM, MAX_POOL};
-use crate::launch::overlapping;
+use crate::cuda::{
+    flat, per_channel, per_plane, suffix, ADD_RELU, AUGMENT, BATCH_NORM, MAX_POOL, SOFTMAX_LOSS,
+};
+use crate::launch::{overlapping, LaunchGeometry};
 
 /// Element types our kernels are instantiated for.
 trait Elem: DeviceRepr + CudaDType + ValidAsZeroBits {}
@@ -480,6 +482,108 @@ fn bn_backward_data_t<T: Elem>(
         })
     })?;
     Ok(CudaStorage::wrap_cuda_slice(dx, dev.clone()))
+}
+
+/// The u32 device view of labels (contiguous).
+fn labels_view<'a>(s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, u32>> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(s.as_cuda_slice::<u32>()?.slice(a..b)),
+        None => bail!("cross_entropy: labels must be contiguous"),
+    }
+}
+
+/// `xent_fwd`: the cross-entropy of (B, K) f32 logits against two label sets (one scalar).
+pub(crate) fn xent_fwd(
+    [(sz, lz), (sa, la), (sb, lb)]: [Arg<'_>; 3],
+    (b, k): (usize, usize),
+    t: &crate::softmax_loss::Target,
+) -> Result<CudaStorage> {
+    let dev = &sz.device;
+    let z = view::<f32>(sz, lz)?;
+    let (ya, yb) = (labels_view(sa, la)?, labels_view(sb, lb)?);
+    // SAFETY: thread 0 writes the one value.
+    let mut loss = unsafe { dev.alloc::<f32>(1)? };
+    let f = SOFTMAX_LOSS.func(dev, "xent_fwd")?;
+    let (b_, k_) = (i32_of(b, "B")?, i32_of(k, "K")?);
+    let stream = dev.cuda_stream();
+    let mut l = stream.launch_builder(&f);
+    l.arg(&z).arg(&ya).arg(&yb).arg(&mut loss);
+    l.arg(&b_).arg(&k_).arg(&t.wa).arg(&t.wb).arg(&t.eps_k);
+    // SAFETY: argument types and sizes match xent_fwd in softmax_loss.cu.
+    unsafe { l.launch(LaunchGeometry::loss_rows().into()) }.w()?;
+    Ok(CudaStorage::wrap_cuda_slice(loss, dev.clone()))
+}
+
+/// `xent_bwd`: the gradient of the logits, `grad`'s one value times (p − q) / B.
+pub(crate) fn xent_bwd(
+    [(sz, lz), (sa, la), (sb, lb)]: [Arg<'_>; 3],
+    (b, k): (usize, usize),
+    t: &crate::softmax_loss::Target,
+    grad: &Tensor,
+) -> Result<CudaStorage> {
+    let dev = &sz.device;
+    let z = view::<f32>(sz, lz)?;
+    let (ya, yb) = (labels_view(sa, la)?, labels_view(sb, lb)?);
+    // SAFETY: every element is written by the kernel (one warp a row).
+    let mut dz = unsafe { dev.alloc::<f32>(b * k)? };
+    let f = SOFTMAX_LOSS.func(dev, "xent_bwd")?;
+    let (b_, k_) = (i32_of(b, "B")?, i32_of(k, "K")?);
+    with_f32_view(grad, |g| {
+        let stream = dev.cuda_stream();
+        let mut l = stream.launch_builder(&f);
+        l.arg(&z).arg(&ya).arg(&yb).arg(g).arg(&mut dz);
+        l.arg(&b_).arg(&k_).arg(&t.wa).arg(&t.wb).arg(&t.eps_k);
+        // SAFETY: argument types and sizes match xent_bwd in softmax_loss.cu.
+        unsafe { l.launch(LaunchGeometry::warp_per_row(b).into()) }.w()?;
+        Ok(())
+    })?;
+    Ok(CudaStorage::wrap_cuda_slice(dz, dev.clone()))
+}
+
+/// `kd_kl_fwd`: Hinton's KD loss of (B, K) f32 student and teacher logits (one scalar).
+pub(crate) fn kd_kl_fwd(
+    [(ss, ls), (st, lt)]: [Arg<'_>; 2],
+    (b, k): (usize, usize),
+    t: f32,
+) -> Result<CudaStorage> {
+    let dev = &ss.device;
+    let (s, tt) = (view::<f32>(ss, ls)?, view::<f32>(st, lt)?);
+    // SAFETY: thread 0 writes the one value.
+    let mut loss = unsafe { dev.alloc::<f32>(1)? };
+    let f = SOFTMAX_LOSS.func(dev, "kd_kl_fwd")?;
+    let (b_, k_, inv_t, t_sq) = (i32_of(b, "B")?, i32_of(k, "K")?, 1.0 / t, t * t);
+    let stream = dev.cuda_stream();
+    let mut l = stream.launch_builder(&f);
+    l.arg(&s).arg(&tt).arg(&mut loss);
+    l.arg(&b_).arg(&k_).arg(&inv_t).arg(&t_sq);
+    // SAFETY: argument types and sizes match kd_kl_fwd in softmax_loss.cu.
+    unsafe { l.launch(LaunchGeometry::loss_rows().into()) }.w()?;
+    Ok(CudaStorage::wrap_cuda_slice(loss, dev.clone()))
+}
+
+/// `kd_kl_bwd`: the student's gradient, `grad`'s one value times T·(p_s − p_t) / B.
+pub(crate) fn kd_kl_bwd(
+    [(ss, ls), (st, lt)]: [Arg<'_>; 2],
+    (b, k): (usize, usize),
+    t: f32,
+    grad: &Tensor,
+) -> Result<CudaStorage> {
+    let dev = &ss.device;
+    let (s, tt) = (view::<f32>(ss, ls)?, view::<f32>(st, lt)?);
+    // SAFETY: every element is written by the kernel (one warp a row).
+    let mut ds = unsafe { dev.alloc::<f32>(b * k)? };
+    let f = SOFTMAX_LOSS.func(dev, "kd_kl_bwd")?;
+    let (b_, k_, inv_t) = (i32_of(b, "B")?, i32_of(k, "K")?, 1.0 / t);
+    with_f32_view(grad, |g| {
+        let stream = dev.cuda_stream();
+        let mut l = stream.launch_builder(&f);
+        l.arg(&s).arg(&tt).arg(g).arg(&mut ds);
+        l.arg(&b_).arg(&k_).arg(&inv_t).arg(&t);
+        // SAFETY: argument types and sizes match kd_kl_bwd in softmax_loss.cu.
+        unsafe { l.launch(LaunchGeometry::warp_per_row(b).into()) }.w()?;
+        Ok(())
+    })?;
+    Ok(CudaStorage::wrap_cuda_slice(ds, dev.clone()))
 }
 
 /// Geometry of a max-pool launch: planes (N·C), H, W, OH, OW, kernel, stride, padding.

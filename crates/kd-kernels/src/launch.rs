@@ -37,6 +37,22 @@ impl LaunchGeometry {
         )
     }
 
+    /// One block of 1,024 threads for a loss over the rows of (B, K) logits (`xent_fwd`,
+    /// `kd_kl_fwd`): warp w takes rows w, w + 32, ..., and the block adds the warps' sums in a
+    /// fixed order, so the loss does not depend on scheduling.
+    pub fn loss_rows() -> Self {
+        Self::linear(1, 1024)
+    }
+
+    /// One warp a row of `rows` rows, 256 threads (8 rows) a block, up to
+    /// [`Self::MAX_FLAT_BLOCKS`] blocks (the kernel loops beyond): the losses' backward.
+    pub fn warp_per_row(rows: usize) -> Self {
+        Self::linear(
+            rows.div_ceil(8).clamp(1, Self::MAX_FLAT_BLOCKS as usize) as u32,
+            256,
+        )
+    }
+
     /// Blocks a per-channel reduction aims for: a few per streaming multiprocessor of a large
     /// GPU (132 on an H100), so that channels × slices keeps them all reading.
     pub const REDUCTION_BLOCKS: usize = 1024;

@@ -22,6 +22,8 @@
 //! - [`add_relu()`]: a residual block's `relu(a + b)` in one pass forward and one backward;
 //! - [`batch_norm_eval()`]: BatchNorm(+ReLU) in eval mode in one pass (CPU), for frozen teachers
 //!   and evaluation;
+//! - [`softmax_loss`]: softmax cross-entropy (label smoothing, mixup) and Hinton's KD loss as
+//!   one op each, forward and backward;
 //! - [`Precision`]: f32, TF32 or bf16 convolutions and matmuls;
 //! - [`device_memory`]: the CUDA memory pool kept across synchronisations, as PyTorch's caching
 //!   allocator keeps what it freed, and its high-water marks;
@@ -53,6 +55,7 @@ pub mod launch;
 pub mod max_pool;
 pub mod precision;
 pub mod sgd;
+pub mod softmax_loss;
 pub mod switches;
 
 pub use add_relu::add_relu;

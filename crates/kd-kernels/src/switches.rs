@@ -1,5 +1,5 @@
 //! Run-time switches for kd's own paths, from the environment:
-//! `KD_DISABLE=conv,bn,bnrunning,bneval,evaltail,traintail,taps,avx,pool,sgd,augment,addrelu,mempool,events`
+//! `KD_DISABLE=conv,bn,bnrunning,bneval,evaltail,traintail,taps,avx,pool,sgd,augment,addrelu,losses,mempool,events`
 //! (or `all`) sends the named parts back to candle's own ops (or, for `taps`, to kd's other CPU
 //! convolution; for `avx`, to the plain tiles of the CPU layout transposes;
 //! for `mempool` and `events`, to the CUDA driver's and cudarc's allocation defaults), without a
@@ -25,6 +25,8 @@ pub enum Kernel {
     Augment,
     /// The residual blocks' fused add + ReLU.
     AddRelu,
+    /// Softmax cross-entropy and Hinton's KD loss as one op each.
+    SoftmaxLosses,
     /// BatchNorm(+ReLU) in eval mode as one pass (CPU).
     BatchNormEval,
     /// A residual block's tail in eval mode (BatchNorm, add, ReLU) as one pass (CPU).
@@ -44,7 +46,7 @@ pub enum Kernel {
 
 impl Kernel {
     /// Every part.
-    pub const ALL: [Kernel; 14] = [
+    pub const ALL: [Kernel; 15] = [
         Kernel::Conv,
         Kernel::BatchNorm,
         Kernel::BatchNormRunning,
@@ -52,6 +54,7 @@ impl Kernel {
         Kernel::Sgd,
         Kernel::Augment,
         Kernel::AddRelu,
+        Kernel::SoftmaxLosses,
         Kernel::BatchNormEval,
         Kernel::EvalTail,
         Kernel::TrainTail,
@@ -71,6 +74,7 @@ impl Kernel {
             Kernel::Sgd => "sgd",
             Kernel::Augment => "augment",
             Kernel::AddRelu => "addrelu",
+            Kernel::SoftmaxLosses => "losses",
             Kernel::BatchNormEval => "bneval",
             Kernel::EvalTail => "evaltail",
             Kernel::TrainTail => "traintail",

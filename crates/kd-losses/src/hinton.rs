@@ -8,8 +8,19 @@ use candle_core::{Result, Tensor, D};
 use candle_nn::ops::{log_softmax, softmax};
 
 /// The KD loss of `student` logits against `teacher` logits (B, K) at temperature `t`.
-/// The teacher side is detached.
+/// The teacher side is detached. On f32 logits (CPU, and CUDA with feature `cuda`) one op
+/// forward and one backward (`kd_kernels::softmax_loss`); otherwise, and with
+/// `KD_DISABLE=losses`, [`kd_loss_composed`].
 pub fn kd_loss(student: &Tensor, teacher: &Tensor, t: f64) -> Result<Tensor> {
+    if kd_kernels::softmax_loss::supported(student) && teacher.dtype() == student.dtype() {
+        return kd_kernels::softmax_loss::kd_loss(student, teacher, t);
+    }
+    kd_loss_composed(student, teacher, t)
+}
+
+/// [`kd_loss`] composed from candle ops (softmax, log-softmax, a product and means): the path
+/// for other dtypes, and what the tests check the one-op path against.
+pub fn kd_loss_composed(student: &Tensor, teacher: &Tensor, t: f64) -> Result<Tensor> {
     let p_t = softmax(&(teacher.detach() / t)?, D::Minus1)?;
     let logp_t = log_softmax(&(teacher.detach() / t)?, D::Minus1)?;
     let logp_s = log_softmax(&(student / t)?, D::Minus1)?;

@@ -24,7 +24,7 @@ pub mod feature;
 pub mod hinton;
 pub mod relation;
 
-pub use classification::{cross_entropy, mixed_cross_entropy, one_hot};
+pub use classification::{cross_entropy, cross_entropy_composed, mixed_cross_entropy, one_hot};
 pub use contrastive::{contrast_scores, l2_normalize, momentum_update, nce_loss};
 pub use correlation::{dist_terms, pearson_rows};
 pub use decoupled::{dkd_loss, dkd_terms, DecoupledTerms};
@@ -32,7 +32,7 @@ pub use feature::{
     ab_loss, align_spatial, attention_loss, attention_map, factor_transfer_loss, fsp_loss,
     fsp_matrix, hcl_loss, hint_loss, nst_loss, ofd_loss, ofd_margins, vid_loss, vid_variance,
 };
-pub use hinton::{kd_loss, kd_loss_at, standardize_logits};
+pub use hinton::{kd_loss, kd_loss_at, kd_loss_composed, standardize_logits};
 pub use relation::{
     cc_loss, pkt_loss, pkt_probabilities, rkd_angle_loss, rkd_distance_loss, similarity_matrix,
     smooth_l1, sp_loss,
