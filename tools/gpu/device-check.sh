@@ -53,6 +53,7 @@ fallbacks() { # after selfcheck: the kernel families it found out of bounds, as 
   elif fails "batch norm (F|B)[^|]*: running"; then d="$d,bnrunning"; fi
   fails "max-pool" && d="$d,pool"
   fails "add \\+" && d="$d,addrelu"
+  fails "softmax loss" && d="$d,losses"
   fails "fused SGD" && d="$d,sgd"
   { fails "augment" || fails "resident loader"; } && d="$d,augment"
   d="${d#,}"
@@ -105,8 +106,9 @@ perf)
   # skipped). candle's own ops (every kd kernel switched off):
   step kd-bench-candle 80 env KD_DISABLE=all /tmp/kd-runner bench --device cuda --batch 256 --stem cifar \
     --steps 10 --warmup 3 --precision f32,bf16
-  # A residual block's training tail split into the BatchNorm and the add + ReLU (session 22):
-  step kd-bench-traintail 50 env KD_DISABLE="${KD_DISABLE:+$KD_DISABLE,}traintail" /tmp/kd-runner bench --device cuda --batch 256 \
+  # Session 22's two parts off: a residual block's training tail split into the BatchNorm and
+  # the add + ReLU, and the losses composed from candle ops (the KD step's row shows both):
+  step kd-bench-tail-losses 50 env KD_DISABLE="${KD_DISABLE:+$KD_DISABLE,}traintail,losses" /tmp/kd-runner bench --device cuda --batch 256 \
     --stem cifar --steps 10 --warmup 3 --precision bf16,f32
   # The driver's default pool policy (freed memory handed back at every synchronisation):
   step kd-bench-mempool 50 env KD_DISABLE="${KD_DISABLE:+$KD_DISABLE,}mempool" /tmp/kd-runner bench --device cuda --batch 256 \

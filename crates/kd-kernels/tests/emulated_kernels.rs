@@ -1350,3 +1350,185 @@ fn add_relu_kernels_match_the_cpu_path() {
     add_relu_case::<f32>(&mut rng);
     add_relu_case::<bf16>(&mut rng);
 }
+
+// ---------------------------------------------------------------------------------------------
+// The softmax losses: cross-entropy (label smoothing, mixup) and Hinton's KD loss.
+
+fn buf_u32(v: &[u32]) -> Arg {
+    Arg::Buf(v.iter().flat_map(|x| x.to_le_bytes()).collect())
+}
+
+/// The forward kernels at their production geometry (one block of 32 warps) and at one block of
+/// two warps (each warp then takes many rows); the backward kernels at theirs (a warp a row) and
+/// at one block of two warps (the grid loops over the rows).
+fn loss_geometries(b: usize) -> ([LaunchGeometry; 2], [LaunchGeometry; 2]) {
+    (
+        [LaunchGeometry::loss_rows(), LaunchGeometry::linear(1, 64)],
+        [
+            LaunchGeometry::warp_per_row(b),
+            LaunchGeometry::linear(1, 64),
+        ],
+    )
+}
+
+/// With `race_checked`, every forward launch also runs under ThreadSanitizer (its block of 1,024
+/// threads is the costly part of this test, so one case does).
+fn softmax_losses_case(rng: &mut ChaCha8Rng, (b, k): (usize, usize), race_checked: bool) {
+    use kd_kernels::softmax_loss::{cross_entropy, kd_loss};
+    let z = random(rng, b * k, -6.0, 6.0);
+    let t = random(rng, b * k, -6.0, 6.0);
+    let ya: Vec<u32> = (0..b).map(|_| rng.gen_range(0..k as u32)).collect();
+    let yb: Vec<u32> = (0..b).map(|_| rng.gen_range(0..k as u32)).collect();
+    let cpu = |v: &[u32]| Tensor::new(v, &Device::Cpu).unwrap();
+    let (ya_t, yb_t) = (cpu(&ya), cpu(&yb));
+    let upstream = 0.7f32;
+    let (fwd, bwd) = loss_geometries(b);
+    let (bi, ki) = (Arg::I32(b as i32), Arg::I32(k as i32));
+    let fwd_launch = if race_checked {
+        launch_race_checked
+    } else {
+        launch
+    };
+
+    for (smoothing, mix) in [(0.0f64, None), (0.1, None), (0.1, Some(0.3f64))] {
+        let what = format!("xent {:?} ε {smoothing} λ {mix:?}", (b, k));
+        let zv = Var::from_vec(z.clone(), (b, k), &Device::Cpu).unwrap();
+        let loss = cross_entropy(&zv, &ya_t, mix.map(|l| (&yb_t, l)), smoothing).unwrap();
+        let grads = (&loss * upstream as f64).unwrap().backward().unwrap();
+        let want_loss = loss.to_scalar::<f32>().unwrap();
+        let want_dz = tensor_f32s(grads.get(&zv).unwrap());
+        let lambda = mix.unwrap_or(1.0);
+        let (wa, wb, eps_k) = (
+            (lambda * (1.0 - smoothing)) as f32,
+            ((1.0 - lambda) * (1.0 - smoothing)) as f32,
+            (smoothing / k as f64) as f32,
+        );
+        let lb = if mix.is_some() { &yb } else { &ya };
+        let weights = [Arg::F32(wa), Arg::F32(wb), Arg::F32(eps_k)];
+        for (i, g) in fwd.into_iter().enumerate() {
+            let mut args = vec![
+                buf_f32(&z),
+                buf_u32(&ya),
+                buf_u32(lb),
+                buf_f32(&[f32::NAN]),
+                bi.clone(),
+                ki.clone(),
+            ];
+            args.extend(weights.clone());
+            let out = launcher(i, fwd_launch)("xent_fwd", g, &args);
+            assert_close(
+                &format!("{what} loss {g:?}"),
+                &f32s(&out[3]),
+                &[want_loss],
+                1e-6,
+            );
+        }
+        for (i, g) in bwd.into_iter().enumerate() {
+            let mut args = vec![
+                buf_f32(&z),
+                buf_u32(&ya),
+                buf_u32(lb),
+                buf_f32(&[upstream]),
+                buf_f32(&vec![f32::NAN; b * k]),
+                bi.clone(),
+                ki.clone(),
+            ];
+            args.extend(weights.clone());
+            let out = launcher(i, launch)("xent_bwd", g, &args);
+            assert_close(&format!("{what} dz {g:?}"), &f32s(&out[4]), &want_dz, 1e-6);
+        }
+    }
+
+    for temp in [1.0f32, 4.0] {
+        let what = format!("kd {:?} T {temp}", (b, k));
+        let sv = Var::from_vec(z.clone(), (b, k), &Device::Cpu).unwrap();
+        let tt = Tensor::from_vec(t.clone(), (b, k), &Device::Cpu).unwrap();
+        let loss = kd_loss(&sv, &tt, temp as f64).unwrap();
+        let grads = (&loss * upstream as f64).unwrap().backward().unwrap();
+        let want_loss = loss.to_scalar::<f32>().unwrap();
+        let want_ds = tensor_f32s(grads.get(&sv).unwrap());
+        for (i, g) in fwd.into_iter().enumerate() {
+            let args = [
+                buf_f32(&z),
+                buf_f32(&t),
+                buf_f32(&[f32::NAN]),
+                bi.clone(),
+                ki.clone(),
+                Arg::F32(1.0 / temp),
+                Arg::F32(temp * temp),
+            ];
+            let out = launcher(i, fwd_launch)("kd_kl_fwd", g, &args);
+            // A sum of terms of both signs: against the loss's own scale.
+            assert_close(
+                &format!("{what} loss {g:?}"),
+                &f32s(&out[2]),
+                &[want_loss],
+                1e-5,
+            );
+        }
+        for (i, g) in bwd.into_iter().enumerate() {
+            let args = [
+                buf_f32(&z),
+                buf_f32(&t),
+                buf_f32(&[upstream]),
+                buf_f32(&vec![f32::NAN; b * k]),
+                bi.clone(),
+                ki.clone(),
+                Arg::F32(1.0 / temp),
+                Arg::F32(temp),
+            ];
+            let out = launcher(i, launch)("kd_kl_bwd", g, &args);
+            assert_close(&format!("{what} ds {g:?}"), &f32s(&out[3]), &want_ds, 1e-6);
+        }
+    }
+
+    // A label outside the classes: NaN loss, NaN gradient of its row only.
+    let mut bad = ya.clone();
+    bad[0] = k as u32;
+    let weights = [Arg::F32(1.0), Arg::F32(0.0), Arg::F32(0.0)];
+    let mut args = vec![
+        buf_f32(&z),
+        buf_u32(&bad),
+        buf_u32(&bad),
+        buf_f32(&[0.0]),
+        bi.clone(),
+        ki.clone(),
+    ];
+    args.extend(weights.clone());
+    let out = launch("xent_fwd", fwd[0], &args);
+    assert!(
+        f32s(&out[3])[0].is_nan(),
+        "{:?}: loss with label {k}",
+        (b, k)
+    );
+    let mut args = vec![
+        buf_f32(&z),
+        buf_u32(&bad),
+        buf_u32(&bad),
+        buf_f32(&[1.0]),
+        buf_f32(&vec![0.0; b * k]),
+        bi,
+        ki,
+    ];
+    args.extend(weights);
+    let dz = f32s(&launch("xent_bwd", bwd[0], &args)[4]);
+    assert!(dz[..k].iter().all(|v| v.is_nan()), "{:?}: row 0", (b, k));
+    assert!(
+        dz[k..].iter().all(|v| v.is_finite()),
+        "{:?}: other rows",
+        (b, k)
+    );
+}
+
+#[test]
+fn softmax_loss_kernels_match_the_cpu_path() {
+    let mut rng = ChaCha8Rng::seed_from_u64(12);
+    // Fewer classes than lanes, more (a lane takes several), one class; fewer rows than warps
+    // and more.
+    for (i, dims) in [(5, 10), (70, 100), (3, 1), (33, 7)]
+        .into_iter()
+        .enumerate()
+    {
+        softmax_losses_case(&mut rng, dims, i == 0);
+    }
+}

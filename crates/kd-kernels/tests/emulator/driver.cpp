@@ -17,6 +17,7 @@
 #include "../../src/kernels/batch_norm.cu"
 #include "../../src/kernels/max_pool.cu"
 #include "../../src/kernels/sgd.cu"
+#include "../../src/kernels/softmax_loss.cu"
 
 #include <functional>
 #include <map>
@@ -148,6 +149,10 @@ const std::map<std::string, Runner>& kernels() {
         KD_EMU_KERNEL(sgd_momentum_f32),
         KD_EMU_KERNEL(sgd_param_f32),
         KD_EMU_KERNEL(sgd_list_f32),
+        KD_EMU_KERNEL(xent_fwd),
+        KD_EMU_KERNEL(xent_bwd),
+        KD_EMU_KERNEL(kd_kl_fwd),
+        KD_EMU_KERNEL(kd_kl_bwd),
     };
     return all;
 }

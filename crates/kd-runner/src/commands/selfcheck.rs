@@ -316,6 +316,57 @@ fn check_add_relu(c: &mut Checks, dev: &Device) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The one-op losses on the logits (`kd_kernels::softmax_loss`): cross-entropy with label
+/// smoothing and mixup's two label sets, Hinton's KD loss; value and logits' gradient.
+fn check_softmax_losses(c: &mut Checks, dev: &Device) -> anyhow::Result<()> {
+    use kd_kernels::softmax_loss::{cross_entropy, kd_loss};
+    let (b, k) = (256, 100);
+    let z = (rand(&[b, k], 70, &Device::Cpu)? * 6.0)?;
+    let t = (rand(&[b, k], 71, &Device::Cpu)? * 6.0)?;
+    let labels = |seed: u64| -> anyhow::Result<Tensor> {
+        let v: Vec<u32> = (0..b as u64)
+            .map(|i| ((i * 37 + seed) % k as u64) as u32)
+            .collect();
+        Ok(Tensor::new(v.as_slice(), &Device::Cpu)?)
+    };
+    let (ya, yb) = (labels(3)?, labels(11)?);
+    // (name, loss of the logits on a device).
+    type Loss<'a> = Box<dyn Fn(&Tensor, &Device) -> anyhow::Result<Tensor> + 'a>;
+    let cases: [(&str, Loss); 3] = [
+        (
+            "cross-entropy, ε 0.1",
+            Box::new(|z, d| Ok(cross_entropy(z, &ya.to_device(d)?, None, 0.1)?)),
+        ),
+        (
+            "cross-entropy, mixup λ 0.3",
+            Box::new(|z, d| {
+                let yb = yb.to_device(d)?;
+                Ok(cross_entropy(z, &ya.to_device(d)?, Some((&yb, 0.3)), 0.0)?)
+            }),
+        ),
+        (
+            "KD loss, T 4",
+            Box::new(|z, d| Ok(kd_loss(z, &t.to_device(d)?, 4.0)?)),
+        ),
+    ];
+    for (name, loss) in cases {
+        let run = |d: &Device| -> anyhow::Result<(Tensor, Tensor)> {
+            let zv = Var::from_tensor(&z.to_device(d)?)?;
+            let l = loss(&zv, d)?;
+            let g = (&l * 0.7)?.backward()?;
+            Ok((l, g.get(&zv).unwrap().clone()))
+        };
+        let ((l, g), (le, ge)) = (run(dev)?, run(&Device::Cpu)?);
+        c.add(format!("softmax loss {name}: value"), rel(&l, &le)?, 1e-4);
+        c.add(
+            format!("softmax loss {name}: gradient"),
+            rel(&g, &ge)?,
+            1e-4,
+        );
+    }
+    Ok(())
+}
+
 fn check_max_pool(c: &mut Checks, dev: &Device) -> anyhow::Result<()> {
     for dt in [DType::F32, DType::BF16] {
         // Ties at 0 after a ReLU, as in the stem.
@@ -785,6 +836,7 @@ pub fn run(args: &SelfcheckArgs) -> anyhow::Result<()> {
     check_batch_norm(&mut c, &dev)?;
     check_max_pool(&mut c, &dev)?;
     check_add_relu(&mut c, &dev)?;
+    check_softmax_losses(&mut c, &dev)?;
     check_augment(&mut c, &dev)?;
     check_sgd(&mut c, &dev)?;
     check_model(&mut c, &dev)?;
