@@ -23,7 +23,7 @@
 //! compared tightly; after step 2 within 2e-2, as a ReLU near its kink may flip under f32
 //! rounding by then (the fixture script says why). Measured when written (dml's last column
 //! since session 22's one-op losses: 1.2·10⁻², a flip in peer 1's `layer4.1`; the step-2
-//! gradients of the layers above it agreed with the composed losses' to seven digits or more):
+//! gradients of the layers above it agreed with the composed losses' to six digits or more):
 //!
 //! | case | step-1 gradients | changes over step 1 | over both steps |
 //! |---|---|---|---|
