@@ -83,7 +83,8 @@ pub fn compile_all_kernels() -> candle_core::Result<Vec<(&'static str, usize)>> 
 }
 
 /// The PTX NVRTC makes of one kernel module (`kd_batch_norm`, `kd_max_pool`, `kd_augment`,
-/// `kd_sgd`), for tests that check what the kernels compile to.
+/// `kd_sgd`, `kd_add_relu`, `kd_softmax_loss`), for tests that check what the kernels compile
+/// to.
 #[cfg(feature = "cuda")]
 pub fn kernel_ptx(module: &str) -> candle_core::Result<&'static str> {
     cuda::ptx_of(module)

@@ -64,7 +64,7 @@ pub fn kd_loss(student: &Tensor, teacher: &Tensor, t: f64) -> Result<Tensor> {
             teacher.dtype()
         );
     }
-    if !(t > 0.0) {
+    if t.is_nan() || t <= 0.0 {
         bail!("kd_loss: the temperature must be positive, got {t}");
     }
     student.dims2()?;
