@@ -381,7 +381,6 @@ impl CustomOp3 for Apply {
         "kd-batch-norm-apply"
     }
 
-    #[allow(unsafe_code)]
     fn cpu_fwd(
         &self,
         s1: &CpuStorage,
@@ -395,20 +394,7 @@ impl CustomOp3 for Apply {
         let x = cpu::f32s_cow(s1, l1)?;
         let (gamma, beta) = (cpu::f32s(s2, l2)?, cpu::f32s(s3, l3)?);
         let st = f32_vec(&self.stats)?;
-        let mut y = cpu::output_slots(x.len());
-        // One call per (N, C) plane; plane p's channel is p % C.
-        cpu::par_chunks(&mut y, hw, |plane, out| {
-            let ch = plane % c;
-            let invstd = 1.0 / (st[c + ch] + self.eps).sqrt();
-            let x = &x[plane * hw..][..out.len()];
-            for (o, &v) in out.iter_mut().zip(x) {
-                let y = (v - st[ch]) * invstd * gamma[ch] + beta[ch];
-                o.write(if self.relu && !(y > 0.0) { 0.0 } else { y });
-            }
-        });
-        // SAFETY: the planes cover `y`, and each slot of a plane is written (its input slice
-        // has the plane's length).
-        let y = unsafe { cpu::written(y) };
+        let y = apply_cpu(&x, None, &st, (&gamma, &beta), (c, hw), self.eps, self.relu);
         Ok((cpu::from_f32s(y, s1.dtype())?, l1.shape().clone()))
     }
 
@@ -474,7 +460,6 @@ impl CustomOp3 for ApplyAddRelu {
         "kd-batch-norm-apply-add-relu"
     }
 
-    #[allow(unsafe_code)]
     fn cpu_fwd(
         &self,
         s1: &CpuStorage,
@@ -496,21 +481,7 @@ impl CustomOp3 for ApplyAddRelu {
             );
         }
         let st = f32_vec(&self.stats)?;
-        let mut y = cpu::output_slots(x.len());
-        // One call per (N, C) plane; plane p's channel is p % C.
-        cpu::par_chunks(&mut y, hw, |plane, out| {
-            let ch = plane % c;
-            let invstd = 1.0 / (st[c + ch] + self.eps).sqrt();
-            let at = plane * hw;
-            let (x, r) = (&x[at..][..out.len()], &r[at..][..out.len()]);
-            for ((o, &v), &r) in out.iter_mut().zip(x).zip(r) {
-                let y = (v - st[ch]) * invstd * gb[ch] + gb[c + ch] + r;
-                o.write(if !(y > 0.0) { 0.0 } else { y });
-            }
-        });
-        // SAFETY: the planes cover `y`, and each slot of a plane is written (its input slices
-        // have the plane's length).
-        let y = unsafe { cpu::written(y) };
+        let y = apply_cpu(&x, Some(&r), &st, gb.split_at(c), (c, hw), self.eps, true);
         Ok((cpu::from_f32s(y, s1.dtype())?, l1.shape().clone()))
     }
 
@@ -571,6 +542,46 @@ impl CustomOp3 for ApplyAddRelu {
         let d_gamma_beta = Tensor::cat(&[red.narrow(0, 1, 1)?, red.narrow(0, 0, 1)?], 0)?;
         Ok((Some(both.get(0)?), Some(both.get(1)?), Some(d_gamma_beta)))
     }
+}
+
+/// `x̂·γ + β`, plus `residual` when given, then the ReLU if `relu` (a residual always has it):
+/// the apply pass of [`Apply`] and [`ApplyAddRelu`] on the CPU, one call per (N, C) plane, with
+/// the batch statistics `st` ((2, C): mean, variance).
+#[allow(unsafe_code)]
+fn apply_cpu(
+    x: &[f32],
+    residual: Option<&[f32]>,
+    st: &[f32],
+    (gamma, beta): (&[f32], &[f32]),
+    (c, hw): (usize, usize),
+    eps: f32,
+    relu: bool,
+) -> Vec<f32> {
+    let mut y = cpu::output_slots(x.len());
+    // Plane p's channel is p % C.
+    cpu::par_chunks(&mut y, hw, |plane, out| {
+        let ch = plane % c;
+        let invstd = 1.0 / (st[c + ch] + eps).sqrt();
+        let (at, len) = (plane * hw, out.len());
+        let x = &x[at..][..len];
+        let rectify = |y: f32| if !(y > 0.0) { 0.0 } else { y };
+        match residual {
+            None => {
+                for (o, &v) in out.iter_mut().zip(x) {
+                    let y = (v - st[ch]) * invstd * gamma[ch] + beta[ch];
+                    o.write(if relu { rectify(y) } else { y });
+                }
+            }
+            Some(r) => {
+                for ((o, &v), &r) in out.iter_mut().zip(x).zip(&r[at..][..len]) {
+                    o.write(rectify((v - st[ch]) * invstd * gamma[ch] + beta[ch] + r));
+                }
+            }
+        }
+    });
+    // SAFETY: the planes cover `y`, and each slot of a plane is written (its input slices have
+    // the plane's length).
+    unsafe { cpu::written(y) }
 }
 
 /// Σdy' and Σdy'·x̂ per channel (the CPU reference): f32 lanes within a plane, f64 across.
