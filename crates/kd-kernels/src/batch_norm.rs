@@ -190,11 +190,11 @@ fn train(
                 stats: stats.clone(),
             },
         )?,
-        // γ and β as one (2, C) input: a custom op takes at most three tensors. Their
-        // gradients come back through the stack.
+        // β and γ as one (2, C) input, as a custom op takes at most three tensors; in that
+        // order, their gradient is the backward reduction's (Σdy', Σdy'·x̂) as it comes.
         Some(r) => x.apply_op3(
             &r.contiguous()?,
-            &Tensor::stack(&[&weight, &bias], 0)?,
+            &Tensor::stack(&[&bias, &weight], 0)?,
             ApplyAddRelu {
                 eps: eps as f32,
                 stats: stats.clone(),
@@ -294,7 +294,7 @@ struct Apply {
     stats: Tensor,
 }
 
-/// (x, residual, γβ) → relu(x̂·γ + β + residual), γβ being (2, C) f32, with the batch
+/// (x, residual, βγ) → relu(x̂·γ + β + residual), βγ being (2, C) f32 (β, then γ), with the batch
 /// statistics held by the op as in [`Apply`].
 struct ApplyAddRelu {
     eps: f32,
@@ -474,14 +474,15 @@ impl CustomOp3 for ApplyAddRelu {
         let gb = cpu::f32s(s3, l3)?;
         if r.len() != x.len() || gb.len() != 2 * c {
             bail!(
-                "batch norm add relu: input {:?}, residual {:?}, γβ {:?}",
+                "batch norm add relu: input {:?}, residual {:?}, βγ {:?}",
                 l1.dims(),
                 l2.dims(),
                 l3.dims()
             );
         }
         let st = f32_vec(&self.stats)?;
-        let y = apply_cpu(&x, Some(&r), &st, gb.split_at(c), (c, hw), self.eps, true);
+        let (beta, gamma) = gb.split_at(c);
+        let y = apply_cpu(&x, Some(&r), &st, (gamma, beta), (c, hw), self.eps, true);
         Ok((cpu::from_f32s(y, s1.dtype())?, l1.shape().clone()))
     }
 
@@ -510,7 +511,7 @@ impl CustomOp3 for ApplyAddRelu {
         &self,
         x: &Tensor,
         _residual: &Tensor,
-        gamma_beta: &Tensor,
+        beta_gamma: &Tensor,
         y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
@@ -533,14 +534,13 @@ impl CustomOp3 for ApplyAddRelu {
                 eps: self.eps,
                 relu: true,
                 stats: self.stats.clone(),
-                gamma: gamma_beta.get(0)?,
+                gamma: beta_gamma.get(1)?,
                 red: red.clone(),
                 shortcut_grad: true,
             },
         )?;
-        // (dγ, dβ) = (Σdy'·x̂, Σdy'): the reduction's rows swapped.
-        let d_gamma_beta = Tensor::cat(&[red.narrow(0, 1, 1)?, red.narrow(0, 0, 1)?], 0)?;
-        Ok((Some(both.get(0)?), Some(both.get(1)?), Some(d_gamma_beta)))
+        // (dβ, dγ) = (Σdy', Σdy'·x̂): the reduction itself.
+        Ok((Some(both.get(0)?), Some(both.get(1)?), Some(red)))
     }
 }
 

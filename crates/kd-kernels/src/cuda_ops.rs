@@ -201,7 +201,7 @@ pub(crate) fn bn_apply(
 }
 
 /// A residual block's tail in training mode, `relu(bn(x) + residual)`: `bn_apply_add_relu_*`
-/// on (x, residual, γβ), γβ being γ and β as one (2, C) f32 tensor.
+/// on (x, residual, βγ), βγ being β and γ as one (2, C) f32 tensor.
 pub(crate) fn bn_apply_add_relu(
     args: [Arg<'_>; 3],
     stats: &Tensor,
@@ -226,13 +226,13 @@ fn bn_apply_add_relu_t<T: Elem>(
     let total = lx.shape().elem_count();
     if lr.shape().elem_count() != total || lg.shape().elem_count() != 2 * c {
         bail!(
-            "batch norm add relu: input {:?}, residual {:?}, γβ {:?}",
+            "batch norm add relu: input {:?}, residual {:?}, βγ {:?}",
             lx.dims(),
             lr.dims(),
             lg.dims()
         );
     }
-    let (x, r, gamma_beta) = (view::<T>(sx, lx)?, view::<T>(sr, lr)?, view::<f32>(sg, lg)?);
+    let (x, r, beta_gamma) = (view::<T>(sx, lx)?, view::<T>(sr, lr)?, view::<f32>(sg, lg)?);
     // SAFETY: every element is written by the kernel.
     let mut y = unsafe { dev.alloc::<T>(total)? };
     let name = format!("bn_apply_add_relu_{}", suffix(sx.dtype())?);
@@ -242,7 +242,7 @@ fn bn_apply_add_relu_t<T: Elem>(
     with_f32_view(stats, |st| {
         let stream = dev.cuda_stream();
         let mut b = stream.launch_builder(&f);
-        b.arg(&x).arg(&r).arg(st).arg(&gamma_beta).arg(&mut y);
+        b.arg(&x).arg(&r).arg(st).arg(&beta_gamma).arg(&mut y);
         b.arg(&c_).arg(&hw_).arg(&eps);
         // SAFETY: argument types and sizes match bn_apply_add_relu in batch_norm.cu.
         unsafe { b.launch(grid) }.w()?;

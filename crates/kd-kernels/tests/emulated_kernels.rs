@@ -693,7 +693,7 @@ fn training_tail_case<E: Elem>(rng: &mut ChaCha8Rng, (n, c, h, w): (usize, usize
         launch
     };
 
-    let gamma_beta = [gamma.clone(), beta].concat();
+    let beta_gamma = [beta, gamma.clone()].concat();
     let y = values::<E>(&run_per_plane(
         &format!("bn_apply_add_relu_{sfx}"),
         (n, c, hw),
@@ -701,7 +701,7 @@ fn training_tail_case<E: Elem>(rng: &mut ChaCha8Rng, (n, c, h, w): (usize, usize
             buf(&x),
             buf(&r),
             buf_f32(&stats),
-            buf_f32(&gamma_beta),
+            buf_f32(&beta_gamma),
             buf(&vec![E::from_f32(f32::NAN); total]),
             ci.clone(),
             hwi.clone(),

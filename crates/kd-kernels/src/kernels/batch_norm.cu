@@ -260,8 +260,8 @@ extern "C" __global__ void bn_apply_##SUFFIX(const E::T* x, const float* stats, 
     bn_apply<E, false>(x, x, stats, gamma, beta, y, C, HW, eps, relu);                          \
 }                                                                                               \
 extern "C" __global__ void bn_apply_add_relu_##SUFFIX(const E::T* x, const E::T* residual,      \
-        const float* stats, const float* gamma_beta, E::T* y, int C, int HW, float eps) {       \
-    bn_apply<E, true>(x, residual, stats, gamma_beta, gamma_beta + C, y, C, HW, eps, 1);        \
+        const float* stats, const float* beta_gamma, E::T* y, int C, int HW, float eps) {       \
+    bn_apply<E, true>(x, residual, stats, beta_gamma + C, beta_gamma, y, C, HW, eps, 1);        \
 }                                                                                               \
 extern "C" __global__ void bn_eval_##SUFFIX(const E::T* x, const float* mean, const float* var, \
         const float* gamma, const float* beta, E::T* y, int C, int HW, float eps, int relu) {   \
