@@ -14,10 +14,11 @@ use crate::cuda::{
 };
 use crate::launch::{overlapping, LaunchGeometry};
 
-/// Element types our kernels are instantiated for.
+/// Element types our kernels are instantiated for or read (u32: the losses' labels).
 trait Elem: DeviceRepr + CudaDType + ValidAsZeroBits {}
 impl Elem for f32 {}
 impl Elem for half::bf16 {}
+impl Elem for u32 {}
 
 fn view<'a, T: Elem>(s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, T>> {
     match l.contiguous_offsets() {
@@ -484,14 +485,6 @@ fn bn_backward_data_t<T: Elem>(
     Ok(CudaStorage::wrap_cuda_slice(dx, dev.clone()))
 }
 
-/// The u32 device view of labels (contiguous).
-fn labels_view<'a>(s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, u32>> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(s.as_cuda_slice::<u32>()?.slice(a..b)),
-        None => bail!("cross_entropy: labels must be contiguous"),
-    }
-}
-
 /// `xent_fwd`: the cross-entropy of (B, K) f32 logits against two label sets (one scalar).
 pub(crate) fn xent_fwd(
     [(sz, lz), (sa, la), (sb, lb)]: [Arg<'_>; 3],
@@ -500,7 +493,7 @@ pub(crate) fn xent_fwd(
 ) -> Result<CudaStorage> {
     let dev = &sz.device;
     let z = view::<f32>(sz, lz)?;
-    let (ya, yb) = (labels_view(sa, la)?, labels_view(sb, lb)?);
+    let (ya, yb) = (view::<u32>(sa, la)?, view::<u32>(sb, lb)?);
     // SAFETY: thread 0 writes the one value.
     let mut loss = unsafe { dev.alloc::<f32>(1)? };
     let f = SOFTMAX_LOSS.func(dev, "xent_fwd")?;
@@ -523,7 +516,7 @@ pub(crate) fn xent_bwd(
 ) -> Result<CudaStorage> {
     let dev = &sz.device;
     let z = view::<f32>(sz, lz)?;
-    let (ya, yb) = (labels_view(sa, la)?, labels_view(sb, lb)?);
+    let (ya, yb) = (view::<u32>(sa, la)?, view::<u32>(sb, lb)?);
     // SAFETY: every element is written by the kernel (one warp a row).
     let mut dz = unsafe { dev.alloc::<f32>(b * k)? };
     let f = SOFTMAX_LOSS.func(dev, "xent_bwd")?;

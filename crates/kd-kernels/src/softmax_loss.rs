@@ -90,6 +90,17 @@ impl Target {
             eps_k: (smoothing / k as f64) as f32,
         }
     }
+
+    /// Σ_k q_k·(−log p_k) of one row whose log-probabilities are `logp` (labels in range).
+    fn row_loss(&self, logp: &[f32], a: u32, c: u32) -> f32 {
+        let (a, c) = (a as usize, c as usize);
+        let sum_logp = if self.eps_k != 0.0 {
+            logp.iter().sum::<f32>()
+        } else {
+            0.0
+        };
+        -(self.wa * logp[a] + self.wb * logp[c] + self.eps_k * sum_logp)
+    }
 }
 
 /// (dz) of [`Target`]'s loss, with the upstream gradient (one value) held.
@@ -149,19 +160,6 @@ fn scalar(t: &Tensor) -> Result<f32> {
         .first()
         .copied()
         .ok_or_else(|| candle_core::Error::Msg("softmax losses: an empty gradient".into()))
-}
-
-impl Target {
-    /// Σ_k q_k·(−log p_k) of one row whose log-probabilities are `logp` (labels in range).
-    fn row_loss(&self, logp: &[f32], a: u32, c: u32) -> f32 {
-        let (a, c) = (a as usize, c as usize);
-        let sum_logp = if self.eps_k != 0.0 {
-            logp.iter().sum::<f32>()
-        } else {
-            0.0
-        };
-        -(self.wa * logp[a] + self.wb * logp[c] + self.eps_k * sum_logp)
-    }
 }
 
 impl CustomOp3 for Target {
