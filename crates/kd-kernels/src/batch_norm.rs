@@ -20,6 +20,7 @@ use candle_core::{
 };
 
 use crate::cpu;
+use crate::memory_format::{channels_first, cpu_via_channels_first, MemoryFormat};
 use candle_core::backend::BackendStorage;
 use rayon::prelude::*;
 
@@ -47,7 +48,14 @@ pub fn batch_norm_train(
     eps: f64,
     relu: bool,
 ) -> Result<BatchNormOutput> {
-    train(x, weight, bias, eps, relu, None, None)
+    train_in(
+        MemoryFormat::ChannelsFirst,
+        (x, weight, bias),
+        eps,
+        relu,
+        None,
+        None,
+    )
 }
 
 /// A layer's running statistics and their momentum, for [`batch_norm_train_update`].
@@ -73,7 +81,14 @@ pub fn batch_norm_train_update(
     relu: bool,
     running: RunningStats<'_>,
 ) -> Result<BatchNormOutput> {
-    train(x, weight, bias, eps, relu, None, Some(running))
+    train_in(
+        MemoryFormat::ChannelsFirst,
+        (x, weight, bias),
+        eps,
+        relu,
+        None,
+        Some(running),
+    )
 }
 
 /// A residual block's tail in training mode: `relu(batch_norm(x) + residual)`, with the running
@@ -85,6 +100,23 @@ pub fn batch_norm_train_add_relu(
     x: &Tensor,
     weight: &Tensor,
     bias: &Tensor,
+    residual: &Tensor,
+    eps: f64,
+    running: Option<RunningStats<'_>>,
+) -> Result<BatchNormOutput> {
+    train_add_relu_in(
+        MemoryFormat::ChannelsFirst,
+        (x, weight, bias),
+        residual,
+        eps,
+        running,
+    )
+}
+
+/// [`batch_norm_train_add_relu`] over tensors of `format`.
+pub(crate) fn train_add_relu_in(
+    format: MemoryFormat,
+    (x, weight, bias): (&Tensor, &Tensor, &Tensor),
     residual: &Tensor,
     eps: f64,
     running: Option<RunningStats<'_>>,
@@ -105,10 +137,11 @@ pub fn batch_norm_train_add_relu(
             x.device().location()
         );
     }
+    let params = (x, weight, bias);
     if crate::enabled(crate::Kernel::TrainTail) {
-        return train(x, weight, bias, eps, true, Some(residual), running);
+        return train_in(format, params, eps, true, Some(residual), running);
     }
-    let out = train(x, weight, bias, eps, false, None, running)?;
+    let out = train_in(format, params, eps, false, None, running)?;
     Ok(BatchNormOutput {
         y: crate::add_relu(&out.y, residual)?,
         ..out
@@ -116,17 +149,16 @@ pub fn batch_norm_train_add_relu(
 }
 
 /// The training-mode BatchNorm, then the ReLU if `relu`; with `residual` (and `relu`), the
-/// residual added before the ReLU in the same op.
-fn train(
-    x: &Tensor,
-    weight: &Tensor,
-    bias: &Tensor,
+/// residual added before the ReLU in the same op; over tensors of `format`.
+pub(crate) fn train_in(
+    format: MemoryFormat,
+    (x, weight, bias): (&Tensor, &Tensor, &Tensor),
     eps: f64,
     relu: bool,
     residual: Option<&Tensor>,
     running: Option<RunningStats<'_>>,
 ) -> Result<BatchNormOutput> {
-    let (n, c, h, w) = x.dims4()?;
+    let (n, c, hw) = format.n_c_hw(x.dims())?;
     if weight.dims() != [c] || bias.dims() != [c] {
         bail!(
             "batch_norm_train: input {:?} has {c} channels but weight is {:?} and bias {:?}",
@@ -135,7 +167,7 @@ fn train(
             bias.dims()
         );
     }
-    if n * h * w < 2 {
+    if n * hw < 2 {
         bail!(
             "BatchNorm2d in training mode needs more than one value per channel, got input {:?}",
             x.dims()
@@ -147,7 +179,7 @@ fn train(
             x.dtype()
         );
     }
-    let count = n * h * w;
+    let count = n * hw;
     if let Some(r) = running {
         check_running(r.mean, r.var, c, count)?;
         for t in [r.mean, r.var] {
@@ -169,6 +201,7 @@ fn train(
     });
     let x = x.contiguous()?;
     let stats = x.apply_op1_no_bwd(&Stats {
+        format,
         running: in_stats.map(|r| StatsRunning {
             mean: r.mean.clone(),
             var: r.var.clone(),
@@ -185,6 +218,7 @@ fn train(
             &weight,
             &bias,
             Apply {
+                format,
                 eps: eps as f32,
                 relu,
                 stats: stats.clone(),
@@ -196,6 +230,7 @@ fn train(
             &r.contiguous()?,
             &Tensor::stack(&[&bias, &weight], 0)?,
             ApplyAddRelu {
+                format,
                 eps: eps as f32,
                 stats: stats.clone(),
             },
@@ -269,15 +304,19 @@ fn check_running(
     Ok(())
 }
 
-/// (N, C, H, W) → (2, C) f32: mean and biased variance per channel; on CUDA, with `running`,
-/// also the running statistics' update.
+/// (N, C, H, W) (or, channels-last, (N, H, W, C)) → (2, C) f32: mean and biased variance per
+/// channel; on CUDA, with `running`, also the running statistics' update. Each op below has the
+/// `format` of its 4-D tensors.
+#[derive(Clone)]
 struct Stats {
+    format: MemoryFormat,
     running: Option<StatsRunning>,
 }
 
 /// The running statistics a CUDA [`Stats`] launch updates in place (written through device
 /// pointers, in stream order: see `cuda_ops::bn_stats`).
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+#[derive(Clone)]
 pub(crate) struct StatsRunning {
     pub(crate) mean: Tensor,
     pub(crate) var: Tensor,
@@ -288,7 +327,9 @@ pub(crate) struct StatsRunning {
 
 /// (x, γ, β) → y, with the batch statistics (2, C) held by the op (they have no gradient: the
 /// input gradient below accounts for them).
+#[derive(Clone)]
 struct Apply {
+    format: MemoryFormat,
     eps: f32,
     relu: bool,
     stats: Tensor,
@@ -296,13 +337,17 @@ struct Apply {
 
 /// (x, residual, βγ) → relu(x̂·γ + β + residual), βγ being (2, C) f32 (β, then γ), with the batch
 /// statistics held by the op as in [`Apply`].
+#[derive(Clone)]
 struct ApplyAddRelu {
+    format: MemoryFormat,
     eps: f32,
     stats: Tensor,
 }
 
 /// (x, y, dy) → (2, C) f32: Σdy', Σdy'·x̂ per channel.
+#[derive(Clone)]
 struct BackwardReduce {
+    format: MemoryFormat,
     eps: f32,
     relu: bool,
     stats: Tensor,
@@ -310,7 +355,9 @@ struct BackwardReduce {
 
 /// (x, y, dy) → dx; with `shortcut_grad`, (2, N, C, H, W): dx, then the shortcut's gradient
 /// dy' (the gradient the ReLU passes on).
+#[derive(Clone)]
 struct BackwardData {
+    format: MemoryFormat,
     eps: f32,
     relu: bool,
     stats: Tensor,
@@ -324,13 +371,6 @@ struct UpdateRunning {
     row: usize,
     momentum: f32,
     scale: f32,
-}
-
-fn nchw(l: &Layout) -> Result<(usize, usize, usize)> {
-    match l.dims() {
-        [n, c, h, w] => Ok((*n, *c, h * w)),
-        d => bail!("batch norm expects (N, C, H, W), got {d:?}"),
-    }
 }
 
 fn f32_vec(p: &Tensor) -> Result<Vec<f32>> {
@@ -348,7 +388,11 @@ impl CustomOp1 for Stats {
                 "batch norm statistics: the running statistics are updated in the op only on CUDA"
             );
         }
-        let (n, c, hw) = nchw(l)?;
+        if self.format == MemoryFormat::ChannelsLast {
+            let op = channels_first!(self);
+            return cpu_via_channels_first([(s, l)], |[(s, l)]| op.cpu_fwd(s, l));
+        }
+        let (n, c, hw) = self.format.n_c_hw(l.dims())?;
         let x = cpu::f32s_cow(s, l)?;
         let m = (n * hw) as f64;
         let stats = per_channel_pairs(c, |ch| {
@@ -370,9 +414,9 @@ impl CustomOp1 for Stats {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (n, c, hw) = nchw(l)?;
-        let out = crate::cuda_ops::bn_stats(s, l, n, c, hw, self.running.as_ref())?;
-        Ok((out, Shape::from((2, c))))
+        let dims = self.format.n_c_hw(l.dims())?;
+        let out = crate::cuda_ops::bn_stats(s, l, self.format, dims, self.running.as_ref())?;
+        Ok((out, Shape::from((2, dims.1))))
     }
 }
 
@@ -390,7 +434,14 @@ impl CustomOp3 for Apply {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (_, c, hw) = nchw(l1)?;
+        if self.format == MemoryFormat::ChannelsLast {
+            let op = channels_first!(self);
+            let args = [(s1, l1), (s2, l2), (s3, l3)];
+            return cpu_via_channels_first(args, |[(s1, l1), (s2, l2), (s3, l3)]| {
+                op.cpu_fwd(s1, l1, s2, l2, s3, l3)
+            });
+        }
+        let (_, c, hw) = self.format.n_c_hw(l1.dims())?;
         let x = cpu::f32s_cow(s1, l1)?;
         let (gamma, beta) = (cpu::f32s(s2, l2)?, cpu::f32s(s3, l3)?);
         let st = f32_vec(&self.stats)?;
@@ -408,12 +459,11 @@ impl CustomOp3 for Apply {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (_, c, hw) = nchw(l1)?;
         let out = crate::cuda_ops::bn_apply(
             [(s1, l1), (s2, l2), (s3, l3)],
             &self.stats,
-            c,
-            hw,
+            self.format,
+            self.format.n_c_hw(l1.dims())?,
             self.eps,
             self.relu,
         )?;
@@ -433,6 +483,7 @@ impl CustomOp3 for Apply {
             y,
             &dy,
             &BackwardReduce {
+                format: self.format,
                 eps: self.eps,
                 relu: self.relu,
                 stats: self.stats.clone(),
@@ -442,6 +493,7 @@ impl CustomOp3 for Apply {
             y,
             &dy,
             &BackwardData {
+                format: self.format,
                 eps: self.eps,
                 relu: self.relu,
                 stats: self.stats.clone(),
@@ -469,7 +521,14 @@ impl CustomOp3 for ApplyAddRelu {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (_, c, hw) = nchw(l1)?;
+        if self.format == MemoryFormat::ChannelsLast {
+            let op = channels_first!(self);
+            let args = [(s1, l1), (s2, l2), (s3, l3)];
+            return cpu_via_channels_first(args, |[(s1, l1), (s2, l2), (s3, l3)]| {
+                op.cpu_fwd(s1, l1, s2, l2, s3, l3)
+            });
+        }
+        let (_, c, hw) = self.format.n_c_hw(l1.dims())?;
         let (x, r) = (cpu::f32s_cow(s1, l1)?, cpu::f32s_cow(s2, l2)?);
         let gb = cpu::f32s(s3, l3)?;
         if r.len() != x.len() || gb.len() != 2 * c {
@@ -496,12 +555,11 @@ impl CustomOp3 for ApplyAddRelu {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (_, c, hw) = nchw(l1)?;
         let out = crate::cuda_ops::bn_apply_add_relu(
             [(s1, l1), (s2, l2), (s3, l3)],
             &self.stats,
-            c,
-            hw,
+            self.format,
+            self.format.n_c_hw(l1.dims())?,
             self.eps,
         )?;
         Ok((out, l1.shape().clone()))
@@ -522,6 +580,7 @@ impl CustomOp3 for ApplyAddRelu {
             y,
             &dy,
             &BackwardReduce {
+                format: self.format,
                 eps: self.eps,
                 relu: true,
                 stats: self.stats.clone(),
@@ -531,6 +590,7 @@ impl CustomOp3 for ApplyAddRelu {
             y,
             &dy,
             &BackwardData {
+                format: self.format,
                 eps: self.eps,
                 relu: true,
                 stats: self.stats.clone(),
@@ -676,7 +736,14 @@ impl CustomOp3 for BackwardReduce {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let dims = nchw(l1)?;
+        if self.format == MemoryFormat::ChannelsLast {
+            let op = channels_first!(self);
+            let args = [(s1, l1), (s2, l2), (s3, l3)];
+            return cpu_via_channels_first(args, |[(s1, l1), (s2, l2), (s3, l3)]| {
+                op.cpu_fwd(s1, l1, s2, l2, s3, l3)
+            });
+        }
+        let dims = self.format.n_c_hw(l1.dims())?;
         let out = reduce_cpu(
             &cpu::f32s_cow(s1, l1)?,
             &cpu::f32s_cow(s2, l2)?,
@@ -699,10 +766,11 @@ impl CustomOp3 for BackwardReduce {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let dims = nchw(l1)?;
+        let dims = self.format.n_c_hw(l1.dims())?;
         let out = crate::cuda_ops::bn_backward_reduce(
             [(s1, l1), (s2, l2), (s3, l3)],
             &self.stats,
+            self.format,
             dims,
             self.eps,
             self.relu,
@@ -726,7 +794,14 @@ impl CustomOp3 for BackwardData {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (n, c, hw) = nchw(l1)?;
+        if self.format == MemoryFormat::ChannelsLast {
+            let op = channels_first!(self);
+            let args = [(s1, l1), (s2, l2), (s3, l3)];
+            return cpu_via_channels_first(args, |[(s1, l1), (s2, l2), (s3, l3)]| {
+                op.cpu_fwd(s1, l1, s2, l2, s3, l3)
+            });
+        }
+        let (n, c, hw) = self.format.n_c_hw(l1.dims())?;
         let (x, y, dy) = (
             cpu::f32s_cow(s1, l1)?,
             cpu::f32s_cow(s2, l2)?,
@@ -775,12 +850,13 @@ impl CustomOp3 for BackwardData {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let dims = nchw(l1)?;
+        let dims = self.format.n_c_hw(l1.dims())?;
         let out = crate::cuda_ops::bn_backward_data(
             [(s1, l1), (s2, l2), (s3, l3)],
             &self.stats,
             &self.gamma,
             &self.red,
+            self.format,
             dims,
             self.eps,
             self.relu,

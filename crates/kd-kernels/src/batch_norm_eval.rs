@@ -17,6 +17,7 @@
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
 use crate::cpu;
+use crate::memory_format::{to_channels_first, to_channels_last, MemoryFormat};
 use candle_core::backend::BackendStorage;
 
 /// BatchNorm of `x` (N, C, H, W) in eval mode with `weight` γ, `bias` β, `running_mean` μ and
@@ -30,58 +31,8 @@ pub fn batch_norm_eval(
     eps: f64,
     relu: bool,
 ) -> Result<Tensor> {
-    check_channels(x, [weight, bias, running_mean, running_var])?;
-    let ours = crate::enabled(crate::Kernel::BatchNormEval)
-        && matches!(x.dtype(), DType::F32 | DType::BF16);
-    let frozen = !x.track_op() && !weight.track_op() && !bias.track_op();
-    if ours && frozen && crate::HAS_CUDA_KERNELS && x.device().is_cuda() {
-        let op = FrozenBn {
-            params: frozen_params([running_mean, running_var, weight, bias])?,
-            eps: eps as f32,
-            relu,
-        };
-        return x.contiguous()?.apply_op1_no_bwd(&op);
-    }
-    let (scale, shift) = scale_and_shift(weight, bias, running_mean, running_var, eps)?;
-    if ours && x.device().is_cpu() {
-        return x
-            .contiguous()?
-            .apply_op3(&scale, &shift, ScaleShift { relu });
-    }
-    composed(x, &scale, &shift, relu)
-}
-
-/// An error unless `x` is (N, C, H, W) and weight, bias, running mean and running variance
-/// are each (C,).
-fn check_channels(x: &Tensor, params: [&Tensor; 4]) -> Result<()> {
-    let (_, c, _, _) = x.dims4()?;
-    let names = ["weight", "bias", "running mean", "running variance"];
-    for (name, t) in names.into_iter().zip(params) {
-        if t.dims() != [c] {
-            bail!(
-                "batch_norm_eval: input {:?} has {c} channels but the {name} is {:?}",
-                x.dims(),
-                t.dims()
-            );
-        }
-    }
-    Ok(())
-}
-
-/// The per-channel `scale = γ/√(σ² + ε)` and `shift = β − μ·scale`, in f32, as candle ops (so
-/// gradients reach γ and β).
-fn scale_and_shift(
-    weight: &Tensor,
-    bias: &Tensor,
-    running_mean: &Tensor,
-    running_var: &Tensor,
-    eps: f64,
-) -> Result<(Tensor, Tensor)> {
-    let rm = running_mean.detach().to_dtype(DType::F32)?;
-    let rv = running_var.detach().to_dtype(DType::F32)?;
-    let scale = (weight.to_dtype(DType::F32)? / (rv + eps)?.sqrt()?)?;
-    let shift = (bias.to_dtype(DType::F32)? - (rm * &scale)?)?;
-    Ok((scale, shift))
+    let p = [weight, bias, running_mean, running_var];
+    eval_in(MemoryFormat::ChannelsFirst, x, p, eps, relu, None)
 }
 
 /// A residual block's tail in eval mode, `relu(batch_norm_eval(x) + residual)`: BatchNorm of
@@ -102,47 +53,136 @@ pub fn batch_norm_eval_add_relu(
     eps: f64,
     residual: &Tensor,
 ) -> Result<Tensor> {
-    if residual.dims() != x.dims() {
-        bail!(
-            "batch_norm_eval_add_relu: input {:?} but residual {:?} (expected equal shapes)",
-            x.dims(),
-            residual.dims()
-        );
+    let p = [weight, bias, running_mean, running_var];
+    eval_in(MemoryFormat::ChannelsFirst, x, p, eps, true, Some(residual))
+}
+
+/// [`batch_norm_eval`] (`residual` `None`) or [`batch_norm_eval_add_relu`] over tensors of
+/// `format`, `params` being (γ, β, μ, σ²). Channels-last runs its own kernels on CUDA where
+/// nothing needs a gradient, else the channels-first op between permutes.
+pub(crate) fn eval_in(
+    format: MemoryFormat,
+    x: &Tensor,
+    params: [&Tensor; 4],
+    eps: f64,
+    relu: bool,
+    residual: Option<&Tensor>,
+) -> Result<Tensor> {
+    if let Some(r) = residual {
+        if r.dims() != x.dims() {
+            bail!(
+                "batch_norm_eval_add_relu: input {:?} but residual {:?} (expected equal shapes)",
+                x.dims(),
+                r.dims()
+            );
+        }
     }
-    check_channels(x, [weight, bias, running_mean, running_var])?;
-    let frozen = !x.track_op() && !weight.track_op() && !bias.track_op() && !residual.track_op();
+    check_channels(format, x, params)?;
+    let [weight, bias, running_mean, running_var] = params;
+    let frozen = !x.track_op()
+        && !weight.track_op()
+        && !bias.track_op()
+        && !residual.is_some_and(Tensor::track_op);
     let on_cuda = frozen
         && crate::HAS_CUDA_KERNELS
         && x.device().is_cuda()
-        && crate::enabled(crate::Kernel::EvalTail)
         && crate::enabled(crate::Kernel::BatchNormEval)
+        && (residual.is_none() || crate::enabled(crate::Kernel::EvalTail))
         && matches!(x.dtype(), DType::F32 | DType::BF16)
-        && residual.dtype() == x.dtype();
+        && residual.is_none_or(|r| r.dtype() == x.dtype());
     if on_cuda {
-        let op = FrozenBnAddRelu(FrozenBn {
+        let op = FrozenBn {
             params: frozen_params([running_mean, running_var, weight, bias])?,
+            format,
             eps: eps as f32,
-            relu: true,
-        });
+            relu,
+        };
+        return match residual {
+            None => x.contiguous()?.apply_op1_no_bwd(&op),
+            Some(r) => x
+                .contiguous()?
+                .apply_op2_no_bwd(&r.contiguous()?, &FrozenBnAddRelu(op)),
+        };
+    }
+    if format == MemoryFormat::ChannelsLast {
+        let first = MemoryFormat::ChannelsFirst;
+        let r = residual.map(to_channels_first).transpose()?;
+        let y = eval_in(first, &to_channels_first(x)?, params, eps, relu, r.as_ref())?;
+        return to_channels_last(&y);
+    }
+    match residual {
+        None => eval_first(x, params, eps, relu),
+        Some(r) => eval_tail_first(x, params, eps, r, frozen),
+    }
+}
+
+/// [`batch_norm_eval`] off the CUDA kernels: kd's one-pass op on the CPU, else composed.
+fn eval_first(x: &Tensor, params: [&Tensor; 4], eps: f64, relu: bool) -> Result<Tensor> {
+    let ours = crate::enabled(crate::Kernel::BatchNormEval)
+        && matches!(x.dtype(), DType::F32 | DType::BF16);
+    let (scale, shift) = scale_and_shift(params, eps)?;
+    if ours && x.device().is_cpu() {
         return x
             .contiguous()?
-            .apply_op2_no_bwd(&residual.contiguous()?, &op);
+            .apply_op3(&scale, &shift, ScaleShift { relu });
     }
+    composed(x, &scale, &shift, relu)
+}
+
+/// [`batch_norm_eval_add_relu`] off the CUDA kernels: one pass on the CPU in f32 where nothing
+/// needs a gradient, else the BatchNorm then [`crate::add_relu()`].
+fn eval_tail_first(
+    x: &Tensor,
+    params: [&Tensor; 4],
+    eps: f64,
+    residual: &Tensor,
+    frozen: bool,
+) -> Result<Tensor> {
     let one_pass = frozen
         && crate::enabled(crate::Kernel::EvalTail)
         && x.device().is_cpu()
         && x.dtype() == DType::F32
         && residual.dtype() == DType::F32;
     if !one_pass {
-        let y = batch_norm_eval(x, weight, bias, running_mean, running_var, eps, false)?;
+        let y = eval_first(x, params, eps, false)?;
         return crate::add_relu(&y, residual);
     }
-    let (scale, shift) = scale_and_shift(weight, bias, running_mean, running_var, eps)?;
+    let (scale, shift) = scale_and_shift(params, eps)?;
     x.contiguous()?.apply_op3_no_bwd(
         &residual.contiguous()?,
         &Tensor::stack(&[scale, shift], 0)?,
         &ScaleShiftAddRelu,
     )
+}
+
+/// An error unless `x` is a 4-D tensor of `format` whose channels each of weight, bias,
+/// running mean and running variance has ((C,)).
+fn check_channels(format: MemoryFormat, x: &Tensor, params: [&Tensor; 4]) -> Result<()> {
+    let (_, c, _) = format.n_c_hw(x.dims())?;
+    let names = ["weight", "bias", "running mean", "running variance"];
+    for (name, t) in names.into_iter().zip(params) {
+        if t.dims() != [c] {
+            bail!(
+                "batch_norm_eval: input {:?} has {c} channels but the {name} is {:?}",
+                x.dims(),
+                t.dims()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The per-channel `scale = γ/√(σ² + ε)` and `shift = β − μ·scale`, in f32, as candle ops (so
+/// gradients reach γ and β), from (γ, β, μ, σ²).
+fn scale_and_shift(
+    [weight, bias, running_mean, running_var]: [&Tensor; 4],
+    eps: f64,
+) -> Result<(Tensor, Tensor)> {
+    let rm = running_mean.detach().to_dtype(DType::F32)?;
+    let rv = running_var.detach().to_dtype(DType::F32)?;
+    let scale = (weight.to_dtype(DType::F32)? / (rv + eps)?.sqrt()?)?;
+    let shift = (bias.to_dtype(DType::F32)? - (rm * &scale)?)?;
+    Ok((scale, shift))
 }
 
 /// Running mean, running variance, γ and β as contiguous f32 vectors, detached.
@@ -156,6 +196,7 @@ fn frozen_params(p: [&Tensor; 4]) -> Result<[Tensor; 4]> {
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 struct FrozenBn {
     params: [Tensor; 4],
+    format: MemoryFormat,
     eps: f32,
     relu: bool,
 }
@@ -174,14 +215,13 @@ impl FrozenBn {
         x: (&candle_core::CudaStorage, &Layout),
         residual: Option<(&candle_core::CudaStorage, &Layout)>,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (_, c, h, w) = x.1.shape().dims4()?;
         let p = &self.params;
         let y = crate::cuda_ops::bn_eval(
             x,
             residual,
             [&p[0], &p[1], &p[2], &p[3]],
-            c,
-            h * w,
+            self.format,
+            self.format.n_c_hw(x.1.dims())?,
             self.eps,
             self.relu,
         )?;

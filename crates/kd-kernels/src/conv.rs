@@ -16,6 +16,7 @@ pub use crate::conv_cpu::{
 };
 use crate::conv_cpu::{forward, input_gradient, kernel_gradient};
 use crate::cpu;
+use crate::memory_format::{channels_first, cpu_via_channels_first, MemoryFormat};
 
 /// Stride and zero padding of a convolution.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -120,7 +121,18 @@ fn or_through_tensors(
 /// Convolves through the custom op on any device (on the CPU it runs candle's convolution inside
 /// the op); tests use it to check the op against [`Tensor::conv2d`].
 pub fn conv2d_custom(x: &Tensor, w: &Tensor, g: Conv2dGeometry) -> Result<Tensor> {
-    g.check(x.dims(), w.dims())?;
+    conv2d_custom_in(x, w, g, MemoryFormat::ChannelsFirst)
+}
+
+/// [`conv2d_custom`] over tensors of `format` (channels-last: `x` (N, H, W, C), `w`
+/// (K, R, S, C), the result (N, H', W', K)).
+pub fn conv2d_custom_in(
+    x: &Tensor,
+    w: &Tensor,
+    g: Conv2dGeometry,
+    format: MemoryFormat,
+) -> Result<Tensor> {
+    g.check(&format.nchw(x.dims())?, &format.nchw(w.dims())?)?;
     if x.dtype() != w.dtype() {
         bail!(
             "conv2d: input is {:?} but the kernel is {:?}",
@@ -129,21 +141,30 @@ pub fn conv2d_custom(x: &Tensor, w: &Tensor, g: Conv2dGeometry) -> Result<Tensor
         );
     }
     x.contiguous()?
-        .apply_op2(&w.contiguous()?, Conv2dForward(g))
+        .apply_op2(&w.contiguous()?, Conv2dForward { g, format })
 }
 
-/// y = conv(x, w).
-struct Conv2dForward(Conv2dGeometry);
+/// y = conv(x, w). Each op's tensors are laid out as its `format` says; its dimensions are in
+/// that format's order.
+#[derive(Clone)]
+struct Conv2dForward {
+    g: Conv2dGeometry,
+    format: MemoryFormat,
+}
 
 /// dx = conv_transpose(dy, w), sized like the input: args (dy, w).
+#[derive(Clone)]
 struct Conv2dBackwardData {
     g: Conv2dGeometry,
+    format: MemoryFormat,
     input_dims: [usize; 4],
 }
 
 /// dw = correlation of x with dy: args (x, dy).
+#[derive(Clone)]
 struct Conv2dBackwardFilter {
     g: Conv2dGeometry,
+    format: MemoryFormat,
     kernel_dims: [usize; 4],
 }
 
@@ -163,7 +184,13 @@ impl CustomOp2 for Conv2dForward {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let g = self.0;
+        if self.format == MemoryFormat::ChannelsLast {
+            let op = channels_first!(self);
+            return cpu_via_channels_first([(s1, l1), (s2, l2)], |[(s1, l1), (s2, l2)]| {
+                op.cpu_fwd(s1, l1, s2, l2)
+            });
+        }
+        let g = self.g;
         let (dims, wdims) = (dims4(l1.dims()), dims4(l2.dims()));
         let [_, _, kh, kw] = wdims;
         let shape = Shape::from((
@@ -186,7 +213,7 @@ impl CustomOp2 for Conv2dForward {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        crate::cudnn_conv::forward(self.0, s1, l1, s2, l2)
+        crate::cudnn_conv::forward(self.g, self.format, s1, l1, s2, l2)
     }
 
     fn bwd(
@@ -202,7 +229,8 @@ impl CustomOp2 for Conv2dForward {
             Some(dy.apply_op2_no_bwd(
                 w,
                 &Conv2dBackwardData {
-                    g: self.0,
+                    g: self.g,
+                    format: self.format,
                     input_dims: dims4(x.dims()),
                 },
             )?)
@@ -212,7 +240,8 @@ impl CustomOp2 for Conv2dForward {
         let dw = x.apply_op2_no_bwd(
             &dy,
             &Conv2dBackwardFilter {
-                g: self.0,
+                g: self.g,
+                format: self.format,
                 kernel_dims: dims4(w.dims()),
             },
         )?;
@@ -265,6 +294,12 @@ impl CustomOp2 for Conv2dBackwardData {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        if self.format == MemoryFormat::ChannelsLast {
+            let op = channels_first!(self, input_dims);
+            return cpu_via_channels_first([(s1, l1), (s2, l2)], |[(s1, l1), (s2, l2)]| {
+                op.cpu_fwd(s1, l1, s2, l2)
+            });
+        }
         let (g, input_dims) = (self.g, self.input_dims);
         let wdims = dims4(l2.dims());
         let dx = cpu::float_slices!((s1, l1), (s2, l2), |dy, w| {
@@ -284,7 +319,7 @@ impl CustomOp2 for Conv2dBackwardData {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        crate::cudnn_conv::backward_data(self.g, self.input_dims, s1, l1, s2, l2)
+        crate::cudnn_conv::backward_data(self.g, self.format, self.input_dims, s1, l1, s2, l2)
     }
 }
 
@@ -300,6 +335,12 @@ impl CustomOp2 for Conv2dBackwardFilter {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        if self.format == MemoryFormat::ChannelsLast {
+            let op = channels_first!(self, kernel_dims);
+            return cpu_via_channels_first([(s1, l1), (s2, l2)], |[(s1, l1), (s2, l2)]| {
+                op.cpu_fwd(s1, l1, s2, l2)
+            });
+        }
         let (g, kernel_dims) = (self.g, self.kernel_dims);
         let dims = dims4(l1.dims());
         let dw = cpu::float_slices!((s1, l1), (s2, l2), |x, dy| {
@@ -319,6 +360,6 @@ impl CustomOp2 for Conv2dBackwardFilter {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        crate::cudnn_conv::backward_filter(self.g, self.kernel_dims, s1, l1, s2, l2)
+        crate::cudnn_conv::backward_filter(self.g, self.format, self.kernel_dims, s1, l1, s2, l2)
     }
 }

@@ -9,6 +9,8 @@ use candle_core::cuda_backend::cudarc::nvrtc::{compile_ptx_with_opts, CompileOpt
 use candle_core::cuda_backend::CudaDevice;
 use candle_core::{bail, Result};
 
+use crate::memory_format::MemoryFormat;
+
 /// One kernel source file.
 pub(crate) struct Module {
     name: &'static str,
@@ -124,6 +126,53 @@ pub(crate) fn per_plane(n: usize, c: usize, hw: usize) -> Result<LaunchConfig> {
             crate::launch::LaunchGeometry::MAX_GRID_YZ
         ),
     }
+}
+
+/// The launch of a per-channel BatchNorm reduction over a tensor of `format` with (N, C, H·W) =
+/// `(n, c, hw)`: [`LaunchGeometry::per_channel`] or [`LaunchGeometry::channels_last_reduction`].
+///
+/// [`LaunchGeometry::per_channel`]: crate::launch::LaunchGeometry::per_channel
+/// [`LaunchGeometry::channels_last_reduction`]: crate::launch::LaunchGeometry::channels_last_reduction
+pub(crate) fn bn_reduction(
+    format: MemoryFormat,
+    (n, c, hw): (usize, usize, usize),
+) -> LaunchConfig {
+    match format {
+        MemoryFormat::ChannelsFirst => per_channel(n, c),
+        MemoryFormat::ChannelsLast => {
+            crate::launch::LaunchGeometry::channels_last_reduction(n * hw, c).into()
+        }
+    }
+}
+
+/// The launch of an element-wise BatchNorm kernel over a tensor of `format`:
+/// [`per_plane`] or [`LaunchGeometry::channels_last_rows`].
+///
+/// [`LaunchGeometry::channels_last_rows`]: crate::launch::LaunchGeometry::channels_last_rows
+pub(crate) fn bn_elementwise(
+    format: MemoryFormat,
+    (n, c, hw): (usize, usize, usize),
+) -> Result<LaunchConfig> {
+    match format {
+        MemoryFormat::ChannelsFirst => per_plane(n, c, hw),
+        MemoryFormat::ChannelsLast => {
+            Ok(crate::launch::LaunchGeometry::channels_last_rows(n * hw, c).into())
+        }
+    }
+}
+
+/// The name of BatchNorm kernel `base` for `format` and `dtype`: `bn_apply_f32`,
+/// `bn_apply_cl_bf16`, ...
+pub(crate) fn bn_kernel(
+    base: &str,
+    format: MemoryFormat,
+    dtype: candle_core::DType,
+) -> Result<String> {
+    let cl = match format {
+        MemoryFormat::ChannelsFirst => "",
+        MemoryFormat::ChannelsLast => "cl_",
+    };
+    Ok(format!("{base}_{cl}{}", suffix(dtype)?))
 }
 
 /// The kernel-name suffix of a dtype.

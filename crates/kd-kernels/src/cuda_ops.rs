@@ -10,9 +10,11 @@ use candle_core::{bail, CudaStorage, DType, Layout, Result, Storage, Tensor};
 
 use crate::batch_norm::StatsRunning;
 use crate::cuda::{
-    flat, per_channel, per_plane, suffix, ADD_RELU, AUGMENT, BATCH_NORM, MAX_POOL, SOFTMAX_LOSS,
+    bn_elementwise, bn_kernel, bn_reduction, flat, suffix, ADD_RELU, AUGMENT, BATCH_NORM, MAX_POOL,
+    SOFTMAX_LOSS,
 };
 use crate::launch::{overlapping, LaunchGeometry};
+use crate::memory_format::MemoryFormat;
 
 /// Element types our kernels are instantiated for or read (u32: the losses' labels).
 trait Elem: DeviceRepr + CudaDType + ValidAsZeroBits {}
@@ -71,32 +73,31 @@ macro_rules! by_dtype {
 
 /// Per-channel (mean, biased variance) as (2, C) f32; with `running`, the running statistics
 /// updated by the same last launch.
+/// Every BatchNorm launch below takes its tensors' `format` and their (N, C, H·W) `dims`.
 pub(crate) fn bn_stats(
     s: &CudaStorage,
     l: &Layout,
-    n: usize,
-    c: usize,
-    hw: usize,
+    format: MemoryFormat,
+    dims: (usize, usize, usize),
     running: Option<&StatsRunning>,
 ) -> Result<CudaStorage> {
-    by_dtype!(s.dtype(), bn_stats_t::<T>(s, l, n, c, hw, running))
+    by_dtype!(s.dtype(), bn_stats_t::<T>(s, l, format, dims, running))
 }
 
 fn bn_stats_t<T: Elem>(
     s: &CudaStorage,
     l: &Layout,
-    n: usize,
-    c: usize,
-    hw: usize,
+    format: MemoryFormat,
+    (n, c, hw): (usize, usize, usize),
     running: Option<&StatsRunning>,
 ) -> Result<CudaStorage> {
     let dev = &s.device;
     let x = view::<T>(s, l)?;
-    let grid = per_channel(n, c);
+    let grid = bn_reduction(format, (n, c, hw));
     let slices = grid.grid_dim.1 as usize;
     // SAFETY: every block writes its (count, mean, M2).
     let mut part = unsafe { dev.alloc::<f32>(3 * slices * c)? };
-    let f = BATCH_NORM.func(dev, &format!("bn_stats_{}", suffix(s.dtype())?))?;
+    let f = BATCH_NORM.func(dev, &bn_kernel("bn_stats", format, s.dtype())?)?;
     let (n, c_, hw) = (i32_of(n, "N")?, i32_of(c, "C")?, i32_of(hw, "H·W")?);
     let stream = dev.cuda_stream();
     let mut b = stream.launch_builder(&f);
@@ -190,14 +191,14 @@ type Arg<'a> = (&'a CudaStorage, &'a Layout);
 pub(crate) fn bn_apply(
     args: [Arg<'_>; 3],
     stats: &Tensor,
-    c: usize,
-    hw: usize,
+    format: MemoryFormat,
+    dims: (usize, usize, usize),
     eps: f32,
     relu: bool,
 ) -> Result<CudaStorage> {
     by_dtype!(
         args[0].0.dtype(),
-        bn_apply_t::<T>(args, stats, c, hw, eps, relu)
+        bn_apply_t::<T>(args, stats, format, dims, eps, relu)
     )
 }
 
@@ -206,23 +207,37 @@ pub(crate) fn bn_apply(
 pub(crate) fn bn_apply_add_relu(
     args: [Arg<'_>; 3],
     stats: &Tensor,
-    c: usize,
-    hw: usize,
+    format: MemoryFormat,
+    dims: (usize, usize, usize),
     eps: f32,
 ) -> Result<CudaStorage> {
     by_dtype!(
         args[0].0.dtype(),
-        bn_apply_add_relu_t::<T>(args, stats, c, hw, eps)
+        bn_apply_add_relu_t::<T>(args, stats, format, dims, eps)
     )
+}
+
+/// The element-wise kernels' (N, C, H·W) as i32, N only for channels-last (whose kernels
+/// cannot read it from the grid).
+fn elementwise_dims(
+    format: MemoryFormat,
+    (n, c, hw): (usize, usize, usize),
+) -> Result<(Option<i32>, i32, i32)> {
+    let n = match format {
+        MemoryFormat::ChannelsFirst => None,
+        MemoryFormat::ChannelsLast => Some(i32_of(n, "N")?),
+    };
+    Ok((n, i32_of(c, "C")?, i32_of(hw, "H·W")?))
 }
 
 fn bn_apply_add_relu_t<T: Elem>(
     [(sx, lx), (sr, lr), (sg, lg)]: [Arg<'_>; 3],
     stats: &Tensor,
-    c: usize,
-    hw: usize,
+    format: MemoryFormat,
+    dims: (usize, usize, usize),
     eps: f32,
 ) -> Result<CudaStorage> {
+    let c = dims.1;
     let dev = &sx.device;
     let total = lx.shape().elem_count();
     if lr.shape().elem_count() != total || lg.shape().elem_count() != 2 * c {
@@ -236,14 +251,16 @@ fn bn_apply_add_relu_t<T: Elem>(
     let (x, r, beta_gamma) = (view::<T>(sx, lx)?, view::<T>(sr, lr)?, view::<f32>(sg, lg)?);
     // SAFETY: every element is written by the kernel.
     let mut y = unsafe { dev.alloc::<T>(total)? };
-    let name = format!("bn_apply_add_relu_{}", suffix(sx.dtype())?);
-    let f = BATCH_NORM.func(dev, &name)?;
-    let (c_, hw_) = (i32_of(c, "C")?, i32_of(hw, "H·W")?);
-    let grid = per_plane(total / (c * hw), c, hw)?;
+    let f = BATCH_NORM.func(dev, &bn_kernel("bn_apply_add_relu", format, sx.dtype())?)?;
+    let (n_, c_, hw_) = elementwise_dims(format, dims)?;
+    let grid = bn_elementwise(format, dims)?;
     with_f32_view(stats, |st| {
         let stream = dev.cuda_stream();
         let mut b = stream.launch_builder(&f);
         b.arg(&x).arg(&r).arg(st).arg(&beta_gamma).arg(&mut y);
+        if let Some(n_) = &n_ {
+            b.arg(n_);
+        }
         b.arg(&c_).arg(&hw_).arg(&eps);
         // SAFETY: argument types and sizes match bn_apply_add_relu in batch_norm.cu.
         unsafe { b.launch(grid) }.w()?;
@@ -255,8 +272,8 @@ fn bn_apply_add_relu_t<T: Elem>(
 fn bn_apply_t<T: Elem>(
     [(sx, lx), (sg, lg), (sb, lb)]: [Arg<'_>; 3],
     stats: &Tensor,
-    c: usize,
-    hw: usize,
+    format: MemoryFormat,
+    dims: (usize, usize, usize),
     eps: f32,
     relu: bool,
 ) -> Result<CudaStorage> {
@@ -266,13 +283,16 @@ fn bn_apply_t<T: Elem>(
     let (gamma, beta) = (view::<f32>(sg, lg)?, view::<f32>(sb, lb)?);
     // SAFETY: every element is written by the kernel.
     let mut y = unsafe { dev.alloc::<T>(total)? };
-    let f = BATCH_NORM.func(dev, &format!("bn_apply_{}", suffix(sx.dtype())?))?;
-    let (c_, hw_, relu_) = (i32_of(c, "C")?, i32_of(hw, "H·W")?, relu as i32);
-    let grid = per_plane(total / (c * hw), c, hw)?;
+    let f = BATCH_NORM.func(dev, &bn_kernel("bn_apply", format, sx.dtype())?)?;
+    let ((n_, c_, hw_), relu_) = (elementwise_dims(format, dims)?, relu as i32);
+    let grid = bn_elementwise(format, dims)?;
     with_f32_view(stats, |st| {
         let stream = dev.cuda_stream();
         let mut b = stream.launch_builder(&f);
         b.arg(&x).arg(st).arg(&gamma).arg(&beta).arg(&mut y);
+        if let Some(n_) = &n_ {
+            b.arg(n_);
+        }
         b.arg(&c_).arg(&hw_).arg(&eps).arg(&relu_);
         // SAFETY: argument types and sizes match bn_apply in batch_norm.cu.
         unsafe { b.launch(grid) }.w()?;
@@ -288,14 +308,14 @@ pub(crate) fn bn_eval(
     x: Arg<'_>,
     residual: Option<Arg<'_>>,
     params: [&Tensor; 4],
-    c: usize,
-    hw: usize,
+    format: MemoryFormat,
+    dims: (usize, usize, usize),
     eps: f32,
     relu: bool,
 ) -> Result<CudaStorage> {
     by_dtype!(
         x.0.dtype(),
-        bn_eval_t::<T>(x, residual, params, c, hw, eps, relu)
+        bn_eval_t::<T>(x, residual, params, format, dims, eps, relu)
     )
 }
 
@@ -303,11 +323,12 @@ fn bn_eval_t<T: Elem>(
     (sx, lx): Arg<'_>,
     residual: Option<Arg<'_>>,
     params: [&Tensor; 4],
-    c: usize,
-    hw: usize,
+    format: MemoryFormat,
+    dims: (usize, usize, usize),
     eps: f32,
     relu: bool,
 ) -> Result<CudaStorage> {
+    let c = dims.1;
     let dev = &sx.device;
     let total = lx.shape().elem_count();
     let x = view::<T>(sx, lx)?;
@@ -330,14 +351,13 @@ fn bn_eval_t<T: Elem>(
     }
     // SAFETY: every element is written by the kernel.
     let mut y = unsafe { dev.alloc::<T>(total)? };
-    let sfx = suffix(sx.dtype())?;
-    let name = match r {
-        Some(_) => format!("bn_eval_add_relu_{sfx}"),
-        None => format!("bn_eval_{sfx}"),
+    let base = match r {
+        Some(_) => "bn_eval_add_relu",
+        None => "bn_eval",
     };
-    let f = BATCH_NORM.func(dev, &name)?;
-    let (c_, hw_, relu_) = (i32_of(c, "C")?, i32_of(hw, "H·W")?, relu as i32);
-    let grid = per_plane(total / (c * hw), c, hw)?;
+    let f = BATCH_NORM.func(dev, &bn_kernel(base, format, sx.dtype())?)?;
+    let ((n_, c_, hw_), relu_) = (elementwise_dims(format, dims)?, relu as i32);
+    let grid = bn_elementwise(format, dims)?;
     let stream = dev.cuda_stream();
     let mut b = stream.launch_builder(&f);
     b.arg(&x);
@@ -347,7 +367,11 @@ fn bn_eval_t<T: Elem>(
     if let Some(r) = &r {
         b.arg(r);
     }
-    b.arg(&mut y).arg(&c_).arg(&hw_).arg(&eps);
+    b.arg(&mut y);
+    if let Some(n_) = &n_ {
+        b.arg(n_);
+    }
+    b.arg(&c_).arg(&hw_).arg(&eps);
     if r.is_none() {
         b.arg(&relu_);
     }
@@ -388,30 +412,32 @@ pub(crate) fn bn_update_running(
 pub(crate) fn bn_backward_reduce(
     args: [Arg<'_>; 3],
     stats: &Tensor,
+    format: MemoryFormat,
     dims: (usize, usize, usize),
     eps: f32,
     relu: bool,
 ) -> Result<CudaStorage> {
     by_dtype!(
         args[0].0.dtype(),
-        bn_backward_reduce_t::<T>(args, stats, dims, eps, relu)
+        bn_backward_reduce_t::<T>(args, stats, format, dims, eps, relu)
     )
 }
 
 fn bn_backward_reduce_t<T: Elem>(
     [(sx, lx), (sy, ly), (sd, ld)]: [Arg<'_>; 3],
     stats: &Tensor,
+    format: MemoryFormat,
     (n, c, hw): (usize, usize, usize),
     eps: f32,
     relu: bool,
 ) -> Result<CudaStorage> {
     let dev = &sx.device;
     let (x, y, dy) = (view::<T>(sx, lx)?, view::<T>(sy, ly)?, view::<T>(sd, ld)?);
-    let grid = per_channel(n, c);
+    let grid = bn_reduction(format, (n, c, hw));
     let slices = grid.grid_dim.1 as usize;
     // SAFETY: every block writes its two sums.
     let mut part = unsafe { dev.alloc::<f32>(2 * slices * c)? };
-    let f = BATCH_NORM.func(dev, &format!("bn_backward_reduce_{}", suffix(sx.dtype())?))?;
+    let f = BATCH_NORM.func(dev, &bn_kernel("bn_backward_reduce", format, sx.dtype())?)?;
     let (n_, c_, hw_, relu_) = (
         i32_of(n, "N")?,
         i32_of(c, "C")?,
@@ -437,6 +463,7 @@ pub(crate) fn bn_backward_data(
     stats: &Tensor,
     gamma: &Tensor,
     red: &Tensor,
+    format: MemoryFormat,
     dims: (usize, usize, usize),
     eps: f32,
     relu: bool,
@@ -444,7 +471,17 @@ pub(crate) fn bn_backward_data(
 ) -> Result<CudaStorage> {
     by_dtype!(
         args[0].0.dtype(),
-        bn_backward_data_t::<T>(args, stats, gamma, red, dims, eps, relu, shortcut_grad)
+        bn_backward_data_t::<T>(
+            args,
+            stats,
+            gamma,
+            red,
+            format,
+            dims,
+            eps,
+            relu,
+            shortcut_grad
+        )
     )
 }
 
@@ -454,6 +491,7 @@ fn bn_backward_data_t<T: Elem>(
     stats: &Tensor,
     gamma: &Tensor,
     red: &Tensor,
+    format: MemoryFormat,
     (n, c, hw): (usize, usize, usize),
     eps: f32,
     relu: bool,
@@ -464,10 +502,10 @@ fn bn_backward_data_t<T: Elem>(
     let (x, y, dy) = (view::<T>(sx, lx)?, view::<T>(sy, ly)?, view::<T>(sd, ld)?);
     // SAFETY: every element is written by the kernel (both halves with `shortcut_grad`).
     let mut dx = unsafe { dev.alloc::<T>(total * (1 + shortcut_grad as usize))? };
-    let f = BATCH_NORM.func(dev, &format!("bn_backward_data_{}", suffix(sx.dtype())?))?;
+    let f = BATCH_NORM.func(dev, &bn_kernel("bn_backward_data", format, sx.dtype())?)?;
     let (n_, c_, hw_) = (i32_of(n, "N")?, i32_of(c, "C")?, i32_of(hw, "H·W")?);
     let (relu_, shortcut_grad_) = (relu as i32, shortcut_grad as i32);
-    let grid = per_plane(n, c, hw)?;
+    let grid = bn_elementwise(format, (n, c, hw))?;
     with_f32_view(stats, |p| {
         with_f32_view(red, |r| {
             with_f32_view(gamma, |g| {

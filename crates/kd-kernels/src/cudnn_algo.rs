@@ -57,9 +57,11 @@ pub(crate) struct ConvShape {
     pub padding: c_int,
     pub stride: c_int,
     pub math: sys::cudnnMathType_t,
+    /// NCHW or NHWC; the dimensions above are in (N, C, H, W) order for both.
+    pub format: sys::cudnnTensorFormat_t,
 }
 
-/// Raw NCHW descriptors of one convolution (f32 accumulation), destroyed on drop.
+/// Raw descriptors of one convolution (f32 accumulation), destroyed on drop.
 pub(crate) struct RawDescriptors {
     x: sys::cudnnTensorDescriptor_t,
     y: sys::cudnnTensorDescriptor_t,
@@ -69,7 +71,7 @@ pub(crate) struct RawDescriptors {
 
 impl RawDescriptors {
     pub fn new(s: &ConvShape) -> Result<Self, CudnnError> {
-        let nchw = sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW;
+        let f = s.format;
         let mut d = RawDescriptors {
             x: std::ptr::null_mut(),
             y: std::ptr::null_mut(),
@@ -83,9 +85,9 @@ impl RawDescriptors {
         d.conv = result::create_convolution_descriptor()?;
         // SAFETY: every descriptor was created above and is freed only by `drop`.
         unsafe {
-            result::set_tensor4d_descriptor(d.x, nchw, s.data_type, s.x)?;
-            result::set_tensor4d_descriptor(d.y, nchw, s.data_type, s.y)?;
-            result::set_filter4d_descriptor(d.w, s.data_type, nchw, s.w)?;
+            result::set_tensor4d_descriptor(d.x, f, s.data_type, s.x)?;
+            result::set_tensor4d_descriptor(d.y, f, s.data_type, s.y)?;
+            result::set_filter4d_descriptor(d.w, s.data_type, f, s.w)?;
             result::set_convolution2d_descriptor(
                 d.conv,
                 s.padding,

@@ -22,12 +22,16 @@ use candle_core::{bail, CudaStorage, DType, Layout, Result, Shape, WithDType};
 use crate::conv::Conv2dGeometry;
 use crate::conv_algo::ConvAlgoSearch;
 use crate::cudnn_algo::{self, Choice, ConvShape, RawDescriptors, SearchFn, SearchHandle};
+use crate::memory_format::MemoryFormat;
 
+/// One convolution's shape and settings; `x` and `w` in (N, C, H, W) and (K, C, R, S) order
+/// whatever the `format` (cuDNN's descriptors take them so).
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 struct Key {
     x: [usize; 4],
     w: [usize; 4],
     g: Conv2dGeometry,
+    format: MemoryFormat,
     dtype: DType,
     tf32: bool,
     search: ConvAlgoSearch,
@@ -71,16 +75,36 @@ fn with_state<R>(dev: &CudaDevice, f: impl FnOnce(&mut State) -> Result<R>) -> R
 }
 
 impl Key {
-    fn new<T: Elem>(x: [usize; 4], w: [usize; 4], g: Conv2dGeometry) -> Self {
-        Key {
-            x,
-            w,
+    /// The key of a convolution of `x` with `w` (dimensions in `format`'s order).
+    fn new<T: Elem>(
+        x: &[usize],
+        w: &[usize],
+        g: Conv2dGeometry,
+        format: MemoryFormat,
+    ) -> Result<Self> {
+        Ok(Key {
+            x: format.nchw(x)?,
+            w: format.nchw(w)?,
             g,
+            format,
             dtype: T::DTYPE,
             tf32: crate::precision::tf32_allowed(),
             search: ConvAlgoSearch::current(),
             deterministic: crate::conv_algo::deterministic_required(),
+        })
+    }
+
+    /// cuDNN's name for the format.
+    fn tensor_format(&self) -> sys::cudnnTensorFormat_t {
+        match self.format {
+            MemoryFormat::ChannelsFirst => sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW,
+            MemoryFormat::ChannelsLast => sys::cudnnTensorFormat_t::CUDNN_TENSOR_NHWC,
         }
+    }
+
+    /// A tensor's shape as candle holds it: (N, C, H, W)-ordered `dims` in the key's format.
+    fn shape(&self, dims: [usize; 4]) -> Shape {
+        Shape::from(self.format.dims_of(dims).to_vec())
     }
 
     /// The math type the descriptor starts with, as PyTorch sets it: FMA only for f32 without
@@ -103,12 +127,16 @@ impl Key {
     /// For log lines: the shapes, the geometry and the type.
     fn label(&self) -> String {
         format!(
-            "x={:?} w={:?} stride={} pad={} {:?}{}{}",
+            "x={:?} w={:?} stride={} pad={} {:?}{}{}{}",
             self.x,
             self.w,
             self.g.stride,
             self.g.padding,
             self.dtype,
+            match self.format {
+                MemoryFormat::ChannelsFirst => "",
+                MemoryFormat::ChannelsLast => " channels-last",
+            },
             if self.tf32 && self.dtype == DType::F32 {
                 " tf32"
             } else {
@@ -160,6 +188,7 @@ impl<T: Elem> Call<'_, T> {
                     padding: i(self.key.g.padding),
                     stride: i(self.key.g.stride),
                     math: self.key.math(),
+                    format: self.key.tensor_format(),
                 };
                 let raw = RawDescriptors::new(&shape)?;
                 let c = search(
@@ -240,12 +269,13 @@ fn descriptors<T: CudnnDataType>(cudnn: &Arc<Cudnn>, key: &Key) -> Result<Descri
         sys::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
     )?;
     conv.set_math_type(key.math())?;
-    let nchw = sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW;
+    // The dimensions in (N, C, H, W) order for either format (NHWC filters are (K, R, S, C)).
+    let f = key.tensor_format();
     Ok(Descriptors {
         conv,
-        x: cudnn.create_4d_tensor::<T>(nchw, key.x.map(i))?,
-        w: cudnn.create_4d_filter::<T>(nchw, key.w.map(i))?,
-        y: cudnn.create_4d_tensor::<T>(nchw, key.output().map(i))?,
+        x: cudnn.create_4d_tensor::<T>(f, key.x.map(i))?,
+        w: cudnn.create_4d_filter::<T>(f, key.w.map(i))?,
+        y: cudnn.create_4d_tensor::<T>(f, key.output().map(i))?,
     })
 }
 
@@ -263,11 +293,6 @@ fn contiguous<'a, T: Elem>(
     }
 }
 
-fn dims4(l: &Layout) -> [usize; 4] {
-    let d = l.dims();
-    [d[0], d[1], d[2], d[3]]
-}
-
 macro_rules! dispatch {
     ($s1:expr, $s2:expr, $f:ident, $($arg:expr),*) => {
         match (&$s1.slice, &$s2.slice) {
@@ -282,24 +307,27 @@ macro_rules! dispatch {
 /// y = conv(x, w).
 pub(crate) fn forward(
     g: Conv2dGeometry,
+    format: MemoryFormat,
     x: &CudaStorage,
     lx: &Layout,
     w: &CudaStorage,
     lw: &Layout,
 ) -> Result<(CudaStorage, Shape)> {
-    dispatch!(x, w, forward_t, lx, lw, g, &x.device)
+    dispatch!(x, w, forward_t, lx, lw, g, format, &x.device)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn forward_t<T: Elem>(
     x: &CudaSlice<T>,
     w: &CudaSlice<T>,
     lx: &Layout,
     lw: &Layout,
     g: Conv2dGeometry,
+    format: MemoryFormat,
     dev: &CudaDevice,
 ) -> Result<(CudaStorage, Shape)> {
-    let key = Key::new::<T>(dims4(lx), dims4(lw), g);
-    let shape = Shape::from(key.output().to_vec());
+    let key = Key::new::<T>(lx.dims(), lw.dims(), g, format)?;
+    let shape = key.shape(key.output());
     let (xv, wv) = (contiguous(x, lx)?, contiguous(w, lw)?);
     let y = run::<T>(dev, key, shape.elem_count(), |call, y| {
         let algo = call.choose(|a| &mut a.fwd, cudnn_algo::forward)?;
@@ -321,25 +349,38 @@ fn forward_t<T: Elem>(
 /// dx from (dy, w).
 pub(crate) fn backward_data(
     g: Conv2dGeometry,
+    format: MemoryFormat,
     input_dims: [usize; 4],
     dy: &CudaStorage,
     ldy: &Layout,
     w: &CudaStorage,
     lw: &Layout,
 ) -> Result<(CudaStorage, Shape)> {
-    dispatch!(dy, w, backward_data_t, ldy, lw, g, input_dims, &dy.device)
+    dispatch!(
+        dy,
+        w,
+        backward_data_t,
+        ldy,
+        lw,
+        g,
+        format,
+        input_dims,
+        &dy.device
+    )
 }
 
+#[allow(clippy::too_many_arguments)]
 fn backward_data_t<T: Elem>(
     dy: &CudaSlice<T>,
     w: &CudaSlice<T>,
     ldy: &Layout,
     lw: &Layout,
     g: Conv2dGeometry,
+    format: MemoryFormat,
     input_dims: [usize; 4],
     dev: &CudaDevice,
 ) -> Result<(CudaStorage, Shape)> {
-    let key = Key::new::<T>(input_dims, dims4(lw), g);
+    let key = Key::new::<T>(&input_dims, lw.dims(), g, format)?;
     let shape = Shape::from(input_dims.to_vec());
     let (dyv, wv) = (contiguous(dy, ldy)?, contiguous(w, lw)?);
     let dx = run::<T>(dev, key, shape.elem_count(), |call, dx| {
@@ -362,25 +403,38 @@ fn backward_data_t<T: Elem>(
 /// dw from (x, dy).
 pub(crate) fn backward_filter(
     g: Conv2dGeometry,
+    format: MemoryFormat,
     kernel_dims: [usize; 4],
     x: &CudaStorage,
     lx: &Layout,
     dy: &CudaStorage,
     ldy: &Layout,
 ) -> Result<(CudaStorage, Shape)> {
-    dispatch!(x, dy, backward_filter_t, lx, ldy, g, kernel_dims, &x.device)
+    dispatch!(
+        x,
+        dy,
+        backward_filter_t,
+        lx,
+        ldy,
+        g,
+        format,
+        kernel_dims,
+        &x.device
+    )
 }
 
+#[allow(clippy::too_many_arguments)]
 fn backward_filter_t<T: Elem>(
     x: &CudaSlice<T>,
     dy: &CudaSlice<T>,
     lx: &Layout,
     ldy: &Layout,
     g: Conv2dGeometry,
+    format: MemoryFormat,
     kernel_dims: [usize; 4],
     dev: &CudaDevice,
 ) -> Result<(CudaStorage, Shape)> {
-    let key = Key::new::<T>(dims4(lx), kernel_dims, g);
+    let key = Key::new::<T>(lx.dims(), &kernel_dims, g, format)?;
     let shape = Shape::from(kernel_dims.to_vec());
     let (xv, dyv) = (contiguous(x, lx)?, contiguous(dy, ldy)?);
     let dw = run::<T>(dev, key, shape.elem_count(), |call, dw| {

@@ -92,6 +92,49 @@ impl LaunchGeometry {
             threads: threads as u32,
         })
     }
+
+    /// Channels one block of the channels-last BatchNorm kernels covers side by side: 32 (a
+    /// warp then reads one 128-byte segment of an f32 row), or all of them when fewer.
+    pub fn channel_group(c: usize) -> usize {
+        c.clamp(1, 32)
+    }
+
+    /// Blocks (channel group, slice of rows) of 256 threads for the channels-last per-channel
+    /// reductions over the (M, C) matrix of an (N, H, W, C) tensor, M = N·H·W: each block a
+    /// tile of [`Self::channel_group`] channels × 256 / group rows, and enough slices of the
+    /// rows that groups × slices reaches [`Self::REDUCTION_BLOCKS`] (at most one per row tile).
+    /// The partial results are the channels-first reductions', merged by the same kernels.
+    pub fn channels_last_reduction(m: usize, c: usize) -> Self {
+        let (groups, rows) = Self::channel_tile(c);
+        let slices = Self::REDUCTION_BLOCKS
+            .div_ceil(groups)
+            .clamp(1, m.div_ceil(rows).clamp(1, Self::MAX_GRID_YZ));
+        LaunchGeometry {
+            grid: [groups as u32, slices as u32, 1],
+            threads: 256,
+        }
+    }
+
+    /// Blocks (channel group, row tile) of 256 threads for the channels-last element-wise
+    /// BatchNorm kernels: one row a thread, up to [`Self::MAX_GRID_YZ`] row tiles (the kernels
+    /// loop beyond).
+    pub fn channels_last_rows(m: usize, c: usize) -> Self {
+        let (groups, rows) = Self::channel_tile(c);
+        LaunchGeometry {
+            grid: [
+                groups as u32,
+                m.div_ceil(rows).clamp(1, Self::MAX_GRID_YZ) as u32,
+                1,
+            ],
+            threads: 256,
+        }
+    }
+
+    /// (channel groups, rows a block) of a channels-last tile of 256 threads.
+    fn channel_tile(c: usize) -> (usize, usize) {
+        let group = Self::channel_group(c);
+        (c.max(1).div_ceil(group), 256 / group)
+    }
 }
 
 /// Parameters one launch of `sgd_list_f32` updates at most (`KD_SGD_LIST` in sgd.cu).
@@ -167,6 +210,28 @@ mod tests {
         // Never more slices than samples.
         assert_eq!(LaunchGeometry::per_channel(3, 5).grid, [5, 3, 1]);
         assert_eq!(LaunchGeometry::per_channel(3, 5).threads, 512);
+    }
+
+    #[test]
+    fn channels_last_tiles_cover_the_channels_and_split_the_rows() {
+        // 64 channels: 2 groups of 32 × 8 rows; ResNet18's first stage at batch 256.
+        let g = LaunchGeometry::channels_last_reduction(256 * 32 * 32, 64);
+        assert_eq!(g.grid, [2, 512, 1]);
+        assert_eq!(
+            LaunchGeometry::channels_last_rows(256 * 32 * 32, 64).grid,
+            [2, 32_768, 1]
+        );
+        // Fewer channels than a warp: one group of all of them, 256 / 5 = 51 rows a block.
+        assert_eq!(LaunchGeometry::channels_last_rows(100, 5).grid, [1, 2, 1]);
+        // Never more slices than row tiles; never more than the grid allows.
+        assert_eq!(
+            LaunchGeometry::channels_last_reduction(20, 512).grid,
+            [16, 3, 1]
+        );
+        assert_eq!(
+            LaunchGeometry::channels_last_rows(1 << 30, 32).grid[1],
+            65_535
+        );
     }
 
     #[test]

@@ -24,6 +24,9 @@
 //!   and evaluation;
 //! - [`softmax_loss`]: softmax cross-entropy (label smoothing, mixup) and Hinton's KD loss as
 //!   one op each, forward and backward;
+//! - [`MemoryFormat`]: the convolutions and BatchNorms over channels-last (N, H, W, C) tensors
+//!   too ([`conv2d_nhwc`], [`batch_norm_train_nhwc`], ...), cuDNN's NHWC descriptors and kd's
+//!   channels-last BatchNorm kernels on CUDA;
 //! - [`Precision`]: f32, TF32 or bf16 convolutions and matmuls;
 //! - [`device_memory`]: the CUDA memory pool kept across synchronisations, as PyTorch's caching
 //!   allocator keeps what it freed, and its high-water marks;
@@ -53,6 +56,7 @@ pub mod device_clock;
 pub mod device_memory;
 pub mod launch;
 pub mod max_pool;
+pub mod memory_format;
 pub mod precision;
 pub mod sgd;
 pub mod softmax_loss;
@@ -68,6 +72,10 @@ pub use batch_norm_eval::{batch_norm_eval, batch_norm_eval_add_relu};
 pub use conv::{conv2d, conv2d_cpu, conv2d_custom, Conv2dGeometry};
 pub use conv_algo::ConvAlgoSearch;
 pub use max_pool::MaxPool2d;
+pub use memory_format::{
+    batch_norm_eval_add_relu_nhwc, batch_norm_eval_nhwc, batch_norm_train_add_relu_nhwc,
+    batch_norm_train_nhwc, conv2d_nhwc, to_channels_first, to_channels_last, MemoryFormat,
+};
 pub use precision::Precision;
 pub use sgd::{sgd_momentum_step, sgd_momentum_steps, SgdStep, SgdUpdate};
 pub use switches::{enabled, Kernel};

@@ -24,7 +24,7 @@ use kd_kernels::batch_norm::update_running_stats;
 use kd_kernels::launch::LaunchGeometry;
 use kd_kernels::{
     add_relu, augment_batch, batch_norm_train, sgd_momentum_step, AugmentPlan, BatchMix, MaxPool2d,
-    Normalisation, SgdStep,
+    MemoryFormat, Normalisation, SgdStep,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -443,49 +443,155 @@ fn the_emulator_rejects_arguments_that_do_not_match_the_kernel() {
 // ---------------------------------------------------------------------------------------------
 // BatchNorm: statistics, apply (+ReLU), backward reduce, backward data, running statistics.
 
-/// Geometries of the per-channel reductions: the production one; one slice of three warps
-/// (the warps' partial states merge differently); slices of two warps over one or two samples
-/// (uneven when N is odd).
-fn reduction_geometries(n: usize, c: usize) -> [LaunchGeometry; 3] {
-    [
-        LaunchGeometry::per_channel(n, c),
-        LaunchGeometry::linear(c as u32, 96),
-        LaunchGeometry {
-            grid: [c as u32, n.div_ceil(2) as u32, 1],
-            threads: 64,
-        },
-    ]
+/// How a BatchNorm case lays out the 4-D buffers it hands the kernels under test: the
+/// channels-first kernels take the (N, C, H, W) values as they are, the channels-last ones
+/// (`*_cl_*`) the same values as (N, H, W, C) and give results back so, and each has its own
+/// launch geometries. The CPU paths the results are compared with are channels-first.
+/// Both layouts, each BatchNorm case run in each.
+const FORMATS: [MemoryFormat; 2] = [MemoryFormat::ChannelsFirst, MemoryFormat::ChannelsLast];
+
+#[derive(Clone, Copy)]
+struct Lay {
+    format: MemoryFormat,
+    n: usize,
+    c: usize,
+    hw: usize,
 }
 
-/// Runs an element-wise BN kernel at its production geometry (with `chosen`) and at one block
-/// of one warp per plane (the kernel loops along the plane); the buffer `out` must come out the
-/// same bits from both. Returns it.
-fn run_per_plane(
-    kernel: &str,
-    (n, c, hw): (usize, usize, usize),
-    args: &[Arg],
-    out: usize,
-    chosen: fn(&str, LaunchGeometry, &[Arg]) -> Vec<Vec<u8>>,
-) -> Vec<u8> {
-    let geometries = [
-        LaunchGeometry::per_plane(n, c, hw).unwrap(),
-        LaunchGeometry {
-            grid: [1, c as u32, n as u32],
-            threads: 32,
-        },
-    ];
-    let outs: Vec<Vec<u8>> = geometries
-        .into_iter()
-        .enumerate()
-        .map(|(i, g)| launcher(i, chosen)(kernel, g, args).swap_remove(out))
-        .collect();
-    assert_eq!(
-        outs[0],
-        outs[1],
-        "{kernel} {:?}: the geometry changed the result",
-        (n, c, hw)
-    );
-    outs[0].clone()
+impl Lay {
+    fn new(format: MemoryFormat, (n, c, h, w): (usize, usize, usize, usize)) -> Self {
+        Lay {
+            format,
+            n,
+            c,
+            hw: h * w,
+        }
+    }
+
+    fn last(&self) -> bool {
+        self.format == MemoryFormat::ChannelsLast
+    }
+
+    /// Kernel `base` of this layout for element suffix `sfx`.
+    fn kernel(&self, base: &str, sfx: &str) -> String {
+        match self.last() {
+            false => format!("{base}_{sfx}"),
+            true => format!("{base}_cl_{sfx}"),
+        }
+    }
+
+    /// Channels-first values `v` (one or more (N, C, H·W) tensors one after another) in this
+    /// layout.
+    fn put<T: Copy>(&self, v: &[T]) -> Vec<T> {
+        let (c, hw) = (self.c, self.hw);
+        match self.last() {
+            false => v.to_vec(),
+            // Element (image, spatial, channel) of the channels-last copy.
+            true => (0..v.len())
+                .map(|k| v[(k / (hw * c)) * c * hw + (k % c) * hw + (k / c) % hw])
+                .collect(),
+        }
+    }
+
+    /// Values `v` of this layout as channels-first (the inverse of [`Lay::put`]).
+    fn take(&self, v: Vec<f32>) -> Vec<f32> {
+        let (c, hw) = (self.c, self.hw);
+        match self.last() {
+            false => v,
+            true => (0..v.len())
+                .map(|k| v[(k / (c * hw)) * hw * c + (k % hw) * c + (k / hw) % c])
+                .collect(),
+        }
+    }
+
+    /// The element-wise kernels' (N,) C, H·W arguments: channels-last ones take N too.
+    fn dims_args(&self) -> Vec<Arg> {
+        let mut a = Vec::new();
+        if self.last() {
+            a.push(Arg::I32(self.n as i32));
+        }
+        a.extend([Arg::I32(self.c as i32), Arg::I32(self.hw as i32)]);
+        a
+    }
+
+    /// Geometries of the per-channel reductions: the production one, then smaller blocks that
+    /// merge partial results differently. Channels-first: one slice of three warps; slices of
+    /// two warps over one or two samples (uneven when N is odd). Channels-last: one slice of
+    /// 64-thread tiles (the rows loop); one slice per row tile of a warp.
+    fn reductions(&self) -> [LaunchGeometry; 3] {
+        let (n, c) = (self.n, self.c);
+        if self.last() {
+            let m = n * self.hw;
+            let groups = c.div_ceil(LaunchGeometry::channel_group(c)) as u32;
+            let rows = (32 / LaunchGeometry::channel_group(c)).max(1);
+            return [
+                LaunchGeometry::channels_last_reduction(m, c),
+                LaunchGeometry::linear(groups, 64),
+                LaunchGeometry {
+                    grid: [groups, m.div_ceil(rows) as u32, 1],
+                    threads: 32,
+                },
+            ];
+        }
+        [
+            LaunchGeometry::per_channel(n, c),
+            LaunchGeometry::linear(c as u32, 96),
+            LaunchGeometry {
+                grid: [c as u32, n.div_ceil(2) as u32, 1],
+                threads: 64,
+            },
+        ]
+    }
+
+    /// Runs an element-wise BN kernel at its production geometry (with `chosen`) and at one
+    /// that makes it loop (channels-first: one warp a plane; channels-last: one warp a channel
+    /// group for all rows); the buffer `out` must come out the same bits from both. Returns it,
+    /// channels-first.
+    fn elementwise(
+        &self,
+        kernel: &str,
+        args: &[Arg],
+        out: usize,
+        chosen: fn(&str, LaunchGeometry, &[Arg]) -> Vec<Vec<u8>>,
+    ) -> Vec<u8> {
+        let (n, c, hw) = (self.n, self.c, self.hw);
+        let geometries = match self.last() {
+            false => [
+                LaunchGeometry::per_plane(n, c, hw).unwrap(),
+                LaunchGeometry {
+                    grid: [1, c as u32, n as u32],
+                    threads: 32,
+                },
+            ],
+            true => [
+                LaunchGeometry::channels_last_rows(n * hw, c),
+                LaunchGeometry::linear(c.div_ceil(LaunchGeometry::channel_group(c)) as u32, 32),
+            ],
+        };
+        let outs: Vec<Vec<u8>> = geometries
+            .into_iter()
+            .enumerate()
+            .map(|(i, g)| launcher(i, chosen)(kernel, g, args).swap_remove(out))
+            .collect();
+        assert_eq!(
+            outs[0],
+            outs[1],
+            "{kernel} {:?}: the geometry changed the result",
+            (n, c, hw)
+        );
+        outs[0].clone()
+    }
+
+    /// [`Lay::elementwise`]'s output as channels-first values.
+    fn elementwise_values<E: Elem>(
+        &self,
+        kernel: &str,
+        args: &[Arg],
+        out: usize,
+        chosen: fn(&str, LaunchGeometry, &[Arg]) -> Vec<Vec<u8>>,
+    ) -> Vec<f32> {
+        self.take(values::<E>(&self.elementwise(kernel, args, out, chosen)))
+    }
 }
 
 /// Runs `kernel` (`bn_stats_finish` or `bn_reduce_finish`) over the slices' partial results
@@ -510,7 +616,12 @@ fn finish(
     f32s(&b[1])
 }
 
-fn batch_norm_case<E: Elem>(rng: &mut ChaCha8Rng, (n, c, h, w): (usize, usize, usize, usize)) {
+fn batch_norm_case<E: Elem>(
+    rng: &mut ChaCha8Rng,
+    (n, c, h, w): (usize, usize, usize, usize),
+    format: MemoryFormat,
+) {
+    let lay = Lay::new(format, (n, c, h, w));
     let hw = h * w;
     let total = n * c * hw;
     let eps = 1e-5f32;
@@ -531,7 +642,7 @@ fn batch_norm_case<E: Elem>(rng: &mut ChaCha8Rng, (n, c, h, w): (usize, usize, u
     let sfx = E::SUFFIX;
 
     for relu in [false, true] {
-        let what = format!("{sfx} {:?} relu={relu}", (n, c, h, w));
+        let what = format!("{sfx} {:?} {format:?} relu={relu}", (n, c, h, w));
         // Races do not depend on the element type or the ReLU: check one combination.
         let launch = if E::DTYPE == DType::F32 && relu {
             launch_race_checked
@@ -559,14 +670,14 @@ fn batch_norm_case<E: Elem>(rng: &mut ChaCha8Rng, (n, c, h, w): (usize, usize, u
         // Statistics: partial Welford states per (channel, slice), then merged per channel.
         // The production geometry; one slice of three warps; one slice per sample.
         let mut stats = Vec::new();
-        for (i, g) in reduction_geometries(n, c).into_iter().enumerate() {
+        for (i, g) in lay.reductions().into_iter().enumerate() {
             let launch = launcher(i, launch);
             let slices = g.grid[1] as usize;
             let b = launch(
-                &format!("bn_stats_{sfx}"),
+                &lay.kernel("bn_stats", sfx),
                 g,
                 &[
-                    buf(&x),
+                    buf(&lay.put(&x)),
                     buf_f32(&vec![f32::NAN; 3 * slices * c]),
                     ni.clone(),
                     ci.clone(),
@@ -579,23 +690,23 @@ fn batch_norm_case<E: Elem>(rng: &mut ChaCha8Rng, (n, c, h, w): (usize, usize, u
         }
 
         // Apply: the production geometry and one that makes the kernel loop.
-        let y = values::<E>(&run_per_plane(
-            &format!("bn_apply_{sfx}"),
-            (n, c, hw),
+        let y = lay.elementwise_values::<E>(
+            &lay.kernel("bn_apply", sfx),
             &[
-                buf(&x),
-                buf_f32(&stats),
-                buf_f32(&gamma),
-                buf_f32(&beta),
-                buf(&vec![E::from_f32(f32::NAN); total]),
-                ci.clone(),
-                hwi.clone(),
-                Arg::F32(eps),
-                Arg::I32(relu as i32),
-            ],
+                vec![
+                    buf(&lay.put(&x)),
+                    buf_f32(&stats),
+                    buf_f32(&gamma),
+                    buf_f32(&beta),
+                    buf(&vec![E::from_f32(f32::NAN); total]),
+                ],
+                lay.dims_args(),
+                vec![Arg::F32(eps), Arg::I32(relu as i32)],
+            ]
+            .concat(),
             4,
             launch,
-        ));
+        );
         let want: Vec<f32> = cpu_y.iter().map(|e| e.to_f32()).collect();
         assert_close(&format!("y {what}"), &y, &want, E::TOL);
         if relu {
@@ -603,16 +714,16 @@ fn batch_norm_case<E: Elem>(rng: &mut ChaCha8Rng, (n, c, h, w): (usize, usize, u
         }
 
         // Backward: Σdy' and Σdy'·x̂ per channel, then dx; the CPU's y gives the ReLU mask.
-        for (i, g) in reduction_geometries(n, c).into_iter().enumerate() {
+        for (i, g) in lay.reductions().into_iter().enumerate() {
             let launch = launcher(i, launch);
             let slices = g.grid[1] as usize;
             let b = launch(
-                &format!("bn_backward_reduce_{sfx}"),
+                &lay.kernel("bn_backward_reduce", sfx),
                 g,
                 &[
-                    buf(&x),
-                    buf(&cpu_y),
-                    buf(&dy),
+                    buf(&lay.put(&x)),
+                    buf(&lay.put(&cpu_y)),
+                    buf(&lay.put(&dy)),
                     buf_f32(&cpu_stats),
                     buf_f32(&vec![f32::NAN; 2 * slices * c]),
                     ni.clone(),
@@ -625,13 +736,12 @@ fn batch_norm_case<E: Elem>(rng: &mut ChaCha8Rng, (n, c, h, w): (usize, usize, u
             let red = finish("bn_reduce_finish", &f32s(&b[4]), c, slices, launch);
             assert_close(&format!("dβ, dγ {what} {g:?}"), &red, &cpu_red, 1e-5);
         }
-        let dx = values::<E>(&run_per_plane(
-            &format!("bn_backward_data_{sfx}"),
-            (n, c, hw),
+        let dx = lay.elementwise_values::<E>(
+            &lay.kernel("bn_backward_data", sfx),
             &[
-                buf(&x),
-                buf(&cpu_y),
-                buf(&dy),
+                buf(&lay.put(&x)),
+                buf(&lay.put(&cpu_y)),
+                buf(&lay.put(&dy)),
                 buf_f32(&cpu_stats),
                 buf_f32(&gamma),
                 buf_f32(&cpu_red),
@@ -645,7 +755,7 @@ fn batch_norm_case<E: Elem>(rng: &mut ChaCha8Rng, (n, c, h, w): (usize, usize, u
             ],
             6,
             launch,
-        ));
+        );
         assert_close(&format!("dx {what}"), &dx, &cpu_dx, E::TOL.max(1e-4));
     }
 }
@@ -654,7 +764,12 @@ fn batch_norm_case<E: Elem>(rng: &mut ChaCha8Rng, (n, c, h, w): (usize, usize, u
 /// with the shortcut's gradient, against `batch_norm_train_add_relu`'s CPU path (its gradients
 /// through autograd). The statistics and backward sums are the plain BatchNorm's kernels,
 /// checked by [`batch_norm_case`]; here they come from the CPU.
-fn training_tail_case<E: Elem>(rng: &mut ChaCha8Rng, (n, c, h, w): (usize, usize, usize, usize)) {
+fn training_tail_case<E: Elem>(
+    rng: &mut ChaCha8Rng,
+    (n, c, h, w): (usize, usize, usize, usize),
+    format: MemoryFormat,
+) {
+    let lay = Lay::new(format, (n, c, h, w));
     let hw = h * w;
     let total = n * c * hw;
     let eps = 1e-5f32;
@@ -686,7 +801,7 @@ fn training_tail_case<E: Elem>(rng: &mut ChaCha8Rng, (n, c, h, w): (usize, usize
     cpu_grads.extend(tensor_f32s(grads.get(&rv).unwrap()));
     let (ni, ci, hwi) = (Arg::I32(n as i32), Arg::I32(c as i32), Arg::I32(hw as i32));
     let sfx = E::SUFFIX;
-    let what = format!("{sfx} {:?}", (n, c, h, w));
+    let what = format!("{sfx} {:?} {format:?}", (n, c, h, w));
     let launch = if E::DTYPE == DType::F32 {
         launch_race_checked
     } else {
@@ -694,34 +809,34 @@ fn training_tail_case<E: Elem>(rng: &mut ChaCha8Rng, (n, c, h, w): (usize, usize
     };
 
     let beta_gamma = [beta, gamma.clone()].concat();
-    let y = values::<E>(&run_per_plane(
-        &format!("bn_apply_add_relu_{sfx}"),
-        (n, c, hw),
+    let y = lay.elementwise_values::<E>(
+        &lay.kernel("bn_apply_add_relu", sfx),
         &[
-            buf(&x),
-            buf(&r),
-            buf_f32(&stats),
-            buf_f32(&beta_gamma),
-            buf(&vec![E::from_f32(f32::NAN); total]),
-            ci.clone(),
-            hwi.clone(),
-            Arg::F32(eps),
-        ],
+            vec![
+                buf(&lay.put(&x)),
+                buf(&lay.put(&r)),
+                buf_f32(&stats),
+                buf_f32(&beta_gamma),
+                buf(&vec![E::from_f32(f32::NAN); total]),
+            ],
+            lay.dims_args(),
+            vec![Arg::F32(eps)],
+        ]
+        .concat(),
         4,
         launch,
-    ));
+    );
     let want: Vec<f32> = cpu_y.iter().map(|e| e.to_f32()).collect();
     assert_close(&format!("tail y {what}"), &y, &want, E::TOL);
     assert!(y.contains(&0.0) && y.iter().any(|v| *v > 0.0), "{what}");
 
     // dx, then the shortcut's gradient, in one buffer of two tensors.
-    let both = values::<E>(&run_per_plane(
-        &format!("bn_backward_data_{sfx}"),
-        (n, c, hw),
+    let both = lay.elementwise_values::<E>(
+        &lay.kernel("bn_backward_data", sfx),
         &[
-            buf(&x),
-            buf(&cpu_y),
-            buf(&dy),
+            buf(&lay.put(&x)),
+            buf(&lay.put(&cpu_y)),
+            buf(&lay.put(&dy)),
             buf_f32(&stats),
             buf_f32(&gamma),
             buf_f32(&cpu_red),
@@ -735,7 +850,7 @@ fn training_tail_case<E: Elem>(rng: &mut ChaCha8Rng, (n, c, h, w): (usize, usize
         ],
         6,
         launch,
-    ));
+    );
     assert_close(
         &format!("tail dx {what}"),
         &both[..total],
@@ -753,9 +868,12 @@ fn training_tail_case<E: Elem>(rng: &mut ChaCha8Rng, (n, c, h, w): (usize, usize
 #[test]
 fn training_tail_kernels_match_the_cpu_path() {
     let mut rng = ChaCha8Rng::seed_from_u64(8);
-    for dims in [(3, 5, 4, 6), (2, 2, 24, 24), (2, 3, 1, 1)] {
-        training_tail_case::<f32>(&mut rng, dims);
-        training_tail_case::<bf16>(&mut rng, dims);
+    // More channels than a channels-last tile's 32 (two channel groups).
+    for dims in [(3, 5, 4, 6), (2, 2, 24, 24), (2, 3, 1, 1), (2, 40, 2, 3)] {
+        for format in FORMATS {
+            training_tail_case::<f32>(&mut rng, dims, format);
+            training_tail_case::<bf16>(&mut rng, dims, format);
+        }
     }
 }
 
@@ -764,14 +882,27 @@ fn batch_norm_kernels_match_the_cpu_path() {
     let mut rng = ChaCha8Rng::seed_from_u64(7);
     // Planes smaller than a warp, larger than a per-plane block (256) and than a per-channel
     // block (512, so the reduction tile loops along the plane); fewer values per channel than
-    // threads and more; the smallest batch.
-    for dims in [(3, 5, 4, 6), (4, 2, 12, 12), (2, 2, 24, 24), (2, 3, 1, 1)] {
-        batch_norm_case::<f32>(&mut rng, dims);
-        batch_norm_case::<bf16>(&mut rng, dims);
+    // threads and more; the smallest batch; more channels than a channels-last tile's 32.
+    for dims in [
+        (3, 5, 4, 6),
+        (4, 2, 12, 12),
+        (2, 2, 24, 24),
+        (2, 3, 1, 1),
+        (2, 40, 2, 3),
+    ] {
+        for format in FORMATS {
+            batch_norm_case::<f32>(&mut rng, dims, format);
+            batch_norm_case::<bf16>(&mut rng, dims, format);
+        }
     }
 }
 
-fn batch_norm_eval_case<E: Elem>(rng: &mut ChaCha8Rng, (n, c, h, w): (usize, usize, usize, usize)) {
+fn batch_norm_eval_case<E: Elem>(
+    rng: &mut ChaCha8Rng,
+    (n, c, h, w): (usize, usize, usize, usize),
+    format: MemoryFormat,
+) {
+    let lay = Lay::new(format, (n, c, h, w));
     let hw = h * w;
     let total = n * c * hw;
     let eps = 1e-5f32;
@@ -797,48 +928,32 @@ fn batch_norm_eval_case<E: Elem>(rng: &mut ChaCha8Rng, (n, c, h, w): (usize, usi
             buf_f32(&beta),
         ]
     };
-    let (ci, hwi) = (Arg::I32(c as i32), Arg::I32(hw as i32));
     let sfx = E::SUFFIX;
     for relu in [false, true] {
         let want = kd_kernels::batch_norm_eval(&xt, &gt, &bt, &mt, &vt, eps as f64, relu).unwrap();
-        let mut args = vec![buf(&x)];
+        let mut args = vec![buf(&lay.put(&x))];
         args.extend(params());
-        args.extend([
-            buf(&vec![E::from_f32(f32::NAN); total]),
-            ci.clone(),
-            hwi.clone(),
-            Arg::F32(eps),
-            Arg::I32(relu as i32),
-        ]);
-        let y = values::<E>(&run_per_plane(
-            &format!("bn_eval_{sfx}"),
-            (n, c, hw),
-            &args,
-            5,
-            launch,
-        ));
-        let what = format!("bn_eval_{sfx} {:?} relu={relu}", (n, c, h, w));
+        args.push(buf(&vec![E::from_f32(f32::NAN); total]));
+        args.extend(lay.dims_args());
+        args.extend([Arg::F32(eps), Arg::I32(relu as i32)]);
+        let y = lay.elementwise_values::<E>(&lay.kernel("bn_eval", sfx), &args, 5, launch);
+        let what = format!("bn_eval_{sfx} {:?} {format:?} relu={relu}", (n, c, h, w));
         assert_close(&what, &y, &tensor_f32s(&want), E::TOL);
     }
     let want =
         kd_kernels::batch_norm_eval_add_relu(&xt, &gt, &bt, &mt, &vt, eps as f64, &rt).unwrap();
-    let mut args = vec![buf(&x)];
+    let mut args = vec![buf(&lay.put(&x))];
     args.extend(params());
-    args.extend([
-        buf(&r),
-        buf(&vec![E::from_f32(f32::NAN); total]),
-        ci,
-        hwi,
-        Arg::F32(eps),
-    ]);
-    let y = values::<E>(&run_per_plane(
-        &format!("bn_eval_add_relu_{sfx}"),
-        (n, c, hw),
+    args.extend([buf(&lay.put(&r)), buf(&vec![E::from_f32(f32::NAN); total])]);
+    args.extend(lay.dims_args());
+    args.push(Arg::F32(eps));
+    let y = lay.elementwise_values::<E>(
+        &lay.kernel("bn_eval_add_relu", sfx),
         &args,
         6,
         launch_race_checked,
-    ));
-    let what = format!("bn_eval_add_relu_{sfx} {:?}", (n, c, h, w));
+    );
+    let what = format!("bn_eval_add_relu_{sfx} {:?} {format:?}", (n, c, h, w));
     // bf16: the CPU path rounds the BatchNorm's output to bf16 before the add, the kernel not.
     assert_close(&what, &y, &tensor_f32s(&want), 2.0 * E::TOL);
     assert!(y.iter().all(|v| *v >= 0.0), "{what}: negative after ReLU");
@@ -848,9 +963,11 @@ fn batch_norm_eval_case<E: Elem>(rng: &mut ChaCha8Rng, (n, c, h, w): (usize, usi
 fn eval_batch_norm_kernels_match_the_cpu_path() {
     let mut rng = ChaCha8Rng::seed_from_u64(10);
     // A plane smaller than a warp, one larger than a per-plane block, one value per plane.
-    for dims in [(3, 5, 4, 6), (2, 3, 24, 24), (4, 2, 1, 1)] {
-        batch_norm_eval_case::<f32>(&mut rng, dims);
-        batch_norm_eval_case::<bf16>(&mut rng, dims);
+    for dims in [(3, 5, 4, 6), (2, 3, 24, 24), (4, 2, 1, 1), (2, 40, 2, 3)] {
+        for format in FORMATS {
+            batch_norm_eval_case::<f32>(&mut rng, dims, format);
+            batch_norm_eval_case::<bf16>(&mut rng, dims, format);
+        }
     }
 }
 

@@ -136,6 +136,28 @@ extern "C" __global__ void bn_stats_finish_running(const float* part, float* sta
     running_var[c] = running_update(running_var[c], var, momentum, var_scale);
 }
 
+// v + residual[k] with RESIDUAL, then the ReLU when RESIDUAL or relu: the end of every
+// element-wise BatchNorm kernel (a NaN counts as not positive and becomes 0).
+template <class E, bool RESIDUAL>
+__device__ __forceinline__ float add_rectify(float v, const typename E::T* residual, long long k,
+                                             int relu) {
+    if (RESIDUAL) v += E::load(residual, k);
+    if ((RESIDUAL || relu) && !(v > 0.0f)) v = 0.0f;
+    return v;
+}
+
+// dx of one element (see bn_backward_data): dy masked by the ReLU's output y, then the
+// BatchNorm's input gradient with the channel's factors; *masked gets dy'.
+__device__ __forceinline__ float bn_input_grad(float x, float y, float dy, float mean,
+                                               float invstd, float ga, float rs, float rsx,
+                                               float inv_m, int relu, float* masked) {
+    float g = dy;
+    if (relu && !(y > 0.0f)) g = 0.0f;
+    *masked = g;
+    float xhat = (x - mean) * invstd;
+    return ga * invstd * (g - rs * inv_m - xhat * rsx * inv_m);
+}
+
 // y = gamma * (x - mean) / sqrt(var + eps) + beta, then max(y, 0) when relu. A per-plane
 // launch: block (chunk, c, n) covers its chunk of plane (n, c). With RESIDUAL (a residual
 // block's tail in training mode) the shortcut is added before the ReLU, which is then always on.
@@ -148,9 +170,7 @@ __device__ void bn_apply(const typename E::T* x, const typename E::T* residual,
     float mean = stats[c], invstd = rsqrtf(stats[C + c] + eps), g = gamma[c], b = beta[c];
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < HW; i += gridDim.x * blockDim.x) {
         float v = (E::load(x, base + i) - mean) * invstd * g + b;
-        if (RESIDUAL) v += E::load(residual, base + i);
-        if ((RESIDUAL || relu) && !(v > 0.0f)) v = 0.0f;
-        E::store(y, base + i, v);
+        E::store(y, base + i, add_rectify<E, RESIDUAL>(v, residual, base + i, relu));
     }
 }
 
@@ -169,9 +189,7 @@ __device__ void bn_eval(const typename E::T* x, const float* mean, const float* 
     float shift = beta[c] - mean[c] * scale;
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < HW; i += gridDim.x * blockDim.x) {
         float v = E::load(x, base + i) * scale + shift;
-        if (RESIDUAL) v += E::load(residual, base + i);
-        if ((RESIDUAL || relu) && !(v > 0.0f)) v = 0.0f;
-        E::store(y, base + i, v);
+        E::store(y, base + i, add_rectify<E, RESIDUAL>(v, residual, base + i, relu));
     }
 }
 
@@ -234,10 +252,9 @@ __device__ void bn_backward_data(const typename E::T* x, const typename E::T* y,
     float ga = gamma[c], rs = red[c], rsx = red[C + c];
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < HW; i += gridDim.x * blockDim.x) {
         long long k = base + i;
-        float g = E::load(dy, k);
-        if (relu && !(E::load(y, k) > 0.0f)) g = 0.0f;
-        float xhat = (E::load(x, k) - mean) * invstd;
-        float v = ga * invstd * (g - rs * inv_m - xhat * rsx * inv_m);
+        float g;
+        float v = bn_input_grad(E::load(x, k), E::load(y, k), E::load(dy, k), mean, invstd, ga,
+                                rs, rsx, inv_m, relu, &g);
         E::store(dx, k, v);
         if (shortcut_grad) E::store(dx, total + k, g);
     }
@@ -285,3 +302,182 @@ extern "C" __global__ void bn_backward_data_##SUFFIX(const E::T* x, const E::T* 
 
 KD_BN_KERNELS(f32, ElemF32)
 KD_BN_KERNELS(bf16, ElemBF16)
+
+// ---------------------------------------------------------------------------------------------
+// Channels-last (N, H, W, C): the same operations over the (M, C) matrix, M = N·H·W, with the
+// same arguments (and N for the element-wise ones, which the channels-first kernels read from
+// the grid). A block is a tile of TX consecutive channels (32, or all C when fewer) × TY rows:
+// a warp reads one contiguous segment of a row, each thread keeps one channel's factors in
+// registers, and no index is divided per element. The reductions write the channels-first
+// kernels' partial results, merged by the same finish kernels.
+
+struct ChannelTile { int c, ty, TX, TY; bool on; };
+
+__device__ __forceinline__ ChannelTile channel_tile(int C) {
+    ChannelTile t;
+    t.TX = C < 32 ? C : 32;
+    t.TY = (int)blockDim.x / t.TX;
+    t.ty = (int)threadIdx.x / t.TX;
+    t.c = (int)blockIdx.x * t.TX + (int)threadIdx.x % t.TX;
+    t.on = t.ty < t.TY && t.c < C;
+    return t;
+}
+
+// The rows m = first, first + step, ... below M of a thread of an element-wise tile.
+#define KD_CL_ROWS(t, M) \
+    for (long long m = (long long)blockIdx.y * (t).TY + (t).ty; (t).on && m < (M); \
+         m += (long long)gridDim.y * (t).TY)
+
+// Welford state of channel c over the rows of slice blockIdx.y (batch_slice over the M rows),
+// the tile's TY states of a channel merged in row order by its first thread.
+template <class E>
+__device__ void bn_stats_cl(const typename E::T* x, float* part, int N, int C, int HW) {
+    __shared__ Welford cell[1024];
+    ChannelTile t = channel_tile(C);
+    int m0, m1;
+    batch_slice(N * HW, &m0, &m1);
+    Welford w = {0.0f, 0.0f, 0.0f};
+    for (int m = m0 + t.ty; t.on && m < m1; m += t.TY) {
+        float v = E::load(x, (long long)m * C + t.c);
+        w.n += 1.0f;
+        float d = v - w.mean;
+        w.mean += d / w.n;
+        w.m2 += d * (v - w.mean);
+    }
+    cell[threadIdx.x] = w;
+    __syncthreads();
+    if (t.on && t.ty == 0) {
+        for (int k = 1; k < t.TY; ++k) w = welford_merge(w, cell[threadIdx.x + k * t.TX]);
+        float* out = part + ((long long)blockIdx.y * C + t.c) * 3;
+        out[0] = w.n;
+        out[1] = w.mean;
+        out[2] = w.m2;
+    }
+}
+
+// Σdy' and Σdy'·x̂ of channel c over slice blockIdx.y, as bn_backward_reduce.
+template <class E>
+__device__ void bn_backward_reduce_cl(const typename E::T* x, const typename E::T* y,
+                                      const typename E::T* dy, const float* stats, float* part,
+                                      int N, int C, int HW, float eps, int relu) {
+    __shared__ float cell_s[1024], cell_sx[1024];
+    ChannelTile t = channel_tile(C);
+    int m0, m1;
+    batch_slice(N * HW, &m0, &m1);
+    float s = 0.0f, sx = 0.0f;
+    if (t.on) {
+        float mean = stats[t.c], invstd = rsqrtf(stats[C + t.c] + eps);
+        for (int m = m0 + t.ty; m < m1; m += t.TY) {
+            long long k = (long long)m * C + t.c;
+            float g = E::load(dy, k);
+            if (relu && !(E::load(y, k) > 0.0f)) g = 0.0f;
+            s += g;
+            sx += g * (E::load(x, k) - mean) * invstd;
+        }
+    }
+    cell_s[threadIdx.x] = s;
+    cell_sx[threadIdx.x] = sx;
+    __syncthreads();
+    if (t.on && t.ty == 0) {
+        for (int k = 1; k < t.TY; ++k) {
+            s += cell_s[threadIdx.x + k * t.TX];
+            sx += cell_sx[threadIdx.x + k * t.TX];
+        }
+        float* out = part + ((long long)blockIdx.y * C + t.c) * 2;
+        out[0] = s;
+        out[1] = sx;
+    }
+}
+
+template <class E, bool RESIDUAL>
+__device__ void bn_apply_cl(const typename E::T* x, const typename E::T* residual,
+                            const float* stats, const float* gamma, const float* beta,
+                            typename E::T* y, int N, int C, int HW, float eps, int relu) {
+    ChannelTile t = channel_tile(C);
+    if (!t.on) return;
+    int c = t.c;
+    float mean = stats[c], invstd = rsqrtf(stats[C + c] + eps), g = gamma[c], b = beta[c];
+    KD_CL_ROWS(t, (long long)N * HW) {
+        long long k = m * C + c;
+        float v = (E::load(x, k) - mean) * invstd * g + b;
+        E::store(y, k, add_rectify<E, RESIDUAL>(v, residual, k, relu));
+    }
+}
+
+template <class E, bool RESIDUAL>
+__device__ void bn_eval_cl(const typename E::T* x, const float* mean, const float* var,
+                           const float* gamma, const float* beta, const typename E::T* residual,
+                           typename E::T* y, int N, int C, int HW, float eps, int relu) {
+    ChannelTile t = channel_tile(C);
+    if (!t.on) return;
+    int c = t.c;
+    float scale = gamma[c] * rsqrtf(var[c] + eps);
+    float shift = beta[c] - mean[c] * scale;
+    KD_CL_ROWS(t, (long long)N * HW) {
+        long long k = m * C + c;
+        float v = E::load(x, k) * scale + shift;
+        E::store(y, k, add_rectify<E, RESIDUAL>(v, residual, k, relu));
+    }
+}
+
+template <class E>
+__device__ void bn_backward_data_cl(const typename E::T* x, const typename E::T* y,
+                                    const typename E::T* dy, const float* stats,
+                                    const float* gamma, const float* red, typename E::T* dx,
+                                    int N, int C, int HW, float eps, int relu,
+                                    int shortcut_grad) {
+    ChannelTile t = channel_tile(C);
+    if (!t.on) return;
+    int c = t.c;
+    long long rows = (long long)N * HW, total = rows * C;
+    float inv_m = 1.0f / ((float)N * (float)HW);
+    float mean = stats[c], invstd = rsqrtf(stats[C + c] + eps);
+    float ga = gamma[c], rs = red[c], rsx = red[C + c];
+    KD_CL_ROWS(t, rows) {
+        long long k = m * C + c;
+        float g;
+        float v = bn_input_grad(E::load(x, k), E::load(y, k), E::load(dy, k), mean, invstd, ga,
+                                rs, rsx, inv_m, relu, &g);
+        E::store(dx, k, v);
+        if (shortcut_grad) E::store(dx, total + k, g);
+    }
+}
+
+#define KD_BN_KERNELS_CL(SUFFIX, E)                                                            \
+extern "C" __global__ void bn_stats_cl_##SUFFIX(const E::T* x, float* part, int N, int C,       \
+        int HW) {                                                                               \
+    bn_stats_cl<E>(x, part, N, C, HW);                                                          \
+}                                                                                               \
+extern "C" __global__ void bn_apply_cl_##SUFFIX(const E::T* x, const float* stats,              \
+        const float* gamma, const float* beta, E::T* y, int N, int C, int HW, float eps,        \
+        int relu) {                                                                             \
+    bn_apply_cl<E, false>(x, x, stats, gamma, beta, y, N, C, HW, eps, relu);                    \
+}                                                                                               \
+extern "C" __global__ void bn_apply_add_relu_cl_##SUFFIX(const E::T* x, const E::T* residual,   \
+        const float* stats, const float* beta_gamma, E::T* y, int N, int C, int HW, float eps) {\
+    bn_apply_cl<E, true>(x, residual, stats, beta_gamma + C, beta_gamma, y, N, C, HW, eps, 1);  \
+}                                                                                               \
+extern "C" __global__ void bn_eval_cl_##SUFFIX(const E::T* x, const float* mean,                \
+        const float* var, const float* gamma, const float* beta, E::T* y, int N, int C, int HW, \
+        float eps, int relu) {                                                                  \
+    bn_eval_cl<E, false>(x, mean, var, gamma, beta, x, y, N, C, HW, eps, relu);                 \
+}                                                                                               \
+extern "C" __global__ void bn_eval_add_relu_cl_##SUFFIX(const E::T* x, const float* mean,       \
+        const float* var, const float* gamma, const float* beta, const E::T* residual, E::T* y, \
+        int N, int C, int HW, float eps) {                                                      \
+    bn_eval_cl<E, true>(x, mean, var, gamma, beta, residual, y, N, C, HW, eps, 1);              \
+}                                                                                               \
+extern "C" __global__ void bn_backward_reduce_cl_##SUFFIX(const E::T* x, const E::T* y,         \
+        const E::T* dy, const float* stats, float* part, int N, int C, int HW, float eps,      \
+        int relu) {                                                                             \
+    bn_backward_reduce_cl<E>(x, y, dy, stats, part, N, C, HW, eps, relu);                       \
+}                                                                                               \
+extern "C" __global__ void bn_backward_data_cl_##SUFFIX(const E::T* x, const E::T* y,           \
+        const E::T* dy, const float* stats, const float* gamma, const float* red, E::T* dx,    \
+        int N, int C, int HW, float eps, int relu, int shortcut_grad) {                         \
+    bn_backward_data_cl<E>(x, y, dy, stats, gamma, red, dx, N, C, HW, eps, relu,               \
+                           shortcut_grad);                                                      \
+}
+
+KD_BN_KERNELS_CL(f32, ElemF32)
+KD_BN_KERNELS_CL(bf16, ElemBF16)
