@@ -20,8 +20,12 @@ use crate::batch_norm::{BatchNormOutput, RunningStats};
 use crate::conv::Conv2dGeometry;
 use crate::cpu;
 
-/// How an op's 4-D tensors are laid out.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+/// How an op's 4-D tensors are laid out (`channels-first` or `channels-last` in configs and on
+/// the command line).
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "kebab-case")]
 pub enum MemoryFormat {
     /// (N, C, H, W) activations, (K, C, R, S) convolution kernels: candle's and PyTorch's
     /// default.
@@ -32,6 +36,17 @@ pub enum MemoryFormat {
 }
 
 impl MemoryFormat {
+    /// Both formats, for help texts.
+    pub const ALL: [MemoryFormat; 2] = [MemoryFormat::ChannelsFirst, MemoryFormat::ChannelsLast];
+
+    /// The name in configs and on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MemoryFormat::ChannelsFirst => "channels-first",
+            MemoryFormat::ChannelsLast => "channels-last",
+        }
+    }
+
     /// (N, C, H·W) of a 4-D tensor of this format: batch, channels and values per plane.
     pub fn n_c_hw(self, dims: &[usize]) -> Result<(usize, usize, usize)> {
         let [n, c, h, w] = self.nchw(dims)?;
@@ -62,6 +77,25 @@ impl MemoryFormat {
             MemoryFormat::ChannelsFirst => 1,
             MemoryFormat::ChannelsLast => 3,
         }
+    }
+}
+
+impl std::fmt::Display for MemoryFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for MemoryFormat {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        MemoryFormat::ALL
+            .into_iter()
+            .find(|f| f.as_str() == s)
+            .ok_or_else(|| {
+                format!("unknown memory format {s:?}: expected channels-first or channels-last")
+            })
     }
 }
 

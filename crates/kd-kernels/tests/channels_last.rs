@@ -69,6 +69,14 @@ fn memory_formats_name_their_dimensions() {
     let first = MemoryFormat::ChannelsFirst;
     assert_eq!(first.nchw(&[2, 3, 5, 7]).unwrap(), [2, 3, 5, 7]);
     assert_eq!(MemoryFormat::default(), first);
+    for f in MemoryFormat::ALL {
+        assert_eq!(f.as_str().parse::<MemoryFormat>().unwrap(), f);
+    }
+    let err = "nhwc".parse::<MemoryFormat>().unwrap_err();
+    assert!(
+        err.contains("\"nhwc\"") && err.contains("channels-last"),
+        "{err}"
+    );
     let err = last.nchw(&[2, 3, 5]).unwrap_err().to_string();
     assert!(
         err.contains("ChannelsLast") && err.contains("[2, 3, 5]"),

@@ -7,6 +7,7 @@
 //! otherwise (f64, or `KD_DISABLE=bn`) it is composed from candle ops.
 use candle_core::{DType, Result, Tensor, Var, D};
 use candle_nn::VarBuilder;
+use kd_kernels::{to_channels_first, to_channels_last, MemoryFormat};
 
 /// Batch normalisation over (N, H, W) per channel.
 #[derive(Clone, Debug)]
@@ -17,6 +18,8 @@ pub struct BatchNorm2d {
     running_var: Tensor,
     eps: f64,
     momentum: f64,
+    /// The layout of its input and output ([`BatchNorm2d::set_memory_format`]).
+    format: MemoryFormat,
 }
 
 /// Builds a BatchNorm2d over `channels` from `vb` (`weight`, `bias`, `running_mean`, `running_var`).
@@ -30,10 +33,35 @@ pub fn batch_norm2d(channels: usize, vb: VarBuilder) -> Result<BatchNorm2d> {
         running_var: vb.get_with_hints(channels, "running_var", ones)?,
         eps: 1e-5,
         momentum: 0.1,
+        format: MemoryFormat::ChannelsFirst,
     })
 }
 
 impl BatchNorm2d {
+    /// Takes and gives (N, H, W, C) tensors with [`MemoryFormat::ChannelsLast`] (kd-kernels'
+    /// channels-last ops), (N, C, H, W) with the default [`MemoryFormat::ChannelsFirst`].
+    pub fn set_memory_format(&mut self, format: MemoryFormat) {
+        self.format = format;
+    }
+
+    /// The layout it takes and gives.
+    pub fn memory_format(&self) -> MemoryFormat {
+        self.format
+    }
+
+    /// Runs `f`, written for (N, C, H, W), on a channels-last `x` between permutes (views), or
+    /// on `x` as it is: the composed paths, which have no channels-last form of their own.
+    fn channels_first(
+        &self,
+        x: &Tensor,
+        f: impl FnOnce(&Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        match self.format {
+            MemoryFormat::ChannelsFirst => f(x),
+            MemoryFormat::ChannelsLast => to_channels_last(&f(&to_channels_first(x)?)?),
+        }
+    }
+
     fn affine(&self, xhat: &Tensor) -> Result<Tensor> {
         let c = self.weight.dim(0)?;
         xhat.broadcast_mul(&self.weight.reshape((1, c, 1, 1))?)?
@@ -68,7 +96,7 @@ impl BatchNorm2d {
         if !train {
             return self.forward_eval(x, relu);
         }
-        let y = self.forward_train_composed(x)?;
+        let y = self.channels_first(x, |x| self.forward_train_composed(x))?;
         if relu {
             y.relu()
         } else {
@@ -79,7 +107,11 @@ impl BatchNorm2d {
     /// `relu(self.forward_t(x, false) + residual)`, a residual block's tail in eval mode:
     /// kd-kernels' one-pass op where nothing needs a gradient (its docs say where).
     pub fn forward_eval_add_relu(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
-        kd_kernels::batch_norm_eval_add_relu(
+        let f = match self.format {
+            MemoryFormat::ChannelsFirst => kd_kernels::batch_norm_eval_add_relu,
+            MemoryFormat::ChannelsLast => kd_kernels::batch_norm_eval_add_relu_nhwc,
+        };
+        f(
             x,
             &self.weight,
             &self.bias,
@@ -97,7 +129,11 @@ impl BatchNorm2d {
         if !Self::fused_for(x) {
             return kd_kernels::add_relu(&self.forward_t(x, true)?, residual);
         }
-        let out = kd_kernels::batch_norm_train_add_relu(
+        let f = match self.format {
+            MemoryFormat::ChannelsFirst => kd_kernels::batch_norm_train_add_relu,
+            MemoryFormat::ChannelsLast => kd_kernels::batch_norm_train_add_relu_nhwc,
+        };
+        let out = f(
             x,
             &self.weight,
             &self.bias,
@@ -122,7 +158,11 @@ impl BatchNorm2d {
     /// Eval mode, with the running statistics: kd-kernels' one-pass op (its docs say where it
     /// runs which way).
     fn forward_eval(&self, x: &Tensor, relu: bool) -> Result<Tensor> {
-        kd_kernels::batch_norm_eval(
+        let f = match self.format {
+            MemoryFormat::ChannelsFirst => kd_kernels::batch_norm_eval,
+            MemoryFormat::ChannelsLast => kd_kernels::batch_norm_eval_nhwc,
+        };
+        f(
             x,
             &self.weight,
             &self.bias,
@@ -136,19 +176,21 @@ impl BatchNorm2d {
     /// Training mode through kd-kernels' fused op (on the CPU it runs the op's reference
     /// implementation, which the tests compare with the composed path).
     pub fn forward_train_fused(&self, x: &Tensor, relu: bool) -> Result<Tensor> {
-        let out = kd_kernels::batch_norm_train_update(
-            x,
-            &self.weight,
-            &self.bias,
-            self.eps,
-            relu,
-            self.running()?,
-        )?;
+        let (w, b, running) = (&self.weight, &self.bias, self.running()?);
+        let out = match self.format {
+            MemoryFormat::ChannelsFirst => {
+                kd_kernels::batch_norm_train_update(x, w, b, self.eps, relu, running)?
+            }
+            MemoryFormat::ChannelsLast => {
+                kd_kernels::batch_norm_train_nhwc(x, w, b, self.eps, relu, Some(running))?
+            }
+        };
         Ok(out.y)
     }
 
-    /// Training mode composed from candle ops (f32 statistics): the path for other dtypes and
-    /// with `KD_DISABLE=bn`, and what the tests check the fused op against.
+    /// Training mode composed from candle ops (f32 statistics) on an (N, C, H, W) `x`, whatever
+    /// the layout set: the path for other dtypes and with `KD_DISABLE=bn` (between permutes
+    /// for channels-last), and what the tests check the fused op against.
     pub fn forward_train_composed(&self, x: &Tensor) -> Result<Tensor> {
         let c = self.weight.dim(0)?;
         let (n, _, h, w) = x.dims4()?;

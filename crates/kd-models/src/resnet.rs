@@ -2,7 +2,7 @@
 //! the stem's and every stage's features so feature and relation distillation need no hooks.
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{Linear, VarBuilder};
-use kd_kernels::Conv2dGeometry;
+use kd_kernels::{to_channels_first, to_channels_last, Conv2dGeometry, MemoryFormat};
 
 use crate::batch_norm::{batch_norm2d, BatchNorm2d};
 use crate::max_pool::MaxPool2d;
@@ -60,14 +60,18 @@ pub struct ForwardParts {
 
 /// A bias-free convolution with "same" padding. Runs through kd-kernels (cuDNN forward and
 /// backward on CUDA, candle's conv on the CPU); the f32 master weight is cast to the input's
-/// dtype, so bf16 activations train f32 weights.
+/// dtype, so bf16 activations train f32 weights. Channels-last, the (K, C, R, S) weight is
+/// permuted to (K, R, S, C) in the same pass (its gradient flows back through the permute), so
+/// checkpoints keep PyTorch's layout.
 #[derive(Clone, Debug)]
 struct Conv2d {
     weight: Tensor,
     geometry: Conv2dGeometry,
-    /// A constant weight (a frozen network's) cast once to the compute dtype: the cast of a
-    /// weight that never changes would otherwise be a launch and a pass over it per forward
-    /// (53 for a ResNet50 teacher's step). `None` for a variable, whose value changes each step.
+    format: MemoryFormat,
+    /// A constant weight (a frozen network's) cast once to the compute dtype (and permuted for
+    /// channels-last): the cast of a weight that never changes would otherwise be a launch and a
+    /// pass over it per forward (53 for a ResNet50 teacher's step). `None` for a variable, whose
+    /// value changes each step.
     cast: Option<Tensor>,
 }
 
@@ -77,16 +81,32 @@ impl Conv2d {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        match &self.cast {
-            Some(w) if w.dtype() == x.dtype() => kd_kernels::conv2d(x, w, self.geometry),
-            _ => kd_kernels::conv2d(x, &self.weight.to_dtype(x.dtype())?, self.geometry),
+        let w = match &self.cast {
+            Some(w) if w.dtype() == x.dtype() => w.clone(),
+            _ => self.weight_as(x.dtype())?,
+        };
+        match self.format {
+            MemoryFormat::ChannelsFirst => kd_kernels::conv2d(x, &w, self.geometry),
+            MemoryFormat::ChannelsLast => kd_kernels::conv2d_nhwc(x, &w, self.geometry),
         }
     }
 
-    /// Keeps the weight cast to `dtype` when it is a constant and `dtype` is not its own.
+    /// The weight in `dtype` and the layout's order ((K, R, S, C) channels-last, contiguous).
+    fn weight_as(&self, dtype: DType) -> Result<Tensor> {
+        match self.format {
+            MemoryFormat::ChannelsFirst => self.weight.to_dtype(dtype),
+            MemoryFormat::ChannelsLast => to_channels_last(&self.weight)?
+                .to_dtype(dtype)?
+                .contiguous(),
+        }
+    }
+
+    /// Keeps the weight cast to `dtype` (and permuted for channels-last) when it is a constant
+    /// and either changes it.
     fn cache_cast(&mut self, dtype: DType) -> Result<()> {
-        let constant = !self.weight.is_variable() && self.weight.dtype() != dtype;
-        self.cast = constant.then(|| self.weight.to_dtype(dtype)).transpose()?;
+        let changed = self.weight.dtype() != dtype || self.format == MemoryFormat::ChannelsLast;
+        let constant = !self.weight.is_variable() && changed;
+        self.cast = constant.then(|| self.weight_as(dtype)).transpose()?;
         Ok(())
     }
 }
@@ -104,6 +124,7 @@ fn conv(c_in: usize, c_out: usize, k: usize, stride: usize, vb: VarBuilder) -> R
             stride,
             padding: k / 2,
         },
+        format: MemoryFormat::ChannelsFirst,
         cast: None,
     })
 }
@@ -278,6 +299,16 @@ impl Block {
         convs
     }
 
+    /// Every BatchNorm of the block, the shortcut's included.
+    fn bns_mut(&mut self) -> Vec<&mut BatchNorm2d> {
+        let (mut bns, downsample) = match self {
+            Block::Basic(b) => (vec![&mut b.bn1, &mut b.bn2], &mut b.downsample),
+            Block::Bottleneck(b) => (vec![&mut b.bn1, &mut b.bn2, &mut b.bn3], &mut b.downsample),
+        };
+        bns.extend(downsample.as_mut().map(|d| &mut d.bn));
+        bns
+    }
+
     /// The BatchNorm whose output, plus the shortcut, is the block's pre-ReLU output.
     fn last_bn(&self) -> &BatchNorm2d {
         match self {
@@ -299,12 +330,21 @@ struct AuxHead {
 impl AuxHead {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<AuxOutput> {
         let y = self.bn.forward_relu_t(&self.conv.forward(x)?, train)?;
-        let pooled = y.mean(D::Minus1)?.mean(D::Minus1)?.to_dtype(DType::F32)?;
+        let pooled = global_average(&y, self.bn.memory_format())?;
         Ok(AuxOutput {
             logits: self.fc.forward(&pooled)?,
             pooled,
         })
     }
+}
+
+/// The (N, C) f32 mean over the spatial axes of a 4-D tensor of `format`.
+fn global_average(y: &Tensor, format: MemoryFormat) -> Result<Tensor> {
+    let pooled = match format {
+        MemoryFormat::ChannelsFirst => y.mean(D::Minus1)?.mean(D::Minus1)?,
+        MemoryFormat::ChannelsLast => y.mean(2)?.mean(1)?,
+    };
+    pooled.to_dtype(DType::F32)
 }
 
 /// A CIFAR ResNet.
@@ -319,6 +359,7 @@ pub struct ResNet {
     aux: Vec<AuxHead>,
     info: Vec<FeatureInfo>,
     compute_dtype: DType,
+    format: MemoryFormat,
     keep_preact: bool,
     keep_features: bool,
 }
@@ -392,6 +433,7 @@ impl ResNet {
             aux,
             info,
             compute_dtype: DType::F32,
+            format: MemoryFormat::ChannelsFirst,
             keep_preact: false,
             keep_features: true,
         })
@@ -410,6 +452,43 @@ impl ResNet {
             conv.cache_cast(dtype)?;
         }
         Ok(())
+    }
+
+    /// Holds its activations channels-last, (N, H, W, C), with
+    /// [`MemoryFormat::ChannelsLast`]: the layout cuDNN's tensor-core convolutions read natively
+    /// (kd-kernels' `memory_format`). The input and every tensor in [`ModelOutput`] stay
+    /// (N, C, H, W) (the features as permuted views), and the weights and checkpoints keep
+    /// PyTorch's layout, so nothing outside the network changes. Off (channels-first) by
+    /// default.
+    pub fn set_memory_format(&mut self, format: MemoryFormat) -> Result<()> {
+        self.format = format;
+        let dtype = self.compute_dtype;
+        for conv in self.convs_mut() {
+            conv.format = format;
+            conv.cache_cast(dtype)?;
+        }
+        let mut bns = vec![&mut self.bn1];
+        for block in self.stages.iter_mut().flatten() {
+            bns.extend(block.bns_mut());
+        }
+        bns.extend(self.aux.iter_mut().map(|h| &mut h.bn));
+        for bn in bns {
+            bn.set_memory_format(format);
+        }
+        Ok(())
+    }
+
+    /// The layout of its activations ([`ResNet::set_memory_format`]).
+    pub fn memory_format(&self) -> MemoryFormat {
+        self.format
+    }
+
+    /// A tensor of the network's layout as (N, C, H, W) (a view when channels-last).
+    fn channels_first(&self, y: &Tensor) -> Result<Tensor> {
+        match self.format {
+            MemoryFormat::ChannelsFirst => Ok(y.clone()),
+            MemoryFormat::ChannelsLast => to_channels_first(y),
+        }
     }
 
     /// Every convolution: stem, blocks (shortcuts included), auxiliary heads.
@@ -489,19 +568,36 @@ impl ResNet {
         self.backbone_params().iter().map(|t| t.elem_count()).sum()
     }
 
-    /// The stem: conv, BN, ReLU and, for `cifar-maxpool`, the 3×3/s2/p1 max-pool.
+    /// The stem: conv, BN, ReLU and, for `cifar-maxpool`, the 3×3/s2/p1 max-pool; `x` and the
+    /// result (N, C, H, W).
     pub fn forward_stem(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.channels_first(&self.stem(x, train)?)
+    }
+
+    /// [`ResNet::forward_stem`], the result in the network's layout.
+    fn stem(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let x = x.to_dtype(self.compute_dtype)?;
+        let x = match self.format {
+            MemoryFormat::ChannelsFirst => x,
+            MemoryFormat::ChannelsLast => to_channels_last(&x)?,
+        };
         let y = self.bn1.forward_relu_t(&self.conv1.forward(&x)?, train)?;
         let kernel_here = y.device().is_cpu()
             || (kd_kernels::HAS_CUDA_KERNELS
                 && y.device().is_cuda()
                 && kd_kernels::enabled(kd_kernels::Kernel::MaxPool));
-        match &self.maxpool {
+        let pool = |y: &Tensor| match &self.maxpool {
             // The custom op where it has a kernel; elsewhere the composed form (valid after a ReLU).
-            Some(p) if kernel_here => p.forward(&y),
-            Some(p) => p.forward_nonneg_composed(&y),
-            None => Ok(y),
+            Some(p) if kernel_here => p.forward(y),
+            Some(p) => p.forward_nonneg_composed(y),
+            None => Ok(y.clone()),
+        };
+        match (self.format, &self.maxpool) {
+            // The pool has no channels-last kernel: between permutes.
+            (MemoryFormat::ChannelsLast, Some(_)) => {
+                to_channels_last(&pool(&to_channels_first(&y)?)?)
+            }
+            _ => pool(&y),
         }
     }
 
@@ -541,7 +637,7 @@ impl ResNet {
         let preact_too = parts.preact;
         let mut feats = Vec::with_capacity(5);
         let mut preact = Vec::with_capacity(4);
-        let mut y = self.forward_stem(x, train)?;
+        let mut y = self.stem(x, train)?;
         feats.push(y.clone());
         for stage in &self.stages {
             for (i, block) in stage.iter().enumerate() {
@@ -558,7 +654,7 @@ impl ResNet {
                 // The stage's last block also gives its pre-activation (for AB and OFD): the sum
                 // again, a branch of the graph of its own that only those methods differentiate.
                 if preact_too && last {
-                    preact.push((&branch + &shortcut)?);
+                    preact.push(self.channels_first(&(&branch + &shortcut)?)?);
                 }
                 y = kd_kernels::add_relu(&branch, &shortcut)?;
             }
@@ -566,7 +662,7 @@ impl ResNet {
         }
         // The classifier, the pooled embedding and the features leave the network in f32: the
         // losses and the distillers' own layers are f32.
-        let pooled = y.mean(D::Minus1)?.mean(D::Minus1)?.to_dtype(DType::F32)?;
+        let pooled = global_average(&y, self.format)?;
         let logits = self.fc.forward(&pooled)?;
         let aux = self
             .aux
@@ -576,8 +672,8 @@ impl ResNet {
             .collect::<Result<Vec<_>>>()?;
         let feats = if parts.features {
             feats
-                .into_iter()
-                .map(|f| f.to_dtype(DType::F32))
+                .iter()
+                .map(|f| self.channels_first(f)?.to_dtype(DType::F32))
                 .collect::<Result<Vec<_>>>()?
         } else {
             Vec::new()
