@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # On the GPU machine, from the checkout with .gpu/ carried (tools/gpu/prepare.sh builds it).
 # Logs go to $OUT, written as each step ends, so a cut-off call still returns what finished.
-#   bash .gpu/device-check.sh perf    # selfcheck, kd bench, PyTorch throughput (channels-last and
-#                                     # NCHW), ratios, then A/B benches of kd's parts (~6 min)
+#   bash .gpu/device-check.sh perf    # selfcheck, kd bench (both memory formats), PyTorch throughput
+#                                     # (channels-last and NCHW), ratios, then A/B benches of kd's
+#                                     # parts (~8 min)
 #   bash .gpu/device-check.sh train   # 15-epoch ResNet18 on the CIFAR-10 copy, kd and PyTorch (~5 min)
 #                                     # (CONV_ALGO=benchmark: cuDNN's benchmarked algorithms, as PyTorch)
 #   bash .gpu/device-check.sh methods # one whole step of each method, ResNet50 → ResNet18, bf16 (~3 min)
@@ -43,7 +44,9 @@ fallbacks() { # after selfcheck: the kernel families it found out of bounds, as 
   # (slower, correct) rather than train on wrong numbers. Exported; printed into steps.txt.
   local f="$OUT/selfcheck.txt" d=""
   [ -f "$f" ] || return 0
-  fails() { grep -qE "^\| $1.*\| FAIL \|\$" "$f"; }
+  # Channels-last rows are left out: that path is opt-in (train.memory_format), and a failing
+  # one only keeps its bench from running (channels_last_ok).
+  fails() { grep -E "^\| $1.*\| FAIL \|\$" "$f" | grep -qv "channels-last"; }
   fails "conv" && d="$d,conv"
   # A wrong residual tail (training mode) alone costs only its own op. Of the other BatchNorm
   # rows (training or eval mode), a wrong running-statistics update alone costs only its fused
@@ -61,6 +64,9 @@ fallbacks() { # after selfcheck: the kernel families it found out of bounds, as 
     export KD_DISABLE="$d"
     echo "selfcheck: kernels out of bounds; what follows runs with KD_DISABLE=$d" | tee -a "$OUT/steps.txt"
   fi
+}
+channels_last_ok() { # selfcheck ran and none of its channels-last rows failed
+  [ -f "$OUT/selfcheck.txt" ] && ! grep -qE "^\| .*channels-last.*\| FAIL \|\$" "$OUT/selfcheck.txt"
 }
 data() { # the CIFAR-10 copy in the official binary layout, under /tmp/kdd/cifar10
   [ -d /tmp/c10 ] || python3 .gpu/make-cifar10-bin.py /tmp/c10 --src .gpu/cifar10-jpeg.tar.gz > /tmp/data.txt 2>&1
@@ -102,6 +108,13 @@ perf)
   # against PyTorch layout for layout (decides whether kd should build channels-last tensors).
   step torch-bench-nchw 150 python3 .gpu/torch_nchw.py throughput --no-maxpool --batch 256 --warmup 10 --steps 30
   python3 .gpu/ratio.py "$OUT/kd-bench.txt" "$OUT/torch-bench-nchw.txt" | tee "$OUT/ratio-nchw.md"
+  # kd channels-last (session 23; train.memory_format), layout for layout against torch_ref.py:
+  if channels_last_ok; then
+    step kd-bench-cl 150 /tmp/kd-runner bench --device cuda --batch 256 --stem cifar --steps 20 --warmup 5 \
+      --precision f32,tf32,bf16 --conv-algo heuristic,benchmark --memory-format channels-last --phases
+    cat "$OUT/kd-bench.txt" "$OUT/kd-bench-cl.txt" > /tmp/kd-bench-both.txt
+    python3 .gpu/ratio.py /tmp/kd-bench-both.txt "$OUT/torch-bench.txt" | tee "$OUT/ratio-cl.md"
+  fi
   # What each part buys, on the same card, most telling first (a step past the deadline is
   # skipped). candle's own ops (every kd kernel switched off):
   step kd-bench-candle 80 env KD_DISABLE=all /tmp/kd-runner bench --device cuda --batch 256 --stem cifar \
@@ -151,6 +164,14 @@ all)
     --precision bf16,tf32,f32 --conv-algo heuristic,benchmark --phases
   step torch-bench 100 python3 .gpu/torch_ref.py throughput --no-maxpool --batch 256 --warmup 10 --steps 30
   python3 .gpu/ratio.py "$OUT/kd-bench.txt" "$OUT/torch-bench.txt" | tee -a "$OUT/steps.txt"
+  # kd channels-last (opt-in, session 23), bf16 and TF32, into the same ratio table:
+  if channels_last_ok; then
+    step kd-bench-cl 60 /tmp/kd-runner bench --device cuda --batch 256 --stem cifar --steps 10 --warmup 3 \
+      --precision bf16,tf32 --conv-algo heuristic,benchmark --memory-format channels-last
+    # Into kd-bench.txt, so that `all` still leaves at most 8 files.
+    cat "$OUT/kd-bench-cl.txt" >> "$OUT/kd-bench.txt" && rm "$OUT/kd-bench-cl.txt"
+    python3 .gpu/ratio.py "$OUT/kd-bench.txt" "$OUT/torch-bench.txt" | tee -a "$OUT/steps.txt"
+  fi
   profile 75
   data; torch_train 60; kd_train 300
   ;;

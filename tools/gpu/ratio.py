@@ -3,8 +3,9 @@
 
   python3 ratio.py KD_BENCH_LOG TORCH_THROUGHPUT_LOG
 
-KD_BENCH_LOG: `kd-runner bench ... --precision f32,tf32,bf16 [--conv-algo heuristic,benchmark]` (its
-`BENCH workload=... precision=... images_per_s=... conv_algo=...` lines). TORCH_THROUGHPUT_LOG: `torch_ref.py throughput` (its final table:
+KD_BENCH_LOG: `kd-runner bench ... --precision f32,tf32,bf16 [--conv-algo heuristic,benchmark]
+[--memory-format channels-first,channels-last]` (its `BENCH workload=... precision=...
+images_per_s=... conv_algo=... memory_format=...` lines). TORCH_THROUGHPUT_LOG: `torch_ref.py throughput` (its final table:
 fp32 with TF32 off, fp32 + TF32, bf16 autocast). Prints one Markdown table: each precision
 against PyTorch's same precision, and each side's best against the other's best.
 """
@@ -21,12 +22,25 @@ PRECISIONS = ["f32", "tf32", "bf16"]  # torch_ref's column order
 
 
 def kd_figures(text):
-    """(workload, precision) -> {conv_algo: images/s}; lines before conv_algo existed count as heuristic."""
+    """(workload, precision) -> {(conv_algo, memory_format): images/s}; lines from before those
+    keys existed count as heuristic and channels-first."""
     out = {}
-    pat = r"^BENCH workload=(\S+) precision=(\S+) images_per_s=([\d.]+)(?: conv_algo=(\S+))?"
+    pat = (r"^BENCH workload=(\S+) precision=(\S+) images_per_s=([\d.]+)"
+           r"(?: conv_algo=(\S+))?(?: memory_format=(\S+))?")
     for m in re.finditer(pat, text, re.M):
-        out.setdefault((m.group(1), m.group(2)), {})[m.group(4) or "heuristic"] = float(m.group(3))
+        variant = (m.group(4) or "heuristic", m.group(5) or "channels-first")
+        out.setdefault((m.group(1), m.group(2)), {})[variant] = float(m.group(3))
     return out
+
+
+def variant_label(precision, algo, fmt):
+    """`bf16`, `bf16, cuDNN benchmark`, `bf16, channels-last`, ..."""
+    parts = [precision]
+    if algo != "heuristic":
+        parts.append(f"cuDNN {algo}")
+    if fmt != "channels-first":
+        parts.append(fmt)
+    return ", ".join(parts)
 
 
 def torch_figures(text):
@@ -54,8 +68,9 @@ def main(kd_log, torch_log):
             b = pt.get((row, p))
             if b is not None:
                 best_pt = max(best_pt, (b, p))
-            for algo, a in sorted(kd.get((key, p), {}).items(), key=lambda kv: kv[0] != "heuristic"):
-                label = p if algo == "heuristic" else f"{p}, cuDNN {algo}"
+            variants = kd.get((key, p), {}).items()
+            for (algo, fmt), a in sorted(variants, key=lambda kv: (kv[0][0] != "heuristic", kv[0][1])):
+                label = variant_label(p, algo, fmt)
                 best_kd = max(best_kd, (a, label))
                 if b is not None:
                     print(f"| {row} | {label} | {a:.0f} | {b:.0f} | {a / b:.2f}× |")

@@ -34,6 +34,12 @@ impl Teacher {
         self.model.set_compute_dtype(dtype)
     }
 
+    /// Holds its activations in `format` (`ResNet::set_memory_format`); outputs stay
+    /// (N, C, H, W).
+    pub fn set_memory_format(&mut self, format: kd_kernels::MemoryFormat) -> CResult<()> {
+        self.model.set_memory_format(format)
+    }
+
     /// The underlying network.
     pub fn model(&self) -> &ResNet {
         &self.model

@@ -160,6 +160,11 @@ pub struct TrainSection {
     /// Only deterministic cuDNN algorithms, so that a seed fixes a GPU run's numbers too (as
     /// PyTorch's `cudnn.deterministic`); may cost speed. The CPU is deterministic anyway.
     pub deterministic: bool,
+    /// `channels-first` (N, C, H, W) or `channels-last` (N, H, W, C) activations inside the
+    /// networks (student, teacher, peers): the layout cuDNN's tensor-core convolutions read
+    /// natively. Outputs, weights and checkpoints are the same either way. On the CPU each op
+    /// then runs between transposes, so it is slower there: it is for CUDA.
+    pub memory_format: kd_kernels::MemoryFormat,
 }
 
 impl Default for TrainSection {
@@ -180,6 +185,7 @@ impl Default for TrainSection {
             precision: kd_kernels::Precision::F32,
             conv_algo: kd_kernels::ConvAlgoSearch::Heuristic,
             deterministic: false,
+            memory_format: kd_kernels::MemoryFormat::ChannelsFirst,
         }
     }
 }
@@ -540,6 +546,12 @@ mod tests {
         assert_eq!(c.train.conv_algo, kd_kernels::ConvAlgoSearch::Benchmark);
         assert!(!c.train.deterministic);
         c.set("train.deterministic=true").unwrap();
+        c.set("train.memory_format=channels-last").unwrap();
+        assert_eq!(
+            c.train.memory_format,
+            kd_kernels::MemoryFormat::ChannelsLast
+        );
+        assert!(c.set("train.memory_format=nhwc").is_err());
         assert!(c.train.deterministic);
         let err = c
             .set("train.conv_algo=fastest")

@@ -131,6 +131,7 @@ pub fn run(
         let mut t = Teacher::load(p, &device)
             .with_context(|| format!("loading the teacher {}", p.display()))?;
         t.set_compute_dtype(cfg.train.precision.activation_dtype())?;
+        t.set_memory_format(cfg.train.memory_format)?;
         if t.meta().num_classes != num_classes {
             bail!(
                 "the teacher {} has {} classes, {} has {}",
@@ -159,8 +160,10 @@ pub fn run(
         .wrap(built.distiller, cfg.method.needs_teacher())?;
     let dtype = cfg.train.precision.activation_dtype();
     built.model.set_compute_dtype(dtype)?;
+    built.model.set_memory_format(cfg.train.memory_format)?;
     for p in &mut built.peers {
         p.model.set_compute_dtype(dtype)?;
+        p.model.set_memory_format(cfg.train.memory_format)?;
     }
     std::fs::create_dir_all(run_dir)
         .with_context(|| format!("creating the run directory {}", run_dir.display()))?;

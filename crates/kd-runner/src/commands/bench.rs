@@ -55,6 +55,10 @@ pub struct BenchArgs {
     /// (comma-separated; CUDA only, the CPU runs the same code for both).
     #[arg(long, default_value = "heuristic", value_delimiter = ',')]
     pub conv_algo: Vec<kd_kernels::ConvAlgoSearch>,
+    /// Memory formats to time at each of those: channels-first, channels-last
+    /// (comma-separated; `train.memory_format`).
+    #[arg(long, default_value = "channels-first", value_delimiter = ',')]
+    pub memory_format: Vec<kd_kernels::MemoryFormat>,
     /// Only deterministic cuDNN algorithms (`train.deterministic`), to time what they cost.
     #[arg(long)]
     pub deterministic: bool,
@@ -82,7 +86,7 @@ impl MethodStep {
         x: &Tensor,
         y: &Tensor,
         train_size: usize,
-        dtype: DType,
+        (dtype, format): (DType, kd_kernels::MemoryFormat),
     ) -> anyhow::Result<Self> {
         let method = kd_train::MethodConfig::preset(name).ok_or_else(|| {
             anyhow::anyhow!(
@@ -128,6 +132,7 @@ impl MethodStep {
         let teacher = method.needs_teacher().then_some(teacher);
         let mut student = kd_train::build_student(cfg, &method, teacher, device, 0, 0.0)?;
         student.model.set_compute_dtype(dtype)?;
+        student.model.set_memory_format(format)?;
         student.distiller.prepare(&kd_train::RunInfo {
             train_size,
             num_classes: cfg.num_classes,
@@ -255,8 +260,9 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let settings = args
         .precision
         .iter()
-        .flat_map(|&p| args.conv_algo.iter().map(move |&a| (p, a)));
-    for (precision, search) in settings {
+        .flat_map(|&p| args.conv_algo.iter().map(move |&a| (p, a)))
+        .flat_map(|(p, a)| args.memory_format.iter().map(move |&f| (p, a, f)));
+    for (precision, search, format) in settings {
         precision.apply();
         search.apply();
         let dtype = precision.activation_dtype();
@@ -265,6 +271,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             Some(t) => {
                 let mut t = t.clone();
                 t.set_compute_dtype(dtype)?;
+                t.set_memory_format(format)?;
                 Some(t)
             }
             None => None,
@@ -277,6 +284,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             preact: false,
         };
         student.set_compute_dtype(dtype)?;
+        student.set_memory_format(format)?;
         student.set_keep_features(false);
         let mut opt = Sgd::new(kd_train::trainable_vars(&svars), SgdConfig::default());
         if args.phases {
@@ -307,7 +315,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             }
             let ms = |v: f64| 1000.0 * v / args.steps as f64;
             println!(
-                "PHASES workload={}-train precision={precision} forward_ms={:.2} backward_ms={:.2} optimizer_ms={:.2} host_ms={:.2} conv_algo={search}",
+                "PHASES workload={}-train precision={precision} forward_ms={:.2} backward_ms={:.2} optimizer_ms={:.2} host_ms={:.2} conv_algo={search} memory_format={format}",
                 args.model.name(),
                 ms(t[0]),
                 ms(t[1]),
@@ -360,7 +368,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
                         &x,
                         &y,
                         args.train_size,
-                        dtype,
+                        (dtype, format),
                     )?;
                     (
                         format!("method-{name}"),
@@ -385,22 +393,22 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
                 None => String::new(),
             };
             println!(
-                "BENCH workload={key} precision={precision} images_per_s={:.1} conv_algo={search}{peak}",
+                "BENCH workload={key} precision={precision} images_per_s={:.1} conv_algo={search} memory_format={format}{peak}",
                 timing.images_per_s
             );
-            rows.push((label, precision, search, timing));
+            rows.push((label, precision, search, format, timing));
         }
     }
     println!(
-        "| workload | precision | conv algorithm | images/s | ms/step | peak GPU memory used / reserved (MiB) |\n|---|---|---|---|---|---|"
+        "| workload | precision | conv algorithm | memory format | images/s | ms/step | peak GPU memory used / reserved (MiB) |\n|---|---|---|---|---|---|---|"
     );
-    for (label, precision, search, t) in rows {
+    for (label, precision, search, format, t) in rows {
         let peak = match t.peaks {
             Some(p) => format!("{:.0} / {:.0}", p.used_mib(), p.reserved_mib()),
             None => "–".into(),
         };
         println!(
-            "| {label} | {precision} | {search} | {:.1} | {:.2} | {peak} |",
+            "| {label} | {precision} | {search} | {format} | {:.1} | {:.2} | {peak} |",
             t.images_per_s,
             1000.0 * args.batch as f64 / t.images_per_s
         );

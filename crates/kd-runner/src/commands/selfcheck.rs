@@ -10,8 +10,9 @@ use anyhow::{bail, Context};
 use candle_core::{DType, Device, Tensor, Var};
 use kd_data::{Loader, LoaderConfig, Mix, Normalize, Split};
 use kd_kernels::{
-    augment_batch, batch_norm_train_add_relu, batch_norm_train_update, conv2d_custom, AugmentPlan,
-    Conv2dGeometry, ConvAlgoSearch, MaxPool2d, Normalisation, Precision,
+    augment_batch, batch_norm_train_add_relu, batch_norm_train_add_relu_nhwc,
+    batch_norm_train_nhwc, batch_norm_train_update, to_channels_first, to_channels_last,
+    AugmentPlan, Conv2dGeometry, ConvAlgoSearch, MaxPool2d, MemoryFormat, Normalisation, Precision,
 };
 use kd_models::{trainable_resnet, Arch, ResNetConfig, Stem};
 
@@ -21,6 +22,30 @@ pub struct SelfcheckArgs {
     /// The device to check against the CPU: cuda or cuda:N.
     #[arg(long, default_value = "cuda")]
     pub device: String,
+}
+
+/// `t` (N, C, H, W) in `format`: contiguous (N, H, W, C) for channels-last.
+fn laid_out(t: &Tensor, format: MemoryFormat) -> candle_core::Result<Tensor> {
+    match format {
+        MemoryFormat::ChannelsFirst => Ok(t.clone()),
+        MemoryFormat::ChannelsLast => to_channels_last(t)?.contiguous(),
+    }
+}
+
+/// A 4-D tensor of `format` as (N, C, H, W) (a view), to compare with channels-first results.
+fn nchw(t: &Tensor, format: MemoryFormat) -> candle_core::Result<Tensor> {
+    match format {
+        MemoryFormat::ChannelsFirst => Ok(t.clone()),
+        MemoryFormat::ChannelsLast => to_channels_first(t),
+    }
+}
+
+/// ", channels-last" for row names (nothing for channels-first, as rows were named before).
+fn format_tag(format: MemoryFormat) -> &'static str {
+    match format {
+        MemoryFormat::ChannelsFirst => "",
+        MemoryFormat::ChannelsLast => ", channels-last",
+    }
 }
 
 /// max |a − b| / max |b|, both compared in f32 on the CPU.
@@ -131,14 +156,22 @@ fn check_conv(c: &mut Checks, dev: &Device) -> anyhow::Result<()> {
             let (xv, wv) = (Var::from_tensor(&xr)?, Var::from_tensor(&wr)?);
             let y_ref = xv.conv2d(&wv, g.padding, g.stride, 1, 1)?;
             let gr = (&y_ref * &r)?.sum_all()?.backward()?;
-            for &(search, deterministic) in searches {
+            // Each search in both layouts (channels-last: cuDNN's NHWC descriptors, the kernel
+            // as (K, R, S, C)), against the one channels-first reference.
+            let settings = searches
+                .iter()
+                .flat_map(|&s| MemoryFormat::ALL.into_iter().map(move |f| (s, f)));
+            for ((search, deterministic), format) in settings {
                 search.apply();
                 kd_kernels::conv_algo::require_deterministic(deterministic);
                 let (xd, wd) = (
-                    Var::from_tensor(&x.to_dtype(dt)?.to_device(dev)?)?,
-                    Var::from_tensor(&w.to_dtype(dt)?.to_device(dev)?)?,
+                    Var::from_tensor(&laid_out(&x.to_dtype(dt)?.to_device(dev)?, format)?)?,
+                    Var::from_tensor(&laid_out(&w.to_dtype(dt)?.to_device(dev)?, format)?)?,
                 );
-                let y = conv2d_custom(&xd, &wd, g)?;
+                let y = nchw(
+                    &kd_kernels::conv::conv2d_custom_in(&xd, &wd, g, format)?,
+                    format,
+                )?;
                 let gd = (y.to_dtype(DType::F32)? * r.to_device(dev)?)?
                     .sum_all()?
                     .backward()?;
@@ -147,7 +180,8 @@ fn check_conv(c: &mut Checks, dev: &Device) -> anyhow::Result<()> {
                     (ConvAlgoSearch::Heuristic, _) => "",
                     (ConvAlgoSearch::Benchmark, _) => ", benchmarked algorithm",
                 };
-                let tag = format!("conv {n}×{ci}×{hw}² → {co}, {k}×{k}/s{s}, {p}{choice}");
+                let layout = format_tag(format);
+                let tag = format!("conv {n}×{ci}×{hw}² → {co}, {k}×{k}/s{s}, {p}{choice}{layout}");
                 c.add(format!("{tag}: forward"), rel(&y, &y_ref)?, bound(p));
                 let gx = gd
                     .get(&xd)
@@ -157,12 +191,12 @@ fn check_conv(c: &mut Checks, dev: &Device) -> anyhow::Result<()> {
                     .ok_or_else(|| anyhow::anyhow!("no kernel gradient"))?;
                 c.add(
                     format!("{tag}: backward data"),
-                    rel(gx, gr.get(&xv).unwrap())?,
+                    rel(&nchw(gx, format)?, gr.get(&xv).unwrap())?,
                     bound(p),
                 );
                 c.add(
                     format!("{tag}: backward filter"),
-                    rel(gw, gr.get(&wv).unwrap())?,
+                    rel(&nchw(gw, format)?, gr.get(&wv).unwrap())?,
                     bound(p),
                 );
             }
@@ -186,9 +220,10 @@ fn check_batch_norm(c: &mut Checks, dev: &Device) -> anyhow::Result<()> {
             let running_var0 = (rand(&[ch], 47, &Device::Cpu)?.abs()? + 0.5)?;
             let shortcut = rand(&[n, ch, hw, hw], 48, &Device::Cpu)?.to_dtype(dt)?;
             // With `tail`, a residual block's tail in training mode, relu(BN(x) + shortcut).
-            let run = |d: &Device, tail: bool| -> anyhow::Result<Vec<Tensor>> {
+            // The activations and their gradients in `format`, compared as (N, C, H, W).
+            let run = |d: &Device, tail: bool, format| -> anyhow::Result<Vec<Tensor>> {
                 let (xv, wv, bv) = (
-                    Var::from_tensor(&x.to_device(d)?)?,
+                    Var::from_tensor(&laid_out(&x.to_device(d)?, format)?)?,
                     Var::from_tensor(&w.to_device(d)?)?,
                     Var::from_tensor(&b.to_device(d)?)?,
                 );
@@ -200,25 +235,36 @@ fn check_batch_norm(c: &mut Checks, dev: &Device) -> anyhow::Result<()> {
                     var: &rv,
                     momentum: 0.1,
                 };
-                let sv = Var::from_tensor(&shortcut.to_device(d)?)?;
-                let out = match tail {
-                    false => batch_norm_train_update(&xv, &wv, &bv, 1e-5, relu, running)?,
-                    true => batch_norm_train_add_relu(&xv, &wv, &bv, &sv, 1e-5, Some(running))?,
+                let sv = Var::from_tensor(&laid_out(&shortcut.to_device(d)?, format)?)?;
+                let out = match (tail, format) {
+                    (false, MemoryFormat::ChannelsFirst) => {
+                        batch_norm_train_update(&xv, &wv, &bv, 1e-5, relu, running)?
+                    }
+                    (false, MemoryFormat::ChannelsLast) => {
+                        batch_norm_train_nhwc(&xv, &wv, &bv, 1e-5, relu, Some(running))?
+                    }
+                    (true, MemoryFormat::ChannelsFirst) => {
+                        batch_norm_train_add_relu(&xv, &wv, &bv, &sv, 1e-5, Some(running))?
+                    }
+                    (true, MemoryFormat::ChannelsLast) => {
+                        batch_norm_train_add_relu_nhwc(&xv, &wv, &bv, &sv, 1e-5, Some(running))?
+                    }
                 };
-                let g = (out.y.to_dtype(DType::F32)? * r.to_device(d)?)?
+                let y = nchw(&out.y, format)?;
+                let g = (y.to_dtype(DType::F32)? * r.to_device(d)?)?
                     .sum_all()?
                     .backward()?;
                 let mut checked = vec![
-                    out.y,
+                    y,
                     out.mean,
                     out.var,
-                    g.get(&xv).unwrap().clone(),
+                    nchw(g.get(&xv).unwrap(), format)?,
                     g.get(&wv).unwrap().clone(),
                     g.get(&bv).unwrap().clone(),
                     rm,
                     rv,
                 ];
-                checked.extend(g.get(&sv).cloned());
+                checked.extend(g.get(&sv).map(|t| nchw(t, format)).transpose()?);
                 Ok(checked)
             };
             let tol = if dt == DType::BF16 { 2e-2 } else { 1e-4 };
@@ -234,13 +280,17 @@ fn check_batch_norm(c: &mut Checks, dev: &Device) -> anyhow::Result<()> {
                 "d shortcut",
             ];
             for tail in [false, true].into_iter().filter(|&t| relu || !t) {
-                let (a, e) = (run(dev, tail)?, run(&Device::Cpu, tail)?);
-                let what = match tail {
-                    false => format!("batch norm {dt:?} relu={relu}"),
-                    true => format!("batch norm train tail {dt:?}"),
-                };
-                for (k, name) in names.iter().enumerate().take(a.len()) {
-                    c.add(format!("{what}: {name}"), rel(&a[k], &e[k])?, tol);
+                let e = run(&Device::Cpu, tail, MemoryFormat::ChannelsFirst)?;
+                for format in MemoryFormat::ALL {
+                    let a = run(dev, tail, format)?;
+                    let layout = format_tag(format);
+                    let what = match tail {
+                        false => format!("batch norm {dt:?} relu={relu}{layout}"),
+                        true => format!("batch norm train tail {dt:?}{layout}"),
+                    };
+                    for (k, name) in names.iter().enumerate().take(a.len()) {
+                        c.add(format!("{what}: {name}"), rel(&a[k], &e[k])?, tol);
+                    }
                 }
             }
             // Eval mode with constants (a frozen teacher's path: on CUDA one kernel reading the
@@ -249,33 +299,47 @@ fn check_batch_norm(c: &mut Checks, dev: &Device) -> anyhow::Result<()> {
             let mean = rand(&[ch], 44, &Device::Cpu)?;
             let var = (rand(&[ch], 45, &Device::Cpu)?.abs()? + 0.5)?;
             let residual = r.to_dtype(dt)?;
-            let eval = |d: &Device, tail: bool| -> anyhow::Result<Tensor> {
+            let eval = |d: &Device, tail: bool, format| -> anyhow::Result<Tensor> {
                 let on = |t: &Tensor| t.to_device(d);
-                let (x, w, b, m, v) = (on(&x)?, on(&w)?, on(&b)?, on(&mean)?, on(&var)?);
-                Ok(match tail {
-                    true => kd_kernels::batch_norm_eval_add_relu(
-                        &x,
-                        &w,
-                        &b,
-                        &m,
-                        &v,
-                        1e-5,
-                        &on(&residual)?,
-                    )?,
-                    false => kd_kernels::batch_norm_eval(&x, &w, &b, &m, &v, 1e-5, relu)?,
-                })
+                let (w, b, m, v) = (on(&w)?, on(&b)?, on(&mean)?, on(&var)?);
+                let (x, res) = (
+                    laid_out(&on(&x)?, format)?,
+                    laid_out(&on(&residual)?, format)?,
+                );
+                let y = match (tail, format) {
+                    (true, MemoryFormat::ChannelsFirst) => {
+                        kd_kernels::batch_norm_eval_add_relu(&x, &w, &b, &m, &v, 1e-5, &res)?
+                    }
+                    (true, MemoryFormat::ChannelsLast) => {
+                        kd_kernels::batch_norm_eval_add_relu_nhwc(&x, &w, &b, &m, &v, 1e-5, &res)?
+                    }
+                    (false, MemoryFormat::ChannelsFirst) => {
+                        kd_kernels::batch_norm_eval(&x, &w, &b, &m, &v, 1e-5, relu)?
+                    }
+                    (false, MemoryFormat::ChannelsLast) => {
+                        kd_kernels::batch_norm_eval_nhwc(&x, &w, &b, &m, &v, 1e-5, relu)?
+                    }
+                };
+                Ok(nchw(&y, format)?)
             };
-            c.add(
-                format!("batch norm eval {dt:?} relu={relu}: y"),
-                rel(&eval(dev, false)?, &eval(&Device::Cpu, false)?)?,
-                tol,
-            );
-            if relu {
+            let first = MemoryFormat::ChannelsFirst;
+            for format in MemoryFormat::ALL {
+                let layout = format_tag(format);
                 c.add(
-                    format!("batch norm eval tail {dt:?}: y"),
-                    rel(&eval(dev, true)?, &eval(&Device::Cpu, true)?)?,
+                    format!("batch norm eval {dt:?} relu={relu}{layout}: y"),
+                    rel(
+                        &eval(dev, false, format)?,
+                        &eval(&Device::Cpu, false, first)?,
+                    )?,
                     tol,
                 );
+                if relu {
+                    c.add(
+                        format!("batch norm eval tail {dt:?}{layout}: y"),
+                        rel(&eval(dev, true, format)?, &eval(&Device::Cpu, true, first)?)?,
+                        tol,
+                    );
+                }
             }
         }
     }
@@ -545,17 +609,21 @@ fn check_model(c: &mut Checks, dev: &Device) -> anyhow::Result<()> {
         32,
         &Device::Cpu,
     )?;
-    let run = |d: &Device, dtype: DType, x: &Tensor| -> anyhow::Result<(Tensor, Tensor)> {
-        let (mut m, vars) = trainable_resnet(&cfg, d, 0)?;
-        m.set_compute_dtype(dtype)?;
-        let out = m.forward_t(&x.to_device(d)?, true)?;
-        let loss = candle_nn::loss::cross_entropy(&out.logits, &y.to_device(d)?)?;
-        let g = loss.backward()?;
-        let w = vars.data().lock().unwrap()["conv1.weight"]
-            .as_tensor()
-            .clone();
-        Ok((out.logits, g.get(&w).unwrap().clone()))
-    };
+    let run_in =
+        |d: &Device, dtype: DType, x: &Tensor, format| -> anyhow::Result<(Tensor, Tensor)> {
+            let (mut m, vars) = trainable_resnet(&cfg, d, 0)?;
+            m.set_compute_dtype(dtype)?;
+            m.set_memory_format(format)?;
+            let out = m.forward_t(&x.to_device(d)?, true)?;
+            let loss = candle_nn::loss::cross_entropy(&out.logits, &y.to_device(d)?)?;
+            let g = loss.backward()?;
+            let w = vars.data().lock().unwrap()["conv1.weight"]
+                .as_tensor()
+                .clone();
+            Ok((out.logits, g.get(&w).unwrap().clone()))
+        };
+    let run =
+        |d: &Device, dtype: DType, x: &Tensor| run_in(d, dtype, x, MemoryFormat::ChannelsFirst);
     // How much the f32 network's own stem gradient moves when the input moves by 0.4% (one
     // bf16 rounding): at initialisation it is ill-conditioned, so this is the scale against
     // which a bf16 gradient can be judged.
@@ -569,17 +637,21 @@ fn check_model(c: &mut Checks, dev: &Device) -> anyhow::Result<()> {
     for p in [Precision::F32, Precision::Bf16] {
         p.apply();
         let dtype = p.activation_dtype();
-        // The CPU runs the same precision: bf16 storage, f32 accumulation.
-        let (l, g) = run(dev, dtype, &x)?;
+        // The CPU runs the same precision (bf16 storage, f32 accumulation), channels-first; the
+        // device both layouts.
         let (le, ge) = run(&Device::Cpu, dtype, &x)?;
         let (bl, bg) = if p == Precision::F32 {
             (1e-3, 2e-3)
         } else {
             (2e-2, (2.0 * sensitivity).max(0.05))
         };
-        let tag = format!("ResNet18 w16 (max-pool stem) train step {p}");
-        c.add(format!("{tag}: logits (L2)"), rel_l2(&l, &le)?, bl);
-        c.add(format!("{tag}: stem gradient (L2)"), rel_l2(&g, &ge)?, bg);
+        for format in MemoryFormat::ALL {
+            let (l, g) = run_in(dev, dtype, &x, format)?;
+            let layout = format_tag(format);
+            let tag = format!("ResNet18 w16 (max-pool stem) train step {p}{layout}");
+            c.add(format!("{tag}: logits (L2)"), rel_l2(&l, &le)?, bl);
+            c.add(format!("{tag}: stem gradient (L2)"), rel_l2(&g, &ge)?, bg);
+        }
     }
     Precision::F32.apply();
     Ok(())
