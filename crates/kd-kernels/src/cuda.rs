@@ -136,13 +136,26 @@ pub(crate) fn per_plane(n: usize, c: usize, hw: usize) -> Result<LaunchConfig> {
 pub(crate) fn bn_reduction(
     format: MemoryFormat,
     (n, c, hw): (usize, usize, usize),
-) -> LaunchConfig {
-    match format {
+) -> Result<LaunchConfig> {
+    Ok(match format {
         MemoryFormat::ChannelsFirst => per_channel(n, c),
         MemoryFormat::ChannelsLast => {
-            crate::launch::LaunchGeometry::channels_last_reduction(n * hw, c).into()
+            crate::launch::LaunchGeometry::channels_last_reduction(rows(n, hw)?, c).into()
         }
+    })
+}
+
+/// The rows N·H·W of a channels-last tensor, which its kernels count in an int (with a grid's
+/// step of rows on top).
+fn rows(n: usize, hw: usize) -> Result<usize> {
+    let m = n * hw;
+    if m > (i32::MAX / 2) as usize {
+        bail!(
+            "kd channels-last kernels: N·H·W = {m} rows exceeds {}",
+            i32::MAX / 2
+        );
     }
+    Ok(m)
 }
 
 /// The launch of an element-wise BatchNorm kernel over a tensor of `format`:
@@ -156,7 +169,7 @@ pub(crate) fn bn_elementwise(
     match format {
         MemoryFormat::ChannelsFirst => per_plane(n, c, hw),
         MemoryFormat::ChannelsLast => {
-            Ok(crate::launch::LaunchGeometry::channels_last_rows(n * hw, c).into())
+            Ok(crate::launch::LaunchGeometry::channels_last_rows(rows(n, hw)?, c).into())
         }
     }
 }

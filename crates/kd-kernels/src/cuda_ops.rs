@@ -93,7 +93,7 @@ fn bn_stats_t<T: Elem>(
 ) -> Result<CudaStorage> {
     let dev = &s.device;
     let x = view::<T>(s, l)?;
-    let grid = bn_reduction(format, (n, c, hw));
+    let grid = bn_reduction(format, (n, c, hw))?;
     let slices = grid.grid_dim.1 as usize;
     // SAFETY: every block writes its (count, mean, M2).
     let mut part = unsafe { dev.alloc::<f32>(3 * slices * c)? };
@@ -433,7 +433,7 @@ fn bn_backward_reduce_t<T: Elem>(
 ) -> Result<CudaStorage> {
     let dev = &sx.device;
     let (x, y, dy) = (view::<T>(sx, lx)?, view::<T>(sy, ly)?, view::<T>(sd, ld)?);
-    let grid = bn_reduction(format, (n, c, hw));
+    let grid = bn_reduction(format, (n, c, hw))?;
     let slices = grid.grid_dim.1 as usize;
     // SAFETY: every block writes its two sums.
     let mut part = unsafe { dev.alloc::<f32>(2 * slices * c)? };

@@ -323,10 +323,11 @@ __device__ __forceinline__ ChannelTile channel_tile(int C) {
     return t;
 }
 
-// The rows m = first, first + step, ... below M of a thread of an element-wise tile.
+// The rows m = first, first + step, ... below M of a thread of an element-wise tile (M = N·H·W
+// fits an int, as the kernels' arguments; a 64-bit counter would have the compiler divide by
+// the step to count the iterations).
 #define KD_CL_ROWS(t, M) \
-    for (long long m = (long long)blockIdx.y * (t).TY + (t).ty; (t).on && m < (M); \
-         m += (long long)gridDim.y * (t).TY)
+    for (int m = (int)blockIdx.y * (t).TY + (t).ty; (t).on && m < (M); m += (int)gridDim.y * (t).TY)
 
 // Welford state of channel c over the rows of slice blockIdx.y (batch_slice over the M rows),
 // the tile's TY states of a channel merged in row order by its first thread.
@@ -397,8 +398,8 @@ __device__ void bn_apply_cl(const typename E::T* x, const typename E::T* residua
     if (!t.on) return;
     int c = t.c;
     float mean = stats[c], invstd = rsqrtf(stats[C + c] + eps), g = gamma[c], b = beta[c];
-    KD_CL_ROWS(t, (long long)N * HW) {
-        long long k = m * C + c;
+    KD_CL_ROWS(t, N * HW) {
+        long long k = (long long)m * C + c;
         float v = (E::load(x, k) - mean) * invstd * g + b;
         E::store(y, k, add_rectify<E, RESIDUAL>(v, residual, k, relu));
     }
@@ -413,8 +414,8 @@ __device__ void bn_eval_cl(const typename E::T* x, const float* mean, const floa
     int c = t.c;
     float scale = gamma[c] * rsqrtf(var[c] + eps);
     float shift = beta[c] - mean[c] * scale;
-    KD_CL_ROWS(t, (long long)N * HW) {
-        long long k = m * C + c;
+    KD_CL_ROWS(t, N * HW) {
+        long long k = (long long)m * C + c;
         float v = E::load(x, k) * scale + shift;
         E::store(y, k, add_rectify<E, RESIDUAL>(v, residual, k, relu));
     }
@@ -429,12 +430,13 @@ __device__ void bn_backward_data_cl(const typename E::T* x, const typename E::T*
     ChannelTile t = channel_tile(C);
     if (!t.on) return;
     int c = t.c;
-    long long rows = (long long)N * HW, total = rows * C;
+    int rows = N * HW;
+    long long total = (long long)rows * C;
     float inv_m = 1.0f / ((float)N * (float)HW);
     float mean = stats[c], invstd = rsqrtf(stats[C + c] + eps);
     float ga = gamma[c], rs = red[c], rsx = red[C + c];
     KD_CL_ROWS(t, rows) {
-        long long k = m * C + c;
+        long long k = (long long)m * C + c;
         float g;
         float v = bn_input_grad(E::load(x, k), E::load(y, k), E::load(dy, k), mean, invstd, ga,
                                 rs, rsx, inv_m, relu, &g);
