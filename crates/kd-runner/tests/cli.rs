@@ -241,6 +241,24 @@ fn eval_takes_a_run_folder_and_names_what_is_missing() {
 /// The resident data path (pixels kept on the training device, augmented and mixed by
 /// kd-kernels' op, the GPU's path) trains exactly as the host loader does: same metrics, clocks
 /// aside, for a mixup run.
+/// Every column of a finished run's metrics.csv but the clocks, one string per epoch.
+fn metrics_without_clocks(run_dir: &std::path::Path) -> Vec<String> {
+    let text = std::fs::read_to_string(run_dir.join("metrics.csv")).unwrap();
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+    let clocks = ["seconds", "images_per_sec", "teacher_seconds"];
+    lines
+        .map(|l| {
+            l.split(',')
+                .zip(&header)
+                .filter(|(_, h)| !clocks.contains(h))
+                .map(|(v, h)| format!("{h}={v}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .collect()
+}
+
 #[test]
 fn resident_data_trains_exactly_as_the_host_loader() {
     let tmp = tempfile::tempdir().unwrap();
@@ -263,24 +281,40 @@ fn resident_data_trains_exactly_as_the_host_loader() {
             .output()
             .unwrap();
         succeeded(&out);
-        let text = std::fs::read_to_string(dir.join("metrics.csv")).unwrap();
-        let mut lines = text.lines();
-        let header: Vec<&str> = lines.next().unwrap().split(',').collect();
-        let clocks = ["seconds", "images_per_sec", "teacher_seconds"];
-        lines
-            .map(|l| {
-                l.split(',')
-                    .zip(&header)
-                    .filter(|(_, h)| !clocks.contains(h))
-                    .map(|(v, h)| format!("{h}={v}"))
-                    .collect::<Vec<_>>()
-                    .join(",")
-            })
-            .collect::<Vec<_>>()
+        metrics_without_clocks(&dir)
     };
     let (host, resident) = (run(false), run(true));
     assert_eq!(host.len(), 2);
     assert_eq!(host, resident);
+}
+
+/// On the CPU the channels-last ops run the channels-first arithmetic on transposed tensors, so
+/// a channels-last run (max-pool stem, a feature method reading the stage features) gives the
+/// channels-first run's numbers, and its config records the setting.
+#[test]
+fn channels_last_trains_exactly_as_channels_first_on_the_cpu() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_cifar10(tmp.path());
+    let run = |format: &str| {
+        let dir = tmp.path().join(format);
+        let out = tiny_train(tmp.path(), "cifar-maxpool")
+            .args(["--lr", "0.05", "--epochs", "2", "--memory-format", format])
+            .args(["--set", "method.name=byot"])
+            .arg("--run-dir")
+            .arg(&dir)
+            .output()
+            .unwrap();
+        succeeded(&out);
+        let config = std::fs::read_to_string(dir.join("config.toml")).unwrap();
+        assert!(
+            config.contains(&format!("memory_format = \"{format}\"")),
+            "{config}"
+        );
+        metrics_without_clocks(&dir)
+    };
+    let (first, last) = (run("channels-first"), run("channels-last"));
+    assert_eq!(first.len(), 2);
+    assert_eq!(first, last);
 }
 
 /// A tiny suite (two methods × two seeds) → report: table, CSV and plots with the right rows;
@@ -695,18 +729,51 @@ fn bench_times_each_conv_algorithm_search() {
     let text = succeeded(&out);
     for row in [
         "BENCH workload=resnet18-train precision=f32 images_per_s=",
-        "| workload | precision | conv algorithm | images/s | ms/step | peak GPU memory used / reserved (MiB) |",
-        "| resnet18 train step | f32 | heuristic |",
-        "| resnet18 train step | f32 | benchmark |",
+        "| workload | precision | conv algorithm | memory format | images/s | ms/step | peak GPU memory used / reserved (MiB) |",
+        "| resnet18 train step | f32 | heuristic | channels-first |",
+        "| resnet18 train step | f32 | benchmark | channels-first |",
     ] {
         assert!(text.contains(row), "{row} missing from:\n{text}");
     }
     for search in ["heuristic", "benchmark"] {
+        let tail = format!(" conv_algo={search} memory_format=channels-first");
         let line = text
             .lines()
-            .find(|l| l.starts_with("BENCH") && l.ends_with(&format!(" conv_algo={search}")));
+            .find(|l| l.starts_with("BENCH") && l.ends_with(&tail));
         assert!(line.is_some(), "no BENCH line for {search}:\n{text}");
     }
+}
+
+#[test]
+fn bench_times_each_memory_format() {
+    let out = tiny_cpu_bench(
+        "4",
+        &[
+            "--workloads",
+            "train,kd",
+            "--teacher",
+            "resnet18",
+            "--memory-format",
+            "channels-first,channels-last",
+        ],
+    );
+    let text = succeeded(&out);
+    for format in ["channels-first", "channels-last"] {
+        for workload in ["resnet18-train", "kd-step"] {
+            let line = text.lines().find(|l| {
+                l.starts_with(&format!("BENCH workload={workload} "))
+                    && l.ends_with(&format!(" memory_format={format}"))
+            });
+            assert!(
+                line.is_some(),
+                "no BENCH line for {workload} {format}:\n{text}"
+            );
+        }
+    }
+    let out = tiny_cpu_bench("4", &["--workloads", "train", "--memory-format", "nhwc"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("channels-first or channels-last"), "{err}");
 }
 
 #[test]

@@ -83,6 +83,10 @@ pub struct TrainArgs {
     /// algorithm timed once per shape, as PyTorch's cudnn.benchmark); CUDA only.
     #[arg(long)]
     pub conv_algo: Option<kd_kernels::ConvAlgoSearch>,
+    /// train.memory_format: channels-first or channels-last activations inside the networks
+    /// (the layout cuDNN's tensor-core convolutions read natively; for CUDA, slower on the CPU).
+    #[arg(long)]
+    pub memory_format: Option<kd_kernels::MemoryFormat>,
     /// train.deterministic = true: only deterministic cuDNN algorithms, so that the seed fixes a
     /// GPU run's numbers too (may cost speed; the CPU is deterministic anyway).
     #[arg(long)]
@@ -136,6 +140,7 @@ impl TrainArgs {
         set(&mut t.device, self.device.clone());
         set(&mut t.precision, self.precision);
         set(&mut t.conv_algo, self.conv_algo);
+        set(&mut t.memory_format, self.memory_format);
         if self.deterministic {
             t.deterministic = true;
         }
