@@ -12,7 +12,7 @@
 //!   kernels that treat the tensor as an (N·H·W, C) matrix (a block's threads read consecutive
 //!   channels of a row, so a warp's loads are one segment);
 //! - on the CPU, the same ops with each 4-D operand transposed to channels-first, the
-//!   channels-first body run, and the result transposed back ([`cpu_via_channels_first`]):
+//!   channels-first body run, and the result transposed back (`cpu_via_channels_first`):
 //!   correct everywhere and tested against the channels-first ops, fast only on CUDA.
 use candle_core::{bail, CpuStorage, Layout, Result, Shape, Tensor};
 
@@ -208,7 +208,7 @@ pub fn batch_norm_train_add_relu_nhwc(
     )
 }
 
-/// [`crate::batch_norm_eval`] over an (N, H, W, C) tensor: one launch on CUDA where nothing
+/// [`crate::batch_norm_eval()`] over an (N, H, W, C) tensor: one launch on CUDA where nothing
 /// needs a gradient (as the channels-first op), elsewhere the channels-first op between
 /// permutes.
 pub fn batch_norm_eval_nhwc(
@@ -224,7 +224,7 @@ pub fn batch_norm_eval_nhwc(
     crate::batch_norm_eval::eval_in(MemoryFormat::ChannelsLast, x, p, eps, relu, None)
 }
 
-/// [`crate::batch_norm_eval_add_relu`] over (N, H, W, C) tensors.
+/// [`crate::batch_norm_eval_add_relu()`] over (N, H, W, C) tensors.
 pub fn batch_norm_eval_add_relu_nhwc(
     x: &Tensor,
     weight: &Tensor,
