@@ -6,6 +6,7 @@
 #                                     # parts (~8 min)
 #   bash .gpu/device-check.sh train   # 15-epoch ResNet18 on the CIFAR-10 copy, kd and PyTorch (~5 min)
 #                                     # (CONV_ALGO=benchmark: cuDNN's benchmarked algorithms, as PyTorch)
+#                                     # (MEMORY_FORMAT=channels-last: kd's NHWC path)
 #   bash .gpu/device-check.sh methods # one whole step of each method, ResNet50 → ResNet18, bf16 (~3 min)
 #   bash .gpu/device-check.sh profile # where a ResNet18 train step's GPU time goes, per kernel (ncu)
 #   bash .gpu/device-check.sh repro   # train.deterministic: two 2-epoch runs of one seed, same numbers (~2 min)
@@ -78,6 +79,7 @@ kd_train() { # limit; the run folder stays in /tmp, its summary comes back
   step kd-train "$1" /tmp/kd-runner train --device cuda --data-dir /tmp/kdd --dataset cifar10 \
     --model resnet18 --stem cifar --batch-size 512 --epochs "${EPOCHS:-15}" --lr 0.4 --warmup-epochs 1 \
     --weight-decay 5e-4 --precision bf16 --conv-algo "${CONV_ALGO:-heuristic}" \
+    --memory-format "${MEMORY_FORMAT:-channels-first}" \
     --set data.resident=true --set data.eval_batch_size=1000 --run-dir /tmp/kd-r18
   cp /tmp/kd-r18/summary.json "$OUT/kd-summary.json" 2>/dev/null
 }
