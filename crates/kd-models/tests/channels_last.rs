@@ -2,35 +2,14 @@
 //! channels-first, on the CPU: every output (logits, features, pre-activations, auxiliary
 //! heads), every parameter's gradient and the running statistics in training mode, and the
 //! outputs in eval mode, trainable and frozen.
-use candle_core::{DType, Device, Tensor};
+use candle_core::Device;
 use kd_kernels::MemoryFormat;
 use kd_models::{
     load_frozen, save_varmap, trainable_resnet, Arch, ModelOutput, ResNetConfig, Stem,
 };
 
-fn seeded(shape: &[usize], seed: u64) -> Tensor {
-    let mut z = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let n: usize = shape.iter().product();
-    let v: Vec<f32> = (0..n)
-        .map(|_| {
-            z ^= z << 13;
-            z ^= z >> 7;
-            z ^= z << 17;
-            (z >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        })
-        .collect();
-    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-}
-
-/// Largest |a − b| over the largest |b|.
-fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    let a = a.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
-    let b = b.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
-    let scale = b.abs().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-    let d = (a - b).unwrap().abs().unwrap().max(0).unwrap();
-    d.to_scalar::<f32>().unwrap() / scale.max(1e-12)
-}
+mod common;
+use common::{max_rel, seeded};
 
 /// Every output of `a` against `b`'s, to `tol`.
 fn assert_same_outputs(a: &ModelOutput, b: &ModelOutput, tol: f32, what: &str) {

@@ -4,21 +4,8 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use kd_models::{batch_norm2d, trainable_resnet, Arch, BatchNorm2d, ResNetConfig, Stem};
 
-/// Values in [-1, 1) from a fixed xorshift stream: the tests must not depend on an unseeded
-/// generator.
-fn seeded(shape: &[usize], seed: u64) -> Tensor {
-    let mut z = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let n: usize = shape.iter().product();
-    let v: Vec<f32> = (0..n)
-        .map(|_| {
-            z ^= z << 13;
-            z ^= z >> 7;
-            z ^= z << 17;
-            (z >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        })
-        .collect();
-    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-}
+mod common;
+use common::{max_rel, seeded};
 
 /// ‖a − b‖₂ / ‖b‖₂.
 fn rel_l2(a: &Tensor, b: &Tensor) -> f32 {
@@ -40,28 +27,6 @@ fn rel_l2(a: &Tensor, b: &Tensor) -> f32 {
         .to_scalar::<f32>()
         .unwrap();
     (d / n.max(1e-24)).sqrt()
-}
-
-fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
-    let a = a.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
-    let b = b.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
-    let scale = b
-        .abs()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-        .max(1e-12);
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-        / scale
 }
 
 /// A BatchNorm2d over 6 channels with fixed, non-trivial parameters and running statistics.
