@@ -129,7 +129,7 @@ fn eval_first(x: &Tensor, params: [&Tensor; 4], eps: f64, relu: bool) -> Result<
     composed(x, &scale, &shift, relu)
 }
 
-/// [`batch_norm_eval_add_relu`] off the CUDA kernels: one pass on the CPU in f32 where nothing
+/// [`batch_norm_eval_add_relu`] off its CUDA kernel: one pass on the CPU in f32 where nothing
 /// needs a gradient, else the BatchNorm then [`crate::add_relu()`].
 fn eval_tail_first(
     x: &Tensor,
@@ -144,7 +144,8 @@ fn eval_tail_first(
         && x.dtype() == DType::F32
         && residual.dtype() == DType::F32;
     if !one_pass {
-        let y = eval_first(x, params, eps, false)?;
+        // The BatchNorm by its own best path (on CUDA, frozen: its one kernel).
+        let y = eval_in(MemoryFormat::ChannelsFirst, x, params, eps, false, None)?;
         return crate::add_relu(&y, residual);
     }
     let (scale, shift) = scale_and_shift(params, eps)?;
