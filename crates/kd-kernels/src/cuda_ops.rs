@@ -71,9 +71,10 @@ macro_rules! by_dtype {
     };
 }
 
+// Every BatchNorm launch below takes its tensors' `format` and their (N, C, H·W) `dims`.
+
 /// Per-channel (mean, biased variance) as (2, C) f32; with `running`, the running statistics
 /// updated by the same last launch.
-/// Every BatchNorm launch below takes its tensors' `format` and their (N, C, H·W) `dims`.
 pub(crate) fn bn_stats(
     s: &CudaStorage,
     l: &Layout,

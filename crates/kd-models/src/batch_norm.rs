@@ -68,8 +68,9 @@ impl BatchNorm2d {
             .broadcast_add(&self.bias.reshape((1, c, 1, 1))?)
     }
 
-    /// Normalises `x` (N, C, H, W). In training mode also updates the running statistics,
-    /// which requires them to be variables (a frozen, loaded model refuses to train).
+    /// Normalises `x` ((N, C, H, W), or (N, H, W, C) channels-last). In training mode also
+    /// updates the running statistics, which requires them to be variables (a frozen, loaded
+    /// model refuses to train).
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         self.forward_impl(x, train, false)
     }
