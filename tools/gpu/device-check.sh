@@ -166,16 +166,17 @@ all)
     --precision bf16,tf32,f32 --conv-algo heuristic,benchmark --phases
   step torch-bench 100 python3 .gpu/torch_ref.py throughput --no-maxpool --batch 256 --warmup 10 --steps 30
   python3 .gpu/ratio.py "$OUT/kd-bench.txt" "$OUT/torch-bench.txt" | tee -a "$OUT/steps.txt"
-  # kd channels-last (opt-in, session 23), bf16 and TF32, into the same ratio table:
+  profile 75
+  data; torch_train 60; kd_train 300
+  # Last, with whatever time the must-shows left: kd channels-last (opt-in, session 23), bf16
+  # and TF32, into the same ratio table.
   if channels_last_ok; then
     step kd-bench-cl 60 /tmp/kd-runner bench --device cuda --batch 256 --stem cifar --steps 10 --warmup 3 \
       --precision bf16,tf32 --conv-algo heuristic,benchmark --memory-format channels-last
     # Into kd-bench.txt, so that `all` still leaves at most 8 files.
-    cat "$OUT/kd-bench-cl.txt" >> "$OUT/kd-bench.txt" && rm "$OUT/kd-bench-cl.txt"
+    cat "$OUT/kd-bench-cl.txt" >> "$OUT/kd-bench.txt" && rm -f "$OUT/kd-bench-cl.txt"
     python3 .gpu/ratio.py "$OUT/kd-bench.txt" "$OUT/torch-bench.txt" | tee -a "$OUT/steps.txt"
   fi
-  profile 75
-  data; torch_train 60; kd_train 300
   ;;
 methods)
   # What each method costs per step on top of plain KD (teacher forward included), batch 256.
