@@ -14,6 +14,7 @@
 //! - on the CPU, the same ops with each 4-D operand transposed to channels-first, the
 //!   channels-first body run, and the result transposed back (`cpu_via_channels_first`):
 //!   correct everywhere and tested against the channels-first ops, fast only on CUDA.
+use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, Layout, Result, Shape, Tensor};
 
 use crate::batch_norm::{BatchNormOutput, RunningStats};
@@ -139,22 +140,62 @@ pub(crate) fn cpu_via_channels_first<const K: usize>(
     for (s, l) in inputs {
         first.push(match l.dims().len() {
             4 => {
-                let t = to_channels_first(&cpu::tensor(s, l)?)?.contiguous()?;
-                (cpu::storage(&t)?, Layout::contiguous(t.shape()))
+                let (s, shape) = move_channel_axis(s, l, MemoryFormat::ChannelsFirst)?;
+                (s, Layout::contiguous(shape))
             }
             _ => (s.clone(), l.clone()),
         });
     }
     let (out, shape) = body(std::array::from_fn(|i| (&first[i].0, &first[i].1)))?;
-    let back: &[usize] = match shape.rank() {
-        4 => &[0, 2, 3, 1],
-        5 => &[0, 1, 3, 4, 2],
-        _ => return Ok((out, shape)),
+    if shape.rank() < 4 {
+        return Ok((out, shape));
+    }
+    move_channel_axis(&out, &Layout::contiguous(shape), MemoryFormat::ChannelsLast)
+}
+
+/// A contiguous CPU tensor whose last three axes are (H, W, C) made (C, H, W) (`to` channels-
+/// first), or (C, H, W) made (H, W, C) (`to` channels-last), the leading axes kept: one pass of
+/// the convolutions' tiled layout transposes ([`cpu::transpose_images`]) per image.
+fn move_channel_axis(s: &CpuStorage, l: &Layout, to: MemoryFormat) -> Result<(CpuStorage, Shape)> {
+    let Some((a, b)) = l.contiguous_offsets() else {
+        bail!(
+            "{to:?} transpose: expected a contiguous tensor, got strides {:?}",
+            l.stride()
+        );
     };
-    let t = cpu::tensor(&out, &Layout::contiguous(shape))?
-        .permute(back)?
-        .contiguous()?;
-    Ok((cpu::storage(&t)?, t.shape().clone()))
+    let d = l.dims();
+    let r = d.len();
+    if r < 3 {
+        bail!("{to:?} transpose: expected at least 3 axes, got {d:?}");
+    }
+    let images = d[..r - 3].iter().product();
+    let (rows_cols, last3) = match to {
+        MemoryFormat::ChannelsFirst => (
+            (d[r - 3] * d[r - 2], d[r - 1]),
+            [d[r - 1], d[r - 3], d[r - 2]],
+        ),
+        MemoryFormat::ChannelsLast => (
+            (d[r - 3], d[r - 2] * d[r - 1]),
+            [d[r - 2], d[r - 1], d[r - 3]],
+        ),
+    };
+    fn transposed<T: Copy + Default + Send + Sync>(
+        v: &[T],
+        images: usize,
+        rows_cols: (usize, usize),
+    ) -> Vec<T> {
+        let mut out = vec![T::default(); v.len()];
+        cpu::transpose_images(v, images, rows_cols, &mut out);
+        out
+    }
+    let out = match s {
+        CpuStorage::F32(v) => CpuStorage::F32(transposed(&v[a..b], images, rows_cols)),
+        CpuStorage::F64(v) => CpuStorage::F64(transposed(&v[a..b], images, rows_cols)),
+        CpuStorage::BF16(v) => CpuStorage::BF16(transposed(&v[a..b], images, rows_cols)),
+        CpuStorage::F16(v) => CpuStorage::F16(transposed(&v[a..b], images, rows_cols)),
+        _ => bail!("{to:?} transpose: unsupported dtype {:?}", s.dtype()),
+    };
+    Ok((out, Shape::from([&d[..r - 3], &last3[..]].concat())))
 }
 
 /// [`crate::conv2d`] over channels-last tensors: `x` (N, H, W, C) with `w` (K, R, S, C) gives
