@@ -147,7 +147,7 @@ pub(crate) fn bn_reduction(
 
 /// The rows N·H·W of a channels-last tensor, which its kernels count in an int (with a grid's
 /// step of rows on top).
-fn rows(n: usize, hw: usize) -> Result<usize> {
+pub(crate) fn rows(n: usize, hw: usize) -> Result<usize> {
     let m = n * hw;
     if m > (i32::MAX / 2) as usize {
         bail!(
@@ -174,9 +174,9 @@ pub(crate) fn bn_elementwise(
     }
 }
 
-/// The name of BatchNorm kernel `base` for `format` and `dtype`: `bn_apply_f32`,
-/// `bn_apply_cl_bf16`, ...
-pub(crate) fn bn_kernel(
+/// The name of kernel `base` for `format` and `dtype`: `bn_apply_f32`, `bn_apply_cl_bf16`,
+/// `max_pool_fwd_cl_f32`, ...
+pub(crate) fn kernel_name(
     base: &str,
     format: MemoryFormat,
     dtype: candle_core::DType,

@@ -3,15 +3,15 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, CudaView, DeviceRepr, PushKernelArg, ValidAsZeroBits,
+    CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
 };
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{bail, CudaStorage, DType, Layout, Result, Storage, Tensor};
 
 use crate::batch_norm::StatsRunning;
 use crate::cuda::{
-    bn_elementwise, bn_kernel, bn_reduction, flat, suffix, ADD_RELU, AUGMENT, BATCH_NORM, MAX_POOL,
-    SOFTMAX_LOSS,
+    bn_elementwise, bn_reduction, flat, kernel_name, rows, suffix, ADD_RELU, AUGMENT, BATCH_NORM,
+    MAX_POOL, SOFTMAX_LOSS,
 };
 use crate::launch::{overlapping, LaunchGeometry};
 use crate::memory_format::MemoryFormat;
@@ -98,7 +98,7 @@ fn bn_stats_t<T: Elem>(
     let slices = grid.grid_dim.1 as usize;
     // SAFETY: every block writes its (count, mean, M2).
     let mut part = unsafe { dev.alloc::<f32>(3 * slices * c)? };
-    let f = BATCH_NORM.func(dev, &bn_kernel("bn_stats", format, s.dtype())?)?;
+    let f = BATCH_NORM.func(dev, &kernel_name("bn_stats", format, s.dtype())?)?;
     let (n, c_, hw) = (i32_of(n, "N")?, i32_of(c, "C")?, i32_of(hw, "H·W")?);
     let stream = dev.cuda_stream();
     let mut b = stream.launch_builder(&f);
@@ -252,7 +252,7 @@ fn bn_apply_add_relu_t<T: Elem>(
     let (x, r, beta_gamma) = (view::<T>(sx, lx)?, view::<T>(sr, lr)?, view::<f32>(sg, lg)?);
     // SAFETY: every element is written by the kernel.
     let mut y = unsafe { dev.alloc::<T>(total)? };
-    let f = BATCH_NORM.func(dev, &bn_kernel("bn_apply_add_relu", format, sx.dtype())?)?;
+    let f = BATCH_NORM.func(dev, &kernel_name("bn_apply_add_relu", format, sx.dtype())?)?;
     let (n_, c_, hw_) = elementwise_dims(format, dims)?;
     let grid = bn_elementwise(format, dims)?;
     with_f32_view(stats, |st| {
@@ -284,7 +284,7 @@ fn bn_apply_t<T: Elem>(
     let (gamma, beta) = (view::<f32>(sg, lg)?, view::<f32>(sb, lb)?);
     // SAFETY: every element is written by the kernel.
     let mut y = unsafe { dev.alloc::<T>(total)? };
-    let f = BATCH_NORM.func(dev, &bn_kernel("bn_apply", format, sx.dtype())?)?;
+    let f = BATCH_NORM.func(dev, &kernel_name("bn_apply", format, sx.dtype())?)?;
     let ((n_, c_, hw_), relu_) = (elementwise_dims(format, dims)?, relu as i32);
     let grid = bn_elementwise(format, dims)?;
     with_f32_view(stats, |st| {
@@ -356,7 +356,7 @@ fn bn_eval_t<T: Elem>(
         Some(_) => "bn_eval_add_relu",
         None => "bn_eval",
     };
-    let f = BATCH_NORM.func(dev, &bn_kernel(base, format, sx.dtype())?)?;
+    let f = BATCH_NORM.func(dev, &kernel_name(base, format, sx.dtype())?)?;
     let ((n_, c_, hw_), relu_) = (elementwise_dims(format, dims)?, relu as i32);
     let grid = bn_elementwise(format, dims)?;
     let stream = dev.cuda_stream();
@@ -438,7 +438,7 @@ fn bn_backward_reduce_t<T: Elem>(
     let slices = grid.grid_dim.1 as usize;
     // SAFETY: every block writes its two sums.
     let mut part = unsafe { dev.alloc::<f32>(2 * slices * c)? };
-    let f = BATCH_NORM.func(dev, &bn_kernel("bn_backward_reduce", format, sx.dtype())?)?;
+    let f = BATCH_NORM.func(dev, &kernel_name("bn_backward_reduce", format, sx.dtype())?)?;
     let (n_, c_, hw_, relu_) = (
         i32_of(n, "N")?,
         i32_of(c, "C")?,
@@ -503,7 +503,7 @@ fn bn_backward_data_t<T: Elem>(
     let (x, y, dy) = (view::<T>(sx, lx)?, view::<T>(sy, ly)?, view::<T>(sd, ld)?);
     // SAFETY: every element is written by the kernel (both halves with `shortcut_grad`).
     let mut dx = unsafe { dev.alloc::<T>(total * (1 + shortcut_grad as usize))? };
-    let f = BATCH_NORM.func(dev, &bn_kernel("bn_backward_data", format, sx.dtype())?)?;
+    let f = BATCH_NORM.func(dev, &kernel_name("bn_backward_data", format, sx.dtype())?)?;
     let (n_, c_, hw_) = (i32_of(n, "N")?, i32_of(c, "C")?, i32_of(hw, "H·W")?);
     let (relu_, shortcut_grad_) = (relu as i32, shortcut_grad as i32);
     let grid = bn_elementwise(format, (n, c, hw))?;
@@ -618,45 +618,82 @@ pub(crate) fn kd_kl_bwd(
     Ok(CudaStorage::wrap_cuda_slice(ds, dev.clone()))
 }
 
-/// Geometry of a max-pool launch: planes (N·C), H, W, OH, OW, kernel, stride, padding.
-pub(crate) type PoolDims = (usize, usize, usize, usize, usize, usize, usize, usize);
+/// Geometry of a max-pool launch: the tensors' layout, the input's (N, C, H, W) and the
+/// output's (H', W'), kernel, stride and padding.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct PoolDims {
+    pub format: MemoryFormat,
+    pub n: usize,
+    pub c: usize,
+    pub h: usize,
+    pub w: usize,
+    pub oh: usize,
+    pub ow: usize,
+    pub kernel: usize,
+    pub stride: usize,
+    pub padding: usize,
+}
+
+impl PoolDims {
+    /// The arguments after the buffers: `planes` (N·C, as a 64-bit integer) channels-first, N
+    /// and C channels-last; then H, W, H', W', kernel, stride, padding.
+    fn args(&self) -> Result<(Option<i64>, Vec<i32>)> {
+        let mut v = Vec::with_capacity(9);
+        let planes = match self.format {
+            MemoryFormat::ChannelsFirst => Some((self.n * self.c) as i64),
+            MemoryFormat::ChannelsLast => {
+                // The kernels count pixels in an int.
+                rows(self.n, (self.h * self.w).max(self.oh * self.ow))?;
+                v.extend([i32_of(self.n, "N")?, i32_of(self.c, "C")?]);
+                None
+            }
+        };
+        for (x, what) in [
+            (self.h, "H"),
+            (self.w, "W"),
+            (self.oh, "OH"),
+            (self.ow, "OW"),
+            (self.kernel, "kernel"),
+            (self.stride, "stride"),
+            (self.padding, "padding"),
+        ] {
+            v.push(i32_of(x, what)?);
+        }
+        Ok((planes, v))
+    }
+
+    /// The launch over `pixels` pixels of every channel (N·H'·W' forward, N·H·W backward).
+    fn launch(&self, pixels: usize) -> LaunchConfig {
+        match self.format {
+            MemoryFormat::ChannelsFirst => flat(pixels * self.c),
+            MemoryFormat::ChannelsLast => LaunchGeometry::channels_last_rows(pixels, self.c).into(),
+        }
+    }
+}
 
 pub(crate) fn max_pool_fwd(s: &CudaStorage, l: &Layout, d: PoolDims) -> Result<CudaStorage> {
     by_dtype!(s.dtype(), max_pool_fwd_t::<T>(s, l, d))
 }
 
-fn pool_args(d: PoolDims) -> Result<(i64, [i32; 7])> {
-    let (planes, h, w, oh, ow, k, s, p) = d;
-    Ok((
-        planes as i64,
-        [
-            i32_of(h, "H")?,
-            i32_of(w, "W")?,
-            i32_of(oh, "OH")?,
-            i32_of(ow, "OW")?,
-            i32_of(k, "kernel")?,
-            i32_of(s, "stride")?,
-            i32_of(p, "padding")?,
-        ],
-    ))
-}
-
 fn max_pool_fwd_t<T: Elem>(s: &CudaStorage, l: &Layout, d: PoolDims) -> Result<CudaStorage> {
     let dev = &s.device;
     let x = view::<T>(s, l)?;
-    let total = d.0 * d.3 * d.4;
+    let pixels = d.n * d.oh * d.ow;
     // SAFETY: every element is written by the kernel.
-    let mut y = unsafe { dev.alloc::<T>(total)? };
-    let f = MAX_POOL.func(dev, &format!("max_pool_fwd_{}", suffix(s.dtype())?))?;
-    let (planes, g) = pool_args(d)?;
+    let mut y = unsafe { dev.alloc::<T>(pixels * d.c)? };
+    let f = MAX_POOL.func(dev, &kernel_name("max_pool_fwd", d.format, s.dtype())?)?;
+    let (planes, g) = d.args()?;
     let stream = dev.cuda_stream();
     let mut b = stream.launch_builder(&f);
-    b.arg(&x).arg(&mut y).arg(&planes);
+    b.arg(&x).arg(&mut y);
+    if let Some(planes) = &planes {
+        b.arg(planes);
+    }
     for v in &g {
         b.arg(v);
     }
-    // SAFETY: argument types and sizes match max_pool_fwd in max_pool.cu.
-    unsafe { b.launch(flat(total)) }.w()?;
+    // SAFETY: argument types and sizes match max_pool_fwd / max_pool_fwd_cl in max_pool.cu.
+    unsafe { b.launch(d.launch(pixels)) }.w()?;
     Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
 }
 
@@ -679,19 +716,22 @@ fn max_pool_bwd_t<T: Elem>(
 ) -> Result<CudaStorage> {
     let dev = &sx.device;
     let (x, dy) = (view::<T>(sx, lx)?, view::<T>(sg, lg)?);
-    let total = d.0 * d.1 * d.2;
+    let pixels = d.n * d.h * d.w;
     // SAFETY: every element is written by the kernel.
-    let mut dx = unsafe { dev.alloc::<T>(total)? };
-    let f = MAX_POOL.func(dev, &format!("max_pool_bwd_{}", suffix(sx.dtype())?))?;
-    let (planes, g) = pool_args(d)?;
+    let mut dx = unsafe { dev.alloc::<T>(pixels * d.c)? };
+    let f = MAX_POOL.func(dev, &kernel_name("max_pool_bwd", d.format, sx.dtype())?)?;
+    let (planes, g) = d.args()?;
     let stream = dev.cuda_stream();
     let mut b = stream.launch_builder(&f);
-    b.arg(&x).arg(&dy).arg(&mut dx).arg(&planes);
+    b.arg(&x).arg(&dy).arg(&mut dx);
+    if let Some(planes) = &planes {
+        b.arg(planes);
+    }
     for v in &g {
         b.arg(v);
     }
-    // SAFETY: argument types and sizes match max_pool_bwd in max_pool.cu.
-    unsafe { b.launch(flat(total)) }.w()?;
+    // SAFETY: argument types and sizes match max_pool_bwd / max_pool_bwd_cl in max_pool.cu.
+    unsafe { b.launch(d.launch(pixels)) }.w()?;
     Ok(CudaStorage::wrap_cuda_slice(dx, dev.clone()))
 }
 

@@ -6,10 +6,12 @@
 //! kernel does (it matters: pooled ReLU outputs are often tied at 0). Padding is −∞.
 //! On CUDA (feature `cuda`) both directions run our kernels (`kernels/max_pool.cu`); the
 //! backward gathers, per input element, the windows whose maximum it is: no atomics, so it is
-//! deterministic.
+//! deterministic. Channels-last (N, H, W, C) tensors ([`MaxPool2d::forward_nhwc`]) have kernels
+//! of their own on CUDA; on the CPU they pool between transposes (`cpu_via_channels_first`).
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 
 use crate::cpu;
+use crate::memory_format::{channels_first, cpu_via_channels_first, MemoryFormat};
 
 /// Max-pool geometry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -37,6 +39,16 @@ impl MaxPool2d {
 
     /// Pools `x` (N, C, H, W).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_in(MemoryFormat::ChannelsFirst, x)
+    }
+
+    /// Pools a channels-last `x` (N, H, W, C) into (N, H', W', C): the same values and
+    /// gradients as [`MaxPool2d::forward`] on the (N, C, H, W) tensor.
+    pub fn forward_nhwc(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_in(MemoryFormat::ChannelsLast, x)
+    }
+
+    fn forward_in(&self, format: MemoryFormat, x: &Tensor) -> Result<Tensor> {
         if self.padding * 2 > self.kernel {
             bail!(
                 "max-pool padding {} exceeds half the kernel {}",
@@ -44,15 +56,29 @@ impl MaxPool2d {
                 self.kernel
             );
         }
-        let (_, _, h, w) = x.dims4()?;
+        let [_, _, h, w] = format.nchw(x.dims())?;
         if h + 2 * self.padding < self.kernel || w + 2 * self.padding < self.kernel {
             bail!(
-                "max-pool kernel {} larger than the padded input {:?}",
+                "max-pool kernel {} larger than the padded input {:?} ({format})",
                 self.kernel,
                 x.dims()
             );
         }
-        x.contiguous()?.apply_op1(*self)
+        x.contiguous()?.apply_op1(PoolOp {
+            pool: *self,
+            format,
+        })
+    }
+
+    /// The output's dimensions, in `format`'s order, for an input of dimensions `dims`.
+    fn out_dims(&self, format: MemoryFormat, dims: &[usize]) -> Result<Shape> {
+        let [n, c, h, w] = format.nchw(dims)?;
+        Ok(Shape::from(&format.dims_of([
+            n,
+            c,
+            self.out_size(h),
+            self.out_size(w),
+        ])))
     }
 
     /// Pools a non-negative `x` (a ReLU's output) with candle's own tensor ops, on any device:
@@ -97,17 +123,24 @@ impl MaxPool2d {
     }
 
     #[cfg(feature = "cuda")]
-    fn launch_dims(&self, d: &[usize]) -> crate::cuda_ops::PoolDims {
-        (
-            d[0] * d[1],
-            d[2],
-            d[3],
-            self.out_size(d[2]),
-            self.out_size(d[3]),
-            self.kernel,
-            self.stride,
-            self.padding,
-        )
+    fn launch_dims(
+        &self,
+        format: MemoryFormat,
+        dims: &[usize],
+    ) -> Result<crate::cuda_ops::PoolDims> {
+        let [n, c, h, w] = format.nchw(dims)?;
+        Ok(crate::cuda_ops::PoolDims {
+            format,
+            n,
+            c,
+            h,
+            w,
+            oh: self.out_size(h),
+            ow: self.out_size(w),
+            kernel: self.kernel,
+            stride: self.stride,
+            padding: self.padding,
+        })
     }
 
     /// Index (within one plane) of the first maximum of output window (oy, ox) in row-major
@@ -233,26 +266,34 @@ fn slice<'a, T>(v: &'a [T], l: &Layout) -> Result<&'a [T]> {
     }
 }
 
-impl CustomOp1 for MaxPool2d {
+/// The op of [`MaxPool2d::forward`] and [`MaxPool2d::forward_nhwc`]: the geometry and the
+/// layout of its tensors.
+#[derive(Clone, Copy)]
+struct PoolOp {
+    pool: MaxPool2d,
+    format: MemoryFormat,
+}
+
+impl CustomOp1 for PoolOp {
     fn name(&self) -> &'static str {
         "max-pool2d-padded"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        if self.format == MemoryFormat::ChannelsLast {
+            return cpu_via_channels_first([(s, l)], |[(s, l)]| {
+                channels_first!(self).cpu_fwd(s, l)
+            });
+        }
         let dims = l.dims();
-        let out_shape = Shape::from((
-            dims[0],
-            dims[1],
-            self.out_size(dims[2]),
-            self.out_size(dims[3]),
-        ));
+        let p = &self.pool;
         let out = match s {
-            CpuStorage::F32(v) => CpuStorage::F32(self.fwd_slice(slice(v, l)?, dims)),
-            CpuStorage::F64(v) => CpuStorage::F64(self.fwd_slice(slice(v, l)?, dims)),
-            CpuStorage::BF16(v) => CpuStorage::BF16(self.fwd_slice(slice(v, l)?, dims)),
+            CpuStorage::F32(v) => CpuStorage::F32(p.fwd_slice(slice(v, l)?, dims)),
+            CpuStorage::F64(v) => CpuStorage::F64(p.fwd_slice(slice(v, l)?, dims)),
+            CpuStorage::BF16(v) => CpuStorage::BF16(p.fwd_slice(slice(v, l)?, dims)),
             _ => bail!("max-pool supports f32, f64 and bf16 on the CPU"),
         };
-        Ok((out, out_shape))
+        Ok((out, p.out_dims(self.format, dims)?))
     }
 
     #[cfg(feature = "cuda")]
@@ -261,10 +302,9 @@ impl CustomOp1 for MaxPool2d {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let d = l.dims();
-        let (oh, ow) = (self.out_size(d[2]), self.out_size(d[3]));
-        let out = crate::cuda_ops::max_pool_fwd(s, l, self.launch_dims(d))?;
-        Ok((out, Shape::from((d[0], d[1], oh, ow))))
+        let d = self.pool.launch_dims(self.format, l.dims())?;
+        let out = crate::cuda_ops::max_pool_fwd(s, l, d)?;
+        Ok((out, self.pool.out_dims(self.format, l.dims())?))
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
@@ -275,8 +315,9 @@ impl CustomOp1 for MaxPool2d {
     }
 }
 
-/// The gradient of [`MaxPool2d`] with respect to its input: (input, output gradient) → input gradient.
-struct MaxPoolBackward(MaxPool2d);
+/// The gradient of [`PoolOp`] with respect to its input: (input, output gradient) → input
+/// gradient.
+struct MaxPoolBackward(PoolOp);
 
 impl CustomOp2 for MaxPoolBackward {
     fn name(&self) -> &'static str {
@@ -290,16 +331,23 @@ impl CustomOp2 for MaxPoolBackward {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        if self.0.format == MemoryFormat::ChannelsLast {
+            let op = MaxPoolBackward(channels_first!(self.0));
+            return cpu_via_channels_first([(s1, l1), (s2, l2)], |[(s1, l1), (s2, l2)]| {
+                op.cpu_fwd(s1, l1, s2, l2)
+            });
+        }
         let dims = l1.dims();
+        let p = &self.0.pool;
         let out = match (s1, s2) {
             (CpuStorage::F32(x), CpuStorage::F32(g)) => {
-                CpuStorage::F32(self.0.bwd_slice(slice(x, l1)?, slice(g, l2)?, dims))
+                CpuStorage::F32(p.bwd_slice(slice(x, l1)?, slice(g, l2)?, dims))
             }
             (CpuStorage::F64(x), CpuStorage::F64(g)) => {
-                CpuStorage::F64(self.0.bwd_slice(slice(x, l1)?, slice(g, l2)?, dims))
+                CpuStorage::F64(p.bwd_slice(slice(x, l1)?, slice(g, l2)?, dims))
             }
             (CpuStorage::BF16(x), CpuStorage::BF16(g)) => {
-                CpuStorage::BF16(self.0.bwd_slice(slice(x, l1)?, slice(g, l2)?, dims))
+                CpuStorage::BF16(p.bwd_slice(slice(x, l1)?, slice(g, l2)?, dims))
             }
             _ => bail!("max-pool backward supports f32, f64 and bf16 on the CPU"),
         };
@@ -314,7 +362,8 @@ impl CustomOp2 for MaxPoolBackward {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let out = crate::cuda_ops::max_pool_bwd(s1, l1, s2, l2, self.0.launch_dims(l1.dims()))?;
+        let d = self.0.pool.launch_dims(self.0.format, l1.dims())?;
+        let out = crate::cuda_ops::max_pool_bwd(s1, l1, s2, l2, d)?;
         Ok((out, l1.shape().clone()))
     }
 }

@@ -1,6 +1,6 @@
 //! The channels-last ops against the channels-first ones on the same values: the convolution
 //! (forward, input and kernel gradients), the training-mode BatchNorm (output, statistics,
-//! running statistics, gradients), the residual tail, and eval mode. On the CPU the
+//! running statistics, gradients), the residual tail, eval mode, and the max-pool. On the CPU the
 //! channels-last ops run the channels-first bodies between transposes, so this checks their
 //! wiring (dimensions, shapes, which operand is transposed, the backward's outputs); the CUDA
 //! kernels are checked against these paths in the emulator (`emulated_kernels.rs`) and on a GPU
@@ -10,7 +10,7 @@ use kd_kernels::{
     batch_norm_eval, batch_norm_eval_add_relu, batch_norm_eval_add_relu_nhwc, batch_norm_eval_nhwc,
     batch_norm_train_add_relu, batch_norm_train_add_relu_nhwc, batch_norm_train_nhwc,
     batch_norm_train_update, conv2d_custom, conv2d_nhwc, to_channels_first, to_channels_last,
-    Conv2dGeometry, MemoryFormat, RunningStats,
+    Conv2dGeometry, MaxPool2d, MemoryFormat, RunningStats,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -123,6 +123,47 @@ fn channels_last_convolution_matches_channels_first_forward_and_backward() {
             let dw = diff_last(gl.get(&wl).unwrap(), grads.get(&wt).unwrap());
             assert!(dx < 1e-5 && dw < 1e-5, "{what}: dx {dx}, dw {dw}");
         }
+    }
+}
+
+#[test]
+fn channels_last_max_pool_matches_channels_first_forward_and_backward() {
+    let mut rng = ChaCha8Rng::seed_from_u64(25);
+    let stem = MaxPool2d::RESNET_STEM;
+    let unpadded = MaxPool2d {
+        kernel: 2,
+        stride: 2,
+        padding: 0,
+    };
+    for (pool, (n, c, h, w)) in [
+        (stem, (2, 3, 8, 8)),
+        (stem, (1, 5, 7, 6)),
+        (unpadded, (2, 4, 6, 6)),
+    ] {
+        // Ties (a ReLU's zeros) make the first-maximum rule matter for the gradient.
+        let v: Vec<f32> = (0..n * c * h * w)
+            .map(|_| rng.gen_range(0..3) as f32 * 0.5)
+            .collect();
+        let x = Var::from_vec(v, (n, c, h, w), &Device::Cpu).unwrap();
+        let y = pool.forward(&x).unwrap();
+        let r = randn(&mut rng, y.dims(), -1.0, 1.0);
+        let grads = weighted_sum(&y, &r, MemoryFormat::ChannelsFirst)
+            .backward()
+            .unwrap();
+        let xl = last_var(&x);
+        let yl = pool.forward_nhwc(&xl).unwrap();
+        let what = format!("{pool:?} {:?}", (n, c, h, w));
+        assert_eq!(
+            yl.dims(),
+            MemoryFormat::ChannelsLast.dims_of(y.dims4().unwrap().into()),
+            "{what}"
+        );
+        assert_eq!(diff_last(&yl, &y), 0.0, "y {what}");
+        let gl = weighted_sum(&yl, &r, MemoryFormat::ChannelsLast)
+            .backward()
+            .unwrap();
+        let dx = diff_last(gl.get(&xl).unwrap(), grads.get(&x).unwrap());
+        assert_eq!(dx, 0.0, "dx {what}");
     }
 }
 

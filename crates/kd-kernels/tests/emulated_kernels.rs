@@ -1091,6 +1091,7 @@ fn max_pool_case<E: Elem>(
     rng: &mut ChaCha8Rng,
     pool: MaxPool2d,
     (n, c, h, w): (usize, usize, usize, usize),
+    format: MemoryFormat,
 ) {
     let (oh, ow) = (pool.out_size(h), pool.out_size(w));
     let planes = n * c;
@@ -1102,7 +1103,7 @@ fn max_pool_case<E: Elem>(
     let dy: Vec<E> = (0..planes * oh * ow)
         .map(|_| E::from_f32(rng.gen_range(-1.0f32..1.0)))
         .collect();
-    let what = format!("{} {pool:?} {:?}", E::SUFFIX, (n, c, h, w));
+    let what = format!("{} {pool:?} {:?} {format}", E::SUFFIX, (n, c, h, w));
     let xv = Var::from_tensor(&tensor_of(&x, (n, c, h, w))).unwrap();
     let y = pool.forward(&xv).unwrap();
     let dyt = tensor_of(&dy, (n, c, oh, ow)).to_dtype(DType::F32).unwrap();
@@ -1112,39 +1113,52 @@ fn max_pool_case<E: Elem>(
         .unwrap()
         .backward()
         .unwrap();
-    let geometry = [
-        Arg::I64(planes as i64),
-        Arg::I32(h as i32),
-        Arg::I32(w as i32),
-        Arg::I32(oh as i32),
-        Arg::I32(ow as i32),
-        Arg::I32(pool.kernel as i32),
-        Arg::I32(pool.stride as i32),
-        Arg::I32(pool.padding as i32),
-    ];
-
-    let mut args = vec![buf(&x), buf(&vec![E::from_f32(-1.0); planes * oh * ow])];
-    args.extend(geometry.iter().cloned());
-    let b = launch_race_checked(
-        &format!("max_pool_fwd_{}", E::SUFFIX),
-        LaunchGeometry::flat(planes * oh * ow),
-        &args,
+    // The kernels' buffers in the case's layout; their geometry after the buffers.
+    let (input, output) = (
+        Lay::new(format, (n, c, h, w)),
+        Lay::new(format, (n, c, oh, ow)),
     );
-    let got: Vec<f32> = values::<E>(&b[1]);
+    let mut geometry = match format {
+        MemoryFormat::ChannelsFirst => vec![Arg::I64(planes as i64)],
+        MemoryFormat::ChannelsLast => vec![Arg::I32(n as i32), Arg::I32(c as i32)],
+    };
+    geometry
+        .extend([h, w, oh, ow, pool.kernel, pool.stride, pool.padding].map(|v| Arg::I32(v as i32)));
+    // Production geometry over `pixels` pixels of each channel, race-checked; channels-last
+    // also one warp a channel group for all of them (the rows loop), which must agree.
+    let run = |kernel: &str, pixels: usize, args: &[Arg], out: usize| -> Vec<u8> {
+        match format {
+            MemoryFormat::ChannelsFirst => {
+                launch_race_checked(kernel, LaunchGeometry::flat(pixels * c), args).swap_remove(out)
+            }
+            MemoryFormat::ChannelsLast => {
+                let production = LaunchGeometry::channels_last_rows(pixels, c);
+                let groups = c.div_ceil(LaunchGeometry::channel_group(c)) as u32;
+                let a = launch_race_checked(kernel, production, args).swap_remove(out);
+                let b = launch(kernel, LaunchGeometry::linear(groups, 32), args).swap_remove(out);
+                assert_eq!(a, b, "{kernel} {what}: the geometry changed the result");
+                a
+            }
+        }
+    };
+
+    let mut args = vec![
+        buf(&input.put(&x)),
+        buf(&vec![E::from_f32(-1.0); planes * oh * ow]),
+    ];
+    args.extend(geometry.iter().cloned());
+    let kernel = input.kernel("max_pool_fwd", E::SUFFIX);
+    let got = output.take(values::<E>(&run(&kernel, n * oh * ow, &args, 1)));
     assert_close(&format!("max-pool y {what}"), &got, &tensor_f32s(&y), 0.0);
 
     let mut args = vec![
-        buf(&x),
-        buf(&dy),
+        buf(&input.put(&x)),
+        buf(&output.put(&dy)),
         buf(&vec![E::from_f32(f32::NAN); planes * h * w]),
     ];
     args.extend(geometry.iter().cloned());
-    let b = launch_race_checked(
-        &format!("max_pool_bwd_{}", E::SUFFIX),
-        LaunchGeometry::flat(planes * h * w),
-        &args,
-    );
-    let got: Vec<f32> = values::<E>(&b[2]);
+    let kernel = input.kernel("max_pool_bwd", E::SUFFIX);
+    let got = input.take(values::<E>(&run(&kernel, n * h * w, &args, 2)));
     let want = tensor_f32s(grads.get(&xv).unwrap());
     // Both sum an input's windows in the same order in f32 (f64 for f64): equal bit for bit.
     assert_close(&format!("max-pool dx {what}"), &got, &want, 0.0);
@@ -1153,29 +1167,28 @@ fn max_pool_case<E: Elem>(
 #[test]
 fn max_pool_kernels_match_the_cpu_path() {
     let mut rng = ChaCha8Rng::seed_from_u64(9);
-    let cases = [
-        (MaxPool2d::RESNET_STEM, (2, 3, 7, 7)),
-        (MaxPool2d::RESNET_STEM, (2, 2, 8, 10)),
-        (
-            MaxPool2d {
-                kernel: 2,
-                stride: 2,
-                padding: 0,
-            },
-            (1, 3, 6, 6),
-        ),
-        (
-            MaxPool2d {
-                kernel: 3,
-                stride: 1,
-                padding: 1,
-            },
-            (2, 2, 5, 5),
-        ),
-    ];
-    for (pool, dims) in cases {
-        max_pool_case::<f32>(&mut rng, pool, dims);
-        max_pool_case::<bf16>(&mut rng, pool, dims);
+    let pool = |kernel, stride, padding| MaxPool2d {
+        kernel,
+        stride,
+        padding,
+    };
+    let stem = MaxPool2d::RESNET_STEM;
+    // Channels-last: fewer channels than a tile's 32 and more (two channel groups).
+    let cases = layouts(
+        &[(2, 3, 7, 7), (2, 2, 8, 10)],
+        &[(2, 3, 7, 7), (1, 40, 6, 5)],
+    )
+    .into_iter()
+    .map(|(d, f)| (stem, d, f))
+    .chain([
+        (pool(2, 2, 0), (1, 3, 6, 6), MemoryFormat::ChannelsFirst),
+        (pool(3, 1, 1), (2, 2, 5, 5), MemoryFormat::ChannelsFirst),
+        (pool(2, 2, 0), (1, 3, 6, 6), MemoryFormat::ChannelsLast),
+        (pool(3, 1, 1), (2, 2, 5, 5), MemoryFormat::ChannelsLast),
+    ]);
+    for (pool, dims, format) in cases {
+        max_pool_case::<f32>(&mut rng, pool, dims, format);
+        max_pool_case::<bf16>(&mut rng, pool, dims, format);
     }
 }
 

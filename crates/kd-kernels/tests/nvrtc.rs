@@ -22,19 +22,41 @@ fn every_kernel_source_compiles_with_nvrtc() {
     }
 }
 
+/// The PTX of each `.entry` (kernel) of a module, by name; device functions are inlined, so an
+/// entry's text is all the code it runs.
+fn entries(ptx: &str) -> Vec<(String, &str)> {
+    ptx.split(".entry ")
+        .skip(1)
+        .map(|e| (e[..e.find('(').unwrap()].to_string(), e))
+        .collect()
+}
+
+const DIVIDES_64: [&str; 4] = ["div.s64", "div.u64", "rem.s64", "rem.u64"];
+
 /// The BatchNorm kernels run over every activation of the network, four times a step; a 64-bit
 /// integer division or remainder per element (a long instruction sequence on a GPU, no
 /// hardware divide) would cost more than their memory traffic. Their launch geometry
-/// (`LaunchGeometry::per_plane`, `per_channel`) exists so that they need none.
+/// (`LaunchGeometry::per_plane`, `per_channel`, the channels-last tiles) exists so that they
+/// need none. Nor do the channels-last max-pool kernels, which count pixels in an int.
 #[test]
-fn batch_norm_kernels_divide_no_64_bit_integer() {
+fn batch_norm_and_channels_last_kernels_divide_no_64_bit_integer() {
     let ptx = kd_kernels::kernel_ptx("kd_batch_norm").unwrap();
-    for op in ["div.s64", "div.u64", "rem.s64", "rem.u64"] {
+    for op in DIVIDES_64 {
         assert!(!ptx.contains(op), "batch_norm.cu compiles to {op}");
     }
-    // The check can fail: the max-pool kernels do divide 64-bit indices.
     let pool = kd_kernels::kernel_ptx("kd_max_pool").unwrap();
-    assert!(pool.contains("div.s64") || pool.contains("div.u64"));
+    let kernels = entries(pool);
+    assert_eq!(
+        kernels.len(),
+        8,
+        "{:?}",
+        kernels.iter().map(|k| &k.0).collect::<Vec<_>>()
+    );
+    for (name, body) in kernels {
+        let divides = DIVIDES_64.iter().any(|op| body.contains(op));
+        // The check can fail: the channels-first max-pool kernels do divide 64-bit indices.
+        assert_eq!(divides, !name.contains("_cl_"), "{name}");
+    }
 }
 
 /// `sgd_list_f32` takes its parameter list by value: the bytes the host passes (its `#[repr(C)]`

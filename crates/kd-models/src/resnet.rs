@@ -586,18 +586,16 @@ impl ResNet {
             || (kd_kernels::HAS_CUDA_KERNELS
                 && y.device().is_cuda()
                 && kd_kernels::enabled(kd_kernels::Kernel::MaxPool));
-        let pool = |y: &Tensor| match &self.maxpool {
-            // The custom op where it has a kernel; elsewhere the composed form (valid after a ReLU).
-            Some(p) if kernel_here => p.forward(y),
-            Some(p) => p.forward_nonneg_composed(y),
-            None => Ok(y.clone()),
-        };
-        match (self.format, &self.maxpool) {
-            // The pool has no channels-last kernel: between permutes.
-            (MemoryFormat::ChannelsLast, Some(_)) => {
-                to_channels_last(&pool(&to_channels_first(&y)?)?)
+        match (&self.maxpool, self.format) {
+            (None, _) => Ok(y),
+            // The custom op where it has a kernel, in either layout.
+            (Some(p), MemoryFormat::ChannelsFirst) if kernel_here => p.forward(&y),
+            (Some(p), MemoryFormat::ChannelsLast) if kernel_here => p.forward_nhwc(&y),
+            // Elsewhere the composed form (valid after a ReLU), written for channels-first.
+            (Some(p), MemoryFormat::ChannelsFirst) => p.forward_nonneg_composed(&y),
+            (Some(p), MemoryFormat::ChannelsLast) => {
+                to_channels_last(&p.forward_nonneg_composed(&to_channels_first(&y)?)?)
             }
-            _ => pool(&y),
         }
     }
 

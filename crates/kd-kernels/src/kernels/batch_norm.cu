@@ -306,28 +306,11 @@ KD_BN_KERNELS(bf16, ElemBF16)
 // ---------------------------------------------------------------------------------------------
 // Channels-last (N, H, W, C): the same operations over the (M, C) matrix, M = N·H·W, with the
 // same arguments (and N for the element-wise ones, which the channels-first kernels read from
-// the grid). A block is a tile of TX consecutive channels (32, or all C when fewer) × TY rows:
+// the grid). A block is a tile of TX consecutive channels (32, or all C when fewer) × TY rows
+// (ChannelTile, common.cuh):
 // a warp reads one contiguous segment of a row, each thread keeps one channel's factors in
 // registers, and no index is divided per element. The reductions write the channels-first
 // kernels' partial results, merged by the same finish kernels.
-
-struct ChannelTile { int c, ty, TX, TY; bool on; };
-
-__device__ __forceinline__ ChannelTile channel_tile(int C) {
-    ChannelTile t;
-    t.TX = C < 32 ? C : 32;
-    t.TY = (int)blockDim.x / t.TX;
-    t.ty = (int)threadIdx.x / t.TX;
-    t.c = (int)blockIdx.x * t.TX + (int)threadIdx.x % t.TX;
-    t.on = t.ty < t.TY && t.c < C;
-    return t;
-}
-
-// The rows m = first, first + step, ... below M of a thread of an element-wise tile (M = N·H·W
-// fits an int, as the kernels' arguments; a 64-bit counter would have the compiler divide by
-// the step to count the iterations).
-#define KD_CL_ROWS(t, M) \
-    for (int m = (int)blockIdx.y * (t).TY + (t).ty; (t).on && m < (M); m += (int)gridDim.y * (t).TY)
 
 // Welford state of channel c over the rows of slice blockIdx.y (batch_slice over the M rows),
 // the tile's TY states of a channel merged in row order by its first thread.

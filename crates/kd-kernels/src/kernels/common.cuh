@@ -37,3 +37,26 @@ __device__ __forceinline__ float block_sum(float v, float* shared32) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;
 }
+
+// A channels-last (N, H, W, C) tensor seen as an (M, C) matrix, M = N·H·W (or the pixels of
+// an output): a block of blockDim.x threads is a tile of TX consecutive channels (32, or all C
+// when fewer) × TY rows, channel group blockIdx.x. A warp reads one contiguous segment of a
+// row, and no index is divided per element.
+struct ChannelTile { int c, ty, TX, TY; bool on; };
+
+__device__ __forceinline__ ChannelTile channel_tile(int C) {
+    ChannelTile t;
+    t.TX = C < 32 ? C : 32;
+    t.TY = (int)blockDim.x / t.TX;
+    t.ty = (int)threadIdx.x / t.TX;
+    t.c = (int)blockIdx.x * t.TX + (int)threadIdx.x % t.TX;
+    t.on = t.ty < t.TY && t.c < C;
+    return t;
+}
+
+// The rows m = first, first + step, ... below M of a thread of an element-wise tile (M = N·H·W
+// fits an int, as the kernels' arguments; a 64-bit counter would have the compiler divide by
+// the step to count the iterations).
+#define KD_CL_ROWS(t, M) \
+    for (int m = (int)blockIdx.y * (t).TY + (t).ty; (t).on && m < (M); m += (int)gridDim.y * (t).TY)
+

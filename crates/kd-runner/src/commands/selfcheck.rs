@@ -438,22 +438,31 @@ fn check_max_pool(c: &mut Checks, dev: &Device) -> anyhow::Result<()> {
             .relu()?
             .to_dtype(dt)?;
         let r = rand(&[32, 64, 16, 16], 51, &Device::Cpu)?.to_dtype(dt)?;
-        let run = |d: &Device| -> anyhow::Result<(Tensor, Tensor)> {
-            let xv = Var::from_tensor(&x.to_device(d)?)?;
-            let y = MaxPool2d::RESNET_STEM.forward(&xv)?;
+        // The pool on `d` in `format`; its output and input gradient as (N, C, H, W).
+        let run = |d: &Device, format: MemoryFormat| -> anyhow::Result<(Tensor, Tensor)> {
+            let xv = Var::from_tensor(&laid_out(&x.to_device(d)?, format)?)?;
+            let y = match format {
+                MemoryFormat::ChannelsFirst => MaxPool2d::RESNET_STEM.forward(&xv)?,
+                MemoryFormat::ChannelsLast => MaxPool2d::RESNET_STEM.forward_nhwc(&xv)?,
+            };
+            let y = nchw(&y, format)?;
             let g = (&y * r.to_device(d)?)?
                 .to_dtype(DType::F32)?
                 .sum_all()?
                 .backward()?;
-            Ok((y, g.get(&xv).unwrap().clone()))
+            Ok((y, nchw(g.get(&xv).unwrap(), format)?))
         };
-        let ((y, g), (ye, ge)) = (run(dev)?, run(&Device::Cpu)?);
-        c.add(format!("max-pool {dt:?}: forward"), rel(&y, &ye)?, 0.0);
-        c.add(
-            format!("max-pool {dt:?}: backward"),
-            rel(&g, &ge)?,
-            if dt == DType::BF16 { 1e-2 } else { 1e-6 },
-        );
+        let (ye, ge) = run(&Device::Cpu, MemoryFormat::ChannelsFirst)?;
+        for format in MemoryFormat::ALL {
+            let (y, g) = run(dev, format)?;
+            let tag = format_tag(format);
+            c.add(format!("max-pool {dt:?}{tag}: forward"), rel(&y, &ye)?, 0.0);
+            c.add(
+                format!("max-pool {dt:?}{tag}: backward"),
+                rel(&g, &ge)?,
+                if dt == DType::BF16 { 1e-2 } else { 1e-6 },
+            );
+        }
     }
     Ok(())
 }
