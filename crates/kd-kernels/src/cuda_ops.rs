@@ -671,68 +671,56 @@ impl PoolDims {
     }
 }
 
-pub(crate) fn max_pool_fwd(s: &CudaStorage, l: &Layout, d: PoolDims) -> Result<CudaStorage> {
-    by_dtype!(s.dtype(), max_pool_fwd_t::<T>(s, l, d))
-}
-
-fn max_pool_fwd_t<T: Elem>(s: &CudaStorage, l: &Layout, d: PoolDims) -> Result<CudaStorage> {
-    let dev = &s.device;
-    let x = view::<T>(s, l)?;
+/// The pooled (N, C, H', W') or (N, H', W', C) tensor of `x`.
+pub(crate) fn max_pool_fwd(x: Arg<'_>, d: PoolDims) -> Result<CudaStorage> {
     let pixels = d.n * d.oh * d.ow;
-    // SAFETY: every element is written by the kernel.
-    let mut y = unsafe { dev.alloc::<T>(pixels * d.c)? };
-    let f = MAX_POOL.func(dev, &kernel_name("max_pool_fwd", d.format, s.dtype())?)?;
-    let (planes, g) = d.args()?;
-    let stream = dev.cuda_stream();
-    let mut b = stream.launch_builder(&f);
-    b.arg(&x).arg(&mut y);
-    if let Some(planes) = &planes {
-        b.arg(planes);
-    }
-    for v in &g {
-        b.arg(v);
-    }
-    // SAFETY: argument types and sizes match max_pool_fwd / max_pool_fwd_cl in max_pool.cu.
-    unsafe { b.launch(d.launch(pixels)) }.w()?;
-    Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
+    by_dtype!(
+        x.0.dtype(),
+        max_pool_t::<T>("max_pool_fwd", &[x], d, pixels)
+    )
 }
 
-pub(crate) fn max_pool_bwd(
-    sx: &CudaStorage,
-    lx: &Layout,
-    sg: &CudaStorage,
-    lg: &Layout,
-    d: PoolDims,
-) -> Result<CudaStorage> {
-    by_dtype!(sx.dtype(), max_pool_bwd_t::<T>(sx, lx, sg, lg, d))
-}
-
-fn max_pool_bwd_t<T: Elem>(
-    sx: &CudaStorage,
-    lx: &Layout,
-    sg: &CudaStorage,
-    lg: &Layout,
-    d: PoolDims,
-) -> Result<CudaStorage> {
-    let dev = &sx.device;
-    let (x, dy) = (view::<T>(sx, lx)?, view::<T>(sg, lg)?);
+/// The gradient of `x` from the pooled output's gradient `dy`.
+pub(crate) fn max_pool_bwd(x: Arg<'_>, dy: Arg<'_>, d: PoolDims) -> Result<CudaStorage> {
     let pixels = d.n * d.h * d.w;
+    by_dtype!(
+        x.0.dtype(),
+        max_pool_t::<T>("max_pool_bwd", &[x, dy], d, pixels)
+    )
+}
+
+/// Max-pool kernel `base` of `d.format` on `inputs`, writing `pixels` pixels of every channel.
+fn max_pool_t<T: Elem>(
+    base: &str,
+    inputs: &[Arg<'_>],
+    d: PoolDims,
+    pixels: usize,
+) -> Result<CudaStorage> {
+    let dev = &inputs[0].0.device;
+    let views = inputs
+        .iter()
+        .map(|&(s, l)| view::<T>(s, l))
+        .collect::<Result<Vec<_>>>()?;
     // SAFETY: every element is written by the kernel.
-    let mut dx = unsafe { dev.alloc::<T>(pixels * d.c)? };
-    let f = MAX_POOL.func(dev, &kernel_name("max_pool_bwd", d.format, sx.dtype())?)?;
+    let mut out = unsafe { dev.alloc::<T>(pixels * d.c)? };
+    let f = MAX_POOL.func(dev, &kernel_name(base, d.format, inputs[0].0.dtype())?)?;
     let (planes, g) = d.args()?;
     let stream = dev.cuda_stream();
     let mut b = stream.launch_builder(&f);
-    b.arg(&x).arg(&dy).arg(&mut dx);
+    for v in &views {
+        b.arg(v);
+    }
+    b.arg(&mut out);
     if let Some(planes) = &planes {
         b.arg(planes);
     }
     for v in &g {
         b.arg(v);
     }
-    // SAFETY: argument types and sizes match max_pool_bwd / max_pool_bwd_cl in max_pool.cu.
+    // SAFETY: argument types and sizes match `base` (channels-first or `_cl`) in max_pool.cu:
+    // x, dy for the backward, the output, then `PoolDims::args`.
     unsafe { b.launch(d.launch(pixels)) }.w()?;
-    Ok(CudaStorage::wrap_cuda_slice(dx, dev.clone()))
+    Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
 }
 
 /// Augments and mixes a batch: images (N, C, H, W) u8, plan (B, 5) u32, norm (2·C) f32 (scale,

@@ -303,7 +303,7 @@ impl CustomOp1 for PoolOp {
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let d = self.pool.launch_dims(self.format, l.dims())?;
-        let out = crate::cuda_ops::max_pool_fwd(s, l, d)?;
+        let out = crate::cuda_ops::max_pool_fwd((s, l), d)?;
         Ok((out, self.pool.out_dims(self.format, l.dims())?))
     }
 
@@ -363,7 +363,7 @@ impl CustomOp2 for MaxPoolBackward {
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let d = self.0.pool.launch_dims(self.0.format, l1.dims())?;
-        let out = crate::cuda_ops::max_pool_bwd(s1, l1, s2, l2, d)?;
+        let out = crate::cuda_ops::max_pool_bwd((s1, l1), (s2, l2), d)?;
         Ok((out, l1.shape().clone()))
     }
 }
