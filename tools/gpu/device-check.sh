@@ -24,6 +24,9 @@ OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
 [ -x /tmp/kd-runner ] || { xz -dc .gpu/kd-runner.xz > /tmp/kd-runner && chmod +x /tmp/kd-runner; }
 # shellcheck disable=SC1091
 source .gpu/device-env.sh
+# fallbacks, channels_last_ok: what selfcheck's table says about the kernels.
+# shellcheck disable=SC1091
+source .gpu/fallbacks.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/steps.txt"
 DEADLINE="${DEADLINE:-570}"
 step() { # name limit command...
@@ -39,35 +42,6 @@ step() { # name limit command...
   local rc=$?
   echo "$name: rc $rc, $((SECONDS - t0)) s" | tee -a "$OUT/steps.txt"
   tail -40 "$OUT/$name.txt"
-}
-fallbacks() { # after selfcheck: the kernel families it found out of bounds, as KD_DISABLE parts,
-  # so that the benches and the 15-epoch run that follow use candle's ops for a broken kernel
-  # (slower, correct) rather than train on wrong numbers. Exported; printed into steps.txt.
-  local f="$OUT/selfcheck.txt" d=""
-  [ -f "$f" ] || return 0
-  # Channels-last rows are left out: that path is opt-in (train.memory_format), and a failing
-  # one only keeps its bench from running (channels_last_ok).
-  fails() { grep -E "^\| $1.*\| FAIL \|\$" "$f" | grep -qv "channels-last"; }
-  fails "conv" && d="$d,conv"
-  # A wrong residual tail (training mode) alone costs only its own op. Of the other BatchNorm
-  # rows (training or eval mode), a wrong running-statistics update alone costs only its fused
-  # launch; anything else turns off both BatchNorm paths.
-  fails "batch norm train tail" && d="$d,traintail"
-  if fails "batch norm (eval |F|B)[^|]*: (y|mean|var|dx|dγ|dβ) "; then d="$d,bn,bneval"
-  elif fails "batch norm (F|B)[^|]*: running"; then d="$d,bnrunning"; fi
-  fails "max-pool" && d="$d,pool"
-  fails "add \\+" && d="$d,addrelu"
-  fails "softmax loss" && d="$d,losses"
-  fails "fused SGD" && d="$d,sgd"
-  { fails "augment" || fails "resident loader"; } && d="$d,augment"
-  d="${d#,}"
-  if [ -n "$d" ]; then
-    export KD_DISABLE="$d"
-    echo "selfcheck: kernels out of bounds; what follows runs with KD_DISABLE=$d" | tee -a "$OUT/steps.txt"
-  fi
-}
-channels_last_ok() { # selfcheck ran and none of its channels-last rows failed
-  [ -f "$OUT/selfcheck.txt" ] && ! grep -qE "^\| .*channels-last.*\| FAIL \|\$" "$OUT/selfcheck.txt"
 }
 data() { # the CIFAR-10 copy in the official binary layout, under /tmp/kdd/cifar10
   [ -d /tmp/c10 ] || python3 .gpu/make-cifar10-bin.py /tmp/c10 --src .gpu/cifar10-jpeg.tar.gz > /tmp/data.txt 2>&1

@@ -14,5 +14,5 @@ cargo build --release -p kd-runner --features cuda,cudnn --target-dir target/cud
 mkdir -p .gpu
 xz -9 -T0 -c target/cuda/release/kd-runner > .gpu/kd-runner.xz
 cp "$SHARED/cuda/device-env.sh" "$SHARED/bench/torch_ref.py" "$SHARED/data/make-cifar10-bin.py" "$SHARED/data/cifar10-jpeg.tar.gz" .gpu/
-cp tools/gpu/device-check.sh tools/gpu/ratio.py tools/gpu/ncu_summary.py tools/gpu/torch_nchw.py .gpu/
+cp tools/gpu/device-check.sh tools/gpu/fallbacks.sh tools/gpu/ratio.py tools/gpu/ncu_summary.py tools/gpu/torch_nchw.py .gpu/
 du -sh .gpu

@@ -81,6 +81,25 @@ impl Checks {
         println!("| {name} | {err:.2e} | {bound:.0e} | {ok} |");
         self.rows.push((name, err, bound));
     }
+
+    /// How many rows are out of bounds (a NaN is).
+    fn failures(&self) -> usize {
+        self.rows
+            .iter()
+            .filter(|r| r.1.is_nan() || r.1 > r.2)
+            .count()
+    }
+
+    /// Runs `body`, a group of checks that adds its own rows. An error in it (a shape or
+    /// algorithm the device refuses, a failed launch) does not end selfcheck: it becomes a
+    /// failing row, `{name}: error: {message}`, and the groups after it still run, so the device
+    /// script's fallbacks see which family failed and the rest is still checked.
+    fn guard(&mut self, name: &str, body: impl FnOnce(&mut Checks) -> anyhow::Result<()>) {
+        if let Err(e) = body(self) {
+            let message = format!("{e:#}").replace(['|', '\n'], " ");
+            self.add(format!("{name}: error: {message}"), f32::NAN, 0.0);
+        }
+    }
 }
 
 fn bound(p: Precision) -> f32 {
@@ -164,17 +183,6 @@ fn check_conv(c: &mut Checks, dev: &Device) -> anyhow::Result<()> {
             for ((search, deterministic), format) in settings {
                 search.apply();
                 kd_kernels::conv_algo::require_deterministic(deterministic);
-                let (xd, wd) = (
-                    Var::from_tensor(&laid_out(&x.to_dtype(dt)?.to_device(dev)?, format)?)?,
-                    Var::from_tensor(&laid_out(&w.to_dtype(dt)?.to_device(dev)?, format)?)?,
-                );
-                let y = nchw(
-                    &kd_kernels::conv::conv2d_custom_in(&xd, &wd, g, format)?,
-                    format,
-                )?;
-                let gd = (y.to_dtype(DType::F32)? * r.to_device(dev)?)?
-                    .sum_all()?
-                    .backward()?;
                 let choice = match (search, deterministic) {
                     (_, true) => ", deterministic algorithm",
                     (ConvAlgoSearch::Heuristic, _) => "",
@@ -182,23 +190,37 @@ fn check_conv(c: &mut Checks, dev: &Device) -> anyhow::Result<()> {
                 };
                 let layout = format_tag(format);
                 let tag = format!("conv {n}×{ci}×{hw}² → {co}, {k}×{k}/s{s}, {p}{choice}{layout}");
-                c.add(format!("{tag}: forward"), rel(&y, &y_ref)?, bound(p));
-                let gx = gd
-                    .get(&xd)
-                    .ok_or_else(|| anyhow::anyhow!("no input gradient"))?;
-                let gw = gd
-                    .get(&wd)
-                    .ok_or_else(|| anyhow::anyhow!("no kernel gradient"))?;
-                c.add(
-                    format!("{tag}: backward data"),
-                    rel(&nchw(gx, format)?, gr.get(&xv).unwrap())?,
-                    bound(p),
-                );
-                c.add(
-                    format!("{tag}: backward filter"),
-                    rel(&nchw(gw, format)?, gr.get(&wv).unwrap())?,
-                    bound(p),
-                );
+                c.guard(&tag, |c| {
+                    let (xd, wd) = (
+                        Var::from_tensor(&laid_out(&x.to_dtype(dt)?.to_device(dev)?, format)?)?,
+                        Var::from_tensor(&laid_out(&w.to_dtype(dt)?.to_device(dev)?, format)?)?,
+                    );
+                    let y = nchw(
+                        &kd_kernels::conv::conv2d_custom_in(&xd, &wd, g, format)?,
+                        format,
+                    )?;
+                    let gd = (y.to_dtype(DType::F32)? * r.to_device(dev)?)?
+                        .sum_all()?
+                        .backward()?;
+                    c.add(format!("{tag}: forward"), rel(&y, &y_ref)?, bound(p));
+                    let gx = gd
+                        .get(&xd)
+                        .ok_or_else(|| anyhow::anyhow!("no input gradient"))?;
+                    let gw = gd
+                        .get(&wd)
+                        .ok_or_else(|| anyhow::anyhow!("no kernel gradient"))?;
+                    c.add(
+                        format!("{tag}: backward data"),
+                        rel(&nchw(gx, format)?, gr.get(&xv).unwrap())?,
+                        bound(p),
+                    );
+                    c.add(
+                        format!("{tag}: backward filter"),
+                        rel(&nchw(gw, format)?, gr.get(&wv).unwrap())?,
+                        bound(p),
+                    );
+                    Ok(())
+                });
             }
         }
     }
@@ -282,15 +304,18 @@ fn check_batch_norm(c: &mut Checks, dev: &Device) -> anyhow::Result<()> {
             for tail in [false, true].into_iter().filter(|&t| relu || !t) {
                 let e = run(&Device::Cpu, tail, MemoryFormat::ChannelsFirst)?;
                 for format in MemoryFormat::ALL {
-                    let a = run(dev, tail, format)?;
                     let layout = format_tag(format);
                     let what = match tail {
                         false => format!("batch norm {dt:?} relu={relu}{layout}"),
                         true => format!("batch norm train tail {dt:?}{layout}"),
                     };
-                    for (k, name) in names.iter().enumerate().take(a.len()) {
-                        c.add(format!("{what}: {name}"), rel(&a[k], &e[k])?, tol);
-                    }
+                    c.guard(&what, |c| {
+                        let a = run(dev, tail, format)?;
+                        for (k, name) in names.iter().enumerate().take(a.len()) {
+                            c.add(format!("{what}: {name}"), rel(&a[k], &e[k])?, tol);
+                        }
+                        Ok(())
+                    });
                 }
             }
             // Eval mode with constants (a frozen teacher's path: on CUDA one kernel reading the
@@ -325,21 +350,27 @@ fn check_batch_norm(c: &mut Checks, dev: &Device) -> anyhow::Result<()> {
             let first = MemoryFormat::ChannelsFirst;
             for format in MemoryFormat::ALL {
                 let layout = format_tag(format);
-                c.add(
-                    format!("batch norm eval {dt:?} relu={relu}{layout}: y"),
-                    rel(
-                        &eval(dev, false, format)?,
-                        &eval(&Device::Cpu, false, first)?,
-                    )?,
-                    tol,
+                c.guard(
+                    &format!("batch norm eval {dt:?} relu={relu}{layout}"),
+                    |c| {
+                        c.add(
+                            format!("batch norm eval {dt:?} relu={relu}{layout}: y"),
+                            rel(
+                                &eval(dev, false, format)?,
+                                &eval(&Device::Cpu, false, first)?,
+                            )?,
+                            tol,
+                        );
+                        if relu {
+                            c.add(
+                                format!("batch norm eval tail {dt:?}{layout}: y"),
+                                rel(&eval(dev, true, format)?, &eval(&Device::Cpu, true, first)?)?,
+                                tol,
+                            );
+                        }
+                        Ok(())
+                    },
                 );
-                if relu {
-                    c.add(
-                        format!("batch norm eval tail {dt:?}{layout}: y"),
-                        rel(&eval(dev, true, format)?, &eval(&Device::Cpu, true, first)?)?,
-                        tol,
-                    );
-                }
             }
         }
     }
@@ -454,14 +485,17 @@ fn check_max_pool(c: &mut Checks, dev: &Device) -> anyhow::Result<()> {
         };
         let (ye, ge) = run(&Device::Cpu, MemoryFormat::ChannelsFirst)?;
         for format in MemoryFormat::ALL {
-            let (y, g) = run(dev, format)?;
             let tag = format_tag(format);
-            c.add(format!("max-pool {dt:?}{tag}: forward"), rel(&y, &ye)?, 0.0);
-            c.add(
-                format!("max-pool {dt:?}{tag}: backward"),
-                rel(&g, &ge)?,
-                if dt == DType::BF16 { 1e-2 } else { 1e-6 },
-            );
+            c.guard(&format!("max-pool {dt:?}{tag}"), |c| {
+                let (y, g) = run(dev, format)?;
+                c.add(format!("max-pool {dt:?}{tag}: forward"), rel(&y, &ye)?, 0.0);
+                c.add(
+                    format!("max-pool {dt:?}{tag}: backward"),
+                    rel(&g, &ge)?,
+                    if dt == DType::BF16 { 1e-2 } else { 1e-6 },
+                );
+                Ok(())
+            });
         }
     }
     Ok(())
@@ -655,11 +689,14 @@ fn check_model(c: &mut Checks, dev: &Device) -> anyhow::Result<()> {
             (2e-2, (2.0 * sensitivity).max(0.05))
         };
         for format in MemoryFormat::ALL {
-            let (l, g) = run_in(dev, dtype, &x, format)?;
             let layout = format_tag(format);
             let tag = format!("ResNet18 w16 (max-pool stem) train step {p}{layout}");
-            c.add(format!("{tag}: logits (L2)"), rel_l2(&l, &le)?, bl);
-            c.add(format!("{tag}: stem gradient (L2)"), rel_l2(&g, &ge)?, bg);
+            c.guard(&tag, |c| {
+                let (l, g) = run_in(dev, dtype, &x, format)?;
+                c.add(format!("{tag}: logits (L2)"), rel_l2(&l, &le)?, bl);
+                c.add(format!("{tag}: stem gradient (L2)"), rel_l2(&g, &ge)?, bg);
+                Ok(())
+            });
         }
     }
     Precision::F32.apply();
@@ -913,24 +950,62 @@ pub fn run(args: &SelfcheckArgs) -> anyhow::Result<()> {
     }
     println!("| check | max rel. error | bound | |\n|---|---|---|---|");
     let mut c = Checks { rows: Vec::new() };
-    check_conv(&mut c, &dev)?;
-    check_batch_norm(&mut c, &dev)?;
-    check_max_pool(&mut c, &dev)?;
-    check_add_relu(&mut c, &dev)?;
-    check_softmax_losses(&mut c, &dev)?;
-    check_augment(&mut c, &dev)?;
-    check_sgd(&mut c, &dev)?;
-    check_model(&mut c, &dev)?;
-    check_methods(&mut c, &dev)?;
-    check_span_clock(&mut c, &dev)?;
-    let failed: Vec<_> = c
-        .rows
-        .iter()
-        .filter(|r| r.1.is_nan() || r.1 > r.2)
-        .collect(); // NaN fails
-    println!("{} checks, {} failed", c.rows.len(), failed.len());
-    if !failed.is_empty() {
-        bail!("{} of {} checks out of bounds", failed.len(), c.rows.len());
+    // Each family under its own guard, named as its rows begin (the device script's fallbacks
+    // read the names).
+    type Family = fn(&mut Checks, &Device) -> anyhow::Result<()>;
+    let families: [(&str, Family); 10] = [
+        ("conv", check_conv),
+        ("batch norm", check_batch_norm),
+        ("max-pool", check_max_pool),
+        ("add + ReLU", check_add_relu),
+        ("softmax loss", check_softmax_losses),
+        ("augment", check_augment),
+        ("fused SGD", check_sgd),
+        ("ResNet18 train step", check_model),
+        ("method", check_methods),
+        ("span clock", check_span_clock),
+    ];
+    for (name, check) in families {
+        c.guard(name, |c| check(c, &dev));
+        // The process-wide settings a family may have left set when it failed.
+        Precision::F32.apply();
+        ConvAlgoSearch::Heuristic.apply();
+        kd_kernels::conv_algo::require_deterministic(false);
+    }
+    let failed = c.failures();
+    println!("{} checks, {} failed", c.rows.len(), failed);
+    if failed > 0 {
+        bail!("{} of {} checks out of bounds", failed, c.rows.len());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Checks;
+
+    #[test]
+    fn an_error_in_a_group_is_a_failing_row_and_the_checks_go_on() {
+        let mut c = Checks { rows: Vec::new() };
+        c.guard("max-pool BF16", |c| {
+            c.add("max-pool BF16: forward".into(), 0.0, 0.0);
+            anyhow::bail!("launch failed | code 719\nCUDA_ERROR_LAUNCH_FAILED")
+        });
+        c.guard("add + ReLU", |c| {
+            c.add("add + ReLU F32: forward".into(), 0.0, 0.0);
+            Ok(())
+        });
+        let names: Vec<&str> = c.rows.iter().map(|r| r.0.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "max-pool BF16: forward",
+                // One table cell: no '|' and no line break of the message.
+                "max-pool BF16: error: launch failed   code 719 CUDA_ERROR_LAUNCH_FAILED",
+                "add + ReLU F32: forward",
+            ]
+        );
+        // The error row's NaN is out of every bound.
+        assert_eq!(c.failures(), 1);
+    }
 }
