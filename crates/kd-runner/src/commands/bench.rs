@@ -5,7 +5,9 @@
 //! clock reading, at each `--precision` and cuDNN `--conv-algo` search; on CUDA also the memory
 //! pool's peak. Prints one table, and one `BENCH workload=… precision=… images_per_s=…
 //! conv_algo=… [peak_used_mib=…]` line per row for scripts (`tools/gpu/ratio.py` divides them
-//! by PyTorch's figures measured on the same card).
+//! by PyTorch's figures measured on the same card). A benchmark that fails (a setting the
+//! device refuses, a method that does not fit the networks) prints a `BENCH_FAILED` line and
+//! the others still run; `bench` then exits non-zero, listing the failures.
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
@@ -80,7 +82,7 @@ struct MethodStep {
 
 impl MethodStep {
     fn new(
-        name: &str,
+        method: kd_train::MethodConfig,
         cfg: &ResNetConfig,
         teacher: &kd_models::Teacher,
         x: &Tensor,
@@ -88,15 +90,6 @@ impl MethodStep {
         train_size: usize,
         (dtype, format): (DType, kd_kernels::MemoryFormat),
     ) -> anyhow::Result<Self> {
-        let method = kd_train::MethodConfig::preset(name).ok_or_else(|| {
-            anyhow::anyhow!(
-                "--workloads method:{name}: unknown method; expected one of {}",
-                kd_train::MethodConfig::NAMES.join(", ")
-            )
-        })?;
-        if !method.peers().is_empty() {
-            anyhow::bail!("--workloads method:{name}: an online method trains several networks; time it with a `kd-runner train` run");
-        }
         let device = x.device();
         let b = x.dim(0)?;
         if b > train_size {
@@ -181,6 +174,54 @@ impl MethodStep {
     }
 }
 
+/// One `--workloads` entry.
+enum Workload {
+    Train,
+    Infer,
+    Kd,
+    /// A method's whole step, by its preset name.
+    Method(String, kd_train::MethodConfig),
+}
+
+/// The `--workloads` entries, checked before anything runs: `train`, `infer`, `kd`, or
+/// `method:NAME` with an offline or self method.
+fn parse_workloads(names: &[String]) -> anyhow::Result<Vec<Workload>> {
+    names
+        .iter()
+        .map(|w| match w.as_str() {
+            "train" => Ok(Workload::Train),
+            "infer" => Ok(Workload::Infer),
+            "kd" => Ok(Workload::Kd),
+            other if other.starts_with("method:") => {
+                let name = &other["method:".len()..];
+                let method = kd_train::MethodConfig::preset(name).ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "--workloads method:{name}: unknown method; expected one of {}",
+                        kd_train::MethodConfig::NAMES.join(", ")
+                    )
+                })?;
+                if !method.peers().is_empty() {
+                    anyhow::bail!("--workloads method:{name}: an online method trains several networks; time it with a `kd-runner train` run");
+                }
+                Ok(Workload::Method(name.to_string(), method))
+            }
+            other => anyhow::bail!(
+                "--workloads: unknown workload {other:?}; expected train, infer, kd or method:NAME"
+            ),
+        })
+        .collect()
+}
+
+/// A benchmark that failed: which one (the `BENCH` line's keys) and the error's first line.
+/// The others still run; `bench` lists the failures and exits non-zero at the end.
+fn failed(failures: &mut Vec<String>, what: String, e: &anyhow::Error) {
+    let first = format!("{e:#}");
+    let first = first.lines().next().unwrap_or("").trim().to_string();
+    println!("BENCH_FAILED {what} error={first:?}");
+    eprintln!("bench {what}: {e:?}");
+    failures.push(format!("{what}: {first}"));
+}
+
 /// What one workload measured: images per second, and on CUDA the memory pool's high-water
 /// marks over its warm-up and timed steps (what the model, the optimizer and the batch already
 /// held included, as PyTorch's `max_memory_allocated` after `reset_peak_memory_stats`).
@@ -221,6 +262,7 @@ fn time(
 
 /// Runs `bench`.
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
+    let workloads = parse_workloads(&args.workloads)?;
     let device = crate::device::open(&args.device)?;
     kd_kernels::conv_algo::require_deterministic(args.deterministic);
     let cfg = |arch| ResNetConfig {
@@ -248,11 +290,11 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             ""
         }
     );
-    let mut rows = Vec::new();
+    let (mut rows, mut failures) = (Vec::new(), Vec::new());
     // Inference, the KD step and the method workloads run a frozen `Teacher`, as training
     // does (constant weights: the ops that need no gradient take their one-pass paths): made
     // once, cast per precision.
-    let frozen_teacher = if args.workloads.iter().any(|w| w != "train") {
+    let frozen_teacher = if workloads.iter().any(|w| !matches!(w, Workload::Train)) {
         Some(super::random_teachers(&cfg(args.teacher), 1, &[&device])?.remove(0))
     } else {
         None
@@ -263,18 +305,33 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         .flat_map(|&p| args.conv_algo.iter().map(move |&a| (p, a)))
         .flat_map(|(p, a)| args.memory_format.iter().map(move |&f| (p, a, f)));
     for (precision, search, format) in settings {
+        let keys = format!("precision={precision} conv_algo={search} memory_format={format}");
         precision.apply();
         search.apply();
         let dtype = precision.activation_dtype();
-        let (mut student, svars) = trainable_resnet(&cfg(args.model), &device, 0)?;
-        let teacher = match &frozen_teacher {
-            Some(t) => {
-                let mut t = t.clone();
-                t.set_compute_dtype(dtype)?;
-                t.set_memory_format(format)?;
-                Some(t)
+        // The networks of this setting; if they cannot be made, the next setting still runs.
+        let made = (|| -> anyhow::Result<_> {
+            let (mut student, svars) = trainable_resnet(&cfg(args.model), &device, 0)?;
+            student.set_compute_dtype(dtype)?;
+            student.set_memory_format(format)?;
+            student.set_keep_features(false);
+            let teacher = match &frozen_teacher {
+                Some(t) => {
+                    let mut t = t.clone();
+                    t.set_compute_dtype(dtype)?;
+                    t.set_memory_format(format)?;
+                    Some(t)
+                }
+                None => None,
+            };
+            Ok((student, svars, teacher))
+        })();
+        let (student, svars, teacher) = match made {
+            Ok(m) => m,
+            Err(e) => {
+                failed(&mut failures, format!("workload=all {keys}"), &e);
+                continue;
             }
-            None => None,
         };
         let teacher = || teacher.as_ref().expect("made for every workload but train");
         // Logits only, as the trainer's baseline and KD runs (and PyTorch's reference) compute:
@@ -283,110 +340,113 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             features: false,
             preact: false,
         };
-        student.set_compute_dtype(dtype)?;
-        student.set_memory_format(format)?;
-        student.set_keep_features(false);
         let mut opt = Sgd::new(kd_train::trainable_vars(&svars), SgdConfig::default());
         if args.phases {
             // Each phase's time to the device's last kernel, and the host's time to issue it
             // (before the wait): where `host_ms` comes near the three phases' sum, the step is
             // bound by the host's launches, not by the device.
-            let (mut t, mut host) = ([0f64; 3], 0f64);
-            for i in 0..args.warmup + args.steps {
-                let t0 = Instant::now();
-                let out = student.forward_t(&x, true)?;
-                let loss = candle_nn::loss::cross_entropy(&out.logits, &y)?;
-                let h0 = t0.elapsed();
-                device.synchronize()?;
-                let t1 = Instant::now();
-                let grads = loss.backward()?;
-                let h1 = t1.elapsed();
-                device.synchronize()?;
-                let t2 = Instant::now();
-                opt.step(&grads, 0.01)?;
-                let h2 = t2.elapsed();
-                device.synchronize()?;
-                if i >= args.warmup {
-                    t[0] += (t1 - t0).as_secs_f64();
-                    t[1] += (t2 - t1).as_secs_f64();
-                    t[2] += t2.elapsed().as_secs_f64();
-                    host += (h0 + h1 + h2).as_secs_f64();
+            let phases = (|| -> anyhow::Result<()> {
+                let (mut t, mut host) = ([0f64; 3], 0f64);
+                for i in 0..args.warmup + args.steps {
+                    let t0 = Instant::now();
+                    let out = student.forward_t(&x, true)?;
+                    let loss = candle_nn::loss::cross_entropy(&out.logits, &y)?;
+                    let h0 = t0.elapsed();
+                    device.synchronize()?;
+                    let t1 = Instant::now();
+                    let grads = loss.backward()?;
+                    let h1 = t1.elapsed();
+                    device.synchronize()?;
+                    let t2 = Instant::now();
+                    opt.step(&grads, 0.01)?;
+                    let h2 = t2.elapsed();
+                    device.synchronize()?;
+                    if i >= args.warmup {
+                        t[0] += (t1 - t0).as_secs_f64();
+                        t[1] += (t2 - t1).as_secs_f64();
+                        t[2] += t2.elapsed().as_secs_f64();
+                        host += (h0 + h1 + h2).as_secs_f64();
+                    }
                 }
+                let ms = |v: f64| 1000.0 * v / args.steps as f64;
+                println!(
+                    "PHASES workload={}-train precision={precision} forward_ms={:.2} backward_ms={:.2} optimizer_ms={:.2} host_ms={:.2} conv_algo={search} memory_format={format}",
+                    args.model.name(),
+                    ms(t[0]),
+                    ms(t[1]),
+                    ms(t[2]),
+                    ms(host)
+                );
+                Ok(())
+            })();
+            if let Err(e) = phases {
+                let what = format!("workload={}-train-phases {keys}", args.model.name());
+                failed(&mut failures, what, &e);
             }
-            let ms = |v: f64| 1000.0 * v / args.steps as f64;
-            println!(
-                "PHASES workload={}-train precision={precision} forward_ms={:.2} backward_ms={:.2} optimizer_ms={:.2} host_ms={:.2} conv_algo={search} memory_format={format}",
-                args.model.name(),
-                ms(t[0]),
-                ms(t[1]),
-                ms(t[2]),
-                ms(host)
-            );
         }
-        for w in &args.workloads {
-            let (key, label, timing) = match w.as_str() {
-                "train" => (
-                    format!("{}-train", args.model.name()),
-                    format!("{} train step", args.model.name()),
-                    time(&device, args.batch, args.warmup, args.steps, || {
-                        let out = student.forward_t(&x, true)?;
-                        let loss = candle_nn::loss::cross_entropy(&out.logits, &y)?;
-                        opt.step(&loss.backward()?, 0.01)?;
-                        Ok(())
-                    })?,
-                ),
-                "infer" => (
-                    format!("{}-infer", args.teacher.name()),
-                    format!("{} inference", args.teacher.name()),
-                    time(&device, args.batch, args.warmup, args.steps, || {
-                        let _ = teacher()
-                            .forward_parts(&x, logits_only)?
-                            .logits
-                            .to_dtype(DType::F32)?;
-                        Ok(())
-                    })?,
-                ),
-                "kd" => (
-                    "kd-step".to_string(),
-                    format!("KD step ({} → {})", args.teacher.name(), args.model.name()),
-                    time(&device, args.batch, args.warmup, args.steps, || {
-                        let t = teacher().forward_parts(&x, logits_only)?.logits;
-                        let out = student.forward_t(&x, true)?;
-                        let loss = ((candle_nn::loss::cross_entropy(&out.logits, &y)? * 0.1)?
-                            + (kd_losses::kd_loss(&out.logits, &t, 4.0)? * 0.9)?)?;
-                        opt.step(&loss.backward()?, 0.01)?;
-                        Ok(())
-                    })?,
-                ),
-                other if other.starts_with("method:") => {
-                    let name = &other["method:".len()..];
+        for w in &workloads {
+            let key = match w {
+                Workload::Train => format!("{}-train", args.model.name()),
+                Workload::Infer => format!("{}-infer", args.teacher.name()),
+                Workload::Kd => "kd-step".to_string(),
+                Workload::Method(name, _) => format!("method-{name}"),
+            };
+            let (student_name, teacher_name) = (args.model.name(), args.teacher.name());
+            // (the table's label, the timing)
+            let timed = match w {
+                Workload::Train => time(&device, args.batch, args.warmup, args.steps, || {
+                    let out = student.forward_t(&x, true)?;
+                    let loss = candle_nn::loss::cross_entropy(&out.logits, &y)?;
+                    opt.step(&loss.backward()?, 0.01)?;
+                    Ok(())
+                })
+                .map(|t| (format!("{student_name} train step"), t)),
+                Workload::Infer => time(&device, args.batch, args.warmup, args.steps, || {
+                    let _ = teacher()
+                        .forward_parts(&x, logits_only)?
+                        .logits
+                        .to_dtype(DType::F32)?;
+                    Ok(())
+                })
+                .map(|t| (format!("{teacher_name} inference"), t)),
+                Workload::Kd => time(&device, args.batch, args.warmup, args.steps, || {
+                    let t = teacher().forward_parts(&x, logits_only)?.logits;
+                    let out = student.forward_t(&x, true)?;
+                    let loss = ((candle_nn::loss::cross_entropy(&out.logits, &y)? * 0.1)?
+                        + (kd_losses::kd_loss(&out.logits, &t, 4.0)? * 0.9)?)?;
+                    opt.step(&loss.backward()?, 0.01)?;
+                    Ok(())
+                })
+                .map(|t| (format!("KD step ({teacher_name} → {student_name})"), t)),
+                Workload::Method(name, method) => {
                     let t = teacher().clone();
-                    let mut m = MethodStep::new(
-                        name,
+                    MethodStep::new(
+                        method.clone(),
                         &cfg(args.model),
                         &t,
                         &x,
                         &y,
                         args.train_size,
                         (dtype, format),
-                    )?;
-                    (
-                        format!("method-{name}"),
-                        if m.runs_teacher() {
-                            format!(
-                                "{name} step ({} → {})",
-                                args.teacher.name(),
-                                args.model.name()
-                            )
-                        } else {
-                            format!("{name} step ({})", args.model.name())
-                        },
-                        time(&device, args.batch, args.warmup, args.steps, || m.step(&t))?,
                     )
+                    .and_then(|mut m| {
+                        let label = if m.runs_teacher() {
+                            format!("{name} step ({teacher_name} → {student_name})")
+                        } else {
+                            format!("{name} step ({student_name})")
+                        };
+                        let timing =
+                            time(&device, args.batch, args.warmup, args.steps, || m.step(&t))?;
+                        Ok((label, timing))
+                    })
                 }
-                other => anyhow::bail!(
-                    "--workloads: unknown workload {other:?}; expected train, infer, kd or method:NAME"
-                ),
+            };
+            let (label, timing) = match timed {
+                Ok(t) => t,
+                Err(e) => {
+                    failed(&mut failures, format!("workload={key} {keys}"), &e);
+                    continue;
+                }
             };
             let peak = match timing.peaks {
                 Some(p) => format!(" peak_used_mib={:.0}", p.used_mib()),
@@ -411,6 +471,13 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             "| {label} | {precision} | {search} | {format} | {:.1} | {:.2} | {peak} |",
             t.images_per_s,
             1000.0 * args.batch as f64 / t.images_per_s
+        );
+    }
+    if !failures.is_empty() {
+        anyhow::bail!(
+            "{} benchmark(s) failed (the others ran):\n{}",
+            failures.len(),
+            failures.join("\n")
         );
     }
     Ok(())
