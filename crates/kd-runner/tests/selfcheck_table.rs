@@ -18,10 +18,18 @@ fn fallbacks(table: &str) -> (String, bool) {
 
 /// [`fallbacks`], with no `selfcheck.txt` at all for `None`.
 fn fallbacks_over(table: Option<&str>) -> (String, bool) {
+    let (disable, cl, _) = fallbacks_after(table, "");
+    (disable, cl)
+}
+
+/// [`fallbacks_over`] with `steps` as `$OUT/steps.txt` (where `step` records selfcheck's exit
+/// status); also returns steps.txt afterwards.
+fn fallbacks_after(table: Option<&str>, steps: &str) -> (String, bool, String) {
     let out = tempfile::tempdir().unwrap();
     if let Some(table) = table {
         std::fs::write(out.path().join("selfcheck.txt"), table).unwrap();
     }
+    std::fs::write(out.path().join("steps.txt"), steps).unwrap();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tools/gpu/fallbacks.sh");
     let run = Command::new("bash")
         .arg("-c")
@@ -42,7 +50,8 @@ fn fallbacks_over(table: Option<&str>) -> (String, bool) {
             .unwrap_or_else(|| panic!("no {key} in {text}"))
             .to_string()
     };
-    (value("disable="), value("cl=") == "yes")
+    let steps = std::fs::read_to_string(out.path().join("steps.txt")).unwrap();
+    (value("disable="), value("cl=") == "yes", steps)
 }
 
 /// `table` with the first row whose name starts with `name` (and, with `last`, is a
@@ -143,6 +152,21 @@ fn selfcheck_runs_every_check_on_the_cpu_and_the_device_script_reads_its_table()
         fallbacks(cut),
         ("pool,addrelu,losses,sgd,augment".to_string(), false)
     );
+    // Cut by the step's time limit instead (`step` wrote rc 124): the families it did not reach
+    // were never checked but are not known to be wrong, so they stay on, and steps.txt says so.
+    let steps = "selfcheck: rc 124, 100 s\n";
+    let (d, cl, after) = fallbacks_after(Some(cut), steps);
+    assert_eq!((d.as_str(), cl), ("", false));
+    assert!(
+        after.ends_with(
+            "selfcheck: stopped by its time limit before checking \
+             pool,addrelu,losses,sgd,augment; left on\n"
+        ),
+        "{after}"
+    );
+    // A failing row still switches its family off then.
+    let cut_failing = failing(cut, "batch norm F32 relu=true: dx", false);
+    assert_eq!(fallbacks_after(Some(&cut_failing), steps).0, "bn,bneval");
     // An empty table (selfcheck died before its first row: the device or NVRTC refused):
     // every family off. No table at all (the step never ran): nothing to go on, nothing off.
     let all = "conv,traintail,bn,bneval,pool,addrelu,losses,sgd,augment";
