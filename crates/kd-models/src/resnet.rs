@@ -576,10 +576,11 @@ impl ResNet {
 
     /// [`ResNet::forward_stem`], the result in the network's layout.
     fn stem(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let x = x.to_dtype(self.compute_dtype)?;
+        // Channels-last: the permute first, so that a cast to the compute dtype also lays the
+        // images out (one pass where the cast and the convolution's copy were two).
         let x = match self.format {
-            MemoryFormat::ChannelsFirst => x,
-            MemoryFormat::ChannelsLast => to_channels_last(&x)?,
+            MemoryFormat::ChannelsFirst => x.to_dtype(self.compute_dtype)?,
+            MemoryFormat::ChannelsLast => to_channels_last(x)?.to_dtype(self.compute_dtype)?,
         };
         let y = self.bn1.forward_relu_t(&self.conv1.forward(&x)?, train)?;
         let kernel_here = y.device().is_cpu()
