@@ -79,6 +79,24 @@ impl MemoryFormat {
             MemoryFormat::ChannelsLast => 3,
         }
     }
+
+    /// A 4-D tensor of this format as (N, C, H, W): itself channels-first, a view
+    /// ([`to_channels_first`]) channels-last.
+    pub fn nchw_view(self, t: &Tensor) -> Result<Tensor> {
+        match self {
+            MemoryFormat::ChannelsFirst => Ok(t.clone()),
+            MemoryFormat::ChannelsLast => to_channels_first(t),
+        }
+    }
+
+    /// Runs `f`, written for (N, C, H, W) tensors, on `x` of this format: as it is
+    /// channels-first, between permutes (views) channels-last, the result in this format.
+    pub fn via_nchw(self, x: &Tensor, f: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+        match self {
+            MemoryFormat::ChannelsFirst => f(x),
+            MemoryFormat::ChannelsLast => to_channels_last(&f(&to_channels_first(x)?)?),
+        }
+    }
 }
 
 impl std::fmt::Display for MemoryFormat {

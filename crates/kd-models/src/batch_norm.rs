@@ -7,7 +7,7 @@
 //! otherwise (f64, or `KD_DISABLE=bn`) it is composed from candle ops.
 use candle_core::{DType, Result, Tensor, Var, D};
 use candle_nn::VarBuilder;
-use kd_kernels::{to_channels_first, to_channels_last, MemoryFormat};
+use kd_kernels::MemoryFormat;
 
 /// Batch normalisation over (N, H, W) per channel.
 #[derive(Clone, Debug)]
@@ -49,19 +49,6 @@ impl BatchNorm2d {
         self.format
     }
 
-    /// Runs `f`, written for (N, C, H, W), on a channels-last `x` between permutes (views), or
-    /// on `x` as it is: the composed paths, which have no channels-last form of their own.
-    fn channels_first(
-        &self,
-        x: &Tensor,
-        f: impl FnOnce(&Tensor) -> Result<Tensor>,
-    ) -> Result<Tensor> {
-        match self.format {
-            MemoryFormat::ChannelsFirst => f(x),
-            MemoryFormat::ChannelsLast => to_channels_last(&f(&to_channels_first(x)?)?),
-        }
-    }
-
     fn affine(&self, xhat: &Tensor) -> Result<Tensor> {
         let c = self.weight.dim(0)?;
         xhat.broadcast_mul(&self.weight.reshape((1, c, 1, 1))?)?
@@ -97,7 +84,10 @@ impl BatchNorm2d {
         if !train {
             return self.forward_eval(x, relu);
         }
-        let y = self.channels_first(x, |x| self.forward_train_composed(x))?;
+        // The composed path has no channels-last form of its own.
+        let y = self
+            .format
+            .via_nchw(x, |x| self.forward_train_composed(x))?;
         if relu {
             y.relu()
         } else {

@@ -2,7 +2,7 @@
 //! the stem's and every stage's features so feature and relation distillation need no hooks.
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{Linear, VarBuilder};
-use kd_kernels::{to_channels_first, to_channels_last, Conv2dGeometry, MemoryFormat};
+use kd_kernels::{to_channels_last, Conv2dGeometry, MemoryFormat};
 
 use crate::batch_norm::{batch_norm2d, BatchNorm2d};
 use crate::max_pool::MaxPool2d;
@@ -483,14 +483,6 @@ impl ResNet {
         self.format
     }
 
-    /// A tensor of the network's layout as (N, C, H, W) (a view when channels-last).
-    fn channels_first(&self, y: &Tensor) -> Result<Tensor> {
-        match self.format {
-            MemoryFormat::ChannelsFirst => Ok(y.clone()),
-            MemoryFormat::ChannelsLast => to_channels_first(y),
-        }
-    }
-
     /// Every convolution: stem, blocks (shortcuts included), auxiliary heads.
     fn convs_mut(&mut self) -> Vec<&mut Conv2d> {
         let mut convs = vec![&mut self.conv1];
@@ -571,7 +563,7 @@ impl ResNet {
     /// The stem: conv, BN, ReLU and, for `cifar-maxpool`, the 3×3/s2/p1 max-pool; `x` and the
     /// result (N, C, H, W).
     pub fn forward_stem(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        self.channels_first(&self.stem(x, train)?)
+        self.format.nchw_view(&self.stem(x, train)?)
     }
 
     /// [`ResNet::forward_stem`], the result in the network's layout.
@@ -593,10 +585,7 @@ impl ResNet {
             (Some(p), MemoryFormat::ChannelsFirst) if kernel_here => p.forward(&y),
             (Some(p), MemoryFormat::ChannelsLast) if kernel_here => p.forward_nhwc(&y),
             // Elsewhere the composed form (valid after a ReLU), written for channels-first.
-            (Some(p), MemoryFormat::ChannelsFirst) => p.forward_nonneg_composed(&y),
-            (Some(p), MemoryFormat::ChannelsLast) => {
-                to_channels_last(&p.forward_nonneg_composed(&to_channels_first(&y)?)?)
-            }
+            (Some(p), format) => format.via_nchw(&y, |y| p.forward_nonneg_composed(y)),
         }
     }
 
@@ -653,7 +642,7 @@ impl ResNet {
                 // The stage's last block also gives its pre-activation (for AB and OFD): the sum
                 // again, a branch of the graph of its own that only those methods differentiate.
                 if preact_too && last {
-                    preact.push(self.channels_first(&(&branch + &shortcut)?)?);
+                    preact.push(self.format.nchw_view(&(&branch + &shortcut)?)?);
                 }
                 y = kd_kernels::add_relu(&branch, &shortcut)?;
             }
@@ -672,7 +661,7 @@ impl ResNet {
         let feats = if parts.features {
             feats
                 .iter()
-                .map(|f| self.channels_first(f)?.to_dtype(DType::F32))
+                .map(|f| self.format.nchw_view(f)?.to_dtype(DType::F32))
                 .collect::<Result<Vec<_>>>()?
         } else {
             Vec::new()

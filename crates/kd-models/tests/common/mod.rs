@@ -20,23 +20,19 @@ pub fn seeded(shape: &[usize], seed: u64) -> Tensor {
 /// max |a − b| / max |b| (of equal shapes).
 pub fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims());
-    let a = a.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
-    let b = b.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
-    let scale = b
-        .abs()
+    let a = a.to_dtype(DType::F32).unwrap();
+    let b = b.to_dtype(DType::F32).unwrap();
+    max_abs(&(a - &b).unwrap()) / max_abs(&b).max(1e-12)
+}
+
+/// max |t|.
+fn max_abs(t: &Tensor) -> f32 {
+    t.abs()
+        .unwrap()
+        .flatten_all()
         .unwrap()
         .max(0)
         .unwrap()
         .to_scalar::<f32>()
         .unwrap()
-        .max(1e-12);
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-        / scale
 }

@@ -11,8 +11,8 @@ use candle_core::{DType, Device, Tensor, Var};
 use kd_data::{Loader, LoaderConfig, Mix, Normalize, Split};
 use kd_kernels::{
     augment_batch, batch_norm_train_add_relu, batch_norm_train_add_relu_nhwc,
-    batch_norm_train_nhwc, batch_norm_train_update, to_channels_first, to_channels_last,
-    AugmentPlan, Conv2dGeometry, ConvAlgoSearch, MaxPool2d, MemoryFormat, Normalisation, Precision,
+    batch_norm_train_nhwc, batch_norm_train_update, to_channels_last, AugmentPlan, Conv2dGeometry,
+    ConvAlgoSearch, MaxPool2d, MemoryFormat, Normalisation, Precision,
 };
 use kd_models::{trainable_resnet, Arch, ResNetConfig, Stem};
 
@@ -29,14 +29,6 @@ fn laid_out(t: &Tensor, format: MemoryFormat) -> candle_core::Result<Tensor> {
     match format {
         MemoryFormat::ChannelsFirst => Ok(t.clone()),
         MemoryFormat::ChannelsLast => to_channels_last(t)?.contiguous(),
-    }
-}
-
-/// A 4-D tensor of `format` as (N, C, H, W) (a view), to compare with channels-first results.
-fn nchw(t: &Tensor, format: MemoryFormat) -> candle_core::Result<Tensor> {
-    match format {
-        MemoryFormat::ChannelsFirst => Ok(t.clone()),
-        MemoryFormat::ChannelsLast => to_channels_first(t),
     }
 }
 
@@ -195,10 +187,8 @@ fn check_conv(c: &mut Checks, dev: &Device) -> anyhow::Result<()> {
                         Var::from_tensor(&laid_out(&x.to_dtype(dt)?.to_device(dev)?, format)?)?,
                         Var::from_tensor(&laid_out(&w.to_dtype(dt)?.to_device(dev)?, format)?)?,
                     );
-                    let y = nchw(
-                        &kd_kernels::conv::conv2d_custom_in(&xd, &wd, g, format)?,
-                        format,
-                    )?;
+                    let y = format
+                        .nchw_view(&kd_kernels::conv::conv2d_custom_in(&xd, &wd, g, format)?)?;
                     let gd = (y.to_dtype(DType::F32)? * r.to_device(dev)?)?
                         .sum_all()?
                         .backward()?;
@@ -211,12 +201,12 @@ fn check_conv(c: &mut Checks, dev: &Device) -> anyhow::Result<()> {
                         .ok_or_else(|| anyhow::anyhow!("no kernel gradient"))?;
                     c.add(
                         format!("{tag}: backward data"),
-                        rel(&nchw(gx, format)?, gr.get(&xv).unwrap())?,
+                        rel(&format.nchw_view(gx)?, gr.get(&xv).unwrap())?,
                         bound(p),
                     );
                     c.add(
                         format!("{tag}: backward filter"),
-                        rel(&nchw(gw, format)?, gr.get(&wv).unwrap())?,
+                        rel(&format.nchw_view(gw)?, gr.get(&wv).unwrap())?,
                         bound(p),
                     );
                     Ok(())
@@ -272,7 +262,7 @@ fn check_batch_norm(c: &mut Checks, dev: &Device) -> anyhow::Result<()> {
                         batch_norm_train_add_relu_nhwc(&xv, &wv, &bv, &sv, 1e-5, Some(running))?
                     }
                 };
-                let y = nchw(&out.y, format)?;
+                let y = format.nchw_view(&out.y)?;
                 let g = (y.to_dtype(DType::F32)? * r.to_device(d)?)?
                     .sum_all()?
                     .backward()?;
@@ -280,13 +270,13 @@ fn check_batch_norm(c: &mut Checks, dev: &Device) -> anyhow::Result<()> {
                     y,
                     out.mean,
                     out.var,
-                    nchw(g.get(&xv).unwrap(), format)?,
+                    format.nchw_view(g.get(&xv).unwrap())?,
                     g.get(&wv).unwrap().clone(),
                     g.get(&bv).unwrap().clone(),
                     rm,
                     rv,
                 ];
-                checked.extend(g.get(&sv).map(|t| nchw(t, format)).transpose()?);
+                checked.extend(g.get(&sv).map(|t| format.nchw_view(t)).transpose()?);
                 Ok(checked)
             };
             let tol = if dt == DType::BF16 { 2e-2 } else { 1e-4 };
@@ -345,7 +335,7 @@ fn check_batch_norm(c: &mut Checks, dev: &Device) -> anyhow::Result<()> {
                         kd_kernels::batch_norm_eval_nhwc(&x, &w, &b, &m, &v, 1e-5, relu)?
                     }
                 };
-                Ok(nchw(&y, format)?)
+                Ok(format.nchw_view(&y)?)
             };
             let first = MemoryFormat::ChannelsFirst;
             for format in MemoryFormat::ALL {
@@ -476,12 +466,12 @@ fn check_max_pool(c: &mut Checks, dev: &Device) -> anyhow::Result<()> {
                 MemoryFormat::ChannelsFirst => MaxPool2d::RESNET_STEM.forward(&xv)?,
                 MemoryFormat::ChannelsLast => MaxPool2d::RESNET_STEM.forward_nhwc(&xv)?,
             };
-            let y = nchw(&y, format)?;
+            let y = format.nchw_view(&y)?;
             let g = (&y * r.to_device(d)?)?
                 .to_dtype(DType::F32)?
                 .sum_all()?
                 .backward()?;
-            Ok((y, nchw(g.get(&xv).unwrap(), format)?))
+            Ok((y, format.nchw_view(g.get(&xv).unwrap())?))
         };
         let (ye, ge) = run(&Device::Cpu, MemoryFormat::ChannelsFirst)?;
         for format in MemoryFormat::ALL {
