@@ -58,6 +58,14 @@ pub struct ForwardParts {
     pub preact: bool,
 }
 
+impl ForwardParts {
+    /// The logits alone (with the pooled embedding and any auxiliary heads): what evaluation reads.
+    pub const LOGITS: ForwardParts = ForwardParts {
+        features: false,
+        preact: false,
+    };
+}
+
 /// A bias-free convolution with "same" padding. Runs through kd-kernels (cuDNN forward and
 /// backward on CUDA, candle's conv on the CPU); the f32 master weight is cast to the input's
 /// dtype, so bf16 activations train f32 weights. Channels-last, the (K, C, R, S) weight is

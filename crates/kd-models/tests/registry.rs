@@ -120,10 +120,7 @@ fn features_only_when_asked_for_and_the_rest_unchanged() {
         let full = model.forward_t(&x, false).unwrap();
         assert_eq!(full.feats.len(), 5);
         assert!(full.feats.iter().all(|f| f.dtype() == DType::F32));
-        let bare = ForwardParts {
-            features: false,
-            preact: false,
-        };
+        let bare = ForwardParts::LOGITS;
         let parts = model.forward_parts(&x, false, bare).unwrap();
         model.set_keep_features(false);
         let setting = model.forward_t(&x, false).unwrap();

@@ -236,6 +236,29 @@ fn eval_takes_a_run_folder_and_names_what_is_missing() {
         .output()
         .unwrap();
     assert!(succeeded(&out).contains("best test top-1"));
+    // The student against its teacher: eval's agreement is the run's own, on the same images.
+    let text = succeeded(
+        &kd()
+            .args(["eval", "--data-dir"])
+            .arg(tmp.path())
+            .arg("--weights")
+            .arg(tmp.path().join("kd"))
+            .arg("--against")
+            .arg(&run)
+            .output()
+            .unwrap(),
+    );
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tmp.path().join("kd/summary.json")).unwrap())
+            .unwrap();
+    let agreement = summary["last_teacher_agreement"].as_f64().unwrap();
+    let teacher_top1 = summary["teacher_top1"].as_f64().unwrap();
+    assert!(
+        text.contains(&format!("top-1 agreement {agreement:.2}%"))
+            && text.contains(&format!("(top-1 {teacher_top1:.2}%"))
+            && text.contains("ECE "),
+        "{text}\n{summary}"
+    );
 }
 
 /// The resident data path (pixels kept on the training device, augmented and mixed by
@@ -348,8 +371,10 @@ fn suite_then_report_end_to_end() {
     let out = suite();
     succeeded(&out);
     let md = std::fs::read_to_string(out_dir.join("report.md")).unwrap();
+    // The main table's rows (the calibration table follows after a blank line).
     let rows: Vec<&str> = md
         .lines()
+        .take_while(|l| !l.is_empty())
         .filter(|l| l.starts_with("| ") && !l.starts_with("| method"))
         .collect();
     assert_eq!(rows.len(), 2, "{md}");
@@ -375,11 +400,29 @@ fn suite_then_report_end_to_end() {
     // The paired test against the baseline's runs of the same seeds: two pairs at most (none
     // if the two differences happen to be equal).
     assert!(md.contains("same seeds (p)") && lines[0].ends_with("paired_t,paired_p,gpu_peak_mib"));
-    assert_eq!(cells.len(), 23, "{csv}");
+    assert_eq!(cells.len(), 32, "{csv}");
     // CPU runs: no GPU memory, and no memory column in the Markdown table.
-    assert_eq!(cells[22], "", "{csv}");
+    assert_eq!(cells[31], "", "{csv}");
     assert!(!md.contains("GPU memory"), "{md}");
-    assert!(["", "2"].contains(&cells[18]), "{csv}");
+    assert!(["", "2"].contains(&cells[27]), "{csv}");
+    // Calibration at the last epoch; no teacher, so no fidelity (its cells empty, "–" in the
+    // Markdown table).
+    let header: Vec<&str> = lines[0].split(',').collect();
+    let col = |name: &str| header.iter().position(|c| *c == name).expect(name);
+    let ece: f64 = cells[col("ece_mean")].parse().unwrap();
+    assert!((0.0..=100.0).contains(&ece), "{csv}");
+    assert!(
+        cells[col("test_nll_mean")].parse::<f64>().unwrap() > 0.0,
+        "{csv}"
+    );
+    assert_eq!(cells[col("teacher_agreement_mean")], "", "{csv}");
+    assert!(md.contains("Calibration and fidelity"), "{md}");
+    let calibration_row = md
+        .lines()
+        .skip_while(|l| !l.starts_with("Calibration"))
+        .find(|l| l.starts_with("| self-byot |"))
+        .unwrap();
+    assert!(calibration_row.ends_with("| – | – | – |"), "{md}");
     assert!(
         cells[7].parse::<usize>().unwrap() > cells[8].parse::<usize>().unwrap(),
         "{csv}"

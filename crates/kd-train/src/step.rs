@@ -17,6 +17,20 @@ pub fn teacher_forward(
     student: &Normalize,
     method: &dyn Distiller,
 ) -> Result<ModelOutput> {
+    let parts = kd_models::ForwardParts {
+        features: method.needs_features(),
+        preact: method.needs_preact(),
+    };
+    teacher_forward_parts(teacher, images, student, parts)
+}
+
+/// [`teacher_forward`] with the parts named ([`kd_models::ForwardParts::LOGITS`] for evaluation).
+pub fn teacher_forward_parts(
+    teacher: &Teacher,
+    images: &Tensor,
+    student: &Normalize,
+    parts: kd_models::ForwardParts,
+) -> Result<ModelOutput> {
     let x = renormalize(
         images,
         student,
@@ -25,10 +39,6 @@ pub fn teacher_forward(
             std: teacher.meta().std,
         },
     )?;
-    let parts = kd_models::ForwardParts {
-        features: method.needs_features(),
-        preact: method.needs_preact(),
-    };
     teacher.forward_parts(&x, parts)
 }
 

@@ -14,14 +14,14 @@ use candle_core::{Tensor, Var};
 use candle_nn::VarMap;
 use kd_data::Loader;
 use kd_kernels::device_clock::SpanClock;
-use kd_models::{save_varmap, ResNet, Teacher, TeacherMeta};
+use kd_models::{save_varmap, ForwardParts, ResNet, Teacher, TeacherMeta};
 
 use crate::distill::{Distiller, InitPhase, Peer, RunInfo, StepContext};
-use crate::step::{step_losses, teacher_forward};
+use crate::step::{step_losses, teacher_forward, teacher_forward_parts};
 use kd_schedulers::{Optimizer, OptimizerConfig, Schedule};
 use serde::{Deserialize, Serialize};
 
-use crate::evaluate::evaluate;
+use crate::evaluate::{evaluate, evaluate_against, Reference};
 use crate::metrics::Accuracy;
 use crate::{Result, TrainError};
 
@@ -74,6 +74,16 @@ pub struct EpochMetrics {
     pub images_per_sec: f64,
     /// Seconds of the epoch spent in the teacher's forward pass (0 without a teacher).
     pub teacher_seconds: f64,
+    /// Expected calibration error on the test split (%, 15 bins: [`crate::Calibration`]).
+    /// Absent in rows written before kd recorded it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_ece: Option<f64>,
+    /// With a teacher: test images on which the student's top-1 is the teacher's (%).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub teacher_agreement: Option<f64>,
+    /// With a teacher: mean KL(teacher ‖ student) at T = 1 on the test split (nats).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub teacher_kl: Option<f64>,
     /// Mean of each named loss term over the epoch (`loss_ce`, `loss_kd`, …).
     pub losses: BTreeMap<String, f64>,
     /// Mean of each value the method reports beside its losses (CTKD's `temperature`).
@@ -97,6 +107,9 @@ pub struct PeerEpoch {
     pub test_top1: f64,
     /// Test top-5 (%).
     pub test_top5: f64,
+    /// Expected calibration error on the test split (%).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_ece: Option<f64>,
     /// Mean of each named loss term.
     pub losses: BTreeMap<String, f64>,
 }
@@ -115,6 +128,21 @@ pub struct Summary {
     pub best_epoch: usize,
     /// Last test top-1 (%).
     pub last_top1: f64,
+    /// Last epoch's expected calibration error on the test split (%).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_ece: Option<f64>,
+    /// The frozen teacher's own test top-1 on the same test images (%; none without a teacher).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub teacher_top1: Option<f64>,
+    /// The teacher's expected calibration error on them (%).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub teacher_ece: Option<f64>,
+    /// Last epoch's top-1 agreement of the student with the teacher on the test split (%).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_teacher_agreement: Option<f64>,
+    /// Last epoch's mean KL(teacher ‖ student) on the test split (nats).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_teacher_kl: Option<f64>,
     /// Training time summed over epochs, a method's init phase included (s).
     pub train_seconds: f64,
     /// Of which in the teacher's forward pass (s).
@@ -172,6 +200,9 @@ struct Progress {
     /// Its seconds (also counted in `train_seconds`).
     #[serde(default)]
     init_seconds: f64,
+    /// The student's last evaluated epoch, for the summary of a run resumed after it.
+    #[serde(default)]
+    last_row: Option<EpochMetrics>,
 }
 
 /// The best top-1 before any epoch: below every real one, and finite so that a checkpoint
@@ -508,6 +539,7 @@ pub fn train(
         last_top1: Vec::new(),
         init_done: false,
         init_seconds: 0.0,
+        last_row: None,
     };
     method.prepare(&RunInfo {
         train_size: train.split().len(),
@@ -554,9 +586,10 @@ pub fn train(
         std::fs::write(&csv, "").map_err(io(&csv))?;
     }
     if resume {
-        // Rows written after the checkpoint (a crash between the two) are dropped.
+        // Rows written after the checkpoint (a crash between the two) are dropped; the CSV is
+        // written again from the rows kept, in this version's columns.
         truncate_lines(&jsonl, progress.epochs_done)?;
-        truncate_lines(&csv, progress.epochs_done + 1)?;
+        rewrite_csv(&csv, &read_rows(&jsonl)?, teacher.is_some())?;
     }
     if let Some(phase) = method.init_phase().filter(|_| !progress.init_done) {
         let teacher = teacher.ok_or_else(|| {
@@ -581,6 +614,24 @@ pub fn train(
         progress.teacher_seconds += teacher_seconds;
         // Resuming after this point does not repeat the phase.
         save_checkpoint(run_dir, &members, method, &progress, cfg.keep_last)?;
+    }
+    // The teacher's predictions on the test split, once: the student's fidelity to it is
+    // measured against them at each evaluation.
+    let test_norm = test.config().normalize;
+    let reference = teacher
+        .map(|t| {
+            Reference::new(test, num_classes, |x| {
+                teacher_forward_parts(t, x, &test_norm, ForwardParts::LOGITS)
+            })
+        })
+        .transpose()?;
+    if let Some(r) = &reference {
+        tracing::info!(
+            "teacher on the test split: top-1 {:.2}% top-5 {:.2}% ECE {:.2}%",
+            r.report.acc.top1_pct(),
+            r.report.acc.top5_pct(),
+            r.report.calibration.ece_pct()
+        );
     }
     let mut last_top1 = progress.last_top1.clone();
     last_top1.resize(members.len(), 0.0);
@@ -680,15 +731,13 @@ pub fn train(
         progress.train_seconds += seconds;
         progress.teacher_seconds += teacher_seconds;
         let mut evals = Vec::with_capacity(members.len());
-        for m in &members {
-            // Evaluation reads only the logits.
-            let logits_only = kd_models::ForwardParts {
-                features: false,
-                preact: false,
-            };
-            evals.push(evaluate(test, num_classes, |x| {
-                m.model.forward_parts(x, false, logits_only)
-            })?);
+        for (k, m) in members.iter().enumerate() {
+            // Evaluation reads only the logits; the student is compared with the teacher.
+            let forward = |x: &Tensor| m.model.forward_parts(x, false, ForwardParts::LOGITS);
+            evals.push(match (k, &reference) {
+                (0, Some(r)) => evaluate_against(test, num_classes, forward, r)?,
+                _ => evaluate(test, num_classes, forward)?,
+            });
         }
         let per_step = |sums: &BTreeMap<String, f64>| -> BTreeMap<String, f64> {
             sums.iter()
@@ -706,6 +755,7 @@ pub fn train(
                     test_loss: evals[k].acc.mean_loss(),
                     test_top1: evals[k].acc.top1_pct(),
                     test_top5: evals[k].acc.top5_pct(),
+                    test_ece: Some(evals[k].calibration.ece_pct()),
                     losses: per_step(&sums[k].terms),
                 };
                 (m.name.clone(), peer)
@@ -722,6 +772,9 @@ pub fn train(
             seconds,
             images_per_sec: sums[0].acc.total as f64 / seconds.max(1e-9),
             teacher_seconds,
+            test_ece: Some(evals[0].calibration.ece_pct()),
+            teacher_agreement: evals[0].fidelity.as_ref().map(|f| f.agreement_pct()),
+            teacher_kl: evals[0].fidelity.as_ref().map(|f| f.mean_kl()),
             losses: per_step(&sums[0].terms),
             values: per_step(&sums[0].values),
             peers,
@@ -733,10 +786,14 @@ pub fn train(
             &jsonl,
             &format!("{}\n", serde_json::to_string(&row).expect("row serialises")),
         )?;
-        write_csv_row(&csv, &row)?;
+        write_csv_row(&csv, &row, teacher.is_some())?;
+        let fidelity = match (row.teacher_agreement, row.teacher_kl) {
+            (Some(a), Some(kl)) => format!(" | agrees with the teacher {a:.2}%, KL {kl:.4}"),
+            _ => String::new(),
+        };
         tracing::info!(
-            "epoch {}/{}: lr {:.4} train loss {:.4} acc {:.2}% | test loss {:.4} top-1 {:.2}% top-5 {:.2}% | {:.1} s, {:.0} img/s",
-            row.epoch, cfg.epochs, row.lr, row.train_loss, row.train_acc, row.test_loss, row.test_top1, row.test_top5, row.seconds, row.images_per_sec
+            "epoch {}/{}: lr {:.4} train loss {:.4} acc {:.2}% | test loss {:.4} top-1 {:.2}% top-5 {:.2}% ECE {:.2}%{fidelity} | {:.1} s, {:.0} img/s",
+            row.epoch, cfg.epochs, row.lr, row.train_loss, row.train_acc, row.test_loss, row.test_top1, row.test_top5, row.test_ece.unwrap_or(0.0), row.seconds, row.images_per_sec
         );
         for (name, p) in &row.peers {
             tracing::info!(
@@ -749,6 +806,7 @@ pub fn train(
         }
         progress.epochs_done = epoch + 1;
         progress.last_top1 = last_top1.clone();
+        progress.last_row = Some(row.clone());
         if row.test_top1 > progress.best_top1 {
             progress.best_top1 = row.test_top1;
             progress.best_epoch = epoch + 1;
@@ -805,6 +863,11 @@ pub fn train(
         best_top1: progress.best_top1,
         best_epoch: progress.best_epoch,
         last_top1: last_top1[0],
+        last_ece: progress.last_row.as_ref().and_then(|r| r.test_ece),
+        teacher_top1: reference.as_ref().map(|r| r.report.acc.top1_pct()),
+        teacher_ece: reference.as_ref().map(|r| r.report.calibration.ece_pct()),
+        last_teacher_agreement: progress.last_row.as_ref().and_then(|r| r.teacher_agreement),
+        last_teacher_kl: progress.last_row.as_ref().and_then(|r| r.teacher_kl),
         train_seconds: progress.train_seconds,
         teacher_seconds: progress.teacher_seconds,
         init_seconds: progress.init_seconds,
@@ -953,39 +1016,96 @@ fn init_phase(
     Ok((seconds, teacher_clock.seconds()?))
 }
 
-/// Appends the row to `metrics.csv` (with the header first): the student's figures, its loss
-/// terms, then each peer's test top-1.
-fn write_csv_row(csv: &Path, row: &EpochMetrics) -> Result<()> {
-    if std::fs::metadata(csv).map(|m| m.len()).unwrap_or(0) == 0 {
-        let mut names: Vec<String> = row.losses.keys().cloned().collect();
-        names.extend(row.values.keys().cloned());
-        names.extend(row.peers.keys().map(|p| format!("{p}_test_top1")));
-        append(csv, &format!("epoch,lr,train_loss,train_acc,test_loss,test_top1,test_top5,seconds,images_per_sec,teacher_seconds,{}\n", names.join(",")))?;
+/// `metrics.csv`'s header for rows like `row`: the student's figures (with its fidelity to the
+/// teacher when the run has one), its loss terms and reported values, then each peer's top-1.
+fn csv_header(row: &EpochMetrics, with_teacher: bool) -> String {
+    let mut names: Vec<String> = [
+        "epoch",
+        "lr",
+        "train_loss",
+        "train_acc",
+        "test_loss",
+        "test_top1",
+        "test_top5",
+        "seconds",
+        "images_per_sec",
+        "teacher_seconds",
+        "test_ece",
+    ]
+    .map(String::from)
+    .to_vec();
+    if with_teacher {
+        names.extend(["teacher_agreement", "teacher_kl"].map(String::from));
     }
-    let mut cells: Vec<String> = row
-        .losses
-        .values()
-        .chain(row.values.values())
-        .map(|v| format!("{v:.6}"))
-        .collect();
+    names.extend(row.losses.keys().cloned());
+    names.extend(row.values.keys().cloned());
+    names.extend(row.peers.keys().map(|p| format!("{p}_test_top1")));
+    names.join(",") + "\n"
+}
+
+/// One row of `metrics.csv`, in [`csv_header`]'s columns; a figure the row lacks (written by an
+/// older kd) is an empty cell.
+fn csv_line(row: &EpochMetrics, with_teacher: bool) -> String {
+    let opt =
+        |v: Option<f64>, digits: usize| v.map(|v| format!("{v:.digits$}")).unwrap_or_default();
+    let mut cells = vec![
+        row.epoch.to_string(),
+        format!("{:.6}", row.lr),
+        format!("{:.6}", row.train_loss),
+        format!("{:.4}", row.train_acc),
+        format!("{:.6}", row.test_loss),
+        format!("{:.4}", row.test_top1),
+        format!("{:.4}", row.test_top5),
+        format!("{:.3}", row.seconds),
+        format!("{:.1}", row.images_per_sec),
+        format!("{:.3}", row.teacher_seconds),
+        opt(row.test_ece, 4),
+    ];
+    if with_teacher {
+        cells.push(opt(row.teacher_agreement, 4));
+        cells.push(opt(row.teacher_kl, 6));
+    }
+    cells.extend(
+        row.losses
+            .values()
+            .chain(row.values.values())
+            .map(|v| format!("{v:.6}")),
+    );
     cells.extend(row.peers.values().map(|p| format!("{:.4}", p.test_top1)));
-    append(
-        csv,
-        &format!(
-            "{},{:.6},{:.6},{:.4},{:.6},{:.4},{:.4},{:.3},{:.1},{:.3},{}\n",
-            row.epoch,
-            row.lr,
-            row.train_loss,
-            row.train_acc,
-            row.test_loss,
-            row.test_top1,
-            row.test_top5,
-            row.seconds,
-            row.images_per_sec,
-            row.teacher_seconds,
-            cells.join(",")
-        ),
-    )
+    cells.join(",") + "\n"
+}
+
+/// Appends the row to `metrics.csv`, with the header first.
+fn write_csv_row(csv: &Path, row: &EpochMetrics, with_teacher: bool) -> Result<()> {
+    if std::fs::metadata(csv).map(|m| m.len()).unwrap_or(0) == 0 {
+        append(csv, &csv_header(row, with_teacher))?;
+    }
+    append(csv, &csv_line(row, with_teacher))
+}
+
+/// `metrics.csv` written anew from `rows` (empty without rows).
+fn rewrite_csv(csv: &Path, rows: &[EpochMetrics], with_teacher: bool) -> Result<()> {
+    let mut text = rows
+        .first()
+        .map(|r| csv_header(r, with_teacher))
+        .unwrap_or_default();
+    for r in rows {
+        text += &csv_line(r, with_teacher);
+    }
+    write_atomic(csv, text.as_bytes())
+}
+
+/// The rows of `metrics.jsonl`.
+fn read_rows(jsonl: &Path) -> Result<Vec<EpochMetrics>> {
+    let text = std::fs::read_to_string(jsonl).map_err(io(jsonl))?;
+    text.lines()
+        .enumerate()
+        .map(|(i, line)| {
+            serde_json::from_str(line).map_err(|e| {
+                TrainError::Invalid(format!("{} line {}: {e}", jsonl.display(), i + 1))
+            })
+        })
+        .collect()
 }
 
 fn truncate_lines(path: &Path, keep: usize) -> Result<()> {

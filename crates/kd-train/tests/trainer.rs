@@ -164,6 +164,14 @@ fn learns_the_synthetic_task() {
         "test top-1 {} on a 4-class task",
         s.best_top1
     );
+    // Calibration at every epoch; no teacher, so no fidelity.
+    assert!(rows.iter().all(|r| r.test_ece.is_some()), "{rows:?}");
+    assert!(
+        rows.iter().all(|r| r.teacher_agreement.is_none()),
+        "{rows:?}"
+    );
+    assert_eq!(s.last_ece, rows.last().unwrap().test_ece);
+    assert_eq!((s.teacher_top1, s.last_teacher_agreement), (None, None));
     assert_eq!(
         std::fs::read_to_string(dir.path().join("metrics.csv"))
             .unwrap()
@@ -677,4 +685,91 @@ fn reported_values_are_logged_beside_the_losses() {
             .ends_with("loss_ce,loss_kd,temperature"),
         "{csv}"
     );
+}
+
+/// With a teacher, every epoch records the student's calibration and its fidelity to the teacher
+/// on the test split, and the summary the teacher's own top-1: checked against the exported
+/// student and the teacher run over the test loader here. A run resumed over rows written by an
+/// older kd (without those figures) writes `metrics.csv` anew in one set of columns, the old
+/// row's new cells empty.
+#[test]
+fn a_teacher_run_records_calibration_and_fidelity_and_resumes_over_older_rows() {
+    let tmp = tempfile::tempdir().unwrap();
+    let task = TeacherTask::new(6, tmp.path());
+    let method = kd_train::MethodConfig::preset("kd").unwrap();
+    let dir = tmp.path().join("run");
+    let stop = RunOptions {
+        stop_after: Some(1),
+        ..Default::default()
+    };
+    assert!(task.run(&task.student(&method, 6), 2, &dir, stop).is_none());
+    // Epoch 1's row as an older kd wrote it: no calibration or fidelity, an older CSV header.
+    let jsonl = dir.join("metrics.jsonl");
+    let mut row: serde_json::Value =
+        serde_json::from_str(std::fs::read_to_string(&jsonl).unwrap().trim()).unwrap();
+    for key in ["test_ece", "teacher_agreement", "teacher_kl"] {
+        assert!(row[key].as_f64().is_some(), "{key}: {row}");
+        row.as_object_mut().unwrap().remove(key);
+    }
+    std::fs::write(&jsonl, format!("{row}\n")).unwrap();
+    std::fs::write(dir.join("metrics.csv"), "epoch,lr\n1,0.05\n").unwrap();
+    let resume = RunOptions {
+        resume: true,
+        ..Default::default()
+    };
+    let s = task
+        .run(&task.student(&method, 6), 2, &dir, resume)
+        .unwrap();
+
+    let rows: Vec<kd_train::EpochMetrics> = std::fs::read_to_string(&jsonl)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[0].test_ece, None);
+    let last = &rows[1];
+    let ece = last.test_ece.unwrap();
+    assert!((0.0..=100.0).contains(&ece), "{ece}");
+    assert_eq!(s.last_ece, Some(ece));
+    assert_eq!(s.last_teacher_agreement, last.teacher_agreement);
+    assert_eq!(s.last_teacher_kl, last.teacher_kl);
+    assert!(last.teacher_kl.unwrap() >= 0.0);
+
+    // Independently: the teacher and the exported student over the test loader.
+    let student = kd_models::Teacher::load(&dir.join("model.safetensors"), &Device::Cpu).unwrap();
+    let (mut agree, mut correct, mut total) = (0usize, 0usize, 0usize);
+    for batch in task.test.epoch(0, 0) {
+        let batch = batch.unwrap();
+        let argmax = |t: &kd_models::Teacher| -> Vec<u32> {
+            t.forward(&batch.images)
+                .unwrap()
+                .logits
+                .argmax(candle_core::D::Minus1)
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
+        let (t, st) = (argmax(&task.teacher), argmax(&student));
+        let labels: Vec<u32> = batch.labels.to_vec1().unwrap();
+        agree += t.iter().zip(&st).filter(|(a, b)| a == b).count();
+        correct += t.iter().zip(&labels).filter(|(a, b)| a == b).count();
+        total += labels.len();
+    }
+    let pct = |n: usize| 100.0 * n as f64 / total as f64;
+    assert_eq!(s.teacher_top1, Some(pct(correct)));
+    assert_eq!(s.last_teacher_agreement, Some(pct(agree)));
+
+    // metrics.csv: one header, every line as wide, the older row's new cells empty.
+    let csv = std::fs::read_to_string(dir.join("metrics.csv")).unwrap();
+    let lines: Vec<Vec<&str>> = csv.lines().map(|l| l.split(',').collect()).collect();
+    assert_eq!(lines.len(), 3, "{csv}");
+    let col = |name: &str| lines[0].iter().position(|c| *c == name).expect(name);
+    assert!(lines.iter().all(|l| l.len() == lines[0].len()), "{csv}");
+    for name in ["test_ece", "teacher_agreement", "teacher_kl"] {
+        assert_eq!(lines[1][col(name)], "", "{name}: {csv}");
+    }
+    let agreement: f64 = lines[2][col("teacher_agreement")].parse().unwrap();
+    assert!((agreement - pct(agree)).abs() < 1e-4, "{csv}");
+    assert!(!lines[2][col("loss_kd")].is_empty(), "{csv}");
 }

@@ -336,10 +336,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         let teacher = || teacher.as_ref().expect("made for every workload but train");
         // Logits only, as the trainer's baseline and KD runs (and PyTorch's reference) compute:
         // no stage features, so no f32 copies of them under bf16.
-        let logits_only = kd_models::ForwardParts {
-            features: false,
-            preact: false,
-        };
+        let logits_only = kd_models::ForwardParts::LOGITS;
         let mut opt = Sgd::new(kd_train::trainable_vars(&svars), SgdConfig::default());
         if args.phases {
             // Each phase's time to the device's last kernel, and the host's time to issue it

@@ -1,5 +1,6 @@
-//! `kd-runner eval`: test accuracy (top-1, top-5, per class) and throughput of saved weights,
-//! fed the normalisation stored with them.
+//! `kd-runner eval`: test accuracy (top-1, top-5, per class), loss, calibration (ECE) and
+//! throughput of saved weights, fed the normalisation stored with them; with `--against`, their
+//! fidelity to another model (a teacher): top-1 agreement and KL(teacher ‖ model).
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -26,6 +27,10 @@ pub struct EvalArgs {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Also compare with these weights (a teacher; same forms as --weights): how often the two
+    /// agree on the top-1 class, and KL(these ‖ evaluated) at temperature 1.
+    #[arg(long, value_name = "FILE|RUN")]
+    pub against: Option<PathBuf>,
 }
 
 /// Runs the evaluation and prints the report.
@@ -58,10 +63,38 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
         LoaderConfig::eval(args.batch_size, norm),
         device,
     )?;
-    let report = kd_train::evaluate(&loader, meta.num_classes, |x| teacher.forward(x))?;
+    let against = match &args.against {
+        Some(path) => {
+            let file = super::weights_file(path)?;
+            let other = Teacher::load(&file, &loader.device())
+                .with_context(|| format!("loading {}", file.display()))?;
+            if other.meta().num_classes != meta.num_classes {
+                bail!(
+                    "{} has {} classes but {} has {}",
+                    file.display(),
+                    other.meta().num_classes,
+                    weights.display(),
+                    meta.num_classes
+                );
+            }
+            // Fed the evaluated model's normalisation, renormalised to its own.
+            let reference = kd_train::Reference::new(&loader, meta.num_classes, |x| {
+                kd_train::teacher_forward_parts(&other, x, &norm, kd_models::ForwardParts::LOGITS)
+            })?;
+            Some((file, reference))
+        }
+        None => None,
+    };
+    let forward = |x: &candle_core::Tensor| teacher.forward(x);
+    let report = match &against {
+        Some((_, reference)) => {
+            kd_train::evaluate_against(&loader, meta.num_classes, forward, reference)?
+        }
+        None => kd_train::evaluate(&loader, meta.num_classes, forward)?,
+    };
     let a = &report.acc;
     println!(
-        "{} ({} {}, {} params) on {} test: top-1 {:.2}%  top-5 {:.2}%  loss {:.4}  ({} images, {:.0} images/s)",
+        "{} ({} {}, {} params) on {} test: top-1 {:.2}%  top-5 {:.2}%  loss {:.4}  ECE {:.2}%  ({} images, {:.0} images/s)",
         weights.display(),
         meta.arch.name(),
         meta.stem.name(),
@@ -70,9 +103,20 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
         a.top1_pct(),
         a.top5_pct(),
         a.mean_loss(),
+        report.calibration.ece_pct(),
         a.total,
         report.images_per_sec()
     );
+    if let (Some((file, reference)), Some(f)) = (&against, &report.fidelity) {
+        println!(
+            "against {} (top-1 {:.2}%, ECE {:.2}%): top-1 agreement {:.2}%, KL(it ‖ evaluated) {:.4} nats",
+            file.display(),
+            reference.report.acc.top1_pct(),
+            reference.report.calibration.ece_pct(),
+            f.agreement_pct(),
+            f.mean_kl()
+        );
+    }
     println!("per-class top-1:");
     for (name, p) in ds.classes.iter().zip(a.per_class_pct()) {
         println!("  {name:<20} {p:6.2}%");

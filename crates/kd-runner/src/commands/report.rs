@@ -85,10 +85,44 @@ pub struct Row {
     pub paired_last: Option<PairedTest>,
     /// Mean test top-1 per epoch.
     pub curve: Vec<f64>,
+    /// Calibration and fidelity to the teacher at the last epoch.
+    pub last_eval: LastEval,
     /// The peers an online method trained beside the student, by name (empty for the others).
     pub peers: Vec<PeerRow>,
     /// The most GPU memory any of the row's runs held at once (MiB; `None` for CPU runs).
     pub gpu_peak_mib: Option<f64>,
+}
+
+/// A row's last-epoch calibration and fidelity, mean and std over the runs that recorded each
+/// (runs written before kd recorded them have none).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LastEval {
+    /// Test cross-entropy (NLL, nats).
+    pub nll: Option<(f64, f64)>,
+    /// Expected calibration error (%).
+    pub ece: Option<(f64, f64)>,
+    /// The teacher's own test top-1 (%).
+    pub teacher_top1: Option<(f64, f64)>,
+    /// Top-1 agreement with the teacher (%).
+    pub agreement: Option<(f64, f64)>,
+    /// KL(teacher ‖ student) (nats).
+    pub kl: Option<(f64, f64)>,
+}
+
+impl LastEval {
+    fn of(runs: &[&RunRecord]) -> Self {
+        let stat = |f: &dyn Fn(&RunRecord) -> Option<f64>| {
+            let v: Vec<f64> = runs.iter().filter_map(|r| f(r)).collect();
+            (!v.is_empty()).then(|| mean_std(&v))
+        };
+        LastEval {
+            nll: stat(&|r| r.epochs.last().map(|e| e.test_loss)),
+            ece: stat(&|r| r.summary.last_ece),
+            teacher_top1: stat(&|r| r.summary.teacher_top1),
+            agreement: stat(&|r| r.summary.last_teacher_agreement),
+            kl: stat(&|r| r.summary.last_teacher_kl),
+        }
+    }
 }
 
 /// A peer of an online method (DML), over the runs of its row.
@@ -294,6 +328,7 @@ pub fn table(runs: &[RunRecord]) -> Report {
                 delta_best: None,
                 paired_last: None,
                 curve,
+                last_eval: LastEval::of(&g),
                 peers: peer_rows(&g),
                 gpu_peak_mib: g
                     .iter()
@@ -342,11 +377,21 @@ pub fn table(runs: &[RunRecord]) -> Report {
 }
 
 fn pm(v: (f64, f64), runs: usize) -> String {
+    pm_digits(v, runs, 2)
+}
+
+/// `mean ± std` with `digits` decimals (the mean alone for one run).
+fn pm_digits(v: (f64, f64), runs: usize, digits: usize) -> String {
     if runs > 1 {
-        format!("{:.2} ± {:.2}", v.0, v.1)
+        format!("{:.digits$} ± {:.digits$}", v.0, v.1)
     } else {
-        format!("{:.2}", v.0)
+        format!("{:.digits$}", v.0)
     }
+}
+
+/// [`pm_digits`] of a figure some runs may lack: `–` where none has it.
+fn pm_opt(v: Option<(f64, f64)>, runs: usize, digits: usize) -> String {
+    v.map_or_else(|| "–".into(), |v| pm_digits(v, runs, digits))
 }
 
 /// `p = …` to two significant digits, `p < 0.001` below that.
@@ -357,6 +402,11 @@ fn p_value(p: f64) -> String {
         p if p < 0.1 => format!("p = {p:.3}"),
         p => format!("p = {p:.2}"),
     }
+}
+
+/// `mean,std` CSV cells of a figure some runs may lack (two empty cells where none has it).
+fn csv_pair(v: Option<(f64, f64)>, digits: usize) -> String {
+    v.map_or_else(|| ",".into(), |(m, s)| format!("{m:.digits$},{s:.digits$}"))
 }
 
 /// Thousands separated by commas.
@@ -425,6 +475,21 @@ impl Report {
                 }
             );
         }
+        if self.rows.iter().any(|r| r.last_eval.ece.is_some()) {
+            s += "\nCalibration and fidelity to the teacher on the test split, last epoch (NLL and KL in nats):\n\n| method | test NLL | ECE (%) | teacher top-1 (%) | agreement with teacher (%) | KL(teacher ‖ student) |\n|---|---|---|---|---|---|\n";
+            for r in &self.rows {
+                let e = &r.last_eval;
+                s += &format!(
+                    "| {} | {} | {} | {} | {} | {} |\n",
+                    r.label,
+                    pm_opt(e.nll, r.runs, 4),
+                    pm_opt(e.ece, r.runs, 2),
+                    pm_opt(e.teacher_top1, r.runs, 2),
+                    pm_opt(e.agreement, r.runs, 2),
+                    pm_opt(e.kl, r.runs, 4)
+                );
+            }
+        }
         if self.rows.iter().any(|r| !r.peers.is_empty()) {
             s += "\nPeers trained beside the student (online methods; not deployed):\n\n| method | peer | model | params | best top-1 (%) | last top-1 (%) |\n|---|---|---|---|---|---|\n";
             for r in &self.rows {
@@ -446,10 +511,10 @@ impl Report {
 
     /// The CSV table.
     pub fn csv(&self) -> String {
-        let mut s = String::from("label,method,variant,runs,epochs,init_epochs,test_images,trainable_params,deploy_params,teacher_params,train_seconds,teacher_seconds,init_seconds,best_top1_mean,best_top1_std,last_top1_mean,last_top1_std,delta_best,paired_seeds,paired_delta_last,paired_t,paired_p,gpu_peak_mib\n");
+        let mut s = String::from("label,method,variant,runs,epochs,init_epochs,test_images,trainable_params,deploy_params,teacher_params,train_seconds,teacher_seconds,init_seconds,best_top1_mean,best_top1_std,last_top1_mean,last_top1_std,test_nll_mean,test_nll_std,ece_mean,ece_std,teacher_top1_mean,teacher_agreement_mean,teacher_agreement_std,teacher_kl_mean,teacher_kl_std,delta_best,paired_seeds,paired_delta_last,paired_t,paired_p,gpu_peak_mib\n");
         for r in &self.rows {
             s += &format!(
-                "{},{},{},{},{},{},{},{},{},{},{:.3},{:.3},{:.3},{:.4},{:.4},{:.4},{:.4},{},{},{}\n",
+                "{},{},{},{},{},{},{},{},{},{},{:.3},{:.3},{:.3},{:.4},{:.4},{:.4},{:.4},{},{},{},{},{},{},{},{}\n",
                 r.label,
                 r.method,
                 r.variant,
@@ -467,6 +532,14 @@ impl Report {
                 r.best.1,
                 r.last.0,
                 r.last.1,
+                csv_pair(r.last_eval.nll, 6),
+                csv_pair(r.last_eval.ece, 4),
+                r.last_eval
+                    .teacher_top1
+                    .map(|v| format!("{:.4}", v.0))
+                    .unwrap_or_default(),
+                csv_pair(r.last_eval.agreement, 4),
+                csv_pair(r.last_eval.kl, 6),
                 r.delta_best.map(|d| format!("{d:.4}")).unwrap_or_default(),
                 match r.paired_last {
                     Some(p) => format!("{},{:.4},{:.4},{:.6}", p.n, p.mean, p.t, p.p),
@@ -715,6 +788,11 @@ mod tests {
                 best_top1: last,
                 best_epoch: 1,
                 last_top1: last,
+                last_ece: None,
+                teacher_top1: None,
+                teacher_ece: None,
+                last_teacher_agreement: None,
+                last_teacher_kl: None,
                 train_seconds: 1.0,
                 teacher_seconds: 0.0,
                 init_seconds: 0.0,
@@ -757,6 +835,40 @@ mod tests {
         // Without online methods there is no peer table.
         let plain = table(&[run("baseline", "none", Some(0), 50.0)]).markdown();
         assert!(!plain.contains("Peers"), "{plain}");
+    }
+
+    #[test]
+    fn calibration_and_fidelity_get_a_table_of_their_own() {
+        let with = |seed, ece, agreement| {
+            let mut r = run("kd", "kd", Some(seed), 50.0);
+            r.summary.last_ece = Some(ece);
+            r.summary.teacher_top1 = Some(60.0);
+            r.summary.last_teacher_agreement = Some(agreement);
+            r.summary.last_teacher_kl = Some(0.25);
+            r
+        };
+        let report = table(&[
+            run("baseline", "none", Some(0), 50.0),
+            with(0, 3.0, 70.0),
+            with(1, 5.0, 72.0),
+        ]);
+        let md = report.markdown();
+        assert!(md.contains("Calibration and fidelity"), "{md}");
+        // Mean ± sample std over the two seeds; runs without a figure show "–".
+        assert!(
+            md.contains("| kd | – | 4.00 ± 1.41 | 60.00 ± 0.00 | 71.00 ± 1.41 | 0.2500 ± 0.0000 |"),
+            "{md}"
+        );
+        assert!(md.contains("| baseline | – | – | – | – | – |"), "{md}");
+        let csv = report.csv();
+        let kd_line = csv.lines().find(|l| l.starts_with("kd,")).unwrap();
+        assert!(
+            kd_line.contains(",,,4.0000,1.4142,60.0000,71.0000,1.4142,0.250000,0.000000,"),
+            "{kd_line}"
+        );
+        // Runs that recorded none of it (older kd): no such table.
+        let plain = table(&[run("baseline", "none", Some(0), 50.0)]).markdown();
+        assert!(!plain.contains("Calibration"), "{plain}");
     }
 
     #[test]
