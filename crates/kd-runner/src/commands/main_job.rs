@@ -157,7 +157,8 @@ fn short_scale_images(cfg: &ExperimentConfig) -> anyhow::Result<(usize, usize)> 
 }
 
 /// Seconds the short CPU suite should take: one timed training step of the student and one
-/// teacher forward, scaled to the images of every run, plus evaluation.
+/// teacher forward, scaled to the images of every run, plus evaluation (and the teacher's pass
+/// over the test split in a run with a teacher).
 fn estimate_cpu_seconds(
     runs: &[super::suite::PlannedRun],
     teacher_path: &std::path::Path,
@@ -194,7 +195,13 @@ fn estimate_cpu_seconds(
                 } else {
                     0.0
                 };
-            r.config.train.epochs as f64 * (train_images * per + test_images * eval)
+            // With a teacher, its predictions on the test split once (the student's fidelity).
+            let reference = if r.config.method.needs_teacher() {
+                test_images * tfwd
+            } else {
+                0.0
+            };
+            r.config.train.epochs as f64 * (train_images * per + test_images * eval) + reference
         })
         .sum())
 }
