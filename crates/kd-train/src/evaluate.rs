@@ -1,5 +1,6 @@
 //! Evaluation of a model on a split: accuracy, per-class accuracy, loss, calibration, throughput,
-//! and, against a reference model's predictions (a teacher's), fidelity.
+//! each auxiliary head's accuracy, and, against a reference model's predictions (a teacher's),
+//! fidelity.
 use std::time::Instant;
 
 use candle_core::Tensor;
@@ -20,6 +21,8 @@ pub struct EvalReport {
     pub calibration: Calibration,
     /// Agreement with the reference model, when evaluated against one ([`evaluate_against`]).
     pub fidelity: Option<Fidelity>,
+    /// Each auxiliary head's accuracy, shallowest first (empty for a model without heads).
+    pub heads: Vec<Accuracy>,
     /// Wall time in seconds.
     pub seconds: f64,
 }
@@ -93,6 +96,7 @@ fn run(
     let mut acc = Accuracy::new(num_classes);
     let mut calibration = Calibration::new();
     let mut fidelity = reference.map(|_| Fidelity::new());
+    let mut heads: Vec<Accuracy> = Vec::new();
     for (i, batch) in loader.epoch(0, 0).enumerate() {
         let batch = batch?;
         let out = forward(&batch.images)?;
@@ -100,6 +104,10 @@ fn run(
             candle_nn::loss::cross_entropy(&out.logits, &batch.labels)?.to_scalar::<f32>()? as f64;
         acc.update(&out.logits, &batch.labels, Some(loss))?;
         calibration.update(&out.logits, &batch.labels)?;
+        heads.resize_with(out.aux.len(), || Accuracy::new(num_classes));
+        for (h, aux) in heads.iter_mut().zip(&out.aux) {
+            h.update(&aux.logits, &batch.labels, None)?;
+        }
         if let (Some(f), Some(r)) = (fidelity.as_mut(), reference) {
             f.update(&out.logits, &r.logits[i])?;
         }
@@ -111,6 +119,7 @@ fn run(
         acc,
         calibration,
         fidelity,
+        heads,
         seconds: t.elapsed().as_secs_f64(),
     })
 }

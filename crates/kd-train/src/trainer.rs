@@ -84,6 +84,11 @@ pub struct EpochMetrics {
     /// With a teacher: mean KL(teacher ‖ student) at T = 1 on the test split (nats).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub teacher_kl: Option<f64>,
+    /// With auxiliary heads (BYOT): each head's test top-1 (%), shallowest first. The deployed
+    /// model is the final classifier (`test_top1`); the heads are exits a shallower network
+    /// could take.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub head_top1: Vec<f64>,
     /// Mean of each named loss term over the epoch (`loss_ce`, `loss_kd`, …).
     pub losses: BTreeMap<String, f64>,
     /// Mean of each value the method reports beside its losses (CTKD's `temperature`).
@@ -775,6 +780,7 @@ pub fn train(
             test_ece: Some(evals[0].calibration.ece_pct()),
             teacher_agreement: evals[0].fidelity.as_ref().map(|f| f.agreement_pct()),
             teacher_kl: evals[0].fidelity.as_ref().map(|f| f.mean_kl()),
+            head_top1: evals[0].heads.iter().map(|h| h.top1_pct()).collect(),
             losses: per_step(&sums[0].terms),
             values: per_step(&sums[0].values),
             peers,
@@ -787,12 +793,16 @@ pub fn train(
             &format!("{}\n", serde_json::to_string(&row).expect("row serialises")),
         )?;
         write_csv_row(&csv, &row, teacher.is_some())?;
-        let fidelity = match (row.teacher_agreement, row.teacher_kl) {
+        let mut extras = match (row.teacher_agreement, row.teacher_kl) {
             (Some(a), Some(kl)) => format!(" | agrees with the teacher {a:.2}%, KL {kl:.4}"),
             _ => String::new(),
         };
+        if !row.head_top1.is_empty() {
+            let heads: Vec<String> = row.head_top1.iter().map(|a| format!("{a:.2}%")).collect();
+            extras += &format!(" | heads {}", heads.join(" / "));
+        }
         tracing::info!(
-            "epoch {}/{}: lr {:.4} train loss {:.4} acc {:.2}% | test loss {:.4} top-1 {:.2}% top-5 {:.2}% ECE {:.2}%{fidelity} | {:.1} s, {:.0} img/s",
+            "epoch {}/{}: lr {:.4} train loss {:.4} acc {:.2}% | test loss {:.4} top-1 {:.2}% top-5 {:.2}% ECE {:.2}%{extras} | {:.1} s, {:.0} img/s",
             row.epoch, cfg.epochs, row.lr, row.train_loss, row.train_acc, row.test_loss, row.test_top1, row.test_top5, row.test_ece.unwrap_or(0.0), row.seconds, row.images_per_sec
         );
         for (name, p) in &row.peers {
@@ -1017,7 +1027,8 @@ fn init_phase(
 }
 
 /// `metrics.csv`'s header for rows like `row`: the student's figures (with its fidelity to the
-/// teacher when the run has one), its loss terms and reported values, then each peer's top-1.
+/// teacher when the run has one), its heads' top-1, its loss terms and reported values, then
+/// each peer's top-1.
 fn csv_header(row: &EpochMetrics, with_teacher: bool) -> String {
     let mut names: Vec<String> = [
         "epoch",
@@ -1037,6 +1048,7 @@ fn csv_header(row: &EpochMetrics, with_teacher: bool) -> String {
     if with_teacher {
         names.extend(["teacher_agreement", "teacher_kl"].map(String::from));
     }
+    names.extend((1..=row.head_top1.len()).map(|k| format!("head{k}_top1")));
     names.extend(row.losses.keys().cloned());
     names.extend(row.values.keys().cloned());
     names.extend(row.peers.keys().map(|p| format!("{p}_test_top1")));
@@ -1065,6 +1077,7 @@ fn csv_line(row: &EpochMetrics, with_teacher: bool) -> String {
         cells.push(opt(row.teacher_agreement, 4));
         cells.push(opt(row.teacher_kl, 6));
     }
+    cells.extend(row.head_top1.iter().map(|a| format!("{a:.4}")));
     cells.extend(
         row.losses
             .values()

@@ -773,3 +773,70 @@ fn a_teacher_run_records_calibration_and_fidelity_and_resumes_over_older_rows() 
     assert!((agreement - pct(agree)).abs() < 1e-4, "{csv}");
     assert!(!lines[2][col("loss_kd")].is_empty(), "{csv}");
 }
+
+/// BYOT's auxiliary heads are evaluated each epoch: the last row's `head_top1` is each head's
+/// accuracy of the trained model on the test loader, computed here from its outputs.
+#[test]
+fn each_auxiliary_heads_accuracy_is_logged() {
+    let (_, _, meta, tr, te) = setup(7);
+    let scfg = ResNetConfig {
+        base_width: 4,
+        ..ResNetConfig::new(Arch::Resnet18, Stem::CifarMaxpool, 4)
+    };
+    let method = kd_train::MethodConfig::preset("byot").unwrap();
+    let b = kd_train::build_student(&scfg, &method, None, &Device::Cpu, 7, 0.0).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    train(
+        Student {
+            model: &b.model,
+            vars: &b.vars,
+            meta: &meta,
+            peers: &[],
+        },
+        b.distiller.as_ref(),
+        None,
+        &tr,
+        &te,
+        &config(2, 0.05),
+        dir.path(),
+        RunOptions::default(),
+    )
+    .unwrap();
+    let last: kd_train::EpochMetrics = serde_json::from_str(
+        std::fs::read_to_string(dir.path().join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .last()
+            .unwrap(),
+    )
+    .unwrap();
+    let (mut hits, mut total) = (vec![0usize; 3], 0usize);
+    for batch in te.epoch(0, 0) {
+        let batch = batch.unwrap();
+        let out = b.model.forward_t(&batch.images, false).unwrap();
+        let labels: Vec<u32> = batch.labels.to_vec1().unwrap();
+        for (h, aux) in hits.iter_mut().zip(&out.aux) {
+            let pred: Vec<u32> = aux
+                .logits
+                .argmax(candle_core::D::Minus1)
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            *h += pred.iter().zip(&labels).filter(|(p, l)| p == l).count();
+        }
+        total += labels.len();
+    }
+    let want: Vec<f64> = hits
+        .iter()
+        .map(|&h| 100.0 * h as f64 / total as f64)
+        .collect();
+    assert_eq!(last.head_top1, want);
+    let csv = std::fs::read_to_string(dir.path().join("metrics.csv")).unwrap();
+    assert!(
+        csv.lines()
+            .next()
+            .unwrap()
+            .contains(",head1_top1,head2_top1,head3_top1,"),
+        "{csv}"
+    );
+}
