@@ -55,11 +55,7 @@ impl Fidelity {
 
     /// Top-1 agreement in percent.
     pub fn agreement_pct(&self) -> f64 {
-        if self.total == 0 {
-            0.0
-        } else {
-            100.0 * self.agree as f64 / self.total as f64
-        }
+        crate::metrics::pct(self.agree, self.total)
     }
 
     /// Mean KL(reference ‖ student) per image, in nats.

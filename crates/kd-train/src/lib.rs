@@ -21,6 +21,6 @@ pub use fidelity::Fidelity;
 pub use metrics::Accuracy;
 pub use step::{renormalize, step_losses, teacher_forward, teacher_forward_parts, StepLosses};
 pub use trainer::{
-    export, latest_checkpoint, train, trainable_vars, trainable_vars_except, EpochMetrics,
-    InitEpoch, PeerEpoch, PeerSummary, RunOptions, Student, Summary, TrainConfig,
+    export, latest_checkpoint, read_metrics, train, trainable_vars, trainable_vars_except,
+    EpochMetrics, InitEpoch, PeerEpoch, PeerSummary, RunOptions, Student, Summary, TrainConfig,
 };

@@ -92,7 +92,8 @@ impl Accuracy {
     }
 }
 
-fn pct(a: usize, b: usize) -> f64 {
+/// `100·a/b`, 0 for b = 0.
+pub(crate) fn pct(a: usize, b: usize) -> f64 {
     if b == 0 {
         0.0
     } else {

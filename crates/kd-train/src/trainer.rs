@@ -594,7 +594,7 @@ pub fn train(
         // Rows written after the checkpoint (a crash between the two) are dropped; the CSV is
         // written again from the rows kept, in this version's columns.
         truncate_lines(&jsonl, progress.epochs_done)?;
-        rewrite_csv(&csv, &read_rows(&jsonl)?, teacher.is_some())?;
+        rewrite_csv(&csv, &read_metrics(&jsonl)?, teacher.is_some())?;
     }
     if let Some(phase) = method.init_phase().filter(|_| !progress.init_done) {
         let teacher = teacher.ok_or_else(|| {
@@ -1108,8 +1108,8 @@ fn rewrite_csv(csv: &Path, rows: &[EpochMetrics], with_teacher: bool) -> Result<
     write_atomic(csv, text.as_bytes())
 }
 
-/// The rows of `metrics.jsonl`.
-fn read_rows(jsonl: &Path) -> Result<Vec<EpochMetrics>> {
+/// The rows of a run's `metrics.jsonl`; a line that is not a row is named with the file.
+pub fn read_metrics(jsonl: &Path) -> Result<Vec<EpochMetrics>> {
     let text = std::fs::read_to_string(jsonl).map_err(io(jsonl))?;
     text.lines()
         .enumerate()

@@ -194,14 +194,7 @@ fn read_run(dir: &Path) -> anyhow::Result<RunRecord> {
     )
     .with_context(|| format!("{} is not a kd summary", sp.display()))?;
     let mp = dir.join("metrics.jsonl");
-    let text = std::fs::read_to_string(&mp).with_context(|| format!("reading {}", mp.display()))?;
-    let epochs = text
-        .lines()
-        .enumerate()
-        .map(|(i, l)| {
-            serde_json::from_str(l).with_context(|| format!("{} line {}", mp.display(), i + 1))
-        })
-        .collect::<anyhow::Result<Vec<EpochMetrics>>>()?;
+    let epochs = kd_train::read_metrics(&mp)?;
     let name = dir
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
