@@ -47,6 +47,30 @@ fn baseline() -> MethodConfig {
     MethodConfig::None
 }
 
+/// The config `text` with its `[method]` table completed by the named method's paper defaults
+/// ([`MethodConfig::preset`]); `None` when there is nothing to complete (no such table, an
+/// unknown method, or every key given), so that the caller reports its own parse error.
+fn with_method_defaults(text: &str) -> Option<anyhow::Result<ExperimentConfig>> {
+    let mut doc: toml::Table = toml::from_str(text).ok()?;
+    let method = doc.get_mut("method")?.as_table_mut()?;
+    let preset = MethodConfig::preset(method.get("name")?.as_str()?)?;
+    let toml::Value::Table(defaults) = toml::Value::try_from(&preset).ok()? else {
+        return None;
+    };
+    let mut completed = false;
+    for (key, value) in defaults {
+        if !method.contains_key(&key) {
+            method.insert(key, value);
+            completed = true;
+        }
+    }
+    completed.then(|| {
+        toml::Value::Table(doc)
+            .try_into()
+            .map_err(|e: toml::de::Error| anyhow::anyhow!("{}", e.to_string().trim_end()))
+    })
+}
+
 /// `[data]`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -212,10 +236,16 @@ impl ExperimentConfig {
         Self::from_toml(&text).with_context(|| format!("in the config {}", path.display()))
     }
 
-    /// Parses TOML text.
+    /// Parses TOML text. A `[method]` table may give only some of its method's keys (`name`
+    /// at least): the others take the method's paper defaults, as `--set method.name=X` does.
     pub fn from_toml(text: &str) -> anyhow::Result<Self> {
-        let cfg: ExperimentConfig =
-            toml::from_str(text).map_err(|e| anyhow::anyhow!("{}", e.to_string().trim_end()))?;
+        let cfg: ExperimentConfig = match toml::from_str(text) {
+            Ok(cfg) => cfg,
+            Err(e) => match with_method_defaults(text) {
+                Some(completed) => completed?,
+                None => bail!("{}", e.to_string().trim_end()),
+            },
+        };
         cfg.validate()?;
         Ok(cfg)
     }
@@ -561,6 +591,47 @@ mod tests {
             err.contains("fastest") && err.contains("train.conv_algo"),
             "{err}"
         );
+    }
+
+    /// A `[method]` table that gives only some keys takes the method's paper defaults for the
+    /// rest; its unknown keys, and mistakes elsewhere in the file, are still errors that name
+    /// them.
+    #[test]
+    fn a_partial_method_table_takes_the_papers_defaults() {
+        let teacher = "[teacher]\npath = \"t.safetensors\"\n";
+        let c = ExperimentConfig::from_toml(&format!(
+            "[method]\nname = \"dkd\"\nbeta = 2.0\n{teacher}"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.method,
+            MethodConfig::Dkd {
+                alpha: 1.0,
+                beta: 2.0,
+                temperature: 4.0,
+                warmup_epochs: 20.0,
+                standardize: false,
+            }
+        );
+        let c =
+            ExperimentConfig::from_toml(&format!("[method]\nname = \"kd\"\n{teacher}")).unwrap();
+        assert_eq!(Some(c.method), MethodConfig::preset("kd"));
+        let err = |text: String| {
+            ExperimentConfig::from_toml(&text)
+                .map_err(|e| format!("{e:#}"))
+                .unwrap_err()
+        };
+        let e = err(format!("[method]\nname = \"kd\"\nalpah = 0.5\n{teacher}"));
+        assert!(e.contains("alpah") && e.contains("temperature"), "{e}");
+        let e = err(format!(
+            "[method]\nname = \"kd\"\n{teacher}[train]\nlr = \"fast\"\n"
+        ));
+        assert!(e.contains("fast") && e.contains("lr"), "{e}");
+        let e = err("[method]\nname = \"kdd\"\n".into());
+        assert!(e.contains("kdd") && e.contains("dkd"), "{e}");
+        // The teacher check still applies to the completed method.
+        let e = err("[method]\nname = \"kd\"\n".into());
+        assert!(e.contains("needs a teacher"), "{e}");
     }
 
     #[test]
