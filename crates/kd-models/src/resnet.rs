@@ -542,6 +542,11 @@ impl ResNet {
             .collect()
     }
 
+    /// How many auxiliary heads the network has (0 or 3).
+    pub fn num_aux_heads(&self) -> usize {
+        self.aux.len()
+    }
+
     /// The learnable tensors of the auxiliary heads (training-only).
     pub fn aux_params(&self) -> Vec<&Tensor> {
         let mut out = Vec::new();

@@ -586,6 +586,10 @@ pub fn train(
     let total = cfg.epochs * steps_per_epoch;
     let jsonl = run_dir.join("metrics.jsonl");
     let csv = run_dir.join("metrics.csv");
+    let columns = CsvColumns {
+        teacher: teacher.is_some(),
+        heads: members[0].model.num_aux_heads(),
+    };
     if !resume {
         std::fs::write(&jsonl, "").map_err(io(&jsonl))?;
         std::fs::write(&csv, "").map_err(io(&csv))?;
@@ -594,7 +598,7 @@ pub fn train(
         // Rows written after the checkpoint (a crash between the two) are dropped; the CSV is
         // written again from the rows kept, in this version's columns.
         truncate_lines(&jsonl, progress.epochs_done)?;
-        rewrite_csv(&csv, &read_metrics(&jsonl)?, teacher.is_some())?;
+        rewrite_csv(&csv, &read_metrics(&jsonl)?, columns)?;
     }
     if let Some(phase) = method.init_phase().filter(|_| !progress.init_done) {
         let teacher = teacher.ok_or_else(|| {
@@ -792,7 +796,7 @@ pub fn train(
             &jsonl,
             &format!("{}\n", serde_json::to_string(&row).expect("row serialises")),
         )?;
-        write_csv_row(&csv, &row, teacher.is_some())?;
+        write_csv_row(&csv, &row, columns)?;
         let mut extras = match (row.teacher_agreement, row.teacher_kl) {
             (Some(a), Some(kl)) => format!(" | agrees with the teacher {a:.2}%, KL {kl:.4}"),
             _ => String::new(),
@@ -1026,10 +1030,20 @@ fn init_phase(
     Ok((seconds, teacher_clock.seconds()?))
 }
 
-/// `metrics.csv`'s header for rows like `row`: the student's figures (with its fidelity to the
-/// teacher when the run has one), its heads' top-1, its loss terms and reported values, then
-/// each peer's top-1.
-fn csv_header(row: &EpochMetrics, with_teacher: bool) -> String {
+/// The optional columns of a run's `metrics.csv`, fixed by the run (not by a row), so that rows
+/// written by an older kd without those figures line up with the new ones.
+#[derive(Clone, Copy)]
+struct CsvColumns {
+    /// The student's fidelity to its teacher.
+    teacher: bool,
+    /// Its auxiliary heads' top-1.
+    heads: usize,
+}
+
+/// `metrics.csv`'s header: the student's figures (with its fidelity to the teacher when the run
+/// has one), its heads' top-1, its loss terms and reported values (named as in `row`), then each
+/// peer's top-1.
+fn csv_header(row: &EpochMetrics, columns: CsvColumns) -> String {
     let mut names: Vec<String> = [
         "epoch",
         "lr",
@@ -1045,10 +1059,10 @@ fn csv_header(row: &EpochMetrics, with_teacher: bool) -> String {
     ]
     .map(String::from)
     .to_vec();
-    if with_teacher {
+    if columns.teacher {
         names.extend(["teacher_agreement", "teacher_kl"].map(String::from));
     }
-    names.extend((1..=row.head_top1.len()).map(|k| format!("head{k}_top1")));
+    names.extend((1..=columns.heads).map(|k| format!("head{k}_top1")));
     names.extend(row.losses.keys().cloned());
     names.extend(row.values.keys().cloned());
     names.extend(row.peers.keys().map(|p| format!("{p}_test_top1")));
@@ -1057,7 +1071,7 @@ fn csv_header(row: &EpochMetrics, with_teacher: bool) -> String {
 
 /// One row of `metrics.csv`, in [`csv_header`]'s columns; a figure the row lacks (written by an
 /// older kd) is an empty cell.
-fn csv_line(row: &EpochMetrics, with_teacher: bool) -> String {
+fn csv_line(row: &EpochMetrics, columns: CsvColumns) -> String {
     let opt =
         |v: Option<f64>, digits: usize| v.map(|v| format!("{v:.digits$}")).unwrap_or_default();
     let mut cells = vec![
@@ -1073,11 +1087,11 @@ fn csv_line(row: &EpochMetrics, with_teacher: bool) -> String {
         format!("{:.3}", row.teacher_seconds),
         opt(row.test_ece, 4),
     ];
-    if with_teacher {
+    if columns.teacher {
         cells.push(opt(row.teacher_agreement, 4));
         cells.push(opt(row.teacher_kl, 6));
     }
-    cells.extend(row.head_top1.iter().map(|a| format!("{a:.4}")));
+    cells.extend((0..columns.heads).map(|k| opt(row.head_top1.get(k).copied(), 4)));
     cells.extend(
         row.losses
             .values()
@@ -1089,21 +1103,21 @@ fn csv_line(row: &EpochMetrics, with_teacher: bool) -> String {
 }
 
 /// Appends the row to `metrics.csv`, with the header first.
-fn write_csv_row(csv: &Path, row: &EpochMetrics, with_teacher: bool) -> Result<()> {
+fn write_csv_row(csv: &Path, row: &EpochMetrics, columns: CsvColumns) -> Result<()> {
     if std::fs::metadata(csv).map(|m| m.len()).unwrap_or(0) == 0 {
-        append(csv, &csv_header(row, with_teacher))?;
+        append(csv, &csv_header(row, columns))?;
     }
-    append(csv, &csv_line(row, with_teacher))
+    append(csv, &csv_line(row, columns))
 }
 
 /// `metrics.csv` written anew from `rows` (empty without rows).
-fn rewrite_csv(csv: &Path, rows: &[EpochMetrics], with_teacher: bool) -> Result<()> {
+fn rewrite_csv(csv: &Path, rows: &[EpochMetrics], columns: CsvColumns) -> Result<()> {
     let mut text = rows
         .first()
-        .map(|r| csv_header(r, with_teacher))
+        .map(|r| csv_header(r, columns))
         .unwrap_or_default();
     for r in rows {
-        text += &csv_line(r, with_teacher);
+        text += &csv_line(r, columns);
     }
     write_atomic(csv, text.as_bytes())
 }

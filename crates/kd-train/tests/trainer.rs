@@ -775,7 +775,9 @@ fn a_teacher_run_records_calibration_and_fidelity_and_resumes_over_older_rows() 
 }
 
 /// BYOT's auxiliary heads are evaluated each epoch: the last row's `head_top1` is each head's
-/// accuracy of the trained model on the test loader, computed here from its outputs.
+/// accuracy of the trained model on the test loader, computed here from its outputs. Resumed
+/// over a row written by an older kd (without them), `metrics.csv` keeps the heads' columns,
+/// that row's cells empty.
 #[test]
 fn each_auxiliary_heads_accuracy_is_logged() {
     let (_, _, meta, tr, te) = setup(7);
@@ -786,24 +788,44 @@ fn each_auxiliary_heads_accuracy_is_logged() {
     let method = kd_train::MethodConfig::preset("byot").unwrap();
     let b = kd_train::build_student(&scfg, &method, None, &Device::Cpu, 7, 0.0).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    train(
-        Student {
-            model: &b.model,
-            vars: &b.vars,
-            meta: &meta,
-            peers: &[],
-        },
-        b.distiller.as_ref(),
-        None,
-        &tr,
-        &te,
-        &config(2, 0.05),
-        dir.path(),
-        RunOptions::default(),
-    )
-    .unwrap();
+    let run = |opts: RunOptions| {
+        train(
+            Student {
+                model: &b.model,
+                vars: &b.vars,
+                meta: &meta,
+                peers: &[],
+            },
+            b.distiller.as_ref(),
+            None,
+            &tr,
+            &te,
+            &config(2, 0.05),
+            dir.path(),
+            opts,
+        )
+        .unwrap()
+    };
+    run(RunOptions {
+        stop_after: Some(1),
+        ..Default::default()
+    });
+    let jsonl = dir.path().join("metrics.jsonl");
+    let mut first: serde_json::Value =
+        serde_json::from_str(std::fs::read_to_string(&jsonl).unwrap().trim()).unwrap();
+    assert_eq!(
+        first["head_top1"].as_array().map(Vec::len),
+        Some(3),
+        "{first}"
+    );
+    first.as_object_mut().unwrap().remove("head_top1");
+    std::fs::write(&jsonl, format!("{first}\n")).unwrap();
+    run(RunOptions {
+        resume: true,
+        ..Default::default()
+    });
     let last: kd_train::EpochMetrics = serde_json::from_str(
-        std::fs::read_to_string(dir.path().join("metrics.jsonl"))
+        std::fs::read_to_string(&jsonl)
             .unwrap()
             .lines()
             .last()
@@ -832,11 +854,15 @@ fn each_auxiliary_heads_accuracy_is_logged() {
         .collect();
     assert_eq!(last.head_top1, want);
     let csv = std::fs::read_to_string(dir.path().join("metrics.csv")).unwrap();
-    assert!(
-        csv.lines()
-            .next()
-            .unwrap()
-            .contains(",head1_top1,head2_top1,head3_top1,"),
-        "{csv}"
-    );
+    let lines: Vec<Vec<&str>> = csv.lines().map(|l| l.split(',').collect()).collect();
+    assert_eq!(lines.len(), 3, "{csv}");
+    assert!(lines.iter().all(|l| l.len() == lines[0].len()), "{csv}");
+    for (k, want) in want.iter().enumerate() {
+        let col = lines[0]
+            .iter()
+            .position(|c| *c == format!("head{}_top1", k + 1))
+            .unwrap();
+        assert_eq!(lines[1][col], "", "{csv}");
+        assert_eq!(lines[2][col], format!("{want:.4}"), "{csv}");
+    }
 }
