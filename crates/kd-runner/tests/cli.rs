@@ -1,7 +1,7 @@
 //! The binary as a person meets it: data summary, eval errors that name keys, fetch hints.
 
 mod common;
-use common::{kd, succeeded, write_cifar10, write_teacher};
+use common::{assert_contains_all, kd, succeeded, write_cifar10, write_teacher};
 
 /// `kd-runner train` on the fixture CIFAR-10 in `data`: a width-4 ResNet18 with `stem`, batches
 /// of 25.
@@ -479,24 +479,25 @@ fn suite_then_report_end_to_end() {
 fn list_names_every_method_and_key() {
     let out = kd().arg("list").output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    for m in kd_train::MethodConfig::NAMES {
-        assert!(
-            text.contains(&format!("  {m} ")),
-            "{m} missing from:\n{text}"
-        );
-    }
-    for k in [
-        "train.lr = 0.1",
-        "data.subset = 1.0",
-        "model.arch = \"resnet18\"",
-        "method.name = \"none\"",
-        // Each method's own keys, with their preset values.
-        "init_epochs = 30",
-        "temperature_range = 20.0",
-        "negatives = 16384",
-    ] {
-        assert!(text.contains(k), "{k} missing from:\n{text}");
-    }
+    assert_contains_all(
+        &text,
+        kd_train::MethodConfig::NAMES
+            .iter()
+            .map(|m| format!("  {m} ")),
+    );
+    assert_contains_all(
+        &text,
+        [
+            "train.lr = 0.1",
+            "data.subset = 1.0",
+            "model.arch = \"resnet18\"",
+            "method.name = \"none\"",
+            // Each method's own keys, with their preset values.
+            "init_epochs = 30",
+            "temperature_range = 20.0",
+            "negatives = 16384",
+        ],
+    );
 }
 
 #[test]
@@ -745,14 +746,15 @@ fn bench_times_each_conv_algorithm_search() {
         &["--workloads", "train", "--conv-algo", "heuristic,benchmark"],
     );
     let text = succeeded(&out);
-    for row in [
-        "BENCH workload=resnet18-train precision=f32 images_per_s=",
-        "| workload | precision | conv algorithm | memory format | images/s | ms/step | peak GPU memory used / reserved (MiB) |",
-        "| resnet18 train step | f32 | heuristic | channels-first |",
-        "| resnet18 train step | f32 | benchmark | channels-first |",
-    ] {
-        assert!(text.contains(row), "{row} missing from:\n{text}");
-    }
+    assert_contains_all(
+        &text,
+        [
+            "BENCH workload=resnet18-train precision=f32 images_per_s=",
+            "| workload | precision | conv algorithm | memory format | images/s | ms/step | peak GPU memory used / reserved (MiB) |",
+            "| resnet18 train step | f32 | heuristic | channels-first |",
+            "| resnet18 train step | f32 | benchmark | channels-first |",
+        ],
+    );
     for search in ["heuristic", "benchmark"] {
         let tail = format!(" conv_algo={search} memory_format=channels-first");
         let line = text
@@ -806,14 +808,15 @@ fn bench_times_any_methods_step_and_refuses_online_ones() {
         ],
     );
     let text = succeeded(&out);
-    for row in [
-        "BENCH workload=method-crd precision=f32",
-        "BENCH workload=method-reviewkd precision=f32",
-        "| crd step (resnet50 → resnet18) |",
-        "| pskd step (resnet18) |",
-    ] {
-        assert!(text.contains(row), "{row} missing from:\n{text}");
-    }
+    assert_contains_all(
+        &text,
+        [
+            "BENCH workload=method-crd precision=f32",
+            "BENCH workload=method-reviewkd precision=f32",
+            "| crd step (resnet50 → resnet18) |",
+            "| pskd step (resnet18) |",
+        ],
+    );
     let out = kd()
         .args([
             "bench",
@@ -848,14 +851,15 @@ fn bench_goes_on_past_a_failing_benchmark_and_then_fails() {
     let out = tiny_cpu_bench("4", &["--workloads", "train,method:fsp,kd"]);
     assert!(!out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
-    for row in [
-        "BENCH workload=resnet18-train precision=f32 images_per_s=",
-        "BENCH_FAILED workload=method-fsp precision=f32 conv_algo=heuristic memory_format=channels-first error=\"method fsp compares",
-        "BENCH workload=kd-step precision=f32 images_per_s=",
-        "| KD step (resnet50 → resnet18) | f32 |",
-    ] {
-        assert!(text.contains(row), "{row} missing from:\n{text}");
-    }
+    assert_contains_all(
+        &text,
+        [
+            "BENCH workload=resnet18-train precision=f32 images_per_s=",
+            "BENCH_FAILED workload=method-fsp precision=f32 conv_algo=heuristic memory_format=channels-first error=\"method fsp compares",
+            "BENCH workload=kd-step precision=f32 images_per_s=",
+            "| KD step (resnet50 → resnet18) | f32 |",
+        ],
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("1 benchmark(s) failed (the others ran):\nworkload=method-fsp"),

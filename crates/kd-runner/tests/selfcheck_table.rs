@@ -5,7 +5,7 @@
 //! shows on the CPU instead of in the first (short) GPU session.
 
 mod common;
-use common::{kd, succeeded};
+use common::{assert_contains_all, kd, succeeded};
 
 use std::path::Path;
 use std::process::Command;
@@ -85,21 +85,22 @@ fn selfcheck_runs_every_check_on_the_cpu_and_the_device_script_reads_its_table()
         .output()
         .unwrap();
     let table = succeeded(&out);
-    for row in [
-        "conv 64×3×32² → 64, 3×3/s1, bf16: backward filter",
-        "batch norm BF16 relu=true: dx",
-        "max-pool F32: backward",
-        "max-pool BF16, channels-last: backward",
-        "resident loader",
-        "train step bf16: stem gradient",
-        "method crd: loss",
-        "method reviewkd: gradients of",
-        "method dml: gradients of",
-        "method ab init phase: gradients of",
-        "method fsp init phase: loss",
-    ] {
-        assert!(table.contains(row), "{row} missing from:\n{table}");
-    }
+    assert_contains_all(
+        &table,
+        [
+            "conv 64×3×32² → 64, 3×3/s1, bf16: backward filter",
+            "batch norm BF16 relu=true: dx",
+            "max-pool F32: backward",
+            "max-pool BF16, channels-last: backward",
+            "resident loader",
+            "train step bf16: stem gradient",
+            "method crd: loss",
+            "method reviewkd: gradients of",
+            "method dml: gradients of",
+            "method ab init phase: gradients of",
+            "method fsp init phase: loss",
+        ],
+    );
     assert!(table.contains(" checks, 0 failed"), "{table}");
 
     // Everything within bounds: nothing switched off, the channels-last bench runs.

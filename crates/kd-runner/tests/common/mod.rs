@@ -21,6 +21,14 @@ pub fn succeeded(out: &Output) -> String {
     text
 }
 
+/// Asserts that `text` contains every one of `parts`, naming the first missing one.
+pub fn assert_contains_all<S: AsRef<str>>(text: &str, parts: impl IntoIterator<Item = S>) {
+    for part in parts {
+        let part = part.as_ref();
+        assert!(text.contains(part), "{part} missing from:\n{text}");
+    }
+}
+
 /// A tiny CIFAR-10 in the official binary layout under `root/cifar10`: 20 images per file
 /// (100 training, 20 test), two of each class.
 pub fn write_cifar10(root: &std::path::Path) {
