@@ -66,6 +66,19 @@ impl ForwardParts {
     };
 }
 
+/// Multiply-accumulates of one image's forward pass ([`ResNet::macs`]), counted as fvcore and
+/// PyTorch's `FlopCounterMode` count them (one per weight per output position of each
+/// convolution and linear layer; BatchNorm, which folds into the convolution for inference,
+/// ReLU, pooling and the residual adds are not counted). The cost a researcher compares
+/// beside the parameters: a forward pass of the deployed network costs `backbone`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Macs {
+    /// Stem, stages and classifier: the deployed network.
+    pub backbone: u64,
+    /// The auxiliary heads (self-distillation; training only).
+    pub aux_heads: u64,
+}
+
 /// A bias-free convolution with "same" padding. Runs through kd-kernels (cuDNN forward and
 /// backward on CUDA, candle's conv on the CPU); the f32 master weight is cast to the input's
 /// dtype, so bf16 activations train f32 weights. Channels-last, the (K, C, R, S) weight is
@@ -107,6 +120,21 @@ impl Conv2d {
                 .to_dtype(dtype)?
                 .contiguous(),
         }
+    }
+
+    /// Multiply-accumulates of this convolution on one (h, w) input plane set, and the size
+    /// of its output.
+    fn macs(&self, (h, w): (usize, usize)) -> (u64, (usize, usize)) {
+        let (k, c, r, s) = match self.weight.dims() {
+            &[k, c, r, s] => (k, c, r, s),
+            other => unreachable!("a convolution's weight is (K, C, R, S), not {other:?}"),
+        };
+        let Conv2dGeometry { stride, padding } = self.geometry;
+        let out = (
+            (h + 2 * padding - r) / stride + 1,
+            (w + 2 * padding - s) / stride + 1,
+        );
+        ((k * c * r * s * out.0 * out.1) as u64, out)
     }
 
     /// Keeps the weight cast to `dtype` (and permuted for channels-last) when it is a constant
@@ -292,6 +320,23 @@ impl Block {
     fn forward_eval(&self, x: &Tensor) -> Result<Tensor> {
         let (y, shortcut) = self.forward_before_tail(x, false)?;
         self.last_bn().forward_eval_add_relu(&y, &shortcut)
+    }
+
+    /// Multiply-accumulates of the block's convolutions on an (h, w) input (the residual
+    /// branch in order, then the shortcut), and the size of its output.
+    fn macs(&self, hw: (usize, usize)) -> (u64, (usize, usize)) {
+        let (branch, downsample): (Vec<&Conv2d>, _) = match self {
+            Block::Basic(b) => (vec![&b.conv1, &b.conv2], &b.downsample),
+            Block::Bottleneck(b) => (vec![&b.conv1, &b.conv2, &b.conv3], &b.downsample),
+        };
+        let (mut total, mut out) = (0, hw);
+        for conv in branch {
+            let (m, next) = conv.macs(out);
+            total += m;
+            out = next;
+        }
+        let shortcut = downsample.as_ref().map_or(0, |d| d.conv.macs(hw).0);
+        (total + shortcut, out)
     }
 
     /// Every convolution of the block, the shortcut's included.
@@ -571,6 +616,37 @@ impl ResNet {
     /// Learnable parameters of the backbone alone (what is deployed).
     pub fn num_backbone_params(&self) -> usize {
         self.backbone_params().iter().map(|t| t.elem_count()).sum()
+    }
+
+    /// Multiply-accumulates of one (height × width) image's forward pass, walked from the
+    /// layers' own weights and strides.
+    pub fn macs(&self, height: usize, width: usize) -> Macs {
+        let linear = |fc: &Linear| fc.weight().elem_count() as u64;
+        let (mut backbone, mut hw) = self.conv1.macs((height, width));
+        if let Some(p) = &self.maxpool {
+            hw = (p.out_size(hw.0), p.out_size(hw.1));
+        }
+        // The size of each stage's output, which the auxiliary head after it reads.
+        let mut stage_out = Vec::with_capacity(self.stages.len());
+        for stage in &self.stages {
+            for block in stage {
+                let (m, out) = block.macs(hw);
+                backbone += m;
+                hw = out;
+            }
+            stage_out.push(hw);
+        }
+        backbone += linear(&self.fc);
+        let aux_heads = self
+            .aux
+            .iter()
+            .zip(&stage_out)
+            .map(|(h, &hw)| h.conv.macs(hw).0 + linear(&h.fc))
+            .sum();
+        Macs {
+            backbone,
+            aux_heads,
+        }
     }
 
     /// The stem: conv, BN, ReLU and, for `cifar-maxpool`, the 3×3/s2/p1 max-pool; `x` and the

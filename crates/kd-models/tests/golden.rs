@@ -331,6 +331,61 @@ fn full_size_parameter_counts_equal_torchvision() {
     }
 }
 
+/// A model's multiply-accumulates equal PyTorch's FLOP counter's on the same network
+/// (`mac_counts.json`, made by `tools/fixtures/make_mac_fixtures.py`): every architecture and
+/// stem at full width, narrow ones, and inputs that are not 32×32 (odd sides too).
+#[test]
+fn macs_per_image_equal_pytorchs_flop_counter() {
+    let fixture: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("mac_counts.json")).unwrap())
+            .unwrap();
+    let cases = fixture["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 16);
+    let arch_of = |name: &str| Arch::ALL.into_iter().find(|a| a.name() == name).unwrap();
+    let stem_of = |name: &str| Stem::ALL.into_iter().find(|s| s.name() == name).unwrap();
+    for case in cases {
+        let field = |k: &str| case[k].as_u64().unwrap() as usize;
+        let cfg = ResNetConfig {
+            base_width: field("width"),
+            ..ResNetConfig::new(
+                arch_of(case["arch"].as_str().unwrap()),
+                stem_of(case["stem"].as_str().unwrap()),
+                field("classes"),
+            )
+        };
+        let vb = candle_nn::VarBuilder::zeros(DType::F32, &Device::Cpu);
+        let model = kd_models::ResNet::new(&cfg, vb).unwrap();
+        let macs = model.macs(field("height"), field("width_px"));
+        assert_eq!(macs.backbone, case["macs"].as_u64().unwrap(), "{case}");
+        assert_eq!(macs.aux_heads, 0, "{case}");
+    }
+}
+
+/// The auxiliary heads' cost, in closed form: head i is a 1×1 convolution from stage i's
+/// channels to the last stage's 512 at stage i's size, then a 512 → 10 linear layer; the
+/// backbone's count does not change with them.
+#[test]
+fn auxiliary_heads_macs_in_closed_form() {
+    let plain = ResNetConfig::new(Arch::Resnet18, Stem::Cifar, 10);
+    let with_heads = ResNetConfig {
+        aux_heads: true,
+        ..plain.clone()
+    };
+    let build = |cfg: &ResNetConfig| {
+        kd_models::ResNet::new(cfg, candle_nn::VarBuilder::zeros(DType::F32, &Device::Cpu))
+            .unwrap()
+            .macs(32, 32)
+    };
+    let heads: u64 = [(64, 32), (128, 16), (256, 8)]
+        .iter()
+        .map(|&(c, side)| c * 512 * side * side + 512 * 10)
+        .sum();
+    assert_eq!(heads, 58_735_616);
+    let (a, b) = (build(&plain), build(&with_heads));
+    assert_eq!(b.backbone, a.backbone);
+    assert_eq!(b.aux_heads, heads);
+}
+
 /// The device-agnostic composed max-pool (used off the CPU) equals the custom op on a ReLU's
 /// output, forward and through a ReLU backward, for even and odd sizes.
 #[test]

@@ -192,13 +192,19 @@ pub fn run(
     };
     let tcfg = cfg.trainer(train.num_batches());
     tracing::info!(
-        "{}: {} {} (stem {}, width {}, {} params{}) on {} ({} train images, {} steps/epoch), {} epoch{} on {:?} → {}",
+        "{}: {} {} (stem {}, width {}, {} params, {} MACs/image{}) on {} ({} train images, {} steps/epoch), {} epoch{} on {:?} → {}",
         info.label,
         cfg.method.name(),
         cfg.model.arch.name(),
         cfg.model.stem.name(),
         cfg.model.width,
         built.model.num_params(),
+        crate::commands::report::macs(
+            built
+                .model
+                .macs(train.split().height, train.split().width)
+                .backbone
+        ),
         if built.peers.is_empty() { String::new() } else { format!(", {} peer(s)", built.peers.len()) },
         name,
         n_train,

@@ -750,7 +750,7 @@ fn bench_times_each_conv_algorithm_search() {
         &text,
         [
             "BENCH workload=resnet18-train precision=f32 images_per_s=",
-            "| workload | precision | conv algorithm | memory format | images/s | ms/step | peak GPU memory used / reserved (MiB) |",
+            "| workload | precision | conv algorithm | memory format | images/s | ms/step | model TFLOP/s | peak GPU memory used / reserved (MiB) |",
             "| resnet18 train step | f32 | heuristic | channels-first |",
             "| resnet18 train step | f32 | benchmark | channels-first |",
         ],
@@ -759,9 +759,72 @@ fn bench_times_each_conv_algorithm_search() {
         let tail = format!(" conv_algo={search} memory_format=channels-first");
         let line = text
             .lines()
-            .find(|l| l.starts_with("BENCH") && l.ends_with(&tail));
+            .find(|l| l.starts_with("BENCH") && l.contains(&tail));
         assert!(line.is_some(), "no BENCH line for {search}:\n{text}");
     }
+}
+
+/// The value of `key=` on a BENCH line.
+fn bench_value(line: &str, key: &str) -> f64 {
+    let prefix = format!("{key}=");
+    line.split(' ')
+        .find_map(|kv| kv.strip_prefix(&prefix))
+        .unwrap_or_else(|| panic!("no {key} in {line}"))
+        .parse()
+        .unwrap()
+}
+
+/// Model TFLOP/s is images/s times two FLOPs per multiply-accumulate of a forward pass, three
+/// passes for a training step, plus the teacher's forward pass for a KD step; a method's step
+/// has none.
+#[test]
+fn bench_counts_model_flops_per_second() {
+    let out = tiny_cpu_bench(
+        "4",
+        &[
+            "--workloads",
+            "train,infer,kd,method:crd",
+            "--train-size",
+            "64",
+        ],
+    );
+    let text = succeeded(&out);
+    let macs = |arch| {
+        let cfg = kd_models::ResNetConfig {
+            base_width: 4,
+            ..kd_models::ResNetConfig::new(arch, kd_models::Stem::Cifar, 10)
+        };
+        let vb = candle_nn::VarBuilder::zeros(candle_core::DType::F32, &candle_core::Device::Cpu);
+        kd_models::ResNet::new(&cfg, vb)
+            .unwrap()
+            .macs(32, 32)
+            .backbone as f64
+    };
+    let (student, teacher) = (
+        macs(kd_models::Arch::Resnet18),
+        macs(kd_models::Arch::Resnet50),
+    );
+    for (workload, flops) in [
+        ("resnet18-train", 6.0 * student),
+        ("resnet50-infer", 2.0 * teacher),
+        ("kd-step", 2.0 * teacher + 6.0 * student),
+    ] {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(&format!("BENCH workload={workload} ")))
+            .unwrap_or_else(|| panic!("no BENCH line for {workload}:\n{text}"));
+        let want = flops * bench_value(line, "images_per_s") / 1e12;
+        let got = bench_value(line, "model_tflops");
+        assert!(
+            (got - want).abs() <= 1e-3 * want + 1e-6,
+            "{line}: want {want}"
+        );
+    }
+    let crd = text
+        .lines()
+        .find(|l| l.starts_with("BENCH workload=method-crd "))
+        .unwrap();
+    assert!(!crd.contains("model_tflops"), "{crd}");
 }
 
 #[test]
@@ -782,7 +845,7 @@ fn bench_times_each_memory_format() {
         for workload in ["resnet18-train", "kd-step"] {
             let line = text.lines().find(|l| {
                 l.starts_with(&format!("BENCH workload={workload} "))
-                    && l.ends_with(&format!(" memory_format={format}"))
+                    && l.contains(&format!(" memory_format={format}"))
             });
             assert!(
                 line.is_some(),

@@ -127,6 +127,10 @@ pub struct Summary {
     pub trainable_params: usize,
     /// Parameters of the deployed model.
     pub deploy_params: usize,
+    /// Multiply-accumulates of one test image's forward pass through the deployed model
+    /// (convolutions and linear layers: [`kd_models::Macs`]); none in summaries of older kd.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deploy_macs: Option<u64>,
     /// Best test top-1 (%).
     pub best_top1: f64,
     /// Epoch of the best test top-1.
@@ -157,6 +161,10 @@ pub struct Summary {
     pub init_seconds: f64,
     /// Parameters of the frozen teacher (0 without one).
     pub teacher_params: usize,
+    /// Multiply-accumulates of one test image's forward pass through the frozen teacher (none
+    /// without one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub teacher_macs: Option<u64>,
     /// The method's name.
     pub method: String,
     /// The peers trained beside the student (online methods).
@@ -858,6 +866,7 @@ pub fn train(
             last_top1: last_top1[k],
         });
     }
+    let (image_h, image_w) = (test.split().height, test.split().width);
     // Parts only an init phase trained (AB's connectors, FT's paraphraser) were optimised too.
     let init_only: usize = method.init_phase().map_or(0, |phase| {
         trainable_vars(members[0].vars)
@@ -874,6 +883,7 @@ pub fn train(
                 .map(|(_, v)| v.elem_count())
                 .sum::<usize>(),
         deploy_params: members[0].model.num_backbone_params(),
+        deploy_macs: Some(members[0].model.macs(image_h, image_w).backbone),
         best_top1: progress.best_top1,
         best_epoch: progress.best_epoch,
         last_top1: last_top1[0],
@@ -886,6 +896,7 @@ pub fn train(
         teacher_seconds: progress.teacher_seconds,
         init_seconds: progress.init_seconds,
         teacher_params: teacher.map_or(0, |t| t.model().num_backbone_params()),
+        teacher_macs: teacher.map(|t| t.model().macs(image_h, image_w).backbone),
         method: method.name().to_string(),
         peers: peer_summaries,
         // A by-product: where the driver refuses the figure, the summary goes without it.

@@ -334,6 +334,11 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             }
         };
         let teacher = || teacher.as_ref().expect("made for every workload but train");
+        // Model FLOPs per image (two per multiply-accumulate): a forward pass, and three for a
+        // training step (forward, input and weight gradients), as the usual model-FLOP
+        // utilisation counts them. What the tensor cores could do is the card's datasheet.
+        let forward_flops = |m: &kd_models::ResNet| 2.0 * m.macs(32, 32).backbone as f64;
+        let train_flops = 3.0 * forward_flops(&student);
         // Logits only, as the trainer's baseline and KD runs (and PyTorch's reference) compute:
         // no stage features, so no f32 copies of them under bf16.
         let logits_only = kd_models::ForwardParts::LOGITS;
@@ -438,6 +443,13 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
                     })
                 }
             };
+            let flops_per_image = match w {
+                Workload::Train => Some(train_flops),
+                Workload::Infer => Some(forward_flops(teacher().model())),
+                Workload::Kd => Some(forward_flops(teacher().model()) + train_flops),
+                // Extra forward passes and the methods' own parts vary: not counted.
+                Workload::Method(..) => None,
+            };
             let (label, timing) = match timed {
                 Ok(t) => t,
                 Err(e) => {
@@ -445,27 +457,33 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
                     continue;
                 }
             };
+            let tflops = flops_per_image.map(|f| f * timing.images_per_s / 1e12);
             let peak = match timing.peaks {
                 Some(p) => format!(" peak_used_mib={:.0}", p.used_mib()),
                 None => String::new(),
             };
+            let model_tflops = match tflops {
+                Some(t) => format!(" model_tflops={t:.6}"),
+                None => String::new(),
+            };
             println!(
-                "BENCH workload={key} precision={precision} images_per_s={:.1} conv_algo={search} memory_format={format}{peak}",
+                "BENCH workload={key} precision={precision} images_per_s={:.1} conv_algo={search} memory_format={format}{peak}{model_tflops}",
                 timing.images_per_s
             );
-            rows.push((label, precision, search, format, timing));
+            rows.push((label, precision, search, format, timing, tflops));
         }
     }
     println!(
-        "| workload | precision | conv algorithm | memory format | images/s | ms/step | peak GPU memory used / reserved (MiB) |\n|---|---|---|---|---|---|---|"
+        "| workload | precision | conv algorithm | memory format | images/s | ms/step | model TFLOP/s | peak GPU memory used / reserved (MiB) |\n|---|---|---|---|---|---|---|---|"
     );
-    for (label, precision, search, format, t) in rows {
+    for (label, precision, search, format, t, tflops) in rows {
         let peak = match t.peaks {
             Some(p) => format!("{:.0} / {:.0}", p.used_mib(), p.reserved_mib()),
             None => "–".into(),
         };
+        let tflops = tflops.map_or_else(|| "–".into(), |t| format!("{t:.3}"));
         println!(
-            "| {label} | {precision} | {search} | {format} | {:.1} | {:.2} | {peak} |",
+            "| {label} | {precision} | {search} | {format} | {:.1} | {:.2} | {tflops} | {peak} |",
             t.images_per_s,
             1000.0 * args.batch as f64 / t.images_per_s
         );

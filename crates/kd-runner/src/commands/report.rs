@@ -62,6 +62,11 @@ pub struct Row {
     pub deploy_params: usize,
     /// Frozen teacher parameters.
     pub teacher_params: usize,
+    /// Multiply-accumulates of one test image through the deployed student (none in runs of
+    /// older kd).
+    pub deploy_macs: Option<u64>,
+    /// Through the frozen teacher (none without one).
+    pub teacher_macs: Option<u64>,
     /// Mean training time (s).
     pub train_seconds: f64,
     /// Of which teacher forward (s).
@@ -297,6 +302,8 @@ pub fn table(runs: &[RunRecord]) -> Report {
                 trainable_params: first.summary.trainable_params,
                 deploy_params: first.summary.deploy_params,
                 teacher_params: first.summary.teacher_params,
+                deploy_macs: first.summary.deploy_macs,
+                teacher_macs: first.summary.teacher_macs,
                 train_seconds: mean_std(
                     &g.iter()
                         .map(|r| r.summary.train_seconds)
@@ -402,6 +409,14 @@ fn csv_pair(v: Option<(f64, f64)>, digits: usize) -> String {
     v.map_or_else(|| ",".into(), |(m, s)| format!("{m:.digits$},{s:.digits$}"))
 }
 
+/// Multiply-accumulates in G (from 0.1 G) or M: "0.56 G", "35.05 M".
+pub(crate) fn macs(m: u64) -> String {
+    match m as f64 {
+        g if g >= 1e8 => format!("{:.2} G", g / 1e9),
+        m => format!("{:.2} M", m / 1e6),
+    }
+}
+
 /// Thousands separated by commas.
 pub(crate) fn count(n: usize) -> String {
     let s = n.to_string();
@@ -420,15 +435,15 @@ impl Report {
     pub fn markdown(&self) -> String {
         // The memory column only where some run was on a GPU.
         let gpu = self.rows.iter().any(|r| r.gpu_peak_mib.is_some());
-        let mut s = String::from("| method | runs | epochs | test images | trainable params | deployed params | teacher params | train time (s) | of which teacher (s) | best top-1 (%) | last top-1 (%) | Δ best vs baseline | Δ last vs baseline, same seeds (p) |");
+        let mut s = String::from("| method | runs | epochs | test images | trainable params | deployed params | teacher params | deployed MACs / image | teacher MACs / image | train time (s) | of which teacher (s) | best top-1 (%) | last top-1 (%) | Δ best vs baseline | Δ last vs baseline, same seeds (p) |");
         s += if gpu {
-            " peak GPU memory (MiB) |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+            " peak GPU memory (MiB) |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
         } else {
-            "\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+            "\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
         };
         for r in &self.rows {
             s += &format!(
-                "| {} | {} | {} | {} | {} | {} | {} | {:.0} | {:.0} | {} | {} | {} | {} |{}\n",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} | {:.0} | {} | {} | {} | {} |{}\n",
                 r.label,
                 r.runs,
                 if r.init_epochs > 0 {
@@ -448,6 +463,8 @@ impl Report {
                 } else {
                     count(r.teacher_params)
                 },
+                r.deploy_macs.map_or_else(|| "–".into(), macs),
+                r.teacher_macs.map_or_else(|| "–".into(), macs),
                 r.train_seconds,
                 r.teacher_seconds,
                 pm(r.best, r.runs),
@@ -504,10 +521,10 @@ impl Report {
 
     /// The CSV table.
     pub fn csv(&self) -> String {
-        let mut s = String::from("label,method,variant,runs,epochs,init_epochs,test_images,trainable_params,deploy_params,teacher_params,train_seconds,teacher_seconds,init_seconds,best_top1_mean,best_top1_std,last_top1_mean,last_top1_std,test_nll_mean,test_nll_std,ece_mean,ece_std,teacher_top1_mean,teacher_agreement_mean,teacher_agreement_std,teacher_kl_mean,teacher_kl_std,delta_best,paired_seeds,paired_delta_last,paired_t,paired_p,gpu_peak_mib\n");
+        let mut s = String::from("label,method,variant,runs,epochs,init_epochs,test_images,trainable_params,deploy_params,teacher_params,deploy_macs,teacher_macs,train_seconds,teacher_seconds,init_seconds,best_top1_mean,best_top1_std,last_top1_mean,last_top1_std,test_nll_mean,test_nll_std,ece_mean,ece_std,teacher_top1_mean,teacher_agreement_mean,teacher_agreement_std,teacher_kl_mean,teacher_kl_std,delta_best,paired_seeds,paired_delta_last,paired_t,paired_p,gpu_peak_mib\n");
         for r in &self.rows {
             s += &format!(
-                "{},{},{},{},{},{},{},{},{},{},{:.3},{:.3},{:.3},{:.4},{:.4},{:.4},{:.4},{},{},{},{},{},{},{},{}\n",
+                "{},{},{},{},{},{},{},{},{},{},{},{},{:.3},{:.3},{:.3},{:.4},{:.4},{:.4},{:.4},{},{},{},{},{},{},{},{}\n",
                 r.label,
                 r.method,
                 r.variant,
@@ -518,6 +535,8 @@ impl Report {
                 r.trainable_params,
                 r.deploy_params,
                 r.teacher_params,
+                r.deploy_macs.map(|m| m.to_string()).unwrap_or_default(),
+                r.teacher_macs.map(|m| m.to_string()).unwrap_or_default(),
                 r.train_seconds,
                 r.teacher_seconds,
                 r.init_seconds,
@@ -778,6 +797,7 @@ mod tests {
             summary: Summary {
                 trainable_params: 10,
                 deploy_params: 10,
+                deploy_macs: None,
                 best_top1: last,
                 best_epoch: 1,
                 last_top1: last,
@@ -790,6 +810,7 @@ mod tests {
                 teacher_seconds: 0.0,
                 init_seconds: 0.0,
                 teacher_params: 0,
+                teacher_macs: None,
                 method: method.into(),
                 peers: Vec::new(),
                 gpu_peak_mib: None,
@@ -893,6 +914,36 @@ mod tests {
         let csv = report.csv();
         let kd_line = csv.lines().find(|l| l.starts_with("kd,")).unwrap();
         assert!(kd_line.ends_with(",2,1.2500,5.0000,0.125666,"), "{kd_line}");
+    }
+
+    #[test]
+    fn multiply_accumulates_get_columns_of_their_own() {
+        let mut kd = run("kd", "kd", Some(0), 50.0);
+        kd.summary.deploy_macs = Some(555_422_720);
+        kd.summary.teacher_macs = Some(1_297_829_888);
+        let mut small = run("baseline", "none", Some(0), 50.0);
+        small.summary.deploy_macs = Some(35_046_656);
+        let report = table(&[small, kd, run("old", "none", Some(1), 50.0)]);
+        let md = report.markdown();
+        let lines: Vec<&str> = md.lines().collect();
+        assert_eq!(lines[0].matches('|').count(), lines[1].matches('|').count());
+        let row = |l: &str| *lines.iter().find(|x| x.starts_with(l)).unwrap();
+        assert!(row("| kd |").contains("| 0.56 G | 1.30 G |"), "{md}");
+        assert!(row("| baseline |").contains("| 35.05 M | – |"), "{md}");
+        // A run of older kd recorded none.
+        assert!(row("| old |").contains("| – | – |"), "{md}");
+        let csv = report.csv();
+        let header: Vec<&str> = csv.lines().next().unwrap().split(',').collect();
+        let line = |l: &str| -> Vec<String> {
+            let row = csv.lines().find(|x| x.starts_with(l)).unwrap();
+            row.split(',').map(String::from).collect()
+        };
+        let col = |name: &str| header.iter().position(|h| *h == name).unwrap();
+        let kd = line("kd,");
+        assert_eq!(kd.len(), header.len());
+        assert_eq!(kd[col("deploy_macs")], "555422720");
+        assert_eq!(kd[col("teacher_macs")], "1297829888");
+        assert_eq!(line("baseline,")[col("teacher_macs")], "");
     }
 
     #[test]

@@ -263,13 +263,14 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
     };
     let summary = experiment::run(&cfg, &info, &run_dir, resume, None)?;
     println!(
-        "{}: best test top-1 {:.2}% (epoch {}), last {:.2}%, {} trainable / {} deployed params, {:.1} s of training ({:.1} s teacher{}); results in {}",
+        "{}: best test top-1 {:.2}% (epoch {}), last {:.2}%, {} trainable / {} deployed params, {} MACs/image, {:.1} s of training ({:.1} s teacher{}); results in {}",
         summary.method,
         summary.best_top1,
         summary.best_epoch,
         summary.last_top1,
         summary.trainable_params,
         summary.deploy_params,
+        summary.deploy_macs.map_or_else(|| "–".into(), super::report::macs),
         summary.train_seconds,
         summary.teacher_seconds,
         if summary.init_seconds > 0.0 {
