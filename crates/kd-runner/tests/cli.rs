@@ -261,7 +261,10 @@ fn eval_takes_a_run_folder_and_names_what_is_missing() {
     );
     // The teacher is the same network as the student: the same cost per image.
     let macs = summary["deploy_macs"].as_u64().unwrap();
-    assert!(macs > 0 && summary["teacher_macs"].as_u64() == Some(macs), "{summary}");
+    assert!(
+        macs > 0 && summary["teacher_macs"].as_u64() == Some(macs),
+        "{summary}"
+    );
 }
 
 /// The resident data path (pixels kept on the training device, augmented and mixed by

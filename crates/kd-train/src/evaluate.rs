@@ -51,9 +51,35 @@ impl Reference {
         num_classes: usize,
         forward: impl Fn(&Tensor) -> candle_core::Result<ModelOutput>,
     ) -> Result<Self> {
+        Self::new_against(loader, num_classes, forward, None)
+    }
+
+    /// [`Reference::new`], its report measuring the fidelity to `against` when given: the
+    /// student of an online method, compared with its teacher, is its peers' reference.
+    pub fn new_against(
+        loader: &Loader,
+        num_classes: usize,
+        forward: impl Fn(&Tensor) -> candle_core::Result<ModelOutput>,
+        against: Option<&Reference>,
+    ) -> Result<Self> {
+        if let Some(r) = against {
+            r.check_covers(loader)?;
+        }
         let mut logits = Vec::with_capacity(loader.num_batches());
-        let report = run(loader, num_classes, forward, None, Some(&mut logits))?;
+        let report = run(loader, num_classes, forward, against, Some(&mut logits))?;
         Ok(Reference { report, logits })
+    }
+
+    /// Fails unless these predictions cover every batch of `loader`.
+    fn check_covers(&self, loader: &Loader) -> Result<()> {
+        if self.logits.len() != loader.num_batches() {
+            return Err(TrainError::Invalid(format!(
+                "the reference predictions cover {} batches but the loader has {}",
+                self.logits.len(),
+                loader.num_batches()
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -75,13 +101,7 @@ pub fn evaluate_against(
     forward: impl Fn(&Tensor) -> candle_core::Result<ModelOutput>,
     reference: &Reference,
 ) -> Result<EvalReport> {
-    if reference.logits.len() != loader.num_batches() {
-        return Err(TrainError::Invalid(format!(
-            "the reference predictions cover {} batches but the loader has {}",
-            reference.logits.len(),
-            loader.num_batches()
-        )));
-    }
+    reference.check_covers(loader)?;
     run(loader, num_classes, forward, Some(reference), None)
 }
 

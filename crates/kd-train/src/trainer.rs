@@ -21,7 +21,7 @@ use crate::step::{step_losses, teacher_forward, teacher_forward_parts};
 use kd_schedulers::{Optimizer, OptimizerConfig, Schedule};
 use serde::{Deserialize, Serialize};
 
-use crate::evaluate::{evaluate, evaluate_against, Reference};
+use crate::evaluate::{evaluate_against, Reference};
 use crate::metrics::Accuracy;
 use crate::{Result, TrainError};
 
@@ -115,6 +115,12 @@ pub struct PeerEpoch {
     /// Expected calibration error on the test split (%).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub test_ece: Option<f64>,
+    /// Top-1 agreement with the student on the test split (%): how far the cohort agrees.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub student_agreement: Option<f64>,
+    /// Mean KL(student ‖ peer) on the test split at T = 1 (nats).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub student_kl: Option<f64>,
     /// Mean of each named loss term.
     pub losses: BTreeMap<String, f64>,
 }
@@ -189,6 +195,15 @@ pub struct PeerSummary {
     pub best_top1: f64,
     /// Last test top-1 (%).
     pub last_top1: f64,
+    /// Last epoch's expected calibration error on the test split (%).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_ece: Option<f64>,
+    /// Last epoch's top-1 agreement with the student on the test split (%).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_student_agreement: Option<f64>,
+    /// Last epoch's mean KL(student ‖ peer) on the test split (nats).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_student_kl: Option<f64>,
 }
 
 /// Where a run is and what it needs to continue.
@@ -747,14 +762,22 @@ pub fn train(
         let seconds = t.elapsed().as_secs_f64();
         progress.train_seconds += seconds;
         progress.teacher_seconds += teacher_seconds;
-        let mut evals = Vec::with_capacity(members.len());
-        for (k, m) in members.iter().enumerate() {
-            // Evaluation reads only the logits; the student is compared with the teacher.
-            let forward = |x: &Tensor| m.model.forward_parts(x, false, ForwardParts::LOGITS);
-            evals.push(match (k, &reference) {
-                (0, Some(r)) => evaluate_against(test, num_classes, forward, r)?,
-                _ => evaluate(test, num_classes, forward)?,
-            });
+        // Evaluation reads only the logits. The student is compared with the teacher, and each
+        // peer with the student (its test predictions are kept for that: 4 MB at most).
+        let student = Reference::new_against(
+            test,
+            num_classes,
+            logits_forward(members[0].model),
+            reference.as_ref(),
+        )?;
+        let mut evals = vec![student.report.clone()];
+        for m in &members[1..] {
+            evals.push(evaluate_against(
+                test,
+                num_classes,
+                logits_forward(m.model),
+                &student,
+            )?);
         }
         let per_step = |sums: &BTreeMap<String, f64>| -> BTreeMap<String, f64> {
             sums.iter()
@@ -773,6 +796,8 @@ pub fn train(
                     test_top1: evals[k].acc.top1_pct(),
                     test_top5: evals[k].acc.top5_pct(),
                     test_ece: Some(evals[k].calibration.ece_pct()),
+                    student_agreement: evals[k].fidelity.as_ref().map(|f| f.agreement_pct()),
+                    student_kl: evals[k].fidelity.as_ref().map(|f| f.mean_kl()),
                     losses: per_step(&sums[k].terms),
                 };
                 (m.name.clone(), peer)
@@ -819,11 +844,14 @@ pub fn train(
         );
         for (name, p) in &row.peers {
             tracing::info!(
-                "  {name}: train loss {:.4} acc {:.2}% | test top-1 {:.2}% top-5 {:.2}%",
+                "  {name}: train loss {:.4} acc {:.2}% | test top-1 {:.2}% top-5 {:.2}% ECE {:.2}% | agrees with the student {:.2}%, KL {:.4}",
                 p.train_loss,
                 p.train_acc,
                 p.test_top1,
-                p.test_top5
+                p.test_top5,
+                p.test_ece.unwrap_or(0.0),
+                p.student_agreement.unwrap_or(0.0),
+                p.student_kl.unwrap_or(0.0)
             );
         }
         progress.epochs_done = epoch + 1;
@@ -858,12 +886,19 @@ pub fn train(
         let dir = run_dir.join(&m.name);
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;
         export(m.vars, &m.meta, &dir.join("model.safetensors"))?;
+        let last = progress
+            .last_row
+            .as_ref()
+            .and_then(|r| r.peers.get(&m.name));
         peer_summaries.push(PeerSummary {
             name: m.name.clone(),
             model: m.meta.arch.name().to_string(),
             params: m.model.num_backbone_params(),
             best_top1: progress.peer_best[k - 1].0,
             last_top1: last_top1[k],
+            last_ece: last.and_then(|p| p.test_ece),
+            last_student_agreement: last.and_then(|p| p.student_agreement),
+            last_student_kl: last.and_then(|p| p.student_kl),
         });
     }
     let (image_h, image_w) = (test.split().height, test.split().width);
@@ -1041,6 +1076,13 @@ fn init_phase(
     Ok((seconds, teacher_clock.seconds()?))
 }
 
+/// The evaluation forward pass of `model`: its logits alone, in eval mode.
+fn logits_forward(
+    model: &ResNet,
+) -> impl Fn(&Tensor) -> candle_core::Result<kd_models::ModelOutput> + '_ {
+    move |x| model.forward_parts(x, false, ForwardParts::LOGITS)
+}
+
 /// The optional columns of a run's `metrics.csv`, fixed by the run (not by a row), so that rows
 /// written by an older kd without those figures line up with the new ones.
 #[derive(Clone, Copy)]
@@ -1053,7 +1095,7 @@ struct CsvColumns {
 
 /// `metrics.csv`'s header: the student's figures (with its fidelity to the teacher when the run
 /// has one), its heads' top-1, its loss terms and reported values (named as in `row`), then each
-/// peer's top-1.
+/// peer's top-1, ECE and agreement with the student.
 fn csv_header(row: &EpochMetrics, columns: CsvColumns) -> String {
     let mut names: Vec<String> = [
         "epoch",
@@ -1076,7 +1118,11 @@ fn csv_header(row: &EpochMetrics, columns: CsvColumns) -> String {
     names.extend((1..=columns.heads).map(|k| format!("head{k}_top1")));
     names.extend(row.losses.keys().cloned());
     names.extend(row.values.keys().cloned());
-    names.extend(row.peers.keys().map(|p| format!("{p}_test_top1")));
+    names.extend(
+        row.peers.keys().flat_map(|p| {
+            ["test_top1", "test_ece", "student_agreement"].map(|c| format!("{p}_{c}"))
+        }),
+    );
     names.join(",") + "\n"
 }
 
@@ -1109,7 +1155,13 @@ fn csv_line(row: &EpochMetrics, columns: CsvColumns) -> String {
             .chain(row.values.values())
             .map(|v| format!("{v:.6}")),
     );
-    cells.extend(row.peers.values().map(|p| format!("{:.4}", p.test_top1)));
+    cells.extend(row.peers.values().flat_map(|p| {
+        [
+            format!("{:.4}", p.test_top1),
+            opt(p.test_ece, 4),
+            opt(p.student_agreement, 4),
+        ]
+    }));
     cells.join(",") + "\n"
 }
 

@@ -423,6 +423,7 @@ fn online_peers_are_logged_checkpointed_and_resumed_exactly() {
             .arch,
         Arch::Resnet50
     );
+    peer_fidelity_is_the_exported_models(full.path(), &s, &te);
     let uninterrupted = (weights(&a.vars), weights(&a.peers[0].vars));
 
     // Stop after one epoch, resume in a "new process" built from another seed.
@@ -473,6 +474,54 @@ fn online_peers_are_logged_checkpointed_and_resumed_exactly() {
     assert!(
         uninterrupted == (weights(&c.vars), weights(&c.peers[0].vars)),
         "student or peer differs after resume"
+    );
+}
+
+/// A finished DML run's last figures for its peer, recomputed from the exported student and
+/// peer over the test loader: top-1 agreement and KL(student ‖ peer) at T = 1 in the summary and
+/// in `metrics.csv`, and an ECE.
+fn peer_fidelity_is_the_exported_models(run: &std::path::Path, s: &kd_train::Summary, te: &Loader) {
+    let load = |p: &str| kd_models::Teacher::load(&run.join(p), &Device::Cpu).unwrap();
+    let (student, peer) = (load("model.safetensors"), load("peer1/model.safetensors"));
+    let (mut agree, mut kl, mut total) = (0usize, 0f64, 0usize);
+    for batch in te.epoch(0, 0) {
+        let batch = batch.unwrap();
+        let rows = |t: &kd_models::Teacher| -> Vec<Vec<f32>> {
+            t.forward(&batch.images).unwrap().logits.to_vec2().unwrap()
+        };
+        for (a, b) in rows(&student).iter().zip(rows(&peer)) {
+            let log_softmax = |z: &[f32]| -> Vec<f64> {
+                let m = z.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
+                let lse = m + z.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln();
+                z.iter().map(|&v| v as f64 - lse).collect()
+            };
+            let (la, lb) = (log_softmax(a), log_softmax(&b));
+            let argmax = |l: &[f64]| (0..l.len()).max_by(|&i, &j| l[i].total_cmp(&l[j]));
+            agree += usize::from(argmax(&la) == argmax(&lb));
+            kl += la
+                .iter()
+                .zip(&lb)
+                .map(|(p, q)| p.exp() * (p - q))
+                .sum::<f64>();
+            total += 1;
+        }
+    }
+    let (agreement, kl) = (100.0 * agree as f64 / total as f64, kl / total as f64);
+    let p = &s.peers[0];
+    assert_eq!(p.last_student_agreement, Some(agreement));
+    let got = p.last_student_kl.unwrap();
+    assert!((got - kl).abs() < 1e-4 * (1.0 + kl), "KL {got} vs {kl}");
+    assert!((0.0..=100.0).contains(&p.last_ece.unwrap()));
+    let csv = std::fs::read_to_string(run.join("metrics.csv")).unwrap();
+    let lines: Vec<Vec<&str>> = csv.lines().map(|l| l.split(',').collect()).collect();
+    let col = |name: &str| lines[0].iter().position(|c| *c == name).expect(name);
+    let last: f64 = lines.last().unwrap()[col("peer1_student_agreement")]
+        .parse()
+        .unwrap();
+    assert!((last - agreement).abs() < 1e-4, "{csv}");
+    assert!(
+        !lines.last().unwrap()[col("peer1_test_ece")].is_empty(),
+        "{csv}"
     );
 }
 

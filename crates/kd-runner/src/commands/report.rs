@@ -143,6 +143,12 @@ pub struct PeerRow {
     pub best: (f64, f64),
     /// Last test top-1 mean and std (%).
     pub last: (f64, f64),
+    /// Last epoch's expected calibration error (%), over the runs that recorded it.
+    pub ece: Option<(f64, f64)>,
+    /// Last epoch's top-1 agreement with the student (%).
+    pub agreement: Option<(f64, f64)>,
+    /// Last epoch's KL(student ‖ peer) (nats).
+    pub kl: Option<(f64, f64)>,
 }
 
 /// The peers of a row's runs, matched by name, in the first run's order.
@@ -162,12 +168,20 @@ fn peer_rows(runs: &[&RunRecord]) -> Vec<PeerRow> {
             let stat = |f: fn(&kd_train::PeerSummary) -> f64| {
                 mean_std(&of_runs.iter().map(|q| f(q)).collect::<Vec<_>>())
             };
+            // Figures runs of older kd lack: over the runs that have them.
+            let stat_opt = |f: fn(&kd_train::PeerSummary) -> Option<f64>| {
+                let v: Vec<f64> = of_runs.iter().filter_map(|q| f(q)).collect();
+                (!v.is_empty()).then(|| mean_std(&v))
+            };
             PeerRow {
                 name: p.name.clone(),
                 model: p.model.clone(),
                 params: p.params,
                 best: stat(|q| q.best_top1),
                 last: stat(|q| q.last_top1),
+                ece: stat_opt(|q| q.last_ece),
+                agreement: stat_opt(|q| q.last_student_agreement),
+                kl: stat_opt(|q| q.last_student_kl),
             }
         })
         .collect()
@@ -501,17 +515,20 @@ impl Report {
             }
         }
         if self.rows.iter().any(|r| !r.peers.is_empty()) {
-            s += "\nPeers trained beside the student (online methods; not deployed):\n\n| method | peer | model | params | best top-1 (%) | last top-1 (%) |\n|---|---|---|---|---|---|\n";
+            s += "\nPeers trained beside the student (online methods; not deployed), last epoch's calibration and agreement with the student on the test split:\n\n| method | peer | model | params | best top-1 (%) | last top-1 (%) | ECE (%) | agreement with student (%) | KL(student ‖ peer) |\n|---|---|---|---|---|---|---|---|---|\n";
             for r in &self.rows {
                 for p in &r.peers {
                     s += &format!(
-                        "| {} | {} | {} | {} | {} | {} |\n",
+                        "| {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
                         r.label,
                         p.name,
                         p.model,
                         count(p.params),
                         pm(p.best, r.runs),
-                        pm(p.last, r.runs)
+                        pm(p.last, r.runs),
+                        pm_opt(p.ece, r.runs, 2),
+                        pm_opt(p.agreement, r.runs, 2),
+                        pm_opt(p.kl, r.runs, 4)
                     );
                 }
             }
@@ -832,6 +849,10 @@ mod tests {
                 params: 2_797_610,
                 best_top1: peer_last + 1.0,
                 last_top1: peer_last,
+                last_ece: Some(peer_last / 20.0),
+                last_student_agreement: Some(peer_last + 30.0),
+                // A run of older kd has none: the other's alone counts.
+                last_student_kl: (seed == 0).then_some(0.125),
             });
             r
         };
@@ -843,7 +864,7 @@ mod tests {
         let md = report.markdown();
         assert!(md.contains("Peers trained beside the student"), "{md}");
         assert!(
-            md.contains("| dml | peer1 | resnet18 | 2,797,610 | 58.00 ± 1.41 | 57.00 ± 1.41 |"),
+            md.contains("| dml | peer1 | resnet18 | 2,797,610 | 58.00 ± 1.41 | 57.00 ± 1.41 | 2.85 ± 0.07 | 87.00 ± 1.41 | 0.1250 ± 0.0000 |"),
             "{md}"
         );
         // Without online methods there is no peer table.

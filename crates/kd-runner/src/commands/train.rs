@@ -281,8 +281,12 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
         run_dir.display()
     );
     for p in &summary.peers {
+        let agreement = p
+            .last_student_agreement
+            .map(|a| format!(", agrees with the student on {a:.2}% of the test images"))
+            .unwrap_or_default();
         println!(
-            "  {} ({}, {} params): best test top-1 {:.2}%, last {:.2}%",
+            "  {} ({}, {} params): best test top-1 {:.2}%, last {:.2}%{agreement}",
             p.name, p.model, p.params, p.best_top1, p.last_top1
         );
     }
