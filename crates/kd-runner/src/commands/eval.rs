@@ -94,11 +94,17 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
     };
     let a = &report.acc;
     println!(
-        "{} ({} {}, {} params) on {} test: top-1 {:.2}%  top-5 {:.2}%  loss {:.4}  ECE {:.2}%  ({} images, {:.0} images/s)",
+        "{} ({} {}, {} params, {} MACs/image) on {} test: top-1 {:.2}%  top-5 {:.2}%  loss {:.4}  ECE {:.2}%  ({} images, {:.0} images/s)",
         weights.display(),
         meta.arch.name(),
         meta.stem.name(),
         teacher.model().num_backbone_params(),
+        super::report::macs(
+            teacher
+                .model()
+                .macs(loader.split().height, loader.split().width)
+                .backbone
+        ),
         ds.name,
         a.top1_pct(),
         a.top5_pct(),
