@@ -579,17 +579,60 @@ impl Report {
         }
         s
     }
+
+    /// The peers' table as CSV, one line per (row, peer); none without online methods.
+    pub fn peers_csv(&self) -> Option<String> {
+        if self.rows.iter().all(|r| r.peers.is_empty()) {
+            return None;
+        }
+        let mut s = String::from("label,method,variant,runs,peer,model,params,best_top1_mean,best_top1_std,last_top1_mean,last_top1_std,ece_mean,ece_std,student_agreement_mean,student_agreement_std,student_kl_mean,student_kl_std\n");
+        for r in &self.rows {
+            for p in &r.peers {
+                s += &format!(
+                    "{},{},{},{},{},{},{},{:.4},{:.4},{:.4},{:.4},{},{},{}\n",
+                    r.label,
+                    r.method,
+                    r.variant,
+                    r.runs,
+                    p.name,
+                    p.model,
+                    p.params,
+                    p.best.0,
+                    p.best.1,
+                    p.last.0,
+                    p.last.1,
+                    csv_pair(p.ece, 4),
+                    csv_pair(p.agreement, 4),
+                    csv_pair(p.kl, 6)
+                );
+            }
+        }
+        Some(s)
+    }
 }
 
-/// Writes report.md, report.csv and the plots (PNG and SVG) into `out`; each file under a
+/// Writes report.md, report.csv (report_peers.csv with online methods) and the plots (PNG and SVG) into `out`; each file under a
 /// temporary name first, then renamed.
 pub fn write(report: &Report, out: &Path) -> anyhow::Result<Vec<PathBuf>> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let mut written = Vec::new();
-    for (name, text) in [
+    let mut tables = vec![
         ("report.md", report.markdown()),
         ("report.csv", report.csv()),
-    ] {
+    ];
+    match report.peers_csv() {
+        Some(peers) => tables.push(("report_peers.csv", peers)),
+        // A peers' table from an earlier report over other runs would describe none of these.
+        None => match std::fs::remove_file(out.join("report_peers.csv")) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| {
+                    format!("removing the stale report_peers.csv in {}", out.display())
+                })
+            }
+            _ => {}
+        },
+    }
+    for (name, text) in tables {
         let p = out.join(name);
         kd_models::write_atomic(&p, text.as_bytes())?;
         written.push(p);
@@ -666,9 +709,15 @@ where
     Ok(())
 }
 
+/// The padded range of the finite values of `v`; 0–100 (the whole accuracy axis) when there
+/// are none, as for runs without per-epoch rows: an infinite range never finishes drawing.
 fn span(v: impl Iterator<Item = f64> + Clone) -> (f64, f64) {
-    let lo = v.clone().fold(f64::INFINITY, f64::min);
-    let hi = v.fold(f64::NEG_INFINITY, f64::max);
+    let finite = v.filter(|x| x.is_finite());
+    let lo = finite.clone().fold(f64::INFINITY, f64::min);
+    let hi = finite.fold(f64::NEG_INFINITY, f64::max);
+    if lo > hi {
+        return (0.0, 100.0);
+    }
     let pad = ((hi - lo) * 0.1).max(0.5);
     (lo - pad, hi + pad)
 }
@@ -867,9 +916,25 @@ mod tests {
             md.contains("| dml | peer1 | resnet18 | 2,797,610 | 58.00 ± 1.41 | 57.00 ± 1.41 | 2.85 ± 0.07 | 87.00 ± 1.41 | 0.1250 ± 0.0000 |"),
             "{md}"
         );
-        // Without online methods there is no peer table.
-        let plain = table(&[run("baseline", "none", Some(0), 50.0)]).markdown();
-        assert!(!plain.contains("Peers"), "{plain}");
+        let csv = report.peers_csv().unwrap();
+        let lines: Vec<&str> = csv.lines().collect();
+        assert_eq!(lines.len(), 2, "{csv}");
+        assert_eq!(
+            lines[1],
+            "dml,dml,,2,peer1,resnet18,2797610,58.0000,1.4142,57.0000,1.4142,2.8500,0.0707,87.0000,1.4142,0.125000,0.000000"
+        );
+        assert_eq!(lines[0].split(',').count(), lines[1].split(',').count());
+        // Without online methods there is no peer table, and a report written over an older
+        // one leaves no peers' CSV behind.
+        let plain = table(&[run("baseline", "none", Some(0), 50.0)]);
+        assert!(!plain.markdown().contains("Peers"));
+        assert_eq!(plain.peers_csv(), None);
+        let out = tempfile::tempdir().unwrap();
+        write(&report, out.path()).unwrap();
+        let peers_csv = out.path().join("report_peers.csv");
+        assert_eq!(std::fs::read_to_string(&peers_csv).unwrap(), csv);
+        write(&plain, out.path()).unwrap();
+        assert!(!peers_csv.exists());
     }
 
     #[test]
