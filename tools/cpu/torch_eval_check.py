@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """PyTorch's figures for `kd-runner eval --weights A [--against B]`, computed independently of kd:
-the exported ResNet18 weights (kd's `model.safetensors`, torchvision's key names, any width) load
-strictly into `torch_cpu_train.CifarResNet18`; the CIFAR-10 test split is read from the official
+the exported weights (kd's `model.safetensors`, torchvision's key names: ResNet18, 34 or 50, either
+stem, any width) load strictly into the torchvision-block `CifarResNet` of
+tools/fixtures/make_model_fixtures.py; the CIFAR-10 test split is read from the official
 binary files and normalised by each model's sidecar (`model.json`). Prints top-1, NLL and the
 expected calibration error (15 equal-width bins (k/15, (k+1)/15] of the top-1 confidence, |accuracy
 − mean confidence| weighted by the bin's share: Guo et al. 2017), and with --against the top-1
@@ -19,8 +20,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from torch_cpu_train import CifarResNet18, load_cifar10  # noqa: E402
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(HERE, "..", "fixtures"))
+from make_model_fixtures import ARCHS, CifarResNet  # noqa: E402
+from torch_cpu_train import load_cifar10  # noqa: E402
 
 
 def load_model(path):
@@ -28,9 +32,11 @@ def load_model(path):
     if os.path.isdir(path):
         path = os.path.join(path, "model.safetensors")
     meta = json.load(open(os.path.splitext(path)[0] + ".json"))
-    if meta["arch"] != "resnet18":
-        sys.exit(f"{path}: this check builds ResNet18 only, got {meta['arch']}")
-    model = CifarResNet18(meta["base_width"], meta["stem"] == "cifar-maxpool", meta["num_classes"])
+    if meta["arch"] not in ARCHS:
+        sys.exit(f"{path}: this check builds {sorted(ARCHS)}, got {meta['arch']}")
+    block, layers, _ = ARCHS[meta["arch"]]
+    model = CifarResNet(block, layers, meta["base_width"], meta["num_classes"],
+                        meta["stem"] == "cifar-maxpool")
     state = {k: v for k, v in load_file(path).items() if not k.endswith("num_batches_tracked")}
     model.load_state_dict(state, strict=False)
     missing = set(model.state_dict()) - set(state) - {
@@ -44,7 +50,9 @@ def load_model(path):
 def logits_of(model, meta, images, batch=1000):
     mean = torch.tensor(meta["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(meta["std"]).view(1, 3, 1, 1)
-    out = [model((images[i:i + batch].float() / 255 - mean) / std) for i in range(0, len(images), batch)]
+    # CifarResNet returns (logits, stage features, pooled).
+    out = [model((images[i:i + batch].float() / 255 - mean) / std)[0]
+           for i in range(0, len(images), batch)]
     return torch.cat(out).double()
 
 
