@@ -502,6 +502,9 @@ fn list_names_every_method_and_key() {
             "init_epochs = 30",
             "temperature_range = 20.0",
             "negatives = 16384",
+            // torchvision's parameter count and PyTorch's FLOP counter (kd-models' fixtures).
+            "resnet18       Basic blocks [2, 2, 2, 2]; 11,173,962 params; 0.56 G MACs (cifar), 0.14 G (cifar-maxpool)",
+            "resnet50       Bottleneck blocks [3, 4, 6, 3]; 23,520,842 params; 1.30 G MACs (cifar), 0.33 G (cifar-maxpool)",
         ],
     );
 }

@@ -1,4 +1,5 @@
 //! `kd-runner list`: what can be chosen, one line each, and every config key with its default.
+use candle_core::{DType, Device};
 use kd_models::{Arch, Stem};
 use kd_train::MethodConfig;
 
@@ -56,10 +57,27 @@ pub fn run() -> anyhow::Result<()> {
     println!("  cifar10        CIFAR-10, 50,000 / 10,000 images of 10 classes (`cargo xtask fetch cifar10`)");
     println!("  cifar100       CIFAR-100, 50,000 / 10,000 images of 100 classes (`cargo xtask fetch cifar100`)");
     println!("  folder:PATH    PATH/{{train,test}}/<class>/*.png|jpg");
-    println!("models:");
+    println!("models (width 64, 10 classes, 32×32 images: parameters; multiply-accumulates per image with each stem):");
     for a in Arch::ALL {
         let (kind, depths) = a.blocks();
-        println!("  {:<14} {:?} blocks {:?}", a.name(), kind, depths);
+        // Built on zeros: shapes are all that is read.
+        let cost = |stem| -> anyhow::Result<(usize, u64)> {
+            let cfg = kd_models::ResNetConfig::new(a, stem, 10);
+            let vb = candle_nn::VarBuilder::zeros(DType::F32, &Device::Cpu);
+            let m = kd_models::ResNet::new(&cfg, vb)?;
+            Ok((m.num_params(), m.macs(32, 32).backbone))
+        };
+        let ((params, macs_cifar), (_, macs_maxpool)) =
+            (cost(Stem::Cifar)?, cost(Stem::CifarMaxpool)?);
+        println!(
+            "  {:<14} {:?} blocks {:?}; {} params; {} MACs (cifar), {} (cifar-maxpool)",
+            a.name(),
+            kind,
+            depths,
+            super::report::count(params),
+            super::report::macs(macs_cifar),
+            super::report::macs(macs_maxpool)
+        );
     }
     println!("stems:");
     for s in Stem::ALL {
