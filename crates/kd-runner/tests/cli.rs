@@ -401,20 +401,31 @@ fn suite_then_report_end_to_end() {
         lines[1].starts_with("baseline,none,,2,2,") && lines[2].starts_with("self-byot,byot,,2,2,"),
         "{csv}"
     );
-    // The byot student trains heads it does not deploy: more trainable than deployed parameters.
     let cells: Vec<&str> = lines[2].split(',').collect();
+    let header: Vec<&str> = lines[0].split(',').collect();
+    let col = |name: &str| header.iter().position(|c| *c == name).expect(name);
     // The paired test against the baseline's runs of the same seeds: two pairs at most (none
     // if the two differences happen to be equal).
     assert!(md.contains("same seeds (p)") && lines[0].ends_with("paired_t,paired_p,gpu_peak_mib"));
-    assert_eq!(cells.len(), 32, "{csv}");
+    assert_eq!(cells.len(), header.len(), "{csv}");
     // CPU runs: no GPU memory, and no memory column in the Markdown table.
-    assert_eq!(cells[31], "", "{csv}");
+    assert_eq!(cells[col("gpu_peak_mib")], "", "{csv}");
     assert!(!md.contains("GPU memory"), "{md}");
-    assert!(["", "2"].contains(&cells[27]), "{csv}");
+    assert!(["", "2"].contains(&cells[col("paired_seeds")]), "{csv}");
+    // BYOT's heads cost nothing deployed: the baseline's MACs; no teacher, no teacher MACs.
+    let baseline: Vec<&str> = lines[1].split(',').collect();
+    assert!(
+        cells[col("deploy_macs")].parse::<u64>().unwrap() > 0,
+        "{csv}"
+    );
+    assert_eq!(
+        cells[col("deploy_macs")],
+        baseline[col("deploy_macs")],
+        "{csv}"
+    );
+    assert_eq!(cells[col("teacher_macs")], "", "{csv}");
     // Calibration at the last epoch; no teacher, so no fidelity (its cells empty, "–" in the
     // Markdown table).
-    let header: Vec<&str> = lines[0].split(',').collect();
-    let col = |name: &str| header.iter().position(|c| *c == name).expect(name);
     let ece: f64 = cells[col("ece_mean")].parse().unwrap();
     assert!((0.0..=100.0).contains(&ece), "{csv}");
     assert!(
@@ -429,8 +440,10 @@ fn suite_then_report_end_to_end() {
         .find(|l| l.starts_with("| self-byot |"))
         .unwrap();
     assert!(calibration_row.ends_with("| – | – | – |"), "{md}");
+    // The byot student trains heads it does not deploy: more trainable than deployed parameters.
     assert!(
-        cells[7].parse::<usize>().unwrap() > cells[8].parse::<usize>().unwrap(),
+        cells[col("trainable_params")].parse::<usize>().unwrap()
+            > cells[col("deploy_params")].parse::<usize>().unwrap(),
         "{csv}"
     );
     for plot in [
