@@ -4,7 +4,7 @@
 //! correlation congruence (CC), contrastive representation distillation (CRD), neuron
 //! selectivity transfer (NST), variational information distillation (VID), the overhaul of
 //! feature distillation (OFD), activation boundaries (AB), factor transfer (FT), the FSP matrices and ReviewKD's
-//! hierarchical context loss (HCL).
+//! hierarchical context loss (HCL), and Tf-KD's virtual teacher.
 //!
 //! ```
 //! use candle_core::{Device, Tensor};
@@ -23,6 +23,7 @@ pub mod decoupled;
 pub mod feature;
 pub mod hinton;
 pub mod relation;
+pub mod virtual_teacher;
 
 pub use classification::{cross_entropy, cross_entropy_composed, mixed_cross_entropy, one_hot};
 pub use contrastive::{contrast_scores, l2_normalize, momentum_update, nce_loss};
@@ -37,6 +38,8 @@ pub use relation::{
     cc_loss, pkt_loss, pkt_probabilities, rkd_angle_loss, rkd_distance_loss, similarity_matrix,
     smooth_l1, sp_loss,
 };
+
+pub use virtual_teacher::{virtual_teacher_loss, virtual_teacher_probs};
 
 /// The README's examples, compiled and run as doc tests.
 #[doc = include_str!("../README.md")]

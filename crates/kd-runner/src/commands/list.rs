@@ -32,6 +32,7 @@ pub fn describe(method: &str) -> &'static str {
         "dml" => "online, response: Deep Mutual Learning (Zhang et al. 2018), peers learn from each other",
         "two_view" => "self, response: one image under two augmentations, each view teaching the other",
         "pskd" => "self, response: progressive self-KD (Kim et al. 2021), last epoch's prediction softens the target",
+        "tf_kd_reg" => "self, response: teacher-free KD with a designed teacher (Yuan et al. 2020), correct_prob on the label softened at T; (1−α)·CE + α·(multiplier/K)·KL",
         "cs_kd" => "self, response: class-wise self-KD (Yun et al. 2020), a same-class image teaches",
         _ => "",
     }

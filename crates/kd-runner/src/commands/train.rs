@@ -30,10 +30,10 @@ pub struct TrainArgs {
     /// teacher.path: safetensors with its JSON sidecar (`cargo xtask fetch teacher-cifar10`, or a run's model.safetensors), or a finished run's folder.
     #[arg(long, value_name = "FILE|RUN")]
     pub teacher: Option<PathBuf>,
-    /// method.alpha (kd, kd_byot, dkd, ctkd, pskd).
+    /// method.alpha (kd, kd_byot, dkd, ctkd, pskd, tf_kd_reg).
     #[arg(long)]
     pub alpha: Option<f64>,
-    /// method.temperature (kd, kd_byot, dkd, dist, dml, two_view, cs_kd).
+    /// method.temperature (kd, kd_byot, dkd, dist, dml, two_view, cs_kd, tf_kd_reg).
     #[arg(long)]
     pub temperature: Option<f64>,
     /// A peer trained beside the student (dml), ARCH[:STEM[:WIDTH]]; repeat for more peers.
@@ -160,6 +160,9 @@ impl TrainArgs {
             }
             | MethodConfig::Dkd {
                 alpha, temperature, ..
+            }
+            | MethodConfig::TfKdReg {
+                alpha, temperature, ..
             } => {
                 set(alpha, self.alpha);
                 set(temperature, self.temperature);
@@ -178,7 +181,7 @@ impl TrainArgs {
                 set(temperature, self.temperature);
             }
             _ if self.alpha.is_some() || self.temperature.is_some() => {
-                bail!("--alpha applies to kd, kd_byot, dkd, ctkd and pskd (ctkd learns its temperature), --temperature to kd, kd_byot, dkd, dist, dml, two_view and cs_kd; not to {}", cfg.method.name())
+                bail!("--alpha applies to kd, kd_byot, dkd, ctkd, pskd and tf_kd_reg (ctkd learns its temperature), --temperature to kd, kd_byot, dkd, dist, dml, two_view, cs_kd and tf_kd_reg; not to {}", cfg.method.name())
             }
             _ => {}
         }

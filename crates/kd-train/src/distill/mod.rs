@@ -37,6 +37,7 @@ mod pskd;
 mod reviewkd;
 mod rkd;
 mod sp;
+mod tf_kd_reg;
 mod two_view;
 mod vid;
 
@@ -597,6 +598,18 @@ pub enum MethodConfig {
         /// Temperature.
         temperature: f64,
     },
+    /// Teacher-free KD with a manually designed teacher, Tf-KD_reg (Yuan et al. 2020): the
+    /// label's virtual distribution, softened, regularises the student.
+    TfKdReg {
+        /// The CE weighs 1 − α, the virtual teacher's KL α·multiplier/K.
+        alpha: f64,
+        /// Temperature of the designed distribution.
+        temperature: f64,
+        /// Probability the designed distribution puts on the label.
+        correct_prob: f64,
+        /// The authors' multiplier of their class-averaged KL.
+        multiplier: f64,
+    },
 }
 
 impl MethodConfig {
@@ -688,6 +701,7 @@ impl MethodConfig {
             MethodConfig::TwoView { .. } => "two_view",
             MethodConfig::CsKd { .. } => "cs_kd",
             MethodConfig::Pskd { .. } => "pskd",
+            MethodConfig::TfKdReg { .. } => "tf_kd_reg",
         }
     }
 
@@ -808,15 +822,46 @@ impl MethodConfig {
                 temperature: 4.0,
             },
             "pskd" => MethodConfig::Pskd { alpha: 0.8 },
+            // The authors' ResNet18 on CIFAR-100 (`experiments/base_experiments/base_resnet18`:
+            // reg_alpha 0.1, reg_temperature 20, multiplier 100; correct_prob 0.99 in the code).
+            "tf_kd_reg" => MethodConfig::TfKdReg {
+                alpha: 0.1,
+                temperature: 20.0,
+                correct_prob: 0.99,
+                multiplier: 100.0,
+            },
             _ => return None,
         })
     }
 
     /// Every method name, for `--help` and `kd-runner list`.
-    pub const NAMES: [&'static str; 25] = [
-        "none", "kd", "ctkd", "dkd", "dist", "fitnet", "at", "nst", "vid", "ofd", "ab", "ft",
-        "fsp", "reviewkd", "rkd", "sp", "pkt", "cc", "crd", "byot", "kd_byot", "dml", "two_view",
-        "cs_kd", "pskd",
+    pub const NAMES: [&'static str; 26] = [
+        "none",
+        "kd",
+        "ctkd",
+        "dkd",
+        "dist",
+        "fitnet",
+        "at",
+        "nst",
+        "vid",
+        "ofd",
+        "ab",
+        "ft",
+        "fsp",
+        "reviewkd",
+        "rkd",
+        "sp",
+        "pkt",
+        "cc",
+        "crd",
+        "byot",
+        "kd_byot",
+        "dml",
+        "two_view",
+        "cs_kd",
+        "pskd",
+        "tf_kd_reg",
     ];
 
     /// Builds the method for `student` (and `teacher`), creating its trainable parts under
@@ -1122,6 +1167,31 @@ impl MethodConfig {
                     candle_core::bail!("method pskd makes its own soft targets: set train.label_smoothing = 0 (got {label_smoothing})");
                 }
                 Box::new(pskd::Pskd::new(alpha))
+            }
+            MethodConfig::TfKdReg {
+                alpha,
+                temperature,
+                correct_prob,
+                multiplier,
+            } => {
+                if !(0.0..=1.0).contains(&alpha) {
+                    candle_core::bail!("method tf_kd_reg: alpha must lie in [0, 1], got {alpha}");
+                }
+                if !(correct_prob > 0.0 && correct_prob <= 1.0) {
+                    candle_core::bail!(
+                        "method tf_kd_reg: correct_prob must lie in (0, 1], got {correct_prob}"
+                    );
+                }
+                if !(temperature > 0.0 && temperature.is_finite()) || multiplier.is_nan() {
+                    candle_core::bail!("method tf_kd_reg: temperature must be positive and multiplier a number, got {temperature} and {multiplier}");
+                }
+                Box::new(tf_kd_reg::TfKdReg {
+                    ce,
+                    alpha,
+                    temperature,
+                    correct_prob,
+                    multiplier,
+                })
             }
         })
     }
