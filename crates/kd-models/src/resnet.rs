@@ -130,9 +130,11 @@ impl Conv2d {
             other => unreachable!("a convolution's weight is (K, C, R, S), not {other:?}"),
         };
         let Conv2dGeometry { stride, padding } = self.geometry;
+        // Saturating: a plane smaller than the kernel (no valid network input) counts one
+        // position rather than wrapping around.
         let out = (
-            (h + 2 * padding - r) / stride + 1,
-            (w + 2 * padding - s) / stride + 1,
+            (h + 2 * padding).saturating_sub(r) / stride + 1,
+            (w + 2 * padding).saturating_sub(s) / stride + 1,
         );
         ((k * c * r * s * out.0 * out.1) as u64, out)
     }
