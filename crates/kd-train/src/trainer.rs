@@ -21,6 +21,7 @@ use crate::step::{step_losses, teacher_forward, teacher_forward_parts};
 use kd_schedulers::{Optimizer, OptimizerConfig, Schedule};
 use serde::{Deserialize, Serialize};
 
+use crate::calibration::Calibration;
 use crate::evaluate::{evaluate_against, Reference};
 use crate::metrics::Accuracy;
 use crate::{Result, TrainError};
@@ -146,6 +147,10 @@ pub struct Summary {
     /// Last epoch's expected calibration error on the test split (%).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_ece: Option<f64>,
+    /// Last epoch's confidence bins on the test split, whose |accuracy − confidence| gaps
+    /// make `last_ece`: the data of a reliability diagram (the report draws one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_calibration: Option<Calibration>,
     /// The frozen teacher's own test top-1 on the same test images (%; none without a teacher).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub teacher_top1: Option<f64>,
@@ -231,6 +236,9 @@ struct Progress {
     /// The student's last evaluated epoch, for the summary of a run resumed after it.
     #[serde(default)]
     last_row: Option<EpochMetrics>,
+    /// Its confidence bins on the test split (the summary's reliability diagram).
+    #[serde(default)]
+    last_calibration: Option<Calibration>,
 }
 
 /// The best top-1 before any epoch: below every real one, and finite so that a checkpoint
@@ -568,6 +576,7 @@ pub fn train(
         init_done: false,
         init_seconds: 0.0,
         last_row: None,
+        last_calibration: None,
     };
     method.prepare(&RunInfo {
         train_size: train.split().len(),
@@ -857,6 +866,7 @@ pub fn train(
         progress.epochs_done = epoch + 1;
         progress.last_top1 = last_top1.clone();
         progress.last_row = Some(row.clone());
+        progress.last_calibration = Some(evals[0].calibration.clone());
         if row.test_top1 > progress.best_top1 {
             progress.best_top1 = row.test_top1;
             progress.best_epoch = epoch + 1;
@@ -923,6 +933,7 @@ pub fn train(
         best_epoch: progress.best_epoch,
         last_top1: last_top1[0],
         last_ece: progress.last_row.as_ref().and_then(|r| r.test_ece),
+        last_calibration: progress.last_calibration.clone(),
         teacher_top1: reference.as_ref().map(|r| r.report.acc.top1_pct()),
         teacher_ece: reference.as_ref().map(|r| r.report.calibration.ece_pct()),
         last_teacher_agreement: progress.last_row.as_ref().and_then(|r| r.teacher_agreement),

@@ -781,6 +781,14 @@ fn a_teacher_run_records_calibration_and_fidelity_and_resumes_over_older_rows() 
     let ece = last.test_ece.unwrap();
     assert!((0.0..=100.0).contains(&ece), "{ece}");
     assert_eq!(s.last_ece, Some(ece));
+    // The summary's confidence bins are that evaluation's: every test image, the same ECE.
+    let bins = s.last_calibration.as_ref().unwrap();
+    assert_eq!(bins.total(), task.test.split().len());
+    assert!(
+        (bins.ece_pct() - ece).abs() < 1e-9,
+        "{} vs {ece}",
+        bins.ece_pct()
+    );
     assert_eq!(s.last_teacher_agreement, last.teacher_agreement);
     assert_eq!(s.last_teacher_kl, last.teacher_kl);
     assert!(last.teacher_kl.unwrap() >= 0.0);

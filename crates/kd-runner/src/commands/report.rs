@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
-use kd_train::{EpochMetrics, Summary};
+use kd_train::{Calibration, EpochMetrics, Summary};
 use plotters::prelude::*;
 
 use crate::experiment::RunInfo;
@@ -96,6 +96,9 @@ pub struct Row {
     pub peers: Vec<PeerRow>,
     /// The most GPU memory any of the row's runs held at once (MiB; `None` for CPU runs).
     pub gpu_peak_mib: Option<f64>,
+    /// The last epoch's confidence bins, summed over the runs that recorded them: the
+    /// reliability diagram's data.
+    pub calibration: Option<Calibration>,
 }
 
 /// A row's last-epoch calibration and fidelity, mean and std over the runs that recorded each
@@ -149,6 +152,21 @@ pub struct PeerRow {
     pub agreement: Option<(f64, f64)>,
     /// Last epoch's KL(student ‖ peer) (nats).
     pub kl: Option<(f64, f64)>,
+}
+
+/// The runs' last-epoch confidence bins added up (the seeds pooled); none if no run has them.
+fn pooled_calibration(runs: &[&RunRecord]) -> Option<Calibration> {
+    runs.iter()
+        .filter_map(|r| r.summary.last_calibration.as_ref())
+        .cloned()
+        .reduce(|mut sum, c| {
+            for (a, b) in sum.bins.iter_mut().zip(&c.bins) {
+                a.count += b.count;
+                a.confidence_sum += b.confidence_sum;
+                a.correct += b.correct;
+            }
+            sum
+        })
 }
 
 /// The peers of a row's runs, matched by name, in the first run's order.
@@ -348,6 +366,7 @@ pub fn table(runs: &[RunRecord]) -> Report {
                     .iter()
                     .filter_map(|r| r.summary.gpu_peak_mib)
                     .reduce(f64::max),
+                calibration: pooled_calibration(&g),
             }
         })
         .collect();
@@ -611,6 +630,16 @@ impl Report {
     }
 }
 
+/// Removes `path`, a file an earlier report wrote that this one has no data for; absent is fine.
+fn remove_stale(path: &Path) -> anyhow::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("removing the stale {}", path.display()))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Writes report.md, report.csv (report_peers.csv with online methods) and the plots (PNG and SVG) into `out`; each file under a
 /// temporary name first, then renamed.
 pub fn write(report: &Report, out: &Path) -> anyhow::Result<Vec<PathBuf>> {
@@ -623,14 +652,7 @@ pub fn write(report: &Report, out: &Path) -> anyhow::Result<Vec<PathBuf>> {
     match report.peers_csv() {
         Some(peers) => tables.push(("report_peers.csv", peers)),
         // A peers' table from an earlier report over other runs would describe none of these.
-        None => match std::fs::remove_file(out.join("report_peers.csv")) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                return Err(e).with_context(|| {
-                    format!("removing the stale report_peers.csv in {}", out.display())
-                })
-            }
-            _ => {}
-        },
+        None => remove_stale(&out.join("report_peers.csv"))?,
     }
     for (name, text) in tables {
         let p = out.join(name);
@@ -638,7 +660,17 @@ pub fn write(report: &Report, out: &Path) -> anyhow::Result<Vec<PathBuf>> {
         written.push(p);
     }
     register_font();
-    for plot in [Plot::PerEpoch, Plot::VsTime, Plot::VsParams] {
+    let mut plots = vec![Plot::PerEpoch, Plot::VsTime, Plot::VsParams];
+    // The reliability diagram where some run recorded its confidence bins; else none, not an
+    // earlier report's.
+    if report.rows.iter().any(|r| r.calibration.is_some()) {
+        plots.push(Plot::Reliability);
+    } else {
+        for ext in ["png", "svg"] {
+            remove_stale(&out.join(format!("{}.{ext}", Plot::Reliability.file())))?;
+        }
+    }
+    for plot in plots {
         for ext in ["png", "svg"] {
             let p = out.join(format!("{}.{ext}", plot.file()));
             let tmp = out.join(format!(".{}.part.{ext}", plot.file()));
@@ -670,6 +702,7 @@ enum Plot {
     PerEpoch,
     VsTime,
     VsParams,
+    Reliability,
 }
 
 impl Plot {
@@ -678,6 +711,7 @@ impl Plot {
             Plot::PerEpoch => "accuracy_per_epoch",
             Plot::VsTime => "accuracy_vs_time",
             Plot::VsParams => "accuracy_vs_params",
+            Plot::Reliability => "reliability",
         }
     }
 }
@@ -775,6 +809,65 @@ fn draw_inner<DB: DrawingBackend>(
                 .position(SeriesLabelPosition::LowerRight)
                 .draw()?;
         }
+        Plot::Reliability => {
+            let mut chart = ChartBuilder::on(root)
+                .caption(
+                    "Reliability on the test split, last epoch (seeds pooled, 15 bins; larger markers hold more images)",
+                    ("sans-serif", 24),
+                )
+                .margin(16)
+                .x_label_area_size(40)
+                .y_label_area_size(56)
+                .build_cartesian_2d(0f64..100f64, 0f64..100f64)?;
+            chart
+                .configure_mesh()
+                .x_desc("mean top-1 confidence in the bin (%)")
+                .y_desc("top-1 accuracy in the bin (%)")
+                .label_style(("sans-serif", 14))
+                .draw()?;
+            // Perfect calibration.
+            chart.draw_series(LineSeries::new(
+                [(0.0, 0.0), (100.0, 100.0)],
+                BLACK.mix(0.4).stroke_width(1),
+            ))?;
+            for (i, r) in rows.iter().enumerate() {
+                let Some(cal) = &r.calibration else { continue };
+                let c = color(i);
+                let total = cal.total().max(1) as f64;
+                // (confidence, accuracy, share of the images) of each non-empty bin.
+                let pts: Vec<(f64, f64, f64)> = cal
+                    .bins
+                    .iter()
+                    .filter(|b| b.count > 0)
+                    .map(|b| {
+                        let n = b.count as f64;
+                        let conf = 100.0 * b.confidence_sum / n;
+                        (conf, 100.0 * b.correct as f64 / n, n / total)
+                    })
+                    .collect();
+                chart
+                    .draw_series(LineSeries::new(
+                        pts.iter().map(|&(x, y, _)| (x, y)),
+                        c.stroke_width(2),
+                    ))?
+                    .label(format!("{} (pooled ECE {:.2}%)", r.label, cal.ece_pct()))
+                    .legend(move |(x, y)| {
+                        PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2))
+                    });
+                // A marker's area follows its bin's share of the images: a bin of a few images
+                // (a noisy accuracy) stays small.
+                chart.draw_series(pts.into_iter().map(|(x, y, share)| {
+                    Circle::new((x, y), (2.0 + 12.0 * share.sqrt()) as i32, c.filled())
+                }))?;
+            }
+            chart
+                .configure_series_labels()
+                .background_style(WHITE.mix(0.85))
+                .border_style(BLACK)
+                .label_font(("sans-serif", 14))
+                .position(SeriesLabelPosition::UpperLeft)
+                .draw()?;
+        }
         Plot::VsTime | Plot::VsParams => {
             let (title, xdesc) = match plot {
                 Plot::VsTime => ("Best test top-1 against training time", "training time (s)"),
@@ -868,6 +961,7 @@ mod tests {
                 best_epoch: 1,
                 last_top1: last,
                 last_ece: None,
+                last_calibration: None,
                 teacher_top1: None,
                 teacher_ece: None,
                 last_teacher_agreement: None,
@@ -1030,6 +1124,44 @@ mod tests {
         assert_eq!(kd[col("deploy_macs")], "555422720");
         assert_eq!(kd[col("teacher_macs")], "1297829888");
         assert_eq!(line("baseline,")[col("teacher_macs")], "");
+    }
+
+    /// The seeds' confidence bins are added up for the reliability diagram, drawn only where
+    /// some run recorded them; a later report without them leaves no diagram behind.
+    #[test]
+    fn reliability_diagram_pools_the_seeds_bins() {
+        let with_bins = |seed, confidences: &[(f64, bool)]| {
+            let mut r = run("kd", "kd", Some(seed), 50.0);
+            let mut c = Calibration::new();
+            for &(p, right) in confidences {
+                c.add(p, right);
+            }
+            r.summary.last_calibration = Some(c);
+            r
+        };
+        let report = table(&[
+            run("baseline", "none", Some(0), 50.0),
+            with_bins(0, &[(0.62, true), (0.95, true)]),
+            with_bins(1, &[(0.66, false), (0.99, true)]),
+        ]);
+        let row = |l: &str| report.rows.iter().find(|r| r.label == l).unwrap();
+        assert_eq!(row("baseline").calibration, None);
+        // Calibration's own hand-worked example, split over two seeds: 8.5% pooled.
+        let pooled = row("kd").calibration.as_ref().unwrap();
+        assert_eq!(pooled.total(), 4);
+        assert_eq!((pooled.bins[9].count, pooled.bins[9].correct), (2, 1));
+        assert!((pooled.ece_pct() - 8.5).abs() < 1e-9);
+        let out = tempfile::tempdir().unwrap();
+        let written = write(&report, out.path()).unwrap();
+        let diagram = out.path().join("reliability.png");
+        assert!(written.contains(&diagram) && diagram.is_file());
+        assert!(out.path().join("reliability.svg").is_file());
+        write(
+            &table(&[run("baseline", "none", Some(0), 50.0)]),
+            out.path(),
+        )
+        .unwrap();
+        assert!(!diagram.exists() && !out.path().join("reliability.svg").exists());
     }
 
     #[test]
