@@ -599,6 +599,36 @@ impl Report {
         s
     }
 
+    /// The reliability diagram's data as CSV, one line per (row, non-empty bin): the bin's
+    /// confidence range, images, mean confidence and accuracy (%), the seeds pooled; none
+    /// without confidence bins.
+    pub fn reliability_csv(&self) -> Option<String> {
+        let mut s = String::from(
+            "label,method,variant,bin,confidence_low,confidence_high,images,mean_confidence,accuracy\n",
+        );
+        let width = 100.0 / Calibration::BINS as f64;
+        let mut any = false;
+        for r in &self.rows {
+            let Some(cal) = &r.calibration else { continue };
+            any = true;
+            for (k, b) in cal.bins.iter().enumerate().filter(|(_, b)| b.count > 0) {
+                let n = b.count as f64;
+                s += &format!(
+                    "{},{},{},{k},{:.4},{:.4},{},{:.4},{:.4}\n",
+                    r.label,
+                    r.method,
+                    r.variant,
+                    k as f64 * width,
+                    (k + 1) as f64 * width,
+                    b.count,
+                    100.0 * b.confidence_sum / n,
+                    100.0 * b.correct as f64 / n
+                );
+            }
+        }
+        any.then_some(s)
+    }
+
     /// The peers' table as CSV, one line per (row, peer); none without online methods.
     pub fn peers_csv(&self) -> Option<String> {
         if self.rows.iter().all(|r| r.peers.is_empty()) {
@@ -653,6 +683,10 @@ pub fn write(report: &Report, out: &Path) -> anyhow::Result<Vec<PathBuf>> {
         Some(peers) => tables.push(("report_peers.csv", peers)),
         // A peers' table from an earlier report over other runs would describe none of these.
         None => remove_stale(&out.join("report_peers.csv"))?,
+    }
+    match report.reliability_csv() {
+        Some(bins) => tables.push(("report_reliability.csv", bins)),
+        None => remove_stale(&out.join("report_reliability.csv"))?,
     }
     for (name, text) in tables {
         let p = out.join(name);
@@ -1151,17 +1185,30 @@ mod tests {
         assert_eq!(pooled.total(), 4);
         assert_eq!((pooled.bins[9].count, pooled.bins[9].correct), (2, 1));
         assert!((pooled.ece_pct() - 8.5).abs() < 1e-9);
+        // Its CSV: the two non-empty bins of the kd row, none of the baseline.
+        let csv = report.reliability_csv().unwrap();
+        let lines: Vec<&str> = csv.lines().collect();
+        assert_eq!(
+            lines[1..],
+            [
+                "kd,kd,,9,60.0000,66.6667,2,64.0000,50.0000",
+                "kd,kd,,14,93.3333,100.0000,2,97.0000,100.0000"
+            ],
+            "{csv}"
+        );
         let out = tempfile::tempdir().unwrap();
         let written = write(&report, out.path()).unwrap();
         let diagram = out.path().join("reliability.png");
         assert!(written.contains(&diagram) && diagram.is_file());
         assert!(out.path().join("reliability.svg").is_file());
+        assert!(out.path().join("report_reliability.csv").is_file());
         write(
             &table(&[run("baseline", "none", Some(0), 50.0)]),
             out.path(),
         )
         .unwrap();
         assert!(!diagram.exists() && !out.path().join("reliability.svg").exists());
+        assert!(!out.path().join("report_reliability.csv").exists());
     }
 
     #[test]
