@@ -68,6 +68,15 @@ impl Calibration {
         Ok(())
     }
 
+    /// Adds `other`'s images (another evaluation, another seed): the bins of both together.
+    pub fn merge(&mut self, other: &Calibration) {
+        for (a, b) in self.bins.iter_mut().zip(&other.bins) {
+            a.count += b.count;
+            a.confidence_sum += b.confidence_sum;
+            a.correct += b.correct;
+        }
+    }
+
     /// Images seen.
     pub fn total(&self) -> usize {
         self.bins.iter().map(|b| b.count).sum()
@@ -118,6 +127,27 @@ mod tests {
         assert_eq!(c.bins[14].count, 2);
         assert!((c.ece_pct() - 8.5).abs() < 1e-9, "{}", c.ece_pct());
         assert!((c.mean_confidence_pct() - 80.5).abs() < 1e-9);
+    }
+
+    /// Merging two halves of the hand-worked example gives the whole.
+    #[test]
+    fn merged_halves_are_the_whole() {
+        let (mut a, mut b, mut whole) =
+            (Calibration::new(), Calibration::new(), Calibration::new());
+        for (i, &(p, right)) in [(0.62, true), (0.66, false), (0.95, true), (0.99, true)]
+            .iter()
+            .enumerate()
+        {
+            whole.add(p, right);
+            if i % 2 == 0 {
+                a.add(p, right)
+            } else {
+                b.add(p, right)
+            }
+        }
+        a.merge(&b);
+        assert_eq!(a, whole);
+        assert!((a.ece_pct() - 8.5).abs() < 1e-9);
     }
 
     /// A bin holds its upper edge: 0.2 = 3/15 is in bin 2, 1.0 in the last one.

@@ -119,10 +119,8 @@ pub struct LastEval {
 
 impl LastEval {
     fn of(runs: &[&RunRecord]) -> Self {
-        let stat = |f: &dyn Fn(&RunRecord) -> Option<f64>| {
-            let v: Vec<f64> = runs.iter().filter_map(|r| f(r)).collect();
-            (!v.is_empty()).then(|| mean_std(&v))
-        };
+        let stat =
+            |f: &dyn Fn(&RunRecord) -> Option<f64>| mean_std_present(runs.iter().map(|r| f(r)));
         LastEval {
             nll: stat(&|r| r.epochs.last().map(|e| e.test_loss)),
             ece: stat(&|r| r.summary.last_ece),
@@ -157,14 +155,9 @@ pub struct PeerRow {
 /// The runs' last-epoch confidence bins added up (the seeds pooled); none if no run has them.
 fn pooled_calibration(runs: &[&RunRecord]) -> Option<Calibration> {
     runs.iter()
-        .filter_map(|r| r.summary.last_calibration.as_ref())
-        .cloned()
+        .filter_map(|r| r.summary.last_calibration.clone())
         .reduce(|mut sum, c| {
-            for (a, b) in sum.bins.iter_mut().zip(&c.bins) {
-                a.count += b.count;
-                a.confidence_sum += b.confidence_sum;
-                a.correct += b.correct;
-            }
+            sum.merge(&c);
             sum
         })
 }
@@ -186,10 +179,8 @@ fn peer_rows(runs: &[&RunRecord]) -> Vec<PeerRow> {
             let stat = |f: fn(&kd_train::PeerSummary) -> f64| {
                 mean_std(&of_runs.iter().map(|q| f(q)).collect::<Vec<_>>())
             };
-            // Figures runs of older kd lack: over the runs that have them.
             let stat_opt = |f: fn(&kd_train::PeerSummary) -> Option<f64>| {
-                let v: Vec<f64> = of_runs.iter().filter_map(|q| f(q)).collect();
-                (!v.is_empty()).then(|| mean_std(&v))
+                mean_std_present(of_runs.iter().map(|q| f(q)))
             };
             PeerRow {
                 name: p.name.clone(),
@@ -222,6 +213,13 @@ fn mean_std(v: &[f64]) -> (f64, f64) {
         0.0
     };
     (mean, std)
+}
+
+/// Mean and sample std of the values present (runs of older kd lack the newer figures); none
+/// without any.
+fn mean_std_present(values: impl Iterator<Item = Option<f64>>) -> Option<(f64, f64)> {
+    let v: Vec<f64> = values.flatten().collect();
+    (!v.is_empty()).then(|| mean_std(&v))
 }
 
 fn read_run(dir: &Path) -> anyhow::Result<RunRecord> {
@@ -670,7 +668,8 @@ fn remove_stale(path: &Path) -> anyhow::Result<()> {
     }
 }
 
-/// Writes report.md, report.csv (report_peers.csv with online methods) and the plots (PNG and SVG) into `out`; each file under a
+/// Writes report.md, report.csv (report_peers.csv with online methods, report_reliability.csv
+/// with confidence bins) and the plots (PNG and SVG) into `out`; each file under a
 /// temporary name first, then renamed.
 pub fn write(report: &Report, out: &Path) -> anyhow::Result<Vec<PathBuf>> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
