@@ -106,15 +106,15 @@ pub struct Row {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct LastEval {
     /// Test cross-entropy (NLL, nats).
-    pub nll: Option<(f64, f64)>,
+    pub nll: Option<Spread>,
     /// Expected calibration error (%).
-    pub ece: Option<(f64, f64)>,
+    pub ece: Option<Spread>,
     /// The teacher's own test top-1 (%).
-    pub teacher_top1: Option<(f64, f64)>,
+    pub teacher_top1: Option<Spread>,
     /// Top-1 agreement with the teacher (%).
-    pub agreement: Option<(f64, f64)>,
+    pub agreement: Option<Spread>,
     /// KL(teacher ‖ student) (nats).
-    pub kl: Option<(f64, f64)>,
+    pub kl: Option<Spread>,
 }
 
 impl LastEval {
@@ -145,11 +145,11 @@ pub struct PeerRow {
     /// Last test top-1 mean and std (%).
     pub last: (f64, f64),
     /// Last epoch's expected calibration error (%), over the runs that recorded it.
-    pub ece: Option<(f64, f64)>,
+    pub ece: Option<Spread>,
     /// Last epoch's top-1 agreement with the student (%).
-    pub agreement: Option<(f64, f64)>,
+    pub agreement: Option<Spread>,
     /// Last epoch's KL(student ‖ peer) (nats).
-    pub kl: Option<(f64, f64)>,
+    pub kl: Option<Spread>,
 }
 
 /// The runs' last-epoch confidence bins added up (the seeds pooled); none if no run has them.
@@ -217,9 +217,28 @@ fn mean_std(v: &[f64]) -> (f64, f64) {
 
 /// Mean and sample std of the values present (runs of older kd lack the newer figures); none
 /// without any.
-fn mean_std_present(values: impl Iterator<Item = Option<f64>>) -> Option<(f64, f64)> {
+fn mean_std_present(values: impl Iterator<Item = Option<f64>>) -> Option<Spread> {
     let v: Vec<f64> = values.flatten().collect();
-    (!v.is_empty()).then(|| mean_std(&v))
+    (!v.is_empty()).then(|| {
+        let (mean, std) = mean_std(&v);
+        Spread {
+            mean,
+            std,
+            n: v.len(),
+        }
+    })
+}
+
+/// Mean and sample std of a figure over the runs of a row that recorded it, and how many did
+/// (fewer than the row's runs where some were written by an older kd).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Spread {
+    /// Mean.
+    pub mean: f64,
+    /// Sample standard deviation (0 for one value).
+    pub std: f64,
+    /// Values it was computed from.
+    pub n: usize,
 }
 
 fn read_run(dir: &Path) -> anyhow::Result<RunRecord> {
@@ -421,8 +440,9 @@ fn pm_digits(v: (f64, f64), runs: usize, digits: usize) -> String {
 }
 
 /// [`pm_digits`] of a figure some runs may lack: `–` where none has it.
-fn pm_opt(v: Option<(f64, f64)>, runs: usize, digits: usize) -> String {
-    v.map_or_else(|| "–".into(), |v| pm_digits(v, runs, digits))
+/// [`pm_digits`] of a figure some runs may lack: ± only where two or more runs have it.
+fn pm_opt(v: Option<Spread>, digits: usize) -> String {
+    v.map_or_else(|| "–".into(), |v| pm_digits((v.mean, v.std), v.n, digits))
 }
 
 /// `p = …` to two significant digits, `p < 0.001` below that.
@@ -436,8 +456,11 @@ fn p_value(p: f64) -> String {
 }
 
 /// `mean,std` CSV cells of a figure some runs may lack (two empty cells where none has it).
-fn csv_pair(v: Option<(f64, f64)>, digits: usize) -> String {
-    v.map_or_else(|| ",".into(), |(m, s)| format!("{m:.digits$},{s:.digits$}"))
+fn csv_pair(v: Option<Spread>, digits: usize) -> String {
+    v.map_or_else(
+        || ",".into(),
+        |v| format!("{:.digits$},{:.digits$}", v.mean, v.std),
+    )
 }
 
 /// Multiply-accumulates in G (from 0.1 G) or M: "0.56 G", "35.05 M".
@@ -523,11 +546,11 @@ impl Report {
                 s += &format!(
                     "| {} | {} | {} | {} | {} | {} |\n",
                     r.label,
-                    pm_opt(e.nll, r.runs, 4),
-                    pm_opt(e.ece, r.runs, 2),
-                    pm_opt(e.teacher_top1, r.runs, 2),
-                    pm_opt(e.agreement, r.runs, 2),
-                    pm_opt(e.kl, r.runs, 4)
+                    pm_opt(e.nll, 4),
+                    pm_opt(e.ece, 2),
+                    pm_opt(e.teacher_top1, 2),
+                    pm_opt(e.agreement, 2),
+                    pm_opt(e.kl, 4)
                 );
             }
         }
@@ -543,9 +566,9 @@ impl Report {
                         count(p.params),
                         pm(p.best, r.runs),
                         pm(p.last, r.runs),
-                        pm_opt(p.ece, r.runs, 2),
-                        pm_opt(p.agreement, r.runs, 2),
-                        pm_opt(p.kl, r.runs, 4)
+                        pm_opt(p.ece, 2),
+                        pm_opt(p.agreement, 2),
+                        pm_opt(p.kl, 4)
                     );
                 }
             }
@@ -582,7 +605,7 @@ impl Report {
                 csv_pair(r.last_eval.ece, 4),
                 r.last_eval
                     .teacher_top1
-                    .map(|v| format!("{:.4}", v.0))
+                    .map(|v| format!("{:.4}", v.mean))
                     .unwrap_or_default(),
                 csv_pair(r.last_eval.agreement, 4),
                 csv_pair(r.last_eval.kl, 6),
@@ -1027,7 +1050,7 @@ mod tests {
                 last_top1: peer_last,
                 last_ece: Some(peer_last / 20.0),
                 last_student_agreement: Some(peer_last + 30.0),
-                // A run of older kd has none: the other's alone counts.
+                // A run of older kd has none: the other's alone counts, with no spread.
                 last_student_kl: (seed == 0).then_some(0.125),
             });
             r
@@ -1040,7 +1063,7 @@ mod tests {
         let md = report.markdown();
         assert!(md.contains("Peers trained beside the student"), "{md}");
         assert!(
-            md.contains("| dml | peer1 | resnet18 | 2,797,610 | 58.00 ± 1.41 | 57.00 ± 1.41 | 2.85 ± 0.07 | 87.00 ± 1.41 | 0.1250 ± 0.0000 |"),
+            md.contains("| dml | peer1 | resnet18 | 2,797,610 | 58.00 ± 1.41 | 57.00 ± 1.41 | 2.85 ± 0.07 | 87.00 ± 1.41 | 0.1250 |"),
             "{md}"
         );
         let csv = report.peers_csv().unwrap();
