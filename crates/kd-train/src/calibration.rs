@@ -20,6 +20,21 @@ pub struct CalibrationBin {
     pub correct: usize,
 }
 
+impl CalibrationBin {
+    /// Mean top-1 confidence of its images, in percent (0 for an empty bin).
+    pub fn mean_confidence_pct(&self) -> f64 {
+        match self.count {
+            0 => 0.0,
+            n => 100.0 * self.confidence_sum / n as f64,
+        }
+    }
+
+    /// Top-1 accuracy of its images, in percent (0 for an empty bin).
+    pub fn accuracy_pct(&self) -> f64 {
+        crate::metrics::pct(self.correct, self.count)
+    }
+}
+
 /// Running confidence bins of one evaluation.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Calibration {
@@ -127,6 +142,15 @@ mod tests {
         assert_eq!(c.bins[14].count, 2);
         assert!((c.ece_pct() - 8.5).abs() < 1e-9, "{}", c.ece_pct());
         assert!((c.mean_confidence_pct() - 80.5).abs() < 1e-9);
+        assert!((c.bins[9].mean_confidence_pct() - 64.0).abs() < 1e-9);
+        assert_eq!(
+            (c.bins[9].accuracy_pct(), c.bins[14].accuracy_pct()),
+            (50.0, 100.0)
+        );
+        assert_eq!(
+            (c.bins[0].mean_confidence_pct(), c.bins[0].accuracy_pct()),
+            (0.0, 0.0)
+        );
     }
 
     /// Merging two halves of the hand-worked example gives the whole.

@@ -62,9 +62,6 @@ impl Reference {
         forward: impl Fn(&Tensor) -> candle_core::Result<ModelOutput>,
         against: Option<&Reference>,
     ) -> Result<Self> {
-        if let Some(r) = against {
-            r.check_covers(loader)?;
-        }
         let mut logits = Vec::with_capacity(loader.num_batches());
         let report = run(loader, num_classes, forward, against, Some(&mut logits))?;
         Ok(Reference { report, logits })
@@ -101,7 +98,6 @@ pub fn evaluate_against(
     forward: impl Fn(&Tensor) -> candle_core::Result<ModelOutput>,
     reference: &Reference,
 ) -> Result<EvalReport> {
-    reference.check_covers(loader)?;
     run(loader, num_classes, forward, Some(reference), None)
 }
 
@@ -112,6 +108,9 @@ fn run(
     reference: Option<&Reference>,
     mut keep: Option<&mut Vec<Tensor>>,
 ) -> Result<EvalReport> {
+    if let Some(r) = reference {
+        r.check_covers(loader)?;
+    }
     let t = Instant::now();
     let mut acc = Accuracy::new(num_classes);
     let mut calibration = Calibration::new();

@@ -439,8 +439,8 @@ fn pm_digits(v: (f64, f64), runs: usize, digits: usize) -> String {
     }
 }
 
-/// [`pm_digits`] of a figure some runs may lack: `–` where none has it.
-/// [`pm_digits`] of a figure some runs may lack: ± only where two or more runs have it.
+/// [`pm_digits`] of a figure some runs may lack: `–` where none has it, ± only where two or
+/// more runs have it.
 fn pm_opt(v: Option<Spread>, digits: usize) -> String {
     v.map_or_else(|| "–".into(), |v| pm_digits((v.mean, v.std), v.n, digits))
 }
@@ -633,7 +633,6 @@ impl Report {
             let Some(cal) = &r.calibration else { continue };
             any = true;
             for (k, b) in cal.bins.iter().enumerate().filter(|(_, b)| b.count > 0) {
-                let n = b.count as f64;
                 s += &format!(
                     "{},{},{},{k},{:.4},{:.4},{},{:.4},{:.4}\n",
                     r.label,
@@ -642,8 +641,8 @@ impl Report {
                     k as f64 * width,
                     (k + 1) as f64 * width,
                     b.count,
-                    100.0 * b.confidence_sum / n,
-                    100.0 * b.correct as f64 / n
+                    b.mean_confidence_pct(),
+                    b.accuracy_pct()
                 );
             }
         }
@@ -812,6 +811,65 @@ fn span(v: impl Iterator<Item = f64> + Clone) -> (f64, f64) {
     (lo - pad, hi + pad)
 }
 
+/// A chart with f64 axes.
+type Chart<'a, DB> = ChartContext<
+    'a,
+    DB,
+    Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>,
+>;
+
+/// Every plot's frame: its caption, margins and label areas, axes over `x` and `y`.
+fn cartesian<'a, DB: DrawingBackend>(
+    root: &'a DrawingArea<DB, plotters::coord::Shift>,
+    caption: &str,
+    x: std::ops::Range<f64>,
+    y: std::ops::Range<f64>,
+) -> Result<Chart<'a, DB>, DrawingAreaErrorKind<DB::ErrorType>> {
+    ChartBuilder::on(root)
+        .caption(caption, ("sans-serif", 24))
+        .margin(16)
+        .x_label_area_size(40)
+        .y_label_area_size(56)
+        .build_cartesian_2d(x, y)
+}
+
+/// One labelled line through `points` (x, y, marker radius), a filled marker at each, and its
+/// legend entry.
+fn draw_line<'a, DB: DrawingBackend + 'a>(
+    chart: &mut Chart<'a, DB>,
+    label: String,
+    color: RGBAColor,
+    points: &[(f64, f64, i32)],
+) -> DrawResult<DB> {
+    chart
+        .draw_series(LineSeries::new(
+            points.iter().map(|&(x, y, _)| (x, y)),
+            color.stroke_width(2),
+        ))?
+        .label(label)
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
+    chart.draw_series(
+        points
+            .iter()
+            .map(|&(x, y, r)| Circle::new((x, y), r, color.filled())),
+    )?;
+    Ok(())
+}
+
+/// The lines' legend at `position`.
+fn draw_legend<'a, DB: DrawingBackend + 'a>(
+    chart: &mut Chart<'a, DB>,
+    position: SeriesLabelPosition,
+) -> DrawResult<DB> {
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 14))
+        .position(position)
+        .draw()
+}
+
 fn draw_inner<DB: DrawingBackend>(
     report: &Report,
     plot: Plot,
@@ -824,15 +882,12 @@ fn draw_inner<DB: DrawingBackend>(
         Plot::PerEpoch => {
             let max_epoch = rows.iter().map(|r| r.curve.len()).max().unwrap_or(1).max(1);
             let (lo, hi) = span(rows.iter().flat_map(|r| r.curve.iter().copied()));
-            let mut chart = ChartBuilder::on(root)
-                .caption("Test top-1 per epoch (mean over seeds)", ("sans-serif", 24))
-                .margin(16)
-                .x_label_area_size(40)
-                .y_label_area_size(56)
-                .build_cartesian_2d(
-                    1f64..(max_epoch as f64).max(1.5),
-                    lo.max(0.0)..hi.min(100.0),
-                )?;
+            let mut chart = cartesian(
+                root,
+                "Test top-1 per epoch (mean over seeds)",
+                1f64..(max_epoch as f64).max(1.5),
+                lo.max(0.0)..hi.min(100.0),
+            )?;
             chart
                 .configure_mesh()
                 .x_desc("epoch")
@@ -842,39 +897,23 @@ fn draw_inner<DB: DrawingBackend>(
                 .label_style(("sans-serif", 14))
                 .draw()?;
             for (i, r) in rows.iter().enumerate() {
-                let c = color(i);
-                let pts: Vec<(f64, f64)> = r
+                let pts: Vec<(f64, f64, i32)> = r
                     .curve
                     .iter()
                     .enumerate()
-                    .map(|(e, &a)| (e as f64 + 1.0, a))
+                    .map(|(e, &a)| (e as f64 + 1.0, a, 3))
                     .collect();
-                chart
-                    .draw_series(LineSeries::new(pts.clone(), c.stroke_width(2)))?
-                    .label(r.label.clone())
-                    .legend(move |(x, y)| {
-                        PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2))
-                    });
-                chart.draw_series(pts.into_iter().map(|p| Circle::new(p, 3, c.filled())))?;
+                draw_line(&mut chart, r.label.clone(), color(i), &pts)?;
             }
-            chart
-                .configure_series_labels()
-                .background_style(WHITE.mix(0.85))
-                .border_style(BLACK)
-                .label_font(("sans-serif", 14))
-                .position(SeriesLabelPosition::LowerRight)
-                .draw()?;
+            draw_legend(&mut chart, SeriesLabelPosition::LowerRight)?;
         }
         Plot::Reliability => {
-            let mut chart = ChartBuilder::on(root)
-                .caption(
-                    "Reliability on the test split, last epoch (seeds pooled, 15 bins; larger markers hold more images)",
-                    ("sans-serif", 24),
-                )
-                .margin(16)
-                .x_label_area_size(40)
-                .y_label_area_size(56)
-                .build_cartesian_2d(0f64..100f64, 0f64..100f64)?;
+            let mut chart = cartesian(
+                root,
+                "Reliability on the test split, last epoch (seeds pooled, 15 bins; larger markers hold more images)",
+                0f64..100f64,
+                0f64..100f64,
+            )?;
             chart
                 .configure_mesh()
                 .x_desc("mean top-1 confidence in the bin (%)")
@@ -888,41 +927,24 @@ fn draw_inner<DB: DrawingBackend>(
             ))?;
             for (i, r) in rows.iter().enumerate() {
                 let Some(cal) = &r.calibration else { continue };
-                let c = color(i);
                 let total = cal.total().max(1) as f64;
-                // (confidence, accuracy, share of the images) of each non-empty bin.
-                let pts: Vec<(f64, f64, f64)> = cal
+                // Each non-empty bin at (confidence, accuracy); a marker's area follows its
+                // bin's share of the images, so a bin of a few images (a noisy accuracy) stays
+                // small.
+                let pts: Vec<(f64, f64, i32)> = cal
                     .bins
                     .iter()
                     .filter(|b| b.count > 0)
                     .map(|b| {
-                        let n = b.count as f64;
-                        let conf = 100.0 * b.confidence_sum / n;
-                        (conf, 100.0 * b.correct as f64 / n, n / total)
+                        let share = b.count as f64 / total;
+                        let radius = (2.0 + 12.0 * share.sqrt()) as i32;
+                        (b.mean_confidence_pct(), b.accuracy_pct(), radius)
                     })
                     .collect();
-                chart
-                    .draw_series(LineSeries::new(
-                        pts.iter().map(|&(x, y, _)| (x, y)),
-                        c.stroke_width(2),
-                    ))?
-                    .label(format!("{} (pooled ECE {:.2}%)", r.label, cal.ece_pct()))
-                    .legend(move |(x, y)| {
-                        PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2))
-                    });
-                // A marker's area follows its bin's share of the images: a bin of a few images
-                // (a noisy accuracy) stays small.
-                chart.draw_series(pts.into_iter().map(|(x, y, share)| {
-                    Circle::new((x, y), (2.0 + 12.0 * share.sqrt()) as i32, c.filled())
-                }))?;
+                let label = format!("{} (pooled ECE {:.2}%)", r.label, cal.ece_pct());
+                draw_line(&mut chart, label, color(i), &pts)?;
             }
-            chart
-                .configure_series_labels()
-                .background_style(WHITE.mix(0.85))
-                .border_style(BLACK)
-                .label_font(("sans-serif", 14))
-                .position(SeriesLabelPosition::UpperLeft)
-                .draw()?;
+            draw_legend(&mut chart, SeriesLabelPosition::UpperLeft)?;
         }
         Plot::VsTime | Plot::VsParams => {
             let (title, xdesc) = match plot {
@@ -946,12 +968,7 @@ fn draw_inner<DB: DrawingBackend>(
                 rows.iter()
                     .flat_map(|r| [r.best.0 - r.best.1, r.best.0 + r.best.1]),
             );
-            let mut chart = ChartBuilder::on(root)
-                .caption(title, ("sans-serif", 24))
-                .margin(16)
-                .x_label_area_size(40)
-                .y_label_area_size(56)
-                .build_cartesian_2d(xlo..xhi, lo.max(0.0)..hi.min(100.0))?;
+            let mut chart = cartesian(root, title, xlo..xhi, lo.max(0.0)..hi.min(100.0))?;
             chart
                 .configure_mesh()
                 .x_desc(xdesc)
