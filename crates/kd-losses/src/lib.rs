@@ -39,7 +39,7 @@ pub use relation::{
     smooth_l1, sp_loss,
 };
 
-pub use virtual_teacher::{virtual_teacher_loss, virtual_teacher_probs};
+pub use virtual_teacher::{check_virtual_teacher, virtual_teacher_loss, virtual_teacher_probs};
 
 /// The README's examples, compiled and run as doc tests.
 #[doc = include_str!("../README.md")]

@@ -9,17 +9,24 @@ use candle_nn::ops::log_softmax;
 
 use crate::classification::one_hot;
 
-/// The two values of the softened virtual teacher over `k` classes: (true class, each other).
-fn target_values(k: usize, correct_prob: f64, temperature: f64) -> Result<(f64, f64)> {
-    if k < 2 {
-        bail!("the virtual teacher needs at least 2 classes, got {k}");
-    }
+/// Fails unless `correct_prob` lies in (0, 1] and `temperature` is positive and finite: what a
+/// method built on the virtual teacher checks before training.
+pub fn check_virtual_teacher(correct_prob: f64, temperature: f64) -> Result<()> {
     if !(correct_prob > 0.0 && correct_prob <= 1.0) {
         bail!("the virtual teacher's correct_prob must lie in (0, 1], got {correct_prob}");
     }
     if !(temperature > 0.0 && temperature.is_finite()) {
         bail!("the virtual teacher's temperature must be positive, got {temperature}");
     }
+    Ok(())
+}
+
+/// The two values of the softened virtual teacher over `k` classes: (true class, each other).
+fn target_values(k: usize, correct_prob: f64, temperature: f64) -> Result<(f64, f64)> {
+    if k < 2 {
+        bail!("the virtual teacher needs at least 2 classes, got {k}");
+    }
+    check_virtual_teacher(correct_prob, temperature)?;
     let other = (1.0 - correct_prob) / (k - 1) as f64;
     // softmax over one entry correct_prob/T and k − 1 entries other/T.
     let ratio = ((other - correct_prob) / temperature).exp();

@@ -1177,13 +1177,13 @@ impl MethodConfig {
                 if !(0.0..=1.0).contains(&alpha) {
                     candle_core::bail!("method tf_kd_reg: alpha must lie in [0, 1], got {alpha}");
                 }
-                if !(correct_prob > 0.0 && correct_prob <= 1.0) {
-                    candle_core::bail!(
-                        "method tf_kd_reg: correct_prob must lie in (0, 1], got {correct_prob}"
-                    );
+                if let Err(e) = kd_losses::check_virtual_teacher(correct_prob, temperature) {
+                    candle_core::bail!("method tf_kd_reg: {e}");
                 }
-                if !(temperature > 0.0 && temperature.is_finite()) || multiplier.is_nan() {
-                    candle_core::bail!("method tf_kd_reg: temperature must be positive and multiplier a number, got {temperature} and {multiplier}");
+                if multiplier.is_nan() {
+                    candle_core::bail!(
+                        "method tf_kd_reg: multiplier must be a number, got {multiplier}"
+                    );
                 }
                 Box::new(tf_kd_reg::TfKdReg {
                     ce,
