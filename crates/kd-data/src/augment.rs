@@ -313,6 +313,8 @@ pub enum Stream {
     Partner = 6,
     /// Each sample's negatives, images of other classes (contrastive distillation, CRD).
     Negatives = 7,
+    /// The strong view's crop, flip and RandAugment draws (MLKD).
+    StrongView = 8,
 }
 
 fn splitmix(mut z: u64) -> u64 {

@@ -25,6 +25,7 @@ mod dataset;
 mod error;
 pub mod folder;
 pub mod loader;
+pub mod randaugment;
 mod spec;
 pub mod subset;
 

@@ -12,7 +12,8 @@ use rand::seq::SliceRandom;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::augment::{sample_rng, Augment, Mix, MixInfo, MixPlan, Normalize, Stream};
+use crate::augment::{sample_rng, Augment, CropFlip, Mix, MixInfo, MixPlan, Normalize, Stream};
+use crate::randaugment::RandAugment;
 use crate::{DataError, Result, Split};
 
 /// How batches are drawn and prepared.
@@ -58,6 +59,10 @@ pub enum Pairing {
     /// Another image of the same class, drawn at random each epoch (CS-KD); itself alone
     /// when its class has no other image.
     SameClass,
+    /// The same image under the crop and flip then RandAugment and Cutout
+    /// ([`crate::randaugment::RandAugment::FIXMATCH`]): MLKD's strong view. Made on the host
+    /// even for a resident data set (the operations are Pillow's, not the kernel's).
+    StrongView,
 }
 
 impl LoaderConfig {
@@ -111,7 +116,8 @@ pub struct HostBatch {
     pub paired: Option<Vec<f32>>,
     /// For a resident data set: how to make each image on the device (`images` is then empty).
     pub plans: Option<Vec<AugmentPlan>>,
-    /// For a resident data set: how to make each paired image (`paired` is then `None`).
+    /// For a resident data set: how to make each paired image on the device (`None` for a
+    /// strong view, which comes made in `paired`).
     pub paired_plans: Option<Vec<AugmentPlan>>,
     /// For a resident data set: the batch's mixing, applied on the device.
     pub mix_plan: Option<MixPlan>,
@@ -301,22 +307,10 @@ impl Loader {
                 t.apply_normalized(self.split.image(i), h, w, &norm, out);
             });
         let labels: Vec<u32> = indices.iter().map(|&i| self.split.labels[i]).collect();
-        let paired = self.cfg.pair.map(|pairing| {
-            let mut out = vec![0f32; indices.len() * n];
-            out.par_chunks_mut(n)
-                .zip(indices.par_iter())
-                .enumerate()
-                .for_each(|(k, (out, &i))| {
-                    let pos = first + k as u64;
-                    let j = match pairing {
-                        Pairing::SecondView => i,
-                        Pairing::SameClass => self.partner(i, epoch, pos),
-                    };
-                    let t = aug.sample(&mut sample_rng(seed, Stream::SecondView, epoch, pos));
-                    t.apply_normalized(self.split.image(j), h, w, &norm, out);
-                });
-            out
-        });
+        let paired = self
+            .cfg
+            .pair
+            .map(|pairing| self.paired_images(pairing, epoch, first, &indices));
         let mix = match &self.cfg.mix {
             Some(m) => Some(m.apply(
                 &mut images,
@@ -342,6 +336,41 @@ impl Loader {
         })
     }
 
+    /// The paired images of the samples at `indices`, the first at position `first` of `epoch`,
+    /// normalised on the host.
+    fn paired_images(
+        &self,
+        pairing: Pairing,
+        epoch: u64,
+        first: u64,
+        indices: &[usize],
+    ) -> Vec<f32> {
+        let (h, w) = (self.split.height, self.split.width);
+        let n = 3 * h * w;
+        let (seed, aug, norm) = (self.cfg.seed, self.cfg.augment, self.cfg.normalize);
+        let mut out = vec![0f32; indices.len() * n];
+        out.par_chunks_mut(n)
+            .zip(indices.par_iter())
+            .enumerate()
+            .for_each(|(k, (out, &i))| {
+                let pos = first + k as u64;
+                let j = match pairing {
+                    Pairing::SecondView | Pairing::StrongView => i,
+                    Pairing::SameClass => self.partner(i, epoch, pos),
+                };
+                if pairing == Pairing::StrongView {
+                    let mut rng = sample_rng(seed, Stream::StrongView, epoch, pos);
+                    let mut img = aug.sample(&mut rng).apply_u8(self.split.image(j), 3, h, w);
+                    RandAugment::FIXMATCH.apply(&mut img, h, w, &mut rng);
+                    CropFlip::IDENTITY.apply_normalized(&img, h, w, &norm, out);
+                } else {
+                    let t = aug.sample(&mut sample_rng(seed, Stream::SecondView, epoch, pos));
+                    t.apply_normalized(self.split.image(j), h, w, &norm, out);
+                }
+            });
+        out
+    }
+
     /// [`Loader::host_batch`] for a resident data set: the same draws from the same streams,
     /// kept as plans for the device.
     fn plan_batch(&self, epoch: u64, batch: usize, indices: Vec<usize>) -> Result<HostBatch> {
@@ -361,20 +390,24 @@ impl Loader {
             .enumerate()
             .map(|(k, &i)| plan(i, Stream::Augment, first + k as u64))
             .collect();
-        let paired_plans = self.cfg.pair.map(|pairing| {
-            indices
-                .iter()
-                .enumerate()
-                .map(|(k, &i)| {
-                    let pos = first + k as u64;
-                    let j = match pairing {
-                        Pairing::SecondView => i,
-                        Pairing::SameClass => self.partner(i, epoch, pos),
-                    };
-                    plan(j, Stream::SecondView, pos)
-                })
-                .collect()
-        });
+        let paired_plans = self
+            .cfg
+            .pair
+            .filter(|&p| p != Pairing::StrongView)
+            .map(|pairing| {
+                indices
+                    .iter()
+                    .enumerate()
+                    .map(|(k, &i)| {
+                        let pos = first + k as u64;
+                        let j = match pairing {
+                            Pairing::SameClass => self.partner(i, epoch, pos),
+                            Pairing::SecondView | Pairing::StrongView => i,
+                        };
+                        plan(j, Stream::SecondView, pos)
+                    })
+                    .collect()
+            });
         let labels: Vec<u32> = indices.iter().map(|&i| self.split.labels[i]).collect();
         let (h, w) = (self.split.height, self.split.width);
         let mix_plan = match &self.cfg.mix {
@@ -387,13 +420,15 @@ impl Loader {
             None => None,
         };
         let contrast = self.contrast(epoch, first, &indices);
+        let paired = (self.cfg.pair == Some(Pairing::StrongView))
+            .then(|| self.paired_images(Pairing::StrongView, epoch, first, &indices));
         Ok(HostBatch {
             images: Vec::new(),
             contrast,
             mix: mix_plan.as_ref().map(|p| p.info(&labels)),
             labels,
             indices,
-            paired: None,
+            paired,
             plans: Some(plans),
             paired_plans,
             mix_plan,
@@ -415,9 +450,14 @@ impl Loader {
         };
         let mix = hb.mix_plan.as_ref().map(MixPlan::batch_mix);
         let images = make(plans, mix.as_ref())?;
-        let paired = match &hb.paired_plans {
-            Some(p) => Some(make(p, None)?),
-            None => None,
+        let paired = match (&hb.paired_plans, &hb.paired) {
+            (Some(p), _) => Some(make(p, None)?),
+            // A strong view is made on the host.
+            (None, Some(p)) => {
+                let (b, h, w) = (hb.labels.len(), self.split.height, self.split.width);
+                Some(Tensor::from_slice(p, (b, 3, h, w), &self.device)?)
+            }
+            (None, None) => None,
         };
         Ok((images, paired))
     }

@@ -371,6 +371,60 @@ fn second_view_is_the_same_image_augmented_independently() {
     assert_eq!(first, paired_batches(aug, &split));
 }
 
+/// The strong view is the sample's own image cropped, flipped, RandAugmented and cut out with
+/// the draws of its own stream (keyed by its place in the epoch), then normalised; the weak
+/// view is unchanged by it.
+#[test]
+fn strong_view_is_the_image_under_randaugment() {
+    let split = ramp(20, 4);
+    let norm = Normalize {
+        mean: [0.5; 3],
+        std: [0.25; 3],
+    };
+    let cfg = LoaderConfig {
+        pair: Some(kd_data::Pairing::StrongView),
+        ..LoaderConfig::train(8, norm, 11)
+    };
+    let strong = paired_batches(cfg.clone(), &split);
+    // The images of a batch do not depend on what is paired with them.
+    let weak = paired_batches(
+        LoaderConfig {
+            pair: Some(kd_data::Pairing::SecondView),
+            ..cfg.clone()
+        },
+        &split,
+    );
+    let n = 3 * 32 * 32;
+    for (batch, ((images, paired, indices), (weak_images, ..))) in
+        strong.iter().zip(&weak).enumerate()
+    {
+        assert_eq!(images, weak_images, "the weak view moved");
+        for (k, &i) in indices.iter().enumerate() {
+            let pos = (batch * 8 + k) as u64;
+            let mut rng = sample_rng(11, Stream::StrongView, 0, pos);
+            let mut img = Augment::STANDARD
+                .sample(&mut rng)
+                .apply_u8(split.image(i), 3, 32, 32);
+            kd_data::randaugment::RandAugment::FIXMATCH.apply(&mut img, 32, 32, &mut rng);
+            let want: Vec<f32> = img
+                .iter()
+                .map(|&v| (v as f32 / 255.0 - 0.5) / 0.25)
+                .collect();
+            let got = &paired[k * n..(k + 1) * n];
+            assert!(
+                want.iter().zip(got).all(|(a, b)| (a - b).abs() < 1e-5),
+                "strong view of sample {pos} (image {i})"
+            );
+            assert_ne!(
+                &images[k * n..(k + 1) * n],
+                got,
+                "strong view equals the weak one"
+            );
+        }
+    }
+    assert_eq!(strong, paired_batches(cfg, &split), "not repeatable");
+}
+
 #[test]
 fn same_class_partner_is_another_image_of_that_class() {
     let split = ramp(30, 3);

@@ -97,6 +97,10 @@ fn resident_batches_equal_host_batches() {
         ..base.clone()
     });
     same_batches(LoaderConfig {
+        pair: Some(Pairing::StrongView),
+        ..base.clone()
+    });
+    same_batches(LoaderConfig {
         pair: Some(Pairing::SameClass),
         prefetch: 0,
         ..base.clone()
