@@ -1,5 +1,6 @@
-//! Loader throughput on the CPU: images/s with crop + flip + normalise, prefetch on; and the
-//! cost of drawing CRD's negatives (K = 16384 other-class images per image) on the host.
+//! Loader throughput on the CPU: images/s with crop + flip + normalise, prefetch on, alone and
+//! with MLKD's RandAugment strong view beside each image; and the cost of drawing CRD's
+//! negatives (K = 16384 other-class images per image) on the host.
 #![allow(missing_docs)] // criterion_group! generates an undocumented function
 use std::sync::Arc;
 
@@ -30,6 +31,25 @@ fn bench(c: &mut Criterion) {
         b.iter(|| {
             e += 1;
             train
+                .epoch(e, 0)
+                .map(|b| b.unwrap().labels.dims()[0])
+                .sum::<usize>()
+        })
+    });
+    let strong = Loader::new(
+        split.clone(),
+        LoaderConfig {
+            pair: Some(kd_data::Pairing::StrongView),
+            ..LoaderConfig::train(128, Normalize::CIFAR10, 0)
+        },
+        candle_core::Device::Cpu,
+    )
+    .unwrap();
+    g.bench_function("epoch_crop_flip_normalise_strong_view_b128", |b| {
+        let mut e = 0;
+        b.iter(|| {
+            e += 1;
+            strong
                 .epoch(e, 0)
                 .map(|b| b.unwrap().labels.dims()[0])
                 .sum::<usize>()

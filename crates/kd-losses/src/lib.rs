@@ -4,7 +4,8 @@
 //! correlation congruence (CC), contrastive representation distillation (CRD), neuron
 //! selectivity transfer (NST), variational information distillation (VID), the overhaul of
 //! feature distillation (OFD), activation boundaries (AB), factor transfer (FT), the FSP matrices and ReviewKD's
-//! hierarchical context loss (HCL), and Tf-KD's virtual teacher.
+//! hierarchical context loss (HCL), Tf-KD's virtual teacher and MLKD's class- and batch-level
+//! alignments.
 //!
 //! ```
 //! use candle_core::{Device, Tensor};
@@ -22,6 +23,7 @@ pub mod correlation;
 pub mod decoupled;
 pub mod feature;
 pub mod hinton;
+pub mod multi_level;
 pub mod relation;
 pub mod virtual_teacher;
 
@@ -34,6 +36,9 @@ pub use feature::{
     fsp_matrix, hcl_loss, hint_loss, nst_loss, ofd_loss, ofd_margins, vid_loss, vid_variance,
 };
 pub use hinton::{kd_loss, kd_loss_at, kd_loss_composed, standardize_logits};
+pub use multi_level::{
+    batch_correlation_loss, class_correlation_loss, fraction_at_or_below_median,
+};
 pub use relation::{
     cc_loss, pkt_loss, pkt_probabilities, rkd_angle_loss, rkd_distance_loss, similarity_matrix,
     smooth_l1, sp_loss,

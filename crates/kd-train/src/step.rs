@@ -10,10 +10,13 @@ use crate::distill::{Distiller, LossTerms, Outputs, StepContext};
 /// The teacher's outputs on a batch normalised for the student: the images are renormalised
 /// from the student's statistics to the teacher's (they may differ, e.g. an ImageNet-normalised
 /// teacher), then go through the frozen teacher; with its pre-ReLU stage outputs when the method
-/// compares them ([`Distiller::needs_preact`]).
+/// compares them ([`Distiller::needs_preact`]). For a method whose teacher also sees the paired
+/// images ([`Distiller::teacher_sees_paired`]) they go through in the same pass, stacked after
+/// the batch's own (a frozen teacher's BatchNorm uses its running statistics, so each image's
+/// output is what it would be alone).
 pub fn teacher_forward(
     teacher: &Teacher,
-    images: &Tensor,
+    batch: &Batch,
     student: &Normalize,
     method: &dyn Distiller,
 ) -> Result<ModelOutput> {
@@ -21,7 +24,17 @@ pub fn teacher_forward(
         features: method.needs_features(),
         preact: method.needs_preact(),
     };
-    teacher_forward_parts(teacher, images, student, parts)
+    if !method.teacher_sees_paired() {
+        return teacher_forward_parts(teacher, &batch.images, student, parts);
+    }
+    let Some(paired) = &batch.paired else {
+        candle_core::bail!(
+            "{}: the teacher sees the paired images, but the batch has none",
+            method.name()
+        );
+    };
+    let both = Tensor::cat(&[&batch.images, paired], 0)?;
+    teacher_forward_parts(teacher, &both, student, parts)
 }
 
 /// [`teacher_forward`] with the parts named ([`kd_models::ForwardParts::LOGITS`] for evaluation).

@@ -711,10 +711,9 @@ pub fn train(
             let batch = batch?;
             lr = cfg.schedule.lr(cfg.lr, progress.step, total);
             let teacher_out = match teacher.filter(|_| method.teacher_each_step()) {
-                Some(t) => Some(
-                    teacher_clock
-                        .time(|| teacher_forward(t, &batch.images, &student_norm, method))?,
-                ),
+                Some(t) => {
+                    Some(teacher_clock.time(|| teacher_forward(t, &batch, &student_norm, method))?)
+                }
                 None => None,
             };
             let ctx = StepContext {
@@ -1019,8 +1018,8 @@ fn init_phase(
         let mut steps = 0usize;
         for batch in train.epoch(INIT_EPOCH_KEY + epoch as u64, 0) {
             let batch = batch?;
-            let t_out = teacher_clock
-                .time(|| teacher_forward(teacher, &batch.images, &student_norm, method))?;
+            let t_out =
+                teacher_clock.time(|| teacher_forward(teacher, &batch, &student_norm, method))?;
             let s_out = match phase.student_body {
                 true => Some(m.model.forward_t(&batch.images, true)?),
                 false => None,

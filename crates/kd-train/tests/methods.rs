@@ -152,11 +152,10 @@ fn every_method_trains_and_keeps_the_teacher_frozen() {
         // What the trainer's teacher forward returns for this method: the features and the
         // pre-activations only if it says it reads them (a method that reads what it did not ask
         // for finds them missing here).
-        let parts = ForwardParts {
-            features: built.distiller.needs_features(),
-            preact: built.distiller.needs_preact(),
-        };
-        let t_out = teacher.map(|t| t.forward_parts(&batch.images, parts).unwrap());
+        // (MLKD's teacher also sees the strong view, stacked after the batch.)
+        let t_out = teacher.map(|t| {
+            kd_train::teacher_forward(t, &batch, &norm, built.distiller.as_ref()).unwrap()
+        });
         let mut first = vec![None; members.len()];
         // Each member's lowest loss over the last five steps.
         let mut last = vec![f32::INFINITY; members.len()];

@@ -303,13 +303,8 @@ fn distillation_matches_pytorch(
             contrast: None,
         };
         let t_out = teacher.map(|t| {
-            kd_train::teacher_forward(
-                t,
-                &batch.images,
-                &Normalize::CIFAR10,
-                student.distiller.as_ref(),
-            )
-            .unwrap()
+            kd_train::teacher_forward(t, &batch, &Normalize::CIFAR10, student.distiller.as_ref())
+                .unwrap()
         });
         if let (Some(t), 1) = (&t_out, k) {
             // The frozen teacher in eval mode: BN on its running statistics.

@@ -154,7 +154,7 @@ impl MethodStep {
             // The images are taken as CIFAR-10-normalised, as a CIFAR-10 run's loader gives them.
             Some(kd_train::teacher_forward(
                 teacher,
-                &self.batch.images,
+                &self.batch,
                 &kd_data::Normalize::CIFAR10,
                 self.student.distiller.as_ref(),
             )?)

@@ -795,7 +795,7 @@ fn check_methods(c: &mut Checks, dev: &Device) -> anyhow::Result<()> {
             let t_out = match teacher {
                 Some(t) => Some(kd_train::teacher_forward(
                     t,
-                    &batch.images,
+                    &batch,
                     &normalize,
                     built.distiller.as_ref(),
                 )?),

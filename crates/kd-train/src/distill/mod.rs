@@ -26,6 +26,7 @@ mod fixtures;
 mod fsp;
 mod ft;
 mod hinton;
+mod mlkd;
 mod mutual;
 mod none;
 mod nst;
@@ -303,6 +304,13 @@ pub trait Distiller {
     /// serves the init phase: its forward pass is then skipped).
     fn teacher_each_step(&self) -> bool {
         true
+    }
+
+    /// Whether the teacher also sees the batch's paired images ([`kd_data::Batch::paired`]):
+    /// [`crate::teacher_forward`] then runs it on the batch's images and the paired ones in one
+    /// pass, their outputs stacked after the batch's own (MLKD's strong view).
+    fn teacher_sees_paired(&self) -> bool {
+        false
     }
 
     /// Whether the method compares pre-ReLU stage outputs ([`ModelOutput::preact`]): the
@@ -610,6 +618,21 @@ pub enum MethodConfig {
         /// The authors' multiplier of their class-averaged KL.
         multiplier: f64,
     },
+    /// Multi-level logit distillation (MLKD; Jin, Wang & Lin 2023): instance-, class- and
+    /// batch-level alignment with the teacher at five temperatures, on a weak and a strong
+    /// (RandAugment) view of each image.
+    Mlkd {
+        /// Weight of each view's cross-entropy (the authors' `CE_WEIGHT`).
+        ce_weight: f64,
+        /// Weight of every alignment term (`KD_WEIGHT`).
+        weight: f64,
+        /// The first of the five temperatures; the others are 3, 5, 2 and 6.
+        temperature: f64,
+        /// Z-score the logits of the KD terms first (logit standardisation, Sun et al. 2024:
+        /// their MLKD+LS uses `weight = 9`, `temperature = 2`); off by default.
+        #[serde(default)]
+        standardize: bool,
+    },
 }
 
 impl MethodConfig {
@@ -636,6 +659,7 @@ impl MethodConfig {
                 | MethodConfig::Cc { .. }
                 | MethodConfig::Crd { .. }
                 | MethodConfig::KdByot { .. }
+                | MethodConfig::Mlkd { .. }
         )
     }
 
@@ -652,6 +676,7 @@ impl MethodConfig {
         match self {
             MethodConfig::TwoView { .. } => Some(Pairing::SecondView),
             MethodConfig::CsKd { .. } => Some(Pairing::SameClass),
+            MethodConfig::Mlkd { .. } => Some(Pairing::StrongView),
             _ => None,
         }
     }
@@ -702,6 +727,7 @@ impl MethodConfig {
             MethodConfig::CsKd { .. } => "cs_kd",
             MethodConfig::Pskd { .. } => "pskd",
             MethodConfig::TfKdReg { .. } => "tf_kd_reg",
+            MethodConfig::Mlkd { .. } => "mlkd",
         }
     }
 
@@ -830,12 +856,20 @@ impl MethodConfig {
                 correct_prob: 0.99,
                 multiplier: 100.0,
             },
+            // mdistiller's KD defaults, which the authors' MLKD configs keep (CE_WEIGHT 0.1,
+            // KD_WEIGHT 0.9, TEMPERATURE 4).
+            "mlkd" => MethodConfig::Mlkd {
+                ce_weight: 0.1,
+                weight: 0.9,
+                temperature: 4.0,
+                standardize: false,
+            },
             _ => return None,
         })
     }
 
     /// Every method name, for `--help` and `kd-runner list`.
-    pub const NAMES: [&'static str; 26] = [
+    pub const NAMES: [&'static str; 27] = [
         "none",
         "kd",
         "ctkd",
@@ -862,6 +896,7 @@ impl MethodConfig {
         "cs_kd",
         "pskd",
         "tf_kd_reg",
+        "mlkd",
     ];
 
     /// Builds the method for `student` (and `teacher`), creating its trainable parts under
@@ -1191,6 +1226,28 @@ impl MethodConfig {
                     temperature,
                     correct_prob,
                     multiplier,
+                })
+            }
+            MethodConfig::Mlkd {
+                ce_weight,
+                weight,
+                temperature,
+                standardize,
+            } => {
+                if temperature.is_nan() || temperature <= 0.0 {
+                    candle_core::bail!(
+                        "method mlkd: temperature must be positive, got {temperature}"
+                    );
+                }
+                if ce_weight.is_nan() || weight.is_nan() {
+                    candle_core::bail!("method mlkd: ce_weight and weight must be numbers, got {ce_weight} and {weight}");
+                }
+                Box::new(mlkd::Mlkd {
+                    ce,
+                    ce_weight,
+                    weight,
+                    temperature,
+                    standardize,
                 })
             }
         })
