@@ -354,10 +354,7 @@ impl Loader {
             .enumerate()
             .for_each(|(k, (out, &i))| {
                 let pos = first + k as u64;
-                let j = match pairing {
-                    Pairing::SecondView | Pairing::StrongView => i,
-                    Pairing::SameClass => self.partner(i, epoch, pos),
-                };
+                let j = self.paired_source(pairing, i, epoch, pos);
                 if pairing == Pairing::StrongView {
                     let mut rng = sample_rng(seed, Stream::StrongView, epoch, pos);
                     let mut img = aug.sample(&mut rng).apply_u8(self.split.image(j), 3, h, w);
@@ -400,11 +397,11 @@ impl Loader {
                     .enumerate()
                     .map(|(k, &i)| {
                         let pos = first + k as u64;
-                        let j = match pairing {
-                            Pairing::SameClass => self.partner(i, epoch, pos),
-                            Pairing::SecondView | Pairing::StrongView => i,
-                        };
-                        plan(j, Stream::SecondView, pos)
+                        plan(
+                            self.paired_source(pairing, i, epoch, pos),
+                            Stream::SecondView,
+                            pos,
+                        )
                     })
                     .collect()
             });
@@ -544,6 +541,15 @@ impl Loader {
             paired,
             contrast,
         })
+    }
+
+    /// The image paired with image `i` at position `pos` of `epoch`: itself (another view of
+    /// it) or a same-class partner.
+    fn paired_source(&self, pairing: Pairing, i: usize, epoch: u64, pos: u64) -> usize {
+        match pairing {
+            Pairing::SecondView | Pairing::StrongView => i,
+            Pairing::SameClass => self.partner(i, epoch, pos),
+        }
     }
 
     /// A random other image of `i`'s class for the sample at position `pos` of `epoch`.
