@@ -14,60 +14,43 @@ fn synthetic(n: usize) -> Split {
     s
 }
 
+/// Images served per epoch by a loader over `split` with `cfg`, each epoch a new one (the
+/// evaluation order is the same every epoch anyway).
+fn images_per_epoch(split: &Arc<Split>, cfg: LoaderConfig) -> impl FnMut() -> usize {
+    let loader = Loader::new(split.clone(), cfg, candle_core::Device::Cpu).unwrap();
+    let mut e = 0;
+    move || {
+        e += 1;
+        loader
+            .epoch(e, 0)
+            .map(|b| b.unwrap().labels.dims()[0])
+            .sum::<usize>()
+    }
+}
+
 fn bench(c: &mut Criterion) {
     let n = 10_000;
     let split = Arc::new(synthetic(n));
     let mut g = c.benchmark_group("loader");
     g.throughput(Throughput::Elements(n as u64));
     g.sample_size(10);
-    let train = Loader::new(
-        split.clone(),
-        LoaderConfig::train(128, Normalize::CIFAR10, 0),
-        candle_core::Device::Cpu,
-    )
-    .unwrap();
-    g.bench_function("epoch_crop_flip_normalise_b128", |b| {
-        let mut e = 0;
-        b.iter(|| {
-            e += 1;
-            train
-                .epoch(e, 0)
-                .map(|b| b.unwrap().labels.dims()[0])
-                .sum::<usize>()
-        })
-    });
-    let strong = Loader::new(
-        split.clone(),
-        LoaderConfig {
-            pair: Some(kd_data::Pairing::StrongView),
-            ..LoaderConfig::train(128, Normalize::CIFAR10, 0)
-        },
-        candle_core::Device::Cpu,
-    )
-    .unwrap();
-    g.bench_function("epoch_crop_flip_normalise_strong_view_b128", |b| {
-        let mut e = 0;
-        b.iter(|| {
-            e += 1;
-            strong
-                .epoch(e, 0)
-                .map(|b| b.unwrap().labels.dims()[0])
-                .sum::<usize>()
-        })
-    });
-    let eval = Loader::new(
-        split,
-        LoaderConfig::eval(128, Normalize::CIFAR10),
-        candle_core::Device::Cpu,
-    )
-    .unwrap();
-    g.bench_function("epoch_normalise_only_b128", |b| {
-        b.iter(|| {
-            eval.epoch(0, 0)
-                .map(|b| b.unwrap().labels.dims()[0])
-                .sum::<usize>()
-        })
-    });
+    let train = LoaderConfig::train(128, Normalize::CIFAR10, 0);
+    let strong = LoaderConfig {
+        pair: Some(kd_data::Pairing::StrongView),
+        ..train.clone()
+    };
+    let cases = [
+        ("epoch_crop_flip_normalise_b128", train),
+        ("epoch_crop_flip_normalise_strong_view_b128", strong),
+        (
+            "epoch_normalise_only_b128",
+            LoaderConfig::eval(128, Normalize::CIFAR10),
+        ),
+    ];
+    for (name, cfg) in cases {
+        let mut epoch = images_per_epoch(&split, cfg);
+        g.bench_function(name, |b| b.iter(&mut epoch));
+    }
     g.finish();
 }
 

@@ -84,6 +84,7 @@ impl Distiller for Attention {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::distill::fixtures::labelled_batch;
     use candle_core::{DType, Device, Tensor};
     use kd_models::{trainable_resnet, Arch, ResNetConfig, Stem};
 
@@ -106,11 +107,7 @@ mod tests {
         assert_eq!(s.feats[4].dims()[2..], [2, 2]);
         let batch = Batch {
             images: x.clone(),
-            labels: Tensor::new(&[1u32, 7], &dev).unwrap(),
-            mix: None,
-            indices: vec![0, 1],
-            paired: None,
-            contrast: None,
+            ..labelled_batch(Tensor::new(&[1u32, 7], &dev).unwrap())
         };
         let outputs = Outputs {
             student: &s,

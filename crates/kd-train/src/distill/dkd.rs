@@ -70,6 +70,7 @@ impl Distiller for Dkd {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::distill::fixtures::labelled_batch;
     use candle_core::Device;
 
     fn dkd(warmup_epochs: f64) -> Dkd {
@@ -99,12 +100,8 @@ mod tests {
         let own = Tensor::new(&[1u32, 2], &dev).unwrap();
         let partner = Tensor::new(&[3u32, 0], &dev).unwrap();
         let batch = |mix: Option<f32>| Batch {
-            images: Tensor::zeros((2, 3, 2, 2), candle_core::DType::F32, &dev).unwrap(),
-            labels: own.clone(),
             mix: mix.map(|l| (partner.clone(), l)),
-            indices: vec![0, 1],
-            paired: None,
-            contrast: None,
+            ..labelled_batch(own.clone())
         };
         let labels = |b: &Batch| target_labels(b).to_vec1::<u32>().unwrap();
         assert_eq!(labels(&batch(None)), [1, 2]);

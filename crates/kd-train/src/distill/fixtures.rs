@@ -37,6 +37,20 @@ fn flat(t: &Tensor) -> Vec<f64> {
         .unwrap()
 }
 
+/// A batch of `labels` (B,) over B blank 2×2 images at positions 0..B, nothing mixed, paired
+/// or contrasted: what a loss test needs besides its logits (override fields as needed).
+pub fn labelled_batch(labels: Tensor) -> Batch {
+    let b = labels.dim(0).unwrap();
+    Batch {
+        images: Tensor::zeros((b, 3, 2, 2), DType::F32, labels.device()).unwrap(),
+        labels,
+        mix: None,
+        indices: (0..b).collect(),
+        paired: None,
+        contrast: None,
+    }
+}
+
 /// The first element, as f64.
 pub fn scalar(t: &Tensor) -> f64 {
     flat(t)[0]
@@ -70,14 +84,7 @@ pub fn distillation_of_a_scaled_copy(method: &dyn Distiller) -> f32 {
         aux: vec![],
     };
     let (student, teacher) = (output(s), output(t));
-    let batch = Batch {
-        images: Tensor::zeros((2, 3, 2, 2), DType::F32, &dev).unwrap(),
-        labels: Tensor::new(&[2u32, 3], &dev).unwrap(),
-        mix: None,
-        indices: vec![0, 1],
-        paired: None,
-        contrast: None,
-    };
+    let batch = labelled_batch(Tensor::new(&[2u32, 3], &dev).unwrap());
     let ctx = StepContext::one_step();
     let out = Outputs {
         student: &student,

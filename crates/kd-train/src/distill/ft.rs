@@ -183,6 +183,7 @@ impl Distiller for Ft {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::distill::fixtures::labelled_batch;
     use candle_core::Device;
     use candle_nn::VarMap;
     use kd_models::{trainable_resnet, Arch, ResNetConfig, Stem};
@@ -254,11 +255,7 @@ mod tests {
             .is_some());
         let batch = Batch {
             images: x,
-            labels: Tensor::new(&[1u32, 2], &Device::Cpu).unwrap(),
-            mix: None,
-            indices: vec![0, 1],
-            paired: None,
-            contrast: None,
+            ..labelled_batch(Tensor::new(&[1u32, 2], &Device::Cpu).unwrap())
         };
         let terms = ft
             .loss(

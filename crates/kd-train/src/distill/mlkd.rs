@@ -120,7 +120,7 @@ impl Distiller for Mlkd {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::distill::fixtures::{get, load, rel_err, scalar};
+    use crate::distill::fixtures::{get, labelled_batch, load, rel_err, scalar};
     use candle_core::{Device, Var};
     use kd_models::ModelOutput;
 
@@ -160,12 +160,8 @@ mod tests {
             let labels = at("labels").to_dtype(DType::U32).unwrap();
             let b = labels.dim(0).unwrap();
             let batch = Batch {
-                images: Tensor::zeros((b, 3, 2, 2), DType::F32, &dev).unwrap(),
-                labels,
-                mix: None,
-                indices: (0..b).collect(),
                 paired: Some(Tensor::zeros((b, 3, 2, 2), DType::F32, &dev).unwrap()),
-                contrast: None,
+                ..labelled_batch(labels)
             };
             let (student, strong, teacher) = (
                 output(sw.as_tensor().clone()),
@@ -202,14 +198,7 @@ mod tests {
         let dev = Device::Cpu;
         let z = Tensor::new(&[[1f32, 0.0, -1.0], [0.5, 0.2, 0.1]], &dev).unwrap();
         let (s, t) = (output(z.clone()), output(z.clone()));
-        let batch = Batch {
-            images: Tensor::zeros((2, 3, 2, 2), DType::F32, &dev).unwrap(),
-            labels: Tensor::new(&[0u32, 1], &dev).unwrap(),
-            mix: None,
-            indices: vec![0, 1],
-            paired: None,
-            contrast: None,
-        };
+        let batch = labelled_batch(Tensor::new(&[0u32, 1], &dev).unwrap());
         let out = Outputs {
             student: &s,
             teacher: Some(&t),

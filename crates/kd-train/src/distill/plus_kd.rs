@@ -140,6 +140,7 @@ impl Distiller for WithKd {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::distill::fixtures::labelled_batch;
     use crate::distill::none::CrossEntropy;
     use crate::MethodConfig;
     use candle_core::{DType, Device};
@@ -193,11 +194,7 @@ mod tests {
         );
         let batch = Batch {
             images: x,
-            labels: Tensor::new(&[1u32, 2, 3], &Device::Cpu).unwrap(),
-            mix: None,
-            indices: vec![0, 1, 2],
-            paired: None,
-            contrast: None,
+            ..labelled_batch(Tensor::new(&[1u32, 2, 3], &Device::Cpu).unwrap())
         };
         let out = Outputs {
             teacher: Some(&ot),

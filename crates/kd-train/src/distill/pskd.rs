@@ -148,18 +148,14 @@ impl Distiller for Pskd {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::distill::fixtures::labelled_batch;
     use candle_core::Device;
     use kd_models::ModelOutput;
 
     fn batch(labels: &[u32], indices: &[usize]) -> Batch {
-        let dev = Device::Cpu;
         Batch {
-            images: Tensor::zeros((labels.len(), 3, 2, 2), DType::F32, &dev).unwrap(),
-            labels: Tensor::new(labels, &dev).unwrap(),
-            mix: None,
             indices: indices.to_vec(),
-            paired: None,
-            contrast: None,
+            ..labelled_batch(Tensor::new(labels, &Device::Cpu).unwrap())
         }
     }
 

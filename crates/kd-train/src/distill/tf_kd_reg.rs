@@ -73,18 +73,14 @@ impl Distiller for TfKdReg {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::distill::fixtures::labelled_batch;
     use candle_core::{DType, Device};
     use kd_models::ModelOutput;
 
     fn batch(labels: Tensor, mix: Option<(Tensor, f32)>) -> Batch {
-        let n = labels.dim(0).unwrap();
         Batch {
-            images: Tensor::zeros((n, 3, 2, 2), DType::F32, &Device::Cpu).unwrap(),
-            labels,
             mix,
-            indices: (0..n).collect(),
-            paired: None,
-            contrast: None,
+            ..labelled_batch(labels)
         }
     }
 
