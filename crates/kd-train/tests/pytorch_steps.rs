@@ -17,8 +17,8 @@
 //! teacher (`byot`, `kd_byot`), Deep Mutual Learning of two ResNet18 peers with their own SGD,
 //! the paired self methods `two_view` and `cs_kd`, and CTKD (its temperature learned through a
 //! gradient reversal), FitNets, VID and CC (their regressors, VID's variances and CC's
-//! projections training with the student), attention transfer, NST, SP and DKD from the KD
-//! case's teacher, and RKD and DIST from networks trained a little first (the fixture script says why). Every loss term of both steps, the
+//! projections training with the student), attention transfer, NST, SP, DKD and MLKD (the teacher
+//! on its weak and strong batches in one pass) from the KD case's teacher, and RKD and DIST from networks trained a little first (the fixture script says why). Every loss term of both steps, the
 //! teacher's logits, the step-1 gradients and the parameters and BN statistics after step 1 are
 //! compared tightly; after step 2 within 2e-2, as a ReLU near its kink may flip under f32
 //! rounding by then (the fixture script says why). Measured when written (dml's last column
@@ -43,6 +43,7 @@
 //! | rkd | 2.4·10⁻⁶ | 8.4·10⁻⁶ | 3.0·10⁻⁵ |
 //! | dist | 3.3·10⁻⁶ | 3.8·10⁻⁶ | 1.0·10⁻⁵ |
 //! | sp | 5.3·10⁻⁶ | 7.9·10⁻⁶ | 9.2·10⁻⁶ |
+//! | mlkd | 1.1·10⁻⁶ | 2.4·10⁻⁵ | 2.4·10⁻⁵ |
 //!
 //! Caught: the teacher fed the student's normalisation (its logits off by 6·10⁻⁴), DML's or
 //! CS-KD's KL taken the other way round, a BYOT head without its ReLU (each a loss term off in
@@ -634,4 +635,11 @@ fn dist_steps_match_pytorch() {
 #[test]
 fn similarity_preserving_steps_match_pytorch() {
     offline_steps_match_pytorch("sp", "kd");
+}
+
+/// MLKD from `kd`'s teacher and student, at its preset (the fixture's settings): the strong
+/// view through the student after the weak one, the teacher on both in one pass.
+#[test]
+fn multi_level_logit_distillation_steps_match_pytorch() {
+    offline_steps_match_pytorch("mlkd", "kd");
 }
