@@ -32,8 +32,9 @@ impl Default for PlusKd {
 }
 
 impl PlusKd {
-    /// The methods whose loss already has Hinton's KD term (plus_kd refuses them).
-    pub const HAS_KD: [&'static str; 3] = ["kd", "ctkd", "kd_byot"];
+    /// The methods whose loss already has Hinton's KD term (plus_kd refuses them; MLKD's has
+    /// ten).
+    pub const HAS_KD: [&'static str; 4] = ["kd", "ctkd", "kd_byot", "mlkd"];
 
     /// Whether this term can be added to the method named `method` (`needs_teacher`: it learns
     /// from a frozen teacher): always when off (α = 0); else α and T must be positive and
