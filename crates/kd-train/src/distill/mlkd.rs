@@ -53,11 +53,18 @@ impl Mlkd {
     }
 }
 
-/// The share of `values` (a 1-D tensor) at or below their median, read on the host as the
-/// authors' `np.percentile` reads it.
-fn median_share(values: &Tensor) -> Result<f64> {
-    let v: Vec<f32> = values.to_dtype(DType::F32)?.to_vec1()?;
-    Ok(fraction_at_or_below_median(&v))
+/// (f_B, f_K) of the teacher's weak-view probabilities `p` (B, K) f32: the shares of images
+/// (top probability) and of classes (summed probability) at or below their median, as the
+/// authors' `np.percentile` finds them on the host. Both vectors come over in one read (one
+/// device synchronisation a step).
+fn mask_shares(p: &Tensor) -> Result<(f64, f64)> {
+    let b = p.dim(0)?;
+    let both: Vec<f32> = Tensor::cat(&[p.max(D::Minus1)?, p.sum(0)?], 0)?.to_vec1()?;
+    let (images, classes) = both.split_at(b);
+    Ok((
+        fraction_at_or_below_median(images),
+        fraction_at_or_below_median(classes),
+    ))
 }
 
 impl Distiller for Mlkd {
@@ -78,8 +85,7 @@ impl Distiller for Mlkd {
             teacher.narrow(0, b, b)?.detach(),
         );
         let p = softmax(&tw.to_dtype(DType::F32)?, D::Minus1)?;
-        let f_b = median_share(&p.max(D::Minus1)?)?;
-        let f_k = median_share(&p.sum(0)?)?;
+        let (f_b, f_k) = mask_shares(&p)?;
 
         let (ksw, ktw) = super::compared_logits(sw, &tw, self.standardize)?;
         let (kss, kts) = super::compared_logits(ss, &ts, self.standardize)?;
