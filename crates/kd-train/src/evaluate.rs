@@ -1,6 +1,7 @@
 //! Evaluation of a model on a split: accuracy, per-class accuracy, loss, calibration, throughput,
-//! each auxiliary head's accuracy, and, against a reference model's predictions (a teacher's),
-//! fidelity.
+//! each auxiliary head's accuracy and the heads' ensemble with the final classifier, and, against
+//! a reference model's predictions (a teacher's), fidelity; the ensemble of several models'
+//! predictions ([`evaluate_ensemble`]).
 use std::time::Instant;
 
 use candle_core::Tensor;
@@ -23,6 +24,9 @@ pub struct EvalReport {
     pub fidelity: Option<Fidelity>,
     /// Each auxiliary head's accuracy, shallowest first (empty for a model without heads).
     pub heads: Vec<Accuracy>,
+    /// With auxiliary heads: the accuracy of their ensemble with the final classifier
+    /// ([`crate::ensemble`]).
+    pub head_ensemble: Option<Accuracy>,
     /// Wall time in seconds.
     pub seconds: f64,
 }
@@ -35,13 +39,15 @@ impl EvalReport {
 }
 
 /// A reference model's logits on every batch of a split, in the loader's evaluation order, and
-/// its own report: what students are compared with ([`evaluate_against`]). Computed once; the
-/// logits stay on the loader's device (10,000 images × 100 classes are 4 MB in f32).
+/// its own report: what students are compared with ([`evaluate_against`]), and what ensembles
+/// are made of ([`evaluate_ensemble`]). Computed once; the logits stay on the loader's device
+/// (10,000 images × 100 classes are 4 MB in f32).
 #[derive(Clone, Debug)]
 pub struct Reference {
     /// The reference model's own evaluation.
     pub report: EvalReport,
     logits: Vec<Tensor>,
+    labels: Vec<Tensor>,
 }
 
 impl Reference {
@@ -62,9 +68,13 @@ impl Reference {
         forward: impl Fn(&Tensor) -> candle_core::Result<ModelOutput>,
         against: Option<&Reference>,
     ) -> Result<Self> {
-        let mut logits = Vec::with_capacity(loader.num_batches());
-        let report = run(loader, num_classes, forward, against, Some(&mut logits))?;
-        Ok(Reference { report, logits })
+        let mut kept = Kept::default();
+        let report = run(loader, num_classes, forward, against, Some(&mut kept))?;
+        Ok(Reference {
+            report,
+            logits: kept.logits,
+            labels: kept.labels,
+        })
     }
 
     /// Fails unless these predictions cover every batch of `loader`.
@@ -101,12 +111,44 @@ pub fn evaluate_against(
     run(loader, num_classes, forward, Some(reference), None)
 }
 
+/// The accuracy (and mean NLL) of the ensemble of `members`' predictions: their softmax
+/// averaged image by image ([`crate::ensemble`]). The members must have been evaluated on the
+/// same loader.
+pub fn evaluate_ensemble(num_classes: usize, members: &[&Reference]) -> Result<Accuracy> {
+    let Some(first) = members.first() else {
+        return Err(TrainError::Invalid("an ensemble of no models".into()));
+    };
+    if let Some(m) = members
+        .iter()
+        .find(|m| m.logits.len() != first.logits.len())
+    {
+        return Err(TrainError::Invalid(format!(
+            "ensemble members' predictions cover {} and {} batches",
+            first.logits.len(),
+            m.logits.len()
+        )));
+    }
+    let mut acc = Accuracy::new(num_classes);
+    for (i, labels) in first.labels.iter().enumerate() {
+        let logits: Vec<&Tensor> = members.iter().map(|m| &m.logits[i]).collect();
+        crate::ensemble::update(&mut acc, &logits, labels)?;
+    }
+    Ok(acc)
+}
+
+/// The logits and labels of every batch, kept by [`Reference::new_against`].
+#[derive(Default)]
+struct Kept {
+    logits: Vec<Tensor>,
+    labels: Vec<Tensor>,
+}
+
 fn run(
     loader: &Loader,
     num_classes: usize,
     forward: impl Fn(&Tensor) -> candle_core::Result<ModelOutput>,
     reference: Option<&Reference>,
-    mut keep: Option<&mut Vec<Tensor>>,
+    mut keep: Option<&mut Kept>,
 ) -> Result<EvalReport> {
     if let Some(r) = reference {
         r.check_covers(loader)?;
@@ -116,6 +158,7 @@ fn run(
     let mut calibration = Calibration::new();
     let mut fidelity = reference.map(|_| Fidelity::new());
     let mut heads: Vec<Accuracy> = Vec::new();
+    let mut head_ensemble: Option<Accuracy> = None;
     for (i, batch) in loader.epoch(0, 0).enumerate() {
         let batch = batch?;
         let out = forward(&batch.images)?;
@@ -127,11 +170,19 @@ fn run(
         for (h, aux) in heads.iter_mut().zip(&out.aux) {
             h.update(&aux.logits, &batch.labels, None)?;
         }
+        if !out.aux.is_empty() {
+            let members: Vec<&Tensor> = std::iter::once(&out.logits)
+                .chain(out.aux.iter().map(|a| &a.logits))
+                .collect();
+            let acc = head_ensemble.get_or_insert_with(|| Accuracy::new(num_classes));
+            crate::ensemble::update(acc, &members, &batch.labels)?;
+        }
         if let (Some(f), Some(r)) = (fidelity.as_mut(), reference) {
             f.update(&out.logits, &r.logits[i])?;
         }
         if let Some(kept) = keep.as_mut() {
-            kept.push(out.logits.detach());
+            kept.logits.push(out.logits.detach());
+            kept.labels.push(batch.labels.clone());
         }
     }
     Ok(EvalReport {
@@ -139,6 +190,7 @@ fn run(
         calibration,
         fidelity,
         heads,
+        head_ensemble,
         seconds: t.elapsed().as_secs_f64(),
     })
 }

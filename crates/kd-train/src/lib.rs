@@ -3,6 +3,7 @@
 
 pub mod calibration;
 pub mod distill;
+pub mod ensemble;
 mod error;
 pub mod evaluate;
 pub mod fidelity;
@@ -16,7 +17,7 @@ pub use distill::{
     LossTerms, MethodConfig, Outputs, Peer, PeerSpec, PlusKd, RunInfo, StepContext,
 };
 pub use error::{Result, TrainError};
-pub use evaluate::{evaluate, evaluate_against, EvalReport, Reference};
+pub use evaluate::{evaluate, evaluate_against, evaluate_ensemble, EvalReport, Reference};
 pub use fidelity::Fidelity;
 pub use metrics::Accuracy;
 pub use step::{renormalize, step_losses, teacher_forward, teacher_forward_parts, StepLosses};

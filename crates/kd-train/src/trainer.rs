@@ -22,7 +22,7 @@ use kd_schedulers::{Optimizer, OptimizerConfig, Schedule};
 use serde::{Deserialize, Serialize};
 
 use crate::calibration::Calibration;
-use crate::evaluate::{evaluate_against, Reference};
+use crate::evaluate::{evaluate_ensemble, EvalReport, Reference};
 use crate::metrics::Accuracy;
 use crate::{Result, TrainError};
 
@@ -90,6 +90,14 @@ pub struct EpochMetrics {
     /// could take.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub head_top1: Vec<f64>,
+    /// With auxiliary heads: the test top-1 (%) of their ensemble with the final classifier
+    /// (softmax averaged: [`crate::ensemble`]), BYOT's "ensemble".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_ensemble_top1: Option<f64>,
+    /// With peers (online methods): the test top-1 (%) of the cohort's ensemble, the student
+    /// and its peers with their softmax averaged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cohort_ensemble_top1: Option<f64>,
     /// Mean of each named loss term over the epoch (`loss_ce`, `loss_kd`, …).
     pub losses: BTreeMap<String, f64>,
     /// Mean of each value the method reports beside its losses (CTKD's `temperature`).
@@ -163,6 +171,16 @@ pub struct Summary {
     /// Last epoch's mean KL(teacher ‖ student) on the test split (nats).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_teacher_kl: Option<f64>,
+    /// With auxiliary heads: the last epoch's test top-1 of each head (%), shallowest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub last_head_top1: Vec<f64>,
+    /// With auxiliary heads: the last epoch's test top-1 of their ensemble with the final
+    /// classifier (%).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_head_ensemble_top1: Option<f64>,
+    /// With peers: the last epoch's test top-1 of the cohort's ensemble (%).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_cohort_ensemble_top1: Option<f64>,
     /// Training time summed over epochs, a method's init phase included (s).
     pub train_seconds: f64,
     /// Of which in the teacher's forward pass (s).
@@ -621,6 +639,7 @@ pub fn train(
     let columns = CsvColumns {
         teacher: teacher.is_some(),
         heads: members[0].model.num_aux_heads(),
+        cohort: members.len() > 1,
     };
     if !resume {
         std::fs::write(&jsonl, "").map_err(io(&jsonl))?;
@@ -778,15 +797,24 @@ pub fn train(
             logits_forward(members[0].model),
             reference.as_ref(),
         )?;
-        let mut evals = vec![student.report.clone()];
+        let mut peers = Vec::with_capacity(members.len() - 1);
         for m in &members[1..] {
-            evals.push(evaluate_against(
+            peers.push(Reference::new_against(
                 test,
                 num_classes,
                 logits_forward(m.model),
-                &student,
+                Some(&student),
             )?);
         }
+        let cohort = if peers.is_empty() {
+            None
+        } else {
+            let all: Vec<&Reference> = std::iter::once(&student).chain(&peers).collect();
+            Some(evaluate_ensemble(num_classes, &all)?)
+        };
+        let evals: Vec<EvalReport> = std::iter::once(student.report.clone())
+            .chain(peers.into_iter().map(|p| p.report))
+            .collect();
         let per_step = |sums: &BTreeMap<String, f64>| -> BTreeMap<String, f64> {
             sums.iter()
                 .map(|(k, v)| (k.clone(), v / steps.max(1) as f64))
@@ -826,6 +854,8 @@ pub fn train(
             teacher_agreement: evals[0].fidelity.as_ref().map(|f| f.agreement_pct()),
             teacher_kl: evals[0].fidelity.as_ref().map(|f| f.mean_kl()),
             head_top1: evals[0].heads.iter().map(|h| h.top1_pct()).collect(),
+            head_ensemble_top1: evals[0].head_ensemble.as_ref().map(|a| a.top1_pct()),
+            cohort_ensemble_top1: cohort.as_ref().map(|a| a.top1_pct()),
             losses: per_step(&sums[0].terms),
             values: per_step(&sums[0].values),
             peers,
@@ -845,6 +875,12 @@ pub fn train(
         if !row.head_top1.is_empty() {
             let heads: Vec<String> = row.head_top1.iter().map(|a| format!("{a:.2}%")).collect();
             extras += &format!(" | heads {}", heads.join(" / "));
+        }
+        if let Some(a) = row.head_ensemble_top1 {
+            extras += &format!(", with the final classifier {a:.2}%");
+        }
+        if let Some(a) = row.cohort_ensemble_top1 {
+            extras += &format!(" | cohort ensemble {a:.2}%");
         }
         tracing::info!(
             "epoch {}/{}: lr {:.4} train loss {:.4} acc {:.2}% | test loss {:.4} top-1 {:.2}% top-5 {:.2}% ECE {:.2}%{extras} | {:.1} s, {:.0} img/s",
@@ -937,6 +973,19 @@ pub fn train(
         teacher_ece: reference.as_ref().map(|r| r.report.calibration.ece_pct()),
         last_teacher_agreement: progress.last_row.as_ref().and_then(|r| r.teacher_agreement),
         last_teacher_kl: progress.last_row.as_ref().and_then(|r| r.teacher_kl),
+        last_head_top1: progress
+            .last_row
+            .as_ref()
+            .map(|r| r.head_top1.clone())
+            .unwrap_or_default(),
+        last_head_ensemble_top1: progress
+            .last_row
+            .as_ref()
+            .and_then(|r| r.head_ensemble_top1),
+        last_cohort_ensemble_top1: progress
+            .last_row
+            .as_ref()
+            .and_then(|r| r.cohort_ensemble_top1),
         train_seconds: progress.train_seconds,
         teacher_seconds: progress.teacher_seconds,
         init_seconds: progress.init_seconds,
@@ -1099,13 +1148,16 @@ fn logits_forward(
 struct CsvColumns {
     /// The student's fidelity to its teacher.
     teacher: bool,
-    /// Its auxiliary heads' top-1.
+    /// Its auxiliary heads' top-1, then their ensemble's with the final classifier.
     heads: usize,
+    /// The cohort ensemble's top-1 (online methods), after the peers' columns.
+    cohort: bool,
 }
 
 /// `metrics.csv`'s header: the student's figures (with its fidelity to the teacher when the run
-/// has one), its heads' top-1, its loss terms and reported values (named as in `row`), then each
-/// peer's top-1, ECE and agreement with the student.
+/// has one), its heads' top-1 and their ensemble's, its loss terms and reported values (named as
+/// in `row`), then each peer's top-1, ECE and agreement with the student, and the cohort
+/// ensemble's top-1.
 fn csv_header(row: &EpochMetrics, columns: CsvColumns) -> String {
     let mut names: Vec<String> = [
         "epoch",
@@ -1126,6 +1178,9 @@ fn csv_header(row: &EpochMetrics, columns: CsvColumns) -> String {
         names.extend(["teacher_agreement", "teacher_kl"].map(String::from));
     }
     names.extend((1..=columns.heads).map(|k| format!("head{k}_top1")));
+    if columns.heads > 0 {
+        names.push("head_ensemble_top1".into());
+    }
     names.extend(row.losses.keys().cloned());
     names.extend(row.values.keys().cloned());
     names.extend(
@@ -1133,6 +1188,9 @@ fn csv_header(row: &EpochMetrics, columns: CsvColumns) -> String {
             ["test_top1", "test_ece", "student_agreement"].map(|c| format!("{p}_{c}"))
         }),
     );
+    if columns.cohort {
+        names.push("cohort_ensemble_top1".into());
+    }
     names.join(",") + "\n"
 }
 
@@ -1159,6 +1217,9 @@ fn csv_line(row: &EpochMetrics, columns: CsvColumns) -> String {
         cells.push(opt(row.teacher_kl, 6));
     }
     cells.extend((0..columns.heads).map(|k| opt(row.head_top1.get(k).copied(), 4)));
+    if columns.heads > 0 {
+        cells.push(opt(row.head_ensemble_top1, 4));
+    }
     cells.extend(
         row.losses
             .values()
@@ -1172,6 +1233,9 @@ fn csv_line(row: &EpochMetrics, columns: CsvColumns) -> String {
             opt(p.student_agreement, 4),
         ]
     }));
+    if columns.cohort {
+        cells.push(opt(row.cohort_ensemble_top1, 4));
+    }
     cells.join(",") + "\n"
 }
 

@@ -483,13 +483,14 @@ fn online_peers_are_logged_checkpointed_and_resumed_exactly() {
 fn peer_fidelity_is_the_exported_models(run: &std::path::Path, s: &kd_train::Summary, te: &Loader) {
     let load = |p: &str| kd_models::Teacher::load(&run.join(p), &Device::Cpu).unwrap();
     let (student, peer) = (load("model.safetensors"), load("peer1/model.safetensors"));
-    let (mut agree, mut kl, mut total) = (0usize, 0f64, 0usize);
+    let (mut agree, mut kl, mut total, mut ensemble_hits) = (0usize, 0f64, 0usize, 0usize);
     for batch in te.epoch(0, 0) {
         let batch = batch.unwrap();
         let rows = |t: &kd_models::Teacher| -> Vec<Vec<f32>> {
             t.forward(&batch.images).unwrap().logits.to_vec2().unwrap()
         };
-        for (a, b) in rows(&student).iter().zip(rows(&peer)) {
+        let labels: Vec<u32> = batch.labels.to_vec1().unwrap();
+        for ((a, b), label) in rows(&student).iter().zip(rows(&peer)).zip(labels) {
             let log_softmax = |z: &[f32]| -> Vec<f64> {
                 let m = z.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
                 let lse = m + z.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln();
@@ -498,6 +499,9 @@ fn peer_fidelity_is_the_exported_models(run: &std::path::Path, s: &kd_train::Sum
             let (la, lb) = (log_softmax(a), log_softmax(&b));
             let argmax = |l: &[f64]| (0..l.len()).max_by(|&i, &j| l[i].total_cmp(&l[j]));
             agree += usize::from(argmax(&la) == argmax(&lb));
+            // The cohort ensemble: the two softmax averaged.
+            let mean: Vec<f64> = la.iter().zip(&lb).map(|(p, q)| p.exp() + q.exp()).collect();
+            ensemble_hits += usize::from(argmax(&mean) == Some(label as usize));
             kl += la
                 .iter()
                 .zip(&lb)
@@ -512,6 +516,8 @@ fn peer_fidelity_is_the_exported_models(run: &std::path::Path, s: &kd_train::Sum
     let got = p.last_student_kl.unwrap();
     assert!((got - kl).abs() < 1e-4 * (1.0 + kl), "KL {got} vs {kl}");
     assert!((0.0..=100.0).contains(&p.last_ece.unwrap()));
+    let ensemble = 100.0 * ensemble_hits as f64 / total as f64;
+    assert_eq!(s.last_cohort_ensemble_top1, Some(ensemble));
     let csv = std::fs::read_to_string(run.join("metrics.csv")).unwrap();
     let lines: Vec<Vec<&str>> = csv.lines().map(|l| l.split(',').collect()).collect();
     let col = |name: &str| lines[0].iter().position(|c| *c == name).expect(name);
@@ -521,6 +527,11 @@ fn peer_fidelity_is_the_exported_models(run: &std::path::Path, s: &kd_train::Sum
     assert!((last - agreement).abs() < 1e-4, "{csv}");
     assert!(
         !lines.last().unwrap()[col("peer1_test_ece")].is_empty(),
+        "{csv}"
+    );
+    assert_eq!(
+        lines.last().unwrap()[col("cohort_ensemble_top1")],
+        format!("{ensemble:.4}"),
         "{csv}"
     );
 }
@@ -875,7 +886,8 @@ fn each_auxiliary_heads_accuracy_is_logged() {
         Some(3),
         "{first}"
     );
-    first.as_object_mut().unwrap().remove("head_top1");
+    let old = first.as_object_mut().unwrap();
+    assert!(old.remove("head_top1").is_some() && old.remove("head_ensemble_top1").is_some());
     std::fs::write(&jsonl, format!("{first}\n")).unwrap();
     run(RunOptions {
         resume: true,
@@ -889,7 +901,7 @@ fn each_auxiliary_heads_accuracy_is_logged() {
             .unwrap(),
     )
     .unwrap();
-    let (mut hits, mut total) = (vec![0usize; 3], 0usize);
+    let (mut hits, mut total, mut ensemble_hits) = (vec![0usize; 3], 0usize, 0usize);
     for batch in te.epoch(0, 0) {
         let batch = batch.unwrap();
         let out = b.model.forward_t(&batch.images, false).unwrap();
@@ -903,6 +915,23 @@ fn each_auxiliary_heads_accuracy_is_logged() {
                 .unwrap();
             *h += pred.iter().zip(&labels).filter(|(p, l)| p == l).count();
         }
+        // The heads' ensemble with the final classifier: their softmax averaged, in f64.
+        let mut mean = vec![vec![0f64; out.logits.dim(1).unwrap()]; labels.len()];
+        for logits in std::iter::once(&out.logits).chain(out.aux.iter().map(|a| &a.logits)) {
+            let rows: Vec<Vec<f32>> = logits.to_vec2().unwrap();
+            for (m, z) in mean.iter_mut().zip(&rows) {
+                let top = z.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v)) as f64;
+                let e: Vec<f64> = z.iter().map(|&v| (v as f64 - top).exp()).collect();
+                let sum: f64 = e.iter().sum();
+                for (mk, ek) in m.iter_mut().zip(&e) {
+                    *mk += ek / sum;
+                }
+            }
+        }
+        for (m, &l) in mean.iter().zip(&labels) {
+            let pred = (0..m.len()).max_by(|&i, &j| m[i].total_cmp(&m[j])).unwrap();
+            ensemble_hits += usize::from(pred == l as usize);
+        }
         total += labels.len();
     }
     let want: Vec<f64> = hits
@@ -910,6 +939,8 @@ fn each_auxiliary_heads_accuracy_is_logged() {
         .map(|&h| 100.0 * h as f64 / total as f64)
         .collect();
     assert_eq!(last.head_top1, want);
+    let ensemble = 100.0 * ensemble_hits as f64 / total as f64;
+    assert_eq!(last.head_ensemble_top1, Some(ensemble));
     let csv = std::fs::read_to_string(dir.path().join("metrics.csv")).unwrap();
     let lines: Vec<Vec<&str>> = csv.lines().map(|l| l.split(',').collect()).collect();
     assert_eq!(lines.len(), 3, "{csv}");
@@ -922,4 +953,10 @@ fn each_auxiliary_heads_accuracy_is_logged() {
         assert_eq!(lines[1][col], "", "{csv}");
         assert_eq!(lines[2][col], format!("{want:.4}"), "{csv}");
     }
+    let col = lines[0]
+        .iter()
+        .position(|c| *c == "head_ensemble_top1")
+        .unwrap();
+    assert_eq!(lines[1][col], "", "{csv}");
+    assert_eq!(lines[2][col], format!("{ensemble:.4}"), "{csv}");
 }

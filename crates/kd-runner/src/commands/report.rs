@@ -115,6 +115,12 @@ pub struct LastEval {
     pub agreement: Option<Spread>,
     /// KL(teacher ‖ student) (nats).
     pub kl: Option<Spread>,
+    /// Each auxiliary head's top-1 (%), shallowest first (empty without heads).
+    pub head_top1: Vec<Spread>,
+    /// The heads' ensemble with the final classifier: top-1 (%).
+    pub head_ensemble: Option<Spread>,
+    /// The online cohort's ensemble (the student and its peers): top-1 (%).
+    pub cohort_ensemble: Option<Spread>,
 }
 
 impl LastEval {
@@ -127,7 +133,21 @@ impl LastEval {
             teacher_top1: stat(&|r| r.summary.teacher_top1),
             agreement: stat(&|r| r.summary.last_teacher_agreement),
             kl: stat(&|r| r.summary.last_teacher_kl),
+            head_top1: (0..runs
+                .iter()
+                .map(|r| r.summary.last_head_top1.len())
+                .max()
+                .unwrap_or(0))
+                .filter_map(|k| stat(&|r| r.summary.last_head_top1.get(k).copied()))
+                .collect(),
+            head_ensemble: stat(&|r| r.summary.last_head_ensemble_top1),
+            cohort_ensemble: stat(&|r| r.summary.last_cohort_ensemble_top1),
         }
+    }
+
+    /// Whether the row has an exit or an ensemble beside its deployed classifier.
+    fn has_exits(&self) -> bool {
+        !self.head_top1.is_empty() || self.head_ensemble.is_some() || self.cohort_ensemble.is_some()
     }
 }
 
@@ -554,6 +574,24 @@ impl Report {
                 );
             }
         }
+        if self.rows.iter().any(|r| r.last_eval.has_exits()) {
+            s += "\nExits and ensembles beside the deployed classifier (not deployed), test top-1 (%) at the last epoch: each auxiliary head, shallowest first; the heads' ensemble with the final classifier; an online cohort's ensemble (the student and its peers). An ensemble averages its members' softmax:\n\n| method | heads | heads + final classifier | student + peers |\n|---|---|---|---|\n";
+            for r in self.rows.iter().filter(|r| r.last_eval.has_exits()) {
+                let e = &r.last_eval;
+                let heads: Vec<String> = e.head_top1.iter().map(|h| pm_opt(Some(*h), 2)).collect();
+                s += &format!(
+                    "| {} | {} | {} | {} |\n",
+                    r.label,
+                    if heads.is_empty() {
+                        "–".into()
+                    } else {
+                        heads.join(" / ")
+                    },
+                    pm_opt(e.head_ensemble, 2),
+                    pm_opt(e.cohort_ensemble, 2)
+                );
+            }
+        }
         if self.rows.iter().any(|r| !r.peers.is_empty()) {
             s += "\nPeers trained beside the student (online methods; not deployed), last epoch's calibration and agreement with the student on the test split:\n\n| method | peer | model | params | best top-1 (%) | last top-1 (%) | ECE (%) | agreement with student (%) | KL(student ‖ peer) |\n|---|---|---|---|---|---|---|---|---|\n";
             for r in &self.rows {
@@ -578,10 +616,10 @@ impl Report {
 
     /// The CSV table.
     pub fn csv(&self) -> String {
-        let mut s = String::from("label,method,variant,runs,epochs,init_epochs,test_images,trainable_params,deploy_params,teacher_params,deploy_macs,teacher_macs,train_seconds,teacher_seconds,init_seconds,best_top1_mean,best_top1_std,last_top1_mean,last_top1_std,test_nll_mean,test_nll_std,ece_mean,ece_std,teacher_top1_mean,teacher_agreement_mean,teacher_agreement_std,teacher_kl_mean,teacher_kl_std,delta_best,paired_seeds,paired_delta_last,paired_t,paired_p,gpu_peak_mib\n");
+        let mut s = String::from("label,method,variant,runs,epochs,init_epochs,test_images,trainable_params,deploy_params,teacher_params,deploy_macs,teacher_macs,train_seconds,teacher_seconds,init_seconds,best_top1_mean,best_top1_std,last_top1_mean,last_top1_std,test_nll_mean,test_nll_std,ece_mean,ece_std,teacher_top1_mean,teacher_agreement_mean,teacher_agreement_std,teacher_kl_mean,teacher_kl_std,head_top1_means,head_ensemble_top1_mean,head_ensemble_top1_std,cohort_ensemble_top1_mean,cohort_ensemble_top1_std,delta_best,paired_seeds,paired_delta_last,paired_t,paired_p,gpu_peak_mib\n");
         for r in &self.rows {
             s += &format!(
-                "{},{},{},{},{},{},{},{},{},{},{},{},{:.3},{:.3},{:.3},{:.4},{:.4},{:.4},{:.4},{},{},{},{},{},{},{},{}\n",
+                "{},{},{},{},{},{},{},{},{},{},{},{},{:.3},{:.3},{:.3},{:.4},{:.4},{:.4},{:.4},{},{},{},{},{},{},{},{},{},{},{}\n",
                 r.label,
                 r.method,
                 r.variant,
@@ -609,6 +647,15 @@ impl Report {
                     .unwrap_or_default(),
                 csv_pair(r.last_eval.agreement, 4),
                 csv_pair(r.last_eval.kl, 6),
+                // One cell, the heads' means shallowest first, space-separated.
+                r.last_eval
+                    .head_top1
+                    .iter()
+                    .map(|h| format!("{:.4}", h.mean))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                csv_pair(r.last_eval.head_ensemble, 4),
+                csv_pair(r.last_eval.cohort_ensemble, 4),
                 r.delta_best.map(|d| format!("{d:.4}")).unwrap_or_default(),
                 match r.paired_last {
                     Some(p) => format!("{},{:.4},{:.4},{:.6}", p.n, p.mean, p.t, p.p),
@@ -1039,6 +1086,9 @@ mod tests {
                 teacher_ece: None,
                 last_teacher_agreement: None,
                 last_teacher_kl: None,
+                last_head_top1: Vec::new(),
+                last_head_ensemble_top1: None,
+                last_cohort_ensemble_top1: None,
                 train_seconds: 1.0,
                 teacher_seconds: 0.0,
                 init_seconds: 0.0,
@@ -1102,6 +1152,51 @@ mod tests {
         assert_eq!(std::fs::read_to_string(&peers_csv).unwrap(), csv);
         write(&plain, out.path()).unwrap();
         assert!(!peers_csv.exists());
+    }
+
+    /// BYOT's heads and their ensemble, and DML's cohort ensemble, get one table, each row
+    /// over the runs that recorded the figure; the CSV has them in named columns.
+    #[test]
+    fn exits_and_ensembles_get_a_table_of_their_own() {
+        let byot = |seed, base: f64| {
+            let mut r = run("byot", "byot", Some(seed), base);
+            r.summary.last_head_top1 = vec![base - 20.0, base - 10.0, base - 2.0];
+            r.summary.last_head_ensemble_top1 = Some(base + 1.0);
+            r
+        };
+        let dml = |seed, ensemble| {
+            let mut r = run("dml", "dml", Some(seed), 50.0);
+            r.summary.last_cohort_ensemble_top1 = ensemble;
+            r
+        };
+        let report = table(&[
+            run("baseline", "none", Some(0), 50.0),
+            byot(0, 60.0),
+            byot(1, 62.0),
+            // A run of older kd has no ensemble: the other's alone counts.
+            dml(0, Some(55.5)),
+            dml(1, None),
+        ]);
+        let md = report.markdown();
+        assert!(md.contains("Exits and ensembles"), "{md}");
+        assert!(
+            md.contains("| byot | 41.00 ± 1.41 / 51.00 ± 1.41 / 59.00 ± 1.41 | 62.00 ± 1.41 | – |"),
+            "{md}"
+        );
+        assert!(md.contains("| dml | – | – | 55.50 |"), "{md}");
+        assert!(!md.contains("| baseline | –"), "{md}");
+        let csv = report.csv();
+        let lines: Vec<Vec<&str>> = csv.lines().map(|l| l.split(',').collect()).collect();
+        let col = |name: &str| lines[0].iter().position(|h| *h == name).unwrap();
+        let byot_line = lines.iter().find(|l| l[0] == "byot").unwrap();
+        assert_eq!(byot_line[col("head_top1_means")], "41.0000 51.0000 59.0000");
+        assert_eq!(byot_line[col("head_ensemble_top1_mean")], "62.0000");
+        assert_eq!(byot_line[col("cohort_ensemble_top1_mean")], "");
+        let dml_line = lines.iter().find(|l| l[0] == "dml").unwrap();
+        assert_eq!(dml_line[col("cohort_ensemble_top1_mean")], "55.5000");
+        assert!(lines.iter().all(|l| l.len() == lines[0].len()), "{csv}");
+        let plain = table(&[run("baseline", "none", Some(0), 50.0)]);
+        assert!(!plain.markdown().contains("Exits"));
     }
 
     #[test]
