@@ -15,7 +15,8 @@
 //! steps each against PyTorch's float64 runs: offline KD from a frozen ResNet50 in eval mode
 //! (trained on other input statistics than the data's), BYOT's heads with and without that
 //! teacher (`byot`, `kd_byot`), Deep Mutual Learning of two ResNet18 peers with their own SGD,
-//! the paired self methods `two_view` and `cs_kd`, and CTKD (its temperature learned through a
+//! the paired self methods `two_view` and `cs_kd`, Tf-KD_reg and PS-KD (its step 2 reading the
+//! predictions its step 1 stored), and CTKD (its temperature learned through a
 //! gradient reversal), FitNets, VID and CC (their regressors, VID's variances and CC's
 //! projections training with the student), attention transfer, NST, SP, DKD and MLKD (the teacher
 //! on its weak and strong batches in one pass) from the KD case's teacher, and RKD and DIST from networks trained a little first (the fixture script says why). Every loss term of both steps, the
@@ -44,10 +45,13 @@
 //! | dist | 3.3·10⁻⁶ | 3.8·10⁻⁶ | 1.0·10⁻⁵ |
 //! | sp | 5.3·10⁻⁶ | 7.9·10⁻⁶ | 9.2·10⁻⁶ |
 //! | mlkd | 1.1·10⁻⁶ | 2.4·10⁻⁵ | 2.4·10⁻⁵ |
+//! | tf_kd_reg | 8.7·10⁻⁷ | 1.1·10⁻⁵ | 1.5·10⁻⁵ |
+//! | pskd | 6.4·10⁻⁷ | 1.0·10⁻⁵ | 1.4·10⁻⁵ |
 //!
 //! Caught: the teacher fed the student's normalisation (its logits off by 6·10⁻⁴), DML's or
 //! CS-KD's KL taken the other way round, a BYOT head without its ReLU (each a loss term off in
-//! the third digit), FitNets' regressor without its ReLU (the hint 143 against 59),
+//! the third digit), PS-KD's step 2 taking the label instead of step 1's stored predictions
+//! (loss_pskd 2.05 against 1.70), FitNets' regressor without its ReLU (the hint 143 against 59),
 //! CTKD's reversal without its minus sign (the temperature logit's gradient off by 3.6·10⁻³), and a momentum buffer that does not carry over (every case's changes over
 //! both steps off by 0.28 to 0.49).
 use std::collections::HashMap;
@@ -548,6 +552,43 @@ fn class_wise_self_kd_steps_match_pytorch() {
             temperature: 4.0,
         },
     );
+}
+
+/// A self method whose targets no network gives (`tf_kd_reg`'s designed distribution, `pskd`'s
+/// past predictions) at its preset, from `kd`'s student. The method is prepared for the
+/// fixture's 16 training images, which both steps' batches hold (PS-KD's step 2 reads the
+/// predictions step 1 stored).
+fn own_target_steps_match_pytorch(case: &str) {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tiny(Arch::Resnet18, Stem::Cifar);
+    let method = MethodConfig::preset(case).unwrap();
+    let student = kd_train::build_student(&cfg, &method, None, &Device::Cpu, 0, 0.0).unwrap();
+    let refs = load_fixture(&format!("method_{case}.safetensors"));
+    let (b, k) = (refs["x1"].dim(0).unwrap(), refs["y1"].dims1().unwrap());
+    assert_eq!(b, k);
+    student
+        .distiller
+        .prepare(&kd_train::RunInfo::cpu(b, 10))
+        .unwrap();
+    let mut members = [member_from(
+        "student",
+        "kd",
+        case,
+        &cfg,
+        &student.vars,
+        tmp.path(),
+    )];
+    distillation_matches_pytorch(case, &student, None, &mut members);
+}
+
+#[test]
+fn teacher_free_kd_steps_match_pytorch() {
+    own_target_steps_match_pytorch("tf_kd_reg");
+}
+
+#[test]
+fn progressive_self_kd_steps_match_pytorch() {
+    own_target_steps_match_pytorch("pskd");
 }
 
 /// An offline method at its preset (the fixture's settings) from `kd`'s teacher. Its student
