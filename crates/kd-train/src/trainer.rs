@@ -877,7 +877,7 @@ pub fn train(
             extras += &format!(" | heads {}", heads.join(" / "));
         }
         if let Some(a) = row.head_ensemble_top1 {
-            extras += &format!(", with the final classifier {a:.2}%");
+            extras += &format!(" | heads + final classifier {a:.2}%");
         }
         if let Some(a) = row.cohort_ensemble_top1 {
             extras += &format!(" | cohort ensemble {a:.2}%");
