@@ -2,8 +2,9 @@
 //! made by `tools/fixtures/make_randaugment_fixtures.py`): every operation at magnitudes over
 //! its whole range on seven kinds of image, and the authors' Cutout, byte for byte.
 use std::collections::HashMap;
+use std::path::Path;
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use kd_data::randaugment::{cutout, RandOp};
 
 fn fixtures() -> (HashMap<String, Tensor>, Vec<String>) {
@@ -11,7 +12,10 @@ fn fixtures() -> (HashMap<String, Tensor>, Vec<String>) {
         env!("CARGO_MANIFEST_DIR"),
         "/tests/fixtures/randaugment.safetensors"
     );
-    let tensors = candle_core::safetensors::load(path, &Device::Cpu).unwrap();
+    let tensors = kd_testkit::load_fixture(
+        Path::new(path),
+        "tools/fixtures/make_randaugment_fixtures.py",
+    );
     let names: Vec<u8> = tensors["ops"].to_vec1().unwrap();
     let ops = String::from_utf8(names).unwrap();
     let ops = ops.split(',').map(str::to_string).collect();

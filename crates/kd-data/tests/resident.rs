@@ -3,8 +3,9 @@
 //! where the op runs its reference implementation; the device script repeats it on CUDA.
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use kd_data::{Loader, LoaderConfig, Mix, Normalize, Pairing, Split};
+use kd_testkit::max_abs_diff;
 
 fn split(n: usize, classes: u32) -> Arc<Split> {
     let mut s = Split::empty(3, 32, 32);
@@ -14,19 +15,6 @@ fn split(n: usize, classes: u32) -> Arc<Split> {
         .collect();
     s.labels = (0..n).map(|i| i as u32 % classes).collect();
     Arc::new(s)
-}
-
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 fn same_batches(cfg: LoaderConfig) {
@@ -53,7 +41,7 @@ fn same_batches(cfg: LoaderConfig) {
             assert_eq!(y.images.dtype(), DType::F32);
             assert_eq!(x.images.dims(), y.images.dims());
             // Same arithmetic, up to the rounding of a fused multiply-add.
-            let d = max_abs(&x.images, &y.images);
+            let d = max_abs_diff(&x.images, &y.images);
             assert!(d < 1e-5, "{cfg:?}: images differ by {d}");
             assert_eq!(
                 x.labels.to_vec1::<u32>().unwrap(),
@@ -69,7 +57,7 @@ fn same_batches(cfg: LoaderConfig) {
             }
             match (&x.paired, &y.paired) {
                 (None, None) => {}
-                (Some(p), Some(q)) => assert!(max_abs(p, q) < 1e-5),
+                (Some(p), Some(q)) => assert!(max_abs_diff(p, q) < 1e-5),
                 _ => panic!("{cfg:?}: pairing differs"),
             }
             assert_eq!(

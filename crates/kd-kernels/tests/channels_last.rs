@@ -12,6 +12,7 @@ use kd_kernels::{
     batch_norm_train_update, conv2d_custom, conv2d_nhwc, to_channels_first, to_channels_last,
     Conv2dGeometry, MaxPool2d, MemoryFormat, RunningStats,
 };
+use kd_testkit::max_abs_diff;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -27,23 +28,10 @@ fn last_var(t: &Tensor) -> Var {
 }
 
 /// Largest |a − b| with `a` channels-last and `b` channels-first.
-fn diff_last(a: &Tensor, b: &Tensor) -> f32 {
+fn diff_last(a: &Tensor, b: &Tensor) -> f64 {
     let a = to_channels_first(a).unwrap();
     assert_eq!(a.dims(), b.dims());
-    diff(&a, b)
-}
-
-fn diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    max_abs_diff(&a, b)
 }
 
 /// Σ y·r, the scalar whose gradients the tests compare (r channels-first; for a channels-last
@@ -243,9 +231,12 @@ fn channels_last_batch_norm_trains_like_channels_first() {
             let what = format!("{:?} relu={relu} tail={tail}", (n, c, h, w));
             assert_eq!(last.y.dims(), [n, h, w, c], "{what}");
             assert!(diff_last(&last.y, &first.y) < 1e-6, "y {what}");
-            assert!(diff(&last.stats, &first.stats) < 1e-6, "stats {what}");
             assert!(
-                diff(&mean_l, &mean) < 1e-7 && diff(&var_l, &var) < 1e-6,
+                max_abs_diff(&last.stats, &first.stats) < 1e-6,
+                "stats {what}"
+            );
+            assert!(
+                max_abs_diff(&mean_l, &mean) < 1e-7 && max_abs_diff(&var_l, &var) < 1e-6,
                 "running {what}"
             );
             let gl = weighted_sum(&last.y, &r, MemoryFormat::ChannelsLast)
@@ -254,7 +245,7 @@ fn channels_last_batch_norm_trains_like_channels_first() {
             let dx = diff_last(gl.get(&xl).unwrap(), grads.get(&x).unwrap());
             assert!(dx < 1e-5, "dx {what}: {dx}");
             for (name, p) in [("γ", &gamma), ("β", &beta)] {
-                let d = diff(gl.get(p).unwrap(), grads.get(p).unwrap());
+                let d = max_abs_diff(gl.get(p).unwrap(), grads.get(p).unwrap());
                 assert!(d < 1e-4, "d{name} {what}: {d}");
             }
             if tail {

@@ -5,6 +5,7 @@ use kd_kernels::{
     augment_batch, batch_norm_train, conv2d_custom, AugmentPlan, BatchMix, Conv2dGeometry,
     Normalisation,
 };
+use kd_testkit::max_rel;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -15,21 +16,6 @@ fn randn(rng: &mut ChaCha8Rng, shape: &[usize], dtype: DType) -> Tensor {
         .unwrap()
         .to_dtype(dtype)
         .unwrap()
-}
-
-fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
-    let a = a.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
-    let b = b.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
-    let scale = b
-        .abs()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
-        .max(1e-12);
-    let d = (a - b).unwrap().abs().unwrap().max(0).unwrap();
-    d.to_scalar::<f64>().unwrap() / scale
 }
 
 #[test]
@@ -61,7 +47,7 @@ fn conv_custom_op_matches_candle_conv_and_its_gradients() {
                 "case {:?}",
                 (n, c, h, w, o, k, stride, padding)
             );
-            assert!(max_rel(&y, &y_ref) < 1e-6);
+            assert!(max_rel(&y, &y_ref, 1e-12) < 1e-6);
             // A random linear functional of the output, so every output gradient differs.
             let r = randn(&mut rng, y.dims(), dtype);
             let gr = (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
@@ -69,7 +55,7 @@ fn conv_custom_op_matches_candle_conv_and_its_gradients() {
             for v in [&x, &wt] {
                 let (a, b) = (gr.get(v).unwrap(), gr_ref.get(v).unwrap());
                 assert_eq!(a.dims(), b.dims());
-                let e = max_rel(a, b);
+                let e = max_rel(a, b, 1e-12);
                 assert!(
                     e < 1e-5,
                     "gradient error {e} for {:?} in case {:?}",
@@ -97,7 +83,7 @@ fn conv_input_gradient_is_skipped_where_nothing_wants_it() {
     let w_ref = Var::from_tensor(w.as_tensor()).unwrap();
     let y_ref = x.conv2d(&w_ref, 1, 1, 1, 1).unwrap();
     let g_ref = y_ref.sum_all().unwrap().backward().unwrap();
-    assert!(max_rel(grads.get(&w).unwrap(), g_ref.get(&w_ref).unwrap()) < 1e-5);
+    assert!(max_rel(grads.get(&w).unwrap(), g_ref.get(&w_ref).unwrap(), 1e-12) < 1e-5);
 }
 
 #[test]
@@ -110,7 +96,7 @@ fn add_relu_matches_candle_add_and_relu_with_gradients() {
         let y = kd_kernels::add_relu(&a, &b).unwrap();
         let y_ref = (a.as_tensor() + b.as_tensor()).unwrap().relu().unwrap();
         assert_eq!(y.dtype(), dtype);
-        assert_eq!(max_rel(&y, &y_ref), 0.0, "{dtype:?}");
+        assert_eq!(max_rel(&y, &y_ref, 1e-12), 0.0, "{dtype:?}");
         let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
         let g_ref = (&y_ref * &r)
             .unwrap()
@@ -119,7 +105,10 @@ fn add_relu_matches_candle_add_and_relu_with_gradients() {
             .backward()
             .unwrap();
         for v in [&a, &b] {
-            assert_eq!(max_rel(g.get(v).unwrap(), g_ref.get(v).unwrap()), 0.0);
+            assert_eq!(
+                max_rel(g.get(v).unwrap(), g_ref.get(v).unwrap(), 1e-12),
+                0.0
+            );
         }
     }
     let e = kd_kernels::add_relu(
@@ -180,7 +169,7 @@ fn batch_norm_eval_matches_its_definition_and_candles_gradients() {
             let want =
                 eval_bn_by_definition(x.as_tensor(), [&gamma, &beta, &mean, &var], eps, relu);
             let want = Tensor::from_vec(want, x.dims(), &Device::Cpu).unwrap();
-            let err = max_rel(&y, &want);
+            let err = max_rel(&y, &want, 1e-12);
             assert!(err <= tol, "{dtype:?} relu {relu}: forward off by {err}");
 
             // Gradients against candle's autograd of the formula, in f32.
@@ -210,7 +199,7 @@ fn batch_norm_eval_matches_its_definition_and_candles_gradients() {
                 .backward()
                 .unwrap();
             for (name, v) in [("x", &x), ("gamma", &gamma), ("beta", &beta)] {
-                let err = max_rel(g.get(v).unwrap(), g_ref.get(v).unwrap());
+                let err = max_rel(g.get(v).unwrap(), g_ref.get(v).unwrap(), 1e-12);
                 assert!(err <= tol, "{dtype:?} relu {relu}: d{name} off by {err}");
             }
         }
@@ -294,7 +283,10 @@ fn fused_batch_norm_matches_composed_ops_forward_and_backward() {
             let b = Var::from_tensor(&randn(&mut rng, &[c], DType::F32)).unwrap();
             let out = batch_norm_train(&x, &wt, &b, 1e-5, relu).unwrap();
             let y_ref = bn_reference(&x, &wt, &b, 1e-5, relu);
-            assert!(max_rel(&out.y, &y_ref) < 1e-5, "forward, relu {relu}");
+            assert!(
+                max_rel(&out.y, &y_ref, 1e-12) < 1e-5,
+                "forward, relu {relu}"
+            );
             // Statistics: closed form per channel.
             let xv = x
                 .as_tensor()
@@ -312,13 +304,13 @@ fn fused_batch_norm_matches_composed_ops_forward_and_backward() {
                 .unwrap()
                 .mean(1)
                 .unwrap();
-            assert!(max_rel(&out.mean, &mean) < 1e-6);
-            assert!(max_rel(&out.var, &var) < 1e-6);
+            assert!(max_rel(&out.mean, &mean, 1e-12) < 1e-6);
+            assert!(max_rel(&out.var, &var, 1e-12) < 1e-6);
             let r = randn(&mut rng, &[n, c, h, w], DType::F32);
             let g = (out.y * &r).unwrap().sum_all().unwrap().backward().unwrap();
             let g_ref = (y_ref * &r).unwrap().sum_all().unwrap().backward().unwrap();
             for (name, v) in [("x", &x), ("weight", &wt), ("bias", &b)] {
-                let e = max_rel(g.get(v).unwrap(), g_ref.get(v).unwrap());
+                let e = max_rel(g.get(v).unwrap(), g_ref.get(v).unwrap(), 1e-12);
                 assert!(
                     e < 1e-4,
                     "gradient of {name}: error {e}, relu {relu}, shape {:?}",
@@ -356,7 +348,7 @@ fn training_tail_matches_composed_ops_forward_and_backward() {
             .relu()
             .unwrap();
         let what = format!("{:?}", (n, c, h, w));
-        assert!(max_rel(&out.y, &y_ref) < 1e-5, "forward {what}");
+        assert!(max_rel(&out.y, &y_ref, 1e-12) < 1e-5, "forward {what}");
         // The running statistics as the plain layer's update leaves them.
         let (pm, pv) = (zeros(), (zeros() + 1.0).unwrap());
         let plain_running = kd_kernels::RunningStats {
@@ -365,8 +357,8 @@ fn training_tail_matches_composed_ops_forward_and_backward() {
             momentum: 0.1,
         };
         kd_kernels::batch_norm_train_update(&x, &wt, &b, 1e-5, false, plain_running).unwrap();
-        assert_eq!(max_rel(&rm, &pm), 0.0, "running mean {what}");
-        assert_eq!(max_rel(&rv, &pv), 0.0, "running variance {what}");
+        assert_eq!(max_rel(&rm, &pm, 1e-12), 0.0, "running mean {what}");
+        assert_eq!(max_rel(&rv, &pv, 1e-12), 0.0, "running variance {what}");
         let dy = randn(&mut rng, &[n, c, h, w], DType::F32);
         let g = (out.y * &dy)
             .unwrap()
@@ -381,7 +373,7 @@ fn training_tail_matches_composed_ops_forward_and_backward() {
             .backward()
             .unwrap();
         for (name, v) in [("x", &x), ("shortcut", &r), ("weight", &wt), ("bias", &b)] {
-            let e = max_rel(g.get(v).unwrap(), g_ref.get(v).unwrap());
+            let e = max_rel(g.get(v).unwrap(), g_ref.get(v).unwrap(), 1e-12);
             assert!(e < 1e-4, "gradient of {name}: error {e}, shape {what}");
         }
     }
@@ -410,7 +402,7 @@ fn fused_batch_norm_in_bf16_keeps_f32_statistics() {
     assert_eq!(out.mean.dtype(), DType::F32);
     // Statistics of the bf16 values, exact in f32; the output within bf16 rounding.
     let reference = bn_reference(&xb.to_dtype(DType::F32).unwrap(), &wt, &b, 1e-5, true);
-    assert!(max_rel(&out.y, &reference) < 1e-2);
+    assert!(max_rel(&out.y, &reference, 1e-12) < 1e-2);
 }
 
 #[test]
@@ -435,7 +427,7 @@ fn batch_norm_with_running_update_follows_pytorchs_formula() {
     };
     let out = kd_kernels::batch_norm_train_update(&x, &wt, &b, 1e-5, true, running).unwrap();
     let plain = batch_norm_train(&x, &wt, &b, 1e-5, true).unwrap();
-    assert_eq!(max_rel(&out.y, &plain.y), 0.0);
+    assert_eq!(max_rel(&out.y, &plain.y, 1e-12), 0.0);
 
     let v: Vec<f64> = x
         .to_dtype(DType::F64)
@@ -697,7 +689,7 @@ fn bf16_conv_accumulates_in_f32_forward_and_backward() {
         Var::from_tensor(&w.to_dtype(DType::F32).unwrap()).unwrap(),
     );
     let yf = xf.conv2d(&wf, 1, 2, 1, 1).unwrap();
-    assert!(max_rel(&y, &yf) < 1e-2);
+    assert!(max_rel(&y, &yf, 1e-12) < 1e-2);
     let r = randn(&mut rng, y.dims(), DType::F32);
     let gb = (y.to_dtype(DType::F32).unwrap() * &r)
         .unwrap()
@@ -706,8 +698,8 @@ fn bf16_conv_accumulates_in_f32_forward_and_backward() {
         .backward()
         .unwrap();
     let gf = (yf * &r).unwrap().sum_all().unwrap().backward().unwrap();
-    assert!(max_rel(gb.get(&xv).unwrap(), gf.get(&xf).unwrap()) < 2e-2);
-    assert!(max_rel(gb.get(&wv).unwrap(), gf.get(&wf).unwrap()) < 2e-2);
+    assert!(max_rel(gb.get(&xv).unwrap(), gf.get(&xf).unwrap(), 1e-12) < 2e-2);
+    assert!(max_rel(gb.get(&wv).unwrap(), gf.get(&wf).unwrap(), 1e-12) < 2e-2);
 }
 
 /// dx by its definition, scattering every dy·w product: dx[n, c, u·s − p + a, v·s − p + b] +=
@@ -804,7 +796,7 @@ fn cpu_input_gradients_match_their_definition_at_every_stride_and_padding() {
             kd_kernels::conv::backward_data_col2im(&dy, &w, c.g, dims).unwrap(),
         ] {
             assert_eq!(dx.dims(), &dims, "{c:?}");
-            let e = max_rel(&dx, &want);
+            let e = max_rel(&dx, &want, 1e-12);
             assert!(e < 1e-12, "error {e} at {c:?}");
         }
     }
@@ -852,7 +844,7 @@ fn cpu_kernel_gradient_matches_its_definition_at_every_stride_and_padding() {
         let want = kernel_gradient_by_definition(&x, &dy, c.g, c.k);
         let kernel = [4, 3, c.k, c.k];
         let dw = kd_kernels::conv::backward_filter_cpu(&x, &dy, c.g, kernel).unwrap();
-        let e = max_rel(&dw, &want);
+        let e = max_rel(&dw, &want, 1e-12);
         assert!(e < 1e-12, "error {e} at {c:?}");
     }
     // Batches whose patch rows exceed the 8 MB budget: the product accumulates chunk by chunk
@@ -867,7 +859,7 @@ fn cpu_kernel_gradient_matches_its_definition_at_every_stride_and_padding() {
             let kernel = [o, 64, 3, 3];
             let dw = kd_kernels::conv::backward_filter_cpu(&x, &dy, g, kernel).unwrap();
             let want = kd_kernels::conv::backward_filter_reference(&x, &dy, g, kernel).unwrap();
-            let e = max_rel(&dw, &want);
+            let e = max_rel(&dw, &want, 1e-12);
             assert!(
                 e < if dtype == DType::F32 { 1e-5 } else { 1e-12 },
                 "error {e} at {g:?} {dtype:?}"
@@ -887,19 +879,19 @@ fn cpu_conv_dispatch_keeps_gradients_where_they_can_flow() {
     let wt = randn(&mut rng, &[4, 3, 3, 3], DType::F32);
     let want = xt.conv2d(&wt, 1, 2, 1, 1).unwrap();
     // Nothing tracked (a frozen teacher): kd's plain convolution.
-    assert!(max_rel(&kd_kernels::conv2d(&xt, &wt, g).unwrap(), &want) < 1e-6);
+    assert!(max_rel(&kd_kernels::conv2d(&xt, &wt, g).unwrap(), &want, 1e-12) < 1e-6);
     // Variables: kd's op, whose gradients equal candle's autograd; in f64, candle's conv.
     for dtype in [DType::F32, DType::F64] {
         let x = Var::from_tensor(&xt.to_dtype(dtype).unwrap()).unwrap();
         let w = Var::from_tensor(&wt.to_dtype(dtype).unwrap()).unwrap();
         let y = kd_kernels::conv2d(&x, &w, g).unwrap();
         let y_ref = x.conv2d(&w, 1, 2, 1, 1).unwrap();
-        assert!(max_rel(&y, &y_ref) < 1e-6);
+        assert!(max_rel(&y, &y_ref, 1e-12) < 1e-6);
         let r = randn(&mut rng, y.dims(), dtype);
         let gr = (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
         let gr_ref = (y_ref * &r).unwrap().sum_all().unwrap().backward().unwrap();
         for v in [&x, &w] {
-            assert!(max_rel(gr.get(v).unwrap(), gr_ref.get(v).unwrap()) < 1e-5);
+            assert!(max_rel(gr.get(v).unwrap(), gr_ref.get(v).unwrap(), 1e-12) < 1e-5);
         }
     }
 }
@@ -913,7 +905,7 @@ fn cpu_forward_convolution_matches_candles() {
         let y = kd_kernels::conv::conv2d_cpu(&x, &w, c.g).unwrap();
         let want = x.conv2d(&w, c.g.padding, c.g.stride, 1, 1).unwrap();
         assert_eq!(y.dims(), want.dims());
-        let e = max_rel(&y, &want);
+        let e = max_rel(&y, &want, 1e-12);
         assert!(e < 1e-12, "error {e} at {c:?}");
     }
     // Batches whose patch rows exceed the 8 MB budget go in chunks of images (f32: 3, 3, 3, 1).
@@ -925,7 +917,7 @@ fn cpu_forward_convolution_matches_candles() {
             padding: 1,
         };
         let y = kd_kernels::conv::conv2d_cpu(&x, &w, g).unwrap();
-        assert!(max_rel(&y, &x.conv2d(&w, 1, 1, 1, 1).unwrap()) < 1e-5);
+        assert!(max_rel(&y, &x.conv2d(&w, 1, 1, 1, 1).unwrap(), 1e-12) < 1e-5);
     }
     // A non-contiguous input is read through a copy.
     let x = randn(&mut rng, &[2, 3, 6, 7], DType::F64)
@@ -937,5 +929,5 @@ fn cpu_forward_convolution_matches_candles() {
         padding: 1,
     };
     let y = kd_kernels::conv::conv2d_cpu(&x, &w, g).unwrap();
-    assert!(max_rel(&y, &x.conv2d(&w, 1, 1, 1, 1).unwrap()) < 1e-12);
+    assert!(max_rel(&y, &x.conv2d(&w, 1, 1, 1, 1).unwrap(), 1e-12) < 1e-12);
 }

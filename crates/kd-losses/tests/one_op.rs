@@ -5,6 +5,7 @@
 //! exponential would overflow.
 use candle_core::{DType, Device, Tensor, Var};
 use kd_losses::{cross_entropy, cross_entropy_composed, kd_loss, kd_loss_composed};
+use kd_testkit::max_rel;
 
 /// Deterministic values in [-scale, scale) (xorshift).
 fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
@@ -28,18 +29,6 @@ fn labels(b: usize, k: usize, seed: u64) -> Tensor {
         .map(|i| ((i * 7 + seed * 3) % k as u64) as u32)
         .collect();
     Tensor::new(v.as_slice(), &Device::Cpu).unwrap()
-}
-
-/// max |a − b| / max(max |b|, 1e-12).
-fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
-    let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let scale = b.iter().fold(1e-12f32, |m, v| m.max(v.abs()));
-    a.iter()
-        .zip(&b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-        / scale
 }
 
 const SHAPES: [(usize, usize); 5] = [(1, 1), (4, 10), (16, 33), (3, 100), (40, 7)];
@@ -71,11 +60,11 @@ fn cross_entropy_matches_the_composed_loss_and_its_gradient() {
                 ),
             };
             assert_eq!(one.dims(), composed.dims(), "{what}");
-            assert!(max_rel(&one, &composed) < 1e-6, "loss, {what}");
+            assert!(max_rel(&one, &composed, 1e-12) < 1e-6, "loss, {what}");
             // An upstream gradient other than 1, as a weighted loss term gets.
             let g1 = (one * 0.7).unwrap().backward().unwrap();
             let g2 = (composed * 0.7).unwrap().backward().unwrap();
-            let e = max_rel(g1.get(&z).unwrap(), g2.get(&z).unwrap());
+            let e = max_rel(g1.get(&z).unwrap(), g2.get(&z).unwrap(), 1e-12);
             assert!(e < 1e-5, "gradient {e}, {what}");
         }
     }
@@ -98,7 +87,7 @@ fn kd_loss_matches_the_composed_loss_and_its_gradient() {
             assert!(d < tol.max(2e-6 * t as f32 * t as f32), "loss {d}, {what}");
             let g1 = (one * 1.3).unwrap().backward().unwrap();
             let g2 = (composed * 1.3).unwrap().backward().unwrap();
-            let e = max_rel(g1.get(&s).unwrap(), g2.get(&s).unwrap());
+            let e = max_rel(g1.get(&s).unwrap(), g2.get(&s).unwrap(), 1e-12);
             assert!(e < 1e-5, "gradient {e}, {what}");
             // The teacher is detached on both paths.
             assert!(g1.get(&teacher).is_none(), "{what}");

@@ -3,6 +3,7 @@
 //! made by `tools/fixtures/make_loss_fixtures.py`, which computes both the way the reference
 //! implementations do — probabilities, `torch.log` — while kd-losses works in log space).
 use std::collections::HashMap;
+use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
 use kd_losses::{
@@ -10,13 +11,14 @@ use kd_losses::{
     kd_loss, kd_loss_at, nst_loss, ofd_loss, ofd_margins, pkt_loss, standardize_logits, vid_loss,
     vid_variance,
 };
+use kd_testkit::max_rel;
 
 fn fixtures() -> HashMap<String, Tensor> {
     let path = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/tests/fixtures/losses.safetensors"
     );
-    candle_core::safetensors::load(path, &Device::Cpu).unwrap()
+    kd_testkit::load_fixture(Path::new(path), "tools/fixtures/make_loss_fixtures.py")
 }
 
 fn get(f: &HashMap<String, Tensor>, key: &str) -> Tensor {
@@ -40,23 +42,6 @@ fn scalar(t: &Tensor) -> f64 {
         .unwrap()
         .to_vec1::<f64>()
         .unwrap()[0]
-}
-
-/// Largest |a − b| relative to the largest |b| (at least 1e-3, so near-zero references are
-/// compared absolutely); `a` must be finite.
-fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
-    let a = a.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
-    let b = b.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
-    let (a, b) = (a.to_vec1::<f64>().unwrap(), b.to_vec1::<f64>().unwrap());
-    assert_eq!(a.len(), b.len());
-    // f64::max skips NaN: a non-finite value must fail here, not vanish in the fold.
-    assert!(a.iter().all(|x| x.is_finite()), "non-finite values: {a:?}");
-    let scale = b.iter().fold(1e-3f64, |m, x| m.max(x.abs()));
-    a.iter()
-        .zip(&b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f64::max)
-        / scale
 }
 
 /// Each case in f64 (the formula) and f32 (the training dtype), values and student gradients.
@@ -88,7 +73,7 @@ fn dkd_matches_pytorch() {
             let grad = grads
                 .get(s.as_tensor())
                 .expect("a gradient for the student");
-            let e = rel_err(grad, &p("grad"));
+            let e = max_rel(grad, &p("grad"), 1e-3);
             assert!(e <= tol * 10.0, "case {case} {dtype:?} gradient: {e:e}");
             // No gradient reaches the teacher's logits.
             assert!(grads.get(&teacher).is_none());
@@ -145,7 +130,7 @@ fn check_cases(
             }
             let grads = c.objective.backward().unwrap();
             for (var, key) in &c.leaves {
-                let e = rel_err(grads.get(var.as_tensor()).unwrap(), &p(key));
+                let e = max_rel(grads.get(var.as_tensor()).unwrap(), &p(key), 1e-3);
                 assert!(e <= tol * 10.0, "{loss} case {case} {dtype:?} {key}: {e:e}");
             }
         }
@@ -284,7 +269,7 @@ fn ofd_matches_pytorch() {
         let vec = |k: &str| p(k).to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap();
         let margins = ofd_margins(&vec("gamma"), &vec("beta")).unwrap();
         let margins = Tensor::new(margins.as_slice(), &Device::Cpu).unwrap();
-        let e = rel_err(&margins, &p("margin"));
+        let e = max_rel(&margins, &p("margin"), 1e-3);
         assert!(e < 1e-6, "ofd margins off by {e:e}");
         // f64 takes PyTorch's margins (the formula alone), f32 kd's own.
         let margin = match dtype {

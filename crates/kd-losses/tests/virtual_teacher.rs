@@ -4,16 +4,18 @@
 //! times it; the whole Tf-KD_reg loss `(1 − α)·CE + α·(multiplier/K)·KL` and its gradient too.
 //! And the target in closed form.
 use std::collections::HashMap;
+use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
 use kd_losses::{cross_entropy, virtual_teacher_loss, virtual_teacher_probs};
+use kd_testkit::max_abs_diff;
 
 fn fixtures() -> HashMap<String, Tensor> {
     let path = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/tests/fixtures/tf_kd_reg.safetensors"
     );
-    candle_core::safetensors::load(path, &Device::Cpu).unwrap()
+    kd_testkit::load_fixture(Path::new(path), "tools/fixtures/make_tf_kd_fixtures.py")
 }
 
 fn values(t: &Tensor) -> Vec<f64> {
@@ -23,16 +25,6 @@ fn values(t: &Tensor) -> Vec<f64> {
         .unwrap()
         .to_vec1()
         .unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    let (a, b) = (values(a), values(b));
-    assert_eq!(a.len(), b.len());
-    assert!(a.iter().all(|x| x.is_finite()), "{a:?}");
-    a.iter()
-        .zip(&b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f64::max)
 }
 
 #[test]

@@ -8,11 +8,10 @@ use kd_models::{
     load_frozen, save_varmap, trainable_resnet, Arch, ModelOutput, ResNetConfig, Stem,
 };
 
-mod common;
-use common::{max_rel, seeded};
+use kd_testkit::{max_rel, seeded};
 
 /// Every output of `a` against `b`'s, to `tol`.
-fn assert_same_outputs(a: &ModelOutput, b: &ModelOutput, tol: f32, what: &str) {
+fn assert_same_outputs(a: &ModelOutput, b: &ModelOutput, tol: f64, what: &str) {
     let pairs = [(&a.logits, &b.logits), (&a.pooled, &b.pooled)]
         .into_iter()
         .chain(a.feats.iter().zip(&b.feats))
@@ -25,7 +24,7 @@ fn assert_same_outputs(a: &ModelOutput, b: &ModelOutput, tol: f32, what: &str) {
         );
     let mut n = 0;
     for (i, (x, y)) in pairs.enumerate() {
-        let e = max_rel(x, y);
+        let e = max_rel(x, y, 1e-12);
         assert!(e < tol, "{what}: output {i} differs by {e}");
         n += 1;
     }
@@ -85,7 +84,7 @@ fn a_channels_last_network_trains_and_evaluates_like_a_channels_first_one() {
         for (name, var_b) in vb.iter() {
             let var_a = &va[name];
             if name.contains("running_") {
-                let e = max_rel(var_a.as_tensor(), var_b.as_tensor());
+                let e = max_rel(var_a.as_tensor(), var_b.as_tensor(), 1e-12);
                 assert!(e < 1e-5, "{what}: {name} differs by {e} after the step");
                 continue;
             }
@@ -94,7 +93,7 @@ fn a_channels_last_network_trains_and_evaluates_like_a_channels_first_one() {
                     .unwrap_or_else(|| panic!("{what}: no gradient for {name}")),
                 gb.get(var_b.as_tensor()).unwrap(),
             );
-            let e = max_rel(da, db);
+            let e = max_rel(da, db, 1e-12);
             assert!(e < 1e-4, "{what}: the gradient of {name} differs by {e}");
         }
         drop((va, vb));
@@ -118,7 +117,7 @@ fn a_channels_last_network_trains_and_evaluates_like_a_channels_first_one() {
         // The stem alone keeps its (N, C, H, W) interface.
         let s = last.forward_stem(&x, false).unwrap();
         assert!(
-            max_rel(&s, &first.forward_stem(&x, false).unwrap()) < 1e-6,
+            max_rel(&s, &first.forward_stem(&x, false).unwrap(), 1e-12) < 1e-6,
             "{what}: stem"
         );
     }

@@ -4,30 +4,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use kd_models::{batch_norm2d, trainable_resnet, Arch, BatchNorm2d, ResNetConfig, Stem};
 
-mod common;
-use common::{max_rel, seeded};
-
-/// ‖a − b‖₂ / ‖b‖₂.
-fn rel_l2(a: &Tensor, b: &Tensor) -> f32 {
-    let a = a.to_dtype(DType::F32).unwrap();
-    let b = b.to_dtype(DType::F32).unwrap();
-    let d = (a - &b)
-        .unwrap()
-        .sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    let n = b
-        .sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    (d / n.max(1e-24)).sqrt()
-}
+use kd_testkit::{max_rel, norm_rel, seeded};
 
 /// A BatchNorm2d over 6 channels with fixed, non-trivial parameters and running statistics.
 fn six_channel_bn() -> (VarMap, BatchNorm2d) {
@@ -54,7 +31,7 @@ fn assert_same_training(
     vars: &[(&str, &Var)],
 ) {
     for (name, v) in vars {
-        let e = max_rel(grads.get(v).unwrap(), want.get(v).unwrap());
+        let e = max_rel(grads.get(v).unwrap(), want.get(v).unwrap(), 1e-12);
         assert!(e < 1e-4, "gradient of {name}: {e}");
     }
     let (da, db) = (vm.data().lock().unwrap(), vm_want.data().lock().unwrap());
@@ -62,11 +39,12 @@ fn assert_same_training(
         let e = max_rel(
             grads.get(da[name].as_tensor()).unwrap(),
             want.get(db[name].as_tensor()).unwrap(),
+            1e-12,
         );
         assert!(e < 1e-4, "gradient of {name}: {e}");
     }
     for name in ["running_mean", "running_var"] {
-        let e = max_rel(da[name].as_tensor(), db[name].as_tensor());
+        let e = max_rel(da[name].as_tensor(), db[name].as_tensor(), 1e-12);
         assert!(e < 1e-6, "{name}: {e}");
     }
 }
@@ -94,7 +72,7 @@ fn fused_batch_norm_trains_like_the_composed_one() {
             yc.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
             ya.flatten_all().unwrap().to_vec1::<f32>().unwrap()
         );
-        assert!(max_rel(&ya, &yb) < 1e-5, "relu {relu}");
+        assert!(max_rel(&ya, &yb, 1e-12) < 1e-5, "relu {relu}");
         let ga = (ya * &r).unwrap().sum_all().unwrap().backward().unwrap();
         let gb = (yb * &r).unwrap().sum_all().unwrap().backward().unwrap();
         assert_same_training((&ga, &vm_a), (&gb, &vm_b), &[("x", &x)]);
@@ -114,7 +92,7 @@ fn residual_tail_trains_like_the_composed_one() {
         .unwrap()
         .relu()
         .unwrap();
-    assert!(max_rel(&ya, &yb) < 1e-5);
+    assert!(max_rel(&ya, &yb, 1e-12) < 1e-5);
     let ga = (ya * &dy).unwrap().sum_all().unwrap().backward().unwrap();
     let gb = (yb * &dy).unwrap().sum_all().unwrap().backward().unwrap();
     assert_same_training(
@@ -143,7 +121,7 @@ fn bf16_compute_follows_f32_and_trains_f32_weights() {
             assert!(mixed.feats.iter().all(|f| f.dtype() == DType::F32));
             // bf16 keeps 8 bits of mantissa: a few per cent through 18 layers (L2 over the batch;
             // single logits may move more).
-            let e = rel_l2(&mixed.logits, &full.logits);
+            let e = norm_rel(&mixed.logits, &full.logits, 0.0);
             assert!(
                 e < 0.05,
                 "{}: logits differ by {e} (train {train})",

@@ -64,29 +64,13 @@ use kd_models::{
     import_checkpoint, load_into, trainable_resnet, Arch, ResNetConfig, Stem, Teacher,
 };
 use kd_schedulers::{Sgd, SgdConfig};
+use kd_testkit::norm_rel;
 use kd_train::{MethodConfig, PeerSpec, StepContext};
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")
         .join(name)
-}
-
-/// ‖a − b‖ / (‖b‖ + floor) over all elements.
-fn relative_error(a: &Tensor, b: &Tensor, floor: f64) -> f64 {
-    assert_eq!(a.dims(), b.dims());
-    let norm = |t: &Tensor| {
-        t.to_dtype(DType::F64)
-            .unwrap()
-            .sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-            .sqrt()
-    };
-    norm(&(a - b).unwrap()) / (norm(b) + floor).max(1e-30)
 }
 
 /// The fixture's one-value tensor `key`.
@@ -98,7 +82,10 @@ fn scalar(refs: &HashMap<String, Tensor>, key: &str) -> f32 {
 }
 
 fn load_fixture(name: &str) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixture(name), &Device::Cpu).unwrap()
+    kd_testkit::load_fixture(
+        &fixture(name),
+        "tools/fixtures/make_method_fixtures.py or make_train_fixtures.py",
+    )
 }
 
 /// The fixture's PyTorch state dict `{name}.pt` for `cfg`, imported into `dir` with the input
@@ -159,7 +146,7 @@ fn worst_change(
     let mut worst = (0.0, String::new());
     for (name, var) in data.iter() {
         let moved = (&refs[&format!("{prefix}{name}")] - &start[name]).unwrap();
-        let e = relative_error(&(var.as_tensor() - &start[name]).unwrap(), &moved, 0.0);
+        let e = norm_rel(&(var.as_tensor() - &start[name]).unwrap(), &moved, 0.0);
         if e > worst.0 {
             worst = (e, name.clone());
         }
@@ -195,7 +182,7 @@ fn assert_gradients_close(
         let g = grads
             .get(var.as_tensor())
             .unwrap_or_else(|| panic!("{what}: no gradient for {name}"));
-        let e = relative_error(g, &refs[&format!("{prefix}grad1.{name}")], 1.0);
+        let e = norm_rel(g, &refs[&format!("{prefix}grad1.{name}")], 1.0);
         assert!(e <= 1e-4, "{what}: gradient of {name} off by {e:.2e}");
         worst = worst.max(e);
     }
@@ -313,7 +300,7 @@ fn distillation_matches_pytorch(
         });
         if let (Some(t), 1) = (&t_out, k) {
             // The frozen teacher in eval mode: BN on its running statistics.
-            let e = relative_error(&t.logits, &refs["teacher_logits1"], 0.0);
+            let e = norm_rel(&t.logits, &refs["teacher_logits1"], 0.0);
             assert!(e <= 1e-5, "{case}: teacher logits off by {e:.2e}");
         }
         let ctx = StepContext {
