@@ -112,6 +112,20 @@ fn config(epochs: usize, lr: f64) -> TrainConfig {
     }
 }
 
+/// The student alone, without peers.
+fn solo<'a>(
+    model: &'a kd_models::ResNet,
+    vars: &'a candle_nn::VarMap,
+    meta: &'a TeacherMeta,
+) -> Student<'a> {
+    Student {
+        model,
+        vars,
+        meta,
+        peers: &[],
+    }
+}
+
 fn weights(vm: &candle_nn::VarMap) -> Vec<(String, Vec<f32>)> {
     let data = vm.data().lock().unwrap();
     let mut v: Vec<(String, Vec<f32>)> = data
@@ -132,12 +146,7 @@ fn learns_the_synthetic_task() {
     let (model, vm, meta, tr, te) = setup(0);
     let dir = tempfile::tempdir().unwrap();
     let s = train(
-        Student {
-            model: &model,
-            vars: &vm,
-            meta: &meta,
-            peers: &[],
-        },
+        solo(&model, &vm, &meta),
         &*baseline(),
         None,
         &tr,
@@ -148,12 +157,7 @@ fn learns_the_synthetic_task() {
     )
     .unwrap()
     .unwrap();
-    let rows: Vec<kd_train::EpochMetrics> =
-        std::fs::read_to_string(dir.path().join("metrics.jsonl"))
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
+    let rows = kd_train::read_metrics(&dir.path().join("metrics.jsonl")).unwrap();
     assert_eq!(rows.len(), 6);
     assert!(
         rows.last().unwrap().train_loss < rows[0].train_loss,
@@ -215,12 +219,7 @@ fn check_resume_is_bit_identical(
     let (model, vm, meta, tr, te) = setup(3);
     let full = tempfile::tempdir().unwrap();
     train(
-        Student {
-            model: &model,
-            vars: &vm,
-            meta: &meta,
-            peers: &[],
-        },
+        solo(&model, &vm, &meta),
         &*method(&model, &vm),
         None,
         &tr,
@@ -235,12 +234,7 @@ fn check_resume_is_bit_identical(
     let (model, vm, meta, tr, te) = setup(3);
     let dir = tempfile::tempdir().unwrap();
     let stopped = train(
-        Student {
-            model: &model,
-            vars: &vm,
-            meta: &meta,
-            peers: &[],
-        },
+        solo(&model, &vm, &meta),
         &*method(&model, &vm),
         None,
         &tr,
@@ -260,12 +254,7 @@ fn check_resume_is_bit_identical(
     // A fresh process: a differently initialised model, everything restored from the checkpoint.
     let (model, vm, meta, tr, te) = setup_with(99, 3);
     train(
-        Student {
-            model: &model,
-            vars: &vm,
-            meta: &meta,
-            peers: &[],
-        },
+        solo(&model, &vm, &meta),
         &*method(&model, &vm),
         None,
         &tr,
@@ -331,12 +320,7 @@ fn non_finite_loss_stops_with_epoch_and_step() {
     let (model, vm, meta, tr, te) = setup(1);
     let dir = tempfile::tempdir().unwrap();
     let err = train(
-        Student {
-            model: &model,
-            vars: &vm,
-            meta: &meta,
-            peers: &[],
-        },
+        solo(&model, &vm, &meta),
         &*baseline(),
         None,
         &tr,
@@ -398,12 +382,7 @@ fn online_peers_are_logged_checkpointed_and_resumed_exactly() {
         a.model.num_params() + a.peers[0].model.num_params()
     );
     assert_eq!(s.deploy_params, a.model.num_backbone_params());
-    let rows: Vec<kd_train::EpochMetrics> =
-        std::fs::read_to_string(full.path().join("metrics.jsonl"))
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
+    let rows = kd_train::read_metrics(&full.path().join("metrics.jsonl")).unwrap();
     assert!(rows.iter().all(|r| r.peers.contains_key("peer1")
         && r.losses.contains_key("loss_dml")
         && r.peers["peer1"].losses.contains_key("loss_dml")));
@@ -592,12 +571,7 @@ impl TeacherTask {
         opts: RunOptions,
     ) -> Option<kd_train::Summary> {
         train(
-            Student {
-                model: &b.model,
-                vars: &b.vars,
-                meta: &self.meta,
-                peers: &[],
-            },
+            solo(&b.model, &b.vars, &self.meta),
             b.distiller.as_ref(),
             Some(&self.teacher),
             &self.train,
@@ -858,12 +832,7 @@ fn each_auxiliary_heads_accuracy_is_logged() {
     let dir = tempfile::tempdir().unwrap();
     let run = |opts: RunOptions| {
         train(
-            Student {
-                model: &b.model,
-                vars: &b.vars,
-                meta: &meta,
-                peers: &[],
-            },
+            solo(&b.model, &b.vars, &meta),
             b.distiller.as_ref(),
             None,
             &tr,
