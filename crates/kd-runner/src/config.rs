@@ -410,10 +410,7 @@ impl ExperimentConfig {
                 self.method.name()
             );
         }
-        if let Err(e) = self
-            .plus_kd
-            .check(self.method.name(), self.method.needs_teacher())
-        {
+        if let Err(e) = self.plus_kd.check(&self.method) {
             bail!("{e}");
         }
         // A teacher.path on a method without a teacher is left unused (a suite may set one for

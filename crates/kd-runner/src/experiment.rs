@@ -155,9 +155,7 @@ pub fn run(
         cfg.train.seed,
         cfg.train.label_smoothing,
     )?;
-    built.distiller = cfg
-        .plus_kd
-        .wrap(built.distiller, cfg.method.needs_teacher())?;
+    built.distiller = cfg.plus_kd.wrap(built.distiller, &cfg.method)?;
     let dtype = cfg.train.precision.activation_dtype();
     built.model.set_compute_dtype(dtype)?;
     built.model.set_memory_format(cfg.train.memory_format)?;

@@ -663,6 +663,18 @@ impl MethodConfig {
         )
     }
 
+    /// Whether the method's loss already has Hinton's KD term against its teacher (so
+    /// [`PlusKd`] refuses it; MLKD's loss has ten).
+    pub fn has_kd_term(&self) -> bool {
+        matches!(
+            self,
+            MethodConfig::Kd { .. }
+                | MethodConfig::Ctkd { .. }
+                | MethodConfig::KdByot { .. }
+                | MethodConfig::Mlkd { .. }
+        )
+    }
+
     /// Whether the student needs its auxiliary heads.
     pub fn needs_aux_heads(&self) -> bool {
         matches!(

@@ -9,7 +9,7 @@ use kd_data::Batch;
 use kd_models::ModelOutput;
 use serde::{Deserialize, Serialize};
 
-use super::{Distiller, InitPhase, LossTerms, Outputs, RunInfo, StepContext};
+use super::{Distiller, InitPhase, LossTerms, MethodConfig, Outputs, RunInfo, StepContext};
 
 /// The added KD term's settings; `alpha = 0` adds nothing.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -32,14 +32,10 @@ impl Default for PlusKd {
 }
 
 impl PlusKd {
-    /// The methods whose loss already has Hinton's KD term (plus_kd refuses them; MLKD's has
-    /// ten).
-    pub const HAS_KD: [&'static str; 4] = ["kd", "ctkd", "kd_byot", "mlkd"];
-
-    /// Whether this term can be added to the method named `method` (`needs_teacher`: it learns
-    /// from a frozen teacher): always when off (α = 0); else α and T must be positive and
-    /// finite, and the method offline without a KD term of its own. The error says why not.
-    pub fn check(&self, method: &str, needs_teacher: bool) -> std::result::Result<(), String> {
+    /// Whether this term can be added to `method`: always when off (α = 0); else α and T must
+    /// be positive and finite, and the method offline (learning from a frozen teacher) without
+    /// a KD term of its own ([`MethodConfig::has_kd_term`]). The error says why not.
+    pub fn check(&self, method: &MethodConfig) -> std::result::Result<(), String> {
         if self.alpha == 0.0 {
             return Ok(());
         }
@@ -49,9 +45,11 @@ impl PlusKd {
                 self.alpha, self.temperature
             ));
         }
-        if !needs_teacher || Self::HAS_KD.contains(&method) {
+        let needs_teacher = method.needs_teacher();
+        if !needs_teacher || method.has_kd_term() {
             return Err(format!(
-                "plus_kd adds a frozen teacher's KD term to another offline method; method {method} {}: set plus_kd.alpha = 0",
+                "plus_kd adds a frozen teacher's KD term to another offline method; method {} {}: set plus_kd.alpha = 0",
+                method.name(),
                 if needs_teacher {
                     "already has a KD term"
                 } else {
@@ -62,14 +60,21 @@ impl PlusKd {
         Ok(())
     }
 
-    /// `method` with this KD term added (`method` itself when α = 0), if [`Self::check`] allows.
+    /// `method`, built from `config`, with this KD term added (`method` itself when α = 0), if
+    /// [`Self::check`] allows.
     pub fn wrap(
         self,
         method: Box<dyn Distiller>,
-        needs_teacher: bool,
+        config: &MethodConfig,
     ) -> Result<Box<dyn Distiller>> {
-        self.check(method.name(), needs_teacher)
-            .map_err(candle_core::Error::Msg)?;
+        if method.name() != config.name() {
+            candle_core::bail!(
+                "plus_kd: the method {} was built from another config ({})",
+                method.name(),
+                config.name()
+            );
+        }
+        self.check(config).map_err(candle_core::Error::Msg)?;
         if self.alpha == 0.0 {
             return Ok(method);
         }
@@ -178,11 +183,12 @@ mod tests {
                 .unwrap(),
             ) as Box<dyn Distiller>
         };
+        let ab_config = MethodConfig::preset("ab").unwrap();
         let kd = PlusKd {
             alpha: 0.7,
             temperature: 3.0,
         };
-        let wrapped = kd.wrap(ab(), true).unwrap();
+        let wrapped = kd.wrap(ab(), &ab_config).unwrap();
         assert_eq!(wrapped.name(), "ab");
         assert_eq!(wrapped.init_phase(), ab().init_phase());
         assert_eq!(wrapped.frozen(), ab().frozen());
@@ -216,24 +222,35 @@ mod tests {
         assert!((value(&terms.terms[1].1) - want).abs() <= 1e-6 * want.abs().max(1.0));
         // Off: the method itself.
         assert!(!PlusKd::default()
-            .wrap(ab(), true)
+            .wrap(ab(), &ab_config)
             .unwrap()
             .teacher_each_step());
         // Refused: no frozen teacher, KD itself, a negative weight.
         let none = MethodConfig::None.build(&s, None, vb.clone(), 0.0).unwrap();
-        assert!(kd.wrap(none, false).is_err());
+        assert!(kd.wrap(none, &MethodConfig::None).is_err());
         let hinton = Box::new(super::super::hinton::Hinton {
             ce,
             alpha: 0.9,
             temperature: 4.0,
             standardize: false,
         });
-        let err = kd.wrap(hinton, true).err().unwrap().to_string();
+        let err = kd
+            .wrap(hinton, &MethodConfig::preset("kd").unwrap())
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.contains("already has a KD term"), "{err}");
+        // A distiller of another method than its config says is refused.
+        let err = kd
+            .wrap(ab(), &MethodConfig::preset("fitnet").unwrap())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("another config"), "{err}");
         let negative = PlusKd {
             alpha: -1.0,
             temperature: 4.0,
         };
-        assert!(negative.wrap(ab(), true).is_err());
+        assert!(negative.wrap(ab(), &ab_config).is_err());
     }
 }
