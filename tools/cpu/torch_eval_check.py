@@ -1,15 +1,18 @@
 #!/usr/bin/env python3
-"""PyTorch's figures for `kd-runner eval --weights A [--against B]`, computed independently of kd:
+"""PyTorch's figures for `kd-runner eval --weights A [--against B] [--ensemble-with C ...]`,
+computed independently of kd:
 the exported weights (kd's `model.safetensors`, torchvision's key names: ResNet18, 34 or 50, either
 stem, any width) load strictly into the torchvision-block `CifarResNet` of
 tools/fixtures/make_model_fixtures.py; the CIFAR-10 test split is read from the official
 binary files and normalised by each model's sidecar (`model.json`). Prints top-1, NLL and the
 expected calibration error (15 equal-width bins (k/15, (k+1)/15] of the top-1 confidence, |accuracy
 − mean confidence| weighted by the bin's share: Guo et al. 2017), and with --against the top-1
-agreement and the mean KL(B ‖ A) at temperature 1.
+agreement and the mean KL(B ‖ A) at temperature 1, and with --ensemble-with the top-1, top-5
+and NLL of the ensemble of A and the others (their softmax averaged, in float64).
 
   python3 tools/cpu/torch_eval_check.py --data data/cifar10 --weights runs/s1 --against runs/t
   kd-runner eval --data-dir data --weights runs/s1 --against runs/t
+  python3 tools/cpu/torch_eval_check.py --data data/cifar10 --weights runs/dml --ensemble-with runs/dml/peer1
 """
 import argparse
 import json
@@ -72,6 +75,7 @@ def main():
     p.add_argument("--data", required=True, help="folder with cifar-10-batches-bin")
     p.add_argument("--weights", required=True)
     p.add_argument("--against")
+    p.add_argument("--ensemble-with", action="append", default=[])
     a = p.parse_args()
     _, (x, y) = load_cifar10(a.data)
     model, meta = load_model(a.weights)
@@ -87,6 +91,19 @@ def main():
         t1 = 100 * (t.argmax(1) == y).double().mean().item()
         print(f"against {a.against} (top-1 {t1:.2f}%, ECE {ece_pct(t, y):.2f}%): "
               f"top-1 agreement {agree:.2f}%, KL(it ‖ evaluated) {kl:.4f} nats")
+    if a.ensemble_with:
+        probs = F.softmax(s, 1)
+        for path in a.ensemble_with:
+            other, ometa = load_model(path)
+            t = logits_of(other, ometa, x)
+            print(f"with {path}: top-1 {100 * (t.argmax(1) == y).double().mean().item():.2f}%")
+            probs = probs + F.softmax(t, 1)
+        probs = probs / (1 + len(a.ensemble_with))
+        e1 = 100 * (probs.argmax(1) == y).double().mean().item()
+        e5 = 100 * (probs.topk(5, 1).indices == y[:, None]).any(1).double().mean().item()
+        nll = -probs.gather(1, y[:, None]).log().mean().item()
+        print(f"ensemble of {1 + len(a.ensemble_with)} models (softmax averaged): "
+              f"top-1 {e1:.2f}%  top-5 {e5:.2f}%  NLL {nll:.4f}")
 
 
 if __name__ == "__main__":

@@ -267,6 +267,61 @@ fn eval_takes_a_run_folder_and_names_what_is_missing() {
     );
 }
 
+/// `eval --ensemble-with`: a DML run's exported student and peer, loaded from their files and
+/// averaged by the CLI, score the run's own cohort ensemble (computed by the trainer from the
+/// networks in memory).
+#[test]
+fn eval_scores_an_exported_cohort_as_the_trainer_did() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_cifar10(tmp.path());
+    let run = tmp.path().join("dml");
+    let out = tiny_train(tmp.path(), "cifar")
+        .args(["--epochs", "2", "--lr", "0.05", "--method", "dml"])
+        .args(["--peer", "resnet18:cifar-maxpool:8", "--run-dir"])
+        .arg(&run)
+        .output()
+        .unwrap();
+    succeeded(&out);
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap();
+    let ensemble = summary["last_cohort_ensemble_top1"].as_f64().unwrap();
+    let peer = summary["peers"][0]["last_top1"].as_f64().unwrap();
+    let text = succeeded(
+        &kd()
+            .args(["eval", "--data-dir"])
+            .arg(tmp.path())
+            .arg("--weights")
+            .arg(&run)
+            .arg("--ensemble-with")
+            .arg(run.join("peer1"))
+            .output()
+            .unwrap(),
+    );
+    assert!(
+        text.contains(&format!("peer1/model.safetensors: top-1 {peer:.2}%"))
+            && text.contains(&format!(
+                "ensemble of 2 models (softmax averaged): top-1 {ensemble:.2}%"
+            )),
+        "{text}\n{summary}"
+    );
+    // A member that cannot be loaded is named.
+    let other = tmp.path().join("missing.safetensors");
+    let err = String::from_utf8_lossy(
+        &kd()
+            .args(["eval", "--data-dir"])
+            .arg(tmp.path())
+            .arg("--weights")
+            .arg(&run)
+            .arg("--ensemble-with")
+            .arg(&other)
+            .output()
+            .unwrap()
+            .stderr,
+    )
+    .to_string();
+    assert!(err.contains("missing.safetensors"), "{err}");
+}
+
 /// The resident data path (pixels kept on the training device, augmented and mixed by
 /// kd-kernels' op, the GPU's path) trains exactly as the host loader does: same metrics, clocks
 /// aside, for a mixup run.

@@ -1,6 +1,7 @@
 //! `kd-runner eval`: test accuracy (top-1, top-5, per class), loss, calibration (ECE) and
 //! throughput of saved weights, fed the normalisation stored with them; with `--against`, their
-//! fidelity to another model (a teacher): top-1 agreement and KL(teacher ‖ model).
+//! fidelity to another model (a teacher): top-1 agreement and KL(teacher ‖ model); with
+//! `--ensemble-with`, the accuracy of their ensemble with other models (softmax averaged).
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -31,6 +32,34 @@ pub struct EvalArgs {
     /// agree on the top-1 class, and KL(these ‖ evaluated) at temperature 1.
     #[arg(long, value_name = "FILE|RUN")]
     pub against: Option<PathBuf>,
+    /// Also evaluate the ensemble of these weights with others (repeatable; same forms as
+    /// --weights, each fed its own normalisation): their softmax averaged image by image, as
+    /// an online cohort (a run and its `peer1/`) or models of several seeds.
+    #[arg(long, value_name = "FILE|RUN")]
+    pub ensemble_with: Vec<PathBuf>,
+}
+
+/// Loads the weights at `path` (a file or a run folder) on `device`, for comparison with a
+/// model of `num_classes` classes loaded from `evaluated`.
+fn load_other(
+    path: &std::path::Path,
+    device: &candle_core::Device,
+    num_classes: usize,
+    evaluated: &std::path::Path,
+) -> anyhow::Result<(PathBuf, Teacher)> {
+    let file = super::weights_file(path)?;
+    let other =
+        Teacher::load(&file, device).with_context(|| format!("loading {}", file.display()))?;
+    if other.meta().num_classes != num_classes {
+        bail!(
+            "{} has {} classes but {} has {}",
+            file.display(),
+            other.meta().num_classes,
+            evaluated.display(),
+            num_classes
+        );
+    }
+    Ok((file, other))
 }
 
 /// Runs the evaluation and prints the report.
@@ -63,35 +92,33 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
         LoaderConfig::eval(args.batch_size, norm),
         device,
     )?;
+    // Another model's predictions on the loader's batches: fed the evaluated model's
+    // normalisation, renormalised to its own.
+    let predictions = |other: &Teacher| {
+        kd_train::Reference::new(&loader, meta.num_classes, |x| {
+            kd_train::teacher_forward_parts(other, x, &norm, kd_models::ForwardParts::LOGITS)
+        })
+    };
     let against = match &args.against {
         Some(path) => {
-            let file = super::weights_file(path)?;
-            let other = Teacher::load(&file, &loader.device())
-                .with_context(|| format!("loading {}", file.display()))?;
-            if other.meta().num_classes != meta.num_classes {
-                bail!(
-                    "{} has {} classes but {} has {}",
-                    file.display(),
-                    other.meta().num_classes,
-                    weights.display(),
-                    meta.num_classes
-                );
-            }
-            // Fed the evaluated model's normalisation, renormalised to its own.
-            let reference = kd_train::Reference::new(&loader, meta.num_classes, |x| {
-                kd_train::teacher_forward_parts(&other, x, &norm, kd_models::ForwardParts::LOGITS)
-            })?;
-            Some((file, reference))
+            let (file, other) = load_other(path, &loader.device(), meta.num_classes, &weights)?;
+            Some((file, predictions(&other)?))
         }
         None => None,
     };
-    let forward = |x: &candle_core::Tensor| teacher.forward(x);
-    let report = match &against {
-        Some((_, reference)) => {
-            kd_train::evaluate_against(&loader, meta.num_classes, forward, reference)?
-        }
-        None => kd_train::evaluate(&loader, meta.num_classes, forward)?,
-    };
+    let mut members = Vec::with_capacity(args.ensemble_with.len());
+    for path in &args.ensemble_with {
+        let (file, other) = load_other(path, &loader.device(), meta.num_classes, &weights)?;
+        members.push((file, predictions(&other)?));
+    }
+    // The evaluated model's own predictions are kept for an ensemble.
+    let evaluated = kd_train::Reference::new_against(
+        &loader,
+        meta.num_classes,
+        |x| teacher.forward(x),
+        against.as_ref().map(|(_, r)| r),
+    )?;
+    let report = &evaluated.report;
     let a = &report.acc;
     println!(
         "{} ({} {}, {} params, {} MACs/image) on {} test: top-1 {:.2}%  top-5 {:.2}%  loss {:.4}  ECE {:.2}%  ({} images, {:.0} images/s)",
@@ -121,6 +148,26 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
             reference.report.calibration.ece_pct(),
             f.agreement_pct(),
             f.mean_kl()
+        );
+    }
+    if !members.is_empty() {
+        let all: Vec<&kd_train::Reference> = std::iter::once(&evaluated)
+            .chain(members.iter().map(|(_, r)| r))
+            .collect();
+        let e = kd_train::evaluate_ensemble(meta.num_classes, &all)?;
+        for (file, r) in &members {
+            println!(
+                "with {}: top-1 {:.2}%",
+                file.display(),
+                r.report.acc.top1_pct()
+            );
+        }
+        println!(
+            "ensemble of {} models (softmax averaged): top-1 {:.2}%  top-5 {:.2}%  NLL {:.4}",
+            all.len(),
+            e.top1_pct(),
+            e.top5_pct(),
+            e.mean_loss()
         );
     }
     println!("per-class top-1:");
