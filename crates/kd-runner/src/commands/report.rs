@@ -437,13 +437,42 @@ pub fn table(runs: &[RunRecord]) -> Report {
         }
     }
     rows.sort_by(|a, b| {
-        (a.variant.as_str(), a.method != "none", a.label.as_str()).cmp(&(
-            b.variant.as_str(),
-            b.method != "none",
-            b.label.as_str(),
-        ))
+        natural_cmp(&a.variant, &b.variant)
+            .then((a.method != "none").cmp(&(b.method != "none")))
+            .then_with(|| natural_cmp(&a.label, &b.label))
     });
     Report { rows }
+}
+
+/// Orders names with numbers by the numbers' values, as a sweep's runs are read
+/// (`temperature2` before `temperature16`; `alpha0.5` before `alpha0.9`): runs of digits
+/// compare as integers, everything else character by character.
+fn natural_cmp(a: &str, b: &str) -> std::cmp::Ordering {
+    use std::cmp::Ordering;
+    let (mut a, mut b) = (a, b);
+    loop {
+        let (Some(ca), Some(cb)) = (a.chars().next(), b.chars().next()) else {
+            return a.len().cmp(&b.len());
+        };
+        if ca.is_ascii_digit() && cb.is_ascii_digit() {
+            let run = |s: &str| s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+            let (na, nb) = (run(a), run(b));
+            let (da, db) = (
+                a[..na].trim_start_matches('0'),
+                b[..nb].trim_start_matches('0'),
+            );
+            let by_value = da.len().cmp(&db.len()).then_with(|| da.cmp(db));
+            if by_value != Ordering::Equal {
+                return by_value;
+            }
+            (a, b) = (&a[na..], &b[nb..]);
+        } else {
+            if ca != cb {
+                return ca.cmp(&cb);
+            }
+            (a, b) = (&a[ca.len_utf8()..], &b[cb.len_utf8()..]);
+        }
+    }
 }
 
 fn pm(v: (f64, f64), runs: usize) -> String {
@@ -1152,6 +1181,34 @@ mod tests {
         assert_eq!(std::fs::read_to_string(&peers_csv).unwrap(), csv);
         write(&plain, out.path()).unwrap();
         assert!(!peers_csv.exists());
+    }
+
+    #[test]
+    fn names_with_numbers_sort_by_value() {
+        let mut v = [
+            "kd-temperature16",
+            "kd-temperature4",
+            "kd-temperature1-alpha0.9",
+            "kd-temperature1-alpha0.5",
+            "baseline",
+            "kd-temperature2.5",
+            "kd-temperature02",
+        ];
+        v.sort_by(|a, b| natural_cmp(a, b));
+        assert_eq!(
+            v,
+            [
+                "baseline",
+                "kd-temperature1-alpha0.5",
+                "kd-temperature1-alpha0.9",
+                "kd-temperature02",
+                "kd-temperature2.5",
+                "kd-temperature4",
+                "kd-temperature16",
+            ]
+        );
+        assert_eq!(natural_cmp("a", "a"), std::cmp::Ordering::Equal);
+        assert_eq!(natural_cmp("a", "ab"), std::cmp::Ordering::Less);
     }
 
     /// BYOT's heads and their ensemble, and DML's cohort ensemble, get one table, each row

@@ -1,6 +1,7 @@
-//! `kd-runner suite FILE`: a matrix of experiments (configs × variants × seeds) run one after
-//! another into one folder, then the report over it. Resumable: finished runs are skipped and an
-//! interrupted run continues from its last checkpoint with the configuration it started with.
+//! `kd-runner suite FILE`: a matrix of experiments (configs × variants × sweeps × seeds) run one
+//! after another into one folder, then the report over it. Resumable: finished runs are skipped
+//! and an interrupted run continues from its last checkpoint with the configuration it started
+//! with.
 //!
 //! ```toml
 //! name = "cifar10"                        # runs go to runs/<name>/ unless `out` is set
@@ -10,6 +11,10 @@
 //! [[variant]]                             # optional; none = one unnamed variant
 //! name = "subset10-noaug"
 //! set = ["data.subset=0.1", "data.augment=false"]
+//! [[sweep]]                               # optional; one run per value (× other sweeps)
+//! key = "method.temperature"              # runs named kd-temperature1, kd-temperature2, …
+//! values = [1, 2, 4, 8]
+//! configs = ["kd.toml"]                   # the configs it varies (default: all)
 //! ```
 use std::path::{Path, PathBuf};
 
@@ -59,6 +64,10 @@ pub struct SuiteFile {
     /// Variants; each config × seed runs once per variant.
     #[serde(default)]
     pub variant: Vec<Variant>,
+    /// Sweeps of one key each; a config they apply to runs once per combination of their
+    /// values (within each variant).
+    #[serde(default)]
+    pub sweep: Vec<Sweep>,
 }
 
 fn seed0() -> Vec<u64> {
@@ -74,6 +83,61 @@ pub struct Variant {
     /// Its `key=value` overrides.
     #[serde(default)]
     pub set: Vec<String>,
+}
+
+/// One config key over a list of values: the ablation a researcher runs most (KD's temperature,
+/// a loss weight), without a variant written out per value.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Sweep {
+    /// The key, as `--set` takes it (`method.temperature`).
+    pub key: String,
+    /// Its values, each run in turn (numbers, booleans or strings, of the key's type).
+    pub values: Vec<toml::Value>,
+    /// The configs it applies to, as `configs` lists them; every config when empty (a
+    /// baseline listed beside them runs once, unswept).
+    #[serde(default)]
+    pub configs: Vec<PathBuf>,
+}
+
+impl Sweep {
+    /// The value as `--set` takes it, and the part of a variant's name it makes (the key's
+    /// last segment and the value: `temperature4`).
+    fn runs(&self) -> Vec<(String, String)> {
+        let last = self.key.rsplit('.').next().unwrap_or(&self.key);
+        self.values
+            .iter()
+            .map(|v| {
+                let value = match v {
+                    toml::Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                (format!("{}={value}", self.key), format!("{last}{value}"))
+            })
+            .collect()
+    }
+}
+
+/// The variants `config` runs under: each of `variants` combined with every combination of the
+/// values of the sweeps that apply to it.
+fn with_sweeps(variants: &[Variant], sweeps: &[&Sweep]) -> Vec<Variant> {
+    let mut out = variants.to_vec();
+    for sweep in sweeps {
+        out = out
+            .iter()
+            .flat_map(|v| {
+                sweep.runs().into_iter().map(move |(set, name)| Variant {
+                    name: if v.name.is_empty() {
+                        name
+                    } else {
+                        format!("{}-{name}", v.name)
+                    },
+                    set: v.set.iter().cloned().chain([set]).collect(),
+                })
+            })
+            .collect();
+    }
+    out
 }
 
 /// One planned run.
@@ -102,6 +166,23 @@ impl SuiteFile {
         if s.configs.is_empty() || s.seeds.is_empty() {
             bail!("the suite {} lists no configs or no seeds", path.display());
         }
+        for sweep in &s.sweep {
+            if sweep.values.is_empty() {
+                bail!(
+                    "in the suite {}: the sweep of {} has no values",
+                    path.display(),
+                    sweep.key
+                );
+            }
+            if let Some(c) = sweep.configs.iter().find(|c| !s.configs.contains(c)) {
+                bail!(
+                    "in the suite {}: the sweep of {} names the config {}, which `configs` does not list",
+                    path.display(),
+                    sweep.key,
+                    c.display()
+                );
+            }
+        }
         Ok(s)
     }
 
@@ -126,13 +207,25 @@ impl SuiteFile {
         for c in &self.configs {
             let path = base.join(c);
             let cfg = ExperimentConfig::from_file(&path)?;
-            for v in &variants {
+            let sweeps: Vec<&Sweep> = self
+                .sweep
+                .iter()
+                .filter(|s| s.configs.is_empty() || s.configs.contains(c))
+                .collect();
+            for v in &with_sweeps(&variants, &sweeps) {
                 for &seed in &self.seeds {
                     let mut cfg = cfg.clone();
                     for s in self.set.iter().chain(&v.set).chain(extra) {
                         cfg.set(s).with_context(|| {
+                            let swept = sweeps
+                                .iter()
+                                .find(|sw| s.strip_prefix(&sw.key).is_some_and(|r| r.starts_with('=')));
+                            let hint = match swept {
+                                Some(sw) => format!(" (the sweep of {} reaches this config: list the configs it varies in its `configs`)", sw.key),
+                                None => String::new(),
+                            };
                             format!(
-                                "suite {}, config {}, variant {:?}",
+                                "suite {}, config {}, variant {:?}{hint}",
                                 file.display(),
                                 path.display(),
                                 v.name
@@ -270,4 +363,108 @@ pub fn run_planned(
     }
     bar.finish_and_clear();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A suite folder with a baseline and a KD config, and `suite` as its suite file.
+    fn suite_dir(suite: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("baseline.toml"), "name = \"baseline\"\n").unwrap();
+        std::fs::write(
+            dir.path().join("kd.toml"),
+            "name = \"kd\"\n[teacher]\npath = \"teacher.safetensors\"\n[method]\nname = \"kd\"\nalpha = 0.9\ntemperature = 4.0\n",
+        )
+        .unwrap();
+        let file = dir.path().join("suite.toml");
+        std::fs::write(&file, suite).unwrap();
+        (dir, file)
+    }
+
+    fn plan(suite: &str) -> anyhow::Result<Vec<PlannedRun>> {
+        let (dir, file) = suite_dir(suite);
+        let runs = SuiteFile::from_file(&file)?.plan(&file, &[], &dir.path().join("out"));
+        drop(dir);
+        runs
+    }
+
+    fn kd_settings(r: &PlannedRun) -> (f64, f64) {
+        match r.config.method {
+            kd_train::MethodConfig::Kd {
+                alpha, temperature, ..
+            } => (alpha, temperature),
+            ref other => panic!("not kd: {other:?}"),
+        }
+    }
+
+    /// Two sweeps over the KD config make one run per pair of values and seed, named by key
+    /// and value; the baseline, not named by the sweeps, runs once per seed.
+    #[test]
+    fn sweeps_make_one_run_per_combination_of_values() {
+        let runs = plan(
+            "name = \"t\"\nseeds = [0, 1]\nconfigs = [\"baseline.toml\", \"kd.toml\"]\n\
+             [[sweep]]\nkey = \"method.temperature\"\nvalues = [1, 8]\nconfigs = [\"kd.toml\"]\n\
+             [[sweep]]\nkey = \"method.alpha\"\nvalues = [0.5, 0.9]\nconfigs = [\"kd.toml\"]\n",
+        )
+        .unwrap();
+        let labels: Vec<(&str, u64)> = runs
+            .iter()
+            .map(|r| (r.info.label.as_str(), r.info.seed))
+            .collect();
+        assert_eq!(
+            labels,
+            [
+                ("baseline", 0),
+                ("baseline", 1),
+                ("kd-temperature1-alpha0.5", 0),
+                ("kd-temperature1-alpha0.5", 1),
+                ("kd-temperature1-alpha0.9", 0),
+                ("kd-temperature1-alpha0.9", 1),
+                ("kd-temperature8-alpha0.5", 0),
+                ("kd-temperature8-alpha0.5", 1),
+                ("kd-temperature8-alpha0.9", 0),
+                ("kd-temperature8-alpha0.9", 1),
+            ]
+        );
+        let kd: Vec<(f64, f64)> = runs[2..].iter().step_by(2).map(kd_settings).collect();
+        assert_eq!(kd, [(0.5, 1.0), (0.9, 1.0), (0.5, 8.0), (0.9, 8.0)]);
+        assert_eq!(runs[2].info.variant, "temperature1-alpha0.5");
+        assert!(runs[2].dir.ends_with("out/kd-temperature1-alpha0.5-s0"));
+    }
+
+    /// Within a variant, the variant's overrides come first and its name leads.
+    #[test]
+    fn sweeps_combine_with_variants() {
+        let runs = plan(
+            "name = \"t\"\nconfigs = [\"kd.toml\"]\n\
+             [[variant]]\nname = \"sub\"\nset = [\"data.subset=0.1\"]\n\
+             [[sweep]]\nkey = \"method.temperature\"\nvalues = [2.5]\n",
+        )
+        .unwrap();
+        assert_eq!(runs.len(), 1);
+        assert_eq!(runs[0].info.label, "kd-sub-temperature2.5");
+        assert_eq!(runs[0].config.data.subset, 0.1);
+        assert_eq!(kd_settings(&runs[0]).1, 2.5);
+    }
+
+    /// A sweep of no values, of a config the suite does not list, or of a key a config lacks
+    /// is refused before anything runs, naming the key.
+    #[test]
+    fn bad_sweeps_are_refused_by_name() {
+        let err = |suite: &str| format!("{:#}", plan(suite).unwrap_err());
+        let e = err("name = \"t\"\nconfigs = [\"kd.toml\"]\n[[sweep]]\nkey = \"method.alpha\"\nvalues = []\n");
+        assert!(e.contains("method.alpha") && e.contains("no values"), "{e}");
+        let e = err("name = \"t\"\nconfigs = [\"kd.toml\"]\n[[sweep]]\nkey = \"method.alpha\"\nvalues = [1]\nconfigs = [\"dkd.toml\"]\n");
+        assert!(e.contains("dkd.toml") && e.contains("does not list"), "{e}");
+        // The baseline has no temperature: a sweep over every config reaches it.
+        let e = err("name = \"t\"\nconfigs = [\"baseline.toml\", \"kd.toml\"]\n[[sweep]]\nkey = \"method.temperature\"\nvalues = [2]\n");
+        assert!(
+            e.contains("temperature") && e.contains("baseline.toml"),
+            "{e}"
+        );
+        let e = err("name = \"t\"\nconfigs = [\"kd.toml\"]\n[[sweep]]\nkey = \"method.temperature\"\nvalues = [\"hot\"]\n");
+        assert!(e.contains("temperature"), "{e}");
+    }
 }
