@@ -118,8 +118,9 @@ impl Sweep {
     }
 }
 
-/// The variants `config` runs under: each of `variants` combined with every combination of the
-/// values of the sweeps that apply to it.
+/// The variants a config runs under: each of `variants` combined with every combination of the
+/// values of `sweeps` (those that apply to the config), the sweeps' names and overrides after
+/// the variant's own.
 fn with_sweeps(variants: &[Variant], sweeps: &[&Sweep]) -> Vec<Variant> {
     let mut out = variants.to_vec();
     for sweep in sweeps {
