@@ -102,19 +102,9 @@ fn bound(p: Precision) -> f32 {
     }
 }
 
-/// Random values in [-1, 1) from a seeded CPU generator, copied to `dev`.
+/// Values in [-1, 1) from the tests' seeded generator ([`kd_testkit::seeded`]), copied to `dev`.
 fn rand(shape: &[usize], seed: u64, dev: &Device) -> anyhow::Result<Tensor> {
-    let n: usize = shape.iter().product();
-    let mut z = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let v: Vec<f32> = (0..n)
-        .map(|_| {
-            z ^= z << 13;
-            z ^= z >> 7;
-            z ^= z << 17;
-            (z >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        })
-        .collect();
-    Ok(Tensor::from_vec(v, shape, dev)?)
+    Ok(kd_testkit::seeded(shape, seed).to_device(dev)?)
 }
 
 fn check_conv(c: &mut Checks, dev: &Device) -> anyhow::Result<()> {
