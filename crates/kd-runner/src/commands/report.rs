@@ -445,23 +445,39 @@ pub fn table(runs: &[RunRecord]) -> Report {
 }
 
 /// Orders names with numbers by the numbers' values, as a sweep's runs are read
-/// (`temperature2` before `temperature16`; `alpha0.5` before `alpha0.9`): runs of digits
-/// compare as integers, everything else character by character.
+/// (`temperature2` before `temperature16`, `subset0.05` before `subset0.1`): a number (digits,
+/// and a fraction after a point) compares by value, everything else character by character.
 fn natural_cmp(a: &str, b: &str) -> std::cmp::Ordering {
     use std::cmp::Ordering;
+    /// The number at the start of `s`: its integer digits without leading zeros, its fraction's
+    /// digits, and its length in `s`.
+    fn number(s: &str) -> (&str, &str, usize) {
+        let digits = |t: &str| t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let int = digits(s);
+        let frac = match s[int..].strip_prefix('.') {
+            Some(rest) => digits(rest),
+            None => 0,
+        };
+        let (fraction, len) = if frac > 0 {
+            (&s[int + 1..int + 1 + frac], int + 1 + frac)
+        } else {
+            ("", int)
+        };
+        (s[..int].trim_start_matches('0'), fraction, len)
+    }
     let (mut a, mut b) = (a, b);
     loop {
         let (Some(ca), Some(cb)) = (a.chars().next(), b.chars().next()) else {
             return a.len().cmp(&b.len());
         };
         if ca.is_ascii_digit() && cb.is_ascii_digit() {
-            let run = |s: &str| s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-            let (na, nb) = (run(a), run(b));
-            let (da, db) = (
-                a[..na].trim_start_matches('0'),
-                b[..nb].trim_start_matches('0'),
-            );
-            let by_value = da.len().cmp(&db.len()).then_with(|| da.cmp(db));
+            let ((ia, fa, na), (ib, fb, nb)) = (number(a), number(b));
+            // Integer parts by length, then digits; fractions digit by digit (0.05 < 0.1).
+            let by_value = ia
+                .len()
+                .cmp(&ib.len())
+                .then_with(|| ia.cmp(ib))
+                .then_with(|| fa.cmp(fb));
             if by_value != Ordering::Equal {
                 return by_value;
             }
@@ -1193,12 +1209,20 @@ mod tests {
             "baseline",
             "kd-temperature2.5",
             "kd-temperature02",
+            "kd-subset0.5",
+            "kd-subset0.05",
+            "kd-subset0.25",
+            "kd-subset0.1",
         ];
         v.sort_by(|a, b| natural_cmp(a, b));
         assert_eq!(
             v,
             [
                 "baseline",
+                "kd-subset0.05",
+                "kd-subset0.1",
+                "kd-subset0.25",
+                "kd-subset0.5",
                 "kd-temperature1-alpha0.5",
                 "kd-temperature1-alpha0.9",
                 "kd-temperature02",
