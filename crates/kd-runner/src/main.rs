@@ -35,7 +35,7 @@ enum Cmd {
     Eval(commands::eval::EvalArgs),
     /// Train one experiment (a TOML config, flags, --set overrides): baseline or any method; metrics, checkpoints, resume.
     Train(Box<commands::train::TrainArgs>),
-    /// Run a suite of experiments (configs × variants × seeds) one after another, resumable, then report.
+    /// Run a suite of experiments (configs × variants × sweeps × seeds) one after another, resumable, then report.
     Suite(commands::suite::SuiteArgs),
     /// Compare finished runs: Markdown and CSV table, PNG and SVG plots.
     Report(commands::report::ReportArgs),

@@ -27,7 +27,7 @@ use crate::experiment::{self, RunInfo, CONFIG_FILE};
 /// Arguments of `suite`.
 #[derive(Clone, Debug, clap::Args)]
 pub struct SuiteArgs {
-    /// The suite file (TOML: name, seeds, set, configs, [[variant]]).
+    /// The suite file (TOML: name, seeds, set, configs, [[variant]], [[sweep]]).
     #[arg(value_name = "FILE")]
     pub file: PathBuf,
     /// Override a field of every run's config after the suite's own sets (repeatable).
