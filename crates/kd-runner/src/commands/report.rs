@@ -421,9 +421,16 @@ pub fn table(runs: &[RunRecord]) -> Report {
         .map(|r| (r.variant.clone(), r.best.0, last_by_seed(&r.label)))
         .collect();
     for r in &mut rows {
+        // The baseline of the row's variant, or of the variant a sweep extended
+        // (`subset10-noaug` for `subset10-noaug-temperature4`): the longest that matches, the
+        // first by name among equals; else the first baseline.
         let base = baselines
             .iter()
-            .find(|(v, ..)| *v == r.variant)
+            .rev()
+            .filter(|(v, ..)| {
+                v.is_empty() || *v == r.variant || r.variant.starts_with(&format!("{v}-"))
+            })
+            .max_by_key(|(v, ..)| v.len())
             .or(baselines.first());
         r.delta_best = base.map(|(_, b, _)| r.best.0 - b);
         if r.method != "none" {
@@ -1312,6 +1319,38 @@ mod tests {
         // Runs that recorded none of it (older kd): no such table.
         let plain = table(&[run("baseline", "none", Some(0), 50.0)]).markdown();
         assert!(!plain.contains("Calibration"), "{plain}");
+    }
+
+    /// A swept row is set against the baseline of the variant the sweep extended, and an
+    /// unswept variant against its own.
+    #[test]
+    fn swept_rows_are_set_against_their_variants_baseline() {
+        let at = |label: &str, method: &str, variant: &str, last: f64| {
+            let mut r = run(label, method, Some(0), last);
+            r.variant = variant.into();
+            r
+        };
+        let report = table(&[
+            at("baseline-aug", "none", "aug", 60.0),
+            at("baseline-noaug", "none", "noaug", 40.0),
+            at("baseline_mixup-aug", "none", "aug", 70.0),
+            at("kd-aug-temperature4", "kd", "aug-temperature4", 61.0),
+            at("kd-noaug-temperature4", "kd", "noaug-temperature4", 43.0),
+            at("kd-noaug", "kd", "noaug", 42.0),
+        ]);
+        let delta = |l: &str| {
+            report
+                .rows
+                .iter()
+                .find(|r| r.label == l)
+                .unwrap()
+                .delta_best
+        };
+        assert_eq!(delta("kd-aug-temperature4"), Some(1.0));
+        assert_eq!(delta("kd-noaug-temperature4"), Some(3.0));
+        assert_eq!(delta("kd-noaug"), Some(2.0));
+        // Two baselines of one variant: the first by name.
+        assert_eq!(delta("baseline_mixup-aug"), Some(10.0));
     }
 
     #[test]
