@@ -36,6 +36,20 @@ pub struct RunInfo {
     /// The device it ran on.
     #[serde(default)]
     pub device: String,
+    /// The values a suite's sweeps gave this run, in the sweeps' order (none outside a sweep).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub swept: Vec<SweptValue>,
+}
+
+/// One sweep's value in a run.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SweptValue {
+    /// The swept key (`method.temperature`).
+    pub key: String,
+    /// Its value, as `--set` took it (`4`).
+    pub value: String,
+    /// Its part of the run's label and variant (`temperature4`).
+    pub name: String,
 }
 
 /// The configuration file inside a run directory.

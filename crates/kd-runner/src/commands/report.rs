@@ -43,6 +43,8 @@ pub struct RunRecord {
     /// Seed (from `run.json`, else the folder's `-s<seed>`), which pairs a run with the
     /// baseline's run of the same seed.
     pub seed: Option<u64>,
+    /// The values a suite's sweeps gave it (`run.json`), in the sweeps' order.
+    pub swept: Vec<crate::experiment::SweptValue>,
 }
 
 /// One row of the table: the runs of one label.
@@ -99,6 +101,8 @@ pub struct Row {
     /// The last epoch's confidence bins, summed over the runs that recorded them: the
     /// reliability diagram's data.
     pub calibration: Option<Calibration>,
+    /// The values a suite's sweeps gave its runs, in the sweeps' order (none outside a sweep).
+    pub swept: Vec<crate::experiment::SweptValue>,
 }
 
 /// A row's last-epoch calibration and fidelity, mean and std over the runs that recorded each
@@ -306,6 +310,7 @@ fn read_run(dir: &Path) -> anyhow::Result<RunRecord> {
         epochs,
         test_images: info.test_images,
         seed,
+        swept: info.swept,
     })
 }
 
@@ -404,6 +409,7 @@ pub fn table(runs: &[RunRecord]) -> Report {
                     .filter_map(|r| r.summary.gpu_peak_mib)
                     .reduce(f64::max),
                 calibration: pooled_calibration(&g),
+                swept: first.swept.clone(),
             }
         })
         .collect();
@@ -611,6 +617,7 @@ impl Report {
                 }
             );
         }
+        s += &self.sweep_grids();
         if self.rows.iter().any(|r| r.last_eval.ece.is_some()) {
             s += "\nCalibration and fidelity to the teacher on the test split, last epoch (NLL and KL in nats):\n\n| method | test NLL | ECE (%) | teacher top-1 (%) | agreement with teacher (%) | KL(teacher ‖ student) |\n|---|---|---|---|---|---|\n";
             for r in &self.rows {
@@ -661,6 +668,71 @@ impl Report {
                         pm_opt(p.kl, 4)
                     );
                 }
+            }
+        }
+        s
+    }
+
+    /// Each sweep's rows as a grid, its values as columns: the last top-1 of every run that the
+    /// first sweep varied, the runs that differ only in that value on one line (named by their
+    /// label without it). Empty without sweeps.
+    fn sweep_grids(&self) -> String {
+        // key → (line name → (value → row)), lines and values in order of appearance.
+        type Line<'a> = (String, Vec<(&'a str, &'a Row)>);
+        let mut grids: Vec<(&str, Vec<Line>)> = Vec::new();
+        for r in &self.rows {
+            let Some(first) = r.swept.first() else {
+                continue;
+            };
+            let part = format!("-{}", first.name);
+            // The label without the first sweep's part: `kd-temperature4-alpha0.9` → `kd-alpha0.9`.
+            let line = match r.label.match_indices(&part).find(|(i, _)| {
+                let rest = &r.label[i + part.len()..];
+                rest.is_empty() || rest.starts_with('-')
+            }) {
+                Some((i, _)) => format!("{}{}", &r.label[..i], &r.label[i + part.len()..]),
+                None => r.label.clone(),
+            };
+            let grid = match grids.iter_mut().find(|(k, _)| *k == first.key) {
+                Some((_, g)) => g,
+                None => {
+                    grids.push((&first.key, Vec::new()));
+                    &mut grids.last_mut().expect("pushed").1
+                }
+            };
+            match grid.iter_mut().find(|(l, _)| *l == line) {
+                Some((_, cells)) => cells.push((&first.value, r)),
+                None => grid.push((line, vec![(&first.value, r)])),
+            }
+        }
+        let mut s = String::new();
+        for (key, lines) in grids {
+            let mut values: Vec<&str> = lines
+                .iter()
+                .flat_map(|(_, cells)| cells.iter().map(|(v, _)| *v))
+                .collect();
+            values.sort_by(|a, b| natural_cmp(a, b));
+            values.dedup();
+            s += &format!(
+                "\nThe sweep of `{key}`, last top-1 (%) by value:\n\n| run | {} |\n|---|{}\n",
+                values
+                    .iter()
+                    .map(|v| format!("{key} = {v}"))
+                    .collect::<Vec<_>>()
+                    .join(" | "),
+                "---|".repeat(values.len())
+            );
+            for (line, cells) in &lines {
+                let row: Vec<String> = values
+                    .iter()
+                    .map(|v| {
+                        cells
+                            .iter()
+                            .find(|(c, _)| c == v)
+                            .map_or_else(|| "–".into(), |(_, r)| pm(r.last, r.runs))
+                    })
+                    .collect();
+                s += &format!("| {line} | {} |\n", row.join(" | "));
             }
         }
         s
@@ -1154,7 +1226,57 @@ mod tests {
             test_images: 100,
             init_epochs: 0,
             seed,
+            swept: Vec::new(),
         }
+    }
+
+    /// A run of a temperature × α sweep, as the suite names it.
+    fn swept(t: &str, alpha: &str, seed: u64, last: f64) -> RunRecord {
+        let value = |key: &str, name: &str, value: &str| crate::experiment::SweptValue {
+            key: key.into(),
+            value: value.into(),
+            name: format!("{name}{value}"),
+        };
+        let mut r = run(
+            &format!("kd-temperature{t}-alpha{alpha}"),
+            "kd",
+            Some(seed),
+            last,
+        );
+        r.variant = format!("temperature{t}-alpha{alpha}");
+        r.swept = vec![
+            value("method.temperature", "temperature", t),
+            value("method.alpha", "alpha", alpha),
+        ];
+        r
+    }
+
+    /// The first sweep's values become columns, in the order of their values; the runs that
+    /// differ only in it share a line, named without it; a pair never run is a dash.
+    #[test]
+    fn a_sweep_gets_a_grid_of_its_values() {
+        let report = table(&[
+            run("baseline", "none", Some(0), 50.0),
+            swept("16", "0.9", 0, 52.0),
+            swept("4", "0.9", 0, 54.0),
+            swept("4", "0.9", 1, 56.0),
+            swept("4", "0.5", 0, 51.0),
+            swept("1", "0.5", 0, 53.0),
+        ]);
+        let md = report.markdown();
+        assert!(md.contains("The sweep of `method.temperature`"), "{md}");
+        assert!(
+            md.contains("| run | method.temperature = 1 | method.temperature = 4 | method.temperature = 16 |"),
+            "{md}"
+        );
+        assert!(md.contains("| kd-alpha0.5 | 53.00 | 51.00 | – |"), "{md}");
+        assert!(
+            md.contains("| kd-alpha0.9 | – | 55.00 ± 1.41 | 52.00 |"),
+            "{md}"
+        );
+        assert!(!table(&[run("kd", "kd", Some(0), 50.0)])
+            .markdown()
+            .contains("The sweep"));
     }
 
     #[test]

@@ -22,7 +22,7 @@ use anyhow::{bail, Context};
 use serde::Deserialize;
 
 use crate::config::ExperimentConfig;
-use crate::experiment::{self, RunInfo, CONFIG_FILE};
+use crate::experiment::{self, RunInfo, SweptValue, CONFIG_FILE};
 
 /// Arguments of `suite`.
 #[derive(Clone, Debug, clap::Args)]
@@ -83,6 +83,9 @@ pub struct Variant {
     /// Its `key=value` overrides.
     #[serde(default)]
     pub set: Vec<String>,
+    /// The sweeps' values among them (added by [`with_sweeps`], not read from a file).
+    #[serde(skip)]
+    pub swept: Vec<SweptValue>,
 }
 
 /// One config key over a list of values: the ablation a researcher runs most (KD's temperature,
@@ -101,9 +104,9 @@ pub struct Sweep {
 }
 
 impl Sweep {
-    /// The value as `--set` takes it, and the part of a variant's name it makes (the key's
-    /// last segment and the value: `temperature4`).
-    fn runs(&self) -> Vec<(String, String)> {
+    /// Each value: the key, the value as `--set` takes it, and the part of a variant's name
+    /// it makes (the key's last segment and the value: `temperature4`).
+    fn runs(&self) -> Vec<SweptValue> {
         let last = self.key.rsplit('.').next().unwrap_or(&self.key);
         self.values
             .iter()
@@ -112,7 +115,11 @@ impl Sweep {
                     toml::Value::String(s) => s.clone(),
                     other => other.to_string(),
                 };
-                (format!("{}={value}", self.key), format!("{last}{value}"))
+                SweptValue {
+                    key: self.key.clone(),
+                    name: format!("{last}{value}"),
+                    value,
+                }
             })
             .collect()
     }
@@ -127,13 +134,19 @@ fn with_sweeps(variants: &[Variant], sweeps: &[&Sweep]) -> Vec<Variant> {
         out = out
             .iter()
             .flat_map(|v| {
-                sweep.runs().into_iter().map(move |(set, name)| Variant {
+                sweep.runs().into_iter().map(move |s| Variant {
                     name: if v.name.is_empty() {
-                        name
+                        s.name.clone()
                     } else {
-                        format!("{}-{name}", v.name)
+                        format!("{}-{}", v.name, s.name)
                     },
-                    set: v.set.iter().cloned().chain([set]).collect(),
+                    set: v
+                        .set
+                        .iter()
+                        .cloned()
+                        .chain([format!("{}={}", s.key, s.value)])
+                        .collect(),
+                    swept: v.swept.iter().cloned().chain([s]).collect(),
                 })
             })
             .collect();
@@ -200,6 +213,7 @@ impl SuiteFile {
             vec![Variant {
                 name: String::new(),
                 set: Vec::new(),
+                swept: Vec::new(),
             }]
         } else {
             self.variant.clone()
@@ -248,6 +262,7 @@ impl SuiteFile {
                             label,
                             variant: v.name.clone(),
                             seed,
+                            swept: v.swept.clone(),
                             ..Default::default()
                         },
                         config: cfg,
@@ -432,6 +447,20 @@ mod tests {
         let kd: Vec<(f64, f64)> = runs[2..].iter().step_by(2).map(kd_settings).collect();
         assert_eq!(kd, [(0.5, 1.0), (0.9, 1.0), (0.5, 8.0), (0.9, 8.0)]);
         assert_eq!(runs[2].info.variant, "temperature1-alpha0.5");
+        let swept: Vec<(&str, &str, &str)> = runs[2]
+            .info
+            .swept
+            .iter()
+            .map(|s| (s.key.as_str(), s.value.as_str(), s.name.as_str()))
+            .collect();
+        assert_eq!(
+            swept,
+            [
+                ("method.temperature", "1", "temperature1"),
+                ("method.alpha", "0.5", "alpha0.5")
+            ]
+        );
+        assert!(runs[0].info.swept.is_empty());
         assert!(runs[2].dir.ends_with("out/kd-temperature1-alpha0.5-s0"));
     }
 
