@@ -105,7 +105,9 @@ pub struct Sweep {
 
 impl Sweep {
     /// Each value: the key, the value as `--set` takes it, and the part of a variant's name
-    /// it makes (the key's last segment and the value: `temperature4`).
+    /// it makes (the key's last segment and the value: `temperature4`). A name is part of a
+    /// folder's, so a character other than a letter, digit, `.`, `+` or `-` becomes `_` (a
+    /// swept teacher path `runs/t1` names `pathruns_t1`).
     fn runs(&self) -> Vec<SweptValue> {
         let last = self.key.rsplit('.').next().unwrap_or(&self.key);
         self.values
@@ -115,9 +117,19 @@ impl Sweep {
                     toml::Value::String(s) => s.clone(),
                     other => other.to_string(),
                 };
+                let safe: String = value
+                    .chars()
+                    .map(|c| {
+                        if c.is_ascii_alphanumeric() || matches!(c, '.' | '+' | '-') {
+                            c
+                        } else {
+                            '_'
+                        }
+                    })
+                    .collect();
                 SweptValue {
                     key: self.key.clone(),
-                    name: format!("{last}{value}"),
+                    name: format!("{last}{safe}"),
                     value,
                 }
             })
@@ -275,7 +287,7 @@ impl SuiteFile {
         for r in &runs {
             if !seen.insert(r.dir.clone()) {
                 bail!(
-                    "two runs of the suite share the folder {}: give the configs distinct `name`s",
+                    "two runs of the suite share the folder {}: give the configs distinct `name`s, and each sweep values that differ in their letters, digits, `.`, `+` or `-` (the characters a run's name keeps)",
                     r.dir.display()
                 );
             }
@@ -462,6 +474,26 @@ mod tests {
         );
         assert!(runs[0].info.swept.is_empty());
         assert!(runs[2].dir.ends_with("out/kd-temperature1-alpha0.5-s0"));
+    }
+
+    /// A swept path names its runs with a folder-safe name, and is set as it is.
+    #[test]
+    fn swept_paths_name_folders_safely() {
+        let runs = plan(
+            "name = \"t\"\nconfigs = [\"kd.toml\"]\n\
+             [[sweep]]\nkey = \"teacher.path\"\nvalues = [\"runs/t1\", \"/abs/t 2/model.safetensors\"]\n",
+        )
+        .unwrap();
+        let labels: Vec<&str> = runs.iter().map(|r| r.info.label.as_str()).collect();
+        assert_eq!(
+            labels,
+            ["kd-pathruns_t1", "kd-path_abs_t_2_model.safetensors"]
+        );
+        assert_eq!(runs[0].config.teacher.path, "runs/t1");
+        assert_eq!(runs[1].info.swept[0].value, "/abs/t 2/model.safetensors");
+        assert!(runs
+            .iter()
+            .all(|r| r.dir.parent().unwrap().ends_with("out")));
     }
 
     /// Within a variant, the variant's overrides come first and its name leads.
