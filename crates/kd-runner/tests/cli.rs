@@ -461,7 +461,9 @@ fn suite_then_report_end_to_end() {
     let col = |name: &str| header.iter().position(|c| *c == name).expect(name);
     // The paired test against the baseline's runs of the same seeds: two pairs at most (none
     // if the two differences happen to be equal).
-    assert!(md.contains("same seeds (p)") && lines[0].ends_with("paired_t,paired_p,gpu_peak_mib"));
+    assert!(
+        md.contains("same seeds (p)") && lines[0].ends_with("paired_t,paired_p,gpu_peak_mib,swept")
+    );
     assert_eq!(cells.len(), header.len(), "{csv}");
     // CPU runs: no GPU memory, and no memory column in the Markdown table.
     assert_eq!(cells[col("gpu_peak_mib")], "", "{csv}");

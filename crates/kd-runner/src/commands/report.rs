@@ -740,10 +740,10 @@ impl Report {
 
     /// The CSV table.
     pub fn csv(&self) -> String {
-        let mut s = String::from("label,method,variant,runs,epochs,init_epochs,test_images,trainable_params,deploy_params,teacher_params,deploy_macs,teacher_macs,train_seconds,teacher_seconds,init_seconds,best_top1_mean,best_top1_std,last_top1_mean,last_top1_std,test_nll_mean,test_nll_std,ece_mean,ece_std,teacher_top1_mean,teacher_agreement_mean,teacher_agreement_std,teacher_kl_mean,teacher_kl_std,head_top1_means,head_ensemble_top1_mean,head_ensemble_top1_std,cohort_ensemble_top1_mean,cohort_ensemble_top1_std,delta_best,paired_seeds,paired_delta_last,paired_t,paired_p,gpu_peak_mib\n");
+        let mut s = String::from("label,method,variant,runs,epochs,init_epochs,test_images,trainable_params,deploy_params,teacher_params,deploy_macs,teacher_macs,train_seconds,teacher_seconds,init_seconds,best_top1_mean,best_top1_std,last_top1_mean,last_top1_std,test_nll_mean,test_nll_std,ece_mean,ece_std,teacher_top1_mean,teacher_agreement_mean,teacher_agreement_std,teacher_kl_mean,teacher_kl_std,head_top1_means,head_ensemble_top1_mean,head_ensemble_top1_std,cohort_ensemble_top1_mean,cohort_ensemble_top1_std,delta_best,paired_seeds,paired_delta_last,paired_t,paired_p,gpu_peak_mib,swept\n");
         for r in &self.rows {
             s += &format!(
-                "{},{},{},{},{},{},{},{},{},{},{},{},{:.3},{:.3},{:.3},{:.4},{:.4},{:.4},{:.4},{},{},{},{},{},{},{},{},{},{},{}\n",
+                "{},{},{},{},{},{},{},{},{},{},{},{},{:.3},{:.3},{:.3},{:.4},{:.4},{:.4},{:.4},{},{},{},{},{},{},{},{},{},{},{},{}\n",
                 r.label,
                 r.method,
                 r.variant,
@@ -785,7 +785,15 @@ impl Report {
                     Some(p) => format!("{},{:.4},{:.4},{:.6}", p.n, p.mean, p.t, p.p),
                     None => ",,,".into(),
                 },
-                r.gpu_peak_mib.map(|m| format!("{m:.1}")).unwrap_or_default()
+                r.gpu_peak_mib.map(|m| format!("{m:.1}")).unwrap_or_default(),
+                // The sweeps' values, `key=value` space-separated (a value with a comma, a
+                // space or a quote is named in `variant` only).
+                r.swept
+                    .iter()
+                    .filter(|v| !v.value.contains([',', ' ', '"']))
+                    .map(|v| format!("{}={}", v.key, v.value))
+                    .collect::<Vec<_>>()
+                    .join(" ")
             );
         }
         s
@@ -1277,6 +1285,23 @@ mod tests {
         assert!(!table(&[run("kd", "kd", Some(0), 50.0)])
             .markdown()
             .contains("The sweep"));
+        // report.csv names each row's swept values.
+        let csv = report.csv();
+        let header: Vec<&str> = csv.lines().next().unwrap().split(',').collect();
+        let col = header.iter().position(|h| *h == "swept").unwrap();
+        let line = csv
+            .lines()
+            .find(|l| l.starts_with("kd-temperature16-alpha0.9,"))
+            .unwrap();
+        let cells: Vec<&str> = line.split(',').collect();
+        assert_eq!(cells.len(), header.len());
+        assert_eq!(cells[col], "method.temperature=16 method.alpha=0.9");
+        // Every other cell stays under its own header.
+        let at = |name: &str| cells[header.iter().position(|h| *h == name).unwrap()];
+        assert_eq!(
+            (at("variant"), at("runs"), at("last_top1_mean")),
+            ("temperature16-alpha0.9", "1", "52.0000")
+        );
     }
 
     #[test]
@@ -1503,7 +1528,10 @@ mod tests {
         assert!(md.contains("| +1.25 (p = 0.13, 2 seeds) |"), "{md}");
         let csv = report.csv();
         let kd_line = csv.lines().find(|l| l.starts_with("kd,")).unwrap();
-        assert!(kd_line.ends_with(",2,1.2500,5.0000,0.125666,"), "{kd_line}");
+        assert!(
+            kd_line.ends_with(",2,1.2500,5.0000,0.125666,,"),
+            "{kd_line}"
+        );
     }
 
     #[test]
@@ -1609,7 +1637,7 @@ mod tests {
         assert!(row("| baseline |").ends_with("| – |"), "{md}");
         let csv = report.csv();
         let line = |l: &str| csv.lines().find(|x| x.starts_with(l)).unwrap().to_string();
-        assert!(line("kd,").ends_with(",2047.6"), "{csv}");
-        assert!(line("baseline,").ends_with(','), "{csv}");
+        assert!(line("kd,").ends_with(",2047.6,"), "{csv}");
+        assert!(line("baseline,").ends_with(",,"), "{csv}");
     }
 }
