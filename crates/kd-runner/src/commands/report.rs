@@ -176,6 +176,16 @@ pub struct PeerRow {
     pub kl: Option<Spread>,
 }
 
+/// A sweep's rows by value ([`Report::sweep_grids_of`]).
+struct SweepGrid<'a> {
+    /// The swept key.
+    key: &'a str,
+    /// Its values, in the order of their values.
+    values: Vec<&'a str>,
+    /// Each line's name and its row at each value (none where that run was not made).
+    lines: Vec<(String, Vec<Option<&'a Row>>)>,
+}
+
 /// The runs' last-epoch confidence bins added up (the seeds pooled); none if no run has them.
 fn pooled_calibration(runs: &[&RunRecord]) -> Option<Calibration> {
     runs.iter()
@@ -673,19 +683,44 @@ impl Report {
         s
     }
 
-    /// Each sweep's rows as a grid, its values as columns: the last top-1 of every run that the
-    /// first sweep varied, the runs that differ only in that value on one line (named by their
-    /// label without it). Empty without sweeps.
+    /// Each sweep's grid ([`Report::sweep_grids_of`]) as a Markdown table, its values as
+    /// columns, the last top-1 in the cells. Empty without sweeps.
     fn sweep_grids(&self) -> String {
-        // key → (line name → (value → row)), lines and values in order of appearance.
+        let mut s = String::new();
+        for g in self.sweep_grids_of() {
+            s += &format!(
+                "\nThe sweep of `{}`, last top-1 (%) by value:\n\n| run | {} |\n|---|{}\n",
+                g.key,
+                g.values
+                    .iter()
+                    .map(|v| format!("{} = {v}", g.key))
+                    .collect::<Vec<_>>()
+                    .join(" | "),
+                "---|".repeat(g.values.len())
+            );
+            for (line, cells) in &g.lines {
+                let row: Vec<String> = cells
+                    .iter()
+                    .map(|c| c.map_or_else(|| "–".into(), |r| pm(r.last, r.runs)))
+                    .collect();
+                s += &format!("| {line} | {} |\n", row.join(" | "));
+            }
+        }
+        s
+    }
+
+    /// The rows each first sweep varied, as grids: one per swept key, its values in the order
+    /// of their values, and on each line the rows that differ only in that value (named by
+    /// their label without it: `kd-temperature4-alpha0.9` on line `kd-alpha0.9`).
+    fn sweep_grids_of(&self) -> Vec<SweepGrid<'_>> {
+        // Key → line name → (value, row), in order of appearance.
         type Line<'a> = (String, Vec<(&'a str, &'a Row)>);
-        let mut grids: Vec<(&str, Vec<Line>)> = Vec::new();
+        let mut found: Vec<(&str, Vec<Line>)> = Vec::new();
         for r in &self.rows {
             let Some(first) = r.swept.first() else {
                 continue;
             };
             let part = format!("-{}", first.name);
-            // The label without the first sweep's part: `kd-temperature4-alpha0.9` → `kd-alpha0.9`.
             let line = match r.label.match_indices(&part).find(|(i, _)| {
                 let rest = &r.label[i + part.len()..];
                 rest.is_empty() || rest.starts_with('-')
@@ -693,11 +728,11 @@ impl Report {
                 Some((i, _)) => format!("{}{}", &r.label[..i], &r.label[i + part.len()..]),
                 None => r.label.clone(),
             };
-            let grid = match grids.iter_mut().find(|(k, _)| *k == first.key) {
+            let grid = match found.iter_mut().find(|(k, _)| *k == first.key) {
                 Some((_, g)) => g,
                 None => {
-                    grids.push((&first.key, Vec::new()));
-                    &mut grids.last_mut().expect("pushed").1
+                    found.push((&first.key, Vec::new()));
+                    &mut found.last_mut().expect("pushed").1
                 }
             };
             match grid.iter_mut().find(|(l, _)| *l == line) {
@@ -705,37 +740,28 @@ impl Report {
                 None => grid.push((line, vec![(&first.value, r)])),
             }
         }
-        let mut s = String::new();
-        for (key, lines) in grids {
-            let mut values: Vec<&str> = lines
-                .iter()
-                .flat_map(|(_, cells)| cells.iter().map(|(v, _)| *v))
-                .collect();
-            values.sort_by(|a, b| natural_cmp(a, b));
-            values.dedup();
-            s += &format!(
-                "\nThe sweep of `{key}`, last top-1 (%) by value:\n\n| run | {} |\n|---|{}\n",
-                values
+        found
+            .into_iter()
+            .map(|(key, lines)| {
+                let mut values: Vec<&str> = lines
                     .iter()
-                    .map(|v| format!("{key} = {v}"))
-                    .collect::<Vec<_>>()
-                    .join(" | "),
-                "---|".repeat(values.len())
-            );
-            for (line, cells) in &lines {
-                let row: Vec<String> = values
-                    .iter()
-                    .map(|v| {
-                        cells
+                    .flat_map(|(_, cells)| cells.iter().map(|(v, _)| *v))
+                    .collect();
+                values.sort_by(|a, b| natural_cmp(a, b));
+                values.dedup();
+                let lines = lines
+                    .into_iter()
+                    .map(|(line, cells)| {
+                        let row = values
                             .iter()
-                            .find(|(c, _)| c == v)
-                            .map_or_else(|| "–".into(), |(_, r)| pm(r.last, r.runs))
+                            .map(|v| cells.iter().find(|(c, _)| c == v).map(|(_, r)| *r))
+                            .collect();
+                        (line, row)
                     })
                     .collect();
-                s += &format!("| {line} | {} |\n", row.join(" | "));
-            }
-        }
-        s
+                SweepGrid { key, values, lines }
+            })
+            .collect()
     }
 
     /// The CSV table.
@@ -904,6 +930,14 @@ pub fn write(report: &Report, out: &Path) -> anyhow::Result<Vec<PathBuf>> {
             remove_stale(&out.join(format!("{}.{ext}", Plot::Reliability.file())))?;
         }
     }
+    // The first sweep's values against accuracy, where a suite swept a key.
+    if report.sweep_grids_of().is_empty() {
+        for ext in ["png", "svg"] {
+            remove_stale(&out.join(format!("{}.{ext}", Plot::Sweep.file())))?;
+        }
+    } else {
+        plots.push(Plot::Sweep);
+    }
     for plot in plots {
         for ext in ["png", "svg"] {
             let p = out.join(format!("{}.{ext}", plot.file()));
@@ -937,6 +971,7 @@ enum Plot {
     VsTime,
     VsParams,
     Reliability,
+    Sweep,
 }
 
 impl Plot {
@@ -946,6 +981,7 @@ impl Plot {
             Plot::VsTime => "accuracy_vs_time",
             Plot::VsParams => "accuracy_vs_params",
             Plot::Reliability => "reliability",
+            Plot::Sweep => "accuracy_vs_sweep",
         }
     }
 }
@@ -1125,6 +1161,81 @@ fn draw_inner<DB: DrawingBackend>(
             }
             draw_legend(&mut chart, SeriesLabelPosition::UpperLeft)?;
         }
+        Plot::Sweep => {
+            let grids = report.sweep_grids_of();
+            let Some(g) = grids.first() else {
+                return Ok(());
+            };
+            let n = g.values.len();
+            let baseline = rows.iter().find(|r| r.method == "none");
+            let (lo, hi) = span(
+                g.lines
+                    .iter()
+                    .flat_map(|(_, cells)| cells.iter().flatten())
+                    .flat_map(|r| [r.last.0 - r.last.1, r.last.0 + r.last.1])
+                    .chain(baseline.map(|b| b.last.0)),
+            );
+            let mut chart = cartesian(
+                root,
+                &format!(
+                    "Last test top-1 against {} (mean over seeds, ± 1 std)",
+                    g.key
+                ),
+                -0.5..(n as f64 - 0.5),
+                lo.max(0.0)..hi.min(100.0),
+            )?;
+            // The values as categories, one tick each, whatever their spacing.
+            let tick = |x: &f64| {
+                let i = x.round();
+                if (x - i).abs() < 1e-6 && i >= 0.0 && (i as usize) < n {
+                    g.values[i as usize].to_string()
+                } else {
+                    String::new()
+                }
+            };
+            chart
+                .configure_mesh()
+                .x_desc(g.key)
+                .y_desc("last test top-1 (%)")
+                .x_labels(n + 1)
+                .x_label_formatter(&tick)
+                .label_style(("sans-serif", 14))
+                .draw()?;
+            if let Some(b) = baseline {
+                let gray = BLACK.mix(0.6);
+                chart
+                    .draw_series(LineSeries::new(
+                        [(-0.5, b.last.0), (n as f64 - 0.5, b.last.0)],
+                        gray.stroke_width(3),
+                    ))?
+                    .label(format!("{} ({:.2}%)", b.label, b.last.0))
+                    .legend(move |(x, y)| {
+                        PathElement::new(vec![(x, y), (x + 18, y)], gray.stroke_width(3))
+                    });
+            }
+            for (i, (line, cells)) in g.lines.iter().enumerate() {
+                let c = color(i);
+                let pts: Vec<(f64, f64, i32)> = cells
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(k, r)| r.map(|r| (k as f64, r.last.0, 4)))
+                    .collect();
+                for (k, r) in cells.iter().enumerate() {
+                    let Some(r) = r.filter(|r| r.runs > 1) else {
+                        continue;
+                    };
+                    chart.draw_series(std::iter::once(PathElement::new(
+                        vec![
+                            (k as f64, r.last.0 - r.last.1),
+                            (k as f64, r.last.0 + r.last.1),
+                        ],
+                        c.stroke_width(2),
+                    )))?;
+                }
+                draw_line(&mut chart, line.clone(), c, &pts)?;
+            }
+            draw_legend(&mut chart, SeriesLabelPosition::LowerRight)?;
+        }
         Plot::VsTime | Plot::VsParams => {
             let (title, xdesc) = match plot {
                 Plot::VsTime => ("Best test top-1 against training time", "training time (s)"),
@@ -1282,9 +1393,15 @@ mod tests {
             md.contains("| kd-alpha0.9 | – | 55.00 ± 1.41 | 52.00 |"),
             "{md}"
         );
-        assert!(!table(&[run("kd", "kd", Some(0), 50.0)])
-            .markdown()
-            .contains("The sweep"));
+        let plain = table(&[run("kd", "kd", Some(0), 50.0)]);
+        assert!(!plain.markdown().contains("The sweep"));
+        // Its chart is drawn, and a report without sweeps removes an earlier one.
+        let out = tempfile::tempdir().unwrap();
+        let chart = out.path().join("accuracy_vs_sweep.png");
+        assert!(write(&report, out.path()).unwrap().contains(&chart));
+        assert!(std::fs::metadata(&chart).unwrap().len() > 0);
+        write(&plain, out.path()).unwrap();
+        assert!(!chart.exists() && !out.path().join("accuracy_vs_sweep.svg").exists());
         // report.csv names each row's swept values.
         let csv = report.csv();
         let header: Vec<&str> = csv.lines().next().unwrap().split(',').collect();
