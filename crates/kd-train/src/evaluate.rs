@@ -20,7 +20,8 @@ pub struct EvalReport {
     pub acc: Accuracy,
     /// Confidence bins (expected calibration error).
     pub calibration: Calibration,
-    /// Agreement with the reference model, when evaluated against one ([`evaluate_against`]).
+    /// Agreement with the reference model, when evaluated against one
+    /// ([`Reference::new_against`]).
     pub fidelity: Option<Fidelity>,
     /// Each auxiliary head's accuracy, shallowest first (empty for a model without heads).
     pub heads: Vec<Accuracy>,
@@ -39,7 +40,7 @@ impl EvalReport {
 }
 
 /// A reference model's logits on every batch of a split, in the loader's evaluation order, and
-/// its own report: what students are compared with ([`evaluate_against`]), and what ensembles
+/// its own report: what students are compared with ([`Reference::new_against`]), and what ensembles
 /// are made of ([`evaluate_ensemble`]). Computed once; the logits stay on the loader's device
 /// (10,000 images × 100 classes are 4 MB in f32).
 #[derive(Clone, Debug)]
@@ -98,17 +99,6 @@ pub fn evaluate(
     forward: impl Fn(&Tensor) -> candle_core::Result<ModelOutput>,
 ) -> Result<EvalReport> {
     run(loader, num_classes, forward, None, None)
-}
-
-/// [`evaluate`], and the fidelity of `forward`'s predictions to `reference`'s, which must come
-/// from the same loader (same batches in the same order).
-pub fn evaluate_against(
-    loader: &Loader,
-    num_classes: usize,
-    forward: impl Fn(&Tensor) -> candle_core::Result<ModelOutput>,
-    reference: &Reference,
-) -> Result<EvalReport> {
-    run(loader, num_classes, forward, Some(reference), None)
 }
 
 /// The accuracy (and mean NLL) of the ensemble of `members`' predictions: their softmax

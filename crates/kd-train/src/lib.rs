@@ -17,7 +17,7 @@ pub use distill::{
     LossTerms, MethodConfig, Outputs, Peer, PeerSpec, PlusKd, RunInfo, StepContext,
 };
 pub use error::{Result, TrainError};
-pub use evaluate::{evaluate, evaluate_against, evaluate_ensemble, EvalReport, Reference};
+pub use evaluate::{evaluate, evaluate_ensemble, EvalReport, Reference};
 pub use fidelity::Fidelity;
 pub use metrics::Accuracy;
 pub use step::{renormalize, step_losses, teacher_forward, teacher_forward_parts, StepLosses};
