@@ -21,6 +21,19 @@ fn tiny_train(data: &std::path::Path, stem: &str) -> std::process::Command {
     c
 }
 
+/// [`tiny_train`] with `args` into the run folder `run`; fails the test unless it succeeds, and
+/// returns what it printed.
+fn train_into(data: &std::path::Path, stem: &str, args: &[&str], run: &std::path::Path) -> String {
+    succeeded(
+        &tiny_train(data, stem)
+            .args(args)
+            .arg("--run-dir")
+            .arg(run)
+            .output()
+            .unwrap(),
+    )
+}
+
 #[test]
 fn data_prints_counts_and_stats() {
     let tmp = tempfile::tempdir().unwrap();
@@ -201,12 +214,7 @@ fn eval_takes_a_run_folder_and_names_what_is_missing() {
     let tmp = tempfile::tempdir().unwrap();
     write_cifar10(tmp.path());
     let run = tmp.path().join("run");
-    let out = tiny_train(tmp.path(), "cifar")
-        .args(["--epochs", "1", "--run-dir"])
-        .arg(&run)
-        .output()
-        .unwrap();
-    succeeded(&out);
+    train_into(tmp.path(), "cifar", &["--epochs", "1"], &run);
     let eval = |weights: &std::path::Path| {
         kd().args(["eval", "--data-dir"])
             .arg(tmp.path())
@@ -228,14 +236,14 @@ fn eval_takes_a_run_folder_and_names_what_is_missing() {
     assert!(err.contains("x.json"), "{err}");
     assert_eq!(err.matches("os error 2").count(), 1, "{err}");
     // A run folder serves as a teacher too.
-    let out = tiny_train(tmp.path(), "cifar")
-        .args(["--epochs", "1", "--method", "kd", "--teacher"])
-        .arg(&run)
-        .arg("--run-dir")
-        .arg(tmp.path().join("kd"))
-        .output()
-        .unwrap();
-    assert!(succeeded(&out).contains("best test top-1"));
+    let teacher = run.to_str().unwrap();
+    let out = train_into(
+        tmp.path(),
+        "cifar",
+        &["--epochs", "1", "--method", "kd", "--teacher", teacher],
+        &tmp.path().join("kd"),
+    );
+    assert!(out.contains("best test top-1"));
     // The student against its teacher: eval's agreement is the run's own, on the same images.
     let text = succeeded(
         &kd()
@@ -275,28 +283,32 @@ fn eval_scores_an_exported_cohort_as_the_trainer_did() {
     let tmp = tempfile::tempdir().unwrap();
     write_cifar10(tmp.path());
     let run = tmp.path().join("dml");
-    let out = tiny_train(tmp.path(), "cifar")
-        .args(["--epochs", "2", "--lr", "0.05", "--method", "dml"])
-        .args(["--peer", "resnet18:cifar-maxpool:8", "--run-dir"])
-        .arg(&run)
-        .output()
-        .unwrap();
-    succeeded(&out);
+    let args = [
+        "--epochs",
+        "2",
+        "--lr",
+        "0.05",
+        "--method",
+        "dml",
+        "--peer",
+        "resnet18:cifar-maxpool:8",
+    ];
+    train_into(tmp.path(), "cifar", &args, &run);
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap();
     let ensemble = summary["last_cohort_ensemble_top1"].as_f64().unwrap();
     let peer = summary["peers"][0]["last_top1"].as_f64().unwrap();
-    let text = succeeded(
-        &kd()
-            .args(["eval", "--data-dir"])
+    let eval_with = |member: &std::path::Path| {
+        kd().args(["eval", "--data-dir"])
             .arg(tmp.path())
             .arg("--weights")
             .arg(&run)
             .arg("--ensemble-with")
-            .arg(run.join("peer1"))
+            .arg(member)
             .output()
-            .unwrap(),
-    );
+            .unwrap()
+    };
+    let text = succeeded(&eval_with(&run.join("peer1")));
     assert!(
         text.contains(&format!("peer1/model.safetensors: top-1 {peer:.2}%"))
             && text.contains(&format!(
@@ -305,20 +317,8 @@ fn eval_scores_an_exported_cohort_as_the_trainer_did() {
         "{text}\n{summary}"
     );
     // A member that cannot be loaded is named.
-    let other = tmp.path().join("missing.safetensors");
-    let err = String::from_utf8_lossy(
-        &kd()
-            .args(["eval", "--data-dir"])
-            .arg(tmp.path())
-            .arg("--weights")
-            .arg(&run)
-            .arg("--ensemble-with")
-            .arg(&other)
-            .output()
-            .unwrap()
-            .stderr,
-    )
-    .to_string();
+    let err = String::from_utf8_lossy(&eval_with(&tmp.path().join("missing.safetensors")).stderr)
+        .to_string();
     assert!(err.contains("missing.safetensors"), "{err}");
 }
 
@@ -349,22 +349,18 @@ fn resident_data_trains_exactly_as_the_host_loader() {
     write_cifar10(tmp.path());
     let run = |resident: bool| {
         let dir = tmp.path().join(format!("run-{resident}"));
-        let out = tiny_train(tmp.path(), "cifar")
-            .args([
-                "--lr",
-                "0.05",
-                "--epochs",
-                "2",
-                "--set",
-                "data.mixup=1.0",
-                "--set",
-            ])
-            .arg(format!("data.resident={resident}"))
-            .arg("--run-dir")
-            .arg(&dir)
-            .output()
-            .unwrap();
-        succeeded(&out);
+        let resident = format!("data.resident={resident}");
+        let args = [
+            "--lr",
+            "0.05",
+            "--epochs",
+            "2",
+            "--set",
+            "data.mixup=1.0",
+            "--set",
+            &resident,
+        ];
+        train_into(tmp.path(), "cifar", &args, &dir);
         metrics_without_clocks(&dir)
     };
     let (host, resident) = (run(false), run(true));
@@ -381,14 +377,17 @@ fn channels_last_trains_exactly_as_channels_first_on_the_cpu() {
     write_cifar10(tmp.path());
     let run = |format: &str| {
         let dir = tmp.path().join(format);
-        let out = tiny_train(tmp.path(), "cifar-maxpool")
-            .args(["--lr", "0.05", "--epochs", "2", "--memory-format", format])
-            .args(["--set", "method.name=byot"])
-            .arg("--run-dir")
-            .arg(&dir)
-            .output()
-            .unwrap();
-        succeeded(&out);
+        let args = [
+            "--lr",
+            "0.05",
+            "--epochs",
+            "2",
+            "--memory-format",
+            format,
+            "--set",
+            "method.name=byot",
+        ];
+        train_into(tmp.path(), "cifar-maxpool", &args, &dir);
         let config = std::fs::read_to_string(dir.join("config.toml")).unwrap();
         assert!(
             config.contains(&format!("memory_format = \"{format}\"")),
