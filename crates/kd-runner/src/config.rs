@@ -5,7 +5,8 @@
 //! back from there.
 //!
 //! Optional settings have an explicit "off" value (`subset = 1.0`, `mixup = 0.0`,
-//! `clip_grad = 0.0`, `teacher.path = ""`) so that every key exists and can be overridden.
+//! `clip_grad = 0.0`, `teacher.path = ""`, `teacher.run = ""`) so that every key exists and can
+//! be overridden.
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
@@ -142,8 +143,13 @@ impl Default for ModelSection {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TeacherSection {
-    /// safetensors with its JSON sidecar; empty = no teacher.
+    /// safetensors with its JSON sidecar, or a finished run's folder; empty = no teacher.
     pub path: String,
+    /// In a suite: the label of an earlier run of the same suite (its config's `name`) whose
+    /// exported model teaches this one, trained with the same seed and variant. `kd-runner
+    /// suite` sets `path` to that run's folder; chains of such runs make teacher-assistant KD
+    /// and born-again generations. Empty = none.
+    pub run: String,
 }
 
 /// `[train]`.
@@ -415,10 +421,28 @@ impl ExperimentConfig {
         }
         // A teacher.path on a method without a teacher is left unused (a suite may set one for
         // all its runs); `kd-runner train --teacher` with such a method is refused by the CLI.
-        if self.method.needs_teacher() && self.teacher.path.is_empty() {
+        // teacher.run is resolved by a suite ([`Self::unresolved_teacher_run`] refuses it
+        // elsewhere).
+        if self.method.needs_teacher()
+            && self.teacher.path.is_empty()
+            && self.teacher.run.is_empty()
+        {
             bail!(
-                "method {} needs a teacher (--teacher FILE, or teacher.path in the config): fetch one with `cargo xtask fetch teacher-cifar10` (then data/teachers/cifar10-resnet50/teacher.safetensors), or train one with `kd-runner train` and give its run folder",
+                "method {} needs a teacher (--teacher FILE, or teacher.path in the config): fetch one with `cargo xtask fetch teacher-cifar10` (then data/teachers/cifar10-resnet50/teacher.safetensors), or train one with `kd-runner train` and give its run folder (in a suite, teacher.run names an earlier run of it)",
                 self.method.name()
+            );
+        }
+        Ok(())
+    }
+
+    /// An error when `teacher.run` is still set: only a suite resolves it (to
+    /// `teacher.path`), so a run started any other way has no teacher to load.
+    pub fn unresolved_teacher_run(&self) -> anyhow::Result<()> {
+        if self.method.needs_teacher() && !self.teacher.run.is_empty() {
+            bail!(
+                "teacher.run = {:?} names a run of a suite, which only `kd-runner suite` resolves: list this config in a suite after the config named {:?}, or set teacher.path to that run's folder (and teacher.run = \"\")",
+                self.teacher.run,
+                self.teacher.run
             );
         }
         Ok(())
@@ -829,6 +853,24 @@ mod tests {
         let mut c = ExperimentConfig::default();
         c.set("method.name=dml").unwrap();
         assert_eq!(ExperimentConfig::from_toml(&c.to_toml()).unwrap(), c);
+    }
+
+    /// A config may name a suite's run as its teacher (`teacher.run`); outside a suite, where
+    /// nothing resolves it, the run is refused with what to do instead.
+    #[test]
+    fn teacher_run_is_resolved_only_by_a_suite() {
+        let c =
+            ExperimentConfig::from_toml("[method]\nname = \"kd\"\n[teacher]\nrun = \"baseline\"\n")
+                .unwrap();
+        let e = c.unresolved_teacher_run().unwrap_err().to_string();
+        assert!(
+            e.contains("teacher.run = \"baseline\"") && e.contains("teacher.path"),
+            "{e}"
+        );
+        // Without a teacher the key is ignored, as teacher.path is.
+        let mut c = ExperimentConfig::default();
+        c.set("teacher.run=baseline").unwrap();
+        c.unresolved_teacher_run().unwrap();
     }
 
     /// Every shipped experiment config and suite parses, and each suite's runs resolve.

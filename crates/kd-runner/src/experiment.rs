@@ -102,6 +102,7 @@ pub fn run(
     progress: Option<indicatif::MultiProgress>,
 ) -> anyhow::Result<Summary> {
     cfg.validate()?;
+    cfg.unresolved_teacher_run()?;
     if !resume && run_dir.join("metrics.jsonl").exists() {
         bail!(
             "{} already holds a run; continue it with --resume {} or choose another --run-dir",

@@ -322,9 +322,6 @@ fn eval_scores_an_exported_cohort_as_the_trainer_did() {
     assert!(err.contains("missing.safetensors"), "{err}");
 }
 
-/// The resident data path (pixels kept on the training device, augmented and mixed by
-/// kd-kernels' op, the GPU's path) trains exactly as the host loader does: same metrics, clocks
-/// aside, for a mixup run.
 /// Every column of a finished run's metrics.csv but the clocks, one string per epoch.
 fn metrics_without_clocks(run_dir: &std::path::Path) -> Vec<String> {
     let text = std::fs::read_to_string(run_dir.join("metrics.csv")).unwrap();
@@ -343,6 +340,9 @@ fn metrics_without_clocks(run_dir: &std::path::Path) -> Vec<String> {
         .collect()
 }
 
+/// The resident data path (pixels kept on the training device, augmented and mixed by
+/// kd-kernels' op, the GPU's path) trains exactly as the host loader does: same metrics, clocks
+/// aside, for a mixup run.
 #[test]
 fn resident_data_trains_exactly_as_the_host_loader() {
     let tmp = tempfile::tempdir().unwrap();
@@ -548,6 +548,95 @@ fn suite_then_report_end_to_end() {
         std::fs::read_to_string(tmp.path().join("rep/report.csv")).unwrap(),
         csv
     );
+}
+
+/// A born-again chain in a suite: `ban1` names the suite's `baseline` run as its teacher
+/// (`teacher.run`). The suite trains the baseline first, points ban1's teacher at its folder,
+/// and ban1 trains exactly as `kd-runner train --teacher` with that folder does; outside a
+/// suite the unresolved name is refused.
+#[test]
+fn suite_chains_a_run_as_the_next_ones_teacher() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_cifar10(tmp.path());
+    let data = tmp.path().display().to_string();
+    let common = format!("[data]\ndataset = \"cifar10\"\ndata_dir = {data:?}\nbatch_size = 50\n\n[model]\nwidth = 4\nstem = \"cifar-maxpool\"\n\n[train]\nepochs = 2\nlr = 0.02\nwarmup_epochs = 0\n");
+    std::fs::write(
+        tmp.path().join("baseline.toml"),
+        format!("name = \"baseline\"\n{common}"),
+    )
+    .unwrap();
+    let ban1 = tmp.path().join("ban1.toml");
+    std::fs::write(&ban1, format!("name = \"ban1\"\n{common}\n[method]\nname = \"kd\"\nalpha = 1.0\ntemperature = 1.0\n\n[teacher]\nrun = \"baseline\"\n")).unwrap();
+    let suite_file = tmp.path().join("suite.toml");
+    std::fs::write(
+        &suite_file,
+        "name = \"tiny\"\nconfigs = [\"baseline.toml\", \"ban1.toml\"]\n",
+    )
+    .unwrap();
+    let out_dir = tmp.path().join("out");
+    let suite = |extra: &[&str]| {
+        kd().arg("suite")
+            .arg(&suite_file)
+            .arg("--out")
+            .arg(&out_dir)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let plan = succeeded(&suite(&["--dry-run"]));
+    assert!(plan.contains("(taught by baseline, seed 0)"), "{plan}");
+    succeeded(&suite(&[]));
+    let teacher_dir = out_dir.join("baseline-s0");
+    let saved = std::fs::read_to_string(out_dir.join("ban1-s0/config.toml")).unwrap();
+    assert!(
+        saved.contains(&format!("path = {:?}", teacher_dir.display().to_string())),
+        "{saved}"
+    );
+    // Alone, ban1.toml has no teacher to load: refused before anything is written.
+    let alone = tmp.path().join("alone");
+    let refused = kd()
+        .arg("train")
+        .arg(&ban1)
+        .arg("--run-dir")
+        .arg(&alone)
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains("teacher.run = \"baseline\"") && err.contains("kd-runner suite"),
+        "{err}"
+    );
+    assert!(!alone.exists());
+    // With the teacher's folder given, the same run.
+    let explicit = tmp.path().join("explicit");
+    succeeded(
+        &kd()
+            .arg("train")
+            .arg(&ban1)
+            .arg("--teacher")
+            .arg(&teacher_dir)
+            .arg("--run-dir")
+            .arg(&explicit)
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(
+        metrics_without_clocks(&explicit),
+        metrics_without_clocks(&out_dir.join("ban1-s0"))
+    );
+    // The report scores ban1 against its teacher, the baseline it learned from.
+    let csv = std::fs::read_to_string(out_dir.join("report.csv")).unwrap();
+    let lines: Vec<&str> = csv.lines().collect();
+    let header: Vec<&str> = lines[0].split(',').collect();
+    let col = header
+        .iter()
+        .position(|c| *c == "teacher_agreement_mean")
+        .unwrap();
+    let ban1_row: Vec<&str> = lines[2].split(',').collect();
+    assert!(lines[2].starts_with("ban1,kd,"), "{csv}");
+    let agreement: f64 = ban1_row[col].parse().unwrap();
+    assert!((0.0..=100.0).contains(&agreement), "{csv}");
 }
 
 #[test]

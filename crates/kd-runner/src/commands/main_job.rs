@@ -116,6 +116,8 @@ pub fn run() -> anyhow::Result<()> {
             },
             dir: out.join(format!("{label}-s{}", cfg.train.seed)),
             config: cfg,
+            suite_variant: String::new(),
+            teacher: None,
         });
     }
     if gpu {

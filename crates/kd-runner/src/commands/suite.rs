@@ -175,6 +175,62 @@ pub struct PlannedRun {
     pub info: RunInfo,
     /// Its folder.
     pub dir: PathBuf,
+    /// The suite's `[[variant]]` it runs under (its name; empty without variants), before the
+    /// sweeps' names that [`RunInfo::variant`] adds.
+    pub suite_variant: String,
+    /// The earlier run of the plan whose model teaches this one (`teacher.run`), by index.
+    pub teacher: Option<usize>,
+}
+
+/// The run of `runs` that `teacher.run = label` names for a run of the suite variant `variant`,
+/// the sweep values `swept` and `seed`: the one whose config is named `label`, trained with the
+/// same seed under the same variant, and with the student's value of each key both are swept
+/// over (a teacher config that no sweep varies serves every swept student; one varied by a sweep
+/// that leaves the student alone is ambiguous). Only earlier runs count, so a chain runs in the
+/// order of `configs`.
+fn teacher_run(
+    runs: &[PlannedRun],
+    label: &str,
+    variant: &str,
+    swept: &[SweptValue],
+    seed: u64,
+) -> anyhow::Result<usize> {
+    let named: Vec<usize> = (0..runs.len())
+        .filter(|&i| runs[i].config.label() == label)
+        .collect();
+    if named.is_empty() {
+        let mut labels: Vec<String> = runs.iter().map(|r| r.config.label()).collect();
+        labels.dedup();
+        bail!(
+            "teacher.run = {label:?}: no earlier run of the suite is named so (a teacher's config comes before its students' in `configs`); earlier configs: {}",
+            if labels.is_empty() { "none".to_string() } else { labels.join(", ") }
+        );
+    }
+    let fits: Vec<usize> = named
+        .into_iter()
+        .filter(|&i| {
+            let r = &runs[i];
+            r.info.seed == seed
+                && r.suite_variant == variant
+                && r.info
+                    .swept
+                    .iter()
+                    .all(|t| swept.iter().all(|s| s.key != t.key || s.value == t.value))
+        })
+        .collect();
+    match fits.as_slice() {
+        [one] => Ok(*one),
+        [] => bail!(
+            "teacher.run = {label:?}: the suite has runs of that config, but none with seed {seed}, variant {variant:?} and this run's sweep values"
+        ),
+        many => bail!(
+            "teacher.run = {label:?} is ambiguous: the runs {} all fit (a sweep varies the teacher's config but not this one: list the configs each sweep varies in its `configs`)",
+            many.iter()
+                .map(|&i| runs[i].dir.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
 }
 
 impl SuiteFile {
@@ -239,47 +295,74 @@ impl SuiteFile {
                 .iter()
                 .filter(|s| s.configs.is_empty() || s.configs.contains(c))
                 .collect();
-            for v in &with_sweeps(&variants, &sweeps) {
-                for &seed in &self.seeds {
-                    let mut cfg = cfg.clone();
-                    for s in self.set.iter().chain(&v.set).chain(extra) {
-                        cfg.set(s).with_context(|| {
-                            let swept = sweeps
-                                .iter()
-                                .find(|sw| s.strip_prefix(&sw.key).is_some_and(|r| r.starts_with('=')));
-                            let hint = match swept {
-                                Some(sw) => format!(" (the sweep of {} reaches this config: list the configs it varies in its `configs`)", sw.key),
-                                None => String::new(),
-                            };
-                            format!(
-                                "suite {}, config {}, variant {:?}{hint}",
-                                file.display(),
-                                path.display(),
-                                v.name
-                            )
+            for suite_variant in &variants {
+                for v in &with_sweeps(std::slice::from_ref(suite_variant), &sweeps) {
+                    for &seed in &self.seeds {
+                        let mut cfg = cfg.clone();
+                        for s in self.set.iter().chain(&v.set).chain(extra) {
+                            cfg.set(s).with_context(|| {
+                                let swept = sweeps.iter().find(|sw| {
+                                    s.strip_prefix(&sw.key).is_some_and(|r| r.starts_with('='))
+                                });
+                                let hint = match swept {
+                                    Some(sw) => format!(" (the sweep of {} reaches this config: list the configs it varies in its `configs`)", sw.key),
+                                    None => String::new(),
+                                };
+                                format!(
+                                    "suite {}, config {}, variant {:?}{hint}",
+                                    file.display(),
+                                    path.display(),
+                                    v.name
+                                )
+                            })?;
+                        }
+                        cfg.train.seed = seed;
+                        let mut teacher = None;
+                        if !cfg.teacher.run.is_empty() {
+                            if cfg.method.needs_teacher() {
+                                let t = teacher_run(
+                                    &runs,
+                                    &cfg.teacher.run,
+                                    &suite_variant.name,
+                                    &v.swept,
+                                    seed,
+                                )
+                                .with_context(|| {
+                                    format!(
+                                        "suite {}, config {}, variant {:?}, seed {seed}",
+                                        file.display(),
+                                        path.display(),
+                                        v.name
+                                    )
+                                })?;
+                                cfg.teacher.path = runs[t].dir.display().to_string();
+                                teacher = Some(t);
+                            }
+                            cfg.teacher.run.clear();
+                        }
+                        cfg.validate().with_context(|| {
+                            format!("suite {}, config {}", file.display(), path.display())
                         })?;
+                        let label = if v.name.is_empty() {
+                            cfg.label()
+                        } else {
+                            format!("{}-{}", cfg.label(), v.name)
+                        };
+                        let dir = out.join(format!("{label}-s{seed}"));
+                        runs.push(PlannedRun {
+                            info: RunInfo {
+                                label,
+                                variant: v.name.clone(),
+                                seed,
+                                swept: v.swept.clone(),
+                                ..Default::default()
+                            },
+                            config: cfg,
+                            dir,
+                            suite_variant: suite_variant.name.clone(),
+                            teacher,
+                        });
                     }
-                    cfg.train.seed = seed;
-                    cfg.validate().with_context(|| {
-                        format!("suite {}, config {}", file.display(), path.display())
-                    })?;
-                    let label = if v.name.is_empty() {
-                        cfg.label()
-                    } else {
-                        format!("{}-{}", cfg.label(), v.name)
-                    };
-                    let dir = out.join(format!("{label}-s{seed}"));
-                    runs.push(PlannedRun {
-                        info: RunInfo {
-                            label,
-                            variant: v.name.clone(),
-                            seed,
-                            swept: v.swept.clone(),
-                            ..Default::default()
-                        },
-                        config: cfg,
-                        dir,
-                    });
                 }
             }
         }
@@ -356,14 +439,31 @@ pub fn run_planned(
     for (i, r) in runs.iter().enumerate() {
         let st = state(&r.dir);
         if dry_run {
+            let taught = match r.teacher {
+                Some(t) => format!(
+                    "  (taught by {}, seed {})",
+                    runs[t].info.label, runs[t].info.seed
+                ),
+                None => String::new(),
+            };
             println!(
-                "{:>3}. {:<40} {:?}  {}",
+                "{:>3}. {:<40} {:?}  {}{taught}",
                 i + 1,
                 r.info.label,
                 st,
                 r.dir.display()
             );
             continue;
+        }
+        if let Some(t) = r.teacher {
+            // Runs go in order, so the teacher finished unless its folder was changed since.
+            if st != RunState::Done && !experiment::is_finished(&runs[t].dir) {
+                bail!(
+                    "suite {name}: {} is taught by the run {}, which has not finished",
+                    r.dir.display(),
+                    runs[t].dir.display()
+                );
+            }
         }
         bar.set_message(format!("{} (seed {})", r.info.label, r.info.seed));
         match st {
@@ -474,6 +574,168 @@ mod tests {
         );
         assert!(runs[0].info.swept.is_empty());
         assert!(runs[2].dir.ends_with("out/kd-temperature1-alpha0.5-s0"));
+    }
+
+    /// A suite whose `born1.toml` learns from the run named `baseline` and `born2.toml` from
+    /// `born1` (born-again generations), planned into `out/`.
+    fn plan_chain(suite: &str) -> anyhow::Result<Vec<PlannedRun>> {
+        let (dir, file) = suite_dir(suite);
+        for (n, teacher) in [(1, "baseline"), (2, "born1")] {
+            std::fs::write(
+                dir.path().join(format!("born{n}.toml")),
+                format!(
+                    "name = \"born{n}\"\n[teacher]\nrun = \"{teacher}\"\n[method]\nname = \"kd\"\n"
+                ),
+            )
+            .unwrap();
+        }
+        let runs = SuiteFile::from_file(&file)?.plan(&file, &[], Path::new("out"));
+        drop(dir);
+        runs
+    }
+
+    /// Each generation's teacher is the previous generation's run of the same seed and variant:
+    /// its folder is the teacher's path, and `teacher.run` is resolved away.
+    #[test]
+    fn teacher_runs_chain_by_seed_and_variant() {
+        let runs = plan_chain(
+            "name = \"t\"\nseeds = [0, 1]\nconfigs = [\"baseline.toml\", \"born1.toml\", \"born2.toml\"]\n\
+             [[variant]]\nname = \"full\"\n\
+             [[variant]]\nname = \"sub\"\nset = [\"data.subset=0.1\"]\n",
+        )
+        .unwrap();
+        let taught: Vec<(&str, u64, &str)> = runs
+            .iter()
+            .map(|r| {
+                (
+                    r.info.label.as_str(),
+                    r.info.seed,
+                    r.config.teacher.path.as_str(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            taught,
+            [
+                ("baseline-full", 0, ""),
+                ("baseline-full", 1, ""),
+                ("baseline-sub", 0, ""),
+                ("baseline-sub", 1, ""),
+                ("born1-full", 0, "out/baseline-full-s0"),
+                ("born1-full", 1, "out/baseline-full-s1"),
+                ("born1-sub", 0, "out/baseline-sub-s0"),
+                ("born1-sub", 1, "out/baseline-sub-s1"),
+                ("born2-full", 0, "out/born1-full-s0"),
+                ("born2-full", 1, "out/born1-full-s1"),
+                ("born2-sub", 0, "out/born1-sub-s0"),
+                ("born2-sub", 1, "out/born1-sub-s1"),
+            ]
+        );
+        let teachers: Vec<Option<usize>> = runs.iter().map(|r| r.teacher).collect();
+        assert_eq!(
+            teachers,
+            [
+                None,
+                None,
+                None,
+                None,
+                Some(0),
+                Some(1),
+                Some(2),
+                Some(3),
+                Some(4),
+                Some(5),
+                Some(6),
+                Some(7)
+            ]
+        );
+        assert!(runs.iter().all(|r| r.config.teacher.run.is_empty()));
+        // Resolved, the config is what a run folder keeps and reads back.
+        let back = ExperimentConfig::from_toml(&runs[4].config.to_toml()).unwrap();
+        back.unresolved_teacher_run().unwrap();
+        assert_eq!(back, runs[4].config);
+    }
+
+    /// A sweep of the students reuses the one unswept teacher; a sweep of the teacher alone
+    /// leaves its students more than one teacher, and is refused by name.
+    #[test]
+    fn swept_teacher_runs_must_be_unambiguous() {
+        let runs = plan_chain(
+            "name = \"t\"\nconfigs = [\"baseline.toml\", \"born1.toml\"]\n\
+             [[sweep]]\nkey = \"method.temperature\"\nvalues = [2, 8]\nconfigs = [\"born1.toml\"]\n",
+        )
+        .unwrap();
+        assert_eq!(runs.len(), 3);
+        assert!(runs[1..]
+            .iter()
+            .all(|r| r.config.teacher.path == "out/baseline-s0" && r.teacher == Some(0)));
+        // A sweep of teacher and student alike pairs equal values.
+        let runs = plan_chain(
+            "name = \"t\"\nconfigs = [\"baseline.toml\", \"born1.toml\", \"born2.toml\"]\n\
+             [[sweep]]\nkey = \"method.temperature\"\nvalues = [2, 8]\nconfigs = [\"born1.toml\", \"born2.toml\"]\n",
+        )
+        .unwrap();
+        let taught: Vec<(&str, &str)> = runs[3..]
+            .iter()
+            .map(|r| (r.info.label.as_str(), r.config.teacher.path.as_str()))
+            .collect();
+        assert_eq!(
+            taught,
+            [
+                ("born2-temperature2", "out/born1-temperature2-s0"),
+                ("born2-temperature8", "out/born1-temperature8-s0")
+            ]
+        );
+        let e = plan_chain(
+            "name = \"t\"\nconfigs = [\"baseline.toml\", \"born1.toml\", \"born2.toml\"]\n\
+             [[sweep]]\nkey = \"method.temperature\"\nvalues = [2, 8]\nconfigs = [\"born1.toml\"]\n",
+        )
+        .unwrap_err();
+        let e = format!("{e:#}");
+        assert!(
+            e.contains("\"born1\" is ambiguous")
+                && e.contains("born1-temperature2-s0")
+                && e.contains("born1-temperature8-s0")
+                && e.contains("born2.toml"),
+            "{e}"
+        );
+    }
+
+    /// A teacher named before its config runs, or not at all, is refused with the configs that
+    /// do come earlier; a method without a teacher ignores a suite-wide `teacher.run`.
+    #[test]
+    fn teacher_runs_must_come_earlier() {
+        let e = format!(
+            "{:#}",
+            plan_chain("name = \"t\"\nconfigs = [\"born1.toml\", \"baseline.toml\"]\n")
+                .unwrap_err()
+        );
+        assert!(
+            e.contains("teacher.run = \"baseline\"") && e.contains("earlier configs: none"),
+            "{e}"
+        );
+        let e = format!(
+            "{:#}",
+            plan_chain("name = \"t\"\nconfigs = [\"baseline.toml\", \"born2.toml\"]\n")
+                .unwrap_err()
+        );
+        assert!(
+            e.contains("\"born1\"") && e.contains("earlier configs: baseline"),
+            "{e}"
+        );
+        let runs = plan_chain(
+            "name = \"t\"\nset = [\"teacher.run=born1\"]\nconfigs = [\"baseline.toml\", \"born1.toml\", \"born2.toml\"]\n",
+        );
+        // born1 now names itself, which is no earlier run.
+        let e = format!("{:#}", runs.unwrap_err());
+        assert!(e.contains("earlier configs: baseline"), "{e}");
+        let runs = plan_chain(
+            "name = \"t\"\nset = [\"teacher.run=baseline\"]\nconfigs = [\"baseline.toml\", \"born1.toml\"]\n",
+        )
+        .unwrap();
+        assert_eq!(runs[0].teacher, None);
+        assert_eq!(runs[0].config.teacher.run, "");
+        assert_eq!(runs[1].teacher, Some(0));
     }
 
     /// A swept path names its runs with a folder-safe name, and is set as it is.

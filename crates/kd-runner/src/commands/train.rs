@@ -27,7 +27,7 @@ pub struct TrainArgs {
     /// method.name, with the paper's weights (`kd-runner list` describes each).
     #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(MethodConfig::NAMES))]
     pub method: Option<String>,
-    /// teacher.path: safetensors with its JSON sidecar (`cargo xtask fetch teacher-cifar10`, or a run's model.safetensors), or a finished run's folder.
+    /// teacher.path: safetensors with its JSON sidecar (`cargo xtask fetch teacher-cifar10`, or a run's model.safetensors), or a finished run's folder; replaces a config's teacher.run.
     #[arg(long, value_name = "FILE|RUN")]
     pub teacher: Option<PathBuf>,
     /// method.alpha (kd, kd_byot, dkd, ctkd, pskd, tf_kd_reg).
@@ -144,10 +144,11 @@ impl TrainArgs {
         if self.deterministic {
             t.deterministic = true;
         }
-        set(
-            &mut cfg.teacher.path,
-            self.teacher.as_ref().map(|p| p.display().to_string()),
-        );
+        if let Some(p) = &self.teacher {
+            // An explicit file or folder replaces a suite's `teacher.run` (ban1.toml run alone).
+            cfg.teacher.path = p.display().to_string();
+            cfg.teacher.run.clear();
+        }
         if let Some(name) = &self.method {
             cfg.method = MethodConfig::preset(name).expect("clap checked the name");
         }
