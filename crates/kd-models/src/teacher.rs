@@ -1,19 +1,28 @@
 //! A frozen teacher: constant weights, always evaluated in eval mode, outputs detached, and its
-//! own input normalisation. The type, not discipline, keeps gradients out of it.
+//! own input normalisation. The type, not discipline, keeps gradients out of it. Several
+//! networks can teach as one ([`Teacher::ensemble`]): their mean logits, the ensemble teacher of
+//! Hinton et al.'s distillation of an ensemble into one network.
 use std::path::Path;
 
-use candle_core::{Device, Result as CResult, Tensor};
+use candle_core::{DType, Device, Result as CResult, Tensor};
 
 use crate::checkpoint::load_frozen;
 use crate::import::TeacherMeta;
 use crate::resnet::{ForwardParts, ModelOutput, ResNet};
-use crate::Result;
+use crate::{ModelError, Result};
 
-/// A pretrained network used only for inference.
+/// One network of a teacher, with the normalisation it was trained with.
 #[derive(Clone, Debug)]
-pub struct Teacher {
+struct Member {
     model: ResNet,
     meta: TeacherMeta,
+}
+
+/// A pretrained network, or an ensemble of them, used only for inference.
+#[derive(Clone, Debug)]
+pub struct Teacher {
+    /// Never empty; the first one's normalisation is the one inputs come in.
+    members: Vec<Member>,
 }
 
 impl Teacher {
@@ -21,28 +30,98 @@ impl Teacher {
     pub fn load(weights: &Path, device: &Device) -> Result<Self> {
         let meta = TeacherMeta::load(weights)?;
         let model = load_frozen(&meta.config(), weights, device)?;
-        Ok(Teacher { model, meta })
+        Ok(Teacher {
+            members: vec![Member { model, meta }],
+        })
     }
 
-    /// Its metadata (architecture, classes, normalisation).
+    /// The teachers in `teachers` teaching as one: their logits averaged image by image (each
+    /// network fed the normalisation it was trained with). The mean logits soften at a
+    /// temperature T into the renormalised geometric mean of the members' softmax at T, so every
+    /// logit-based loss takes them as they are; the ensemble has no stage features, pre-ReLU
+    /// outputs or embedding to give ([`Teacher::forward_parts`] refuses them). The teachers
+    /// must agree on the class count.
+    pub fn ensemble(teachers: Vec<Teacher>) -> Result<Self> {
+        let members: Vec<Member> = teachers.into_iter().flat_map(|t| t.members).collect();
+        let Some(first) = members.first() else {
+            return Err(ModelError::Invalid {
+                field: "teacher",
+                message: "an ensemble needs at least one teacher".into(),
+            });
+        };
+        let classes = first.meta.num_classes;
+        if let Some((i, m)) = members
+            .iter()
+            .enumerate()
+            .find(|(_, m)| m.meta.num_classes != classes)
+        {
+            return Err(ModelError::Invalid {
+                field: "teacher",
+                message: format!(
+                    "the ensemble's member {} ({}) has {} classes, its first ({}) has {classes}",
+                    i + 1,
+                    m.meta.source,
+                    m.meta.num_classes,
+                    first.meta.source
+                ),
+            });
+        }
+        Ok(Teacher { members })
+    }
+
+    /// The networks teaching (1 unless an ensemble).
+    pub fn len(&self) -> usize {
+        self.members.len()
+    }
+
+    /// Always false: a teacher has at least one network (for clippy's `len` convention).
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+
+    /// The metadata (architecture, classes, normalisation) of its first network: the
+    /// normalisation [`Teacher::forward`] expects its input in.
     pub fn meta(&self) -> &TeacherMeta {
-        &self.meta
+        &self.members[0].meta
     }
 
-    /// Runs the network in `dtype` (f32, or bf16 for mixed precision); outputs stay f32.
-    pub fn set_compute_dtype(&mut self, dtype: candle_core::DType) -> CResult<()> {
-        self.model.set_compute_dtype(dtype)
+    /// Runs the networks in `dtype` (f32, or bf16 for mixed precision); outputs stay f32.
+    pub fn set_compute_dtype(&mut self, dtype: DType) -> CResult<()> {
+        for m in &mut self.members {
+            m.model.set_compute_dtype(dtype)?;
+        }
+        Ok(())
     }
 
     /// Holds its activations in `format` (`ResNet::set_memory_format`); outputs stay
     /// (N, C, H, W).
     pub fn set_memory_format(&mut self, format: kd_kernels::MemoryFormat) -> CResult<()> {
-        self.model.set_memory_format(format)
+        for m in &mut self.members {
+            m.model.set_memory_format(format)?;
+        }
+        Ok(())
     }
 
-    /// The underlying network.
+    /// The (first) network: what the feature methods size their parts by. Those methods take a
+    /// single teacher only.
     pub fn model(&self) -> &ResNet {
-        &self.model
+        &self.members[0].model
+    }
+
+    /// Parameters of every network, auxiliary heads aside.
+    pub fn num_params(&self) -> usize {
+        self.members
+            .iter()
+            .map(|m| m.model.num_backbone_params())
+            .sum()
+    }
+
+    /// Multiply-accumulates of one (height × width) image through every network.
+    pub fn macs(&self, height: usize, width: usize) -> u64 {
+        self.members
+            .iter()
+            .map(|m| m.model.macs(height, width).backbone)
+            .sum()
     }
 
     /// Eval-mode forward; every output is detached from any graph. No pre-ReLU stage outputs
@@ -62,15 +141,67 @@ impl Teacher {
     }
 
     /// The eval-mode forward with the optional outputs `parts` (a method that reads only the
-    /// logits spares the stage features' f32 copies).
+    /// logits spares the stage features' f32 copies). `x` is normalised as [`Teacher::meta`]
+    /// says. An ensemble gives its mean logits only: its `pooled` has no columns, and asking
+    /// it for features or pre-ReLU outputs is an error.
     pub fn forward_parts(&self, x: &Tensor, parts: ForwardParts) -> CResult<ModelOutput> {
-        let out = self.model.forward_parts(&x.detach(), false, parts)?;
+        let x = x.detach();
+        if let [only] = self.members.as_slice() {
+            let out = only.model.forward_parts(&x, false, parts)?;
+            return Ok(ModelOutput {
+                logits: out.logits.detach(),
+                feats: out.feats.iter().map(Tensor::detach).collect(),
+                pooled: out.pooled.detach(),
+                preact: out.preact.iter().map(Tensor::detach).collect(),
+                aux: vec![],
+            });
+        }
+        if parts.features || parts.preact {
+            candle_core::bail!(
+                "an ensemble of {} teachers gives its mean logits only, not stage features or pre-ReLU outputs",
+                self.members.len()
+            );
+        }
+        let first = &self.members[0].meta;
+        let mut sum: Option<Tensor> = None;
+        for m in &self.members {
+            let xm = renormalize(&x, (first.mean, first.std), (m.meta.mean, m.meta.std))?;
+            let logits = m
+                .model
+                .forward_parts(&xm, false, ForwardParts::LOGITS)?
+                .logits
+                .detach()
+                .to_dtype(DType::F32)?;
+            sum = Some(match sum {
+                None => logits,
+                Some(s) => (s + logits)?,
+            });
+        }
+        let logits = (sum.expect("an ensemble has members") / self.members.len() as f64)?;
+        let pooled = Tensor::zeros((x.dim(0)?, 0), DType::F32, x.device())?;
         Ok(ModelOutput {
-            logits: out.logits.detach(),
-            feats: out.feats.iter().map(Tensor::detach).collect(),
-            pooled: out.pooled.detach(),
-            preact: out.preact.iter().map(Tensor::detach).collect(),
+            logits,
+            feats: vec![],
+            pooled,
+            preact: vec![],
             aux: vec![],
         })
     }
+}
+
+/// `x` normalised per channel by `from` (mean, std) re-expressed as normalised by `to`: undo
+/// one, apply the other (a teacher trained with other statistics than the data's).
+pub fn renormalize(
+    x: &Tensor,
+    from: ([f32; 3], [f32; 3]),
+    to: ([f32; 3], [f32; 3]),
+) -> CResult<Tensor> {
+    if from == to {
+        return Ok(x.clone());
+    }
+    let dev = x.device();
+    let c = |v: [f32; 3]| Tensor::new(&v, dev).and_then(|t| t.reshape((1, 3, 1, 1)));
+    let scale: [f32; 3] = std::array::from_fn(|i| from.1[i] / to.1[i]);
+    let shift: [f32; 3] = std::array::from_fn(|i| (from.0[i] - to.0[i]) / to.1[i]);
+    x.broadcast_mul(&c(scale)?)?.broadcast_add(&c(shift)?)
 }

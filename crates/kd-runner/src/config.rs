@@ -150,6 +150,10 @@ pub struct TeacherSection {
     /// suite` sets `path` to that run's folder; chains of such runs make teacher-assistant KD
     /// and born-again generations. Empty = none.
     pub run: String,
+    /// Further teachers (files or run folders) whose logits are averaged with `path`'s: an
+    /// ensemble teaching as one, for the methods that read only the teacher's logits
+    /// (`MethodConfig::TEACHER_LOGITS_ONLY`). Empty = `path` alone.
+    pub members: Vec<String>,
 }
 
 /// `[train]`.
@@ -423,6 +427,20 @@ impl ExperimentConfig {
         // all its runs); `kd-runner train --teacher` with such a method is refused by the CLI.
         // teacher.run is resolved by a suite ([`Self::unresolved_teacher_run`] refuses it
         // elsewhere).
+        if self.method.needs_teacher() && !self.teacher.members.is_empty() {
+            if !self.method.teacher_logits_only() {
+                bail!(
+                    "teacher.members makes an ensemble teacher, which has logits only: method {} reads more of its teacher; ensembles teach {}",
+                    self.method.name(),
+                    MethodConfig::TEACHER_LOGITS_ONLY.join(", ")
+                );
+            }
+            if let Some(i) = self.teacher.members.iter().position(String::is_empty) {
+                bail!(
+                    "teacher.members[{i}] is empty: each member is a weights file or a run folder"
+                );
+            }
+        }
         if self.method.needs_teacher()
             && self.teacher.path.is_empty()
             && self.teacher.run.is_empty()
@@ -871,6 +889,23 @@ mod tests {
         let mut c = ExperimentConfig::default();
         c.set("teacher.run=baseline").unwrap();
         c.unresolved_teacher_run().unwrap();
+    }
+
+    /// `teacher.members` takes a list through `--set`; an ensemble is refused for a method that
+    /// reads more than its teacher's logits, and an empty member is named by index.
+    #[test]
+    fn teacher_members_are_checked() {
+        let mut c = ExperimentConfig::default();
+        c.set("method.name=kd").unwrap_err();
+        c.set("teacher.path=a.safetensors").unwrap();
+        c.set("method.name=kd").unwrap();
+        c.set("teacher.members=[\"b\", \"runs/c\"]").unwrap();
+        assert_eq!(c.teacher.members, ["b", "runs/c"]);
+        c.validate().unwrap();
+        let e = format!("{:#}", c.set("method.name=rkd").unwrap_err());
+        assert!(e.contains("teacher.members") && e.contains("rkd"), "{e}");
+        let e = format!("{:#}", c.set("teacher.members=[\"b\", \"\"]").unwrap_err());
+        assert!(e.contains("teacher.members[1] is empty"), "{e}");
     }
 
     /// Every shipped experiment config and suite parses, and each suite's runs resolve.

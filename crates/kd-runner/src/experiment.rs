@@ -65,6 +65,34 @@ pub fn is_resumable(dir: &Path) -> bool {
     dir.join("checkpoint.latest").is_file() && dir.join(CONFIG_FILE).is_file()
 }
 
+/// The teacher at `path` (a weights file or a run folder), named by its config `key` in errors,
+/// checked to have the data set's `num_classes`.
+fn load_teacher(
+    path: &Path,
+    key: &str,
+    dataset: &str,
+    num_classes: usize,
+    device: &candle_core::Device,
+) -> anyhow::Result<Teacher> {
+    if !path.exists() {
+        bail!(
+            "{key}: teacher {} not found: fetch the pretrained one with `cargo xtask fetch teacher-{dataset}` (offline: `kd-runner fetch teacher-{dataset} --from DIR`), or train one with `kd-runner train` and point {key} at its run folder (or its model.safetensors)",
+            path.display()
+        );
+    }
+    let p = &crate::commands::weights_file(path)?;
+    let t = Teacher::load(p, device)
+        .with_context(|| format!("{key}: loading the teacher {}", p.display()))?;
+    if t.meta().num_classes != num_classes {
+        bail!(
+            "{key}: the teacher {} has {} classes, {dataset} has {num_classes}",
+            p.display(),
+            t.meta().num_classes
+        );
+    }
+    Ok(t)
+}
+
 /// The training and test images a run with `cfg` uses: the class-balanced fractions
 /// `data.subset` (drawn with the run's seed) and `data.test_subset` of `ds`'s splits. The test
 /// subset does not depend on the run's seed: every run is scored on the same images.
@@ -133,29 +161,29 @@ pub fn run(
     let teacher = if cfg.teacher.path.is_empty() || !cfg.method.needs_teacher() {
         None
     } else {
-        let p = Path::new(&cfg.teacher.path);
-        if !p.exists() {
-            bail!(
-                "teacher {} not found: fetch the pretrained one with `cargo xtask fetch teacher-{}` (offline: `kd-runner fetch teacher-{} --from DIR`), or train one with `kd-runner train` and point teacher.path at its run folder (or its model.safetensors)",
-                p.display(),
-                name,
-                name
-            );
+        let mut members = Vec::with_capacity(1 + cfg.teacher.members.len());
+        for (key, path) in std::iter::once(("teacher.path".to_string(), &cfg.teacher.path)).chain(
+            cfg.teacher
+                .members
+                .iter()
+                .enumerate()
+                .map(|(i, p)| (format!("teacher.members[{i}]"), p)),
+        ) {
+            members.push(load_teacher(
+                Path::new(path),
+                &key,
+                &name,
+                num_classes,
+                &device,
+            )?);
         }
-        let p = &crate::commands::weights_file(p)?;
-        let mut t = Teacher::load(p, &device)
-            .with_context(|| format!("loading the teacher {}", p.display()))?;
+        let mut t = if members.len() == 1 {
+            members.remove(0)
+        } else {
+            Teacher::ensemble(members)?
+        };
         t.set_compute_dtype(cfg.train.precision.activation_dtype())?;
         t.set_memory_format(cfg.train.memory_format)?;
-        if t.meta().num_classes != num_classes {
-            bail!(
-                "the teacher {} has {} classes, {} has {}",
-                p.display(),
-                t.meta().num_classes,
-                name,
-                num_classes
-            );
-        }
         Some(t)
     };
     cfg.train.precision.apply();

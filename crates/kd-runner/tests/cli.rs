@@ -811,6 +811,74 @@ fn teacher_with_the_wrong_class_count_is_refused() {
     );
 }
 
+/// `--teacher` twice: an ensemble teacher. KD trains from it, its config keeps the second as
+/// `teacher.members`, and the summary counts both networks' parameters and MACs; a member of the
+/// wrong class count, and a method that reads features, are refused by key before anything is
+/// written.
+#[test]
+fn two_teachers_teach_as_an_ensemble() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_cifar10(tmp.path());
+    let t18 = write_teacher(tmp.path(), "t18.safetensors", kd_models::Arch::Resnet18, 10);
+    let t50 = write_teacher(tmp.path(), "t50.safetensors", kd_models::Arch::Resnet50, 10);
+    let t100 = write_teacher(
+        tmp.path(),
+        "t100.safetensors",
+        kd_models::Arch::Resnet18,
+        100,
+    );
+    let train = |method: &str, second: &std::path::Path, run: &std::path::Path| {
+        tiny_train(tmp.path(), "cifar")
+            .args(["--method", method, "--epochs", "1", "--teacher"])
+            .arg(&t18)
+            .arg("--teacher")
+            .arg(second)
+            .arg("--run-dir")
+            .arg(run)
+            .output()
+            .unwrap()
+    };
+    let run = tmp.path().join("run");
+    succeeded(&train("kd", &t50, &run));
+    let cfg = std::fs::read_to_string(run.join("config.toml")).unwrap();
+    assert!(
+        cfg.contains(&format!("members = [{:?}]", t50.display().to_string())),
+        "{cfg}"
+    );
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap();
+    let load =
+        |p: &std::path::Path| kd_models::Teacher::load(p, &candle_core::Device::Cpu).unwrap();
+    let (a, b) = (load(&t18), load(&t50));
+    assert_eq!(
+        summary["teacher_params"].as_u64().unwrap() as usize,
+        a.num_params() + b.num_params()
+    );
+    assert_eq!(
+        summary["teacher_macs"].as_u64().unwrap(),
+        a.macs(32, 32) + b.macs(32, 32)
+    );
+    assert!(summary["teacher_top1"].as_f64().is_some(), "{summary}");
+    for (method, second, expected) in [
+        (
+            "kd",
+            &t100,
+            vec!["teacher.members[0]", "t100.safetensors", "100 classes"],
+        ),
+        (
+            "at",
+            &t50,
+            vec!["teacher.members", "method at", "ensembles teach kd"],
+        ),
+    ] {
+        let refused = tmp.path().join(format!("refused-{method}"));
+        let out = train(method, second, &refused);
+        assert!(!out.status.success());
+        assert_contains_all(&String::from_utf8_lossy(&out.stderr), expected);
+        assert!(!refused.exists(), "nothing written for a refused run");
+    }
+}
+
 /// A two-stage method with KD added, through the CLI: AB's init phase runs first (its row in
 /// `init_metrics.jsonl`, its time in the summary), then the main run logs the cross-entropy and
 /// the added KD term.

@@ -44,6 +44,13 @@ pub fn teacher_forward_parts(
     student: &Normalize,
     parts: kd_models::ForwardParts,
 ) -> Result<ModelOutput> {
+    // The methods an ensemble teaches read its logits alone (`build_student` refuses others),
+    // whatever they ask of a single teacher's forward.
+    let parts = if teacher.len() > 1 {
+        kd_models::ForwardParts::LOGITS
+    } else {
+        parts
+    };
     let x = renormalize(
         images,
         student,
@@ -55,16 +62,10 @@ pub fn teacher_forward_parts(
     teacher.forward_parts(&x, parts)
 }
 
-/// `x` normalised by `from` re-expressed as normalised by `to`: undo one, apply the other.
+/// `x` normalised by `from` re-expressed as normalised by `to`: undo one, apply the other
+/// ([`kd_models::renormalize`]).
 pub fn renormalize(x: &Tensor, from: &Normalize, to: &Normalize) -> Result<Tensor> {
-    if from == to {
-        return Ok(x.clone());
-    }
-    let dev = x.device();
-    let c = |v: [f32; 3]| Tensor::new(&v, dev).and_then(|t| t.reshape((1, 3, 1, 1)));
-    let scale: [f32; 3] = std::array::from_fn(|i| from.std[i] / to.std[i]);
-    let shift: [f32; 3] = std::array::from_fn(|i| (from.mean[i] - to.mean[i]) / to.std[i]);
-    x.broadcast_mul(&c(scale)?)?.broadcast_add(&c(shift)?)
+    kd_models::renormalize(x, (from.mean, from.std), (to.mean, to.std))
 }
 
 /// What one step computed for each network it trains.

@@ -989,8 +989,8 @@ pub fn train(
         train_seconds: progress.train_seconds,
         teacher_seconds: progress.teacher_seconds,
         init_seconds: progress.init_seconds,
-        teacher_params: teacher.map_or(0, |t| t.model().num_backbone_params()),
-        teacher_macs: teacher.map(|t| t.model().macs(image_h, image_w).backbone),
+        teacher_params: teacher.map_or(0, Teacher::num_params),
+        teacher_macs: teacher.map(|t| t.macs(image_h, image_w)),
         method: method.name().to_string(),
         peers: peer_summaries,
         // A by-product: where the driver refuses the figure, the summary goes without it.

@@ -50,19 +50,36 @@ fn teacher_for(dir: &std::path::Path, method: &MethodConfig, zero_init_residual:
 /// [`teacher`], with each residual branch's last BN at 0 when `zero_init_residual`: features
 /// of a trained network's scale (mean square about 1, not a random deep stack's hundreds).
 fn teacher_with(dir: &std::path::Path, arch: Arch, zero_init_residual: bool) -> Teacher {
+    let norm = Normalize {
+        mean: [0.5; 3],
+        std: [0.25; 3],
+    };
+    exported_teacher(dir, arch, zero_init_residual, norm, 7, 4)
+}
+
+/// A tiny (width 4) max-pool-stem teacher of `classes` classes, initialised with `seed`, trained
+/// (so to speak) on inputs normalised by `norm`, exported to `dir` and loaded frozen.
+fn exported_teacher(
+    dir: &std::path::Path,
+    arch: Arch,
+    zero_init_residual: bool,
+    norm: Normalize,
+    seed: u64,
+    classes: usize,
+) -> Teacher {
     let cfg = ResNetConfig {
         base_width: 4,
         zero_init_residual,
-        ..ResNetConfig::new(arch, Stem::CifarMaxpool, 4)
+        ..ResNetConfig::new(arch, Stem::CifarMaxpool, classes)
     };
-    let (_, vm) = kd_models::trainable_resnet(&cfg, &Device::Cpu, 7).unwrap();
+    let (_, vm) = kd_models::trainable_resnet(&cfg, &Device::Cpu, seed).unwrap();
     let meta = TeacherMeta {
         arch: cfg.arch,
         stem: cfg.stem,
-        num_classes: 4,
+        num_classes: classes,
         base_width: 4,
-        mean: [0.5; 3],
-        std: [0.25; 3],
+        mean: norm.mean,
+        std: norm.std,
         source: "test".into(),
         source_sha256: String::new(),
     };
@@ -531,4 +548,217 @@ fn init_phases_fit_what_they_train() {
         );
     }
     assert_eq!(phased, 3, "AB, FT and FSP have init phases");
+}
+
+/// Two teachers of different architectures, weights and input normalisations, each in its own
+/// folder under `dir`.
+fn two_teachers(dir: &std::path::Path) -> (Teacher, Teacher) {
+    let sub = |name: &str| {
+        let p = dir.join(name);
+        std::fs::create_dir_all(&p).unwrap();
+        p
+    };
+    let a = exported_teacher(
+        &sub("a"),
+        Arch::Resnet50,
+        true,
+        Normalize {
+            mean: [0.5; 3],
+            std: [0.25; 3],
+        },
+        7,
+        4,
+    );
+    let b = exported_teacher(
+        &sub("b"),
+        Arch::Resnet18,
+        true,
+        Normalize {
+            mean: [0.45, 0.48, 0.41],
+            std: [0.27, 0.26, 0.28],
+        },
+        3,
+        4,
+    );
+    (a, b)
+}
+
+/// An ensemble teacher's logits, through the trainer's teacher forward, are the mean of its
+/// members' logits, each member fed the images normalised its own way (computed here member by
+/// member from the raw pixels); its parameters and MACs are the members' sums, and it has no
+/// features to give.
+#[test]
+fn an_ensemble_teaches_its_members_mean_logits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = two_teachers(tmp.path());
+    let student = Normalize {
+        mean: [0.4; 3],
+        std: [0.3; 3],
+    };
+    let raw = kd_testkit::seeded(&[6, 3, 32, 32], 11)
+        .affine(0.5, 0.5)
+        .unwrap();
+    let normalised = |n: &Normalize| {
+        let c = |v: [f32; 3]| {
+            candle_core::Tensor::new(&v, &Device::Cpu)
+                .unwrap()
+                .reshape((1, 3, 1, 1))
+                .unwrap()
+        };
+        raw.broadcast_sub(&c(n.mean))
+            .unwrap()
+            .broadcast_div(&c(n.std))
+            .unwrap()
+    };
+    let own = |t: &Teacher| {
+        let n = Normalize {
+            mean: t.meta().mean,
+            std: t.meta().std,
+        };
+        t.forward_parts(&normalised(&n), ForwardParts::LOGITS)
+            .unwrap()
+            .logits
+    };
+    let expected = ((own(&a) + own(&b)).unwrap() / 2.0).unwrap();
+    let (params, macs) = (
+        a.num_params() + b.num_params(),
+        a.macs(32, 32) + b.macs(32, 32),
+    );
+    assert!(a.num_params() != b.num_params());
+    let ens = Teacher::ensemble(vec![a, b]).unwrap();
+    assert_eq!(ens.len(), 2);
+    let got = kd_train::teacher_forward_parts(
+        &ens,
+        &normalised(&student),
+        &student,
+        ForwardParts::LOGITS,
+    )
+    .unwrap();
+    let err = kd_testkit::max_rel(&got.logits, &expected, 1e-3);
+    assert!(err < 1e-4, "ensemble logits off by {err}");
+    assert_eq!((ens.num_params(), ens.macs(32, 32)), (params, macs));
+    assert_eq!(got.pooled.dims(), &[6, 0]);
+    let e = ens
+        .forward_parts(
+            &normalised(&student),
+            ForwardParts {
+                features: true,
+                preact: false,
+            },
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("mean logits only"), "{e}");
+}
+
+/// Members must agree on the classes: the odd one is named.
+#[test]
+fn an_ensemble_of_different_class_counts_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, _) = two_teachers(tmp.path());
+    std::fs::create_dir_all(tmp.path().join("c")).unwrap();
+    let c = exported_teacher(
+        &tmp.path().join("c"),
+        Arch::Resnet18,
+        false,
+        Normalize {
+            mean: [0.5; 3],
+            std: [0.25; 3],
+        },
+        1,
+        10,
+    );
+    let e = Teacher::ensemble(vec![a, c]).unwrap_err().to_string();
+    assert!(
+        e.contains("member 2") && e.contains("10 classes") && e.contains("has 4"),
+        "{e}"
+    );
+}
+
+/// Every method that reads only its teacher's logits learns from an ensemble: a finite loss
+/// with the same terms as from one teacher, and from an ensemble of one teacher twice exactly the
+/// loss that teacher alone gives. Every other teacher method is refused, naming the ones that
+/// can.
+#[test]
+fn logit_methods_learn_from_an_ensemble_and_the_others_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = two_teachers(tmp.path());
+    let norm = Normalize {
+        mean: [0.4; 3],
+        std: [0.3; 3],
+    };
+    let pair = Teacher::ensemble(vec![a.clone(), b]).unwrap();
+    let twice = Teacher::ensemble(vec![a.clone(), a.clone()]).unwrap();
+    let cfg = ResNetConfig {
+        base_width: 4,
+        ..ResNetConfig::new(Arch::Resnet18, Stem::Cifar, 4)
+    };
+    let mut taught = Vec::new();
+    for name in MethodConfig::NAMES {
+        let method = preset(name);
+        if !method.needs_teacher() {
+            continue;
+        }
+        if !method.teacher_logits_only() {
+            let e = build_student(&cfg, &method, Some(&pair), &Device::Cpu, 0, 0.0)
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(
+                e.contains("ensemble") && e.contains("kd, ctkd, dkd"),
+                "{name}: {e}"
+            );
+            continue;
+        }
+        let lcfg = LoaderConfig {
+            prefetch: 0,
+            pair: method.pairing(),
+            ..LoaderConfig::eval(16, norm)
+        };
+        let loader = Loader::new(Arc::new(synthetic(16)), lcfg, Device::Cpu).unwrap();
+        let batch = loader.epoch(0, 0).next().unwrap().unwrap();
+        let terms = |t: &Teacher| {
+            let built = build_student(&cfg, &method, Some(t), &Device::Cpu, 0, 0.0).unwrap();
+            built.distiller.prepare(&RunInfo::cpu(16, 4)).unwrap();
+            let t_out =
+                kd_train::teacher_forward(t, &batch, &norm, built.distiller.as_ref()).unwrap();
+            let out = built.model.forward_t(&batch.images, true).unwrap();
+            let paired = batch
+                .paired
+                .as_ref()
+                .map(|x| built.model.forward_t(x, true).unwrap());
+            let o = Outputs {
+                student: &out,
+                teacher: Some(&t_out),
+                peers: &[],
+                paired: paired.as_ref(),
+            };
+            built
+                .distiller
+                .loss(&StepContext::one_step(), &batch, &o)
+                .unwrap()
+                .terms
+                .iter()
+                .map(|(n, v)| (n.clone(), v.to_scalar::<f32>().unwrap()))
+                .collect::<Vec<_>>()
+        };
+        let alone = terms(&a);
+        assert_eq!(terms(&twice), alone, "{name}");
+        let from_pair = terms(&pair);
+        assert_eq!(
+            from_pair.iter().map(|t| &t.0).collect::<Vec<_>>(),
+            alone.iter().map(|t| &t.0).collect::<Vec<_>>(),
+            "{name}"
+        );
+        assert!(
+            from_pair.iter().all(|(_, v)| v.is_finite()),
+            "{name}: {from_pair:?}"
+        );
+        assert_ne!(
+            from_pair, alone,
+            "{name}: the second member changed nothing"
+        );
+        taught.push(name);
+    }
+    assert_eq!(taught, MethodConfig::TEACHER_LOGITS_ONLY.to_vec());
 }

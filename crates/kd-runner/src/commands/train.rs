@@ -27,9 +27,9 @@ pub struct TrainArgs {
     /// method.name, with the paper's weights (`kd-runner list` describes each).
     #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(MethodConfig::NAMES))]
     pub method: Option<String>,
-    /// teacher.path: safetensors with its JSON sidecar (`cargo xtask fetch teacher-cifar10`, or a run's model.safetensors), or a finished run's folder; replaces a config's teacher.run.
+    /// teacher.path: safetensors with its JSON sidecar (`cargo xtask fetch teacher-cifar10`, or a run's model.safetensors), or a finished run's folder; replaces a config's teacher.run. Repeat it for an ensemble teacher (its mean logits; the second and later go to teacher.members).
     #[arg(long, value_name = "FILE|RUN")]
-    pub teacher: Option<PathBuf>,
+    pub teacher: Vec<PathBuf>,
     /// method.alpha (kd, kd_byot, dkd, ctkd, pskd, tf_kd_reg).
     #[arg(long)]
     pub alpha: Option<f64>,
@@ -144,9 +144,11 @@ impl TrainArgs {
         if self.deterministic {
             t.deterministic = true;
         }
-        if let Some(p) = &self.teacher {
-            // An explicit file or folder replaces a suite's `teacher.run` (ban1.toml run alone).
-            cfg.teacher.path = p.display().to_string();
+        if let Some((first, rest)) = self.teacher.split_first() {
+            // Explicit files or folders replace a suite's `teacher.run` (ban1.toml run alone)
+            // and the config's members.
+            cfg.teacher.path = first.display().to_string();
+            cfg.teacher.members = rest.iter().map(|p| p.display().to_string()).collect();
             cfg.teacher.run.clear();
         }
         if let Some(name) = &self.method {
@@ -200,7 +202,7 @@ impl TrainArgs {
         for s in &self.set {
             cfg.set(s)?;
         }
-        if self.teacher.is_some() && !cfg.method.needs_teacher() {
+        if !self.teacher.is_empty() && !cfg.method.needs_teacher() {
             bail!(
                 "--method {} uses no teacher; drop --teacher",
                 cfg.method.name()

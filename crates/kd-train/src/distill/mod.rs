@@ -636,6 +636,17 @@ pub enum MethodConfig {
 }
 
 impl MethodConfig {
+    /// The methods that read nothing of the teacher but its logits, and so can learn from an
+    /// ensemble of teachers ([`Teacher::ensemble`]).
+    pub const TEACHER_LOGITS_ONLY: [&'static str; 6] =
+        ["kd", "ctkd", "dkd", "dist", "kd_byot", "mlkd"];
+
+    /// Whether the method reads nothing of its teacher but the logits
+    /// ([`Self::TEACHER_LOGITS_ONLY`]).
+    pub fn teacher_logits_only(&self) -> bool {
+        Self::TEACHER_LOGITS_ONLY.contains(&self.name())
+    }
+
     /// Whether the method needs a frozen teacher.
     pub fn needs_teacher(&self) -> bool {
         matches!(
@@ -1301,6 +1312,16 @@ pub fn build_student(
     seed: u64,
     label_smoothing: f64,
 ) -> Result<BuiltStudent> {
+    if let Some(t) = teacher.filter(|t| t.len() > 1) {
+        if !method.teacher_logits_only() {
+            candle_core::bail!(
+                "method {} reads more of its teacher than the logits, which an ensemble of {} teachers does not have: ensembles teach {} only",
+                method.name(),
+                t.len(),
+                MethodConfig::TEACHER_LOGITS_ONLY.join(", ")
+            );
+        }
+    }
     let mut cfg = cfg.clone();
     cfg.aux_heads |= method.needs_aux_heads();
     let vars = candle_nn::VarMap::new();
