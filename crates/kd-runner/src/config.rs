@@ -154,6 +154,10 @@ pub struct TeacherSection {
     /// ensemble teaching as one, for the methods that read only the teacher's logits
     /// (`MethodConfig::TEACHER_LOGITS_ONLY`). Empty = `path` alone.
     pub members: Vec<String>,
+    /// In a suite: earlier runs whose models join the ensemble (as `members`), named as
+    /// `run` names its run, or `LABEL@SEED` for another seed's run (`["baseline@1",
+    /// "baseline@2"]` beside `run = "baseline@0"`: an ensemble of a config's seeds).
+    pub member_runs: Vec<String>,
 }
 
 /// `[train]`.
@@ -427,10 +431,11 @@ impl ExperimentConfig {
         // all its runs); `kd-runner train --teacher` with such a method is refused by the CLI.
         // teacher.run is resolved by a suite ([`Self::unresolved_teacher_run`] refuses it
         // elsewhere).
-        if self.method.needs_teacher() && !self.teacher.members.is_empty() {
+        let ensemble = !self.teacher.members.is_empty() || !self.teacher.member_runs.is_empty();
+        if self.method.needs_teacher() && ensemble {
             if !self.method.teacher_logits_only() {
                 bail!(
-                    "teacher.members makes an ensemble teacher, which has logits only: method {} reads more of its teacher; ensembles teach {}",
+                    "teacher.members (or member_runs) makes an ensemble teacher, which has logits only: method {} reads more of its teacher; ensembles teach {}",
                     self.method.name(),
                     MethodConfig::TEACHER_LOGITS_ONLY.join(", ")
                 );
@@ -456,6 +461,12 @@ impl ExperimentConfig {
     /// An error when `teacher.run` is still set: only a suite resolves it (to
     /// `teacher.path`), so a run started any other way has no teacher to load.
     pub fn unresolved_teacher_run(&self) -> anyhow::Result<()> {
+        if self.method.needs_teacher() && !self.teacher.member_runs.is_empty() {
+            bail!(
+                "teacher.member_runs = {:?} names runs of a suite, which only `kd-runner suite` resolves: outside a suite, list their folders in teacher.members (and set teacher.member_runs = [])",
+                self.teacher.member_runs
+            );
+        }
         if self.method.needs_teacher() && !self.teacher.run.is_empty() {
             bail!(
                 "teacher.run = {:?} names a run of a suite, which only `kd-runner suite` resolves: list this config in a suite after the config named {:?}, or set teacher.path to that run's folder (and teacher.run = \"\")",
@@ -883,6 +894,15 @@ mod tests {
         let e = c.unresolved_teacher_run().unwrap_err().to_string();
         assert!(
             e.contains("teacher.run = \"baseline\"") && e.contains("teacher.path"),
+            "{e}"
+        );
+        let c = ExperimentConfig::from_toml(
+            "[method]\nname = \"kd\"\n[teacher]\npath = \"t.safetensors\"\nmember_runs = [\"baseline@1\"]\n",
+        )
+        .unwrap();
+        let e = c.unresolved_teacher_run().unwrap_err().to_string();
+        assert!(
+            e.contains("teacher.member_runs") && e.contains("teacher.members"),
             "{e}"
         );
         // Without a teacher the key is ignored, as teacher.path is.

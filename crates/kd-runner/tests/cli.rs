@@ -584,7 +584,7 @@ fn suite_chains_a_run_as_the_next_ones_teacher() {
             .unwrap()
     };
     let plan = succeeded(&suite(&["--dry-run"]));
-    assert!(plan.contains("(taught by baseline, seed 0)"), "{plan}");
+    assert!(plan.contains("(taught by baseline-s0)"), "{plan}");
     succeeded(&suite(&[]));
     let teacher_dir = out_dir.join("baseline-s0");
     let saved = std::fs::read_to_string(out_dir.join("ban1-s0/config.toml")).unwrap();

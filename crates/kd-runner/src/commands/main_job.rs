@@ -117,7 +117,7 @@ pub fn run() -> anyhow::Result<()> {
             dir: out.join(format!("{label}-s{}", cfg.train.seed)),
             config: cfg,
             suite_variant: String::new(),
-            teacher: None,
+            teachers: Vec::new(),
         });
     }
     if gpu {

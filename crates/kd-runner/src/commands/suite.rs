@@ -178,23 +178,36 @@ pub struct PlannedRun {
     /// The suite's `[[variant]]` it runs under (its name; empty without variants), before the
     /// sweeps' names that [`RunInfo::variant`] adds.
     pub suite_variant: String,
-    /// The earlier run of the plan whose model teaches this one (`teacher.run`), by index.
-    pub teacher: Option<usize>,
+    /// The earlier runs of the plan whose models teach this one (`teacher.run`, then
+    /// `teacher.member_runs`), by index.
+    pub teachers: Vec<usize>,
 }
 
-/// The run of `runs` that `teacher.run = label` names for a run of the suite variant `variant`,
-/// the sweep values `swept` and `seed`: the one whose config is named `label`, trained with the
-/// same seed under the same variant, and with the student's value of each key both are swept
-/// over (a teacher config that no sweep varies serves every swept student; one varied by a sweep
-/// that leaves the student alone is ambiguous). Only earlier runs count, so a chain runs in the
-/// order of `configs`.
+/// The run of `runs` that the config key `key` (`teacher.run`, `teacher.member_runs[1]`) names
+/// with `reference` for a run of the suite variant `variant`, the sweep values `swept` and
+/// `seed`. `reference` is a label, `LABEL@SEED` for the run of another seed (an ensemble of a
+/// config's seeds). The run is the one whose config is named `LABEL`, trained with that seed
+/// (the student's by default) under the same variant, and with the student's value of each key
+/// both are swept over (a teacher config that no sweep varies serves every swept student; one
+/// varied by a sweep that leaves the student alone is ambiguous). Only earlier runs count, so a
+/// chain runs in the order of `configs`.
 fn teacher_run(
     runs: &[PlannedRun],
-    label: &str,
+    key: &str,
+    reference: &str,
     variant: &str,
     swept: &[SweptValue],
     seed: u64,
 ) -> anyhow::Result<usize> {
+    let (label, seed) = match reference.rsplit_once('@') {
+        None => (reference, seed),
+        Some((label, s)) => match s.parse::<u64>() {
+            Ok(s) => (label, s),
+            Err(_) => {
+                bail!("{key} = {reference:?}: after `@` comes a seed (`baseline@1`), not {s:?}")
+            }
+        },
+    };
     let named: Vec<usize> = (0..runs.len())
         .filter(|&i| runs[i].config.label() == label)
         .collect();
@@ -202,7 +215,7 @@ fn teacher_run(
         let mut labels: Vec<String> = runs.iter().map(|r| r.config.label()).collect();
         labels.dedup();
         bail!(
-            "teacher.run = {label:?}: no earlier run of the suite is named so (a teacher's config comes before its students' in `configs`); earlier configs: {}",
+            "{key} = {reference:?}: no earlier run of the suite is named {label:?} (a teacher's config comes before its students' in `configs`); earlier configs: {}",
             if labels.is_empty() { "none".to_string() } else { labels.join(", ") }
         );
     }
@@ -221,10 +234,10 @@ fn teacher_run(
     match fits.as_slice() {
         [one] => Ok(*one),
         [] => bail!(
-            "teacher.run = {label:?}: the suite has runs of that config, but none with seed {seed}, variant {variant:?} and this run's sweep values"
+            "{key} = {reference:?}: the suite has runs of the config {label:?}, but none with seed {seed}, variant {variant:?} and this run's sweep values (a seed after `@` must be one of the suite's seeds)"
         ),
         many => bail!(
-            "teacher.run = {label:?} is ambiguous: the runs {} all fit (a sweep varies the teacher's config but not this one: list the configs each sweep varies in its `configs`)",
+            "{key} = {reference:?} is ambiguous: the runs {} all fit (a sweep varies the teacher's config but not this one: list the configs each sweep varies in its `configs`)",
             many.iter()
                 .map(|&i| runs[i].dir.display().to_string())
                 .collect::<Vec<_>>()
@@ -317,12 +330,21 @@ impl SuiteFile {
                             })?;
                         }
                         cfg.train.seed = seed;
-                        let mut teacher = None;
-                        if !cfg.teacher.run.is_empty() {
-                            if cfg.method.needs_teacher() {
+                        let mut teachers = Vec::new();
+                        if cfg.method.needs_teacher() {
+                            let named = (!cfg.teacher.run.is_empty())
+                                .then(|| ("teacher.run".to_string(), cfg.teacher.run.clone()));
+                            let members = cfg
+                                .teacher
+                                .member_runs
+                                .iter()
+                                .enumerate()
+                                .map(|(i, r)| (format!("teacher.member_runs[{i}]"), r.clone()));
+                            for (key, reference) in named.into_iter().chain(members) {
                                 let t = teacher_run(
                                     &runs,
-                                    &cfg.teacher.run,
+                                    &key,
+                                    &reference,
                                     &suite_variant.name,
                                     &v.swept,
                                     seed,
@@ -335,11 +357,17 @@ impl SuiteFile {
                                         v.name
                                     )
                                 })?;
-                                cfg.teacher.path = runs[t].dir.display().to_string();
-                                teacher = Some(t);
+                                let dir = runs[t].dir.display().to_string();
+                                if key == "teacher.run" {
+                                    cfg.teacher.path = dir;
+                                } else {
+                                    cfg.teacher.members.push(dir);
+                                }
+                                teachers.push(t);
                             }
-                            cfg.teacher.run.clear();
                         }
+                        cfg.teacher.run.clear();
+                        cfg.teacher.member_runs.clear();
                         cfg.validate().with_context(|| {
                             format!("suite {}, config {}", file.display(), path.display())
                         })?;
@@ -360,7 +388,7 @@ impl SuiteFile {
                             config: cfg,
                             dir,
                             suite_variant: suite_variant.name.clone(),
-                            teacher,
+                            teachers,
                         });
                     }
                 }
@@ -439,12 +467,20 @@ pub fn run_planned(
     for (i, r) in runs.iter().enumerate() {
         let st = state(&r.dir);
         if dry_run {
-            let taught = match r.teacher {
-                Some(t) => format!(
-                    "  (taught by {}, seed {})",
-                    runs[t].info.label, runs[t].info.seed
-                ),
-                None => String::new(),
+            let taught = if r.teachers.is_empty() {
+                String::new()
+            } else {
+                let names: Vec<String> = r
+                    .teachers
+                    .iter()
+                    .map(|&t| {
+                        runs[t]
+                            .dir
+                            .file_name()
+                            .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
+                    })
+                    .collect();
+                format!("  (taught by {})", names.join(" + "))
             };
             println!(
                 "{:>3}. {:<40} {:?}  {}{taught}",
@@ -455,8 +491,8 @@ pub fn run_planned(
             );
             continue;
         }
-        if let Some(t) = r.teacher {
-            // Runs go in order, so the teacher finished unless its folder was changed since.
+        for &t in &r.teachers {
+            // Runs go in order, so a teacher finished unless its folder was changed since.
             if st != RunState::Done && !experiment::is_finished(&runs[t].dir) {
                 bail!(
                     "suite {name}: {} is taught by the run {}, which has not finished",
@@ -465,7 +501,6 @@ pub fn run_planned(
                 );
             }
         }
-        bar.set_message(format!("{} (seed {})", r.info.label, r.info.seed));
         match st {
             RunState::Done => tracing::info!("{}: finished already, skipped", r.dir.display()),
             RunState::Resume => {
@@ -631,22 +666,22 @@ mod tests {
                 ("born2-sub", 1, "out/born1-sub-s1"),
             ]
         );
-        let teachers: Vec<Option<usize>> = runs.iter().map(|r| r.teacher).collect();
+        let teachers: Vec<&[usize]> = runs.iter().map(|r| r.teachers.as_slice()).collect();
         assert_eq!(
             teachers,
             [
-                None,
-                None,
-                None,
-                None,
-                Some(0),
-                Some(1),
-                Some(2),
-                Some(3),
-                Some(4),
-                Some(5),
-                Some(6),
-                Some(7)
+                &[][..],
+                &[],
+                &[],
+                &[],
+                &[0],
+                &[1],
+                &[2],
+                &[3],
+                &[4],
+                &[5],
+                &[6],
+                &[7]
             ]
         );
         assert!(runs.iter().all(|r| r.config.teacher.run.is_empty()));
@@ -668,7 +703,7 @@ mod tests {
         assert_eq!(runs.len(), 3);
         assert!(runs[1..]
             .iter()
-            .all(|r| r.config.teacher.path == "out/baseline-s0" && r.teacher == Some(0)));
+            .all(|r| r.config.teacher.path == "out/baseline-s0" && r.teachers == [0]));
         // A sweep of teacher and student alike pairs equal values.
         let runs = plan_chain(
             "name = \"t\"\nconfigs = [\"baseline.toml\", \"born1.toml\", \"born2.toml\"]\n\
@@ -733,9 +768,52 @@ mod tests {
             "name = \"t\"\nset = [\"teacher.run=baseline\"]\nconfigs = [\"baseline.toml\", \"born1.toml\"]\n",
         )
         .unwrap();
-        assert_eq!(runs[0].teacher, None);
+        assert!(runs[0].teachers.is_empty());
         assert_eq!(runs[0].config.teacher.run, "");
-        assert_eq!(runs[1].teacher, Some(0));
+        assert_eq!(runs[1].teachers, [0]);
+    }
+
+    /// An ensemble of a config's seeds teaches every seed of the student: `run = "baseline@0"`
+    /// and `member_runs = ["baseline@1", "baseline@2"]` resolve to those runs' folders; a seed
+    /// the suite does not run, or a seed that is not a number, is refused by key.
+    #[test]
+    fn member_runs_make_an_ensemble_of_seeds() {
+        let ens = |run: &str, members: &str| {
+            let (dir, file) = suite_dir(
+                "name = \"t\"\nseeds = [0, 1, 2]\nconfigs = [\"baseline.toml\", \"ens.toml\"]\n",
+            );
+            std::fs::write(
+                dir.path().join("ens.toml"),
+                format!("name = \"ens\"\n[teacher]\nrun = \"{run}\"\nmember_runs = {members}\n[method]\nname = \"kd\"\n"),
+            )
+            .unwrap();
+            let runs = SuiteFile::from_file(&file)?.plan(&file, &[], Path::new("out"));
+            drop(dir);
+            runs
+        };
+        let runs = ens("baseline@0", "[\"baseline@1\", \"baseline@2\"]").unwrap();
+        for r in &runs[3..] {
+            assert_eq!(r.config.teacher.path, "out/baseline-s0");
+            assert_eq!(
+                r.config.teacher.members,
+                ["out/baseline-s1", "out/baseline-s2"]
+            );
+            assert_eq!(r.teachers, [0, 1, 2]);
+            assert!(r.config.teacher.member_runs.is_empty());
+        }
+        // Without `@`, a member is the student's own seed: here the same run twice.
+        let runs = ens("baseline", "[\"baseline\"]").unwrap();
+        assert_eq!(runs[4].teachers, [1, 1]);
+        let e = format!("{:#}", ens("baseline@0", "[\"baseline@7\"]").unwrap_err());
+        assert!(
+            e.contains("teacher.member_runs[0] = \"baseline@7\"") && e.contains("seed 7"),
+            "{e}"
+        );
+        let e = format!("{:#}", ens("baseline@first", "[]").unwrap_err());
+        assert!(
+            e.contains("teacher.run = \"baseline@first\"") && e.contains("after `@` comes a seed"),
+            "{e}"
+        );
     }
 
     /// A swept path names its runs with a folder-safe name, and is set as it is.

@@ -150,6 +150,7 @@ impl TrainArgs {
             cfg.teacher.path = first.display().to_string();
             cfg.teacher.members = rest.iter().map(|p| p.display().to_string()).collect();
             cfg.teacher.run.clear();
+            cfg.teacher.member_runs.clear();
         }
         if let Some(name) = &self.method {
             cfg.method = MethodConfig::preset(name).expect("clap checked the name");
