@@ -400,34 +400,54 @@ fn channels_last_trains_exactly_as_channels_first_on_the_cpu() {
     assert_eq!(first, last);
 }
 
+/// A suite in `dir` over the fixture CIFAR-10 written there: `baseline.toml` and each of
+/// `configs` (file name, then its `name` and tables after the common `[data]`, `[model]` and
+/// `[train]` of width-4 ResNet18s trained 2 epochs), and `suite.toml` with the `suite` text.
+/// Returns the command that runs it into `dir/out` (more arguments may follow).
+fn tiny_suite(
+    dir: &std::path::Path,
+    configs: &[(&str, &str, &str)],
+    suite: &str,
+) -> impl Fn(&[&str]) -> std::process::Output {
+    write_cifar10(dir);
+    let data = dir.display().to_string();
+    let common = format!("[data]\ndataset = \"cifar10\"\ndata_dir = {data:?}\nbatch_size = 50\n\n[model]\nwidth = 4\nstem = \"cifar-maxpool\"\n\n[train]\nepochs = 2\nlr = 0.02\nwarmup_epochs = 0\n");
+    for (file, name, tables) in [("baseline.toml", "baseline", "")].iter().chain(configs) {
+        std::fs::write(
+            dir.join(file),
+            format!("name = \"{name}\"\n{common}\n{tables}"),
+        )
+        .unwrap();
+    }
+    std::fs::write(dir.join("suite.toml"), suite).unwrap();
+    let (file, out) = (dir.join("suite.toml"), dir.join("out"));
+    move |extra: &[&str]| {
+        kd().arg("suite")
+            .arg(&file)
+            .arg("--out")
+            .arg(&out)
+            .args(extra)
+            .output()
+            .unwrap()
+    }
+}
+
 /// A tiny suite (two methods × two seeds) → report: table, CSV and plots with the right rows;
 /// rerunning skips finished runs and resumes an unfinished one from its checkpoint.
 #[test]
 fn suite_then_report_end_to_end() {
     let tmp = tempfile::tempdir().unwrap();
-    write_cifar10(tmp.path());
-    let data = tmp.path().display().to_string();
-    let common = format!("[data]\ndataset = \"cifar10\"\ndata_dir = {data:?}\nbatch_size = 50\n\n[model]\nwidth = 4\nstem = \"cifar-maxpool\"\n\n[train]\nepochs = 2\nlr = 0.02\nwarmup_epochs = 0\n");
-    std::fs::write(
-        tmp.path().join("baseline.toml"),
-        format!("name = \"baseline\"\n{common}"),
-    )
-    .unwrap();
-    std::fs::write(tmp.path().join("byot.toml"), format!("name = \"self-byot\"\n{common}\n[method]\nname = \"byot\"\nalpha = 0.3\ntemperature = 3.0\nhint_weight = 0.03\n")).unwrap();
-    std::fs::write(
-        tmp.path().join("suite.toml"),
+    let run_suite = tiny_suite(
+        tmp.path(),
+        &[(
+            "byot.toml",
+            "self-byot",
+            "[method]\nname = \"byot\"\nalpha = 0.3\ntemperature = 3.0\nhint_weight = 0.03\n",
+        )],
         "name = \"tiny\"\nseeds = [0, 1]\nconfigs = [\"baseline.toml\", \"byot.toml\"]\n",
-    )
-    .unwrap();
+    );
     let out_dir = tmp.path().join("out");
-    let suite = || {
-        kd().arg("suite")
-            .arg(tmp.path().join("suite.toml"))
-            .arg("--out")
-            .arg(&out_dir)
-            .output()
-            .unwrap()
-    };
+    let suite = || run_suite(&[]);
     let out = suite();
     succeeded(&out);
     let md = std::fs::read_to_string(out_dir.join("report.md")).unwrap();
@@ -557,32 +577,17 @@ fn suite_then_report_end_to_end() {
 #[test]
 fn suite_chains_a_run_as_the_next_ones_teacher() {
     let tmp = tempfile::tempdir().unwrap();
-    write_cifar10(tmp.path());
-    let data = tmp.path().display().to_string();
-    let common = format!("[data]\ndataset = \"cifar10\"\ndata_dir = {data:?}\nbatch_size = 50\n\n[model]\nwidth = 4\nstem = \"cifar-maxpool\"\n\n[train]\nepochs = 2\nlr = 0.02\nwarmup_epochs = 0\n");
-    std::fs::write(
-        tmp.path().join("baseline.toml"),
-        format!("name = \"baseline\"\n{common}"),
-    )
-    .unwrap();
-    let ban1 = tmp.path().join("ban1.toml");
-    std::fs::write(&ban1, format!("name = \"ban1\"\n{common}\n[method]\nname = \"kd\"\nalpha = 1.0\ntemperature = 1.0\n\n[teacher]\nrun = \"baseline\"\n")).unwrap();
-    let suite_file = tmp.path().join("suite.toml");
-    std::fs::write(
-        &suite_file,
+    let suite = tiny_suite(
+        tmp.path(),
+        &[(
+            "ban1.toml",
+            "ban1",
+            "[method]\nname = \"kd\"\nalpha = 1.0\ntemperature = 1.0\n\n[teacher]\nrun = \"baseline\"\n",
+        )],
         "name = \"tiny\"\nconfigs = [\"baseline.toml\", \"ban1.toml\"]\n",
-    )
-    .unwrap();
+    );
+    let ban1 = tmp.path().join("ban1.toml");
     let out_dir = tmp.path().join("out");
-    let suite = |extra: &[&str]| {
-        kd().arg("suite")
-            .arg(&suite_file)
-            .arg("--out")
-            .arg(&out_dir)
-            .args(extra)
-            .output()
-            .unwrap()
-    };
     let plan = succeeded(&suite(&["--dry-run"]));
     assert!(plan.contains("(taught by baseline-s0)"), "{plan}");
     succeeded(&suite(&[]));
