@@ -8,7 +8,8 @@ binary files and normalised by each model's sidecar (`model.json`). Prints top-1
 expected calibration error (15 equal-width bins (k/15, (k+1)/15] of the top-1 confidence, |accuracy
 − mean confidence| weighted by the bin's share: Guo et al. 2017), and with --against the top-1
 agreement and the mean KL(B ‖ A) at temperature 1, and with --ensemble-with the top-1, top-5
-and NLL of the ensemble of A and the others (their softmax averaged, in float64).
+and NLL of the ensemble of A and the others (their softmax averaged, in float64), and the top-1
+and NLL of their mean logits (the ensemble teacher of kd's `teacher.members`).
 
   python3 tools/cpu/torch_eval_check.py --data data/cifar10 --weights runs/s1 --against runs/t
   kd-runner eval --data-dir data --weights runs/s1 --against runs/t
@@ -93,12 +94,19 @@ def main():
               f"top-1 agreement {agree:.2f}%, KL(it ‖ evaluated) {kl:.4f} nats")
     if a.ensemble_with:
         probs = F.softmax(s, 1)
+        logit_sum = s.clone()
         for path in a.ensemble_with:
             other, ometa = load_model(path)
             t = logits_of(other, ometa, x)
             print(f"with {path}: top-1 {100 * (t.argmax(1) == y).double().mean().item():.2f}%")
             probs = probs + F.softmax(t, 1)
+            logit_sum = logit_sum + t
         probs = probs / (1 + len(a.ensemble_with))
+        # kd's ensemble teacher (`teacher.members`) averages logits instead.
+        mean_logits = logit_sum / (1 + len(a.ensemble_with))
+        m1 = 100 * (mean_logits.argmax(1) == y).double().mean().item()
+        print(f"ensemble of {1 + len(a.ensemble_with)} models (logits averaged, kd's ensemble teacher): "
+              f"top-1 {m1:.2f}%  NLL {F.cross_entropy(mean_logits, y).item():.4f}")
         e1 = 100 * (probs.argmax(1) == y).double().mean().item()
         e5 = 100 * (probs.topk(5, 1).indices == y[:, None]).any(1).double().mean().item()
         nll = -probs.gather(1, y[:, None]).log().mean().item()
