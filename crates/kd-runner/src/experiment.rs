@@ -39,6 +39,9 @@ pub struct RunInfo {
     /// The values a suite's sweeps gave this run, in the sweeps' order (none outside a sweep).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub swept: Vec<SweptValue>,
+    /// Who taught it ([`describe_teacher`]; empty without a teacher).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub teacher: String,
 }
 
 /// One sweep's value in a run.
@@ -63,6 +66,46 @@ pub fn is_finished(dir: &Path) -> bool {
 /// Whether `dir` holds a run that can be resumed from a checkpoint.
 pub fn is_resumable(dir: &Path) -> bool {
     dir.join("checkpoint.latest").is_file() && dir.join(CONFIG_FILE).is_file()
+}
+
+/// Names the teacher made of the (already loaded, so existing) networks at `paths` for a run of
+/// `seed`, as the report shows it: a network from a run folder (the folder, or its
+/// `model.safetensors`) by that run's label, with `@seed` when the seed differs from the
+/// student's or the teacher is an ensemble; any other by its architecture (and width when not
+/// 64), from its sidecar. An ensemble's names are joined by ` + `.
+pub fn describe_teacher(paths: &[&Path], seed: u64) -> String {
+    let ensemble = paths.len() > 1;
+    paths
+        .iter()
+        .map(|&path| {
+            let folder = if path.is_dir() {
+                Some(path)
+            } else {
+                path.parent().filter(|d| !d.as_os_str().is_empty())
+            };
+            let run = folder
+                .and_then(|d| std::fs::read_to_string(d.join("run.json")).ok())
+                .and_then(|t| serde_json::from_str::<RunInfo>(&t).ok());
+            match run {
+                Some(r) if !ensemble && r.seed == seed => r.label,
+                Some(r) => format!("{}@{}", r.label, r.seed),
+                None => crate::commands::weights_file(path)
+                    .ok()
+                    .and_then(|w| TeacherMeta::load(&w).ok())
+                    .map_or_else(
+                        || path.display().to_string(),
+                        |m| {
+                            if m.base_width == 64 {
+                                m.arch.name().to_string()
+                            } else {
+                                format!("{} w{}", m.arch.name(), m.base_width)
+                            }
+                        },
+                    ),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" + ")
 }
 
 /// The teacher at `path` (a weights file or a run folder), named by its config `key` in errors,
@@ -158,6 +201,7 @@ pub fn run(
         },
         device.clone(),
     )?;
+    let mut taught_by = String::new();
     let teacher = if cfg.teacher.path.is_empty() || !cfg.method.needs_teacher() {
         None
     } else {
@@ -182,6 +226,13 @@ pub fn run(
         } else {
             Teacher::ensemble(members)?
         };
+        taught_by = describe_teacher(
+            &std::iter::once(&cfg.teacher.path)
+                .chain(&cfg.teacher.members)
+                .map(Path::new)
+                .collect::<Vec<_>>(),
+            cfg.train.seed,
+        );
         t.set_compute_dtype(cfg.train.precision.activation_dtype())?;
         t.set_memory_format(cfg.train.memory_format)?;
         Some(t)
@@ -213,6 +264,7 @@ pub fn run(
         train_images: n_train,
         test_images: n_test,
         device: format!("{device:?}"),
+        teacher: taught_by,
         ..info.clone()
     };
     kd_models::write_atomic(&run_dir.join(CONFIG_FILE), cfg.to_toml().as_bytes())

@@ -481,7 +481,8 @@ fn suite_then_report_end_to_end() {
     // The paired test against the baseline's runs of the same seeds: two pairs at most (none
     // if the two differences happen to be equal).
     assert!(
-        md.contains("same seeds (p)") && lines[0].ends_with("paired_t,paired_p,gpu_peak_mib,swept")
+        md.contains("same seeds (p)")
+            && lines[0].ends_with("paired_t,paired_p,gpu_peak_mib,swept,teacher")
     );
     assert_eq!(cells.len(), header.len(), "{csv}");
     // CPU runs: no GPU memory, and no memory column in the Markdown table.
@@ -573,18 +574,26 @@ fn suite_then_report_end_to_end() {
 /// A born-again chain in a suite: `ban1` names the suite's `baseline` run as its teacher
 /// (`teacher.run`). The suite trains the baseline first, points ban1's teacher at its folder,
 /// and ban1 trains exactly as `kd-runner train --teacher` with that folder does; outside a
-/// suite the unresolved name is refused.
+/// suite the unresolved name is refused. `ens` learns from both (`teacher.member_runs`), and the
+/// report names each row's teacher.
 #[test]
 fn suite_chains_a_run_as_the_next_ones_teacher() {
     let tmp = tempfile::tempdir().unwrap();
     let suite = tiny_suite(
         tmp.path(),
-        &[(
-            "ban1.toml",
-            "ban1",
-            "[method]\nname = \"kd\"\nalpha = 1.0\ntemperature = 1.0\n\n[teacher]\nrun = \"baseline\"\n",
-        )],
-        "name = \"tiny\"\nconfigs = [\"baseline.toml\", \"ban1.toml\"]\n",
+        &[
+            (
+                "ban1.toml",
+                "ban1",
+                "[method]\nname = \"kd\"\nalpha = 1.0\ntemperature = 1.0\n\n[teacher]\nrun = \"baseline\"\n",
+            ),
+            (
+                "ens.toml",
+                "ens",
+                "[method]\nname = \"kd\"\n\n[teacher]\nrun = \"baseline\"\nmember_runs = [\"ban1\"]\n",
+            ),
+        ],
+        "name = \"tiny\"\nconfigs = [\"baseline.toml\", \"ban1.toml\", \"ens.toml\"]\n",
     );
     let ban1 = tmp.path().join("ban1.toml");
     let out_dir = tmp.path().join("out");
@@ -642,6 +651,23 @@ fn suite_chains_a_run_as_the_next_ones_teacher() {
     assert!(lines[2].starts_with("ban1,kd,"), "{csv}");
     let agreement: f64 = ban1_row[col].parse().unwrap();
     assert!((0.0..=100.0).contains(&agreement), "{csv}");
+    // Who taught whom: in each run.json, the last column of report.csv and the report's table.
+    let taught = |run: &str| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(out_dir.join(run).join("run.json")).unwrap())
+            .unwrap()
+    };
+    assert!(taught("baseline-s0").get("teacher").is_none());
+    assert_eq!(taught("ban1-s0")["teacher"], "baseline");
+    assert_eq!(taught("ens-s0")["teacher"], "baseline@0 + ban1@0");
+    assert!(
+        lines[2].ends_with(",baseline") && lines[3].ends_with(",baseline@0 + ban1@0"),
+        "{csv}"
+    );
+    let md = std::fs::read_to_string(out_dir.join("report.md")).unwrap();
+    assert!(
+        md.contains("| ens | ") && md.contains(" | baseline@0 + ban1@0 | "),
+        "{md}"
+    );
 }
 
 #[test]
@@ -864,6 +890,9 @@ fn two_teachers_teach_as_an_ensemble() {
         a.macs(32, 32) + b.macs(32, 32)
     );
     assert!(summary["teacher_top1"].as_f64().is_some(), "{summary}");
+    let info: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("run.json")).unwrap()).unwrap();
+    assert_eq!(info["teacher"], "resnet18 w4 + resnet50 w4");
     for (method, second, expected) in [
         (
             "kd",

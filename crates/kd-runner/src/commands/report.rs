@@ -45,6 +45,8 @@ pub struct RunRecord {
     pub seed: Option<u64>,
     /// The values a suite's sweeps gave it (`run.json`), in the sweeps' order.
     pub swept: Vec<crate::experiment::SweptValue>,
+    /// Who taught it (`run.json`; empty without a teacher or in runs of older kd).
+    pub teacher: String,
 }
 
 /// One row of the table: the runs of one label.
@@ -103,6 +105,9 @@ pub struct Row {
     pub calibration: Option<Calibration>,
     /// The values a suite's sweeps gave its runs, in the sweeps' order (none outside a sweep).
     pub swept: Vec<crate::experiment::SweptValue>,
+    /// Who taught its runs: one name when they agree, else each distinct one joined by `, `
+    /// (empty without a teacher).
+    pub teacher: String,
 }
 
 /// A row's last-epoch calibration and fidelity, mean and std over the runs that recorded each
@@ -321,6 +326,7 @@ fn read_run(dir: &Path) -> anyhow::Result<RunRecord> {
         test_images: info.test_images,
         seed,
         swept: info.swept,
+        teacher: info.teacher,
     })
 }
 
@@ -420,6 +426,15 @@ pub fn table(runs: &[RunRecord]) -> Report {
                     .reduce(f64::max),
                 calibration: pooled_calibration(&g),
                 swept: first.swept.clone(),
+                teacher: {
+                    let mut names: Vec<&str> = Vec::new();
+                    for r in &g {
+                        if !r.teacher.is_empty() && !names.contains(&r.teacher.as_str()) {
+                            names.push(&r.teacher);
+                        }
+                    }
+                    names.join(", ")
+                },
             }
         })
         .collect();
@@ -544,6 +559,15 @@ fn p_value(p: f64) -> String {
 }
 
 /// `mean,std` CSV cells of a figure some runs may lack (two empty cells where none has it).
+/// A free-text CSV cell: quoted (quotes doubled) when it holds a comma, a quote or a line break.
+fn csv_text(v: &str) -> String {
+    if v.contains([',', '"', '\n']) {
+        format!("\"{}\"", v.replace('"', "\"\""))
+    } else {
+        v.to_string()
+    }
+}
+
 fn csv_pair(v: Option<Spread>, digits: usize) -> String {
     v.map_or_else(
         || ",".into(),
@@ -629,14 +653,19 @@ impl Report {
         }
         s += &self.sweep_grids();
         if self.rows.iter().any(|r| r.last_eval.ece.is_some()) {
-            s += "\nCalibration and fidelity to the teacher on the test split, last epoch (NLL and KL in nats):\n\n| method | test NLL | ECE (%) | teacher top-1 (%) | agreement with teacher (%) | KL(teacher ‖ student) |\n|---|---|---|---|---|---|\n";
+            s += "\nCalibration and fidelity to the teacher on the test split, last epoch (NLL and KL in nats); the teacher by its run's label (`@seed` when not the student's own, `+` between an ensemble's members) or its architecture:\n\n| method | test NLL | ECE (%) | teacher | teacher top-1 (%) | agreement with teacher (%) | KL(teacher ‖ student) |\n|---|---|---|---|---|---|---|\n";
             for r in &self.rows {
                 let e = &r.last_eval;
                 s += &format!(
-                    "| {} | {} | {} | {} | {} | {} |\n",
+                    "| {} | {} | {} | {} | {} | {} | {} |\n",
                     r.label,
                     pm_opt(e.nll, 4),
                     pm_opt(e.ece, 2),
+                    if r.teacher.is_empty() {
+                        "–"
+                    } else {
+                        &r.teacher
+                    },
                     pm_opt(e.teacher_top1, 2),
                     pm_opt(e.agreement, 2),
                     pm_opt(e.kl, 4)
@@ -766,10 +795,10 @@ impl Report {
 
     /// The CSV table.
     pub fn csv(&self) -> String {
-        let mut s = String::from("label,method,variant,runs,epochs,init_epochs,test_images,trainable_params,deploy_params,teacher_params,deploy_macs,teacher_macs,train_seconds,teacher_seconds,init_seconds,best_top1_mean,best_top1_std,last_top1_mean,last_top1_std,test_nll_mean,test_nll_std,ece_mean,ece_std,teacher_top1_mean,teacher_agreement_mean,teacher_agreement_std,teacher_kl_mean,teacher_kl_std,head_top1_means,head_ensemble_top1_mean,head_ensemble_top1_std,cohort_ensemble_top1_mean,cohort_ensemble_top1_std,delta_best,paired_seeds,paired_delta_last,paired_t,paired_p,gpu_peak_mib,swept\n");
+        let mut s = String::from("label,method,variant,runs,epochs,init_epochs,test_images,trainable_params,deploy_params,teacher_params,deploy_macs,teacher_macs,train_seconds,teacher_seconds,init_seconds,best_top1_mean,best_top1_std,last_top1_mean,last_top1_std,test_nll_mean,test_nll_std,ece_mean,ece_std,teacher_top1_mean,teacher_agreement_mean,teacher_agreement_std,teacher_kl_mean,teacher_kl_std,head_top1_means,head_ensemble_top1_mean,head_ensemble_top1_std,cohort_ensemble_top1_mean,cohort_ensemble_top1_std,delta_best,paired_seeds,paired_delta_last,paired_t,paired_p,gpu_peak_mib,swept,teacher\n");
         for r in &self.rows {
             s += &format!(
-                "{},{},{},{},{},{},{},{},{},{},{},{},{:.3},{:.3},{:.3},{:.4},{:.4},{:.4},{:.4},{},{},{},{},{},{},{},{},{},{},{},{}\n",
+                "{},{},{},{},{},{},{},{},{},{},{},{},{:.3},{:.3},{:.3},{:.4},{:.4},{:.4},{:.4},{},{},{},{},{},{},{},{},{},{},{},{},{}\n",
                 r.label,
                 r.method,
                 r.variant,
@@ -819,7 +848,8 @@ impl Report {
                     .filter(|v| !v.value.contains([',', ' ', '"']))
                     .map(|v| format!("{}={}", v.key, v.value))
                     .collect::<Vec<_>>()
-                    .join(" ")
+                    .join(" "),
+                csv_text(&r.teacher)
             );
         }
         s
@@ -1346,6 +1376,7 @@ mod tests {
             init_epochs: 0,
             seed,
             swept: Vec::new(),
+            teacher: String::new(),
         }
     }
 
@@ -1559,6 +1590,7 @@ mod tests {
             r.summary.teacher_top1 = Some(60.0);
             r.summary.last_teacher_agreement = Some(agreement);
             r.summary.last_teacher_kl = Some(0.25);
+            r.teacher = "resnet50".into();
             r
         };
         let report = table(&[
@@ -1570,15 +1602,33 @@ mod tests {
         assert!(md.contains("Calibration and fidelity"), "{md}");
         // Mean ± sample std over the two seeds; runs without a figure show "–".
         assert!(
-            md.contains("| kd | – | 4.00 ± 1.41 | 60.00 ± 0.00 | 71.00 ± 1.41 | 0.2500 ± 0.0000 |"),
+            md.contains(
+                "| kd | – | 4.00 ± 1.41 | resnet50 | 60.00 ± 0.00 | 71.00 ± 1.41 | 0.2500 ± 0.0000 |"
+            ),
             "{md}"
         );
-        assert!(md.contains("| baseline | – | – | – | – | – |"), "{md}");
+        assert!(md.contains("| baseline | – | – | – | – | – | – |"), "{md}");
         let csv = report.csv();
         let kd_line = csv.lines().find(|l| l.starts_with("kd,")).unwrap();
         assert!(
             kd_line.contains(",,,4.0000,1.4142,60.0000,71.0000,1.4142,0.250000,0.000000,"),
             "{kd_line}"
+        );
+        assert!(kd_line.ends_with(",resnet50"), "{kd_line}");
+        // A row whose runs had different teachers names each, once, in a quoted CSV cell.
+        let mut other = with(2, 4.0, 71.0);
+        other.teacher = "baseline@2".into();
+        let mixed = table(&[with(0, 3.0, 70.0), with(1, 5.0, 72.0), other]);
+        assert_eq!(mixed.rows[0].teacher, "resnet50, baseline@2");
+        assert!(
+            mixed
+                .csv()
+                .lines()
+                .nth(1)
+                .unwrap()
+                .ends_with(",\"resnet50, baseline@2\""),
+            "{}",
+            mixed.csv()
         );
         // Runs that recorded none of it (older kd): no such table.
         let plain = table(&[run("baseline", "none", Some(0), 50.0)]).markdown();
@@ -1646,7 +1696,7 @@ mod tests {
         let csv = report.csv();
         let kd_line = csv.lines().find(|l| l.starts_with("kd,")).unwrap();
         assert!(
-            kd_line.ends_with(",2,1.2500,5.0000,0.125666,,"),
+            kd_line.ends_with(",2,1.2500,5.0000,0.125666,,,"),
             "{kd_line}"
         );
     }
@@ -1754,7 +1804,7 @@ mod tests {
         assert!(row("| baseline |").ends_with("| – |"), "{md}");
         let csv = report.csv();
         let line = |l: &str| csv.lines().find(|x| x.starts_with(l)).unwrap().to_string();
-        assert!(line("kd,").ends_with(",2047.6,"), "{csv}");
-        assert!(line("baseline,").ends_with(",,"), "{csv}");
+        assert!(line("kd,").ends_with(",2047.6,,"), "{csv}");
+        assert!(line("baseline,").ends_with(",,,"), "{csv}");
     }
 }
