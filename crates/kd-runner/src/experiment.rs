@@ -39,9 +39,35 @@ pub struct RunInfo {
     /// The values a suite's sweeps gave this run, in the sweeps' order (none outside a sweep).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub swept: Vec<SweptValue>,
-    /// Who taught it ([`describe_teacher`]; empty without a teacher).
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub teacher: String,
+    /// Who taught it, one name per network of the teacher ([`describe_teacher`]; empty without
+    /// a teacher).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub teacher: Vec<TeacherName>,
+}
+
+/// One network of a run's teacher, as the report names it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TeacherName {
+    /// The label of the run that trained it, else its architecture (`resnet50`, `resnet18 w16`).
+    pub label: String,
+    /// That run's seed (none for a network no run of kd made).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+}
+
+impl TeacherName {
+    /// The names of a teacher for a student of `seed`: each network's label, with `@seed` where
+    /// its run's seed is not the student's, joined by ` + `.
+    pub fn render(names: &[TeacherName], seed: Option<u64>) -> String {
+        names
+            .iter()
+            .map(|n| match n.seed {
+                Some(s) if Some(s) != seed => format!("{}@{s}", n.label),
+                _ => n.label.clone(),
+            })
+            .collect::<Vec<_>>()
+            .join(" + ")
+    }
 }
 
 /// One sweep's value in a run.
@@ -68,13 +94,10 @@ pub fn is_resumable(dir: &Path) -> bool {
     dir.join("checkpoint.latest").is_file() && dir.join(CONFIG_FILE).is_file()
 }
 
-/// Names the teacher made of the (already loaded, so existing) networks at `paths` for a run of
-/// `seed`, as the report shows it: a network from a run folder (the folder, or its
-/// `model.safetensors`) by that run's label, with `@seed` when the seed differs from the
-/// student's or the teacher is an ensemble; any other by its architecture (and width when not
-/// 64), from its sidecar. An ensemble's names are joined by ` + `.
-pub fn describe_teacher(paths: &[&Path], seed: u64) -> String {
-    let ensemble = paths.len() > 1;
+/// Names each network at `paths` (already loaded, so existing) as the report shows a teacher: a
+/// network from a run folder (the folder, or its `model.safetensors`) by that run's label and
+/// seed; any other by its architecture (and width when not 64), from its sidecar.
+pub fn describe_teacher(paths: &[&Path]) -> Vec<TeacherName> {
     paths
         .iter()
         .map(|&path| {
@@ -87,25 +110,29 @@ pub fn describe_teacher(paths: &[&Path], seed: u64) -> String {
                 .and_then(|d| std::fs::read_to_string(d.join("run.json")).ok())
                 .and_then(|t| serde_json::from_str::<RunInfo>(&t).ok());
             match run {
-                Some(r) if !ensemble && r.seed == seed => r.label,
-                Some(r) => format!("{}@{}", r.label, r.seed),
-                None => crate::commands::weights_file(path)
-                    .ok()
-                    .and_then(|w| TeacherMeta::load(&w).ok())
-                    .map_or_else(
-                        || path.display().to_string(),
-                        |m| {
-                            if m.base_width == 64 {
-                                m.arch.name().to_string()
-                            } else {
-                                format!("{} w{}", m.arch.name(), m.base_width)
-                            }
-                        },
-                    ),
+                Some(r) => TeacherName {
+                    label: r.label,
+                    seed: Some(r.seed),
+                },
+                None => TeacherName {
+                    label: crate::commands::weights_file(path)
+                        .ok()
+                        .and_then(|w| TeacherMeta::load(&w).ok())
+                        .map_or_else(
+                            || path.display().to_string(),
+                            |m| {
+                                if m.base_width == 64 {
+                                    m.arch.name().to_string()
+                                } else {
+                                    format!("{} w{}", m.arch.name(), m.base_width)
+                                }
+                            },
+                        ),
+                    seed: None,
+                },
             }
         })
-        .collect::<Vec<_>>()
-        .join(" + ")
+        .collect()
 }
 
 /// The teacher at `path` (a weights file or a run folder), named by its config `key` in errors,
@@ -201,7 +228,7 @@ pub fn run(
         },
         device.clone(),
     )?;
-    let mut taught_by = String::new();
+    let mut taught_by = Vec::new();
     let teacher = if cfg.teacher.path.is_empty() || !cfg.method.needs_teacher() {
         None
     } else {
@@ -231,7 +258,6 @@ pub fn run(
                 .chain(&cfg.teacher.members)
                 .map(Path::new)
                 .collect::<Vec<_>>(),
-            cfg.train.seed,
         );
         t.set_compute_dtype(cfg.train.precision.activation_dtype())?;
         t.set_memory_format(cfg.train.memory_format)?;

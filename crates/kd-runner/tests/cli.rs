@@ -657,15 +657,21 @@ fn suite_chains_a_run_as_the_next_ones_teacher() {
             .unwrap()
     };
     assert!(taught("baseline-s0").get("teacher").is_none());
-    assert_eq!(taught("ban1-s0")["teacher"], "baseline");
-    assert_eq!(taught("ens-s0")["teacher"], "baseline@0 + ban1@0");
+    assert_eq!(
+        taught("ban1-s0")["teacher"],
+        serde_json::json!([{"label": "baseline", "seed": 0}])
+    );
+    assert_eq!(
+        taught("ens-s0")["teacher"],
+        serde_json::json!([{"label": "baseline", "seed": 0}, {"label": "ban1", "seed": 0}])
+    );
     assert!(
-        lines[2].ends_with(",baseline") && lines[3].ends_with(",baseline@0 + ban1@0"),
+        lines[2].ends_with(",baseline") && lines[3].ends_with(",baseline + ban1"),
         "{csv}"
     );
     let md = std::fs::read_to_string(out_dir.join("report.md")).unwrap();
     assert!(
-        md.contains("| ens | ") && md.contains(" | baseline@0 + ban1@0 | "),
+        md.contains("| ens | ") && md.contains(" | baseline + ban1 | "),
         "{md}"
     );
 }
@@ -892,7 +898,10 @@ fn two_teachers_teach_as_an_ensemble() {
     assert!(summary["teacher_top1"].as_f64().is_some(), "{summary}");
     let info: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("run.json")).unwrap()).unwrap();
-    assert_eq!(info["teacher"], "resnet18 w4 + resnet50 w4");
+    assert_eq!(
+        info["teacher"],
+        serde_json::json!([{"label": "resnet18 w4"}, {"label": "resnet50 w4"}])
+    );
     for (method, second, expected) in [
         (
             "kd",

@@ -46,7 +46,7 @@ pub struct RunRecord {
     /// The values a suite's sweeps gave it (`run.json`), in the sweeps' order.
     pub swept: Vec<crate::experiment::SweptValue>,
     /// Who taught it (`run.json`; empty without a teacher or in runs of older kd).
-    pub teacher: String,
+    pub teacher: Vec<crate::experiment::TeacherName>,
 }
 
 /// One row of the table: the runs of one label.
@@ -105,9 +105,50 @@ pub struct Row {
     pub calibration: Option<Calibration>,
     /// The values a suite's sweeps gave its runs, in the sweeps' order (none outside a sweep).
     pub swept: Vec<crate::experiment::SweptValue>,
-    /// Who taught its runs: one name when they agree, else each distinct one joined by `, `
-    /// (empty without a teacher).
+    /// Who taught its runs ([`row_teacher`]; empty without a teacher).
     pub teacher: String,
+}
+
+/// The teacher of a row's runs, as one name: each network's label, with `@seed` where its
+/// seed is the same in every run and not each run's own (`baseline@0`, one network teaching
+/// every seed) and without where it is each run's own (`baseline`, seed paired with seed);
+/// networks joined by ` + `. Runs taught differently give each distinct name, joined by `, `.
+pub fn row_teacher(runs: &[&RunRecord]) -> String {
+    use crate::experiment::TeacherName;
+    let Some(first) = runs.first() else {
+        return String::new();
+    };
+    let same_labels = runs.iter().all(|r| {
+        r.teacher.len() == first.teacher.len()
+            && r.teacher
+                .iter()
+                .zip(&first.teacher)
+                .all(|(a, b)| a.label == b.label)
+    });
+    if same_labels {
+        return (0..first.teacher.len())
+            .map(|i| {
+                let label = &first.teacher[i].label;
+                let own = runs.iter().all(|r| r.teacher[i].seed == r.seed);
+                let constant = runs
+                    .iter()
+                    .all(|r| r.teacher[i].seed == first.teacher[i].seed);
+                match first.teacher[i].seed {
+                    Some(s) if !own && constant => format!("{label}@{s}"),
+                    _ => label.clone(),
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(" + ");
+    }
+    let mut distinct: Vec<String> = Vec::new();
+    for r in runs {
+        let name = TeacherName::render(&r.teacher, r.seed);
+        if !name.is_empty() && !distinct.contains(&name) {
+            distinct.push(name);
+        }
+    }
+    distinct.join(", ")
 }
 
 /// A row's last-epoch calibration and fidelity, mean and std over the runs that recorded each
@@ -426,15 +467,7 @@ pub fn table(runs: &[RunRecord]) -> Report {
                     .reduce(f64::max),
                 calibration: pooled_calibration(&g),
                 swept: first.swept.clone(),
-                teacher: {
-                    let mut names: Vec<&str> = Vec::new();
-                    for r in &g {
-                        if !r.teacher.is_empty() && !names.contains(&r.teacher.as_str()) {
-                            names.push(&r.teacher);
-                        }
-                    }
-                    names.join(", ")
-                },
+                teacher: row_teacher(&g),
             }
         })
         .collect();
@@ -653,7 +686,7 @@ impl Report {
         }
         s += &self.sweep_grids();
         if self.rows.iter().any(|r| r.last_eval.ece.is_some()) {
-            s += "\nCalibration and fidelity to the teacher on the test split, last epoch (NLL and KL in nats); the teacher by its run's label (`@seed` when not the student's own, `+` between an ensemble's members) or its architecture:\n\n| method | test NLL | ECE (%) | teacher | teacher top-1 (%) | agreement with teacher (%) | KL(teacher ‖ student) |\n|---|---|---|---|---|---|---|\n";
+            s += "\nCalibration and fidelity to the teacher on the test split, last epoch (NLL and KL in nats); the teacher by its run's label (`@seed` when one run taught every seed, `+` between an ensemble's members) or its architecture:\n\n| method | test NLL | ECE (%) | teacher | teacher top-1 (%) | agreement with teacher (%) | KL(teacher ‖ student) |\n|---|---|---|---|---|---|---|\n";
             for r in &self.rows {
                 let e = &r.last_eval;
                 s += &format!(
@@ -1376,7 +1409,7 @@ mod tests {
             init_epochs: 0,
             seed,
             swept: Vec::new(),
-            teacher: String::new(),
+            teacher: Vec::new(),
         }
     }
 
@@ -1590,7 +1623,10 @@ mod tests {
             r.summary.teacher_top1 = Some(60.0);
             r.summary.last_teacher_agreement = Some(agreement);
             r.summary.last_teacher_kl = Some(0.25);
-            r.teacher = "resnet50".into();
+            r.teacher = vec![crate::experiment::TeacherName {
+                label: "resnet50".into(),
+                seed: None,
+            }];
             r
         };
         let report = table(&[
@@ -1617,22 +1653,66 @@ mod tests {
         assert!(kd_line.ends_with(",resnet50"), "{kd_line}");
         // A row whose runs had different teachers names each, once, in a quoted CSV cell.
         let mut other = with(2, 4.0, 71.0);
-        other.teacher = "baseline@2".into();
+        other.teacher = vec![crate::experiment::TeacherName {
+            label: "baseline".into(),
+            seed: Some(0),
+        }];
         let mixed = table(&[with(0, 3.0, 70.0), with(1, 5.0, 72.0), other]);
-        assert_eq!(mixed.rows[0].teacher, "resnet50, baseline@2");
+        assert_eq!(mixed.rows[0].teacher, "resnet50, baseline@0");
         assert!(
             mixed
                 .csv()
                 .lines()
                 .nth(1)
                 .unwrap()
-                .ends_with(",\"resnet50, baseline@2\""),
+                .ends_with(",\"resnet50, baseline@0\""),
             "{}",
             mixed.csv()
         );
         // Runs that recorded none of it (older kd): no such table.
         let plain = table(&[run("baseline", "none", Some(0), 50.0)]).markdown();
         assert!(!plain.contains("Calibration"), "{plain}");
+    }
+
+    /// A row names its teacher once: a run of each student's own seed without `@`, one network
+    /// that teaches every seed with its seed, an ensemble of seeds member by member.
+    #[test]
+    fn a_rows_teacher_is_named_once_for_its_seeds() {
+        use crate::experiment::TeacherName;
+        let taught = |seed: u64, teachers: &[(&str, Option<u64>)]| {
+            let mut r = run("s", "kd", Some(seed), 50.0);
+            r.teacher = teachers
+                .iter()
+                .map(|(l, s)| TeacherName {
+                    label: (*l).into(),
+                    seed: *s,
+                })
+                .collect();
+            r
+        };
+        let name = |runs: &[RunRecord]| row_teacher(&runs.iter().collect::<Vec<_>>());
+        let seeds = 0..3u64;
+        let ban: Vec<RunRecord> = seeds
+            .clone()
+            .map(|s| taught(s, &[("baseline", Some(s))]))
+            .collect();
+        assert_eq!(name(&ban), "baseline");
+        let one: Vec<RunRecord> = seeds
+            .clone()
+            .map(|s| taught(s, &[("teacher-r50", Some(0))]))
+            .collect();
+        assert_eq!(name(&one), "teacher-r50@0");
+        let members = [
+            ("baseline", Some(0)),
+            ("baseline", Some(1)),
+            ("baseline", Some(2)),
+        ];
+        let ens: Vec<RunRecord> = seeds.map(|s| taught(s, &members)).collect();
+        assert_eq!(name(&ens), "baseline@0 + baseline@1 + baseline@2");
+        assert_eq!(name(&ens[1..2]), "baseline@0 + baseline + baseline@2");
+        let file: Vec<RunRecord> = (0..2).map(|s| taught(s, &[("resnet50", None)])).collect();
+        assert_eq!(name(&file), "resnet50");
+        assert_eq!(name(&[run("b", "none", Some(0), 50.0)]), "");
     }
 
     /// A swept row is set against the baseline of the variant the sweep extended, and an
