@@ -674,6 +674,21 @@ fn suite_chains_a_run_as_the_next_ones_teacher() {
         md.contains("| ens | ") && md.contains(" | baseline + ban1 | "),
         "{md}"
     );
+    // A run.json that does not parse stops the report, named.
+    std::fs::write(out_dir.join("ens-s0/run.json"), "{\"label\": 3}").unwrap();
+    let bad = kd()
+        .arg("report")
+        .arg(&out_dir)
+        .arg("--out")
+        .arg(tmp.path().join("rep"))
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        err.contains("ens-s0/run.json is not a kd run.json"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -336,10 +336,16 @@ fn read_run(dir: &Path) -> anyhow::Result<RunRecord> {
     let folder_seed = name
         .rsplit_once("-s")
         .and_then(|(l, s)| Some((l, s.parse::<u64>().ok()?)));
-    let (info, seed): (RunInfo, Option<u64>) = match std::fs::read_to_string(dir.join("run.json"))
-        .ok()
-        .and_then(|t| serde_json::from_str::<RunInfo>(&t).ok())
-    {
+    // Runs of an early kd have no run.json; one that is there must parse.
+    let rp = dir.join("run.json");
+    let parsed = match std::fs::read_to_string(&rp) {
+        Ok(t) => Some(
+            serde_json::from_str::<RunInfo>(&t)
+                .with_context(|| format!("{} is not a kd run.json", rp.display()))?,
+        ),
+        Err(_) => None,
+    };
+    let (info, seed): (RunInfo, Option<u64>) = match parsed {
         Some(i) => {
             let seed = i.seed;
             (i, Some(seed))
