@@ -910,7 +910,30 @@ fn two_teachers_teach_as_an_ensemble() {
         summary["teacher_macs"].as_u64().unwrap(),
         a.macs(32, 32) + b.macs(32, 32)
     );
-    assert!(summary["teacher_top1"].as_f64().is_some(), "{summary}");
+    // `eval --against` both teachers: the ensemble's agreement and top-1, as the run saw them.
+    let text = succeeded(
+        &kd()
+            .args(["eval", "--data-dir"])
+            .arg(tmp.path())
+            .arg("--weights")
+            .arg(&run)
+            .arg("--against")
+            .arg(&t18)
+            .arg("--against")
+            .arg(&t50)
+            .output()
+            .unwrap(),
+    );
+    let agreement = summary["last_teacher_agreement"].as_f64().unwrap();
+    let teacher_top1 = summary["teacher_top1"].as_f64().unwrap();
+    assert!(
+        text.contains(&format!(
+            "against {} + {} (top-1 {teacher_top1:.2}%",
+            t18.display(),
+            t50.display()
+        )) && text.contains(&format!("top-1 agreement {agreement:.2}%")),
+        "{text}\n{summary}"
+    );
     let info: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("run.json")).unwrap()).unwrap();
     assert_eq!(

@@ -1,6 +1,7 @@
 //! `kd-runner eval`: test accuracy (top-1, top-5, per class), loss, calibration (ECE) and
 //! throughput of saved weights, fed the normalisation stored with them; with `--against`, their
-//! fidelity to another model (a teacher): top-1 agreement and KL(teacher ‖ model); with
+//! fidelity to another model (a teacher, or the ensemble teacher of several): top-1 agreement and
+//! KL(teacher ‖ model); with
 //! `--ensemble-with`, the accuracy of their ensemble with other models (softmax averaged).
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -29,9 +30,10 @@ pub struct EvalArgs {
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Also compare with these weights (a teacher; same forms as --weights): how often the two
-    /// agree on the top-1 class, and KL(these ‖ evaluated) at temperature 1.
+    /// agree on the top-1 class, and KL(these ‖ evaluated) at temperature 1. Repeated: against
+    /// the ensemble teacher of them all (their mean logits, as `--teacher` repeated trains).
     #[arg(long, value_name = "FILE|RUN")]
-    pub against: Option<PathBuf>,
+    pub against: Vec<PathBuf>,
     /// Also evaluate the ensemble of these weights with others (repeatable; same forms as
     /// --weights, each fed its own normalisation): their softmax averaged image by image, as
     /// an online cohort (a run and its `peer1/`) or models of several seeds.
@@ -99,12 +101,22 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
             kd_train::teacher_forward_parts(other, x, &norm, kd_models::ForwardParts::LOGITS)
         })
     };
-    let against = match &args.against {
-        Some(path) => {
+    let against = if args.against.is_empty() {
+        None
+    } else {
+        let mut names = Vec::with_capacity(args.against.len());
+        let mut nets = Vec::with_capacity(args.against.len());
+        for path in &args.against {
             let (file, other) = load_other(path, &loader.device(), meta.num_classes, &weights)?;
-            Some((file, predictions(&other)?))
+            names.push(file.display().to_string());
+            nets.push(other);
         }
-        None => None,
+        let other = if nets.len() == 1 {
+            nets.remove(0)
+        } else {
+            Teacher::ensemble(nets)?
+        };
+        Some((names.join(" + "), predictions(&other)?))
     };
     let mut members = Vec::with_capacity(args.ensemble_with.len());
     for path in &args.ensemble_with {
@@ -143,7 +155,7 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
     if let (Some((file, reference)), Some(f)) = (&against, &report.fidelity) {
         println!(
             "against {} (top-1 {:.2}%, ECE {:.2}%): top-1 agreement {:.2}%, KL(it ‖ evaluated) {:.4} nats",
-            file.display(),
+            file,
             reference.report.acc.top1_pct(),
             reference.report.calibration.ece_pct(),
             f.agreement_pct(),
