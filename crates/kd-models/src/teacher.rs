@@ -178,7 +178,8 @@ impl Teacher {
             });
         }
         let logits = (sum.expect("an ensemble has members") / self.members.len() as f64)?;
-        let pooled = Tensor::zeros((x.dim(0)?, 0), DType::F32, x.device())?;
+        // No embedding: a view of no columns (no device allocation, which CUDA refuses at 0 B).
+        let pooled = logits.narrow(1, 0, 0)?;
         Ok(ModelOutput {
             logits,
             feats: vec![],
