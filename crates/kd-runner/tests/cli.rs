@@ -691,6 +691,42 @@ fn suite_chains_a_run_as_the_next_ones_teacher() {
     );
 }
 
+/// A suite whose KD config names a teacher that is not there stops before its first run, naming
+/// the file and the run that needs it; `--dry-run` lists the runs with a warning.
+#[test]
+fn suite_with_a_missing_teacher_stops_before_training() {
+    let tmp = tempfile::tempdir().unwrap();
+    let suite = tiny_suite(
+        tmp.path(),
+        &[(
+            "kd.toml",
+            "kd",
+            "[method]\nname = \"kd\"\n\n[teacher]\npath = \"nowhere/teacher.safetensors\"\n",
+        )],
+        "name = \"tiny\"\nconfigs = [\"baseline.toml\", \"kd.toml\"]\n",
+    );
+    let out = suite(&[]);
+    assert!(!out.status.success());
+    assert_contains_all(
+        &String::from_utf8_lossy(&out.stderr),
+        [
+            "nowhere/teacher.safetensors",
+            "first needed by",
+            "kd-s0",
+            "xtask fetch",
+        ],
+    );
+    assert!(
+        !tmp.path().join("out/baseline-s0").exists(),
+        "nothing trained"
+    );
+    let plan = succeeded(&suite(&["--dry-run"]));
+    assert!(
+        plan.contains("warning: the suite's teachers are not all there") && plan.contains("kd-s0"),
+        "{plan}"
+    );
+}
+
 #[test]
 fn list_names_every_method_and_key() {
     let out = kd().arg("list").output().unwrap();

@@ -429,6 +429,26 @@ pub fn state(dir: &Path) -> RunState {
     }
 }
 
+/// The teachers that runs still to do would load but that are not there: each missing file or
+/// folder once, with the first run that needs it. A run of the plan that another run learns
+/// from (`teacher.run`, `member_runs`) counts as there: the suite trains it first.
+pub fn missing_teachers(runs: &[PlannedRun]) -> Vec<(PathBuf, PathBuf)> {
+    let mut missing: Vec<(PathBuf, PathBuf)> = Vec::new();
+    for r in runs {
+        if !r.config.method.needs_teacher() || state(&r.dir) == RunState::Done {
+            continue;
+        }
+        let planned: Vec<&PathBuf> = r.teachers.iter().map(|&t| &runs[t].dir).collect();
+        for p in std::iter::once(&r.config.teacher.path).chain(&r.config.teacher.members) {
+            let p = PathBuf::from(p);
+            if !planned.contains(&&p) && !p.exists() && !missing.iter().any(|(m, _)| *m == p) {
+                missing.push((p, r.dir.clone()));
+            }
+        }
+    }
+    missing
+}
+
 /// Runs a suite; returns its output folder.
 pub fn run(args: &SuiteArgs) -> anyhow::Result<PathBuf> {
     let suite = SuiteFile::from_file(&args.file)?;
@@ -438,6 +458,22 @@ pub fn run(args: &SuiteArgs) -> anyhow::Result<PathBuf> {
         .or_else(|| suite.out.clone())
         .unwrap_or_else(|| PathBuf::from("runs").join(&suite.name));
     let runs = suite.plan(&args.file, &args.set, &out)?;
+    // Before hours of training, not when the first run that needs it comes.
+    let missing = missing_teachers(&runs);
+    if !missing.is_empty() {
+        let list: Vec<String> = missing
+            .iter()
+            .map(|(p, r)| format!("{} (first needed by {})", p.display(), r.display()))
+            .collect();
+        let text = format!(
+            "the suite's teachers are not all there: {}. Fetch the pretrained ones with `cargo xtask fetch teacher-cifar10` / `teacher-cifar100` (offline: `kd-runner fetch … --from DIR`), or point teacher.path (`--set teacher.path=…`) at a trained run",
+            list.join("; ")
+        );
+        if !args.dry_run {
+            bail!("{text}");
+        }
+        println!("warning: {text}");
+    }
     run_planned(&suite.name, &runs, &out, args.dry_run)?;
     if !args.dry_run && !args.no_report {
         let report = super::report::build(std::slice::from_ref(&out))?;
@@ -814,6 +850,35 @@ mod tests {
             e.contains("teacher.run = \"baseline@first\"") && e.contains("after `@` comes a seed"),
             "{e}"
         );
+    }
+
+    /// Teachers the plan will not make and that are not on disk are listed once each, with the
+    /// first run that needs them; a chain's teacher (a run of the plan) is not.
+    #[test]
+    fn missing_teachers_are_found_before_anything_runs() {
+        let runs = plan_chain(
+            "name = \"t\"\nseeds = [0, 1]\nconfigs = [\"baseline.toml\", \"kd.toml\", \"born1.toml\"]\n",
+        )
+        .unwrap();
+        let missing = missing_teachers(&runs);
+        assert_eq!(
+            missing,
+            [(
+                PathBuf::from("teacher.safetensors"),
+                PathBuf::from("out/kd-s0")
+            )]
+        );
+        // A teacher file that is there is not missing.
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("t.safetensors");
+        std::fs::write(&file, b"").unwrap();
+        let mut runs = runs;
+        for r in &mut runs {
+            if r.config.teacher.path == "teacher.safetensors" {
+                r.config.teacher.path = file.display().to_string();
+            }
+        }
+        assert!(missing_teachers(&runs).is_empty());
     }
 
     /// A swept path names its runs with a folder-safe name, and is set as it is.
