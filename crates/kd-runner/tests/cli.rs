@@ -970,6 +970,24 @@ fn two_teachers_teach_as_an_ensemble() {
         )) && text.contains(&format!("top-1 agreement {agreement:.2}%")),
         "{text}\n{summary}"
     );
+    // The same two as an ensemble in `eval`: their mean logits score the run's teacher top-1.
+    let text = succeeded(
+        &kd()
+            .args(["eval", "--data-dir"])
+            .arg(tmp.path())
+            .arg("--weights")
+            .arg(&t18)
+            .arg("--ensemble-with")
+            .arg(&t50)
+            .output()
+            .unwrap(),
+    );
+    assert!(
+        text.contains(&format!(
+            "ensemble of 2 models (logits averaged, as an ensemble teacher): top-1 {teacher_top1:.2}%"
+        )),
+        "{text}\n{summary}"
+    );
     let info: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("run.json")).unwrap()).unwrap();
     assert_eq!(

@@ -36,7 +36,8 @@ pub struct EvalArgs {
     pub against: Vec<PathBuf>,
     /// Also evaluate the ensemble of these weights with others (repeatable; same forms as
     /// --weights, each fed its own normalisation): their softmax averaged image by image, as
-    /// an online cohort (a run and its `peer1/`) or models of several seeds.
+    /// an online cohort (a run and its `peer1/`) or models of several seeds; and their mean
+    /// logits, the ensemble teacher that `--teacher` repeated trains from.
     #[arg(long, value_name = "FILE|RUN")]
     pub ensemble_with: Vec<PathBuf>,
 }
@@ -119,10 +120,18 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
         Some((names.join(" + "), predictions(&other)?))
     };
     let mut members = Vec::with_capacity(args.ensemble_with.len());
+    let mut nets = vec![teacher.clone()];
     for path in &args.ensemble_with {
         let (file, other) = load_other(path, &loader.device(), meta.num_classes, &weights)?;
         members.push((file, predictions(&other)?));
+        nets.push(other);
     }
+    // The same networks as one ensemble teacher (`--teacher` repeated, `teacher.members`).
+    let mean_logits = if nets.len() > 1 {
+        Some(predictions(&Teacher::ensemble(nets)?)?)
+    } else {
+        None
+    };
     // The evaluated model's own predictions are kept for an ensemble.
     let evaluated = kd_train::Reference::new_against(
         &loader,
@@ -181,6 +190,16 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
             e.top5_pct(),
             e.mean_loss()
         );
+        if let Some(m) = &mean_logits {
+            let a = &m.report.acc;
+            println!(
+                "ensemble of {} models (logits averaged, as an ensemble teacher): top-1 {:.2}%  top-5 {:.2}%  NLL {:.4}",
+                all.len(),
+                a.top1_pct(),
+                a.top5_pct(),
+                a.mean_loss()
+            );
+        }
     }
     println!("per-class top-1:");
     for (name, p) in ds.classes.iter().zip(a.per_class_pct()) {
