@@ -1,7 +1,7 @@
 //! The binary as a person meets it: data summary, eval errors that name keys, fetch hints.
 
 mod common;
-use common::{assert_contains_all, kd, succeeded, write_cifar10, write_teacher};
+use common::{assert_contains_all, failed, kd, succeeded, write_cifar10, write_teacher};
 
 /// `kd-runner train` on the fixture CIFAR-10 in `data`: a width-4 ResNet18 with `stem`, batches
 /// of 25.
@@ -62,8 +62,7 @@ fn missing_data_says_how_to_fetch() {
         .arg(tmp.path())
         .output()
         .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = failed(&out);
     assert!(
         err.contains("cargo xtask fetch cifar100") && err.contains("--from DIR"),
         "{err}"
@@ -104,8 +103,7 @@ fn eval_names_the_missing_keys_of_a_fake_teacher() {
         .arg(&fake)
         .output()
         .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = failed(&out);
     assert!(
         err.contains("missing key(s)") && err.contains("layer3.0.conv1.weight"),
         "{err}"
@@ -615,8 +613,7 @@ fn suite_chains_a_run_as_the_next_ones_teacher() {
         .arg(&alone)
         .output()
         .unwrap();
-    assert!(!refused.status.success());
-    let err = String::from_utf8_lossy(&refused.stderr);
+    let err = failed(&refused);
     assert!(
         err.contains("teacher.run = \"baseline\"") && err.contains("kd-runner suite"),
         "{err}"
@@ -683,8 +680,7 @@ fn suite_chains_a_run_as_the_next_ones_teacher() {
         .arg(tmp.path().join("rep"))
         .output()
         .unwrap();
-    assert!(!bad.status.success());
-    let err = String::from_utf8_lossy(&bad.stderr);
+    let err = failed(&bad);
     assert!(
         err.contains("ens-s0/run.json is not a kd run.json"),
         "{err}"
@@ -761,8 +757,7 @@ fn set_with_an_unknown_key_lists_the_valid_ones() {
         .args(["train", "--set", "train.learning_rate=0.1"])
         .output()
         .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = failed(&out);
     assert!(
         err.contains("learning_rate") && err.contains("train.lr"),
         "{err}"
@@ -782,8 +777,7 @@ fn unwritable_run_directory_is_named() {
         .arg(blocker.join("run"))
         .output()
         .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = failed(&out);
     assert!(
         err.contains(&blocker.join("run").display().to_string()),
         "{err}"
@@ -887,8 +881,7 @@ fn teacher_with_the_wrong_class_count_is_refused() {
         .arg(tmp.path().join("run"))
         .output()
         .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = failed(&out);
     assert!(
         err.contains("t100.safetensors") && err.contains("100 classes"),
         "{err}"
@@ -1008,8 +1001,7 @@ fn two_teachers_teach_as_an_ensemble() {
     ] {
         let refused = tmp.path().join(format!("refused-{method}"));
         let out = train(method, second, &refused);
-        assert!(!out.status.success());
-        assert_contains_all(&String::from_utf8_lossy(&out.stderr), expected);
+        assert_contains_all(&failed(&out), expected);
         assert!(!refused.exists(), "nothing written for a refused run");
     }
 }
@@ -1081,8 +1073,7 @@ fn precision_flag_and_key_are_typed() {
         .args(["train", "--precision", "fp16", "--epochs", "1"])
         .output()
         .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = failed(&out);
     assert!(err.contains("f32, tf32, bf16"), "{err}");
     let out = kd().arg("list").output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
@@ -1093,8 +1084,7 @@ fn precision_flag_and_key_are_typed() {
         .args(["train", "--conv-algo", "fastest", "--epochs", "1"])
         .output()
         .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = failed(&out);
     assert!(err.contains("heuristic or benchmark"), "{err}");
 }
 
@@ -1224,8 +1214,7 @@ fn bench_times_each_memory_format() {
         }
     }
     let out = tiny_cpu_bench("4", &["--workloads", "train", "--memory-format", "nhwc"]);
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = failed(&out);
     assert!(err.contains("channels-first or channels-last"), "{err}");
 }
 
@@ -1264,8 +1253,7 @@ fn bench_times_any_methods_step_and_refuses_online_ones() {
         ])
         .output()
         .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = failed(&out);
     assert!(
         err.contains("method:dml") && err.contains("online"),
         "{err}"

@@ -21,6 +21,17 @@ pub fn succeeded(out: &Output) -> String {
     text
 }
 
+/// The standard error of a finished command, once it is checked to have failed; a success
+/// prints its output.
+pub fn failed(out: &Output) -> String {
+    assert!(
+        !out.status.success(),
+        "succeeded where it should fail:\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 /// Asserts that `text` contains every one of `parts`, naming the first missing one.
 pub fn assert_contains_all<S: AsRef<str>>(text: &str, parts: impl IntoIterator<Item = S>) {
     for part in parts {
