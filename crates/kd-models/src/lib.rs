@@ -40,7 +40,7 @@ pub use import::{import_checkpoint, import_teacher, TeacherMeta};
 pub use max_pool::MaxPool2d;
 pub use registry::{Arch, BlockKind, ResNetConfig, Stem};
 pub use resnet::{AuxOutput, FeatureInfo, ForwardParts, Macs, ModelOutput, ResNet};
-pub use teacher::{renormalize, Teacher};
+pub use teacher::{mean_logits, renormalize, Teacher};
 
 /// The README's examples, compiled and run as doc tests.
 #[doc = include_str!("../README.md")]

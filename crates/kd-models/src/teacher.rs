@@ -163,21 +163,18 @@ impl Teacher {
             );
         }
         let first = &self.members[0].meta;
-        let mut sum: Option<Tensor> = None;
-        for m in &self.members {
-            let xm = renormalize(&x, (first.mean, first.std), (m.meta.mean, m.meta.std))?;
-            let logits = m
-                .model
-                .forward_parts(&xm, false, ForwardParts::LOGITS)?
-                .logits
-                .detach()
-                .to_dtype(DType::F32)?;
-            sum = Some(match sum {
-                None => logits,
-                Some(s) => (s + logits)?,
-            });
-        }
-        let logits = (sum.expect("an ensemble has members") / self.members.len() as f64)?;
+        let each = self
+            .members
+            .iter()
+            .map(|m| {
+                let xm = renormalize(&x, (first.mean, first.std), (m.meta.mean, m.meta.std))?;
+                Ok(m.model
+                    .forward_parts(&xm, false, ForwardParts::LOGITS)?
+                    .logits
+                    .detach())
+            })
+            .collect::<CResult<Vec<_>>>()?;
+        let logits = mean_logits(&each.iter().collect::<Vec<_>>())?;
         // No embedding: a view of no columns (no device allocation, which CUDA refuses at 0 B).
         let pooled = logits.narrow(1, 0, 0)?;
         Ok(ModelOutput {
@@ -188,6 +185,21 @@ impl Teacher {
             aux: vec![],
         })
     }
+}
+
+/// The mean of `members`' logits (each (B, K)) in f32, summed in order and divided by their
+/// count: an ensemble teacher's logits ([`Teacher::ensemble`]), and what `kd-runner eval`
+/// scores as that ensemble from logits it already has.
+pub fn mean_logits(members: &[&Tensor]) -> CResult<Tensor> {
+    let Some((first, rest)) = members.split_first() else {
+        candle_core::bail!("mean logits of no members");
+    };
+    let sum = rest
+        .iter()
+        .try_fold(first.to_dtype(DType::F32)?, |acc, m| {
+            acc + m.to_dtype(DType::F32)?
+        })?;
+    sum / members.len() as f64
 }
 
 /// `x` normalised per channel by `from` (mean, std) re-expressed as normalised by `to`: undo

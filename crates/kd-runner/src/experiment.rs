@@ -39,7 +39,7 @@ pub struct RunInfo {
     /// The values a suite's sweeps gave this run, in the sweeps' order (none outside a sweep).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub swept: Vec<SweptValue>,
-    /// Who taught it, one name per network of the teacher ([`describe_teacher`]; empty without
+    /// Who taught it, one name per network of the teacher ([`teacher_name`]; empty without
     /// a teacher).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub teacher: Vec<TeacherName>,
@@ -94,45 +94,32 @@ pub fn is_resumable(dir: &Path) -> bool {
     dir.join("checkpoint.latest").is_file() && dir.join(CONFIG_FILE).is_file()
 }
 
-/// Names each network at `paths` (already loaded, so existing) as the report shows a teacher: a
-/// network from a run folder (the folder, or its `model.safetensors`) by that run's label and
-/// seed; any other by its architecture (and width when not 64), from its sidecar.
-pub fn describe_teacher(paths: &[&Path]) -> Vec<TeacherName> {
-    paths
-        .iter()
-        .map(|&path| {
-            let folder = if path.is_dir() {
-                Some(path)
+/// Names the teacher network loaded from `path` (with `meta`) as the report shows it: a network
+/// from a run folder (the folder, or its `model.safetensors`) by that run's label and seed; any
+/// other by its architecture (and width when not 64).
+pub fn teacher_name(path: &Path, meta: &TeacherMeta) -> TeacherName {
+    let folder = if path.is_dir() {
+        Some(path)
+    } else {
+        path.parent().filter(|d| !d.as_os_str().is_empty())
+    };
+    match folder
+        .and_then(|d| std::fs::read_to_string(d.join("run.json")).ok())
+        .and_then(|t| serde_json::from_str::<RunInfo>(&t).ok())
+    {
+        Some(r) => TeacherName {
+            label: r.label,
+            seed: Some(r.seed),
+        },
+        None => TeacherName {
+            label: if meta.base_width == 64 {
+                meta.arch.name().to_string()
             } else {
-                path.parent().filter(|d| !d.as_os_str().is_empty())
-            };
-            let run = folder
-                .and_then(|d| std::fs::read_to_string(d.join("run.json")).ok())
-                .and_then(|t| serde_json::from_str::<RunInfo>(&t).ok());
-            match run {
-                Some(r) => TeacherName {
-                    label: r.label,
-                    seed: Some(r.seed),
-                },
-                None => TeacherName {
-                    label: crate::commands::weights_file(path)
-                        .ok()
-                        .and_then(|w| TeacherMeta::load(&w).ok())
-                        .map_or_else(
-                            || path.display().to_string(),
-                            |m| {
-                                if m.base_width == 64 {
-                                    m.arch.name().to_string()
-                                } else {
-                                    format!("{} w{}", m.arch.name(), m.base_width)
-                                }
-                            },
-                        ),
-                    seed: None,
-                },
-            }
-        })
-        .collect()
+                format!("{} w{}", meta.arch.name(), meta.base_width)
+            },
+            seed: None,
+        },
+    }
 }
 
 /// The teacher at `path` (a weights file or a run folder), named by its config `key` in errors,
@@ -240,25 +227,13 @@ pub fn run(
                 .enumerate()
                 .map(|(i, p)| (format!("teacher.members[{i}]"), p)),
         ) {
-            members.push(load_teacher(
-                Path::new(path),
-                &key,
-                &name,
-                num_classes,
-                &device,
-            )?);
+            let path = Path::new(path);
+            let member = load_teacher(path, &key, &name, num_classes, &device)?;
+            taught_by.push(teacher_name(path, member.meta()));
+            members.push(member);
         }
-        let mut t = if members.len() == 1 {
-            members.remove(0)
-        } else {
-            Teacher::ensemble(members)?
-        };
-        taught_by = describe_teacher(
-            &std::iter::once(&cfg.teacher.path)
-                .chain(&cfg.teacher.members)
-                .map(Path::new)
-                .collect::<Vec<_>>(),
-        );
+        // One teacher is an ensemble of one: the same network, its outputs unchanged.
+        let mut t = Teacher::ensemble(members)?;
         t.set_compute_dtype(cfg.train.precision.activation_dtype())?;
         t.set_memory_format(cfg.train.memory_format)?;
         Some(t)

@@ -29,10 +29,30 @@ pub fn mean_prediction(members: &[&Tensor]) -> Result<Tensor> {
     Tensor::stack(&log_probs, 0)?.log_sum_exp(0)? - (members.len() as f64).ln()
 }
 
-/// Adds a batch of the ensemble of `members` (their logits on the same images) to `acc`:
-/// its top-1 and top-5, and its negative log-likelihood as the loss.
-pub fn update(acc: &mut Accuracy, members: &[&Tensor], labels: &Tensor) -> Result<()> {
-    let log_p = mean_prediction(members)?;
+/// How an ensemble combines its members' logits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Combine {
+    /// Their softmax averaged ([`mean_prediction`]): a cohort's or a network's heads' ensemble.
+    Probabilities,
+    /// Their logits averaged ([`kd_models::mean_logits`]): an ensemble teacher
+    /// ([`kd_models::Teacher::ensemble`]).
+    Logits,
+}
+
+/// Adds a batch of the ensemble of `members` (their logits on the same images), combined as
+/// `combine` says, to `acc`: its top-1 and top-5, and its negative log-likelihood as the loss.
+pub fn update(
+    acc: &mut Accuracy,
+    members: &[&Tensor],
+    labels: &Tensor,
+    combine: Combine,
+) -> Result<()> {
+    let log_p = match combine {
+        Combine::Probabilities => mean_prediction(members)?,
+        Combine::Logits => {
+            candle_nn::ops::log_softmax(&kd_models::mean_logits(members)?, D::Minus1)?
+        }
+    };
     let nll = candle_nn::loss::nll(&log_p, labels)?.to_scalar::<f32>()? as f64;
     acc.update(&log_p, labels, Some(nll))
 }
@@ -81,6 +101,21 @@ mod tests {
         }
     }
 
+    /// Averaged logits score the mean logits themselves: on image 0 they are (3.05, 0) and on
+    /// image 1 (0, 2.95), both right, with the cross-entropy of those logits as the loss.
+    #[test]
+    fn mean_logits_are_scored_as_an_ensemble_teacher_predicts() {
+        let a = Tensor::new(&[[0.1f32, 0.0], [0.0, 6.0]], &Device::Cpu).unwrap();
+        let b = Tensor::new(&[[6.0f32, 0.0], [0.0, -0.1]], &Device::Cpu).unwrap();
+        let labels = Tensor::new(&[0u32, 1], &Device::Cpu).unwrap();
+        let mut acc = Accuracy::new(2);
+        update(&mut acc, &[&a, &b], &labels, Combine::Logits).unwrap();
+        assert_eq!((acc.top1, acc.total), (2, 2));
+        let ce = |z: [f64; 2], k: usize| -(z[k] - (z[0].exp() + z[1].exp()).ln());
+        let want = (ce([3.05, 0.0], 0) + ce([0.0, 2.95], 1)) / 2.0;
+        assert!((acc.mean_loss() - want).abs() < 1e-6, "{}", acc.mean_loss());
+    }
+
     /// Each member is wrong on one image and confidently right on the other; the ensemble is
     /// right on both, which no vote of arg-maxes would be (one wrong, one right per image).
     #[test]
@@ -92,7 +127,7 @@ mod tests {
         single.update(&b, &labels, None).unwrap();
         assert_eq!(single.top1, 1);
         let mut acc = Accuracy::new(2);
-        update(&mut acc, &[&a, &b], &labels).unwrap();
+        update(&mut acc, &[&a, &b], &labels, Combine::Probabilities).unwrap();
         assert_eq!((acc.top1, acc.total), (2, 2));
         // Its loss is the NLL of the mean distribution: −ln((p_a + p_b)/2) at the label.
         let p = |z: [f32; 2], k: usize| softmax64(&z)[k];

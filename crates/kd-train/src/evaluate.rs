@@ -9,6 +9,7 @@ use kd_data::Loader;
 use kd_models::ModelOutput;
 
 use crate::calibration::Calibration;
+use crate::ensemble::Combine;
 use crate::fidelity::Fidelity;
 use crate::metrics::Accuracy;
 use crate::{Result, TrainError};
@@ -101,10 +102,15 @@ pub fn evaluate(
     run(loader, num_classes, forward, None, None)
 }
 
-/// The accuracy (and mean NLL) of the ensemble of `members`' predictions: their softmax
-/// averaged image by image ([`crate::ensemble`]). The members must have been evaluated on the
-/// same loader.
-pub fn evaluate_ensemble(num_classes: usize, members: &[&Reference]) -> Result<Accuracy> {
+/// The accuracy (and mean NLL) of the ensemble of `members`' predictions, combined image by
+/// image as `combine` says ([`crate::ensemble`]): their softmax averaged, or their logits (an
+/// ensemble teacher's, from logits already computed). The members must have been evaluated on
+/// the same loader.
+pub fn evaluate_ensemble(
+    num_classes: usize,
+    members: &[&Reference],
+    combine: Combine,
+) -> Result<Accuracy> {
     let Some(first) = members.first() else {
         return Err(TrainError::Invalid("an ensemble of no models".into()));
     };
@@ -121,7 +127,7 @@ pub fn evaluate_ensemble(num_classes: usize, members: &[&Reference]) -> Result<A
     let mut acc = Accuracy::new(num_classes);
     for (i, labels) in first.labels.iter().enumerate() {
         let logits: Vec<&Tensor> = members.iter().map(|m| &m.logits[i]).collect();
-        crate::ensemble::update(&mut acc, &logits, labels)?;
+        crate::ensemble::update(&mut acc, &logits, labels, combine)?;
     }
     Ok(acc)
 }
@@ -165,7 +171,7 @@ fn run(
                 .chain(out.aux.iter().map(|a| &a.logits))
                 .collect();
             let acc = head_ensemble.get_or_insert_with(|| Accuracy::new(num_classes));
-            crate::ensemble::update(acc, &members, &batch.labels)?;
+            crate::ensemble::update(acc, &members, &batch.labels, Combine::Probabilities)?;
         }
         if let (Some(f), Some(r)) = (fidelity.as_mut(), reference) {
             f.update(&out.logits, &r.logits[i])?;

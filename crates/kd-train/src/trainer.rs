@@ -22,6 +22,7 @@ use kd_schedulers::{Optimizer, OptimizerConfig, Schedule};
 use serde::{Deserialize, Serialize};
 
 use crate::calibration::Calibration;
+use crate::ensemble::Combine;
 use crate::evaluate::{evaluate_ensemble, EvalReport, Reference};
 use crate::metrics::Accuracy;
 use crate::{Result, TrainError};
@@ -810,7 +811,11 @@ pub fn train(
             None
         } else {
             let all: Vec<&Reference> = std::iter::once(&student).chain(&peers).collect();
-            Some(evaluate_ensemble(num_classes, &all)?)
+            Some(evaluate_ensemble(
+                num_classes,
+                &all,
+                Combine::Probabilities,
+            )?)
         };
         let evals: Vec<EvalReport> = std::iter::once(student.report.clone())
             .chain(peers.into_iter().map(|p| p.report))

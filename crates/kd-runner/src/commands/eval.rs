@@ -9,6 +9,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use kd_data::{DatasetSpec, Loader, LoaderConfig, Normalize};
 use kd_models::Teacher;
+use kd_train::ensemble::Combine;
 
 /// Arguments of `eval`.
 #[derive(Clone, Debug, clap::Args)]
@@ -112,26 +113,14 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
             names.push(file.display().to_string());
             nets.push(other);
         }
-        let other = if nets.len() == 1 {
-            nets.remove(0)
-        } else {
-            Teacher::ensemble(nets)?
-        };
-        Some((names.join(" + "), predictions(&other)?))
+        // One network is an ensemble of one: itself.
+        Some((names.join(" + "), predictions(&Teacher::ensemble(nets)?)?))
     };
     let mut members = Vec::with_capacity(args.ensemble_with.len());
-    let mut nets = vec![teacher.clone()];
     for path in &args.ensemble_with {
         let (file, other) = load_other(path, &loader.device(), meta.num_classes, &weights)?;
         members.push((file, predictions(&other)?));
-        nets.push(other);
     }
-    // The same networks as one ensemble teacher (`--teacher` repeated, `teacher.members`).
-    let mean_logits = if nets.len() > 1 {
-        Some(predictions(&Teacher::ensemble(nets)?)?)
-    } else {
-        None
-    };
     // The evaluated model's own predictions are kept for an ensemble.
     let evaluated = kd_train::Reference::new_against(
         &loader,
@@ -175,7 +164,10 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
         let all: Vec<&kd_train::Reference> = std::iter::once(&evaluated)
             .chain(members.iter().map(|(_, r)| r))
             .collect();
-        let e = kd_train::evaluate_ensemble(meta.num_classes, &all)?;
+        let e = kd_train::evaluate_ensemble(meta.num_classes, &all, Combine::Probabilities)?;
+        // The same networks as one ensemble teacher (`--teacher` repeated), from the logits
+        // already computed.
+        let m = kd_train::evaluate_ensemble(meta.num_classes, &all, Combine::Logits)?;
         for (file, r) in &members {
             println!(
                 "with {}: top-1 {:.2}%",
@@ -190,16 +182,13 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
             e.top5_pct(),
             e.mean_loss()
         );
-        if let Some(m) = &mean_logits {
-            let a = &m.report.acc;
-            println!(
-                "ensemble of {} models (logits averaged, as an ensemble teacher): top-1 {:.2}%  top-5 {:.2}%  NLL {:.4}",
-                all.len(),
-                a.top1_pct(),
-                a.top5_pct(),
-                a.mean_loss()
-            );
-        }
+        println!(
+            "ensemble of {} models (logits averaged, as an ensemble teacher): top-1 {:.2}%  top-5 {:.2}%  NLL {:.4}",
+            all.len(),
+            m.top1_pct(),
+            m.top5_pct(),
+            m.mean_loss()
+        );
     }
     println!("per-class top-1:");
     for (name, p) in ds.classes.iter().zip(a.per_class_pct()) {

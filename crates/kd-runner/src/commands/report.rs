@@ -1000,7 +1000,8 @@ pub fn write(report: &Report, out: &Path) -> anyhow::Result<Vec<PathBuf>> {
         }
     }
     // The first sweep's values against accuracy, where a suite swept a key.
-    if report.sweep_grids_of().is_empty() {
+    // A row with sweep values makes a grid ([`Report::sweep_grids_of`]).
+    if report.rows.iter().all(|r| r.swept.is_empty()) {
         for ext in ["png", "svg"] {
             remove_stale(&out.join(format!("{}.{ext}", Plot::Sweep.file())))?;
         }
