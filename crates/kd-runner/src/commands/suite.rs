@@ -246,6 +246,36 @@ fn teacher_run(
     }
 }
 
+/// Resolves `cfg`'s `teacher.run` and `teacher.member_runs` against the earlier `runs` of the
+/// plan ([`teacher_run`]) for a run of the suite variant `variant` and the sweep values
+/// `swept`: the first becomes `teacher.path`, the others join `teacher.members`, and both keys
+/// are cleared. Returns the teachers' indices in `runs`; none for a method without a teacher.
+fn resolve_teachers(
+    runs: &[PlannedRun],
+    cfg: &mut ExperimentConfig,
+    variant: &str,
+    swept: &[SweptValue],
+) -> anyhow::Result<Vec<usize>> {
+    let run = std::mem::take(&mut cfg.teacher.run);
+    let member_runs = std::mem::take(&mut cfg.teacher.member_runs);
+    if !cfg.method.needs_teacher() {
+        return Ok(Vec::new());
+    }
+    let mut teachers = Vec::new();
+    if !run.is_empty() {
+        let t = teacher_run(runs, "teacher.run", &run, variant, swept, cfg.train.seed)?;
+        cfg.teacher.path = runs[t].dir.display().to_string();
+        teachers.push(t);
+    }
+    for (i, reference) in member_runs.iter().enumerate() {
+        let key = format!("teacher.member_runs[{i}]");
+        let t = teacher_run(runs, &key, reference, variant, swept, cfg.train.seed)?;
+        cfg.teacher.members.push(runs[t].dir.display().to_string());
+        teachers.push(t);
+    }
+    Ok(teachers)
+}
+
 impl SuiteFile {
     /// Reads a suite file.
     pub fn from_file(path: &Path) -> anyhow::Result<Self> {
@@ -330,25 +360,8 @@ impl SuiteFile {
                             })?;
                         }
                         cfg.train.seed = seed;
-                        let mut teachers = Vec::new();
-                        if cfg.method.needs_teacher() {
-                            let named = (!cfg.teacher.run.is_empty())
-                                .then(|| ("teacher.run".to_string(), cfg.teacher.run.clone()));
-                            let members = cfg
-                                .teacher
-                                .member_runs
-                                .iter()
-                                .enumerate()
-                                .map(|(i, r)| (format!("teacher.member_runs[{i}]"), r.clone()));
-                            for (key, reference) in named.into_iter().chain(members) {
-                                let t = teacher_run(
-                                    &runs,
-                                    &key,
-                                    &reference,
-                                    &suite_variant.name,
-                                    &v.swept,
-                                    seed,
-                                )
+                        let teachers =
+                            resolve_teachers(&runs, &mut cfg, &suite_variant.name, &v.swept)
                                 .with_context(|| {
                                     format!(
                                         "suite {}, config {}, variant {:?}, seed {seed}",
@@ -357,17 +370,6 @@ impl SuiteFile {
                                         v.name
                                     )
                                 })?;
-                                let dir = runs[t].dir.display().to_string();
-                                if key == "teacher.run" {
-                                    cfg.teacher.path = dir;
-                                } else {
-                                    cfg.teacher.members.push(dir);
-                                }
-                                teachers.push(t);
-                            }
-                        }
-                        cfg.teacher.run.clear();
-                        cfg.teacher.member_runs.clear();
                         cfg.validate().with_context(|| {
                             format!("suite {}, config {}", file.display(), path.display())
                         })?;
