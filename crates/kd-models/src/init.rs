@@ -14,9 +14,10 @@ fn fnv1a(s: &str) -> u64 {
     })
 }
 
-/// True for the BN that closes a residual branch (`bn2` of a BasicBlock, `bn3` of a Bottleneck).
+/// True for the BN that closes a residual branch (`bn2` of a BasicBlock, `bn3` of a Bottleneck),
+/// in the backbone's stages or an extra branch's (`branch{i}.layer4.*`).
 fn is_last_block_bn(name: &str, bottleneck: bool) -> bool {
-    name.starts_with("layer")
+    (name.starts_with("layer") || name.starts_with("branch"))
         && name.ends_with(if bottleneck {
             ".bn3.weight"
         } else {

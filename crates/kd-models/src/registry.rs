@@ -84,6 +84,12 @@ pub struct ResNetConfig {
     /// Auxiliary classifier heads after stages 1–3 (self-distillation), off by default.
     #[serde(default)]
     pub aux_heads: bool,
+    /// Copies of the last stage and classifier, side by side on the third stage's output (the
+    /// multi-branch network of ONE, Lan et al. 2018): 1, the plain network, by default. The
+    /// network's own `layer4` and `fc` are the first branch; the others, named
+    /// `branch{i}.layer4.*` and `branch{i}.fc.*`, train only.
+    #[serde(default = "one_branch")]
+    pub branches: usize,
     /// Zero-initialise the last BN of every block (Goyal et al. 2017).
     #[serde(default)]
     pub zero_init_residual: bool,
@@ -91,6 +97,10 @@ pub struct ResNetConfig {
 
 fn default_width() -> usize {
     64
+}
+
+fn one_branch() -> usize {
+    1
 }
 
 impl ResNetConfig {
@@ -102,6 +112,7 @@ impl ResNetConfig {
             num_classes,
             base_width: 64,
             aux_heads: false,
+            branches: 1,
             zero_init_residual: false,
         }
     }

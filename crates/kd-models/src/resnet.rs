@@ -17,7 +17,7 @@ pub struct FeatureInfo {
     pub reduction: usize,
 }
 
-/// An auxiliary head's output (self-distillation).
+/// An auxiliary head's output (self-distillation), or an extra branch's (ONE).
 #[derive(Clone, Debug)]
 pub struct AuxOutput {
     /// Logits of the head.
@@ -46,10 +46,13 @@ pub struct ModelOutput {
     pub preact: Vec<Tensor>,
     /// Auxiliary heads after stages 1–3, when the model has them.
     pub aux: Vec<AuxOutput>,
+    /// The extra branches ([`ResNetConfig::branches`]), when the model has them: the first
+    /// branch is the network's own `logits` and `pooled`.
+    pub branches: Vec<AuxOutput>,
 }
 
 /// Which optional outputs a forward pass returns ([`ResNet::forward_parts`]); the logits, the
-/// pooled embedding and the auxiliary heads' outputs always come.
+/// pooled embedding and the auxiliary heads' and extra branches' outputs always come.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ForwardParts {
     /// The stem's and stages' features ([`ModelOutput::feats`]).
@@ -59,7 +62,8 @@ pub struct ForwardParts {
 }
 
 impl ForwardParts {
-    /// The logits alone (with the pooled embedding and any auxiliary heads): what evaluation reads.
+    /// The logits alone (with the pooled embedding and any auxiliary heads or extra branches):
+    /// what evaluation reads.
     pub const LOGITS: ForwardParts = ForwardParts {
         features: false,
         preact: false,
@@ -77,6 +81,8 @@ pub struct Macs {
     pub backbone: u64,
     /// The auxiliary heads (self-distillation; training only).
     pub aux_heads: u64,
+    /// The extra branches (ONE; training only).
+    pub branches: u64,
 }
 
 /// A bias-free convolution with "same" padding. Runs through kd-kernels (cuDNN forward and
@@ -393,6 +399,51 @@ impl AuxHead {
     }
 }
 
+/// A copy of the last stage and the classifier (ONE's branches), fed the third stage's output.
+/// Named `branch{i}.layer4.*` and `branch{i}.fc.*`, never colliding with backbone keys.
+#[derive(Clone, Debug)]
+struct Branch {
+    blocks: Vec<Block>,
+    fc: Linear,
+}
+
+/// The blocks of one stage: `n` blocks of `kind` from `c_in` channels, the first with
+/// `stride`, named `{vb}.{b}.*`; and the stage's output channels.
+fn stage_blocks(
+    kind: BlockKind,
+    c_in: usize,
+    planes: usize,
+    n: usize,
+    stride: usize,
+    vb: &VarBuilder,
+) -> Result<(Vec<Block>, usize)> {
+    let expansion = if kind == BlockKind::Bottleneck { 4 } else { 1 };
+    let mut c_in = c_in;
+    let mut blocks = Vec::with_capacity(n);
+    for b in 0..n {
+        let st = if b == 0 { stride } else { 1 };
+        let vbb = vb.pp(b.to_string());
+        blocks.push(match kind {
+            BlockKind::Basic => Block::Basic(BasicBlock::new(c_in, planes, st, vbb)?),
+            BlockKind::Bottleneck => Block::Bottleneck(Bottleneck::new(c_in, planes, st, vbb)?),
+        });
+        c_in = planes * expansion;
+    }
+    Ok((blocks, c_in))
+}
+
+/// A stage's blocks run in order, each in training or eval form.
+fn run_blocks(blocks: &[Block], x: &Tensor, train: bool) -> Result<Tensor> {
+    let mut y = x.clone();
+    for block in blocks {
+        y = match train {
+            true => block.forward_train(&y)?,
+            false => block.forward_eval(&y)?,
+        };
+    }
+    Ok(y)
+}
+
 /// The (N, C) f32 mean over the spatial axes of a 4-D tensor of `format`.
 fn global_average(y: &Tensor, format: MemoryFormat) -> Result<Tensor> {
     let pooled = match format {
@@ -412,6 +463,7 @@ pub struct ResNet {
     stages: Vec<Vec<Block>>,
     fc: Linear,
     aux: Vec<AuxHead>,
+    branches: Vec<Branch>,
     info: Vec<FeatureInfo>,
     compute_dtype: DType,
     format: MemoryFormat,
@@ -423,13 +475,13 @@ impl ResNet {
     /// Builds the network from `vb` (a `VarMap` for training, loaded tensors for a teacher).
     pub fn new(cfg: &ResNetConfig, vb: VarBuilder) -> Result<Self> {
         let (kind, depths) = cfg.arch.blocks();
-        let expansion = if kind == BlockKind::Bottleneck { 4 } else { 1 };
         let w = cfg.base_width;
-        if w == 0 || cfg.num_classes == 0 {
+        if w == 0 || cfg.num_classes == 0 || cfg.branches == 0 {
             candle_core::bail!(
-                "ResNet needs base_width > 0 and num_classes > 0, got {} and {}",
+                "ResNet needs base_width > 0, num_classes > 0 and branches > 0, got {}, {} and {}",
                 w,
-                cfg.num_classes
+                cfg.num_classes,
+                cfg.branches
             );
         }
         let conv1 = conv(3, w, 3, 1, vb.pp("conv1"))?;
@@ -447,19 +499,8 @@ impl ResNet {
             let stride = if s == 0 { 1 } else { 2 };
             reduction *= stride;
             let vbs = vb.pp(format!("layer{}", s + 1));
-            let mut blocks = Vec::new();
-            for b in 0..n {
-                let st = if b == 0 { stride } else { 1 };
-                blocks.push(match kind {
-                    BlockKind::Basic => {
-                        Block::Basic(BasicBlock::new(c_in, planes, st, vbs.pp(b.to_string()))?)
-                    }
-                    BlockKind::Bottleneck => {
-                        Block::Bottleneck(Bottleneck::new(c_in, planes, st, vbs.pp(b.to_string()))?)
-                    }
-                });
-                c_in = planes * expansion;
-            }
+            let (blocks, c_out) = stage_blocks(kind, c_in, planes, n, stride, &vbs)?;
+            c_in = c_out;
             stages.push(blocks);
             info.push(FeatureInfo {
                 channels: c_in,
@@ -478,6 +519,24 @@ impl ResNet {
                 });
             }
         }
+        // The extra branches repeat the last stage on the trunk's output.
+        let last = depths.len() - 1;
+        let mut branches = Vec::with_capacity(cfg.branches - 1);
+        for i in 1..cfg.branches {
+            let vbb = vb.pp(format!("branch{i}"));
+            let (blocks, c_out) = stage_blocks(
+                kind,
+                info[last].channels,
+                w << last,
+                depths[last],
+                2,
+                &vbb.pp(format!("layer{}", last + 1)),
+            )?;
+            branches.push(Branch {
+                blocks,
+                fc: candle_nn::linear(c_out, cfg.num_classes, vbb.pp("fc"))?,
+            });
+        }
         Ok(ResNet {
             cfg: cfg.clone(),
             conv1,
@@ -486,6 +545,7 @@ impl ResNet {
             stages,
             fc,
             aux,
+            branches,
             info,
             compute_dtype: DType::F32,
             format: MemoryFormat::ChannelsFirst,
@@ -523,7 +583,8 @@ impl ResNet {
             conv.cache_cast(dtype)?;
         }
         let mut bns = vec![&mut self.bn1];
-        for block in self.stages.iter_mut().flatten() {
+        let branch_blocks = self.branches.iter_mut().flat_map(|b| b.blocks.iter_mut());
+        for block in self.stages.iter_mut().flatten().chain(branch_blocks) {
             bns.extend(block.bns_mut());
         }
         bns.extend(self.aux.iter_mut().map(|h| &mut h.bn));
@@ -538,10 +599,11 @@ impl ResNet {
         self.format
     }
 
-    /// Every convolution: stem, blocks (shortcuts included), auxiliary heads.
+    /// Every convolution: stem, blocks (shortcuts included), auxiliary heads, extra branches.
     fn convs_mut(&mut self) -> Vec<&mut Conv2d> {
         let mut convs = vec![&mut self.conv1];
-        for block in self.stages.iter_mut().flatten() {
+        let branch_blocks = self.branches.iter_mut().flat_map(|b| b.blocks.iter_mut());
+        for block in self.stages.iter_mut().flatten().chain(branch_blocks) {
             convs.extend(block.convs_mut());
         }
         convs.extend(self.aux.iter_mut().map(|h| &mut h.conv));
@@ -606,11 +668,30 @@ impl ResNet {
         out
     }
 
-    /// Learnable parameters including auxiliary heads (what trains).
+    /// How many branches the network has ([`ResNetConfig::branches`]; 1, itself, by default).
+    pub fn num_branches(&self) -> usize {
+        self.branches.len() + 1
+    }
+
+    /// The learnable tensors of the extra branches (training-only).
+    pub fn branch_params(&self) -> Vec<&Tensor> {
+        let mut out = Vec::new();
+        for b in &self.branches {
+            for block in &b.blocks {
+                block.params(&mut out);
+            }
+            out.push(b.fc.weight());
+            out.extend(b.fc.bias());
+        }
+        out
+    }
+
+    /// Learnable parameters including auxiliary heads and extra branches (what trains).
     pub fn num_params(&self) -> usize {
         self.backbone_params()
             .iter()
             .chain(self.aux_params().iter())
+            .chain(self.branch_params().iter())
             .map(|t| t.elem_count())
             .sum()
     }
@@ -630,7 +711,10 @@ impl ResNet {
         }
         // The size of each stage's output, which the auxiliary head after it reads.
         let mut stage_out = Vec::with_capacity(self.stages.len());
+        // The size of the last stage's input, which the extra branches read too.
+        let mut trunk_hw = hw;
         for stage in &self.stages {
+            trunk_hw = hw;
             for block in stage {
                 let (m, out) = block.macs(hw);
                 backbone += m;
@@ -645,9 +729,24 @@ impl ResNet {
             .zip(&stage_out)
             .map(|(h, &hw)| h.conv.macs(hw).0 + linear(&h.fc))
             .sum();
+        let branches = self
+            .branches
+            .iter()
+            .map(|b| {
+                let mut hw = trunk_hw;
+                let mut total = linear(&b.fc);
+                for block in &b.blocks {
+                    let (m, out) = block.macs(hw);
+                    total += m;
+                    hw = out;
+                }
+                total
+            })
+            .sum();
         Macs {
             backbone,
             aux_heads,
+            branches,
         }
     }
 
@@ -718,7 +817,12 @@ impl ResNet {
         let mut preact = Vec::with_capacity(4);
         let mut y = self.stem(x, train)?;
         feats.push(y.clone());
-        for stage in &self.stages {
+        // The last stage's input, which the extra branches read too.
+        let mut trunk = None;
+        for (s, stage) in self.stages.iter().enumerate() {
+            if s + 1 == self.stages.len() && !self.branches.is_empty() {
+                trunk = Some(y.clone());
+            }
             for (i, block) in stage.iter().enumerate() {
                 let last = i + 1 == stage.len();
                 // Without the pre-activation, the block's tail (BatchNorm, add, ReLU) in one op.
@@ -749,6 +853,21 @@ impl ResNet {
             .enumerate()
             .map(|(i, h)| h.forward_t(&feats[i + 1], train))
             .collect::<Result<Vec<_>>>()?;
+        let branches = match &trunk {
+            None => Vec::new(),
+            Some(trunk) => self
+                .branches
+                .iter()
+                .map(|b| {
+                    let pooled =
+                        global_average(&run_blocks(&b.blocks, trunk, train)?, self.format)?;
+                    Ok(AuxOutput {
+                        logits: b.fc.forward(&pooled)?,
+                        pooled,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?,
+        };
         let feats = if parts.features {
             feats
                 .iter()
@@ -763,6 +882,7 @@ impl ResNet {
             pooled,
             preact,
             aux,
+            branches,
         })
     }
 }

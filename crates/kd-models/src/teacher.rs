@@ -154,6 +154,7 @@ impl Teacher {
                 pooled: out.pooled.detach(),
                 preact: out.preact.iter().map(Tensor::detach).collect(),
                 aux: vec![],
+                branches: vec![],
             });
         }
         if parts.features || parts.preact {
@@ -183,6 +184,7 @@ impl Teacher {
             pooled,
             preact: vec![],
             aux: vec![],
+            branches: vec![],
         })
     }
 }

@@ -1,5 +1,6 @@
 //! Evaluation of a model on a split: accuracy, per-class accuracy, loss, calibration, throughput,
-//! each auxiliary head's accuracy and the heads' ensemble with the final classifier, and, against
+//! each auxiliary head's (or extra branch's) accuracy and the heads' ensemble with the final
+//! classifier, and, against
 //! a reference model's predictions (a teacher's), fidelity; the ensemble of several models'
 //! predictions ([`evaluate_ensemble`]).
 use std::time::Instant;
@@ -24,10 +25,11 @@ pub struct EvalReport {
     /// Agreement with the reference model, when evaluated against one
     /// ([`Reference::new_against`]).
     pub fidelity: Option<Fidelity>,
-    /// Each auxiliary head's accuracy, shallowest first (empty for a model without heads).
+    /// Each auxiliary head's accuracy, shallowest first, then each extra branch's (ONE's); empty
+    /// for a model with neither.
     pub heads: Vec<Accuracy>,
-    /// With auxiliary heads: the accuracy of their ensemble with the final classifier
-    /// ([`crate::ensemble`]).
+    /// With auxiliary heads or extra branches: the accuracy of their ensemble with the final
+    /// classifier, softmax averaged ([`crate::ensemble`]).
     pub head_ensemble: Option<Accuracy>,
     /// Wall time in seconds.
     pub seconds: f64,
@@ -162,14 +164,19 @@ fn run(
             candle_nn::loss::cross_entropy(&out.logits, &batch.labels)?.to_scalar::<f32>()? as f64;
         acc.update(&out.logits, &batch.labels, Some(loss))?;
         calibration.update(&out.logits, &batch.labels)?;
-        heads.resize_with(out.aux.len(), || Accuracy::new(num_classes));
-        for (h, aux) in heads.iter_mut().zip(&out.aux) {
-            h.update(&aux.logits, &batch.labels, None)?;
+        // The auxiliary heads, then the extra branches: the network's training-only classifiers.
+        let extra: Vec<&Tensor> = out
+            .aux
+            .iter()
+            .chain(&out.branches)
+            .map(|a| &a.logits)
+            .collect();
+        heads.resize_with(extra.len(), || Accuracy::new(num_classes));
+        for (h, logits) in heads.iter_mut().zip(&extra) {
+            h.update(logits, &batch.labels, None)?;
         }
-        if !out.aux.is_empty() {
-            let members: Vec<&Tensor> = std::iter::once(&out.logits)
-                .chain(out.aux.iter().map(|a| &a.logits))
-                .collect();
+        if !extra.is_empty() {
+            let members: Vec<&Tensor> = std::iter::once(&out.logits).chain(extra).collect();
             let acc = head_ensemble.get_or_insert_with(|| Accuracy::new(num_classes));
             crate::ensemble::update(acc, &members, &batch.labels, Combine::Probabilities)?;
         }

@@ -116,6 +116,14 @@ pub fn step_losses(
     Ok(StepLosses { outputs, terms })
 }
 
+/// A copy of a head's or branch's output cut from the graph.
+fn detached_head(a: &kd_models::AuxOutput) -> kd_models::AuxOutput {
+    kd_models::AuxOutput {
+        logits: a.logits.detach(),
+        pooled: a.pooled.detach(),
+    }
+}
+
 /// A copy of `o` cut from the graph.
 fn detached(o: &ModelOutput) -> ModelOutput {
     ModelOutput {
@@ -123,14 +131,8 @@ fn detached(o: &ModelOutput) -> ModelOutput {
         feats: o.feats.iter().map(Tensor::detach).collect(),
         pooled: o.pooled.detach(),
         preact: o.preact.iter().map(Tensor::detach).collect(),
-        aux: o
-            .aux
-            .iter()
-            .map(|a| kd_models::AuxOutput {
-                logits: a.logits.detach(),
-                pooled: a.pooled.detach(),
-            })
-            .collect(),
+        aux: o.aux.iter().map(detached_head).collect(),
+        branches: o.branches.iter().map(detached_head).collect(),
     }
 }
 

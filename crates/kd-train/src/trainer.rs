@@ -639,7 +639,7 @@ pub fn train(
     let csv = run_dir.join("metrics.csv");
     let columns = CsvColumns {
         teacher: teacher.is_some(),
-        heads: members[0].model.num_aux_heads(),
+        heads: members[0].model.num_aux_heads() + members[0].model.num_branches() - 1,
         cohort: members.len() > 1,
     };
     if !resume {
@@ -1311,13 +1311,19 @@ fn append(path: &Path, line: &str) -> Result<()> {
     f.write_all(line.as_bytes()).map_err(io(path))
 }
 
-/// Writes the deployable weights (backbone and BN statistics; no auxiliary heads, no method parts) with a sidecar
+/// Whether the variable `name` of a student's map belongs to the deployed network: not an
+/// auxiliary head, an extra branch or a method's part, which train only.
+pub fn is_deployed(name: &str) -> bool {
+    !name.starts_with("aux_heads.") && !name.starts_with("branch") && !name.starts_with("distill.")
+}
+
+/// Writes the deployable weights (backbone and BN statistics; no auxiliary heads, extra branches or method parts) with a sidecar
 /// so `kd-runner eval` and the teacher loader read them.
 pub fn export(vars: &VarMap, meta: &TeacherMeta, path: &Path) -> Result<PathBuf> {
     let data = vars.data().lock().expect("var map lock");
     let tensors: HashMap<String, Tensor> = data
         .iter()
-        .filter(|(k, _)| !k.starts_with("aux_heads.") && !k.starts_with("distill."))
+        .filter(|(k, _)| is_deployed(k))
         .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
         .collect();
     drop(data);

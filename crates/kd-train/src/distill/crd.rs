@@ -291,6 +291,7 @@ mod tests {
             pooled: pooled.clone(),
             preact: Vec::new(),
             aux: Vec::new(),
+            branches: Vec::new(),
         }
     }
 

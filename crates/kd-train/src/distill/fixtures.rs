@@ -82,6 +82,7 @@ pub fn distillation_of_a_scaled_copy(method: &dyn Distiller) -> f32 {
         feats: vec![],
         preact: vec![],
         aux: vec![],
+        branches: vec![],
     };
     let (student, teacher) = (output(s), output(t));
     let batch = labelled_batch(Tensor::new(&[2u32, 3], &dev).unwrap());

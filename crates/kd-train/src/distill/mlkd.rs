@@ -137,6 +137,7 @@ mod tests {
             feats: vec![],
             preact: vec![],
             aux: vec![],
+            branches: vec![],
         }
     }
 

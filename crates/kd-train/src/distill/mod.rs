@@ -246,10 +246,7 @@ impl InitPhase {
     /// Whether the phase trains the variable `name` of the student's map.
     pub fn trains(&self, name: &str) -> bool {
         name.starts_with(&self.parts)
-            || (self.student_body
-                && !name.starts_with("fc.")
-                && !name.starts_with("aux_heads.")
-                && !name.starts_with("distill."))
+            || (self.student_body && !name.starts_with("fc.") && crate::trainer::is_deployed(name))
     }
 }
 

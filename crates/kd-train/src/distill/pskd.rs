@@ -168,6 +168,7 @@ mod tests {
             pooled: logits,
             preact: vec![],
             aux: vec![],
+            branches: vec![],
         }
     }
 

@@ -91,6 +91,7 @@ mod tests {
             feats: vec![],
             preact: vec![],
             aux: vec![],
+            branches: vec![],
         };
         let out = Outputs {
             student: &student,
