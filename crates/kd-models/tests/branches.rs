@@ -90,7 +90,7 @@ fn a_branch_is_the_network_with_its_weights() {
             let tensors: HashMap<String, Tensor> = data
                 .iter()
                 .filter(|(k, _)| !k.starts_with("branch"))
-                .map(|(k, v)| {
+                .map(|(k, _)| {
                     let own = k.starts_with("layer4.") || k.starts_with("fc.");
                     let src = if own {
                         format!("{prefix}{k}")

@@ -32,6 +32,7 @@ mod none;
 mod nst;
 mod ofd;
 mod offline_self;
+mod one;
 mod pkt;
 mod plus_kd;
 mod pskd;
@@ -47,6 +48,7 @@ pub use crd::CrdParams;
 pub use ctkd::CtkdParams;
 pub use ft::FtParams;
 pub use none::CrossEntropy;
+pub use one::{sigmoid_rampup, Gate, One};
 pub use plus_kd::PlusKd;
 
 /// Where in training a step is.
@@ -583,6 +585,17 @@ pub enum MethodConfig {
         /// The networks trained beside the student (the student is the run's model).
         peers: Vec<PeerSpec>,
     },
+    /// ONE, On-the-fly Native Ensemble (Lan, Zhu & Gong 2018): the student trains `branches`
+    /// copies of its last stage on its trunk; their gated ensemble learns from the labels and
+    /// teaches each branch. The first branch is the deployed network.
+    One {
+        /// Branches, the network's own included (3 in the paper).
+        branches: usize,
+        /// Temperature of the ensemble's teaching (3).
+        temperature: f64,
+        /// Epochs of the ramp-up of the KL weight, exp(−5(1 − e/L)²) (80; 0: none).
+        rampup_epochs: f64,
+    },
     /// Two-view self-distillation: one image, two augmentations, each view teaching the other.
     TwoView {
         /// Weight of the consistency term.
@@ -683,6 +696,15 @@ impl MethodConfig {
         )
     }
 
+    /// How many branches the student needs ([`kd_models::ResNetConfig::branches`]): 1, the
+    /// plain network, except for ONE.
+    pub fn branches(&self) -> usize {
+        match self {
+            MethodConfig::One { branches, .. } => *branches,
+            _ => 1,
+        }
+    }
+
     /// Whether the student needs its auxiliary heads.
     pub fn needs_aux_heads(&self) -> bool {
         matches!(
@@ -743,6 +765,7 @@ impl MethodConfig {
             MethodConfig::Byot { .. } => "byot",
             MethodConfig::KdByot { .. } => "kd_byot",
             MethodConfig::Dml { .. } => "dml",
+            MethodConfig::One { .. } => "one",
             MethodConfig::TwoView { .. } => "two_view",
             MethodConfig::CsKd { .. } => "cs_kd",
             MethodConfig::Pskd { .. } => "pskd",
@@ -859,6 +882,13 @@ impl MethodConfig {
                     width: 64,
                 }],
             },
+            // The authors' CIFAR scripts: three branches, T = 3 (their KLLoss), a ramp-up of 80
+            // epochs (`--consistency_rampup 80`).
+            "one" => MethodConfig::One {
+                branches: 3,
+                temperature: 3.0,
+                rampup_epochs: 80.0,
+            },
             "two_view" => MethodConfig::TwoView {
                 weight: 1.0,
                 temperature: 4.0,
@@ -889,7 +919,7 @@ impl MethodConfig {
     }
 
     /// Every method name, for `--help` and `kd-runner list`.
-    pub const NAMES: [&'static str; 27] = [
+    pub const NAMES: [&'static str; 28] = [
         "none",
         "kd",
         "ctkd",
@@ -912,6 +942,7 @@ impl MethodConfig {
         "byot",
         "kd_byot",
         "dml",
+        "one",
         "two_view",
         "cs_kd",
         "pskd",
@@ -1198,6 +1229,35 @@ impl MethodConfig {
                     temperature,
                 })
             }
+            MethodConfig::One {
+                branches,
+                temperature,
+                rampup_epochs,
+            } => {
+                if branches < 2
+                    || temperature.is_nan()
+                    || temperature <= 0.0
+                    || rampup_epochs.is_nan()
+                    || rampup_epochs < 0.0
+                {
+                    candle_core::bail!("method one: branches must be at least 2, temperature positive and rampup_epochs at least 0; got {branches}, {temperature} and {rampup_epochs}");
+                }
+                if student.num_branches() != branches {
+                    candle_core::bail!(
+                        "method one needs a student built with {branches} branches, not {}",
+                        student.num_branches()
+                    );
+                }
+                // The gate reads the trunk: the last stage's input, the stage before it.
+                let info = student.feature_info();
+                let trunk = info[info.len() - 2].channels;
+                Box::new(one::One {
+                    ce,
+                    temperature,
+                    rampup_epochs,
+                    gate: one::Gate::new(trunk, branches, vb.pp("distill").pp("one").pp("gate"))?,
+                })
+            }
             MethodConfig::TwoView {
                 weight,
                 temperature,
@@ -1321,6 +1381,7 @@ pub fn build_student(
     }
     let mut cfg = cfg.clone();
     cfg.aux_heads |= method.needs_aux_heads();
+    cfg.branches = cfg.branches.max(method.branches());
     let vars = candle_nn::VarMap::new();
     let vb = VarBuilder::from_varmap(&vars, candle_core::DType::F32, device);
     let mut model = ResNet::new(&cfg, vb.clone())?;
