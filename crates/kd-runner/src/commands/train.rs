@@ -33,7 +33,7 @@ pub struct TrainArgs {
     /// method.alpha (kd, kd_byot, dkd, ctkd, pskd, tf_kd_reg).
     #[arg(long)]
     pub alpha: Option<f64>,
-    /// method.temperature (kd, kd_byot, dkd, dist, dml, two_view, cs_kd, tf_kd_reg; mlkd's first).
+    /// method.temperature (kd, kd_byot, dkd, dist, dml, one, two_view, cs_kd, tf_kd_reg; mlkd's first).
     #[arg(long)]
     pub temperature: Option<f64>,
     /// A peer trained beside the student (dml), ARCH[:STEM[:WIDTH]]; repeat for more peers.
@@ -178,6 +178,7 @@ impl TrainArgs {
             }
             MethodConfig::Dml { temperature, .. }
             | MethodConfig::TwoView { temperature, .. }
+            | MethodConfig::One { temperature, .. }
             | MethodConfig::CsKd { temperature, .. }
             | MethodConfig::Dist { temperature, .. }
             | MethodConfig::Mlkd { temperature, .. }
@@ -186,7 +187,7 @@ impl TrainArgs {
                 set(temperature, self.temperature);
             }
             _ if self.alpha.is_some() || self.temperature.is_some() => {
-                bail!("--alpha applies to kd, kd_byot, dkd, ctkd, pskd and tf_kd_reg (ctkd learns its temperature), --temperature to kd, kd_byot, dkd, dist, dml, two_view, cs_kd, tf_kd_reg and mlkd (its first temperature); not to {}", cfg.method.name())
+                bail!("--alpha applies to kd, kd_byot, dkd, ctkd, pskd and tf_kd_reg (ctkd learns its temperature), --temperature to kd, kd_byot, dkd, dist, dml, one, two_view, cs_kd, tf_kd_reg and mlkd (its first temperature); not to {}", cfg.method.name())
             }
             _ => {}
         }

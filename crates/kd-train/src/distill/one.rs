@@ -276,7 +276,10 @@ mod tests {
                     // The batch-statistics BatchNorm after it takes out any shift: the bias's
                     // gradient is zero up to rounding (1e-17 in PyTorch's f64).
                     let max = |t: &Tensor| scalar(&t.abs().unwrap().max_all().unwrap());
-                    assert!(max(&want) < 1e-12 && max(grad) < 1e-6, "case {i} grad_fc_bias");
+                    assert!(
+                        max(&want) < 1e-12 && max(grad) < 1e-6,
+                        "case {i} grad_fc_bias"
+                    );
                     continue;
                 }
                 let e = rel_err(grad, &want);
