@@ -32,6 +32,7 @@ mod none;
 mod nst;
 mod ofd;
 mod offline_self;
+mod okddip;
 mod one;
 mod pkt;
 mod plus_kd;
@@ -48,6 +49,7 @@ pub use crd::CrdParams;
 pub use ctkd::CtkdParams;
 pub use ft::FtParams;
 pub use none::CrossEntropy;
+pub use okddip::{Okddip, PeerAttention};
 pub use one::{sigmoid_rampup, Gate, One};
 pub use plus_kd::PlusKd;
 
@@ -596,6 +598,21 @@ pub enum MethodConfig {
         /// Epochs of the ramp-up of the KL weight, exp(−5(1 − e/L)²) (80; 0: none).
         rampup_epochs: f64,
     },
+    /// OKDDip, online KD with diverse peers (Chen et al. 2020): the student's extra branches are
+    /// peers, each taught by its own attention-weighted mix of the peers; the network's own last
+    /// stage is the group leader, taught by the peers' mean, and is deployed.
+    Okddip {
+        /// Branches, the leader included (4 in the paper: three peers and the leader).
+        branches: usize,
+        /// Temperature (3).
+        temperature: f64,
+        /// Weight α of both distillation levels (1).
+        alpha: f64,
+        /// Epochs of the ramp-up of that weight, exp(−5(1 − e/L)²) (80; 0: none).
+        rampup_epochs: f64,
+        /// The attention's projections map the last stage's width C to C / factor (8).
+        factor: usize,
+    },
     /// Two-view self-distillation: one image, two augmentations, each view teaching the other.
     TwoView {
         /// Weight of the consistency term.
@@ -700,7 +717,7 @@ impl MethodConfig {
     /// plain network, except for ONE.
     pub fn branches(&self) -> usize {
         match self {
-            MethodConfig::One { branches, .. } => *branches,
+            MethodConfig::One { branches, .. } | MethodConfig::Okddip { branches, .. } => *branches,
             _ => 1,
         }
     }
@@ -766,6 +783,7 @@ impl MethodConfig {
             MethodConfig::KdByot { .. } => "kd_byot",
             MethodConfig::Dml { .. } => "dml",
             MethodConfig::One { .. } => "one",
+            MethodConfig::Okddip { .. } => "okddip",
             MethodConfig::TwoView { .. } => "two_view",
             MethodConfig::CsKd { .. } => "cs_kd",
             MethodConfig::Pskd { .. } => "pskd",
@@ -889,6 +907,15 @@ impl MethodConfig {
                 temperature: 3.0,
                 rampup_epochs: 80.0,
             },
+            // The authors' defaults (`train_GL.py`: four branches, T = 3, α = 1, a ramp-up of 80
+            // epochs; `resnet_GL.py`: factor 8).
+            "okddip" => MethodConfig::Okddip {
+                branches: 4,
+                temperature: 3.0,
+                alpha: 1.0,
+                rampup_epochs: 80.0,
+                factor: 8,
+            },
             "two_view" => MethodConfig::TwoView {
                 weight: 1.0,
                 temperature: 4.0,
@@ -919,7 +946,7 @@ impl MethodConfig {
     }
 
     /// Every method name, for `--help` and `kd-runner list`.
-    pub const NAMES: [&'static str; 28] = [
+    pub const NAMES: [&'static str; 29] = [
         "none",
         "kd",
         "ctkd",
@@ -943,6 +970,7 @@ impl MethodConfig {
         "kd_byot",
         "dml",
         "one",
+        "okddip",
         "two_view",
         "cs_kd",
         "pskd",
@@ -1256,6 +1284,42 @@ impl MethodConfig {
                     temperature,
                     rampup_epochs,
                     gate: one::Gate::new(trunk, branches, vb.pp("distill").pp("one").pp("gate"))?,
+                })
+            }
+            MethodConfig::Okddip {
+                branches,
+                temperature,
+                alpha,
+                rampup_epochs,
+                factor,
+            } => {
+                let width = pooled_width(student);
+                if branches < 3
+                    || temperature.is_nan()
+                    || temperature <= 0.0
+                    || rampup_epochs.is_nan()
+                    || rampup_epochs < 0.0
+                    || factor == 0
+                    || factor > width
+                {
+                    candle_core::bail!("method okddip: branches must be at least 3 (a leader and two peers), temperature positive, rampup_epochs at least 0 and factor in 1..={width}; got {branches}, {temperature}, {rampup_epochs} and {factor}");
+                }
+                if student.num_branches() != branches {
+                    candle_core::bail!(
+                        "method okddip needs a student built with {branches} branches, not {}",
+                        student.num_branches()
+                    );
+                }
+                Box::new(okddip::Okddip {
+                    ce,
+                    temperature,
+                    alpha,
+                    rampup_epochs,
+                    attention: okddip::PeerAttention::new(
+                        width,
+                        factor,
+                        vb.pp("distill").pp("okddip"),
+                    )?,
                 })
             }
             MethodConfig::TwoView {
