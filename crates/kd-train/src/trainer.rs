@@ -877,12 +877,17 @@ pub fn train(
             (Some(a), Some(kl)) => format!(" | agrees with the teacher {a:.2}%, KL {kl:.4}"),
             _ => String::new(),
         };
+        // ONE's and OKDDip's extra classifiers are branches, BYOT's are heads.
+        let (heads_are, with_final) = match members[0].model.num_branches() {
+            1 => ("heads", "heads + final classifier"),
+            _ => ("branches", "all branches"),
+        };
         if !row.head_top1.is_empty() {
             let heads: Vec<String> = row.head_top1.iter().map(|a| format!("{a:.2}%")).collect();
-            extras += &format!(" | heads {}", heads.join(" / "));
+            extras += &format!(" | {heads_are} {}", heads.join(" / "));
         }
         if let Some(a) = row.head_ensemble_top1 {
-            extras += &format!(" | heads + final classifier {a:.2}%");
+            extras += &format!(" | {with_final} {a:.2}%");
         }
         if let Some(a) = row.cohort_ensemble_top1 {
             extras += &format!(" | cohort ensemble {a:.2}%");
