@@ -90,6 +90,12 @@ pub struct ResNetConfig {
     /// `branch{i}.layer4.*` and `branch{i}.fc.*`, train only.
     #[serde(default = "one_branch")]
     pub branches: usize,
+    /// With branches: divide the gradient that reaches the trunk (the last stage's input) by
+    /// their number, so that the trunk learns at the rate of one branch (intermediate-level
+    /// representation sharing with backprop rescaling, ILR: Song & Chai 2018). The forward pass
+    /// is unchanged. Off by default.
+    #[serde(default)]
+    pub rescale_trunk_grad: bool,
     /// Zero-initialise the last BN of every block (Goyal et al. 2017).
     #[serde(default)]
     pub zero_init_residual: bool,
@@ -113,6 +119,7 @@ impl ResNetConfig {
             base_width: 64,
             aux_heads: false,
             branches: 1,
+            rescale_trunk_grad: false,
             zero_init_residual: false,
         }
     }

@@ -445,6 +445,13 @@ fn run_blocks(blocks: &[Block], x: &Tensor, train: bool) -> Result<Tensor> {
     Ok(y)
 }
 
+/// `x` forward, its gradient times `scale` backward: `x̄ + (x − x̄)·scale` with `x̄` cut from
+/// the graph, whose value is `x`'s bits (`x − x` is exactly 0).
+pub fn scale_gradient(x: &Tensor, scale: f64) -> Result<Tensor> {
+    let constant = x.detach();
+    &constant + ((x - &constant)? * scale)?
+}
+
 /// The (N, C) f32 mean over the spatial axes of a 4-D tensor of `format`.
 fn global_average(y: &Tensor, format: MemoryFormat) -> Result<Tensor> {
     let pooled = match format {
@@ -822,6 +829,9 @@ impl ResNet {
         let mut trunk = None;
         for (s, stage) in self.stages.iter().enumerate() {
             if s + 1 == self.stages.len() && !self.branches.is_empty() {
+                if self.cfg.rescale_trunk_grad {
+                    y = scale_gradient(&y, 1.0 / self.num_branches() as f64)?;
+                }
                 trunk = Some(y.clone());
             }
             for (i, block) in stage.iter().enumerate() {

@@ -195,3 +195,54 @@ fn no_branches_is_an_error() {
     .to_string();
     assert!(err.contains("branches > 0"), "{err}");
 }
+
+/// ILR (`rescale_trunk_grad`) leaves the forward pass's bits as they are, divides the gradient
+/// that reaches the trunk by the number of branches, and leaves the branches' own gradients
+/// alone.
+#[test]
+fn ilr_divides_the_trunks_gradient_by_the_branches() {
+    let x = Tensor::randn(0f32, 1.0, (3, 3, 32, 32), &Device::Cpu).unwrap();
+    let run = |ilr: bool| {
+        let cfg = ResNetConfig {
+            rescale_trunk_grad: ilr,
+            ..config(Arch::Resnet18, 3)
+        };
+        let (model, vm) = trainable_resnet(&cfg, &Device::Cpu, 5).unwrap();
+        let out = model.forward_t(&x, true).unwrap();
+        let mut loss = out.logits.sqr().unwrap().sum_all().unwrap();
+        for b in &out.branches {
+            loss = (loss + b.logits.sqr().unwrap().sum_all().unwrap()).unwrap();
+        }
+        let grads = loss.backward().unwrap();
+        let data = vm.data().lock().unwrap();
+        let grad = |k: &str| {
+            grads
+                .get(data[k].as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        let keys = [
+            "layer3.1.conv2.weight",
+            "conv1.weight",
+            "layer4.0.conv1.weight",
+            "branch2.fc.weight",
+        ];
+        (bits(&out.logits), keys.map(grad))
+    };
+    let (plain_logits, plain) = run(false);
+    let (ilr_logits, ilr) = run(true);
+    assert_eq!(plain_logits, ilr_logits);
+    for (k, (a, b)) in plain.iter().zip(&ilr).enumerate() {
+        let scale = if k < 2 { 1.0 / 3.0 } else { 1.0 };
+        let worst = a
+            .iter()
+            .zip(b)
+            .map(|(p, q)| (p * scale - q).abs())
+            .fold(0f32, f32::max);
+        let norm = a.iter().map(|v| v.abs()).fold(0f32, f32::max);
+        assert!(worst <= 1e-5 * norm, "gradient {k}: {worst} against {norm}");
+    }
+}

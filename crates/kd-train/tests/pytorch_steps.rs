@@ -19,9 +19,10 @@
 //! predictions its step 1 stored), and CTKD (its temperature learned through a
 //! gradient reversal), FitNets, VID and CC (their regressors, VID's variances and CC's
 //! projections training with the student), attention transfer, NST, SP, DKD and MLKD (the teacher
-//! on its weak and strong batches in one pass) from the KD case's teacher, RKD and DIST from networks trained a little first (the fixture script says why), and ONE
-//! and OKDDip on the student's own extra branches (ONE's gate, OKDDip's projections and the
-//! branches training with it, the distillation at full weight). Every loss term of both steps, the
+//! on its weak and strong batches in one pass) from the KD case's teacher, RKD and DIST from networks trained a little first (the fixture script says why), and ONE,
+//! OKDDip and CL-ILR on the student's own extra branches (ONE's gate, OKDDip's projections and
+//! the branches training with it, CL-ILR's trunk gradient divided by the branches, the
+//! distillation at full weight). Every loss term of both steps, the
 //! teacher's logits, the step-1 gradients and the parameters and BN statistics after step 1 are
 //! compared tightly; after step 2 within 2e-2, as a ReLU near its kink may flip under f32
 //! rounding by then (the fixture script says why). Measured when written (dml's last column
@@ -51,6 +52,7 @@
 //! | pskd | 6.4·10⁻⁷ | 1.0·10⁻⁵ | 1.4·10⁻⁵ |
 //! | one | 1.0·10⁻⁶ | 1.0·10⁻⁵ | 1.4·10⁻⁵ |
 //! | okddip | 1.0·10⁻⁶ | 1.6·10⁻⁵ | 9.6·10⁻³ (`layer4.0.conv1`) |
+//! | cl_ilr | 8.3·10⁻⁷ | 1.2·10⁻⁵ | 1.5·10⁻⁵ |
 //!
 //! Caught: the teacher fed the student's normalisation (its logits off by 6·10⁻⁴), DML's or
 //! CS-KD's KL taken the other way round, a BYOT head without its ReLU (each a loss term off in
@@ -514,7 +516,7 @@ fn offline_plus_self_steps_match_pytorch() {
     distillation_matches_pytorch("kd_byot", &student, Some(&teacher), &mut members);
 }
 
-/// An online method on the student's own branches (`one`, `okddip`), the distillation at full
+/// An online method on the student's own branches (`one`, `okddip`, `cl_ilr`), the distillation at full
 /// weight (no ramp-up), from `kd`'s student grown extra branches and the method's parts.
 fn branch_steps_match_pytorch(case: &str, method: MethodConfig) {
     let tmp = tempfile::tempdir().unwrap();
@@ -546,6 +548,19 @@ fn online_kd_with_diverse_peers_steps_match_pytorch() {
             alpha: 1.0,
             rampup_epochs: 0.0,
             factor: 8,
+        },
+    );
+}
+
+#[test]
+fn collaborative_learning_with_backprop_rescaling_steps_match_pytorch() {
+    branch_steps_match_pytorch(
+        "cl_ilr",
+        MethodConfig::ClIlr {
+            branches: 4,
+            temperature: 3.0,
+            alpha: 1.0,
+            rampup_epochs: 0.0,
         },
     );
 }

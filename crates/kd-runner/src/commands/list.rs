@@ -32,6 +32,7 @@ pub fn describe(method: &str) -> &'static str {
         "dml" => "online, response: Deep Mutual Learning (Zhang et al. 2018), peers learn from each other",
         "one" => "online, response: On-the-fly Native Ensemble (Lan et al. 2018), the gated ensemble of the student's branches (copies of its last stage) teaches each branch; the first branch is deployed",
         "okddip" => "online, response: online KD with diverse peers (Chen et al. 2020), the student's branches as peers, each taught by its own attention-weighted mix of the peers, and the deployed leader taught by their mean",
+        "cl_ilr" => "online, response: collaborative learning with backprop rescaling (Song & Chai 2018) as OKDDip's authors reimplemented it, the student's branches each taught by the others' mean, their shared trunk's gradient divided by their number",
         "two_view" => "self, response: one image under two augmentations, each view teaching the other",
         "pskd" => "self, response: progressive self-KD (Kim et al. 2021), last epoch's prediction softens the target",
         "tf_kd_reg" => "self, response: teacher-free KD with a designed teacher (Yuan et al. 2020), correct_prob on the label softened at T; (1−α)·CE + α·(multiplier/K)·KL",

@@ -15,6 +15,7 @@ mod ab;
 mod attention;
 mod byot;
 mod cc;
+mod cl_ilr;
 mod crd;
 mod cs_kd;
 mod ctkd;
@@ -45,6 +46,7 @@ mod two_view;
 mod vid;
 
 pub use ab::AbParams;
+pub use cl_ilr::ClIlr;
 pub use crd::CrdParams;
 pub use ctkd::CtkdParams;
 pub use ft::FtParams;
@@ -598,6 +600,19 @@ pub enum MethodConfig {
         /// Epochs of the ramp-up of the KL weight, exp(−5(1 − e/L)²) (80; 0: none).
         rampup_epochs: f64,
     },
+    /// CL-ILR, collaborative learning (Song & Chai 2018) as OKDDip's authors reimplemented it:
+    /// the student's branches, their shared trunk's gradient divided by their number, each
+    /// taught by the mean of the others. The first branch is deployed.
+    ClIlr {
+        /// Branches, the network's own included (4, the OKDDip code's default).
+        branches: usize,
+        /// Temperature (3).
+        temperature: f64,
+        /// Weight α of the peer terms (1).
+        alpha: f64,
+        /// Epochs of the ramp-up of that weight, exp(−5(1 − e/L)²) (80; 0: none).
+        rampup_epochs: f64,
+    },
     /// OKDDip, online KD with diverse peers (Chen et al. 2020): the student's extra branches are
     /// peers, each taught by its own attention-weighted mix of the peers; the network's own last
     /// stage is the group leader, taught by the peers' mean, and is deployed.
@@ -717,9 +732,17 @@ impl MethodConfig {
     /// plain network, except for ONE.
     pub fn branches(&self) -> usize {
         match self {
-            MethodConfig::One { branches, .. } | MethodConfig::Okddip { branches, .. } => *branches,
+            MethodConfig::One { branches, .. }
+            | MethodConfig::Okddip { branches, .. }
+            | MethodConfig::ClIlr { branches, .. } => *branches,
             _ => 1,
         }
+    }
+
+    /// Whether the student's trunk learns at the rate of one branch
+    /// ([`kd_models::ResNetConfig::rescale_trunk_grad`]): CL-ILR's backprop rescaling.
+    pub fn rescale_trunk_grad(&self) -> bool {
+        matches!(self, MethodConfig::ClIlr { .. })
     }
 
     /// Whether the student needs its auxiliary heads.
@@ -784,6 +807,7 @@ impl MethodConfig {
             MethodConfig::Dml { .. } => "dml",
             MethodConfig::One { .. } => "one",
             MethodConfig::Okddip { .. } => "okddip",
+            MethodConfig::ClIlr { .. } => "cl_ilr",
             MethodConfig::TwoView { .. } => "two_view",
             MethodConfig::CsKd { .. } => "cs_kd",
             MethodConfig::Pskd { .. } => "pskd",
@@ -916,6 +940,13 @@ impl MethodConfig {
                 rampup_epochs: 80.0,
                 factor: 8,
             },
+            // The OKDDip code's defaults for its CL-ILR (`train_one.py --avg --bpscale`).
+            "cl_ilr" => MethodConfig::ClIlr {
+                branches: 4,
+                temperature: 3.0,
+                alpha: 1.0,
+                rampup_epochs: 80.0,
+            },
             "two_view" => MethodConfig::TwoView {
                 weight: 1.0,
                 temperature: 4.0,
@@ -946,7 +977,7 @@ impl MethodConfig {
     }
 
     /// Every method name, for `--help` and `kd-runner list`.
-    pub const NAMES: [&'static str; 29] = [
+    pub const NAMES: [&'static str; 30] = [
         "none",
         "kd",
         "ctkd",
@@ -971,6 +1002,7 @@ impl MethodConfig {
         "dml",
         "one",
         "okddip",
+        "cl_ilr",
         "two_view",
         "cs_kd",
         "pskd",
@@ -1322,6 +1354,35 @@ impl MethodConfig {
                     )?,
                 })
             }
+            MethodConfig::ClIlr {
+                branches,
+                temperature,
+                alpha,
+                rampup_epochs,
+            } => {
+                if branches < 2
+                    || temperature.is_nan()
+                    || temperature <= 0.0
+                    || rampup_epochs.is_nan()
+                    || rampup_epochs < 0.0
+                {
+                    candle_core::bail!("method cl_ilr: branches must be at least 2, temperature positive and rampup_epochs at least 0; got {branches}, {temperature} and {rampup_epochs}");
+                }
+                let cfg = student.config();
+                if cfg.branches != branches || !cfg.rescale_trunk_grad {
+                    candle_core::bail!(
+                        "method cl_ilr needs a student built with {branches} branches and its trunk's gradient rescaled, not {} branches{}",
+                        cfg.branches,
+                        if cfg.rescale_trunk_grad { "" } else { " without rescaling" }
+                    );
+                }
+                Box::new(cl_ilr::ClIlr {
+                    ce,
+                    temperature,
+                    alpha,
+                    rampup_epochs,
+                })
+            }
             MethodConfig::TwoView {
                 weight,
                 temperature,
@@ -1446,6 +1507,7 @@ pub fn build_student(
     let mut cfg = cfg.clone();
     cfg.aux_heads |= method.needs_aux_heads();
     cfg.branches = cfg.branches.max(method.branches());
+    cfg.rescale_trunk_grad |= method.rescale_trunk_grad();
     let vars = candle_nn::VarMap::new();
     let vb = VarBuilder::from_varmap(&vars, candle_core::DType::F32, device);
     let mut model = ResNet::new(&cfg, vb.clone())?;

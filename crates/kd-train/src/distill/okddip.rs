@@ -26,7 +26,7 @@ const TARGET_EPS: f64 = 1e-7;
 
 /// `T²·KL(p + ε ‖ q)` averaged over the batch, `p` the softened `target` with its graph and
 /// `q` the softened `logits`, as the authors' `KL_Loss`.
-fn kl_with_target_grad(logits: &Tensor, target: &Tensor, t: f64) -> Result<Tensor> {
+pub(super) fn kl_with_target_grad(logits: &Tensor, target: &Tensor, t: f64) -> Result<Tensor> {
     let p = (softmax(&(target / t)?, D::Minus1)? + TARGET_EPS)?;
     let log_q = log_softmax(&(logits / t)?, D::Minus1)?;
     let kl = (&p * (p.log()? - log_q)?)?.sum(D::Minus1)?;
