@@ -11,9 +11,10 @@ use candle_core::{Result, Tensor};
 use kd_data::Batch;
 
 use super::none::CrossEntropy;
-use super::okddip::kl_with_target_grad;
-use super::one::sigmoid_rampup;
-use super::{Distiller, LossTerms, Outputs, StepContext};
+use super::{
+    branch_logits, sigmoid_rampup, smoothed_kl, sum_levels, Distiller, LossTerms, Outputs,
+    StepContext,
+};
 
 /// CL-ILR.
 pub struct ClIlr {
@@ -33,40 +34,22 @@ impl Distiller for ClIlr {
     }
 
     fn loss(&self, ctx: &StepContext, batch: &Batch, out: &Outputs) -> Result<LossTerms> {
-        let student = out.student;
-        if student.branches.is_empty() {
-            candle_core::bail!(
-                "cl_ilr needs a student built with branches (ResNetConfig::branches ≥ 2)"
-            );
-        }
-        let branches: Vec<&Tensor> = std::iter::once(&student.logits)
-            .chain(student.branches.iter().map(|b| &b.logits))
-            .collect();
+        let branches = branch_logits("cl_ilr", out.student, 2)?;
         let others = (branches.len() - 1) as f64;
         let total = Tensor::stack(&branches, 0)?.sum(0)?;
-        let mut branch_ce = None;
-        let mut kd = None;
-        for (i, z) in branches.iter().enumerate() {
-            if i > 0 {
-                let ce = self.ce.of(z, batch)?;
-                branch_ce = Some(match branch_ce {
-                    None => ce,
-                    Some(a) => (a + ce)?,
-                });
-            }
-            // The mean of the other branches' logits.
-            let target = ((&total - *z)? / others)?;
-            let k = kl_with_target_grad(z, &target, self.temperature)?;
-            kd = Some(match kd {
-                None => k,
-                Some(a) => (a + k)?,
-            });
-        }
+        let branch_ce = sum_levels("cl_ilr", branches[1..].iter().map(|z| self.ce.of(z, batch)))?;
+        // Each branch against the mean of the other branches' logits.
+        let kd = sum_levels(
+            "cl_ilr",
+            branches
+                .iter()
+                .map(|z| smoothed_kl(z, &((&total - *z)? / others)?, self.temperature)),
+        )?;
         let w = self.alpha * sigmoid_rampup(ctx.epoch, self.rampup_epochs);
         let mut t = LossTerms::default();
         t.push("loss_ce", self.ce.of(branches[0], batch)?);
-        t.push("loss_branch_ce", branch_ce.expect("at least two branches"));
-        t.push("loss_kd", (kd.expect("at least two branches") * w)?);
+        t.push("loss_branch_ce", branch_ce);
+        t.push("loss_kd", (kd * w)?);
         t.note("kd_weight", &Tensor::new(w as f32, total.device())?);
         Ok(t)
     }
@@ -80,9 +63,8 @@ impl Distiller for ClIlr {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::distill::fixtures::{get, labelled_batch, load, rel_err, scalar};
+    use crate::distill::fixtures::{get, labelled_batch, load, rel_err, scalar, with_branches};
     use candle_core::{DType, Device, Var};
-    use kd_models::{AuxOutput, ModelOutput};
 
     /// Every term and the gradient of their sum for each branch's logits, through the
     /// undetached targets, equal the OKDDip code's CL-ILR loss computed by PyTorch in float64
@@ -102,20 +84,9 @@ mod tests {
                 rampup_epochs: p[2],
             };
             let m = logits.dim(0).unwrap();
-            let branch = |j: usize| logits.as_tensor().get(j).unwrap();
-            let student = ModelOutput {
-                logits: branch(0),
-                feats: vec![],
-                pooled: branch(0),
-                preact: vec![],
-                aux: vec![],
-                branches: (1..m)
-                    .map(|j| AuxOutput {
-                        logits: branch(j),
-                        pooled: branch(j),
-                    })
-                    .collect(),
-            };
+            let branches: Vec<Tensor> =
+                (0..m).map(|j| logits.as_tensor().get(j).unwrap()).collect();
+            let student = with_branches(branches.clone(), branches);
             let batch = labelled_batch(at("labels").to_dtype(DType::U32).unwrap());
             let ctx = StepContext {
                 epoch: p[3] as usize,
@@ -146,14 +117,7 @@ mod tests {
     fn refuses_a_student_without_branches() {
         let dev = Device::Cpu;
         let z = Tensor::new(&[[1f32, 0.0, -1.0], [0.5, 0.2, 0.1]], &dev).unwrap();
-        let student = ModelOutput {
-            logits: z.clone(),
-            feats: vec![],
-            pooled: z,
-            preact: vec![],
-            aux: vec![],
-            branches: vec![],
-        };
+        let student = with_branches(vec![z.clone()], vec![z]);
         let method = ClIlr {
             ce: CrossEntropy { smoothing: 0.0 },
             temperature: 3.0,

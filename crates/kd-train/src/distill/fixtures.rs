@@ -51,6 +51,24 @@ pub fn labelled_batch(labels: Tensor) -> Batch {
     }
 }
 
+/// A multi-branch network's output of no stage features: `logits[0]` and `pooled[0]` its own
+/// branch, the rest its extra branches (override `feats` as needed).
+pub fn with_branches(logits: Vec<Tensor>, pooled: Vec<Tensor>) -> ModelOutput {
+    assert_eq!(logits.len(), pooled.len());
+    let mut each = logits.into_iter().zip(pooled);
+    let (own, own_pooled) = each.next().expect("at least the network's own branch");
+    ModelOutput {
+        logits: own,
+        feats: vec![],
+        pooled: own_pooled,
+        preact: vec![],
+        aux: vec![],
+        branches: each
+            .map(|(logits, pooled)| kd_models::AuxOutput { logits, pooled })
+            .collect(),
+    }
+}
+
 /// The first element, as f64.
 pub fn scalar(t: &Tensor) -> f64 {
     flat(t)[0]

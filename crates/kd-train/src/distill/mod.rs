@@ -52,7 +52,7 @@ pub use ctkd::CtkdParams;
 pub use ft::FtParams;
 pub use none::CrossEntropy;
 pub use okddip::{Okddip, PeerAttention};
-pub use one::{sigmoid_rampup, Gate, One};
+pub use one::{Gate, One};
 pub use plus_kd::PlusKd;
 
 /// Where in training a step is.
@@ -114,6 +114,46 @@ fn linear_ramp(epoch: usize, over: f64) -> f64 {
     } else {
         ((epoch + 1) as f64 / over).min(1.0)
     }
+}
+
+/// The weight of the online branch methods' distillation at `epoch` (0-based) of a ramp-up over
+/// `over` epochs, `exp(−5(1 − min(epoch, over)/over)²)`, 1 when `over` is 0: mean teacher's
+/// sigmoid ramp-up, which the ONE and OKDDip codes use.
+pub fn sigmoid_rampup(epoch: usize, over: f64) -> f64 {
+    if over <= 0.0 {
+        return 1.0;
+    }
+    let phase = 1.0 - (epoch as f64).clamp(0.0, over) / over;
+    (-5.0 * phase * phase).exp()
+}
+
+/// `T²·Σ (p + 1e-7)(log(p + 1e-7) − log q)` averaged over the batch, `p` the softened
+/// `target` and `q` the softened `logits`: the KL of the ONE and OKDDip codes, whose softmax
+/// target is smoothed by 1e-7. `target` keeps its graph (OKDDip, CL-ILR); ONE detaches it first.
+fn smoothed_kl(logits: &Tensor, target: &Tensor, t: f64) -> Result<Tensor> {
+    use candle_nn::ops::{log_softmax, softmax};
+    let p = (softmax(&(target / t)?, candle_core::D::Minus1)? + 1e-7)?;
+    let log_q = log_softmax(&(logits / t)?, candle_core::D::Minus1)?;
+    let kl = (&p * (p.log()? - log_q)?)?.sum(candle_core::D::Minus1)?;
+    kl.mean_all()? * (t * t)
+}
+
+/// The logits of a multi-branch student's branches, its own first; an error naming `method`
+/// when it has fewer than `at_least`.
+fn branch_logits<'a>(
+    method: &str,
+    student: &'a ModelOutput,
+    at_least: usize,
+) -> Result<Vec<&'a Tensor>> {
+    if student.branches.len() + 1 < at_least {
+        candle_core::bail!(
+            "{method} needs a student built with at least {at_least} branches (ResNetConfig::branches), got {}",
+            student.branches.len() + 1
+        );
+    }
+    Ok(std::iter::once(&student.logits)
+        .chain(student.branches.iter().map(|b| &b.logits))
+        .collect())
 }
 
 /// Named, already weighted loss terms; the total is their sum. Beside them, values a method

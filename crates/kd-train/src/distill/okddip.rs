@@ -13,25 +13,15 @@
 //! `q` the softened logits; both levels weigh `α·exp(−5(1 − e/L)²)` at epoch `e` (0-based) of
 //! a ramp-up over `L` epochs, 1 after it. The peers and the projections train only.
 use candle_core::{Result, Tensor, D};
-use candle_nn::ops::{log_softmax, softmax};
+use candle_nn::ops::softmax;
 use candle_nn::{Linear, Module, VarBuilder};
 use kd_data::Batch;
 
 use super::none::CrossEntropy;
-use super::one::sigmoid_rampup;
-use super::{Distiller, LossTerms, Outputs, StepContext};
-
-/// The authors' smoothing of a softened target (`F.softmax(...) + 10**(-7)`).
-const TARGET_EPS: f64 = 1e-7;
-
-/// `T²·KL(p + ε ‖ q)` averaged over the batch, `p` the softened `target` with its graph and
-/// `q` the softened `logits`, as the authors' `KL_Loss`.
-pub(super) fn kl_with_target_grad(logits: &Tensor, target: &Tensor, t: f64) -> Result<Tensor> {
-    let p = (softmax(&(target / t)?, D::Minus1)? + TARGET_EPS)?;
-    let log_q = log_softmax(&(logits / t)?, D::Minus1)?;
-    let kl = (&p * (p.log()? - log_q)?)?.sum(D::Minus1)?;
-    kl.mean_all()? * (t * t)
-}
+use super::{
+    branch_logits, sigmoid_rampup, smoothed_kl, sum_levels, Distiller, LossTerms, Outputs,
+    StepContext,
+};
 
 /// The peers' attention: bias-free query and key projections of each peer's pooled embedding,
 /// shared by the peers.
@@ -96,43 +86,32 @@ impl Distiller for Okddip {
 
     fn loss(&self, ctx: &StepContext, batch: &Batch, out: &Outputs) -> Result<LossTerms> {
         let student = out.student;
-        if student.branches.len() < 2 {
-            candle_core::bail!(
-                "okddip needs a student built with at least three branches (a leader and two peers; ResNetConfig::branches), got {}",
-                student.branches.len() + 1
-            );
-        }
-        let peers: Vec<&Tensor> = student.branches.iter().map(|b| &b.logits).collect();
+        // The leader (the network's own branch), then at least two peers.
+        let peers = &branch_logits("okddip", student, 3)?[1..];
         let pooled: Vec<&Tensor> = student.branches.iter().map(|b| &b.pooled).collect();
         let attention = self.attention.weights(&pooled)?;
         // (B, n, K): the peers' logits stacked, so that row i of attention · stack is peer i's
         // target, Σ_j a[i, j]·z_j.
-        let stack = Tensor::stack(&peers, 1)?;
+        let stack = Tensor::stack(peers, 1)?;
         let targets = attention.matmul(&stack)?;
         let t = self.temperature;
-        let mut peer_ce = None;
-        let mut peer_kd = None;
-        for (i, z) in peers.iter().enumerate() {
-            let ce = self.ce.of(z, batch)?;
-            let kd = kl_with_target_grad(z, &targets.narrow(1, i, 1)?.squeeze(1)?, t)?;
-            peer_ce = Some(match peer_ce {
-                None => ce,
-                Some(a) => (a + ce)?,
-            });
-            peer_kd = Some(match peer_kd {
-                None => kd,
-                Some(a) => (a + kd)?,
-            });
-        }
+        let peer_ce = sum_levels("okddip", peers.iter().map(|z| self.ce.of(z, batch)))?;
+        let peer_kd = sum_levels(
+            "okddip",
+            peers
+                .iter()
+                .enumerate()
+                .map(|(i, z)| smoothed_kl(z, &targets.narrow(1, i, 1)?.squeeze(1)?, t)),
+        )?;
         let peer_mean = stack.mean(1)?;
         let w = self.alpha * sigmoid_rampup(ctx.epoch, self.rampup_epochs);
         let mut terms = LossTerms::default();
         terms.push("loss_ce", self.ce.of(&student.logits, batch)?);
-        terms.push("loss_branch_ce", peer_ce.expect("at least two peers"));
-        terms.push("loss_peer_kd", (peer_kd.expect("at least two peers") * w)?);
+        terms.push("loss_branch_ce", peer_ce);
+        terms.push("loss_peer_kd", (peer_kd * w)?);
         terms.push(
             "loss_leader_kd",
-            (kl_with_target_grad(&student.logits, &peer_mean, t)? * w)?,
+            (smoothed_kl(&student.logits, &peer_mean, t)? * w)?,
         );
         terms.note(
             "kd_weight",
@@ -150,9 +129,8 @@ impl Distiller for Okddip {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::distill::fixtures::{get, labelled_batch, load, rel_err, scalar};
+    use crate::distill::fixtures::{get, labelled_batch, load, rel_err, scalar, with_branches};
     use candle_core::{DType, Device, Var};
-    use kd_models::{AuxOutput, ModelOutput};
 
     /// Every term and the gradients of their sum for the leader's and the peers' logits, the
     /// peers' pooled embeddings and both projections equal the authors' loss computed by
@@ -180,19 +158,13 @@ mod tests {
                 ),
             };
             let m = logits.dim(0).unwrap();
-            let student = ModelOutput {
-                logits: logits.as_tensor().get(0).unwrap(),
-                feats: vec![],
-                pooled: Tensor::zeros(1, DType::F32, &dev).unwrap(),
-                preact: vec![],
-                aux: vec![],
-                branches: (1..m)
-                    .map(|j| AuxOutput {
-                        logits: logits.as_tensor().get(j).unwrap(),
-                        pooled: pooled.as_tensor().get(j - 1).unwrap(),
-                    })
+            // The leader's own pooled embedding is not read.
+            let student = with_branches(
+                (0..m).map(|j| logits.as_tensor().get(j).unwrap()).collect(),
+                std::iter::once(Tensor::zeros(1, DType::F32, &dev).unwrap())
+                    .chain((1..m).map(|j| pooled.as_tensor().get(j - 1).unwrap()))
                     .collect(),
-            };
+            );
             let batch = labelled_batch(at("labels").to_dtype(DType::U32).unwrap());
             let ctx = StepContext {
                 epoch: p[3] as usize,
@@ -263,17 +235,7 @@ mod tests {
     fn refuses_fewer_than_two_peers() {
         let dev = Device::Cpu;
         let z = Tensor::new(&[[1f32, 0.0, -1.0], [0.5, 0.2, 0.1]], &dev).unwrap();
-        let student = ModelOutput {
-            logits: z.clone(),
-            feats: vec![],
-            pooled: z.clone(),
-            preact: vec![],
-            aux: vec![],
-            branches: vec![AuxOutput {
-                logits: z.clone(),
-                pooled: z,
-            }],
-        };
+        let student = with_branches(vec![z.clone(), z.clone()], vec![z.clone(), z]);
         let method = Okddip {
             ce: CrossEntropy { smoothing: 0.0 },
             temperature: 3.0,
@@ -293,6 +255,6 @@ mod tests {
             )
             .unwrap_err()
             .to_string();
-        assert!(err.contains("at least three branches"), "{err}");
+        assert!(err.contains("at least 3 branches"), "{err}");
     }
 }

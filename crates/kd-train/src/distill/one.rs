@@ -14,15 +14,15 @@
 //! The deployed network is the first branch (the network's own last stage and classifier);
 //! the other branches and the gate train only.
 use candle_core::{Result, Tensor, D};
-use candle_nn::ops::{log_softmax, softmax};
+use candle_nn::ops::softmax;
 use candle_nn::{Linear, Module, VarBuilder};
 use kd_data::Batch;
 
 use super::none::CrossEntropy;
-use super::{Distiller, LossTerms, Outputs, StepContext};
-
-/// The authors' smoothing of the ensemble's softened target (`target_data + 10**(-7)`).
-const TARGET_EPS: f64 = 1e-7;
+use super::{
+    branch_logits, sigmoid_rampup, smoothed_kl, sum_levels, Distiller, LossTerms, Outputs,
+    StepContext,
+};
 
 /// PyTorch's `BatchNorm1d` ε.
 const BN_EPS: f64 = 1e-5;
@@ -82,25 +82,6 @@ impl Gate {
     }
 }
 
-/// The weight of the KL terms at `epoch` (0-based) of a ramp-up over `over` epochs:
-/// `exp(−5(1 − min(epoch, over)/over)²)`, 1 when `over` is 0.
-pub fn sigmoid_rampup(epoch: usize, over: f64) -> f64 {
-    if over <= 0.0 {
-        return 1.0;
-    }
-    let phase = 1.0 - (epoch as f64).clamp(0.0, over) / over;
-    (-5.0 * phase * phase).exp()
-}
-
-/// `T²·KL(p + ε ‖ q)` averaged over the batch, `p` the softened `target` (detached) and `q`
-/// the softened `logits`, as the authors' `KLLoss`.
-fn smoothed_kl(logits: &Tensor, target: &Tensor, t: f64) -> Result<Tensor> {
-    let p = (softmax(&(target.detach() / t)?, D::Minus1)? + TARGET_EPS)?;
-    let log_q = log_softmax(&(logits / t)?, D::Minus1)?;
-    let kl = (&p * (p.log()? - log_q)?)?.sum(D::Minus1)?;
-    kl.mean_all()? * (t * t)
-}
-
 /// ONE.
 pub struct One {
     /// The supervised term.
@@ -120,11 +101,7 @@ impl Distiller for One {
 
     fn loss(&self, ctx: &StepContext, batch: &Batch, out: &Outputs) -> Result<LossTerms> {
         let student = out.student;
-        if student.branches.is_empty() {
-            candle_core::bail!(
-                "one needs a student built with branches (ResNetConfig::branches ≥ 2)"
-            );
-        }
+        let branches = branch_logits("one", student, 2)?;
         let trunk = student
             .feats
             .len()
@@ -133,9 +110,6 @@ impl Distiller for One {
             .ok_or_else(|| {
                 candle_core::Error::Msg("one needs the student's stage features".into())
             })?;
-        let branches: Vec<&Tensor> = std::iter::once(&student.logits)
-            .chain(student.branches.iter().map(|b| &b.logits))
-            .collect();
         let gate = self.gate.weights(trunk)?;
         if gate.dim(1)? != branches.len() {
             candle_core::bail!(
@@ -144,32 +118,26 @@ impl Distiller for One {
                 branches.len()
             );
         }
-        let mut ensemble = branches[0].broadcast_mul(&gate.narrow(1, 0, 1)?)?;
-        for (i, z) in branches.iter().enumerate().skip(1) {
-            ensemble = (ensemble + z.broadcast_mul(&gate.narrow(1, i, 1)?)?)?;
-        }
-        let mut branch_ce = None;
-        let mut kl = None;
-        for (i, z) in branches.iter().enumerate() {
-            if i > 0 {
-                let ce = self.ce.of(z, batch)?;
-                branch_ce = Some(match branch_ce {
-                    None => ce,
-                    Some(a) => (a + ce)?,
-                });
-            }
-            let k = smoothed_kl(z, &ensemble, self.temperature)?;
-            kl = Some(match kl {
-                None => k,
-                Some(a) => (a + k)?,
-            });
-        }
+        // (B, 1, m) · (B, m, K): each image's branches weighed by its gate.
+        let ensemble = gate
+            .unsqueeze(1)?
+            .matmul(&Tensor::stack(&branches, 1)?)?
+            .squeeze(1)?;
+        // The ensemble teaches through its prediction alone (the authors' `Variable(.data)`).
+        let target = ensemble.detach();
+        let branch_ce = sum_levels("one", branches[1..].iter().map(|z| self.ce.of(z, batch)))?;
+        let kl = sum_levels(
+            "one",
+            branches
+                .iter()
+                .map(|z| smoothed_kl(z, &target, self.temperature)),
+        )?;
         let w = sigmoid_rampup(ctx.epoch, self.rampup_epochs);
         let mut t = LossTerms::default();
         t.push("loss_ce", self.ce.of(branches[0], batch)?);
-        t.push("loss_branch_ce", branch_ce.expect("at least two branches"));
+        t.push("loss_branch_ce", branch_ce);
         t.push("loss_ensemble_ce", self.ce.of(&ensemble, batch)?);
-        t.push("loss_kd", (kl.expect("at least two branches") * w)?);
+        t.push("loss_kd", (kl * w)?);
         t.note("kd_weight", &Tensor::new(w as f32, ensemble.device())?);
         Ok(t)
     }
@@ -178,9 +146,9 @@ impl Distiller for One {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::distill::fixtures::{get, labelled_batch, load, rel_err, scalar};
+    use crate::distill::fixtures::{get, labelled_batch, load, rel_err, scalar, with_branches};
     use candle_core::{DType, Device, Var};
-    use kd_models::{AuxOutput, ModelOutput};
+    use kd_models::ModelOutput;
 
     /// Every term and the gradients of their sum for each branch's logits, the trunk and the
     /// gate's four tensors equal the authors' loss computed by PyTorch in float64
@@ -209,24 +177,15 @@ mod tests {
                 gate: Gate::from_tensors(w, b, g, s),
             };
             let m = logits.dim(0).unwrap();
-            let branch = |j: usize| logits.as_tensor().get(j).unwrap();
             let b = trunk.dim(0).unwrap();
+            let zeros = || Tensor::zeros((b, 1), DType::F32, &dev).unwrap();
             let student = ModelOutput {
-                logits: branch(0),
                 // The trunk is the last stage's input: the feature before the last.
-                feats: vec![
-                    trunk.as_tensor().clone(),
-                    Tensor::zeros((b, 1, 1, 1), DType::F32, &dev).unwrap(),
-                ],
-                pooled: Tensor::zeros((b, 1), DType::F32, &dev).unwrap(),
-                preact: vec![],
-                aux: vec![],
-                branches: (1..m)
-                    .map(|j| AuxOutput {
-                        logits: branch(j),
-                        pooled: Tensor::zeros((b, 1), DType::F32, &dev).unwrap(),
-                    })
-                    .collect(),
+                feats: vec![trunk.as_tensor().clone(), zeros()],
+                ..with_branches(
+                    (0..m).map(|j| logits.as_tensor().get(j).unwrap()).collect(),
+                    (0..m).map(|_| zeros()).collect(),
+                )
             };
             let batch = labelled_batch(at("labels").to_dtype(DType::U32).unwrap());
             let ctx = StepContext {
@@ -303,14 +262,7 @@ mod tests {
     fn refuses_a_student_without_branches() {
         let dev = Device::Cpu;
         let z = Tensor::new(&[[1f32, 0.0, -1.0], [0.5, 0.2, 0.1]], &dev).unwrap();
-        let student = ModelOutput {
-            logits: z.clone(),
-            feats: vec![],
-            pooled: z,
-            preact: vec![],
-            aux: vec![],
-            branches: vec![],
-        };
+        let student = with_branches(vec![z.clone()], vec![z]);
         let gate = Gate::from_tensors(
             Tensor::zeros((3, 4), DType::F32, &dev).unwrap(),
             Tensor::zeros(3, DType::F32, &dev).unwrap(),
