@@ -63,7 +63,9 @@ impl Distiller for ClIlr {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::distill::fixtures::{get, labelled_batch, load, rel_err, scalar, with_branches};
+    use crate::distill::fixtures::{
+        assert_terms, get, labelled_batch, load, rel_err, with_branches,
+    };
     use candle_core::{DType, Device, Var};
 
     /// Every term and the gradient of their sum for each branch's logits, through the
@@ -97,15 +99,12 @@ mod tests {
             let terms = method
                 .loss(&ctx, &batch, &Outputs::student(&student))
                 .unwrap();
-            let names: Vec<&str> = terms.terms.iter().map(|(n, _)| n.as_str()).collect();
-            assert_eq!(names, ["loss_ce", "loss_branch_ce", "loss_kd"]);
-            for (name, value) in &terms.terms {
-                let (got, want) = (scalar(value), scalar(&at(name)));
-                assert!(
-                    (got - want).abs() <= 2e-5 * want.abs() + 1e-7,
-                    "case {i} {name}: {got} vs {want}"
-                );
-            }
+            assert_terms(
+                &terms,
+                &["loss_ce", "loss_branch_ce", "loss_kd"],
+                at,
+                &format!("case {i}"),
+            );
             let grads = terms.total().unwrap().backward().unwrap();
             let e = rel_err(grads.get(logits.as_tensor()).unwrap(), &at("grad_logits"));
             assert!(e < 5e-5, "case {i} grad_logits: relative error {e:.2e}");

@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Tensor};
 use kd_data::Batch;
 use kd_models::ModelOutput;
 
-use super::{Distiller, Outputs, StepContext};
+use super::{Distiller, LossTerms, Outputs, StepContext};
 
 /// A fixture file's tensors by key.
 pub type Fixture = HashMap<String, Tensor>;
@@ -66,6 +66,20 @@ pub fn with_branches(logits: Vec<Tensor>, pooled: Vec<Tensor>) -> ModelOutput {
         branches: each
             .map(|(logits, pooled)| kd_models::AuxOutput { logits, pooled })
             .collect(),
+    }
+}
+
+/// Asserts `terms` are named `names`, in order, and each equals the fixture's value `want(name)`
+/// within 2e-5 of it (+ 1e-7): an f32 loss against PyTorch's f64.
+pub fn assert_terms(terms: &LossTerms, names: &[&str], want: impl Fn(&str) -> Tensor, case: &str) {
+    let got: Vec<&str> = terms.terms.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(got, names, "{case}");
+    for (name, value) in &terms.terms {
+        let (got, want) = (scalar(value), scalar(&want(name)));
+        assert!(
+            (got - want).abs() <= 2e-5 * want.abs() + 1e-7,
+            "{case} {name}: {got} vs {want}"
+        );
     }
 }
 

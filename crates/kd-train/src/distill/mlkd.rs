@@ -126,7 +126,7 @@ impl Distiller for Mlkd {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::distill::fixtures::{get, labelled_batch, load, rel_err, scalar};
+    use crate::distill::fixtures::{assert_terms, get, labelled_batch, load, rel_err};
     use candle_core::{Device, Var};
     use kd_models::ModelOutput;
 
@@ -182,15 +182,12 @@ mod tests {
                 paired: Some(&strong),
             };
             let terms = method.loss(&StepContext::one_step(), &batch, &out).unwrap();
-            let names: Vec<&str> = terms.terms.iter().map(|(n, _)| n.as_str()).collect();
-            assert_eq!(names, ["loss_ce", "loss_kd", "loss_cc", "loss_bc"]);
-            for (name, value) in &terms.terms {
-                let (got, want) = (scalar(value), scalar(&at(name)));
-                assert!(
-                    (got - want).abs() <= 2e-5 * want.abs() + 1e-7,
-                    "case {i} {name}: {got} vs {want}"
-                );
-            }
+            assert_terms(
+                &terms,
+                &["loss_ce", "loss_kd", "loss_cc", "loss_bc"],
+                at,
+                &format!("case {i}"),
+            );
             let grads = terms.total().unwrap().backward().unwrap();
             for (var, key) in [(&sw, "grad_weak"), (&ss, "grad_strong")] {
                 let e = rel_err(grads.get(var.as_tensor()).unwrap(), &at(key));

@@ -146,7 +146,9 @@ impl Distiller for One {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::distill::fixtures::{get, labelled_batch, load, rel_err, scalar, with_branches};
+    use crate::distill::fixtures::{
+        assert_terms, get, labelled_batch, load, rel_err, scalar, with_branches,
+    };
     use candle_core::{DType, Device, Var};
     use kd_models::ModelOutput;
 
@@ -197,18 +199,12 @@ mod tests {
             let terms = method
                 .loss(&ctx, &batch, &Outputs::student(&student))
                 .unwrap();
-            let names: Vec<&str> = terms.terms.iter().map(|(n, _)| n.as_str()).collect();
-            assert_eq!(
-                names,
-                ["loss_ce", "loss_branch_ce", "loss_ensemble_ce", "loss_kd"]
+            assert_terms(
+                &terms,
+                &["loss_ce", "loss_branch_ce", "loss_ensemble_ce", "loss_kd"],
+                at,
+                &format!("case {i}"),
             );
-            for (name, value) in &terms.terms {
-                let (got, want) = (scalar(value), scalar(&at(name)));
-                assert!(
-                    (got - want).abs() <= 2e-5 * want.abs() + 1e-7,
-                    "case {i} {name}: {got} vs {want}"
-                );
-            }
             let grads = terms.total().unwrap().backward().unwrap();
             let leaves = [
                 &logits,
