@@ -39,7 +39,7 @@ pub use error::{ModelError, Result};
 pub use import::{import_checkpoint, import_teacher, TeacherMeta};
 pub use max_pool::MaxPool2d;
 pub use registry::{Arch, BlockKind, ResNetConfig, Stem};
-pub use resnet::{AuxOutput, FeatureInfo, ForwardParts, Macs, ModelOutput, ResNet};
+pub use resnet::{AuxOutput, BranchGate, FeatureInfo, ForwardParts, Macs, ModelOutput, ResNet};
 pub use teacher::{mean_logits, renormalize, Teacher};
 
 /// The README's examples, compiled and run as doc tests.

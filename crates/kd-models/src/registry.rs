@@ -96,6 +96,11 @@ pub struct ResNetConfig {
     /// is unchanged. Off by default.
     #[serde(default)]
     pub rescale_trunk_grad: bool,
+    /// With branches: ONE's gate (Lan et al. 2018), which weighs the branches' logits image by
+    /// image into the gated ensemble ([`crate::ModelOutput::gated`]); named `gate.fc.*` and
+    /// `gate.bn.*`, training-only. Off by default.
+    #[serde(default)]
+    pub gate: bool,
     /// Zero-initialise the last BN of every block (Goyal et al. 2017).
     #[serde(default)]
     pub zero_init_residual: bool,
@@ -120,6 +125,7 @@ impl ResNetConfig {
             aux_heads: false,
             branches: 1,
             rescale_trunk_grad: false,
+            gate: false,
             zero_init_residual: false,
         }
     }

@@ -49,6 +49,9 @@ pub struct ModelOutput {
     /// The extra branches ([`ResNetConfig::branches`]), when the model has them: the first
     /// branch is the network's own `logits` and `pooled`.
     pub branches: Vec<AuxOutput>,
+    /// With a gate ([`ResNetConfig::gate`]): the gated ensemble of all branches' logits (ONE's
+    /// teacher; at test time its ONE-E).
+    pub gated: Option<Tensor>,
 }
 
 /// Which optional outputs a forward pass returns ([`ResNet::forward_parts`]); the logits, the
@@ -408,6 +411,61 @@ struct Branch {
     fc: Linear,
 }
 
+/// ONE's gate (Lan, Zhu & Gong 2018): the trunk's pooled output through a linear layer to one
+/// score per branch, a BatchNorm (PyTorch's `BatchNorm1d`: batch statistics in training,
+/// running ones in eval), a ReLU and a softmax over the branches; those weights mix the
+/// branches' logits, image by image. Named `gate.fc.*` and `gate.bn.*`.
+#[derive(Clone, Debug)]
+pub struct BranchGate {
+    fc: Linear,
+    bn: BatchNorm2d,
+}
+
+impl BranchGate {
+    /// A gate from `channels` (the trunk's) to `branches` weights, its variables under `vb`.
+    pub fn new(channels: usize, branches: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(BranchGate {
+            fc: candle_nn::linear(channels, branches, vb.pp("fc"))?,
+            bn: batch_norm2d(branches, vb.pp("bn"))?,
+        })
+    }
+
+    /// The (B, m) branch weights of the trunk's (B, C) pooled output, each row summing to 1;
+    /// `train` selects batch statistics (and updates the running ones).
+    pub fn weights(&self, pooled_trunk: &Tensor, train: bool) -> Result<Tensor> {
+        let z = self.fc.forward(pooled_trunk)?;
+        let (b, m) = z.dims2()?;
+        // BatchNorm1d over (B, m) is BatchNorm2d over (B, m, 1, 1): the same statistics.
+        let y = self
+            .bn
+            .forward_relu_t(&z.reshape((b, m, 1, 1))?, train)?
+            .reshape((b, m))?;
+        candle_nn::ops::softmax(&y, D::Minus1)
+    }
+
+    /// The gated ensemble Σᵢ gᵢ·zᵢ of `logits` (each (B, K), one per branch, the network's own
+    /// first) under [`BranchGate::weights`].
+    pub fn forward_t(
+        &self,
+        pooled_trunk: &Tensor,
+        logits: &[&Tensor],
+        train: bool,
+    ) -> Result<Tensor> {
+        let g = self.weights(pooled_trunk, train)?;
+        // (B, 1, m) · (B, m, K).
+        g.unsqueeze(1)?
+            .matmul(&Tensor::stack(logits, 1)?)?
+            .squeeze(1)
+    }
+
+    fn params(&self) -> Vec<&Tensor> {
+        let mut out = vec![self.fc.weight()];
+        out.extend(self.fc.bias());
+        out.extend(self.bn.params());
+        out
+    }
+}
+
 /// The blocks of one stage: `n` blocks of `kind` from `c_in` channels, the first with
 /// `stride`, named `{vb}.{b}.*`; and the stage's output channels.
 fn stage_blocks(
@@ -472,6 +530,7 @@ pub struct ResNet {
     fc: Linear,
     aux: Vec<AuxHead>,
     branches: Vec<Branch>,
+    gate: Option<BranchGate>,
     info: Vec<FeatureInfo>,
     compute_dtype: DType,
     format: MemoryFormat,
@@ -484,6 +543,12 @@ impl ResNet {
     pub fn new(cfg: &ResNetConfig, vb: VarBuilder) -> Result<Self> {
         let (kind, depths) = cfg.arch.blocks();
         let w = cfg.base_width;
+        if cfg.gate && cfg.branches < 2 {
+            candle_core::bail!(
+                "ResNet: a gate weighs branches, so it needs branches ≥ 2, got {}",
+                cfg.branches
+            );
+        }
         if w == 0 || cfg.num_classes == 0 || cfg.branches == 0 {
             candle_core::bail!(
                 "ResNet needs base_width > 0, num_classes > 0 and branches > 0, got {}, {} and {}",
@@ -545,6 +610,10 @@ impl ResNet {
                 fc: candle_nn::linear(c_out, cfg.num_classes, vbb.pp("fc"))?,
             });
         }
+        let gate = cfg
+            .gate
+            .then(|| BranchGate::new(info[last].channels, cfg.branches, vb.pp("gate")))
+            .transpose()?;
         Ok(ResNet {
             cfg: cfg.clone(),
             conv1,
@@ -554,6 +623,7 @@ impl ResNet {
             fc,
             aux,
             branches,
+            gate,
             info,
             compute_dtype: DType::F32,
             format: MemoryFormat::ChannelsFirst,
@@ -681,9 +751,9 @@ impl ResNet {
         self.branches.len() + 1
     }
 
-    /// The learnable tensors of the extra branches (training-only).
+    /// The learnable tensors of the extra branches and their gate (training-only).
     pub fn branch_params(&self) -> Vec<&Tensor> {
-        let mut out = Vec::new();
+        let mut out = self.gate.as_ref().map_or(Vec::new(), BranchGate::params);
         for b in &self.branches {
             for block in &b.blocks {
                 block.params(&mut out);
@@ -737,20 +807,22 @@ impl ResNet {
             .zip(&stage_out)
             .map(|(h, &hw)| h.conv.macs(hw).0 + linear(&h.fc))
             .sum();
-        let branches = self
-            .branches
-            .iter()
-            .map(|b| {
-                let mut hw = trunk_hw;
-                let mut total = linear(&b.fc);
-                for block in &b.blocks {
-                    let (m, out) = block.macs(hw);
-                    total += m;
-                    hw = out;
-                }
-                total
-            })
-            .sum();
+        let gate = self.gate.as_ref().map_or(0, |g| linear(&g.fc));
+        let branches = gate
+            + self
+                .branches
+                .iter()
+                .map(|b| {
+                    let mut hw = trunk_hw;
+                    let mut total = linear(&b.fc);
+                    for block in &b.blocks {
+                        let (m, out) = block.macs(hw);
+                        total += m;
+                        hw = out;
+                    }
+                    total
+                })
+                .sum::<u64>();
         Macs {
             backbone,
             aux_heads,
@@ -879,6 +951,15 @@ impl ResNet {
                 })
                 .collect::<Result<Vec<_>>>()?,
         };
+        let gated = match (&self.gate, &trunk) {
+            (Some(gate), Some(trunk)) => {
+                let logits: Vec<&Tensor> = std::iter::once(&logits)
+                    .chain(branches.iter().map(|b| &b.logits))
+                    .collect();
+                Some(gate.forward_t(&global_average(trunk, self.format)?, &logits, train)?)
+            }
+            _ => None,
+        };
         let feats = if parts.features {
             feats
                 .iter()
@@ -894,6 +975,7 @@ impl ResNet {
             preact,
             aux,
             branches,
+            gated,
         })
     }
 }

@@ -155,6 +155,7 @@ impl Teacher {
                 preact: out.preact.iter().map(Tensor::detach).collect(),
                 aux: vec![],
                 branches: vec![],
+                gated: None,
             });
         }
         if parts.features || parts.preact {
@@ -185,6 +186,7 @@ impl Teacher {
             preact: vec![],
             aux: vec![],
             branches: vec![],
+            gated: None,
         })
     }
 }

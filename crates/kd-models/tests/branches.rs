@@ -246,3 +246,83 @@ fn ilr_divides_the_trunks_gradient_by_the_branches() {
         assert!(worst <= 1e-5 * norm, "gradient {k}: {worst} against {norm}");
     }
 }
+
+/// ONE's gate (`gate`): its keys, its parameters counted with the branches, and its ensemble a
+/// convex combination of the branches' logits, class by class, in train and eval mode; a
+/// training pass moves its running statistics.
+#[test]
+fn the_gate_mixes_the_branches() {
+    let x = Tensor::randn(0f32, 1.0, (4, 3, 32, 32), &Device::Cpu).unwrap();
+    let cfg = ResNetConfig {
+        gate: true,
+        ..config(Arch::Resnet18, 3)
+    };
+    let (model, vm) = trainable_resnet(&cfg, &Device::Cpu, 2).unwrap();
+    let (plain, _) = trainable_resnet(&config(Arch::Resnet18, 3), &Device::Cpu, 2).unwrap();
+    let trunk = plain.feature_info()[3].channels;
+    {
+        let data = vm.data().lock().unwrap();
+        let gate: Vec<&str> = {
+            let mut k: Vec<&str> = data
+                .keys()
+                .filter(|k| k.starts_with("gate."))
+                .map(|k| k.as_str())
+                .collect();
+            k.sort();
+            k
+        };
+        assert_eq!(
+            gate,
+            [
+                "gate.bn.bias",
+                "gate.bn.running_mean",
+                "gate.bn.running_var",
+                "gate.bn.weight",
+                "gate.fc.bias",
+                "gate.fc.weight"
+            ]
+        );
+    }
+    assert_eq!(
+        model.num_params(),
+        plain.num_params() + trunk * 3 + 3 + 2 * 3
+    );
+    assert_eq!(model.num_backbone_params(), plain.num_backbone_params());
+    let rows = |t: &Tensor| t.to_vec2::<f32>().unwrap();
+    let running_mean = || {
+        let data = vm.data().lock().unwrap();
+        bits(data["gate.bn.running_mean"].as_tensor())
+    };
+    let before = running_mean();
+    for train in [true, false] {
+        let out = model.forward_t(&x, train).unwrap();
+        let gated = rows(out.gated.as_ref().unwrap());
+        let each: Vec<Vec<Vec<f32>>> = std::iter::once(&out.logits)
+            .chain(out.branches.iter().map(|b| &b.logits))
+            .map(rows)
+            .collect();
+        for (i, row) in gated.iter().enumerate() {
+            for (k, v) in row.iter().enumerate() {
+                let (lo, hi) = each.iter().fold((f32::MAX, f32::MIN), |(lo, hi), z| {
+                    (lo.min(z[i][k]), hi.max(z[i][k]))
+                });
+                assert!(
+                    *v >= lo - 1e-5 && *v <= hi + 1e-5,
+                    "{v} outside [{lo}, {hi}]"
+                );
+            }
+        }
+    }
+    // The training pass above moved the gate's running statistics (eval mode reads them).
+    assert_ne!(running_mean(), before);
+    let err = ResNet::new(
+        &ResNetConfig {
+            gate: true,
+            ..config(Arch::Resnet18, 1)
+        },
+        VarBuilder::zeros(DType::F32, &Device::Cpu),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("branches ≥ 2"), "{err}");
+}

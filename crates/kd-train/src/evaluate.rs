@@ -29,7 +29,8 @@ pub struct EvalReport {
     /// for a model with neither.
     pub heads: Vec<Accuracy>,
     /// With auxiliary heads or extra branches: the accuracy of their ensemble with the final
-    /// classifier, softmax averaged ([`crate::ensemble`]).
+    /// classifier, softmax averaged ([`crate::ensemble`]); with a gate over the branches
+    /// (ONE's), their gated ensemble, as the gate combines them ([`kd_models::ModelOutput::gated`]).
     pub head_ensemble: Option<Accuracy>,
     /// Wall time in seconds.
     pub seconds: f64,
@@ -176,9 +177,15 @@ fn run(
             h.update(logits, &batch.labels, None)?;
         }
         if !extra.is_empty() {
-            let members: Vec<&Tensor> = std::iter::once(&out.logits).chain(extra).collect();
             let acc = head_ensemble.get_or_insert_with(|| Accuracy::new(num_classes));
-            crate::ensemble::update(acc, &members, &batch.labels, Combine::Probabilities)?;
+            match &out.gated {
+                // ONE's branches are scored as their gate combines them (ONE-E).
+                Some(gated) => acc.update(gated, &batch.labels, None)?,
+                None => {
+                    let members: Vec<&Tensor> = std::iter::once(&out.logits).chain(extra).collect();
+                    crate::ensemble::update(acc, &members, &batch.labels, Combine::Probabilities)?;
+                }
+            }
         }
         if let (Some(f), Some(r)) = (fidelity.as_mut(), reference) {
             f.update(&out.logits, &r.logits[i])?;

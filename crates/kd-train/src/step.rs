@@ -133,6 +133,7 @@ fn detached(o: &ModelOutput) -> ModelOutput {
         preact: o.preact.iter().map(Tensor::detach).collect(),
         aux: o.aux.iter().map(detached_head).collect(),
         branches: o.branches.iter().map(detached_head).collect(),
+        gated: o.gated.as_ref().map(Tensor::detach),
     }
 }
 

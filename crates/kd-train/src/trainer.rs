@@ -878,8 +878,10 @@ pub fn train(
             _ => String::new(),
         };
         // ONE's and OKDDip's extra classifiers are branches, BYOT's are heads.
-        let (heads_are, with_final) = match members[0].model.num_branches() {
-            1 => ("heads", "heads + final classifier"),
+        let model = &members[0].model;
+        let (heads_are, with_final) = match (model.num_branches(), model.config().gate) {
+            (1, _) => ("heads", "heads + final classifier"),
+            (_, true) => ("branches", "gated ensemble"),
             _ => ("branches", "all branches"),
         };
         if !row.head_top1.is_empty() {
@@ -1317,9 +1319,11 @@ fn append(path: &Path, line: &str) -> Result<()> {
 }
 
 /// Whether the variable `name` of a student's map belongs to the deployed network: not an
-/// auxiliary head, an extra branch or a method's part, which train only.
+/// auxiliary head, an extra branch, the branches' gate or a method's part, which train only.
 pub fn is_deployed(name: &str) -> bool {
-    !name.starts_with("aux_heads.") && !name.starts_with("branch") && !name.starts_with("distill.")
+    !["aux_heads.", "branch", "gate.", "distill."]
+        .iter()
+        .any(|p| name.starts_with(p))
 }
 
 /// Writes the deployable weights (backbone and BN statistics; no auxiliary heads, extra branches or method parts) with a sidecar

@@ -292,6 +292,7 @@ mod tests {
             preact: Vec::new(),
             aux: Vec::new(),
             branches: Vec::new(),
+            gated: None,
         }
     }
 

@@ -66,6 +66,7 @@ pub fn with_branches(logits: Vec<Tensor>, pooled: Vec<Tensor>) -> ModelOutput {
         branches: each
             .map(|(logits, pooled)| kd_models::AuxOutput { logits, pooled })
             .collect(),
+        gated: None,
     }
 }
 
@@ -115,6 +116,7 @@ pub fn distillation_of_a_scaled_copy(method: &dyn Distiller) -> f32 {
         preact: vec![],
         aux: vec![],
         branches: vec![],
+        gated: None,
     };
     let (student, teacher) = (output(s), output(t));
     let batch = labelled_batch(Tensor::new(&[2u32, 3], &dev).unwrap());

@@ -138,6 +138,7 @@ mod tests {
             preact: vec![],
             aux: vec![],
             branches: vec![],
+            gated: None,
         }
     }
 

@@ -52,7 +52,7 @@ pub use ctkd::CtkdParams;
 pub use ft::FtParams;
 pub use none::CrossEntropy;
 pub use okddip::{Okddip, PeerAttention};
-pub use one::{Gate, One};
+pub use one::One;
 pub use plus_kd::PlusKd;
 
 /// Where in training a step is.
@@ -779,6 +779,11 @@ impl MethodConfig {
         }
     }
 
+    /// Whether the student's branches have ONE's gate ([`kd_models::ResNetConfig::gate`]).
+    pub fn branch_gate(&self) -> bool {
+        matches!(self, MethodConfig::One { .. })
+    }
+
     /// Whether the student's trunk learns at the rate of one branch
     /// ([`kd_models::ResNetConfig::rescale_trunk_grad`]): CL-ILR's backprop rescaling.
     pub fn rescale_trunk_grad(&self) -> bool {
@@ -1348,14 +1353,13 @@ impl MethodConfig {
                         student.num_branches()
                     );
                 }
-                // The gate reads the trunk: the last stage's input, the stage before it.
-                let info = student.feature_info();
-                let trunk = info[info.len() - 2].channels;
+                if !student.config().gate {
+                    candle_core::bail!("method one needs a student built with its gate");
+                }
                 Box::new(one::One {
                     ce,
                     temperature,
                     rampup_epochs,
-                    gate: one::Gate::new(trunk, branches, vb.pp("distill").pp("one").pp("gate"))?,
                 })
             }
             MethodConfig::Okddip {
@@ -1548,6 +1552,7 @@ pub fn build_student(
     cfg.aux_heads |= method.needs_aux_heads();
     cfg.branches = cfg.branches.max(method.branches());
     cfg.rescale_trunk_grad |= method.rescale_trunk_grad();
+    cfg.gate |= method.branch_gate();
     let vars = candle_nn::VarMap::new();
     let vb = VarBuilder::from_varmap(&vars, candle_core::DType::F32, device);
     let mut model = ResNet::new(&cfg, vb.clone())?;

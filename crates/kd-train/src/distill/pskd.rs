@@ -169,6 +169,7 @@ mod tests {
             preact: vec![],
             aux: vec![],
             branches: vec![],
+            gated: None,
         }
     }
 

@@ -92,6 +92,7 @@ mod tests {
             preact: vec![],
             aux: vec![],
             branches: vec![],
+            gated: None,
         };
         let out = Outputs {
             student: &student,
