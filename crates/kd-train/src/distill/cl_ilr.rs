@@ -64,7 +64,7 @@ impl Distiller for ClIlr {
 mod tests {
     use super::*;
     use crate::distill::fixtures::{
-        assert_terms, get, labelled_batch, load, rel_err, with_branches,
+        assert_terms, get, labelled_batch, load, rel_err, terms_at, with_branches,
     };
     use candle_core::{DType, Device, Var};
 
@@ -89,16 +89,8 @@ mod tests {
             let branches: Vec<Tensor> =
                 (0..m).map(|j| logits.as_tensor().get(j).unwrap()).collect();
             let student = with_branches(branches.clone(), branches);
-            let batch = labelled_batch(at("labels").to_dtype(DType::U32).unwrap());
-            let ctx = StepContext {
-                epoch: p[3] as usize,
-                step: 0,
-                total_steps: 1,
-                epochs: 300,
-            };
-            let terms = method
-                .loss(&ctx, &batch, &Outputs::student(&student))
-                .unwrap();
+            let labels = at("labels").to_dtype(DType::U32).unwrap();
+            let terms = terms_at(&method, p[3] as usize, labels, &student);
             assert_terms(
                 &terms,
                 &["loss_ce", "loss_branch_ce", "loss_kd"],

@@ -70,6 +70,25 @@ pub fn with_branches(logits: Vec<Tensor>, pooled: Vec<Tensor>) -> ModelOutput {
     }
 }
 
+/// `method`'s terms for `student` alone on a batch of `labels` at `epoch` (0-based, of a long
+/// run): what a loss fixture's case computes.
+pub fn terms_at(
+    method: &dyn Distiller,
+    epoch: usize,
+    labels: Tensor,
+    student: &ModelOutput,
+) -> LossTerms {
+    let ctx = StepContext {
+        epoch,
+        step: 0,
+        total_steps: 1,
+        epochs: 1000,
+    };
+    method
+        .loss(&ctx, &labelled_batch(labels), &Outputs::student(student))
+        .unwrap()
+}
+
 /// Asserts `terms` are named `names`, in order, and each equals the fixture's value `want(name)`
 /// within 2e-5 of it (+ 1e-7): an f32 loss against PyTorch's f64.
 pub fn assert_terms(terms: &LossTerms, names: &[&str], want: impl Fn(&str) -> Tensor, case: &str) {

@@ -130,7 +130,7 @@ impl Distiller for Okddip {
 mod tests {
     use super::*;
     use crate::distill::fixtures::{
-        assert_terms, get, labelled_batch, load, rel_err, with_branches,
+        assert_terms, get, labelled_batch, load, rel_err, terms_at, with_branches,
     };
     use candle_core::{DType, Device, Var};
 
@@ -167,16 +167,8 @@ mod tests {
                     .chain((1..m).map(|j| pooled.as_tensor().get(j - 1).unwrap()))
                     .collect(),
             );
-            let batch = labelled_batch(at("labels").to_dtype(DType::U32).unwrap());
-            let ctx = StepContext {
-                epoch: p[3] as usize,
-                step: 0,
-                total_steps: 1,
-                epochs: 300,
-            };
-            let terms = method
-                .loss(&ctx, &batch, &Outputs::student(&student))
-                .unwrap();
+            let labels = at("labels").to_dtype(DType::U32).unwrap();
+            let terms = terms_at(&method, p[3] as usize, labels, &student);
             assert_terms(
                 &terms,
                 &[

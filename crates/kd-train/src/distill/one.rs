@@ -77,7 +77,7 @@ impl Distiller for One {
 mod tests {
     use super::*;
     use crate::distill::fixtures::{
-        assert_terms, get, labelled_batch, load, rel_err, scalar, with_branches,
+        assert_terms, get, labelled_batch, load, rel_err, scalar, terms_at, with_branches,
     };
     use candle_core::{DType, Device, Tensor, Var};
     use candle_nn::{VarBuilder, VarMap};
@@ -135,16 +135,8 @@ mod tests {
                 temperature: p[0],
                 rampup_epochs: p[1],
             };
-            let batch = labelled_batch(at("labels").to_dtype(DType::U32).unwrap());
-            let ctx = StepContext {
-                epoch: p[2] as usize,
-                step: 0,
-                total_steps: 1,
-                epochs: 200,
-            };
-            let terms = method
-                .loss(&ctx, &batch, &Outputs::student(&student))
-                .unwrap();
+            let labels = at("labels").to_dtype(DType::U32).unwrap();
+            let terms = terms_at(&method, p[2] as usize, labels, &student);
             assert_terms(
                 &terms,
                 &["loss_ce", "loss_branch_ce", "loss_ensemble_ce", "loss_kd"],
