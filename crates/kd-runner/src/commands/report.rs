@@ -712,7 +712,7 @@ impl Report {
             }
         }
         if self.rows.iter().any(|r| r.last_eval.has_exits()) {
-            s += "\nExits and ensembles beside the deployed classifier (not deployed), test top-1 (%) at the last epoch: each auxiliary head, shallowest first; the heads' ensemble with the final classifier; an online cohort's ensemble (the student and its peers). An ensemble averages its members' softmax:\n\n| method | heads | heads + final classifier | student + peers |\n|---|---|---|---|\n";
+            s += "\nExits and ensembles beside the deployed classifier (not deployed), test top-1 (%) at the last epoch: each auxiliary head, shallowest first (BYOT), or each extra branch (ONE, CL-ILR, OKDDip); their ensemble with the final classifier; an online cohort's ensemble (the student and its peers). An ensemble averages its members' softmax, except ONE's, which its gate weighs (ONE-E):\n\n| method | heads or branches | with the final classifier | student + peers |\n|---|---|---|---|\n";
             for r in self.rows.iter().filter(|r| r.last_eval.has_exits()) {
                 let e = &r.last_eval;
                 let heads: Vec<String> = e.head_top1.iter().map(|h| pm_opt(Some(*h), 2)).collect();
