@@ -273,6 +273,56 @@ fn eval_takes_a_run_folder_and_names_what_is_missing() {
     );
 }
 
+/// The online branch methods (ONE, OKDDip, CL-ILR) train branches and parts they do not deploy:
+/// each run logs every extra branch's top-1 and their ensemble, counts them in the trainable
+/// parameters only, and exports the plain network, which `eval` scores as the run's last epoch.
+#[test]
+fn online_branch_methods_deploy_the_plain_network() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_cifar10(tmp.path());
+    for (method, extra) in [("one", 2), ("okddip", 3), ("cl_ilr", 3)] {
+        let run = tmp.path().join(method);
+        let args = ["--epochs", "2", "--lr", "0.05", "--method", method];
+        train_into(tmp.path(), "cifar-maxpool", &args, &run);
+        let csv = std::fs::read_to_string(run.join("metrics.csv")).unwrap();
+        let header = csv.lines().next().unwrap();
+        for k in 1..=extra {
+            assert!(
+                header.contains(&format!("head{k}_top1")),
+                "{method}: {header}"
+            );
+        }
+        assert!(
+            !header.contains(&format!("head{}_top1", extra + 1))
+                && header.contains("head_ensemble_top1"),
+            "{method}: {header}"
+        );
+        let summary: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap())
+                .unwrap();
+        let (trainable, deployed) = (
+            summary["trainable_params"].as_u64().unwrap(),
+            summary["deploy_params"].as_u64().unwrap(),
+        );
+        assert!(trainable > deployed, "{method}: {summary}");
+        let text = succeeded(
+            &kd()
+                .args(["eval", "--data-dir"])
+                .arg(tmp.path())
+                .arg("--weights")
+                .arg(&run)
+                .output()
+                .unwrap(),
+        );
+        let last = summary["last_top1"].as_f64().unwrap();
+        assert!(
+            text.contains(&format!("{deployed} params"))
+                && text.contains(&format!("top-1 {last:.2}%")),
+            "{method}: {text}\n{summary}"
+        );
+    }
+}
+
 /// `eval --ensemble-with`: a DML run's exported student and peer, loaded from their files and
 /// averaged by the CLI, score the run's own cohort ensemble (computed by the trainer from the
 /// networks in memory).
