@@ -85,7 +85,7 @@ pub struct ResNetConfig {
     #[serde(default)]
     pub aux_heads: bool,
     /// Copies of the last stage and classifier, side by side on the third stage's output (the
-    /// multi-branch network of ONE and OKDDip): 1, the plain network, by default. The
+    /// multi-branch network of ONE, CL-ILR and OKDDip): 1, the plain network, by default. The
     /// network's own `layer4` and `fc` are the first branch; the others, named
     /// `branch{i}.layer4.*` and `branch{i}.fc.*`, train only.
     #[serde(default = "one_branch")]

@@ -17,7 +17,7 @@ pub struct FeatureInfo {
     pub reduction: usize,
 }
 
-/// An auxiliary head's output (self-distillation), or an extra branch's (ONE, OKDDip).
+/// An auxiliary head's output (self-distillation), or an extra branch's (ONE, CL-ILR, OKDDip).
 #[derive(Clone, Debug)]
 pub struct AuxOutput {
     /// Logits of the head.
@@ -84,7 +84,7 @@ pub struct Macs {
     pub backbone: u64,
     /// The auxiliary heads (self-distillation; training only).
     pub aux_heads: u64,
-    /// The extra branches (ONE, OKDDip; training only).
+    /// The extra branches and ONE's gate (ONE, CL-ILR, OKDDip; training only).
     pub branches: u64,
 }
 
@@ -402,7 +402,7 @@ impl AuxHead {
     }
 }
 
-/// A copy of the last stage and the classifier (ONE's and OKDDip's branches), fed the input of
+/// A copy of the last stage and the classifier (the branches of ONE, CL-ILR and OKDDip), fed the input of
 /// the last stage.
 /// Named `branch{i}.layer4.*` and `branch{i}.fc.*`, never colliding with backbone keys.
 #[derive(Clone, Debug)]
