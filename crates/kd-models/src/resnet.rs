@@ -402,9 +402,9 @@ impl AuxHead {
     }
 }
 
-/// A copy of the last stage and the classifier (the branches of ONE, CL-ILR and OKDDip), fed the input of
-/// the last stage.
-/// Named `branch{i}.layer4.*` and `branch{i}.fc.*`, never colliding with backbone keys.
+/// A copy of the last stage and the classifier (the branches of ONE, CL-ILR and OKDDip), fed
+/// the input of the last stage. Named `branch{i}.layer4.*` and `branch{i}.fc.*`, never
+/// colliding with backbone keys.
 #[derive(Clone, Debug)]
 struct Branch {
     blocks: Vec<Block>,
