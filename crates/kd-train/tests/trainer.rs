@@ -456,6 +456,88 @@ fn online_peers_are_logged_checkpointed_and_resumed_exactly() {
     );
 }
 
+/// The student of an online branch method (`method`'s preset, ramp-up off) built from
+/// `init_seed`.
+fn branched(method: &str, init_seed: u64) -> kd_train::BuiltStudent {
+    let cfg = ResNetConfig {
+        base_width: 4,
+        ..ResNetConfig::new(Arch::Resnet18, Stem::CifarMaxpool, 4)
+    };
+    let mut method = kd_train::MethodConfig::preset(method).unwrap();
+    match &mut method {
+        kd_train::MethodConfig::One { rampup_epochs, .. }
+        | kd_train::MethodConfig::Okddip { rampup_epochs, .. }
+        | kd_train::MethodConfig::ClIlr { rampup_epochs, .. } => *rampup_epochs = 0.0,
+        other => panic!("{} is not a branch method", other.name()),
+    }
+    kd_train::build_student(&cfg, &method, None, &Device::Cpu, init_seed, 0.0).unwrap()
+}
+
+/// ONE, OKDDip and CL-ILR keep their extra branches, ONE's gate (its BatchNorm's running
+/// statistics included) and OKDDip's projections in the checkpoint: stopped after one epoch and
+/// resumed in a "new process" built from another seed, every variable ends as the
+/// uninterrupted run's, bit for bit; the summary counts the branches as trainable, not deployed.
+#[test]
+fn branch_methods_resume_exactly() {
+    let (_, _, meta, tr, te) = setup(5);
+    for method in ["one", "okddip", "cl_ilr"] {
+        let run = |built: &kd_train::BuiltStudent, dir: &std::path::Path, options: RunOptions| {
+            train(
+                solo(&built.model, &built.vars, &meta),
+                &*built.distiller,
+                None,
+                &tr,
+                &te,
+                &config(2, 0.05),
+                dir,
+                options,
+            )
+            .unwrap()
+        };
+        let full = tempfile::tempdir().unwrap();
+        let a = branched(method, 5);
+        let s = run(&a, full.path(), RunOptions::default()).unwrap();
+        // The network's (branches and gate included) and the method's parts (OKDDip's).
+        let trainable: usize = kd_train::trainable_vars(&a.vars)
+            .iter()
+            .map(|(_, v)| v.elem_count())
+            .sum();
+        assert!(trainable >= a.model.num_params(), "{method}");
+        assert_eq!(s.trainable_params, trainable, "{method}");
+        assert_eq!(s.deploy_params, a.model.num_backbone_params(), "{method}");
+        assert!(s.trainable_params > s.deploy_params, "{method}");
+        let dir = tempfile::tempdir().unwrap();
+        let stop = RunOptions {
+            resume: false,
+            stop_after: Some(1),
+            ..Default::default()
+        };
+        assert!(run(&branched(method, 5), dir.path(), stop).is_none());
+        let c = branched(method, 77);
+        let resume = RunOptions {
+            resume: true,
+            stop_after: None,
+            ..Default::default()
+        };
+        run(&c, dir.path(), resume);
+        let (want, got) = (weights(&a.vars), weights(&c.vars));
+        assert!(
+            want.iter().any(|(k, _)| k.starts_with("branch1.")),
+            "{method}"
+        );
+        let differing: Vec<&String> = got
+            .iter()
+            .zip(&want)
+            .filter(|(x, y)| x != y)
+            .map(|(x, _)| &x.0)
+            .collect();
+        assert!(
+            differing.is_empty(),
+            "{method}: differ after resume: {differing:?}"
+        );
+    }
+}
+
 /// A finished DML run's last figures for its peer, recomputed from the exported student and
 /// peer over the test loader: top-1 agreement and KL(student ‖ peer) at T = 1 in the summary and
 /// in `metrics.csv`, and an ECE.
