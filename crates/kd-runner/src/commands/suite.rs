@@ -539,6 +539,7 @@ pub fn run_planned(
                 );
             }
         }
+        bar.set_message(format!("{} (seed {})", r.info.label, r.info.seed));
         match st {
             RunState::Done => tracing::info!("{}: finished already, skipped", r.dir.display()),
             RunState::Resume => {
