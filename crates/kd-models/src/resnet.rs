@@ -54,6 +54,32 @@ pub struct ModelOutput {
     pub gated: Option<Tensor>,
 }
 
+impl AuxOutput {
+    /// A copy cut from the graph.
+    pub fn detach(&self) -> AuxOutput {
+        AuxOutput {
+            logits: self.logits.detach(),
+            pooled: self.pooled.detach(),
+        }
+    }
+}
+
+impl ModelOutput {
+    /// A copy of every output cut from the graph: what another network may learn from without
+    /// its gradient reaching this one (a frozen teacher's, a peer's).
+    pub fn detach(&self) -> ModelOutput {
+        ModelOutput {
+            logits: self.logits.detach(),
+            feats: self.feats.iter().map(Tensor::detach).collect(),
+            pooled: self.pooled.detach(),
+            preact: self.preact.iter().map(Tensor::detach).collect(),
+            aux: self.aux.iter().map(AuxOutput::detach).collect(),
+            branches: self.branches.iter().map(AuxOutput::detach).collect(),
+            gated: self.gated.as_ref().map(Tensor::detach),
+        }
+    }
+}
+
 /// Which optional outputs a forward pass returns ([`ResNet::forward_parts`]); the logits, the
 /// pooled embedding and the auxiliary heads' and extra branches' outputs always come.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

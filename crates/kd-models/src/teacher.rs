@@ -147,16 +147,7 @@ impl Teacher {
     pub fn forward_parts(&self, x: &Tensor, parts: ForwardParts) -> CResult<ModelOutput> {
         let x = x.detach();
         if let [only] = self.members.as_slice() {
-            let out = only.model.forward_parts(&x, false, parts)?;
-            return Ok(ModelOutput {
-                logits: out.logits.detach(),
-                feats: out.feats.iter().map(Tensor::detach).collect(),
-                pooled: out.pooled.detach(),
-                preact: out.preact.iter().map(Tensor::detach).collect(),
-                aux: vec![],
-                branches: vec![],
-                gated: None,
-            });
+            return Ok(only.model.forward_parts(&x, false, parts)?.detach());
         }
         if parts.features || parts.preact {
             candle_core::bail!(

@@ -103,7 +103,7 @@ pub fn step_losses(
             .iter()
             .enumerate()
             .filter(|(j, _)| *j != k)
-            .map(|(_, o)| detached(o))
+            .map(|(_, o)| o.detach())
             .collect();
         let out = Outputs {
             student: &outputs[k],
@@ -114,27 +114,6 @@ pub fn step_losses(
         terms.push(method.loss(ctx, batch, &out)?);
     }
     Ok(StepLosses { outputs, terms })
-}
-
-/// A copy of a head's or branch's output cut from the graph.
-fn detached_head(a: &kd_models::AuxOutput) -> kd_models::AuxOutput {
-    kd_models::AuxOutput {
-        logits: a.logits.detach(),
-        pooled: a.pooled.detach(),
-    }
-}
-
-/// A copy of `o` cut from the graph.
-fn detached(o: &ModelOutput) -> ModelOutput {
-    ModelOutput {
-        logits: o.logits.detach(),
-        feats: o.feats.iter().map(Tensor::detach).collect(),
-        pooled: o.pooled.detach(),
-        preact: o.preact.iter().map(Tensor::detach).collect(),
-        aux: o.aux.iter().map(detached_head).collect(),
-        branches: o.branches.iter().map(detached_head).collect(),
-        gated: o.gated.as_ref().map(Tensor::detach),
-    }
 }
 
 #[cfg(test)]
