@@ -7,16 +7,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use kd_kernels::MemoryFormat;
 use kd_models::{trainable_resnet, Arch, ResNet, ResNetConfig, Stem};
-
-fn bits(t: &Tensor) -> Vec<u32> {
-    t.flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap()
-        .iter()
-        .map(|v| v.to_bits())
-        .collect()
-}
+use kd_testkit::bits;
 
 fn config(arch: Arch, branches: usize) -> ResNetConfig {
     ResNetConfig {

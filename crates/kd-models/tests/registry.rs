@@ -5,17 +5,7 @@ use candle_core::{DType, Device, Tensor};
 use kd_models::{
     load_frozen, save_varmap, trainable_resnet, Arch, ForwardParts, ResNetConfig, Stem,
 };
-
-/// The bits of an f32 tensor's values, for comparisons that must be exact.
-fn bits(t: &Tensor) -> Vec<u32> {
-    t.flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap()
-        .iter()
-        .map(|v| v.to_bits())
-        .collect()
-}
+use kd_testkit::bits;
 
 #[test]
 fn shapes_feature_info_and_gradients() {

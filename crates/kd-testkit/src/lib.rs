@@ -31,6 +31,17 @@ fn pair(result: &Tensor, reference: &Tensor) -> (Vec<f64>, Vec<f64>) {
     (a, b)
 }
 
+/// The bits of an f32 tensor's values, flattened: for comparisons that must be exact (two paths
+/// that must compute the same floats, not merely close ones).
+pub fn bits(t: &Tensor) -> Vec<u32> {
+    t.flatten_all()
+        .and_then(|t| t.to_vec1::<f32>())
+        .expect("an f32 tensor")
+        .iter()
+        .map(|v| v.to_bits())
+        .collect()
+}
+
 /// max |result − reference| over the elements (of equal shapes; `result` must be finite).
 pub fn max_abs_diff(result: &Tensor, reference: &Tensor) -> f64 {
     let (a, b) = pair(result, reference);
