@@ -1,6 +1,7 @@
-//! The multi-branch network of ONE (`ResNetConfig::branches`): each extra branch is a copy of
-//! the last stage and classifier on the trunk's output — its names, its parameters and MACs in
-//! closed form, and its outputs equal to a plain network holding its weights.
+//! The multi-branch network of ONE, CL-ILR and OKDDip (`ResNetConfig::branches`): each extra
+//! branch is a copy of the last stage and classifier on the trunk's output — its names, its
+//! parameters and MACs in closed form, and its outputs equal to a plain network holding its
+//! weights; CL-ILR's trunk-gradient rescaling and ONE's gate.
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};

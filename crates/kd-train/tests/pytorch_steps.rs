@@ -516,9 +516,11 @@ fn offline_plus_self_steps_match_pytorch() {
     distillation_matches_pytorch("kd_byot", &student, Some(&teacher), &mut members);
 }
 
-/// An online method on the student's own branches (`one`, `okddip`, `cl_ilr`), the distillation at full
-/// weight (no ramp-up), from `kd`'s student grown extra branches and the method's parts.
-fn branch_steps_match_pytorch(case: &str, method: MethodConfig) {
+/// A method without a teacher, from the case's own starting student: the paired self methods
+/// (`two_view`, `cs_kd`) on a plain ResNet18, and the online methods on the student's own
+/// branches (`one`, `okddip`, `cl_ilr`: `kd`'s student grown extra branches and the method's
+/// parts, the distillation at full weight).
+fn teacherless_steps_match_pytorch(case: &str, method: MethodConfig) {
     let tmp = tempfile::tempdir().unwrap();
     let cfg = tiny(Arch::Resnet18, Stem::Cifar);
     let student = kd_train::build_student(&cfg, &method, None, &Device::Cpu, 0, 0.0).unwrap();
@@ -528,7 +530,7 @@ fn branch_steps_match_pytorch(case: &str, method: MethodConfig) {
 
 #[test]
 fn on_the_fly_native_ensemble_steps_match_pytorch() {
-    branch_steps_match_pytorch(
+    teacherless_steps_match_pytorch(
         "one",
         MethodConfig::One {
             branches: 3,
@@ -540,7 +542,7 @@ fn on_the_fly_native_ensemble_steps_match_pytorch() {
 
 #[test]
 fn online_kd_with_diverse_peers_steps_match_pytorch() {
-    branch_steps_match_pytorch(
+    teacherless_steps_match_pytorch(
         "okddip",
         MethodConfig::Okddip {
             branches: 4,
@@ -554,7 +556,7 @@ fn online_kd_with_diverse_peers_steps_match_pytorch() {
 
 #[test]
 fn collaborative_learning_with_backprop_rescaling_steps_match_pytorch() {
-    branch_steps_match_pytorch(
+    teacherless_steps_match_pytorch(
         "cl_ilr",
         MethodConfig::ClIlr {
             branches: 4,
@@ -565,18 +567,9 @@ fn collaborative_learning_with_backprop_rescaling_steps_match_pytorch() {
     );
 }
 
-/// A self method that pairs each image with another (`two_view`, `cs_kd`) on a plain ResNet18.
-fn paired_steps_match_pytorch(case: &str, method: MethodConfig) {
-    let tmp = tempfile::tempdir().unwrap();
-    let cfg = tiny(Arch::Resnet18, Stem::Cifar);
-    let student = kd_train::build_student(&cfg, &method, None, &Device::Cpu, 0, 0.0).unwrap();
-    let mut members = [member("student", case, &cfg, &student.vars, tmp.path())];
-    distillation_matches_pytorch(case, &student, None, &mut members);
-}
-
 #[test]
 fn two_view_steps_match_pytorch() {
-    paired_steps_match_pytorch(
+    teacherless_steps_match_pytorch(
         "two_view",
         MethodConfig::TwoView {
             weight: 1.0,
@@ -587,7 +580,7 @@ fn two_view_steps_match_pytorch() {
 
 #[test]
 fn class_wise_self_kd_steps_match_pytorch() {
-    paired_steps_match_pytorch(
+    teacherless_steps_match_pytorch(
         "cs_kd",
         MethodConfig::CsKd {
             weight: 1.0,
