@@ -313,6 +313,46 @@ fn methods_that_need_a_teacher_say_so() {
     assert!(err.contains("needs a teacher"), "{err}");
 }
 
+/// An online branch method built on a student without its shape (branches, ONE's gate,
+/// CL-ILR's rescaling) says what it needs; `build_student` builds that shape, and bad settings
+/// are refused by name.
+#[test]
+fn branch_methods_say_what_student_they_need() {
+    let cfg = ResNetConfig {
+        base_width: 4,
+        ..ResNetConfig::new(Arch::Resnet18, Stem::Cifar, 4)
+    };
+    for (name, needs) in [
+        ("one", "3 branches and its gate"),
+        ("okddip", "4 branches, not 1"),
+        ("cl_ilr", "4 branches and its trunk's gradient rescaled"),
+    ] {
+        let method = MethodConfig::preset(name).unwrap();
+        let vars = candle_nn::VarMap::new();
+        let vb = candle_nn::VarBuilder::from_varmap(&vars, candle_core::DType::F32, &Device::Cpu);
+        let plain = kd_models::ResNet::new(&cfg, vb.clone()).unwrap();
+        let err = method
+            .build(&plain, None, vb, 0.0)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains(needs), "{name}: {err}");
+        assert!(build_student(&cfg, &method, None, &Device::Cpu, 0, 0.0).is_ok());
+    }
+    let mut one = MethodConfig::preset("one").unwrap();
+    if let MethodConfig::One { temperature, .. } = &mut one {
+        *temperature = 0.0;
+    }
+    let err = build_student(&cfg, &one, None, &Device::Cpu, 0, 0.0)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("method one: branches must be at least 2, temperature positive"),
+        "{err}"
+    );
+}
+
 #[test]
 fn peer_specs_parse_and_refuse_clearly() {
     let p: PeerSpec = "resnet50:cifar-maxpool:32".parse().unwrap();

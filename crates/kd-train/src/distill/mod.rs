@@ -138,6 +138,26 @@ fn smoothed_kl(logits: &Tensor, target: &Tensor, t: f64) -> Result<Tensor> {
     kl.mean_all()? * (t * t)
 }
 
+/// The settings every online branch method shares, checked: at least `least` branches (the
+/// network's own included), a positive temperature and a ramp-up of at least 0 epochs.
+fn check_branch_method(
+    method: &str,
+    least: usize,
+    branches: usize,
+    temperature: f64,
+    rampup_epochs: f64,
+) -> Result<()> {
+    if branches < least
+        || temperature.is_nan()
+        || temperature <= 0.0
+        || rampup_epochs.is_nan()
+        || rampup_epochs < 0.0
+    {
+        candle_core::bail!("method {method}: branches must be at least {least}, temperature positive and rampup_epochs at least 0; got {branches}, {temperature} and {rampup_epochs}");
+    }
+    Ok(())
+}
+
 /// The logits of a multi-branch student's branches, its own first; an error naming `method`
 /// when it has fewer than `at_least`.
 fn branch_logits<'a>(
@@ -1073,6 +1093,37 @@ impl MethodConfig {
                 self.name()
             );
         }
+        // The online branch methods' student: its branches, ONE's gate, CL-ILR's rescaling
+        // (what `build_student` builds from the same three questions).
+        let shape = student.config();
+        if self.branches() > 1
+            && (shape.branches != self.branches()
+                || (self.branch_gate() && !shape.gate)
+                || (self.rescale_trunk_grad() && !shape.rescale_trunk_grad))
+        {
+            candle_core::bail!(
+                "method {} needs a student built with {} branches{}{}, not {} branches{}{}",
+                self.name(),
+                self.branches(),
+                if self.branch_gate() {
+                    " and its gate"
+                } else {
+                    ""
+                },
+                if self.rescale_trunk_grad() {
+                    " and its trunk's gradient rescaled"
+                } else {
+                    ""
+                },
+                shape.branches,
+                if shape.gate { " and a gate" } else { "" },
+                if shape.rescale_trunk_grad {
+                    " and rescaling"
+                } else {
+                    ""
+                },
+            );
+        }
         let ce = none::CrossEntropy {
             smoothing: label_smoothing,
         };
@@ -1339,23 +1390,7 @@ impl MethodConfig {
                 temperature,
                 rampup_epochs,
             } => {
-                if branches < 2
-                    || temperature.is_nan()
-                    || temperature <= 0.0
-                    || rampup_epochs.is_nan()
-                    || rampup_epochs < 0.0
-                {
-                    candle_core::bail!("method one: branches must be at least 2, temperature positive and rampup_epochs at least 0; got {branches}, {temperature} and {rampup_epochs}");
-                }
-                if student.num_branches() != branches {
-                    candle_core::bail!(
-                        "method one needs a student built with {branches} branches, not {}",
-                        student.num_branches()
-                    );
-                }
-                if !student.config().gate {
-                    candle_core::bail!("method one needs a student built with its gate");
-                }
+                check_branch_method("one", 2, branches, temperature, rampup_epochs)?;
                 Box::new(one::One {
                     ce,
                     temperature,
@@ -1369,21 +1404,12 @@ impl MethodConfig {
                 rampup_epochs,
                 factor,
             } => {
+                // A leader and at least two peers.
+                check_branch_method("okddip", 3, branches, temperature, rampup_epochs)?;
                 let width = pooled_width(student);
-                if branches < 3
-                    || temperature.is_nan()
-                    || temperature <= 0.0
-                    || rampup_epochs.is_nan()
-                    || rampup_epochs < 0.0
-                    || factor == 0
-                    || factor > width
-                {
-                    candle_core::bail!("method okddip: branches must be at least 3 (a leader and two peers), temperature positive, rampup_epochs at least 0 and factor in 1..={width}; got {branches}, {temperature}, {rampup_epochs} and {factor}");
-                }
-                if student.num_branches() != branches {
+                if factor == 0 || factor > width {
                     candle_core::bail!(
-                        "method okddip needs a student built with {branches} branches, not {}",
-                        student.num_branches()
+                        "method okddip: factor must lie in 1..={width}, got {factor}"
                     );
                 }
                 Box::new(okddip::Okddip {
@@ -1404,22 +1430,7 @@ impl MethodConfig {
                 alpha,
                 rampup_epochs,
             } => {
-                if branches < 2
-                    || temperature.is_nan()
-                    || temperature <= 0.0
-                    || rampup_epochs.is_nan()
-                    || rampup_epochs < 0.0
-                {
-                    candle_core::bail!("method cl_ilr: branches must be at least 2, temperature positive and rampup_epochs at least 0; got {branches}, {temperature} and {rampup_epochs}");
-                }
-                let cfg = student.config();
-                if cfg.branches != branches || !cfg.rescale_trunk_grad {
-                    candle_core::bail!(
-                        "method cl_ilr needs a student built with {branches} branches and its trunk's gradient rescaled, not {} branches{}",
-                        cfg.branches,
-                        if cfg.rescale_trunk_grad { "" } else { " without rescaling" }
-                    );
-                }
+                check_branch_method("cl_ilr", 2, branches, temperature, rampup_epochs)?;
                 Box::new(cl_ilr::ClIlr {
                     ce,
                     temperature,
