@@ -64,7 +64,7 @@ impl Distiller for ClIlr {
 mod tests {
     use super::*;
     use crate::distill::fixtures::{
-        assert_terms, get, labelled_batch, load, rel_err, terms_at, with_branches,
+        assert_terms, get, load, refusal, rel_err, terms_at, with_branches,
     };
     use candle_core::{DType, Device, Var};
 
@@ -115,15 +115,7 @@ mod tests {
             alpha: 1.0,
             rampup_epochs: 80.0,
         };
-        let batch = labelled_batch(Tensor::new(&[0u32, 1], &dev).unwrap());
-        let err = method
-            .loss(
-                &StepContext::one_step(),
-                &batch,
-                &Outputs::student(&student),
-            )
-            .unwrap_err()
-            .to_string();
+        let err = refusal(&method, &student);
         assert!(err.contains("branches"), "{err}");
     }
 }

@@ -89,6 +89,16 @@ pub fn terms_at(
         .unwrap()
 }
 
+/// The error `method` gives for `student` alone on a batch of two images (labels 0 and 1).
+pub fn refusal(method: &dyn Distiller, student: &ModelOutput) -> String {
+    let batch = labelled_batch(Tensor::new(&[0u32, 1], student.logits.device()).unwrap());
+    method
+        .loss(&StepContext::one_step(), &batch, &Outputs::student(student))
+        .map(|_| ())
+        .expect_err("the method refuses this student")
+        .to_string()
+}
+
 /// Asserts `terms` are named `names`, in order, and each equals the fixture's value `want(name)`
 /// within 2e-5 of it (+ 1e-7): an f32 loss against PyTorch's f64.
 pub fn assert_terms(terms: &LossTerms, names: &[&str], want: impl Fn(&str) -> Tensor, case: &str) {

@@ -130,7 +130,7 @@ impl Distiller for Okddip {
 mod tests {
     use super::*;
     use crate::distill::fixtures::{
-        assert_terms, get, labelled_batch, load, rel_err, terms_at, with_branches,
+        assert_terms, get, load, refusal, rel_err, terms_at, with_branches,
     };
     use candle_core::{DType, Device, Var};
 
@@ -234,15 +234,7 @@ mod tests {
                 Tensor::zeros((1, 3), DType::F32, &dev).unwrap(),
             ),
         };
-        let batch = labelled_batch(Tensor::new(&[0u32, 1], &dev).unwrap());
-        let err = method
-            .loss(
-                &StepContext::one_step(),
-                &batch,
-                &Outputs::student(&student),
-            )
-            .unwrap_err()
-            .to_string();
+        let err = refusal(&method, &student);
         assert!(err.contains("at least 3 branches"), "{err}");
     }
 }
