@@ -607,6 +607,45 @@ fn csv_text(v: &str) -> String {
     }
 }
 
+/// The sweeps' values of a row as one cell: `key=value`, space-separated; a value holding a
+/// space, a quote, a backslash or a comma is written as a TOML basic string (`key="a b"`), so
+/// that every value survives and the cell splits back unambiguously.
+fn swept_cell(swept: &[crate::experiment::SweptValue]) -> String {
+    swept
+        .iter()
+        .map(|v| {
+            let plain = !v.value.is_empty()
+                && !v.value.contains(|c: char| {
+                    c.is_whitespace() || c.is_control() || matches!(c, '"' | '\\' | ',')
+                });
+            if !plain {
+                format!("{}={}", v.key, toml_basic_string(&v.value))
+            } else {
+                format!("{}={}", v.key, v.value)
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// `v` as a TOML basic string: quoted, with `"`, `\` and control characters escaped.
+fn toml_basic_string(v: &str) -> String {
+    let mut s = String::from('"');
+    for c in v.chars() {
+        match c {
+            '"' => s += "\\\"",
+            '\\' => s += "\\\\",
+            '\n' => s += "\\n",
+            '\t' => s += "\\t",
+            '\r' => s += "\\r",
+            c if c.is_control() => s += &format!("\\u{:04X}", c as u32),
+            c => s.push(c),
+        }
+    }
+    s.push('"');
+    s
+}
+
 fn csv_pair(v: Option<Spread>, digits: usize) -> String {
     v.map_or_else(
         || ",".into(),
@@ -880,14 +919,7 @@ impl Report {
                     None => ",,,".into(),
                 },
                 r.gpu_peak_mib.map(|m| format!("{m:.1}")).unwrap_or_default(),
-                // The sweeps' values, `key=value` space-separated (a value with a comma, a
-                // space or a quote is named in `variant` only).
-                r.swept
-                    .iter()
-                    .filter(|v| !v.value.contains([',', ' ', '"']))
-                    .map(|v| format!("{}={}", v.key, v.value))
-                    .collect::<Vec<_>>()
-                    .join(" "),
+                csv_text(&swept_cell(&r.swept)),
                 csv_text(&r.teacher)
             );
         }
@@ -1490,6 +1522,51 @@ mod tests {
             (at("variant"), at("runs"), at("last_top1_mean")),
             ("temperature16-alpha0.9", "1", "52.0000")
         );
+    }
+
+    /// Every swept value reaches report.csv, however it is spelled: plain values as they are,
+    /// the others as TOML strings that parse back to the value.
+    #[test]
+    fn the_swept_cell_keeps_every_value() {
+        let value = |key: &str, value: &str| crate::experiment::SweptValue {
+            key: key.into(),
+            value: value.into(),
+            name: String::new(),
+        };
+        let tricky = [
+            "runs/my t1",
+            "[1, 2]",
+            "say \"hi\"",
+            "back\\slash",
+            "tab\there",
+            "",
+        ];
+        let mut values = vec![value("method.temperature", "4")];
+        values.extend(
+            tricky
+                .iter()
+                .enumerate()
+                .map(|(i, v)| value(&format!("k{i}"), v)),
+        );
+        let cell = swept_cell(&values);
+        assert!(
+            cell.starts_with("method.temperature=4 k0=\"runs/my t1\" "),
+            "{cell}"
+        );
+        // Each quoted value parses back, as TOML, to the value swept.
+        for (i, v) in tricky.iter().enumerate() {
+            let at = cell.find(&format!(" k{i}=")).unwrap() + format!(" k{i}=").len();
+            let quoted = toml_basic_string(v);
+            assert_eq!(&cell[at..at + quoted.len()], quoted);
+            let parsed: toml::Table = toml::from_str(&format!("v = {quoted}")).unwrap();
+            assert_eq!(parsed["v"].as_str(), Some(*v));
+        }
+        // In the CSV the cell is one field: quoted, its own quotes doubled.
+        let mut r = swept("4", "0.9", 0, 50.0);
+        r.swept = values;
+        let csv = table(&[r]).csv();
+        let expected = format!("\"{}\"", cell.replace('"', "\"\""));
+        assert!(csv.lines().nth(1).unwrap().contains(&expected), "{csv}");
     }
 
     #[test]
