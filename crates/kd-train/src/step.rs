@@ -110,6 +110,7 @@ pub fn step_losses(
             teacher: if k == 0 { teacher } else { None },
             peers: &others,
             paired: if k == 0 { paired.as_ref() } else { None },
+            member: k,
         };
         terms.push(method.loss(ctx, batch, &out)?);
     }

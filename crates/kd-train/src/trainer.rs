@@ -746,6 +746,12 @@ pub fn train(
             let step = step_losses(&models, method, &ctx, &batch, teacher_out.as_ref())?;
             for (k, (m, terms)) in members.iter_mut().zip(&step.terms).enumerate() {
                 let loss = terms.total()?;
+                if terms.paused {
+                    // The network sits this step out (SwitOKD's paused teacher): logged, not
+                    // trained; its optimizer's momentum and weight decay wait with it.
+                    pending[k].add(terms, &loss, &step.outputs[k].logits, &batch.labels)?;
+                    continue;
+                }
                 if on_cpu {
                     // Free on the CPU: stop before a non-finite loss reaches the weights.
                     let value = loss.to_scalar::<f32>()?;

@@ -98,20 +98,19 @@ fn trainable(vars: &candle_nn::VarMap) -> Vec<(String, Var)> {
         .collect()
 }
 
-/// The presets, scaled to the test: DML pairs the student with one tiny ResNet50 peer, CRD
+/// The presets, scaled to the test: DML and SwitOKD pair the student with one tiny ResNet50 peer, CRD
 /// draws 8 negatives (the split has 12 images of other classes per image).
 fn preset(name: &str) -> MethodConfig {
     let mut method = MethodConfig::preset(name).unwrap();
-    match &mut method {
-        MethodConfig::Crd { negatives, .. } => *negatives = 8,
-        MethodConfig::Dml { peers, .. } => {
-            *peers = vec![PeerSpec {
-                model: Arch::Resnet50,
-                stem: Stem::CifarMaxpool,
-                width: 4,
-            }]
-        }
-        _ => {}
+    if let MethodConfig::Crd { negatives, .. } = &mut method {
+        *negatives = 8;
+    }
+    if let Some(peers) = method.peers_mut() {
+        *peers = vec![PeerSpec {
+            model: Arch::Resnet50,
+            stem: Stem::CifarMaxpool,
+            width: 4,
+        }]
     }
     method
 }
@@ -197,6 +196,7 @@ fn every_method_trains_and_keeps_the_teacher_frozen() {
                     teacher: if k == 0 { t_out.as_ref() } else { None },
                     peers: &others,
                     paired: if k == 0 { paired.as_ref() } else { None },
+                    member: k,
                 };
                 let terms = built
                     .distiller
@@ -772,6 +772,7 @@ fn logit_methods_learn_from_an_ensemble_and_the_others_are_refused() {
                 teacher: Some(&t_out),
                 peers: &[],
                 paired: paired.as_ref(),
+                member: 0,
             };
             built
                 .distiller

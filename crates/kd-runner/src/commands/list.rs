@@ -30,6 +30,7 @@ pub fn describe(method: &str) -> &'static str {
         "byot" => "self, response + feature: Be Your Own Teacher (Zhang et al. 2019), deepest head teaches stage 1–3 heads",
         "kd_byot" => "offline + self: Hinton KD on the final head plus the BYOT terms",
         "dml" => "online, response: Deep Mutual Learning (Zhang et al. 2018), peers learn from each other",
+        "switokd" => "online, response: switchable online KD (Qian et al. 2022), DML between the student and its teacher, the teacher paused (expert mode) while ahead and farther from the student than an adaptive threshold",
         "one" => "online, response: On-the-fly Native Ensemble (Lan et al. 2018), the gated ensemble of the student's branches (copies of its last stage) teaches each branch; the first branch is deployed",
         "okddip" => "online, response: online KD with diverse peers (Chen et al. 2020), the student's branches as peers, each taught by its own attention-weighted mix of the peers, and the deployed leader taught by their mean",
         "cl_ilr" => "online, response: collaborative learning with backprop rescaling (Song & Chai 2018) as OKDDip's authors reimplemented it, the student's branches each taught by the others' mean, their shared trunk's gradient divided by their number",

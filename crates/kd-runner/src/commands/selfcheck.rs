@@ -755,16 +755,15 @@ fn check_methods(c: &mut Checks, dev: &Device) -> anyhow::Result<()> {
     for name in MethodConfig::NAMES {
         // The presets, scaled to 16 images: 8 negatives, one small peer.
         let mut method = MethodConfig::preset(name).expect("every name has a preset");
-        match &mut method {
-            MethodConfig::Crd { negatives, .. } => *negatives = 8,
-            MethodConfig::Dml { peers, .. } => {
-                *peers = vec![kd_train::PeerSpec {
-                    model: Arch::Resnet18,
-                    stem: Stem::Cifar,
-                    width: 4,
-                }]
-            }
-            _ => {}
+        if let MethodConfig::Crd { negatives, .. } = &mut method {
+            *negatives = 8;
+        }
+        if let Some(peers) = method.peers_mut() {
+            *peers = vec![kd_train::PeerSpec {
+                model: Arch::Resnet18,
+                stem: Stem::Cifar,
+                width: 4,
+            }]
         }
         let teachers = match method {
             MethodConfig::Fsp { .. } => &fsp_teachers,

@@ -33,10 +33,11 @@ pub struct TrainArgs {
     /// method.alpha (kd, kd_byot, dkd, ctkd, pskd, tf_kd_reg, okddip, cl_ilr).
     #[arg(long)]
     pub alpha: Option<f64>,
-    /// method.temperature (kd, kd_byot, dkd, dist, dml, one, okddip, cl_ilr, two_view, cs_kd, tf_kd_reg; mlkd's first).
+    /// method.temperature (kd, kd_byot, dkd, dist, dml, switokd, one, okddip, cl_ilr, two_view, cs_kd, tf_kd_reg; mlkd's first).
     #[arg(long)]
     pub temperature: Option<f64>,
-    /// A peer trained beside the student (dml), ARCH[:STEM[:WIDTH]]; repeat for more peers.
+    /// A peer trained beside the student (dml; switokd's teacher), ARCH[:STEM[:WIDTH]]; repeat for
+    /// more peers (dml).
     #[arg(long = "peer", value_name = "ARCH[:STEM[:WIDTH]]")]
     pub peers: Vec<kd_train::PeerSpec>,
     /// model.arch: the student.
@@ -183,6 +184,7 @@ impl TrainArgs {
                 set(alpha, self.alpha)
             }
             MethodConfig::Dml { temperature, .. }
+            | MethodConfig::Switokd { temperature, .. }
             | MethodConfig::TwoView { temperature, .. }
             | MethodConfig::One { temperature, .. }
             | MethodConfig::CsKd { temperature, .. }
@@ -193,19 +195,16 @@ impl TrainArgs {
                 set(temperature, self.temperature);
             }
             _ if self.alpha.is_some() || self.temperature.is_some() => {
-                bail!("--alpha applies to kd, kd_byot, dkd, ctkd, pskd, tf_kd_reg, okddip and cl_ilr (ctkd learns its temperature), --temperature to kd, kd_byot, dkd, dist, dml, one, okddip, cl_ilr, two_view, cs_kd, tf_kd_reg and mlkd (its first temperature); not to {}", cfg.method.name())
+                bail!("--alpha applies to kd, kd_byot, dkd, ctkd, pskd, tf_kd_reg, okddip and cl_ilr (ctkd learns its temperature), --temperature to kd, kd_byot, dkd, dist, dml, switokd, one, okddip, cl_ilr, two_view, cs_kd, tf_kd_reg and mlkd (its first temperature); not to {}", cfg.method.name())
             }
             _ => {}
         }
-        match &mut cfg.method {
-            MethodConfig::Dml { peers, .. } if !self.peers.is_empty() => {
-                *peers = self.peers.clone()
+        if !self.peers.is_empty() {
+            let name = cfg.method.name();
+            match cfg.method.peers_mut() {
+                Some(peers) => *peers = self.peers.clone(),
+                None => bail!("--peer applies to dml and switokd, not {name}"),
             }
-            MethodConfig::Dml { .. } => {}
-            _ if !self.peers.is_empty() => {
-                bail!("--peer applies to dml, not {}", cfg.method.name())
-            }
-            _ => {}
         }
         for s in &self.set {
             cfg.set(s)?;

@@ -114,6 +114,7 @@ mod tests {
             teacher: Some(&t),
             peers: &[],
             paired: None,
+            member: 0,
         };
         let ce = CrossEntropy { smoothing: 0.0 };
         let term = |stages: &[usize]| -> f64 {

@@ -154,6 +154,7 @@ pub fn distillation_of_a_scaled_copy(method: &dyn Distiller) -> f32 {
         teacher: Some(&teacher),
         peers: &[],
         paired: None,
+        member: 0,
     };
     method
         .loss(&ctx, &batch, &out)

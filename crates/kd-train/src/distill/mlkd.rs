@@ -181,6 +181,7 @@ mod tests {
                 teacher: Some(&teacher),
                 peers: &[],
                 paired: Some(&strong),
+                member: 0,
             };
             let terms = method.loss(&StepContext::one_step(), &batch, &out).unwrap();
             assert_terms(
@@ -209,6 +210,7 @@ mod tests {
             teacher: Some(&t),
             peers: &[],
             paired: Some(&s),
+            member: 0,
         };
         let method = Mlkd {
             ce: CrossEntropy { smoothing: 0.0 },

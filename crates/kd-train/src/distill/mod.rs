@@ -41,6 +41,7 @@ mod pskd;
 mod reviewkd;
 mod rkd;
 mod sp;
+mod switokd;
 mod tf_kd_reg;
 mod two_view;
 mod vid;
@@ -184,6 +185,10 @@ pub struct LossTerms {
     pub terms: Vec<(String, Tensor)>,
     /// (name, scalar), detached; not part of the total.
     pub values: Vec<(String, Tensor)>,
+    /// The network this loss trains sits the step out: the trainer runs no backward pass and
+    /// no optimizer step for it (SwitOKD's expert mode pauses the teacher). Its terms are still
+    /// logged.
+    pub paused: bool,
 }
 
 impl LossTerms {
@@ -201,6 +206,7 @@ impl LossTerms {
     pub fn extend(&mut self, other: LossTerms) {
         self.terms.extend(other.terms);
         self.values.extend(other.values);
+        self.paused |= other.paused;
     }
 
     /// The sum of all terms.
@@ -226,6 +232,9 @@ pub struct Outputs<'a> {
     /// The same network on the batch's paired images ([`kd_data::Batch::paired`]), with its
     /// graph, for methods that compare two inputs.
     pub paired: Option<&'a ModelOutput>,
+    /// Which network `student` is: 0 the run's student, k its k-th peer (online methods whose
+    /// networks have different roles, such as SwitOKD's student and teacher).
+    pub member: usize,
 }
 
 impl<'a> Outputs<'a> {
@@ -236,6 +245,7 @@ impl<'a> Outputs<'a> {
             teacher: None,
             peers: &[],
             paired: None,
+            member: 0,
         }
     }
 }
@@ -649,6 +659,16 @@ pub enum MethodConfig {
         /// The networks trained beside the student (the student is the run's model).
         peers: Vec<PeerSpec>,
     },
+    /// Switchable online KD, SwitOKD (Qian et al. 2022), as the authors' code computes it: the
+    /// student and one larger peer, its teacher, learn from each other as in DML, except that
+    /// the teacher pauses (the paper's expert mode) while it is ahead of the student and their
+    /// distillation gap exceeds an adaptive threshold.
+    Switokd {
+        /// Temperature of the mimicry and of the switch's distances (1 in the authors' code).
+        temperature: f64,
+        /// The teacher learning beside the student: exactly one peer.
+        peers: Vec<PeerSpec>,
+    },
     /// ONE, On-the-fly Native Ensemble (Lan, Zhu & Gong 2018): the student trains `branches`
     /// copies of its last stage on its trunk; their gated ensemble learns from the labels and
     /// teaches each branch. The first branch is the deployed network.
@@ -840,8 +860,16 @@ impl MethodConfig {
     /// The networks trained beside the student (online methods).
     pub fn peers(&self) -> &[PeerSpec] {
         match self {
-            MethodConfig::Dml { peers, .. } => peers,
+            MethodConfig::Dml { peers, .. } | MethodConfig::Switokd { peers, .. } => peers,
             _ => &[],
+        }
+    }
+
+    /// The networks trained beside the student, to change (online methods; none otherwise).
+    pub fn peers_mut(&mut self) -> Option<&mut Vec<PeerSpec>> {
+        match self {
+            MethodConfig::Dml { peers, .. } | MethodConfig::Switokd { peers, .. } => Some(peers),
+            _ => None,
         }
     }
 
@@ -870,6 +898,7 @@ impl MethodConfig {
             MethodConfig::Byot { .. } => "byot",
             MethodConfig::KdByot { .. } => "kd_byot",
             MethodConfig::Dml { .. } => "dml",
+            MethodConfig::Switokd { .. } => "switokd",
             MethodConfig::One { .. } => "one",
             MethodConfig::Okddip { .. } => "okddip",
             MethodConfig::ClIlr { .. } => "cl_ilr",
@@ -989,6 +1018,15 @@ impl MethodConfig {
                     width: 64,
                 }],
             },
+            // The authors' CIFAR code: T = 1 throughout; here a ResNet50 teaches the ResNet18.
+            "switokd" => MethodConfig::Switokd {
+                temperature: 1.0,
+                peers: vec![PeerSpec {
+                    model: Arch::Resnet50,
+                    stem: Stem::Cifar,
+                    width: 64,
+                }],
+            },
             // The authors' CIFAR scripts: three branches, T = 3 (their KLLoss), a ramp-up of 80
             // epochs (`--consistency_rampup 80`).
             "one" => MethodConfig::One {
@@ -1042,7 +1080,7 @@ impl MethodConfig {
     }
 
     /// Every method name, for `--help` and `kd-runner list`.
-    pub const NAMES: [&'static str; 30] = [
+    pub const NAMES: [&'static str; 31] = [
         "none",
         "kd",
         "ctkd",
@@ -1065,6 +1103,7 @@ impl MethodConfig {
         "byot",
         "kd_byot",
         "dml",
+        "switokd",
         "one",
         "okddip",
         "cl_ilr",
@@ -1384,6 +1423,18 @@ impl MethodConfig {
                     weight,
                     temperature,
                 })
+            }
+            MethodConfig::Switokd {
+                temperature,
+                ref peers,
+            } => {
+                if peers.len() != 1 || temperature.is_nan() || temperature <= 0.0 {
+                    candle_core::bail!(
+                        "method switokd needs exactly one peer (its teacher) and a positive temperature; got {} peers and temperature {temperature}",
+                        peers.len()
+                    );
+                }
+                Box::new(switokd::Switokd { ce, temperature })
             }
             MethodConfig::One {
                 branches,

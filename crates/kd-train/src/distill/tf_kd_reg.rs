@@ -99,6 +99,7 @@ mod tests {
             teacher: None,
             peers: &[],
             paired: None,
+            member: 0,
         };
         let terms = method.loss(&StepContext::one_step(), batch, &out).unwrap();
         assert_eq!(
