@@ -344,6 +344,15 @@ fn distillation_matches_pytorch(
             }
             let loss = terms.total().unwrap();
             close(loss.to_scalar::<f32>().unwrap(), &format!("loss{k}"));
+            // A network that sat the step out (SwitOKD's paused teacher) did so in PyTorch too,
+            // and gets no backward pass and no SGD step, as in the trainer.
+            let paused = refs
+                .get(&format!("{}.paused{k}", m.name))
+                .is_some_and(|p| p.to_vec1::<f32>().unwrap()[0] > 0.5);
+            assert_eq!(terms.paused, paused, "{what}: paused");
+            if terms.paused {
+                continue;
+            }
             let grads = loss.backward().unwrap();
             if k == 1 {
                 let vars = kd_train::trainable_vars(&m.vars);
@@ -476,6 +485,28 @@ fn deep_mutual_learning_steps_match_pytorch() {
         member("peer1", "dml", &cfg, &student.peers[0].vars, tmp.path()),
     ];
     distillation_matches_pytorch("dml", &student, None, &mut members);
+}
+
+/// SwitOKD's teacher pauses in step 1 (its parameters stay bit for bit, its BatchNorm statistics
+/// move) and learns in step 2, its momentum starting then.
+#[test]
+fn switchable_online_kd_steps_match_pytorch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tiny(Arch::Resnet18, Stem::Cifar);
+    let method = MethodConfig::Switokd {
+        temperature: 1.0,
+        peers: vec![PeerSpec {
+            model: Arch::Resnet18,
+            stem: Stem::Cifar,
+            width: 4,
+        }],
+    };
+    let student = kd_train::build_student(&cfg, &method, None, &Device::Cpu, 0, 0.0).unwrap();
+    let mut members = [
+        member_from("student", "dml", "switokd", &cfg, &student.vars, tmp.path()),
+        member("peer1", "switokd", &cfg, &student.peers[0].vars, tmp.path()),
+    ];
+    distillation_matches_pytorch("switokd", &student, None, &mut members);
 }
 
 #[test]
