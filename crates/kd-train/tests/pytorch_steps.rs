@@ -22,7 +22,8 @@
 //! on its weak and strong batches in one pass) from the KD case's teacher, RKD and DIST from networks trained a little first (the fixture script says why), and ONE,
 //! OKDDip and CL-ILR on the student's own extra branches (ONE's gate, OKDDip's projections and
 //! the branches training with it, CL-ILR's trunk gradient divided by the branches, the
-//! distillation at full weight). Every loss term of both steps, the
+//! distillation at full weight), and SwitOKD, DML whose teacher pauses in step 1 (its
+//! parameters compared bit for bit then) and learns in step 2. Every loss term of both steps, the
 //! teacher's logits, the step-1 gradients and the parameters and BN statistics after step 1 are
 //! compared tightly; after step 2 within 2e-2, as a ReLU near its kink may flip under f32
 //! rounding by then (the fixture script says why). Measured when written (dml's last column
@@ -53,6 +54,7 @@
 //! | one | 1.0·10⁻⁶ | 1.0·10⁻⁵ | 1.4·10⁻⁵ |
 //! | okddip | 1.0·10⁻⁶ | 1.6·10⁻⁵ | 9.6·10⁻³ (`layer4.0.conv1`) |
 //! | cl_ilr | 8.3·10⁻⁷ | 1.2·10⁻⁵ | 1.5·10⁻⁵ |
+//! | switokd | 8.9·10⁻⁷ | 6.1·10⁻⁶ | 1.5·10⁻⁵ |
 //!
 //! Caught: the teacher fed the student's normalisation (its logits off by 6·10⁻⁴), DML's or
 //! CS-KD's KL taken the other way round, a BYOT head without its ReLU (each a loss term off in
