@@ -334,29 +334,36 @@ fn non_finite_loss_stops_with_epoch_and_step() {
     assert!(err.to_string().contains("epoch") && err.to_string().contains("step"));
 }
 
-/// DML with a ResNet18 student and a tiny ResNet50 peer, built from `init_seed`.
-fn dml(init_seed: u64) -> kd_train::BuiltStudent {
+/// Online method `name` (dml, switokd) with a ResNet18 student and a tiny ResNet50 peer, built
+/// from `init_seed`.
+fn online(name: &str, init_seed: u64) -> kd_train::BuiltStudent {
     let cfg = ResNetConfig {
         base_width: 4,
         ..ResNetConfig::new(Arch::Resnet18, Stem::CifarMaxpool, 4)
     };
-    let method = kd_train::MethodConfig::Dml {
-        weight: 1.0,
-        temperature: 1.0,
-        peers: vec![kd_train::PeerSpec {
-            model: Arch::Resnet50,
-            stem: Stem::Cifar,
-            width: 4,
-        }],
-    };
+    let mut method = kd_train::MethodConfig::preset(name).unwrap();
+    *method.peers_mut().unwrap() = vec![kd_train::PeerSpec {
+        model: Arch::Resnet50,
+        stem: Stem::Cifar,
+        width: 4,
+    }];
     kd_train::build_student(&cfg, &method, None, &Device::Cpu, init_seed, 0.0).unwrap()
 }
 
 #[test]
 fn online_peers_are_logged_checkpointed_and_resumed_exactly() {
+    for (name, term) in [("dml", "loss_dml"), ("switokd", "loss_switokd")] {
+        online_peers_resume_exactly(name, term);
+    }
+}
+
+/// DML's or SwitOKD's (`name`) peer is evaluated, logged (with the loss term `term`) and
+/// exported, and stopping after one epoch and resuming ends bit for bit as the uninterrupted
+/// run.
+fn online_peers_resume_exactly(name: &str, term: &str) {
     let (_, _, meta, tr, te) = setup(5);
     let full = tempfile::tempdir().unwrap();
-    let a = dml(5);
+    let a = online(name, 5);
     let s = train(
         Student {
             model: &a.model,
@@ -384,8 +391,14 @@ fn online_peers_are_logged_checkpointed_and_resumed_exactly() {
     assert_eq!(s.deploy_params, a.model.num_backbone_params());
     let rows = kd_train::read_metrics(&full.path().join("metrics.jsonl")).unwrap();
     assert!(rows.iter().all(|r| r.peers.contains_key("peer1")
-        && r.losses.contains_key("loss_dml")
-        && r.peers["peer1"].losses.contains_key("loss_dml")));
+        && r.losses.contains_key(term)
+        && r.peers["peer1"].losses.contains_key(term)));
+    if name == "switokd" {
+        // The share of steps the teacher sat out, a fraction.
+        assert!(rows
+            .iter()
+            .all(|r| (0.0..=1.0).contains(&r.values["switokd_expert"])));
+    }
     assert!(
         std::fs::read_to_string(full.path().join("metrics.csv"))
             .unwrap()
@@ -407,7 +420,7 @@ fn online_peers_are_logged_checkpointed_and_resumed_exactly() {
 
     // Stop after one epoch, resume in a "new process" built from another seed.
     let dir = tempfile::tempdir().unwrap();
-    let b = dml(5);
+    let b = online(name, 5);
     assert!(train(
         Student {
             model: &b.model,
@@ -429,7 +442,7 @@ fn online_peers_are_logged_checkpointed_and_resumed_exactly() {
     )
     .unwrap()
     .is_none());
-    let c = dml(77);
+    let c = online(name, 77);
     train(
         Student {
             model: &c.model,
@@ -452,8 +465,69 @@ fn online_peers_are_logged_checkpointed_and_resumed_exactly() {
     .unwrap();
     assert!(
         uninterrupted == (weights(&c.vars), weights(&c.peers[0].vars)),
-        "student or peer differs after resume"
+        "{name}: student or peer differs after resume"
     );
+}
+
+/// A network whose loss says it sits the step out is logged but not trained: a DML whose peer
+/// pauses at every step ends with the peer's parameters bit for bit as they started (its
+/// BatchNorm statistics moved with its train-mode forwards) and its losses logged, while the
+/// student trains.
+#[test]
+fn a_paused_network_is_logged_but_not_trained() {
+    /// DML, except that every peer sits every step out.
+    struct PausedPeers(Box<dyn kd_train::Distiller>);
+    impl kd_train::Distiller for PausedPeers {
+        fn name(&self) -> &'static str {
+            "dml"
+        }
+        fn loss(
+            &self,
+            ctx: &kd_train::StepContext,
+            batch: &kd_data::Batch,
+            out: &kd_train::Outputs,
+        ) -> candle_core::Result<kd_train::LossTerms> {
+            let mut terms = self.0.loss(ctx, batch, out)?;
+            terms.paused = out.member > 0;
+            Ok(terms)
+        }
+    }
+    let (_, _, meta, tr, te) = setup(5);
+    let dir = tempfile::tempdir().unwrap();
+    let a = online("dml", 5);
+    let start = (weights(&a.vars), weights(&a.peers[0].vars));
+    let method = PausedPeers(a.distiller);
+    train(
+        Student {
+            model: &a.model,
+            vars: &a.vars,
+            meta: &meta,
+            peers: &a.peers,
+        },
+        &method,
+        None,
+        &tr,
+        &te,
+        &config(1, 0.05),
+        dir.path(),
+        RunOptions::default(),
+    )
+    .unwrap()
+    .unwrap();
+    let (student, peer) = (weights(&a.vars), weights(&a.peers[0].vars));
+    assert!(student != start.0, "the student trains");
+    for ((name, before), (_, after)) in start.1.iter().zip(&peer) {
+        if name.contains("running_") {
+            assert!(
+                before != after,
+                "{name}: the peer's BatchNorm statistics move"
+            );
+        } else {
+            assert!(before == after, "{name}: a paused peer's parameter moved");
+        }
+    }
+    let rows = kd_train::read_metrics(&dir.path().join("metrics.jsonl")).unwrap();
+    assert!(rows[0].peers["peer1"].losses["loss_dml"] > 0.0);
 }
 
 /// The student of an online branch method (`method`'s preset, ramp-up off) built from
