@@ -370,6 +370,39 @@ fn eval_scores_an_exported_cohort_as_the_trainer_did() {
     assert!(err.contains("missing.safetensors"), "{err}");
 }
 
+/// `--method switokd --peer …` trains the student beside its teacher through the binary: the
+/// teacher is evaluated and exported as a peer, each epoch logs the share of steps it sat out,
+/// and a second `--peer` is refused by name (SwitOKD has one teacher).
+#[test]
+fn switokd_trains_beside_one_teacher() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_cifar10(tmp.path());
+    let run = tmp.path().join("switokd");
+    let args = ["--epochs", "2", "--lr", "0.05", "--method", "switokd"];
+    let peer = ["--peer", "resnet18:cifar-maxpool:8"];
+    train_into(tmp.path(), "cifar", &[&args[..], &peer[..]].concat(), &run);
+    assert!(run.join("peer1/model.safetensors").is_file());
+    let rows = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    for row in rows.lines() {
+        let row: serde_json::Value = serde_json::from_str(row).unwrap();
+        let expert = row["values"]["switokd_expert"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&expert), "{row}");
+        assert!(
+            row["peers"]["peer1"]["losses"]["loss_switokd"].is_f64(),
+            "{row}"
+        );
+    }
+    let two = tiny_train(tmp.path(), "cifar")
+        .args(args)
+        .args(peer)
+        .args(peer)
+        .arg("--run-dir")
+        .arg(tmp.path().join("two"))
+        .output()
+        .unwrap();
+    assert_contains_all(&failed(&two), ["switokd", "exactly one peer", "got 2"]);
+}
+
 /// Every column of a finished run's metrics.csv but the clocks, one string per epoch.
 fn metrics_without_clocks(run_dir: &std::path::Path) -> Vec<String> {
     let text = std::fs::read_to_string(run_dir.join("metrics.csv")).unwrap();
