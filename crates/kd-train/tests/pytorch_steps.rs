@@ -468,47 +468,42 @@ fn offline_kd_steps_match_pytorch() {
     offline_steps_match_pytorch("kd", "kd");
 }
 
-#[test]
-fn deep_mutual_learning_steps_match_pytorch() {
+/// `method`'s preset (`dml` or `switokd`) with one ResNet18 peer, its student starting from
+/// fixture `method_{student_starts}_student`, against `method_{method}`.
+fn peer_pair_steps_match_pytorch(method: &str, student_starts: &str) {
     let tmp = tempfile::tempdir().unwrap();
     let cfg = tiny(Arch::Resnet18, Stem::Cifar);
-    let method = MethodConfig::Dml {
-        weight: 1.0,
-        temperature: 1.0,
-        peers: vec![PeerSpec {
-            model: Arch::Resnet18,
-            stem: Stem::Cifar,
-            width: 4,
-        }],
-    };
-    let student = kd_train::build_student(&cfg, &method, None, &Device::Cpu, 0, 0.0).unwrap();
+    let mut config = MethodConfig::preset(method).unwrap();
+    *config.peers_mut().unwrap() = vec![PeerSpec {
+        model: Arch::Resnet18,
+        stem: Stem::Cifar,
+        width: 4,
+    }];
+    let student = kd_train::build_student(&cfg, &config, None, &Device::Cpu, 0, 0.0).unwrap();
     let mut members = [
-        member("student", "dml", &cfg, &student.vars, tmp.path()),
-        member("peer1", "dml", &cfg, &student.peers[0].vars, tmp.path()),
+        member_from(
+            "student",
+            student_starts,
+            method,
+            &cfg,
+            &student.vars,
+            tmp.path(),
+        ),
+        member("peer1", method, &cfg, &student.peers[0].vars, tmp.path()),
     ];
-    distillation_matches_pytorch("dml", &student, None, &mut members);
+    distillation_matches_pytorch(method, &student, None, &mut members);
+}
+
+#[test]
+fn deep_mutual_learning_steps_match_pytorch() {
+    peer_pair_steps_match_pytorch("dml", "dml");
 }
 
 /// SwitOKD's teacher pauses in step 1 (its parameters stay bit for bit, its BatchNorm statistics
 /// move) and learns in step 2, its momentum starting then.
 #[test]
 fn switchable_online_kd_steps_match_pytorch() {
-    let tmp = tempfile::tempdir().unwrap();
-    let cfg = tiny(Arch::Resnet18, Stem::Cifar);
-    let method = MethodConfig::Switokd {
-        temperature: 1.0,
-        peers: vec![PeerSpec {
-            model: Arch::Resnet18,
-            stem: Stem::Cifar,
-            width: 4,
-        }],
-    };
-    let student = kd_train::build_student(&cfg, &method, None, &Device::Cpu, 0, 0.0).unwrap();
-    let mut members = [
-        member_from("student", "dml", "switokd", &cfg, &student.vars, tmp.path()),
-        member("peer1", "switokd", &cfg, &student.peers[0].vars, tmp.path()),
-    ];
-    distillation_matches_pytorch("switokd", &student, None, &mut members);
+    peer_pair_steps_match_pytorch("switokd", "dml");
 }
 
 #[test]
