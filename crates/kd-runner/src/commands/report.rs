@@ -107,6 +107,52 @@ pub struct Row {
     pub swept: Vec<crate::experiment::SweptValue>,
     /// Who taught its runs ([`row_teacher`]; empty without a teacher).
     pub teacher: String,
+    /// The values its method reports beside the losses, by name (empty for most methods).
+    pub values: Vec<ValueRow>,
+}
+
+/// A value a method reports beside its losses (`values` in `metrics.jsonl`, not minimised:
+/// CTKD's temperature, the branch methods' `kd_weight`, SwitOKD's share of steps its teacher
+/// sat out), over the runs of a row.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ValueRow {
+    /// Its name (`switokd_expert`).
+    pub name: String,
+    /// Its last epoch's mean, over the runs.
+    pub last: Spread,
+    /// Its mean over each run's epochs, over the runs.
+    pub run: Spread,
+}
+
+/// Every value the runs report, by name: its last epoch's and its whole run's mean, each over
+/// the runs that reported it.
+fn value_rows(runs: &[&RunRecord]) -> Vec<ValueRow> {
+    let names: std::collections::BTreeSet<&String> = runs
+        .iter()
+        .flat_map(|r| r.epochs.iter().flat_map(|e| e.values.keys()))
+        .collect();
+    names
+        .into_iter()
+        .filter_map(|name| {
+            let last = mean_std_present(
+                runs.iter()
+                    .map(|r| r.epochs.last().and_then(|e| e.values.get(name).copied())),
+            )?;
+            let run = mean_std_present(runs.iter().map(|r| {
+                let v: Vec<f64> = r
+                    .epochs
+                    .iter()
+                    .filter_map(|e| e.values.get(name).copied())
+                    .collect();
+                (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+            }))?;
+            Some(ValueRow {
+                name: name.clone(),
+                last,
+                run,
+            })
+        })
+        .collect()
 }
 
 /// The teacher of a row's runs, as one name: each network's label, with `@seed` where its
@@ -474,6 +520,7 @@ pub fn table(runs: &[RunRecord]) -> Report {
                 calibration: pooled_calibration(&g),
                 swept: first.swept.clone(),
                 teacher: row_teacher(&g),
+                values: value_rows(&g),
             }
         })
         .collect();
@@ -787,6 +834,20 @@ impl Report {
                 }
             }
         }
+        if self.rows.iter().any(|r| !r.values.is_empty()) {
+            s += "\nValues the methods report beside their losses (`values` in metrics.jsonl, not minimised), at the last epoch and averaged over the run's epochs; SwitOKD's `switokd_expert` over the run is the share of its steps the teacher sat out:\n\n| method | value | last epoch | over the run |\n|---|---|---|---|\n";
+            for r in &self.rows {
+                for v in &r.values {
+                    s += &format!(
+                        "| {} | {} | {} | {} |\n",
+                        r.label,
+                        v.name,
+                        pm_opt(Some(v.last), 4),
+                        pm_opt(Some(v.run), 4)
+                    );
+                }
+            }
+        }
         s
     }
 
@@ -873,10 +934,10 @@ impl Report {
 
     /// The CSV table.
     pub fn csv(&self) -> String {
-        let mut s = String::from("label,method,variant,runs,epochs,init_epochs,test_images,trainable_params,deploy_params,teacher_params,deploy_macs,teacher_macs,train_seconds,teacher_seconds,init_seconds,best_top1_mean,best_top1_std,last_top1_mean,last_top1_std,test_nll_mean,test_nll_std,ece_mean,ece_std,teacher_top1_mean,teacher_agreement_mean,teacher_agreement_std,teacher_kl_mean,teacher_kl_std,head_top1_means,head_ensemble_top1_mean,head_ensemble_top1_std,cohort_ensemble_top1_mean,cohort_ensemble_top1_std,delta_best,paired_seeds,paired_delta_last,paired_t,paired_p,gpu_peak_mib,swept,teacher\n");
+        let mut s = String::from("label,method,variant,runs,epochs,init_epochs,test_images,trainable_params,deploy_params,teacher_params,deploy_macs,teacher_macs,train_seconds,teacher_seconds,init_seconds,best_top1_mean,best_top1_std,last_top1_mean,last_top1_std,test_nll_mean,test_nll_std,ece_mean,ece_std,teacher_top1_mean,teacher_agreement_mean,teacher_agreement_std,teacher_kl_mean,teacher_kl_std,head_top1_means,head_ensemble_top1_mean,head_ensemble_top1_std,cohort_ensemble_top1_mean,cohort_ensemble_top1_std,delta_best,paired_seeds,paired_delta_last,paired_t,paired_p,gpu_peak_mib,swept,teacher,values_last\n");
         for r in &self.rows {
             s += &format!(
-                "{},{},{},{},{},{},{},{},{},{},{},{},{:.3},{:.3},{:.3},{:.4},{:.4},{:.4},{:.4},{},{},{},{},{},{},{},{},{},{},{},{},{}\n",
+                "{},{},{},{},{},{},{},{},{},{},{},{},{:.3},{:.3},{:.3},{:.4},{:.4},{:.4},{:.4},{},{},{},{},{},{},{},{},{},{},{},{},{},{}\n",
                 r.label,
                 r.method,
                 r.variant,
@@ -920,7 +981,13 @@ impl Report {
                 },
                 r.gpu_peak_mib.map(|m| format!("{m:.1}")).unwrap_or_default(),
                 csv_text(&swept_cell(&r.swept)),
-                csv_text(&r.teacher)
+                csv_text(&r.teacher),
+                // One cell, each value's last-epoch mean as `name=mean`, space-separated.
+                r.values
+                    .iter()
+                    .map(|v| format!("{}={:.6}", v.name, v.last.mean))
+                    .collect::<Vec<_>>()
+                    .join(" ")
             );
         }
         s
@@ -1569,6 +1636,53 @@ mod tests {
         assert!(csv.lines().nth(1).unwrap().contains(&expected), "{csv}");
     }
 
+    /// An epoch of `metrics.jsonl` whose method reported `values`.
+    fn epoch_with(epoch: usize, values: &[(&str, f64)]) -> EpochMetrics {
+        let values: BTreeMap<&str, f64> = values.iter().copied().collect();
+        serde_json::from_value(serde_json::json!({
+            "epoch": epoch, "lr": 0.1, "train_loss": 1.0, "train_acc": 50.0, "test_loss": 1.0,
+            "test_top1": 50.0, "test_top5": 90.0, "seconds": 1.0, "images_per_sec": 100.0,
+            "teacher_seconds": 0.0, "losses": {"loss_ce": 1.0}, "values": values,
+        }))
+        .unwrap()
+    }
+
+    /// The values a method reports get a table of their own, at the last epoch and over the
+    /// run, each over the seeds that reported it; report.csv names the last epoch's.
+    #[test]
+    fn reported_values_get_a_table_of_their_own() {
+        let switokd = |seed, shares: [f64; 2]| {
+            let mut r = run("switokd", "switokd", Some(seed), 50.0);
+            r.epochs = shares
+                .iter()
+                .enumerate()
+                .map(|(e, share)| epoch_with(e + 1, &[("switokd_expert", *share)]))
+                .collect();
+            r
+        };
+        // Seed 0: 0.1 then 0.3 of the steps paused (0.2 over the run); seed 1: 0.2 then 0.5.
+        let report = table(&[
+            run("baseline", "none", Some(0), 50.0),
+            switokd(0, [0.1, 0.3]),
+            switokd(1, [0.2, 0.5]),
+        ]);
+        let md = report.markdown();
+        assert!(md.contains("Values the methods report"), "{md}");
+        // Last epoch: 0.3 and 0.5 (mean 0.4, std 0.1414); over the run: 0.2 and 0.35.
+        assert!(
+            md.contains("| switokd | switokd_expert | 0.4000 ± 0.1414 | 0.2750 ± 0.1061 |"),
+            "{md}"
+        );
+        let csv = report.csv();
+        let header: Vec<&str> = csv.lines().next().unwrap().split(',').collect();
+        let line = csv.lines().find(|l| l.starts_with("switokd,")).unwrap();
+        let cells: Vec<&str> = line.split(',').collect();
+        assert_eq!(cells.len(), header.len());
+        assert_eq!(cells[header.len() - 1], "switokd_expert=0.400000");
+        let plain = table(&[run("kd", "kd", Some(0), 50.0)]);
+        assert!(!plain.markdown().contains("Values the methods report"));
+    }
+
     #[test]
     fn online_peers_get_a_table_of_their_own() {
         let with_peer = |seed, last, peer_last| {
@@ -1734,7 +1848,7 @@ mod tests {
             kd_line.contains(",,,4.0000,1.4142,60.0000,71.0000,1.4142,0.250000,0.000000,"),
             "{kd_line}"
         );
-        assert!(kd_line.ends_with(",resnet50"), "{kd_line}");
+        assert!(kd_line.ends_with(",resnet50,"), "{kd_line}");
         // A row whose runs had different teachers names each, once, in a quoted CSV cell.
         let mut other = with(2, 4.0, 71.0);
         other.teacher = vec![crate::experiment::TeacherName {
@@ -1749,7 +1863,7 @@ mod tests {
                 .lines()
                 .nth(1)
                 .unwrap()
-                .ends_with(",\"resnet50, baseline@0\""),
+                .ends_with(",\"resnet50, baseline@0\","),
             "{}",
             mixed.csv()
         );
@@ -1860,7 +1974,7 @@ mod tests {
         let csv = report.csv();
         let kd_line = csv.lines().find(|l| l.starts_with("kd,")).unwrap();
         assert!(
-            kd_line.ends_with(",2,1.2500,5.0000,0.125666,,,"),
+            kd_line.ends_with(",2,1.2500,5.0000,0.125666,,,,"),
             "{kd_line}"
         );
     }
@@ -1968,7 +2082,7 @@ mod tests {
         assert!(row("| baseline |").ends_with("| – |"), "{md}");
         let csv = report.csv();
         let line = |l: &str| csv.lines().find(|x| x.starts_with(l)).unwrap().to_string();
-        assert!(line("kd,").ends_with(",2047.6,,"), "{csv}");
-        assert!(line("baseline,").ends_with(",,,"), "{csv}");
+        assert!(line("kd,").ends_with(",2047.6,,,"), "{csv}");
+        assert!(line("baseline,").ends_with(",,,,"), "{csv}");
     }
 }
