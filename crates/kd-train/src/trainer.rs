@@ -386,6 +386,8 @@ struct Member<'a> {
     meta: TeacherMeta,
     named: Vec<(String, Var)>,
     opt: Optimizer,
+    /// Its learning rate as a multiple of the run's (a peer's [`crate::Peer::lr_scale`]).
+    lr_scale: f64,
 }
 
 impl<'a> Member<'a> {
@@ -408,6 +410,7 @@ impl<'a> Member<'a> {
             meta,
             named,
             opt,
+            lr_scale: 1.0,
         }
     }
 
@@ -574,14 +577,10 @@ pub fn train(
             source: format!("{} ({})", p.name, student.meta.source),
             ..student.meta.clone()
         };
-        members.push(Member::new(
-            p.name.clone(),
-            &p.model,
-            &p.vars,
-            meta,
-            cfg,
-            &[],
-        ));
+        members.push(Member {
+            lr_scale: p.lr_scale,
+            ..Member::new(p.name.clone(), &p.model, &p.vars, meta, cfg, &[])
+        });
     }
     let mut progress = Progress {
         epochs_done: 0,
@@ -774,7 +773,7 @@ pub fn train(
                         });
                     }
                 }
-                m.opt.step(&grads, lr)?;
+                m.opt.step(&grads, lr * m.lr_scale)?;
                 pending[k].add(terms, &loss, &step.outputs[k].logits, &batch.labels)?;
             }
             if on_cpu || (i + 1) % DEVICE_READ_EVERY == 0 {

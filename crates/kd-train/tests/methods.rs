@@ -106,11 +106,7 @@ fn preset(name: &str) -> MethodConfig {
         *negatives = 8;
     }
     if let Some(peers) = method.peers_mut() {
-        *peers = vec![PeerSpec {
-            model: Arch::Resnet50,
-            stem: Stem::CifarMaxpool,
-            width: 4,
-        }]
+        *peers = vec![PeerSpec::new(Arch::Resnet50, Stem::CifarMaxpool, 4)]
     }
     method
 }
@@ -356,21 +352,10 @@ fn branch_methods_say_what_student_they_need() {
 #[test]
 fn peer_specs_parse_and_refuse_clearly() {
     let p: PeerSpec = "resnet50:cifar-maxpool:32".parse().unwrap();
-    assert_eq!(
-        p,
-        PeerSpec {
-            model: Arch::Resnet50,
-            stem: Stem::CifarMaxpool,
-            width: 32
-        }
-    );
+    assert_eq!(p, PeerSpec::new(Arch::Resnet50, Stem::CifarMaxpool, 32));
     assert_eq!(
         "resnet34".parse::<PeerSpec>().unwrap(),
-        PeerSpec {
-            model: Arch::Resnet34,
-            stem: Stem::Cifar,
-            width: 64
-        }
+        PeerSpec::new(Arch::Resnet34, Stem::Cifar, 64)
     );
     assert!("resnet51"
         .parse::<PeerSpec>()
@@ -396,11 +381,7 @@ fn peers_start_from_their_own_weights() {
     let method = MethodConfig::Dml {
         weight: 1.0,
         temperature: 1.0,
-        peers: vec![PeerSpec {
-            model: Arch::Resnet18,
-            stem: Stem::Cifar,
-            width: 4,
-        }],
+        peers: vec![PeerSpec::new(Arch::Resnet18, Stem::Cifar, 4)],
     };
     let built = build_student(&cfg, &method, None, &Device::Cpu, 0, 0.0).unwrap();
     let a = built

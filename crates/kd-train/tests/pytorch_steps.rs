@@ -474,11 +474,7 @@ fn peer_pair_steps_match_pytorch(method: &str, student_starts: &str) {
     let tmp = tempfile::tempdir().unwrap();
     let cfg = tiny(Arch::Resnet18, Stem::Cifar);
     let mut config = MethodConfig::preset(method).unwrap();
-    *config.peers_mut().unwrap() = vec![PeerSpec {
-        model: Arch::Resnet18,
-        stem: Stem::Cifar,
-        width: 4,
-    }];
+    *config.peers_mut().unwrap() = vec![PeerSpec::new(Arch::Resnet18, Stem::Cifar, 4)];
     let student = kd_train::build_student(&cfg, &config, None, &Device::Cpu, 0, 0.0).unwrap();
     let mut members = [
         member_from(

@@ -342,11 +342,7 @@ fn online(name: &str, init_seed: u64) -> kd_train::BuiltStudent {
         ..ResNetConfig::new(Arch::Resnet18, Stem::CifarMaxpool, 4)
     };
     let mut method = kd_train::MethodConfig::preset(name).unwrap();
-    *method.peers_mut().unwrap() = vec![kd_train::PeerSpec {
-        model: Arch::Resnet50,
-        stem: Stem::Cifar,
-        width: 4,
-    }];
+    *method.peers_mut().unwrap() = vec![kd_train::PeerSpec::new(Arch::Resnet50, Stem::Cifar, 4)];
     kd_train::build_student(&cfg, &method, None, &Device::Cpu, init_seed, 0.0).unwrap()
 }
 
@@ -469,51 +465,86 @@ fn online_peers_resume_exactly(name: &str, term: &str) {
     );
 }
 
+/// DML, except that the networks `paused` names (0 the student, k its k-th peer) sit every
+/// step out.
+struct Pausing {
+    dml: Box<dyn kd_train::Distiller>,
+    paused: fn(usize) -> bool,
+}
+
+impl kd_train::Distiller for Pausing {
+    fn name(&self) -> &'static str {
+        "dml"
+    }
+    fn loss(
+        &self,
+        ctx: &kd_train::StepContext,
+        batch: &kd_data::Batch,
+        out: &kd_train::Outputs,
+    ) -> candle_core::Result<kd_train::LossTerms> {
+        let mut terms = self.dml.loss(ctx, batch, out)?;
+        terms.paused = (self.paused)(out.member);
+        Ok(terms)
+    }
+}
+
+/// Trains `built` (DML, its networks paused as `paused` says) for one epoch at `lr`.
+fn train_pausing(
+    built: kd_train::BuiltStudent,
+    paused: fn(usize) -> bool,
+    lr: f64,
+) -> kd_train::BuiltStudent {
+    let (_, _, meta, tr, te) = setup(5);
+    let dir = tempfile::tempdir().unwrap();
+    let kd_train::BuiltStudent {
+        model,
+        vars,
+        distiller,
+        peers,
+    } = built;
+    let method = Pausing {
+        dml: distiller,
+        paused,
+    };
+    train(
+        Student {
+            model: &model,
+            vars: &vars,
+            meta: &meta,
+            peers: &peers,
+        },
+        &method,
+        None,
+        &tr,
+        &te,
+        &config(1, lr),
+        dir.path(),
+        RunOptions::default(),
+    )
+    .unwrap()
+    .unwrap();
+    let rows = kd_train::read_metrics(&dir.path().join("metrics.jsonl")).unwrap();
+    assert!(
+        rows[0].peers["peer1"].losses["loss_dml"] > 0.0,
+        "a paused network's loss is logged"
+    );
+    kd_train::BuiltStudent {
+        model,
+        vars,
+        distiller: method.dml,
+        peers,
+    }
+}
+
 /// A network whose loss says it sits the step out is logged but not trained: a DML whose peer
 /// pauses at every step ends with the peer's parameters bit for bit as they started (its
 /// BatchNorm statistics moved with its train-mode forwards) and its losses logged, while the
 /// student trains.
 #[test]
 fn a_paused_network_is_logged_but_not_trained() {
-    /// DML, except that every peer sits every step out.
-    struct PausedPeers(Box<dyn kd_train::Distiller>);
-    impl kd_train::Distiller for PausedPeers {
-        fn name(&self) -> &'static str {
-            "dml"
-        }
-        fn loss(
-            &self,
-            ctx: &kd_train::StepContext,
-            batch: &kd_data::Batch,
-            out: &kd_train::Outputs,
-        ) -> candle_core::Result<kd_train::LossTerms> {
-            let mut terms = self.0.loss(ctx, batch, out)?;
-            terms.paused = out.member > 0;
-            Ok(terms)
-        }
-    }
-    let (_, _, meta, tr, te) = setup(5);
-    let dir = tempfile::tempdir().unwrap();
     let a = online("dml", 5);
     let start = (weights(&a.vars), weights(&a.peers[0].vars));
-    let method = PausedPeers(a.distiller);
-    train(
-        Student {
-            model: &a.model,
-            vars: &a.vars,
-            meta: &meta,
-            peers: &a.peers,
-        },
-        &method,
-        None,
-        &tr,
-        &te,
-        &config(1, 0.05),
-        dir.path(),
-        RunOptions::default(),
-    )
-    .unwrap()
-    .unwrap();
+    let a = train_pausing(a, |member| member > 0, 0.05);
     let (student, peer) = (weights(&a.vars), weights(&a.peers[0].vars));
     assert!(student != start.0, "the student trains");
     for ((name, before), (_, after)) in start.1.iter().zip(&peer) {
@@ -526,8 +557,31 @@ fn a_paused_network_is_logged_but_not_trained() {
             assert!(before == after, "{name}: a paused peer's parameter moved");
         }
     }
-    let rows = kd_train::read_metrics(&dir.path().join("metrics.jsonl")).unwrap();
-    assert!(rows[0].peers["peer1"].losses["loss_dml"] > 0.0);
+}
+
+/// A peer's `lr_scale` multiplies the run's learning rate for it alone: with the student held
+/// still (so the peer learns from the same targets in every run), a peer at twice half the
+/// rate ends bit for bit as one at the full rate, and unlike one at half of it; the student's
+/// parameters do not move in any of them.
+#[test]
+fn a_peers_learning_rate_is_the_runs_times_its_scale() {
+    let peer_after = |lr: f64, lr_scale: f64| {
+        let mut built = online("dml", 5);
+        built.peers[0].lr_scale = lr_scale;
+        let start = weights(&built.vars);
+        let built = train_pausing(built, |member| member == 0, lr);
+        let student: Vec<_> = weights(&built.vars)
+            .into_iter()
+            .zip(start)
+            .filter(|((name, _), _)| !name.contains("running_"))
+            .map(|((_, after), (_, before))| after == before)
+            .collect();
+        assert!(student.iter().all(|same| *same), "a paused student moved");
+        weights(&built.peers[0].vars)
+    };
+    let full = peer_after(0.1, 1.0);
+    assert!(peer_after(0.05, 2.0) == full, "lr 0.05 × 2 is not lr 0.1");
+    assert!(peer_after(0.05, 1.0) != full, "the scale changed nothing");
 }
 
 /// The student of an online branch method (`method`'s preset, ramp-up off) built from

@@ -759,11 +759,7 @@ fn check_methods(c: &mut Checks, dev: &Device) -> anyhow::Result<()> {
             *negatives = 8;
         }
         if let Some(peers) = method.peers_mut() {
-            *peers = vec![kd_train::PeerSpec {
-                model: Arch::Resnet18,
-                stem: Stem::Cifar,
-                width: 4,
-            }]
+            *peers = vec![kd_train::PeerSpec::new(Arch::Resnet18, Stem::Cifar, 4)]
         }
         let teachers = match method {
             MethodConfig::Fsp { .. } => &fsp_teachers,

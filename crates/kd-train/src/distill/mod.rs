@@ -402,7 +402,7 @@ pub trait Distiller {
 }
 
 /// A network trained alongside the student in online distillation.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PeerSpec {
     /// Architecture.
@@ -411,13 +411,41 @@ pub struct PeerSpec {
     pub stem: Stem,
     /// Channels of the first stage.
     pub width: usize,
+    /// Its learning rate as a multiple of the run's (`train.lr`, on the same schedule): 1 by
+    /// default. SwitOKD's CIFAR-100 code trains its teacher at 10× its student's rate.
+    #[serde(
+        default = "PeerSpec::same_lr",
+        skip_serializing_if = "PeerSpec::is_same_lr"
+    )]
+    pub lr_scale: f64,
+}
+
+impl PeerSpec {
+    /// A peer of `model`, `stem` and `width` learning at the run's rate.
+    pub fn new(model: Arch, stem: Stem, width: usize) -> Self {
+        PeerSpec {
+            model,
+            stem,
+            width,
+            lr_scale: 1.0,
+        }
+    }
+
+    fn same_lr() -> f64 {
+        1.0
+    }
+
+    fn is_same_lr(scale: &f64) -> bool {
+        *scale == 1.0
+    }
 }
 
 impl std::str::FromStr for PeerSpec {
     type Err = String;
 
-    /// `ARCH[:STEM[:WIDTH]]`, e.g. `resnet50`, `resnet50:cifar-maxpool:32`; stem and width
-    /// default to `cifar` and 64.
+    /// `ARCH[:STEM[:WIDTH[:LR_SCALE]]]`, e.g. `resnet50`, `resnet50:cifar-maxpool:32`,
+    /// `resnet50:cifar-maxpool:64:10`; stem, width and learning-rate multiple default to
+    /// `cifar`, 64 and 1.
     fn from_str(s: &str) -> std::result::Result<Self, String> {
         let mut parts = s.split(':');
         let arch = parts.next().unwrap_or("");
@@ -444,12 +472,23 @@ impl std::str::FromStr for PeerSpec {
                 .map_err(|_| format!("width in peer `{s}` is not a positive integer"))?,
             None => 64,
         };
-        if width == 0 || parts.next().is_some() {
+        let lr_scale = match parts.next() {
+            Some(p) => p.parse().map_err(|_| {
+                format!("learning-rate multiple in peer `{s}` is not a positive number")
+            })?,
+            None => 1.0,
+        };
+        if width == 0 || parts.next().is_some() || !(lr_scale > 0.0 && f64::is_finite(lr_scale)) {
             return Err(format!(
-                "peer `{s}`: expected ARCH[:STEM[:WIDTH]] with WIDTH ≥ 1"
+                "peer `{s}`: expected ARCH[:STEM[:WIDTH[:LR_SCALE]]] with WIDTH ≥ 1 and LR_SCALE a positive number"
             ));
         }
-        Ok(PeerSpec { model, stem, width })
+        Ok(PeerSpec {
+            model,
+            stem,
+            width,
+            lr_scale,
+        })
     }
 }
 
@@ -1012,20 +1051,12 @@ impl MethodConfig {
             "dml" => MethodConfig::Dml {
                 weight: 1.0,
                 temperature: 1.0,
-                peers: vec![PeerSpec {
-                    model: Arch::Resnet50,
-                    stem: Stem::Cifar,
-                    width: 64,
-                }],
+                peers: vec![PeerSpec::new(Arch::Resnet50, Stem::Cifar, 64)],
             },
             // The authors' CIFAR code: T = 1 throughout; here a ResNet50 teaches the ResNet18.
             "switokd" => MethodConfig::Switokd {
                 temperature: 1.0,
-                peers: vec![PeerSpec {
-                    model: Arch::Resnet50,
-                    stem: Stem::Cifar,
-                    width: 64,
-                }],
+                peers: vec![PeerSpec::new(Arch::Resnet50, Stem::Cifar, 64)],
             },
             // The authors' CIFAR scripts: three branches, T = 3 (their KLLoss), a ramp-up of 80
             // epochs (`--consistency_rampup 80`).
@@ -1575,6 +1606,8 @@ pub struct Peer {
     pub model: ResNet,
     /// Its variables.
     pub vars: candle_nn::VarMap,
+    /// Its learning rate as a multiple of the run's ([`PeerSpec::lr_scale`]).
+    pub lr_scale: f64,
 }
 
 /// What [`build_student`] builds.
@@ -1626,6 +1659,12 @@ pub fn build_student(
     kd_models::init::init_resnet(&vars, seed, cfg.zero_init_residual)?;
     let mut peers = Vec::new();
     for (k, spec) in method.peers().iter().enumerate() {
+        if !(spec.lr_scale > 0.0 && spec.lr_scale.is_finite()) {
+            candle_core::bail!(
+                "method.peers[{k}].lr_scale: expected a positive number, got {}",
+                spec.lr_scale
+            );
+        }
         let pcfg = ResNetConfig {
             base_width: spec.width,
             zero_init_residual: cfg.zero_init_residual,
@@ -1648,6 +1687,7 @@ pub fn build_student(
             config: pcfg,
             model: pmodel,
             vars: pvars,
+            lr_scale: spec.lr_scale,
         });
     }
     Ok(BuiltStudent {
