@@ -369,6 +369,45 @@ fn peer_specs_parse_and_refuse_clearly() {
         .parse::<PeerSpec>()
         .unwrap_err()
         .contains("WIDTH"));
+    // A learning-rate multiple, fourth; positive.
+    let p: PeerSpec = "resnet50:cifar-maxpool:64:10".parse().unwrap();
+    assert_eq!(p.lr_scale, 10.0);
+    assert_eq!("resnet34".parse::<PeerSpec>().unwrap().lr_scale, 1.0);
+    for bad in [
+        "resnet18:cifar:8:0",
+        "resnet18:cifar:8:-1",
+        "resnet18:cifar:8:inf",
+    ] {
+        assert!(
+            bad.parse::<PeerSpec>().unwrap_err().contains("LR_SCALE"),
+            "{bad}"
+        );
+    }
+    assert!("resnet18:cifar:8:fast"
+        .parse::<PeerSpec>()
+        .unwrap_err()
+        .contains("learning-rate multiple"));
+    // In a config it is optional, and a bad one is refused when the networks are built.
+    let spec: PeerSpec =
+        serde_json::from_str(r#"{"model": "resnet18", "stem": "cifar", "width": 4}"#).unwrap();
+    assert_eq!(spec.lr_scale, 1.0);
+    let method = MethodConfig::Dml {
+        weight: 1.0,
+        temperature: 1.0,
+        peers: vec![PeerSpec {
+            lr_scale: 0.0,
+            ..spec
+        }],
+    };
+    let cfg = ResNetConfig {
+        base_width: 4,
+        ..ResNetConfig::new(Arch::Resnet18, Stem::Cifar, 10)
+    };
+    let err = kd_train::build_student(&cfg, &method, None, &Device::Cpu, 0, 0.0)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("method.peers[0].lr_scale"), "{err}");
 }
 
 #[test]

@@ -36,9 +36,9 @@ pub struct TrainArgs {
     /// method.temperature (kd, kd_byot, dkd, dist, dml, switokd, one, okddip, cl_ilr, two_view, cs_kd, tf_kd_reg; mlkd's first).
     #[arg(long)]
     pub temperature: Option<f64>,
-    /// A peer trained beside the student (dml; switokd's teacher), ARCH[:STEM[:WIDTH]]; repeat for
-    /// more peers (dml).
-    #[arg(long = "peer", value_name = "ARCH[:STEM[:WIDTH]]")]
+    /// A peer trained beside the student (dml; switokd's teacher), ARCH[:STEM[:WIDTH[:LR_SCALE]]]
+    /// (LR_SCALE multiplies the run's learning rate for it); repeat for more peers (dml).
+    #[arg(long = "peer", value_name = "ARCH[:STEM[:WIDTH[:LR_SCALE]]]")]
     pub peers: Vec<kd_train::PeerSpec>,
     /// model.arch: the student.
     #[arg(long, value_enum)]
