@@ -371,17 +371,21 @@ fn eval_scores_an_exported_cohort_as_the_trainer_did() {
 }
 
 /// `--method switokd --peer …` trains the student beside its teacher through the binary: the
-/// teacher is evaluated and exported as a peer, each epoch logs the share of steps it sat out,
-/// and a second `--peer` is refused by name (SwitOKD has one teacher).
+/// teacher (at twice the run's learning rate) is evaluated and exported as a peer, each epoch
+/// logs the share of steps it sat out, and a second `--peer` is refused by name (SwitOKD has
+/// one teacher).
 #[test]
 fn switokd_trains_beside_one_teacher() {
     let tmp = tempfile::tempdir().unwrap();
     write_cifar10(tmp.path());
     let run = tmp.path().join("switokd");
     let args = ["--epochs", "2", "--lr", "0.05", "--method", "switokd"];
-    let peer = ["--peer", "resnet18:cifar-maxpool:8"];
+    // The teacher at twice the run's learning rate, which the run's config records.
+    let peer = ["--peer", "resnet18:cifar-maxpool:8:2"];
     train_into(tmp.path(), "cifar", &[&args[..], &peer[..]].concat(), &run);
     assert!(run.join("peer1/model.safetensors").is_file());
+    let config = std::fs::read_to_string(run.join("config.toml")).unwrap();
+    assert!(config.contains("lr_scale = 2.0"), "{config}");
     let rows = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
     for row in rows.lines() {
         let row: serde_json::Value = serde_json::from_str(row).unwrap();
