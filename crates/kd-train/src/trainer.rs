@@ -727,7 +727,7 @@ pub fn train(
             "epoch [{bar:30}] {pos}/{len} {msg} {per_sec} ETA {eta}",
         );
         for (i, batch) in train.epoch(epoch as u64, 0).enumerate() {
-            let batch = batch?;
+            let batch = method.prepare_batch(batch?)?;
             lr = cfg.schedule.lr(cfg.lr, progress.step, total);
             let teacher_out = match teacher.filter(|_| method.teacher_each_step()) {
                 Some(t) => {

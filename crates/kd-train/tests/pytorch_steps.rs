@@ -16,7 +16,8 @@
 //! (trained on other input statistics than the data's), BYOT's heads with and without that
 //! teacher (`byot`, `kd_byot`), Deep Mutual Learning of two ResNet18 peers with their own SGD,
 //! the paired self methods `two_view` and `cs_kd`, Tf-KD_reg and PS-KD (its step 2 reading the
-//! predictions its step 1 stored), and CTKD (its temperature learned through a
+//! predictions its step 1 stored), DLB (its step 2 replaying step 1's batch under its second
+//! views, taught by step 1's logits), and CTKD (its temperature learned through a
 //! gradient reversal), FitNets, VID and CC (their regressors, VID's variances and CC's
 //! projections training with the student), attention transfer, NST, SP, DKD and MLKD (the teacher
 //! on its weak and strong batches in one pass) from the KD case's teacher, RKD and DIST from networks trained a little first (the fixture script says why), and ONE,
@@ -54,6 +55,7 @@
 //! | one | 1.0·10⁻⁶ | 1.0·10⁻⁵ | 1.4·10⁻⁵ |
 //! | okddip | 1.0·10⁻⁶ | 1.6·10⁻⁵ | 9.6·10⁻³ (`layer4.0.conv1`) |
 //! | cl_ilr | 8.3·10⁻⁷ | 1.2·10⁻⁵ | 1.5·10⁻⁵ |
+//! | dlb | 6.3·10⁻⁷ | 1.0·10⁻⁵ | 1.6·10⁻⁵ |
 //! | switokd | 8.9·10⁻⁷ | 6.1·10⁻⁶ | 1.5·10⁻⁵ |
 //!
 //! Caught: the teacher fed the student's normalisation (its logits off by 6·10⁻⁴), DML's or
@@ -302,6 +304,8 @@ fn distillation_matches_pytorch(
             paired: refs.get(&format!("p{k}")).cloned(),
             contrast: None,
         };
+        // As the trainer: the method may rewrite the batch (DLB replays the previous one).
+        let batch = student.distiller.prepare_batch(batch).unwrap();
         let t_out = teacher.map(|t| {
             kd_train::teacher_forward(t, &batch, &Normalize::CIFAR10, student.distiller.as_ref())
                 .unwrap()
@@ -614,7 +618,7 @@ fn class_wise_self_kd_steps_match_pytorch() {
 }
 
 /// A self method whose targets no network gives (`tf_kd_reg`'s designed distribution, `pskd`'s
-/// past predictions) at its preset, from `kd`'s student. The method is prepared for the
+/// and `dlb`'s past predictions) at its preset, from `kd`'s student. The method is prepared for the
 /// fixture's 16 training images, which both steps' batches hold (PS-KD's step 2 reads the
 /// predictions step 1 stored).
 fn own_target_steps_match_pytorch(case: &str) {
@@ -638,6 +642,13 @@ fn own_target_steps_match_pytorch(case: &str) {
         tmp.path(),
     )];
     distillation_matches_pytorch(case, &student, None, &mut members);
+}
+
+/// DLB's step 1 (CE alone) and step 2 (step 1's batch replayed under its second views, taught
+/// by step 1's logits).
+#[test]
+fn last_mini_batch_steps_match_pytorch() {
+    own_target_steps_match_pytorch("dlb");
 }
 
 #[test]

@@ -57,6 +57,21 @@ fn setup_with(
     Loader,
     Loader,
 ) {
+    setup_paired(init_seed, data_seed, None)
+}
+
+/// [`setup_with`], the training batches bringing the images `pair` names.
+fn setup_paired(
+    init_seed: u64,
+    data_seed: u64,
+    pair: Option<kd_data::Pairing>,
+) -> (
+    kd_models::ResNet,
+    candle_nn::VarMap,
+    TeacherMeta,
+    Loader,
+    Loader,
+) {
     let cfg = ResNetConfig {
         base_width: 4,
         ..ResNetConfig::new(Arch::Resnet18, Stem::CifarMaxpool, 4)
@@ -71,6 +86,7 @@ fn setup_with(
             crop_padding: 2,
             hflip: false,
         },
+        pair,
         ..LoaderConfig::train(16, norm, data_seed)
     };
     let train_l = Loader::new(Arc::new(quadrants(64, 1)), tcfg, Device::Cpu).unwrap();
@@ -214,9 +230,10 @@ fn learns_the_synthetic_task() {
 /// keeps state between steps, which the checkpoint must hold.
 fn check_resume_is_bit_identical(
     stateful: bool,
+    pair: Option<kd_data::Pairing>,
     method: impl Fn(&kd_models::ResNet, &candle_nn::VarMap) -> Box<dyn kd_train::Distiller>,
 ) {
-    let (model, vm, meta, tr, te) = setup(3);
+    let (model, vm, meta, tr, te) = setup_paired(3, 3, pair);
     let full = tempfile::tempdir().unwrap();
     train(
         solo(&model, &vm, &meta),
@@ -231,7 +248,7 @@ fn check_resume_is_bit_identical(
     .unwrap();
     let uninterrupted = weights(&vm);
 
-    let (model, vm, meta, tr, te) = setup(3);
+    let (model, vm, meta, tr, te) = setup_paired(3, 3, pair);
     let dir = tempfile::tempdir().unwrap();
     let stopped = train(
         solo(&model, &vm, &meta),
@@ -252,7 +269,7 @@ fn check_resume_is_bit_identical(
     let ckpt = kd_train::latest_checkpoint(dir.path()).unwrap();
     assert_eq!(ckpt.join("method.safetensors").exists(), stateful);
     // A fresh process: a differently initialised model, everything restored from the checkpoint.
-    let (model, vm, meta, tr, te) = setup_with(99, 3);
+    let (model, vm, meta, tr, te) = setup_paired(99, 3, pair);
     train(
         solo(&model, &vm, &meta),
         &*method(&model, &vm),
@@ -300,19 +317,22 @@ fn check_resume_is_bit_identical(
 
 #[test]
 fn resume_is_bit_identical() {
-    check_resume_is_bit_identical(false, |_, _| baseline());
+    check_resume_is_bit_identical(false, None, |_, _| baseline());
 }
 
-/// PS-KD's per-image memory of predictions is checkpointed and restored.
+/// PS-KD's per-image memory of predictions, and DLB's batch carried to the next step (an
+/// epoch's first step replays the last batch of the one before), are checkpointed and restored.
 #[test]
 fn resume_restores_a_methods_state() {
-    check_resume_is_bit_identical(true, |model, vm| {
-        let vb = candle_nn::VarBuilder::from_varmap(vm, candle_core::DType::F32, &Device::Cpu);
-        kd_train::MethodConfig::preset("pskd")
-            .unwrap()
-            .build(model, None, vb, 0.0)
-            .unwrap()
-    });
+    for (name, pair) in [("pskd", None), ("dlb", Some(kd_data::Pairing::SecondView))] {
+        check_resume_is_bit_identical(true, pair, |model, vm| {
+            let vb = candle_nn::VarBuilder::from_varmap(vm, candle_core::DType::F32, &Device::Cpu);
+            kd_train::MethodConfig::preset(name)
+                .unwrap()
+                .build(model, None, vb, 0.0)
+                .unwrap()
+        });
+    }
 }
 
 #[test]

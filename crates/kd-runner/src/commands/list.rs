@@ -37,6 +37,7 @@ pub fn describe(method: &str) -> &'static str {
         "two_view" => "self, response: one image under two augmentations, each view teaching the other",
         "pskd" => "self, response: progressive self-KD (Kim et al. 2021), last epoch's prediction softens the target",
         "tf_kd_reg" => "self, response: teacher-free KD with a designed teacher (Yuan et al. 2020), correct_prob on the label softened at T; (1−α)·CE + α·(multiplier/K)·KL",
+        "dlb" => "self, response: self-distillation from the last mini-batch (Shen et al. 2022), each step replays the previous batch under its second augmentation, taught by the network's prediction of it one step earlier",
         "cs_kd" => "self, response: class-wise self-KD (Yun et al. 2020), a same-class image teaches",
         "mlkd" => "offline, response + relation: multi-level logit distillation (Jin et al. 2023), instance, class and batch alignment at T, 3, 5, 2, 6 on a weak and a RandAugment view; standardize = true as for kd",
         _ => "",

@@ -812,6 +812,12 @@ fn check_methods(c: &mut Checks, dev: &Device) -> anyhow::Result<()> {
                 let models: Vec<&kd_models::ResNet> = std::iter::once(&built.model)
                     .chain(built.peers.iter().map(|p| &p.model))
                     .collect();
+                if method.replays_last_batch() {
+                    // A step before, whose batch (DLB: its second views) the checked one replays.
+                    let first = built.distiller.prepare_batch(batch.clone())?;
+                    kd_train::step_losses(&models, built.distiller.as_ref(), &ctx, &first, None)?;
+                }
+                let batch = built.distiller.prepare_batch(batch.clone())?;
                 let step = kd_train::step_losses(
                     &models,
                     built.distiller.as_ref(),
