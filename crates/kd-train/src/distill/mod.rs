@@ -1109,8 +1109,8 @@ impl MethodConfig {
                 weight: 1.0,
                 temperature: 4.0,
             },
-            // The paper's CIFAR setting as we read it (the authors' `dlb.py` takes both as
-            // arguments): α = 1, T = 3.
+            // α = 1, T = 3: our reading of the paper's CIFAR setting, not checked against it
+            // (the authors' `dlb.py` has no defaults; both are arguments).
             "dlb" => MethodConfig::Dlb {
                 alpha: 1.0,
                 temperature: 3.0,
