@@ -407,6 +407,31 @@ fn switokd_trains_beside_one_teacher() {
     assert_contains_all(&failed(&two), ["switokd", "exactly one peer", "got 2"]);
 }
 
+/// `--method dlb` through the binary: the loader brings each image's second view, every epoch
+/// after the run's first step replays a batch (its consistency term is logged and positive),
+/// and mixup is refused by name.
+#[test]
+fn dlb_replays_the_last_batch_through_the_binary() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_cifar10(tmp.path());
+    let run = tmp.path().join("dlb");
+    let args = ["--epochs", "2", "--lr", "0.05", "--method", "dlb"];
+    train_into(tmp.path(), "cifar", &args, &run);
+    let rows = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    assert_eq!(rows.lines().count(), 2);
+    for row in rows.lines() {
+        let row: serde_json::Value = serde_json::from_str(row).unwrap();
+        assert!(row["losses"]["loss_dlb"].as_f64().unwrap() > 0.0, "{row}");
+    }
+    let mixed = tiny_train(tmp.path(), "cifar")
+        .args(args)
+        .args(["--set", "data.mixup=1.0", "--run-dir"])
+        .arg(tmp.path().join("mixed"))
+        .output()
+        .unwrap();
+    assert_contains_all(&failed(&mixed), ["dlb", "data.mixup = 0"]);
+}
+
 /// Every column of a finished run's metrics.csv but the clocks, one string per epoch.
 fn metrics_without_clocks(run_dir: &std::path::Path) -> Vec<String> {
     let text = std::fs::read_to_string(run_dir.join("metrics.csv")).unwrap();
