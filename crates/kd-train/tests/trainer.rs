@@ -34,44 +34,26 @@ fn quadrants(n: usize, seed: u64) -> Split {
     s
 }
 
-fn setup(
-    seed: u64,
-) -> (
+/// A tiny model, its variables and sidecar, and the training and test loaders.
+type Setup = (
     kd_models::ResNet,
     candle_nn::VarMap,
     TeacherMeta,
     Loader,
     Loader,
-) {
+);
+
+fn setup(seed: u64) -> Setup {
     setup_with(seed, seed)
 }
 
 /// `init_seed` initialises the model, `data_seed` drives order and augmentation.
-fn setup_with(
-    init_seed: u64,
-    data_seed: u64,
-) -> (
-    kd_models::ResNet,
-    candle_nn::VarMap,
-    TeacherMeta,
-    Loader,
-    Loader,
-) {
+fn setup_with(init_seed: u64, data_seed: u64) -> Setup {
     setup_paired(init_seed, data_seed, None)
 }
 
 /// [`setup_with`], the training batches bringing the images `pair` names.
-fn setup_paired(
-    init_seed: u64,
-    data_seed: u64,
-    pair: Option<kd_data::Pairing>,
-) -> (
-    kd_models::ResNet,
-    candle_nn::VarMap,
-    TeacherMeta,
-    Loader,
-    Loader,
-) {
+fn setup_paired(init_seed: u64, data_seed: u64, pair: Option<kd_data::Pairing>) -> Setup {
     let cfg = ResNetConfig {
         base_width: 4,
         ..ResNetConfig::new(Arch::Resnet18, Stem::CifarMaxpool, 4)
