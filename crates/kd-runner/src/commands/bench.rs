@@ -162,11 +162,14 @@ impl MethodStep {
             None
         };
         let ctx = kd_train::StepContext::one_step();
+        // As the trainer: the method may rewrite the batch (DLB replays the previous step's from
+        // its second step on, which the warm-up covers).
+        let batch = self.student.distiller.prepare_batch(self.batch.clone())?;
         let step = kd_train::step_losses(
             &[&self.student.model],
             self.student.distiller.as_ref(),
             &ctx,
-            &self.batch,
+            &batch,
             t_out.as_ref(),
         )?;
         self.opt.step(&step.terms[0].total()?.backward()?, 0.01)?;
