@@ -1338,7 +1338,7 @@ fn bench_times_any_methods_step_and_refuses_online_ones() {
             "--train-size",
             "64",
             "--workloads",
-            "method:crd,method:reviewkd,method:pskd",
+            "method:crd,method:reviewkd,method:pskd,method:dlb",
         ],
     );
     let text = succeeded(&out);
@@ -1349,6 +1349,7 @@ fn bench_times_any_methods_step_and_refuses_online_ones() {
             "BENCH workload=method-reviewkd precision=f32",
             "| crd step (resnet50 → resnet18) |",
             "| pskd step (resnet18) |",
+            "| dlb step (resnet18) |",
         ],
     );
     let out = kd()
