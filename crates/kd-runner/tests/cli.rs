@@ -592,7 +592,7 @@ fn suite_then_report_end_to_end() {
     // if the two differences happen to be equal).
     assert!(
         md.contains("same seeds (p)")
-            && lines[0].ends_with("paired_t,paired_p,gpu_peak_mib,swept,teacher")
+            && lines[0].ends_with("paired_t,paired_p,gpu_peak_mib,swept,teacher,values_last")
     );
     assert_eq!(cells.len(), header.len(), "{csv}");
     // CPU runs: no GPU memory, and no memory column in the Markdown table.
@@ -760,7 +760,8 @@ fn suite_chains_a_run_as_the_next_ones_teacher() {
     assert!(lines[2].starts_with("ban1,kd,"), "{csv}");
     let agreement: f64 = ban1_row[col].parse().unwrap();
     assert!((0.0..=100.0).contains(&agreement), "{csv}");
-    // Who taught whom: in each run.json, the last column of report.csv and the report's table.
+    // Who taught whom: in each run.json, report.csv's `teacher` column (before `values_last`,
+    // empty for kd) and the report's table.
     let taught = |run: &str| -> serde_json::Value {
         serde_json::from_str(&std::fs::read_to_string(out_dir.join(run).join("run.json")).unwrap())
             .unwrap()
@@ -775,7 +776,7 @@ fn suite_chains_a_run_as_the_next_ones_teacher() {
         serde_json::json!([{"label": "baseline", "seed": 0}, {"label": "ban1", "seed": 0}])
     );
     assert!(
-        lines[2].ends_with(",baseline") && lines[3].ends_with(",baseline + ban1"),
+        lines[2].ends_with(",baseline,") && lines[3].ends_with(",baseline + ban1,"),
         "{csv}"
     );
     let md = std::fs::read_to_string(out_dir.join("report.md")).unwrap();
