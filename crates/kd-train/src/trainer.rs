@@ -745,10 +745,10 @@ pub fn train(
             let step = step_losses(&models, method, &ctx, &batch, teacher_out.as_ref())?;
             for (k, (m, terms)) in members.iter_mut().zip(&step.terms).enumerate() {
                 let loss = terms.total()?;
+                pending[k].add(terms, &loss, &step.outputs[k].logits, &batch.labels)?;
                 if terms.paused {
                     // The network sits this step out (SwitOKD's paused teacher): logged, not
                     // trained; its optimizer's momentum and weight decay wait with it.
-                    pending[k].add(terms, &loss, &step.outputs[k].logits, &batch.labels)?;
                     continue;
                 }
                 if on_cpu {
@@ -774,7 +774,6 @@ pub fn train(
                     }
                 }
                 m.opt.step(&grads, lr * m.lr_scale)?;
-                pending[k].add(terms, &loss, &step.outputs[k].logits, &batch.labels)?;
             }
             if on_cpu || (i + 1) % DEVICE_READ_EVERY == 0 {
                 for (p, s) in pending.iter_mut().zip(sums.iter_mut()) {
