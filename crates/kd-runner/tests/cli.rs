@@ -21,6 +21,17 @@ fn tiny_train(data: &std::path::Path, stem: &str) -> std::process::Command {
     c
 }
 
+/// `kd-runner eval` on the fixture CIFAR-10 in `data` of the network at `weights` (a run folder
+/// or a weights file); more flags follow.
+fn eval_of(data: &std::path::Path, weights: &std::path::Path) -> std::process::Command {
+    let mut c = kd();
+    c.args(["eval", "--data-dir"])
+        .arg(data)
+        .arg("--weights")
+        .arg(weights);
+    c
+}
+
 /// [`tiny_train`] with `args` into the run folder `run`; fails the test unless it succeeds, and
 /// returns what it printed.
 fn train_into(data: &std::path::Path, stem: &str, args: &[&str], run: &std::path::Path) -> String {
@@ -213,14 +224,7 @@ fn eval_takes_a_run_folder_and_names_what_is_missing() {
     write_cifar10(tmp.path());
     let run = tmp.path().join("run");
     train_into(tmp.path(), "cifar", &["--epochs", "1"], &run);
-    let eval = |weights: &std::path::Path| {
-        kd().args(["eval", "--data-dir"])
-            .arg(tmp.path())
-            .arg("--weights")
-            .arg(weights)
-            .output()
-            .unwrap()
-    };
+    let eval = |weights: &std::path::Path| eval_of(tmp.path(), weights).output().unwrap();
     let text = succeeded(&eval(&run));
     assert!(
         text.contains("model.safetensors") && text.contains("top-1"),
@@ -244,11 +248,7 @@ fn eval_takes_a_run_folder_and_names_what_is_missing() {
     assert!(out.contains("best test top-1"));
     // The student against its teacher: eval's agreement is the run's own, on the same images.
     let text = succeeded(
-        &kd()
-            .args(["eval", "--data-dir"])
-            .arg(tmp.path())
-            .arg("--weights")
-            .arg(tmp.path().join("kd"))
+        &eval_of(tmp.path(), &tmp.path().join("kd"))
             .arg("--against")
             .arg(&run)
             .output()
@@ -305,15 +305,7 @@ fn online_branch_methods_deploy_the_plain_network() {
             summary["deploy_params"].as_u64().unwrap(),
         );
         assert!(trainable > deployed, "{method}: {summary}");
-        let text = succeeded(
-            &kd()
-                .args(["eval", "--data-dir"])
-                .arg(tmp.path())
-                .arg("--weights")
-                .arg(&run)
-                .output()
-                .unwrap(),
-        );
+        let text = succeeded(&eval_of(tmp.path(), &run).output().unwrap());
         let last = summary["last_top1"].as_f64().unwrap();
         assert!(
             text.contains(&format!("{deployed} params"))
@@ -347,10 +339,7 @@ fn eval_scores_an_exported_cohort_as_the_trainer_did() {
     let ensemble = summary["last_cohort_ensemble_top1"].as_f64().unwrap();
     let peer = summary["peers"][0]["last_top1"].as_f64().unwrap();
     let eval_with = |member: &std::path::Path| {
-        kd().args(["eval", "--data-dir"])
-            .arg(tmp.path())
-            .arg("--weights")
-            .arg(&run)
+        eval_of(tmp.path(), &run)
             .arg("--ensemble-with")
             .arg(member)
             .output()
@@ -1054,11 +1043,7 @@ fn two_teachers_teach_as_an_ensemble() {
     );
     // `eval --against` both teachers: the ensemble's agreement and top-1, as the run saw them.
     let text = succeeded(
-        &kd()
-            .args(["eval", "--data-dir"])
-            .arg(tmp.path())
-            .arg("--weights")
-            .arg(&run)
+        &eval_of(tmp.path(), &run)
             .arg("--against")
             .arg(&t18)
             .arg("--against")
@@ -1078,11 +1063,7 @@ fn two_teachers_teach_as_an_ensemble() {
     );
     // The same two as an ensemble in `eval`: their mean logits score the run's teacher top-1.
     let text = succeeded(
-        &kd()
-            .args(["eval", "--data-dir"])
-            .arg(tmp.path())
-            .arg("--weights")
-            .arg(&t18)
+        &eval_of(tmp.path(), &t18)
             .arg("--ensemble-with")
             .arg(&t50)
             .output()
