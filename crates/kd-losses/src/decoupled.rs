@@ -31,7 +31,7 @@ impl DecoupledTerms {
 
 /// What the true class is pushed down by (after the division by T) to leave it out of a
 /// softmax: exp(−1000) is 0 in f32 and f64.
-const MASK_OFFSET: f64 = 1000.0;
+pub(crate) const MASK_OFFSET: f64 = 1000.0;
 
 /// TCKD and NCKD of `student` logits against `teacher` logits (B, K) with true classes `labels`
 /// (B,) u32, at temperature `t`. The teacher side is detached.
@@ -82,7 +82,7 @@ pub fn dkd_loss(
 
 /// From scaled logits z (B, K): the binary log-probabilities (B, 2) of (target, non-target), and
 /// the log-probabilities (B, K) among the non-target classes (the target's is ≈ −1000).
-fn decoupled_log_probs(z: &Tensor, mask: &Tensor) -> Result<(Tensor, Tensor)> {
+pub(crate) fn decoupled_log_probs(z: &Tensor, mask: &Tensor) -> Result<(Tensor, Tensor)> {
     let lse = z.log_sum_exp(D::Minus1)?;
     let z_non = (z - (mask * MASK_OFFSET)?)?;
     let lse_non = z_non.log_sum_exp(D::Minus1)?;

@@ -4,8 +4,8 @@
 //! correlation congruence (CC), contrastive representation distillation (CRD), neuron
 //! selectivity transfer (NST), variational information distillation (VID), the overhaul of
 //! feature distillation (OFD), activation boundaries (AB), factor transfer (FT), the FSP matrices and ReviewKD's
-//! hierarchical context loss (HCL), Tf-KD's virtual teacher and MLKD's class- and batch-level
-//! alignments.
+//! hierarchical context loss (HCL), Tf-KD's virtual teacher, MLKD's class- and batch-level
+//! alignments, and NKD's and USKD's normalised target and non-target terms.
 //!
 //! ```
 //! use candle_core::{Device, Tensor};
@@ -24,6 +24,7 @@ pub mod decoupled;
 pub mod feature;
 pub mod hinton;
 pub mod multi_level;
+pub mod normalized;
 pub mod relation;
 pub mod virtual_teacher;
 
@@ -39,6 +40,7 @@ pub use hinton::{kd_loss, kd_loss_at, kd_loss_composed, standardize_logits};
 pub use multi_level::{
     batch_correlation_loss, class_correlation_loss, fraction_at_or_below_median,
 };
+pub use normalized::{nkd_terms, uskd_terms, zipf_labels, NormalizedTerms, UniversalSelfTerms};
 pub use relation::{
     cc_loss, pkt_loss, pkt_probabilities, rkd_angle_loss, rkd_distance_loss, similarity_matrix,
     smooth_l1, sp_loss,
