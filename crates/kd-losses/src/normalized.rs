@@ -57,7 +57,10 @@ fn check_logits(method: &str, logits: &Tensor, other: &Tensor, labels: &Tensor) 
         );
     }
     if labels.dims() != [b] {
-        bail!("{method}: expected {b} labels, got shape {:?}", labels.dims());
+        bail!(
+            "{method}: expected {b} labels, got shape {:?}",
+            labels.dims()
+        );
     }
     if k < 2 {
         bail!("{method} needs at least 2 classes, got {k}");
@@ -135,4 +138,3 @@ pub fn uskd_terms(logits: &Tensor, weak: &Tensor, labels: &Tensor) -> Result<Uni
         weak: weak_ce,
     })
 }
-

@@ -10,7 +10,10 @@ use kd_losses::{nkd_terms, uskd_terms, zipf_labels};
 use kd_testkit::max_abs_diff;
 
 fn fixtures() -> HashMap<String, Tensor> {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/nkd.safetensors");
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/nkd.safetensors"
+    );
     kd_testkit::load_fixture(Path::new(path), "tools/fixtures/make_nkd_fixtures.py")
 }
 
@@ -83,10 +86,9 @@ fn uskd_matches_the_authors_loss_in_pytorch() {
             assert_close(scalar(&terms.non_target), scalar(&get("non")), tol, &what);
             let weak = (terms.weak * mu).unwrap();
             assert_close(scalar(&weak), scalar(&get("weak_loss")), tol, &what);
-            let total = ((terms.target * alpha).unwrap()
-                + (terms.non_target * beta).unwrap()
-                + weak)
-                .unwrap();
+            let total =
+                ((terms.target * alpha).unwrap() + (terms.non_target * beta).unwrap() + weak)
+                    .unwrap();
             let grads = total.backward().unwrap();
             let e = max_abs_diff(grads.get(z.as_tensor()).unwrap(), &get("grad"));
             assert!(e < tol, "{what}: gradient off by {e:.2e}");
@@ -119,9 +121,7 @@ fn uskd_ranks_the_classes_as_the_authors_code() {
                 .unwrap())
         .unwrap();
         let zipf = (zipf_labels(&score).unwrap() * (1.0 - &mask).unwrap()).unwrap();
-        let zipf = zipf
-            .broadcast_div(&zipf.sum_keepdim(1).unwrap())
-            .unwrap();
+        let zipf = zipf.broadcast_div(&zipf.sum_keepdim(1).unwrap()).unwrap();
         assert!(max_abs_diff(&zipf, &get("zipf")) < 1e-12, "case {i}");
     }
 }
@@ -130,8 +130,11 @@ fn uskd_ranks_the_classes_as_the_authors_code() {
 /// columns' order.
 #[test]
 fn zipf_labels_follow_the_ranking() {
-    let scores = Tensor::new(&[[0.1f32, 3.0, -2.0, 0.5], [4.0, 3.0, 2.0, 1.0]], &Device::Cpu)
-        .unwrap();
+    let scores = Tensor::new(
+        &[[0.1f32, 3.0, -2.0, 0.5], [4.0, 3.0, 2.0, 1.0]],
+        &Device::Cpu,
+    )
+    .unwrap();
     let z = zipf_labels(&scores).unwrap().to_vec2::<f32>().unwrap();
     assert_eq!(z[0], [1.0 / 3.0, 1.0, 1.0 / 4.0, 1.0 / 2.0]);
     assert_eq!(z[1], [1.0, 1.0 / 2.0, 1.0 / 3.0, 1.0 / 4.0]);

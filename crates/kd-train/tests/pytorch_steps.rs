@@ -15,11 +15,12 @@
 //! steps each against PyTorch's float64 runs: offline KD from a frozen ResNet50 in eval mode
 //! (trained on other input statistics than the data's), BYOT's heads with and without that
 //! teacher (`byot`, `kd_byot`), Deep Mutual Learning of two ResNet18 peers with their own SGD,
-//! the paired self methods `two_view` and `cs_kd`, Tf-KD_reg and PS-KD (its step 2 reading the
+//! the paired self methods `two_view` and `cs_kd`, Tf-KD_reg, USKD (its weak head training with
+//! the student) and PS-KD (its step 2 reading the
 //! predictions its step 1 stored), DLB (its step 2 replaying step 1's batch under its second
 //! views, taught by step 1's logits), and CTKD (its temperature learned through a
 //! gradient reversal), FitNets, VID and CC (their regressors, VID's variances and CC's
-//! projections training with the student), attention transfer, NST, SP, DKD and MLKD (the teacher
+//! projections training with the student), attention transfer, NST, SP, DKD, NKD and MLKD (the teacher
 //! on its weak and strong batches in one pass) from the KD case's teacher, RKD and DIST from networks trained a little first (the fixture script says why), and ONE,
 //! OKDDip and CL-ILR on the student's own extra branches (ONE's gate, OKDDip's projections and
 //! the branches training with it, CL-ILR's trunk gradient divided by the branches, the
@@ -42,6 +43,7 @@
 //! | at | 2.4·10⁻⁶ | 5.8·10⁻⁶ | 5.1·10⁻³ |
 //! | nst | 3.1·10⁻⁶ | 9.1·10⁻⁶ | 4.1·10⁻⁵ |
 //! | dkd | 7.4·10⁻⁷ | 1.4·10⁻⁵ | 1.4·10⁻⁵ |
+//! | nkd | 1.1·10⁻⁶ | 1.0·10⁻⁵ | 1.5·10⁻⁵ |
 //! | fitnet | 1.3·10⁻⁶ | 5.3·10⁻⁶ | 2.0·10⁻⁵ |
 //! | ctkd | 1.2·10⁻⁶ | 1.9·10⁻⁵ | 1.7·10⁻⁵ |
 //! | vid | 7.9·10⁻⁷ | 9.0·10⁻⁶ | 1.5·10⁻⁵ |
@@ -52,6 +54,7 @@
 //! | mlkd | 1.1·10⁻⁶ | 2.4·10⁻⁵ | 2.4·10⁻⁵ |
 //! | tf_kd_reg | 8.7·10⁻⁷ | 1.1·10⁻⁵ | 1.5·10⁻⁵ |
 //! | pskd | 6.4·10⁻⁷ | 1.0·10⁻⁵ | 1.4·10⁻⁵ |
+//! | uskd | 6.7·10⁻⁷ | 1.1·10⁻⁵ | 1.1·10⁻⁵ |
 //! | one | 1.0·10⁻⁶ | 1.0·10⁻⁵ | 1.4·10⁻⁵ |
 //! | okddip | 1.0·10⁻⁶ | 1.6·10⁻⁵ | 9.6·10⁻³ (`layer4.0.conv1`) |
 //! | cl_ilr | 8.3·10⁻⁷ | 1.2·10⁻⁵ | 1.5·10⁻⁵ |
@@ -622,6 +625,12 @@ fn class_wise_self_kd_steps_match_pytorch() {
 /// fixture's 16 training images, which both steps' batches hold (PS-KD's step 2 reads the
 /// predictions step 1 stored).
 fn own_target_steps_match_pytorch(case: &str) {
+    own_target_steps_from(case, "kd");
+}
+
+/// [`own_target_steps_match_pytorch`] from `starts`' student: `kd`'s, or for a method with
+/// trainable parts its own file holding the student and the parts.
+fn own_target_steps_from(case: &str, starts: &str) {
     let tmp = tempfile::tempdir().unwrap();
     let cfg = tiny(Arch::Resnet18, Stem::Cifar);
     let method = MethodConfig::preset(case).unwrap();
@@ -635,13 +644,20 @@ fn own_target_steps_match_pytorch(case: &str) {
         .unwrap();
     let mut members = [member_from(
         "student",
-        "kd",
+        starts,
         case,
         &cfg,
         &student.vars,
         tmp.path(),
     )];
     distillation_matches_pytorch(case, &student, None, &mut members);
+}
+
+/// USKD: its weak head on the pooled stage-3 output trains with the student, and its gradient
+/// reaches the stages below.
+#[test]
+fn universal_self_kd_steps_match_pytorch() {
+    own_target_steps_from("uskd", "uskd");
 }
 
 /// DLB's step 1 (CE alone) and step 2 (step 1's batch replayed under its second views, taught
@@ -701,6 +717,11 @@ fn neuron_selectivity_transfer_steps_match_pytorch() {
 fn decoupled_kd_steps_match_pytorch() {
     // At epoch 0 of its 20-epoch warm-up: the distillation weight is 1/20.
     offline_steps_match_pytorch("dkd", "kd");
+}
+
+#[test]
+fn normalized_kd_steps_match_pytorch() {
+    offline_steps_match_pytorch("nkd", "kd");
 }
 
 #[test]

@@ -36,7 +36,7 @@ impl Dkd {
 
 /// The class each sample's target-class term is about: its label, or under mixup the label of
 /// the image with the larger weight.
-fn target_labels(batch: &Batch) -> &Tensor {
+pub(super) fn target_labels(batch: &Batch) -> &Tensor {
     match &batch.mix {
         Some((partner, lambda)) if *lambda < 0.5 => partner,
         _ => &batch.labels,

@@ -30,6 +30,7 @@ mod ft;
 mod hinton;
 mod mlkd;
 mod mutual;
+mod nkd;
 mod none;
 mod nst;
 mod ofd;
@@ -45,6 +46,7 @@ mod sp;
 mod switokd;
 mod tf_kd_reg;
 mod two_view;
+mod uskd;
 mod vid;
 
 pub use ab::AbParams;
@@ -557,6 +559,15 @@ pub enum MethodConfig {
         /// Temperature τ.
         temperature: f64,
     },
+    /// Normalized KD, NKD (Yang et al. 2023), as the authors' code computes it: CE +
+    /// the teacher's target probability weighing the student's target log-probability + γ·T²·CE
+    /// between the teacher's and the student's distributions among the other classes.
+    Nkd {
+        /// Weight γ of the non-target term.
+        gamma: f64,
+        /// Temperature of the non-target term (the target term is at 1).
+        temperature: f64,
+    },
     /// FitNets (Romero et al. 2015): CE + weight·MSE(regressor(student stage), teacher stage).
     Fitnet {
         /// Feature index (0 = stem, 1–4 = stages) hinted.
@@ -796,6 +807,17 @@ pub enum MethodConfig {
         /// The authors' multiplier of their class-averaged KL.
         multiplier: f64,
     },
+    /// Universal self-KD, USKD (Yang et al. 2023), NKD without a teacher, as the authors' code
+    /// computes it: the target's soft label from the network's own confidence, the others' from
+    /// Zipf's law over a ranking that a weak head on the second-to-last stage helps make.
+    Uskd {
+        /// Weight α of the target term.
+        alpha: f64,
+        /// Weight β of the non-target term.
+        beta: f64,
+        /// Weight μ of the weak head's cross-entropy.
+        mu: f64,
+    },
     /// Multi-level logit distillation (MLKD; Jin, Wang & Lin 2023): instance-, class- and
     /// batch-level alignment with the teacher at five temperatures, on a weak and a strong
     /// (RandAugment) view of each image.
@@ -816,8 +838,8 @@ pub enum MethodConfig {
 impl MethodConfig {
     /// The methods that read nothing of the teacher but its logits, and so can learn from an
     /// ensemble of teachers ([`Teacher::ensemble`]).
-    pub const TEACHER_LOGITS_ONLY: [&'static str; 6] =
-        ["kd", "ctkd", "dkd", "dist", "kd_byot", "mlkd"];
+    pub const TEACHER_LOGITS_ONLY: [&'static str; 7] =
+        ["kd", "ctkd", "dkd", "dist", "nkd", "kd_byot", "mlkd"];
 
     /// Whether the method reads nothing of its teacher but the logits
     /// ([`Self::TEACHER_LOGITS_ONLY`]).
@@ -833,6 +855,7 @@ impl MethodConfig {
                 | MethodConfig::Ctkd { .. }
                 | MethodConfig::Dkd { .. }
                 | MethodConfig::Dist { .. }
+                | MethodConfig::Nkd { .. }
                 | MethodConfig::Fitnet { .. }
                 | MethodConfig::At { .. }
                 | MethodConfig::Nst { .. }
@@ -943,6 +966,7 @@ impl MethodConfig {
             MethodConfig::Ctkd { .. } => "ctkd",
             MethodConfig::Dkd { .. } => "dkd",
             MethodConfig::Dist { .. } => "dist",
+            MethodConfig::Nkd { .. } => "nkd",
             MethodConfig::Fitnet { .. } => "fitnet",
             MethodConfig::At { .. } => "at",
             MethodConfig::Nst { .. } => "nst",
@@ -969,6 +993,7 @@ impl MethodConfig {
             MethodConfig::CsKd { .. } => "cs_kd",
             MethodConfig::Pskd { .. } => "pskd",
             MethodConfig::TfKdReg { .. } => "tf_kd_reg",
+            MethodConfig::Uskd { .. } => "uskd",
             MethodConfig::Mlkd { .. } => "mlkd",
         }
     }
@@ -1004,6 +1029,12 @@ impl MethodConfig {
                 beta: 2.0,
                 gamma: 2.0,
                 temperature: 4.0,
+            },
+            // The authors' CIFAR-100 setting (cls_KD's `res34_distill_res18_cifar.py`: temp 3,
+            // gamma 3.5; their ImageNet default is T = 1, γ = 1.5).
+            "nkd" => MethodConfig::Nkd {
+                gamma: 3.5,
+                temperature: 3.0,
             },
             // RepDistiller's and mdistiller's CIFAR-100 benchmarks (`--distill hint -b 100`).
             "fitnet" => MethodConfig::Fitnet {
@@ -1128,6 +1159,13 @@ impl MethodConfig {
                 correct_prob: 0.99,
                 multiplier: 100.0,
             },
+            // The authors' CIFAR-100 setting (cls_KD's `res18_sd_cifar.py`: α = β = μ = 0.1; their
+            // loss's defaults, for ImageNet, are α = 1, β = 0.1, μ = 0.005).
+            "uskd" => MethodConfig::Uskd {
+                alpha: 0.1,
+                beta: 0.1,
+                mu: 0.1,
+            },
             // mdistiller's KD defaults, which the authors' MLKD configs keep (CE_WEIGHT 0.1,
             // KD_WEIGHT 0.9, TEMPERATURE 4).
             "mlkd" => MethodConfig::Mlkd {
@@ -1141,12 +1179,13 @@ impl MethodConfig {
     }
 
     /// Every method name, for `--help` and `kd-runner list`.
-    pub const NAMES: [&'static str; 32] = [
+    pub const NAMES: [&'static str; 34] = [
         "none",
         "kd",
         "ctkd",
         "dkd",
         "dist",
+        "nkd",
         "fitnet",
         "at",
         "nst",
@@ -1173,6 +1212,7 @@ impl MethodConfig {
         "cs_kd",
         "pskd",
         "tf_kd_reg",
+        "uskd",
         "mlkd",
     ];
 
@@ -1293,6 +1333,16 @@ impl MethodConfig {
                 Box::new(dist::Dist {
                     ce,
                     beta,
+                    gamma,
+                    temperature,
+                })
+            }
+            MethodConfig::Nkd { gamma, temperature } => {
+                if temperature.is_nan() || temperature <= 0.0 || gamma.is_nan() {
+                    candle_core::bail!("method nkd: temperature must be positive and gamma a number, got {temperature} and {gamma}");
+                }
+                Box::new(nkd::Nkd {
+                    ce,
                     gamma,
                     temperature,
                 })
@@ -1606,6 +1656,21 @@ impl MethodConfig {
                     correct_prob,
                     multiplier,
                 })
+            }
+            MethodConfig::Uskd { alpha, beta, mu } => {
+                if alpha.is_nan() || beta.is_nan() || mu.is_nan() {
+                    candle_core::bail!(
+                        "method uskd: alpha, beta and mu must be numbers, got {alpha}, {beta} and {mu}"
+                    );
+                }
+                Box::new(uskd::Uskd::new(
+                    ce,
+                    alpha,
+                    beta,
+                    mu,
+                    student,
+                    vb.pp("distill").pp("uskd"),
+                )?)
             }
             MethodConfig::Mlkd {
                 ce_weight,
