@@ -8,10 +8,10 @@
 //! paper's point: in Hinton's KD the non-target part is weighed by 1 − p_target).
 //!
 //! - NKD: the teacher's target probability weighs the student's target log-probability,
-//!   −p_t[y]·log p_s[y] at T = 1, and the teacher's distribution among the other classes teaches
+//!   −p_t\[y\]·log p_s\[y\] at T = 1, and the teacher's distribution among the other classes teaches
 //!   the student's, −T²·Σ_{k≠y} q_t,k·log q_s,k at T. Its non-target gradient is DKD's NCKD's:
 //!   the two differ by the teacher's entropy, a constant.
-//! - USKD: no teacher. The target's soft label is p_s[y]² + 1 − mean_batch(p_s[y]²), detached;
+//! - USKD: no teacher. The target's soft label is p_s\[y\]² + 1 − mean_batch(p_s\[y\]²), detached;
 //!   the non-target soft labels are Zipf's law over a ranking of the classes (1/rank, normalised
 //!   over the non-target classes), the ranking made from the final logits and a "weak" head's
 //!   (a linear classifier on a middle stage, trained on labels smoothed by 0.1). As in the code,
@@ -28,7 +28,7 @@ use crate::decoupled::decoupled_log_probs;
 /// NKD's two terms, averaged over the batch, unweighted.
 #[derive(Clone, Debug)]
 pub struct NormalizedTerms {
-    /// −mean p_t[y]·log p_s[y] (T = 1, the teacher's probability detached).
+    /// −mean p_t\[y\]·log p_s\[y\] (T = 1, the teacher's probability detached).
     pub target: Tensor,
     /// −T²·mean Σ_{k≠y} q_t,k·log q_s,k, q = softmax of the non-target logits over T.
     pub non_target: Tensor,
@@ -37,7 +37,7 @@ pub struct NormalizedTerms {
 /// USKD's three terms, averaged over the batch, unweighted.
 #[derive(Clone, Debug)]
 pub struct UniversalSelfTerms {
-    /// −mean p̃·log p_s[y], p̃ = p_s[y]² + 1 − mean_batch(p_s[y]²), detached.
+    /// −mean p̃·log p_s\[y\], p̃ = p_s\[y\]² + 1 − mean_batch(p_s\[y\]²), detached.
     pub target: Tensor,
     /// −mean Σ_{k≠y} z_k·log q_s,k: z the normalised Zipf labels of the non-target classes, q_s
     /// the softmax of the student's non-target logits.

@@ -1,7 +1,7 @@
 //! Normalized KD, NKD (Yang et al. 2023, "From Knowledge Distillation to Self-Knowledge
 //! Distillation: A Unified Approach with Normalized Loss and Customized Soft Labels"), as the
 //! authors' code (yzd-v/cls_KD, `nkd.py`) computes it: `CE + target + γ·non-target`, the target
-//! term −p_t[y]·log p_s[y] at T = 1 and the non-target term −T²·Σ_{k≠y} q_t,k·log q_s,k between the
+//! term −p_t\[y\]·log p_s\[y\] at T = 1 and the non-target term −T²·Σ_{k≠y} q_t,k·log q_s,k between the
 //! teacher's and the student's distributions among the other classes at T
 //! ([`kd_losses::nkd_terms`]). Under mixup the target class of a sample is its dominant label (the
 //! code's argmax of the mixed label); the supervised term stays the mixed cross-entropy.

@@ -159,8 +159,7 @@ mod tests {
         };
         let err = method
             .loss(&StepContext::one_step(), &batch, &Outputs::student(&out))
-            .err()
-            .expect("mixup refused")
+            .expect_err("mixup refused")
             .to_string();
         assert!(err.contains("turn mixup off"), "{err}");
     }
