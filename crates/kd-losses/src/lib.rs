@@ -5,7 +5,8 @@
 //! selectivity transfer (NST), variational information distillation (VID), the overhaul of
 //! feature distillation (OFD), activation boundaries (AB), factor transfer (FT), the FSP matrices and ReviewKD's
 //! hierarchical context loss (HCL), Tf-KD's virtual teacher, MLKD's class- and batch-level
-//! alignments, and NKD's and USKD's normalised target and non-target terms.
+//! alignments, NKD's and USKD's normalised target and non-target terms, and WSLD's weighted soft
+//! labels.
 //!
 //! ```
 //! use candle_core::{Device, Tensor};
@@ -27,6 +28,7 @@ pub mod multi_level;
 pub mod normalized;
 pub mod relation;
 pub mod virtual_teacher;
+pub mod weighted;
 
 pub use classification::{cross_entropy, cross_entropy_composed, mixed_cross_entropy, one_hot};
 pub use contrastive::{contrast_scores, l2_normalize, momentum_update, nce_loss};
@@ -47,6 +49,7 @@ pub use relation::{
 };
 
 pub use virtual_teacher::{check_virtual_teacher, virtual_teacher_loss, virtual_teacher_probs};
+pub use weighted::wsld_loss;
 
 /// The README's examples, compiled and run as doc tests.
 #[doc = include_str!("../README.md")]

@@ -1,0 +1,73 @@
+//! WSLD against the authors' soft loss as PyTorch computes it (`tests/fixtures/wsld.safetensors`,
+//! made by `tools/fixtures/make_wsld_fixtures.py`): the loss and its gradient in f64 and f32,
+//! one-hot and λ-mixed labels. And the weight in closed form.
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor, Var};
+use kd_losses::wsld_loss;
+use kd_testkit::max_abs_diff;
+
+fn fixtures() -> HashMap<String, Tensor> {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/wsld.safetensors");
+    kd_testkit::load_fixture(Path::new(path), "tools/fixtures/make_wsld_fixtures.py")
+}
+
+fn scalar(t: &Tensor) -> f64 {
+    t.to_dtype(DType::F64).unwrap().to_scalar().unwrap()
+}
+
+#[test]
+fn wsld_matches_the_authors_loss_in_pytorch() {
+    let f = fixtures();
+    let mut cases = 0;
+    for i in 0.. {
+        let p = |k: &str| f.get(&format!("wsld.{i}.{k}")).cloned();
+        let Some(student) = p("student") else { break };
+        cases += 1;
+        let get = |k: &str| p(k).unwrap();
+        let t: f64 = get("params").to_vec1::<f64>().unwrap()[0];
+        for (dtype, tol) in [(DType::F64, 1e-10), (DType::F32, 2e-5)] {
+            let s = Var::from_tensor(&student.to_dtype(dtype).unwrap()).unwrap();
+            let teacher = get("teacher").to_dtype(dtype).unwrap();
+            let target = get("target").to_dtype(dtype).unwrap();
+            let loss = wsld_loss(s.as_tensor(), &teacher, &target, t).unwrap();
+            let (got, want) = (scalar(&loss), scalar(&get("loss").squeeze(0).unwrap()));
+            assert!(
+                (got - want).abs() <= tol * (1.0 + want.abs()),
+                "case {i} {dtype:?}: {got} vs {want}"
+            );
+            let grads = loss.backward().unwrap();
+            let e = max_abs_diff(grads.get(s.as_tensor()).unwrap(), &get("grad"));
+            assert!(e < tol, "case {i} {dtype:?}: gradient off by {e:.2e}");
+        }
+    }
+    assert_eq!(cases, 3);
+}
+
+/// One image, two classes: the weight is 1 − exp(−CE_s/CE_t) and the loss T² times it times
+/// the soft cross-entropy; a student already as sure of the label as the teacher (CE_s = CE_t)
+/// weighs 1 − 1/e (but for the code's 1e-7 in the denominator).
+#[test]
+fn wsld_weight_in_closed_form() {
+    let dev = Device::Cpu;
+    let z = Tensor::new(&[[2.0f64, 0.0]], &dev).unwrap();
+    let y = Tensor::new(&[[1.0f64, 0.0]], &dev).unwrap();
+    let t = 3.0;
+    let loss = scalar(&wsld_loss(&z, &z, &y, t).unwrap());
+    let p = 1.0 / (1.0 + (-2.0f64 / t).exp());
+    let soft = -(p * p.ln() + (1.0 - p) * (1.0 - p).ln());
+    let ce = -(1.0 / (1.0 + (-2.0f64).exp())).ln();
+    let want = t * t * (1.0 - (-ce / (ce + 1e-7)).exp()) * soft;
+    assert!((loss - want).abs() < 1e-12, "{loss} vs {want}");
+    // A student that ranks the label last against a teacher that ranks it first: the ratio
+    // CE_s / CE_t is about 95, so the weight is 1 to f64 precision and the loss is the plain
+    // soft cross-entropy at T = 1.
+    let s = Tensor::new(&[[-6.0f64, 6.0]], &dev).unwrap();
+    let loss = scalar(&wsld_loss(&s, &z, &y, 1.0).unwrap());
+    let q = 1.0 / (1.0 + (-2.0f64).exp());
+    let log_p0 = -(1.0 + 12f64.exp()).ln();
+    let log_p1 = -(1.0 + (-12f64).exp()).ln();
+    let want = -(q * log_p0 + (1.0 - q) * log_p1);
+    assert!((loss - want).abs() < 1e-12, "{loss} vs {want}");
+}
