@@ -9,7 +9,10 @@ use kd_losses::wsld_loss;
 use kd_testkit::max_abs_diff;
 
 fn fixtures() -> HashMap<String, Tensor> {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/wsld.safetensors");
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/wsld.safetensors"
+    );
     kd_testkit::load_fixture(Path::new(path), "tools/fixtures/make_wsld_fixtures.py")
 }
 

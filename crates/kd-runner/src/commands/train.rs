@@ -30,10 +30,10 @@ pub struct TrainArgs {
     /// teacher.path: safetensors with its JSON sidecar (`cargo xtask fetch teacher-cifar10`, or a run's model.safetensors), or a finished run's folder; replaces a config's teacher.run. Repeat it for an ensemble teacher (its mean logits; the second and later go to teacher.members).
     #[arg(long, value_name = "FILE|RUN")]
     pub teacher: Vec<PathBuf>,
-    /// method.alpha (kd, kd_byot, dkd, ctkd, pskd, tf_kd_reg, uskd, okddip, cl_ilr, dlb).
+    /// method.alpha (kd, kd_byot, dkd, wsld, ctkd, pskd, tf_kd_reg, uskd, okddip, cl_ilr, dlb).
     #[arg(long)]
     pub alpha: Option<f64>,
-    /// method.temperature (kd, kd_byot, dkd, nkd, dist, dml, switokd, one, okddip, cl_ilr, dlb, two_view, cs_kd, tf_kd_reg; mlkd's first).
+    /// method.temperature (kd, kd_byot, dkd, nkd, wsld, dist, dml, switokd, one, okddip, cl_ilr, dlb, two_view, cs_kd, tf_kd_reg; mlkd's first).
     #[arg(long)]
     pub temperature: Option<f64>,
     /// A peer trained beside the student (dml; switokd's teacher), ARCH[:STEM[:WIDTH[:LR_SCALE]]]
@@ -166,6 +166,7 @@ impl TrainArgs {
             | MethodConfig::Dkd {
                 alpha, temperature, ..
             }
+            | MethodConfig::Wsld { alpha, temperature }
             | MethodConfig::TfKdReg {
                 alpha, temperature, ..
             }
@@ -199,7 +200,7 @@ impl TrainArgs {
                 set(temperature, self.temperature);
             }
             _ if self.alpha.is_some() || self.temperature.is_some() => {
-                bail!("--alpha applies to kd, kd_byot, dkd, ctkd, pskd, tf_kd_reg, uskd, okddip, cl_ilr and dlb (ctkd learns its temperature), --temperature to kd, kd_byot, dkd, nkd, dist, dml, switokd, one, okddip, cl_ilr, dlb, two_view, cs_kd, tf_kd_reg and mlkd (its first temperature); not to {}", cfg.method.name())
+                bail!("--alpha applies to kd, kd_byot, dkd, wsld, ctkd, pskd, tf_kd_reg, uskd, okddip, cl_ilr and dlb (ctkd learns its temperature), --temperature to kd, kd_byot, dkd, nkd, wsld, dist, dml, switokd, one, okddip, cl_ilr, dlb, two_view, cs_kd, tf_kd_reg and mlkd (its first temperature); not to {}", cfg.method.name())
             }
             _ => {}
         }

@@ -48,6 +48,7 @@ mod tf_kd_reg;
 mod two_view;
 mod uskd;
 mod vid;
+mod wsld;
 
 pub use ab::AbParams;
 pub use cl_ilr::ClIlr;
@@ -568,6 +569,15 @@ pub enum MethodConfig {
         /// Temperature of the non-target term (the target term is at 1).
         temperature: f64,
     },
+    /// Weighted soft labels, WSLD (Zhou et al. 2021), as the authors' code computes it: CE +
+    /// α·T²·(Hinton's soft cross-entropy weighted per image by how far the teacher is ahead of
+    /// the student on the label).
+    Wsld {
+        /// Weight α of the weighted soft term.
+        alpha: f64,
+        /// Temperature.
+        temperature: f64,
+    },
     /// FitNets (Romero et al. 2015): CE + weight·MSE(regressor(student stage), teacher stage).
     Fitnet {
         /// Feature index (0 = stem, 1–4 = stages) hinted.
@@ -838,8 +848,9 @@ pub enum MethodConfig {
 impl MethodConfig {
     /// The methods that read nothing of the teacher but its logits, and so can learn from an
     /// ensemble of teachers ([`Teacher::ensemble`]).
-    pub const TEACHER_LOGITS_ONLY: [&'static str; 7] =
-        ["kd", "ctkd", "dkd", "dist", "nkd", "kd_byot", "mlkd"];
+    pub const TEACHER_LOGITS_ONLY: [&'static str; 8] = [
+        "kd", "ctkd", "dkd", "dist", "nkd", "wsld", "kd_byot", "mlkd",
+    ];
 
     /// Whether the method reads nothing of its teacher but the logits
     /// ([`Self::TEACHER_LOGITS_ONLY`]).
@@ -856,6 +867,7 @@ impl MethodConfig {
                 | MethodConfig::Dkd { .. }
                 | MethodConfig::Dist { .. }
                 | MethodConfig::Nkd { .. }
+                | MethodConfig::Wsld { .. }
                 | MethodConfig::Fitnet { .. }
                 | MethodConfig::At { .. }
                 | MethodConfig::Nst { .. }
@@ -876,12 +888,13 @@ impl MethodConfig {
     }
 
     /// Whether the method's loss already has Hinton's KD term against its teacher (so
-    /// [`PlusKd`] refuses it; MLKD's loss has ten).
+    /// [`PlusKd`] refuses it; MLKD's loss has ten, WSLD's is weighted per image).
     pub fn has_kd_term(&self) -> bool {
         matches!(
             self,
             MethodConfig::Kd { .. }
                 | MethodConfig::Ctkd { .. }
+                | MethodConfig::Wsld { .. }
                 | MethodConfig::KdByot { .. }
                 | MethodConfig::Mlkd { .. }
         )
@@ -967,6 +980,7 @@ impl MethodConfig {
             MethodConfig::Dkd { .. } => "dkd",
             MethodConfig::Dist { .. } => "dist",
             MethodConfig::Nkd { .. } => "nkd",
+            MethodConfig::Wsld { .. } => "wsld",
             MethodConfig::Fitnet { .. } => "fitnet",
             MethodConfig::At { .. } => "at",
             MethodConfig::Nst { .. } => "nst",
@@ -1035,6 +1049,12 @@ impl MethodConfig {
             "nkd" => MethodConfig::Nkd {
                 gamma: 3.5,
                 temperature: 3.0,
+            },
+            // cls_KD's CIFAR-100 config (`res34_distill_res18_cifar.py`: temp 4, alpha 2.25); the
+            // authors' released code is for ImageNet (α = 2.5, T = 2).
+            "wsld" => MethodConfig::Wsld {
+                alpha: 2.25,
+                temperature: 4.0,
             },
             // RepDistiller's and mdistiller's CIFAR-100 benchmarks (`--distill hint -b 100`).
             "fitnet" => MethodConfig::Fitnet {
@@ -1179,13 +1199,14 @@ impl MethodConfig {
     }
 
     /// Every method name, for `--help` and `kd-runner list`.
-    pub const NAMES: [&'static str; 34] = [
+    pub const NAMES: [&'static str; 35] = [
         "none",
         "kd",
         "ctkd",
         "dkd",
         "dist",
         "nkd",
+        "wsld",
         "fitnet",
         "at",
         "nst",
@@ -1344,6 +1365,16 @@ impl MethodConfig {
                 Box::new(nkd::Nkd {
                     ce,
                     gamma,
+                    temperature,
+                })
+            }
+            MethodConfig::Wsld { alpha, temperature } => {
+                if temperature.is_nan() || temperature <= 0.0 || alpha.is_nan() {
+                    candle_core::bail!("method wsld: temperature must be positive and alpha a number, got {temperature} and {alpha}");
+                }
+                Box::new(wsld::Wsld {
+                    ce,
+                    alpha,
                     temperature,
                 })
             }
