@@ -729,6 +729,12 @@ impl ResNet {
         &self.info
     }
 
+    /// The classifier (`fc`), pooled embedding (N, C) → logits (N, classes): SRRL passes the
+    /// student's mapped features through a teacher's.
+    pub fn head(&self) -> &Linear {
+        &self.fc
+    }
+
     /// The learnable tensors of the backbone (stem, stages, fc) — what a deployed model holds
     /// besides BN running statistics.
     pub fn backbone_params(&self) -> Vec<&Tensor> {

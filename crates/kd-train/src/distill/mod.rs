@@ -43,6 +43,7 @@ mod pskd;
 mod reviewkd;
 mod rkd;
 mod sp;
+mod srrl;
 mod switokd;
 mod tf_kd_reg;
 mod two_view;
@@ -656,6 +657,16 @@ pub enum MethodConfig {
         /// Epochs of the linear ramp of that weight (20; 0: none).
         warmup_epochs: f64,
     },
+    /// Softmax regression representation learning, SRRL (Yang et al. 2021): the student's last
+    /// stage through a connector, its pooled output drawn to the teacher's and, through the
+    /// teacher's frozen classifier, to the teacher's logits.
+    Srrl {
+        /// Weight α of the pooled-feature MSE (1).
+        alpha: f64,
+        /// Weight β of the MSE between the teacher's classifier on the student's mapped
+        /// features and the teacher's logits (5, cls_KD's CIFAR-100 setting).
+        beta: f64,
+    },
     /// Relational KD (Park et al. 2019) on the pooled embeddings.
     Rkd {
         /// Weight of the distance term (25 in the paper).
@@ -877,6 +888,7 @@ impl MethodConfig {
                 | MethodConfig::Ft { .. }
                 | MethodConfig::Fsp { .. }
                 | MethodConfig::Reviewkd { .. }
+                | MethodConfig::Srrl { .. }
                 | MethodConfig::Rkd { .. }
                 | MethodConfig::Sp { .. }
                 | MethodConfig::Pkt { .. }
@@ -990,6 +1002,7 @@ impl MethodConfig {
             MethodConfig::Ft { .. } => "ft",
             MethodConfig::Fsp { .. } => "fsp",
             MethodConfig::Reviewkd { .. } => "reviewkd",
+            MethodConfig::Srrl { .. } => "srrl",
             MethodConfig::Rkd { .. } => "rkd",
             MethodConfig::Sp { .. } => "sp",
             MethodConfig::Pkt { .. } => "pkt",
@@ -1091,6 +1104,12 @@ impl MethodConfig {
             "reviewkd" => MethodConfig::Reviewkd {
                 weight: 1.0,
                 warmup_epochs: 20.0,
+            },
+            // cls_KD's CIFAR-100 config (`res34_distill_res18_cifar.py`: alpha 1, beta 5; the
+            // authors' ImageNet script weighs both terms 1).
+            "srrl" => MethodConfig::Srrl {
+                alpha: 1.0,
+                beta: 5.0,
             },
             "rkd" => MethodConfig::Rkd {
                 distance_weight: 25.0,
@@ -1199,7 +1218,7 @@ impl MethodConfig {
     }
 
     /// Every method name, for `--help` and `kd-runner list`.
-    pub const NAMES: [&'static str; 35] = [
+    pub const NAMES: [&'static str; 36] = [
         "none",
         "kd",
         "ctkd",
@@ -1216,6 +1235,7 @@ impl MethodConfig {
         "ft",
         "fsp",
         "reviewkd",
+        "srrl",
         "rkd",
         "sp",
         "pkt",
@@ -1409,6 +1429,21 @@ impl MethodConfig {
                     weight,
                     warmup_epochs,
                     vb.pp("distill").pp("reviewkd"),
+                )?)
+            }
+            MethodConfig::Srrl { alpha, beta } => {
+                if alpha.is_nan() || beta.is_nan() {
+                    candle_core::bail!(
+                        "method srrl: alpha and beta must be numbers, got {alpha} and {beta}"
+                    );
+                }
+                Box::new(srrl::Srrl::new(
+                    ce,
+                    alpha,
+                    beta,
+                    student,
+                    teacher.expect("checked above").model(),
+                    vb.pp("distill").pp("srrl"),
                 )?)
             }
             MethodConfig::Vid { weight } => Box::new(vid::Vid::new(
