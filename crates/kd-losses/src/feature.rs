@@ -35,6 +35,13 @@ pub fn hint_loss(student: &Tensor, teacher: &Tensor) -> Result<Tensor> {
     (student - teacher.detach())?.sqr()?.mean_all()
 }
 
+/// MGD's generation loss: the squared error between generated and teacher (N, …) features,
+/// summed, over N (the authors' `MSELoss(reduction='sum') / N`); the teacher side detached.
+pub fn generation_loss(generated: &Tensor, teacher: &Tensor) -> Result<Tensor> {
+    let n = generated.dim(0)? as f64;
+    (generated - teacher.detach())?.sqr()?.sum_all()? / n
+}
+
 /// The spatial attention map of (N, C, H, W) features with p = 2: `mean_c(f²)`, flattened and
 /// L2-normalised per sample → (N, H·W).
 pub fn attention_map(f: &Tensor) -> Result<Tensor> {

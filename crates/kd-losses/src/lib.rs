@@ -36,7 +36,8 @@ pub use correlation::{dist_terms, pearson_rows};
 pub use decoupled::{dkd_loss, dkd_terms, DecoupledTerms};
 pub use feature::{
     ab_loss, align_spatial, attention_loss, attention_map, factor_transfer_loss, fsp_loss,
-    fsp_matrix, hcl_loss, hint_loss, nst_loss, ofd_loss, ofd_margins, vid_loss, vid_variance,
+    fsp_matrix, generation_loss, hcl_loss, hint_loss, nst_loss, ofd_loss, ofd_margins, vid_loss,
+    vid_variance,
 };
 pub use hinton::{kd_loss, kd_loss_at, kd_loss_composed, standardize_logits};
 pub use multi_level::{

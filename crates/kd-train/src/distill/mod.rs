@@ -28,6 +28,7 @@ mod fixtures;
 mod fsp;
 mod ft;
 mod hinton;
+mod mgd;
 mod mlkd;
 mod mutual;
 mod nkd;
@@ -657,6 +658,15 @@ pub enum MethodConfig {
         /// Epochs of the linear ramp of that weight (20; 0: none).
         warmup_epochs: f64,
     },
+    /// Masked generative distillation, MGD (Yang et al. 2022): random channels of the student's
+    /// last stage (mapped to the teacher's width) are zeroed and a generator must rebuild the
+    /// teacher's last stage from the rest.
+    Mgd {
+        /// Weight of the summed squared error per image (0.0012, cls_KD's CIFAR-100 setting).
+        weight: f64,
+        /// Probability that a channel is masked (0.15).
+        mask_ratio: f64,
+    },
     /// Softmax regression representation learning, SRRL (Yang et al. 2021): the student's last
     /// stage through a connector, its pooled output drawn to the teacher's and, through the
     /// teacher's frozen classifier, to the teacher's logits.
@@ -889,6 +899,7 @@ impl MethodConfig {
                 | MethodConfig::Fsp { .. }
                 | MethodConfig::Reviewkd { .. }
                 | MethodConfig::Srrl { .. }
+                | MethodConfig::Mgd { .. }
                 | MethodConfig::Rkd { .. }
                 | MethodConfig::Sp { .. }
                 | MethodConfig::Pkt { .. }
@@ -1003,6 +1014,7 @@ impl MethodConfig {
             MethodConfig::Fsp { .. } => "fsp",
             MethodConfig::Reviewkd { .. } => "reviewkd",
             MethodConfig::Srrl { .. } => "srrl",
+            MethodConfig::Mgd { .. } => "mgd",
             MethodConfig::Rkd { .. } => "rkd",
             MethodConfig::Sp { .. } => "sp",
             MethodConfig::Pkt { .. } => "pkt",
@@ -1111,6 +1123,12 @@ impl MethodConfig {
                 alpha: 1.0,
                 beta: 5.0,
             },
+            // cls_KD's CIFAR-100 config (`res34_distill_res18_cifar.py`: alpha_mgd 0.0012,
+            // lambda_mgd 0.15).
+            "mgd" => MethodConfig::Mgd {
+                weight: 0.0012,
+                mask_ratio: 0.15,
+            },
             "rkd" => MethodConfig::Rkd {
                 distance_weight: 25.0,
                 angle_weight: 50.0,
@@ -1218,7 +1236,7 @@ impl MethodConfig {
     }
 
     /// Every method name, for `--help` and `kd-runner list`.
-    pub const NAMES: [&'static str; 36] = [
+    pub const NAMES: [&'static str; 37] = [
         "none",
         "kd",
         "ctkd",
@@ -1236,6 +1254,7 @@ impl MethodConfig {
         "fsp",
         "reviewkd",
         "srrl",
+        "mgd",
         "rkd",
         "sp",
         "pkt",
@@ -1444,6 +1463,19 @@ impl MethodConfig {
                     student,
                     teacher.expect("checked above").model(),
                     vb.pp("distill").pp("srrl"),
+                )?)
+            }
+            MethodConfig::Mgd { weight, mask_ratio } => {
+                if weight.is_nan() || !(0.0..1.0).contains(&mask_ratio) {
+                    candle_core::bail!("method mgd: weight must be a number and mask_ratio in [0, 1), got {weight} and {mask_ratio}");
+                }
+                Box::new(mgd::Mgd::new(
+                    ce,
+                    weight,
+                    mask_ratio,
+                    student,
+                    teacher.expect("checked above").model(),
+                    vb.pp("distill").pp("mgd"),
                 )?)
             }
             MethodConfig::Vid { weight } => Box::new(vid::Vid::new(
