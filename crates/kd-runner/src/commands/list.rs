@@ -24,6 +24,7 @@ pub fn describe(method: &str) -> &'static str {
         "ft" => "offline, feature, two-stage: factor transfer (Kim et al. 2018), an init phase trains a paraphraser of the teacher's last stage, then its factor is taught",
         "fsp" => "offline, feature, two-stage: flow of solution procedure (Yim et al. 2017), an init phase fits the body to the teacher's Gram matrices of consecutive levels, then CE alone; needs a teacher of the student's widths",
         "reviewkd" => "offline, feature: ReviewKD (Chen et al. 2021), attention-fused student levels vs teacher levels, hierarchical context loss",
+        "mgd" => "offline, feature: masked generative distillation (Yang et al. 2022), random channels of the student's last stage zeroed, a generator rebuilds the teacher's last stage from the rest",
         "srrl" => "offline, feature: softmax regression representation learning (Yang et al. 2021), the last stage through a connector, pooled against the teacher's and, through the teacher's frozen classifier, against its logits",
         "rkd" => "offline, relation: relational KD (Park et al. 2019), distance and angle terms",
         "sp" => "offline, relation: similarity-preserving KD (Tung & Mori 2019), batch Gram matrices",

@@ -5,6 +5,8 @@
 //! probability `mask_ratio`, per image), and a generator (3×3 conv, ReLU, 3×3 conv, with biases)
 //! must rebuild the teacher's last stage from what is left: `CE + weight·Σ (G(mask·f_s) − f_t)² /
 //! N`. The student learns to hold the teacher's features in fewer channels, not to copy them.
+//! Where the two maps differ in size (different stems) the larger is average-pooled to the
+//! smaller first, as FitNets' hint does here; the code asserts one size.
 //!
 //! The mask is a pure function of the run's seed and the global step (SplitMix64 over the
 //! image and channel index, `mask_uniforms`), so a resumed run draws the masks it would have
@@ -123,17 +125,13 @@ impl Distiller for Mgd {
         let (Some(fs), Some(ft)) = (student.feats.last(), teacher.feats.last()) else {
             candle_core::bail!("mgd needs both networks' stage features");
         };
-        if fs.dims()[2..] != ft.dims()[2..] {
-            candle_core::bail!(
-                "mgd compares last stages of the same size: the student's is {:?}, the teacher's {:?} (give both networks the same stem)",
-                fs.dims(),
-                ft.dims()
-            );
-        }
         let f = match &self.align {
             Some(conv) => conv.forward(fs)?,
             None => fs.clone(),
         };
+        // Stems that differ leave maps of different sizes: the larger is average-pooled to the
+        // smaller (the code asserts one size).
+        let (f, ft) = kd_losses::align_spatial(&f, ft)?;
         let (n, c) = (f.dim(0)?, f.dim(1)?);
         let masked = f.broadcast_mul(&self.mask(ctx.step, n, c, &f)?)?;
         let generated =
@@ -142,7 +140,7 @@ impl Distiller for Mgd {
         t.push("loss_ce", self.ce.of(&student.logits, batch)?);
         t.push(
             "loss_mgd",
-            (kd_losses::generation_loss(&generated, ft)? * self.weight)?,
+            (kd_losses::generation_loss(&generated, &ft)? * self.weight)?,
         );
         Ok(t)
     }
