@@ -7,7 +7,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
 use kd_losses::{nkd_terms, uskd_terms, zipf_labels};
-use kd_testkit::max_abs_diff;
+use kd_testkit::{max_abs_diff, values};
 
 fn fixtures() -> HashMap<String, Tensor> {
     let path = concat!(
@@ -15,15 +15,6 @@ fn fixtures() -> HashMap<String, Tensor> {
         "/tests/fixtures/nkd.safetensors"
     );
     kd_testkit::load_fixture(Path::new(path), "tools/fixtures/make_nkd_fixtures.py")
-}
-
-fn values(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
 }
 
 fn scalar(t: &Tensor) -> f64 {

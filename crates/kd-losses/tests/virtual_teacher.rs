@@ -8,7 +8,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
 use kd_losses::{cross_entropy, virtual_teacher_loss, virtual_teacher_probs};
-use kd_testkit::max_abs_diff;
+use kd_testkit::{max_abs_diff, values};
 
 fn fixtures() -> HashMap<String, Tensor> {
     let path = concat!(
@@ -16,15 +16,6 @@ fn fixtures() -> HashMap<String, Tensor> {
         "/tests/fixtures/tf_kd_reg.safetensors"
     );
     kd_testkit::load_fixture(Path::new(path), "tools/fixtures/make_tf_kd_fixtures.py")
-}
-
-fn values(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
 }
 
 #[test]

@@ -7,7 +7,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 
 /// The values of `t` as f64, flattened.
-fn values(t: &Tensor) -> Vec<f64> {
+pub fn values(t: &Tensor) -> Vec<f64> {
     t.to_dtype(DType::F64)
         .and_then(|t| t.flatten_all()?.to_vec1())
         .expect("a tensor convertible to f64")

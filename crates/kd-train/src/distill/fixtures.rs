@@ -51,6 +51,20 @@ pub fn labelled_batch(labels: Tensor) -> Batch {
     }
 }
 
+/// A network's output of `logits` alone (its pooled embedding the logits too, no stage
+/// features): what a logit-based loss reads.
+pub fn logits_only(logits: Tensor) -> ModelOutput {
+    ModelOutput {
+        pooled: logits.clone(),
+        logits,
+        feats: vec![],
+        preact: vec![],
+        aux: vec![],
+        branches: vec![],
+        gated: None,
+    }
+}
+
 /// A multi-branch network's output of no stage features: `logits[0]` and `pooled[0]` its own
 /// branch, the rest its extra branches (override `feats` as needed).
 pub fn with_branches(logits: Vec<Tensor>, pooled: Vec<Tensor>) -> ModelOutput {
@@ -137,16 +151,7 @@ pub fn distillation_of_a_scaled_copy(method: &dyn Distiller) -> f32 {
     let dev = Device::Cpu;
     let t = Tensor::new(&[[1f32, -0.5, 2.0, 0.0], [0.3, 0.1, -1.0, 1.5]], &dev).unwrap();
     let s = ((&t * 10.0).unwrap() + 3.0).unwrap();
-    let output = |logits: Tensor| ModelOutput {
-        pooled: logits.clone(),
-        logits,
-        feats: vec![],
-        preact: vec![],
-        aux: vec![],
-        branches: vec![],
-        gated: None,
-    };
-    let (student, teacher) = (output(s), output(t));
+    let (student, teacher) = (logits_only(s), logits_only(t));
     let batch = labelled_batch(Tensor::new(&[2u32, 3], &dev).unwrap());
     let ctx = StepContext::one_step();
     let out = Outputs {

@@ -61,8 +61,7 @@ impl Mgd {
         teacher: &ResNet,
         vb: VarBuilder,
     ) -> Result<Self> {
-        let last = |m: &ResNet| m.feature_info().last().map_or(0, |f| f.channels);
-        let (cs, ct) = (last(student), last(teacher));
+        let (cs, ct) = (super::pooled_width(student), super::pooled_width(teacher));
         let align = match cs == ct {
             true => None,
             false => Some(candle_nn::conv2d(

@@ -126,21 +126,10 @@ impl Distiller for Mlkd {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::distill::fixtures::{assert_terms, get, labelled_batch, load, rel_err};
+    use crate::distill::fixtures::{
+        assert_terms, get, labelled_batch, load, logits_only as output, rel_err,
+    };
     use candle_core::{Device, Var};
-    use kd_models::ModelOutput;
-
-    fn output(logits: Tensor) -> ModelOutput {
-        ModelOutput {
-            pooled: logits.clone(),
-            logits,
-            feats: vec![],
-            preact: vec![],
-            aux: vec![],
-            branches: vec![],
-            gated: None,
-        }
-    }
 
     /// Every term and the gradients of their sum for both views' logits equal the authors'
     /// loss dict computed by PyTorch in float64 (`tools/fixtures/make_mlkd_fixtures.py`): the

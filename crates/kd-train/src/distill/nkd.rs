@@ -52,21 +52,8 @@ impl Distiller for Nkd {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::distill::fixtures::labelled_batch;
+    use crate::distill::fixtures::{labelled_batch, logits_only as output};
     use candle_core::{Device, Tensor};
-    use kd_models::ModelOutput;
-
-    fn output(logits: Tensor) -> ModelOutput {
-        ModelOutput {
-            pooled: logits.clone(),
-            logits,
-            feats: vec![],
-            preact: vec![],
-            aux: vec![],
-            branches: vec![],
-            gated: None,
-        }
-    }
 
     /// Under mixup the distillation terms are those of the dominant labels (the partner's when
     /// λ < ½), while the cross-entropy stays mixed.

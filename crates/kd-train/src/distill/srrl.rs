@@ -39,8 +39,7 @@ impl Srrl {
         teacher: &ResNet,
         vb: VarBuilder,
     ) -> Result<Self> {
-        let last = |m: &ResNet| m.feature_info().last().map_or(0, |f| f.channels);
-        let (cs, ct) = (last(student), last(teacher));
+        let (cs, ct) = (super::pooled_width(student), super::pooled_width(teacher));
         let conv = candle_nn::conv2d_no_bias(cs, ct, 1, Default::default(), vb.pp("conv"))?;
         let bn = batch_norm2d(ct, vb.pp("bn"))?;
         let head = teacher.head();

@@ -73,9 +73,8 @@ impl Distiller for TfKdReg {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::distill::fixtures::labelled_batch;
+    use crate::distill::fixtures::{labelled_batch, logits_only};
     use candle_core::{DType, Device};
-    use kd_models::ModelOutput;
 
     fn batch(labels: Tensor, mix: Option<(Tensor, f32)>) -> Batch {
         Batch {
@@ -85,22 +84,8 @@ mod tests {
     }
 
     fn total(method: &TfKdReg, logits: &Tensor, batch: &Batch) -> f64 {
-        let student = ModelOutput {
-            logits: logits.clone(),
-            pooled: logits.clone(),
-            feats: vec![],
-            preact: vec![],
-            aux: vec![],
-            branches: vec![],
-            gated: None,
-        };
-        let out = Outputs {
-            student: &student,
-            teacher: None,
-            peers: &[],
-            paired: None,
-            member: 0,
-        };
+        let student = logits_only(logits.clone());
+        let out = Outputs::student(&student);
         let terms = method.loss(&StepContext::one_step(), batch, &out).unwrap();
         assert_eq!(
             terms
