@@ -5,8 +5,8 @@
 //! selectivity transfer (NST), variational information distillation (VID), the overhaul of
 //! feature distillation (OFD), activation boundaries (AB), factor transfer (FT), the FSP matrices and ReviewKD's
 //! hierarchical context loss (HCL), Tf-KD's virtual teacher, MLKD's class- and batch-level
-//! alignments, NKD's and USKD's normalised target and non-target terms, and WSLD's weighted soft
-//! labels.
+//! alignments, NKD's and USKD's normalised target and non-target terms, WSLD's weighted soft
+//! labels and (W)TTM's power-transformed teacher.
 //!
 //! ```
 //! use candle_core::{Device, Tensor};
@@ -50,7 +50,7 @@ pub use relation::{
 };
 
 pub use virtual_teacher::{check_virtual_teacher, virtual_teacher_loss, virtual_teacher_probs};
-pub use weighted::wsld_loss;
+pub use weighted::{ttm_loss, wsld_loss};
 
 /// The README's examples, compiled and run as doc tests.
 #[doc = include_str!("../README.md")]

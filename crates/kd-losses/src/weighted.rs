@@ -1,3 +1,5 @@
+//! Soft labels reweighted or transformed before the student matches them: WSLD and (W)TTM.
+//!
 //! Weighted soft labels, WSLD (Zhou et al. 2021, "Rethinking Soft Labels for Knowledge
 //! Distillation: A Bias-Variance Tradeoff Perspective"), as the authors' code
 //! (bellymonster/Weighted-Soft-Label-Distillation, `knowledge_distiller.py`) computes it.
@@ -41,4 +43,31 @@ pub fn wsld_loss(student: &Tensor, teacher: &Tensor, target: &Tensor, t: f64) ->
     let ratio = (ce(&student.detach())? / (ce(&teacher)? + 1e-7)?)?.relu()?;
     let weight = (1.0 - ratio.neg()?.exp()?)?;
     (weight * soft)?.sum_all()? * (t * t / b as f64)
+}
+
+/// Transformed teacher matching, TTM, and its weighted form, WTTM (Zheng & Yang 2024,
+/// "Knowledge Distillation Based on Transformed Teacher Matching"), as the authors' code computes
+/// them: the teacher's probabilities raised to the power `gamma` and renormalised,
+/// q = p_t^γ / U with U = Σ p_t^γ (the teacher softened at T = 1/γ), against the student's
+/// softmax at T = 1, without the T² factor: mean_i KL(q_i ‖ p_s,i), or with `weighted`
+/// mean_i U_i·KL(q_i ‖ p_s,i), U_i large where the teacher is unsure. The teacher side is detached.
+pub fn ttm_loss(student: &Tensor, teacher: &Tensor, gamma: f64, weighted: bool) -> Result<Tensor> {
+    if teacher.dims() != student.dims() || student.rank() != 2 {
+        bail!(
+            "ttm: student logits {:?} and teacher logits {:?} must be (B, K) of one shape",
+            student.dims(),
+            teacher.dims()
+        );
+    }
+    if gamma.is_nan() || gamma <= 0.0 {
+        bail!("ttm: gamma must be positive, got {gamma}");
+    }
+    let b = student.dim(0)? as f64;
+    // γ·log p_t; its log-sum-exp is log U, and subtracting it gives log q.
+    let scaled = (log_softmax(&teacher.detach(), D::Minus1)? * gamma)?;
+    let log_u = scaled.log_sum_exp(D::Minus1)?;
+    let log_q = scaled.broadcast_sub(&log_u.unsqueeze(1)?)?;
+    let kl = (log_q.exp()? * (log_q - log_softmax(student, D::Minus1)?)?)?.sum(D::Minus1)?;
+    let kl = if weighted { (kl * log_u.exp()?)? } else { kl };
+    kl.sum_all()? / b
 }

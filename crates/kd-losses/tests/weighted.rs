@@ -1,11 +1,11 @@
-//! WSLD against the authors' soft loss as PyTorch computes it (`tests/fixtures/wsld.safetensors`,
-//! made by `tools/fixtures/make_wsld_fixtures.py`): the loss and its gradient in f64 and f32,
-//! one-hot and λ-mixed labels. And the weight in closed form.
+//! WSLD, TTM and WTTM against the authors' losses as PyTorch computes them
+//! (`tests/fixtures/wsld.safetensors`, made by `tools/fixtures/make_wsld_fixtures.py`): the loss
+//! and its gradient in f64 and f32, WSLD with one-hot and λ-mixed labels. And closed forms.
 use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
-use kd_losses::wsld_loss;
+use kd_losses::{ttm_loss, wsld_loss};
 use kd_testkit::{max_abs_diff, values};
 
 fn fixtures() -> HashMap<String, Tensor> {
@@ -73,4 +73,53 @@ fn wsld_weight_in_closed_form() {
     let log_p1 = -(1.0 + (-12f64).exp()).ln();
     let want = -(q * log_p0 + (1.0 - q) * log_p1);
     assert!((loss - want).abs() < 1e-12, "{loss} vs {want}");
+}
+
+#[test]
+fn ttm_and_wttm_match_the_authors_losses_in_pytorch() {
+    let f = fixtures();
+    let mut cases = 0;
+    for i in 0.. {
+        let p = |k: &str| f.get(&format!("ttm.{i}.{k}")).cloned();
+        let Some(student) = p("student") else { break };
+        cases += 1;
+        let get = |k: &str| p(k).unwrap();
+        let params = values(&get("params"));
+        let (gamma, weighted) = (params[0], params[1] > 0.5);
+        for (dtype, tol) in [(DType::F64, 1e-10), (DType::F32, 2e-5)] {
+            let s = Var::from_tensor(&student.to_dtype(dtype).unwrap()).unwrap();
+            let teacher = get("teacher").to_dtype(dtype).unwrap();
+            let loss = ttm_loss(s.as_tensor(), &teacher, gamma, weighted).unwrap();
+            let (got, want) = (scalar(&loss), scalar(&get("loss")));
+            assert!(
+                (got - want).abs() <= tol * (1.0 + want.abs()),
+                "case {i} {dtype:?}: {got} vs {want}"
+            );
+            let grads = loss.backward().unwrap();
+            let e = max_abs_diff(grads.get(s.as_tensor()).unwrap(), &get("grad"));
+            assert!(
+                e < tol * (1.0 + want.abs()),
+                "case {i} {dtype:?}: gradient off by {e:.2e}"
+            );
+        }
+    }
+    assert_eq!(cases, 4);
+}
+
+/// TTM at γ = 1 is KL(teacher ‖ student) at T = 1; a teacher equal to the student leaves 0 at any
+/// γ only when γ = 1; and WTTM's weight U = Σ p^γ is K^(1−γ) for a uniform teacher.
+#[test]
+fn ttm_in_closed_form() {
+    let dev = Device::Cpu;
+    let s = Tensor::new(&[[1.0f64, -2.0, 0.5]], &dev).unwrap();
+    let t = Tensor::new(&[[0.3f64, 1.0, -1.0]], &dev).unwrap();
+    let kd = scalar(&kd_losses::kd_loss(&s, &t, 1.0).unwrap());
+    assert!((scalar(&ttm_loss(&s, &t, 1.0, false).unwrap()) - kd).abs() < 1e-12);
+    assert!(scalar(&ttm_loss(&s, &s, 1.0, false).unwrap()).abs() < 1e-12);
+    assert!(scalar(&ttm_loss(&s, &s, 0.5, false).unwrap()) > 1e-3);
+    // A uniform teacher over K = 3: U = 3^(1 − γ), q uniform, so WTTM = U·TTM.
+    let flat = Tensor::zeros((1, 3), DType::F64, &dev).unwrap();
+    let plain = scalar(&ttm_loss(&s, &flat, 0.25, false).unwrap());
+    let weighted = scalar(&ttm_loss(&s, &flat, 0.25, true).unwrap());
+    assert!((weighted - 3f64.powf(0.75) * plain).abs() < 1e-12);
 }
