@@ -155,7 +155,7 @@ all)
 methods)
   # What each method costs per step on top of plain KD (teacher forward included), batch 256.
   step kd-methods 300 /tmp/kd-runner bench --device cuda --batch 256 --stem cifar --steps 10 --warmup 3 \
-    --precision bf16 --workloads kd,method:none,method:ctkd,method:dkd,method:nkd,method:wsld,method:dist,method:fitnet,method:at,method:nst,method:vid,method:ofd,method:ab,method:ft,method:reviewkd,method:srrl,method:mgd,method:rkd,method:sp,method:pkt,method:cc,method:crd,method:byot,method:kd_byot,method:two_view,method:cs_kd,method:pskd,method:tf_kd_reg,method:uskd,method:mlkd
+    --precision bf16 --workloads kd,method:none,method:ctkd,method:dkd,method:nkd,method:wsld,method:ttm,method:dist,method:fitnet,method:at,method:nst,method:vid,method:ofd,method:ab,method:ft,method:reviewkd,method:srrl,method:mgd,method:rkd,method:sp,method:pkt,method:cc,method:crd,method:byot,method:kd_byot,method:two_view,method:cs_kd,method:pskd,method:tf_kd_reg,method:uskd,method:mlkd
   # FSP needs a teacher of the student's widths.
   step kd-methods-fsp 60 /tmp/kd-runner bench --device cuda --batch 256 --stem cifar --steps 10 --warmup 3 \
     --precision bf16 --teacher resnet34 --workloads method:fsp

@@ -22,7 +22,7 @@
 //! gradient reversal), FitNets, VID and CC (their regressors, VID's variances and CC's
 //! projections training with the student), SRRL (its connector training through the teacher's
 //! frozen classifier), MGD (its alignment and generator training, the channel masks drawn as kd
-//! draws them), attention transfer, NST, SP, DKD, NKD, WSLD and MLKD (the teacher
+//! draws them), attention transfer, NST, SP, DKD, NKD, WSLD, TTM and MLKD (the teacher
 //! on its weak and strong batches in one pass) from the KD case's teacher, RKD and DIST from networks trained a little first (the fixture script says why), and ONE,
 //! OKDDip and CL-ILR on the student's own extra branches (ONE's gate, OKDDip's projections and
 //! the branches training with it, CL-ILR's trunk gradient divided by the branches, the
@@ -47,6 +47,7 @@
 //! | dkd | 7.4·10⁻⁷ | 1.4·10⁻⁵ | 1.4·10⁻⁵ |
 //! | nkd | 1.1·10⁻⁶ | 1.0·10⁻⁵ | 1.5·10⁻⁵ |
 //! | wsld | 9.7·10⁻⁷ | 1.4·10⁻⁵ | 1.5·10⁻⁵ |
+//! | ttm | 2.4·10⁻⁶ | 9.1·10⁻⁶ | 1.3·10⁻² (`layer3.0.bn1.bias`; β = 45 makes step 1 large) |
 //! | srrl | 6.2·10⁻⁶ | 1.1·10⁻⁵ | 1.2·10⁻⁵ |
 //! | mgd | 6.8·10⁻⁷ | 1.9·10⁻⁵ | 1.5·10⁻⁵ |
 //! | fitnet | 1.3·10⁻⁶ | 5.3·10⁻⁶ | 2.0·10⁻⁵ |
@@ -735,6 +736,11 @@ fn masked_generative_distillation_steps_match_pytorch() {
 fn softmax_regression_representation_steps_match_pytorch() {
     // Its connector trains with the student, through the teacher's frozen classifier too.
     offline_steps_match_pytorch("srrl", "srrl");
+}
+
+#[test]
+fn transformed_teacher_matching_steps_match_pytorch() {
+    offline_steps_match_pytorch("ttm", "kd");
 }
 
 #[test]

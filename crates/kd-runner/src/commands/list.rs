@@ -15,6 +15,7 @@ pub fn describe(method: &str) -> &'static str {
         "dist" => "offline, response: DIST (Huang et al. 2022), Pearson correlation of predictions across classes and across the batch",
         "nkd" => "offline, response: normalized KD (Yang et al. 2023), the teacher's target probability weighs the student's target log-probability, and the teacher's distribution among the other classes, normalised, teaches the student's (γ·T²)",
         "wsld" => "offline, response: weighted soft labels (Zhou et al. 2021), Hinton's soft cross-entropy weighted per image by 1 − exp(−CE_student/CE_teacher)",
+        "ttm" => "offline, response: transformed teacher matching (Zheng & Yang 2024), the teacher's probabilities to the power γ against the student at T = 1; weighted = true for WTTM",
         "fitnet" => "offline, feature: FitNets hints (Romero et al. 2015), 1×1 conv + BN + ReLU regressor, MSE",
         "at" => "offline, feature: attention transfer (Zagoruyko & Komodakis 2017), stages 1–4 (method.stages)",
         "nst" => "offline, feature: neuron selectivity transfer (Huang & Wang 2017), polynomial-kernel MMD of channel maps, stages 1–4",
