@@ -20,32 +20,54 @@ fn scalar(t: &Tensor) -> f64 {
     values(t)[0]
 }
 
-#[test]
-fn wsld_matches_the_authors_loss_in_pytorch() {
+/// Every case `{prefix}.{i}.*` of the fixture: `loss(student, get)` against `.loss`, and
+/// its gradient with respect to the student's logits against `.grad`, in f64 and f32 (the
+/// gradient bound relative to the loss's size). Returns the number of cases.
+fn check_cases(prefix: &str, loss: impl Fn(&Tensor, &dyn Fn(&str) -> Tensor) -> Tensor) -> usize {
     let f = fixtures();
     let mut cases = 0;
     for i in 0.. {
-        let p = |k: &str| f.get(&format!("wsld.{i}.{k}")).cloned();
+        let p = |k: &str| f.get(&format!("{prefix}.{i}.{k}")).cloned();
         let Some(student) = p("student") else { break };
         cases += 1;
         let get = |k: &str| p(k).unwrap();
-        let t = values(&get("params"))[0];
+        let want = scalar(&get("loss"));
         for (dtype, tol) in [(DType::F64, 1e-10), (DType::F32, 2e-5)] {
             let s = Var::from_tensor(&student.to_dtype(dtype).unwrap()).unwrap();
-            let teacher = get("teacher").to_dtype(dtype).unwrap();
-            let target = get("target").to_dtype(dtype).unwrap();
-            let loss = wsld_loss(s.as_tensor(), &teacher, &target, t).unwrap();
-            let (got, want) = (scalar(&loss), scalar(&get("loss")));
+            let value = loss(s.as_tensor(), &|k| get(k).to_dtype(dtype).unwrap());
+            let got = scalar(&value);
+            let what = format!("{prefix} case {i} {dtype:?}");
             assert!(
                 (got - want).abs() <= tol * (1.0 + want.abs()),
-                "case {i} {dtype:?}: {got} vs {want}"
+                "{what}: {got} vs {want}"
             );
-            let grads = loss.backward().unwrap();
+            let grads = value.backward().unwrap();
             let e = max_abs_diff(grads.get(s.as_tensor()).unwrap(), &get("grad"));
-            assert!(e < tol, "case {i} {dtype:?}: gradient off by {e:.2e}");
+            assert!(
+                e < tol * (1.0 + want.abs()),
+                "{what}: gradient off by {e:.2e}"
+            );
         }
     }
+    cases
+}
+
+#[test]
+fn wsld_matches_the_authors_loss_in_pytorch() {
+    let cases = check_cases("wsld", |s, get| {
+        let t = values(&get("params"))[0];
+        wsld_loss(s, &get("teacher"), &get("target"), t).unwrap()
+    });
     assert_eq!(cases, 3);
+}
+
+#[test]
+fn ttm_and_wttm_match_the_authors_losses_in_pytorch() {
+    let cases = check_cases("ttm", |s, get| {
+        let params = values(&get("params"));
+        ttm_loss(s, &get("teacher"), params[0], params[1] > 0.5).unwrap()
+    });
+    assert_eq!(cases, 4);
 }
 
 /// One image, two classes: the weight is 1 − exp(−CE_s/CE_t) and the loss T² times it times
@@ -73,37 +95,6 @@ fn wsld_weight_in_closed_form() {
     let log_p1 = -(1.0 + (-12f64).exp()).ln();
     let want = -(q * log_p0 + (1.0 - q) * log_p1);
     assert!((loss - want).abs() < 1e-12, "{loss} vs {want}");
-}
-
-#[test]
-fn ttm_and_wttm_match_the_authors_losses_in_pytorch() {
-    let f = fixtures();
-    let mut cases = 0;
-    for i in 0.. {
-        let p = |k: &str| f.get(&format!("ttm.{i}.{k}")).cloned();
-        let Some(student) = p("student") else { break };
-        cases += 1;
-        let get = |k: &str| p(k).unwrap();
-        let params = values(&get("params"));
-        let (gamma, weighted) = (params[0], params[1] > 0.5);
-        for (dtype, tol) in [(DType::F64, 1e-10), (DType::F32, 2e-5)] {
-            let s = Var::from_tensor(&student.to_dtype(dtype).unwrap()).unwrap();
-            let teacher = get("teacher").to_dtype(dtype).unwrap();
-            let loss = ttm_loss(s.as_tensor(), &teacher, gamma, weighted).unwrap();
-            let (got, want) = (scalar(&loss), scalar(&get("loss")));
-            assert!(
-                (got - want).abs() <= tol * (1.0 + want.abs()),
-                "case {i} {dtype:?}: {got} vs {want}"
-            );
-            let grads = loss.backward().unwrap();
-            let e = max_abs_diff(grads.get(s.as_tensor()).unwrap(), &get("grad"));
-            assert!(
-                e < tol * (1.0 + want.abs()),
-                "case {i} {dtype:?}: gradient off by {e:.2e}"
-            );
-        }
-    }
-    assert_eq!(cases, 4);
 }
 
 /// TTM at γ = 1 is KL(teacher ‖ student) at T = 1; a teacher equal to the student leaves 0 at any
