@@ -777,6 +777,7 @@ impl Report {
             );
         }
         s += &self.sweep_grids();
+        s += &self.method_kinds();
         if self.rows.iter().any(|r| r.last_eval.ece.is_some()) {
             s += "\nCalibration and fidelity to the teacher on the test split, last epoch (NLL and KL in nats); the teacher by its run's label (`@seed` when one run taught every seed, `+` between an ensemble's members) or its architecture:\n\n| method | test NLL | ECE (%) | teacher | teacher top-1 (%) | agreement with teacher (%) | KL(teacher ‖ student) |\n|---|---|---|---|---|---|---|\n";
             for r in &self.rows {
@@ -930,6 +931,30 @@ impl Report {
                 SweepGrid { key, values, lines }
             })
             .collect()
+    }
+
+    /// Each method in the report once, with the rows that ran it, its scheme and knowledge
+    /// (offline, online or self; response, feature or relation) and what it is, as
+    /// `kd-runner list` describes it: what a reader needs to compare the rows by kind.
+    fn method_kinds(&self) -> String {
+        let mut methods: Vec<(&str, Vec<&str>)> = Vec::new();
+        for r in &self.rows {
+            match methods.iter_mut().find(|(m, _)| *m == r.method) {
+                Some((_, labels)) => labels.push(&r.label),
+                None => methods.push((&r.method, vec![&r.label])),
+            }
+        }
+        if methods.is_empty() {
+            return String::new();
+        }
+        let mut s = String::from("\nWhat each method is (`kd-runner list`): the scheme (offline, online or self) and the knowledge it transfers (response, feature or relation):\n\n| method | rows | scheme, knowledge | what it is |\n|---|---|---|---|\n");
+        for (method, labels) in methods {
+            let (kind, what) = super::list::describe(method)
+                .split_once(": ")
+                .unwrap_or(("–", "–"));
+            s += &format!("| {method} | {} | {kind} | {what} |\n", labels.join(", "));
+        }
+        s
     }
 
     /// The CSV table.
@@ -1589,6 +1614,36 @@ mod tests {
             (at("variant"), at("runs"), at("last_top1_mean")),
             ("temperature16-alpha0.9", "1", "52.0000")
         );
+    }
+
+    /// Each method is described once, with every row that ran it, its scheme and knowledge
+    /// taken from `kd-runner list`'s line.
+    #[test]
+    fn each_method_is_described_once_with_its_kind() {
+        let report = table(&[
+            run("baseline", "none", Some(0), 50.0),
+            run("kd", "kd", Some(0), 51.0),
+            run("self-kd", "kd", Some(0), 49.0),
+            run("dml", "dml", Some(0), 52.0),
+        ]);
+        let md = report.markdown();
+        assert!(
+            md.contains("| method | rows | scheme, knowledge | what it is |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| kd | kd, self-kd | offline, response | Hinton et al. 2015"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| dml | dml | online, response | Deep Mutual Learning"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| none | baseline | baseline | cross-entropy only"),
+            "{md}"
+        );
+        assert_eq!(md.matches("| kd | kd, self-kd |").count(), 1, "{md}");
     }
 
     /// Every swept value reaches report.csv, however it is spelled: plain values as they are,
