@@ -274,6 +274,19 @@ fn compared_logits(
     }
 }
 
+/// The batch's labels as distributions (B, `classes`) in `dtype`: one-hot, or under mixup the
+/// λ-mixed one-hots of the image's and its partner's labels (SwitOKD's switch, WSLD's weights).
+fn label_distribution(batch: &Batch, classes: usize, dtype: candle_core::DType) -> Result<Tensor> {
+    let y = kd_losses::one_hot(&batch.labels, classes, dtype)?;
+    match &batch.mix {
+        Some((partner, lambda)) => {
+            let lambda = *lambda as f64;
+            (y * lambda)? + (kd_losses::one_hot(partner, classes, dtype)? * (1.0 - lambda))?
+        }
+        None => Ok(y),
+    }
+}
+
 /// The sum of a method's per-level losses (stages, levels, pairs), in order; an error naming the
 /// method when there is none.
 fn sum_levels(method: &str, losses: impl IntoIterator<Item = Result<Tensor>>) -> Result<Tensor> {

@@ -41,18 +41,6 @@ pub(crate) struct Switch {
     pub expert: Tensor,
 }
 
-/// The batch's target distribution: one-hot labels, λ-mixed with the partner labels under mixup.
-fn targets(batch: &Batch, classes: usize, dtype: DType) -> Result<Tensor> {
-    let y = kd_losses::one_hot(&batch.labels, classes, dtype)?;
-    match &batch.mix {
-        Some((labels_b, lambda)) => {
-            let b = kd_losses::one_hot(labels_b, classes, dtype)?;
-            (y * *lambda as f64)? + (b * (1.0 - *lambda as f64))?
-        }
-        None => Ok(y),
-    }
-}
-
 /// SwitOKD's switch from the student's and the teacher's logits (detached here) at temperature
 /// `t`, against the target distribution `y`.
 pub(crate) fn switch(student: &Tensor, teacher: &Tensor, y: &Tensor, t: f64) -> Result<Switch> {
@@ -97,7 +85,7 @@ impl Distiller for Switokd {
             0 => (own, &other.logits),
             _ => (&other.logits, own),
         };
-        let y = targets(batch, own.dim(D::Minus1)?, own.dtype())?;
+        let y = super::label_distribution(batch, own.dim(D::Minus1)?, own.dtype())?;
         let sw = switch(student, teacher, &y, self.temperature)?;
         if out.member == 0 {
             // The student always learns; its log says how often its teacher waited.

@@ -5,7 +5,7 @@
 //! the student's and the teacher's detached cross-entropies against the label
 //! ([`kd_losses::wsld_loss`]). Under mixup (which the code does not handle) both
 //! cross-entropies are the λ-mixed ones, as the supervised term is.
-use candle_core::{Result, Tensor};
+use candle_core::Result;
 use kd_data::Batch;
 
 use super::none::CrossEntropy;
@@ -22,18 +22,6 @@ pub struct Wsld {
     pub temperature: f64,
 }
 
-/// The batch's labels as distributions (B, K): one-hot, or the λ-mixed one-hots under mixup.
-fn label_distribution(batch: &Batch, k: usize) -> Result<Tensor> {
-    let one_hot = |l: &Tensor| kd_losses::one_hot(l, k, candle_core::DType::F32);
-    match &batch.mix {
-        Some((partner, lambda)) => {
-            let lambda = *lambda as f64;
-            (one_hot(&batch.labels)? * lambda)? + (one_hot(partner)? * (1.0 - lambda))?
-        }
-        None => one_hot(&batch.labels),
-    }
-}
-
 impl Distiller for Wsld {
     fn name(&self) -> &'static str {
         "wsld"
@@ -43,7 +31,7 @@ impl Distiller for Wsld {
         let student = out.student;
         let teacher = super::teacher_outputs(self.name(), out.teacher)?;
         let logits = &student.logits;
-        let target = label_distribution(batch, logits.dim(1)?)?.to_dtype(logits.dtype())?;
+        let target = super::label_distribution(batch, logits.dim(1)?, logits.dtype())?;
         let soft = kd_losses::wsld_loss(logits, &teacher.logits, &target, self.temperature)?;
         let mut t = LossTerms::default();
         t.push("loss_ce", self.ce.of(logits, batch)?);
@@ -61,7 +49,7 @@ impl Distiller for Wsld {
 mod tests {
     use super::*;
     use crate::distill::fixtures::labelled_batch;
-    use candle_core::Device;
+    use candle_core::{DType, Device, Tensor};
 
     #[test]
     fn mixed_labels_are_a_distribution() {
@@ -72,12 +60,12 @@ mod tests {
             mix: Some((partner, 0.75)),
             ..labelled_batch(own.clone())
         };
-        let y = label_distribution(&batch, 3)
+        let y = crate::distill::label_distribution(&batch, 3, DType::F32)
             .unwrap()
             .to_vec2::<f32>()
             .unwrap();
         assert_eq!(y, [[0.75, 0.25, 0.0], [0.0, 0.0, 1.0]]);
-        let y = label_distribution(&labelled_batch(own), 3)
+        let y = crate::distill::label_distribution(&labelled_batch(own), 3, DType::F32)
             .unwrap()
             .to_vec2::<f32>()
             .unwrap();
